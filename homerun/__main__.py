@@ -1,0 +1,3 @@
+from homerun.cli import main
+
+main()
