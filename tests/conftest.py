@@ -17,3 +17,22 @@ def _homerun_env(tmp_path, monkeypatch):
 
 def needs_reference():
     return pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present")
+
+
+# --- tiny official-format checkpoints (tests/tiny.py) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{"mixed" | "csa" | "hca": Path} -- the three tiny presets, written once per session. Read-only: tests
+    that modify a checkpoint must write their own with tiny.make_checkpoint(tmp_path, kind)."""
+    from tiny import TINY_KINDS, make_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {kind: make_checkpoint(root, kind) for kind in TINY_KINDS}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoints):
+    """The "mixed" preset (SWA + CSA + HCA layers, hash + routed MoE)."""
+    return tiny_checkpoints["mixed"]

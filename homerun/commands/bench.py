@@ -1,0 +1,91 @@
+"""`homerun bench`: benchmarks, reported as physics (GB/s against the machine's DRAM bandwidth, tok/s).
+
+Modes:
+- `--kernels`: the CPU expert kernels alone (offload/kernel_bench.py): DRAM read bandwidth, FP4/FP8 GEMV effective
+  weight bandwidth on V4 expert shapes, the fused expert op, batch-64 GEMM throughput.
+- a model benchmark (decode/prefill tok/s, llama-bench fields) lands in a later change (issue 8); until then
+  calling `bench` without `--kernels` is a usage error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from homerun.errors import UsageError
+from homerun.output import Output
+
+_ROWS = (
+    ("kernel path", "kernel_path", ""),
+    ("activations", "activation", ""),
+    ("threads", "threads", ""),
+    ("CPU", "cpu_info", ""),
+    ("DRAM read", "dram_read_gbps", "GB/s"),
+    ("FP4 GEMV, V4-Flash experts", "fp4_gemv_gbps", "GB/s"),
+    ("  ratio to DRAM read", "fp4_gemv_ratio", ""),
+    ("FP4 GEMV, V4-Pro experts", "fp4_gemv_pro_gbps", "GB/s"),
+    ("  ratio to DRAM read", "fp4_gemv_pro_ratio", ""),
+    ("FP8 GEMV, 128x128 blocks", "fp8_gemv_gbps", "GB/s"),
+    ("  ratio to DRAM read", "fp8_gemv_ratio", ""),
+    ("fused experts, 1 token x 6 (Flash)", "fused_expert_ms", "ms/layer"),
+    ("  effective weight bandwidth", "fused_expert_gbps", "GB/s"),
+    ("FP4 GEMV per matrix", "fp4_gemv_tok_s", "tok/s"),
+    ("FP4 GEMM batch 64 per matrix", "fp4_gemm_tok_s_b64", "tok/s"),
+    ("  speed-up over GEMV per token", "fp4_gemm_speedup_b64", "x"),
+    ("FP4 GEMM batch 64, bf16 activations", "fp4_gemm_bf16_tok_s_b64", "tok/s"),
+    ("  speed-up over GEMV per token", "fp4_gemm_bf16_speedup_b64", "x"),
+    ("wall time", "test_time_s", "s"),
+)
+
+
+def _render_kernels(data: dict):
+    def render(console):
+        table = Table(title="CPU expert kernels", show_header=True)
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        table.add_column("unit")
+        for label, key, unit in _ROWS:
+            value = data[key]
+            table.add_row(label, "n/a" if value is None else str(value), unit)
+        console.print(table)
+        console.print(f"[dim]{data['note']}[/dim]")
+
+    return render
+
+
+def _bench_kernels(out: Output, path: str, threads: Optional[int], reps: int, experts: int) -> None:
+    from offload.kernel_bench import run_kernel_bench
+
+    result = run_kernel_bench(path=path, threads=threads, reps=reps, n_experts=experts, progress=out.info)
+    data = result.to_dict()
+    out.result(data, _render_kernels(data))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench(
+        model: Annotated[Optional[str], typer.Argument(help="Model to benchmark (model benchmarks: later change).")] = None,
+        kernels: Annotated[bool, typer.Option("--kernels", help="Benchmark the CPU expert kernels alone.")] = False,
+        path: Annotated[str, typer.Option(help="Kernel path: auto, avx512, avx2, portable or torch.")] = "auto",
+        threads: Annotated[Optional[int], typer.Option(help="Kernel threads (default: all usable CPUs).")] = None,
+        reps: Annotated[int, typer.Option(min=1, help="Repetitions per figure; the best is reported.")] = 3,
+        experts: Annotated[int, typer.Option(min=1, help="Distinct experts to cycle (>= 64 keeps weights out of cache).")] = 64,
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    ) -> None:
+        """Benchmark homerun on this machine.
+
+        Examples:
+          homerun bench --kernels
+          homerun bench --kernels --json
+          homerun bench --kernels --path avx2 --threads 1
+        """
+        out = Output(json_out)
+        if kernels:
+            if model is not None:
+                raise UsageError("`bench --kernels` takes no model", hint="run `homerun bench --kernels` alone")
+            _bench_kernels(out, path, threads, reps, experts)
+            return
+        raise UsageError("model benchmarking lands in a later change",
+                         hint="run `homerun bench --kernels` to benchmark the CPU expert kernels")

@@ -1,0 +1,881 @@
+"""DeepSeek-V4 forward math (Flash / Pro): mHC, sliding + CSA + HCA attention, hash/top-k MoE, HC head.
+
+Pure math: no file I/O, no printing. Weights arrive through a `get(name)` callable that returns the raw stored
+tensor under its official checkpoint name (FP8 weights come with a sibling `<name>.scale`); routed experts go
+through an `offload.base.ExpertBackend`. The inference state (`LayerState`) is explicit and functional: a forward
+over a chunk returns the new states and never mutates the old ones, except for writes past the committed end of a
+`RowStore`, so an interrupted chunk leaves the previous state intact.
+
+Where the official reference (`inference/model.py`) and transformers (>= 5.10) differ, this follows transformers:
+  * no FP8 activation / KV / FP4-indexer quantize-dequantize simulation, no Hadamard rotation in the indexer
+    (HF dequantizes the weights and computes in the model dtype);
+  * compressor projections and the router logits are computed in the compute dtype (official: fp32);
+  * the shared expert uses the clamped SwiGLU (HF >= 5.10 and the current official revision);
+  * routing weights are normalized as w / (sum + 1e-20) (HF TopKRouter / HashRouter).
+Deliberate differences from transformers (none changes fp32 results beyond rounding):
+  * attention scores, the sink softmax and the P.V product are computed in fp32 whatever the compute dtype
+    (official kernel behaviour; HF uses the model dtype, so bf16 runs differ at bf16 rounding);
+  * CSA attention gathers only the indexer's top-k entries per query instead of masking a dense
+    [T, n_entries] score matrix; query blocks bound the temporaries.
+MTP (`mtp.*`) is not part of the forward: the loader may hold its tensors, this module never reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from homerun.errors import ConfigError
+from homerun.quant import FP8_BLOCK, dequant_fp8, e8m0_to_float
+
+LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
+_RATIO_TO_KIND = {0: LAYER_SLIDING, 4: LAYER_CSA, 128: LAYER_HCA}
+_HF_TYPE_TO_KIND = {
+    "sliding_attention": LAYER_SLIDING,
+    "compressed_sparse_attention": LAYER_CSA,
+    "heavily_compressed_attention": LAYER_HCA,
+}
+# Temporaries (dequantized weight blocks, attention score blocks) are kept under this many elements.
+_BLOCK_ELEMS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class YarnParams:
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Every architecture number the forward needs, read from an HF-style `config.json` dict."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    rope_dim: int
+    q_lora_rank: int
+    o_lora_rank: int
+    o_groups: int
+    n_routed_experts: int
+    n_activated_experts: int
+    moe_inter_dim: int
+    route_scale: float
+    score_func: str
+    n_hash_layers: int
+    swiglu_limit: float
+    window_size: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    norm_eps: float
+    rope_theta: float
+    compress_rope_theta: float
+    yarn: YarnParams | None
+    layer_kinds: tuple[str, ...]  # per layer: "sliding" | "csa" | "hca"
+    csa_rate: int = 4
+    hca_rate: int = 128
+    n_mtp_layers: int = 0
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    expert_dtype: str = "fp8"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def rate(self, layer: int) -> int:
+        kind = self.layer_kinds[layer]
+        return self.csa_rate if kind == LAYER_CSA else self.hca_rate if kind == LAYER_HCA else 0
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
+        """Accepts the official config.json and the form transformers re-saves (layer_types, rope_parameters)."""
+
+        def need(key: str) -> Any:
+            if key not in cfg:
+                raise ConfigError(f"config.json: missing field {key!r}", hint="is this a DeepSeek-V4 config.json?")
+            return cfg[key]
+
+        n_layers = int(need("num_hidden_layers"))
+        head_dim = int(need("head_dim"))
+        if cfg.get("layer_types"):
+            kinds = tuple(_HF_TYPE_TO_KIND[t] for t in cfg["layer_types"][:n_layers])
+        else:
+            ratios = list(cfg.get("compress_ratios") or [])
+            if len(ratios) < n_layers:
+                raise ConfigError(
+                    f"config.json: compress_ratios has {len(ratios)} entries for {n_layers} layers",
+                    hint="compress_ratios needs one entry (0, 4 or 128) per layer",
+                )
+            bad = [r for r in ratios[:n_layers] if int(r) not in _RATIO_TO_KIND]
+            if bad:
+                raise ConfigError(f"config.json: compress_ratios values must be 0, 4 or 128, got {bad}")
+            kinds = tuple(_RATIO_TO_KIND[int(r)] for r in ratios[:n_layers])
+        if cfg.get("mlp_layer_types"):
+            n_hash = sum(1 for t in cfg["mlp_layer_types"][:n_layers] if t == "hash_moe")
+        else:
+            n_hash = int(cfg.get("num_hash_layers", 3))
+        if cfg.get("qk_rope_head_dim") is not None:
+            rope_dim = int(cfg["qk_rope_head_dim"])
+        elif cfg.get("partial_rotary_factor") is not None:
+            rope_dim = int(head_dim * float(cfg["partial_rotary_factor"]))
+        else:
+            rope_dim = 64
+        rates = dict(cfg.get("compress_rates") or {})
+        csa_rate = int(cfg.get("compress_rate_csa") or rates.get("compressed_sparse_attention", 4))
+        hca_rate = int(cfg.get("compress_rate_hca") or rates.get("heavily_compressed_attention", 128))
+        rope_theta = float(cfg.get("rope_theta", 10000.0))
+        compress_theta = float(cfg.get("compress_rope_theta", 160000.0))
+        scaling = cfg.get("rope_scaling")
+        rp = cfg.get("rope_parameters")
+        if isinstance(rp, Mapping) and isinstance(rp.get("compress"), Mapping):
+            scaling = rp["compress"]
+            compress_theta = float(scaling.get("rope_theta", compress_theta))
+            if isinstance(rp.get("main"), Mapping):
+                rope_theta = float(rp["main"].get("rope_theta", rope_theta))
+        elif isinstance(rp, Mapping) and not scaling:
+            scaling = rp
+        yarn = None
+        if isinstance(scaling, Mapping) and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
+            orig = int(scaling["original_max_position_embeddings"])
+            factor = scaling.get("factor")
+            if factor is None:
+                factor = float(cfg.get("max_position_embeddings", orig)) / orig
+            yarn = YarnParams(
+                factor=float(factor),
+                original_max_position_embeddings=orig,
+                beta_fast=float(scaling.get("beta_fast") or 32),
+                beta_slow=float(scaling.get("beta_slow") or 1),
+            )
+        qc = cfg.get("quantization_config") or {}
+        eos = cfg.get("eos_token_id", 1)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            dim=int(need("hidden_size")),
+            n_layers=n_layers,
+            n_heads=int(need("num_attention_heads")),
+            head_dim=head_dim,
+            rope_dim=rope_dim,
+            q_lora_rank=int(need("q_lora_rank")),
+            o_lora_rank=int(need("o_lora_rank")),
+            o_groups=int(need("o_groups")),
+            n_routed_experts=int(need("n_routed_experts")),
+            n_activated_experts=int(need("num_experts_per_tok")),
+            moe_inter_dim=int(need("moe_intermediate_size")),
+            route_scale=float(cfg.get("routed_scaling_factor", 1.5)),  # transformers default
+            score_func=str(cfg.get("scoring_func", "sqrtsoftplus")),
+            n_hash_layers=min(n_hash, n_layers),
+            swiglu_limit=float(cfg.get("swiglu_limit", 10.0)),
+            window_size=int(cfg.get("sliding_window", 128)),
+            index_n_heads=int(cfg.get("index_n_heads", 64)),
+            index_head_dim=int(cfg.get("index_head_dim", 128)),
+            index_topk=int(cfg.get("index_topk", 512)),
+            hc_mult=int(cfg.get("hc_mult", 4)),
+            hc_sinkhorn_iters=int(cfg.get("hc_sinkhorn_iters", 20)),
+            hc_eps=float(cfg.get("hc_eps", 1e-6)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            compress_rope_theta=compress_theta,
+            yarn=yarn,
+            layer_kinds=kinds,
+            csa_rate=csa_rate,
+            hca_rate=hca_rate,
+            n_mtp_layers=int(cfg.get("num_nextn_predict_layers", 0)),
+            bos_token_id=cfg.get("bos_token_id", 0),
+            eos_token_id=eos,
+            expert_dtype=str(cfg.get("expert_dtype") or qc.get("expert_dtype") or "fp8"),
+        )
+
+
+# ------------------------------------------------------------------------------------------------- primitives
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (weight multiplied in fp32, one cast at the end, as HF >= 5.12)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        xf = weight * xf
+    return xf.to(x.dtype)
+
+
+def inv_freq(rope_dim: int, theta: float, yarn: YarnParams | None) -> torch.Tensor:
+    """Per-pair inverse frequencies [rope_dim/2] (fp32); YaRN ramp as transformers (truncate, no mscale)."""
+    pos = theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
+    extra = 1.0 / pos
+    if yarn is None:
+        return extra
+    inter = 1.0 / (yarn.factor * pos)
+
+    def corr_dim(rot: float) -> float:
+        return rope_dim * math.log(yarn.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(corr_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(yarn.beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # share of the unscaled (extrapolated) frequency
+    return inter * (1 - keep) + extra * keep
+
+
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, rope_dim/2] in fp32."""
+    ang = positions.to(torch.float32)[:, None] * freqs.to(positions.device)[None, :]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Interleaved-pair RoPE on the trailing 2*cos.shape[-1] channels of x [T, ..., Dh]; cos/sin [T, R/2]."""
+    r = cos.shape[-1] * 2
+    extra = x.dim() - 2  # broadcast over head axes between T and Dh
+    c = cos.view(cos.shape[0], *([1] * extra), -1)
+    s = sin.view(sin.shape[0], *([1] * extra), -1)
+    if inverse:
+        s = -s
+    rope = x[..., -r:].float()
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat((x[..., :-r], rotated), dim=-1)
+
+
+class QLinear:
+    """y = x W^T for a weight kept as stored: FP8 e4m3 + ue8m0 128x128 scales, or a dense tensor.
+
+    FP8 (and dense weights whose dtype differs from x) are dequantized per call in row blocks, so the transient is
+    bounded (`_BLOCK_ELEMS`) and the resident copy stays packed.
+    """
+
+    __slots__ = ("weight", "scale")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
+        self.weight = weight
+        self.scale = scale
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.weight.numel() * self.weight.element_size()
+        return n + (self.scale.numel() * self.scale.element_size() if self.scale is not None else 0)
+
+    def dequant(self, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        r0, r1 = rows if rows is not None else (0, self.out_features)
+        w = self.weight[r0:r1]
+        if self.scale is None:
+            return w.to(dtype)
+        in_f = self.in_features
+        if r0 % FP8_BLOCK == 0 and (r1 - r0) % FP8_BLOCK == 0 and in_f % FP8_BLOCK == 0:
+            s = e8m0_to_float(self.scale[r0 // FP8_BLOCK : r1 // FP8_BLOCK]).to(w.device, dtype)
+            nr, nc = (r1 - r0) // FP8_BLOCK, in_f // FP8_BLOCK
+            # Scales are powers of two, so the multiply is exact in bf16 and fp32 alike.
+            out = w.to(dtype).view(nr, FP8_BLOCK, nc, FP8_BLOCK) * s.view(nr, 1, nc, 1)
+            return out.view(r1 - r0, in_f)
+        s0 = r0 // FP8_BLOCK
+        s1 = -(-r1 // FP8_BLOCK)
+        full = dequant_fp8(self.weight[s0 * FP8_BLOCK : min(s1 * FP8_BLOCK, self.out_features)],
+                           self.scale[s0:s1], dtype)
+        return full[r0 - s0 * FP8_BLOCK : r1 - s0 * FP8_BLOCK]
+
+    def row_block(self) -> int:
+        rb = max(FP8_BLOCK, (_BLOCK_ELEMS // max(self.in_features, 1)) // FP8_BLOCK * FP8_BLOCK)
+        return rb
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None and self.weight.dtype == x.dtype:
+            return F.linear(x, self.weight)
+        out_f = self.out_features
+        rb = self.row_block()
+        if rb >= out_f:
+            return F.linear(x, self.dequant(x.dtype))
+        y = x.new_empty(*x.shape[:-1], out_f)
+        for r0 in range(0, out_f, rb):
+            r1 = min(r0 + rb, out_f)
+            y[..., r0:r1] = F.linear(x, self.dequant(x.dtype, (r0, r1)))
+        return y
+
+    def grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """Block-diagonal grouped projection: x [T, G, in] -> [T, G, out/G], group g uses rows g*out/G...(g+1)."""
+        per = self.out_features // groups
+        if self.scale is None and self.weight.dtype == x.dtype:
+            w = self.weight.view(groups, per, self.in_features)
+            return torch.einsum("tgi,goi->tgo", x, w)
+        ys = [F.linear(x[:, g], self.dequant(x.dtype, (g * per, (g + 1) * per))) for g in range(groups)]
+        return torch.stack(ys, dim=1)
+
+    def to_dense(self, dtype: torch.dtype) -> "QLinear":
+        """The same linear with a pre-dequantized weight (weights_dtype bf16/fp32)."""
+        if self.scale is None and self.weight.dtype == dtype:
+            return self
+        return QLinear(self.dequant(dtype))
+
+    def to(self, device: torch.device | str) -> "QLinear":
+        return QLinear(self.weight.to(device), None if self.scale is None else self.scale.to(device))
+
+
+# ------------------------------------------------------------------------------------------------------ state
+
+
+class RowStore:
+    """Append-only rows [n, width] in one buffer that grows in whole pages.
+
+    The committed row count lives in the owner's (immutable) state, not here: writes past it are invisible until
+    the owner commits, which is what makes a chunk's update all-or-nothing.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, page_rows: int = 256):
+        self.width = width
+        self.page_rows = page_rows
+        self.buf = torch.empty(0, width, dtype=dtype, device=device)
+
+    @property
+    def capacity_rows(self) -> int:
+        return self.buf.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.capacity_rows:
+            return
+        # Grow by at least half the current size (amortized O(1) appends), rounded to whole pages.
+        want = max(rows, self.capacity_rows + self.capacity_rows // 2)
+        want = -(-want // self.page_rows) * self.page_rows
+        new = torch.empty(want, self.width, dtype=self.buf.dtype, device=self.buf.device)
+        new[: self.capacity_rows] = self.buf
+        self.buf = new
+
+    def write(self, at: int, rows: torch.Tensor) -> int:
+        end = at + rows.shape[0]
+        self.reserve(end)
+        self.buf[at:end] = rows.to(self.buf.dtype)
+        return end
+
+    def view(self, n: int) -> torch.Tensor:
+        return self.buf[:n]
+
+
+@dataclass(frozen=True)
+class CompressorState:
+    """One compressor's state: closed entries (in `store`, first `n_entries` rows), the open window's projected
+    rows (kv and gate, before the position bias) and, for CSA, the last closed window's Ca slice (overlap)."""
+
+    store: RowStore
+    n_entries: int = 0
+    pending_kv: torch.Tensor | None = None  # [r < rate, width]
+    pending_gate: torch.Tensor | None = None
+    overlap_kv: torch.Tensor | None = None  # [rate, head_dim] (CSA only)
+    overlap_gate: torch.Tensor | None = None
+
+    def entries(self) -> torch.Tensor:
+        return self.store.view(self.n_entries)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.n_entries * self.store.width * self.store.buf.element_size()
+        for t in (self.pending_kv, self.pending_gate, self.overlap_kv, self.overlap_gate):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Per-layer inference state. `window`: the last window_size-1 kv rows (the current token is the W-th key)."""
+
+    window: torch.Tensor  # [<= W-1, head_dim]
+    comp: CompressorState | None = None
+    index_comp: CompressorState | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.window.numel() * self.window.element_size()
+        for c in (self.comp, self.index_comp):
+            if c is not None:
+                n += c.nbytes
+        return n
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class _Compressor:
+    wkv: QLinear
+    wgate: QLinear
+    ape: torch.Tensor  # [rate, width] fp32
+    norm: torch.Tensor  # [head_dim] fp32
+    rate: int
+    head_dim: int
+    overlap: bool  # CSA: two series (Ca of the previous window + Cb of this one)
+
+
+@dataclass
+class _Indexer:
+    wq_b: QLinear
+    weights_proj: QLinear
+    comp: _Compressor
+
+
+@dataclass
+class _Attention:
+    wq_a: QLinear
+    q_norm: torch.Tensor
+    wq_b: QLinear
+    wkv: QLinear
+    kv_norm: torch.Tensor
+    wo_a: QLinear
+    wo_b: QLinear
+    sink: torch.Tensor  # [H] fp32
+    comp: _Compressor | None = None
+    indexer: _Indexer | None = None
+
+
+@dataclass
+class _MoE:
+    gate: QLinear
+    bias: torch.Tensor | None  # [E] fp32 (top-k layers)
+    tid2eid: torch.Tensor | None  # [V, k] int64 (hash layers)
+    shared_w1: QLinear
+    shared_w3: QLinear
+    shared_w2: QLinear
+
+
+@dataclass
+class _HC:
+    fn: torch.Tensor  # [(2+n)n, n*D] fp32
+    base: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass
+class _Layer:
+    index: int
+    kind: str
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    hc_attn: _HC
+    hc_ffn: _HC
+    attn: _Attention
+    moe: _MoE
+
+
+@dataclass
+class DeepseekV4:
+    """The whole V4 forward (main model; MTP excluded). Build with `build_model`."""
+
+    args: ModelArgs
+    embed: torch.Tensor  # [V, D] as stored (bf16)
+    head: QLinear
+    norm: torch.Tensor
+    hc_head_fn: torch.Tensor
+    hc_head_base: torch.Tensor
+    hc_head_scale: torch.Tensor
+    layers: list[_Layer]
+    experts: Any  # offload.base.ExpertBackend
+    compute_dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    freqs_main: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    freqs_compress: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        a = self.args
+        self.freqs_main = inv_freq(a.rope_dim, a.rope_theta, None).to(self.device)
+        self.freqs_compress = inv_freq(a.rope_dim, a.compress_rope_theta, a.yarn).to(self.device)
+
+    # --------------------------------------------------------------------------------------------- state
+
+    def new_state(self) -> list[LayerState]:
+        a, dt, dev = self.args, self.compute_dtype, self.device
+        out = []
+        for layer in self.layers:
+            window = torch.empty(0, a.head_dim, dtype=dt, device=dev)
+            comp = idx = None
+            if layer.kind != LAYER_SLIDING:
+                comp = CompressorState(RowStore(a.head_dim, dt, dev))
+            if layer.kind == LAYER_CSA:
+                idx = CompressorState(RowStore(a.index_head_dim, dt, dev))
+            out.append(LayerState(window, comp, idx))
+        return out
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
+        a = self.args
+        ids = ids.to(self.device)
+        positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
+        h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
+        x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
+        new_states = []
+        for layer, st in zip(self.layers, states):
+            x, st = self._block(layer, x, ids, positions, st)
+            new_states.append(st)
+        h = self._hc_head(x)
+        return rms_norm(h, self.norm, a.norm_eps), new_states
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, D] -> float32 logits [T, V]."""
+        return self.head(hidden).float()
+
+    # ------------------------------------------------------------------------------------------------ mHC
+
+    def _hc_weights(self, hc: _HC, x: torch.Tensor):
+        """x [T, n, D] -> pre [T, n], post [T, n], comb [T, n, n] (fp32; Sinkhorn-normalized comb)."""
+        a, n = self.args, self.args.hc_mult
+        flat = rms_norm(x.flatten(1).float(), None, a.norm_eps)
+        mix = F.linear(flat, hc.fn)  # (T, (2+n)n)
+        pre = torch.sigmoid(mix[:, :n] * hc.scale[0] + hc.base[:n]) + a.hc_eps
+        post = 2 * torch.sigmoid(mix[:, n : 2 * n] * hc.scale[1] + hc.base[n : 2 * n])
+        comb = mix[:, 2 * n :].view(-1, n, n) * hc.scale[2] + hc.base[2 * n :].view(n, n)
+        comb = torch.softmax(comb, dim=-1) + a.hc_eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + a.hc_eps)
+        for _ in range(a.hc_sinkhorn_iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + a.hc_eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + a.hc_eps)
+        return pre, post, comb
+
+    def _hc_site(self, hc: _HC, x: torch.Tensor, norm_w: torch.Tensor, sub: Callable[[torch.Tensor], torch.Tensor]):
+        dt = x.dtype
+        pre, post, comb = self._hc_weights(hc, x)
+        collapsed = (pre.unsqueeze(-1) * x).sum(dim=1).to(dt)  # (T, D)
+        y = sub(rms_norm(collapsed, norm_w, self.args.norm_eps))
+        # comb is applied transposed: out_j = sum_i comb[i, j] x_i (official hc_post; HF comb^T @ X).
+        return post.to(dt).unsqueeze(-1) * y.unsqueeze(1) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
+
+    def _hc_head(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        flat = rms_norm(x.flatten(1).float(), None, a.norm_eps)
+        mix = F.linear(flat, self.hc_head_fn)
+        pre = torch.sigmoid(mix * self.hc_head_scale + self.hc_head_base) + a.hc_eps
+        return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
+
+    def _block(self, layer: _Layer, x, ids, positions, st: LayerState):
+        new_st: list[LayerState] = []
+
+        def attn(h):
+            out, s = self._attention(layer, h, positions, st)
+            new_st.append(s)
+            return out
+
+        x = self._hc_site(layer.hc_attn, x, layer.attn_norm, attn)
+        x = self._hc_site(layer.hc_ffn, x, layer.ffn_norm, lambda h: self._moe(layer, h, ids))
+        return x, new_st[0]
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def _compress(self, c: _Compressor, x: torch.Tensor, start_pos: int, st: CompressorState, freqs) -> CompressorState:
+        """Project x [T, D], close every full window, append the new entries past st.n_entries."""
+        kv, gate = c.wkv(x), c.wgate(x)  # (T, width)
+        if st.pending_kv is not None and st.pending_kv.shape[0]:
+            kv = torch.cat([st.pending_kv, kv])
+            gate = torch.cat([st.pending_gate, gate])
+        n_win = kv.shape[0] // c.rate
+        usable = n_win * c.rate
+        pending_kv, pending_gate = kv[usable:].clone(), gate[usable:].clone()
+        if n_win == 0:
+            return replace(st, pending_kv=pending_kv, pending_gate=pending_gate)
+        first_pos = st.n_entries * c.rate
+        hd, r = c.head_dim, c.rate
+        ckv = kv[:usable].view(n_win, r, -1)
+        cgate = gate[:usable].view(n_win, r, -1) + c.ape  # (W, r, width); fp32 ape promotes
+        overlap_kv, overlap_gate = st.overlap_kv, st.overlap_gate
+        if c.overlap:
+            slots_kv = ckv.new_zeros(n_win, 2 * r, hd)
+            slots_gate = cgate.new_full((n_win, 2 * r, hd), float("-inf"))
+            slots_kv[:, r:] = ckv[..., hd:]
+            slots_gate[:, r:] = cgate[..., hd:]
+            if n_win > 1:
+                slots_kv[1:, :r] = ckv[:-1, :, :hd]
+                slots_gate[1:, :r] = cgate[:-1, :, :hd]
+            if st.overlap_kv is not None:
+                slots_kv[0, :r] = st.overlap_kv.to(slots_kv.dtype)
+                slots_gate[0, :r] = st.overlap_gate.to(slots_gate.dtype)
+            overlap_kv, overlap_gate = ckv[-1, :, :hd].clone(), cgate[-1, :, :hd].clone()
+        else:
+            slots_kv, slots_gate = ckv, cgate
+        wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
+        entries = rms_norm((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps)  # (W, hd)
+        pos = torch.arange(n_win, device=x.device) * r + first_pos
+        cos, sin = rope_cos_sin(freqs, pos)
+        entries = apply_rope(entries, cos, sin)
+        n = st.store.write(st.n_entries, entries)
+        return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, st: LayerState):
+        """x [T, D] (normalized) -> ([T, D], new LayerState)."""
+        a, at = self.args, layer.attn
+        T = x.shape[0]
+        H, Dh = a.n_heads, a.head_dim
+        start = int(positions[0])
+        freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
+        cos, sin = rope_cos_sin(freqs, positions)
+
+        qr = rms_norm(at.wq_a(x), at.q_norm, a.norm_eps)  # (T, Lq)
+        q = rms_norm(at.wq_b(qr).view(T, H, Dh), None, a.norm_eps)  # (T, H, Dh)
+        q = apply_rope(q, cos, sin)
+        kv = apply_rope(rms_norm(at.wkv(x), at.kv_norm, a.norm_eps), cos, sin)  # (T, Dh)
+
+        past = st.window
+        keys = torch.cat([past, kv]) if past.shape[0] else kv  # rows at positions start-P .. start+T-1
+        keep = a.window_size - 1
+        window = keys[max(0, keys.shape[0] - keep) :].clone() if keep > 0 else keys[:0].clone()
+
+        comp = idx_st = None
+        if at.comp is not None:
+            comp = self._compress(at.comp, x, start, st.comp, self.freqs_compress)
+        if at.indexer is not None:
+            idx_st = self._compress(at.indexer.comp, x, start, st.index_comp, self.freqs_compress)
+
+        out = self._attend(layer, q, qr, x, keys, start, past.shape[0], comp, idx_st)  # (T, H, Dh)
+        out = apply_rope(out, cos, sin, inverse=True)
+        z = at.wo_a.grouped(out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
+        return at.wo_b(z), LayerState(window, comp, idx_st)
+
+    def _attend(self, layer, q, qr, x, keys, start, n_past, comp, idx_st) -> torch.Tensor:
+        a, at = self.args, layer.attn
+        T, H, Dh = q.shape
+        W = a.window_size
+        rate = a.rate(layer.index)
+        scale = Dh**-0.5
+        entries = comp.entries() if comp is not None else None
+        ikeys = idx_st.entries() if idx_st is not None else None
+        k_sel = 0
+        if layer.kind == LAYER_CSA:
+            k_sel = min(a.index_topk, entries.shape[0])
+            iq = at.indexer.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
+            icos, isin = rope_cos_sin(self.freqs_compress, torch.arange(start, start + T, device=q.device))
+            iq = apply_rope(iq, icos, isin).float()  # (T, Hi, Di)
+            iw = at.indexer.weights_proj(x).float() * a.index_n_heads**-0.5  # (T, Hi)
+        n_comp_max = entries.shape[0] if entries is not None else 0
+        # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
+        # and the indexer's per-head scores over the visible entries.
+        per_q = H * (W + (k_sel if layer.kind == LAYER_CSA else n_comp_max))
+        if layer.kind == LAYER_CSA:
+            per_q += k_sel * Dh + a.index_n_heads * n_comp_max
+        qb = max(1, min(T, _BLOCK_ELEMS // max(per_q, 1)))
+        while qb > 1 and qb * H * (qb + W) > _BLOCK_ELEMS:
+            qb //= 2
+        sink = at.sink.view(1, H, 1)
+        out = q.new_empty(T, H, Dh)
+        for s0 in range(0, T, qb):
+            s1 = min(s0 + qb, T)
+            nq = s1 - s0
+            qf = q[s0:s1].float()  # (q, H, Dh)
+            tpos = torch.arange(start + s0, start + s1, device=q.device)  # absolute query positions
+            # Sliding window: key position j is visible to query t iff t - W < j <= t.
+            k0 = max(0, n_past + s0 - (W - 1))
+            k1 = n_past + s1
+            kw = keys[k0:k1].float()  # (nk, Dh)
+            kpos = torch.arange(k1 - k0, device=q.device) + (start - n_past + k0)
+            vis = (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - W)
+            s_w = torch.einsum("qhd,kd->qhk", qf, kw) * scale
+            s_w = s_w.masked_fill(~vis[:, None, :], float("-inf"))
+            parts, values = [s_w], [kw]
+            thr = (tpos + 1) // rate if rate else None  # entries w < thr are closed for query t
+            if layer.kind == LAYER_HCA and entries.shape[0]:
+                n_vis = (start + s1) // rate
+                ke = entries[:n_vis].float()
+                s_c = torch.einsum("qhd,kd->qhk", qf, ke) * scale
+                cvis = torch.arange(n_vis, device=q.device)[None, :] < thr[:, None]
+                parts.append(s_c.masked_fill(~cvis[:, None, :], float("-inf")))
+                values.append(ke)
+            gathered = None
+            if layer.kind == LAYER_CSA and k_sel:
+                n_vis = (start + s1) // rate
+                ik = ikeys[:n_vis].float()  # (n, Di)
+                sc = torch.relu(torch.einsum("qhd,nd->qhn", iq[s0:s1], ik)) * a.index_head_dim**-0.5
+                score = (sc * iw[s0:s1].unsqueeze(-1)).sum(dim=1)  # (q, n)
+                future = torch.arange(n_vis, device=q.device)[None, :] >= thr[:, None]
+                score = score.masked_fill(future, float("-inf"))
+                sel = score.topk(min(k_sel, n_vis), dim=-1).indices if n_vis else score.new_zeros(nq, 0).long()
+                valid = sel < thr[:, None]  # picks that landed on masked (future) entries are dropped
+                gathered = entries[sel].float()  # (q, k, Dh): only the selected entries are read
+                s_c = torch.einsum("qhd,qkd->qhk", qf, gathered) * scale
+                parts.append(s_c.masked_fill(~valid[:, None, :], float("-inf")))
+            logits = torch.cat(parts + [sink.expand(nq, H, 1)], dim=-1)
+            probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)
+            nw = kw.shape[0]
+            o = torch.einsum("qhk,kd->qhd", probs[..., :nw], kw)
+            off = nw
+            if layer.kind == LAYER_HCA and len(values) > 1:
+                ke = values[1]
+                o = o + torch.einsum("qhk,kd->qhd", probs[..., off : off + ke.shape[0]], ke)
+                off += ke.shape[0]
+            if gathered is not None:
+                o = o + torch.einsum("qhk,qkd->qhd", probs[..., off : off + gathered.shape[1]], gathered)
+            out[s0:s1] = o.to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ MoE
+
+    def route(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32, normalized and scaled)."""
+        a, m = self.args, layer.moe
+        logits = m.gate(x).float()  # (T, E)
+        if a.score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif a.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if m.tid2eid is not None:
+            idx = m.tid2eid[ids].long()  # hash layers: experts are a function of the token id
+        else:
+            # The bias only decides which experts are picked; the weights come from the unbiased scores.
+            idx = torch.topk(scores + m.bias, a.n_activated_experts, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * a.route_scale
+        return idx, w
+
+    def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        a, m = self.args, layer.moe
+        idx, w = self.route(layer, x, ids)
+        routed = self.experts.forward(layer.index, x, idx, w)
+        lim = a.swiglu_limit
+        g = m.shared_w1(x).clamp(max=lim)
+        u = m.shared_w3(x).clamp(-lim, lim)
+        return routed.to(x.dtype) + m.shared_w2(F.silu(g) * u)
+
+    # ---------------------------------------------------------------------------------------------- stats
+
+    def resident_bytes(self) -> int:
+        """Bytes of non-expert weights held by this model object (as kept: packed FP8 or dequantized)."""
+        seen: set[int] = set()
+        total = 0
+
+        def t_bytes(t: torch.Tensor | None) -> int:
+            if t is None or id(t) in seen:
+                return 0
+            seen.add(id(t))
+            return t.numel() * t.element_size()
+
+        def walk(obj: Any) -> None:
+            nonlocal total
+            if isinstance(obj, torch.Tensor):
+                total += t_bytes(obj)
+            elif isinstance(obj, QLinear):
+                total += t_bytes(obj.weight) + t_bytes(obj.scale)
+            elif isinstance(obj, (_Compressor, _Indexer, _Attention, _MoE, _HC, _Layer)):
+                for v in vars(obj).values():
+                    walk(v)
+
+        for t in (self.embed, self.norm, self.hc_head_fn, self.hc_head_base, self.hc_head_scale):
+            walk(t)
+        walk(self.head)
+        for layer in self.layers:
+            walk(layer)
+        return total
+
+
+# ------------------------------------------------------------------------------------------------------ build
+
+
+def build_model(
+    args: ModelArgs,
+    get: Callable[[str], torch.Tensor],
+    has: Callable[[str], bool],
+    experts: Any,
+    *,
+    weights_dtype: str = "fp8",
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    on_layer: Callable[[int, int], None] | None = None,
+) -> DeepseekV4:
+    """Assemble the model from stored tensors. `get(name)` returns the tensor as stored (FP8 weight, e8m0 scale,
+    bf16, fp32, int64); `has(name)` tells whether it exists. weights_dtype "fp8" keeps FP8 weights packed;
+    "bf16"/"fp32" dequantize FP8 (and convert bf16) weights once here. `on_layer(done, total)` reports progress."""
+    device = torch.device(device)
+    dense = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}[weights_dtype]
+
+    def lin(name: str) -> QLinear:
+        w = get(f"{name}.weight")
+        s = get(f"{name}.scale") if has(f"{name}.scale") else None
+        q = QLinear(w, s)
+        if dense is not None:
+            q = q.to_dense(dense)
+        return q.to(device) if q.weight.device != device else q
+
+    def f32(name: str) -> torch.Tensor:
+        return get(name).to(device=device, dtype=torch.float32)
+
+    def hc(prefix: str, site: str) -> _HC:
+        return _HC(f32(f"{prefix}.hc_{site}_fn"), f32(f"{prefix}.hc_{site}_base"), f32(f"{prefix}.hc_{site}_scale"))
+
+    def compressor(prefix: str, rate: int, head_dim: int, overlap: bool) -> _Compressor:
+        return _Compressor(
+            lin(f"{prefix}.wkv"), lin(f"{prefix}.wgate"), f32(f"{prefix}.ape"), f32(f"{prefix}.norm.weight"),
+            rate, head_dim, overlap,
+        )
+
+    layers = []
+    for i in range(args.n_layers):
+        p = f"layers.{i}"
+        kind = args.layer_kinds[i]
+        comp = indexer = None
+        if kind == LAYER_CSA:
+            comp = compressor(f"{p}.attn.compressor", args.csa_rate, args.head_dim, True)
+            indexer = _Indexer(
+                lin(f"{p}.attn.indexer.wq_b"),
+                lin(f"{p}.attn.indexer.weights_proj"),
+                compressor(f"{p}.attn.indexer.compressor", args.csa_rate, args.index_head_dim, True),
+            )
+        elif kind == LAYER_HCA:
+            comp = compressor(f"{p}.attn.compressor", args.hca_rate, args.head_dim, False)
+        attn = _Attention(
+            lin(f"{p}.attn.wq_a"), f32(f"{p}.attn.q_norm.weight"), lin(f"{p}.attn.wq_b"), lin(f"{p}.attn.wkv"),
+            f32(f"{p}.attn.kv_norm.weight"), lin(f"{p}.attn.wo_a"), lin(f"{p}.attn.wo_b"), f32(f"{p}.attn.attn_sink"),
+            comp, indexer,
+        )
+        is_hash = i < args.n_hash_layers
+        moe = _MoE(
+            lin(f"{p}.ffn.gate"),
+            None if is_hash else f32(f"{p}.ffn.gate.bias"),
+            get(f"{p}.ffn.gate.tid2eid").to(device=device, dtype=torch.int64) if is_hash else None,
+            lin(f"{p}.ffn.shared_experts.w1"), lin(f"{p}.ffn.shared_experts.w3"), lin(f"{p}.ffn.shared_experts.w2"),
+        )
+        layers.append(_Layer(
+            i, kind, f32(f"{p}.attn_norm.weight"), f32(f"{p}.ffn_norm.weight"), hc(p, "attn"), hc(p, "ffn"), attn, moe,
+        ))
+        if on_layer is not None:
+            on_layer(i + 1, args.n_layers)
+    embed = get("embed.weight")
+    if dense is torch.float32:
+        embed = embed.float()
+    return DeepseekV4(
+        args=args,
+        embed=embed.to(device),
+        head=lin("head"),
+        norm=f32("norm.weight"),
+        hc_head_fn=f32("hc_head_fn"),
+        hc_head_base=f32("hc_head_base"),
+        hc_head_scale=f32("hc_head_scale"),
+        layers=layers,
+        experts=experts,
+        compute_dtype=compute_dtype,
+        device=device,
+    )

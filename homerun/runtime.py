@@ -1,0 +1,414 @@
+"""The public runtime: `load(path) -> Model`, `Model.session() -> Session`, logits and generation.
+
+`load` opens an official-format checkpoint through `homerun.loader`, builds the pure-math model of
+`homerun.models.deepseek_v4` on top of it (non-expert FP8 weights stay packed unless `weights_dtype` says otherwise,
+routed experts go through an `offload.base.ExpertBackend`) and attaches the tokenizer. A `Session` owns the
+incremental inference state; feeding is all-or-nothing per chunk, so an interrupt (Ctrl-C, a closed generator)
+leaves the session at the last completed chunk. This module does no printing; progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from homerun.errors import CheckpointError, ContextFullError, DoesNotFitError, UnknownModelError, UsageError
+from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
+
+DEFAULT_MAX_CHUNK_TOKENS = 512
+DEFAULT_RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+WEIGHTS_DTYPES = ("fp8", "bf16", "fp32")
+# progress(stage, done, total): stage is "layers" while the model is assembled.
+Progress = Callable[[str, int, int], None]
+
+
+def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _resolve_path(path_or_repo: str | Path) -> Path:
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo)
+    if s.count("/") == 1 and not p.exists():
+        try:  # a Hub repo id already in the local cache (never downloads here)
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any cache miss means the same thing to the user
+            raise UnknownModelError(
+                f"{s}: not a local directory and not in the Hugging Face cache",
+                hint=f"run `homerun download {s}` first, or pass a checkpoint directory",
+            ) from exc
+    raise UnknownModelError(f"{s}: no such checkpoint directory", hint="pass the directory holding config.json")
+
+
+class HostExpertBackend:
+    """Runs a host (CPU) expert backend for a model on another device: x goes to the host and the result back.
+    The default when `device` is not the CPU and no backend is given (the packed experts live in host RAM)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor):
+        out = self.inner.forward(layer, x.cpu(), expert_ids.cpu(), expert_weights.cpu())
+        return out.to(x.device)
+
+    def stats(self) -> Any:
+        return self.inner.stats() if hasattr(self.inner, "stats") else {}
+
+
+class Session:
+    """Incremental inference state for one sequence (batch size 1).
+
+    `feed(ids)` appends tokens and returns float32 logits [V] of the last position. `tokens` is what has been
+    fed, `reset()` forgets it. Capacity grows through `ramp_tokens`; a step whose predicted KV bytes exceed
+    `kv_budget_bytes` raises ContextFullError before anything of that feed is processed.
+    """
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self._net: DeepseekV4 = model.net
+        self._states: list[LayerState] = self._net.new_state()
+        self._tokens: list[int] = []
+        self.last_logits: torch.Tensor | None = None
+        self._cap_index = 0
+        # Called with the new capacity (tokens) each time the ramp steps up.
+        self.on_capacity: Callable[[int], None] | None = None
+
+    # ------------------------------------------------------------------------------------------- properties
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.model.ramp_tokens[self._cap_index]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of live state (window rows, compressed entries, pending windows), excluding spare capacity."""
+        return sum(s.nbytes for s in self._states)
+
+    @property
+    def kv_allocated_bytes(self) -> int:
+        """Bytes allocated for the state: like kv_bytes, but entry stores count their whole page capacity."""
+        n = self.kv_bytes
+        for s in self._states:
+            for c in (s.comp, s.index_comp):
+                if c is not None:
+                    n += (c.store.capacity_rows - c.n_entries) * c.store.width * c.store.buf.element_size()
+        return n
+
+    # ---------------------------------------------------------------------------------------------- verbs
+
+    def reset(self) -> None:
+        self._states = self._net.new_state()
+        self._tokens = []
+        self.last_logits = None
+        self._cap_index = 0
+
+    def _ensure_capacity(self, n_total: int) -> None:
+        ramp = self.model.ramp_tokens
+        idx = self._cap_index
+        while idx < len(ramp) and ramp[idx] < n_total:
+            idx += 1
+        if idx >= len(ramp):
+            raise ContextFullError(
+                f"context full: {n_total} tokens requested, the last ramp step is {ramp[-1]} tokens",
+                hint="start a new session (/reset), or load with a larger ramp_tokens",
+            )
+        budget = self.model.kv_budget_bytes
+        if idx != self._cap_index and budget is not None:
+            need = self.model.kv_bytes_at(ramp[idx])
+            if need > budget:
+                raise ContextFullError(
+                    f"context full: growing to {ramp[idx]} tokens needs {need / 1e9:.2f} GB of KV, "
+                    f"over the budget of {budget / 1e9:.2f} GB ({self.n_tokens} tokens kept)",
+                    hint="start a new session (/reset), raise kv_budget_bytes, or free memory",
+                )
+        while self._cap_index < idx:
+            self._cap_index += 1
+            if self.on_capacity is not None:
+                self.on_capacity(self.capacity_tokens)
+
+    def feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Append tokens (any count) and return float32 logits [V] of the last position."""
+        ids = self.model._check_ids(token_ids)
+        if ids.numel() == 0:
+            if self.last_logits is None:
+                raise UsageError("feed() needs at least one token on an empty session")
+            return self.last_logits
+        self._ensure_capacity(self.n_tokens + ids.numel())
+        t0 = time.perf_counter()
+        hidden = None
+        chunk = self.model.max_chunk_tokens
+        with torch.inference_mode():
+            for c0 in range(0, ids.numel(), chunk):
+                part = ids[c0 : c0 + chunk]
+                hidden, states = self._net.forward(part, self.n_tokens, self._states)
+                # Commit point: state and token list change together, after the whole chunk succeeded.
+                self._states = states
+                self._tokens.extend(part.tolist())
+            logits = self._net.logits(hidden[-1:])[0].float().cpu()
+        self.last_logits = logits
+        self.model._account(ids.numel(), time.perf_counter() - t0)
+        return logits
+
+
+class Model:
+    """A loaded V4 model. Build with `homerun.load`."""
+
+    def __init__(
+        self,
+        net: DeepseekV4,
+        *,
+        path: Path | None,
+        config: dict[str, Any],
+        generation_config: dict[str, Any],
+        tokenizer: Any,
+        checkpoint: Any = None,
+        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+        weights_dtype: str = "fp8",
+        ramp_tokens: Sequence[int] = DEFAULT_RAMP_TOKENS,
+        kv_budget_bytes: int | None = None,
+        load_s: float = 0.0,
+    ):
+        if max_chunk_tokens < 1:
+            raise UsageError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
+        self.net = net
+        self.path = path
+        self.config = config
+        self.args: ModelArgs = net.args
+        self.generation_config = generation_config
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.max_chunk_tokens = int(max_chunk_tokens)
+        self.weights_dtype = weights_dtype
+        ramp = sorted(int(r) for r in ramp_tokens)
+        if not ramp or ramp[0] < 1:
+            raise UsageError(f"ramp_tokens must be positive token counts, got {list(ramp_tokens)}")
+        self.ramp_tokens = tuple(ramp)
+        self.kv_budget_bytes = kv_budget_bytes
+        self.load_s = load_s
+        self._tokens_fed = 0
+        self._forward_s = 0.0
+        self._feeds = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.generation_config.get("eos_token_id", self.config.get("eos_token_id"))
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_id
+        if eos is None:
+            return ()
+        return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+    def _check_ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids)
+        ids = ids.reshape(-1).to(torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size):
+            raise UsageError(
+                f"token id out of range [0, {self.args.vocab_size}): min {int(ids.min())}, max {int(ids.max())}",
+                hint="token ids must come from this model's tokenizer",
+            )
+        return ids
+
+    def _account(self, n_tokens: int, seconds: float) -> None:
+        self._tokens_fed += n_tokens
+        self._forward_s += seconds
+        self._feeds += 1
+
+    def session(self) -> Session:
+        return Session(self)
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Full pass from position 0 (a fresh state, chunked by max_chunk_tokens): float32 logits [T, V]."""
+        ids = self._check_ids(token_ids)
+        if ids.numel() == 0:
+            raise UsageError("logits() needs at least one token")
+        states = self.net.new_state()
+        out = []
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for c0 in range(0, ids.numel(), self.max_chunk_tokens):
+                hidden, states = self.net.forward(ids[c0 : c0 + self.max_chunk_tokens], c0, states)
+                out.append(self.net.logits(hidden).float().cpu())
+        self._account(ids.numel(), time.perf_counter() - t0)
+        return torch.cat(out)
+
+    def generate(self, prompt_ids: Sequence[int], **kwargs: Any) -> Iterator[Any]:
+        """See `homerun.generate.generate`: yields one `Step` per generated token."""
+        from homerun.generate import generate
+
+        return generate(self, prompt_ids, **kwargs)
+
+    def kv_bytes_at(self, n_tokens: int) -> int:
+        """Bytes of inference state after n_tokens: window rows, closed entries, open-window rows and CSA overlap
+        slices (the overlap gate carries the fp32 position bias). Equals `Session.kv_bytes` exactly."""
+        a = self.args
+        el = torch.empty(0, dtype=self.dtype).element_size()
+        f32 = 4
+        total = 0
+        for kind in a.layer_kinds:
+            total += min(n_tokens, a.window_size - 1) * a.head_dim * el
+            if kind == LAYER_CSA:
+                for hd in (a.head_dim, a.index_head_dim):
+                    total += (n_tokens // a.csa_rate) * hd * el
+                    total += (n_tokens % a.csa_rate) * 2 * hd * 2 * el  # pending kv + gate, two series
+                    if n_tokens >= a.csa_rate:
+                        total += a.csa_rate * hd * (el + max(el, f32))  # overlap kv + gate
+            elif kind == LAYER_HCA:
+                total += (n_tokens // a.hca_rate) * a.head_dim * el
+                total += (n_tokens % a.hca_rate) * a.head_dim * 2 * el
+        return total
+
+    def max_context_tokens(self) -> int:
+        """The largest ramp step whose predicted state fits kv_budget_bytes (the last step without a budget)."""
+        fits = [r for r in self.ramp_tokens if self.kv_budget_bytes is None or self.kv_bytes_at(r) <= self.kv_budget_bytes]
+        return fits[-1] if fits else 0
+
+    def stats(self) -> dict[str, Any]:
+        backend = self.net.experts
+        out: dict[str, Any] = {
+            "path": str(self.path) if self.path else None,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weights_dtype": self.weights_dtype,
+            "device": str(self.device),
+            "n_layers": self.args.n_layers,
+            "resident_weight_bytes": self.net.resident_bytes(),
+            "expert_backend": type(backend).__name__,
+            "load_s": self.load_s,
+            "tokens_fed": self._tokens_fed,
+            "forward_s": self._forward_s,
+            "feeds": self._feeds,
+            "max_chunk_tokens": self.max_chunk_tokens,
+            "ramp_tokens": list(self.ramp_tokens),
+            "kv_budget_bytes": self.kv_budget_bytes,
+        }
+        if hasattr(backend, "stats"):
+            try:
+                s = backend.stats()
+                out["experts"] = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+            except Exception:  # noqa: BLE001 - a backend's stats must never break the caller
+                pass
+        return out
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    weights_dtype: str = "fp8",
+    device: str | torch.device = "cpu",
+    expert_backend: Any = None,
+    max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+    ramp_tokens: Sequence[int] | None = None,
+    kv_budget_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> Model:
+    """Load an official-format DeepSeek-V4 checkpoint directory (or a cached Hub repo id) for inference.
+
+    dtype: compute dtype ("float32" default, "bfloat16"). weights_dtype: "fp8" keeps FP8 weights packed and
+    dequantizes per matmul; "bf16"/"fp32" dequantize non-expert weights once at load (refused when RAM is short).
+    expert_backend: any `offload.base.ExpertBackend`; default the fp32/compute-dtype reference backend over the
+    checkpoint's packed experts. Routed experts are never dequantized wholesale here.
+    """
+    from homerun.loader import open_checkpoint
+    from offload.base import ReferenceExpertBackend
+
+    t0 = time.perf_counter()
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise UsageError(f"unknown weights_dtype {weights_dtype!r}", hint=f"use one of {', '.join(WEIGHTS_DTYPES)}")
+    compute = _compute_dtype(dtype)
+    root = _resolve_path(path)
+    ckpt = open_checkpoint(root)
+    args = ModelArgs.from_hf_config(ckpt.config)
+    names = set(ckpt.names)
+    if weights_dtype != "fp8":
+        _check_room(ckpt, names, 4 if weights_dtype == "fp32" else 2, device)
+    if expert_backend is None:
+        expert_backend = ReferenceExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, compute_dtype=compute)
+        if torch.device(device).type != "cpu":
+            expert_backend = HostExpertBackend(expert_backend)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in names:
+            raise CheckpointError(f"{root}: tensor {name!r} is missing", hint="the checkpoint is incomplete")
+        return ckpt.get(name)
+
+    def on_layer(done: int, total: int) -> None:
+        if progress is not None:
+            progress("layers", done, total)
+
+    net = build_model(
+        args, get, names.__contains__, expert_backend, weights_dtype=weights_dtype, compute_dtype=compute,
+        device=device, on_layer=on_layer,
+    )
+    tokenizer = None
+    if (root / "tokenizer.json").is_file():
+        from homerun.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(root)
+    ramp = list(ramp_tokens) if ramp_tokens is not None else [
+        r for r in DEFAULT_RAMP_TOKENS if r <= int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
+    ] or [int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[0]))]
+    return Model(
+        net,
+        path=root,
+        config=dict(ckpt.config),
+        generation_config=dict(getattr(ckpt, "generation_config", None) or {}),
+        tokenizer=tokenizer,
+        checkpoint=ckpt,
+        max_chunk_tokens=max_chunk_tokens,
+        weights_dtype=weights_dtype,
+        ramp_tokens=ramp,
+        kv_budget_bytes=kv_budget_bytes,
+        load_s=time.perf_counter() - t0,
+    )
+
+
+def _check_room(ckpt: Any, names: Iterable[str], bytes_per_elem: int, device: str | torch.device) -> None:
+    """Refuse to dequantize FP8 weights when the copy would not fit in available host memory."""
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        import psutil
+    except ImportError:
+        return
+    need = 0
+    for n in names:
+        if n.endswith(".weight") and f"{n[: -len('.weight')]}.scale" in names and ".experts." not in n:
+            t = ckpt.get(n)
+            need += t.numel() * bytes_per_elem
+    avail = psutil.virtual_memory().available
+    if need > 0.9 * avail:
+        raise DoesNotFitError(
+            f"dequantizing the FP8 weights needs {need / 1e9:.1f} GB, only {avail / 1e9:.1f} GB of RAM is available",
+            hint="use weights_dtype='fp8' (the default) to keep them packed",
+        )

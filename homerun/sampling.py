@@ -1,0 +1,95 @@
+"""Next-token choice from one logits row: greedy, or temperature / top-k / top-p sampling with an explicit
+`torch.Generator` (a seed makes a run reproducible). Batch size 1. No model code, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+
+from homerun.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 (or greedy=True) means argmax; top_p 1.0 and top_k 0/None disable those filters."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}", hint="use 0 or --greedy for argmax")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0 or self.top_k == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def resolve(
+        cls,
+        generation_config: Mapping[str, Any] | None = None,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        greedy: bool = False,
+    ) -> "SamplingParams":
+        """Explicit arguments win; missing ones come from generation_config.json (defaults 1.0 / 1.0 / off).
+        generation_config `do_sample: false` means greedy unless a temperature is given."""
+        gc = dict(generation_config or {})
+        if temperature is None and gc.get("do_sample") is False:
+            greedy = True
+        t = float(temperature if temperature is not None else gc.get("temperature", 1.0))
+        p = float(top_p if top_p is not None else gc.get("top_p", 1.0))
+        k = top_k if top_k is not None else gc.get("top_k")
+        return cls(temperature=t, top_p=p, top_k=int(k) if k else None, greedy=greedy)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with `seed`, or from OS entropy when seed is None."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled fp32 logits [V] with the top-k / top-p filtered tokens set to -inf."""
+    x = logits.float() / max(params.temperature, 1e-8)
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # Drop a token when the tokens strictly more likely already cover top_p; the first token always stays.
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop[0] = False
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from logits [V]."""
+    if logits.dim() != 1:
+        raise UsageError(f"sample() takes one logits row [V], got shape {tuple(logits.shape)}")
+    if params.is_greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))

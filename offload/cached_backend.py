@@ -1,0 +1,265 @@
+"""`CachedExpertBackend`: the ExpertBackend that serves routed experts from a device cache over a host store.
+
+Per call: experts resident in the cache (hits) are computed on the cache's device from the packed slot buffers;
+misses go, per the miss policy, to a CPU backend (ReferenceExpertBackend, or the native CpuExpertBackend) running
+on a worker thread, or are streamed into a slot and computed on the device, both paths at once. Streamed experts
+are pipelined: copies for the next experts are in flight while the current one computes, never more than the
+layer's evictable slots, so a 1-slot cache still works (one expert at a time). CPU-served misses are promoted into
+the cache in the background when the link has room, so the cache learns at batch 1 too.
+The math is exactly the reference's (same dequantization, same clamped SwiGLU, fp32 by default); only the
+summation order over experts differs.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from homerun.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
+from offload.base import ExpertBackend, ExpertWeights, swiglu_expert
+from offload.cache import CacheStats, ExpertCache
+from offload.miss_policy import MissPolicy, MissSplit
+from offload.prefetch import Prefetcher, PrefetchStats
+
+_PAIR_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _pair_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 2]: packed byte -> (low-nibble value, high-nibble value). E2M1 values and e8m0 scales are exact in
+    fp32 and bf16, so dequantizing in `dtype` gives the same numbers as homerun.quant does in fp32."""
+    key = (device, dtype)
+    if key not in _PAIR_LUTS:
+        b = torch.arange(256)
+        _PAIR_LUTS[key] = torch.stack((FP4_LUT[b & 0x0F], FP4_LUT[b >> 4]), -1).to(device, dtype)
+    return _PAIR_LUTS[key]
+
+
+def dequant_on_device(w: ExpertWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ExpertWeights.dequant on the weights' own device: one byte-pair gather and a broadcast scale multiply
+    (homerun.quant keeps its table on the CPU and materializes the repeated scales)."""
+    if w.fmt != "fp4":
+        return w.dequant(dtype)
+    lut = _pair_lut(w.w1.device, dtype)
+
+    def deq(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out_f, half = codes.shape
+        vals = lut[codes.view(torch.uint8).int()].view(out_f, half * 2 // FP4_BLOCK, FP4_BLOCK)  # (out, in/32, 32)
+        return (vals * e8m0_to_float(scale).to(dtype).unsqueeze(-1)).view(out_f, half * 2)
+
+    return deq(w.w1, w.w1_scale), deq(w.w3, w.w3_scale), deq(w.w2, w.w2_scale)
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    cache: CacheStats
+    prefetch: tuple[PrefetchStats, ...]
+    miss_policy: dict
+    cpu_experts: int
+    cpu_s: float
+
+    def to_dict(self) -> dict:
+        return {"cache": self.cache.to_dict(), "prefetch": [p.to_dict() for p in self.prefetch],
+                "miss_policy": self.miss_policy, "cpu_experts": self.cpu_experts, "cpu_s": self.cpu_s}
+
+
+class CachedExpertBackend:
+    """ExpertBackend over an ExpertCache: hits on the cache's device, misses on `cpu_backend` and/or streamed,
+    as `miss_policy` splits them (no policy: stream all). Hooks for the runtime: prefetch_hash_layer,
+    prefetch_speculative, stats."""
+
+    def __init__(self, cache: ExpertCache, *, swiglu_limit: float, cpu_backend: ExpertBackend | None = None,
+                 miss_policy: MissPolicy | None = None, compute_dtype: torch.dtype = torch.float32,
+                 promote_cpu_misses: bool = True, pipeline_depth: int = 2) -> None:
+        self.cache = cache
+        self.swiglu_limit = swiglu_limit
+        self.cpu_backend = cpu_backend
+        self.miss_policy = miss_policy
+        self.compute_dtype = compute_dtype
+        self.promote_cpu_misses = promote_cpu_misses
+        self.pipeline_depth = max(1, pipeline_depth)
+        self.prefetcher = Prefetcher(cache)
+        self._cpu_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="homerun-cpu-experts")
+        self._cpu_experts = 0
+        self._cpu_s = 0.0
+        self._link_seen = (0, 0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device.torch_device
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                expert_weights: torch.Tensor) -> torch.Tensor:
+        k = expert_ids.shape[1]
+        flat = expert_ids.reshape(-1)  # (T*k,)
+        uniq, counts = torch.unique(flat, return_counts=True)
+        experts, counts_l = uniq.tolist(), counts.tolist()  # the one host sync: routing decides what to move
+        # Entries grouped by expert with a stable sort, so each group's rows stay in token order (as the reference).
+        groups = dict(zip(experts, torch.split(torch.argsort(flat, stable=True), counts_l)))
+        self.prefetcher.observe(layer, experts)
+        hits = [e for e in experts if (layer, e) in self.cache]
+        plan = self._split({e: n for e, n in zip(experts, counts_l) if (layer, e) not in self.cache})
+        cpu_future = self._start_cpu(layer, x, expert_weights, groups, k, plan.cpu) if plan.cpu else None
+        out = torch.zeros(x.shape, dtype=self.compute_dtype, device=self.device)  # (T, D)
+        self._device_part(layer, x, expert_weights, groups, k, hits + list(plan.stream), out)
+        if cpu_future is not None:
+            out += cpu_future.result().to(self.device)
+            if self.promote_cpu_misses:
+                for e in plan.cpu:
+                    self.cache.prefetch((layer, e), promotion=True)
+        self._feed_link_meter()
+        return out.to(x.dtype)
+
+    def _split(self, misses: dict[int, int]) -> MissSplit:
+        if self.miss_policy is None:  # no cost model: every miss streams
+            return MissSplit((), tuple(misses), 0.0)
+        return self.miss_policy.split(misses, cpu_available=self.cpu_backend is not None)
+
+    def _device_part(self, layer, x, expert_weights, groups, k: int, order: list[int], out: torch.Tensor) -> None:
+        """Compute `order` on the device; keep up to `window` experts acquired (copies in flight) ahead."""
+        if not order:
+            return
+        xd = x.to(self.device, self.compute_dtype)
+        wts_d = expert_weights.to(self.device, self.compute_dtype).reshape(-1)  # (T*k,)
+        window = max(1, min(self.cache.capacity(layer), self.pipeline_depth))
+        queue: list[tuple[int, int]] = []
+        nxt = 0
+        while queue or nxt < len(order):
+            while nxt < len(order) and len(queue) < window:
+                key = (layer, order[nxt])
+                self.cache.acquire(key, in_use=frozenset(queue))
+                queue.append(key)
+                nxt += 1
+            key = queue.pop(0)
+            w1, w3, w2 = dequant_on_device(self.cache.weights(key), self.compute_dtype)
+            idx = groups[key[1]].to(self.device)
+            rows = idx // k
+            y = swiglu_expert(xd[rows], w1, w3, w2, self.swiglu_limit)  # (n, D)
+            out.index_add_(0, rows, y * wts_d[idx].unsqueeze(-1))
+            self.cache.release(key)
+
+    def _start_cpu(self, layer, x, expert_weights, groups, k: int, cpu_ids: tuple[int, ...]):
+        for e in cpu_ids:
+            self.cache.record_miss((layer, e))
+        idx = torch.cat([groups[e] for e in cpu_ids]).cpu()
+        rows_cpu = idx // k
+        # One (token, expert) pair per row with k=1, so the CPU backend computes exactly the CPU-assigned pairs.
+        x_cpu = x.to("cpu", torch.float32)[rows_cpu]  # (n, D); CPU kernels take fp32 activations
+        ids_cpu = torch.repeat_interleave(torch.tensor(cpu_ids), torch.tensor([len(groups[e]) for e in cpu_ids]))
+        ids_cpu = ids_cpu.unsqueeze(-1)  # (n, 1)
+        w_cpu = expert_weights.to("cpu", torch.float32).reshape(-1)[idx].unsqueeze(-1)  # (n, 1)
+        n_tok = x.shape[0]
+
+        def run() -> torch.Tensor:
+            t0 = time.perf_counter()
+            y = self.cpu_backend.forward(layer, x_cpu, ids_cpu, w_cpu).to(self.compute_dtype)
+            seconds = time.perf_counter() - t0
+            self._cpu_experts += len(cpu_ids)
+            self._cpu_s += seconds
+            if self.miss_policy is not None:
+                self.miss_policy.observe_cpu(len(cpu_ids), len(rows_cpu), seconds)
+            return torch.zeros(n_tok, x_cpu.shape[1], dtype=self.compute_dtype).index_add_(0, rows_cpu, y)  # (T, D)
+
+        return self._cpu_pool.submit(run)
+
+    def _feed_link_meter(self) -> None:
+        if self.miss_policy is None:
+            return
+        s = self.cache.engine.stats()
+        nbytes, secs = s.bytes_moved - self._link_seen[0], s.busy_s - self._link_seen[1]
+        if nbytes > 0:
+            self.miss_policy.observe_link(nbytes, secs)
+            self._link_seen = (s.bytes_moved, s.busy_s)
+
+    # --- hooks for the runtime -----------------------------------------------------------------------------
+    def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        return self.prefetcher.hash_layer(layer, tid2eid, token_ids)
+
+    def prefetch_speculative(self, layer: int, hidden: torch.Tensor, gate_weight: torch.Tensor,
+                             gate_bias: torch.Tensor | None, top_k: int) -> list[int]:
+        return self.prefetcher.speculate(layer, hidden, gate_weight, gate_bias, top_k)
+
+    def stats(self) -> BackendStats:
+        mp = self.miss_policy.to_dict() if self.miss_policy is not None else {}
+        return BackendStats(self.cache.stats(), self.prefetcher.stats(), mp, self._cpu_experts, self._cpu_s)
+
+    def close(self) -> None:
+        self._cpu_pool.shutdown(wait=True)
+        self.cache.close()
+
+
+class LayerSplitBackend:
+    """Several backends, one per group of layers (a multi-GPU plan: each device caches the experts of the layers it
+    runs, within its own budget). Dispatches by layer; the output lands on that layer's device."""
+
+    def __init__(self, backends_by_layer: dict[int, ExpertBackend]) -> None:
+        self.backends_by_layer = dict(backends_by_layer)
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                expert_weights: torch.Tensor) -> torch.Tensor:
+        return self.backends_by_layer[layer].forward(layer, x, expert_ids, expert_weights)
+
+    def stats(self) -> dict:
+        uniq = {id(b): b for b in self.backends_by_layer.values()}
+        return {"backends": [b.stats().to_dict() for b in uniq.values() if hasattr(b, "stats")]}
+
+    def close(self) -> None:
+        for b in {id(b): b for b in self.backends_by_layer.values()}.values():
+            b.close()
+
+
+def build_cached_backend(
+    source,
+    layers,
+    n_experts: int,
+    *,
+    swiglu_limit: float,
+    expert_cache_slots: int | None = None,
+    slots_per_layer: dict[int, int] | None = None,
+    device=None,
+    policy: str | None = None,
+    cpu_backend: ExpertBackend | str | None = "reference",
+    miss_mode: str = "auto",
+    pinned_keys=(),
+    host_store=None,
+    pinned_budget_bytes: int | None = None,
+    ram_budget_bytes: int | None = None,
+    disk_dir=None,
+    link_gbps: float | None = None,
+    cpu_gbps: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    pipeline_depth: int = 2,
+    max_in_flight: int = 4,
+) -> CachedExpertBackend:
+    """Everything the runtime needs in one call. `source` is the checkpoint's ExpertSource; `layers` the MoE layers
+    whose routed experts are offloaded. `expert_cache_slots=N` forces a global cache of N slots (any machine);
+    otherwise the device's free budget sets it. `device` defaults to cuda:0, or a CPU stand-in without CUDA.
+    `cpu_backend="reference"` computes misses with ReferenceExpertBackend over the host store; pass a
+    CpuExpertBackend instance for the native kernels, or None to stream every miss."""
+    from offload.base import ReferenceExpertBackend
+    from offload.devices import default_device
+    from offload.host_store import HostExpertStore
+    from offload.miss_policy import costs_for_expert
+    from offload.policies import DEFAULT_POLICY
+
+    layers = list(layers)
+    store = host_store or HostExpertStore(source, [(l, e) for l in layers for e in range(n_experts)],
+                                          pinned_budget_bytes=pinned_budget_bytes, ram_budget_bytes=ram_budget_bytes,
+                                          disk_dir=disk_dir)
+    device = device or default_device()
+    if expert_cache_slots is None and slots_per_layer is None:
+        fit = device.free_bytes // store.expert_bytes - len(tuple(pinned_keys))
+        expert_cache_slots = max(1, min(fit, len(store.keys())))
+    cache = ExpertCache(store, device, n_slots=expert_cache_slots if slots_per_layer is None else None,
+                        slots_per_layer=slots_per_layer, policy=policy or DEFAULT_POLICY, pinned_keys=pinned_keys,
+                        max_in_flight=max_in_flight)
+    if cpu_backend == "reference":
+        cpu_backend = ReferenceExpertBackend(store, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
+    w1 = store.layout.parts[0]
+    hidden = w1.shape[1] * (2 if store.layout.fmt == "fp4" else 1)
+    measured = {k: v for k, v in (("link_gbps", link_gbps), ("cpu_gbps", cpu_gbps)) if v is not None}
+    miss = MissPolicy(costs_for_expert(store.expert_bytes, hidden, w1.shape[0], **measured), mode=miss_mode)
+    return CachedExpertBackend(cache, swiglu_limit=swiglu_limit, cpu_backend=cpu_backend, miss_policy=miss,
+                               compute_dtype=compute_dtype, pipeline_depth=pipeline_depth)

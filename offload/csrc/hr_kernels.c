@@ -1,0 +1,1119 @@
+/* homerun native CPU expert kernels: FP4 (e2m1 + e8m0 1x32) and FP8 (e4m3 + e8m0 128x128) GEMV/GEMM and a fused
+ * routed-expert op, parallel on a persistent pthread pool, with paths picked at run time by CPU feature:
+ * AVX-512 (F/BW/VL), AVX2+FMA+F16C, and portable C (ARM, Apple, anything else).
+ *
+ * Numerics: activations stay fp32 by default. FP4 codes are decoded through a 16-entry fp32 table (vpermps), with
+ * the block's power-of-two scale added to the table's exponents where that stays exact; FP8 bytes are rebuilt as
+ * fp16 bit patterns and widened with vcvtph2ps (exact, subnormals included). Products and sums are fp32, so results
+ * equal fp32 dequantize-then-matmul up to summation order. Optional (HR_ACT_BF16, AVX512-BF16 CPUs): FP4 batches
+ * round activations to bf16 and use vdpbf16ps on exactly decoded bf16 weights (~2x batch throughput, ~1e-3 error).
+ *
+ * Activation layout for FP4: each 32-column block is stored as its 16 even columns then its 16 odd columns, so the
+ * low and high nibbles of 16 packed bytes meet contiguous activations. Public entry points take natural order and
+ * reorder internally; the fused op writes its hidden activations directly in that order.
+ *
+ * Not here: int8/VNNI activation paths (per-32 weight scales leave VNNI little to gain), NEON intrinsics (the
+ * portable path is plain C the compiler may vectorize), MSVC support (the build then fails and Python falls back to
+ * torch).
+ */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE
+#endif
+#include "hr_kernels.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define HR_X86 1
+#include <immintrin.h>
+#define HR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define HR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define HR_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#else
+#define HR_X86 0
+#endif
+
+#define HR_MAX_THREADS 256
+#define HR_TT 8      /* tokens per register tile */
+#define HR_RC 64     /* rows per task chunk */
+#define HR_FP8_BLOCK 128
+#ifndef HR_TBL
+#define HR_TBL 1
+#endif
+#define HR_PF_BYTES 1024 /* software prefetch distance in each weight row stream */
+
+/* ------------------------------------------------------------------------------------------------ tables */
+
+static const float FP4_LUT[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+static float g_e8m0[256]; /* ue8m0 byte -> 2^(b-127); b = 0 is the subnormal 2^-127 */
+static float g_fp8[256];  /* e4m3fn byte -> value (0x7f/0xff are NaN, never valid weights) */
+static int32_t g_exp_delta[256]; /* e8m0 byte -> (b - 127) << 23, the fp32 exponent-field offset of its scale */
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void pool_atfork_child(void);
+
+static void init_tables(void) {
+    for (int b = 0; b < 256; b++) {
+        g_e8m0[b] = bits_to_float(b ? (uint32_t)b << 23 : 1u << 22);
+        g_exp_delta[b] = (int32_t)((uint32_t)(b - 127) << 23);
+        int e = (b >> 3) & 15, m = b & 7;
+        float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m / 8.0f, e - 7);
+        if ((b & 0x7f) == 0x7f) v = NAN;
+        g_fp8[b] = (b & 0x80) ? -v : v;
+    }
+    pthread_atfork(NULL, NULL, pool_atfork_child);
+}
+
+static void hr_init(void) { pthread_once(&g_once, init_tables); }
+
+/* ------------------------------------------------------------------------------------------- thread pool */
+
+typedef void (*hr_task_fn)(void *ctx, int64_t task);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv, done_cv;
+    pthread_t th[HR_MAX_THREADS];
+    int nworkers, started, stop, nthreads;
+    unsigned gen;
+    int pending;
+    hr_task_fn fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_llong next;
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t g_run_mu = PTHREAD_MUTEX_INITIALIZER; /* one parallel region at a time */
+
+static int default_threads(void) {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0) return n < HR_MAX_THREADS ? n : HR_MAX_THREADS;
+    }
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1) n = 1;
+    return n < HR_MAX_THREADS ? (int)n : HR_MAX_THREADS;
+}
+
+static void run_tasks(void) {
+    int64_t i;
+    while ((i = atomic_fetch_add(&P.next, 1)) < P.ntasks) P.fn(P.ctx, i);
+}
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    unsigned seen = 0;
+    pthread_mutex_lock(&P.mu);
+    for (;;) {
+        while (P.gen == seen && !P.stop) pthread_cond_wait(&P.work_cv, &P.mu);
+        if (P.stop) break;
+        seen = P.gen;
+        pthread_mutex_unlock(&P.mu);
+        run_tasks();
+        pthread_mutex_lock(&P.mu);
+        if (--P.pending == 0) pthread_cond_signal(&P.done_cv);
+    }
+    pthread_mutex_unlock(&P.mu);
+    return NULL;
+}
+
+static void pool_stop_locked(void) { /* caller holds g_run_mu */
+    if (!P.started) return;
+    pthread_mutex_lock(&P.mu);
+    P.stop = 1;
+    pthread_cond_broadcast(&P.work_cv);
+    pthread_mutex_unlock(&P.mu);
+    for (int i = 0; i < P.nworkers; i++) pthread_join(P.th[i], NULL);
+    P.nworkers = 0;
+    P.started = 0;
+    P.stop = 0;
+}
+
+static void pool_start_locked(void) {
+    if (P.started) return;
+    if (P.nthreads <= 0) P.nthreads = default_threads();
+    P.nworkers = 0;
+    for (int i = 0; i < P.nthreads - 1; i++) {
+        if (pthread_create(&P.th[P.nworkers], NULL, worker_main, NULL) != 0) break;
+        P.nworkers++;
+    }
+    P.started = 1;
+}
+
+static void pool_atfork_child(void) {
+    /* Worker threads do not survive fork(); the child starts a fresh pool on first use. */
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.work_cv, NULL);
+    pthread_cond_init(&P.done_cv, NULL);
+    pthread_mutex_init(&g_run_mu, NULL);
+    P.started = 0;
+    P.nworkers = 0;
+    P.stop = 0;
+}
+
+static void hr_parallel(hr_task_fn fn, void *ctx, int64_t ntasks) {
+    if (ntasks <= 0) return;
+    pthread_mutex_lock(&g_run_mu);
+    if (P.nthreads <= 0) P.nthreads = default_threads();
+    if (P.nthreads == 1 || ntasks == 1) {
+        for (int64_t i = 0; i < ntasks; i++) fn(ctx, i);
+        pthread_mutex_unlock(&g_run_mu);
+        return;
+    }
+    pool_start_locked();
+    pthread_mutex_lock(&P.mu);
+    P.fn = fn;
+    P.ctx = ctx;
+    P.ntasks = ntasks;
+    atomic_store(&P.next, 0);
+    P.pending = P.nworkers;
+    P.gen++;
+    pthread_cond_broadcast(&P.work_cv);
+    pthread_mutex_unlock(&P.mu);
+    run_tasks();
+    pthread_mutex_lock(&P.mu);
+    while (P.pending > 0) pthread_cond_wait(&P.done_cv, &P.mu);
+    pthread_mutex_unlock(&P.mu);
+    pthread_mutex_unlock(&g_run_mu);
+}
+
+int hr_get_threads(void) {
+    pthread_mutex_lock(&g_run_mu);
+    if (P.nthreads <= 0) P.nthreads = default_threads();
+    int n = P.nthreads;
+    pthread_mutex_unlock(&g_run_mu);
+    return n;
+}
+
+int hr_set_threads(int n) {
+    hr_init();
+    pthread_mutex_lock(&g_run_mu);
+    pool_stop_locked();
+    P.nthreads = n <= 0 ? default_threads() : (n < HR_MAX_THREADS ? n : HR_MAX_THREADS);
+    int r = P.nthreads;
+    pthread_mutex_unlock(&g_run_mu);
+    return r;
+}
+
+/* ------------------------------------------------------------------------------------ row kernel contract */
+
+/* out[t * ldo + (r - r0)] = dot(row r of W, X[t]) for r in [r0, r1), t < nt (1 <= nt <= HR_TT).
+ * FP4: X[t] in the even/odd block layout; ks = K/32 scales per row.
+ * FP8: X[t] in natural order; ks = ceil(K/128) scales per 128-row block. */
+typedef void (*rows_fn)(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                        const float *const *x, int nt, float *out, int64_t ldo);
+
+/* ---------------------------------------------------------------------------------------- portable paths */
+
+static void fp4_rows_portable(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                              const float *const *x, int nt, float *out, int64_t ldo) {
+    const int64_t nb = k / 32, kb2 = k / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        for (int t = 0; t < nt; t++) {
+            const float *xt = x[t];
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *wb = wr + b * 16;
+                const float *xb = xt + b * 32;
+                float blk = 0.0f;
+                for (int j = 0; j < 16; j++) blk += FP4_LUT[wb[j] & 15] * xb[j] + FP4_LUT[wb[j] >> 4] * xb[16 + j];
+                acc += blk * g_e8m0[sr[b]];
+            }
+            out[t * ldo + (r - r0)] = acc;
+        }
+    }
+}
+
+static void fp8_rows_portable(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                              const float *const *x, int nt, float *out, int64_t ldo) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * k, *sr = s + (r / HR_FP8_BLOCK) * ks;
+        for (int t = 0; t < nt; t++) {
+            const float *xt = x[t];
+            float acc = 0.0f;
+            for (int64_t kb = 0; kb * HR_FP8_BLOCK < k; kb++) {
+                int64_t c0 = kb * HR_FP8_BLOCK, c1 = c0 + HR_FP8_BLOCK < k ? c0 + HR_FP8_BLOCK : k;
+                float blk = 0.0f;
+                for (int64_t c = c0; c < c1; c++) blk += g_fp8[wr[c]] * xt[c];
+                acc += blk * g_e8m0[sr[kb]];
+            }
+            out[t * ldo + (r - r0)] = acc;
+        }
+    }
+}
+
+static uint64_t read_sum_portable(const uint8_t *p, int64_t n) {
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, v[4];
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        memcpy(v, p + i, 32);
+        a0 += v[0];
+        a1 += v[1];
+        a2 += v[2];
+        a3 += v[3];
+    }
+    for (; i < n; i++) a0 += p[i];
+    return a0 ^ a1 ^ a2 ^ a3;
+}
+
+#if HR_X86
+/* ------------------------------------------------------------------------------------------- AVX2 paths */
+
+HR_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 packed bytes -> 8 low-nibble values (lo) and 8 high-nibble values (hi): |value| by permute, sign by xor. */
+#define HR_AVX2_DECODE8(ptr, lo, hi)                                                                         \
+    do {                                                                                                     \
+        __m256i v_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ptr)));                          \
+        lo = _mm256_xor_ps(_mm256_permutevar8x32_ps(lut8, v_),                                               \
+                           _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v_, 28), sgn)));           \
+        hi = _mm256_xor_ps(_mm256_permutevar8x32_ps(lut8, _mm256_srli_epi32(v_, 4)),                         \
+                           _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v_, 24), sgn)));           \
+    } while (0)
+
+HR_AVX2 static void fp4_rows_avx2(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                                  const float *const *x, int nt, float *out, int64_t ldo) {
+    const __m256 lut8 = _mm256_loadu_ps(FP4_LUT);
+    const __m256i sgn = _mm256_set1_epi32((int)0x80000000u);
+    const int64_t nb = k / 32, kb2 = k / 2;
+    if (nt == 1) {
+        const float *xt = x[0];
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                __m256 l0, h0, l1, h1;
+                HR_AVX2_DECODE8(wr + b * 16, l0, h0);
+                HR_AVX2_DECODE8(wr + b * 16 + 8, l1, h1);
+                const float *xb = xt + b * 32;
+                __m256 p = _mm256_mul_ps(l0, _mm256_loadu_ps(xb));
+                __m256 q = _mm256_mul_ps(l1, _mm256_loadu_ps(xb + 8));
+                p = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb + 16), p);
+                q = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), q);
+                __m256 sc = _mm256_set1_ps(g_e8m0[sr[b]]);
+                if (b & 1)
+                    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc1);
+                else
+                    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc0);
+            }
+            out[r - r0] = hsum256(_mm256_add_ps(acc0, acc1));
+        }
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        __m256 acc[HR_TT];
+        for (int t = 0; t < HR_TT; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m256 l0, h0, l1, h1;
+            HR_AVX2_DECODE8(wr + b * 16, l0, h0);
+            HR_AVX2_DECODE8(wr + b * 16 + 8, l1, h1);
+            __m256 sc = _mm256_set1_ps(g_e8m0[sr[b]]);
+            l0 = _mm256_mul_ps(l0, sc);
+            h0 = _mm256_mul_ps(h0, sc);
+            l1 = _mm256_mul_ps(l1, sc);
+            h1 = _mm256_mul_ps(h1, sc);
+            for (int t = 0; t < nt; t++) {
+                const float *xb = x[t] + b * 32;
+                __m256 a = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xb), acc[t]);
+                a = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xb + 8), a);
+                a = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb + 16), a);
+                acc[t] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), a);
+            }
+        }
+        for (int t = 0; t < nt; t++) out[t * ldo + (r - r0)] = hsum256(acc[t]);
+    }
+}
+
+/* 8 e4m3 bytes -> 8 floats equal to value / 256: the byte is rebuilt as an fp16 bit pattern (bias 15 vs 7). */
+HR_AVX2 static inline __m256 fp8_decode8_avx2(const uint8_t *p) {
+    __m128i t = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    t = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(t, 8), 1), _mm_set1_epi16((short)0xBFFF));
+    return _mm256_cvtph_ps(t);
+}
+
+HR_AVX2 static void fp8_rows_avx2(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                                  const float *const *x, int nt, float *out, int64_t ldo) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * k, *sr = s + (r / HR_FP8_BLOCK) * ks;
+        __m256 acc[HR_TT];
+        float tail[HR_TT];
+        for (int t = 0; t < HR_TT; t++) {
+            acc[t] = _mm256_setzero_ps();
+            tail[t] = 0.0f;
+        }
+        for (int64_t kb = 0; kb * HR_FP8_BLOCK < k; kb++) {
+            int64_t c0 = kb * HR_FP8_BLOCK, c1 = c0 + HR_FP8_BLOCK < k ? c0 + HR_FP8_BLOCK : k;
+            float scf = g_e8m0[sr[kb]];
+            __m256 sc = _mm256_set1_ps(scf);
+            int64_t c = c0;
+            if (nt == 1) {
+                __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+                for (; c + 16 <= c1; c += 16) {
+                    b0 = _mm256_fmadd_ps(fp8_decode8_avx2(wr + c), _mm256_loadu_ps(x[0] + c), b0);
+                    b1 = _mm256_fmadd_ps(fp8_decode8_avx2(wr + c + 8), _mm256_loadu_ps(x[0] + c + 8), b1);
+                }
+                for (; c + 8 <= c1; c += 8)
+                    b0 = _mm256_fmadd_ps(fp8_decode8_avx2(wr + c), _mm256_loadu_ps(x[0] + c), b0);
+                acc[0] = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), sc, acc[0]);
+            } else {
+                for (; c + 8 <= c1; c += 8) {
+                    __m256 f = _mm256_mul_ps(fp8_decode8_avx2(wr + c), sc);
+                    for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(f, _mm256_loadu_ps(x[t] + c), acc[t]);
+                }
+            }
+            for (; c < c1; c++)
+                for (int t = 0; t < nt; t++) tail[t] += g_fp8[wr[c]] * scf * x[t][c];
+        }
+        for (int t = 0; t < nt; t++) out[t * ldo + (r - r0)] = hsum256(acc[t]) * 256.0f + tail[t];
+    }
+}
+
+HR_AVX2 static uint64_t read_sum_avx2(const uint8_t *p, int64_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
+        a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+    }
+    __m256i a = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+    uint64_t v[4];
+    _mm256_storeu_si256((__m256i *)v, a);
+    return (v[0] ^ v[1] ^ v[2] ^ v[3]) + read_sum_portable(p + i, n - i);
+}
+
+/* ----------------------------------------------------------------------------------------- AVX-512 paths */
+
+/* 16 packed bytes -> 16 low-nibble and 16 high-nibble values; vpermps reads only the low 4 index bits. */
+#define HR_AVX512_DECODE16(ptr, lo, hi)                                                                      \
+    do {                                                                                                     \
+        __m512i v_ = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ptr)));                          \
+        lo = _mm512_permutexvar_ps(v_, lut);                                                                 \
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v_, 4), lut);                                           \
+    } while (0)
+
+/* Per-block scale folded into the table: adding (b - 127) << 23 to the exponent of the nonzero entries gives
+ * lut * 2^(b-127) exactly while the result stays a normal float, i.e. for scale bytes 2..252 (checked per row). */
+#define HR_FOLD_OK(b) ((b) >= 2 && (b) <= 252)
+#define HR_NZ_MASK ((__mmask16)0xFEFE) /* table entries 0 and 8 are +-0 and keep a zero exponent */
+
+HR_AVX512 static inline int scales_foldable_avx512(const uint8_t *s, int64_t n) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512i v = _mm512_loadu_si512((const void *)(s + i));
+        if (_mm512_cmplt_epu8_mask(v, _mm512_set1_epi8(2)) | _mm512_cmpgt_epu8_mask(v, _mm512_set1_epi8((char)252)))
+            return 0;
+    }
+    for (; i < n; i++)
+        if (!HR_FOLD_OK(s[i])) return 0;
+    return 1;
+}
+
+HR_AVX512 static inline __m512 fold_lut_avx512(__m512i lut_bits, uint8_t b) {
+#if HR_TBL
+    /* broadcast from a table: a load, where computing the offset would cost a GPR-to-vector move */
+    return _mm512_castsi512_ps(_mm512_mask_add_epi32(lut_bits, HR_NZ_MASK, lut_bits, _mm512_set1_epi32(g_exp_delta[b])));
+#else
+    return _mm512_castsi512_ps(_mm512_mask_add_epi32(lut_bits, HR_NZ_MASK, lut_bits, _mm512_set1_epi32(((int)b - 127) << 23)));
+#endif
+}
+
+/* One row (or two) times one token: 4 independent accumulators per row hide the FMA latency. */
+HR_AVX512 static inline void fp4_gemv2_avx512(const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks,
+                                               int64_t nb, const float *xt, float *o0, float *o1, int two) {
+    const __m512 lut = _mm512_loadu_ps(FP4_LUT);
+    const __m512i lutb = _mm512_castps_si512(lut);
+    const uint8_t *w1 = w0 + kb2, *s1 = s0 + ks;
+    int fold = scales_foldable_avx512(s0, nb) && (!two || scales_foldable_avx512(s1, nb));
+    if (!fold || (nb & 1)) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = xt + b * 32;
+            __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16), l, h;
+            HR_AVX512_DECODE16(w0 + b * 16, l, h);
+            __m512 p = _mm512_fmadd_ps(h, xo, _mm512_mul_ps(l, xe));
+            if (b & 1)
+                c0 = _mm512_fmadd_ps(p, _mm512_set1_ps(g_e8m0[s0[b]]), c0);
+            else
+                a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(g_e8m0[s0[b]]), a0);
+            if (two) {
+                HR_AVX512_DECODE16(w1 + b * 16, l, h);
+                __m512 q = _mm512_fmadd_ps(h, xo, _mm512_mul_ps(l, xe));
+                if (b & 1)
+                    c1 = _mm512_fmadd_ps(q, _mm512_set1_ps(g_e8m0[s1[b]]), c1);
+                else
+                    a1 = _mm512_fmadd_ps(q, _mm512_set1_ps(g_e8m0[s1[b]]), a1);
+            }
+        }
+        *o0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, c0));
+        if (two) *o1 = _mm512_reduce_add_ps(_mm512_add_ps(a1, c1));
+        return;
+    }
+    __m512 a0 = _mm512_setzero_ps(), b0 = a0, c0 = a0, d0 = a0, a1 = a0, b1 = a0, c1 = a0, d1 = a0;
+    for (int64_t b = 0; b < nb; b += 2) {
+        if ((b & 3) == 0) {
+            _mm_prefetch((const char *)(w0 + b * 16 + HR_PF_BYTES), _MM_HINT_T0);
+            if (two) _mm_prefetch((const char *)(w1 + b * 16 + HR_PF_BYTES), _MM_HINT_T0);
+        }
+        const float *xb = xt + b * 32;
+        __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16);
+        __m512 ye = _mm512_loadu_ps(xb + 32), yo = _mm512_loadu_ps(xb + 48);
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w0 + b * 16)));
+        __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w0 + b * 16 + 16)));
+        __m512 lt = fold_lut_avx512(lutb, s0[b]), mt = fold_lut_avx512(lutb, s0[b + 1]);
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lt), xe, a0);
+        b0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lt), xo, b0);
+        c0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(u, mt), ye, c0);
+        d0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), mt), yo, d0);
+        if (two) {
+            v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w1 + b * 16)));
+            u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w1 + b * 16 + 16)));
+            lt = fold_lut_avx512(lutb, s1[b]);
+            mt = fold_lut_avx512(lutb, s1[b + 1]);
+            a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, lt), xe, a1);
+            b1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lt), xo, b1);
+            c1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(u, mt), ye, c1);
+            d1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), mt), yo, d1);
+        }
+    }
+    *o0 = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(c0, d0)));
+    if (two) *o1 = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1, d1)));
+}
+
+/* Two rows x NT tokens; NT is a compile-time constant after inlining so the accumulators stay in registers. */
+HR_AVX512 static inline __attribute__((always_inline)) void
+fp4_tile_avx512(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+                const float *const *x, float *out, int64_t ldo, int two) {
+    const __m512 lut = _mm512_loadu_ps(FP4_LUT);
+    const uint8_t *w1 = two ? w0 + kb2 : w0, *s1 = two ? s0 + ks : s0;
+    __m512 acc0[HR_TT], acc1[HR_TT];
+    for (int t = 0; t < NT; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 l0, h0, l1, h1;
+        HR_AVX512_DECODE16(w0 + b * 16, l0, h0);
+        HR_AVX512_DECODE16(w1 + b * 16, l1, h1);
+        __m512 sc0 = _mm512_set1_ps(g_e8m0[s0[b]]), sc1 = _mm512_set1_ps(g_e8m0[s1[b]]);
+        l0 = _mm512_mul_ps(l0, sc0);
+        h0 = _mm512_mul_ps(h0, sc0);
+        l1 = _mm512_mul_ps(l1, sc1);
+        h1 = _mm512_mul_ps(h1, sc1);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) {
+            const float *xb = x[t] + b * 32;
+            __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16);
+            acc0[t] = _mm512_fmadd_ps(h0, xo, _mm512_fmadd_ps(l0, xe, acc0[t]));
+            acc1[t] = _mm512_fmadd_ps(h1, xo, _mm512_fmadd_ps(l1, xe, acc1[t]));
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        out[t * ldo] = _mm512_reduce_add_ps(acc0[t]);
+        if (two) out[t * ldo + 1] = _mm512_reduce_add_ps(acc1[t]);
+    }
+}
+
+/* Four rows x NT (<= 4) tokens with the scale folded into the table: 16 accumulators, and each activation load
+ * feeds four FMAs, which keeps the batch path FMA-bound rather than bound by L2 activation traffic. */
+HR_AVX512 static inline __attribute__((always_inline)) void
+fp4_tile4_avx512(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+                 const float *const *x, float *out, int64_t ldo) {
+    const __m512i lutb = _mm512_castps_si512(_mm512_loadu_ps(FP4_LUT));
+    __m512 acc[4][4];
+    for (int q = 0; q < 4; q++)
+        for (int t = 0; t < NT; t++) acc[q][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 lo[4], hi[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w0 + q * kb2 + b * 16)));
+            __m512 lt = fold_lut_avx512(lutb, s0[q * ks + b]);
+            lo[q] = _mm512_permutexvar_ps(v, lt);
+            hi[q] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lt);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const float *xb = x[t] + b * 32;
+            __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16);
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) acc[q][t] = _mm512_fmadd_ps(hi[q], xo, _mm512_fmadd_ps(lo[q], xe, acc[q][t]));
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < 4; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
+}
+
+HR_AVX512 static void fp4_rows2_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                       int64_t r1, int64_t rbase, const float *const *x, int nt, float *out,
+                                       int64_t ldo) {
+    /* rows [r0, r1) in pairs; out is indexed from rbase */
+    const int64_t nb = k / 32, kb2 = k / 2;
+    for (int64_t r = r0; r < r1; r += 2) {
+        int two = r + 1 < r1;
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        float *o = out + (r - rbase);
+        switch (nt) {
+        case 1: fp4_gemv2_avx512(wr, sr, kb2, ks, nb, x[0], o, o + 1, two); break;
+        case 2: fp4_tile_avx512(2, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        case 3: fp4_tile_avx512(3, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        case 4: fp4_tile_avx512(4, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        case 5: fp4_tile_avx512(5, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        case 6: fp4_tile_avx512(6, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        case 7: fp4_tile_avx512(7, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        default: fp4_tile_avx512(8, wr, sr, kb2, ks, nb, x, o, ldo, two); break;
+        }
+    }
+}
+
+HR_AVX512 static void fp4_rows_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                      int64_t r1, const float *const *x, int nt, float *out, int64_t ldo) {
+    if (nt == 1) {
+        fp4_rows2_avx512(w, s, k, ks, r0, r1, r0, x, nt, out, ldo);
+        return;
+    }
+    const int64_t nb = k / 32, kb2 = k / 2;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        if (!scales_foldable_avx512(sr, 4 * ks)) { /* rows are contiguous in the scale tensor */
+            fp4_rows2_avx512(w, s, k, ks, r, r + 4, r0, x, nt, out, ldo);
+            continue;
+        }
+        float *o = out + (r - r0);
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            int n4 = nt - t0 < 4 ? nt - t0 : 4;
+            switch (n4) {
+            case 1: fp4_tile4_avx512(1, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            case 2: fp4_tile4_avx512(2, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            case 3: fp4_tile4_avx512(3, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            default: fp4_tile4_avx512(4, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            }
+        }
+    }
+    if (r < r1) fp4_rows2_avx512(w, s, k, ks, r, r1, r0, x, nt, out, ldo);
+}
+
+/* ---- bf16-activation FP4 path (AVX512-BF16, batches only): activations rounded to bf16, weights decoded to exact
+ * bf16 (table value with the block scale added to its exponent), vdpbf16ps accumulating in fp32. Two columns per
+ * fp32 lane, so activations stay in natural order: the pair (2i, 2i+1) is byte i's (low, high) nibble. */
+static const uint16_t FP4_LUT_BF16[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                          0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+
+static float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+static void fp4_row_bf16_scalar(const uint8_t *wr, const uint8_t *sr, int64_t nb, const uint16_t *const *x, int nt,
+                                float *out, int64_t ldo) {
+    /* rows whose scales cannot be folded into bf16 exponents (bytes 0, 1, 253, 254) */
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            float blk = 0.0f;
+            for (int j = 0; j < 16; j++)
+                blk += FP4_LUT[wr[b * 16 + j] & 15] * bf16_to_float(x[t][b * 32 + 2 * j]) +
+                       FP4_LUT[wr[b * 16 + j] >> 4] * bf16_to_float(x[t][b * 32 + 2 * j + 1]);
+            acc += blk * g_e8m0[sr[b]];
+        }
+        out[t * ldo] = acc;
+    }
+}
+
+HR_AVX512BF16 static inline __attribute__((always_inline)) void
+fp4_tile4_bf16(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+               const uint16_t *const *x, float *out, int64_t ldo) {
+    const __m512i lutw = _mm512_loadu_si512((const void *)FP4_LUT_BF16);
+    const __m512i nib = _mm512_set1_epi32(0x000F000F);
+    __m512 acc[4][4];
+    for (int q = 0; q < 4; q++)
+        for (int t = 0; t < NT; t++) acc[q][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i wq[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w0 + q * kb2 + b * 16)));
+            /* word 2i = low nibble, word 2i+1 = high nibble of byte i: (v | v << 12) & 0x000F000F */
+            __m512i idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8);
+            __m512i lt = _mm512_mask_add_epi16(lutw, (__mmask32)0xFEFE, lutw,
+                                               _mm512_set1_epi16((short)(((int)s0[q * ks + b] - 127) << 7)));
+            wq[q] = _mm512_permutexvar_epi16(idx, lt);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x[t] + b * 32));
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], (__m512bh)wq[q], (__m512bh)xv);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < 4; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
+}
+
+HR_AVX512BF16 static void fp4_rows_bf16_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                               int64_t r1, const float *const *xf, int nt, float *out, int64_t ldo) {
+    const uint16_t *const *x = (const uint16_t *const *)xf; /* bf16 activations, natural order */
+    const int64_t nb = k / 32, kb2 = k / 2;
+    for (int64_t r = r0; r < r1; r += 4) {
+        int64_t nr = r1 - r < 4 ? r1 - r : 4;
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        float *o = out + (r - r0);
+        if (nr < 4 || !scales_foldable_avx512(sr, 4 * ks)) {
+            for (int64_t q = 0; q < nr; q++) fp4_row_bf16_scalar(wr + q * kb2, sr + q * ks, nb, x, nt, o + q, ldo);
+            continue;
+        }
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            int n4 = nt - t0 < 4 ? nt - t0 : 4;
+            switch (n4) {
+            case 1: fp4_tile4_bf16(1, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            case 2: fp4_tile4_bf16(2, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            case 3: fp4_tile4_bf16(3, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            default: fp4_tile4_bf16(4, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            }
+        }
+    }
+}
+
+/* 16 e4m3 bytes (masked) -> 16 floats equal to value / 256 (fp16 rebuild, see fp8_decode8_avx2). */
+HR_AVX512 static inline __m512 fp8_decode16_avx512(const uint8_t *p, __mmask16 m) {
+    __m256i t = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p));
+    t = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(t, 8), 1), _mm256_set1_epi16((short)0xBFFF));
+    return _mm512_cvtph_ps(t);
+}
+
+HR_AVX512 static inline __attribute__((always_inline)) void
+fp8_tile_avx512(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t k, const float *const *x, float *out,
+                int64_t ldo) {
+    __m512 acc[HR_TT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb * HR_FP8_BLOCK < k; kb++) {
+        int64_t c0 = kb * HR_FP8_BLOCK, c1 = c0 + HR_FP8_BLOCK < k ? c0 + HR_FP8_BLOCK : k;
+        __m512 sc = _mm512_set1_ps(g_e8m0[s0[kb]]);
+        if (NT == 1) {
+            __m512 b0 = _mm512_setzero_ps(), b1 = b0;
+            int64_t c = c0;
+            for (; c + 32 <= c1; c += 32) {
+                b0 = _mm512_fmadd_ps(fp8_decode16_avx512(w0 + c, 0xFFFF), _mm512_loadu_ps(x[0] + c), b0);
+                b1 = _mm512_fmadd_ps(fp8_decode16_avx512(w0 + c + 16, 0xFFFF), _mm512_loadu_ps(x[0] + c + 16), b1);
+            }
+            for (; c < c1; c += 16) {
+                __mmask16 m = c + 16 <= c1 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
+                b0 = _mm512_fmadd_ps(fp8_decode16_avx512(w0 + c, m), _mm512_maskz_loadu_ps(m, x[0] + c), b0);
+            }
+            acc[0] = _mm512_fmadd_ps(_mm512_add_ps(b0, b1), sc, acc[0]);
+        } else {
+            for (int64_t c = c0; c < c1; c += 16) {
+                __mmask16 m = c + 16 <= c1 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
+                __m512 f = _mm512_mul_ps(fp8_decode16_avx512(w0 + c, m), sc);
+#pragma GCC unroll 8
+                for (int t = 0; t < NT; t++) acc[t] = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, x[t] + c), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * ldo] = _mm512_reduce_add_ps(acc[t]) * 256.0f;
+}
+
+HR_AVX512 static void fp8_rows_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                      int64_t r1, const float *const *x, int nt, float *out, int64_t ldo) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * k, *sr = s + (r / HR_FP8_BLOCK) * ks;
+        float *o = out + (r - r0);
+        switch (nt) {
+        case 1: fp8_tile_avx512(1, wr, sr, k, x, o, ldo); break;
+        case 2: fp8_tile_avx512(2, wr, sr, k, x, o, ldo); break;
+        case 3: fp8_tile_avx512(3, wr, sr, k, x, o, ldo); break;
+        case 4: fp8_tile_avx512(4, wr, sr, k, x, o, ldo); break;
+        case 5: fp8_tile_avx512(5, wr, sr, k, x, o, ldo); break;
+        case 6: fp8_tile_avx512(6, wr, sr, k, x, o, ldo); break;
+        case 7: fp8_tile_avx512(7, wr, sr, k, x, o, ldo); break;
+        default: fp8_tile_avx512(8, wr, sr, k, x, o, ldo); break;
+        }
+    }
+}
+
+HR_AVX512 static uint64_t read_sum_avx512(const uint8_t *p, int64_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void *)(p + i)));
+        a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void *)(p + i + 64)));
+        a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void *)(p + i + 128)));
+        a3 = _mm512_add_epi64(a3, _mm512_load_si512((const void *)(p + i + 192)));
+    }
+    __m512i a = _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3));
+    return (uint64_t)_mm512_reduce_add_epi64(a) + read_sum_portable(p + i, n - i);
+}
+#endif /* HR_X86 */
+
+/* ------------------------------------------------------------------------------------------------ dispatch */
+
+int hr_abi_version(void) { return HR_ABI_VERSION; }
+
+int hr_path_supported(int path) {
+    hr_init();
+    if (path & HR_ACT_BF16) {
+#if HR_X86 && (defined(__clang__) || __GNUC__ >= 11)
+        __builtin_cpu_init();
+        return (path & 0xFF) == HR_PATH_AVX512 && hr_path_supported(HR_PATH_AVX512) &&
+               __builtin_cpu_supports("avx512bf16");
+#else
+        return 0;
+#endif
+    }
+    switch (path) {
+    case HR_PATH_PORTABLE: return 1;
+#if HR_X86
+    case HR_PATH_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case HR_PATH_AVX512:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+    default: return 0;
+    }
+}
+
+int hr_best_path(void) {
+    for (int p = HR_PATH_AVX512; p >= HR_PATH_PORTABLE; p--)
+        if (hr_path_supported(p)) return p;
+    return HR_PATH_PORTABLE;
+}
+
+static int resolve(int path) {
+    hr_init();
+    int act = path & HR_ACT_BF16, base = path & 0xFF;
+    if (base == HR_PATH_AUTO) base = act ? HR_PATH_AVX512 : hr_best_path();
+    return hr_path_supported(base | act) ? (base | act) : -1;
+}
+
+static uint16_t float_to_bf16(float f) { /* round to nearest even; weights and activations are finite */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static rows_fn pick_bf16_rows(int path, int fmt) {
+#if HR_X86 && (defined(__clang__) || __GNUC__ >= 11)
+    if ((path & HR_ACT_BF16) && fmt == HR_FMT_FP4) return fp4_rows_bf16_avx512;
+#endif
+    (void)path;
+    (void)fmt;
+    return NULL;
+}
+
+static rows_fn pick_rows(int path, int fmt) {
+    path &= 0xFF;
+#if HR_X86
+    if (path == HR_PATH_AVX512) return fmt == HR_FMT_FP4 ? fp4_rows_avx512 : fp8_rows_avx512;
+    if (path == HR_PATH_AVX2) return fmt == HR_FMT_FP4 ? fp4_rows_avx2 : fp8_rows_avx2;
+#endif
+    return fmt == HR_FMT_FP4 ? fp4_rows_portable : fp8_rows_portable;
+}
+
+/* Natural order -> per 32-block [even columns, odd columns], the FP4 kernels' activation layout. */
+static void fp4_reorder(const float *x, float *y, int64_t k) {
+    for (int64_t b = 0; b < k; b += 32)
+        for (int j = 0; j < 16; j++) {
+            y[b + j] = x[b + 2 * j];
+            y[b + 16 + j] = x[b + 2 * j + 1];
+        }
+}
+
+static inline int64_t fp4_pos(int64_t c) { return (c & ~(int64_t)31) + ((c & 1) ? 16 : 0) + ((c & 31) >> 1); }
+
+static int64_t row_chunk(int64_t n, int64_t row_bytes) {
+    /* Enough chunks to balance the threads; each chunk's weights fit in L2 so token tiles re-read them cheaply. */
+    int64_t nt = hr_get_threads();
+    int64_t rc = (n + 4 * nt - 1) / (4 * nt);
+    int64_t cap = (256 * 1024) / (row_bytes > 0 ? row_bytes : 1);
+    if (rc > cap) rc = cap;
+    if (rc > HR_RC) rc = HR_RC;
+    if (rc < 2) rc = 2;
+    return rc + (rc & 1);
+}
+
+/* ---------------------------------------------------------------------------------------------- GEMM API */
+
+typedef struct {
+    rows_fn fn;
+    const uint8_t *w, *s;
+    int64_t n, k, ks, t, rc;
+    const char *x;     /* [T, K], already in the kernel's layout (fp32, or bf16 for the bf16 rows) */
+    int64_t x_row_bytes;
+    float *y;          /* [T, N] */
+} gemm_ctx;
+
+static void gemm_task(void *vctx, int64_t task) {
+    gemm_ctx *c = (gemm_ctx *)vctx;
+    int64_t r0 = task * c->rc, r1 = r0 + c->rc < c->n ? r0 + c->rc : c->n;
+    const float *xp[HR_TT];
+    for (int64_t t0 = 0; t0 < c->t; t0 += HR_TT) {
+        int nt = c->t - t0 < HR_TT ? (int)(c->t - t0) : HR_TT;
+        for (int j = 0; j < nt; j++) xp[j] = (const float *)(c->x + (t0 + j) * c->x_row_bytes);
+        c->fn(c->w, c->s, c->k, c->ks, r0, r1, xp, nt, c->y + t0 * c->n + r0, c->n);
+    }
+}
+
+static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x,
+                int64_t t, float *y) {
+    path = resolve(path);
+    if (path < 0) return HR_E_PATH;
+    if (n <= 0 || k <= 0 || t <= 0 || (fmt == HR_FMT_FP4 && k % 32)) return HR_E_SHAPE;
+    rows_fn bf = t > 1 ? pick_bf16_rows(path, fmt) : NULL; /* bf16 activations only pay off for batches */
+    void *buf = NULL;
+    gemm_ctx c = {bf ? bf : pick_rows(path, fmt), w, s, n, k, 0, t, 0, (const char *)x, k * 4, y};
+    if (bf) {
+        uint16_t *xb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(t * k));
+        if (!xb) return HR_E_NOMEM;
+        for (int64_t i = 0; i < t * k; i++) xb[i] = float_to_bf16(x[i]);
+        buf = xb;
+        c.x_row_bytes = k * 2;
+    } else if (fmt == HR_FMT_FP4) {
+        float *xr = (float *)malloc(sizeof(float) * (size_t)(t * k));
+        if (!xr) return HR_E_NOMEM;
+        for (int64_t i = 0; i < t; i++) fp4_reorder(x + i * k, xr + i * k, k);
+        buf = xr;
+    }
+    if (buf) c.x = (const char *)buf;
+    c.ks = fmt == HR_FMT_FP4 ? k / 32 : (k + HR_FP8_BLOCK - 1) / HR_FP8_BLOCK;
+    c.rc = row_chunk(n, fmt == HR_FMT_FP4 ? k / 2 : k);
+    c.rc += (4 - c.rc % 4) % 4; /* whole 4-row tiles */
+    hr_parallel(gemm_task, &c, (n + c.rc - 1) / c.rc);
+    free(buf);
+    return HR_OK;
+}
+
+int hr_fp4_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
+                float *y) {
+    return gemm(path, HR_FMT_FP4, w, s, n, k, x, t, y);
+}
+
+int hr_fp8_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
+                float *y) {
+    return gemm(path, HR_FMT_FP8, w, s, n, k, x, t, y);
+}
+
+/* ---------------------------------------------------------------------------------------- fused MoE op */
+
+typedef struct {
+    rows_fn fn, bf; /* bf: bf16-activation rows for tiles of >= 2 tokens, or NULL */
+    int fmt;
+    const int64_t *table;
+    int64_t d, i, ks1, ks2, rc1, rc2, nch1, ngroups;
+    float limit;
+    const float *x;     /* [T, D] in the kernel layout */
+    const int64_t *gstart; /* group g = entries [gstart[g], gstart[g+1]) of one expert */
+    const int64_t *ent_e, *ent_t;
+    const float *ent_w;
+    float *h; /* [n_entries, I] in the kernel layout of w2 */
+    const uint16_t *xb; /* bf16 mode: x [T, D] and h [n_entries, I] as bf16, natural order */
+    uint16_t *hb;
+    float *out;
+} moe_ctx;
+
+static void moe_up_task(void *vctx, int64_t task) {
+    /* gate/up rows [r0, r1) of one expert for all of its tokens, then the clamped SwiGLU into h */
+    moe_ctx *c = (moe_ctx *)vctx;
+    int64_t g = task / c->nch1, ch = task % c->nch1;
+    int64_t r0 = ch * c->rc1, r1 = r0 + c->rc1 < c->i ? r0 + c->rc1 : c->i, nr = r1 - r0;
+    const int64_t *p = c->table + c->ent_e[c->gstart[g]] * 6;
+    const uint8_t *w1 = (const uint8_t *)(intptr_t)p[0], *s1 = (const uint8_t *)(intptr_t)p[1];
+    const uint8_t *w3 = (const uint8_t *)(intptr_t)p[2], *s3 = (const uint8_t *)(intptr_t)p[3];
+    float gb[HR_TT * HR_RC], ub[HR_TT * HR_RC];
+    const float *xp[HR_TT];
+    const float lim = c->limit;
+    for (int64_t j0 = c->gstart[g]; j0 < c->gstart[g + 1]; j0 += HR_TT) {
+        int nt = c->gstart[g + 1] - j0 < HR_TT ? (int)(c->gstart[g + 1] - j0) : HR_TT;
+        rows_fn fn = c->bf && nt > 1 ? c->bf : c->fn;
+        for (int j = 0; j < nt; j++)
+            xp[j] = fn == c->bf ? (const float *)(c->xb + c->ent_t[j0 + j] * c->d) : c->x + c->ent_t[j0 + j] * c->d;
+        fn(w1, s1, c->d, c->ks1, r0, r1, xp, nt, gb, HR_RC);
+        fn(w3, s3, c->d, c->ks1, r0, r1, xp, nt, ub, HR_RC);
+        for (int j = 0; j < nt; j++) {
+            float *hj = c->h + (j0 + j) * c->i;
+            for (int64_t r = 0; r < nr; r++) {
+                float gv = gb[j * HR_RC + r], uv = ub[j * HR_RC + r];
+                gv = gv < lim ? gv : lim;
+                uv = uv < -lim ? -lim : (uv > lim ? lim : uv);
+                float hv = gv / (1.0f + expf(-gv)) * uv;
+                int64_t col = r0 + r;
+                hj[c->fmt == HR_FMT_FP4 ? fp4_pos(col) : col] = hv;
+                if (c->hb) c->hb[(j0 + j) * c->i + col] = float_to_bf16(hv);
+            }
+        }
+    }
+}
+
+static void moe_down_task(void *vctx, int64_t task) {
+    /* down rows [r0, r1) for every expert and token: this task owns out[:, r0:r1], so no write races */
+    moe_ctx *c = (moe_ctx *)vctx;
+    int64_t r0 = task * c->rc2, r1 = r0 + c->rc2 < c->d ? r0 + c->rc2 : c->d, nr = r1 - r0;
+    float yb[HR_TT * HR_RC];
+    const float *xp[HR_TT];
+    for (int64_t g = 0; g < c->ngroups; g++) {
+        const int64_t *p = c->table + c->ent_e[c->gstart[g]] * 6;
+        const uint8_t *w2 = (const uint8_t *)(intptr_t)p[4], *s2 = (const uint8_t *)(intptr_t)p[5];
+        for (int64_t j0 = c->gstart[g]; j0 < c->gstart[g + 1]; j0 += HR_TT) {
+            int nt = c->gstart[g + 1] - j0 < HR_TT ? (int)(c->gstart[g + 1] - j0) : HR_TT;
+            rows_fn fn = c->bf && nt > 1 ? c->bf : c->fn;
+            for (int j = 0; j < nt; j++)
+                xp[j] = fn == c->bf ? (const float *)(c->hb + (j0 + j) * c->i) : c->h + (j0 + j) * c->i;
+            fn(w2, s2, c->i, c->ks2, r0, r1, xp, nt, yb, HR_RC);
+            for (int j = 0; j < nt; j++) {
+                float wj = c->ent_w[j0 + j], *o = c->out + c->ent_t[j0 + j] * c->d + r0;
+                for (int64_t r = 0; r < nr; r++) o[r] += wj * yb[j * HR_RC + r];
+            }
+        }
+    }
+}
+
+int hr_moe_forward(int path, int fmt, const int64_t *table, int64_t n_table, int64_t d, int64_t i, const float *x,
+                   int64_t t, const int64_t *ids, const float *wts, int64_t k, float limit, float *out) {
+    path = resolve(path);
+    if (path < 0) return HR_E_PATH;
+    if (d <= 0 || i <= 0 || t <= 0 || k <= 0 || (fmt != HR_FMT_FP4 && fmt != HR_FMT_FP8)) return HR_E_SHAPE;
+    if (fmt == HR_FMT_FP4 && (d % 32 || i % 32)) return HR_E_SHAPE;
+    int64_t n = t * k;
+    for (int64_t j = 0; j < n; j++) {
+        if (ids[j] < 0 || ids[j] >= n_table) return HR_E_IDS;
+        for (int q = 0; q < 6; q++)
+            if (!table[ids[j] * 6 + q]) return HR_E_IDS;
+    }
+    /* group the (token, slot) entries by expert with a counting sort; token order is kept inside a group */
+    int64_t *cnt = (int64_t *)calloc((size_t)n_table + 1, sizeof(int64_t));
+    int64_t *ent_e = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+    int64_t *ent_t = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+    float *ent_w = (float *)malloc(sizeof(float) * (size_t)n);
+    int64_t *gstart = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 1));
+    float *h = (float *)malloc(sizeof(float) * (size_t)(n * i));
+    float *xr = fmt == HR_FMT_FP4 ? (float *)malloc(sizeof(float) * (size_t)(t * d)) : NULL;
+    rows_fn bf = n > 1 ? pick_bf16_rows(path, fmt) : NULL;
+    uint16_t *xb = bf ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(t * d)) : NULL;
+    uint16_t *hb = bf ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * i)) : NULL;
+    int rc = HR_OK;
+    if (!cnt || !ent_e || !ent_t || !ent_w || !gstart || !h || (fmt == HR_FMT_FP4 && !xr) || (bf && (!xb || !hb))) {
+        rc = HR_E_NOMEM;
+        goto done;
+    }
+    for (int64_t j = 0; j < n; j++) cnt[ids[j] + 1]++;
+    for (int64_t e = 0; e < n_table; e++) cnt[e + 1] += cnt[e];
+    int64_t ngroups = 0;
+    for (int64_t e = 0; e < n_table; e++)
+        if (cnt[e + 1] > cnt[e]) gstart[ngroups++] = cnt[e];
+    gstart[ngroups] = n;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t pos = cnt[ids[j]]++;
+        ent_e[pos] = ids[j];
+        ent_t[pos] = j / k;
+        ent_w[pos] = wts[j];
+    }
+    if (xr)
+        for (int64_t q = 0; q < t; q++) fp4_reorder(x + q * d, xr + q * d, d);
+    if (xb)
+        for (int64_t q = 0; q < t * d; q++) xb[q] = float_to_bf16(x[q]);
+    moe_ctx c;
+    memset(&c, 0, sizeof(c));
+    c.fn = pick_rows(path, fmt);
+    c.bf = bf;
+    c.xb = xb;
+    c.hb = hb;
+    c.fmt = fmt;
+    c.table = table;
+    c.d = d;
+    c.i = i;
+    c.ks1 = fmt == HR_FMT_FP4 ? d / 32 : (d + HR_FP8_BLOCK - 1) / HR_FP8_BLOCK;
+    c.ks2 = fmt == HR_FMT_FP4 ? i / 32 : (i + HR_FP8_BLOCK - 1) / HR_FP8_BLOCK;
+    c.rc1 = HR_RC;
+    c.rc2 = HR_RC;
+    c.nch1 = (i + c.rc1 - 1) / c.rc1;
+    c.ngroups = ngroups;
+    c.limit = limit;
+    c.x = xr ? xr : x;
+    c.gstart = gstart;
+    c.ent_e = ent_e;
+    c.ent_t = ent_t;
+    c.ent_w = ent_w;
+    c.h = h;
+    c.out = out;
+    hr_parallel(moe_up_task, &c, ngroups * c.nch1);
+    memset(out, 0, sizeof(float) * (size_t)(t * d));
+    hr_parallel(moe_down_task, &c, (d + c.rc2 - 1) / c.rc2);
+done:
+    free(cnt);
+    free(ent_e);
+    free(ent_t);
+    free(ent_w);
+    free(gstart);
+    free(h);
+    free(xr);
+    free(xb);
+    free(hb);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ read bandwidth */
+
+typedef struct {
+    int path;
+    const uint8_t *p;
+    int64_t n, chunk;
+    atomic_ullong sum;
+} read_ctx;
+
+static void read_task(void *vctx, int64_t task) {
+    read_ctx *c = (read_ctx *)vctx;
+    int64_t a = task * c->chunk, len = a + c->chunk < c->n ? c->chunk : c->n - a;
+    uint64_t v;
+#if HR_X86
+    if (c->path == HR_PATH_AVX512)
+        v = read_sum_avx512(c->p + a, len);
+    else if (c->path == HR_PATH_AVX2)
+        v = read_sum_avx2(c->p + a, len);
+    else
+#endif
+        v = read_sum_portable(c->p + a, len);
+    atomic_fetch_xor(&c->sum, v);
+}
+
+uint64_t hr_read_sum(int path, const void *buf, int64_t nbytes) {
+    path = resolve(path);
+    if (path < 0 || nbytes <= 0) return 0;
+    path &= 0xFF;
+    /* 1 MiB chunks keep the streams long for the prefetchers; the pointer must be 64-byte aligned for the SIMD
+     * loads, so the unaligned head is read by the portable loop. */
+    const uint8_t *p = (const uint8_t *)buf;
+    uint64_t head = 0;
+    int64_t mis = (int64_t)((64 - ((uintptr_t)p & 63)) & 63);
+    if (mis > nbytes) mis = nbytes;
+    head = read_sum_portable(p, mis);
+    read_ctx c;
+    c.path = path;
+    c.p = p + mis;
+    c.n = nbytes - mis;
+    c.chunk = 1 << 20;
+    atomic_init(&c.sum, 0);
+    hr_parallel(read_task, &c, (c.n + c.chunk - 1) / c.chunk);
+    return atomic_load(&c.sum) ^ head;
+}

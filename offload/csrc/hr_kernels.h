@@ -1,0 +1,63 @@
+/* homerun native CPU expert kernels: the C ABI loaded by offload/cpu_experts.py through ctypes.
+ *
+ * Weight formats (see homerun/quant.py):
+ *   FP4: uint8 codes [N, K/2] (low nibble = even column, e2m1, bit 3 = sign) + e8m0 scales [N, K/32].
+ *   FP8: e4m3fn bytes [N, K] + e8m0 scales [ceil(N/128), ceil(K/128)].
+ * Activations stay fp32 (exact up to summation order) unless a path carries HR_ACT_BF16.
+ * Every entry point returns 0 on success or a negative HR_E* code; nothing here prints or aborts.
+ */
+#ifndef HR_KERNELS_H
+#define HR_KERNELS_H
+
+#include <stdint.h>
+
+#define HR_ABI_VERSION 1
+
+/* Code paths; HR_PATH_AUTO picks the best one this CPU supports. */
+#define HR_PATH_AUTO 0
+#define HR_PATH_PORTABLE 1
+#define HR_PATH_AVX2 2
+#define HR_PATH_AVX512 3
+
+/* OR into a path: FP4 batches (>= 2 tokens per weight) round activations to bf16 and use vdpbf16ps; single tokens
+ * and FP8 stay fp32. Needs AVX512-BF16. */
+#define HR_ACT_BF16 0x100
+
+#define HR_FMT_FP4 0
+#define HR_FMT_FP8 1
+
+#define HR_OK 0
+#define HR_E_PATH (-1)  /* requested path not compiled in or not supported by this CPU */
+#define HR_E_SHAPE (-2) /* K not a multiple of 32 for FP4, or a non-positive dimension */
+#define HR_E_IDS (-3)   /* an expert id outside the table, or a table entry with a null pointer */
+#define HR_E_NOMEM (-4)
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int hr_abi_version(void);
+int hr_best_path(void);
+int hr_path_supported(int path);
+int hr_get_threads(void);
+int hr_set_threads(int n); /* n <= 0: all CPUs this process may run on */
+
+/* Y[T, N] = X[T, K] @ dequant(W)^T, X and Y fp32 row-major. */
+int hr_fp4_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
+                float *y);
+int hr_fp8_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
+                float *y);
+
+/* Fused routed experts of one layer: out[T, D] = sum_j wts[t, j] * expert_{ids[t, j]}(x[t]).
+ * table[e * 6 + {0..5}] = addresses of w1, w1_scale, w3, w3_scale, w2, w2_scale of expert e (0 = not loaded).
+ * w1/w3 are [I, D] and w2 is [D, I] in the format fmt. SwiGLU: g = min(g, limit), u = clamp(u, -limit, limit). */
+int hr_moe_forward(int path, int fmt, const int64_t *table, int64_t n_table, int64_t d, int64_t i, const float *x,
+                   int64_t t, const int64_t *ids, const float *wts, int64_t k, float limit, float *out);
+
+/* Multi-threaded streaming read of nbytes (a STREAM-like read kernel); returns a checksum so it is not elided. */
+uint64_t hr_read_sum(int path, const void *buf, int64_t nbytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

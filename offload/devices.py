@@ -1,0 +1,157 @@
+"""Devices with a memory budget and exact byte accounting: CPU stand-ins and thin CUDA wrappers.
+
+A `Device` hands out named allocations and refuses any that would push its accounted bytes past its budget, so a
+multi-device plan (several GPUs, a capped VRAM) can be exercised on one CPU: each `StandInDevice` is "a GPU" whose
+memory is ordinary host RAM. `CudaDevice` has the same interface and only adds the torch device string; every
+other piece of offload logic is device-agnostic. This module does not decide what goes where (the plan does) and
+does not track memory it did not allocate (the CUDA caching allocator, activations).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from homerun.errors import DoesNotFitError, UsageError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceUsage:
+    name: str
+    kind: str  # "standin" | "cuda"
+    budget_bytes: int
+    used_bytes: int
+    peak_bytes: int
+    n_allocations: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "budget_bytes": self.budget_bytes,
+            "used_bytes": self.used_bytes,
+            "peak_bytes": self.peak_bytes,
+            "free_bytes": self.free_bytes,
+            "n_allocations": self.n_allocations,
+        }
+
+
+class Device:
+    """A memory budget plus the torch device that backs it. Allocations are keyed by a tag the caller chooses
+    (an ExpertKey, "expert_slots", "layers.3.attn.wq"), so freeing never depends on tensor identity."""
+
+    kind = "abstract"
+
+    def __init__(self, name: str, budget_bytes: int, torch_device: torch.device) -> None:
+        if budget_bytes < 0:
+            raise UsageError(f"device {name}: negative memory budget {budget_bytes}", hint="pass budget_bytes >= 0")
+        self.name = name
+        self.budget_bytes = int(budget_bytes)
+        self.torch_device = torch_device
+        self._sizes: dict[Hashable, int] = {}
+        self._used_bytes = 0
+        self._peak_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self._used_bytes
+
+    def _reserve(self, tag: Hashable, nbytes: int) -> None:
+        with self._lock:
+            if tag in self._sizes:
+                raise UsageError(f"device {self.name}: allocation {tag!r} already exists", hint="free it first")
+            if self._used_bytes + nbytes > self.budget_bytes:
+                raise DoesNotFitError(
+                    f"device {self.name}: {tag!r} needs {nbytes} B but only {self.free_bytes} B of "
+                    f"{self.budget_bytes} B remain",
+                    hint="lower --expert-cache-slots or raise this device's budget in the plan",
+                )
+            self._sizes[tag] = nbytes
+            self._used_bytes += nbytes
+            self._peak_bytes = max(self._peak_bytes, self._used_bytes)
+
+    def empty(self, tag: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Allocate an uninitialized tensor on this device, charged to its budget under `tag`."""
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        self._reserve(tag, nbytes)
+        try:
+            return torch.empty(shape, dtype=dtype, device=self.torch_device)
+        except RuntimeError:
+            self.free(tag)
+            raise
+
+    def place(self, tag: Hashable, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy a tensor onto this device, charged under `tag` (the placement executor's one verb)."""
+        out = self.empty(tag, tuple(tensor.shape), tensor.dtype)
+        out.copy_(tensor)
+        return out
+
+    def free(self, tag: Hashable) -> None:
+        with self._lock:
+            self._used_bytes -= self._sizes.pop(tag)
+
+    def usage(self) -> DeviceUsage:
+        return DeviceUsage(self.name, self.kind, self.budget_bytes, self._used_bytes, self._peak_bytes,
+                           len(self._sizes))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, budget_bytes={self.budget_bytes}, used_bytes={self._used_bytes})"
+
+
+class StandInDevice(Device):
+    """A pretend accelerator backed by host RAM: the same accounting and refusal as a GPU, no CUDA calls."""
+
+    kind = "standin"
+
+    def __init__(self, name: str, budget_bytes: int) -> None:
+        super().__init__(name, budget_bytes, torch.device("cpu"))
+
+
+class CudaDevice(Device):
+    """A real CUDA device with a budget (e.g. VRAM capped at 24 GiB to force offload on a bigger card)."""
+
+    kind = "cuda"
+
+    def __init__(self, index: int = 0, budget_bytes: int | None = None) -> None:
+        if not torch.cuda.is_available():
+            raise UsageError("CUDA device requested but torch.cuda.is_available() is False",
+                             hint="use a StandInDevice on CPU-only machines")
+        total = torch.cuda.get_device_properties(index).total_memory
+        super().__init__(f"cuda:{index}", total if budget_bytes is None else budget_bytes, torch.device("cuda", index))
+
+
+def build_standin_devices(budgets_bytes: list[int], prefix: str = "standin") -> list[StandInDevice]:
+    """Several pretend GPUs on one CPU, e.g. the 2x/3x H100 profiles scaled down for tests."""
+    return [StandInDevice(f"{prefix}:{i}", b) for i, b in enumerate(budgets_bytes)]
+
+
+def default_device(budget_bytes: int | None = None) -> Device:
+    """cuda:0 when there is one, else a stand-in with the given budget (unbounded if None)."""
+    if torch.cuda.is_available():
+        return CudaDevice(0, budget_bytes)
+    return StandInDevice("standin:0", budget_bytes if budget_bytes is not None else 1 << 62)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,98 @@
+"""Expert prefetch ahead of the layer that needs them, with measured precision and recall.
+
+Hash layers (V4 layers 0-2): the experts are `tid2eid[token_ids]`, known exactly before the layer runs.
+Other layers: speculate by applying the NEXT layer's router (sqrt-softplus scores + bias, top-k) to the current
+hidden state (mixtral-offloading's trick); the runtime calls `speculate(l + 1, h, gate_w, gate_b, top_k)` right
+after layer l's experts ran. A prediction is scored when the backend later reports what the layer actually used:
+precision = predicted-and-used / predicted, recall = predicted-and-used / used.
+This module issues cache prefetches only; it never blocks on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class _Score:
+    predicted: int = 0
+    used: int = 0
+    correct: int = 0
+
+
+@dataclass(frozen=True)
+class PrefetchStats:
+    kind: str  # "hash" | "speculative"
+    predicted: int
+    used: int
+    correct: int
+    issued: int  # prefetch copies actually started (the rest were resident already or the link was busy)
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.used if self.used else 0.0
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "predicted": self.predicted, "used": self.used, "correct": self.correct,
+                "issued": self.issued, "precision": self.precision, "recall": self.recall}
+
+
+def hash_layer_experts(tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+    """tid2eid [V, k] int64, token_ids [T] -> the sorted distinct experts the hash layer will use."""
+    return torch.unique(tid2eid[token_ids.to(tid2eid.device)]).tolist()
+
+
+def speculate_experts(hidden: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None,
+                      top_k: int) -> list[int]:
+    """hidden [T, D], gate_weight [E, D] -> distinct experts of top-k(sqrt(softplus(h W^T)) + bias) over T."""
+    scores = torch.sqrt(F.softplus(hidden.float() @ gate_weight.float().T))  # (T, E)
+    if gate_bias is not None:
+        scores = scores + gate_bias.float()
+    return torch.unique(scores.topk(top_k, dim=-1).indices).tolist()
+
+
+class Prefetcher:
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self._pending: dict[int, tuple[str, set[int]]] = {}
+        self._scores = {"hash": _Score(), "speculative": _Score()}
+        self._issued = {"hash": 0, "speculative": 0}
+
+    def hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        ids = hash_layer_experts(tid2eid, token_ids)
+        self._predict("hash", layer, ids)
+        return ids
+
+    def speculate(self, layer: int, hidden: torch.Tensor, gate_weight: torch.Tensor,
+                  gate_bias: torch.Tensor | None, top_k: int) -> list[int]:
+        ids = speculate_experts(hidden, gate_weight, gate_bias, top_k)
+        self._predict("speculative", layer, ids)
+        return ids
+
+    def _predict(self, kind: str, layer: int, ids: list[int]) -> None:
+        self._pending[layer] = (kind, set(ids))
+        # Hash-layer ids are certain, so they may wait for link room; speculation never delays the token.
+        block = kind == "hash"
+        for e in ids[: self.cache.capacity(layer)]:
+            self._issued[kind] += self.cache.prefetch((layer, e), block=block)
+
+    def observe(self, layer: int, used: list[int]) -> None:
+        """Called by the backend with the experts layer `layer` actually used; scores the pending prediction."""
+        pending = self._pending.pop(layer, None)
+        if pending is None:
+            return
+        kind, predicted = pending
+        s, used_set = self._scores[kind], set(used)
+        s.predicted += len(predicted)
+        s.used += len(used_set)
+        s.correct += len(predicted & used_set)
+
+    def stats(self) -> tuple[PrefetchStats, ...]:
+        return tuple(PrefetchStats(k, s.predicted, s.used, s.correct, self._issued[k]) for k, s in self._scores.items())

@@ -1,0 +1,50 @@
+"""Hardware profiles: shipped TOML files in this package, a user's own TOML file, or `auto` (detected).
+
+`load_profile(name_or_path)` returns a validated `HardwareProfile`; `list_profiles()` names the shipped ones.
+Detection itself lives in `homerun.hardware` (imported lazily: it may import torch).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from homerun.errors import ProfileError
+from profiles.schema import GIB, CpuSpec, DiskSpec, GpuSpec, HardwareProfile, MemorySpec, PolicySpec, profile_from_dict
+
+PROFILES_DIR = Path(__file__).resolve().parent
+
+__all__ = [
+    "GIB", "CpuSpec", "DiskSpec", "GpuSpec", "HardwareProfile", "MemorySpec", "PolicySpec",
+    "list_profiles", "load_profile", "load_profile_file", "profile_path",
+]
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def profile_path(name: str) -> Path:
+    return PROFILES_DIR / f"{name}.toml"
+
+
+def load_profile_file(path: Path, source: str | None = None) -> HardwareProfile:
+    src = source or str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"{src}: profile file not found", hint="check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{src}: not valid TOML ({exc})", hint="check the file's syntax") from None
+    return profile_from_dict(data, src)
+
+
+def load_profile(name: str) -> HardwareProfile:
+    """A shipped profile by name, or a TOML file by path. (`auto` is handled by homerun.hardware.)"""
+    path = Path(name).expanduser()
+    if name.endswith(".toml") or path.is_file():
+        return load_profile_file(path)
+    if profile_path(name).exists():
+        return load_profile_file(profile_path(name), f"builtin:{name}.toml")
+    raise ProfileError(f"unknown profile '{name}'",
+                       hint=f"use auto, a .toml path, or one of: {', '.join(list_profiles())}")

@@ -1,0 +1,211 @@
+"""The V4 forward (homerun.models.deepseek_v4 via homerun.load) against transformers' DeepseekV4ForCausalLM on the
+tiny official-format checkpoints, plus the pieces that the end-to-end comparison cannot isolate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import homerun
+from homerun.errors import ConfigError, UnknownModelError, UsageError
+from homerun.models import deepseek_v4 as v4
+from homerun.quant import dequant_fp8, quant_fp8
+from offload.base import ReferenceExpertBackend
+
+KINDS = ("mixed", "csa", "hca")
+SEQ_LEN = 640
+
+
+def _ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g)
+
+
+def _load_hf(path):
+    transformers = pytest.importorskip("transformers")
+    # HF dequantizes FP8/FP4 to bf16 on CPU; loading straight to fp32 crashes, so load bf16 then upcast (doc §7).
+    hf = transformers.DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cpu")
+    return hf.float().eval()
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_checkpoints):
+    return {k: _load_hf(tiny_checkpoints[k]) for k in KINDS}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+    return {k: homerun.load(tiny_checkpoints[k]) for k in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_pass_matches_transformers(kind, models, hf_models):
+    model, hf = models[kind], hf_models[kind]
+    ids = _ids(SEQ_LEN, model.args.vocab_size)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0].float()
+    mine = model.logits(ids)
+    assert mine.dtype == torch.float32 and mine.shape == ref.shape
+    tol = 1e-3 * ref.abs().max().item()
+    assert (mine - ref).abs().max().item() <= tol
+
+
+def test_presets_cover_the_architecture(models):
+    kinds = {k for m in models.values() for k in m.args.layer_kinds}
+    assert kinds == {v4.LAYER_SLIDING, v4.LAYER_CSA, v4.LAYER_HCA}
+    assert any(m.args.n_hash_layers > 0 for m in models.values())
+    assert any(m.args.n_hash_layers < m.args.n_layers for m in models.values())
+    assert max(m.args.n_routed_experts for m in models.values()) >= 8
+    assert min(m.args.n_activated_experts for m in models.values()) >= 2
+    for m in models.values():
+        if v4.LAYER_CSA in m.args.layer_kinds:
+            # the indexer must choose a strict subset of the closed CSA entries at SEQ_LEN
+            assert m.args.index_topk < SEQ_LEN // m.args.csa_rate
+        if v4.LAYER_HCA in m.args.layer_kinds:
+            assert SEQ_LEN // m.args.hca_rate >= 3  # several HCA windows close
+
+
+def test_csa_indexer_selects_a_subset(models):
+    """Record the CSA gathers: a late query attends to index_topk entries out of many more closed ones."""
+    model = models["mixed"]
+    net = model.net
+    seen = []
+    orig = v4.DeepseekV4._attend
+
+    def spy(self, layer, q, qr, x, keys, start, n_past, comp, idx_st):
+        if layer.kind == v4.LAYER_CSA:
+            seen.append(comp.n_entries)
+        return orig(self, layer, q, qr, x, keys, start, n_past, comp, idx_st)
+
+    net._attend = spy.__get__(net)
+    try:
+        model.logits(_ids(SEQ_LEN, model.args.vocab_size))
+    finally:
+        del net._attend
+    assert seen and max(seen) == SEQ_LEN // model.args.csa_rate > model.args.index_topk
+
+
+def test_rope_frequencies_match_transformers(models, hf_models):
+    net, hf = models["mixed"].net, hf_models["mixed"]
+    rot = hf.model.rotary_emb
+    assert torch.allclose(net.freqs_main, rot.main_inv_freq.float(), rtol=1e-6, atol=0)
+    assert torch.allclose(net.freqs_compress, rot.compress_inv_freq.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(net.freqs_compress, v4.inv_freq(net.args.rope_dim, net.args.compress_rope_theta, None))
+
+
+def test_args_from_transformers_saved_config(tiny_checkpoints, models):
+    """transformers re-saves config.json with layer_types / mlp_layer_types / rope_parameters; both forms agree."""
+    transformers = pytest.importorskip("transformers")
+    model = models["hca"]
+    hf_cfg = transformers.DeepseekV4Config(**model.config).to_dict()
+    assert "layer_types" in hf_cfg and "rope_parameters" in hf_cfg
+    assert v4.ModelArgs.from_hf_config(hf_cfg) == model.args
+
+
+def test_args_errors():
+    with pytest.raises(ConfigError, match="missing field"):
+        v4.ModelArgs.from_hf_config({"num_hidden_layers": 1, "head_dim": 64, "compress_ratios": [0]})
+    base = {"num_hidden_layers": 2, "head_dim": 64, "compress_ratios": [0]}
+    with pytest.raises(ConfigError, match="compress_ratios"):
+        v4.ModelArgs.from_hf_config(base)
+
+
+@pytest.mark.parametrize("weights_dtype", ["bf16", "fp32"])
+def test_weights_dtype_predequantized_equals_packed(tiny_checkpoints, models, weights_dtype):
+    packed = models["mixed"]
+    dense = homerun.load(tiny_checkpoints["mixed"], weights_dtype=weights_dtype)
+    assert dense.stats()["resident_weight_bytes"] > packed.stats()["resident_weight_bytes"]
+    ids = _ids(200, packed.args.vocab_size, seed=3)
+    a, b = packed.logits(ids), dense.logits(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+
+def test_fp8_weights_stay_packed(models):
+    layer = models["mixed"].net.layers[0]
+    assert layer.attn.wq_b.weight.dtype == torch.float8_e4m3fn
+    assert layer.attn.wq_b.scale is not None
+    assert layer.moe.shared_w1.weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300), (130, 128)])
+def test_qlinear_row_blocks_equal_full_dequant(shape, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g)
+    q, s = quant_fp8(w)
+    x = torch.randn(5, shape[1], generator=g)
+    ref = x @ dequant_fp8(q, s).T
+    lin = v4.QLinear(q, s)
+    full = lin(x)
+    monkeypatch.setattr(v4, "_BLOCK_ELEMS", 128 * shape[1])  # force one 128-row block per dequant
+    blocked = lin(x)
+    assert torch.equal(lin.dequant(torch.float32), dequant_fp8(q, s))
+    assert torch.allclose(full, ref, atol=1e-5) and torch.allclose(blocked, ref, atol=1e-5)
+
+
+class _RecordingBackend:
+    """Wraps the reference backend and records what the MoE hands it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, layer, x, expert_ids, expert_weights):
+        self.calls.append((layer, expert_ids.clone(), expert_weights.clone()))
+        return self.inner.forward(layer, x, expert_ids, expert_weights)
+
+
+def test_expert_backend_contract(tiny_checkpoints, models):
+    ref = models["hca"]
+    from homerun.loader import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_checkpoints["hca"])
+    rec = _RecordingBackend(ReferenceExpertBackend(ckpt.expert, swiglu_limit=ref.args.swiglu_limit))
+    model = homerun.load(tiny_checkpoints["hca"], expert_backend=rec)
+    ids = _ids(40, model.args.vocab_size, seed=5)
+    out = model.logits(ids)
+    assert torch.allclose(out, ref.logits(ids), atol=1e-6)
+    a = model.args
+    assert [c[0] for c in rec.calls] == list(range(a.n_layers))
+    tid2eid = ckpt.get("layers.0.ffn.gate.tid2eid")
+    for layer, eids, w in rec.calls:
+        assert eids.shape == (40, a.n_activated_experts) and eids.dtype == torch.int64
+        assert w.dtype == torch.float32
+        assert torch.allclose(w.sum(-1), torch.full((40,), a.route_scale), atol=1e-5)
+        if layer < a.n_hash_layers:  # hash layers route by token id alone
+            assert torch.equal(eids, ckpt.get(f"layers.{layer}.ffn.gate.tid2eid")[ids].long())
+        else:
+            assert (eids.sort(-1).values.diff(dim=-1) > 0).all()  # top-k: distinct experts
+    assert tid2eid.shape[1] == a.n_activated_experts
+
+
+def test_router_bias_changes_selection_not_weights(models):
+    model = models["mixed"]
+    net = model.net
+    layer = next(l for l in net.layers if l.moe.bias is not None)
+    x = torch.randn(6, model.args.dim)
+    idx0, w0 = net.route(layer, x, torch.zeros(6, dtype=torch.long))
+    saved = layer.moe.bias
+    try:
+        forced = torch.zeros_like(saved)
+        forced[:2] = 100.0  # pushes experts 0 and 1 into every top-k
+        layer.moe.bias = forced
+        idx1, w1 = net.route(layer, x, torch.zeros(6, dtype=torch.long))
+    finally:
+        layer.moe.bias = saved
+    assert ((idx1 == 0).any(-1) & (idx1 == 1).any(-1)).all()
+    # weights still come from the unbiased scores of the chosen experts
+    scores = torch.nn.functional.softplus(layer.moe.gate(x).float()).sqrt()
+    sel = scores.gather(1, idx1)
+    assert torch.allclose(w1, sel / sel.sum(-1, keepdim=True) * model.args.route_scale, atol=1e-6)
+
+
+def test_bad_inputs_raise_homerun_errors(models, tmp_path):
+    model = models["mixed"]
+    with pytest.raises(UsageError, match="out of range"):
+        model.logits([0, model.args.vocab_size])
+    with pytest.raises(UsageError):
+        model.logits([])
+    with pytest.raises(UnknownModelError):
+        homerun.load(tmp_path / "nope")
+    with pytest.raises(UsageError, match="weights_dtype"):
+        homerun.load(tmp_path, weights_dtype="int3")
