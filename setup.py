@@ -50,7 +50,6 @@ def _link_args():
     return [] if sys.platform == "win32" else ["-pthread"]
 
 
-_here = os.path.dirname(os.path.abspath(__file__))
 _src = os.path.join("offload", "csrc", "hr_kernels.c")
 
 setup(

@@ -31,7 +31,7 @@ import torch
 from homerun.errors import ConfigError
 from homerun.quant import FP4_BLOCK, FP4_MAX, _pow2_exponent, float_to_e8m0, quant_fp8
 from homerun.tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
-from homerun.v4_layout import DTYPE_BYTES, TensorInfo, v4_tensors
+from homerun.v4_layout import TensorInfo, v4_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 _ROW_CHUNK_ELEMS = 1 << 24  # BF16 tables are generated in row chunks of at most 16M elements
@@ -274,8 +274,7 @@ class _TensorFactory:
         if info.dtype in ("F8_E4M3", "I8"):
             yield self._quantized(info, g)
         elif info.dtype == "I64":
-            cfg = self.config
-            yield _tid2eid(g, info.shape[0], cfg["n_routed_experts"], info.shape[1])
+            yield _tid2eid(g, info.shape[0], self.config["n_routed_experts"], info.shape[1])
         else:
             spec = _init_spec(info.name, info.shape, self.config)
             dtype = _TORCH_DTYPES[info.dtype]
@@ -426,7 +425,7 @@ def tokenizer_vocab_size() -> int:
 
 def checkpoint_bytes(config: dict[str, Any], *, include_mtp: bool = True) -> int:
     """Tensor payload bytes the writer will produce for this config (metadata.total_size)."""
-    return sum(DTYPE_BYTES[t.dtype] * math.prod(t.shape) for t in v4_tensors(config, include_mtp=include_mtp))
+    return sum(t.nbytes for t in v4_tensors(config, include_mtp=include_mtp))
 
 
 def _dump_json(path: Path, obj: Any) -> None:

@@ -90,6 +90,7 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
     logits = sess.feed(prompt[reused:])
     prefill_s = time.perf_counter() - t0
     decode_s = 0.0
+    token = -1
     for i in range(max_new_tokens):
         ts = time.perf_counter()
         if i > 0:

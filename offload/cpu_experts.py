@@ -10,7 +10,7 @@ What it provides:
 
 Activations: `act="fp32"` (the default, every path) keeps them fp32, so results match fp32 dequantize-then-matmul up
 to summation order (relative error well under 1e-5). `act="bf16"` (AVX-512 with AVX512-BF16 only) rounds the
-activations of FP4 batches (>= 2 tokens on one weight) to bf16 and multiplies with vdpbf16ps, about twice the batch
+activations of FP4 batches (>= 2 tokens on one weight) to bf16 and multiplies with vdpbf16ps, about 1.5x the batch
 throughput at relative error ~1e-3 (bound 1e-2); single tokens and FP8 weights stay fp32 in that mode too.
 
 Not here: placement (which experts live on the CPU) and the runtime wiring; both live with the runtime.

@@ -134,7 +134,7 @@ class _Linear:
             self.lib.hr_read_sum(ce._PATH_CODE[self.path], buf.data_ptr(), buf.numel())
 
 
-def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_experts: int = 64, reps: int = 3,
+def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_experts: int = 64, reps: int = 5,
                      progress: Callable[[str], None] | None = None) -> KernelBenchResult:
     """Measure DRAM read and kernel bandwidths; see the module docstring for the method."""
     t_start = time.perf_counter()
@@ -146,6 +146,7 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         n_experts = min(n_experts, 4)  # the fallback runs ~0.2 GB/s; a full sweep would take minutes
     lin = _Linear(p)
     gen = torch.Generator().manual_seed(0)
+    d, i = FLASH["dim"], FLASH["inter"]
     llc = llc_bytes()
     dram_buf = torch.ones(max(8 * llc, 256 << 20), dtype=torch.uint8)
     dram_best = [0.0]
@@ -168,43 +169,49 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
             best = min(best, time.perf_counter() - t0)
         return best
 
-    # V4-Flash experts: w1, w3 [2048, 4096], w2 [4096, 2048], FP4
-    say(f"generating {n_experts} V4-Flash FP4 experts")
-    d, i = FLASH["dim"], FLASH["inter"]
-    experts = []
-    for _ in range(n_experts):
-        w1, w3, w2 = _fp4_matrix(i, d, gen), _fp4_matrix(i, d, gen), _fp4_matrix(d, i, gen)
-        experts.append(ExpertWeights(w1[0], w1[1], w3[0], w3[1], w2[0], w2[1], "fp4"))
-    mats = [(e.w1, e.w1_scale) for e in experts] + [(e.w3, e.w3_scale) for e in experts] + \
-           [(e.w2, e.w2_scale) for e in experts]
-    flash_bytes = sum(_nbytes(w, s) for w, s in mats)
-    say("FP4 GEMV, V4-Flash shapes")
-    t_flash = gemv_pass("fp4", mats)
-    fp4_gbps = flash_bytes / t_flash / 1e9
-    gemv_tok_s = len(mats) / t_flash  # tokens/s through one [2048, 4096]-sized matrix
+    def flash_section() -> dict:
+        """GEMV, batch-64 GEMM and the fused op on 64 V4-Flash experts; they are freed on return."""
+        # V4-Flash experts: w1, w3 [2048, 4096], w2 [4096, 2048], FP4
+        say(f"generating {n_experts} V4-Flash FP4 experts")
+        experts = []
+        for _ in range(n_experts):
+            w1, w3, w2 = _fp4_matrix(i, d, gen), _fp4_matrix(i, d, gen), _fp4_matrix(d, i, gen)
+            experts.append(ExpertWeights(w1[0], w1[1], w3[0], w3[1], w2[0], w2[1], "fp4"))
+        mats = [(e.w1, e.w1_scale) for e in experts] + [(e.w3, e.w3_scale) for e in experts] + \
+               [(e.w2, e.w2_scale) for e in experts]
+        flash_bytes = sum(_nbytes(w, s) for w, s in mats)
+        say("FP4 GEMV, V4-Flash shapes")
+        t_flash = gemv_pass("fp4", mats)
+        fp4_gbps = flash_bytes / t_flash / 1e9
+        gemv_tok_s = len(mats) / t_flash  # tokens/s through one [2048, 4096]-sized matrix
 
-    say("FP4 GEMM at batch 64")
-    x64 = torch.randn(64, d, generator=gen)
-    y64 = torch.empty(64, i)
-    gemm_mats = [(e.w1, e.w1_scale) for e in experts]
-    t_gemm = _best(lambda: [lin.run("fp4", w, s, x64, y64) for w, s in gemm_mats], max(1, reps - 1))
-    gemm_tok_s = 64 * len(gemm_mats) / t_gemm
-    bf16_tok_s = None
-    if "bf16" in ce.available_acts(p):
-        say("FP4 GEMM at batch 64, bf16 activations")
-        t_bf16 = _best(lambda: [lin.run("fp4", w, s, x64, y64, "bf16") for w, s in gemm_mats], max(1, reps - 1))
-        bf16_tok_s = 64 * len(gemm_mats) / t_bf16
+        say("FP4 GEMM at batch 64")
+        x64 = torch.randn(64, d, generator=gen)
+        y64 = torch.empty(64, i)
+        gemm_mats = [(e.w1, e.w1_scale) for e in experts]
+        t_gemm = _best(lambda: [lin.run("fp4", w, s, x64, y64) for w, s in gemm_mats], min(2, reps))
+        gemm_tok_s = 64 * len(gemm_mats) / t_gemm
+        bf16_tok_s = None
+        if "bf16" in ce.available_acts(p):
+            say("FP4 GEMM at batch 64, bf16 activations")
+            t_bf16 = _best(lambda: [lin.run("fp4", w, s, x64, y64, "bf16") for w, s in gemm_mats], min(2, reps))
+            bf16_tok_s = 64 * len(gemm_mats) / t_bf16
 
-    say("fused expert op, 1 token x 6 experts")
-    backend = ce.CpuExpertBackend(lambda layer, e: experts[e], swiglu_limit=10.0, path=p)
-    x1 = torch.randn(1, d, generator=gen)
-    wts = torch.rand(1, 6, generator=gen)
-    calls = max(1, min(30, n_experts // 6 * 3))
-    ids = [torch.tensor([[(6 * c + j) % n_experts for j in range(6)]]) for c in range(calls)]
-    backend.forward(0, x1, ids[0], wts)  # caches the expert addresses
-    t_fused = _best(lambda: [backend.forward(0, x1, ix, wts) for ix in ids], reps) / calls
-    fused_bytes = 6 * experts[0].nbytes
-    del experts, mats, gemm_mats, backend
+        say("fused expert op, 1 token x 6 experts")
+        backend = ce.CpuExpertBackend(lambda layer, e: experts[e], swiglu_limit=10.0, path=p)
+        x1 = torch.randn(1, d, generator=gen)
+        wts = torch.rand(1, 6, generator=gen)
+        calls = max(1, min(30, n_experts // 6 * 3))
+        ids = [torch.tensor([[(6 * c + j) % n_experts for j in range(6)]]) for c in range(calls)]
+        backend.forward(0, x1, ids[0], wts)  # caches the expert addresses
+        t_fused = _best(lambda: [backend.forward(0, x1, ix, wts) for ix in ids], reps) / calls
+        fused_bytes = 6 * experts[0].nbytes
+        return {"fp4_gbps": fp4_gbps, "gemv_tok_s": gemv_tok_s, "gemm_tok_s": gemm_tok_s, "bf16_tok_s": bf16_tok_s,
+                "t_fused": t_fused, "fused_bytes": fused_bytes}
+
+    fl = flash_section()
+    fp4_gbps, gemv_tok_s, gemm_tok_s, bf16_tok_s = fl["fp4_gbps"], fl["gemv_tok_s"], fl["gemm_tok_s"], fl["bf16_tok_s"]
+    t_fused, fused_bytes = fl["t_fused"], fl["fused_bytes"]
 
     # V4-Pro expert shapes, alternating w1 [3072, 7168] and w2 [7168, 3072]
     say(f"FP4 GEMV, V4-Pro shapes ({n_experts} matrices)")
@@ -248,6 +255,6 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         fp4_gemm_bf16_tok_s_b64=None if bf16_tok_s is None else round(bf16_tok_s, 1),
         fp4_gemm_bf16_speedup_b64=None if bf16_tok_s is None else round(bf16_tok_s / gemv_tok_s, 2),
         test_time_s=round(time.perf_counter() - t_start, 1),
-        note=f"best of {reps} repetitions per figure; DRAM read re-measured before each pass; "
-             "tok/s figures are per [2048, 4096] FP4 matrix",
+        note=f"best of {reps} repetitions per figure (batch-64 GEMM: {min(2, reps)}); DRAM read re-measured before "
+             "each GEMV pass; tok/s figures are per [2048, 4096] FP4 matrix",
     )

@@ -170,6 +170,8 @@ def test_cli_json(tmp_path, source, monkeypatch):
     doc = json.loads(result.stdout)
     assert doc["commit"] == COMMIT and doc["total_bytes"] > 0 and len(doc["files"]) == len(list(source.iterdir()))
     assert {"name", "size_bytes", "skipped"} <= set(doc["files"][0])
+    human = CliRunner().invoke(app, ["download", "deepseek-ai/Tiny", "--local-dir", str(tmp_path / "o")])
+    assert human.exit_code == 0 and COMMIT in human.stdout and "already complete" in human.stdout
     hub.exc = RepositoryNotFoundError("404", response=SimpleNamespace(headers={}, status_code=404, request=None))
     result = CliRunner().invoke(app, ["download", "nobody/nothing", "--json"])
     # CliRunner bypasses cli._App.__call__, which would turn this into "Error: ..." and exit code 2.

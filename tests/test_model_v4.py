@@ -114,7 +114,8 @@ def test_args_errors():
 def test_weights_dtype_predequantized_equals_packed(tiny_checkpoints, models, weights_dtype):
     packed = models["mixed"]
     dense = homerun.load(tiny_checkpoints["mixed"], weights_dtype=weights_dtype)
-    assert dense.stats()["resident_weight_bytes"] > packed.stats()["resident_weight_bytes"]
+    want = torch.bfloat16 if weights_dtype == "bf16" else torch.float32
+    assert dense.net.layers[0].attn.wq_b.weight.dtype == want and dense.net.layers[0].attn.wq_b.scale is None
     ids = _ids(200, packed.args.vocab_size, seed=3)
     a, b = packed.logits(ids), dense.logits(ids)
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
@@ -128,18 +129,27 @@ def test_fp8_weights_stay_packed(models):
 
 
 @pytest.mark.parametrize("shape", [(256, 384), (200, 300), (130, 128)])
-def test_qlinear_row_blocks_equal_full_dequant(shape, monkeypatch):
+def test_qlinear_paths_equal_full_dequant(shape, monkeypatch):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(*shape, generator=g)
     q, s = quant_fp8(w)
     x = torch.randn(5, shape[1], generator=g)
     ref = x @ dequant_fp8(q, s).T
     lin = v4.QLinear(q, s)
+    assert torch.equal(lin.dequant(torch.float32), dequant_fp8(q, s))
+    native = lin(x)  # the native kernel when built, else the torch path
+    monkeypatch.setattr(v4, "USE_NATIVE_FP8", False)
     full = lin(x)
     monkeypatch.setattr(v4, "_BLOCK_ELEMS", 128 * shape[1])  # force one 128-row block per dequant
     blocked = lin(x)
-    assert torch.equal(lin.dequant(torch.float32), dequant_fp8(q, s))
-    assert torch.allclose(full, ref, atol=1e-5) and torch.allclose(blocked, ref, atol=1e-5)
+    for y in (native, full, blocked):
+        assert torch.allclose(y, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    if shape[0] % 256 == 0:  # grouped projection: two groups of 128 rows, both paths
+        xg = torch.randn(5, 2, shape[1], generator=g)
+        refg = torch.stack([xg[:, i] @ dequant_fp8(q, s)[i * 128 : (i + 1) * 128].T for i in range(2)], dim=1)
+        assert torch.allclose(lin.grouped(xg, 2), refg, rtol=0, atol=1e-6 * refg.abs().max().item())
+        monkeypatch.setattr(v4, "USE_NATIVE_FP8", True)
+        assert torch.allclose(lin.grouped(xg, 2), refg, rtol=0, atol=1e-6 * refg.abs().max().item())
 
 
 class _RecordingBackend:
@@ -209,3 +219,35 @@ def test_bad_inputs_raise_homerun_errors(models, tmp_path):
         homerun.load(tmp_path / "nope")
     with pytest.raises(UsageError, match="weights_dtype"):
         homerun.load(tmp_path, weights_dtype="int3")
+
+
+class _HookedBackend(_RecordingBackend):
+    """A backend exposing the prefetch hooks of offload.cached_backend.CachedExpertBackend."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.hash_calls, self.spec_calls = [], []
+
+    def prefetch_hash_layer(self, layer, tid2eid, token_ids):
+        self.hash_calls.append((layer, token_ids.clone()))
+        return torch.unique(tid2eid[token_ids]).tolist()
+
+    def prefetch_speculative(self, layer, hidden, gate_weight, gate_bias, top_k):
+        self.spec_calls.append((layer, len(self.calls)))
+        assert gate_weight.shape[0] == gate_bias.shape[0] and hidden.shape[-1] == gate_weight.shape[1]
+        return []
+
+
+def test_prefetch_hooks_are_called(tiny_checkpoints, models):
+    from homerun.loader import open_checkpoint
+
+    a = models["hca"].args  # layers: hash, hash, top-k
+    ckpt = open_checkpoint(tiny_checkpoints["hca"])
+    rec = _HookedBackend(ReferenceExpertBackend(ckpt.expert, swiglu_limit=a.swiglu_limit))
+    model = homerun.load(tiny_checkpoints["hca"], expert_backend=rec)
+    ids = _ids(9, a.vocab_size, seed=8)
+    model.session().feed(ids)
+    assert [c[0] for c in rec.hash_calls] == list(range(a.n_hash_layers))
+    assert all(torch.equal(c[1], ids) for c in rec.hash_calls)
+    # speculation for each routed (non-hash) layer, issued before the previous layer's experts run
+    assert rec.spec_calls == [(layer, layer - 1) for layer in range(max(a.n_hash_layers, 1), a.n_layers)]

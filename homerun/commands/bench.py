@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         kernels: Annotated[bool, typer.Option("--kernels", help="Benchmark the CPU expert kernels alone.")] = False,
         path: Annotated[str, typer.Option(help="Kernel path: auto, avx512, avx2, portable or torch.")] = "auto",
         threads: Annotated[Optional[int], typer.Option(help="Kernel threads (default: all usable CPUs).")] = None,
-        reps: Annotated[int, typer.Option(min=1, help="Repetitions per figure; the best is reported.")] = 3,
+        reps: Annotated[int, typer.Option(min=1, help="Repetitions per figure; the best is reported.")] = 5,
         experts: Annotated[int, typer.Option(min=1, help="Distinct experts to cycle (>= 64 keeps weights out of cache).")] = 64,
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     ) -> None:

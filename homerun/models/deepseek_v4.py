@@ -41,6 +41,26 @@ _HF_TYPE_TO_KIND = {
 }
 # Temporaries (dequantized weight blocks, attention score blocks) are kept under this many elements.
 _BLOCK_ELEMS = 1 << 24
+# FP8 matmuls of at most this many rows on CPU/fp32 use the native kernel (offload.cpu_experts.fp8_linear) when it
+# is built: no dequantized copy, fp32 accumulation. Larger batches dequantize in row blocks and use the BLAS GEMM.
+NATIVE_FP8_MAX_ROWS = 64
+USE_NATIVE_FP8 = True
+_native_fp8_fn: Any = None
+
+
+def _native_fp8() -> Callable | None:
+    """offload.cpu_experts.fp8_linear when its native path is available, else None (resolved once)."""
+    global _native_fp8_fn
+    if _native_fp8_fn is None:
+        _native_fp8_fn = False
+        try:
+            from offload.cpu_experts import fp8_linear, resolve_path
+
+            if resolve_path() != "torch":
+                _native_fp8_fn = fp8_linear
+        except Exception:  # noqa: BLE001 - no kernel (not built, import error): the torch path is always correct
+            _native_fp8_fn = False
+    return _native_fp8_fn or None
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -302,9 +322,17 @@ class QLinear:
         rb = max(FP8_BLOCK, (_BLOCK_ELEMS // max(self.in_features, 1)) // FP8_BLOCK * FP8_BLOCK)
         return rb
 
+    def _native_ok(self, x: torch.Tensor) -> bool:
+        return (
+            USE_NATIVE_FP8 and self.scale is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features and _native_fp8() is not None
+        )
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None and self.weight.dtype == x.dtype:
             return F.linear(x, self.weight)
+        if self._native_ok(x):
+            return _native_fp8()(x, self.weight, self.scale)
         out_f = self.out_features
         rb = self.row_block()
         if rb >= out_f:
@@ -321,6 +349,14 @@ class QLinear:
         if self.scale is None and self.weight.dtype == x.dtype:
             w = self.weight.view(groups, per, self.in_features)
             return torch.einsum("tgi,goi->tgo", x, w)
+        if per % FP8_BLOCK == 0 and self._native_ok(x[:, 0]):
+            sb = per // FP8_BLOCK
+            ys = [
+                _native_fp8()(x[:, g].contiguous(), self.weight[g * per : (g + 1) * per],
+                              self.scale[g * sb : (g + 1) * sb])
+                for g in range(groups)
+            ]
+            return torch.stack(ys, dim=1)
         ys = [F.linear(x[:, g], self.dequant(x.dtype, (g * per, (g + 1) * per))) for g in range(groups)]
         return torch.stack(ys, dim=1)
 
@@ -529,6 +565,11 @@ class DeepseekV4:
         a = self.args
         ids = ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
+        hook = getattr(self.experts, "prefetch_hash_layer", None)
+        if hook is not None:  # hash layers' experts are known from the token ids before any layer runs
+            for layer in self.layers:
+                if layer.moe.tid2eid is not None:
+                    hook(layer.index, layer.moe.tid2eid, ids)
         h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
@@ -755,6 +796,12 @@ class DeepseekV4:
     def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         a, m = self.args, layer.moe
         idx, w = self.route(layer, x, ids)
+        hook = getattr(self.experts, "prefetch_speculative", None)
+        nxt = layer.index + 1
+        if hook is not None and nxt < len(self.layers) and self.layers[nxt].moe.tid2eid is None:
+            # Guess the next layer's experts from this layer's MoE input, so fetching overlaps this layer's experts.
+            m_next = self.layers[nxt].moe
+            hook(nxt, x, m_next.gate.dequant(x.dtype), m_next.bias, a.n_activated_experts)
         routed = self.experts.forward(layer.index, x, idx, w)
         lim = a.swiglu_limit
         g = m.shared_w1(x).clamp(max=lim)
@@ -805,10 +852,14 @@ def build_model(
     compute_dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     on_layer: Callable[[int, int], None] | None = None,
+    upcast_bf16: bool = True,
 ) -> DeepseekV4:
     """Assemble the model from stored tensors. `get(name)` returns the tensor as stored (FP8 weight, e8m0 scale,
     bf16, fp32, int64); `has(name)` tells whether it exists. weights_dtype "fp8" keeps FP8 weights packed;
-    "bf16"/"fp32" dequantize FP8 (and convert bf16) weights once here. `on_layer(done, total)` reports progress."""
+    "bf16"/"fp32" dequantize FP8 (and convert bf16) weights once here. `upcast_bf16`: with an fp32 compute dtype, hold
+    the BF16-stored matrices (head, compressors, routers, indexer weights_proj) in fp32, since converting them on
+    every call costs more than the matmul (the head alone is 0.5G elements on V4). `on_layer(done, total)` reports
+    progress."""
     device = torch.device(device)
     dense = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}[weights_dtype]
 
@@ -818,6 +869,8 @@ def build_model(
         q = QLinear(w, s)
         if dense is not None:
             q = q.to_dense(dense)
+        elif s is None and upcast_bf16 and compute_dtype == torch.float32 and w.dtype != torch.float32:
+            q = q.to_dense(torch.float32)
         return q.to(device) if q.weight.device != device else q
 
     def f32(name: str) -> torch.Tensor:
@@ -863,9 +916,7 @@ def build_model(
         ))
         if on_layer is not None:
             on_layer(i + 1, args.n_layers)
-    embed = get("embed.weight")
-    if dense is torch.float32:
-        embed = embed.float()
+    embed = get("embed.weight")  # kept as stored: a lookup reads one row per token
     return DeepseekV4(
         args=args,
         embed=embed.to(device),

@@ -6,7 +6,7 @@
  * the block's power-of-two scale added to the table's exponents where that stays exact; FP8 bytes are rebuilt as
  * fp16 bit patterns and widened with vcvtph2ps (exact, subnormals included). Products and sums are fp32, so results
  * equal fp32 dequantize-then-matmul up to summation order. Optional (HR_ACT_BF16, AVX512-BF16 CPUs): FP4 batches
- * round activations to bf16 and use vdpbf16ps on exactly decoded bf16 weights (~2x batch throughput, ~1e-3 error).
+ * round activations to bf16 and use vdpbf16ps on exactly decoded bf16 weights (~1.5x batch throughput, ~2e-3 error).
  *
  * Activation layout for FP4: each 32-column block is stored as its 16 even columns then its 16 odd columns, so the
  * low and high nibbles of 16 packed bytes meet contiguous activations. Public entry points take natural order and
@@ -46,7 +46,11 @@
 #ifndef HR_TBL
 #define HR_TBL 1
 #endif
-#define HR_PF_BYTES 1024 /* software prefetch distance in each weight row stream */
+/* Software prefetch distance in each weight row stream: the hardware prefetchers alone left DRAM-resident GEMV
+ * ~30% slower than 4 KiB ahead on Zen 4 (1 KiB: no gain; 8-16 KiB: same as 4). */
+#ifndef HR_PF_BYTES
+#define HR_PF_BYTES 4096
+#endif
 
 /* ------------------------------------------------------------------------------------------------ tables */
 
@@ -292,36 +296,20 @@ HR_AVX2 static inline float hsum256(__m256 v) {
                            _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v_, 24), sgn)));           \
     } while (0)
 
-HR_AVX2 static void fp4_rows_avx2(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
-                                  const float *const *x, int nt, float *out, int64_t ldo) {
+static int scales_foldable(const uint8_t *s, int64_t n) {
+    /* the scale can be added to the table's exponents exactly for bytes 2..252 */
+    for (int64_t i = 0; i < n; i++)
+        if (s[i] < 2 || s[i] > 252) return 0;
+    return 1;
+}
+
+/* One row x nt tokens, rows [ra, rb) (out indexed from rbase); any scale bytes. */
+HR_AVX2 static void fp4_rows1_avx2(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t ra, int64_t rb,
+                                   int64_t rbase, const float *const *x, int nt, float *out, int64_t ldo) {
     const __m256 lut8 = _mm256_loadu_ps(FP4_LUT);
     const __m256i sgn = _mm256_set1_epi32((int)0x80000000u);
     const int64_t nb = k / 32, kb2 = k / 2;
-    if (nt == 1) {
-        const float *xt = x[0];
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256 l0, h0, l1, h1;
-                HR_AVX2_DECODE8(wr + b * 16, l0, h0);
-                HR_AVX2_DECODE8(wr + b * 16 + 8, l1, h1);
-                const float *xb = xt + b * 32;
-                __m256 p = _mm256_mul_ps(l0, _mm256_loadu_ps(xb));
-                __m256 q = _mm256_mul_ps(l1, _mm256_loadu_ps(xb + 8));
-                p = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb + 16), p);
-                q = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), q);
-                __m256 sc = _mm256_set1_ps(g_e8m0[sr[b]]);
-                if (b & 1)
-                    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc1);
-                else
-                    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc0);
-            }
-            out[r - r0] = hsum256(_mm256_add_ps(acc0, acc1));
-        }
-        return;
-    }
-    for (int64_t r = r0; r < r1; r++) {
+    for (int64_t r = ra; r < rb; r++) {
         const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
         __m256 acc[HR_TT];
         for (int t = 0; t < HR_TT; t++) acc[t] = _mm256_setzero_ps();
@@ -342,8 +330,96 @@ HR_AVX2 static void fp4_rows_avx2(const uint8_t *w, const uint8_t *s, int64_t k,
                 acc[t] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), a);
             }
         }
-        for (int t = 0; t < nt; t++) out[t * ldo + (r - r0)] = hsum256(acc[t]);
+        for (int t = 0; t < nt; t++) out[t * ldo + (r - rbase)] = hsum256(acc[t]);
     }
+}
+
+/* Two rows x NT (<= 4) tokens, half a block (8 packed bytes) at a time so that 8 accumulators, 4 decoded vectors
+ * and the activations fit in 16 ymm registers; the block scale is folded into the magnitude table. */
+HR_AVX2 static inline __attribute__((always_inline)) void
+fp4_tile2_avx2(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+               const float *const *x, float *out, int64_t ldo) {
+    const __m256i lutb = _mm256_castps_si256(_mm256_loadu_ps(FP4_LUT)); /* magnitudes 0, 0.5 .. 6 */
+    const __m256i nz = _mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1); /* entry 0 is zero: keep its exponent */
+    const __m256i sgn = _mm256_set1_epi32((int)0x80000000u);
+    __m256 acc[2][4];
+    for (int q = 0; q < 2; q++)
+        for (int t = 0; t < NT; t++) acc[q][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 lutq[2];
+        for (int q = 0; q < 2; q++)
+            lutq[q] = _mm256_castsi256_ps(
+                _mm256_add_epi32(lutb, _mm256_and_si256(_mm256_set1_epi32(g_exp_delta[s0[q * ks + b]]), nz)));
+        for (int half = 0; half < 2; half++) {
+            __m256 lo[2], hi[2];
+            for (int q = 0; q < 2; q++) {
+                const __m256 lut8 = lutq[q];
+                HR_AVX2_DECODE8(w0 + q * kb2 + b * 16 + half * 8, lo[q], hi[q]);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const float *xb = x[t] + b * 32 + half * 8;
+                __m256 xe = _mm256_loadu_ps(xb), xo = _mm256_loadu_ps(xb + 16);
+                acc[0][t] = _mm256_fmadd_ps(hi[0], xo, _mm256_fmadd_ps(lo[0], xe, acc[0][t]));
+                acc[1][t] = _mm256_fmadd_ps(hi[1], xo, _mm256_fmadd_ps(lo[1], xe, acc[1][t]));
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        out[t * ldo] = hsum256(acc[0][t]);
+        out[t * ldo + 1] = hsum256(acc[1][t]);
+    }
+}
+
+HR_AVX2 static void fp4_rows_avx2(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                                  const float *const *x, int nt, float *out, int64_t ldo) {
+    const __m256 lut8 = _mm256_loadu_ps(FP4_LUT);
+    const __m256i sgn = _mm256_set1_epi32((int)0x80000000u);
+    const int64_t nb = k / 32, kb2 = k / 2;
+    if (nt == 1) {
+        const float *xt = x[0];
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                __m256 l0, h0, l1, h1;
+                if (!(b & 3)) _mm_prefetch((const char *)(wr + b * 16 + HR_PF_BYTES), _MM_HINT_T0);
+                HR_AVX2_DECODE8(wr + b * 16, l0, h0);
+                HR_AVX2_DECODE8(wr + b * 16 + 8, l1, h1);
+                const float *xb = xt + b * 32;
+                __m256 p = _mm256_mul_ps(l0, _mm256_loadu_ps(xb));
+                __m256 q = _mm256_mul_ps(l1, _mm256_loadu_ps(xb + 8));
+                p = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb + 16), p);
+                q = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), q);
+                __m256 sc = _mm256_set1_ps(g_e8m0[sr[b]]);
+                if (b & 1)
+                    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc1);
+                else
+                    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), sc, acc0);
+            }
+            out[r - r0] = hsum256(_mm256_add_ps(acc0, acc1));
+        }
+        return;
+    }
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        if (!scales_foldable(sr, 2 * ks)) {
+            fp4_rows1_avx2(w, s, k, ks, r, r + 2, r0, x, nt, out, ldo);
+            continue;
+        }
+        float *o = out + (r - r0);
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            int n = nt - t0 < 4 ? nt - t0 : 4;
+            switch (n) {
+            case 1: fp4_tile2_avx2(1, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            case 2: fp4_tile2_avx2(2, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            case 3: fp4_tile2_avx2(3, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            default: fp4_tile2_avx2(4, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+            }
+        }
+    }
+    if (r < r1) fp4_rows1_avx2(w, s, k, ks, r, r1, r0, x, nt, out, ldo);
 }
 
 /* 8 e4m3 bytes -> 8 floats equal to value / 256: the byte is rebuilt as an fp16 bit pattern (bias 15 vs 7). */
@@ -371,6 +447,7 @@ HR_AVX2 static void fp8_rows_avx2(const uint8_t *w, const uint8_t *s, int64_t k,
             if (nt == 1) {
                 __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
                 for (; c + 16 <= c1; c += 16) {
+                    if (!(c & 63)) _mm_prefetch((const char *)(wr + c + HR_PF_BYTES), _MM_HINT_T0);
                     b0 = _mm256_fmadd_ps(fp8_decode8_avx2(wr + c), _mm256_loadu_ps(x[0] + c), b0);
                     b1 = _mm256_fmadd_ps(fp8_decode8_avx2(wr + c + 8), _mm256_loadu_ps(x[0] + c + 8), b1);
                 }
@@ -534,34 +611,40 @@ fp4_tile_avx512(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2,
     }
 }
 
-/* Four rows x NT (<= 4) tokens with the scale folded into the table: 16 accumulators, and each activation load
- * feeds four FMAs, which keeps the batch path FMA-bound rather than bound by L2 activation traffic. */
+#ifndef HR_F32_R
+#define HR_F32_R 4 /* rows per register tile of the fp32 batch kernel */
+#endif
+#ifndef HR_F32_TT
+#define HR_F32_TT 4 /* tokens per register tile */
+#endif
+
+/* R rows x NT tokens with the scale folded into the table: each decoded row block feeds 2*NT FMAs. */
 HR_AVX512 static inline __attribute__((always_inline)) void
-fp4_tile4_avx512(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+fp4_tileR_avx512(const int R, const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
                  const float *const *x, float *out, int64_t ldo) {
     const __m512i lutb = _mm512_castps_si512(_mm512_loadu_ps(FP4_LUT));
-    __m512 acc[4][4];
-    for (int q = 0; q < 4; q++)
+    __m512 acc[4][HR_TT];
+    for (int q = 0; q < R; q++)
         for (int t = 0; t < NT; t++) acc[q][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512 lo[4], hi[4];
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
+        for (int q = 0; q < R; q++) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w0 + q * kb2 + b * 16)));
             __m512 lt = fold_lut_avx512(lutb, s0[q * ks + b]);
             lo[q] = _mm512_permutexvar_ps(v, lt);
             hi[q] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lt);
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             const float *xb = x[t] + b * 32;
             __m512 xe = _mm512_loadu_ps(xb), xo = _mm512_loadu_ps(xb + 16);
 #pragma GCC unroll 4
-            for (int q = 0; q < 4; q++) acc[q][t] = _mm512_fmadd_ps(hi[q], xo, _mm512_fmadd_ps(lo[q], xe, acc[q][t]));
+            for (int q = 0; q < R; q++) acc[q][t] = _mm512_fmadd_ps(hi[q], xo, _mm512_fmadd_ps(lo[q], xe, acc[q][t]));
         }
     }
     for (int t = 0; t < NT; t++)
-        for (int q = 0; q < 4; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
+        for (int q = 0; q < R; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
 }
 
 HR_AVX512 static void fp4_rows2_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
@@ -593,21 +676,30 @@ HR_AVX512 static void fp4_rows_avx512(const uint8_t *w, const uint8_t *s, int64_
         return;
     }
     const int64_t nb = k / 32, kb2 = k / 2;
+    const int R = HR_F32_R;
     int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) {
+    for (; r + R <= r1; r += R) {
         const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
-        if (!scales_foldable_avx512(sr, 4 * ks)) { /* rows are contiguous in the scale tensor */
-            fp4_rows2_avx512(w, s, k, ks, r, r + 4, r0, x, nt, out, ldo);
+        if (!scales_foldable_avx512(sr, R * ks)) { /* rows are contiguous in the scale tensor */
+            fp4_rows2_avx512(w, s, k, ks, r, r + R, r0, x, nt, out, ldo);
             continue;
         }
         float *o = out + (r - r0);
-        for (int t0 = 0; t0 < nt; t0 += 4) {
-            int n4 = nt - t0 < 4 ? nt - t0 : 4;
-            switch (n4) {
-            case 1: fp4_tile4_avx512(1, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
-            case 2: fp4_tile4_avx512(2, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
-            case 3: fp4_tile4_avx512(3, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
-            default: fp4_tile4_avx512(4, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+        for (int t0 = 0; t0 < nt; t0 += HR_F32_TT) {
+            int n = nt - t0 < HR_F32_TT ? nt - t0 : HR_F32_TT;
+            const float *const *xt = x + t0;
+            float *ot = o + t0 * ldo;
+            switch (n) {
+            case 1: fp4_tileR_avx512(R, 1, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 2: fp4_tileR_avx512(R, 2, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 3: fp4_tileR_avx512(R, 3, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+#if HR_F32_TT > 4
+            case 4: fp4_tileR_avx512(R, 4, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 5: fp4_tileR_avx512(R, 5, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 6: fp4_tileR_avx512(R, 6, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 7: fp4_tileR_avx512(R, 7, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+#endif
+            default: fp4_tileR_avx512(R, HR_F32_TT, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
             }
         }
     }
@@ -638,18 +730,26 @@ static void fp4_row_bf16_scalar(const uint8_t *wr, const uint8_t *sr, int64_t nb
     }
 }
 
+#ifndef HR_BF16_R
+#define HR_BF16_R 2 /* rows per register tile */
+#endif
+#ifndef HR_BF16_TT
+#define HR_BF16_TT 8 /* tokens per register tile: R x TT accumulators */
+#endif
+
+/* R rows x NT tokens; fewer rows and more tokens per tile spread each row's decode over more dot products. */
 HR_AVX512BF16 static inline __attribute__((always_inline)) void
-fp4_tile4_bf16(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
-               const uint16_t *const *x, float *out, int64_t ldo) {
+fp4_tile_bf16(const int R, const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+              const uint16_t *const *x, float *out, int64_t ldo) {
     const __m512i lutw = _mm512_loadu_si512((const void *)FP4_LUT_BF16);
     const __m512i nib = _mm512_set1_epi32(0x000F000F);
-    __m512 acc[4][4];
-    for (int q = 0; q < 4; q++)
+    __m512 acc[4][HR_TT];
+    for (int q = 0; q < R; q++)
         for (int t = 0; t < NT; t++) acc[q][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m512i wq[4];
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
+        for (int q = 0; q < R; q++) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w0 + q * kb2 + b * 16)));
             /* word 2i = low nibble, word 2i+1 = high nibble of byte i: (v | v << 12) & 0x000F000F */
             __m512i idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nib, 0xA8);
@@ -657,36 +757,45 @@ fp4_tile4_bf16(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, 
                                                _mm512_set1_epi16((short)(((int)s0[q * ks + b] - 127) << 7)));
             wq[q] = _mm512_permutexvar_epi16(idx, lt);
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(x[t] + b * 32));
 #pragma GCC unroll 4
-            for (int q = 0; q < 4; q++) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], (__m512bh)wq[q], (__m512bh)xv);
+            for (int q = 0; q < R; q++) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], (__m512bh)wq[q], (__m512bh)xv);
         }
     }
     for (int t = 0; t < NT; t++)
-        for (int q = 0; q < 4; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
+        for (int q = 0; q < R; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
 }
 
 HR_AVX512BF16 static void fp4_rows_bf16_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
                                                int64_t r1, const float *const *xf, int nt, float *out, int64_t ldo) {
     const uint16_t *const *x = (const uint16_t *const *)xf; /* bf16 activations, natural order */
     const int64_t nb = k / 32, kb2 = k / 2;
-    for (int64_t r = r0; r < r1; r += 4) {
-        int64_t nr = r1 - r < 4 ? r1 - r : 4;
+    const int R = HR_BF16_R;
+    for (int64_t r = r0; r < r1; r += R) {
+        int64_t nr = r1 - r < R ? r1 - r : R;
         const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
         float *o = out + (r - r0);
-        if (nr < 4 || !scales_foldable_avx512(sr, 4 * ks)) {
+        if (nr < R || !scales_foldable_avx512(sr, R * ks)) {
             for (int64_t q = 0; q < nr; q++) fp4_row_bf16_scalar(wr + q * kb2, sr + q * ks, nb, x, nt, o + q, ldo);
             continue;
         }
-        for (int t0 = 0; t0 < nt; t0 += 4) {
-            int n4 = nt - t0 < 4 ? nt - t0 : 4;
-            switch (n4) {
-            case 1: fp4_tile4_bf16(1, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
-            case 2: fp4_tile4_bf16(2, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
-            case 3: fp4_tile4_bf16(3, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
-            default: fp4_tile4_bf16(4, wr, sr, kb2, ks, nb, x + t0, o + t0 * ldo, ldo); break;
+        for (int t0 = 0; t0 < nt; t0 += HR_BF16_TT) {
+            int n = nt - t0 < HR_BF16_TT ? nt - t0 : HR_BF16_TT;
+            const uint16_t *const *xt = x + t0;
+            float *ot = o + t0 * ldo;
+            switch (n) {
+            case 1: fp4_tile_bf16(R, 1, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 2: fp4_tile_bf16(R, 2, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 3: fp4_tile_bf16(R, 3, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+#if HR_BF16_TT > 4
+            case 4: fp4_tile_bf16(R, 4, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 5: fp4_tile_bf16(R, 5, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 6: fp4_tile_bf16(R, 6, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+            case 7: fp4_tile_bf16(R, 7, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
+#endif
+            default: fp4_tile_bf16(R, HR_BF16_TT, wr, sr, kb2, ks, nb, xt, ot, ldo); break;
             }
         }
     }
@@ -711,6 +820,7 @@ fp8_tile_avx512(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t k, c
             __m512 b0 = _mm512_setzero_ps(), b1 = b0;
             int64_t c = c0;
             for (; c + 32 <= c1; c += 32) {
+                if (!((c + 32) & 63)) _mm_prefetch((const char *)(w0 + c + HR_PF_BYTES), _MM_HINT_T0);
                 b0 = _mm512_fmadd_ps(fp8_decode16_avx512(w0 + c, 0xFFFF), _mm512_loadu_ps(x[0] + c), b0);
                 b1 = _mm512_fmadd_ps(fp8_decode16_avx512(w0 + c + 16, 0xFFFF), _mm512_loadu_ps(x[0] + c + 16), b1);
             }

@@ -1,0 +1,180 @@
+"""homerun vs transformers' DeepseekV4ForCausalLM on the same synthetic official-format checkpoint.
+
+Each side runs in its own subprocess (so neither's memory or threads leak into the other): load, prefill a fixed
+prompt, then greedy-decode N tokens one at a time with a KV cache. Reported per side: load time, decode tok/s and
+peak RSS (ru_maxrss: anonymous memory plus the checkpoint pages it touched through mmap). The checkpoint is written
+once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer layers/experts) and reused.
+
+transformers runs as it does out of the box on a CPU: the FP8/FP4 checkpoint is dequantized to bf16 at load
+(finegrained-fp8 quantizer) and computed in bf16. homerun keeps the weights packed, computes in fp32 and runs the
+routed experts on its native CPU kernels.
+
+    python benchmarks/compare_transformers.py                       # 2 layers x 32 experts, 3.3 GB packed
+    python benchmarks/compare_transformers.py --layers 1 --experts 64 --gen 32 --json
+    python benchmarks/compare_transformers.py --checkpoint ./some-v4-checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _ids(n: int, vocab: int, seed: int = 7) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(256, vocab // 4), vocab, (n,), generator=g).tolist()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _rss_now() -> dict:
+    """Resident memory at the end, split into anonymous (allocations) and file-backed (mmap'd checkpoint) pages."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = {"RssAnon:": "rss_anon_bytes", "RssFile:": "rss_file_bytes"}.get(line.split()[0] if line else "")
+            if key:
+                out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def worker_homerun(ckpt: str, prompt: int, gen: int) -> dict:
+    import torch
+
+    from homerun.bench_setup import open_target
+
+    t0 = time.perf_counter()
+    target, backend, _ = open_target(ckpt, kind="native", dtype="float32", device="cpu")
+    model = target.model
+    load_s = time.perf_counter() - t0
+    sess = model.session()
+    t0 = time.perf_counter()
+    logits = sess.feed(_ids(prompt, model.args.vocab_size))
+    prefill_s = time.perf_counter() - t0
+    out = []
+    t0 = time.perf_counter()
+    for _ in range(gen):
+        tok = int(torch.argmax(logits))
+        out.append(tok)
+        logits = sess.feed([tok])
+    decode_s = time.perf_counter() - t0
+    return {"side": "homerun", "backend": backend, "compute_dtype": "float32", "load_s": load_s,
+            "prefill_tok_s": prompt / prefill_s, "decode_tok_s": gen / decode_s, "tokens": out,
+            "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
+
+
+def worker_transformers(ckpt: str, prompt: int, gen: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    out = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        res = model(torch.tensor([_ids(prompt, vocab)]), use_cache=True)
+        prefill_s = time.perf_counter() - t0
+        past, logits = res.past_key_values, res.logits[0, -1]
+        t0 = time.perf_counter()
+        for _ in range(gen):
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            res = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, logits = res.past_key_values, res.logits[0, -1]
+        decode_s = time.perf_counter() - t0
+    return {"side": "transformers", "backend": type(model).__name__, "compute_dtype": str(model.dtype).replace("torch.", ""),
+            "load_s": load_s, "prefill_tok_s": prompt / prefill_s, "decode_tok_s": gen / decode_s, "tokens": out,
+            "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
+
+
+def run_side(side: str, ckpt: str, prompt: int, gen: int, timeout_s: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", ckpt, "--prompt", str(prompt), "--gen", str(gen)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        return {"side": side, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
+                "returncode": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_checkpoint(layers: int, experts: int, root: str | None) -> tuple[str, int]:
+    from homerun.synthetic import build_synthetic
+
+    syn = build_synthetic("deepseek-ai/DeepSeek-V4-Flash", n_layers=layers, root=root,
+                          overrides={"n_routed_experts": experts})
+    return str(syn.path), syn.total_bytes
+
+
+def _packed_bytes(ckpt: str) -> int:
+    index = json.loads((Path(ckpt) / "model.safetensors.index.json").read_text())
+    return int(index["metadata"]["total_size"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="an existing official-format V4 checkpoint (default: write a synthetic one)")
+    ap.add_argument("--layers", type=int, default=2, help="synthetic layers (V4-Flash shapes)")
+    ap.add_argument("--experts", type=int, default=32, help="synthetic routed experts per layer")
+    ap.add_argument("--root", help="where the synthetic checkpoint is written (default $HOMERUN_HOME/synthetic)")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill, not the compared figure)")
+    ap.add_argument("--gen", type=int, default=16, help="greedy decode steps to time")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per side")
+    ap.add_argument("--json", action="store_true", help="print only the JSON document")
+    ap.add_argument("--worker", choices=("homerun", "transformers"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        fn = worker_homerun if a.worker == "homerun" else worker_transformers
+        print(json.dumps(fn(a.checkpoint, a.prompt, a.gen)))
+        return 0
+    ckpt = a.checkpoint
+    t0 = time.perf_counter()
+    if ckpt is None:
+        ckpt, _ = build_checkpoint(a.layers, a.experts, a.root)
+    write_s = time.perf_counter() - t0
+    packed = _packed_bytes(ckpt)
+    sides = {s: run_side(s, ckpt, a.prompt, a.gen, a.timeout) for s in ("homerun", "transformers")}
+    h, t = sides["homerun"], sides["transformers"]
+    doc = {"checkpoint": ckpt, "packed_bytes": packed, "checkpoint_ready_s": write_s, "prompt_tokens": a.prompt,
+           "gen_tokens": a.gen, "threads": os.cpu_count(), "homerun": h, "transformers": t}
+    if "error" not in h and "error" not in t:
+        same = sum(x == y for x, y in zip(h["tokens"], t["tokens"]))
+        doc.update(decode_speedup=h["decode_tok_s"] / t["decode_tok_s"],
+                   peak_rss_ratio=h["peak_rss_bytes"] / t["peak_rss_bytes"],
+                   greedy_tokens_agree=f"{same}/{len(h['tokens'])}",
+                   goal_decode_3x=h["decode_tok_s"] >= 3 * t["decode_tok_s"],
+                   goal_half_rss=h["peak_rss_bytes"] <= 0.5 * t["peak_rss_bytes"])
+    if not a.json:
+        print(f"checkpoint {ckpt} ({packed / 1e9:.2f} GB packed), prompt {a.prompt}, decode {a.gen} tokens")
+        print(f"{'':14}{'load s':>9}{'prefill t/s':>13}{'decode t/s':>12}{'peak RSS GB':>13}  dtype")
+        for s in (h, t):
+            if "error" in s:
+                print(f"{s['side']:14}error: {s['error']}")
+                continue
+            print(f"{s['side']:14}{s['load_s']:9.1f}{s['prefill_tok_s']:13.2f}{s['decode_tok_s']:12.2f}"
+                  f"{s['peak_rss_bytes'] / 1e9:13.2f}  {s['compute_dtype']}")
+        if "decode_speedup" in doc:
+            print(f"decode speed-up {doc['decode_speedup']:.2f}x (goal >= 3x: {doc['goal_decode_3x']}); peak RSS ratio "
+                  f"{doc['peak_rss_ratio']:.2f} (goal <= 0.5: {doc['goal_half_rss']}); greedy tokens agree "
+                  f"{doc['greedy_tokens_agree']} (bf16 vs fp32 on random weights)")
+    print(json.dumps(doc, indent=None if not a.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""`homerun bench` (homerun/benchmark.py, homerun/bench_command.py, homerun/synthetic.py) on tiny checkpoints:
+output formats carry llama-bench's fields, the correctness gate passes on the real path and fails on a perturbed
+backend, cold/warm cache records, --synthetic on a shrunken card, measured.json. Timing never decides pass/fail."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from homerun import bench_command as bc
+from homerun import bench_setup as bs
+from homerun import benchmark as hb
+from homerun.errors import DoesNotFitError, UsageError
+
+QUICK = ["-p", "16", "-n", "4", "-r", "2"]
+LLAMA_FIELDS = ("n_prompt", "n_gen", "n_depth", "avg_ts", "stddev_ts", "samples_ts", "test_time", "cpu_info",
+                "gpu_info", "model_size", "model_n_params", "build_commit")
+# The card's real config with tiny shapes: exercises the synthetic path in seconds instead of minutes.
+TINY_SHAPES = {"vocab_size": 512, "hidden_size": 256, "num_attention_heads": 4, "head_dim": 128, "q_lora_rank": 128,
+               "o_lora_rank": 128, "o_groups": 2, "moe_intermediate_size": 128, "index_n_heads": 16,
+               "index_head_dim": 128, "n_routed_experts": 8, "num_experts_per_tok": 2, "index_topk": 16}
+
+
+@pytest.fixture(autouse=True)
+def _fast_dram(monkeypatch):
+    # The real reader scans >= 256 MiB per pass; one test below runs it for real.
+    monkeypatch.setattr(bs, "measure_dram_read_gbps", lambda reps=5: 10.0)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _main():
+        pass
+
+    bc.register(app)
+    return app
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(_app(), ["bench", *args])
+
+
+class PerturbingBackend:
+    """A fast wrong build: the right experts, outputs scaled by 1.5."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def forward(self, layer, x, expert_ids, expert_weights):
+        return self.inner.forward(layer, x, expert_ids, expert_weights) * 1.5
+
+
+@pytest.fixture(scope="module")
+def records(tiny_checkpoints):
+    from homerun.hardware import detect
+
+    prof, _ = detect(measure=False)
+    opts = hb.BenchOptions(tests=tuple(hb.build_tests([16], [4], [0])), repetitions=2)
+    return hb.bench_model(tiny_checkpoints["mixed"], opts, model_name="tiny", profile=prof,
+                          limits=hb.Limits(dram_read_gbps=10.0, source="test"))
+
+
+# ------------------------------------------------------------------------------------------------ test lists
+
+
+def test_tests_are_the_llama_bench_product():
+    tests = hb.build_tests([16, 64], [4], [0, 32])
+    assert [t.name for t in tests] == ["pp16", "pp64", "tg4", "pp16 @ d32", "pp64 @ d32", "tg4 @ d32"]
+    assert bc.parse_ints(["16,64", "512"], "-p") == [16, 64, 512]
+    with pytest.raises(UsageError):
+        bc.parse_ints(["12x"], "-p")
+    with pytest.raises(UsageError):
+        bc.parse_ints(["0"], "--expert-cache-slots", minimum=1)
+
+
+# ----------------------------------------------------------------------------------------------------- records
+
+
+def test_records_carry_fields_physics_and_gate(records, tiny_checkpoints):
+    from homerun.loader import open_checkpoint
+
+    ck = open_checkpoint(tiny_checkpoints["mixed"])
+    bpe = ck.expert(1, 0).nbytes
+    assert [(r.test, r.cache) for r in records] == [("pp16", "warm"), ("tg4", "warm")]
+    for r in records:
+        d = r.to_dict()
+        for key in LLAMA_FIELDS:
+            assert key in d, key
+        assert len(d["samples_ts"]) == 2 and d["avg_ts"] > 0
+        assert d["avg_ts"] == pytest.approx(sum(d["samples_ts"]) / 2)
+        assert d["correctness"]["ok"] is True and d["correctness"]["max_rel_err"] <= d["correctness"]["tol"]
+        dram = d["links"]["dram"]
+        assert dram["bytes"] > 0 and dram["limit_gbps"] == 10.0
+        assert dram["ratio"] == pytest.approx(dram["gbps"] / 10.0)
+    tg = records[1]
+    # tg: each of 4 tokens x 2 repetitions reads top-k (2) distinct experts in each of the 3 MoE layers, plus weights
+    assert tg.links["dram"].bytes > 4 * 2 * 3 * 2 * bpe
+    assert tg.predicted_ts and tg.prediction_ratio == pytest.approx(tg.avg_ts / tg.predicted_ts)
+
+
+def test_counting_backend_counts_unique_experts_per_call():
+    class Zero:
+        def forward(self, layer, x, ids, w):
+            return torch.zeros_like(x)
+
+    c = hb.CountingBackend(Zero(), bytes_per_expert=100)
+    c.forward(0, torch.zeros(3, 4), torch.tensor([[1, 2], [2, 3], [1, 3]]), torch.ones(3, 2))
+    assert (c.calls, c.expert_loads, c.expert_bytes) == (1, 3, 300)
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "md"])
+def test_output_formats_parse(records, fmt, capsys):
+    docs = [r.to_dict() for r in records]
+    bc.emit(bc.Output(fmt == "json"), docs, fmt)
+    text = capsys.readouterr().out
+    if fmt == "json":
+        rows = json.loads(text)
+    elif fmt == "jsonl":
+        rows = [json.loads(line) for line in text.splitlines()]
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [float(x) for x in rows[0]["samples_ts"].split()] == pytest.approx(docs[0]["samples_ts"], rel=1e-5)
+    else:
+        lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+        head = [c.strip() for c in lines[0].strip("|").split("|")]
+        rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+        assert rows[1]["test"] == "tg4" and "±" in rows[1]["t/s"] and rows[1]["gate"] == "ok"
+        return
+    assert len(rows) == 2
+    for key in LLAMA_FIELDS:
+        assert key in rows[0], key
+    assert float(rows[1]["avg_ts"]) == pytest.approx(docs[1]["avg_ts"])
+
+
+# ----------------------------------------------------------------------------------------------------- the gate
+
+
+def test_gate_passes_on_real_path_and_fails_on_a_wrong_backend(tiny_checkpoint):
+    import homerun
+
+    ref = homerun.load(tiny_checkpoint, weights_dtype="fp32")
+    target, _, _ = bs.open_target(tiny_checkpoint, kind="native")
+    assert hb.correctness_gate(target.model, ref)["ok"] is True
+    target.model.net.experts = PerturbingBackend(target.model.net.experts)
+    bad = hb.correctness_gate(target.model, ref)
+    assert bad["ok"] is False and bad["max_rel_err"] > bad["tol"]
+
+
+def test_cli_gate_failure_is_loud_and_exits_1(tiny_checkpoint, monkeypatch):
+    real = bs.make_expert_backend
+
+    def wrong(*args, **kwargs):
+        factory, label, notes = real(*args, **kwargs)
+        return (lambda: PerturbingBackend(factory())), label, notes
+
+    monkeypatch.setattr(bs, "make_expert_backend", wrong)
+    r = _invoke(str(tiny_checkpoint), "-p", "0", "-n", "2", "-r", "1", "--json")
+    assert r.exit_code == 1 and isinstance(r.exception, bc.GateFailed)
+    docs = json.loads(r.stdout)
+    assert docs and all(d["correctness"]["ok"] is False for d in docs)
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    bc.render_table(console, docs)
+    text = console.export_text()
+    assert "CORRECTNESS GATE FAILED" in text
+    assert any("tg2" in line and "FAIL" in line for line in text.splitlines())  # the row itself says FAIL
+
+
+# ------------------------------------------------------------------------------------------------- CLI runs
+
+
+def test_cli_json_with_expert_cache_cold_and_warm(tiny_checkpoint):
+    r = _invoke(str(tiny_checkpoint), "-p", "16", "-n", "4", "-r", "2", "--expert-cache-slots", "4", "--json")
+    assert r.exit_code == 0, r.output
+    docs = json.loads(r.stdout)
+    assert [(d["test"], d["cache"]) for d in docs] == [("pp16", "cold"), ("pp16", "warm"), ("tg4", "cold"),
+                                                         ("tg4", "warm")]
+    for d in docs:
+        assert d["expert_cache_slots"] == 4 and 0.0 <= d["hit_rate"] <= 1.0
+        assert set(d["links"]) == {"dram", "vram", "pcie"} and d["correctness"]["ok"] is True
+    assert len(docs[0]["samples_ts"]) == 1 and len(docs[1]["samples_ts"]) == 2
+
+
+def test_cli_save_measured_feeds_the_planner(tiny_checkpoint, tmp_path):
+    from homerun.hardware import efficiency_from, load_measured
+
+    r = _invoke(str(tiny_checkpoint), "-p", "0", "-n", "2", "-r", "1", "--save-measured", "-o", "csv")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert rows[0]["test"] == "tg2" and rows[0]["correctness_ok"] == "True"
+    m = load_measured()  # validates the schema
+    assert m is not None and m.bandwidth_gbps["dram_read"] == 10.0
+    assert 0 < m.efficiency["dram"] <= 1 and efficiency_from(m).dram == m.efficiency["dram"]
+
+
+def test_cli_usage_errors(tiny_checkpoint):
+    assert isinstance(_invoke().exception, UsageError)
+    assert isinstance(_invoke(str(tiny_checkpoint), "--kernels").exception, UsageError)
+    assert isinstance(_invoke(str(tiny_checkpoint), "-o", "xml").exception, UsageError)
+
+
+def test_plot_needs_matplotlib(tiny_checkpoint, monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    r = _invoke(str(tiny_checkpoint), *QUICK, "--plot", str(tmp_path / "x.png"))
+    assert isinstance(r.exception, UsageError) and "matplotlib" in r.exception.message
+
+
+def test_plot_writes_png(records, tmp_path):
+    pytest.importorskip("matplotlib")
+    docs = [r.to_dict() for r in records]
+    out = tmp_path / "b.png"
+    bc.render_plot(docs, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dram_reader_measures_something(monkeypatch):
+    monkeypatch.undo()  # the real STREAM-like reader, once
+    assert bs.measure_dram_read_gbps(reps=1) > 0
+
+
+# ---------------------------------------------------------------------------------------------------- synthetic
+
+
+def test_layer_mix_follows_the_card():
+    from homerun.synthetic import card_config, layer_mix, layers_that_fit
+
+    for card in ("deepseek-ai/DeepSeek-V4-Flash", "v4-pro"):
+        _, cfg = card_config(card)
+        assert layer_mix(cfg, 1) == [4]  # CSA first on the tie
+        mix = layer_mix(cfg, 6)
+        assert mix.count(4) == 3 and mix.count(128) == 3
+    _, flash = card_config("v4-flash")
+    n, why = layers_that_fit(flash, None, avail_ram_bytes=21 * 2**30, free_disk_bytes=70 * 2**30)
+    assert n >= 1 and "per layer" in why
+    n_small, _ = layers_that_fit(flash, None, avail_ram_bytes=1 * 2**30, free_disk_bytes=70 * 2**30)
+    assert n_small == 1  # at least one layer even when RAM is short
+    with pytest.raises(DoesNotFitError):
+        layers_that_fit(flash, None, avail_ram_bytes=21 * 2**30, free_disk_bytes=2**30)
+    with pytest.raises(UsageError):
+        card_config("qwen3-30b")
+
+
+def test_synthetic_write_reuse_and_real_shapes(tmp_path):
+    from homerun.loader import open_checkpoint
+    from homerun.synthetic import build_synthetic
+
+    a = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
+    assert not a.reused and a.compress_ratios == (4, 128) and a.card_layers == 43
+    ck = open_checkpoint(a.path)  # complete official layout
+    assert ck.config["num_hidden_layers"] == 2 and ck.config["num_hash_layers"] == 0 and not ck.has_mtp
+    b = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
+    assert b.reused and b.path == a.path
+    # without overrides the card's real per-layer shapes are kept (the config only; nothing is written here)
+    from homerun.synthetic import card_config, synthetic_config
+
+    real = synthetic_config(card_config("v4-pro")[1], 1)
+    assert (real["hidden_size"], real["n_routed_experts"], real["moe_intermediate_size"]) == (7168, 384, 3072)
+
+
+def test_cli_synthetic_extrapolates_through_the_plan(tmp_path):
+    r = _invoke("v4-flash", "--synthetic", "--synthetic-layers", "2", "--synthetic-dir", str(tmp_path),
+                "--synthetic-overrides", json.dumps(TINY_SHAPES), "-p", "16", "-n", "2", "-r", "1", "--json")
+    assert r.exit_code == 0, r.output
+    docs = json.loads(r.stdout)
+    measured = [d for d in docs if not d["extrapolated"]]
+    extra = [d for d in docs if d["extrapolated"]]
+    assert len(measured) == len(extra) == 2
+    for m, e in zip(measured, extra):
+        assert m["n_layers"] == 2 and m["synthetic"]["card"] == "deepseek-ai/DeepSeek-V4-Flash"
+        assert e["model"] == "deepseek-ai/DeepSeek-V4-Flash" and e["n_layers"] == 43 and e["cache"] == "extrapolated"
+        assert e["extrapolation"] and e["links"] == {} and e["model_size"] > 100e9
+        assert m["correctness"]["ok"] is True
+    tg_m, tg_e = measured[1], extra[1]
+    assert "through the plan" in tg_e["extrapolation"]
+    assert tg_e["prediction_ratio"] == pytest.approx(tg_m["prediction_ratio"])
