@@ -1,0 +1,85 @@
+"""Choose and compose the routed-expert backend for a loaded checkpoint.
+
+The runtime's MoE layer only knows `offload.base.ExpertBackend`; this module decides which one serves it:
+- "reference": dequantize each selected expert and multiply in the compute dtype (the plain fp32 path);
+- "native": the C SIMD kernels of `offload.cpu_experts` (fused gate/up, clamped SwiGLU, down, weighted sum);
+- "auto" (default): native when the kernels are built and the compute dtype is fp32, else reference.
+`expert_cache_slots=N` puts a device expert cache of N slots in front (a CUDA device when one is used, otherwise a
+CPU stand-in device, so offload can be exercised on any machine); misses go to the CPU backend chosen above.
+`trace_path` wraps the result in a routing-trace recorder. Composition only: nothing here patches the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from homerun.errors import UsageError
+
+EXPERT_BACKENDS = ("auto", "native", "reference")
+
+
+def native_available() -> bool:
+    try:
+        from offload.cpu_experts import backend_info
+    except ImportError:
+        return False
+    return bool(backend_info().get("built"))
+
+
+def cpu_backend(ckpt: Any, *, swiglu_limit: float, compute_dtype: torch.dtype, kind: str = "auto") -> Any:
+    """The backend that computes experts on the CPU from the checkpoint's packed (mmap'd) weights."""
+    from offload.base import ReferenceExpertBackend
+
+    if kind not in EXPERT_BACKENDS:
+        raise UsageError(f"unknown expert backend {kind!r}", hint=f"use one of {', '.join(EXPERT_BACKENDS)}")
+    # The native kernels compute in fp32 (exact vs the fp32 reference); other compute dtypes use the reference path.
+    use_native = kind == "native" or (kind == "auto" and compute_dtype == torch.float32 and native_available())
+    if use_native:
+        if not native_available():
+            raise UsageError("the native CPU expert kernels are not built",
+                             hint="reinstall with a C compiler (pip install -e .), or use --experts reference")
+        from offload.cpu_experts import CpuExpertBackend
+
+        return CpuExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit)
+    return ReferenceExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
+
+
+def build_expert_backend(
+    ckpt: Any,
+    *,
+    n_layers: int,
+    n_experts: int,
+    num_hash_layers: int,
+    swiglu_limit: float,
+    compute_dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    kind: str = "auto",
+    expert_cache_slots: int | None = None,
+    cache_policy: str | None = None,
+    trace_path: str | Path | None = None,
+    top_k: int | None = None,
+    model_name: str = "model",
+) -> Any:
+    backend = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind)
+    if expert_cache_slots is not None:
+        if expert_cache_slots < 1:
+            raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
+        from offload.cached_backend import build_cached_backend
+        from offload.devices import CudaDevice, StandInDevice
+
+        dev = torch.device(device)
+        cache_dev = CudaDevice(dev.index or 0) if dev.type == "cuda" else StandInDevice("standin:0", 1 << 62)
+        backend = build_cached_backend(
+            ckpt.expert, range(n_layers), n_experts, swiglu_limit=swiglu_limit,
+            expert_cache_slots=expert_cache_slots, device=cache_dev, compute_dtype=compute_dtype,
+            cpu_backend=backend, policy=cache_policy,
+        )
+    if trace_path is not None:
+        from offload.trace import TraceHeader, TraceRecorder, TracingBackend
+
+        header = TraceHeader(model=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k or 0)
+        backend = TracingBackend(backend, TraceRecorder(trace_path, header))
+    return backend

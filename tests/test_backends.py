@@ -1,0 +1,78 @@
+"""The expert-backend factory: native kernels, the offload cache and trace recording compose in front of the same
+checkpoint and give the reference path's logits."""
+
+import json
+
+import pytest
+import torch
+
+import homerun
+from homerun.backends import build_expert_backend, native_available
+from homerun.errors import UsageError
+from homerun.loader import open_checkpoint
+
+
+def _backend(path, **kw):
+    ckpt = open_checkpoint(path)
+    c = ckpt.config
+    return build_expert_backend(
+        ckpt, n_layers=c["num_hidden_layers"], n_experts=c["n_routed_experts"],
+        num_hash_layers=c.get("num_hash_layers", 0), swiglu_limit=c["swiglu_limit"],
+        compute_dtype=torch.float32, top_k=c["num_experts_per_tok"], **kw)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def ref_logits(tiny_checkpoint, ids):
+    model = homerun.load(tiny_checkpoint, expert_backend=_backend(tiny_checkpoint, kind="reference"))
+    return model.logits(ids)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.skipif(not native_available(), reason="native kernels not built")
+def test_native_matches_reference(tiny_checkpoint, ids, ref_logits):
+    be = _backend(tiny_checkpoint, kind="native")
+    assert type(be).__name__ == "CpuExpertBackend"
+    got = homerun.load(tiny_checkpoint, expert_backend=be).logits(ids)
+    assert _rel(got, ref_logits) <= 1e-5
+
+
+def test_auto_picks_native_when_built(tiny_checkpoint):
+    be = _backend(tiny_checkpoint)
+    want = "CpuExpertBackend" if native_available() else "ReferenceExpertBackend"
+    assert type(be).__name__ == want
+
+
+def test_cache_of_two_slots_matches_reference(tiny_checkpoint, ids, ref_logits):
+    be = _backend(tiny_checkpoint, expert_cache_slots=2)
+    got = homerun.load(tiny_checkpoint, expert_backend=be).logits(ids)
+    assert _rel(got, ref_logits) <= 1e-5
+    total = be.stats().to_dict()["cache"]
+    assert total["hits"] + total["misses"] > 0
+
+
+def test_trace_records_every_token_and_layer(tiny_checkpoint, ids, tmp_path):
+    path = tmp_path / "trace.jsonl"
+    be = _backend(tiny_checkpoint, kind="reference", trace_path=path)
+    homerun.load(tiny_checkpoint, expert_backend=be).logits(ids)
+    be.recorder.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert lines[0] == {"model": "model", "n_layers": cfg["num_hidden_layers"], "n_experts": cfg["n_routed_experts"],
+                        "top_k": cfg["num_experts_per_tok"]}
+    recs = lines[1:]
+    assert len(recs) == len(ids) * cfg["num_hidden_layers"]
+    assert all(len(r["experts"]) == cfg["num_experts_per_tok"] for r in recs)
+    assert {r["layer"] for r in recs} == set(range(cfg["num_hidden_layers"]))
+
+
+def test_bad_backend_name(tiny_checkpoint):
+    with pytest.raises(UsageError, match="unknown expert backend"):
+        _backend(tiny_checkpoint, kind="gpu-magic")
