@@ -332,6 +332,10 @@ def load(
     kv_budget_bytes: int | None = None,
     progress: Progress | None = None,
     upcast_bf16: bool = True,
+    experts: str = "auto",
+    expert_cache_slots: int | None = None,
+    cache_policy: str | None = None,
+    trace_path: str | Path | None = None,
 ) -> Model:
     """Load an official-format DeepSeek-V4 checkpoint directory (or a cached Hub repo id) for inference.
 
@@ -342,10 +346,12 @@ def load(
     compute, hold BF16-stored matrices (head, compressors, routers) in fp32 (V4-Flash: +1.9 GB, much faster decode).
     ramp_tokens / kv_budget_bytes: context capacity steps and the KV budget (see Session). progress(stage, done,
     total) is called while the model is assembled.
+    experts: "auto" (native CPU kernels when built and computing in fp32), "native" or "reference" (plain fp32
+    dequantize-and-multiply). expert_cache_slots=N puts an N-slot device expert cache in front (a CPU stand-in
+    device without CUDA); cache_policy picks its replacement policy; trace_path records routing as JSONL.
+    Ignored when expert_backend is given.
     """
     from homerun.loader import open_checkpoint
-    from offload.base import ReferenceExpertBackend
-
     t0 = time.perf_counter()
     if weights_dtype not in WEIGHTS_DTYPES:
         raise UsageError(f"unknown weights_dtype {weights_dtype!r}", hint=f"use one of {', '.join(WEIGHTS_DTYPES)}")
@@ -357,8 +363,16 @@ def load(
     if weights_dtype != "fp8":
         _check_room(ckpt, names, 4 if weights_dtype == "fp32" else 2, device)
     if expert_backend is None:
-        expert_backend = ReferenceExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, compute_dtype=compute)
-        if torch.device(device).type != "cpu":
+        from homerun.backends import build_expert_backend
+
+        expert_backend = build_expert_backend(
+            ckpt, n_layers=args.n_layers, n_experts=args.n_routed_experts,
+            num_hash_layers=int(ckpt.config.get("num_hash_layers", 0)), swiglu_limit=args.swiglu_limit,
+            compute_dtype=compute, device=device, kind=experts, expert_cache_slots=expert_cache_slots,
+            cache_policy=cache_policy, trace_path=trace_path, top_k=args.n_activated_experts,
+            model_name=str(ckpt.config.get("_name_or_path") or root.name),
+        )
+        if torch.device(device).type != "cpu" and expert_cache_slots is None:
             expert_backend = HostExpertBackend(expert_backend)
 
     def get(name: str) -> torch.Tensor:

@@ -70,7 +70,7 @@ class TraceRecorder:
 
     def __init__(self, path: str | Path, header: TraceHeader) -> None:
         self.path = Path(path)
-        self._f: IO[str] = open(self.path, "w")
+        self._f: IO[str] = open(self.path, "w", buffering=1)  # line-buffered: a killed run keeps its trace
         self._f.write(json.dumps(header.to_dict()) + "\n")
 
     def record(self, token: int, layer: int, experts) -> None:

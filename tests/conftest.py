@@ -1,4 +1,7 @@
 import os
+
+# One intra-op thread: on a shared 2-core runner OpenMP workers spin on busy cores (23 s vs 5 min measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import pytest

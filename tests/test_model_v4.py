@@ -184,7 +184,8 @@ def test_expert_backend_contract(tiny_checkpoints, models):
     model = homerun.load(tiny_checkpoints["hca"], expert_backend=rec)
     ids = _ids(40, model.args.vocab_size, seed=5)
     out = model.logits(ids)
-    assert torch.allclose(out, ref.logits(ids), atol=1e-6)
+    want = ref.logits(ids)  # default backend: native kernels when built, exact to fp32 rounding
+    assert float((out - want).abs().max()) <= 1e-5 * float(want.abs().max())
     a = model.args
     assert [c[0] for c in rec.calls] == list(range(a.n_layers))
     tid2eid = ckpt.get("layers.0.ffn.gate.tid2eid")

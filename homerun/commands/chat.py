@@ -69,13 +69,13 @@ def _load_fn():
     return load
 
 
-def open_model(path: str, out: Output) -> Any:
+def open_model(path: str, out: Output, load_options: Optional[dict[str, Any]] = None) -> Any:
     """Load with progress on stderr (GB, GB/s, ETA when the loader reports progress)."""
     load = _load_fn()
     total = checkpoint_bytes(path)
     total_txt = f"{total / 1e9:.2f} GB" if total else "size unknown"
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {k: v for k, v in (load_options or {}).items() if v is not None}
     status = None if out.json_mode else out.err.status(f"Loading {escape(path)} ({total_txt})")
     if status is not None and "progress" in inspect.signature(load).parameters:
         def progress(stage: str, done: int, total_steps: int) -> None:
@@ -150,8 +150,13 @@ def resolve_think(think: str, chat_or_capacity: Any, out: Output) -> None:
             out.warn(f"Think Max: {reason}")
 
 
+def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Optional[Path]) -> dict[str, Any]:
+    """CLI flags -> homerun.load options (shared by chat, run and bench)."""
+    return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None}
+
+
 def start_session(path: str, *, hw: str, think: str, system: Optional[str], sampling: dict[str, Any], out: Output,
-                  autosave: bool = True) -> ChatSession:
+                  autosave: bool = True, load_options: Optional[dict[str, Any]] = None) -> ChatSession:
     """Plan summary, load with progress, then a ChatSession with the checked thinking mode."""
     check_think_flag(think)
     plan = make_plan(path, hw, out)
@@ -160,7 +165,7 @@ def start_session(path: str, *, hw: str, think: str, system: Optional[str], samp
         out.info(f"[dim]{escape(summary)}[/dim]")
     if plan is not None and getattr(plan, "fits", True) is False:
         out.warn(escape(f"the plan says this model does not fit: {plan.remedy or plan.verdict}"))
-    model = open_model(path, out)
+    model = open_model(path, out, load_options)
     settings = SamplingSettings.from_generation_config(getattr(model, "generation_config", None), **sampling)
     chat = ChatSession(model, think="off", system=system, sampling=settings, model_name=Path(path).name,
                        autosave=autosave, context_limit_tokens=plan_context_tokens(plan))
@@ -375,6 +380,9 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 4096,
         hw: Annotated[str, typer.Option("--hw", help="Profile for the plan summary and context limit.")] = "auto",
         json_out: Annotated[bool, typer.Option("--json", help="Line protocol: stdin lines in, JSONL events out.")] = False,
+        experts: Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")] = "auto",
+        expert_cache_slots: Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")] = None,
+        trace: Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")] = None,
     ) -> None:
         """Chat with a model in the terminal.
 
@@ -385,7 +393,9 @@ def register(app: typer.Typer) -> None:
         """
         out = Output(json_out)
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
-        chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out)
+        load_options = load_options_from(experts, expert_cache_slots, trace)
+        chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out,
+                             load_options=load_options)
         if json_out:
             json_lines(chat, out)
         else:

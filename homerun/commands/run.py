@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from homerun.chat import ChatSession, Delta, TurnDone
-from homerun.commands.chat import start_session
+from homerun.commands.chat import load_options_from, start_session
 from homerun.errors import ExitCode
 from homerun.output import Output
 
@@ -76,6 +77,9 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 4096,
         hw: Annotated[str, typer.Option("--hw", help="Profile for the plan summary and context limit.")] = "auto",
         json_out: Annotated[bool, typer.Option("--json", help="JSONL events: reasoning, content, tool_call, done.")] = False,
+        experts: Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")] = "auto",
+        expert_cache_slots: Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")] = None,
+        trace: Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")] = None,
     ) -> None:
         """Answer one prompt and exit.
 
@@ -87,7 +91,8 @@ def register(app: typer.Typer) -> None:
         out = Output(json_out)
         text = sys.stdin.read() if prompt == "-" else prompt
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
-        chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out, autosave=False)
+        chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out, autosave=False,
+                             load_options=load_options_from(experts, expert_cache_slots, trace))
         # Ctrl-C ends the generation after the step in flight; the partial answer is flushed, then exit code 130.
         previous = signal.signal(signal.SIGINT, lambda *_: chat.request_stop())
         try:
