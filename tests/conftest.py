@@ -18,6 +18,15 @@ def _homerun_env(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Tiny models gain nothing from intra-op threads (see OMP_NUM_THREADS above); also covers an already-imported torch.
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 def needs_reference():
     return pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/reference not present")
 

@@ -11,17 +11,6 @@ from homerun.errors import UsageError
 from homerun.sampling import SamplingParams, filter_logits, make_generator, sample
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waiting made these
-    # tests 15x slower; restore the caller's setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _logits(probs: list[float]) -> torch.Tensor:
     return torch.tensor([math.log(p) for p in probs])
 

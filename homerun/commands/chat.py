@@ -150,6 +150,19 @@ def resolve_think(think: str, chat_or_capacity: Any, out: Output) -> None:
             out.warn(f"Think Max: {reason}")
 
 
+# Options shared by `chat` and `run` (and the load flags by `bench`), declared once.
+ThinkingOpt = Annotated[str, typer.Option(help="Thinking mode: off, high or max (max needs 384K context).")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json; 0 = greedy.")]
+TopPOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json.")]
+TopKOpt = Annotated[Optional[int], typer.Option(help="Default: generation_config.json (none).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed.")]
+HwOpt = Annotated[str, typer.Option("--hw", help="Profile for the plan summary and context limit.")]
+ExpertsOpt = Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")]
+CacheSlotsOpt = Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")]
+TraceOpt = Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")]
+
+
 def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Optional[Path]) -> dict[str, Any]:
     """CLI flags -> homerun.load options (shared by chat, run and bench)."""
     return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None}
@@ -371,18 +384,18 @@ def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat_cmd(
         model: Annotated[str, typer.Argument(help="Checkpoint directory (or Hub repo id the runtime can resolve).")],
-        thinking: Annotated[str, typer.Option(help="Thinking mode: off, high or max (max needs 384K context).")] = "off",
-        system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-        temperature: Annotated[Optional[float], typer.Option(help="Default: generation_config.json; 0 = greedy.")] = None,
-        top_p: Annotated[Optional[float], typer.Option(help="Default: generation_config.json.")] = None,
-        top_k: Annotated[Optional[int], typer.Option(help="Default: generation_config.json (none).")] = None,
-        seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+        thinking: ThinkingOpt = "off",
+        system: SystemOpt = None,
+        temperature: TemperatureOpt = None,
+        top_p: TopPOpt = None,
+        top_k: TopKOpt = None,
+        seed: SeedOpt = None,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 4096,
-        hw: Annotated[str, typer.Option("--hw", help="Profile for the plan summary and context limit.")] = "auto",
+        hw: HwOpt = "auto",
         json_out: Annotated[bool, typer.Option("--json", help="Line protocol: stdin lines in, JSONL events out.")] = False,
-        experts: Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")] = "auto",
-        expert_cache_slots: Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")] = None,
-        trace: Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")] = None,
+        experts: ExpertsOpt = "auto",
+        expert_cache_slots: CacheSlotsOpt = None,
+        trace: TraceOpt = None,
     ) -> None:
         """Chat with a model in the terminal.
 

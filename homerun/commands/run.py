@@ -16,7 +16,10 @@ import typer
 from typing_extensions import Annotated
 
 from homerun.chat import ChatSession, Delta, TurnDone
-from homerun.commands.chat import load_options_from, start_session
+from homerun.commands.chat import (  # noqa: F401 - the aliases are resolved from this module's globals by typer
+    CacheSlotsOpt, ExpertsOpt, HwOpt, SeedOpt, SystemOpt, TemperatureOpt, ThinkingOpt, TopKOpt, TopPOpt, TraceOpt,
+    load_options_from, start_session,
+)
 from homerun.errors import ExitCode
 from homerun.output import Output
 
@@ -68,18 +71,18 @@ def register(app: typer.Typer) -> None:
     def run_cmd(
         model: Annotated[str, typer.Argument(help="Checkpoint directory (or Hub repo id the runtime can resolve).")],
         prompt: Annotated[str, typer.Argument(help="The user message; '-' reads it from stdin.")],
-        thinking: Annotated[str, typer.Option(help="Thinking mode: off, high or max (max needs 384K context).")] = "off",
-        system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-        temperature: Annotated[Optional[float], typer.Option(help="Default: generation_config.json; 0 = greedy.")] = None,
-        top_p: Annotated[Optional[float], typer.Option(help="Default: generation_config.json.")] = None,
-        top_k: Annotated[Optional[int], typer.Option(help="Default: generation_config.json (none).")] = None,
-        seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+        thinking: ThinkingOpt = "off",
+        system: SystemOpt = None,
+        temperature: TemperatureOpt = None,
+        top_p: TopPOpt = None,
+        top_k: TopKOpt = None,
+        seed: SeedOpt = None,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 4096,
-        hw: Annotated[str, typer.Option("--hw", help="Profile for the plan summary and context limit.")] = "auto",
+        hw: HwOpt = "auto",
         json_out: Annotated[bool, typer.Option("--json", help="JSONL events: reasoning, content, tool_call, done.")] = False,
-        experts: Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")] = "auto",
-        expert_cache_slots: Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")] = None,
-        trace: Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")] = None,
+        experts: ExpertsOpt = "auto",
+        expert_cache_slots: CacheSlotsOpt = None,
+        trace: TraceOpt = None,
     ) -> None:
         """Answer one prompt and exit.
 
