@@ -1,15 +1,16 @@
 """homerun vs transformers' DeepseekV4ForCausalLM on the same synthetic official-format checkpoint.
 
 Each side runs in its own subprocess (so neither's memory or threads leak into the other): load, prefill a fixed
-prompt, then greedy-decode N tokens one at a time with a KV cache. Reported per side: load time, decode tok/s and
-peak RSS (ru_maxrss: anonymous memory plus the checkpoint pages it touched through mmap). The checkpoint is written
-once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer layers/experts) and reused.
+prompt, then greedy-decode a few untimed warm-up tokens and N timed ones, one at a time with a KV cache. Reported
+per side: load time, decode tok/s and peak RSS (ru_maxrss: anonymous memory plus the checkpoint pages it touched through mmap). The checkpoint is written
+once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer layers, experts and vocabulary) and reused.
 
 transformers runs as it does out of the box on a CPU: the FP8/FP4 checkpoint is dequantized to bf16 at load
 (finegrained-fp8 quantizer) and computed in bf16. homerun keeps the weights packed, computes in fp32 and runs the
 routed experts on its native CPU kernels.
 
-    python benchmarks/compare_transformers.py                       # 2 layers x 32 experts, 3.3 GB packed
+    python benchmarks/compare_transformers.py       # 3 layers x 48 experts, vocab 16384: 2.7 GB packed
+    python benchmarks/compare_transformers.py --layers 2 --experts 32 --vocab 129280  # lm head dominates: 3.3 GB
     python benchmarks/compare_transformers.py --layers 1 --experts 64 --gen 32 --json
     python benchmarks/compare_transformers.py --checkpoint ./some-v4-checkpoint
 """
@@ -50,7 +51,7 @@ def _rss_now() -> dict:
     return out
 
 
-def worker_homerun(ckpt: str, prompt: int, gen: int) -> dict:
+def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
     import torch
 
     from homerun.bench_setup import open_target
@@ -64,8 +65,9 @@ def worker_homerun(ckpt: str, prompt: int, gen: int) -> dict:
     logits = sess.feed(_ids(prompt, model.args.vocab_size))
     prefill_s = time.perf_counter() - t0
     out = []
-    t0 = time.perf_counter()
-    for _ in range(gen):
+    for i in range(warmup + gen):
+        if i == warmup:
+            t0 = time.perf_counter()
         tok = int(torch.argmax(logits))
         out.append(tok)
         logits = sess.feed([tok])
@@ -75,7 +77,7 @@ def worker_homerun(ckpt: str, prompt: int, gen: int) -> dict:
             "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
 
 
-def worker_transformers(ckpt: str, prompt: int, gen: int) -> dict:
+def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -92,8 +94,9 @@ def worker_transformers(ckpt: str, prompt: int, gen: int) -> dict:
         res = model(torch.tensor([_ids(prompt, vocab)]), use_cache=True)
         prefill_s = time.perf_counter() - t0
         past, logits = res.past_key_values, res.logits[0, -1]
-        t0 = time.perf_counter()
-        for _ in range(gen):
+        for i in range(warmup + gen):
+            if i == warmup:
+                t0 = time.perf_counter()
             tok = int(torch.argmax(logits))
             out.append(tok)
             res = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
@@ -104,8 +107,9 @@ def worker_transformers(ckpt: str, prompt: int, gen: int) -> dict:
             "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
 
 
-def run_side(side: str, ckpt: str, prompt: int, gen: int, timeout_s: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", ckpt, "--prompt", str(prompt), "--gen", str(gen)]
+def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", ckpt, "--prompt", str(prompt), "--gen", str(gen),
+           "--warmup", str(warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         return {"side": side, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
@@ -113,11 +117,11 @@ def run_side(side: str, ckpt: str, prompt: int, gen: int, timeout_s: int) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def build_checkpoint(layers: int, experts: int, root: str | None) -> tuple[str, int]:
+def build_checkpoint(layers: int, experts: int, vocab: int | None, root: str | None) -> tuple[str, int]:
     from homerun.synthetic import build_synthetic
 
-    syn = build_synthetic("deepseek-ai/DeepSeek-V4-Flash", n_layers=layers, root=root,
-                          overrides={"n_routed_experts": experts})
+    overrides = {"n_routed_experts": experts, **({"vocab_size": vocab} if vocab else {})}
+    syn = build_synthetic("deepseek-ai/DeepSeek-V4-Flash", n_layers=layers, root=root, overrides=overrides)
     return str(syn.path), syn.total_bytes
 
 
@@ -129,29 +133,32 @@ def _packed_bytes(ckpt: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="an existing official-format V4 checkpoint (default: write a synthetic one)")
-    ap.add_argument("--layers", type=int, default=2, help="synthetic layers (V4-Flash shapes)")
-    ap.add_argument("--experts", type=int, default=32, help="synthetic routed experts per layer")
+    ap.add_argument("--layers", type=int, default=3, help="synthetic layers (V4-Flash shapes)")
+    ap.add_argument("--experts", type=int, default=48, help="synthetic routed experts per layer")
+    ap.add_argument("--vocab", type=int, default=16384, help="synthetic vocabulary (V4: 129280); a small one keeps "
+                    "the lm head from dominating a few-layer model, as the layers dominate the real 43/61-layer one")
     ap.add_argument("--root", help="where the synthetic checkpoint is written (default $HOMERUN_HOME/synthetic)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill, not the compared figure)")
     ap.add_argument("--gen", type=int, default=16, help="greedy decode steps to time")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (as llama-bench warms up)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per side")
     ap.add_argument("--json", action="store_true", help="print only the JSON document")
     ap.add_argument("--worker", choices=("homerun", "transformers"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         fn = worker_homerun if a.worker == "homerun" else worker_transformers
-        print(json.dumps(fn(a.checkpoint, a.prompt, a.gen)))
+        print(json.dumps(fn(a.checkpoint, a.prompt, a.gen, a.warmup)))
         return 0
     ckpt = a.checkpoint
     t0 = time.perf_counter()
     if ckpt is None:
-        ckpt, _ = build_checkpoint(a.layers, a.experts, a.root)
+        ckpt, _ = build_checkpoint(a.layers, a.experts, a.vocab, a.root)
     write_s = time.perf_counter() - t0
     packed = _packed_bytes(ckpt)
-    sides = {s: run_side(s, ckpt, a.prompt, a.gen, a.timeout) for s in ("homerun", "transformers")}
+    sides = {s: run_side(s, ckpt, a.prompt, a.gen, a.warmup, a.timeout) for s in ("homerun", "transformers")}
     h, t = sides["homerun"], sides["transformers"]
     doc = {"checkpoint": ckpt, "packed_bytes": packed, "checkpoint_ready_s": write_s, "prompt_tokens": a.prompt,
-           "gen_tokens": a.gen, "threads": os.cpu_count(), "homerun": h, "transformers": t}
+           "gen_tokens": a.gen, "warmup_tokens": a.warmup, "threads": os.cpu_count(), "homerun": h, "transformers": t}
     if "error" not in h and "error" not in t:
         same = sum(x == y for x, y in zip(h["tokens"], t["tokens"]))
         doc.update(decode_speedup=h["decode_tok_s"] / t["decode_tok_s"],

@@ -134,7 +134,7 @@ def bench(
     if save_measured:
         from homerun.bench_setup import save_measured as save
 
-        where, _ = save([r for r in records], records[0].limits)
+        where, _ = save(records, records[0].limits)
         out.info(f"measured efficiencies written to {where}")
     if plot:
         render_plot(docs, plot)
@@ -146,10 +146,6 @@ def bench(
         raise GateFailed(f"correctness gate FAILED: logits differ from the plain fp32 reference (max relative error "
                          f"{g['max_rel_err']:.3g} > {g['tol']:.3g}); the speed figures of this path mean nothing",
                          hint="run with --reference to compare, and report the backend that fails")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
 
 
 def _overrides(text: str | None) -> dict[str, Any] | None:

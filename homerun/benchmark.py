@@ -377,17 +377,31 @@ class BenchOptions:
     gate: bool = True
 
 
-def reference_logits(path: str | Path, vocab_size: int, *, resident_bytes: int) -> tuple[torch.Tensor, str]:
-    """Logits of the plain fp32 path (ReferenceExpertBackend, fp32 compute) on the gate's fixed prompt. The
-    reference model is dropped before returning, so it never sits in RAM next to the benchmarked one."""
+def load_reference(path: str | Path, *, resident_bytes: int) -> tuple[Any, str]:
+    """The plain fp32 path, independent of the runtime's defaults: ReferenceExpertBackend (dequantize each selected
+    expert, multiply in fp32), fp32 compute, FP8 weights dequantized once at load when small (else the same FP8
+    weights dequantized per matmul). Returns (model, label)."""
     import homerun
+    from homerun.loader import open_checkpoint
+    from homerun.models.deepseek_v4 import ModelArgs
+    from offload.base import ReferenceExpertBackend
 
+    ckpt = open_checkpoint(Path(path))
+    args = ModelArgs.from_hf_config(ckpt.config)
+    backend = ReferenceExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, compute_dtype=torch.float32)
     wd = "fp32" if resident_bytes * 4 <= REFERENCE_FP32_MAX_BYTES else "fp8"
-    ref = homerun.load(path, dtype="float32", weights_dtype=wd, device="cpu")
-    logits = ref.logits(synthetic_ids(GATE_PROMPT_TOKENS, vocab_size, seed=GATE_SEED))
-    del ref
+    ref = homerun.load(path, dtype="float32", weights_dtype=wd, device="cpu", expert_backend=backend)
     label = ("plain fp32 path: ReferenceExpertBackend, fp32 compute, FP8 weights dequantized to fp32 at load"
              if wd == "fp32" else "plain fp32 path: ReferenceExpertBackend, fp32 compute on the same FP8 weights")
+    return ref, label
+
+
+def reference_logits(path: str | Path, vocab_size: int, *, resident_bytes: int) -> tuple[torch.Tensor, str]:
+    """Logits of the plain fp32 path on the gate's fixed prompt. The reference model is dropped before returning,
+    so it never sits in RAM next to the benchmarked one."""
+    ref, label = load_reference(path, resident_bytes=resident_bytes)
+    logits = ref.logits(synthetic_ids(GATE_PROMPT_TOKENS, vocab_size, seed=GATE_SEED))
+    del ref
     return logits, label
 
 

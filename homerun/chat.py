@@ -248,6 +248,10 @@ class ChatSession:
             return CommandResult("error", f"Unknown thinking mode {mode!r}; use /think off|high|max")
         if mode == "max":
             allowed, reason = check_think_max(self.capacity_tokens())
+            probe = getattr(self.model, "think_max_available", None)
+            if allowed and callable(probe):  # the runtime also knows the KV budget and the live free memory
+                allowed, why = probe()
+                reason = reason if allowed else why
             if not allowed:
                 return CommandResult("error", f"Think Max refused: {reason}. Thinking stays {self.think}.")
             self.think = mode

@@ -44,7 +44,6 @@ def plan_discrete(c: _Ctx) -> Plan:
     mtp = inv.mtp_bytes if opts.include_mtp else 0
     layer_bytes = inv.non_expert_bytes - embed - head  # per-layer tensors (attention, shared, routers, norms, ...)
     experts = inv.routed_expert_bytes
-    bpe = max(inv.bytes_per_expert, 1)
     counts = _split_layers(spec.num_layers, usable)
     fracs = [n / spec.num_layers for n in counts]
     n = len(gpus)

@@ -16,15 +16,22 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from homerun.errors import CheckpointError, ContextFullError, DoesNotFitError, UnknownModelError, UsageError
+from homerun.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 
 DEFAULT_MAX_CHUNK_TOKENS = 512
 DEFAULT_RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
+THINK_MAX_MIN_CONTEXT_TOKENS = 393216  # DeepSeek's model card: at least 384K of context for Think Max
+# A ramp step may take at most this share of the free memory: the rest is for prefill transients and everyone else.
+FREE_MEMORY_SHARE = 0.9
+# Feeds longer than this many tokens are "long prompts": the session reports an ETA before (or after the first chunk).
+PREFILL_ETA_MIN_TOKENS = 1024
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
 WEIGHTS_DTYPES = ("fp8", "bf16", "fp32")
+KV_DTYPES = ("auto", "bf16", "fp8")  # auto: compressed entries in the compute dtype (exact)
 # progress(stage, done, total): stage is "layers" while the model is assembled.
 Progress = Callable[[str, int, int], None]
 
@@ -74,19 +81,36 @@ class Session:
     """Incremental inference state for one sequence (batch size 1).
 
     `feed(ids)` appends tokens and returns float32 logits [V] of the last position. `tokens` is what has been
-    fed, `reset()` forgets it. Capacity grows through `ramp_tokens`; a step whose predicted KV bytes exceed
-    `kv_budget_bytes` raises ContextFullError before anything of that feed is processed.
+    fed, `reset()` forgets it.
+
+    Capacity grows through `model.ramp_tokens`. Each step up checks (1) the predicted KV bytes at the new step
+    against `kv_budget_bytes` and (2) the bytes still to allocate against live free memory where the KV lives
+    (available host RAM, or free CUDA memory). A step that fails either raises ContextFullError before anything of
+    that feed is processed: the tokens fed so far stay, and the session stays usable. Capacity is a permission, not
+    a reservation: entry pages are allocated as tokens arrive (see `homerun.kv`).
+
+    Prefill runs in chunks of C = `model.max_chunk_tokens`. The activation footprint of a chunk is O(C) and does
+    not grow with depth: the residual streams [C, hc_mult, dim], the projections [C, n_heads, head_dim] and the
+    MoE inputs/outputs, plus attention and FP8-dequantization temporaries capped at 2^24 elements each (attention
+    query blocks shrink as the context grows, the indexer scores one KV page at a time); logits are computed for
+    the last position only. Measured on the tiny preset at depth 4096: about 21 / 81 / 218 MB of peak RSS above
+    the steady state for C = 128 / 512 / 2048.
     """
 
     def __init__(self, model: "Model"):
         self.model = model
         self._net: DeepseekV4 = model.net
-        self._states: list[LayerState] = self._net.new_state()
+        self._states: list[LayerState] = model._new_state()
         self._tokens: list[int] = []
         self.last_logits: torch.Tensor | None = None
         self._cap_index = 0
         # Called with the new capacity (tokens) each time the ramp steps up.
         self.on_capacity: Callable[[int], None] | None = None
+        # Called as on_prefill(eta_s, n_tokens) for a feed of more than PREFILL_ETA_MIN_TOKENS tokens: before it
+        # starts when the prefill speed was measured already, else after its first chunk (eta_s = the remainder).
+        self.on_prefill: Callable[[float, int], None] | None = None
+        # Called as on_progress(done_tokens, total_tokens) after each committed chunk of a feed.
+        self.on_progress: Callable[[int, int], None] | None = None
 
     # ------------------------------------------------------------------------------------------- properties
 
@@ -110,17 +134,12 @@ class Session:
     @property
     def kv_allocated_bytes(self) -> int:
         """Bytes allocated for the state: like kv_bytes, but entry stores count their whole page capacity."""
-        n = self.kv_bytes
-        for s in self._states:
-            for c in (s.comp, s.index_comp):
-                if c is not None:
-                    n += (c.store.capacity_rows - c.n_entries) * c.store.width * c.store.buf.element_size()
-        return n
+        return sum(s.allocated_bytes for s in self._states)
 
     # ---------------------------------------------------------------------------------------------- verbs
 
     def reset(self) -> None:
-        self._states = self._net.new_state()
+        self._states = self.model._new_state()
         self._tokens = []
         self.last_logits = None
         self._cap_index = 0
@@ -142,7 +161,20 @@ class Session:
                 raise ContextFullError(
                     f"context full: growing to {ramp[idx]} tokens needs {need / 1e9:.2f} GB of KV, "
                     f"over the budget of {budget / 1e9:.2f} GB ({self.n_tokens} tokens kept)",
-                    hint="start a new session (/reset), raise kv_budget_bytes, or free memory",
+                    hint="start a new session (/reset), or load with a larger kv_budget_bytes "
+                         "(a plan for a bigger rig)",
+                )
+        if idx != self._cap_index:
+            more = self.model.kv_bytes_at(ramp[idx]) - self.kv_allocated_bytes
+            free = self.model.free_kv_memory_bytes()
+            if free is not None and more > FREE_MEMORY_SHARE * free:
+                where = "RAM" if self.model.kv_device.type == "cpu" else f"{self.model.kv_device} memory"
+                short = more - FREE_MEMORY_SHARE * free
+                raise ContextFullError(
+                    f"context full: growing to {ramp[idx]} tokens needs {more / 1e9:.2f} GB more KV, only "
+                    f"{free / 1e9:.2f} GB of {where} is free ({self.n_tokens} tokens kept)",
+                    hint=f"free about {short / 1e9:.2f} GB (close other programs) and send again, "
+                         "or start a new session (/reset)",
                 )
         while self._cap_index < idx:
             self._cap_index += 1
@@ -157,16 +189,29 @@ class Session:
                 raise UsageError("feed() needs at least one token on an empty session")
             return self.last_logits
         self._ensure_capacity(self.n_tokens + ids.numel())
+        n = ids.numel()
+        long_prompt = n > PREFILL_ETA_MIN_TOKENS
+        told = False
+        if long_prompt and self.on_prefill is not None and self.model.prefill_tok_s:
+            self.on_prefill(n / self.model.prefill_tok_s, n)
+            told = True
         t0 = time.perf_counter()
         hidden = None
         chunk = self.model.max_chunk_tokens
         with torch.inference_mode():
-            for c0 in range(0, ids.numel(), chunk):
+            for c0 in range(0, n, chunk):
                 part = ids[c0 : c0 + chunk]
+                tc = time.perf_counter()
                 hidden, states = self._net.forward(part, self.n_tokens, self._states)
                 # Commit point: state and token list change together, after the whole chunk succeeded.
                 self._states = states
                 self._tokens.extend(part.tolist())
+                self.model._measure_prefill(part.numel(), time.perf_counter() - tc)
+                if self.on_progress is not None:
+                    self.on_progress(min(c0 + chunk, n), n)
+                if long_prompt and not told and self.on_prefill is not None and self.model.prefill_tok_s:
+                    self.on_prefill(max(0, n - c0 - chunk) / self.model.prefill_tok_s, n)
+                    told = True
             logits = self._net.logits(hidden[-1:])[0].float().cpu()
         self.last_logits = logits
         self.model._account(ids.numel(), time.perf_counter() - t0)
@@ -190,6 +235,9 @@ class Model:
         ramp_tokens: Sequence[int] = DEFAULT_RAMP_TOKENS,
         kv_budget_bytes: int | None = None,
         load_s: float = 0.0,
+        kv_device: str | torch.device | None = None,
+        page_tokens: int | None = None,
+        kv_dtype: str = "auto",
     ):
         if max_chunk_tokens < 1:
             raise UsageError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
@@ -208,6 +256,16 @@ class Model:
         self.ramp_tokens = tuple(ramp)
         self.kv_budget_bytes = kv_budget_bytes
         self.load_s = load_s
+        # Page size: at least DEFAULT_PAGE_TOKENS, and 1/32 of the first ramp step, so past that step the spare room
+        # of the last pages is under ~3% of the KV; a multiple of the HCA rate so every store gets whole rows.
+        rate = max(self.args.hca_rate, self.args.csa_rate, 1)
+        pt = int(page_tokens) if page_tokens else max(DEFAULT_PAGE_TOKENS, self.ramp_tokens[0] // 32)
+        self.page_tokens = max(rate, -(-pt // rate) * rate)
+        if kv_dtype not in KV_DTYPES:
+            raise UsageError(f"unknown kv_dtype {kv_dtype!r}", hint=f"use one of {', '.join(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype
+        self.kv_device = self._pick_kv_device(kv_device)
+        self.prefill_tok_s: float | None = None  # measured on chunks of >= 16 tokens (moving average)
         self._tokens_fed = 0
         self._forward_s = 0.0
         self._feeds = 0
@@ -247,12 +305,55 @@ class Model:
     def session(self) -> Session:
         return Session(self)
 
+    def _new_state(self) -> list[LayerState]:
+        return self.net.new_state(kv_device=self.kv_device, page_tokens=self.page_tokens, kv_dtype=self.kv_dtype)
+
+    def _pick_kv_device(self, kv_device: str | torch.device | None) -> torch.device:
+        """"auto"/None: the model's device while the KV at the largest permitted step fits there (budget and free
+        memory), else host RAM."""
+        if kv_device not in (None, "auto"):
+            return torch.device(kv_device)
+        dev = self.device
+        if dev.type == "cpu":
+            return dev
+        free = free_memory_bytes(dev)
+        need = self.kv_bytes_at(self.max_context_tokens() or self.ramp_tokens[0])
+        if free is not None and need <= FREE_MEMORY_SHARE * free:
+            return dev
+        return torch.device("cpu")
+
+    def free_kv_memory_bytes(self) -> int | None:
+        """Free memory where the KV pages live (host RAM or CUDA memory); None when unknown."""
+        return free_memory_bytes(self.kv_device)
+
+    def _measure_prefill(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens < 16 or seconds <= 0:
+            return  # decode steps say little about prefill speed
+        speed = n_tokens / seconds
+        self.prefill_tok_s = speed if self.prefill_tok_s is None else 0.7 * self.prefill_tok_s + 0.3 * speed
+
+    def think_max_available(self) -> tuple[bool, str]:
+        """(available, reason): Think Max needs the ramp to reach 393216 tokens within kv_budget_bytes, and the KV at
+        that size to fit in the free memory where it lives."""
+        need_tokens = THINK_MAX_MIN_CONTEXT_TOKENS
+        if self.ramp_tokens[-1] < need_tokens:
+            return False, f"the context ramp ends at {self.ramp_tokens[-1]:,} tokens; Think Max needs {need_tokens:,}"
+        need = self.kv_bytes_at(need_tokens)
+        if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
+            return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, over the budget of "
+                           f"{self.kv_budget_bytes / 1e9:.2f} GB")
+        free = self.free_kv_memory_bytes()
+        if free is not None and need > FREE_MEMORY_SHARE * free:
+            return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, only {free / 1e9:.2f} GB "
+                           f"is free on {self.kv_device}")
+        return True, f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV on {self.kv_device}"
+
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Full pass from position 0 (a fresh state, chunked by max_chunk_tokens): float32 logits [T, V]."""
         ids = self._check_ids(token_ids)
         if ids.numel() == 0:
             raise UsageError("logits() needs at least one token")
-        states = self.net.new_state()
+        states = self._new_state()
         out = []
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -274,17 +375,24 @@ class Model:
         a = self.args
         el = torch.empty(0, dtype=self.dtype).element_size()
         f32 = 4
+
+        def row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
+            if self.kv_dtype == "fp8":
+                return fp8_row_bytes(width, rope_dim, scale_fp32)
+            return width * (2 if self.kv_dtype == "bf16" else el)
+
+        entry_b, index_b = row_bytes(a.head_dim, a.rope_dim, False), row_bytes(a.index_head_dim, 0, True)
         total = 0
         for kind in a.layer_kinds:
             total += min(n_tokens, a.window_size - 1) * a.head_dim * el
             if kind == LAYER_CSA:
-                for hd in (a.head_dim, a.index_head_dim):
-                    total += (n_tokens // a.csa_rate) * hd * el
+                for hd, rb in ((a.head_dim, entry_b), (a.index_head_dim, index_b)):
+                    total += (n_tokens // a.csa_rate) * rb
                     total += (n_tokens % a.csa_rate) * 2 * hd * 2 * el  # pending kv + gate, two series
                     if n_tokens >= a.csa_rate:
                         total += a.csa_rate * hd * (el + max(el, f32))  # overlap kv + gate
             elif kind == LAYER_HCA:
-                total += (n_tokens // a.hca_rate) * a.head_dim * el
+                total += (n_tokens // a.hca_rate) * entry_b
                 total += (n_tokens % a.hca_rate) * a.head_dim * 2 * el
         return total
 
@@ -310,7 +418,13 @@ class Model:
             "max_chunk_tokens": self.max_chunk_tokens,
             "ramp_tokens": list(self.ramp_tokens),
             "kv_budget_bytes": self.kv_budget_bytes,
+            "kv_device": str(self.kv_device),
+            "kv_dtype": str(self.dtype).replace("torch.", "") if self.kv_dtype == "auto" else self.kv_dtype,
+            "kv_page_tokens": self.page_tokens,
+            "prefill_tok_s": self.prefill_tok_s,
+            "max_context_tokens": self.max_context_tokens(),
         }
+        out["think_max_available"], out["think_max_reason"] = self.think_max_available()
         if hasattr(backend, "stats"):
             try:
                 s = backend.stats()
@@ -330,6 +444,9 @@ def load(
     max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
     ramp_tokens: Sequence[int] | None = None,
     kv_budget_bytes: int | None = None,
+    kv_device: str | None = "auto",
+    page_tokens: int | None = None,
+    kv_dtype: str = "auto",
     progress: Progress | None = None,
     upcast_bf16: bool = True,
     experts: str = "auto",
@@ -344,7 +461,12 @@ def load(
     expert_backend: any `offload.base.ExpertBackend`; default the fp32/compute-dtype reference backend over the
     checkpoint's packed experts. Routed experts are never dequantized wholesale here. upcast_bf16: with fp32
     compute, hold BF16-stored matrices (head, compressors, routers) in fp32 (V4-Flash: +1.9 GB, much faster decode).
-    ramp_tokens / kv_budget_bytes: context capacity steps and the KV budget (see Session). progress(stage, done,
+    ramp_tokens / kv_budget_bytes: context capacity steps and the KV budget (see Session). kv_device: where the
+    KV entry pages live ("auto": the model's device while the KV at the largest permitted step fits in its free
+    memory, else host RAM). page_tokens: context tokens per KV page (default max(1024, ramp_tokens[0]/32)).
+    kv_dtype: "auto" (compressed entries in the compute dtype, exact), "bf16", or "fp8" (deepseek-v4.md section 5
+    layout: e4m3 with power-of-two scales per 64 dims, rope dims bf16; 584 B per 512-dim entry; lossy).
+    progress(stage, done,
     total) is called while the model is assembled.
     experts: "auto" (native CPU kernels when built and computing in fp32), "native" or "reference" (plain fp32
     dequantize-and-multiply). expert_cache_slots=N puts an N-slot device expert cache in front (a CPU stand-in
@@ -408,6 +530,9 @@ def load(
         ramp_tokens=ramp,
         kv_budget_bytes=kv_budget_bytes,
         load_s=time.perf_counter() - t0,
+        kv_device=kv_device,
+        page_tokens=page_tokens,
+        kv_dtype=kv_dtype,
     )
 
 

@@ -144,9 +144,10 @@ def test_output_formats_parse(records, fmt, capsys):
 
 
 def test_gate_passes_on_real_path_and_fails_on_a_wrong_backend(tiny_checkpoint):
-    import homerun
+    from offload.base import ReferenceExpertBackend
 
-    ref = homerun.load(tiny_checkpoint, weights_dtype="fp32")
+    ref, label = hb.load_reference(tiny_checkpoint, resident_bytes=0)
+    assert isinstance(ref.net.experts, ReferenceExpertBackend) and "fp32" in label  # whatever the runtime's default
     target, _, _ = bs.open_target(tiny_checkpoint, kind="native")
     assert hb.correctness_gate(target.model, ref)["ok"] is True
     target.model.net.experts = PerturbingBackend(target.model.net.experts)

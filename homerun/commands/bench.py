@@ -9,12 +9,11 @@ Modes:
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
-from homerun.errors import UsageError
 from homerun.output import Output
 
 _ROWS = (
@@ -64,28 +63,7 @@ def _bench_kernels(out: Output, path: str, threads: Optional[int], reps: int, ex
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench")
-    def bench(
-        model: Annotated[Optional[str], typer.Argument(help="Model to benchmark (model benchmarks: later change).")] = None,
-        kernels: Annotated[bool, typer.Option("--kernels", help="Benchmark the CPU expert kernels alone.")] = False,
-        path: Annotated[str, typer.Option(help="Kernel path: auto, avx512, avx2, portable or torch.")] = "auto",
-        threads: Annotated[Optional[int], typer.Option(help="Kernel threads (default: all usable CPUs).")] = None,
-        reps: Annotated[int, typer.Option(min=1, help="Repetitions per figure; the best is reported.")] = 5,
-        experts: Annotated[int, typer.Option(min=1, help="Distinct experts to cycle (>= 64 keeps weights out of cache).")] = 64,
-        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
-    ) -> None:
-        """Benchmark homerun on this machine.
+    # The command itself (model benchmarks, --synthetic, --kernels) lives in homerun.bench_command.
+    from homerun.bench_command import bench
 
-        Examples:
-          homerun bench --kernels
-          homerun bench --kernels --json
-          homerun bench --kernels --path avx2 --threads 1
-        """
-        out = Output(json_out)
-        if kernels:
-            if model is not None:
-                raise UsageError("`bench --kernels` takes no model", hint="run `homerun bench --kernels` alone")
-            _bench_kernels(out, path, threads, reps, experts)
-            return
-        raise UsageError("model benchmarking lands in a later change",
-                         hint="run `homerun bench --kernels` to benchmark the CPU expert kernels")
+    app.command("bench")(bench)

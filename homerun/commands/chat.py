@@ -144,6 +144,10 @@ def resolve_think(think: str, chat_or_capacity: Any, out: Output) -> None:
     check_think_flag(think)
     if think == "max":
         allowed, reason = check_think_max(chat_or_capacity.capacity_tokens())
+        probe = getattr(getattr(chat_or_capacity, "model", None), "think_max_available", None)
+        if allowed and callable(probe):  # the runtime also knows the KV budget and the live free memory
+            allowed, why = probe()
+            reason = reason if allowed else why
         if not allowed:
             raise UsageError(f"Think Max refused: {reason}", hint="use --thinking high, or a plan with more context")
         if reason:
@@ -184,7 +188,34 @@ def start_session(path: str, *, hw: str, think: str, system: Optional[str], samp
                        autosave=autosave, context_limit_tokens=plan_context_tokens(plan))
     resolve_think(think, chat, out)
     chat.think = think
+    attach_context_hooks(chat, out)
     return chat
+
+
+# Long prompts whose predicted prefill takes at least this long get an ETA line before they start.
+PREFILL_ETA_SHOW_S = 2.0
+
+
+def attach_context_hooks(chat: ChatSession, out: Output) -> None:
+    """Show each context ramp step and, before a long prompt, the prefill ETA (runtime sessions only)."""
+    kv = getattr(chat, "_kv", None)
+    if kv is None or not hasattr(kv, "on_capacity"):
+        return
+
+    def on_capacity(tokens: int) -> None:
+        out.info(f"[dim]Context grew to {tokens:,} tokens[/dim]")
+
+    def on_prefill(eta_s: float, n_tokens: int) -> None:
+        if eta_s >= PREFILL_ETA_SHOW_S:
+            out.info(f"[dim]Prefilling {n_tokens:,} tokens, about {_duration(eta_s)} left[/dim]")
+
+    kv.on_capacity = on_capacity
+    kv.on_prefill = on_prefill
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 # ---------------------------------------------------------------- input

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from typing_extensions import Annotated

@@ -16,7 +16,8 @@ Deliberate differences from transformers (none changes fp32 results beyond round
   * attention scores, the sink softmax and the P.V product are computed in fp32 whatever the compute dtype
     (official kernel behaviour; HF uses the model dtype, so bf16 runs differ at bf16 rounding);
   * CSA attention gathers only the indexer's top-k entries per query instead of masking a dense
-    [T, n_entries] score matrix; query blocks bound the temporaries.
+    [T, n_entries] score matrix, and the indexer's top-k is merged one KV page at a time (scores [q, Hi, page],
+    never [q, n_entries]); query blocks bound the temporaries. Entry stores are paged (`homerun.kv`).
 MTP (`mtp.*`) is not part of the forward: the loader may hold its tensors, this module never reads them.
 """
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from homerun.errors import ConfigError
+from homerun.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
 from homerun.quant import FP8_BLOCK, dequant_fp8, e8m0_to_float
 
 LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
@@ -373,44 +375,8 @@ class QLinear:
 # ------------------------------------------------------------------------------------------------------ state
 
 
-class RowStore:
-    """Append-only rows [n, width] in one buffer that grows in whole pages.
-
-    The committed row count lives in the owner's (immutable) state, not here: writes past it are invisible until
-    the owner commits, which is what makes a chunk's update all-or-nothing.
-    """
-
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, page_rows: int = 256):
-        self.width = width
-        self.page_rows = page_rows
-        self.buf = torch.empty(0, width, dtype=dtype, device=device)
-
-    @property
-    def capacity_rows(self) -> int:
-        return self.buf.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
-
-    def reserve(self, rows: int) -> None:
-        if rows <= self.capacity_rows:
-            return
-        # Grow by at least half the current size (amortized O(1) appends), rounded to whole pages.
-        want = max(rows, self.capacity_rows + self.capacity_rows // 2)
-        want = -(-want // self.page_rows) * self.page_rows
-        new = torch.empty(want, self.width, dtype=self.buf.dtype, device=self.buf.device)
-        new[: self.capacity_rows] = self.buf
-        self.buf = new
-
-    def write(self, at: int, rows: torch.Tensor) -> int:
-        end = at + rows.shape[0]
-        self.reserve(end)
-        self.buf[at:end] = rows.to(self.buf.dtype)
-        return end
-
-    def view(self, n: int) -> torch.Tensor:
-        return self.buf[:n]
+# Entry stores are paged (homerun.kv): growing never copies the stored rows.
+RowStore = PagedRows
 
 
 @dataclass(frozen=True)
@@ -428,13 +394,22 @@ class CompressorState:
     def entries(self) -> torch.Tensor:
         return self.store.view(self.n_entries)
 
-    @property
-    def nbytes(self) -> int:
-        n = self.n_entries * self.store.width * self.store.buf.element_size()
+    def _small_bytes(self) -> int:
+        n = 0
         for t in (self.pending_kv, self.pending_gate, self.overlap_kv, self.overlap_gate):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
+
+    @property
+    def nbytes(self) -> int:
+        """Live bytes: committed entries plus the open window and overlap slices."""
+        return self.n_entries * self.store.row_bytes + self._small_bytes()
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Like nbytes, but the entry store counts its whole pages."""
+        return self.store.nbytes + self._small_bytes()
 
 
 @dataclass(frozen=True)
@@ -451,6 +426,14 @@ class LayerState:
         for c in (self.comp, self.index_comp):
             if c is not None:
                 n += c.nbytes
+        return n
+
+    @property
+    def allocated_bytes(self) -> int:
+        n = self.window.numel() * self.window.element_size()
+        for c in (self.comp, self.index_comp):
+            if c is not None:
+                n += c.allocated_bytes
         return n
 
 
@@ -543,16 +526,33 @@ class DeepseekV4:
 
     # --------------------------------------------------------------------------------------------- state
 
-    def new_state(self) -> list[LayerState]:
+    def new_state(
+        self, kv_device: torch.device | str | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS,
+        kv_dtype: str = "auto",
+    ) -> list[LayerState]:
+        """Empty per-layer states. Entry stores are paged (`page_tokens` tokens of context per page) on kv_device
+        (default: the model's device); the sliding window and open windows stay on the model's device in the
+        compute dtype. kv_dtype: "auto" (entries in the compute dtype: exact), "bf16", or "fp8" (homerun.kv
+        Fp8PagedRows, lossy)."""
         a, dt, dev = self.args, self.compute_dtype, self.device
+        kv_dev = torch.device(kv_device) if kv_device is not None else dev
+        if kv_dtype not in ("auto", "bf16", "fp8"):
+            raise ConfigError(f"unknown kv_dtype {kv_dtype!r}", hint="use auto, bf16 or fp8")
+
+        def store(width: int, rate: int, rope_dim: int, scale_fp32: bool) -> PagedRows:
+            rows = max(1, page_tokens // rate)
+            if kv_dtype == "fp8":
+                return Fp8PagedRows(width, dt, kv_dev, rows, dev, rope_dim=rope_dim, scale_fp32=scale_fp32)
+            return PagedRows(width, torch.bfloat16 if kv_dtype == "bf16" else dt, kv_dev, rows, compute_device=dev)
+
         out = []
         for layer in self.layers:
             window = torch.empty(0, a.head_dim, dtype=dt, device=dev)
             comp = idx = None
             if layer.kind != LAYER_SLIDING:
-                comp = CompressorState(RowStore(a.head_dim, dt, dev))
+                comp = CompressorState(store(a.head_dim, a.rate(layer.index), a.rope_dim, False))
             if layer.kind == LAYER_CSA:
-                idx = CompressorState(RowStore(a.index_head_dim, dt, dev))
+                idx = CompressorState(store(a.index_head_dim, a.csa_rate, 0, True))
             out.append(LayerState(window, comp, idx))
         return out
 
@@ -703,21 +703,20 @@ class DeepseekV4:
         W = a.window_size
         rate = a.rate(layer.index)
         scale = Dh**-0.5
-        entries = comp.entries() if comp is not None else None
-        ikeys = idx_st.entries() if idx_st is not None else None
+        n_comp_max = comp.n_entries if comp is not None else 0
         k_sel = 0
         if layer.kind == LAYER_CSA:
-            k_sel = min(a.index_topk, entries.shape[0])
+            k_sel = min(a.index_topk, n_comp_max)
             iq = at.indexer.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
             icos, isin = rope_cos_sin(self.freqs_compress, torch.arange(start, start + T, device=q.device))
             iq = apply_rope(iq, icos, isin).float()  # (T, Hi, Di)
             iw = at.indexer.weights_proj(x).float() * a.index_n_heads**-0.5  # (T, Hi)
-        n_comp_max = entries.shape[0] if entries is not None else 0
         # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
-        # and the indexer's per-head scores over the visible entries.
+        # and the indexer's per-head scores over one page of keys (the top-k is merged page by page).
         per_q = H * (W + (k_sel if layer.kind == LAYER_CSA else n_comp_max))
         if layer.kind == LAYER_CSA:
-            per_q += k_sel * Dh + a.index_n_heads * n_comp_max
+            page = min(n_comp_max, idx_st.store.page_rows)
+            per_q += k_sel * Dh + a.index_n_heads * page + 2 * (k_sel + page)
         qb = max(1, min(T, _BLOCK_ELEMS // max(per_q, 1)))
         while qb > 1 and qb * H * (qb + W) > _BLOCK_ELEMS:
             qb //= 2
@@ -738,9 +737,9 @@ class DeepseekV4:
             s_w = s_w.masked_fill(~vis[:, None, :], float("-inf"))
             parts, values = [s_w], [kw]
             thr = (tpos + 1) // rate if rate else None  # entries w < thr are closed for query t
-            if layer.kind == LAYER_HCA and entries.shape[0]:
+            if layer.kind == LAYER_HCA and n_comp_max:
                 n_vis = (start + s1) // rate
-                ke = entries[:n_vis].float()
+                ke = comp.store.view(n_vis).float()  # all T/128 HCA entries visible to this block
                 s_c = torch.einsum("qhd,kd->qhk", qf, ke) * scale
                 cvis = torch.arange(n_vis, device=q.device)[None, :] < thr[:, None]
                 parts.append(s_c.masked_fill(~cvis[:, None, :], float("-inf")))
@@ -748,14 +747,9 @@ class DeepseekV4:
             gathered = None
             if layer.kind == LAYER_CSA and k_sel:
                 n_vis = (start + s1) // rate
-                ik = ikeys[:n_vis].float()  # (n, Di)
-                sc = torch.relu(torch.einsum("qhd,nd->qhn", iq[s0:s1], ik)) * a.index_head_dim**-0.5
-                score = (sc * iw[s0:s1].unsqueeze(-1)).sum(dim=1)  # (q, n)
-                future = torch.arange(n_vis, device=q.device)[None, :] >= thr[:, None]
-                score = score.masked_fill(future, float("-inf"))
-                sel = score.topk(min(k_sel, n_vis), dim=-1).indices if n_vis else score.new_zeros(nq, 0).long()
+                sel = self._index_topk(at.indexer, iq[s0:s1], iw[s0:s1], idx_st.store, n_vis, thr, k_sel)
                 valid = sel < thr[:, None]  # picks that landed on masked (future) entries are dropped
-                gathered = entries[sel].float()  # (q, k, Dh): only the selected entries are read
+                gathered = comp.store.gather(sel).float()  # (q, k, Dh): only the selected entries are read
                 s_c = torch.einsum("qhd,qkd->qhk", qf, gathered) * scale
                 parts.append(s_c.masked_fill(~valid[:, None, :], float("-inf")))
             logits = torch.cat(parts + [sink.expand(nq, H, 1)], dim=-1)
@@ -771,6 +765,26 @@ class DeepseekV4:
                 o = o + torch.einsum("qhk,qkd->qhd", probs[..., off : off + gathered.shape[1]], gathered)
             out[s0:s1] = o.to(out.dtype)
         return out
+
+    def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor, k_sel: int):
+        """Indexer top-k over the first n_vis keys, merged page by page: the score temporary is [q, Hi, page]
+        and [q, k + page], never [q, n_vis]. Entries w >= thr (future for that query) score -inf. -> [q, k]."""
+        a = self.args
+        nq = iq.shape[0]
+        k = min(k_sel, n_vis)
+        best_v = iq.new_empty(nq, 0, dtype=torch.float32)
+        best_i = torch.empty(nq, 0, dtype=torch.long, device=iq.device)
+        for r0, ik in keys.iter_pages(n_vis):
+            ik = ik.float()  # (p, Di)
+            sc = torch.relu(torch.einsum("qhd,nd->qhn", iq, ik)) * a.index_head_dim**-0.5
+            score = (sc * iw.unsqueeze(-1)).sum(dim=1)  # (q, p)
+            ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device)
+            score = score.masked_fill(ids[None, :] >= thr[:, None], float("-inf"))
+            v = torch.cat([best_v, score], dim=1)
+            i = torch.cat([best_i, ids.expand(nq, -1)], dim=1)
+            top = v.topk(min(k, v.shape[1]), dim=-1)
+            best_v, best_i = top.values, i.gather(1, top.indices)
+        return best_i
 
     # ------------------------------------------------------------------------------------------------ MoE
 

@@ -1,0 +1,371 @@
+"""Long context: paged KV storage (no copies on growth, exact accounting, plan prediction vs allocated bytes), the
+capacity ramp against budget and live free memory, the prefill ETA, bounded reads per decode step, Think Max gating
+and a long synthetic run with bounded RSS."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import homerun
+from homerun.errors import ContextFullError
+from homerun.kv import PagedRows, free_memory_bytes
+from homerun.models.deepseek_v4 import LAYER_HCA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads on a shared box
+    yield
+    torch.set_num_threads(n)
+
+
+def _ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / b.abs().max().item()
+
+
+def _measured_state_bytes(sess) -> int:
+    """Bytes of the storages behind every tensor of the session state, each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if t is not None:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+
+    for s in sess._states:
+        add(s.window)
+        for c in (s.comp, s.index_comp):
+            if c is None:
+                continue
+            for page in c.store.pages:
+                for t in page if isinstance(page, tuple) else (page,):
+                    add(t)
+            for t in (c.pending_kv, c.pending_gate, c.overlap_kv, c.overlap_gate):
+                add(t)
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_checkpoints):
+    return homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384])
+
+
+# ---------------------------------------------------------------------------------------------- paged storage
+
+
+def test_paged_rows_write_read_gather():
+    store = PagedRows(5, torch.float32, "cpu", page_rows=4)
+    full = torch.randn(23, 5)
+    end = 0
+    for n in (3, 1, 7, 12):  # writes that start and end mid-page and span several pages
+        end = store.write(end, full[end : end + n])
+    assert end == 23 and len(store.pages) == 6 and store.capacity_rows == 24
+    assert store.nbytes == 24 * 5 * 4
+    assert torch.equal(store.view(23), full) and torch.equal(store.view(3), full[:3])
+    idx = torch.tensor([[0, 22, 5], [13, 13, 4]])
+    assert torch.equal(store.gather(idx), full[idx])
+    rows = [r0 for r0, _ in store.iter_pages(10)]
+    assert rows == [0, 4, 8] and sum(p.shape[0] for _, p in store.iter_pages(10)) == 10
+
+
+def test_growth_does_not_copy_stored_pages(ref):
+    sess = ref.session()
+    sess.feed(_ids(600, ref.args.vocab_size, seed=1))
+    csa = next(s.comp for s in sess._states if s.index_comp is not None)
+    first = [p.data_ptr() for p in csa.store.pages]
+    sess.feed(_ids(1500, ref.args.vocab_size, seed=2))
+    assert len(csa.store.pages) >= len(first)
+    now = next(s.comp for s in sess._states if s.index_comp is not None)
+    assert [p.data_ptr() for p in now.store.pages[: len(first)]] == first
+
+
+@pytest.mark.parametrize("kind", ["mixed", "csa", "hca"])
+def test_small_pages_equal_one_page(kind, tiny_checkpoints):
+    """Many small pages (CSA 32 rows, HCA 1 row) give the same logits as one big page, prefill and decode."""
+    big = homerun.load(tiny_checkpoints[kind], ramp_tokens=[4096], page_tokens=4096)
+    small = homerun.load(tiny_checkpoints[kind], ramp_tokens=[4096], page_tokens=128, max_chunk_tokens=200)
+    ids = _ids(700, big.args.vocab_size, seed=3)
+    want = big.logits(ids)
+    sess = small.session()
+    sess.feed(ids[:650])
+    assert _rel_err(sess.last_logits, want[649]) <= 1e-4
+    for t in range(650, 700):
+        out = sess.feed(ids[t : t + 1])
+        assert _rel_err(out, want[t]) <= 1e-4
+    assert sess.kv_bytes == small.kv_bytes_at(700)
+
+
+def test_kv_prediction_matches_allocated(tiny_checkpoints):
+    """The plan-style prediction (kv_bytes_at) is within 5% of the bytes actually allocated (storages walked), and
+    kv_allocated_bytes equals the measured bytes exactly; the slack is at most one page per store."""
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], page_tokens=256, max_chunk_tokens=1024)
+    sess = model.session()
+    fed = 0
+    for n in (3000, 5000, 8192):
+        sess.feed(_ids(n - fed, model.args.vocab_size, seed=n))
+        fed = n
+        measured = _measured_state_bytes(sess)
+        assert sess.kv_allocated_bytes == measured
+        assert sess.kv_bytes == model.kv_bytes_at(n)
+        assert abs(measured - model.kv_bytes_at(n)) <= 0.05 * measured
+        one_page_each = sum(c.store.page_rows * c.store.row_bytes
+                            for s in sess._states for c in (s.comp, s.index_comp) if c is not None)
+        assert 0 <= measured - sess.kv_bytes <= one_page_each
+
+
+# ------------------------------------------------------------------------------------------------------- ramp
+
+
+def test_ramp_token_by_token_then_full(tiny_checkpoints, ref):
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], page_tokens=128)
+    ids = _ids(260, model.args.vocab_size, seed=4)
+    want = ref.logits(ids[:256])
+    sess = model.session()
+    steps: list[int] = []
+    sess.on_capacity = steps.append
+    sess.feed(ids[:50])
+    caps = []
+    for t in range(50, 256):
+        out = sess.feed(ids[t : t + 1])
+        caps.append(sess.capacity_tokens)
+        assert _rel_err(out, want[t]) <= 1e-4
+    assert steps == [128, 256] and sorted(set(caps)) == [64, 128, 256]
+    assert caps.index(128) == 64 - 50 and caps.index(256) == 128 - 50  # grew exactly when token 65 / 129 came
+    kv_before, logits_before = sess.kv_bytes, sess.last_logits.clone()
+    with pytest.raises(ContextFullError, match="last ramp step is 256"):
+        sess.feed(ids[256:258])
+    assert sess.n_tokens == 256 and sess.kv_bytes == kv_before and torch.equal(sess.last_logits, logits_before)
+    # Still usable: empty feeds give the last logits; a reset session feeds again.
+    assert torch.equal(sess.feed([]), logits_before)
+    sess.reset()
+    assert _rel_err(sess.feed(ids[:20]), want[19]) <= 1e-4
+
+
+def test_ramp_checks_live_free_memory(tiny_checkpoints, ref, monkeypatch):
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], page_tokens=128)
+    ids = _ids(200, model.args.vocab_size, seed=5)
+    sess = model.session()
+    sess.feed(ids[:60])
+    free = {"bytes": 1000}
+    monkeypatch.setattr(model, "free_kv_memory_bytes", lambda: free["bytes"])
+    with pytest.raises(ContextFullError, match="free") as info:
+        sess.feed(ids[60:200])
+    assert "close other programs" in info.value.hint
+    assert sess.n_tokens == 60 and sess.capacity_tokens == 64  # nothing lost, nothing processed
+    free["bytes"] = 1 << 40
+    out = sess.feed(ids[60:200])
+    assert sess.capacity_tokens == 256 and _rel_err(out, ref.logits(ids)[-1]) <= 1e-4
+
+
+def test_free_memory_probe_reports_host_ram():
+    free = free_memory_bytes("cpu")
+    assert free is None or free > 0
+
+
+# ----------------------------------------------------------------------------------------------- prefill ETA
+
+
+def test_prefill_eta_before_and_after_first_chunk(tiny_checkpoints):
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[8192], max_chunk_tokens=256)
+    sess = model.session()
+    events: list[tuple] = []
+    sess.on_prefill = lambda eta_s, n: events.append(("eta", eta_s, n))
+    sess.on_progress = lambda done, total: events.append(("progress", done, total))
+    ids = _ids(2600, model.args.vocab_size, seed=6)
+    sess.feed(ids[:1100])  # no speed measured yet: the ETA comes after the first chunk
+    assert [e[0] for e in events[:2]] == ["progress", "eta"] and events[1][2] == 1100 and events[1][1] > 0
+    assert [e for e in events if e[0] == "progress"][-1][1:] == (1100, 1100)
+    events.clear()
+    sess.feed(ids[1100:1110])  # short feeds get no ETA
+    assert all(e[0] == "progress" for e in events)
+    events.clear()
+    sess.feed(ids[1110:2600])  # measured now: the ETA comes before anything is processed
+    assert events[0][0] == "eta" and events[0][2] == 1490 and events[0][1] > 0
+    assert sum(e[0] == "eta" for e in events) == 1
+    assert model.stats()["prefill_tok_s"] > 0
+
+
+# ------------------------------------------------------------------------------------- bounded attention reads
+
+
+def test_decode_step_reads_are_bounded(tiny_checkpoints, monkeypatch):
+    """A decode step at depth N reads: HCA entries (N/128 rows), the indexer keys one page at a time, and only the
+    top-k selected CSA entries. Nothing of size N/4 is materialized."""
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[4096], page_tokens=256, max_chunk_tokens=1024)
+    sess = model.session()
+    ids = _ids(3001, model.args.vocab_size, seed=7)
+    sess.feed(ids[:3000])
+    seen = {"view": [], "page": [], "gather": []}
+    orig_view, orig_pages, orig_gather = PagedRows.view, PagedRows.iter_pages, PagedRows.gather
+
+    def view(self, n):
+        seen["view"].append((self.page_rows, n))
+        return orig_view(self, n)
+
+    def iter_pages(self, n):
+        for r0, rows in orig_pages(self, n):
+            seen["page"].append(rows.shape[0])
+            yield r0, rows
+
+    def gather(self, idx):
+        seen["gather"].append(tuple(idx.shape))
+        return orig_gather(self, idx)
+
+    monkeypatch.setattr(PagedRows, "view", view)
+    monkeypatch.setattr(PagedRows, "iter_pages", iter_pages)
+    monkeypatch.setattr(PagedRows, "gather", gather)
+    sess.feed(ids[3000:3001])
+    a = model.args
+    hca_rows = max(1, model.page_tokens // a.hca_rate)
+    assert seen["view"] and all(pr == hca_rows and n <= 3001 // a.hca_rate for pr, n in seen["view"])
+    assert seen["page"] and max(seen["page"]) <= model.page_tokens // a.csa_rate
+    assert seen["gather"] == [(1, a.index_topk)]
+    assert LAYER_HCA in a.layer_kinds
+
+
+# ------------------------------------------------------------------------------------------------ think max
+
+
+def test_think_max_gating(tiny_checkpoints, monkeypatch):
+    full = homerun.load(tiny_checkpoints["mixed"])  # default ramp up to 1M; tiny KV fits anywhere
+    ok, reason = full.think_max_available()
+    assert ok and "393,216" in reason
+    short = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256])
+    ok, reason = short.think_max_available()
+    assert not ok and "256" in reason
+    capped = homerun.load(tiny_checkpoints["mixed"], kv_budget_bytes=full.kv_bytes_at(262144))
+    ok, reason = capped.think_max_available()
+    assert not ok and "budget" in reason
+    monkeypatch.setattr(full, "free_kv_memory_bytes", lambda: 1000)
+    ok, reason = full.think_max_available()
+    assert not ok and "free" in reason
+    st = full.stats()
+    assert st["kv_device"] == "cpu" and st["kv_page_tokens"] % full.args.hca_rate == 0
+    assert st["think_max_available"] is False and "free" in st["think_max_reason"]
+
+
+# ------------------------------------------------------------------------------------------- long synthetic run
+
+
+def _long_run(checkpoint, n_tokens: int, chunk: int) -> dict:
+    psutil = pytest.importorskip("psutil")
+    model = homerun.load(checkpoint, ramp_tokens=[n_tokens], max_chunk_tokens=chunk)
+    proc = psutil.Process(os.getpid())
+    sess = model.session()
+    sess.feed(_ids(chunk, model.args.vocab_size, seed=0))  # warm the allocator and the weights in
+    rss0 = proc.memory_info().rss
+    peak = rss0
+    for c0 in range(chunk, n_tokens, chunk):
+        sess.feed(_ids(min(chunk, n_tokens - c0), model.args.vocab_size, seed=c0))
+        peak = max(peak, proc.memory_info().rss)
+    assert sess.n_tokens == n_tokens
+    return {"rss_growth_bytes": peak - rss0, "kv_allocated_bytes": sess.kv_allocated_bytes,
+            "kv_predicted_bytes": model.kv_bytes_at(n_tokens), "logits": sess.last_logits}
+
+
+# Documented bound for the long run: RSS grows by at most the KV allocated plus this transient margin.
+LONG_RUN_TRANSIENT_BYTES = 256 << 20
+
+
+def _check_long_run(r: dict) -> None:
+    assert torch.isfinite(r["logits"]).all()
+    assert abs(r["kv_allocated_bytes"] - r["kv_predicted_bytes"]) <= 0.05 * r["kv_allocated_bytes"]
+    assert r["rss_growth_bytes"] <= r["kv_allocated_bytes"] + LONG_RUN_TRANSIENT_BYTES
+
+
+def test_long_run_8k_rss_bounded(tiny_checkpoint):
+    _check_long_run(_long_run(tiny_checkpoint, 8192, 1024))
+
+
+@pytest.mark.slow
+def test_long_run_64k_rss_bounded(tiny_checkpoint):
+    _check_long_run(_long_run(tiny_checkpoint, 65536, 2048))
+
+
+# --------------------------------------------------------------------------------------------------- FP8 KV
+
+
+def test_fp8_rows_layout_and_roundtrip():
+    from homerun.kv import Fp8PagedRows, fp8_row_bytes
+
+    assert fp8_row_bytes(512, 64, False) == 584 and fp8_row_bytes(128, 0, True) == 132  # deepseek-v4.md section 5
+    store = Fp8PagedRows(512, torch.float32, "cpu", page_rows=8, rope_dim=64)
+    x = torch.randn(20, 512) * torch.logspace(-3, 3, 20)[:, None]
+    store.write(0, x)
+    assert store.nbytes == 24 * 584
+    got = store.view(20)
+    assert torch.equal(got[:, 448:], x[:, 448:].to(torch.bfloat16).float())  # rope dims: bf16
+    blocks = (got[:, :448] - x[:, :448]).abs().view(20, 7, 64).amax(-1)
+    assert (blocks <= x[:, :448].abs().view(20, 7, 64).amax(-1) * 2**-4).all()  # e4m3: 3 mantissa bits
+    assert torch.equal(store.gather(torch.tensor([[19, 3]])), got[[19, 3]].unsqueeze(0))
+    keys = Fp8PagedRows(128, torch.float32, "cpu", page_rows=8, scale_fp32=True)
+    keys.write(0, x[:5, :128])
+    assert keys.nbytes == 8 * 132 and torch.allclose(keys.view(5), x[:5, :128], rtol=2**-3, atol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+def test_compact_kv_dtypes(kv_dtype, tiny_checkpoints, ref):
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], page_tokens=256, kv_dtype=kv_dtype)
+    ids = _ids(900, model.args.vocab_size, seed=9)
+    sess = model.session()
+    out = sess.feed(ids)
+    assert sess.kv_bytes == model.kv_bytes_at(900) < ref.kv_bytes_at(900)
+    assert sess.kv_allocated_bytes == _measured_state_bytes(sess)
+    assert model.stats()["kv_dtype"] == kv_dtype
+    want, got = ref.logits(ids), model.logits(ids)
+    assert _rel_err(out, got[-1]) <= 1e-5
+    # Lossy but close: mean per-position relative error and top-1 agreement against exact fp32 entries.
+    rel = ((got - want).abs().amax(-1) / want.abs().amax(-1)).mean().item()
+    assert rel <= (2e-3 if kv_dtype == "bf16" else 2e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.95
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+@pytest.mark.gpu
+def test_kv_on_gpu_or_host_gives_the_same_logits(tiny_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    on_gpu = homerun.load(tiny_checkpoint, device="cuda", ramp_tokens=[4096], page_tokens=256)
+    on_host = homerun.load(tiny_checkpoint, device="cuda", ramp_tokens=[4096], page_tokens=256, kv_device="cpu")
+    assert on_gpu.stats()["kv_device"].startswith("cuda") and on_host.stats()["kv_device"] == "cpu"
+    ids = _ids(700, on_gpu.args.vocab_size, seed=10)
+    a, b = on_gpu.session(), on_host.session()
+    assert _rel_err(b.feed(ids), a.feed(ids)) <= 1e-4
+    csa = next(s.comp for s in b._states if s.comp is not None)
+    assert csa.store.pages[0].device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------------ chat
+
+
+def test_chat_shows_ramp_steps_and_prefill_eta(tiny_checkpoint, monkeypatch):
+    import homerun.commands.chat as chat_cmd
+    from homerun.chat import ChatSession
+
+    model = homerun.load(tiny_checkpoint, ramp_tokens=[64, 128, 4096], max_chunk_tokens=512)
+    chat = ChatSession(model, autosave=False)
+    lines: list[str] = []
+
+    class Out:
+        def info(self, msg: str) -> None:
+            lines.append(msg)
+
+    chat_cmd.attach_context_hooks(chat, Out())
+    monkeypatch.setattr(chat_cmd, "PREFILL_ETA_SHOW_S", 0.0)
+    chat._kv.feed(_ids(1500, model.args.vocab_size, seed=11))
+    assert any("Context grew to 128 tokens" in x for x in lines)
+    assert any("Context grew to 4,096 tokens" in x for x in lines)
+    assert any("Prefilling 1,500 tokens" in x for x in lines)
+    ok, reason = chat.set_think("max").kind, chat.think
+    assert ok == "error" and reason == "off"  # the ramp ends at 4096: Think Max refused
