@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from homerun import bench_command as bc
@@ -33,19 +32,10 @@ def _fast_dram(monkeypatch):
     monkeypatch.setattr(bs, "measure_dram_read_gbps", lambda reps=5: 10.0)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _main():
-        pass
-
-    bc.register(app)
-    return app
-
-
 def _invoke(*args: str):
-    return CliRunner().invoke(_app(), ["bench", *args])
+    from homerun.cli import app
+
+    return CliRunner().invoke(app, ["bench", *args])
 
 
 class PerturbingBackend:

@@ -154,12 +154,12 @@ def test_bench_kernels_cli_json_has_the_documented_keys():
     assert data["fp4_gemv_ratio"] == pytest.approx(data["fp4_gemv_gbps"] / data["dram_read_gbps"], rel=1e-2)
 
 
-def test_bench_without_kernels_is_a_usage_error():
+def test_bench_without_model_or_kernels_is_a_usage_error():
     from homerun.cli import app
 
     res = CliRunner().invoke(app, ["bench"])
     # CliRunner bypasses the app's error handler, so the typed error surfaces; the CLI maps it to exit code 2.
-    assert isinstance(res.exception, UsageError) and "later change" in res.exception.message
+    assert isinstance(res.exception, UsageError) and "needs a MODEL" in res.exception.message
     assert res.exception.exit_code == 2
 
 
