@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from homerun.errors import CheckpointError, ConfigError, DownloadError, UnknownModelError
-from homerun.specs import ModelSpec, find_card, load_card, parse_config, read_json, unknown_model
+from homerun.specs import ModelSpec, card_index, find_card, load_card, parse_config, read_json, unknown_model
 
 DTYPE_BYTES = {
     "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -350,9 +350,29 @@ def hub_tensors(repo_id: str, revision: str | None = None) -> list[Tensor]:
     return out
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick DNS + TCP probe, so an offline machine fails in seconds instead of huggingface_hub's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True  # the cache answers offline lookups; let huggingface_hub do it
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def hub_config(repo_id: str, revision: str | None = None) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
+    if not _hub_reachable():
+        raise UnknownModelError(f"{repo_id}: not a shipped card or local directory, and the Hub is unreachable",
+                                hint="pass a local directory holding config.json, or one of the shipped cards: "
+                                     + ", ".join(card_index()))
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision)
     except Exception as exc:  # noqa: BLE001

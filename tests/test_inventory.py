@@ -7,6 +7,8 @@ import struct
 
 import pytest
 
+from homerun import inventory
+
 from conftest import REFERENCE, needs_reference
 from homerun.errors import CheckpointError, UnknownModelError
 from homerun.inventory import (DTYPE_BYTES, classify, inventory_file_tensors, inventory_from_config,
@@ -213,6 +215,7 @@ def test_hub_headers_are_read_without_weights(monkeypatch, tmp_path):
         return types.SimpleNamespace(files_metadata={"model.safetensors": types.SimpleNamespace(tensors=info)})
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(inventory, "_hub_reachable", lambda timeout_s=3.0: True)  # the fake Hub below answers
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", fake_meta)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, fn, revision=None: str(cfg_file))
     spec2, inv = resolve_model("org/tiny")
@@ -223,3 +226,12 @@ def test_hub_headers_are_read_without_weights(monkeypatch, tmp_path):
 def test_unknown_model_offline_is_a_usage_error():
     with pytest.raises(UnknownModelError, match="no-such/model"):
         resolve_model("no-such/model")
+
+
+def test_unknown_repo_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    # An offline machine must get exit 2 at once, not huggingface_hub's retries; the hint lists the cards.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(inventory, "_hub_reachable", lambda timeout_s=3.0: False)
+    with pytest.raises(UnknownModelError) as err:
+        inventory.resolve_model("nosuch/model")
+    assert "unreachable" in err.value.message and "deepseek-ai/DeepSeek-V4-Flash" in err.value.hint
