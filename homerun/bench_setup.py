@@ -8,7 +8,6 @@ The timing harness, records and correctness gate live in `homerun.benchmark`. No
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import time
 from dataclasses import replace
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from offload.kernel_bench import cpu_info  # noqa: F401 - one CPU description for every record
 
 from homerun.benchmark import BenchRecord, BenchTarget, BenchTest, CountingBackend, Limits
 
@@ -48,16 +49,6 @@ def build_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def cpu_info() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
 def gpu_info() -> str:
