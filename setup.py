@@ -57,7 +57,7 @@ setup(
         Extension(
             _KERNEL,
             sources=[_src],
-            depends=[os.path.join("offload", "csrc", "hr_kernels.h")],
+            depends=[os.path.join("offload", "csrc", f) for f in ("hr_kernels.h", "hr_dense.inc")],
             include_dirs=[os.path.join("offload", "csrc")],
             extra_compile_args=_compile_args(),
             extra_link_args=_link_args(),

@@ -52,6 +52,7 @@ def _rss_now() -> dict:
 
 
 def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
+    import homerun  # noqa: F401 - before torch, so homerun's OpenMP wait policy applies as it does in the CLI
     import torch
 
     from homerun.bench_setup import open_target

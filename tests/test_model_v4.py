@@ -138,7 +138,7 @@ def test_qlinear_paths_equal_full_dequant(shape, monkeypatch):
     lin = v4.QLinear(q, s)
     assert torch.equal(lin.dequant(torch.float32), dequant_fp8(q, s))
     native = lin(x)  # the native kernel when built, else the torch path
-    monkeypatch.setattr(v4, "USE_NATIVE_FP8", False)
+    monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", False)
     full = lin(x)
     monkeypatch.setattr(v4, "_BLOCK_ELEMS", 128 * shape[1])  # force one 128-row block per dequant
     blocked = lin(x)
@@ -148,8 +148,41 @@ def test_qlinear_paths_equal_full_dequant(shape, monkeypatch):
         xg = torch.randn(5, 2, shape[1], generator=g)
         refg = torch.stack([xg[:, i] @ dequant_fp8(q, s)[i * 128 : (i + 1) * 128].T for i in range(2)], dim=1)
         assert torch.allclose(lin.grouped(xg, 2), refg, rtol=0, atol=1e-6 * refg.abs().max().item())
-        monkeypatch.setattr(v4, "USE_NATIVE_FP8", True)
+        monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", True)
         assert torch.allclose(lin.grouped(xg, 2), refg, rtol=0, atol=1e-6 * refg.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(300, 4096), (7, 37), (129, 130)])
+def test_qlinear_bf16_native_is_exact_products(shape, monkeypatch):
+    """A bf16-stored matrix in an fp32 model: the native kernel (when built) equals the fp32 upcast matmul up to
+    summation order, for 1..64 rows; the torch path (kernel off) is the upcast itself."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(*shape, generator=g).bfloat16()
+    lin = v4.QLinear(w)
+    for rows in (1, 3, 64):
+        x = torch.randn(rows, shape[1], generator=g)
+        ref = (x.double() @ w.double().T)
+        y = lin(x)
+        assert y.dtype == torch.float32 and y.shape == (rows, shape[0])
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+        monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", False)
+        assert torch.allclose(lin(x).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+        monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", True)
+
+
+def test_bf16_kernel_against_double_reference():
+    cpu_dense = pytest.importorskip("offload.cpu_dense")
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(3)
+    for n, k, t in ((513, 4099, 5), (48, 4096, 1), (100, 16, 9), (5, 1, 2)):
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(t, k, generator=g)
+        ref = x.double() @ w.double().T
+        y = cpu_dense.bf16_linear(x, w)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+    with pytest.raises(Exception, match="input width"):
+        cpu_dense.bf16_linear(torch.randn(1, 5), torch.zeros(3, 4, dtype=torch.bfloat16))
 
 
 class _RecordingBackend:

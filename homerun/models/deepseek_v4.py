@@ -43,10 +43,11 @@ _HF_TYPE_TO_KIND = {
 }
 # Temporaries (dequantized weight blocks, attention score blocks) are kept under this many elements.
 _BLOCK_ELEMS = 1 << 24
-# FP8 matmuls of at most this many rows on CPU/fp32 use the native kernel (offload.cpu_experts.fp8_linear) when it
-# is built: no dequantized copy, fp32 accumulation. Larger batches dequantize in row blocks and use the BLAS GEMM.
+# FP8 and bf16 matmuls of at most this many rows on CPU/fp32 use the native kernels (offload.cpu_experts.fp8_linear,
+# offload.cpu_dense.bf16_linear) when built: no dequantized copy, fp32 accumulation. Larger batches dequantize in
+# row blocks and use the BLAS GEMM.
 NATIVE_FP8_MAX_ROWS = 64
-USE_NATIVE_FP8 = True
+USE_NATIVE_LINEAR = True
 _native_fp8_fn: Any = None
 
 
@@ -63,6 +64,25 @@ def _native_fp8() -> Callable | None:
         except Exception:  # noqa: BLE001 - no kernel (not built, import error): the torch path is always correct
             _native_fp8_fn = False
     return _native_fp8_fn or None
+
+
+_native_bf16_fn: Any = None
+
+
+def native_bf16() -> Callable | None:
+    """offload.cpu_dense.bf16_linear when the native kernel is built, else None (resolved once). With it, bf16-stored
+    matrices stay bf16 in an fp32 model: exact products, half the bytes per decode step of an fp32 copy."""
+    global _native_bf16_fn
+    if _native_bf16_fn is None:
+        _native_bf16_fn = False
+        try:
+            from offload import cpu_dense
+
+            if cpu_dense.available():
+                _native_bf16_fn = cpu_dense.bf16_linear
+        except Exception:  # noqa: BLE001 - no kernel: the fp32 upcast path is always correct
+            _native_bf16_fn = False
+    return _native_bf16_fn or None
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -326,8 +346,15 @@ class QLinear:
 
     def _native_ok(self, x: torch.Tensor) -> bool:
         return (
-            USE_NATIVE_FP8 and self.scale is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            USE_NATIVE_LINEAR and self.scale is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features and _native_fp8() is not None
+        )
+
+    def _native_bf16_ok(self, x: torch.Tensor) -> bool:
+        return (
+            USE_NATIVE_LINEAR and self.scale is None and self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features
+            and native_bf16() is not None
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,6 +362,8 @@ class QLinear:
             return F.linear(x, self.weight)
         if self._native_ok(x):
             return _native_fp8()(x, self.weight, self.scale)
+        if self._native_bf16_ok(x):
+            return native_bf16()(x, self.weight)
         out_f = self.out_features
         rb = self.row_block()
         if rb >= out_f:
@@ -883,7 +912,9 @@ def build_model(
         q = QLinear(w, s)
         if dense is not None:
             q = q.to_dense(dense)
-        elif s is None and upcast_bf16 and compute_dtype == torch.float32 and w.dtype != torch.float32:
+        elif s is None and upcast_bf16 and compute_dtype == torch.float32 and w.dtype != torch.float32 and not (
+            w.dtype == torch.bfloat16 and device.type == "cpu" and native_bf16() is not None
+        ):  # the native bf16 kernel is exact and reads half the bytes, so bf16 stays bf16 where it runs
             q = q.to_dense(torch.float32)
         return q.to(device) if q.weight.device != device else q
 

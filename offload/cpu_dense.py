@@ -1,0 +1,60 @@
+"""BF16-stored dense matrices times fp32 activations on the native CPU kernels (`hr_bf16_gemm`).
+
+V4 stores its head, compressors, routers and the indexer's weights_proj in bf16. An fp32 model used to hold them
+upcast to fp32, which doubles the bytes every decode step reads (V4-Flash's head alone: 1.06 GB -> 2.1 GB). Widening
+bf16 to fp32 is exact, so this kernel reads the bf16 bytes and still equals the fp32 matmul up to summation order.
+Not here: large batches (prefill), where a BLAS GEMM on an fp32 block wins; callers route those elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from homerun.errors import KernelError
+
+_ready: bool | None = None
+
+
+def _lib() -> ctypes.CDLL | None:
+    """The kernel library with hr_bf16_gemm bound, or None (not built, or an older build without it)."""
+    global _ready
+    from offload.cpu_experts import _native, resolve_path
+
+    lib = _native()
+    if _ready is None:
+        _ready = False
+        if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_bf16_gemm"):
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
+            lib.hr_bf16_gemm.restype = ctypes.c_int
+            _ready = True
+    return lib if _ready else None
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ w [N, K] bf16 ^T -> [..., N] fp32, with exact products and fp32 sums (native kernel)."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native bf16 kernel is not available", hint="rebuild with `pip install -e .`")
+    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu":
+        raise KernelError(f"bf16_linear needs a 2-D CPU bf16 weight, got {w.dtype} {tuple(w.shape)} on {w.device}",
+                          hint="keep the stored bf16 tensor")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise KernelError(f"bf16_linear: input width {x.shape[-1]} does not match the weight's {k}",
+                          hint="check which weight is applied to which activation")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    wc = w.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        rc = lib.hr_bf16_gemm(0, wc.data_ptr(), n, k, x2.data_ptr(), x2.shape[0], y.data_ptr())
+        if rc != 0:
+            raise KernelError(f"native bf16 GEMM failed with code {rc}", hint="rebuild with `pip install -e .`")
+    return y.reshape(*lead, n)
