@@ -1,12 +1,16 @@
 """Replay a routing trace through every replacement policy and Belady's MIN, for one global cache of N slots
-keyed by (layer, expert). Pure computation over the access sequence: no devices, no timing."""
+keyed by (layer, expert). Pure computation over the access sequence: no devices, no timing.
+
+Each record (one token at one layer) is served as the runtime serves it (offload/cached_backend.py): its resident
+experts are hits, looked up before any of its misses is loaded (`replay_groups`), and Belady's MIN is taken over
+the same grouped sequence (`belady_group_hits`; the optimum whenever the cache has more slots than top_k)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from homerun.errors import UsageError
-from offload.policies import DEFAULT_POLICY, POLICIES, belady_hits, make_policy, replay_hits
+from offload.policies import DEFAULT_POLICY, POLICIES, belady_group_hits, make_policy, replay_groups
 from offload.trace import RoutingTrace
 
 
@@ -28,9 +32,12 @@ def simulate(trace: RoutingTrace, cache_slots: int, policies: tuple[str, ...] | 
     """Hit rate of each policy and of Belady's MIN (the optimum for this cache size) on the trace."""
     if cache_slots < 1:
         raise UsageError(f"--cache-slots must be at least 1, got {cache_slots}", hint="e.g. --cache-slots 128")
-    keys = trace.keys()
-    if not keys:
+    groups = [[(r.layer, e) for e in r.experts] for r in trace.records]
+    n = sum(len(g) for g in groups)
+    if not n:
         raise UsageError("the trace has no routing records", hint="record a trace with at least one token")
-    n = len(keys)
-    rates = {name: replay_hits(make_policy(name, cache_slots), keys) / n for name in (policies or tuple(POLICIES))}
-    return SimulationResult(cache_slots, n, len(set(keys)), belady_hits(keys, cache_slots) / n, rates, DEFAULT_POLICY)
+    rates = {name: replay_groups(make_policy(name, cache_slots), groups) / n
+             for name in (policies or tuple(POLICIES))}
+    n_distinct = len({k for g in groups for k in g})
+    return SimulationResult(cache_slots, n, n_distinct, belady_group_hits(groups, cache_slots) / n, rates,
+                            DEFAULT_POLICY)

@@ -2,21 +2,26 @@
 
 File format: one header line `{"model", "n_layers", "n_experts", "top_k"}`, then one line per token per layer
 `{"token": t, "layer": l, "experts": [...]}`. `TracingBackend` records a trace during generation by wrapping any
-`ExpertBackend`. The two generators reproduce the two published routing patterns (peers.md §1.2):
-- `skewed_trace`: strong static popularity, "10% of experts take 80% of hits", tokens independent;
-- `reuse_trace`: weak static skew (top-32 of 512 experts ~10% of hits) but strong token-to-token reuse
-  ("LRU-64 ~67%, LRU-128 ~81% hit with 512 experts"), modeled by LRU stack distances.
+`ExpertBackend`. The two seeded generators reproduce the two published routing patterns (peers.md §1.2, §4):
+- `skewed_trace`: strong static popularity ("10% of experts take 80-81% of hits, 30% take 95-96%"), tokens
+  independent;
+- `reuse_trace`: weak static skew (a learned top-32 of 512 experts covers ~10% of held-out hits) but strong
+  token-to-token reuse ("a per-layer LRU-64 hits ~67%, LRU-128 ~81%, 512 experts, 10 per token"), modeled by
+  LRU stack distances.
+Both emit one record per (token, layer) with `top_k` distinct experts, in execution order (all layers of token t,
+then token t+1), which is the sequence a global cache keyed by (layer, expert) sees.
 This module does not simulate caches (offload/simulate.py does).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Sequence
 
 import torch
 
@@ -143,26 +148,73 @@ def _parse_record(path: Path, lineno: int, line: str, h: TraceHeader) -> TraceRe
     return rec
 
 
-def _zipf_exponent_for(n_experts: int, hot_fraction: float, hot_share: float) -> float:
-    # Bisection on s: the top hot_fraction of p_i ∝ (i+1)^-s holds hot_share of the mass.
-    n_hot = max(1, round(n_experts * hot_fraction))
-    lo, hi = 0.0, 8.0
-    for _ in range(60):
-        s = (lo + hi) / 2
-        w = [(i + 1) ** -s for i in range(n_experts)]
-        share = sum(w[:n_hot]) / sum(w)
-        lo, hi = (s, hi) if share < hot_share else (lo, s)
-    return (lo + hi) / 2
+def _check_shape(n_layers: int, n_experts: int, top_k: int) -> None:
+    if n_layers < 1 or not 1 <= top_k <= n_experts:
+        raise UsageError(f"synthetic trace needs n_layers >= 1 and 1 <= top_k <= n_experts, got n_layers={n_layers}, "
+                         f"n_experts={n_experts}, top_k={top_k}", hint="e.g. 4 layers, 256 experts, top_k 6")
+
+
+def _inclusion_probs(w: torch.Tensor, top_k: int) -> torch.Tensor:
+    # Rosen's approximation for drawing top_k without replacement proportionally to w (what torch.multinomial
+    # does): P(i chosen) = 1 - exp(-lam * w_i), with lam set so the probabilities sum to top_k.
+    if top_k >= len(w):
+        return torch.ones_like(w)
+    lo, hi = 0.0, 1.0 / float(w.max())
+    while float((1 - torch.exp(-hi * w)).sum()) < top_k:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((1 - torch.exp(-mid * w)).sum()) < top_k else (lo, mid)
+    return 1 - torch.exp(-(lo + hi) / 2 * w)
+
+
+def _popularity_law(n_experts: int, exponent: float, cutoff: float) -> torch.Tensor:
+    i = torch.arange(n_experts, dtype=torch.float64)
+    return torch.exp(-exponent * torch.log1p(i) - cutoff * i / n_experts)  # Zipf with an exponential cutoff
+
+
+@functools.lru_cache(maxsize=32)
+def _fit_popularity(n_experts: int, top_k: int, points: tuple[tuple[float, float], ...]) -> tuple[float, float]:
+    """(exponent, cutoff) of the popularity law whose realized hit shares (top-k draws without replacement) match
+    `points` = ((fraction of experts, share of hits), ...): the first point fixes the exponent, the second the
+    cutoff. Nested bisection: the head share rises with the exponent, the second share with the cutoff."""
+    def share(exponent: float, cutoff: float, frac: float) -> float:
+        p = _inclusion_probs(_popularity_law(n_experts, exponent, cutoff), top_k)
+        return float(p[:max(1, round(frac * n_experts))].sum() / p.sum())
+
+    def exponent_for(cutoff: float) -> float:
+        (frac, target), lo, hi = points[0], 0.0, 10.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if share(mid, cutoff, frac) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    if len(points) < 2:
+        return exponent_for(0.0), 0.0
+    (frac2, target2), lo, hi = points[1], 0.0, 100.0
+    if share(exponent_for(0.0), 0.0, frac2) >= target2:  # pure Zipf already reaches the second share
+        return exponent_for(0.0), 0.0
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if share(exponent_for(mid), mid, frac2) < target2 else (lo, mid)
+    cutoff = (lo + hi) / 2
+    return exponent_for(cutoff), cutoff
 
 
 def skewed_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, *, hot_fraction: float = 0.1,
-                 hot_share: float = 0.8, seed: int = 0, model: str = "synthetic-skewed") -> RoutingTrace:
-    """Independent tokens over a per-layer Zipf popularity whose top `hot_fraction` of experts receive about
-    `hot_share` of the hits. Popular experts differ per layer (a random permutation each)."""
+                 hot_share: float = 0.805, warm_fraction: float = 0.3, warm_share: float = 0.955, seed: int = 0,
+                 model: str = "synthetic-skewed") -> RoutingTrace:
+    """Strong static skew (llama.cpp #24524: "10% of experts take 80-81% of hits, the top 30% take 95-96%").
+
+    Model: tokens are independent; each (token, layer) draws `top_k` distinct experts without replacement from a
+    fixed per-layer popularity p_i ∝ (i+1)^-s · exp(-c·i/n), whose (s, c) are fitted so that the top
+    `hot_fraction` of experts receive `hot_share` of the hits and the top `warm_fraction` receive `warm_share`.
+    Popular experts differ per layer (a random permutation each). No temporal locality beyond the skew, so a
+    frequency ranking (LFU) is close to the best online policy here (`skewed_online_bound`)."""
+    _check_shape(n_layers, n_experts, top_k)
     g = torch.Generator().manual_seed(seed)
-    s = _zipf_exponent_for(n_experts, hot_fraction, hot_share)
-    # top-k draws are without replacement, which flattens the realized share; a slightly steeper law compensates.
-    w = (torch.arange(1, n_experts + 1, dtype=torch.float64) ** -(s * 1.15)).expand(n_tokens, n_experts)
+    exponent, cutoff = _fit_popularity(n_experts, top_k, ((hot_fraction, hot_share), (warm_fraction, warm_share)))
+    w = _popularity_law(n_experts, exponent, cutoff).expand(n_tokens, n_experts)
     per_layer = []
     for _ in range(n_layers):
         perm = torch.randperm(n_experts, generator=g)
@@ -171,23 +223,94 @@ def skewed_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, *, ho
     return RoutingTrace(TraceHeader(model, n_layers, n_experts, top_k), tuple(records))
 
 
-def reuse_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, *, reuse_prob: float = 0.95,
-                stack_alpha: float = 1.2, seed: int = 0, model: str = "synthetic-reuse") -> RoutingTrace:
-    """Weak static skew, strong reuse: with probability `reuse_prob` an expert is drawn from the layer's LRU stack
-    at a distance d ~ (d+1)^-stack_alpha (recently used experts come back), otherwise from a mild popularity."""
+def skewed_online_bound(n_layers: int, n_experts: int, top_k: int, cache_slots: Sequence[int], *,
+                        hot_fraction: float = 0.1, hot_share: float = 0.805, warm_fraction: float = 0.3,
+                        warm_share: float = 0.955) -> dict[int, float]:
+    """Upper bound on the expected hit rate of ANY online policy with a global cache of N slots on `skewed_trace`
+    with the same popularity arguments; {N: bound}. Tokens are independent, so a token's hits are at most the N
+    largest P((layer, expert) used by this token) (the argument of `reuse_online_bound`); the same every token.
+    Inclusion probabilities by Rosen's approximation (within ~1% of Monte Carlo)."""
+    exponent, cutoff = _fit_popularity(n_experts, top_k, ((hot_fraction, hot_share), (warm_fraction, warm_share)))
+    incl = _inclusion_probs(_popularity_law(n_experts, exponent, cutoff), top_k)
+    ranked = torch.sort(incl.repeat(n_layers), descending=True).values.cumsum(0)
+    return {int(n): float(ranked[min(int(n), len(ranked)) - 1]) / (n_layers * top_k) for n in cache_slots}
+
+
+def reuse_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, *, reuse_prob: float = 0.93,
+                stack_alpha: float = 2.0, stack_offset_tokens: float = 3.0, pop_exponent: float = 0.65,
+                seed: int = 0, model: str = "synthetic-reuse") -> RoutingTrace:
+    """Weak static skew, strong token-to-token reuse (llama.cpp #27861, 512 experts, 10 routed per token: a per-layer
+    LRU-64 hits ~67%, LRU-128 ~81%; a top-32 list learned on one half of the trace covers ~10% of the other half).
+
+    Model (an LRU stack-distance model): each layer keeps its experts in recency order. Each of a token's `top_k`
+    distinct experts is, with probability `reuse_prob`, the expert at stack depth d with P(d) ∝ (d + d0)^-alpha,
+    d0 = `stack_offset_tokens`·top_k (reuse reaches back a few tokens, not just the last one); otherwise it is
+    drawn from a mild static popularity p_i ∝ (i+1)^-`pop_exponent`. After the token, its experts move to the top.
+    The defaults reproduce the three #27861 figures at 512 experts / top-10 (tests/test_simulate.py checks them).
+    Because P(d) falls with depth, LRU is close to the best online policy here (`reuse_online_bound`)."""
+    _check_shape(n_layers, n_experts, top_k)
+    steps = _reuse_process(n_tokens, n_layers, n_experts, top_k, reuse_prob, stack_alpha, stack_offset_tokens,
+                           pop_exponent, seed, want_probs=False)
+    records = tuple(TraceRecord(t, l, tuple(chosen)) for t, l, chosen, _ in steps)
+    return RoutingTrace(TraceHeader(model, n_layers, n_experts, top_k), records)
+
+
+def reuse_online_bound(n_tokens: int, n_layers: int, n_experts: int, top_k: int, cache_slots: Sequence[int], *,
+                       reuse_prob: float = 0.93, stack_alpha: float = 2.0, stack_offset_tokens: float = 3.0,
+                       pop_exponent: float = 0.65, seed: int = 0) -> dict[int, float]:
+    """Upper bound on the expected hit rate of ANY online policy (no future knowledge) with a global cache of N
+    slots, on the `reuse_trace` of the same arguments; {N: bound}.
+
+    Why it bounds: a (token, layer) group's experts are distinct, so its hits are at most |G ∩ S|, S = that layer's
+    keys resident when the group starts, and S depends only on the past: E[hits] <= sum over S of P(e in G | past).
+    At the start of each token every layer's S is resident at once, so sum |S_l| <= N, and the token's hits are at
+    most the N largest P(e in G | past) over all (layer, expert). Summed over tokens, divided by the accesses.
+    P(e in G) uses Rosen's approximation of without-replacement inclusion (within ~1% of Monte Carlo)."""
+    _check_shape(n_layers, n_experts, top_k)
+    totals = {int(n): 0.0 for n in cache_slots}
+    per_token: list[torch.Tensor] = []
+    for _, l, _, incl in _reuse_process(n_tokens, n_layers, n_experts, top_k, reuse_prob, stack_alpha,
+                                        stack_offset_tokens, pop_exponent, seed, want_probs=True):
+        per_token.append(incl)
+        if l == n_layers - 1:
+            ranked = torch.sort(torch.cat(per_token), descending=True).values.cumsum(0)
+            for n in totals:
+                totals[n] += float(ranked[min(n, len(ranked)) - 1])
+            per_token = []
+    n_accesses = n_tokens * n_layers * top_k
+    return {n: v / n_accesses for n, v in totals.items()}
+
+
+def _reuse_process(n_tokens, n_layers, n_experts, top_k, reuse_prob, stack_alpha, stack_offset_tokens, pop_exponent,
+                   seed, *, want_probs: bool) -> Iterator[tuple[int, int, list[int], torch.Tensor | None]]:
+    """The reuse model's steps: (token, layer, chosen experts, each expert's inclusion probability for this group
+    given the past, or None). One RNG path for both uses, so the bound describes exactly the generated trace."""
     rng = random.Random(seed)
-    dist_cum = list(itertools.accumulate((d + 1) ** -stack_alpha for d in range(n_experts)))
-    pop_cum = list(itertools.accumulate((i + 1) ** -0.3 for i in range(n_experts)))  # weak static skew
+    d0 = stack_offset_tokens * top_k
+    dist_w = [(d + d0) ** -stack_alpha for d in range(n_experts)]
+    pop_w = [(i + 1) ** -pop_exponent for i in range(n_experts)]
+    dist_cum, pop_cum = list(itertools.accumulate(dist_w)), list(itertools.accumulate(pop_w))
     ids = range(n_experts)
     stacks = []
     for _ in range(n_layers):
         perm = list(range(n_experts))
         rng.shuffle(perm)
         stacks.append((perm, perm[:]))  # (popularity order, LRU stack most-recent-first)
-    records = []
+    if want_probs:
+        dist_p = torch.tensor(dist_w, dtype=torch.float64) / sum(dist_w) * reuse_prob
+        pop_by_expert = []
+        for perm, _ in stacks:
+            v = torch.zeros(n_experts, dtype=torch.float64)
+            v[torch.tensor(perm)] = torch.tensor(pop_w, dtype=torch.float64) / sum(pop_w) * (1 - reuse_prob)
+            pop_by_expert.append(v)
     for t in range(n_tokens):
         for l in range(n_layers):
             pop_order, stack = stacks[l]
+            incl = None
+            if want_probs:
+                q = pop_by_expert[l].clone()
+                q[torch.tensor(stack)] += dist_p
+                incl = _inclusion_probs(q, top_k)
             chosen: list[int] = []
             while len(chosen) < top_k:
                 if rng.random() < reuse_prob:
@@ -199,8 +322,7 @@ def reuse_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, *, reu
             for e in chosen:
                 stack.remove(e)
                 stack.insert(0, e)
-            records.append(TraceRecord(t, l, tuple(chosen)))
-    return RoutingTrace(TraceHeader(model, n_layers, n_experts, top_k), tuple(records))
+            yield t, l, chosen, incl
 
 
 def iter_keys(trace: RoutingTrace) -> Iterator[ExpertKey]:

@@ -7,9 +7,10 @@ from hypothesis import strategies as st
 
 from homerun.errors import UsageError
 from offload.policies import (
-    DEFAULT_POLICY, POLICIES, AdaptivePolicy, ARCPolicy, LFUPolicy, LRUPolicy, belady_hits, make_policy, replay_hits,
+    DEFAULT_POLICY, POLICIES, AdaptivePolicy, ARCPolicy, LFUPolicy, LRUPolicy, belady_group_hits, belady_hits,
+    make_policy, replay_groups, replay_hits,
 )
-from offload.trace import reuse_trace, skewed_trace
+from offload.trace import reuse_online_bound, reuse_trace, skewed_online_bound, skewed_trace
 
 
 def test_lru_evicts_least_recently_used():
@@ -73,6 +74,22 @@ def test_policy_tracks_residency_exactly(name, seq, cap):
         assert all(r in p for r in resident)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seq=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4)), min_size=1, max_size=300),
+       cap=st.integers(1, 8))
+def test_adaptive_tracks_residency_across_layers_and_switches(seq, cap):
+    """(layer, expert) keys with a short half-life, so layers switch rankings (and move keys) often."""
+    p, resident = AdaptivePolicy(cap, half_life_accesses=6), set()
+    for k in seq:
+        hit, victim = p.access(k)
+        assert hit == (k in resident)
+        if victim is not None:
+            assert victim in resident and victim != k
+            resident.discard(victim)
+        resident.add(k)
+        assert len(p) == len(resident) <= cap and all(r in p for r in resident)
+
+
 def _brute_force_optimum(seq, cap):
     """Most hits of any demand-paging eviction sequence (exhaustive; tiny inputs only)."""
     best = 0
@@ -107,6 +124,58 @@ def test_belady_bounds_every_policy_on_random_sequences():
         assert replay_hits(make_policy(name, 8), seq) <= best
 
 
+def _brute_force_group_optimum(groups, cap):
+    """Most hits serving groups as replay_groups does (hits first, each miss loaded, evicting anything)."""
+    best = 0
+
+    def go(i, cache, hits):
+        nonlocal best
+        if i == len(groups):
+            best = max(best, hits)
+            return
+        misses = [k for k in groups[i] if k not in cache]
+        gained = len(groups[i]) - len(misses)
+
+        def load(j, c):
+            if j == len(misses):
+                go(i + 1, c, hits + gained)
+            elif len(c) < cap:
+                load(j + 1, c | {misses[j]})
+            else:
+                for v in c:
+                    load(j + 1, (c - {v}) | {misses[j]})
+        load(0, cache)
+    go(0, frozenset(), 0)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), cap=st.integers(2, 4))
+def test_group_belady_is_the_optimum_when_slots_exceed_a_group(data, cap):
+    group = st.lists(st.integers(0, 5), min_size=1, max_size=cap - 1, unique=True).map(tuple)
+    groups = data.draw(st.lists(group, min_size=1, max_size=6))
+    best = belady_group_hits(groups, cap)
+    assert best == _brute_force_group_optimum(groups, cap)
+    for name in POLICIES:
+        assert replay_groups(make_policy(name, cap), groups) <= best
+
+
+def test_replay_groups_counts_hits_before_loading_misses():
+    # Group 2 lists its miss (c) before its hit (a): a flat replay loads c first and evicts a, which the group uses.
+    groups = [("a", "b"), ("c", "a")]
+    assert replay_hits(LRUPolicy(2), [k for g in groups for k in g]) == 0  # c evicts a, then a misses
+    assert replay_groups(LRUPolicy(2), groups) == 1  # a is a hit, looked up before c is loaded (c evicts b)
+    assert belady_group_hits(groups, 2) == 1
+
+
+def test_group_belady_bounds_every_policy_on_random_groups():
+    rng = random.Random(2)
+    groups = [tuple(rng.sample(range(40), 4)) for _ in range(800)]
+    best = belady_group_hits(groups, 12)
+    for name in POLICIES:
+        assert replay_groups(make_policy(name, 12), groups) <= best
+
+
 def test_unknown_policy_and_zero_capacity_are_usage_errors():
     with pytest.raises(UsageError, match="unknown cache policy"):
         make_policy("fifo", 4)
@@ -126,34 +195,112 @@ def test_adaptive_switches_ranking_with_the_workload():
 
 
 # --- the issue's goals, on both published routing patterns -----------------------------------------------------
+# Traces as the issue describes them: one record per (token, layer), top_k distinct experts each, one global cache
+# keyed by (layer, expert). Skewed: V4-Flash shape (256 experts, top-6). Reuse: #27861's shape (512, top-10).
+# Cache sizes are fractions of layers x experts.
 
-def _rates(trace, slots):
-    keys = trace.keys()
-    n = len(keys)
-    rates = {name: replay_hits(make_policy(name, slots), keys) / n for name in ("lru", "lfu", DEFAULT_POLICY)}
-    return rates, belady_hits(keys, slots) / n
+def _trace(kind, seed):
+    if kind == "skewed":
+        return skewed_trace(2000, 4, 256, 6, seed=seed)
+    return reuse_trace(1000, 4, 512, 10, seed=seed)
 
 
-@pytest.mark.parametrize("kind", ["skewed", "reuse"])
-def test_default_policy_meets_goals(kind):
-    if kind == "skewed":  # "10% of experts take 80% of hits"; cache = 10% of each layer's experts
-        trace, slots = skewed_trace(1500, 4, 256, 6, seed=11), 4 * 26
-    else:  # "LRU-128 hits 81% with 512 experts"; cache = 128 per layer
-        trace, slots = reuse_trace(700, 2, 512, 8, seed=11), 2 * 128
-    rates, belady = _rates(trace, slots)
+def _rates(trace, slots, names=("lru", "lfu", DEFAULT_POLICY)):
+    """Hit rates as `homerun simulate` computes them: grouped replay, grouped Belady."""
+    groups = [[(r.layer, e) for e in r.experts] for r in trace.records]
+    n = sum(map(len, groups))
+    rates = {name: replay_groups(make_policy(name, slots), groups) / n for name in names}
+    return rates, belady_group_hits(groups, slots) / n
+
+
+def _slots(trace, frac):
+    return max(1, int(frac * trace.header.n_layers * trace.header.n_experts))
+
+
+# Where the goal holds. Below these sizes no online policy reaches 0.85 of Belady (the bound tests below): reuse
+# routing below ~20% of layers x experts; skewed routing at 2% sits on the line (0.850-0.856 over seeds).
+GOAL_SIZES = [("skewed", f) for f in (0.05, 0.1, 0.25, 0.5)] + [("reuse", f) for f in (0.2, 0.25, 0.5)]
+
+
+@pytest.mark.parametrize("kind,frac", GOAL_SIZES)
+def test_default_policy_meets_goals(kind, frac):
+    trace = _trace(kind, seed=11)
+    rates, belady = _rates(trace, _slots(trace, frac))
     default = rates[DEFAULT_POLICY]
     assert default >= 0.85 * belady, (rates, belady)
     assert default >= max(rates["lru"], rates["lfu"]) - 0.02, (rates, belady)
 
 
+@pytest.mark.parametrize("frac", [0.02, 0.05, 0.1, 0.15])
+def test_small_caches_on_reuse_routing_are_out_of_reach_for_any_online_policy(frac):
+    """The online bound (reuse_online_bound) sits below 0.85 of Belady, and the default is at that bound."""
+    trace = reuse_trace(600, 4, 512, 10, seed=11)
+    slots = _slots(trace, frac)
+    bound = reuse_online_bound(600, 4, 512, 10, [slots], seed=11)[slots]
+    rates, belady = _rates(trace, slots, names=("lru", "lfu", "arc", DEFAULT_POLICY))
+    assert bound < 0.86 * belady, (bound, belady)
+    assert max(rates.values()) <= bound + 0.01, (rates, bound)  # the bound holds for every policy we have
+    assert rates[DEFAULT_POLICY] >= bound - 0.015, (rates, bound)  # and the default is at it
+    assert rates[DEFAULT_POLICY] >= max(rates["lru"], rates["lfu"]) - 0.02
+
+
+def test_tiny_cache_on_skewed_routing_is_at_the_online_bound():
+    """At 2% (5 slots per layer of 256) the best online policy is ~0.87 of Belady; the default is within 1.5 points
+    of that bound and at ~0.85 of Belady."""
+    trace = _trace("skewed", seed=11)
+    slots = _slots(trace, 0.02)
+    bound = skewed_online_bound(4, 256, 6, [slots])[slots]
+    rates, belady = _rates(trace, slots)
+    assert bound < 0.9 * belady, (bound, belady)
+    assert bound - 0.015 <= rates[DEFAULT_POLICY] <= bound + 0.01, (rates, bound)
+    assert rates[DEFAULT_POLICY] >= 0.84 * belady, (rates, belady)
+    assert rates[DEFAULT_POLICY] >= max(rates["lru"], rates["lfu"]) - 0.02
+
+
+def test_default_ranks_by_frequency_at_high_hit_rates_on_skewed_routing():
+    """Misses, not hits, decide the ranking: at a 97% hit rate LFU's lead is 0.5 points of hits but 15% of misses."""
+    trace = _trace("skewed", seed=3)
+    p = make_policy(DEFAULT_POLICY, _slots(trace, 0.5))
+    replay_groups(p, [[(r.layer, e) for e in r.experts] for r in trace.records])
+    assert p.mode == "lfu"
+
+
+@pytest.mark.parametrize("frac", [0.05, 0.25])
+def test_default_follows_the_workload_across_phase_changes(frac):
+    """Skewed routing, then reuse routing, then skewed again (same 2 x 512 experts, top-10): the default keeps up
+    with the better of LRU and LFU through both switches."""
+    sk, ru = skewed_trace(900, 2, 512, 10, seed=5), reuse_trace(900, 2, 512, 10, seed=5)
+    third = len(sk.records) // 3
+    records = sk.records[:third] + ru.records[:third] + sk.records[third:2 * third]
+    groups = [[(r.layer, e) for e in r.experts] for r in records]
+    n, slots = sum(map(len, groups)), int(frac * 2 * 512)
+    rates = {name: replay_groups(make_policy(name, slots), groups) / n for name in ("lru", "lfu", DEFAULT_POLICY)}
+    assert rates[DEFAULT_POLICY] >= max(rates["lru"], rates["lfu"]) - 0.02, rates
+
+
+def test_default_ranks_each_layer_its_own_way():
+    """Layers 0-1 route with static skew, layers 2-3 with reuse (as when early and late layers differ): the default
+    ranks 0-1 by frequency and 2-3 by recency, and beats both single rankings."""
+    sk, ru = skewed_trace(800, 4, 512, 10, seed=5), reuse_trace(800, 4, 512, 10, seed=5)
+    records = [(sk if i % 4 < 2 else ru).records[i] for i in range(len(sk.records))]  # token-major: i % 4 = layer
+    groups = [[(r.layer, e) for e in r.experts] for r in records]
+    n, slots = sum(map(len, groups)), int(0.05 * 4 * 512)
+    policies = {name: make_policy(name, slots) for name in ("lru", "lfu", DEFAULT_POLICY)}
+    rates = {name: replay_groups(p, groups) / n for name, p in policies.items()}
+    assert policies[DEFAULT_POLICY].layer_modes() == {0: "lfu", 1: "lfu", 2: "lru", 3: "lru"}
+    assert rates[DEFAULT_POLICY] >= max(rates["lru"], rates["lfu"]) + 0.03, rates
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("frac", [0.05, 0.1, 0.25])
-def test_default_policy_meets_goals_sweep(seed, frac):
-    for trace in (skewed_trace(2000, 4, 256, 6, seed=seed), reuse_trace(1000, 2, 512, 8, seed=seed)):
-        h = trace.header
-        rates, belady = _rates(trace, max(1, int(frac * h.n_layers * h.n_experts)))
-        assert rates[DEFAULT_POLICY] >= max(rates["lru"], rates["lfu"]) - 0.02, (rates, belady)
+@pytest.mark.parametrize("seed", range(4))
+def test_default_policy_meets_goals_sweep(seed):
+    for kind in ("skewed", "reuse"):
+        trace = _trace(kind, seed)
+        for frac in (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5):
+            rates, belady = _rates(trace, _slots(trace, frac))
+            assert rates[DEFAULT_POLICY] >= max(rates["lru"], rates["lfu"]) - 0.02, (kind, frac, rates, belady)
+            if (kind, frac) in GOAL_SIZES:
+                assert rates[DEFAULT_POLICY] >= 0.85 * belady, (kind, frac, rates, belady)
 
 
 def test_policy_registry_names_match():

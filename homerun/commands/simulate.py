@@ -33,7 +33,8 @@ def register(app: typer.Typer) -> None:
 
         def render(console) -> None:
             table = Table(title=f"{tr.header.model}: {res.n_accesses} accesses, {res.n_distinct} distinct experts, "
-                                f"{res.cache_slots} slots")
+                                f"{res.cache_slots} slots",
+                          caption="each (token, layer): resident experts hit before misses load, as the runtime does")
             table.add_column("policy")
             table.add_column("hit rate", justify="right")
             table.add_column("of Belady", justify="right")
