@@ -83,3 +83,55 @@ def build_expert_backend(
         header = TraceHeader(model=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k or 0)
         backend = TracingBackend(backend, TraceRecorder(trace_path, header))
     return backend
+
+
+def build_placed_backend(
+    ckpt: Any,
+    placement: Any,
+    devices: dict[str, Any],
+    *,
+    n_experts: int,
+    swiglu_limit: float,
+    compute_dtype: torch.dtype,
+    kind: str = "auto",
+    cache_policy: str | None = None,
+    trace_path: str | Path | None = None,
+    top_k: int | None = None,
+    model_name: str = "model",
+) -> Any:
+    """The routed-expert backend of a placed model (`homerun.placement.Placement`, devices by name): per device,
+    its "device" layers get a ResidentExpertBackend (every expert placed there, charged as "weights"), its "host"
+    layers the CPU backend, behind an expert cache of `expert_cache_slots` on that device when the placement gives
+    one (charged as "expert_cache"); a CUDA device without a cache sends x to the host and back. One backend serves
+    the model directly; several go behind a LayerSplitBackend that dispatches by layer."""
+    from offload.cached_backend import LayerSplitBackend, ResidentExpertBackend, build_cached_backend
+    from homerun.runtime import HostExpertBackend
+
+    host = None
+    by_layer: dict[int, Any] = {}
+    for spec in placement.devices:
+        dev = devices[spec.name]
+        resident = [lp.layer for lp in placement.layers if lp.device == spec.name and lp.experts == "device"]
+        if resident:
+            b = ResidentExpertBackend(ckpt.expert, resident, n_experts, device=dev, swiglu_limit=swiglu_limit,
+                                      compute_dtype=compute_dtype)
+            by_layer.update({layer: b for layer in resident})
+        offloaded = placement.host_expert_layers(spec.name)
+        if not offloaded:
+            continue
+        host = host or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind)
+        if spec.expert_cache_slots:
+            b = build_cached_backend(ckpt.expert, offloaded, n_experts, swiglu_limit=swiglu_limit,
+                                     expert_cache_slots=spec.expert_cache_slots, device=dev,
+                                     compute_dtype=compute_dtype, cpu_backend=host, policy=cache_policy)
+        else:
+            b = HostExpertBackend(host) if dev.torch_device.type != "cpu" else host
+        by_layer.update({layer: b for layer in offloaded})
+    uniq = {id(b): b for b in by_layer.values()}
+    backend = next(iter(uniq.values())) if len(uniq) == 1 else LayerSplitBackend(by_layer)
+    if trace_path is not None:
+        from offload.trace import TraceHeader, TraceRecorder, TracingBackend
+
+        header = TraceHeader(model=model_name, n_layers=placement.n_layers, n_experts=n_experts, top_k=top_k or 0)
+        backend = TracingBackend(backend, TraceRecorder(trace_path, header))
+    return backend

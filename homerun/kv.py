@@ -4,18 +4,24 @@
 the rows already stored, so the allocated bytes are the live bytes plus at most one partly filled page. Pages may
 live on another device than the compute (host RAM for a GPU model when the GPU budget is short); reads bring the
 rows to the compute device. This module does not know the attention math, the ramp or the token counts; the
-runtime (`homerun.runtime`) decides the page size and where pages live.
+runtime (`homerun.runtime`) decides the page size and where pages live. With an `account` device
+(`offload.devices.Device`), every page is allocated through it under a ("kv", store, page, part) tag, so a placed
+model's KV growth is charged to that device's budget (DoesNotFitError names the device) and freed when the store
+is garbage-collected.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import itertools
+import weakref
+from typing import Any, Iterator
 
 import torch
 
 # Default page size in tokens of context: a CSA store (one entry per 4 tokens) gets page_tokens/4 rows a page, an
 # HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer pages to walk at 1M).
 DEFAULT_PAGE_TOKENS = 1024
+_STORE_IDS = itertools.count()
 
 
 class PagedRows:
@@ -27,15 +33,30 @@ class PagedRows:
     """
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, page_rows: int = 256,
-                 compute_device: torch.device | str | None = None):
+                 compute_device: torch.device | str | None = None, account: Any = None):
         if page_rows < 1:
             raise ValueError(f"page_rows must be >= 1, got {page_rows}")
         self.width = width
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = torch.device(device) if account is None else account.torch_device
         self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
         self.page_rows = page_rows
         self.pages: list = []
+        self.account = account
+        self._uid = next(_STORE_IDS)
+        self._tags: list = []
+        if account is not None:  # the pages' bytes go back to the device's budget with the store
+            weakref.finalize(self, account.free_all, self._tags)
+
+    def _empty(self, part: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        """One page tensor on the store's device, charged to `account` when there is one."""
+        if self.account is None:
+            make = torch.zeros if zero else torch.empty
+            return make(shape, dtype=dtype, device=self.device)
+        tag = ("kv", self._uid, len(self.pages), part)
+        t = self.account.empty(tag, shape, dtype)
+        self._tags.append(tag)
+        return t.zero_() if zero else t
 
     # ------------------------------------------------------------------------------------------ accounting
 
@@ -55,7 +76,7 @@ class PagedRows:
     # ------------------------------------------------------------------------------------- page format hooks
 
     def _alloc(self):
-        return torch.empty(self.page_rows, self.width, dtype=self.dtype, device=self.device)
+        return self._empty("rows", (self.page_rows, self.width), self.dtype)
 
     def _put(self, page, r0: int, rows: torch.Tensor) -> None:
         page[r0 : r0 + rows.shape[0]] = rows.to(device=self.device, dtype=self.dtype)
@@ -130,8 +151,8 @@ class Fp8PagedRows(PagedRows):
     FP8_MAX = 448.0
 
     def __init__(self, width: int, dtype: torch.dtype, device, page_rows: int = 256, compute_device=None, *,
-                 rope_dim: int = 0, scale_fp32: bool = False):
-        super().__init__(width, dtype, device, page_rows, compute_device)
+                 rope_dim: int = 0, scale_fp32: bool = False, account: Any = None):
+        super().__init__(width, dtype, device, page_rows, compute_device, account)
         self.rope_dim = rope_dim
         self.nope = width - rope_dim
         self.scale_fp32 = scale_fp32
@@ -146,10 +167,10 @@ class Fp8PagedRows(PagedRows):
         return fp8_row_bytes(self.width, self.rope_dim, self.scale_fp32)
 
     def _alloc(self):
-        q = torch.empty(self.page_rows, self.nope, dtype=torch.float8_e4m3fn, device=self.device)
+        q = self._empty("codes", (self.page_rows, self.nope), torch.float8_e4m3fn)
         sdt = torch.float32 if self.scale_fp32 else torch.uint8
-        s = torch.zeros(self.page_rows, self.scale_cols, dtype=sdt, device=self.device)
-        r = torch.empty(self.page_rows, self.rope_dim, dtype=torch.bfloat16, device=self.device)
+        s = self._empty("scales", (self.page_rows, self.scale_cols), sdt, zero=True)
+        r = self._empty("rope", (self.page_rows, self.rope_dim), torch.bfloat16)
         return q, s, r
 
     def _put(self, page, r0: int, rows: torch.Tensor) -> None:

@@ -2,9 +2,12 @@
 
 `load` opens an official-format checkpoint through `homerun.loader`, builds the pure-math model of
 `homerun.models.deepseek_v4` on top of it (non-expert FP8 weights stay packed unless `weights_dtype` says otherwise,
-routed experts go through an `offload.base.ExpertBackend`) and attaches the tokenizer. A `Session` owns the
-incremental inference state; feeding is all-or-nothing per chunk, so an interrupt (Ctrl-C, a closed generator)
-leaves the session at the last completed chunk. This module does no printing; progress goes to a callback.
+routed experts go through an `offload.base.ExpertBackend`) and attaches the tokenizer. With a `placement`
+(`homerun.placement.Placement`) it is also the placement executor: every tensor class, each layer's KV pages and
+the expert caches go to the device the placement names, charged to that device's budget (`offload.devices`).
+A `Session` owns the incremental inference state; feeding is all-or-nothing per chunk, so an interrupt (Ctrl-C, a
+closed generator) leaves the session at the last completed chunk. This module does no printing; progress goes to a
+callback.
 """
 
 from __future__ import annotations
@@ -164,6 +167,8 @@ class Session:
                     hint="start a new session (/reset), or load with a larger kv_budget_bytes "
                          "(a plan for a bigger rig)",
                 )
+        if idx != self._cap_index and self.model.devices:
+            self._check_device_kv(ramp[idx])
         if idx != self._cap_index:
             more = self.model.kv_bytes_at(ramp[idx]) - self.kv_allocated_bytes
             free = self.model.free_kv_memory_bytes()
@@ -180,6 +185,27 @@ class Session:
             self._cap_index += 1
             if self.on_capacity is not None:
                 self.on_capacity(self.capacity_tokens)
+
+    def _check_device_kv(self, n_tokens: int) -> None:
+        """A placed model: the KV of each device's layers at the new step must fit what its budget has left (and,
+        on CUDA, the device's live free memory)."""
+        pl = self.model.placement
+        for name, dev in self.model.devices.items():
+            layers = pl.layers_on(name)
+            if not layers:
+                continue
+            have = sum(self._states[i].allocated_bytes for i in layers)
+            more = self.model.kv_bytes_at(n_tokens, layers=layers) - have
+            room = dev.free_bytes
+            real = free_memory_bytes(dev.torch_device) if dev.is_cuda else None
+            if real is not None:
+                room = min(room, int(FREE_MEMORY_SHARE * real))
+            if more > room:
+                raise ContextFullError(
+                    f"context full: growing to {n_tokens} tokens needs {more / 1e9:.3f} GB more KV on {name}, "
+                    f"{room / 1e9:.3f} GB of its budget is left ({self.n_tokens} tokens kept)",
+                    hint="start a new session (/reset), or plan for a shorter context or a bigger rig",
+                )
 
     def feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append tokens (any count) and return float32 logits [V] of the last position."""
@@ -238,6 +264,8 @@ class Model:
         kv_device: str | torch.device | None = None,
         page_tokens: int | None = None,
         kv_dtype: str = "auto",
+        placement: Any = None,
+        devices: dict[str, Any] | None = None,
     ):
         if max_chunk_tokens < 1:
             raise UsageError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
@@ -264,7 +292,10 @@ class Model:
         if kv_dtype not in KV_DTYPES:
             raise UsageError(f"unknown kv_dtype {kv_dtype!r}", hint=f"use one of {', '.join(KV_DTYPES)}")
         self.kv_dtype = kv_dtype
-        self.kv_device = self._pick_kv_device(kv_device)
+        # A placed model: the placement record and its budgeted devices by name (None/{} for a plain load).
+        self.placement = placement
+        self.devices: dict[str, Any] = dict(devices or {})
+        self.kv_device = self._pick_kv_device(kv_device) if placement is None else self.device
         self.prefill_tok_s: float | None = None  # measured on chunks of >= 16 tokens (moving average)
         self._tokens_fed = 0
         self._forward_s = 0.0
@@ -306,7 +337,21 @@ class Model:
         return Session(self)
 
     def _new_state(self) -> list[LayerState]:
+        if self.placement is not None:  # each layer's pages on (and charged to) its layer's device
+            accounts = [self.devices[lp.device] for lp in self.placement.layers]
+            return self.net.new_state(page_tokens=self.page_tokens, kv_dtype=self.kv_dtype, accounts=accounts)
         return self.net.new_state(kv_device=self.kv_device, page_tokens=self.page_tokens, kv_dtype=self.kv_dtype)
+
+    def device_usage(self) -> list[dict[str, Any]]:
+        """A placed model: per device, its budget, accounted bytes (total, peak, and by class: weights, kv,
+        expert_cache) and the layers it runs; [] for a plain load."""
+        out = []
+        for name, dev in self.devices.items():
+            d = dev.usage().to_dict()
+            d["bytes_by_class"] = dev.bytes_by_class()
+            d["layers"] = self.placement.layers_on(name)
+            out.append(d)
+        return out
 
     def _pick_kv_device(self, kv_device: str | torch.device | None) -> torch.device:
         """"auto"/None: the model's device while the KV at the largest permitted step fits there (budget and free
@@ -323,7 +368,10 @@ class Model:
         return torch.device("cpu")
 
     def free_kv_memory_bytes(self) -> int | None:
-        """Free memory where the KV pages live (host RAM or CUDA memory); None when unknown."""
+        """Free memory where the KV pages live (host RAM or CUDA memory); None when unknown, and for a placed
+        model, whose KV is checked device by device (Session._check_device_kv)."""
+        if self.placement is not None:
+            return None
         return free_memory_bytes(self.kv_device)
 
     def _measure_prefill(self, n_tokens: int, seconds: float) -> None:
@@ -342,6 +390,11 @@ class Model:
         if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
             return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, over the budget of "
                            f"{self.kv_budget_bytes / 1e9:.2f} GB")
+        for name, dev in self.devices.items():  # a placed model: each device holds its own layers' KV
+            need_d = self.kv_bytes_at(need_tokens, layers=self.placement.layers_on(name))
+            if need_d > dev.free_bytes:
+                return False, (f"{need_tokens:,} tokens need {need_d / 1e9:.2f} GB of KV on {name}, its budget has "
+                               f"{dev.free_bytes / 1e9:.2f} GB left")
         free = self.free_kv_memory_bytes()
         if free is not None and need > FREE_MEMORY_SHARE * free:
             return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, only {free / 1e9:.2f} GB "
@@ -369,9 +422,10 @@ class Model:
 
         return generate(self, prompt_ids, **kwargs)
 
-    def kv_bytes_at(self, n_tokens: int) -> int:
+    def kv_bytes_at(self, n_tokens: int, layers: Sequence[int] | None = None) -> int:
         """Bytes of inference state after n_tokens: window rows, closed entries, open-window rows and CSA overlap
-        slices (the overlap gate carries the fp32 position bias). Equals `Session.kv_bytes` exactly."""
+        slices (the overlap gate carries the fp32 position bias). Equals `Session.kv_bytes` exactly. `layers`:
+        only those layers' share (default all)."""
         a = self.args
         el = torch.empty(0, dtype=self.dtype).element_size()
         f32 = 4
@@ -383,7 +437,10 @@ class Model:
 
         entry_b, index_b = row_bytes(a.head_dim, a.rope_dim, False), row_bytes(a.index_head_dim, 0, True)
         total = 0
-        for kind in a.layer_kinds:
+        keep = set(range(a.n_layers)) if layers is None else set(layers)
+        for i, kind in enumerate(a.layer_kinds):
+            if i not in keep:
+                continue
             total += min(n_tokens, a.window_size - 1) * a.head_dim * el
             if kind == LAYER_CSA:
                 for hd, rb in ((a.head_dim, entry_b), (a.index_head_dim, index_b)):
@@ -424,6 +481,10 @@ class Model:
             "prefill_tok_s": self.prefill_tok_s,
             "max_context_tokens": self.max_context_tokens(),
         }
+        if self.placement is not None:
+            out["placement"] = self.placement.to_dict()
+            out["devices"] = self.device_usage()
+            out["activation_hops"] = self.net.activation_hops
         out["think_max_available"], out["think_max_reason"] = self.think_max_available()
         if hasattr(backend, "stats"):
             try:
@@ -453,6 +514,7 @@ def load(
     expert_cache_slots: int | None = None,
     cache_policy: str | None = None,
     trace_path: str | Path | None = None,
+    placement: Any = None,
 ) -> Model:
     """Load an official-format DeepSeek-V4 checkpoint directory (or a cached Hub repo id) for inference.
 
@@ -472,6 +534,11 @@ def load(
     dequantize-and-multiply). expert_cache_slots=N puts an N-slot device expert cache in front (a CPU stand-in
     device without CUDA); cache_policy picks its replacement policy; trace_path records routing as JSONL.
     Ignored when expert_backend is given.
+    placement: a `homerun.placement.Placement` (e.g. `placement_from_plan(plan, standin=True)`): the embedding,
+    each layer (weights and KV pages), the head and the routed experts (resident, or host store + a device cache)
+    go where it says, charged to each device's budget; a device that runs out raises DoesNotFitError naming it.
+    With a placement, `device` is ignored, `kv_device` must stay "auto", and `expert_cache_slots=N` gives every
+    device that serves "host" layers an N-slot cache. CUDA devices need CUDA; stand-ins run anywhere.
     """
     from homerun.loader import open_checkpoint
     t0 = time.perf_counter()
@@ -484,6 +551,29 @@ def load(
     names = set(ckpt.names)
     if weights_dtype != "fp8":
         _check_room(ckpt, names, 4 if weights_dtype == "fp32" else 2, device)
+    placed: dict[str, Any] = {}
+    if placement is not None:
+        if kv_device not in (None, "auto"):
+            raise UsageError(f"kv_device={kv_device!r} with a placement: each layer's KV lives on its layer's device",
+                             hint="leave kv_device at 'auto', or move the layers in the placement")
+        placement.check_layers(args.n_layers)
+        if expert_cache_slots is not None:
+            if expert_cache_slots < 1:
+                raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
+            placement = placement.with_cache_slots(expert_cache_slots)
+        from offload.devices import build_devices
+
+        devs = build_devices(placement.devices)
+        placed = _placed_build_kwargs(placement, devs)
+        device = placed.pop("device")
+        if expert_backend is None:
+            from homerun.backends import build_placed_backend
+
+            expert_backend = build_placed_backend(
+                ckpt, placement, devs, n_experts=args.n_routed_experts, swiglu_limit=args.swiglu_limit,
+                compute_dtype=compute, kind=experts, cache_policy=cache_policy, trace_path=trace_path,
+                top_k=args.n_activated_experts, model_name=str(ckpt.config.get("_name_or_path") or root.name),
+            )
     if expert_backend is None:
         from homerun.backends import build_expert_backend
 
@@ -508,7 +598,7 @@ def load(
 
     net = build_model(
         args, get, names.__contains__, expert_backend, weights_dtype=weights_dtype, compute_dtype=compute,
-        device=device, on_layer=on_layer, upcast_bf16=upcast_bf16,
+        device=device, on_layer=on_layer, upcast_bf16=upcast_bf16, **placed,
     )
     tokenizer = None
     if (root / "tokenizer.json").is_file():
@@ -533,7 +623,38 @@ def load(
         kv_device=kv_device,
         page_tokens=page_tokens,
         kv_dtype=kv_dtype,
+        placement=placement,
+        devices=devs if placement is not None else None,
     )
+
+
+def _placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]:
+    """build_model's device arguments for a placement, with a `put` that charges each tensor (by its official
+    name) to its device as ("weights", name): copied onto CUDA devices and stand-ins, adopted in place on the
+    host (mmap'd checkpoint views stay zero-copy)."""
+    order = {d.name: i for i, d in enumerate(placement.devices)}
+    layer_dev = [lp.device for lp in placement.layers]
+
+    def site(name: str) -> str:
+        if name.startswith("embed."):
+            return placement.embed_device
+        if name.startswith("layers."):
+            return layer_dev[int(name.split(".", 2)[1])]
+        return placement.head_device  # head, final norm, hc_head_*
+
+    def put(name: str, t: torch.Tensor, _dev: torch.device) -> torch.Tensor:
+        d = devs[site(name)]
+        if d.kind == "host" and t.device.type == "cpu":
+            return d.adopt(("weights", name), t)
+        return d.place(("weights", name), t)
+
+    return {
+        "device": devs[placement.embed_device].torch_device,
+        "layer_devices": [devs[n].torch_device for n in layer_dev],
+        "head_device": devs[placement.head_device].torch_device,
+        "stages": [order[placement.embed_device]] + [order[n] for n in layer_dev] + [order[placement.head_device]],
+        "put": put,
+    }
 
 
 def _check_room(ckpt: Any, names: Iterable[str], bytes_per_elem: int, device: str | torch.device) -> None:

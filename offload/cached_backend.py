@@ -190,24 +190,99 @@ class CachedExpertBackend:
         self.cache.close()
 
 
+class ResidentExpertBackend:
+    """Every routed expert of some layers resident on one device (an all-in-VRAM plan): nothing is offloaded, nothing
+    moves per token. Each expert's packed tensors are placed once on `device`, charged to its budget as "weights";
+    the math is the reference's (dequantize the selected experts in the compute dtype, clamped SwiGLU, weighted sum
+    in ascending expert order), run on the device."""
+
+    def __init__(self, source, layers, n_experts: int, *, device, swiglu_limit: float,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        from offload.devices import HostDevice
+
+        self.device = device
+        self.swiglu_limit = swiglu_limit
+        self.compute_dtype = compute_dtype
+        self.layers = tuple(layers)
+        # The host already holds the packed experts (the checkpoint's mmap): charge them, copy nothing.
+        put = device.adopt if isinstance(device, HostDevice) else device.place
+        self.experts: dict[tuple[int, int], ExpertWeights] = {}
+        self.nbytes = 0
+        for layer in self.layers:
+            for e in range(n_experts):
+                w = source(layer, e)
+                parts = {name: put(("weights", f"layers.{layer}.ffn.experts.{e}.{name}"), getattr(w, name))
+                         for name in ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")}
+                self.experts[(layer, e)] = ExpertWeights(fmt=w.fmt, **parts)
+                self.nbytes += self.experts[(layer, e)].nbytes
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                expert_weights: torch.Tensor) -> torch.Tensor:
+        dev = self.device.torch_device
+        xc = x.to(dev, self.compute_dtype)
+        ids, wts = expert_ids.to(dev), expert_weights.to(dev, self.compute_dtype)
+        out = torch.zeros_like(xc)  # (T, D)
+        for e in torch.unique(ids).tolist():
+            rows, slot = torch.nonzero(ids == e, as_tuple=True)
+            w1, w3, w2 = dequant_on_device(self.experts[(layer, e)], self.compute_dtype)
+            y = swiglu_expert(xc[rows], w1, w3, w2, self.swiglu_limit)  # (n, D)
+            out.index_add_(0, rows, y * wts[rows, slot].unsqueeze(-1))
+        return out.to(x.device, x.dtype)
+
+    def stats(self) -> dict:
+        return {"resident": {"device": self.device.name, "layers": list(self.layers), "experts": len(self.experts),
+                             "bytes": self.nbytes}}
+
+    def close(self) -> None:
+        self.device.free_all([("weights", f"layers.{l}.ffn.experts.{e}.{n}") for l, e in self.experts
+                              for n in ("w1", "w1_scale", "w3", "w3_scale", "w2", "w2_scale")])
+        self.experts = {}
+
+
 class LayerSplitBackend:
     """Several backends, one per group of layers (a multi-GPU plan: each device caches the experts of the layers it
-    runs, within its own budget). Dispatches by layer; the output lands on that layer's device."""
+    runs, within its own budget). Dispatches by layer; the output lands on that layer's device. The prefetch hooks
+    exist only when some inner backend has them (the model skips the speculative router pass otherwise) and go to
+    the backend of the layer they name, with the hidden state moved to that layer's device."""
 
     def __init__(self, backends_by_layer: dict[int, ExpertBackend]) -> None:
         self.backends_by_layer = dict(backends_by_layer)
+        inner = self._unique()
+        if any(hasattr(b, "prefetch_hash_layer") for b in inner):
+            self.prefetch_hash_layer = self._prefetch_hash_layer
+        if any(hasattr(b, "prefetch_speculative") for b in inner):
+            self.prefetch_speculative = self._prefetch_speculative
+
+    def _unique(self) -> list:
+        return list({id(b): b for b in self.backends_by_layer.values()}.values())
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         return self.backends_by_layer[layer].forward(layer, x, expert_ids, expert_weights)
 
+    def _prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        hook = getattr(self.backends_by_layer.get(layer), "prefetch_hash_layer", None)
+        return hook(layer, tid2eid, token_ids) if hook is not None else []
+
+    def _prefetch_speculative(self, layer: int, hidden: torch.Tensor, gate_weight: torch.Tensor,
+                              gate_bias: torch.Tensor | None, top_k: int) -> list[int]:
+        hook = getattr(self.backends_by_layer.get(layer), "prefetch_speculative", None)
+        if hook is None:
+            return []
+        return hook(layer, hidden.to(gate_weight.device), gate_weight, gate_bias, top_k)
+
     def stats(self) -> dict:
-        uniq = {id(b): b for b in self.backends_by_layer.values()}
-        return {"backends": [b.stats().to_dict() for b in uniq.values() if hasattr(b, "stats")]}
+        out = []
+        for b in self._unique():
+            if hasattr(b, "stats"):
+                s = b.stats()
+                out.append(s.to_dict() if hasattr(s, "to_dict") else dict(s))
+        return {"backends": out}
 
     def close(self) -> None:
-        for b in {id(b): b for b in self.backends_by_layer.values()}.values():
-            b.close()
+        for b in self._unique():
+            if hasattr(b, "close"):
+                b.close()
 
 
 def build_cached_backend(

@@ -23,7 +23,7 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class DeviceUsage:
     name: str
-    kind: str  # "standin" | "cuda"
+    kind: str  # "standin" | "cuda" | "host"
     budget_bytes: int
     used_bytes: int
     peak_bytes: int
@@ -104,6 +104,30 @@ class Device:
         out.copy_(tensor)
         return out
 
+    def adopt(self, tag: Hashable, tensor: torch.Tensor) -> torch.Tensor:
+        """Charge a tensor that already lives in this device's memory (an mmap'd checkpoint view on the host)
+        under `tag` without copying it."""
+        if tensor.device != self.torch_device:
+            raise UsageError(f"device {self.name}: cannot adopt a tensor on {tensor.device}", hint="use place()")
+        self._reserve(tag, tensor.numel() * tensor.element_size())
+        return tensor
+
+    def free_all(self, tags) -> None:
+        """Free every tag of `tags` that is still allocated (a finalizer's verb: never raises for a missing one)."""
+        with self._lock:
+            for tag in tags:
+                self._used_bytes -= self._sizes.pop(tag, 0)
+
+    def bytes_by_class(self) -> dict[str, int]:
+        """Accounted bytes per allocation class: the first element of tuple tags ("weights", "kv",
+        "expert_cache"), "other" for the rest."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for tag, n in self._sizes.items():
+                cls = tag[0] if isinstance(tag, tuple) and tag and isinstance(tag[0], str) else "other"
+                out[cls] = out.get(cls, 0) + n
+        return out
+
     def free(self, tag: Hashable) -> None:
         with self._lock:
             self._used_bytes -= self._sizes.pop(tag)
@@ -125,6 +149,16 @@ class StandInDevice(Device):
         super().__init__(name, budget_bytes, torch.device("cpu"))
 
 
+class HostDevice(Device):
+    """Host RAM as a placement device (unified-memory and CPU-only plans): tensors already in RAM are adopted
+    (charged, not copied), so mmap'd checkpoint weights stay zero-copy."""
+
+    kind = "host"
+
+    def __init__(self, budget_bytes: int = 1 << 62, name: str = "cpu") -> None:
+        super().__init__(name, budget_bytes, torch.device("cpu"))
+
+
 class CudaDevice(Device):
     """A real CUDA device with a budget (e.g. VRAM capped at 24 GiB to force offload on a bigger card)."""
 
@@ -141,6 +175,22 @@ class CudaDevice(Device):
 def build_standin_devices(budgets_bytes: list[int], prefix: str = "standin") -> list[StandInDevice]:
     """Several pretend GPUs on one CPU, e.g. the 2x/3x H100 profiles scaled down for tests."""
     return [StandInDevice(f"{prefix}:{i}", b) for i, b in enumerate(budgets_bytes)]
+
+
+def build_devices(specs) -> dict[str, Device]:
+    """Devices for a placement's device records (anything with name, kind, budget_bytes), by name: "cuda" ->
+    CudaDevice (its ordinal from "cuda:N"), "standin" -> StandInDevice, "host" -> HostDevice."""
+    out: dict[str, Device] = {}
+    for s in specs:
+        if s.kind == "cuda":
+            out[s.name] = CudaDevice(int(s.name.split(":")[1]) if ":" in s.name else 0, s.budget_bytes)
+        elif s.kind == "standin":
+            out[s.name] = StandInDevice(s.name, s.budget_bytes)
+        elif s.kind == "host":
+            out[s.name] = HostDevice(s.budget_bytes, s.name)
+        else:
+            raise UsageError(f"device {s.name}: unknown kind {s.kind!r}", hint="use cuda, standin or host")
+    return out
 
 
 def default_device(budget_bytes: int | None = None) -> Device:

@@ -528,6 +528,8 @@ class _Layer:
     hc_ffn: _HC
     attn: _Attention
     moe: _MoE
+    device: torch.device | None = None  # where its weights and KV state live (None: the model's device)
+    stage: int = 0  # pipeline stage (placement device number): activations hop when it changes
 
 
 @dataclass
@@ -544,9 +546,13 @@ class DeepseekV4:
     layers: list[_Layer]
     experts: Any  # offload.base.ExpertBackend
     compute_dtype: torch.dtype = torch.float32
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the embedding's device
     freqs_main: torch.Tensor = field(default=None)  # type: ignore[assignment]
     freqs_compress: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    head_device: torch.device | None = None  # final norm, HC head, lm head (None: the model's device)
+    embed_stage: int = 0
+    head_stage: int = 0
+    activation_hops: int = 0  # pipeline-stage changes crossed by forward passes so far (a counter)
 
     def __post_init__(self) -> None:
         a = self.args
@@ -557,31 +563,36 @@ class DeepseekV4:
 
     def new_state(
         self, kv_device: torch.device | str | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS,
-        kv_dtype: str = "auto",
+        kv_dtype: str = "auto", accounts: Sequence[Any] | None = None,
     ) -> list[LayerState]:
         """Empty per-layer states. Entry stores are paged (`page_tokens` tokens of context per page) on kv_device
-        (default: the model's device); the sliding window and open windows stay on the model's device in the
+        (default: each layer's device); the sliding window and open windows stay on the layer's device in the
         compute dtype. kv_dtype: "auto" (entries in the compute dtype: exact), "bf16", or "fp8" (homerun.kv
-        Fp8PagedRows, lossy)."""
-        a, dt, dev = self.args, self.compute_dtype, self.device
-        kv_dev = torch.device(kv_device) if kv_device is not None else dev
+        Fp8PagedRows, lossy). accounts: one budgeted device per layer (offload.devices.Device) that allocates and
+        charges that layer's pages (a placed model); it overrides kv_device."""
+        a, dt = self.args, self.compute_dtype
         if kv_dtype not in ("auto", "bf16", "fp8"):
             raise ConfigError(f"unknown kv_dtype {kv_dtype!r}", hint="use auto, bf16 or fp8")
 
-        def store(width: int, rate: int, rope_dim: int, scale_fp32: bool) -> PagedRows:
+        def store(width: int, rate: int, rope_dim: int, scale_fp32: bool, dev, kv_dev, account) -> PagedRows:
             rows = max(1, page_tokens // rate)
             if kv_dtype == "fp8":
-                return Fp8PagedRows(width, dt, kv_dev, rows, dev, rope_dim=rope_dim, scale_fp32=scale_fp32)
-            return PagedRows(width, torch.bfloat16 if kv_dtype == "bf16" else dt, kv_dev, rows, compute_device=dev)
+                return Fp8PagedRows(width, dt, kv_dev, rows, dev, rope_dim=rope_dim, scale_fp32=scale_fp32,
+                                    account=account)
+            return PagedRows(width, torch.bfloat16 if kv_dtype == "bf16" else dt, kv_dev, rows, compute_device=dev,
+                             account=account)
 
         out = []
         for layer in self.layers:
+            dev = layer.device or self.device
+            account = accounts[layer.index] if accounts is not None else None
+            kv_dev = torch.device(kv_device) if kv_device is not None else dev
             window = torch.empty(0, a.head_dim, dtype=dt, device=dev)
             comp = idx = None
             if layer.kind != LAYER_SLIDING:
-                comp = CompressorState(store(a.head_dim, a.rate(layer.index), a.rope_dim, False))
+                comp = CompressorState(store(a.head_dim, a.rate(layer.index), a.rope_dim, False, dev, kv_dev, account))
             if layer.kind == LAYER_CSA:
-                idx = CompressorState(store(a.index_head_dim, a.csa_rate, 0, True))
+                idx = CompressorState(store(a.index_head_dim, a.csa_rate, 0, True, dev, kv_dev, account))
             out.append(LayerState(window, comp, idx))
         return out
 
@@ -602,9 +613,23 @@ class DeepseekV4:
         h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
+        dev, stage = self.device, self.embed_stage
         for layer, st in zip(self.layers, states):
+            # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
+            # once per boundary (a no-op between stand-ins, which share the host's memory).
+            ldev = layer.device or self.device
+            if ldev != dev:
+                x, ids, positions, dev = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev
+            if layer.stage != stage:
+                stage = layer.stage
+                self.activation_hops += 1
             x, st = self._block(layer, x, ids, positions, st)
             new_states.append(st)
+        hdev = self.head_device or self.device
+        if hdev != dev:
+            x = x.to(hdev)
+        if self.head_stage != stage:
+            self.activation_hops += 1
         h = self._hc_head(x)
         return rms_norm(h, self.norm, a.norm_eps), new_states
 
@@ -896,17 +921,38 @@ def build_model(
     device: torch.device | str = "cpu",
     on_layer: Callable[[int, int], None] | None = None,
     upcast_bf16: bool = True,
+    layer_devices: Sequence[torch.device] | None = None,
+    head_device: torch.device | str | None = None,
+    stages: Sequence[int] | None = None,
+    put: Callable[[str, torch.Tensor, torch.device], torch.Tensor] | None = None,
 ) -> DeepseekV4:
     """Assemble the model from stored tensors. `get(name)` returns the tensor as stored (FP8 weight, e8m0 scale,
     bf16, fp32, int64); `has(name)` tells whether it exists. weights_dtype "fp8" keeps FP8 weights packed;
     "bf16"/"fp32" dequantize FP8 (and convert bf16) weights once here. `upcast_bf16`: with an fp32 compute dtype, hold
     the BF16-stored matrices (head, compressors, routers, indexer weights_proj) in fp32, since converting them on
     every call costs more than the matmul (the head alone is 0.5G elements on V4). `on_layer(done, total)` reports
-    progress."""
+    progress.
+    Pipeline split: `device` holds the embedding, `layer_devices[i]` layer i, `head_device` the final norm, HC head
+    and lm head (defaults: `device`); `stages` numbers the placement devices as (embed, layer 0..n-1, head) so the
+    forward counts hops. `put(name, tensor, device)` materializes each final tensor (official name) where it
+    lives (default `tensor.to(device)`); the placement executor passes one that charges a budgeted device."""
     device = torch.device(device)
     dense = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}[weights_dtype]
+    layer_devs = [torch.device(d) for d in layer_devices] if layer_devices is not None else [device] * args.n_layers
+    head_dev = torch.device(head_device) if head_device is not None else device
+    stage_of = list(stages) if stages is not None else [0] * (args.n_layers + 2)
+    if len(layer_devs) != args.n_layers or len(stage_of) != args.n_layers + 2:
+        raise ConfigError(f"build_model: {len(layer_devs)} layer devices / {len(stage_of)} stages for "
+                          f"{args.n_layers} layers", hint="one device per layer; stages for embed, layers, head")
+
+    def _to(name: str, t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        return t.to(dev) if t.device != dev else t
+
+    place = put or _to
+    device_now = device  # where the tensors being built go (set per layer and for the head)
 
     def lin(name: str) -> QLinear:
+        device = device_now
         w = get(f"{name}.weight")
         s = get(f"{name}.scale") if has(f"{name}.scale") else None
         q = QLinear(w, s)
@@ -916,10 +962,11 @@ def build_model(
             w.dtype == torch.bfloat16 and device.type == "cpu" and native_bf16() is not None
         ):  # the native bf16 kernel is exact and reads half the bytes, so bf16 stays bf16 where it runs
             q = q.to_dense(torch.float32)
-        return q.to(device) if q.weight.device != device else q
+        return QLinear(place(f"{name}.weight", q.weight, device),
+                       None if q.scale is None else place(f"{name}.scale", q.scale, device))
 
     def f32(name: str) -> torch.Tensor:
-        return get(name).to(device=device, dtype=torch.float32)
+        return place(name, get(name).to(torch.float32), device_now)
 
     def hc(prefix: str, site: str) -> _HC:
         return _HC(f32(f"{prefix}.hc_{site}_fn"), f32(f"{prefix}.hc_{site}_base"), f32(f"{prefix}.hc_{site}_scale"))
@@ -934,6 +981,7 @@ def build_model(
     for i in range(args.n_layers):
         p = f"layers.{i}"
         kind = args.layer_kinds[i]
+        device_now = layer_devs[i]
         comp = indexer = None
         if kind == LAYER_CSA:
             comp = compressor(f"{p}.attn.compressor", args.csa_rate, args.head_dim, True)
@@ -953,18 +1001,21 @@ def build_model(
         moe = _MoE(
             lin(f"{p}.ffn.gate"),
             None if is_hash else f32(f"{p}.ffn.gate.bias"),
-            get(f"{p}.ffn.gate.tid2eid").to(device=device, dtype=torch.int64) if is_hash else None,
+            place(f"{p}.ffn.gate.tid2eid", get(f"{p}.ffn.gate.tid2eid").to(torch.int64), device_now) if is_hash
+            else None,
             lin(f"{p}.ffn.shared_experts.w1"), lin(f"{p}.ffn.shared_experts.w3"), lin(f"{p}.ffn.shared_experts.w2"),
         )
         layers.append(_Layer(
             i, kind, f32(f"{p}.attn_norm.weight"), f32(f"{p}.ffn_norm.weight"), hc(p, "attn"), hc(p, "ffn"), attn, moe,
+            device_now, stage_of[1 + i],
         ))
         if on_layer is not None:
             on_layer(i + 1, args.n_layers)
-    embed = get("embed.weight")  # kept as stored: a lookup reads one row per token
+    embed = place("embed.weight", get("embed.weight"), device)  # kept as stored: a lookup reads one row per token
+    device_now = head_dev
     return DeepseekV4(
         args=args,
-        embed=embed.to(device),
+        embed=embed,
         head=lin("head"),
         norm=f32("norm.weight"),
         hc_head_fn=f32("hc_head_fn"),
@@ -974,4 +1025,7 @@ def build_model(
         experts=experts,
         compute_dtype=compute_dtype,
         device=device,
+        head_device=head_dev,
+        embed_stage=stage_of[0],
+        head_stage=stage_of[-1],
     )
