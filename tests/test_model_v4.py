@@ -9,6 +9,7 @@ import torch
 import homerun
 from homerun.errors import ConfigError, UnknownModelError, UsageError
 from homerun.models import deepseek_v4 as v4
+from homerun.models import layers
 from homerun.quant import dequant_fp8, quant_fp8
 from offload.base import ReferenceExpertBackend
 
@@ -135,12 +136,12 @@ def test_qlinear_paths_equal_full_dequant(shape, monkeypatch):
     q, s = quant_fp8(w)
     x = torch.randn(5, shape[1], generator=g)
     ref = x @ dequant_fp8(q, s).T
-    lin = v4.QLinear(q, s)
+    lin = layers.QLinear(q, s)
     assert torch.equal(lin.dequant(torch.float32), dequant_fp8(q, s))
     native = lin(x)  # the native kernel when built, else the torch path
-    monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", False)
+    monkeypatch.setattr(layers, "USE_NATIVE_LINEAR", False)
     full = lin(x)
-    monkeypatch.setattr(v4, "_BLOCK_ELEMS", 128 * shape[1])  # force one 128-row block per dequant
+    monkeypatch.setattr(layers, "BLOCK_ELEMS", 128 * shape[1])  # force one 128-row block per dequant
     blocked = lin(x)
     for y in (native, full, blocked):
         assert torch.allclose(y, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
@@ -148,7 +149,7 @@ def test_qlinear_paths_equal_full_dequant(shape, monkeypatch):
         xg = torch.randn(5, 2, shape[1], generator=g)
         refg = torch.stack([xg[:, i] @ dequant_fp8(q, s)[i * 128 : (i + 1) * 128].T for i in range(2)], dim=1)
         assert torch.allclose(lin.grouped(xg, 2), refg, rtol=0, atol=1e-6 * refg.abs().max().item())
-        monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", True)
+        monkeypatch.setattr(layers, "USE_NATIVE_LINEAR", True)
         assert torch.allclose(lin.grouped(xg, 2), refg, rtol=0, atol=1e-6 * refg.abs().max().item())
 
 
@@ -158,16 +159,16 @@ def test_qlinear_bf16_native_is_exact_products(shape, monkeypatch):
     summation order, for 1..64 rows; the torch path (kernel off) is the upcast itself."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(*shape, generator=g).bfloat16()
-    lin = v4.QLinear(w)
+    lin = layers.QLinear(w)
     for rows in (1, 3, 64):
         x = torch.randn(rows, shape[1], generator=g)
         ref = (x.double() @ w.double().T)
         y = lin(x)
         assert y.dtype == torch.float32 and y.shape == (rows, shape[0])
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
-        monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", False)
+        monkeypatch.setattr(layers, "USE_NATIVE_LINEAR", False)
         assert torch.allclose(lin(x).double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
-        monkeypatch.setattr(v4, "USE_NATIVE_LINEAR", True)
+        monkeypatch.setattr(layers, "USE_NATIVE_LINEAR", True)
 
 
 def test_bf16_kernel_against_double_reference():

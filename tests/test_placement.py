@@ -12,7 +12,7 @@ import torch
 
 from homerun.errors import ContextFullError, DoesNotFitError, ExitCode, UsageError
 from homerun.inventory import resolve_model
-from homerun.models.deepseek_v4 import QLinear
+from homerun.models.layers import QLinear
 from homerun.placement import Placement, placement_from_plan, single_device, split_layers
 from homerun.planner import plan
 from homerun.planner_placement import _split_layers

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from homerun.errors import ConfigError
 from homerun.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
-from homerun.quant import FP8_BLOCK, dequant_fp8, e8m0_to_float
+from homerun.models.layers import QLinear, native_bf16
 
 LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
 _RATIO_TO_KIND = {0: LAYER_SLIDING, 4: LAYER_CSA, 128: LAYER_HCA}
@@ -41,48 +41,8 @@ _HF_TYPE_TO_KIND = {
     "compressed_sparse_attention": LAYER_CSA,
     "heavily_compressed_attention": LAYER_HCA,
 }
-# Temporaries (dequantized weight blocks, attention score blocks) are kept under this many elements.
+# Attention temporaries (score blocks) are kept under this many elements.
 _BLOCK_ELEMS = 1 << 24
-# FP8 and bf16 matmuls of at most this many rows on CPU/fp32 use the native kernels (offload.cpu_experts.fp8_linear,
-# offload.cpu_dense.bf16_linear) when built: no dequantized copy, fp32 accumulation. Larger batches dequantize in
-# row blocks and use the BLAS GEMM.
-NATIVE_FP8_MAX_ROWS = 64
-USE_NATIVE_LINEAR = True
-_native_fp8_fn: Any = None
-
-
-def _native_fp8() -> Callable | None:
-    """offload.cpu_experts.fp8_linear when its native path is available, else None (resolved once)."""
-    global _native_fp8_fn
-    if _native_fp8_fn is None:
-        _native_fp8_fn = False
-        try:
-            from offload.cpu_experts import fp8_linear, resolve_path
-
-            if resolve_path() != "torch":
-                _native_fp8_fn = fp8_linear
-        except Exception:  # noqa: BLE001 - no kernel (not built, import error): the torch path is always correct
-            _native_fp8_fn = False
-    return _native_fp8_fn or None
-
-
-_native_bf16_fn: Any = None
-
-
-def native_bf16() -> Callable | None:
-    """offload.cpu_dense.bf16_linear when the native kernel is built, else None (resolved once). With it, bf16-stored
-    matrices stay bf16 in an fp32 model: exact products, half the bytes per decode step of an fp32 copy."""
-    global _native_bf16_fn
-    if _native_bf16_fn is None:
-        _native_bf16_fn = False
-        try:
-            from offload import cpu_dense
-
-            if cpu_dense.available():
-                _native_bf16_fn = cpu_dense.bf16_linear
-        except Exception:  # noqa: BLE001 - no kernel: the fp32 upcast path is always correct
-            _native_bf16_fn = False
-    return _native_bf16_fn or None
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -294,111 +254,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse
     even, odd = rope[..., 0::2], rope[..., 1::2]
     rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2).to(x.dtype)
     return torch.cat((x[..., :-r], rotated), dim=-1)
-
-
-class QLinear:
-    """y = x W^T for a weight kept as stored: FP8 e4m3 + ue8m0 128x128 scales, or a dense tensor.
-
-    FP8 (and dense weights whose dtype differs from x) are dequantized per call in row blocks, so the transient is
-    bounded (`_BLOCK_ELEMS`) and the resident copy stays packed.
-    """
-
-    __slots__ = ("weight", "scale")
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
-        self.weight = weight
-        self.scale = scale
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        n = self.weight.numel() * self.weight.element_size()
-        return n + (self.scale.numel() * self.scale.element_size() if self.scale is not None else 0)
-
-    def dequant(self, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        r0, r1 = rows if rows is not None else (0, self.out_features)
-        w = self.weight[r0:r1]
-        if self.scale is None:
-            return w.to(dtype)
-        in_f = self.in_features
-        if r0 % FP8_BLOCK == 0 and (r1 - r0) % FP8_BLOCK == 0 and in_f % FP8_BLOCK == 0:
-            s = e8m0_to_float(self.scale[r0 // FP8_BLOCK : r1 // FP8_BLOCK]).to(w.device, dtype)
-            nr, nc = (r1 - r0) // FP8_BLOCK, in_f // FP8_BLOCK
-            # Scales are powers of two, so the multiply is exact in bf16 and fp32 alike.
-            out = w.to(dtype).view(nr, FP8_BLOCK, nc, FP8_BLOCK) * s.view(nr, 1, nc, 1)
-            return out.view(r1 - r0, in_f)
-        s0 = r0 // FP8_BLOCK
-        s1 = -(-r1 // FP8_BLOCK)
-        full = dequant_fp8(self.weight[s0 * FP8_BLOCK : min(s1 * FP8_BLOCK, self.out_features)],
-                           self.scale[s0:s1], dtype)
-        return full[r0 - s0 * FP8_BLOCK : r1 - s0 * FP8_BLOCK]
-
-    def row_block(self) -> int:
-        rb = max(FP8_BLOCK, (_BLOCK_ELEMS // max(self.in_features, 1)) // FP8_BLOCK * FP8_BLOCK)
-        return rb
-
-    def _native_ok(self, x: torch.Tensor) -> bool:
-        return (
-            USE_NATIVE_LINEAR and self.scale is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features and _native_fp8() is not None
-        )
-
-    def _native_bf16_ok(self, x: torch.Tensor) -> bool:
-        return (
-            USE_NATIVE_LINEAR and self.scale is None and self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32
-            and x.device.type == "cpu" and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features
-            and native_bf16() is not None
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is None and self.weight.dtype == x.dtype:
-            return F.linear(x, self.weight)
-        if self._native_ok(x):
-            return _native_fp8()(x, self.weight, self.scale)
-        if self._native_bf16_ok(x):
-            return native_bf16()(x, self.weight)
-        out_f = self.out_features
-        rb = self.row_block()
-        if rb >= out_f:
-            return F.linear(x, self.dequant(x.dtype))
-        y = x.new_empty(*x.shape[:-1], out_f)
-        for r0 in range(0, out_f, rb):
-            r1 = min(r0 + rb, out_f)
-            y[..., r0:r1] = F.linear(x, self.dequant(x.dtype, (r0, r1)))
-        return y
-
-    def grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        """Block-diagonal grouped projection: x [T, G, in] -> [T, G, out/G], group g uses rows g*out/G...(g+1)."""
-        per = self.out_features // groups
-        if self.scale is None and self.weight.dtype == x.dtype:
-            w = self.weight.view(groups, per, self.in_features)
-            return torch.einsum("tgi,goi->tgo", x, w)
-        if per % FP8_BLOCK == 0 and self._native_ok(x[:, 0]):
-            sb = per // FP8_BLOCK
-            ys = [
-                _native_fp8()(x[:, g].contiguous(), self.weight[g * per : (g + 1) * per],
-                              self.scale[g * sb : (g + 1) * sb])
-                for g in range(groups)
-            ]
-            return torch.stack(ys, dim=1)
-        ys = [F.linear(x[:, g], self.dequant(x.dtype, (g * per, (g + 1) * per))) for g in range(groups)]
-        return torch.stack(ys, dim=1)
-
-    def to_dense(self, dtype: torch.dtype) -> "QLinear":
-        """The same linear with a pre-dequantized weight (weights_dtype bf16/fp32)."""
-        if self.scale is None and self.weight.dtype == dtype:
-            return self
-        return QLinear(self.dequant(dtype))
-
-    def to(self, device: torch.device | str) -> "QLinear":
-        return QLinear(self.weight.to(device), None if self.scale is None else self.scale.to(device))
 
 
 # ------------------------------------------------------------------------------------------------------ state
