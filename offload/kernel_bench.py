@@ -5,8 +5,13 @@ Method: every weight set cycles through 64 distinct random experts (hundreds of 
 so weights stream from DRAM. The DRAM read runs the native multi-threaded read kernel over a buffer of at least 8x
 the LLC. Each figure is the best of a few short repetitions, and DRAM reads are interleaved with the kernel runs so
 ratios compare like with like on a shared, noisy machine. Effective bandwidth counts packed weight bytes plus their
-scales. Activations are fp32 (the exact path) for every figure except the `*_bf16_*` batch figures, which use the
-bf16-activation path where the CPU has AVX512-BF16 (None elsewhere).
+scales.
+
+Activations: every mode the path offers is measured (`by_act`: "fp32", "int8", and "bf16" where the CPU has
+AVX512-BF16). The headline keys (`fp4_gemv_gbps`, `fp4_gemv_ratio`, `fused_expert_ms`, `fp4_gemm_tok_s_b64`,
+`gemm_b64_speedup`, ...) are for `act` = `cpu_experts.default_act()`, the mode the runtime uses. bf16 mode runs single
+tokens in fp32, so its GEMV/fused figures are the fp32 ones; FP8 weights keep fp32 activations in every mode, so the
+FP8 figures are one measurement. The `fp4_gemm_bf16_*` keys are kept for older readers.
 
 Not here: model-level decode/prefill benchmarks (issue 8) and any pass/fail judgement.
 """
@@ -34,7 +39,10 @@ FP4_SCALE_RANGE = (118, 127)  # e8m0 bytes of realistic weight scales (2^-9 .. 2
 @dataclass(frozen=True)
 class KernelBenchResult:
     kernel_path: str
-    activation: str
+    act: str  # the activation mode of the headline figures (default_act())
+    activation: str  # = act (older key)
+    acts: list
+    int8_kernel: str
     threads: int
     cpu_info: str
     llc_bytes: int
@@ -53,8 +61,10 @@ class KernelBenchResult:
     fp4_gemv_tok_s: float
     fp4_gemm_tok_s_b64: float
     fp4_gemm_speedup_b64: float
+    gemm_b64_speedup: float  # per-token throughput at batch 64 / GEMV's, same act (= fp4_gemm_speedup_b64)
     fp4_gemm_bf16_tok_s_b64: float | None
     fp4_gemm_bf16_speedup_b64: float | None
+    by_act: dict  # act -> the FP4/fused/FP8 figures above for that activation mode
     test_time_s: float
     note: str
 
@@ -117,14 +127,21 @@ class _Linear:
     def __init__(self, path: str):
         self.path = path
         self.lib = ce._native() if path != "torch" else None
+        self._codes: dict[str, int] = {}  # act -> path code, resolved once (keeps Python out of the timing)
 
     def run(self, fmt: str, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor, act: str = "fp32") -> None:
         n, k = y.shape[1], x.shape[1]
         if self.lib is None:
-            y.copy_((ce.fp4_linear if fmt == "fp4" else ce.fp8_linear)(x, w, s, path="torch"))
+            if fmt == "fp4":
+                y.copy_(ce.fp4_linear(x, w, s, path="torch", act=act))
+            else:
+                y.copy_(ce.fp8_linear(x, w, s, path="torch"))
             return
+        code = self._codes.get(act)
+        if code is None:
+            code = self._codes[act] = ce._path_code(self.path, act)
         fn = self.lib.hr_fp4_gemm if fmt == "fp4" else self.lib.hr_fp8_gemm
-        rc = fn(ce._path_code(self.path, act), w.data_ptr(), s.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr())
+        rc = fn(code, w.data_ptr(), s.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr())
         ce._check(rc, f"{fmt} GEMM")
 
     def read(self, buf: torch.Tensor) -> None:
@@ -155,7 +172,11 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         dt = _best(lambda: lin.read(dram_buf), 2)
         dram_best[0] = max(dram_best[0], dram_buf.numel() / dt / 1e9)
 
-    def gemv_pass(fmt: str, mats: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    acts = ce.available_acts(p)
+    head_act = ce.default_act(p)
+    gemv_acts = [a for a in acts if a != "bf16"]  # bf16 mode runs single tokens in fp32
+
+    def gemv_pass(fmt: str, mats: list[tuple[torch.Tensor, torch.Tensor]], act: str = "fp32") -> float:
         """Best pass time over all matrices; DRAM is re-measured before every pass."""
         xs = {m[0].shape[1] * (2 if fmt == "fp4" else 1) for m in mats}
         x = {k: torch.randn(1, k, generator=gen) for k in xs}
@@ -165,12 +186,12 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
             dram()
             t0 = time.perf_counter()
             for w, s in mats:
-                lin.run(fmt, w, s, x[w.shape[1] * (2 if fmt == "fp4" else 1)], ys[w.shape[0]])
+                lin.run(fmt, w, s, x[w.shape[1] * (2 if fmt == "fp4" else 1)], ys[w.shape[0]], act)
             best = min(best, time.perf_counter() - t0)
         return best
 
     def flash_section() -> dict:
-        """GEMV, batch-64 GEMM and the fused op on 64 V4-Flash experts; they are freed on return."""
+        """Per act: GEMV, batch-64 GEMM and the fused op on 64 V4-Flash experts; they are freed on return."""
         # V4-Flash experts: w1, w3 [2048, 4096], w2 [4096, 2048], FP4
         say(f"generating {n_experts} V4-Flash FP4 experts")
         experts = []
@@ -180,48 +201,49 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         mats = [(e.w1, e.w1_scale) for e in experts] + [(e.w3, e.w3_scale) for e in experts] + \
                [(e.w2, e.w2_scale) for e in experts]
         flash_bytes = sum(_nbytes(w, s) for w, s in mats)
-        say("FP4 GEMV, V4-Flash shapes")
-        t_flash = gemv_pass("fp4", mats)
-        fp4_gbps = flash_bytes / t_flash / 1e9
-        gemv_tok_s = len(mats) / t_flash  # tokens/s through one [2048, 4096]-sized matrix
-
-        say("FP4 GEMM at batch 64")
         x64 = torch.randn(64, d, generator=gen)
         y64 = torch.empty(64, i)
         gemm_mats = [(e.w1, e.w1_scale) for e in experts]
-        t_gemm = _best(lambda: [lin.run("fp4", w, s, x64, y64) for w, s in gemm_mats], min(2, reps))
-        gemm_tok_s = 64 * len(gemm_mats) / t_gemm
-        bf16_tok_s = None
-        if "bf16" in ce.available_acts(p):
-            say("FP4 GEMM at batch 64, bf16 activations")
-            t_bf16 = _best(lambda: [lin.run("fp4", w, s, x64, y64, "bf16") for w, s in gemm_mats], min(2, reps))
-            bf16_tok_s = 64 * len(gemm_mats) / t_bf16
-
-        say("fused expert op, 1 token x 6 experts")
-        backend = ce.CpuExpertBackend(lambda layer, e: experts[e], swiglu_limit=10.0, path=p)
         x1 = torch.randn(1, d, generator=gen)
         wts = torch.rand(1, 6, generator=gen)
         calls = max(1, min(30, n_experts // 6 * 3))
         ids = [torch.tensor([[(6 * c + j) % n_experts for j in range(6)]]) for c in range(calls)]
-        backend.forward(0, x1, ids[0], wts)  # caches the expert addresses
-        t_fused = _best(lambda: [backend.forward(0, x1, ix, wts) for ix in ids], reps) / calls
         fused_bytes = 6 * experts[0].nbytes
-        return {"fp4_gbps": fp4_gbps, "gemv_tok_s": gemv_tok_s, "gemm_tok_s": gemm_tok_s, "bf16_tok_s": bf16_tok_s,
-                "t_fused": t_fused, "fused_bytes": fused_bytes}
+        res: dict[str, dict] = {}
+        for act in acts:
+            r: dict = {}
+            if act in gemv_acts:
+                say(f"FP4 GEMV, V4-Flash shapes, {act} activations")
+                t_flash = gemv_pass("fp4", mats, act)
+                r["fp4_gbps"] = flash_bytes / t_flash / 1e9
+                r["gemv_tok_s"] = len(mats) / t_flash  # tokens/s through one [2048, 4096]-sized matrix
+                say(f"fused expert op, 1 token x 6 experts, {act} activations")
+                backend = ce.CpuExpertBackend(lambda layer, e: experts[e], swiglu_limit=10.0, path=p, act=act)
+                backend.forward(0, x1, ids[0], wts)  # caches the expert addresses
+                r["t_fused"] = _best(lambda: [backend.forward(0, x1, ix, wts) for ix in ids], reps) / calls
+            say(f"FP4 GEMM at batch 64, {act} activations")
+            t_gemm = _best(lambda: [lin.run("fp4", w, s, x64, y64, act) for w, s in gemm_mats], min(2, reps))
+            r["gemm_tok_s"] = 64 * len(gemm_mats) / t_gemm
+            res[act] = r
+        for act in acts:  # bf16: single tokens are the fp32 measurement
+            for key in ("fp4_gbps", "gemv_tok_s", "t_fused"):
+                res[act].setdefault(key, res["fp32"][key])
+        return {"by_act": res, "fused_bytes": fused_bytes}
 
     fl = flash_section()
-    fp4_gbps, gemv_tok_s, gemm_tok_s, bf16_tok_s = fl["fp4_gbps"], fl["gemv_tok_s"], fl["gemm_tok_s"], fl["bf16_tok_s"]
-    t_fused, fused_bytes = fl["t_fused"], fl["fused_bytes"]
+    fused_bytes = fl["fused_bytes"]
 
     # V4-Pro expert shapes, alternating w1 [3072, 7168] and w2 [7168, 3072]
-    say(f"FP4 GEMV, V4-Pro shapes ({n_experts} matrices)")
     pro = [_fp4_matrix(PRO["inter"], PRO["dim"], gen) if j % 2 == 0 else _fp4_matrix(PRO["dim"], PRO["inter"], gen)
            for j in range(n_experts)]
-    t_pro = gemv_pass("fp4", pro)
-    pro_gbps = sum(_nbytes(w, s) for w, s in pro) / t_pro / 1e9
+    pro_bytes = sum(_nbytes(w, s) for w, s in pro)
+    pro_gbps = {}
+    for act in gemv_acts:
+        say(f"FP4 GEMV, V4-Pro shapes ({n_experts} matrices), {act} activations")
+        pro_gbps[act] = pro_bytes / gemv_pass("fp4", pro, act) / 1e9
     del pro
 
-    # FP8 e4m3 with 128x128 scales, V4-Flash shared-expert shapes
+    # FP8 e4m3 with 128x128 scales, V4-Flash shared-expert shapes (fp32 activations in every mode)
     say(f"FP8 GEMV, V4-Flash shared-expert shapes ({n_experts} matrices)")
     fp8 = [_fp8_matrix(i, d, gen) if j % 2 == 0 else _fp8_matrix(d, i, gen) for j in range(n_experts)]
     t_fp8 = gemv_pass("fp8", fp8)
@@ -231,9 +253,31 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
     dram()
     dram_gbps = dram_best[0]
     info = ce.backend_info()
+    by_act = {}
+    for act, r in fl["by_act"].items():
+        pg = pro_gbps.get(act, pro_gbps["fp32"])
+        by_act[act] = {
+            "fp4_gemv_gbps": round(r["fp4_gbps"], 3),
+            "fp4_gemv_ratio": round(r["fp4_gbps"] / dram_gbps, 3),
+            "fp4_gemv_pro_gbps": round(pg, 3),
+            "fp4_gemv_pro_ratio": round(pg / dram_gbps, 3),
+            "fp8_gemv_gbps": round(fp8_gbps, 3),
+            "fp8_gemv_ratio": round(fp8_gbps / dram_gbps, 3),
+            "fused_expert_ms": round(r["t_fused"] * 1e3, 3),
+            "fused_expert_gbps": round(fused_bytes / r["t_fused"] / 1e9, 3),
+            "fp4_gemv_tok_s": round(r["gemv_tok_s"], 1),
+            "fp4_gemm_tok_s_b64": round(r["gemm_tok_s"], 1),
+            "gemm_b64_speedup": round(r["gemm_tok_s"] / r["gemv_tok_s"], 2),
+            "single_token_act": "fp32" if act == "bf16" else act,
+        }
+    h = by_act[head_act]
+    bf = by_act.get("bf16")
     return KernelBenchResult(
         kernel_path=p,
-        activation="fp32",
+        act=head_act,
+        activation=head_act,
+        acts=list(acts),
+        int8_kernel=str(info.get("int8_kernel", ce.int8_kernel(p))),
         threads=int(info["threads"]),
         cpu_info=cpu_info(),
         llc_bytes=llc,
@@ -241,20 +285,23 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         n_experts=n_experts,
         reps=reps,
         dram_read_gbps=round(dram_gbps, 3),
-        fp4_gemv_gbps=round(fp4_gbps, 3),
-        fp4_gemv_ratio=round(fp4_gbps / dram_gbps, 3),
-        fp4_gemv_pro_gbps=round(pro_gbps, 3),
-        fp4_gemv_pro_ratio=round(pro_gbps / dram_gbps, 3),
-        fp8_gemv_gbps=round(fp8_gbps, 3),
-        fp8_gemv_ratio=round(fp8_gbps / dram_gbps, 3),
-        fused_expert_ms=round(t_fused * 1e3, 3),
-        fused_expert_gbps=round(fused_bytes / t_fused / 1e9, 3),
-        fp4_gemv_tok_s=round(gemv_tok_s, 1),
-        fp4_gemm_tok_s_b64=round(gemm_tok_s, 1),
-        fp4_gemm_speedup_b64=round(gemm_tok_s / gemv_tok_s, 2),
-        fp4_gemm_bf16_tok_s_b64=None if bf16_tok_s is None else round(bf16_tok_s, 1),
-        fp4_gemm_bf16_speedup_b64=None if bf16_tok_s is None else round(bf16_tok_s / gemv_tok_s, 2),
+        fp4_gemv_gbps=h["fp4_gemv_gbps"],
+        fp4_gemv_ratio=h["fp4_gemv_ratio"],
+        fp4_gemv_pro_gbps=h["fp4_gemv_pro_gbps"],
+        fp4_gemv_pro_ratio=h["fp4_gemv_pro_ratio"],
+        fp8_gemv_gbps=h["fp8_gemv_gbps"],
+        fp8_gemv_ratio=h["fp8_gemv_ratio"],
+        fused_expert_ms=h["fused_expert_ms"],
+        fused_expert_gbps=h["fused_expert_gbps"],
+        fp4_gemv_tok_s=h["fp4_gemv_tok_s"],
+        fp4_gemm_tok_s_b64=h["fp4_gemm_tok_s_b64"],
+        fp4_gemm_speedup_b64=h["gemm_b64_speedup"],
+        gemm_b64_speedup=h["gemm_b64_speedup"],
+        fp4_gemm_bf16_tok_s_b64=None if bf is None else bf["fp4_gemm_tok_s_b64"],
+        fp4_gemm_bf16_speedup_b64=None if bf is None else bf["gemm_b64_speedup"],
+        by_act=by_act,
         test_time_s=round(time.perf_counter() - t_start, 1),
-        note=f"best of {reps} repetitions per figure (batch-64 GEMM: {min(2, reps)}); DRAM read re-measured before "
-             "each GEMV pass; tok/s figures are per [2048, 4096] FP4 matrix",
+        note=f"headline figures use act={head_act} (default_act); best of {reps} repetitions per figure (batch-64 "
+             f"GEMM: {min(2, reps)}); DRAM read re-measured before each GEMV pass; tok/s figures are per "
+             "[2048, 4096] FP4 matrix; FP8 keeps fp32 activations in every mode",
     )

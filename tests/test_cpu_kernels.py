@@ -119,7 +119,7 @@ def test_bad_shapes_and_paths_raise_typed_errors():
 
 def test_backend_info_reports_the_path():
     info = ce.backend_info()
-    assert set(info) == {"path", "built", "reason", "threads"}
+    assert set(info) == {"path", "built", "reason", "threads", "acts", "default_act", "int8_kernel"}
     assert info["path"] in ce.PATHS and info["path"] == PATHS[0]
     assert isinstance(info["built"], bool) and info["reason"] and info["threads"] >= 1
     assert PATHS[-1] == "torch"

@@ -12,7 +12,11 @@
  * low and high nibbles of 16 packed bytes meet contiguous activations. Public entry points take natural order and
  * reorder internally; the fused op writes its hidden activations directly in that order.
  *
- * Not here: int8/VNNI activation paths (per-32 weight scales leave VNNI little to gain), NEON intrinsics (the
+ * Optional (HR_ACT_INT8, every path): FP4 weights meet int8 activations quantized per 32-column block; exact int8
+ * weights from a nibble table, vpdpbusd (AVX512-VNNI) or vpmaddubsw (AVX2) integer dots, one fp32 scale multiply per
+ * block (see the int8 section and hr_kernels.h for the exact rounding).
+ *
+ * Not here: NEON intrinsics (the
  * portable path is plain C the compiler may vectorize), MSVC support (the build then fails and Python falls back to
  * torch).
  */
@@ -40,6 +44,7 @@
 #endif
 
 #define HR_MAX_THREADS 256
+#define HR_Q8T_TT 16 /* tokens per call of the int8 batch kernel (one decoded weight chunk feeds 16 dot products) */
 #define HR_TT 8      /* tokens per register tile */
 #define HR_RC 64     /* rows per task chunk */
 #define HR_FP8_BLOCK 128
@@ -92,8 +97,8 @@ static struct {
     pthread_cond_t work_cv, done_cv;
     pthread_t th[HR_MAX_THREADS];
     int nworkers, started, stop, nthreads;
-    unsigned gen;
-    int pending;
+    atomic_uint gen;
+    atomic_int pending;
     hr_task_fn fn;
     void *ctx;
     int64_t ntasks;
@@ -119,11 +124,27 @@ static void run_tasks(void) {
     while ((i = atomic_fetch_add(&P.next, 1)) < P.ntasks) P.fn(P.ctx, i);
 }
 
+/* Back-to-back kernel calls (a decode step's GEMVs) hand work over by a short spin instead of a futex wake-up, which
+ * cost ~10 us per call; the spin is bounded (~tens of us) so idle threads leave the cores to the rest of the process. */
+#ifndef HR_SPIN
+#define HR_SPIN 2000
+#endif
+static inline void hr_pause(void) {
+#if HR_X86
+    _mm_pause();
+#endif
+}
+
 static void *worker_main(void *arg) {
     (void)arg;
     unsigned seen = 0;
     pthread_mutex_lock(&P.mu);
     for (;;) {
+        if (P.gen == seen && !P.stop) {
+            pthread_mutex_unlock(&P.mu);
+            for (int i = 0; i < HR_SPIN && atomic_load_explicit(&P.gen, memory_order_acquire) == seen; i++) hr_pause();
+            pthread_mutex_lock(&P.mu);
+        }
         while (P.gen == seen && !P.stop) pthread_cond_wait(&P.work_cv, &P.mu);
         if (P.stop) break;
         seen = P.gen;
@@ -190,6 +211,7 @@ static void hr_parallel(hr_task_fn fn, void *ctx, int64_t ntasks) {
     pthread_cond_broadcast(&P.work_cv);
     pthread_mutex_unlock(&P.mu);
     run_tasks();
+    for (int i = 0; i < HR_SPIN && atomic_load_explicit(&P.pending, memory_order_acquire) > 0; i++) hr_pause();
     pthread_mutex_lock(&P.mu);
     while (P.pending > 0) pthread_cond_wait(&P.done_cv, &P.mu);
     pthread_mutex_unlock(&P.mu);
@@ -873,12 +895,430 @@ HR_AVX512 static uint64_t read_sum_avx512(const uint8_t *p, int64_t n) {
 }
 #endif /* HR_X86 */
 
+/* ---------------------------------------------------------------------- int8-activation FP4 path (HR_ACT_INT8)
+ * Activations are quantized per 32-column block: d = amax / 127, q = round-half-even(x * (1 / d)) clamped to
+ * [-127, 127] (d = 0 -> q = 0), each step one fp32 rounding, so the scalar and SIMD quantizers and the torch mirror
+ * in offload/cpu_experts.py give identical bytes. FP4 values
+ * x2 are the integers {0, 1, 2, 3, 4, 6, 8, 12} with sign, so a nibble table gives exact int8 weights; VNNI needs
+ * u8 x s8, so the table stores w + 12 and each dword's 12 * sum(q) is subtracted through a precomputed correction
+ * (the accumulator starts at it). A block contributes float(S) * (weight scale * d / 2), S the exact int32 dot.
+ *
+ * Per-token layout (q8_stride(K) bytes; ngrp = ceil(K / 128) groups of 4 blocks, blocks past K are zero):
+ *   int8  q[ngrp][128]  : group g = 64 even-column values (blocks 4g..4g+3, 16 each), then the 64 odd-column ones,
+ *                         so a 64-byte load of packed weights meets them nibble for nibble;
+ *   int32 nc[ngrp][16]  : dword lane i = -12 * (sum of bytes 4i..4i+3 of both halves);
+ *   float dh[ngrp][16]  : lane i = d(block 4g + i/4) / 2. */
+/* int8 kernels compute ~2x faster than fp32 ones, so DRAM latency dominates: prefetching 32 KiB ahead into L2 took
+ * one thread's DRAM-resident GEMV from 11 to 23 GB/s on Zen 4 (4 KiB into L1: 11; 16 KiB into L2: 22). */
+#ifndef HR_Q8_PF
+#define HR_Q8_PF 32768
+#endif
+#ifndef HR_Q8_HINT
+#define HR_Q8_HINT _MM_HINT_T1
+#endif
+static const int8_t FP4_I8[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static const uint8_t FP4_U8[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0}; /* FP4_I8 + 12 */
+
+static inline int64_t q8_ngrp(int64_t k) { return (k + 127) / 128; }
+static inline int64_t q8_stride(int64_t k) { return q8_ngrp(k) * 256; }
+
+static inline int8_t q8_round(float v, float id) {
+    float r = v * id;
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+    return (int8_t)nearbyintf(r); /* the default rounding mode: half to even */
+}
+
+static void q8_quantize_scalar(const float *x, int64_t k, uint8_t *dst) {
+    const int64_t ng = q8_ngrp(k);
+    int8_t *q = (int8_t *)dst;
+    int32_t *nc = (int32_t *)(dst + ng * 128);
+    float *dh = (float *)(dst + ng * 192);
+    memset(dst, 0, (size_t)(ng * 256));
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const int64_t g = b >> 2, bl = b & 3;
+        int8_t *qe = q + g * 128 + bl * 16, *qo = qe + 64;
+        for (int j = 0; j < 16; j++) {
+            qe[j] = q8_round(xb[2 * j], id);
+            qo[j] = q8_round(xb[2 * j + 1], id);
+        }
+        for (int i = 0; i < 4; i++) {
+            int32_t sum = 0;
+            for (int m = 0; m < 4; m++) sum += qe[4 * i + m] + qo[4 * i + m];
+            nc[g * 16 + bl * 4 + i] = -12 * sum;
+            dh[g * 16 + bl * 4 + i] = 0.5f * d;
+        }
+    }
+}
+
+#if HR_X86
+/* The same bytes as q8_quantize_scalar with AVX2: even/odd columns split in float, rounded by cvtps (MXCSR default:
+ * half to even), packed to int8 and put back in [16 even][16 odd] order with one dword permute. */
+HR_AVX2 static void q8_quantize_avx2(const float *x, int64_t k, uint8_t *dst) {
+    const int64_t ng = q8_ngrp(k);
+    int8_t *q = (int8_t *)dst;
+    int32_t *nc = (int32_t *)(dst + ng * 128);
+    float *dh = (float *)(dst + ng * 192);
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    memset(dst, 0, (size_t)(ng * 256));
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+        __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(x0, absm), _mm256_and_ps(x1, absm)),
+                                 _mm256_max_ps(_mm256_and_ps(x2, absm), _mm256_and_ps(x3, absm)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4), d = amax / 127.0f, idf = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m256 id = _mm256_set1_ps(idf);
+        /* columns 0,2..14 / 16..30 (even) and 1..15 / 17..31 (odd), each 8 in order */
+        __m256 e0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x0, x1, 0x88)), 0xD8));
+        __m256 e1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0x88)), 0xD8));
+        __m256 o0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x0, x1, 0xDD)), 0xD8));
+        __m256 o1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x2, x3, 0xDD)), 0xD8));
+#define HR_Q8_CVT(v) _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, id), lo), hi))
+        __m256i ie0 = HR_Q8_CVT(e0), ie1 = HR_Q8_CVT(e1), io0 = HR_Q8_CVT(o0), io1 = HR_Q8_CVT(o1);
+#undef HR_Q8_CVT
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(ie0, ie1), _mm256_packs_epi32(io0, io1));
+        const int64_t g = b >> 2, bl = b & 3;
+        int8_t *qe = q + g * 128 + bl * 16;
+        __m256i r = _mm256_permutevar8x32_epi32(p, order); /* [16 even][16 odd] */
+        _mm_storeu_si128((__m128i *)qe, _mm256_castsi256_si128(r));
+        _mm_storeu_si128((__m128i *)(qe + 64), _mm256_extracti128_si256(r, 1));
+        int32_t sums[16];
+        _mm256_storeu_si256((__m256i *)sums, _mm256_add_epi32(ie0, io0));
+        _mm256_storeu_si256((__m256i *)(sums + 8), _mm256_add_epi32(ie1, io1));
+        for (int i = 0; i < 4; i++) {
+            nc[g * 16 + bl * 4 + i] = -12 * (sums[4 * i] + sums[4 * i + 1] + sums[4 * i + 2] + sums[4 * i + 3]);
+            dh[g * 16 + bl * 4 + i] = 0.5f * d;
+        }
+    }
+}
+#endif
+
+static void q8_quantize(int path, const float *x, int64_t k, uint8_t *dst) {
+#if HR_X86
+    if ((path & 0xFF) == HR_PATH_AVX2 || (path & 0xFF) == HR_PATH_AVX512) {
+        q8_quantize_avx2(x, k, dst);
+        return;
+    }
+#endif
+    (void)path;
+    q8_quantize_scalar(x, k, dst);
+}
+
+static uint8_t *q8_alloc(int64_t rows, int64_t k) {
+    size_t n = (size_t)(rows * q8_stride(k));
+    return (uint8_t *)aligned_alloc(64, n ? n : 64);
+}
+
+static void fp4_rows_q8_portable(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0, int64_t r1,
+                                 const float *const *x, int nt, float *out, int64_t ldo) {
+    const int64_t nb = k / 32, kb2 = k / 2, ng = q8_ngrp(k);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        for (int t = 0; t < nt; t++) {
+            const int8_t *q = (const int8_t *)x[t];
+            const float *dh = (const float *)((const uint8_t *)x[t] + ng * 192);
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *qe = q + (b >> 2) * 128 + (b & 3) * 16, *qo = qe + 64;
+                const uint8_t *wb = wr + b * 16;
+                int32_t sum = 0;
+                for (int j = 0; j < 16; j++) sum += FP4_I8[wb[j] & 15] * qe[j] + FP4_I8[wb[j] >> 4] * qo[j];
+                acc += (float)sum * (g_e8m0[sr[b]] * dh[(b >> 2) * 16 + (b & 3) * 4]);
+            }
+            out[t * ldo + (r - r0)] = acc;
+        }
+    }
+}
+
+#if HR_X86
+/* AVX2: half a group (2 blocks, 32 packed bytes) per step; maddubs pairs (<= 2 * 24 * 127) and their sum over the
+ * even and odd halves (<= 12192) fit int16, madd with ones widens each dword's 8 products to int32. */
+HR_AVX2 static inline __attribute__((always_inline)) void
+q8_tile_avx2(const int R, const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+             const float *const *x, float *out, int64_t ldo) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)FP4_U8));
+    const __m256i m0f = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t ng = q8_ngrp(2 * kb2), nh = (nb + 1) / 2;
+    __m256 acc[4][8];
+    for (int q = 0; q < R; q++)
+        for (int t = 0; t < NT; t++) acc[q][t] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < nh; h++) {
+        const int64_t off = h * 32, g = h >> 1, half = h & 1;
+        const int full = 2 * h + 2 <= nb;
+        __m256i lo[4], hi[4];
+        __m256 ws[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < R; q++) {
+            const uint8_t *wp = w0 + q * kb2 + off;
+            _mm_prefetch((const char *)(wp + HR_Q8_PF), HR_Q8_HINT);
+            __m256i v = full ? _mm256_loadu_si256((const __m256i *)wp)
+                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wp));
+            lo[q] = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m0f));
+            hi[q] = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f));
+            const uint8_t *sp = s0 + q * ks + 2 * h;
+            ws[q] = _mm256_set_m128(_mm_set1_ps(full ? g_e8m0[sp[1]] : 0.0f), _mm_set1_ps(g_e8m0[sp[0]]));
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = (const uint8_t *)x[t];
+            const __m256i xe = _mm256_loadu_si256((const __m256i *)(xb + g * 128 + half * 32));
+            const __m256i xo = _mm256_loadu_si256((const __m256i *)(xb + g * 128 + 64 + half * 32));
+            const __m256i nc = _mm256_loadu_si256((const __m256i *)(xb + ng * 128 + g * 64 + half * 32));
+            const __m256 dh = _mm256_loadu_ps((const float *)(xb + ng * 192 + g * 64 + half * 32));
+#pragma GCC unroll 4
+            for (int q = 0; q < R; q++) {
+                __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[q], xe), _mm256_maddubs_epi16(hi[q], xo));
+                __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(p, ones), nc);
+                acc[q][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(ws[q], dh), acc[q][t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < R; q++) out[t * ldo + q] = hsum256(acc[q][t]);
+}
+
+#define HR_Q8_TILES(KERNEL, R, nt, wr, sr, kb2, ks, nb, xt, ot, ldo)                                                \
+    switch (nt) {                                                                                                   \
+    case 1: KERNEL(R, 1, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    case 2: KERNEL(R, 2, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    case 3: KERNEL(R, 3, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    case 4: KERNEL(R, 4, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    case 5: KERNEL(R, 5, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    case 6: KERNEL(R, 6, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    case 7: KERNEL(R, 7, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                  \
+    default: KERNEL(R, 8, wr, sr, kb2, ks, nb, xt, ot, ldo); break;                                                 \
+    }
+
+/* GEMV: 4 rows share each activation load; batches: 2 rows x up to TT tokens per register tile (TT = 4 for the 16
+ * ymm registers of AVX2, 8 for the 32 zmm of AVX-512). */
+#define HR_Q8_ROWS_BODY(KERNEL, TT)                                                                                 \
+    const int64_t nb = k / 32, kb2 = k / 2;                                                                         \
+    const int64_t R = nt == 1 ? 4 : 2;                                                                              \
+    for (int64_t r = r0; r < r1;) {                                                                                 \
+        const int64_t left = r1 - r, rr = left >= R ? R : (left >= 2 ? 2 : 1);                                     \
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;                                                          \
+        for (int t0 = 0; t0 < nt; t0 += TT) {                                                                       \
+            const int n = nt - t0 < TT ? nt - t0 : TT;                                                              \
+            const float *const *xt = x + t0;                                                                        \
+            float *ot = out + (r - r0) + t0 * ldo;                                                                  \
+            if (rr == 4) {                                                                                          \
+                KERNEL(4, 1, wr, sr, kb2, ks, nb, xt, ot, ldo);                                                     \
+            } else if (rr == 2) {                                                                                   \
+                HR_Q8_TILES(KERNEL, 2, n, wr, sr, kb2, ks, nb, xt, ot, ldo)                                         \
+            } else {                                                                                                \
+                HR_Q8_TILES(KERNEL, 1, n, wr, sr, kb2, ks, nb, xt, ot, ldo)                                         \
+            }                                                                                                       \
+        }                                                                                                           \
+        r += rr;                                                                                                    \
+    }
+
+HR_AVX2 static void fp4_rows_q8_avx2(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                     int64_t r1, const float *const *x, int nt, float *out, int64_t ldo) {
+    HR_Q8_ROWS_BODY(q8_tile_avx2, 4)
+}
+
+#if defined(__clang__) || __GNUC__ >= 9
+#define HR_Q8_VNNI 1
+#define HR_AVX512VNNI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+static const uint8_t FP4_U8_X4[64] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                      12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                      12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+                                      12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+/* AVX512-VNNI (+VBMI): one group (4 blocks, 64 packed bytes) per step, scales loaded per 16 blocks (512 weights).
+ * vpermb reads the low 6 bits of each index byte, and the 64-entry table repeats the 16 nibble values, so neither
+ * nibble needs masking: 3 decode instructions per 64 bytes. */
+HR_AVX512VNNI static inline __attribute__((always_inline)) void
+q8_tile_vnni(const int R, const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t ks, int64_t nb,
+             const float *const *x, float *out, int64_t ldo) {
+    const __m512i lut = _mm512_loadu_si512((const void *)FP4_U8_X4);
+    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512 tiny = _mm512_set1_ps(0x1p-127f); /* e8m0 byte 0 */
+    const int64_t ng = q8_ngrp(2 * kb2);
+    __m512 acc[4][8];
+    for (int q = 0; q < R; q++)
+        for (int t = 0; t < NT; t++) acc[q][t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < ng; c += 4) {
+        const int64_t nbl = nb - 4 * c < 16 ? nb - 4 * c : 16;
+        const __mmask16 sm = (__mmask16)((1u << nbl) - 1);
+        __m512 wsc[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < R; q++) {
+            __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(sm, s0 + q * ks + 4 * c));
+            __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+            wsc[q] = _mm512_mask_mov_ps(f, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), tiny);
+        }
+        const int64_t gend = c + 4 < ng ? c + 4 : ng;
+        for (int64_t g = c; g < gend; g++) {
+            const int64_t off = g * 64;
+            const __m512i idx = _mm512_add_epi32(quad, _mm512_set1_epi32((int)(4 * (g - c))));
+            __m512i lo[4], hi[4];
+            __m512 wsv[4];
+#pragma GCC unroll 4
+            for (int q = 0; q < R; q++) {
+                const uint8_t *wp = w0 + q * kb2 + off;
+                _mm_prefetch((const char *)(wp + HR_Q8_PF), HR_Q8_HINT);
+                __m512i v = off + 64 <= kb2 ? _mm512_loadu_si512((const void *)wp)
+                                            : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (kb2 - off)) - 1), wp);
+                lo[q] = _mm512_permutexvar_epi8(v, lut);
+                hi[q] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+                wsv[q] = _mm512_permutexvar_ps(idx, wsc[q]);
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *xb = (const uint8_t *)x[t];
+                const __m512i xe = _mm512_loadu_si512((const void *)(xb + g * 128));
+                const __m512i xo = _mm512_loadu_si512((const void *)(xb + g * 128 + 64));
+                const __m512i nc = _mm512_loadu_si512((const void *)(xb + ng * 128 + g * 64));
+                const __m512 dh = _mm512_loadu_ps((const float *)(xb + ng * 192 + g * 64));
+#pragma GCC unroll 4
+                for (int q = 0; q < R; q++) {
+                    __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo[q], xe), hi[q], xo);
+                    acc[q][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(wsv[q], dh), acc[q][t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < R; q++) out[t * ldo + q] = _mm512_reduce_add_ps(acc[q][t]);
+}
+
+HR_AVX512VNNI static void fp4_rows_q8_vnni(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                           int64_t r1, const float *const *x, int nt, float *out, int64_t ldo) {
+    HR_Q8_ROWS_BODY(q8_tile_vnni, 8)
+}
+
+/* ---- batch layout ("chunk-transposed", AVX512-VNNI GEMM with >= HR_Q8T_MIN tokens): per 16-block chunk c,
+ * vector m (0..3) holds in dword lane i the 4 packed bytes m of block 16c + i, after an in-register transpose of the
+ * row's 256 packed bytes. Then all 16 lanes of the 8 dot products (low/high nibbles x 4) belong to the same block,
+ * they accumulate in one int32 vector, and the scale work is one convert, multiply and FMA per 512 weights per token
+ * (the per-group layout needs that per 128). Weight-side transposes are shared by the tile's tokens.
+ * Per-token layout (q8t_stride(K) bytes, nch = ceil(K / 512) chunks of 640 bytes):
+ *   int8 e[m][16][4], o[m][16][4] interleaved as [m][even 64 | odd 64]: lane i byte cc = column 8m + 2cc (+1) of
+ *   block 16c + i; then int32 nc[16] = -12 * sum(q of block 16c + i); then float dh[16] = d(block 16c + i) / 2. */
+#define HR_Q8T_MIN 4
+static inline int64_t q8t_nch(int64_t k) { return (k + 511) / 512; }
+static inline int64_t q8t_stride(int64_t k) { return q8t_nch(k) * 640; }
+
+/* Layout A (one token, q8_quantize) -> layout B. */
+static void q8t_from_q8(const uint8_t *a, int64_t k, uint8_t *bq) {
+    const int64_t ng = q8_ngrp(k), nb = k / 32;
+    const int8_t *qa = (const int8_t *)a;
+    const int32_t *nca = (const int32_t *)(a + ng * 128);
+    const float *dha = (const float *)(a + ng * 192);
+    memset(bq, 0, (size_t)q8t_stride(k));
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t g = b >> 2, bl = b & 3, c = b >> 4, i = b & 15;
+        const int8_t *qe = qa + g * 128 + bl * 16, *qo = qe + 64;
+        int8_t *dst = (int8_t *)(bq + c * 640);
+        for (int u = 0; u < 16; u++) { /* packed byte u: columns 2u (even) and 2u + 1 (odd) */
+            const int m = u >> 2, cc = u & 3;
+            dst[m * 128 + 4 * i + cc] = qe[u];
+            dst[m * 128 + 64 + 4 * i + cc] = qo[u];
+        }
+        int32_t *nc = (int32_t *)(bq + c * 640 + 512);
+        float *dh = (float *)(bq + c * 640 + 576);
+        nc[i] = nca[g * 16 + bl * 4] + nca[g * 16 + bl * 4 + 1] + nca[g * 16 + bl * 4 + 2] + nca[g * 16 + bl * 4 + 3];
+        dh[i] = dha[g * 16 + bl * 4];
+    }
+}
+
+HR_AVX512VNNI static inline __attribute__((always_inline)) void
+q8t_tile_vnni(const int NT, const uint8_t *w0, const uint8_t *s0, int64_t kb2, int64_t nb, const float *const *x,
+              float *out, int64_t ldo) {
+    const __m512i lut = _mm512_loadu_si512((const void *)FP4_U8_X4);
+    const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 tiny = _mm512_set1_ps(0x1p-127f);
+    const int64_t nch = q8t_nch(2 * kb2);
+    __m512 acc[HR_Q8T_TT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t nbl = nb - 16 * c < 16 ? nb - 16 * c : 16;
+        __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << nbl) - 1), s0 + 16 * c));
+        __m512 ws = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+        ws = _mm512_mask_mov_ps(ws, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), tiny);
+        __m512i L[4];
+        const uint8_t *wp = w0 + c * 256;
+        for (int j = 0; j < 4; j++) {
+            const int64_t off = c * 256 + j * 64;
+            _mm_prefetch((const char *)(wp + j * 64 + HR_Q8_PF), HR_Q8_HINT);
+            L[j] = off + 64 <= kb2 ? _mm512_loadu_si512((const void *)(wp + j * 64))
+                   : off < kb2     ? _mm512_maskz_loadu_epi8((__mmask64)((1ull << (kb2 - off)) - 1), wp + j * 64)
+                                   : _mm512_setzero_si512();
+            L[j] = _mm512_permutexvar_epi32(tr, L[j]);
+        }
+        __m512i U0 = _mm512_shuffle_i32x4(L[0], L[1], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i U1 = _mm512_shuffle_i32x4(L[0], L[1], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i U2 = _mm512_shuffle_i32x4(L[2], L[3], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i U3 = _mm512_shuffle_i32x4(L[2], L[3], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i P[4] = {_mm512_shuffle_i32x4(U0, U2, _MM_SHUFFLE(2, 0, 2, 0)),
+                        _mm512_shuffle_i32x4(U0, U2, _MM_SHUFFLE(3, 1, 3, 1)),
+                        _mm512_shuffle_i32x4(U1, U3, _MM_SHUFFLE(2, 0, 2, 0)),
+                        _mm512_shuffle_i32x4(U1, U3, _MM_SHUFFLE(3, 1, 3, 1))};
+        __m512i lo[4], hi[4];
+        for (int m = 0; m < 4; m++) {
+            lo[m] = _mm512_permutexvar_epi8(P[m], lut);
+            hi[m] = _mm512_permutexvar_epi8(_mm512_srli_epi16(P[m], 4), lut);
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = (const uint8_t *)x[t] + c * 640;
+            __m512i sum = _mm512_loadu_si512((const void *)(xb + 512));
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; m++) {
+                sum = _mm512_dpbusd_epi32(sum, lo[m], _mm512_loadu_si512((const void *)(xb + m * 128)));
+                sum = _mm512_dpbusd_epi32(sum, hi[m], _mm512_loadu_si512((const void *)(xb + m * 128 + 64)));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(ws, _mm512_loadu_ps((const float *)(xb + 576))),
+                                     acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * ldo] = _mm512_reduce_add_ps(acc[t]);
+}
+
+HR_AVX512VNNI static void fp4_rows_q8t_vnni(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                            int64_t r1, const float *const *x, int nt, float *out, int64_t ldo) {
+    const int64_t nb = k / 32, kb2 = k / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * kb2, *sr = s + r * ks;
+        for (int t0 = 0; t0 < nt; t0 += HR_Q8T_TT) {
+            const int n = nt - t0 < HR_Q8T_TT ? nt - t0 : HR_Q8T_TT;
+            const float *const *xt = x + t0;
+            float *ot = out + (r - r0) + t0 * ldo;
+#define HR_Q8T_CASE(N) case N: q8t_tile_vnni(N, wr, sr, kb2, nb, xt, ot, ldo); break;
+            switch (n) {
+            HR_Q8T_CASE(1) HR_Q8T_CASE(2) HR_Q8T_CASE(3) HR_Q8T_CASE(4) HR_Q8T_CASE(5) HR_Q8T_CASE(6)
+            HR_Q8T_CASE(7) HR_Q8T_CASE(8) HR_Q8T_CASE(9) HR_Q8T_CASE(10) HR_Q8T_CASE(11) HR_Q8T_CASE(12)
+            HR_Q8T_CASE(13) HR_Q8T_CASE(14) HR_Q8T_CASE(15)
+            default: q8t_tile_vnni(HR_Q8T_TT, wr, sr, kb2, nb, xt, ot, ldo); break;
+            }
+#undef HR_Q8T_CASE
+        }
+    }
+}
+#endif
+#endif /* HR_X86 */
+
 /* ------------------------------------------------------------------------------------------------ dispatch */
 
 int hr_abi_version(void) { return HR_ABI_VERSION; }
 
 int hr_path_supported(int path) {
     hr_init();
+    if ((path & HR_ACT_BF16) && (path & HR_ACT_INT8)) return 0;
+    if (path & HR_ACT_INT8) {
+        int base = path & 0xFF;
+        return base != HR_PATH_AUTO && hr_path_supported(base);
+    }
     if (path & HR_ACT_BF16) {
 #if HR_X86 && (defined(__clang__) || __GNUC__ >= 11)
         __builtin_cpu_init();
@@ -912,8 +1352,8 @@ int hr_best_path(void) {
 
 static int resolve(int path) {
     hr_init();
-    int act = path & HR_ACT_BF16, base = path & 0xFF;
-    if (base == HR_PATH_AUTO) base = act ? HR_PATH_AVX512 : hr_best_path();
+    int act = path & (HR_ACT_BF16 | HR_ACT_INT8), base = path & 0xFF;
+    if (base == HR_PATH_AUTO) base = (act & HR_ACT_BF16) ? HR_PATH_AVX512 : hr_best_path();
     return hr_path_supported(base | act) ? (base | act) : -1;
 }
 
@@ -931,6 +1371,35 @@ static rows_fn pick_bf16_rows(int path, int fmt) {
     (void)path;
     (void)fmt;
     return NULL;
+}
+
+int hr_int8_impl(int path) {
+    path = resolve(path | HR_ACT_INT8);
+    if (path < 0) return 0;
+#if HR_X86
+    if ((path & 0xFF) == HR_PATH_AVX512) {
+#ifdef HR_Q8_VNNI
+        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) return HR_INT8_VNNI;
+#endif
+        return HR_INT8_AVX2;
+    }
+    if ((path & 0xFF) == HR_PATH_AVX2) return HR_INT8_AVX2;
+#endif
+    return HR_INT8_PORTABLE;
+}
+
+/* int8-activation FP4 rows for a resolved path, or NULL when the path/format does not take int8 activations. */
+static rows_fn pick_q8_rows(int path, int fmt) {
+    if (!(path & HR_ACT_INT8) || fmt != HR_FMT_FP4) return NULL;
+    switch (hr_int8_impl(path)) {
+#if HR_X86
+#ifdef HR_Q8_VNNI
+    case HR_INT8_VNNI: return fp4_rows_q8_vnni;
+#endif
+    case HR_INT8_AVX2: return fp4_rows_q8_avx2;
+#endif
+    default: return fp4_rows_q8_portable;
+    }
 }
 
 static rows_fn pick_rows(int path, int fmt) {
@@ -973,17 +1442,45 @@ typedef struct {
     const char *x;     /* [T, K], already in the kernel's layout (fp32, or bf16 for the bf16 rows) */
     int64_t x_row_bytes;
     float *y;          /* [T, N] */
+    int tt; /* tokens per rows_fn call (0: HR_TT) */
 } gemm_ctx;
 
 static void gemm_task(void *vctx, int64_t task) {
     gemm_ctx *c = (gemm_ctx *)vctx;
     int64_t r0 = task * c->rc, r1 = r0 + c->rc < c->n ? r0 + c->rc : c->n;
-    const float *xp[HR_TT];
-    for (int64_t t0 = 0; t0 < c->t; t0 += HR_TT) {
-        int nt = c->t - t0 < HR_TT ? (int)(c->t - t0) : HR_TT;
+    const float *xp[HR_Q8T_TT];
+    const int tt = c->tt ? c->tt : HR_TT;
+    for (int64_t t0 = 0; t0 < c->t; t0 += tt) {
+        int nt = c->t - t0 < tt ? (int)(c->t - t0) : tt;
         for (int j = 0; j < nt; j++) xp[j] = (const float *)(c->x + (t0 + j) * c->x_row_bytes);
         c->fn(c->w, c->s, c->k, c->ks, r0, r1, xp, nt, c->y + t0 * c->n + r0, c->n);
     }
+}
+
+typedef struct {
+    int path, transposed; /* transposed: write the batch layout (q8t) */
+    const float *x;
+    int64_t k;
+    uint8_t *xq;
+    int rc;
+} q8_ctx;
+
+static void q8_task(void *vctx, int64_t task) {
+    q8_ctx *c = (q8_ctx *)vctx;
+    if (!c->transposed) {
+        q8_quantize(c->path, c->x + task * c->k, c->k, c->xq + task * q8_stride(c->k));
+        return;
+    }
+#ifdef HR_Q8_VNNI
+    uint8_t *tmp = q8_alloc(1, c->k);
+    if (!tmp) {
+        c->rc = HR_E_NOMEM;
+        return;
+    }
+    q8_quantize(c->path, c->x + task * c->k, c->k, tmp);
+    q8t_from_q8(tmp, c->k, c->xq + task * q8t_stride(c->k));
+    free(tmp);
+#endif
 }
 
 static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x,
@@ -992,9 +1489,33 @@ static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n
     if (path < 0) return HR_E_PATH;
     if (n <= 0 || k <= 0 || t <= 0 || (fmt == HR_FMT_FP4 && k % 32)) return HR_E_SHAPE;
     rows_fn bf = t > 1 ? pick_bf16_rows(path, fmt) : NULL; /* bf16 activations only pay off for batches */
+    rows_fn q8 = pick_q8_rows(path, fmt);
     void *buf = NULL;
-    gemm_ctx c = {bf ? bf : pick_rows(path, fmt), w, s, n, k, 0, t, 0, (const char *)x, k * 4, y};
-    if (bf) {
+    gemm_ctx c = {bf ? bf : (q8 ? q8 : pick_rows(path, fmt)), w, s, n, k, 0, t, 0, (const char *)x, k * 4, y, 0};
+    if (q8) {
+        int transposed = 0;
+#ifdef HR_Q8_VNNI
+        if (t >= HR_Q8T_MIN && q8 == fp4_rows_q8_vnni) { /* batches: the chunk-transposed layout and kernel */
+            transposed = 1;
+            c.fn = fp4_rows_q8t_vnni;
+            c.tt = HR_Q8T_TT;
+        }
+#endif
+        int64_t stride = q8_stride(k);
+#ifdef HR_Q8_VNNI
+        if (transposed) stride = q8t_stride(k);
+#endif
+        uint8_t *xq = (uint8_t *)aligned_alloc(64, (size_t)(t * stride));
+        if (!xq) return HR_E_NOMEM;
+        q8_ctx qc = {path, transposed, x, k, xq, HR_OK};
+        hr_parallel(q8_task, &qc, t);
+        if (qc.rc != HR_OK) {
+            free(xq);
+            return qc.rc;
+        }
+        buf = xq;
+        c.x_row_bytes = stride;
+    } else if (bf) {
         uint16_t *xb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(t * k));
         if (!xb) return HR_E_NOMEM;
         for (int64_t i = 0; i < t * k; i++) xb[i] = float_to_bf16(x[i]);
@@ -1040,6 +1561,11 @@ typedef struct {
     float *h; /* [n_entries, I] in the kernel layout of w2 */
     const uint16_t *xb; /* bf16 mode: x [T, D] and h [n_entries, I] as bf16, natural order */
     uint16_t *hb;
+    const uint8_t *xq; /* int8 mode: x [T] and h [n_entries] quantized, rows of xq_stride / hq_stride bytes */
+    uint8_t *hq;
+    int64_t xq_stride, hq_stride;
+    float *hres; /* int8 mode: [n_entries, I] scratch for the residuals */
+    int path;
     float *out;
 } moe_ctx;
 
@@ -1058,7 +1584,9 @@ static void moe_up_task(void *vctx, int64_t task) {
         int nt = c->gstart[g + 1] - j0 < HR_TT ? (int)(c->gstart[g + 1] - j0) : HR_TT;
         rows_fn fn = c->bf && nt > 1 ? c->bf : c->fn;
         for (int j = 0; j < nt; j++)
-            xp[j] = fn == c->bf ? (const float *)(c->xb + c->ent_t[j0 + j] * c->d) : c->x + c->ent_t[j0 + j] * c->d;
+            xp[j] = c->xq ? (const float *)(c->xq + c->ent_t[j0 + j] * c->xq_stride)
+                    : fn == c->bf ? (const float *)(c->xb + c->ent_t[j0 + j] * c->d)
+                                  : c->x + c->ent_t[j0 + j] * c->d;
         fn(w1, s1, c->d, c->ks1, r0, r1, xp, nt, gb, HR_RC);
         fn(w3, s3, c->d, c->ks1, r0, r1, xp, nt, ub, HR_RC);
         for (int j = 0; j < nt; j++) {
@@ -1069,11 +1597,41 @@ static void moe_up_task(void *vctx, int64_t task) {
                 uv = uv < -lim ? -lim : (uv > lim ? lim : uv);
                 float hv = gv / (1.0f + expf(-gv)) * uv;
                 int64_t col = r0 + r;
-                hj[c->fmt == HR_FMT_FP4 ? fp4_pos(col) : col] = hv;
+                hj[c->fmt == HR_FMT_FP4 && !c->hq ? fp4_pos(col) : col] = hv; /* int8 mode quantizes it later */
                 if (c->hb) c->hb[(j0 + j) * c->i + col] = float_to_bf16(hv);
             }
         }
     }
+}
+
+/* x - dequant(row q) in fp32, natural order: the residual left by quantizing x into q. */
+static void q8_residual(const float *x, int64_t k, const uint8_t *qrow, float *r) {
+    const int64_t ng = q8_ngrp(k);
+    const int8_t *q = (const int8_t *)qrow;
+    const float *dh = (const float *)(qrow + ng * 192);
+    for (int64_t b = 0; b < k / 32; b++) {
+        const int64_t g = b >> 2, bl = b & 3;
+        const float d = 2.0f * dh[g * 16 + bl * 4];
+        const int8_t *qe = q + g * 128 + bl * 16, *qo = qe + 64;
+        for (int j = 0; j < 16; j++) {
+            float pe = (float)qe[j] * d, po = (float)qo[j] * d; /* separate roundings, as the torch mirror */
+            r[b * 32 + 2 * j] = x[b * 32 + 2 * j] - pe;
+            r[b * 32 + 2 * j + 1] = x[b * 32 + 2 * j + 1] - po;
+        }
+    }
+}
+
+static void moe_quant_task(void *vctx, int64_t task) {
+    /* int8 mode: entry `task`'s hidden activation (natural order) -> two quantized rows, the value and its residual,
+     * which the down projection runs as two tokens through the same decoded weights and sums: the SwiGLU product is
+     * heavy-tailed, and one int8 rounding of it would add about as much error as the input's (fused ~1.1e-2). */
+    moe_ctx *c = (moe_ctx *)vctx;
+    const float *h = c->h + task * c->i;
+    uint8_t *q1 = c->hq + 2 * task * c->hq_stride;
+    float *r = c->hres + task * c->i;
+    q8_quantize(c->path, h, c->i, q1);
+    q8_residual(h, c->i, q1, r);
+    q8_quantize(c->path, r, c->i, q1 + c->hq_stride);
 }
 
 static void moe_down_task(void *vctx, int64_t task) {
@@ -1085,15 +1643,22 @@ static void moe_down_task(void *vctx, int64_t task) {
     for (int64_t g = 0; g < c->ngroups; g++) {
         const int64_t *p = c->table + c->ent_e[c->gstart[g]] * 6;
         const uint8_t *w2 = (const uint8_t *)(intptr_t)p[4], *s2 = (const uint8_t *)(intptr_t)p[5];
-        for (int64_t j0 = c->gstart[g]; j0 < c->gstart[g + 1]; j0 += HR_TT) {
-            int nt = c->gstart[g + 1] - j0 < HR_TT ? (int)(c->gstart[g + 1] - j0) : HR_TT;
+        const int per = c->hq ? 2 : 1; /* int8: value and residual rows per entry */
+        for (int64_t j0 = c->gstart[g]; j0 < c->gstart[g + 1]; j0 += HR_TT / per) {
+            int nt = c->gstart[g + 1] - j0 < HR_TT / per ? (int)(c->gstart[g + 1] - j0) : HR_TT / per;
             rows_fn fn = c->bf && nt > 1 ? c->bf : c->fn;
-            for (int j = 0; j < nt; j++)
-                xp[j] = fn == c->bf ? (const float *)(c->hb + (j0 + j) * c->i) : c->h + (j0 + j) * c->i;
-            fn(w2, s2, c->i, c->ks2, r0, r1, xp, nt, yb, HR_RC);
+            for (int j = 0; j < nt * per; j++)
+                xp[j] = c->hq ? (const float *)(c->hq + (2 * j0 + j) * c->hq_stride)
+                        : fn == c->bf ? (const float *)(c->hb + (j0 + j) * c->i)
+                                      : c->h + (j0 + j) * c->i;
+            fn(w2, s2, c->i, c->ks2, r0, r1, xp, nt * per, yb, HR_RC);
             for (int j = 0; j < nt; j++) {
                 float wj = c->ent_w[j0 + j], *o = c->out + c->ent_t[j0 + j] * c->d + r0;
-                for (int64_t r = 0; r < nr; r++) o[r] += wj * yb[j * HR_RC + r];
+                if (per == 2) {
+                    for (int64_t r = 0; r < nr; r++) o[r] += wj * (yb[2 * j * HR_RC + r] + yb[(2 * j + 1) * HR_RC + r]);
+                } else {
+                    for (int64_t r = 0; r < nr; r++) o[r] += wj * yb[j * HR_RC + r];
+                }
             }
         }
     }
@@ -1120,10 +1685,14 @@ int hr_moe_forward(int path, int fmt, const int64_t *table, int64_t n_table, int
     float *h = (float *)malloc(sizeof(float) * (size_t)(n * i));
     float *xr = fmt == HR_FMT_FP4 ? (float *)malloc(sizeof(float) * (size_t)(t * d)) : NULL;
     rows_fn bf = n > 1 ? pick_bf16_rows(path, fmt) : NULL;
+    rows_fn q8 = pick_q8_rows(path, fmt);
     uint16_t *xb = bf ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(t * d)) : NULL;
     uint16_t *hb = bf ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * i)) : NULL;
+    uint8_t *xq = q8 ? q8_alloc(t, d) : NULL, *hq = q8 ? q8_alloc(2 * n, i) : NULL;
+    float *hres = q8 ? (float *)malloc(sizeof(float) * (size_t)(n * i)) : NULL;
     int rc = HR_OK;
-    if (!cnt || !ent_e || !ent_t || !ent_w || !gstart || !h || (fmt == HR_FMT_FP4 && !xr) || (bf && (!xb || !hb))) {
+    if (!cnt || !ent_e || !ent_t || !ent_w || !gstart || !h || (fmt == HR_FMT_FP4 && !xr) || (bf && (!xb || !hb)) ||
+        (q8 && (!xq || !hq || !hres))) {
         rc = HR_E_NOMEM;
         goto done;
     }
@@ -1143,9 +1712,17 @@ int hr_moe_forward(int path, int fmt, const int64_t *table, int64_t n_table, int
         for (int64_t q = 0; q < t; q++) fp4_reorder(x + q * d, xr + q * d, d);
     if (xb)
         for (int64_t q = 0; q < t * d; q++) xb[q] = float_to_bf16(x[q]);
+    if (xq)
+        for (int64_t q = 0; q < t; q++) q8_quantize(path, x + q * d, d, xq + q * q8_stride(d));
     moe_ctx c;
     memset(&c, 0, sizeof(c));
-    c.fn = pick_rows(path, fmt);
+    c.fn = q8 ? q8 : pick_rows(path, fmt);
+    c.xq = xq;
+    c.hq = hq;
+    c.path = path;
+    c.hres = hres;
+    c.xq_stride = q8_stride(d);
+    c.hq_stride = q8_stride(i);
     c.bf = bf;
     c.xb = xb;
     c.hb = hb;
@@ -1168,6 +1745,7 @@ int hr_moe_forward(int path, int fmt, const int64_t *table, int64_t n_table, int
     c.h = h;
     c.out = out;
     hr_parallel(moe_up_task, &c, ngroups * c.nch1);
+    if (hq) hr_parallel(moe_quant_task, &c, n);
     memset(out, 0, sizeof(float) * (size_t)(t * d));
     hr_parallel(moe_down_task, &c, (d + c.rc2 - 1) / c.rc2);
 done:
@@ -1180,6 +1758,9 @@ done:
     free(xr);
     free(xb);
     free(hb);
+    free(xq);
+    free(hq);
+    free(hres);
     return rc;
 }
 
@@ -1227,3 +1808,6 @@ uint64_t hr_read_sum(int path, const void *buf, int64_t nbytes) {
     hr_parallel(read_task, &c, (c.n + c.chunk - 1) / c.chunk);
     return atomic_load(&c.sum) ^ head;
 }
+
+/* BF16 dense weights x fp32 activations (head, compressors, routers); shares the pool above. */
+#include "hr_dense.inc"

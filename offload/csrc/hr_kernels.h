@@ -3,7 +3,7 @@
  * Weight formats (see homerun/quant.py):
  *   FP4: uint8 codes [N, K/2] (low nibble = even column, e2m1, bit 3 = sign) + e8m0 scales [N, K/32].
  *   FP8: e4m3fn bytes [N, K] + e8m0 scales [ceil(N/128), ceil(K/128)].
- * Activations stay fp32 (exact up to summation order) unless a path carries HR_ACT_BF16.
+ * Activations stay fp32 (exact up to summation order) unless a path carries HR_ACT_BF16 or HR_ACT_INT8.
  * Every entry point returns 0 on success or a negative HR_E* code; nothing here prints or aborts.
  */
 #ifndef HR_KERNELS_H
@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define HR_ABI_VERSION 1
+#define HR_ABI_VERSION 2
 
 /* Code paths; HR_PATH_AUTO picks the best one this CPU supports. */
 #define HR_PATH_AUTO 0
@@ -22,6 +22,19 @@
 /* OR into a path: FP4 batches (>= 2 tokens per weight) round activations to bf16 and use vdpbf16ps; single tokens
  * and FP8 stay fp32. Needs AVX512-BF16. */
 #define HR_ACT_BF16 0x100
+
+/* OR into a path: FP4 weights take int8 activations, every token count (GEMV, GEMM and both halves of the fused op;
+ * the hidden activation between up and down is re-quantized as an int8 value plus an int8 residual). Quantization:
+ * per 32-column block, symmetric, d = amax / 127 (fp32), q = round-half-even(x * (1 / d)) clamped to [-127, 127],
+ * q = 0 where d = 0. The dot of a block is the exact int32 sum of q times 2 * e2m1 weight, scaled by weight e8m0
+ * scale * d / 2 in fp32. FP8 weights keep fp32 activations. Every path supports it: AVX512-VNNI+VBMI (vpdpbusd),
+ * AVX2 (vpmaddubsw; also AVX-512 CPUs without VNNI/VBMI), and portable C computing the same integers. */
+#define HR_ACT_INT8 0x200
+
+/* hr_int8_impl: which int8 kernel a path runs */
+#define HR_INT8_PORTABLE 1
+#define HR_INT8_AVX2 2
+#define HR_INT8_VNNI 3
 
 #define HR_FMT_FP4 0
 #define HR_FMT_FP8 1
@@ -41,6 +54,7 @@ int hr_best_path(void);
 int hr_path_supported(int path);
 int hr_get_threads(void);
 int hr_set_threads(int n); /* n <= 0: all CPUs this process may run on */
+int hr_int8_impl(int path); /* HR_INT8_* for path's int8 activations, 0 if unsupported */
 
 /* Y[T, N] = X[T, K] @ dequant(W)^T, X and Y fp32 row-major. */
 int hr_fp4_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
@@ -56,6 +70,10 @@ int hr_moe_forward(int path, int fmt, const int64_t *table, int64_t n_table, int
 
 /* Multi-threaded streaming read of nbytes (a STREAM-like read kernel); returns a checksum so it is not elided. */
 uint64_t hr_read_sum(int path, const void *buf, int64_t nbytes);
+
+/* Y[T, N] = X[T, K] @ W^T for bf16 W [N, K] (row-major) and fp32 X, Y: bf16 -> fp32 is exact, so only the
+ * summation order differs from an fp32 matmul (hr_dense.inc). */
+int hr_bf16_gemm(int path, const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t t, float *y);
 
 #ifdef __cplusplus
 }
