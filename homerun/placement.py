@@ -6,14 +6,14 @@ the head (final norm, HC head, lm head) on one of them, and says where each laye
   "device": resident on the layer's device (nothing offloaded);
   "host":   the host expert store (the checkpoint's packed experts in RAM), with an optional cache of
             `expert_cache_slots` slots on the layer's device (one pool per device, shared by its host layers).
-`placement_from_plan` turns the planner's record (`homerun.planner.Plan`) into one; `single_device` is the plain
-one-device layout. This module only describes; `homerun.runtime.load(..., placement=...)` executes it (through
+`placement_from_plan` turns the planner's structured layout (`homerun.planner.Plan.layout`, no label parsing) into
+one; `require_devices` refuses CUDA devices the machine lacks; `single_device` is the plain one-device layout.
+This module only describes; `homerun.runtime.load(..., placement=...)` executes it (through
 `offload.devices.Device` byte accounting). It imports no torch and touches no hardware.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,9 +24,6 @@ EXPERT_HOMES = ("device", "host")
 # Budget of a device with no stated limit (a host device, or a stand-in asked for without one).
 UNBOUNDED_BYTES = 1 << 62
 
-_LAYER_ROW = re.compile(r"^layers (\d+)-(\d+):")
-_EXPERT_ROW = re.compile(r"^routed experts, layers (\d+)-(\d+)")
-_CACHE_ROW = re.compile(r"^GPU expert cache \((\d+) experts\)")
 
 
 @dataclass(frozen=True)
@@ -121,6 +118,27 @@ class Placement:
         return Placement(devs, self.embed_device, self.layers, self.head_device, self.embed_reason,
                          self.head_reason, self.source)
 
+    def summary(self) -> dict[str, Any]:
+        """The short form for run/chat stats: per device its kind, layer count and range, where those layers'
+        experts live, its expert-cache slots and budget."""
+        devs = []
+        for d in self.devices:
+            mine = [lp for lp in self.layers if lp.device == d.name]
+            homes = sorted({lp.experts for lp in mine})
+            devs.append({"name": d.name, "kind": d.kind, "n_layers": len(mine),
+                         "layers": [mine[0].layer, mine[-1].layer] if mine else None,
+                         "experts": homes[0] if len(homes) == 1 else homes or None,
+                         "expert_cache_slots": d.expert_cache_slots, "budget_bytes": d.budget_bytes})
+        return {"source": self.source, "n_layers": self.n_layers, "layer_counts": self.layer_counts(),
+                "embedding": self.embed_device, "head": self.head_device, "devices": devs}
+
+    def describe(self) -> str:
+        """One line: "cuda:0 15 layers, cuda:1 14 layers, cuda:2 14 layers (plan: 3xh100 / ...)"."""
+        parts = [f"{d.name} {n} layer{'s' if n != 1 else ''}" + (f" +{d.expert_cache_slots}-slot cache"
+                                                                  if d.expert_cache_slots else "")
+                 for d, n in zip(self.devices, self.layer_counts())]
+        return ", ".join(parts) + (f" ({self.source})" if self.source else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -176,70 +194,72 @@ def split_layers(n_layers: int, devices: Sequence[str], counts: Sequence[int] | 
 
 
 def placement_from_plan(plan: Any, *, standin: bool = False, n_layers: int | None = None) -> Placement:
-    """The planner's decisions as a Placement: GPU i -> "cuda:i" ("standin:i" with `standin=True`, budget = the
-    GPU's capacity less the plan's margins), layers and KV on the GPU that runs them, routed experts resident on
-    it ("all-vram") or in the host store with the plan's per-GPU expert cache ("hybrid", "disk-mmap"). One-pool
-    plans ("unified", "cpu-only") put everything on the host; they list no layer rows, so they need `n_layers`.
-    A plan that does not fit raises DoesNotFitError."""
-    if not plan.fits:
-        raise DoesNotFitError(f"the plan does not fit: {plan.remedy or plan.verdict}",
+    """The planner's decisions as a Placement, read from the plan's structured `layout` (a `homerun.planner.Plan`,
+    or its `to_dict()` / `homerun plan --json` document). GPU stage i -> "cuda:i" ("standin:i" with
+    `standin=True`; budget = the GPU's capacity less the plan's margins, the same either way); each layer and its KV
+    on its stage's device; routed experts resident there ("all-vram") or in the host store with the stage's expert
+    cache ("hybrid", "disk-mmap"). One-pool plans ("unified", "cpu-only") put everything on the host ("cpu"),
+    experts read in place. `n_layers`, when given, must match the plan's layer count. A plan that does not fit
+    raises DoesNotFitError."""
+    doc = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
+    if not doc.get("fits"):
+        raise DoesNotFitError(f"the plan does not fit: {doc.get('remedy') or doc.get('verdict')}",
                               hint="pick a bigger profile, a shorter --context, or --allow-disk")
-    n_layers = n_layers or _n_layers_from_rows(plan)
-    if not n_layers:
-        raise UsageError(f"plan ({plan.mode}) lists no layer rows: pass n_layers", hint="e.g. n_layers=spec.num_layers")
-    gpu_maps = [d for d in plan.devices if d.kind == "gpu"]
-    if not gpu_maps:  # unified memory or CPU only: one pool, experts read in place from the host store
-        why = f"{plan.mode}: one memory pool, no copies"
+    layout = doc.get("layout")
+    if not layout or not layout.get("stages"):
+        raise UsageError(f"plan ({doc.get('mode')}) has no layout record to place from",
+                         hint="re-run `homerun plan` with this version of homerun")
+    total = int(layout["n_layers"])
+    if n_layers is not None and int(n_layers) != total:
+        raise UsageError(f"plan ({doc.get('mode')}) places {total} layers, the checkpoint has {n_layers}",
+                         hint="plan this checkpoint itself (homerun plan PATH), not another model")
+    stages = layout["stages"]
+    covered = [i for st in stages for i in range(st["first_layer"], st["stop_layer"])]
+    if covered != list(range(total)):
+        raise UsageError(f"plan ({doc.get('mode')}): its stages cover layers {covered}, not 0-{total - 1} in order",
+                         hint="re-run `homerun plan`; the plan's layout is incomplete")
+    profile = (doc.get("hardware") or {}).get("profile")
+    source = f"plan: {profile} / {(doc.get('model') or {}).get('name')} ({doc.get('mode')})"
+    gpu_stages = [st for st in stages if st["kind"] == "gpu"]
+    if not gpu_stages:  # unified memory or CPU only: one pool, experts read in place from the host store
+        why = f"{doc.get('mode')}: one memory pool, no copies"
         layers = tuple(LayerPlacement(i, "cpu", "host", why + "; experts read in place from the host store")
-                       for i in range(n_layers))
+                       for i in range(total))
         spec = DeviceSpec("cpu", "host", UNBOUNDED_BYTES, 0, why)
-        return Placement((spec,), "cpu", layers, "cpu", why, why, f"plan: {plan.hardware.get('profile')}")
-    names = [f"{'standin' if standin else 'cuda'}:{i}" for i in range(len(gpu_maps))]
-    owner: dict[int, str] = {}
-    layer_reason: dict[int, str] = {}
-    resident: set[int] = set()
-    cache: dict[str, int] = {}
+        return Placement((spec,), "cpu", layers, "cpu", why, why, source)
+    kind = "standin" if standin else "cuda"
+    specs, layers = [], []
     embed_dev = head_dev = None
-    for row in plan.placement:
-        if not row.device.startswith("gpu"):
-            continue
-        dev = names[int(row.device[3:])]
-        if m := _LAYER_ROW.match(row.what):
-            for i in range(int(m[1]), int(m[2]) + 1):
-                owner[i], layer_reason[i] = dev, row.reason
-        elif m := _EXPERT_ROW.match(row.what):
-            resident.update(range(int(m[1]), int(m[2]) + 1))
-        elif m := _CACHE_ROW.match(row.what):
-            cache[dev] = int(m[1])
-        elif row.what == "embedding":
-            embed_dev = dev
-        elif row.what == "lm head":
-            head_dev = dev
-    if sorted(owner) != list(range(n_layers)):
-        raise UsageError(f"plan ({plan.mode}): its layer rows cover {sorted(owner)}, not layers 0-{n_layers - 1}",
-                         hint="re-run `homerun plan`; the plan's placement rows are incomplete")
-    specs = []
-    for name, d in zip(names, gpu_maps):
-        budget = int(d.capacity_bytes - sum(d.margins.values()))
-        specs.append(DeviceSpec(name, "standin" if standin else "cuda", budget, cache.get(name, 0),
-                                f"{d.name}: {d.capacity_bytes} B less {sum(d.margins.values())} B of margins"))
-    layers = []
-    for i in range(n_layers):
-        dev = owner[i]
-        if i in resident:
-            why = f"{layer_reason[i]}; routed experts resident on {dev} (all experts fit in VRAM)"
-            home = "device"
-        else:
-            slots = cache.get(dev, 0)
-            why = (f"{layer_reason[i]}; routed experts in the host store"
-                   + (f", {slots}-expert cache on {dev}" if slots else ", no device cache"))
-            home = "host"
-        layers.append(LayerPlacement(i, dev, home, why))
+    for st in gpu_stages:
+        name = f"{kind}:{st['index']}"
+        slots = int(st["expert_cache_slots"]) if st["experts"] == "host" else 0
+        specs.append(DeviceSpec(name, kind, int(st["budget_bytes"]), slots,
+                                f"{st['device']}: {st['reason']}; budget = capacity less margins"))
+        for i in range(st["first_layer"], st["stop_layer"]):
+            why = (f"{st['device']} layers {st['first_layer']}-{st['stop_layer'] - 1}, KV with them; " +
+                   (f"routed experts resident on {name}" if st["experts"] == "device" else
+                    "routed experts in the host store" + (f", {slots}-expert cache on {name}" if slots
+                                                          else ", no device cache")))
+            layers.append(LayerPlacement(i, name, st["experts"], why))
+        embed_dev = name if st["embedding"] and embed_dev is None else embed_dev
+        head_dev = name if st["head"] else head_dev
+    names = [d.name for d in specs]
     return Placement(tuple(specs), embed_dev or names[0], tuple(layers), head_dev or names[-1],
-                     "first pipeline stage", "last pipeline stage",
-                     f"plan: {plan.hardware.get('profile')} / {plan.model.get('name')} ({plan.mode})")
+                     "first pipeline stage", "last pipeline stage", source)
 
 
-def _n_layers_from_rows(plan: Any) -> int:
-    ends = [int(m[2]) for r in plan.placement if (m := _LAYER_ROW.match(r.what))]
-    return max(ends) + 1 if ends else 0
+def require_devices(placement: Placement, cuda_count: int, *, profile: str | None = None) -> None:
+    """Refuse a placement whose CUDA devices this machine does not have (`cuda_count` = torch.cuda.device_count()),
+    naming the first missing device and what it was to hold; stand-ins and the host always exist."""
+    for d in placement.devices:
+        if d.kind == "cuda" and d.index >= cuda_count:
+            layers = placement.layers_on(d.name)
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}" if layers else ""
+            parts = [x for x, here in ((span, bool(span)), ("the embedding", placement.embed_device == d.name),
+                                       ("the head", placement.head_device == d.name)) if here]
+            what = " and ".join(parts) or "its share of the plan"
+            have = "no CUDA device" if cuda_count == 0 else f"{cuda_count} CUDA device(s)"
+            plan = f"the plan for {profile}" if profile else "the placement"
+            raise UsageError(f"{plan} puts {what} on {d.name}, and this machine has {have}",
+                             hint="add --standin to run the plan's GPUs as CPU stand-ins with the same budgets "
+                                  "(slow), or plan for this machine with --hw auto")

@@ -97,6 +97,45 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One device of the plan's layout, as data for the placement executor (`homerun.placement`): which layers run
+    there (and keep their KV there), where their routed experts live, and how big its expert cache is."""
+
+    device: str  # the placement rows' device name: "gpu0", "gpu1", ... | "host" (CPU only) | "unified"
+    kind: str  # gpu | host | unified
+    index: int  # GPU ordinal (0 for a one-pool machine)
+    first_layer: int
+    stop_layer: int  # exclusive: layers [first_layer, stop_layer) run here; empty when equal
+    experts: str  # "device": resident in this device's memory | "host": the host store (+ this device's cache)
+    expert_cache_slots: int  # experts the device's cache holds (0: none)
+    kv_tokens: int  # context tokens of KV reserved for this stage's layers
+    kv_bytes: int
+    budget_bytes: int  # capacity less the plan's margins: what weights, KV and the cache may use
+    embedding: bool  # the embedding lives here (first stage)
+    head: bool  # final norm + lm head (and MTP with --mtp) live here (last stage)
+    reason: str
+
+    @property
+    def n_layers(self) -> int:
+        return self.stop_layer - self.first_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "n_layers": self.n_layers}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The plan's placement decisions as structured fields (the rows say the same in words, with bytes)."""
+
+    n_layers: int
+    stages: tuple[Stage, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_layers": self.n_layers, "stages": [s.to_dict() for s in self.stages],
+                "layer_counts": [s.n_layers for s in self.stages]}
+
+
+@dataclass(frozen=True)
 class Plan:
     fits: bool
     mode: str  # all-vram | hybrid | unified | disk-mmap | none
@@ -112,11 +151,13 @@ class Plan:
     decisions: tuple[dict[str, str], ...]
     notes: tuple[str, ...] = ()
     distributed: dict[str, Any] | None = None
+    layout: Layout | None = None  # structured placement decisions (what homerun.placement executes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["placement"] = [p.to_dict() for p in self.placement]
         d["devices"] = [x.to_dict() for x in self.devices]
+        d["layout"] = self.layout.to_dict() if self.layout is not None else None
         return d
 
 
@@ -186,6 +227,7 @@ class _Ctx:
     devices: list[DeviceMap] = field(default_factory=list)
     decisions: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
 
     def decide(self, what: str, choice: str, reason: str) -> None:
         self.decisions.append({"what": what, "choice": choice, "reason": reason})
@@ -234,6 +276,7 @@ def model_section(c: _Ctx) -> dict[str, Any]:
     return {
         "name": spec.name,
         "arch": spec.arch,
+        "n_layers": spec.num_layers,
         "source": inv.source,
         "total_bytes": inv.total_bytes,
         "tensor_count": inv.tensor_count,
@@ -271,6 +314,7 @@ def finish(c: _Ctx, *, fits: bool, mode: str, verdict: str, remedy: str | None, 
         model=model_section(c), hardware=hardware_section(c.prof), context=context, predicted=predicted,
         placement=tuple(c.placement), devices=tuple(c.devices), cpu_kernel=kernel,
         decisions=tuple(c.decisions), notes=tuple(c.notes) + c.inv.notes,
+        layout=Layout(c.spec.num_layers, tuple(c.stages)) if c.stages else None,
     )
 
 

@@ -9,8 +9,8 @@ import math
 from dataclasses import replace
 
 from homerun.planner import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, HIT_RATE_EXPONENT, MIN_CONTEXT_TOKENS,
-                             DeviceMap, Placement, Plan, _Ctx, activation_bytes, assumed_hit_rate, context_section,
-                             decode_speed, finish, gib, prefill_speed)
+                             DeviceMap, Placement, Plan, Stage, _Ctx, activation_bytes, assumed_hit_rate,
+                             context_section, decode_speed, finish, gib, prefill_speed)
 from profiles.schema import GIB
 
 
@@ -95,6 +95,22 @@ def _gpu_rows(c: _Ctx, gpus: tuple, counts: list[int], resident: list[float], ex
         c.notes.append("GPU-resident weights stay FP8/FP4 and are dequantized per matmul (deepseek-v4.md §4.5)")
 
 
+def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int], *, experts: str,
+                cache_slots: list[int], kv_per: list[int], kv_tokens: int) -> None:
+    """The structured twin of _gpu_rows/_kv_rows and the cache rows: one Stage per GPU, layers in pipeline order."""
+    start = 0
+    for i, g in enumerate(gpus):
+        where = ("routed experts resident in VRAM" if experts == "device" else
+                 f"routed experts in host RAM, {cache_slots[i]}-expert cache in VRAM" if cache_slots[i] else
+                 "routed experts in host RAM, no VRAM left for an expert cache")
+        c.stages.append(Stage(
+            device=f"gpu{i}", kind="gpu", index=i, first_layer=start, stop_layer=start + counts[i], experts=experts,
+            expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i],
+            budget_bytes=int(g.vram_gib * GIB - sum(margins.values())), embedding=i == 0, head=i == len(gpus) - 1,
+            reason=f"pipeline stage {i + 1} of {len(gpus)} ({g.name}): layers in proportion to usable VRAM; {where}"))
+        start += counts[i]
+
+
 def _kv_rows(c: _Ctx, fracs: list[float], kv_reserved: int, tokens: int) -> list[int]:
     per = [int(kv_reserved * f) for f in fracs]
     for i, b in enumerate(per):
@@ -115,6 +131,8 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
     reserved_tokens = min(ctx_target, max_tokens)
     kv_per = _kv_rows(c, fracs, c.kv.bytes_for(reserved_tokens), reserved_tokens)
+    _gpu_stages(c, gpus, counts, margins, experts="device", cache_slots=[0] * n, kv_per=kv_per,
+                kv_tokens=reserved_tokens)
     for i, g in enumerate(gpus):
         used = resident[i] + experts_on[i] + kv_per[i] + sum(margins.values())
         c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
@@ -157,6 +175,8 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
             c.placement.append(Placement(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
                                          cache_experts[i] * bpe, "leftover VRAM after KV for the target context"))
     total_cache = sum(cache_experts)
+    _gpu_stages(c, gpus, counts, margins, experts="host", cache_slots=cache_experts, kv_per=kv_per,
+                kv_tokens=reserved_tokens)
     c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
              f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
     for i, g in enumerate(gpus):
@@ -252,6 +272,10 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     kv_b = c.kv.bytes_for(reserved) if reserved else 0
     c.placement.append(Placement(f"KV cache ({reserved} tokens, {c.kv.dtype})", dev, kv_b, "same pool"))
     used = weights + kv_b + sum(margins.values())
+    # One pool: every layer, its KV and the experts (read in place, no copies) on the one device.
+    c.stages.append(Stage(device=dev, kind=dev, index=0, first_layer=0, stop_layer=spec.num_layers, experts="host",
+                          expert_cache_slots=0, kv_tokens=reserved, kv_bytes=kv_b, budget_bytes=int(usable),
+                          embedding=True, head=True, reason=f"{what}: one memory pool, experts read in place"))
     c.devices.append(DeviceMap(what, dev, int(ram), int(used), margins))
     remedy = None
     if kv_cap < c.kv.bytes_for(MIN_CONTEXT_TOKENS):

@@ -161,7 +161,12 @@ TemperatureOpt = Annotated[Optional[float], typer.Option(help="Default: generati
 TopPOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json.")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="Default: generation_config.json (none).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed.")]
-HwOpt = Annotated[str, typer.Option("--hw", help="Profile for the plan summary and context limit.")]
+HwOpt = Annotated[Optional[str], typer.Option("--hw", help="Plan the model on this hardware profile (a name, a .toml "
+                  "path, or 'auto' for this machine) and load it with the plan's placement: layers, KV and expert "
+                  "caches on the devices the plan names. Default: a plain load; this machine's plan only sets the "
+                  "context limit.")]
+StandinOpt = Annotated[bool, typer.Option("--standin", help="With --hw: run the plan's GPUs as CPU stand-in devices "
+                       "with the same memory budgets (a multi-GPU placement on any machine, slowly).")]
 ExpertsOpt = Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")]
 CacheSlotsOpt = Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")]
 TraceOpt = Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")]
@@ -172,16 +177,49 @@ def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Op
     return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None}
 
 
-def start_session(path: str, *, hw: str, think: str, system: Optional[str], sampling: dict[str, Any], out: Output,
-                  autosave: bool = True, load_options: Optional[dict[str, Any]] = None) -> ChatSession:
-    """Plan summary, load with progress, then a ChatSession with the checked thinking mode."""
+def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, Any]:
+    """(Plan, Placement) of checkpoint `path` on profile `hw` (the planner reads its config.json and safetensors
+    headers, so the layer count is the checkpoint's own). Unlike the advisory plan, every failure is an error: an
+    unknown profile (exit 2), a plan that does not fit (exit 3), or CUDA devices this machine lacks without
+    `standin` (exit 2, naming the device)."""
+    from homerun.commands.plan import build_plan
+    from homerun.placement import placement_from_plan, require_devices
+
+    _, plan = build_plan(path, hw=hw, measure=False)
+    placement = placement_from_plan(plan, standin=standin)
+    if not standin and any(d.kind == "cuda" for d in placement.devices):
+        import torch
+
+        require_devices(placement, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                        profile=plan.hardware.get("profile"))
+    return plan, placement
+
+
+def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[str], sampling: dict[str, Any],
+                  out: Output, autosave: bool = True, load_options: Optional[dict[str, Any]] = None,
+                  standin: bool = False) -> ChatSession:
+    """Plan summary, load with progress, then a ChatSession with the checked thinking mode. With `hw` the model is
+    loaded with that plan's placement (`standin`: its GPUs as CPU stand-ins); without, the plan for this machine
+    is advisory (summary and context limit) and the load is plain."""
     check_think_flag(think)
-    plan = make_plan(path, hw, out)
+    load_options = dict(load_options or {})
+    if hw is None:
+        if standin:
+            raise UsageError("--standin maps a plan's GPUs to CPU stand-ins, and no plan was asked for",
+                             hint="add --hw PROFILE, e.g. --hw 3xh100 --standin")
+        plan = make_plan(path, "auto", out)
+    else:
+        plan, load_options["placement"] = plan_placement(path, hw, standin=standin)
+        if any(d.kind != "host" for d in load_options["placement"].devices):
+            # The plan sized each device's KV at its kv_dtype; the executor's default (the compute dtype) is wider.
+            load_options.setdefault("kv_dtype", plan.context.get("kv_dtype"))
     summary = plan_summary(plan) if plan is not None else None
     if summary:
         out.info(f"[dim]{escape(summary)}[/dim]")
     if plan is not None and getattr(plan, "fits", True) is False:
         out.warn(escape(f"the plan says this model does not fit: {plan.remedy or plan.verdict}"))
+    if load_options.get("placement") is not None:
+        out.info(f"[dim]Placement: {escape(load_options['placement'].describe())}[/dim]")
     model = open_model(path, out, load_options)
     settings = SamplingSettings.from_generation_config(getattr(model, "generation_config", None), **sampling)
     chat = ChatSession(model, think="off", system=system, sampling=settings, model_name=Path(path).name,
@@ -349,7 +387,10 @@ def render_stats(data: dict[str, Any]) -> str:
     hit = data.get("expert_cache_hit_rate")
     cap = data.get("context_capacity_tokens")
     alloc = data.get("context_allocated_tokens")
-    return "\n".join([
+    placed = (data.get("model_stats") or {}).get("placement")  # runtime Placement.to_dict(), when loaded with one
+    where = ["placement: " + ", ".join(f"{d['name']} {n} layers" for d, n in zip(placed["devices"],
+                                                                             placed["layer_counts"]))] if placed else []
+    return "\n".join(where + [
         f"decode: {fmt(last.get('decode_tok_s'), 'tok/s')}  prefill: {fmt(last.get('prefill_tok_s'), 'tok/s')}"
         f"  last turn: {last.get('n_gen', 0)} tokens ({last.get('finish_reason', 'n/a')})",
         f"expert cache hit rate: {f'{hit:.1%}' if hit is not None else 'n/a'}",
@@ -422,7 +463,8 @@ def register(app: typer.Typer) -> None:
         top_k: TopKOpt = None,
         seed: SeedOpt = None,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 4096,
-        hw: HwOpt = "auto",
+        hw: HwOpt = None,
+        standin: StandinOpt = False,
         json_out: Annotated[bool, typer.Option("--json", help="Line protocol: stdin lines in, JSONL events out.")] = False,
         experts: ExpertsOpt = "auto",
         expert_cache_slots: CacheSlotsOpt = None,
@@ -434,12 +476,13 @@ def register(app: typer.Typer) -> None:
           homerun chat ./DeepSeek-V4-Flash
           homerun chat ./DeepSeek-V4-Flash --thinking high --system "Answer briefly."
           echo "hello" | homerun chat ./tiny --json
+          homerun chat ./tiny --hw 3xh100 --standin
         """
         out = Output(json_out)
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
         load_options = load_options_from(experts, expert_cache_slots, trace)
         chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out,
-                             load_options=load_options)
+                             load_options=load_options, standin=standin)
         if json_out:
             json_lines(chat, out)
         else:

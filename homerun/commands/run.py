@@ -2,7 +2,8 @@
 
 Stdout carries the answer only (streamed as it comes); reasoning goes to stderr, dimmed, and only when stderr is a
 terminal. `--json` prints JSONL events instead: `reasoning`, `content`, one `tool_call` per parsed call, then `done`
-with the finish reason, the parsed message and the stats. No history file is written.
+with the finish reason, the parsed message and the stats (with `--hw`, `stats.placement`: devices and layers per
+device). No history file is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing_extensions import Annotated
 
 from homerun.chat import ChatSession, Delta, TurnDone
 from homerun.commands.chat import (  # noqa: F401 - the aliases are resolved from this module's globals by typer
-    CacheSlotsOpt, ExpertsOpt, HwOpt, SeedOpt, SystemOpt, TemperatureOpt, ThinkingOpt, TopKOpt, TopPOpt, TraceOpt,
+    CacheSlotsOpt, ExpertsOpt, HwOpt, SeedOpt, StandinOpt, SystemOpt, TemperatureOpt, ThinkingOpt, TopKOpt, TopPOpt,
+    TraceOpt,
     load_options_from, start_session,
 )
 from homerun.errors import ExitCode
@@ -30,6 +32,9 @@ def turn_events(event: Delta | TurnDone, session: "ChatSession") -> list[dict[st
     calls = [{"event": "tool_call", "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
              for c in event.message.get("tool_calls") or []]
     stats = {**event.stats.to_dict(), **{k: v for k, v in session.stats().items() if k != "last_turn"}}
+    placement = getattr(session.model, "placement", None)
+    if placement is not None and hasattr(placement, "summary"):  # loaded with --hw: devices and layers per device
+        stats["placement"] = placement.summary()
     done = {"event": "done", "finish_reason": event.stats.finish_reason, "parsed": event.parsed,
             "message": event.message, "stats": stats}
     if session.autosave:
@@ -77,7 +82,8 @@ def register(app: typer.Typer) -> None:
         top_k: TopKOpt = None,
         seed: SeedOpt = None,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 4096,
-        hw: HwOpt = "auto",
+        hw: HwOpt = None,
+        standin: StandinOpt = False,
         json_out: Annotated[bool, typer.Option("--json", help="JSONL events: reasoning, content, tool_call, done.")] = False,
         experts: ExpertsOpt = "auto",
         expert_cache_slots: CacheSlotsOpt = None,
@@ -89,12 +95,13 @@ def register(app: typer.Typer) -> None:
           homerun run ./DeepSeek-V4-Flash "Why is the sky blue?"
           homerun run ./DeepSeek-V4-Flash "Plan a trip" --thinking high --json
           cat question.txt | homerun run ./DeepSeek-V4-Flash -
+          homerun run ./tiny "hi" --hw 3xh100 --standin --json   # a 3-GPU placement on CPU stand-ins
         """
         out = Output(json_out)
         text = sys.stdin.read() if prompt == "-" else prompt
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
         chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out, autosave=False,
-                             load_options=load_options_from(experts, expert_cache_slots, trace))
+                             load_options=load_options_from(experts, expert_cache_slots, trace), standin=standin)
         # Ctrl-C ends the generation after the step in flight; the partial answer is flushed, then exit code 130.
         previous = signal.signal(signal.SIGINT, lambda *_: chat.request_stop())
         try:
