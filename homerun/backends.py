@@ -4,6 +4,8 @@ The runtime's MoE layer only knows `offload.base.ExpertBackend`; this module dec
 - "reference": dequantize each selected expert and multiply in the compute dtype (the plain fp32 path);
 - "native": the C SIMD kernels of `offload.cpu_experts` (fused gate/up, clamped SwiGLU, down, weighted sum);
 - "auto" (default): native when the kernels are built and the compute dtype is fp32, else reference.
+`act` picks the native kernels' activation mode: "auto" (default) = int8 blocks where a SIMD int8 kernel exists
+(~5e-3 relative error per matmul, the speed peers run at), else fp32; "fp32" is exact up to summation order.
 `expert_cache_slots=N` puts a device expert cache of N slots in front (a CUDA device when one is used, otherwise a
 CPU stand-in device, so offload can be exercised on any machine); misses go to the CPU backend chosen above.
 `trace_path` wraps the result in a routing-trace recorder. Composition only: nothing here patches the model.
@@ -19,6 +21,7 @@ import torch
 from homerun.errors import UsageError
 
 EXPERT_BACKENDS = ("auto", "native", "reference")
+EXPERT_ACTS = ("auto", "fp32", "int8", "bf16")
 
 
 def native_available() -> bool:
@@ -29,12 +32,27 @@ def native_available() -> bool:
     return bool(backend_info().get("built"))
 
 
-def cpu_backend(ckpt: Any, *, swiglu_limit: float, compute_dtype: torch.dtype, kind: str = "auto") -> Any:
+def resolve_act(act: str = "auto") -> str:
+    """The activation mode the native kernels run for `act` ("auto" -> offload.cpu_experts.default_act())."""
+    if act not in EXPERT_ACTS:
+        raise UsageError(f"unknown expert activation mode {act!r}", hint=f"use one of {', '.join(EXPERT_ACTS)}")
+    if act != "auto":
+        return act
+    try:
+        from offload.cpu_experts import default_act
+    except ImportError:
+        return "fp32"
+    return default_act()
+
+
+def cpu_backend(ckpt: Any, *, swiglu_limit: float, compute_dtype: torch.dtype, kind: str = "auto",
+                act: str = "auto") -> Any:
     """The backend that computes experts on the CPU from the checkpoint's packed (mmap'd) weights."""
     from offload.base import ReferenceExpertBackend
 
     if kind not in EXPERT_BACKENDS:
         raise UsageError(f"unknown expert backend {kind!r}", hint=f"use one of {', '.join(EXPERT_BACKENDS)}")
+    act = resolve_act(act)
     # The native kernels compute in fp32 (exact vs the fp32 reference); other compute dtypes use the reference path.
     use_native = kind == "native" or (kind == "auto" and compute_dtype == torch.float32 and native_available())
     if use_native:
@@ -43,7 +61,7 @@ def cpu_backend(ckpt: Any, *, swiglu_limit: float, compute_dtype: torch.dtype, k
                              hint="reinstall with a C compiler (pip install -e .), or use --experts reference")
         from offload.cpu_experts import CpuExpertBackend
 
-        return CpuExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit)
+        return CpuExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, act=act)
     return ReferenceExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
 
 
@@ -62,8 +80,9 @@ def build_expert_backend(
     trace_path: str | Path | None = None,
     top_k: int | None = None,
     model_name: str = "model",
+    act: str = "auto",
 ) -> Any:
-    backend = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind)
+    backend = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act)
     if expert_cache_slots is not None:
         if expert_cache_slots < 1:
             raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
@@ -98,6 +117,7 @@ def build_placed_backend(
     trace_path: str | Path | None = None,
     top_k: int | None = None,
     model_name: str = "model",
+    act: str = "auto",
 ) -> Any:
     """The routed-expert backend of a placed model (`homerun.placement.Placement`, devices by name): per device,
     its "device" layers get a ResidentExpertBackend (every expert placed there, charged as "weights"), its "host"
@@ -119,7 +139,7 @@ def build_placed_backend(
         offloaded = placement.host_expert_layers(spec.name)
         if not offloaded:
             continue
-        host = host or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind)
+        host = host or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act)
         if spec.expert_cache_slots:
             b = build_cached_backend(ckpt.expert, offloaded, n_experts, swiglu_limit=swiglu_limit,
                                      expert_cache_slots=spec.expert_cache_slots, device=dev,

@@ -468,6 +468,7 @@ class Model:
             "n_layers": self.args.n_layers,
             "resident_weight_bytes": self.net.resident_bytes(),
             "expert_backend": type(backend).__name__,
+            "expert_act": getattr(backend, "act", None),
             "load_s": self.load_s,
             "tokens_fed": self._tokens_fed,
             "forward_s": self._forward_s,
@@ -515,6 +516,7 @@ def load(
     cache_policy: str | None = None,
     trace_path: str | Path | None = None,
     placement: Any = None,
+    expert_act: str = "auto",
 ) -> Model:
     """Load an official-format DeepSeek-V4 checkpoint directory (or a cached Hub repo id) for inference.
 
@@ -522,7 +524,8 @@ def load(
     dequantizes per matmul; "bf16"/"fp32" dequantize non-expert weights once at load (refused when RAM is short).
     expert_backend: any `offload.base.ExpertBackend`; default the fp32/compute-dtype reference backend over the
     checkpoint's packed experts. Routed experts are never dequantized wholesale here. upcast_bf16: with fp32
-    compute, hold BF16-stored matrices (head, compressors, routers) in fp32 (V4-Flash: +1.9 GB, much faster decode).
+    compute, hold BF16-stored matrices (head, compressors, routers) in fp32 where no native bf16 kernel runs them (on
+    the CPU with the kernels built they stay bf16: exact products, half the bytes per token).
     ramp_tokens / kv_budget_bytes: context capacity steps and the KV budget (see Session). kv_device: where the
     KV entry pages live ("auto": the model's device while the KV at the largest permitted step fits in its free
     memory, else host RAM). page_tokens: context tokens per KV page (default max(1024, ramp_tokens[0]/32)).
@@ -533,7 +536,9 @@ def load(
     experts: "auto" (native CPU kernels when built and computing in fp32), "native" or "reference" (plain fp32
     dequantize-and-multiply). expert_cache_slots=N puts an N-slot device expert cache in front (a CPU stand-in
     device without CUDA); cache_policy picks its replacement policy; trace_path records routing as JSONL.
-    Ignored when expert_backend is given.
+    expert_act: the native kernels' activation mode: "auto" (int8 blocks where a SIMD int8 kernel exists, ~5e-3
+    relative error per expert matmul, as llama.cpp and KTransformers run; else fp32), "fp32" (exact up to summation
+    order; use it to compare against a reference), "int8", "bf16". Ignored when expert_backend is given.
     placement: a `homerun.placement.Placement` (e.g. `placement_from_plan(plan, standin=True)`): the embedding,
     each layer (weights and KV pages), the head and the routed experts (resident, or host store + a device cache)
     go where it says, charged to each device's budget; a device that runs out raises DoesNotFitError naming it.
@@ -573,6 +578,7 @@ def load(
                 ckpt, placement, devs, n_experts=args.n_routed_experts, swiglu_limit=args.swiglu_limit,
                 compute_dtype=compute, kind=experts, cache_policy=cache_policy, trace_path=trace_path,
                 top_k=args.n_activated_experts, model_name=str(ckpt.config.get("_name_or_path") or root.name),
+                act=expert_act,
             )
     if expert_backend is None:
         from homerun.backends import build_expert_backend
@@ -582,7 +588,7 @@ def load(
             num_hash_layers=int(ckpt.config.get("num_hash_layers", 0)), swiglu_limit=args.swiglu_limit,
             compute_dtype=compute, device=device, kind=experts, expert_cache_slots=expert_cache_slots,
             cache_policy=cache_policy, trace_path=trace_path, top_k=args.n_activated_experts,
-            model_name=str(ckpt.config.get("_name_or_path") or root.name),
+            model_name=str(ckpt.config.get("_name_or_path") or root.name), act=expert_act,
         )
         if torch.device(device).type != "cpu" and expert_cache_slots is None:
             expert_backend = HostExpertBackend(expert_backend)

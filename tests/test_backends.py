@@ -13,6 +13,7 @@ from homerun.loader import open_checkpoint
 
 
 def _backend(path, **kw):
+    kw.setdefault("act", "fp32")  # exact kernels: these tests compare against the fp32 reference at 1e-5
     ckpt = open_checkpoint(path)
     c = ckpt.config
     return build_expert_backend(
@@ -48,6 +49,24 @@ def test_auto_picks_native_when_built(tiny_checkpoint):
     be = _backend(tiny_checkpoint)
     want = "CpuExpertBackend" if native_available() else "ReferenceExpertBackend"
     assert type(be).__name__ == want
+
+
+@pytest.mark.skipif(not native_available(), reason="native kernels not built")
+def test_default_act_is_the_kernels_default_and_stays_close(tiny_checkpoint, ids, ref_logits):
+    """The runtime's default expert activations are the kernels' default mode (int8 blocks where a SIMD int8 kernel
+    exists): within 2e-2 of the fp32 reference on the logits, and not silently exact (which would mean fp32 ran)."""
+    from offload.cpu_experts import default_act
+
+    model = homerun.load(tiny_checkpoint)
+    assert model.stats()["expert_act"] == default_act()
+    err = _rel(model.logits(ids), ref_logits)
+    assert err <= 2e-2
+    if default_act() == "int8":
+        assert err > 1e-6
+        exact = homerun.load(tiny_checkpoint, expert_act="fp32")
+        assert exact.stats()["expert_act"] == "fp32" and _rel(exact.logits(ids), ref_logits) <= 1e-5
+    with pytest.raises(UsageError, match="activation mode"):
+        homerun.load(tiny_checkpoint, expert_act="int4")
 
 
 def test_cache_of_two_slots_matches_reference(tiny_checkpoint, ids, ref_logits):

@@ -56,7 +56,7 @@ def _measured_state_bytes(sess) -> int:
 
 @pytest.fixture(scope="module")
 def ref(tiny_checkpoints):
-    return homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384])
+    return homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], expert_act="fp32")
 
 
 # ---------------------------------------------------------------------------------------------- paged storage
@@ -91,8 +91,8 @@ def test_growth_does_not_copy_stored_pages(ref):
 @pytest.mark.parametrize("kind", ["mixed", "csa", "hca"])
 def test_small_pages_equal_one_page(kind, tiny_checkpoints):
     """Many small pages (CSA 32 rows, HCA 1 row) give the same logits as one big page, prefill and decode."""
-    big = homerun.load(tiny_checkpoints[kind], ramp_tokens=[4096], page_tokens=4096)
-    small = homerun.load(tiny_checkpoints[kind], ramp_tokens=[4096], page_tokens=128, max_chunk_tokens=200)
+    big = homerun.load(tiny_checkpoints[kind], ramp_tokens=[4096], page_tokens=4096, expert_act="fp32")
+    small = homerun.load(tiny_checkpoints[kind], ramp_tokens=[4096], page_tokens=128, max_chunk_tokens=200, expert_act="fp32")
     ids = _ids(700, big.args.vocab_size, seed=3)
     want = big.logits(ids)
     sess = small.session()
@@ -107,7 +107,7 @@ def test_small_pages_equal_one_page(kind, tiny_checkpoints):
 def test_kv_prediction_matches_allocated(tiny_checkpoints):
     """The plan-style prediction (kv_bytes_at) is within 5% of the bytes actually allocated (storages walked), and
     kv_allocated_bytes equals the measured bytes exactly; the slack is at most one page per store."""
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], page_tokens=256, max_chunk_tokens=1024)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], page_tokens=256, max_chunk_tokens=1024, expert_act="fp32")
     sess = model.session()
     fed = 0
     for n in (3000, 5000, 8192):
@@ -126,7 +126,7 @@ def test_kv_prediction_matches_allocated(tiny_checkpoints):
 
 
 def test_ramp_token_by_token_then_full(tiny_checkpoints, ref):
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], page_tokens=128)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], page_tokens=128, expert_act="fp32")
     ids = _ids(260, model.args.vocab_size, seed=4)
     want = ref.logits(ids[:256])
     sess = model.session()
@@ -151,7 +151,7 @@ def test_ramp_token_by_token_then_full(tiny_checkpoints, ref):
 
 
 def test_ramp_checks_live_free_memory(tiny_checkpoints, ref, monkeypatch):
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], page_tokens=128)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], page_tokens=128, expert_act="fp32")
     ids = _ids(200, model.args.vocab_size, seed=5)
     sess = model.session()
     sess.feed(ids[:60])
@@ -175,7 +175,7 @@ def test_free_memory_probe_reports_host_ram():
 
 
 def test_prefill_eta_before_and_after_first_chunk(tiny_checkpoints):
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[8192], max_chunk_tokens=256)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[8192], max_chunk_tokens=256, expert_act="fp32")
     sess = model.session()
     events: list[tuple] = []
     sess.on_prefill = lambda eta_s, n: events.append(("eta", eta_s, n))
@@ -200,7 +200,7 @@ def test_prefill_eta_before_and_after_first_chunk(tiny_checkpoints):
 def test_decode_step_reads_are_bounded(tiny_checkpoints, monkeypatch):
     """A decode step at depth N reads: HCA entries (N/128 rows), the indexer keys one page at a time, and only the
     top-k selected CSA entries. Nothing of size N/4 is materialized."""
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[4096], page_tokens=256, max_chunk_tokens=1024)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[4096], page_tokens=256, max_chunk_tokens=1024, expert_act="fp32")
     sess = model.session()
     ids = _ids(3001, model.args.vocab_size, seed=7)
     sess.feed(ids[:3000])
@@ -236,13 +236,13 @@ def test_decode_step_reads_are_bounded(tiny_checkpoints, monkeypatch):
 
 
 def test_think_max_gating(tiny_checkpoints, monkeypatch):
-    full = homerun.load(tiny_checkpoints["mixed"])  # default ramp up to 1M; tiny KV fits anywhere
+    full = homerun.load(tiny_checkpoints["mixed"], expert_act="fp32")  # default ramp up to 1M; tiny KV fits anywhere
     ok, reason = full.think_max_available()
     assert ok and "393,216" in reason
-    short = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256])
+    short = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], expert_act="fp32")
     ok, reason = short.think_max_available()
     assert not ok and "256" in reason
-    capped = homerun.load(tiny_checkpoints["mixed"], kv_budget_bytes=full.kv_bytes_at(262144))
+    capped = homerun.load(tiny_checkpoints["mixed"], kv_budget_bytes=full.kv_bytes_at(262144), expert_act="fp32")
     ok, reason = capped.think_max_available()
     assert not ok and "budget" in reason
     monkeypatch.setattr(full, "free_kv_memory_bytes", lambda: 1000)
@@ -258,7 +258,7 @@ def test_think_max_gating(tiny_checkpoints, monkeypatch):
 
 def _long_run(checkpoint, n_tokens: int, chunk: int) -> dict:
     psutil = pytest.importorskip("psutil")
-    model = homerun.load(checkpoint, ramp_tokens=[n_tokens], max_chunk_tokens=chunk)
+    model = homerun.load(checkpoint, ramp_tokens=[n_tokens], max_chunk_tokens=chunk, expert_act="fp32")
     proc = psutil.Process(os.getpid())
     sess = model.session()
     sess.feed(_ids(chunk, model.args.vocab_size, seed=0))  # warm the allocator and the weights in
@@ -314,7 +314,7 @@ def test_fp8_rows_layout_and_roundtrip():
 
 @pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
 def test_compact_kv_dtypes(kv_dtype, tiny_checkpoints, ref):
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], page_tokens=256, kv_dtype=kv_dtype)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[16384], page_tokens=256, kv_dtype=kv_dtype, expert_act="fp32")
     ids = _ids(900, model.args.vocab_size, seed=9)
     sess = model.session()
     out = sess.feed(ids)
@@ -336,8 +336,8 @@ def test_compact_kv_dtypes(kv_dtype, tiny_checkpoints, ref):
 def test_kv_on_gpu_or_host_gives_the_same_logits(tiny_checkpoint):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    on_gpu = homerun.load(tiny_checkpoint, device="cuda", ramp_tokens=[4096], page_tokens=256)
-    on_host = homerun.load(tiny_checkpoint, device="cuda", ramp_tokens=[4096], page_tokens=256, kv_device="cpu")
+    on_gpu = homerun.load(tiny_checkpoint, device="cuda", ramp_tokens=[4096], page_tokens=256, expert_act="fp32")
+    on_host = homerun.load(tiny_checkpoint, device="cuda", ramp_tokens=[4096], page_tokens=256, kv_device="cpu", expert_act="fp32")
     assert on_gpu.stats()["kv_device"].startswith("cuda") and on_host.stats()["kv_device"] == "cpu"
     ids = _ids(700, on_gpu.args.vocab_size, seed=10)
     a, b = on_gpu.session(), on_host.session()
@@ -353,7 +353,7 @@ def test_chat_shows_ramp_steps_and_prefill_eta(tiny_checkpoint, monkeypatch):
     import homerun.commands.chat as chat_cmd
     from homerun.chat import ChatSession
 
-    model = homerun.load(tiny_checkpoint, ramp_tokens=[64, 128, 4096], max_chunk_tokens=512)
+    model = homerun.load(tiny_checkpoint, ramp_tokens=[64, 128, 4096], max_chunk_tokens=512, expert_act="fp32")
     chat = ChatSession(model, autosave=False)
     lines: list[str] = []
 

@@ -19,7 +19,7 @@ def _ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def models(tiny_checkpoints):
-    return {k: homerun.load(tiny_checkpoints[k]) for k in KINDS}
+    return {k: homerun.load(tiny_checkpoints[k], expert_act="fp32") for k in KINDS}
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,7 +77,7 @@ def test_feed_a_then_b_equals_feed_a_plus_b(split, models):
 
 def test_small_max_chunk_tokens_equals_one_chunk(tiny_checkpoints, models):
     model = models["csa"]
-    small = homerun.load(tiny_checkpoints["csa"], max_chunk_tokens=37)
+    small = homerun.load(tiny_checkpoints["csa"], max_chunk_tokens=37, expert_act="fp32")
     ids = _ids(300, model.args.vocab_size, seed=4)
     assert _rel_err(small.logits(ids), model.logits(ids)) <= 1e-5
     assert _rel_err(small.session().feed(ids), model.logits(ids)[-1]) <= 1e-5
@@ -99,7 +99,7 @@ class _FailingBackend:
 def test_interrupted_feed_leaves_session_consistent(tiny_checkpoints, models):
     ref = models["mixed"]
     ids = _ids(400, ref.args.vocab_size, seed=6)
-    model = homerun.load(tiny_checkpoints["mixed"], max_chunk_tokens=100)
+    model = homerun.load(tiny_checkpoints["mixed"], max_chunk_tokens=100, expert_act="fp32")
     backend = _FailingBackend(model.net.experts, fail_at=10**9)
     model.net.experts = backend
     sess = model.session()
@@ -116,7 +116,7 @@ def test_interrupted_feed_leaves_session_consistent(tiny_checkpoints, models):
 
 def test_capacity_ramp(tiny_checkpoints, models):
     ref = models["mixed"]
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256])
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], expert_act="fp32")
     ids = _ids(300, ref.args.vocab_size, seed=7)
     sess = model.session()
     steps = []
@@ -138,9 +138,9 @@ def test_capacity_ramp(tiny_checkpoints, models):
 
 
 def test_kv_budget_stops_the_ramp(tiny_checkpoints):
-    probe = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256])
+    probe = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], expert_act="fp32")
     budget = probe.kv_bytes_at(128)
-    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], kv_budget_bytes=budget)
+    model = homerun.load(tiny_checkpoints["mixed"], ramp_tokens=[64, 128, 256], kv_budget_bytes=budget, expert_act="fp32")
     assert model.max_context_tokens() == 128 and probe.max_context_tokens() == 256
     sess = model.session()
     ids = _ids(200, model.args.vocab_size, seed=8)

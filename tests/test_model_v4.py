@@ -36,7 +36,7 @@ def hf_models(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def models(tiny_checkpoints):
-    return {k: homerun.load(tiny_checkpoints[k]) for k in KINDS}
+    return {k: homerun.load(tiny_checkpoints[k], expert_act="fp32") for k in KINDS}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -114,7 +114,7 @@ def test_args_errors():
 @pytest.mark.parametrize("weights_dtype", ["bf16", "fp32"])
 def test_weights_dtype_predequantized_equals_packed(tiny_checkpoints, models, weights_dtype):
     packed = models["mixed"]
-    dense = homerun.load(tiny_checkpoints["mixed"], weights_dtype=weights_dtype)
+    dense = homerun.load(tiny_checkpoints["mixed"], weights_dtype=weights_dtype, expert_act="fp32")
     want = torch.bfloat16 if weights_dtype == "bf16" else torch.float32
     assert dense.net.layers[0].attn.wq_b.weight.dtype == want and dense.net.layers[0].attn.wq_b.scale is None
     ids = _ids(200, packed.args.vocab_size, seed=3)
@@ -251,9 +251,9 @@ def test_bad_inputs_raise_homerun_errors(models, tmp_path):
     with pytest.raises(UsageError):
         model.logits([])
     with pytest.raises(UnknownModelError):
-        homerun.load(tmp_path / "nope")
+        homerun.load(tmp_path / "nope", expert_act="fp32")
     with pytest.raises(UsageError, match="weights_dtype"):
-        homerun.load(tmp_path, weights_dtype="int3")
+        homerun.load(tmp_path, weights_dtype="int3", expert_act="fp32")
 
 
 class _HookedBackend(_RecordingBackend):
