@@ -7,7 +7,8 @@ once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer layers, exp
 
 transformers runs as it does out of the box on a CPU: the FP8/FP4 checkpoint is dequantized to bf16 at load
 (finegrained-fp8 quantizer) and computed in bf16. homerun keeps the weights packed, computes in fp32 and runs the
-routed experts on its native CPU kernels.
+routed experts on its native CPU kernels (int8 activation blocks by default where a SIMD int8 kernel exists;
+`--expert-act fp32` for the exact kernels).
 
     python benchmarks/compare_transformers.py       # 3 layers x 48 experts, vocab 16384: 2.7 GB packed
     python benchmarks/compare_transformers.py --layers 2 --experts 32 --vocab 129280  # lm head dominates: 3.3 GB
@@ -51,14 +52,14 @@ def _rss_now() -> dict:
     return out
 
 
-def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
+def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "auto") -> dict:
     import homerun  # noqa: F401 - before torch, so homerun's OpenMP wait policy applies as it does in the CLI
     import torch
 
     from homerun.bench_setup import open_target
 
     t0 = time.perf_counter()
-    target, backend, _ = open_target(ckpt, kind="native", dtype="float32", device="cpu")
+    target, backend, _ = open_target(ckpt, kind="native", dtype="float32", device="cpu", act=act)
     model = target.model
     load_s = time.perf_counter() - t0
     sess = model.session()
@@ -73,7 +74,8 @@ def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
         out.append(tok)
         logits = sess.feed([tok])
     decode_s = time.perf_counter() - t0
-    return {"side": "homerun", "backend": backend, "compute_dtype": "float32", "load_s": load_s,
+    return {"side": "homerun", "backend": backend, "expert_act": target.act, "compute_dtype": "float32",
+            "load_s": load_s,
             "prefill_tok_s": prompt / prefill_s, "decode_tok_s": gen / decode_s, "tokens": out,
             "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
 
@@ -108,9 +110,9 @@ def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
             "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
 
 
-def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s: int) -> dict:
+def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s: int, act: str = "auto") -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", ckpt, "--prompt", str(prompt), "--gen", str(gen),
-           "--warmup", str(warmup)]
+           "--warmup", str(warmup), "--expert-act", act]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         return {"side": side, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
@@ -144,11 +146,15 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (as llama-bench warms up)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per side")
     ap.add_argument("--json", action="store_true", help="print only the JSON document")
+    ap.add_argument("--expert-act", default="auto", help="homerun's expert activations: auto (int8 blocks where a "
+                    "SIMD int8 kernel exists), fp32 (exact), int8, bf16")
     ap.add_argument("--worker", choices=("homerun", "transformers"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        fn = worker_homerun if a.worker == "homerun" else worker_transformers
-        print(json.dumps(fn(a.checkpoint, a.prompt, a.gen, a.warmup)))
+        if a.worker == "homerun":
+            print(json.dumps(worker_homerun(a.checkpoint, a.prompt, a.gen, a.warmup, a.expert_act)))
+        else:
+            print(json.dumps(worker_transformers(a.checkpoint, a.prompt, a.gen, a.warmup)))
         return 0
     ckpt = a.checkpoint
     t0 = time.perf_counter()
@@ -156,7 +162,8 @@ def main() -> int:
         ckpt, _ = build_checkpoint(a.layers, a.experts, a.vocab, a.root)
     write_s = time.perf_counter() - t0
     packed = _packed_bytes(ckpt)
-    sides = {s: run_side(s, ckpt, a.prompt, a.gen, a.warmup, a.timeout) for s in ("homerun", "transformers")}
+    sides = {s: run_side(s, ckpt, a.prompt, a.gen, a.warmup, a.timeout, a.expert_act)
+             for s in ("homerun", "transformers")}
     h, t = sides["homerun"], sides["transformers"]
     doc = {"checkpoint": ckpt, "packed_bytes": packed, "checkpoint_ready_s": write_s, "prompt_tokens": a.prompt,
            "gen_tokens": a.gen, "warmup_tokens": a.warmup, "threads": os.cpu_count(), "homerun": h, "transformers": t}

@@ -78,6 +78,8 @@ def bench(
                            "plan's cache with --synthetic on a GPU.")] = None,
     native: Annotated[bool, typer.Option("--native/--reference", help="Expert backend: the native CPU kernels "
                                          "(default, when built) or the plain fp32 reference.")] = True,
+    expert_act: Annotated[str, typer.Option("--expert-act", help="Native kernels' activations: auto (int8 blocks "
+                                            "where a SIMD int8 kernel exists), fp32 (exact), int8, bf16.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16.")] = "float32",
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="json, jsonl, csv or md (default: a table).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Same as --output json.")] = False,
@@ -129,7 +131,7 @@ def bench(
         depths=parse_ints(depth or ["0"], "-d"), repetitions=repetitions, hw=hw,
         cache_slots=parse_ints(cache_slots, "--expert-cache-slots", minimum=1), kind="native" if native else "reference",
         dtype=dtype, synthetic=synthetic, synthetic_layers=synthetic_layers, synthetic_dir=synthetic_dir,
-        synthetic_overrides=_overrides(synthetic_overrides), seed=seed)
+        synthetic_overrides=_overrides(synthetic_overrides), seed=seed, act=expert_act)
     docs = [r.to_dict() for r in records]
     if save_measured:
         from homerun.bench_setup import save_measured as save
@@ -163,7 +165,7 @@ def _overrides(text: str | None) -> dict[str, Any] | None:
 def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list[int], depths: list[int],
                       repetitions: int, hw: str, cache_slots: list[int], kind: str, dtype: str, synthetic: bool,
                       synthetic_layers: int | None, synthetic_dir: str | None,
-                      synthetic_overrides: dict[str, Any] | None, seed: int) -> list[Any]:
+                      synthetic_overrides: dict[str, Any] | None, seed: int, act: str = "auto") -> list[Any]:
     """Resolve the profile and limits, write the synthetic model if asked, run the benchmark, extrapolate."""
     from homerun import bench_setup as bs
     from homerun import benchmark as hb
@@ -189,7 +191,7 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
     slots: list[int | None] = list(cache_slots) or [_default_slots(syn, prof, eff) if syn else None]
     hit = measured.expert_cache_hit_rate.get(syn.card if syn else name) if measured else None
     opts = hb.BenchOptions(tests=tuple(tests), repetitions=repetitions, seed=seed, kind=kind,
-                           cache_slots=tuple(slots), dtype=dtype)
+                           cache_slots=tuple(slots), dtype=dtype, act=act)
     records = hb.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
                              progress=out.info)
     if syn is None:

@@ -120,10 +120,10 @@ def plan_prediction(model_ref: str, prof: Any, *, depth: int, context_tokens: in
 
 
 def _cache_experts(p: Any) -> int:
-    for row in p.placement:
-        if row.what.startswith("GPU expert cache ("):
-            return int(row.what.split("(")[1].split()[0])
-    return 0
+    """Expert-cache slots of the plan's GPUs, from its layout (0 without a GPU cache)."""
+    if p.layout is None:
+        return 0
+    return sum(s.expert_cache_slots for s in p.layout.stages if s.kind == "gpu")
 
 
 def predicted_for(test: BenchTest, pred: dict[str, Any]) -> float | None:
@@ -229,9 +229,12 @@ def save_measured(records: Sequence[BenchRecord], limits: Limits, *, path: Path 
 
 
 def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch.dtype,
-                        cache_slots: int | None = None) -> tuple[Callable[[], Any], str, list[str]]:
-    """(factory of a fresh backend, label, notes) for `kind` "native" (CpuExpertBackend when the kernels are built)
-    or "reference" (ReferenceExpertBackend), optionally behind an expert cache of `cache_slots` slots."""
+                        cache_slots: int | None = None, act: str = "auto") -> tuple[Callable[[], Any], str, list[str]]:
+    """(factory of a fresh backend, label, notes) for `kind` "native" (CpuExpertBackend when the kernels are built,
+    activations in mode `act`) or "reference" (ReferenceExpertBackend), optionally behind an expert cache of
+    `cache_slots` slots."""
+    from homerun.backends import resolve_act
+
     from offload.base import ReferenceExpertBackend
 
     notes: list[str] = []
@@ -243,15 +246,16 @@ def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch
     def native() -> Any:
         from offload.cpu_experts import CpuExpertBackend
 
-        return CpuExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit)
+        return CpuExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, act=act)
 
+    act = resolve_act(act)
     cpu_factory = reference
     if kind == "native":
         from offload.cpu_experts import backend_info
 
         info = backend_info()
         if info.get("built") and info.get("path") != "torch":
-            label = f"cpu-{info['path']}"
+            label = f"cpu-{info['path']}" + ("" if act == "fp32" else f"-{act}")
             cpu_factory = native
         else:
             notes.append(f"native CPU kernels unavailable ({info.get('reason')}); using the reference backend")
@@ -279,8 +283,8 @@ def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch
 
 
 def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | None = None, dtype: str = "float32",
-                device: str | None = None, progress: Callable[[str, int, int], None] | None = None
-                ) -> tuple[BenchTarget, str, list[str]]:
+                device: str | None = None, progress: Callable[[str, int, int], None] | None = None,
+                act: str = "auto") -> tuple[BenchTarget, str, list[str]]:
     """Load the checkpoint for benchmarking with the chosen expert backend: (target, backend label, notes)."""
     import homerun
     from homerun.loader import open_checkpoint
@@ -291,7 +295,8 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
     ckpt = open_checkpoint(Path(path))
     args = ModelArgs.from_hf_config(ckpt.config)
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
-    factory, label, notes = make_expert_backend(ckpt, args, kind=kind, compute_dtype=compute, cache_slots=cache_slots)
+    factory, label, notes = make_expert_backend(ckpt, args, kind=kind, compute_dtype=compute, cache_slots=cache_slots,
+                                                act=act)
     if device != "cpu" and cache_slots is None:
         host_factory = factory
 
@@ -302,6 +307,10 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
     first_layer = args.n_hash_layers if args.n_hash_layers < args.n_layers else 0
     bpe = ckpt.expert(first_layer, 0).nbytes
     target = BenchTarget(model, factory, bpe, has_cache=cache_slots is not None)
+    if label.startswith("cpu-") or "+cpu-" in label:  # the native kernels run: in the resolved mode
+        from homerun.backends import resolve_act
+
+        target.act = resolve_act(act)
     target.counter = CountingBackend(first, bpe)
     model.net.experts = target.counter
     return target, label, notes

@@ -31,6 +31,9 @@ GATE_SEED = 1234
 # Relative max-abs logit error allowed against the fp32 reference: fp32 paths differ only in summation order;
 # bf16/fp16 compute rounds activations (the style guide's bf16 tolerance is 3e-2).
 GATE_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# int8 expert activations (the kernels' default mode) round each expert input to 1/127 of its 32-block's max: about
+# 5e-3 per matmul, 5e-3 to 1e-2 on logits; a wrong build (bad scales, swapped nibbles) is off by far more.
+GATE_TOL_INT8 = 3e-2
 # The reference dequantizes non-expert FP8 weights to fp32 at load only when that stays small.
 REFERENCE_FP32_MAX_BYTES = 512 * 2**20
 
@@ -303,6 +306,7 @@ class BenchTarget:
     bytes_per_expert: int
     has_cache: bool
     counter: CountingBackend | None = None
+    act: str = "fp32"  # the expert activation mode that runs (int8/bf16 widen the correctness gate's tolerance)
 
     def fresh_backend(self) -> CountingBackend:
         old = self.counter
@@ -348,13 +352,15 @@ def reference_weights_dtype(model: Any) -> str:
 
 
 def correctness_gate(model: Any, reference: Any, *, n_tokens: int = GATE_PROMPT_TOKENS, tol: float | None = None,
-                     reference_label: str = "") -> dict[str, Any]:
+                     reference_label: str = "", act: str = "fp32") -> dict[str, Any]:
     """Logits of the benchmarked path vs the plain fp32 reference path (`reference`: a loaded Model, or a
     callable ids -> logits) on a fixed prompt. `ok: false` must be flagged loudly by the caller."""
     ids = synthetic_ids(n_tokens, model.args.vocab_size, seed=GATE_SEED)
     got = model.logits(ids).float()
     ref = (reference.logits(ids) if hasattr(reference, "logits") else reference(ids)).float()
-    tol = tol if tol is not None else GATE_TOL.get(model.dtype, 5e-2)
+    if tol is None:
+        quantized = act in ("int8", "bf16") and model.dtype == torch.float32
+        tol = GATE_TOL_INT8 if quantized else GATE_TOL.get(model.dtype, 5e-2)
     finite = bool(torch.isfinite(got).all())
     scale = float(ref.abs().max()) or 1.0
     err = float((got - ref).abs().max()) / scale if finite else math.inf
@@ -372,6 +378,7 @@ class BenchOptions:
     repetitions: int = 5
     seed: int = 0
     kind: str = "native"  # expert backend: native | reference
+    act: str = "auto"  # native kernels' activation mode: auto (the kernels' default) | fp32 | int8 | bf16
     cache_slots: tuple[int | None, ...] = (None,)  # one run per value; None = no expert cache
     dtype: str = "float32"
     gate: bool = True
@@ -440,14 +447,14 @@ def bench_model(
     records: list[BenchRecord] = []
     for slots in opts.cache_slots:
         say(f"loading {path} ({opts.kind} experts{'' if slots is None else f', cache of {slots} slots'})")
-        target, label, notes = open_target(path, kind=opts.kind, cache_slots=slots, dtype=opts.dtype)
+        target, label, notes = open_target(path, kind=opts.kind, cache_slots=slots, dtype=opts.dtype, act=opts.act)
         if make_backend_hook is not None:
             target.make_backend = (lambda inner: (lambda: make_backend_hook(inner())))(target.make_backend)
             target.fresh_backend()
         gate: dict[str, Any] = {"ok": None, "skipped": True}
         if ref is not None:
             say("correctness gate: benchmarked path")
-            gate = correctness_gate(target.model, lambda ids: ref[0], reference_label=ref[1])
+            gate = correctness_gate(target.model, lambda ids: ref[0], reference_label=ref[1], act=target.act)
         info = _run_info(target.model, path, model_name=model_name, label=label, profile=profile, slots=slots,
                          limits=limits, gate=gate, notes=tuple(notes))
         for test in opts.tests:

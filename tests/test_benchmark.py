@@ -138,11 +138,13 @@ def test_gate_passes_on_real_path_and_fails_on_a_wrong_backend(tiny_checkpoint):
 
     ref, label = hb.load_reference(tiny_checkpoint, resident_bytes=0)
     assert isinstance(ref.net.experts, ReferenceExpertBackend) and "fp32" in label  # whatever the runtime's default
-    target, _, _ = bs.open_target(tiny_checkpoint, kind="native")
-    assert hb.correctness_gate(target.model, ref)["ok"] is True
-    target.model.net.experts = PerturbingBackend(target.model.net.experts)
-    bad = hb.correctness_gate(target.model, ref)
-    assert bad["ok"] is False and bad["max_rel_err"] > bad["tol"]
+    for act in ("fp32", "auto"):  # exact kernels, then the default mode (int8 blocks where a SIMD kernel exists)
+        target, _, _ = bs.open_target(tiny_checkpoint, kind="native", act=act)
+        good = hb.correctness_gate(target.model, ref, act=target.act)
+        assert good["ok"] is True and good["tol"] == (hb.GATE_TOL_INT8 if target.act == "int8" else 1e-3)
+        target.model.net.experts = PerturbingBackend(target.model.net.experts)
+        bad = hb.correctness_gate(target.model, ref, act=target.act)
+        assert bad["ok"] is False and bad["max_rel_err"] > bad["tol"]
 
 
 def test_cli_gate_failure_is_loud_and_exits_1(tiny_checkpoint, monkeypatch):

@@ -170,11 +170,15 @@ StandinOpt = Annotated[bool, typer.Option("--standin", help="With --hw: run the 
 ExpertsOpt = Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")]
 CacheSlotsOpt = Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")]
 TraceOpt = Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")]
+ExpertActOpt = Annotated[str, typer.Option("--expert-act", help="CPU expert activations: auto (int8 blocks where a "
+                                           "SIMD int8 kernel exists, ~5e-3 error), fp32 (exact), int8, bf16.")]
 
 
-def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Optional[Path]) -> dict[str, Any]:
+def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Optional[Path],
+                      expert_act: str = "auto") -> dict[str, Any]:
     """CLI flags -> homerun.load options (shared by chat, run and bench)."""
-    return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None}
+    return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None,
+            "expert_act": expert_act}
 
 
 def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, Any]:
@@ -467,6 +471,7 @@ def register(app: typer.Typer) -> None:
         standin: StandinOpt = False,
         json_out: Annotated[bool, typer.Option("--json", help="Line protocol: stdin lines in, JSONL events out.")] = False,
         experts: ExpertsOpt = "auto",
+        expert_act: ExpertActOpt = "auto",
         expert_cache_slots: CacheSlotsOpt = None,
         trace: TraceOpt = None,
     ) -> None:
@@ -480,7 +485,7 @@ def register(app: typer.Typer) -> None:
         """
         out = Output(json_out)
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
-        load_options = load_options_from(experts, expert_cache_slots, trace)
+        load_options = load_options_from(experts, expert_cache_slots, trace, expert_act)
         chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out,
                              load_options=load_options, standin=standin)
         if json_out:

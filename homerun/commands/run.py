@@ -17,8 +17,8 @@ from typing_extensions import Annotated
 
 from homerun.chat import ChatSession, Delta, TurnDone
 from homerun.commands.chat import (  # noqa: F401 - the aliases are resolved from this module's globals by typer
-    CacheSlotsOpt, ExpertsOpt, HwOpt, SeedOpt, StandinOpt, SystemOpt, TemperatureOpt, ThinkingOpt, TopKOpt, TopPOpt,
-    TraceOpt,
+    CacheSlotsOpt, ExpertActOpt, ExpertsOpt, HwOpt, SeedOpt, StandinOpt, SystemOpt, TemperatureOpt, ThinkingOpt,
+    TopKOpt, TopPOpt, TraceOpt,
     load_options_from, start_session,
 )
 from homerun.errors import ExitCode
@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         standin: StandinOpt = False,
         json_out: Annotated[bool, typer.Option("--json", help="JSONL events: reasoning, content, tool_call, done.")] = False,
         experts: ExpertsOpt = "auto",
+        expert_act: ExpertActOpt = "auto",
         expert_cache_slots: CacheSlotsOpt = None,
         trace: TraceOpt = None,
     ) -> None:
@@ -101,7 +102,7 @@ def register(app: typer.Typer) -> None:
         text = sys.stdin.read() if prompt == "-" else prompt
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
         chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out, autosave=False,
-                             load_options=load_options_from(experts, expert_cache_slots, trace), standin=standin)
+                             load_options=load_options_from(experts, expert_cache_slots, trace, expert_act), standin=standin)
         # Ctrl-C ends the generation after the step in flight; the partial answer is flushed, then exit code 130.
         previous = signal.signal(signal.SIGINT, lambda *_: chat.request_stop())
         try:
