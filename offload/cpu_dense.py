@@ -1,4 +1,5 @@
-"""BF16-stored dense matrices times fp32 activations on the native CPU kernels (`hr_bf16_gemm`).
+"""BF16-stored dense matrices times fp32 activations on the native CPU kernels (`hr_bf16_gemm`), and mHC's small
+Sinkhorn normalization (`hr_sinkhorn`), whose ~120 tiny torch ops per call cost more than the math.
 
 V4 stores its head, compressors, routers and the indexer's weights_proj in bf16. An fp32 model used to hold them
 upcast to fp32, which doubles the bytes every decode step reads (V4-Flash's head alone: 1.06 GB -> 2.1 GB). Widening
@@ -25,10 +26,12 @@ def _lib() -> ctypes.CDLL | None:
     lib = _native()
     if _ready is None:
         _ready = False
-        if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_bf16_gemm"):
+        if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_sinkhorn"):
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
             lib.hr_bf16_gemm.restype = ctypes.c_int
+            lib.hr_sinkhorn.argtypes = [p, i64, i64, i64, ctypes.c_float]
+            lib.hr_sinkhorn.restype = ctypes.c_int
             _ready = True
     return lib if _ready else None
 
@@ -58,3 +61,19 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if rc != 0:
             raise KernelError(f"native bf16 GEMM failed with code {rc}", hint="rebuild with `pip install -e .`")
     return y.reshape(*lead, n)
+
+
+def sinkhorn_(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """In place on a contiguous fp32 CPU tensor [..., n, n]: a column pass, then (iters - 1) x (rows, columns), each
+    dividing by (sum + eps), as the model's torch loop does."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    if m.dtype != torch.float32 or m.device.type != "cpu" or not m.is_contiguous() or m.shape[-1] != m.shape[-2]:
+        raise KernelError(f"sinkhorn_ needs a contiguous fp32 CPU [..., n, n] tensor, got {m.dtype} "
+                          f"{tuple(m.shape)} on {m.device}", hint="call .contiguous().float() first")
+    n = m.shape[-1]
+    rc = lib.hr_sinkhorn(m.data_ptr(), m.numel() // (n * n), n, iters, eps)
+    if rc != 0:
+        raise KernelError(f"native sinkhorn failed with code {rc}", hint="rebuild with `pip install -e .`")
+    return m

@@ -41,6 +41,22 @@ def _native_fp8() -> Callable | None:
 
 
 _native_bf16_fn: Any = None
+_native_sinkhorn_fn: Any = None
+
+
+def native_sinkhorn() -> Callable | None:
+    """offload.cpu_dense.sinkhorn_ (in place, CPU fp32) when the native kernels are built, else None."""
+    global _native_sinkhorn_fn
+    if _native_sinkhorn_fn is None:
+        _native_sinkhorn_fn = False
+        try:
+            from offload import cpu_dense
+
+            if cpu_dense.available():
+                _native_sinkhorn_fn = cpu_dense.sinkhorn_
+        except Exception:  # noqa: BLE001 - no kernel: the torch loop is always correct
+            _native_sinkhorn_fn = False
+    return _native_sinkhorn_fn if USE_NATIVE_LINEAR else None
 
 
 def native_bf16() -> Callable | None:

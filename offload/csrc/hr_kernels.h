@@ -75,6 +75,10 @@ uint64_t hr_read_sum(int path, const void *buf, int64_t nbytes);
  * summation order differs from an fp32 matmul (hr_dense.inc). */
 int hr_bf16_gemm(int path, const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t t, float *y);
 
+/* In-place Sinkhorn of t row-major n x n fp32 matrices: a column pass, then (iters - 1) x (rows, columns), each
+ * dividing by (sum + eps) (mHC's residual mixing, hr_dense.inc). */
+int hr_sinkhorn(float *m, int64_t t, int64_t n, int64_t iters, float eps);
+
 #ifdef __cplusplus
 }
 #endif
