@@ -1,5 +1,5 @@
 """BF16-stored dense matrices times fp32 activations on the native CPU kernels (`hr_bf16_gemm`), and mHC's small
-Sinkhorn normalization (`hr_sinkhorn`), whose ~120 tiny torch ops per call cost more than the math.
+per-token ops (`hr_sinkhorn`, `hr_hc_pre`, `hr_hc_post`), whose many tiny torch ops per call cost more than the math.
 
 V4 stores its head, compressors, routers and the indexer's weights_proj in bf16. An fp32 model used to hold them
 upcast to fp32, which doubles the bytes every decode step reads (V4-Flash's head alone: 1.06 GB -> 2.1 GB). Widening
@@ -26,12 +26,15 @@ def _lib() -> ctypes.CDLL | None:
     lib = _native()
     if _ready is None:
         _ready = False
-        if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_sinkhorn"):
+        if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_hc_post"):
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
             lib.hr_bf16_gemm.restype = ctypes.c_int
             lib.hr_sinkhorn.argtypes = [p, i64, i64, i64, ctypes.c_float]
             lib.hr_sinkhorn.restype = ctypes.c_int
+            lib.hr_hc_pre.argtypes = [p, p, p, i64, i64, i64]
+            lib.hr_hc_post.argtypes = [p, p, p, p, p, i64, i64, i64]
+            lib.hr_hc_pre.restype = lib.hr_hc_post.restype = ctypes.c_int
             _ready = True
     return lib if _ready else None
 
@@ -77,3 +80,39 @@ def sinkhorn_(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     if rc != 0:
         raise KernelError(f"native sinkhorn failed with code {rc}", hint="rebuild with `pip install -e .`")
     return m
+
+
+def _f32c(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise KernelError(f"{name} is on {t.device}, the CPU kernels need CPU tensors", hint="keep it in host memory")
+    return t.to(torch.float32).contiguous()
+
+
+def hc_pre(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_i pre[t, i] * x[t, i, :]: pre [T, n], x [T, n, D] -> [T, D] fp32 (mHC's collapse before a sublayer)."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    t, n, d = x.shape
+    if tuple(pre.shape) != (t, n):
+        raise KernelError(f"hc_pre: pre {tuple(pre.shape)} does not match x {tuple(x.shape)}", hint="pre is [T, n]")
+    pre, x = _f32c(pre, "pre"), _f32c(x, "x")
+    out = torch.empty(t, d, dtype=torch.float32)
+    lib.hr_hc_pre(pre.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d)
+    return out
+
+
+def hc_post(post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """post[t, j] * y[t] + sum_i comb[t, i, j] * x[t, i]: post [T, n], y [T, D], comb [T, n, n], x [T, n, D] ->
+    [T, n, D] fp32 (mHC's update after a sublayer; comb applied transposed, as the model does)."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    t, n, d = x.shape
+    if tuple(post.shape) != (t, n) or tuple(y.shape) != (t, d) or tuple(comb.shape) != (t, n, n):
+        raise KernelError(f"hc_post: shapes post {tuple(post.shape)}, y {tuple(y.shape)}, comb {tuple(comb.shape)} "
+                          f"do not match x {tuple(x.shape)}", hint="post [T, n], y [T, D], comb [T, n, n]")
+    post, y, comb, x = (_f32c(a, nm) for a, nm in ((post, "post"), (y, "y"), (comb, "comb"), (x, "x")))
+    out = torch.empty(t, n, d, dtype=torch.float32)
+    lib.hr_hc_post(post.data_ptr(), y.data_ptr(), comb.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d)
+    return out

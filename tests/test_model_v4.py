@@ -189,6 +189,22 @@ def test_native_sinkhorn_equals_torch_loop():
         cpu_dense.sinkhorn_(torch.zeros(2, 3, 4), 2, 1e-6)
 
 
+def test_native_hc_mixes_equal_torch():
+    cpu_dense = pytest.importorskip("offload.cpu_dense")
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(6)
+    for t, n, d in ((1, 4, 4096), (5, 4, 130), (2, 3, 7)):
+        x, y = torch.randn(t, n, d, generator=g), torch.randn(t, d, generator=g)
+        pre, post, comb = torch.rand(t, n, generator=g), torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g)
+        ref_pre = (pre.unsqueeze(-1) * x).sum(dim=1)
+        ref_post = post.unsqueeze(-1) * y.unsqueeze(1) + torch.matmul(comb.transpose(-1, -2), x)
+        assert torch.allclose(cpu_dense.hc_pre(pre, x), ref_pre, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(cpu_dense.hc_post(post, y, comb, x), ref_post, rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception, match="does not match"):
+        cpu_dense.hc_pre(torch.zeros(2, 3), torch.zeros(2, 4, 5))
+
+
 def test_model_logits_same_with_native_primitives_off(models, monkeypatch):
     """The native Sinkhorn / FP8 / bf16 paths against the all-torch path on the same model."""
     ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from homerun.errors import ConfigError
 from homerun.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
-from homerun.models.layers import QLinear, native_bf16, native_sinkhorn
+from homerun.models.layers import NATIVE_HC_MAX_ROWS, QLinear, native_bf16, native_hc, native_sinkhorn
 
 LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
 _RATIO_TO_KIND = {0: LAYER_SLIDING, 4: LAYER_CSA, 128: LAYER_HCA}
@@ -515,6 +515,11 @@ class DeepseekV4:
     def _hc_site(self, hc: _HC, x: torch.Tensor, norm_w: torch.Tensor, sub: Callable[[torch.Tensor], torch.Tensor]):
         dt = x.dtype
         pre, post, comb = self._hc_weights(hc, x)
+        native = native_hc() if (x.device.type == "cpu" and dt == torch.float32
+                                 and x.shape[0] <= NATIVE_HC_MAX_ROWS) else None
+        if native is not None:  # the same sums on the calling thread: no threaded bmm for 65k multiply-adds
+            y = sub(rms_norm(native.hc_pre(pre, x), norm_w, self.args.norm_eps))
+            return native.hc_post(post, y, comb, x)
         collapsed = (pre.unsqueeze(-1) * x).sum(dim=1).to(dt)  # (T, D)
         y = sub(rms_norm(collapsed, norm_w, self.args.norm_eps))
         # comb is applied transposed: out_j = sum_i comb[i, j] x_i (official hc_post; HF comb^T @ X).

@@ -40,40 +40,45 @@ def _native_fp8() -> Callable | None:
     return _native_fp8_fn or None
 
 
-_native_bf16_fn: Any = None
-_native_sinkhorn_fn: Any = None
+_dense_module: Any = None
+# Token counts up to which mHC's per-token mixes run natively on the calling thread (decode and small batches);
+# larger batches keep torch's batched (and threaded) ops.
+NATIVE_HC_MAX_ROWS = 64
 
 
-def native_sinkhorn() -> Callable | None:
-    """offload.cpu_dense.sinkhorn_ (in place, CPU fp32) when the native kernels are built, else None."""
-    global _native_sinkhorn_fn
-    if _native_sinkhorn_fn is None:
-        _native_sinkhorn_fn = False
+def native_dense() -> Any:
+    """The `offload.cpu_dense` module when its native kernels are built, else None (resolved once); it ignores
+    USE_NATIVE_LINEAR, which the per-op hooks below honour."""
+    global _dense_module
+    if _dense_module is None:
+        _dense_module = False
         try:
             from offload import cpu_dense
 
             if cpu_dense.available():
-                _native_sinkhorn_fn = cpu_dense.sinkhorn_
-        except Exception:  # noqa: BLE001 - no kernel: the torch loop is always correct
-            _native_sinkhorn_fn = False
-    return _native_sinkhorn_fn if USE_NATIVE_LINEAR else None
+                _dense_module = cpu_dense
+        except Exception:  # noqa: BLE001 - no kernel: every caller has a torch path
+            _dense_module = False
+    return _dense_module or None
 
 
 def native_bf16() -> Callable | None:
-    """offload.cpu_dense.bf16_linear when the native kernel is built, else None (resolved once). With it, bf16-stored
-    matrices stay bf16 in an fp32 model: exact products, half the bytes per decode step of an fp32 copy."""
-    global _native_bf16_fn
-    if _native_bf16_fn is None:
-        _native_bf16_fn = False
-        try:
-            from offload import cpu_dense
+    """cpu_dense.bf16_linear when built. With it, bf16-stored matrices stay bf16 in an fp32 model: exact products,
+    half the bytes per decode step of an fp32 copy (the load decision, so not switched by USE_NATIVE_LINEAR)."""
+    mod = native_dense()
+    return mod.bf16_linear if mod is not None else None
 
-            if cpu_dense.available():
-                _native_bf16_fn = cpu_dense.bf16_linear
-        except Exception:  # noqa: BLE001 - no kernel: the fp32 upcast path is always correct
-            _native_bf16_fn = False
-    return _native_bf16_fn or None
 
+def native_sinkhorn() -> Callable | None:
+    """cpu_dense.sinkhorn_ (in place, CPU fp32) when built and enabled, else None."""
+    mod = native_dense()
+    return mod.sinkhorn_ if mod is not None and USE_NATIVE_LINEAR else None
+
+
+def native_hc() -> Any:
+    """cpu_dense (hc_pre, hc_post) when built and enabled, else None."""
+    mod = native_dense()
+    return mod if mod is not None and USE_NATIVE_LINEAR else None
 
 
 class QLinear:

@@ -79,6 +79,12 @@ int hr_bf16_gemm(int path, const uint16_t *w, int64_t n, int64_t k, const float 
  * dividing by (sum + eps) (mHC's residual mixing, hr_dense.inc). */
 int hr_sinkhorn(float *m, int64_t t, int64_t n, int64_t iters, float eps);
 
+/* mHC stream mixes (hr_dense.inc): out[t] = sum_i pre[t, i] x[t, i]; out[t, j] = post[t, j] y[t] + sum_i comb[t, i, j]
+ * x[t, i]. fp32, contiguous, on the calling thread. */
+int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
+int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
+               int64_t d);
+
 #ifdef __cplusplus
 }
 #endif
