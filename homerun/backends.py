@@ -96,12 +96,18 @@ def build_expert_backend(
             expert_cache_slots=expert_cache_slots, device=cache_dev, compute_dtype=compute_dtype,
             cpu_backend=backend, policy=cache_policy,
         )
-    if trace_path is not None:
-        from offload.trace import TraceHeader, TraceRecorder, TracingBackend
+    return _traced(backend, trace_path, model_name=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k)
 
-        header = TraceHeader(model=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k or 0)
-        backend = TracingBackend(backend, TraceRecorder(trace_path, header))
-    return backend
+
+def _traced(backend: Any, trace_path: str | Path | None, *, model_name: str, n_layers: int, n_experts: int,
+            top_k: int | None) -> Any:
+    """`backend` behind a routing-trace recorder writing `trace_path` (unchanged without a path)."""
+    if trace_path is None:
+        return backend
+    from offload.trace import TraceHeader, TraceRecorder, TracingBackend
+
+    header = TraceHeader(model=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k or 0)
+    return TracingBackend(backend, TraceRecorder(trace_path, header))
 
 
 def build_placed_backend(
@@ -149,9 +155,5 @@ def build_placed_backend(
         by_layer.update({layer: b for layer in offloaded})
     uniq = {id(b): b for b in by_layer.values()}
     backend = next(iter(uniq.values())) if len(uniq) == 1 else LayerSplitBackend(by_layer)
-    if trace_path is not None:
-        from offload.trace import TraceHeader, TraceRecorder, TracingBackend
-
-        header = TraceHeader(model=model_name, n_layers=placement.n_layers, n_experts=n_experts, top_k=top_k or 0)
-        backend = TracingBackend(backend, TraceRecorder(trace_path, header))
-    return backend
+    return _traced(backend, trace_path, model_name=model_name, n_layers=placement.n_layers, n_experts=n_experts,
+                   top_k=top_k)

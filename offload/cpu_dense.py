@@ -15,17 +15,18 @@ import torch
 
 from homerun.errors import KernelError
 
-_ready: bool | None = None
+_bound: ctypes.CDLL | bool | None = None  # None: not tried yet; False: unavailable
 
 
 def _lib() -> ctypes.CDLL | None:
-    """The kernel library with hr_bf16_gemm bound, or None (not built, or an older build without it)."""
-    global _ready
-    from offload.cpu_experts import _native, resolve_path
+    """The kernel library with this module's entry points bound, or None (not built, or an older build); resolved
+    once, since every decode step calls through here many times."""
+    global _bound
+    if _bound is None:
+        from offload.cpu_experts import _native, resolve_path
 
-    lib = _native()
-    if _ready is None:
-        _ready = False
+        lib = _native()
+        _bound = False
         if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_hc_post"):
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
@@ -35,8 +36,8 @@ def _lib() -> ctypes.CDLL | None:
             lib.hr_hc_pre.argtypes = [p, p, p, i64, i64, i64]
             lib.hr_hc_post.argtypes = [p, p, p, p, p, i64, i64, i64]
             lib.hr_hc_pre.restype = lib.hr_hc_post.restype = ctypes.c_int
-            _ready = True
-    return lib if _ready else None
+            _bound = lib
+    return _bound or None
 
 
 def available() -> bool:

@@ -6,19 +6,16 @@ import pytest
 import torch
 
 from homerun.errors import KernelError
-from homerun.quant import dequant_fp4, quant_fp4, quant_fp8
+from homerun.quant import dequant_fp4, quant_fp4
 from offload import cpu_experts as ce
-from offload.base import ExpertWeights, ReferenceExpertBackend
+from offload.base import ReferenceExpertBackend
+from test_cpu_experts import make_experts, rel_err  # the same expert fixtures and error measure
 
 PATHS = ce.available_paths()  # native paths usable here, then "torch"
 NATIVE = [p for p in PATHS if p != "torch"]
 INT8_RTOL = 1e-2  # issue 4: activations quantized to int8 blocks
 EMU_RTOL = 1e-5  # native vs torch emulation: same integers, fp32 vs float64 summation only
 LIMIT = 10.0
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
 def fp4_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,16 +102,6 @@ def test_int8_results_do_not_depend_on_thread_count(path):
 
 
 # --------------------------------------------------------------------------------------------- fused op
-
-
-def make_experts(fmt: str, d: int, i: int, n: int, seed: int) -> dict[int, ExpertWeights]:
-    g = torch.Generator().manual_seed(seed)
-    q = quant_fp4 if fmt == "fp4" else quant_fp8
-    out = {}
-    for e in range(n):
-        w1, w3, w2 = (q(torch.randn(*shape, generator=g) * 0.08) for shape in ((i, d), (i, d), (d, i)))
-        out[e] = ExpertWeights(w1[0], w1[1], w3[0], w3[1], w2[0], w2[1], fmt)
-    return out
 
 
 # D = 288 (9 blocks: a partial group), I = 160 (5 blocks); FP8 dims off the 128 grid.
