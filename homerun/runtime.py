@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from homerun.cpu_step import cpu_step
 from homerun.errors import CheckpointError, ContextFullError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
@@ -224,7 +225,8 @@ class Session:
         t0 = time.perf_counter()
         hidden = None
         chunk = self.model.max_chunk_tokens
-        with torch.inference_mode():
+        on_cpu = torch.device(self._net.device).type == "cpu"
+        with torch.inference_mode(), cpu_step(n, self.n_tokens, on_cpu):
             for c0 in range(0, n, chunk):
                 part = ids[c0 : c0 + chunk]
                 tc = time.perf_counter()

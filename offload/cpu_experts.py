@@ -42,7 +42,7 @@ _FMT_CODE = {"fp4": 0, "fp8": 1}
 ACTS = ("fp32", "bf16", "int8")
 _ACT_FLAG = {"fp32": 0, "bf16": 0x100, "int8": 0x200}
 _INT8_IMPL = {1: "portable", 2: "avx2", 3: "avx512-vnni"}  # hr_int8_impl codes
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ERRORS = {
     -1: "the requested kernel path is not supported by this CPU",
     -2: "bad shape (FP4 input width must be a multiple of 32)",
@@ -93,7 +93,8 @@ def _native() -> ctypes.CDLL | None:
         lib.hr_read_sum.argtypes = [i32, p, i64]
         lib.hr_read_sum.restype = ctypes.c_uint64
         lib.hr_set_threads.argtypes = [i32]
-        for name in ("hr_best_path", "hr_get_threads", "hr_path_supported", "hr_set_threads"):
+        lib.hr_set_spin_us.argtypes = [i32]
+        for name in ("hr_best_path", "hr_get_threads", "hr_path_supported", "hr_set_threads", "hr_set_spin_us"):
             getattr(lib, name).restype = i32
         lib.hr_path_supported.argtypes = [i32]
         lib.hr_int8_impl.argtypes = [i32]
@@ -171,6 +172,13 @@ def set_threads(n: int | None) -> int:
     if lib is None:
         return torch.get_num_threads()
     return int(lib.hr_set_threads(int(n or 0)))
+
+
+def set_spin_us(us: int) -> int | None:
+    """How long (microseconds) idle kernel threads spin for the next call before sleeping; returns the previous
+    setting, or None without the native library. Long spins suit decode steps whose torch ops run on one thread."""
+    lib = _native()
+    return None if lib is None else int(lib.hr_set_spin_us(int(us)))
 
 
 def backend_info() -> dict:

@@ -203,3 +203,32 @@ def test_bf16_activation_mode_is_refused_where_unavailable():
     if "avx2" in PATHS:
         with pytest.raises(KernelError):
             ce.fp4_linear(torch.randn(2, 64), *fp4_weights(8, 64, seed=1), path="avx2", act="bf16")
+
+
+@pytest.mark.parametrize("groups,per,tokens", [(8, 128, 1), (8, 256, 3), (3, 384, 9), (2, 128, 70)])
+def test_fp8_grouped_gemm_equals_per_group_matmuls(groups, per, tokens):
+    """One native call for a block-diagonal FP8 projection (V4's grouped wo_a): rows of group g read x[:, g] only."""
+    from offload import cpu_dense
+
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(groups * per + tokens)
+    k = 320  # not a multiple of 128: the last scale block is partial
+    q, s = quant_fp8(torch.randn(groups * per, k, generator=g))
+    x = torch.randn(tokens, groups, k, generator=g)
+    w = dequant_fp8(q, s, torch.float64)
+    ref = torch.stack([x[:, i].double() @ w[i * per : (i + 1) * per].T for i in range(groups)], dim=1)
+    y = cpu_dense.bind_linear(q, s).grouped(x)
+    assert y.shape == (tokens, groups, per)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
+def test_fp8_grouped_gemm_rejects_groups_that_split_scale_blocks():
+    from offload import cpu_dense
+
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    q, s = quant_fp8(torch.randn(384, 256))
+    assert cpu_dense.bind_linear(q, s).grouped(torch.randn(2, 3, 256)).shape == (2, 3, 128)
+    with pytest.raises(KernelError, match="6 groups"):  # 64 rows per group straddle the 128-row scale blocks
+        cpu_dense.bind_linear(q, s).grouped(torch.randn(2, 6, 256))

@@ -45,6 +45,20 @@ def test_chunked_prefill_and_decode_match_full_pass(kind, models):
     assert sess.n_tokens == ids.numel() and sess.tokens == ids.tolist()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_query_blocks_equal_batched_blocks(kind, models, monkeypatch):
+    """Blocks of one query (the decode path without masks, which a long prefill also takes once its query blocks
+    shrink to one row) give the batched, masked blocks' logits at every position."""
+    from homerun.models import deepseek_v4
+
+    model = models[kind]
+    ids = _ids(300, model.args.vocab_size, seed=5)
+    batched = model.logits(ids)
+    monkeypatch.setattr(deepseek_v4, "_BLOCK_ELEMS", 1)  # every query block is one row
+    one = model.logits(ids)
+    assert _rel_err(one, batched) <= 1e-5
+
+
 def _state_tensors(sess) -> list[torch.Tensor]:
     out = []
     for st in sess._states:

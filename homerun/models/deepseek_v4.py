@@ -648,6 +648,10 @@ class DeepseekV4:
             k0 = max(0, n_past + s0 - (W - 1))
             k1 = n_past + s1
             kw = keys[k0:k1].float()  # (nk, Dh)
+            if nq == 1:  # decode: one query sees every row it is given, so one key matrix and no masks
+                idx_q = (iq[s0:s1], iw[s0:s1]) if layer.kind == LAYER_CSA else None
+                out[s0] = self._attend_one(layer, qf[0], kw, comp, idx_st, idx_q, start + s0, k_sel, sink, scale)
+                continue
             kpos = torch.arange(k1 - k0, device=q.device) + (start - n_past + k0)
             vis = (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - W)
             s_w = torch.einsum("qhd,kd->qhk", qf, kw) * scale
@@ -682,6 +686,24 @@ class DeepseekV4:
                 o = o + torch.einsum("qhk,qkd->qhd", probs[..., off : off + gathered.shape[1]], gathered)
             out[s0:s1] = o.to(out.dtype)
         return out
+
+    def _attend_one(self, layer, q1, kw, comp, idx_st, idx_q, pos: int, k_sel: int, sink, scale: float):
+        """One query at absolute position pos: q1 [H, Dh] over its window rows kw [nk, Dh] (all visible) plus the
+        layer's compressed entries (HCA: every closed one; CSA: the indexer's top-k of the closed ones) -> [H, Dh].
+        Every row is visible to the only query, so the general path's masks are all-true and are skipped."""
+        rows = [kw]
+        rate = self.args.rate(layer.index)
+        n_closed = (pos + 1) // rate if rate else 0
+        if layer.kind == LAYER_HCA and n_closed:
+            rows.append(comp.store.view(n_closed).float())
+        elif layer.kind == LAYER_CSA and k_sel and n_closed:
+            thr = torch.tensor([n_closed], device=q1.device)
+            sel = self._index_topk(layer.attn.indexer, *idx_q, idx_st.store, n_closed, thr, k_sel)
+            rows.append(comp.store.gather(sel)[0].float())  # k <= n_closed picks, all closed
+        kv = torch.cat(rows) if len(rows) > 1 else kw
+        logits = torch.cat([torch.mm(q1, kv.T) * scale, sink.view(-1, 1)], dim=1)  # (H, N + 1)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.mm(probs[:, :-1], kv)
 
     def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor, k_sel: int):
         """Indexer top-k over the first n_vis keys, merged page by page: the score temporary is [q, Hi, page]

@@ -1,8 +1,8 @@
 """Linear layers over weights kept as stored: FP8 e4m3 + ue8m0 128x128 scales, or dense (bf16 / fp32) tensors.
 
 `QLinear` computes y = x W^T without a resident dequantized copy. On the CPU with fp32 activations and at most
-`NATIVE_FP8_MAX_ROWS` rows (decode, small batches) it calls the native kernels (`offload.cpu_experts.fp8_linear`,
-`offload.cpu_dense.bf16_linear`): exact products, fp32 sums. Otherwise it dequantizes in row blocks of at most
+`NATIVE_FP8_MAX_ROWS` rows (decode, small batches) it calls the native kernels (`hr_fp8_gemm`, `hr_bf16_gemm`,
+bound once per weight by `offload.cpu_dense.bind_linear`): exact products, fp32 sums. Otherwise it dequantizes in row blocks of at most
 `BLOCK_ELEMS` elements and uses the BLAS GEMM. Not here: the routed experts (offload.base.ExpertBackend).
 """
 
@@ -17,29 +17,11 @@ from homerun.quant import FP8_BLOCK, dequant_fp8, e8m0_to_float
 
 # Dequantized weight blocks are kept under this many elements.
 BLOCK_ELEMS = 1 << 24
-# FP8 and bf16 matmuls of at most this many rows on CPU/fp32 use the native kernels (offload.cpu_experts.fp8_linear,
-# offload.cpu_dense.bf16_linear) when built: no dequantized copy, fp32 accumulation. Larger batches dequantize in
+# FP8 and bf16 matmuls of at most this many rows on CPU/fp32 use the native kernels (offload.cpu_dense.bind_linear)
+# when built: no dequantized copy, fp32 accumulation. Larger batches dequantize in
 # row blocks and use the BLAS GEMM.
 NATIVE_FP8_MAX_ROWS = 64
 USE_NATIVE_LINEAR = True
-_native_fp8_fn: Any = None
-
-
-def _native_fp8() -> Callable | None:
-    """offload.cpu_experts.fp8_linear when its native path is available, else None (resolved once)."""
-    global _native_fp8_fn
-    if _native_fp8_fn is None:
-        _native_fp8_fn = False
-        try:
-            from offload.cpu_experts import fp8_linear, resolve_path
-
-            if resolve_path() != "torch":
-                _native_fp8_fn = fp8_linear
-        except Exception:  # noqa: BLE001 - no kernel (not built, import error): the torch path is always correct
-            _native_fp8_fn = False
-    return _native_fp8_fn or None
-
-
 _dense_module: Any = None
 # Token counts up to which mHC's per-token mixes run natively on the calling thread (decode and small batches);
 # larger batches keep torch's batched (and threaded) ops.
@@ -88,11 +70,24 @@ class QLinear:
     bounded (`BLOCK_ELEMS`) and the resident copy stays packed.
     """
 
-    __slots__ = ("weight", "scale")
+    __slots__ = ("weight", "scale", "_bound")
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None):
         self.weight = weight
         self.scale = scale
+        self._bound: Any = None  # (weight it was bound for, cpu_dense.BoundLinear or None), made on first use
+
+    def _native_call(self, x: torch.Tensor) -> Any:
+        """The bound native matmul for x (fp32 on the CPU, decode-sized), or None: then the torch path runs."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > NATIVE_FP8_MAX_ROWS * self.in_features:
+            return None
+        b = self._bound
+        if b is None or b[0] is not self.weight:  # bound once per weight; re-bound if the weight was replaced
+            mod = native_dense()
+            b = self._bound = (self.weight, mod.bind_linear(self.weight, self.scale) if mod is not None else None)
+        if b[1] is None or (self.scale is not None and not USE_NATIVE_LINEAR):
+            return None  # bf16 weights stay native regardless: keeping them bf16 was a load-time decision
+        return b[1]
 
     @property
     def out_features(self) -> int:
@@ -129,26 +124,12 @@ class QLinear:
         rb = max(FP8_BLOCK, (BLOCK_ELEMS // max(self.in_features, 1)) // FP8_BLOCK * FP8_BLOCK)
         return rb
 
-    def _native_ok(self, x: torch.Tensor) -> bool:
-        return (
-            USE_NATIVE_LINEAR and self.scale is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features and _native_fp8() is not None
-        )
-
-    def _native_bf16_ok(self, x: torch.Tensor) -> bool:
-        return (
-            USE_NATIVE_LINEAR and self.scale is None and self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32
-            and x.device.type == "cpu" and x.numel() <= NATIVE_FP8_MAX_ROWS * self.in_features
-            and native_bf16() is not None
-        )
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None and self.weight.dtype == x.dtype:
             return F.linear(x, self.weight)
-        if self._native_ok(x):
-            return _native_fp8()(x, self.weight, self.scale)
-        if self._native_bf16_ok(x):
-            return native_bf16()(x, self.weight)
+        nat = self._native_call(x)
+        if nat is not None:
+            return nat(x)
         out_f = self.out_features
         rb = self.row_block()
         if rb >= out_f:
@@ -165,14 +146,9 @@ class QLinear:
         if self.scale is None and self.weight.dtype == x.dtype:
             w = self.weight.view(groups, per, self.in_features)
             return torch.einsum("tgi,goi->tgo", x, w)
-        if per % FP8_BLOCK == 0 and self._native_ok(x[:, 0]):
-            sb = per // FP8_BLOCK
-            ys = [
-                _native_fp8()(x[:, g].contiguous(), self.weight[g * per : (g + 1) * per],
-                              self.scale[g * sb : (g + 1) * sb])
-                for g in range(groups)
-            ]
-            return torch.stack(ys, dim=1)
+        nat = self._native_call(x[:, 0]) if per % FP8_BLOCK == 0 and self.scale is not None else None
+        if nat is not None:  # one kernel call for every group: one dispatch, threads balanced over all rows
+            return nat.grouped(x)
         ys = [F.linear(x[:, g], self.dequant(x.dtype, (g * per, (g + 1) * per))) for g in range(groups)]
         return torch.stack(ys, dim=1)
 

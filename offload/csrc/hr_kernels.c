@@ -28,6 +28,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <time.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,14 +126,39 @@ static void run_tasks(void) {
 }
 
 /* Back-to-back kernel calls (a decode step's GEMVs) hand work over by a short spin instead of a futex wake-up, which
- * cost ~10 us per call; the spin is bounded (~tens of us) so idle threads leave the cores to the rest of the process. */
-#ifndef HR_SPIN
-#define HR_SPIN 2000
+ * cost ~10-50 us per call on a VM. The spin is bounded in time (hr_set_spin_us): short by default, so idle threads
+ * leave the cores to the rest of the process; the runtime lengthens it for decode steps whose torch ops run on one
+ * thread, where the workers would otherwise sleep through every gap between two kernels. */
+#ifndef HR_SPIN_US
+#define HR_SPIN_US 50
 #endif
+static atomic_int g_spin_us = HR_SPIN_US;
 static inline void hr_pause(void) {
 #if HR_X86
     _mm_pause();
 #endif
+}
+static inline int64_t hr_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+/* Spin while *word == val (or, with above, while *word > 0) for at most the configured time. */
+static void spin_while(void *word, int is_counter, unsigned val) {
+    int us = atomic_load_explicit(&g_spin_us, memory_order_relaxed);
+    if (us <= 0) return;
+    int64_t end = hr_now_ns() + (int64_t)us * 1000;
+    for (unsigned i = 1;; i++) {
+        if (is_counter ? atomic_load_explicit((atomic_int *)word, memory_order_acquire) <= 0
+                       : atomic_load_explicit((atomic_uint *)word, memory_order_acquire) != val)
+            return;
+        hr_pause();
+        if (!(i & 31) && hr_now_ns() > end) return;
+    }
+}
+
+int hr_set_spin_us(int us) {
+    return atomic_exchange(&g_spin_us, us < 0 ? 0 : (us > 1000000 ? 1000000 : us));
 }
 
 static void *worker_main(void *arg) {
@@ -142,7 +168,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         if (P.gen == seen && !P.stop) {
             pthread_mutex_unlock(&P.mu);
-            for (int i = 0; i < HR_SPIN && atomic_load_explicit(&P.gen, memory_order_acquire) == seen; i++) hr_pause();
+            spin_while(&P.gen, 0, seen);
             pthread_mutex_lock(&P.mu);
         }
         while (P.gen == seen && !P.stop) pthread_cond_wait(&P.work_cv, &P.mu);
@@ -211,7 +237,7 @@ static void hr_parallel(hr_task_fn fn, void *ctx, int64_t ntasks) {
     pthread_cond_broadcast(&P.work_cv);
     pthread_mutex_unlock(&P.mu);
     run_tasks();
-    for (int i = 0; i < HR_SPIN && atomic_load_explicit(&P.pending, memory_order_acquire) > 0; i++) hr_pause();
+    spin_while(&P.pending, 1, 0);
     pthread_mutex_lock(&P.mu);
     while (P.pending > 0) pthread_cond_wait(&P.done_cv, &P.mu);
     pthread_mutex_unlock(&P.mu);
@@ -1443,6 +1469,7 @@ typedef struct {
     int64_t x_row_bytes;
     float *y;          /* [T, N] */
     int tt; /* tokens per rows_fn call (0: HR_TT) */
+    int64_t groups, per; /* block-diagonal: rows [g*per, (g+1)*per) read x[t, g, :] of x [T, groups, K] */
 } gemm_ctx;
 
 static void gemm_task(void *vctx, int64_t task) {
@@ -1452,7 +1479,8 @@ static void gemm_task(void *vctx, int64_t task) {
     const int tt = c->tt ? c->tt : HR_TT;
     for (int64_t t0 = 0; t0 < c->t; t0 += tt) {
         int nt = c->t - t0 < tt ? (int)(c->t - t0) : tt;
-        for (int j = 0; j < nt; j++) xp[j] = (const float *)(c->x + (t0 + j) * c->x_row_bytes);
+        const int64_t g = r0 / c->per;
+        for (int j = 0; j < nt; j++) xp[j] = (const float *)(c->x + ((t0 + j) * c->groups + g) * c->x_row_bytes);
         c->fn(c->w, c->s, c->k, c->ks, r0, r1, xp, nt, c->y + t0 * c->n + r0, c->n);
     }
 }
@@ -1484,14 +1512,17 @@ static void q8_task(void *vctx, int64_t task) {
 }
 
 static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x,
-                int64_t t, float *y) {
+                int64_t t, int64_t groups, float *y) {
     path = resolve(path);
     if (path < 0) return HR_E_PATH;
     if (n <= 0 || k <= 0 || t <= 0 || (fmt == HR_FMT_FP4 && k % 32)) return HR_E_SHAPE;
+    /* Grouped (block-diagonal) FP8 only: whole 128-row scale blocks per group, activations used in place. */
+    if (groups < 1 || (groups > 1 && (fmt != HR_FMT_FP8 || n % groups || (n / groups) % HR_FP8_BLOCK))) return HR_E_SHAPE;
     rows_fn bf = t > 1 ? pick_bf16_rows(path, fmt) : NULL; /* bf16 activations only pay off for batches */
     rows_fn q8 = pick_q8_rows(path, fmt);
     void *buf = NULL;
-    gemm_ctx c = {bf ? bf : (q8 ? q8 : pick_rows(path, fmt)), w, s, n, k, 0, t, 0, (const char *)x, k * 4, y, 0};
+    gemm_ctx c = {bf ? bf : (q8 ? q8 : pick_rows(path, fmt)), w, s, n, k, 0, t, 0, (const char *)x, k * 4, y, 0,
+                  groups, n / groups};
     if (q8) {
         int transposed = 0;
 #ifdef HR_Q8_VNNI
@@ -1531,6 +1562,8 @@ static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n
     c.ks = fmt == HR_FMT_FP4 ? k / 32 : (k + HR_FP8_BLOCK - 1) / HR_FP8_BLOCK;
     c.rc = row_chunk(n, fmt == HR_FMT_FP4 ? k / 2 : k);
     c.rc += (4 - c.rc % 4) % 4; /* whole 4-row tiles */
+    if (groups > 1) /* a chunk never straddles two groups (per is a multiple of 128, rc of 4) */
+        while (c.per % c.rc) c.rc -= 4;
     hr_parallel(gemm_task, &c, (n + c.rc - 1) / c.rc);
     free(buf);
     return HR_OK;
@@ -1538,12 +1571,17 @@ static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n
 
 int hr_fp4_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
                 float *y) {
-    return gemm(path, HR_FMT_FP4, w, s, n, k, x, t, y);
+    return gemm(path, HR_FMT_FP4, w, s, n, k, x, t, 1, y);
 }
 
 int hr_fp8_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
                 float *y) {
-    return gemm(path, HR_FMT_FP8, w, s, n, k, x, t, y);
+    return gemm(path, HR_FMT_FP8, w, s, n, k, x, t, 1, y);
+}
+
+int hr_fp8_gemm_grouped(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
+                        int64_t groups, float *y) {
+    return gemm(path, HR_FMT_FP8, w, s, n, k, x, t, groups, y);
 }
 
 /* ---------------------------------------------------------------------------------------- fused MoE op */

@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define HR_ABI_VERSION 2
+#define HR_ABI_VERSION 3
 
 /* Code paths; HR_PATH_AUTO picks the best one this CPU supports. */
 #define HR_PATH_AUTO 0
@@ -54,6 +54,7 @@ int hr_best_path(void);
 int hr_path_supported(int path);
 int hr_get_threads(void);
 int hr_set_threads(int n); /* n <= 0: all CPUs this process may run on */
+int hr_set_spin_us(int us); /* how long idle pool threads spin before sleeping; returns the previous value */
 int hr_int8_impl(int path); /* HR_INT8_* for path's int8 activations, 0 if unsupported */
 
 /* Y[T, N] = X[T, K] @ dequant(W)^T, X and Y fp32 row-major. */
@@ -61,6 +62,9 @@ int hr_fp4_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t
                 float *y);
 int hr_fp8_gemm(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
                 float *y);
+/* Block-diagonal FP8: X [T, G, K], rows [g*N/G, (g+1)*N/G) of W use X[t, g]; Y [T, N]. N/G a multiple of 128. */
+int hr_fp8_gemm_grouped(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, const float *x, int64_t t,
+                        int64_t groups, float *y);
 
 /* Fused routed experts of one layer: out[T, D] = sum_j wts[t, j] * expert_{ids[t, j]}(x[t]).
  * table[e * 6 + {0..5}] = addresses of w1, w1_scale, w3, w3_scale, w2, w2_scale of expert e (0 = not loaded).

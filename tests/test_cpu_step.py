@@ -1,0 +1,44 @@
+"""Per-step thread settings: decode steps on a CPU run torch single-threaded with spinning kernel workers; prefill,
+long contexts and GPU steps keep the defaults, and every setting is restored after the step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from homerun import cpu_step
+
+
+def test_decode_settings_only_for_short_cpu_decode_steps():
+    assert cpu_step.decode_settings(1, 100, on_cpu=True) == (1, cpu_step.DECODE_SPIN_US)
+    assert cpu_step.decode_settings(cpu_step.DECODE_MAX_TOKENS, 0, on_cpu=True) is not None
+    assert cpu_step.decode_settings(cpu_step.DECODE_MAX_TOKENS + 1, 0, on_cpu=True) is None  # prefill
+    assert cpu_step.decode_settings(1, cpu_step.ONE_THREAD_MAX_CTX_TOKENS, on_cpu=True) is None  # long context
+    assert cpu_step.decode_settings(1, 100, on_cpu=False) is None  # GPU step
+
+
+def test_cpu_step_applies_and_restores(monkeypatch):
+    ce = pytest.importorskip("offload.cpu_experts")
+    spins = []
+    monkeypatch.setattr(ce, "set_spin_us", lambda us: spins.append(us) or 50)
+    before = torch.get_num_threads()
+    with cpu_step.cpu_step(1, 10, on_cpu=True):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert spins == [cpu_step.DECODE_SPIN_US, 50]
+    with pytest.raises(RuntimeError):
+        with cpu_step.cpu_step(1, 10, on_cpu=True):
+            raise RuntimeError("a failed step still restores")
+    assert torch.get_num_threads() == before and spins[-1] == 50
+    spins.clear()
+    with cpu_step.cpu_step(512, 0, on_cpu=True):  # prefill: untouched
+        assert torch.get_num_threads() == before
+    assert spins == []
+
+
+def test_native_spin_setting_round_trips():
+    ce = pytest.importorskip("offload.cpu_experts")
+    prev = ce.set_spin_us(1234)
+    if prev is None:
+        pytest.skip("native kernels not built")
+    assert ce.set_spin_us(prev) == 1234
