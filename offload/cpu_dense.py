@@ -31,6 +31,12 @@ def _lib() -> ctypes.CDLL | None:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.hr_fp8_gemm_grouped.argtypes = [ctypes.c_int, p, p, i64, i64, p, i64, i64, p]
             lib.hr_fp8_gemm_grouped.restype = ctypes.c_int
+            f32 = ctypes.c_float
+            lib.hr_hc_weights.argtypes = [ctypes.c_int, p, i64, i64, i64, p, i64, p, p, f32, f32, i64, p, p, p]
+            lib.hr_hc_weights.restype = ctypes.c_int
+            i32 = ctypes.c_int
+            lib.hr_norm_rope.argtypes = [i32, p, p, i64, i64, p, f32, i32, p, p, i64, i64, i32]
+            lib.hr_norm_rope.restype = ctypes.c_int
             lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
             lib.hr_bf16_gemm.restype = ctypes.c_int
             lib.hr_sinkhorn.argtypes = [p, i64, i64, i64, ctypes.c_float]
@@ -175,3 +181,59 @@ def hc_post(post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Te
     out = torch.empty(t, n, d, dtype=torch.float32)
     lib.hr_hc_post(post.data_ptr(), y.data_ptr(), comb.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d)
     return out
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+               hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """mHC's per-token weights: x [T, n, D] (the streams), fn [(2+n)n, n*D] -> pre [T, n], post [T, n], comb
+    [T, n, n] (Sinkhorn-normalized), all fp32; with the head's fn [n, n*D], pre alone (post, comb None)."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    t, n, d = x.shape
+    m = fn.shape[0]
+    if fn.dim() != 2 or fn.shape[1] != n * d or m not in (n, (2 + n) * n) or base.numel() != m:
+        raise KernelError(f"hc_weights: fn {tuple(fn.shape)} / base {tuple(base.shape)} do not match streams "
+                          f"{tuple(x.shape)}", hint="fn is [(2+n)n or n, n*D]")
+    x, fn, scale, base = (_f32c(a, nm) for a, nm in ((x, "x"), (fn, "fn"), (scale, "scale"), (base, "base")))
+    pre = torch.empty(t, n, dtype=torch.float32)
+    post = comb = None
+    if m != n:
+        post, comb = torch.empty(t, n, dtype=torch.float32), torch.empty(t, n, n, dtype=torch.float32)
+    rc = lib.hr_hc_weights(0, x.data_ptr(), t, n, d, fn.data_ptr(), m, scale.data_ptr(), base.data_ptr(), norm_eps,
+                           hc_eps, iters, pre.data_ptr(), post.data_ptr() if post is not None else None,
+                           comb.data_ptr() if comb is not None else None)
+    if rc != 0:
+        raise KernelError(f"native hc_weights failed with code {rc}", hint="rebuild with `pip install -e .`")
+    return pre, post, comb
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
+              sin: torch.Tensor | None = None, *, norm: bool = True, inverse: bool = False) -> torch.Tensor:
+    """x [T, ..., d] fp32 -> a new tensor: RMSNorm over d (times weight unless None; skipped if not norm), then
+    interleaved-pair RoPE of the trailing 2 * cos.shape[-1] channels with token t's cos/sin [T, r/2] (inverse
+    negates sin), as the model's rms_norm and apply_rope compute them."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise KernelError(f"norm_rope needs fp32 CPU activations, got {x.dtype} on {x.device}", hint="use the torch ops")
+    d, t = x.shape[-1], x.shape[0]
+    xc = x.contiguous()
+    rows = xc.numel() // d if d else 0
+    half = 0 if cos is None else cos.shape[-1]
+    if half and (tuple(cos.shape) != (t, half) or sin is None or tuple(sin.shape) != (t, half) or 2 * half > d):
+        raise KernelError(f"norm_rope: cos/sin {tuple(cos.shape)} do not match x {tuple(x.shape)}",
+                          hint="cos and sin are [T, rope_dim/2]")
+    w = _f32c(weight, "norm weight") if weight is not None else None
+    if w is not None and w.numel() != d:
+        raise KernelError(f"norm_rope: weight of {w.numel()} values for rows of {d}", hint="one weight per channel")
+    c = _f32c(cos, "cos") if half else None
+    s = _f32c(sin, "sin") if half else None
+    y = torch.empty_like(xc)
+    rc = lib.hr_norm_rope(0, xc.data_ptr(), y.data_ptr(), rows, d, w.data_ptr() if w is not None else None, eps,
+                          int(norm), c.data_ptr() if half else None, s.data_ptr() if half else None, 2 * half,
+                          max(rows // max(t, 1), 1), int(inverse))
+    if rc != 0:
+        raise KernelError(f"native norm_rope failed with code {rc}", hint="rebuild with `pip install -e .`")
+    return y

@@ -205,6 +205,66 @@ def test_native_hc_mixes_equal_torch():
         cpu_dense.hc_pre(torch.zeros(2, 3), torch.zeros(2, 4, 5))
 
 
+@pytest.mark.parametrize("t,n,d", [(1, 4, 4096), (5, 4, 130), (2, 3, 7)])
+def test_native_hc_weights_equal_torch(t, n, d, models, monkeypatch):
+    """pre/post/comb of an mHC site, and the head's pre, from one native call against the model's torch ops."""
+    cpu_dense = pytest.importorskip("offload.cpu_dense")
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    from homerun.models.deepseek_v4 import _HC
+
+    from dataclasses import replace
+
+    net = models["mixed"].net
+    args = replace(net.args, hc_mult=n)
+    monkeypatch.setattr(net, "args", args)
+    g = torch.Generator().manual_seed(t * 100 + d)
+    x = torch.randn(t, n, d, generator=g) * 3
+    hc = _HC(torch.randn((2 + n) * n, n * d, generator=g) / d**0.5, torch.randn((2 + n) * n, generator=g),
+             torch.rand(3, generator=g) + 0.5)
+    monkeypatch.setattr(layers, "USE_NATIVE_LINEAR", False)
+    ref = net._hc_weights(hc, x)
+    got = cpu_dense.hc_weights(x, hc.fn, hc.scale, hc.base, args.norm_eps, args.hc_eps, args.hc_sinkhorn_iters)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    head_fn, head_base, head_scale = hc.fn[:n], hc.base[:n], hc.scale[:1]
+    pre, post, comb = cpu_dense.hc_weights(x, head_fn, head_scale, head_base, args.norm_eps, args.hc_eps, 1)
+    flat = x.flatten(1) * torch.rsqrt(x.flatten(1).pow(2).mean(-1, keepdim=True) + args.norm_eps)
+    ref_pre = torch.sigmoid(flat @ head_fn.T * head_scale + head_base) + args.hc_eps
+    assert post is None and comb is None and torch.allclose(pre, ref_pre, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="do not match"):
+        cpu_dense.hc_weights(x, hc.fn[:, :-1], hc.scale, hc.base, args.norm_eps, args.hc_eps, 2)
+
+
+@pytest.mark.parametrize("shape,rope", [((1, 1024), 0), ((1, 64, 512), 64), ((3, 512), 64), ((2, 8, 128), 64)])
+def test_native_norm_rope_equals_torch(shape, rope):
+    """RMSNorm (with and without a weight) and RoPE (forward, inverse, alone) against rms_norm / apply_rope."""
+    cpu_dense = pytest.importorskip("offload.cpu_dense")
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    from homerun.models.deepseek_v4 import apply_rope, rms_norm
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g) * 4
+    w = torch.randn(shape[-1], generator=g)
+    cos = sin = None
+    if rope:
+        ang = torch.rand(shape[0], rope // 2, generator=g) * 100
+        cos, sin = ang.cos(), ang.sin()
+    for weight in (None, w):
+        ref = rms_norm(x, weight, 1e-6)
+        if rope:
+            ref = apply_rope(ref, cos, sin)
+        got = cpu_dense.norm_rope(x, weight, 1e-6, cos, sin)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if rope:
+        for inverse in (False, True):
+            got = cpu_dense.norm_rope(x, None, 0.0, cos, sin, norm=False, inverse=inverse)
+            assert torch.equal(got, apply_rope(x, cos, sin, inverse=inverse))
+        with pytest.raises(Exception, match="do not match"):
+            cpu_dense.norm_rope(x, None, 0.0, cos[:, :-1], sin, norm=False)
+
+
 def test_model_logits_same_with_native_primitives_off(models, monkeypatch):
     """The native Sinkhorn / FP8 / bf16 paths against the all-torch path on the same model."""
     ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -256,6 +256,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse
     return torch.cat((x[..., :-r], rotated), dim=-1)
 
 
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
+              sin: torch.Tensor | None = None, *, norm: bool = True, inverse: bool = False) -> torch.Tensor:
+    """rms_norm (when norm) then apply_rope (when cos is given); decode-sized fp32 CPU rows take one native call
+    for the ~20 tiny torch ops."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= NATIVE_HC_MAX_ROWS:
+        native = native_hc()
+        if native is not None:
+            return native.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
+    if norm:
+        x = rms_norm(x, weight, eps)
+    return x if cos is None else apply_rope(x, cos, sin, inverse=inverse)
+
+
 # ------------------------------------------------------------------------------------------------------ state
 
 
@@ -486,7 +499,7 @@ class DeepseekV4:
         if self.head_stage != stage:
             self.activation_hops += 1
         h = self._hc_head(x)
-        return rms_norm(h, self.norm, a.norm_eps), new_states
+        return norm_rope(h, self.norm, a.norm_eps), new_states
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, V]."""
@@ -497,6 +510,9 @@ class DeepseekV4:
     def _hc_weights(self, hc: _HC, x: torch.Tensor):
         """x [T, n, D] -> pre [T, n], post [T, n], comb [T, n, n] (fp32; Sinkhorn-normalized comb)."""
         a, n = self.args, self.args.hc_mult
+        native = native_hc() if self._hc_native_ok(x) else None
+        if native is not None:  # one call instead of ~20 tiny ops and a threaded GEMV
+            return native.hc_weights(x, hc.fn, hc.scale, hc.base, a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
         flat = rms_norm(x.flatten(1).float(), None, a.norm_eps)
         mix = F.linear(flat, hc.fn)  # (T, (2+n)n)
         pre = torch.sigmoid(mix[:, :n] * hc.scale[0] + hc.base[:n]) + a.hc_eps
@@ -515,18 +531,26 @@ class DeepseekV4:
     def _hc_site(self, hc: _HC, x: torch.Tensor, norm_w: torch.Tensor, sub: Callable[[torch.Tensor], torch.Tensor]):
         dt = x.dtype
         pre, post, comb = self._hc_weights(hc, x)
-        native = native_hc() if (x.device.type == "cpu" and dt == torch.float32
-                                 and x.shape[0] <= NATIVE_HC_MAX_ROWS) else None
+        native = native_hc() if self._hc_native_ok(x) else None
         if native is not None:  # the same sums on the calling thread: no threaded bmm for 65k multiply-adds
-            y = sub(rms_norm(native.hc_pre(pre, x), norm_w, self.args.norm_eps))
+            y = sub(norm_rope(native.hc_pre(pre, x), norm_w, self.args.norm_eps))
             return native.hc_post(post, y, comb, x)
         collapsed = (pre.unsqueeze(-1) * x).sum(dim=1).to(dt)  # (T, D)
         y = sub(rms_norm(collapsed, norm_w, self.args.norm_eps))
         # comb is applied transposed: out_j = sum_i comb[i, j] x_i (official hc_post; HF comb^T @ X).
         return post.to(dt).unsqueeze(-1) * y.unsqueeze(1) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
 
+    @staticmethod
+    def _hc_native_ok(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= NATIVE_HC_MAX_ROWS
+
     def _hc_head(self, x: torch.Tensor) -> torch.Tensor:
         a = self.args
+        native = native_hc() if self._hc_native_ok(x) else None
+        if native is not None:
+            pre, _, _ = native.hc_weights(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.norm_eps,
+                                          a.hc_eps, a.hc_sinkhorn_iters)
+            return native.hc_pre(pre, x)
         flat = rms_norm(x.flatten(1).float(), None, a.norm_eps)
         mix = F.linear(flat, self.hc_head_fn)
         pre = torch.sigmoid(mix * self.hc_head_scale + self.hc_head_base) + a.hc_eps
@@ -577,10 +601,9 @@ class DeepseekV4:
         else:
             slots_kv, slots_gate = ckv, cgate
         wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
-        entries = rms_norm((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps)  # (W, hd)
         pos = torch.arange(n_win, device=x.device) * r + first_pos
         cos, sin = rope_cos_sin(freqs, pos)
-        entries = apply_rope(entries, cos, sin)
+        entries = norm_rope((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps, cos, sin)  # (W, hd)
         n = st.store.write(st.n_entries, entries)
         return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
 
@@ -593,10 +616,9 @@ class DeepseekV4:
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
         cos, sin = rope_cos_sin(freqs, positions)
 
-        qr = rms_norm(at.wq_a(x), at.q_norm, a.norm_eps)  # (T, Lq)
-        q = rms_norm(at.wq_b(qr).view(T, H, Dh), None, a.norm_eps)  # (T, H, Dh)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(rms_norm(at.wkv(x), at.kv_norm, a.norm_eps), cos, sin)  # (T, Dh)
+        qr = norm_rope(at.wq_a(x), at.q_norm, a.norm_eps)  # (T, Lq)
+        q = norm_rope(at.wq_b(qr).view(T, H, Dh), None, a.norm_eps, cos, sin)  # (T, H, Dh), per-head norm
+        kv = norm_rope(at.wkv(x), at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
 
         past = st.window
         keys = torch.cat([past, kv]) if past.shape[0] else kv  # rows at positions start-P .. start+T-1
@@ -610,7 +632,7 @@ class DeepseekV4:
             idx_st = self._compress(at.indexer.comp, x, start, st.index_comp, self.freqs_compress)
 
         out = self._attend(layer, q, qr, x, keys, start, past.shape[0], comp, idx_st)  # (T, H, Dh)
-        out = apply_rope(out, cos, sin, inverse=True)
+        out = norm_rope(out, None, 0.0, cos, sin, norm=False, inverse=True)
         z = at.wo_a.grouped(out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
         return at.wo_b(z), LayerState(window, comp, idx_st)
 
@@ -626,7 +648,7 @@ class DeepseekV4:
             k_sel = min(a.index_topk, n_comp_max)
             iq = at.indexer.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
             icos, isin = rope_cos_sin(self.freqs_compress, torch.arange(start, start + T, device=q.device))
-            iq = apply_rope(iq, icos, isin).float()  # (T, Hi, Di)
+            iq = norm_rope(iq, None, 0.0, icos, isin, norm=False).float()  # (T, Hi, Di)
             iw = at.indexer.weights_proj(x).float() * a.index_n_heads**-0.5  # (T, Hi)
         # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
         # and the indexer's per-head scores over one page of keys (the top-k is merged page by page).

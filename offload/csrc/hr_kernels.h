@@ -85,6 +85,15 @@ int hr_sinkhorn(float *m, int64_t t, int64_t n, int64_t iters, float eps);
 
 /* mHC stream mixes (hr_dense.inc): out[t] = sum_i pre[t, i] x[t, i]; out[t, j] = post[t, j] y[t] + sum_i comb[t, i, j]
  * x[t, i]. fp32, contiguous, on the calling thread. */
+/* mHC's per-token weights from x [T, n*D]: pre [T, n], post [T, n], comb [T, n, n] (m = (2+n)n rows of fn), or pre
+ * only (m = n, the head; post and comb may be NULL). */
+int hr_hc_weights(int path, const float *x, int64_t t, int64_t n, int64_t d, const float *fn, int64_t m,
+                  const float *scale, const float *base, float norm_eps, float hc_eps, int64_t iters, float *pre,
+                  float *post, float *comb);
+/* RMSNorm (norm != 0; times w unless NULL) then interleaved RoPE of the trailing rope_dim channels of x [rows, d],
+ * row r using cos/sin row r / per_token ([T, rope_dim/2]; inverse negates sin). y may alias x. */
+int hr_norm_rope(int path, const float *x, float *y, int64_t rows, int64_t d, const float *w, float eps, int norm,
+                 const float *cosv, const float *sinv, int64_t rope_dim, int64_t per_token, int inverse);
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
