@@ -37,6 +37,8 @@ def _lib() -> ctypes.CDLL | None:
             i32 = ctypes.c_int
             lib.hr_norm_rope.argtypes = [i32, p, p, i64, i64, p, f32, i32, p, p, i64, i64, i32]
             lib.hr_norm_rope.restype = ctypes.c_int
+            lib.hr_multi_gemm.argtypes = [i32, p, i64, i64, p, i64]
+            lib.hr_multi_gemm.restype = ctypes.c_int
             lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
             lib.hr_bf16_gemm.restype = ctypes.c_int
             lib.hr_sinkhorn.argtypes = [p, i64, i64, i64, ctypes.c_float]
@@ -109,6 +111,47 @@ class BoundLinear:
                 raise KernelError(f"native grouped matmul of a {self.n}x{self.k} weight in {g} groups failed with "
                                   f"code {rc}", hint="each group needs whole 128-row scale blocks")
         return y.view(t, g, self.n // g)
+
+
+_MULTI_FMT = {"fp8": 1, "bf16": 7}  # hr_multi_gemm's job formats
+MULTI_MAX_JOBS = 16
+
+
+class BoundMulti:
+    """Several BoundLinears of one input as one native call (`hr_multi_gemm`): one dispatch per step instead of one
+    per matrix, with the threads balanced over all their rows."""
+
+    __slots__ = ("parts", "k", "_jobs", "_fn")
+
+    def __init__(self, parts: list[BoundLinear]):
+        if not parts or len(parts) > MULTI_MAX_JOBS or len({b.k for b in parts}) != 1:
+            raise KernelError(f"bind_multi needs 1..{MULTI_MAX_JOBS} matrices of one input width",
+                              hint="group only the projections of one activation")
+        self.parts, self.k = parts, parts[0].k
+        self._jobs = (ctypes.c_int64 * (5 * len(parts)))()
+        for j, b in enumerate(parts):
+            fmt = "bf16" if b.scale is None else "fp8"
+            self._jobs[5 * j : 5 * j + 4] = [_MULTI_FMT[fmt], b.weight.data_ptr(),
+                                             b.scale.data_ptr() if b.scale is not None else 0, b.n]
+        self._fn = _lib().hr_multi_gemm
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [..., K] fp32 on the CPU -> one [..., N_j] fp32 output per matrix."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.k).contiguous()
+        t = x2.shape[0]
+        outs = [torch.empty(t, b.n, dtype=torch.float32) for b in self.parts]
+        for j, y in enumerate(outs):
+            self._jobs[5 * j + 4] = y.data_ptr()
+        rc = self._fn(0, self._jobs, len(self.parts), self.k, x2.data_ptr(), t)
+        if rc != 0:
+            raise KernelError(f"native multi-matrix GEMM failed with code {rc}", hint="rebuild with `pip install -e .`")
+        return [y.view(*lead, y.shape[1]) for y in outs]
+
+
+def bind_multi(parts: list[BoundLinear]) -> BoundMulti | None:
+    """One native call for several bound matrices of the same input width, or None without the kernel."""
+    return BoundMulti(parts) if _lib() is not None else None
 
 
 def bind_linear(weight: torch.Tensor, scale: torch.Tensor | None) -> BoundLinear | None:

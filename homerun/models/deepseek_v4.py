@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from homerun.errors import ConfigError
 from homerun.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
-from homerun.models.layers import NATIVE_HC_MAX_ROWS, QLinear, native_bf16, native_hc, native_sinkhorn
+from homerun.models.layers import NATIVE_HC_MAX_ROWS, Projections, QLinear, native_bf16, native_hc, native_sinkhorn
 
 LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
 _RATIO_TO_KIND = {0: LAYER_SLIDING, 4: LAYER_CSA, 128: LAYER_HCA}
@@ -367,6 +367,17 @@ class _Attention:
     sink: torch.Tensor  # [H] fp32
     comp: _Compressor | None = None
     indexer: _Indexer | None = None
+    # Every projection of the attention input, in this order: wq_a, wkv, [comp wkv, wgate], [indexer's comp wkv,
+    # wgate, weights_proj]; one native call per decode step.
+    inputs: Projections = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        lins = [self.wq_a, self.wkv]
+        if self.comp is not None:
+            lins += [self.comp.wkv, self.comp.wgate]
+        if self.indexer is not None:
+            lins += [self.indexer.comp.wkv, self.indexer.comp.wgate, self.indexer.weights_proj]
+        self.inputs = Projections(lins)
 
 
 @dataclass
@@ -377,6 +388,10 @@ class _MoE:
     shared_w1: QLinear
     shared_w3: QLinear
     shared_w2: QLinear
+    inputs: Projections = field(init=False, repr=False)  # gate, shared_w1, shared_w3 of the MoE input
+
+    def __post_init__(self) -> None:
+        self.inputs = Projections([self.gate, self.shared_w1, self.shared_w3])
 
 
 @dataclass
@@ -570,9 +585,10 @@ class DeepseekV4:
 
     # ------------------------------------------------------------------------------------------ attention
 
-    def _compress(self, c: _Compressor, x: torch.Tensor, start_pos: int, st: CompressorState, freqs) -> CompressorState:
-        """Project x [T, D], close every full window, append the new entries past st.n_entries."""
-        kv, gate = c.wkv(x), c.wgate(x)  # (T, width)
+    def _compress(self, c: _Compressor, kv: torch.Tensor, gate: torch.Tensor, start_pos: int, st: CompressorState,
+                  freqs) -> CompressorState:
+        """From this step's projections kv, gate [T, width] (c.wkv(x), c.wgate(x)): close every full window, append
+        the new entries past st.n_entries."""
         if st.pending_kv is not None and st.pending_kv.shape[0]:
             kv = torch.cat([st.pending_kv, kv])
             gate = torch.cat([st.pending_gate, gate])
@@ -601,7 +617,7 @@ class DeepseekV4:
         else:
             slots_kv, slots_gate = ckv, cgate
         wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
-        pos = torch.arange(n_win, device=x.device) * r + first_pos
+        pos = torch.arange(n_win, device=kv.device) * r + first_pos
         cos, sin = rope_cos_sin(freqs, pos)
         entries = norm_rope((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps, cos, sin)  # (W, hd)
         n = st.store.write(st.n_entries, entries)
@@ -616,27 +632,30 @@ class DeepseekV4:
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
         cos, sin = rope_cos_sin(freqs, positions)
 
-        qr = norm_rope(at.wq_a(x), at.q_norm, a.norm_eps)  # (T, Lq)
+        proj = at.inputs(x)  # wq_a, wkv, then the compressors' and the indexer's (see _Attention.inputs)
+        qr = norm_rope(proj[0], at.q_norm, a.norm_eps)  # (T, Lq)
         q = norm_rope(at.wq_b(qr).view(T, H, Dh), None, a.norm_eps, cos, sin)  # (T, H, Dh), per-head norm
-        kv = norm_rope(at.wkv(x), at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
+        kv = norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
 
         past = st.window
         keys = torch.cat([past, kv]) if past.shape[0] else kv  # rows at positions start-P .. start+T-1
         keep = a.window_size - 1
         window = keys[max(0, keys.shape[0] - keep) :].clone() if keep > 0 else keys[:0].clone()
 
-        comp = idx_st = None
+        comp = idx_st = iw = None
         if at.comp is not None:
-            comp = self._compress(at.comp, x, start, st.comp, self.freqs_compress)
+            comp = self._compress(at.comp, proj[2], proj[3], start, st.comp, self.freqs_compress)
         if at.indexer is not None:
-            idx_st = self._compress(at.indexer.comp, x, start, st.index_comp, self.freqs_compress)
+            idx_st = self._compress(at.indexer.comp, proj[4], proj[5], start, st.index_comp, self.freqs_compress)
+            iw = proj[6]
 
-        out = self._attend(layer, q, qr, x, keys, start, past.shape[0], comp, idx_st)  # (T, H, Dh)
+        out = self._attend(layer, q, qr, iw, keys, start, past.shape[0], comp, idx_st)  # (T, H, Dh)
         out = norm_rope(out, None, 0.0, cos, sin, norm=False, inverse=True)
         z = at.wo_a.grouped(out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
         return at.wo_b(z), LayerState(window, comp, idx_st)
 
-    def _attend(self, layer, q, qr, x, keys, start, n_past, comp, idx_st) -> torch.Tensor:
+    def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st) -> torch.Tensor:
+        """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers)."""
         a, at = self.args, layer.attn
         T, H, Dh = q.shape
         W = a.window_size
@@ -649,7 +668,7 @@ class DeepseekV4:
             iq = at.indexer.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
             icos, isin = rope_cos_sin(self.freqs_compress, torch.arange(start, start + T, device=q.device))
             iq = norm_rope(iq, None, 0.0, icos, isin, norm=False).float()  # (T, Hi, Di)
-            iw = at.indexer.weights_proj(x).float() * a.index_n_heads**-0.5  # (T, Hi)
+            iw = iw.float() * a.index_n_heads**-0.5  # (T, Hi)
         # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
         # and the indexer's per-head scores over one page of keys (the top-k is merged page by page).
         per_q = H * (W + (k_sel if layer.kind == LAYER_CSA else n_comp_max))
@@ -749,10 +768,12 @@ class DeepseekV4:
 
     # ------------------------------------------------------------------------------------------------ MoE
 
-    def route(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32, normalized and scaled)."""
+    def route(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor,
+              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32, normalized and scaled); logits: the router's
+        gate(x) when already computed."""
         a, m = self.args, layer.moe
-        logits = m.gate(x).float()  # (T, E)
+        logits = (m.gate(x) if logits is None else logits).float()  # (T, E)
         if a.score_func == "sqrtsoftplus":
             scores = F.softplus(logits).sqrt()
         elif a.score_func == "sigmoid":
@@ -770,7 +791,8 @@ class DeepseekV4:
 
     def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         a, m = self.args, layer.moe
-        idx, w = self.route(layer, x, ids)
+        gate_logits, g, u = m.inputs(x)  # router, shared w1, shared w3: one call per decode step
+        idx, w = self.route(layer, x, ids, gate_logits)
         hook = getattr(self.experts, "prefetch_speculative", None)
         nxt = layer.index + 1
         if hook is not None and nxt < len(self.layers) and self.layers[nxt].moe.tid2eid is None:
@@ -779,8 +801,7 @@ class DeepseekV4:
             hook(nxt, x, m_next.gate.dequant(x.dtype), m_next.bias, a.n_activated_experts)
         routed = self.experts.forward(layer.index, x, idx, w)
         lim = a.swiglu_limit
-        g = m.shared_w1(x).clamp(max=lim)
-        u = m.shared_w3(x).clamp(-lim, lim)
+        g, u = g.clamp(max=lim), u.clamp(-lim, lim)
         return routed.to(x.dtype) + m.shared_w2(F.silu(g) * u)
 
     # ---------------------------------------------------------------------------------------------- stats

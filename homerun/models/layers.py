@@ -77,17 +77,23 @@ class QLinear:
         self.scale = scale
         self._bound: Any = None  # (weight it was bound for, cpu_dense.BoundLinear or None), made on first use
 
+    def bound(self) -> Any:
+        """This weight's cpu_dense.BoundLinear (FP8 or bf16 on the CPU with the kernel built), else None; bound on
+        first use and again if the weight was replaced."""
+        b = self._bound
+        if b is None or b[0] is not self.weight:
+            mod = native_dense()
+            b = self._bound = (self.weight, mod.bind_linear(self.weight, self.scale) if mod is not None else None)
+        return b[1]
+
     def _native_call(self, x: torch.Tensor) -> Any:
         """The bound native matmul for x (fp32 on the CPU, decode-sized), or None: then the torch path runs."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > NATIVE_FP8_MAX_ROWS * self.in_features:
             return None
-        b = self._bound
-        if b is None or b[0] is not self.weight:  # bound once per weight; re-bound if the weight was replaced
-            mod = native_dense()
-            b = self._bound = (self.weight, mod.bind_linear(self.weight, self.scale) if mod is not None else None)
-        if b[1] is None or (self.scale is not None and not USE_NATIVE_LINEAR):
+        b = self.bound()
+        if b is None or (self.scale is not None and not USE_NATIVE_LINEAR):
             return None  # bf16 weights stay native regardless: keeping them bf16 was a load-time decision
-        return b[1]
+        return b
 
     @property
     def out_features(self) -> int:
@@ -160,3 +166,29 @@ class QLinear:
 
     def to(self, device: torch.device | str) -> "QLinear":
         return QLinear(self.weight.to(device), None if self.scale is None else self.scale.to(device))
+
+
+class Projections:
+    """Linears of one input (a layer's attention input feeds wq_a, wkv and the compressors' and indexer's
+    projections; its MoE input the router and the shared expert's w1, w3). Decode-sized fp32 CPU inputs run them
+    as one native call (`offload.cpu_dense.bind_multi`); otherwise, or with any weight not bindable, one call each."""
+
+    __slots__ = ("lins", "_multi")
+
+    def __init__(self, lins: list[QLinear]):
+        self.lins = tuple(lins)
+        self._multi: Any = None  # (the bound weights it was made for, BoundMulti or None)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        lin0 = self.lins[0]
+        if (len(self.lins) > 1 and USE_NATIVE_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() <= NATIVE_FP8_MAX_ROWS * lin0.in_features):
+            bound = tuple(lin.bound() for lin in self.lins)
+            m = self._multi
+            if m is None or any(a is not b for a, b in zip(m[0], bound)):
+                mod = native_dense()
+                ok = mod is not None and all(b is not None for b in bound)
+                m = self._multi = (bound, mod.bind_multi(list(bound)) if ok else None)
+            if m[1] is not None:
+                return m[1](x)
+        return [lin(x) for lin in self.lins]

@@ -94,6 +94,9 @@ int hr_hc_weights(int path, const float *x, int64_t t, int64_t n, int64_t d, con
  * row r using cos/sin row r / per_token ([T, rope_dim/2]; inverse negates sin). y may alias x. */
 int hr_norm_rope(int path, const float *x, float *y, int64_t rows, int64_t d, const float *w, float eps, int norm,
                  const float *cosv, const float *sinv, int64_t rope_dim, int64_t per_token, int inverse);
+/* Several matrices times one input x [T, K] fp32 in one dispatch. Job j is jobs[5j..5j+4] = {fmt (1: FP8 with
+ * ue8m0 128x128 scales, 7: bf16), weight, scale (FP8, else 0), n, y [T, n] fp32}; at most 16 jobs. */
+int hr_multi_gemm(int path, const int64_t *jobs, int64_t njobs, int64_t k, const float *x, int64_t t);
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
