@@ -7,8 +7,9 @@ attention over a short window). Two settings that suit prefill cost a decode ste
 - the kernel pool's default short spin: its workers fall asleep in every gap between two GEMVs and each call then
   pays a futex wake-up.
 So a short decode step runs torch's ops on the calling thread while the pool's workers spin through the gaps (they
-have the other cores to themselves). Long contexts keep torch's threads: there the attention and the indexer's scores
-over every compressed entry are matmuls big enough to split.
+have the other cores to themselves). The one-query attention itself runs on the pool (offload.cpu_dense.attend_one)
+at any context; long contexts keep torch's threads for the indexer, whose scores over every compressed entry grow
+into matmuls big enough to split.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Iterator
 import torch
 
 DECODE_MAX_TOKENS = 4  # steps of at most this many new tokens count as decode steps
-# Above this context a decode step's attention and indexer matmuls (per CSA layer ~2k MACs per context token plus
-# 64 heads x 512 picks x 512 dims) take milliseconds, long enough for torch's threads to pay.
+# Above this context the indexer's scores in a decode step (per CSA layer 64 heads x 128 dims per 4 context tokens,
+# ~8M multiply-adds at 4K) take long enough for torch's threads to pay.
 ONE_THREAD_MAX_CTX_TOKENS = 4096
 DECODE_SPIN_US = 2000  # longer than the longest gap between two kernels in a decode step (~1 ms of attention ops)
 

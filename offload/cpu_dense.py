@@ -39,6 +39,8 @@ def _lib() -> ctypes.CDLL | None:
             lib.hr_norm_rope.restype = ctypes.c_int
             lib.hr_multi_gemm.argtypes = [i32, p, i64, i64, p, i64]
             lib.hr_multi_gemm.restype = ctypes.c_int
+            lib.hr_attend_one.argtypes = [i32, p, p, i64, i64, i64, p, f32, p]
+            lib.hr_attend_one.restype = ctypes.c_int
             lib.hr_bf16_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p]
             lib.hr_bf16_gemm.restype = ctypes.c_int
             lib.hr_sinkhorn.argtypes = [p, i64, i64, i64, ctypes.c_float]
@@ -280,3 +282,21 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
     if rc != 0:
         raise KernelError(f"native norm_rope failed with code {rc}", hint="rebuild with `pip install -e .`")
     return y
+
+
+def attend_one(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query's attention over rows every head shares: q [H, D], kv [N, D], sink [H] -> [H, D] fp32, with
+    out[h] = softmax([scale * q[h] . kv[j] for j] ++ [sink[h]]) (sink column dropped) @ kv; heads run on the pool."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    h, d = q.shape
+    if kv.dim() != 2 or kv.shape[1] != d or sink.numel() != h:
+        raise KernelError(f"attend_one: q {tuple(q.shape)}, kv {tuple(kv.shape)}, sink {tuple(sink.shape)} do not "
+                          "match", hint="q [H, D], kv [N, D], sink [H]")
+    q, kv, sink = _f32c(q, "q"), _f32c(kv, "kv"), _f32c(sink, "sink")
+    out = torch.empty(h, d, dtype=torch.float32)
+    rc = lib.hr_attend_one(0, q.data_ptr(), kv.data_ptr(), kv.shape[0], h, d, sink.data_ptr(), scale, out.data_ptr())
+    if rc != 0:
+        raise KernelError(f"native attend_one failed with code {rc}", hint="rebuild with `pip install -e .`")
+    return out

@@ -265,6 +265,23 @@ def test_native_norm_rope_equals_torch(shape, rope):
             cpu_dense.norm_rope(x, None, 0.0, cos[:, :-1], sin, norm=False)
 
 
+@pytest.mark.parametrize("h,n,d", [(64, 100, 512), (4, 1, 64), (5, 37, 72), (3, 0, 16), (8, 700, 512)])
+def test_native_attend_one_equals_torch(h, n, d):
+    """One query over shared rows with a per-head sink: native (heads on the pool) against the torch formula."""
+    cpu_dense = pytest.importorskip("offload.cpu_dense")
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(h * n + d)
+    q, kv, sink = torch.randn(h, d, generator=g), torch.randn(n, d, generator=g), torch.randn(h, generator=g)
+    scale = d**-0.5
+    probs = torch.softmax(torch.cat([q.double() @ kv.double().T * scale, sink.double().view(-1, 1)], 1), dim=-1)
+    ref = probs[:, :n] @ kv.double()
+    got = cpu_dense.attend_one(q, kv, sink, scale)
+    assert got.shape == (h, d) and torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="do not match"):
+        cpu_dense.attend_one(q, kv[:, :-1], sink, scale)
+
+
 def test_model_logits_same_with_native_primitives_off(models, monkeypatch):
     """The native Sinkhorn / FP8 / bf16 paths against the all-torch path on the same model."""
     ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(5)).tolist()

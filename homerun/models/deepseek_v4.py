@@ -742,6 +742,9 @@ class DeepseekV4:
             sel = self._index_topk(layer.attn.indexer, *idx_q, idx_st.store, n_closed, thr, k_sel)
             rows.append(comp.store.gather(sel)[0].float())  # k <= n_closed picks, all closed
         kv = torch.cat(rows) if len(rows) > 1 else kw
+        native = native_hc() if q1.device.type == "cpu" and q1.dtype == torch.float32 else None
+        if native is not None:  # every core, while torch's ops of a decode step run on one (homerun.cpu_step)
+            return native.attend_one(q1, kv, sink.reshape(-1), scale)
         logits = torch.cat([torch.mm(q1, kv.T) * scale, sink.view(-1, 1)], dim=1)  # (H, N + 1)
         probs = torch.softmax(logits, dim=-1)
         return torch.mm(probs[:, :-1], kv)

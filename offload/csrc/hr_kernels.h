@@ -97,6 +97,10 @@ int hr_norm_rope(int path, const float *x, float *y, int64_t rows, int64_t d, co
 /* Several matrices times one input x [T, K] fp32 in one dispatch. Job j is jobs[5j..5j+4] = {fmt (1: FP8 with
  * ue8m0 128x128 scales, 7: bf16), weight, scale (FP8, else 0), n, y [T, n] fp32}; at most 16 jobs. */
 int hr_multi_gemm(int path, const int64_t *jobs, int64_t njobs, int64_t k, const float *x, int64_t t);
+/* One query's attention, all heads over shared rows: out[h] = softmax([scale q[h].kv[j]]_j ++ [sink[h]])[:n] @ kv.
+ * q [H, D], kv [N, D], sink [H], out [H, D] fp32. */
+int hr_attend_one(int path, const float *q, const float *kv, int64_t n, int64_t h, int64_t d, const float *sink,
+                  float scale, float *out);
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
