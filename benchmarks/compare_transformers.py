@@ -2,15 +2,20 @@
 
 Each side runs in its own subprocess (so neither's memory or threads leak into the other): load, prefill a fixed
 prompt, then greedy-decode a few untimed warm-up tokens and N timed ones, one at a time with a KV cache. Reported
-per side: load time, decode tok/s and peak RSS (ru_maxrss: anonymous memory plus the checkpoint pages it touched through mmap). The checkpoint is written
-once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer layers, experts and vocabulary) and reused.
+per side: load time, decode tok/s and peak RSS (ru_maxrss: anonymous memory plus the checkpoint pages it touched
+through mmap). The checkpoint is written once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer
+layers, experts and vocabulary) and reused.
+
+The sides alternate (homerun, transformers, homerun, ...) for --repeat rounds, and the figures compared are each
+side's median: a shared VM's memory bandwidth drifts by +-20% over minutes, so one run of each, minutes apart, can
+land in different phases. The DRAM read bandwidth measured just before every run is recorded next to it.
 
 transformers runs as it does out of the box on a CPU: the FP8/FP4 checkpoint is dequantized to bf16 at load
 (finegrained-fp8 quantizer) and computed in bf16. homerun keeps the weights packed, computes in fp32 and runs the
 routed experts on its native CPU kernels (int8 activation blocks by default where a SIMD int8 kernel exists;
 `--expert-act fp32` for the exact kernels).
 
-    python benchmarks/compare_transformers.py       # 3 layers x 48 experts, vocab 16384: 2.7 GB packed
+    python benchmarks/compare_transformers.py       # 3 layers x 48 experts, vocab 16384: 2.7 GB packed; 3 rounds
     python benchmarks/compare_transformers.py --layers 2 --experts 32 --vocab 129280  # lm head dominates: 3.3 GB
     python benchmarks/compare_transformers.py --layers 1 --experts 64 --gen 32 --json
     python benchmarks/compare_transformers.py --checkpoint ./some-v4-checkpoint
@@ -120,6 +125,22 @@ def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _dram_gbps() -> float | None:
+    """This machine's DRAM read bandwidth right now (native reader, best of 3), or None without the kernels."""
+    try:
+        from homerun.bench_setup import measure_dram_read_gbps
+
+        return measure_dram_read_gbps(reps=3)
+    except Exception:  # noqa: BLE001 - a bandwidth note is optional
+        return None
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def build_checkpoint(layers: int, experts: int, vocab: int | None, root: str | None) -> tuple[str, int]:
     from homerun.synthetic import build_synthetic
 
@@ -144,6 +165,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (prefill, not the compared figure)")
     ap.add_argument("--gen", type=int, default=16, help="greedy decode steps to time")
     ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (as llama-bench warms up)")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of both sides; medians are compared")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per side")
     ap.add_argument("--json", action="store_true", help="print only the JSON document")
     ap.add_argument("--expert-act", default="auto", help="homerun's expert activations: auto (int8 blocks where a "
@@ -162,31 +184,50 @@ def main() -> int:
         ckpt, _ = build_checkpoint(a.layers, a.experts, a.vocab, a.root)
     write_s = time.perf_counter() - t0
     packed = _packed_bytes(ckpt)
-    sides = {s: run_side(s, ckpt, a.prompt, a.gen, a.warmup, a.timeout, a.expert_act)
-             for s in ("homerun", "transformers")}
-    h, t = sides["homerun"], sides["transformers"]
+    runs: dict[str, list[dict]] = {"homerun": [], "transformers": []}
+    for _ in range(max(1, a.repeat)):
+        for side in ("homerun", "transformers"):
+            dram = _dram_gbps()
+            r = run_side(side, ckpt, a.prompt, a.gen, a.warmup, a.timeout, a.expert_act)
+            r["dram_read_gbps_before"] = dram
+            runs[side].append(r)
+    ok = {s: [r for r in rs if "error" not in r] for s, rs in runs.items()}
     doc = {"checkpoint": ckpt, "packed_bytes": packed, "checkpoint_ready_s": write_s, "prompt_tokens": a.prompt,
-           "gen_tokens": a.gen, "warmup_tokens": a.warmup, "threads": os.cpu_count(), "homerun": h, "transformers": t}
-    if "error" not in h and "error" not in t:
-        same = sum(x == y for x, y in zip(h["tokens"], t["tokens"]))
-        doc.update(decode_speedup=h["decode_tok_s"] / t["decode_tok_s"],
-                   peak_rss_ratio=h["peak_rss_bytes"] / t["peak_rss_bytes"],
-                   greedy_tokens_agree=f"{same}/{len(h['tokens'])}",
-                   goal_decode_3x=h["decode_tok_s"] >= 3 * t["decode_tok_s"],
-                   goal_half_rss=h["peak_rss_bytes"] <= 0.5 * t["peak_rss_bytes"])
+           "gen_tokens": a.gen, "warmup_tokens": a.warmup, "threads": os.cpu_count(), "repeat": a.repeat,
+           "homerun": runs["homerun"], "transformers": runs["transformers"]}
+    if ok["homerun"] and ok["transformers"]:
+        med = {s: _median([r["decode_tok_s"] for r in rs]) for s, rs in ok.items()}
+        rss = {s: max(r["peak_rss_bytes"] for r in rs) for s, rs in ok.items()}
+        h0, t0 = ok["homerun"][0], ok["transformers"][0]
+        same = sum(x == y for x, y in zip(h0["tokens"], t0["tokens"]))
+        pairs = [h["decode_tok_s"] / t["decode_tok_s"] for h, t in zip(runs["homerun"], runs["transformers"])
+                 if "error" not in h and "error" not in t]
+        doc.update(homerun_decode_tok_s_median=med["homerun"], transformers_decode_tok_s_median=med["transformers"],
+                   decode_speedup=med["homerun"] / med["transformers"], decode_speedup_per_round=pairs,
+                   peak_rss_ratio=rss["homerun"] / rss["transformers"],
+                   greedy_tokens_agree=f"{same}/{len(h0['tokens'])}",
+                   goal_decode_3x=med["homerun"] >= 3 * med["transformers"],
+                   goal_half_rss=rss["homerun"] <= 0.5 * rss["transformers"])
     if not a.json:
-        print(f"checkpoint {ckpt} ({packed / 1e9:.2f} GB packed), prompt {a.prompt}, decode {a.gen} tokens")
-        print(f"{'':14}{'load s':>9}{'prefill t/s':>13}{'decode t/s':>12}{'peak RSS GB':>13}  dtype")
-        for s in (h, t):
-            if "error" in s:
-                print(f"{s['side']:14}error: {s['error']}")
-                continue
-            print(f"{s['side']:14}{s['load_s']:9.1f}{s['prefill_tok_s']:13.2f}{s['decode_tok_s']:12.2f}"
-                  f"{s['peak_rss_bytes'] / 1e9:13.2f}  {s['compute_dtype']}")
+        print(f"checkpoint {ckpt} ({packed / 1e9:.2f} GB packed), prompt {a.prompt}, decode {a.gen} tokens, "
+              f"{a.repeat} alternating rounds")
+        print(f"{'':14}{'load s':>9}{'prefill t/s':>13}{'decode t/s':>12}{'peak RSS GB':>13}{'DRAM GB/s':>11}  dtype")
+        for i in range(max(1, a.repeat)):
+            for side in ("homerun", "transformers"):
+                s = runs[side][i]
+                if "error" in s:
+                    print(f"{side:14}error: {s['error']}")
+                    continue
+                dram = s["dram_read_gbps_before"]
+                print(f"{side:14}{s['load_s']:9.1f}{s['prefill_tok_s']:13.2f}{s['decode_tok_s']:12.2f}"
+                      f"{s['peak_rss_bytes'] / 1e9:13.2f}{dram if dram else float('nan'):11.1f}  {s['compute_dtype']}")
         if "decode_speedup" in doc:
-            print(f"decode speed-up {doc['decode_speedup']:.2f}x (goal >= 3x: {doc['goal_decode_3x']}); peak RSS ratio "
-                  f"{doc['peak_rss_ratio']:.2f} (goal <= 0.5: {doc['goal_half_rss']}); greedy tokens agree "
-                  f"{doc['greedy_tokens_agree']} (bf16 vs fp32 on random weights)")
+            per = ", ".join(f"{x:.2f}" for x in doc["decode_speedup_per_round"])
+            print(f"decode (medians) homerun {doc['homerun_decode_tok_s_median']:.2f} vs transformers "
+                  f"{doc['transformers_decode_tok_s_median']:.2f} tok/s: speed-up {doc['decode_speedup']:.2f}x "
+                  f"(goal >= 3x: {doc['goal_decode_3x']}; per round {per})")
+            print(f"peak RSS ratio {doc['peak_rss_ratio']:.2f} (goal <= 0.5: {doc['goal_half_rss']}); greedy tokens "
+                  f"agree {doc['greedy_tokens_agree']} (bf16 vs fp32 on random weights)")
     print(json.dumps(doc, indent=None if not a.json else 2))
     return 0
 
