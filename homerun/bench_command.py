@@ -194,6 +194,7 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
                            cache_slots=tuple(slots), dtype=dtype, act=act)
     records = hb.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
                              progress=out.info)
+    records, prof = _dram_after(records, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit, path=path)
     if syn is None:
         return records
     from dataclasses import replace
@@ -213,6 +214,39 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
             mine[d] = bs.plan_prediction(path, prof, depth=d, context_tokens=ctx, efficiency=eff, hit_rate=hit)
         extra.append(bs.extrapolate(r, measured_pred=mine[d], full_pred=full[d]))
     return records + extra
+
+
+def _dram_after(records: list[Any], *, out: Output, hw: str, prof: Any, limits: Any, eff: Any, hit: Any,
+                path: str) -> tuple[list[Any], Any]:
+    """Measure DRAM read again after the run and hold the records to the better of the two figures: a shared VM's
+    bandwidth drifts by +-20% within minutes, and a limit caught in a slow moment put achieved/limit above 1 (a
+    measured 22.7 GB/s against 29.3 achieved). On this machine's profile the prediction follows the new figure."""
+    from dataclasses import replace
+
+    from homerun import bench_setup as bs
+    from homerun import benchmark as hb
+
+    before = limits.dram_read_gbps
+    if not records or not before:
+        return records, prof
+    out.info("measuring DRAM read bandwidth again")
+    after = bs.measure_dram_read_gbps()
+    best = max(before, after)
+    source = f"{limits.source}; dram_read: best of {before:.1f} GB/s before and {after:.1f} after the run"
+    if hw == "auto" and after > before:
+        prof = replace(prof, cpu=replace(prof.cpu, mem_bw_gbps=round(best, 3)))
+    ctx = max(r.n_depth + r.n_prompt + r.n_gen for r in records) + 1
+    preds: dict[int, dict[str, Any]] = {}
+    fixed = []
+    for r in records:
+        predicted = r.predicted_ts
+        if hw == "auto" and after > before:
+            d = r.n_depth + (r.n_prompt + r.n_gen) // 2
+            if d not in preds:
+                preds[d] = bs.plan_prediction(path, prof, depth=d, context_tokens=ctx, efficiency=eff, hit_rate=hit)
+            predicted = bs.predicted_for(hb.BenchTest(r.n_prompt, r.n_gen, r.n_depth), preds[d])
+        fixed.append(hb.with_dram_limit(r, best, predicted, source))
+    return fixed, prof
 
 
 def _profile_and_limits(hw: str) -> tuple[Any, Any, Any, Any]:

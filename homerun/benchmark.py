@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -280,6 +280,17 @@ def links_for(samples: Sequence[Sample], *, resident_bytes: int, on_gpu: bool, h
         links["pcie"] = _link(moved, seconds, limits.h2d_gbps if on_gpu else limits.dram_read_gbps)
     hit_rate = hits / (hits + misses) if has_cache and hits + misses else None
     return links, hit_rate
+
+
+def with_dram_limit(rec: "BenchRecord", dram_gbps: float, predicted_ts: float | None, source: str) -> "BenchRecord":
+    """The record against a better DRAM read measurement: every link whose limit was the old DRAM figure (the
+    CPU's reads, and a CPU stand-in's "VRAM"/"PCIe") gets the new one, and the prediction its new value."""
+    old = rec.limits.dram_read_gbps
+    links = {k: (replace(v, limit_gbps=dram_gbps, ratio=v.gbps / dram_gbps) if v.limit_gbps == old and old else v)
+             for k, v in rec.links.items()}
+    limits = replace(rec.limits, dram_read_gbps=dram_gbps, source=source)
+    return replace(rec, links=links, limits=limits, predicted_ts=predicted_ts,
+                   prediction_ratio=(rec.avg_ts / predicted_ts) if predicted_ts else None)
 
 
 def make_record(info: RunInfo, test: BenchTest, cache: str, samples: Sequence[Sample], links: dict[str, LinkUse],

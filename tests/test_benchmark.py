@@ -183,6 +183,26 @@ def test_cli_json_with_expert_cache_cold_and_warm(tiny_checkpoint):
     assert len(docs[0]["samples_ts"]) == 1 and len(docs[1]["samples_ts"]) == 2
 
 
+def test_cli_holds_records_to_the_better_dram_measurement(tiny_checkpoint, monkeypatch):
+    """DRAM read is measured before and after the run; the records use the better figure (a shared machine's
+    bandwidth drifts), say so, and on this machine's profile the prediction follows it."""
+    figures = iter([10.0, 20.0])
+    monkeypatch.setattr(bs, "measure_dram_read_gbps", lambda reps=5: next(figures))
+    r = _invoke(str(tiny_checkpoint), "-p", "0", "-n", "4", "-r", "2", "--json")
+    assert r.exit_code == 0, r.output
+    (doc,) = json.loads(r.stdout)
+    dram = doc["links"]["dram"]
+    assert dram["limit_gbps"] == 20.0 and dram["ratio"] == pytest.approx(dram["gbps"] / 20.0)
+    assert doc["limits"]["dram_read_gbps"] == 20.0 and "10.0 GB/s before and 20.0 after" in doc["limits"]["source"]
+    figures = iter([10.0, 20.0])
+    slow = _invoke(str(tiny_checkpoint), "-p", "0", "-n", "4", "-r", "2", "--json")
+    monkeypatch.setattr(bs, "measure_dram_read_gbps", lambda reps=5: 10.0)  # the same before and after
+    same = _invoke(str(tiny_checkpoint), "-p", "0", "-n", "4", "-r", "2", "--json")
+    (a,), (b,) = json.loads(slow.stdout), json.loads(same.stdout)
+    assert b["links"]["dram"]["limit_gbps"] == 10.0
+    assert a["predicted_ts"] > b["predicted_ts"]  # twice the bandwidth: a faster plan
+
+
 def test_cli_save_measured_feeds_the_planner(tiny_checkpoint, tmp_path):
     from homerun.hardware import efficiency_from, load_measured
 

@@ -232,3 +232,25 @@ def test_fp8_grouped_gemm_rejects_groups_that_split_scale_blocks():
     assert cpu_dense.bind_linear(q, s).grouped(torch.randn(2, 3, 256)).shape == (2, 3, 128)
     with pytest.raises(KernelError, match="6 groups"):  # 64 rows per group straddle the 128-row scale blocks
         cpu_dense.bind_linear(q, s).grouped(torch.randn(2, 6, 256))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 9])
+def test_multi_gemm_equals_one_call_per_matrix(tokens):
+    """Several FP8 and bf16 matrices of one input in one native call: each output equals that matrix's own call
+    (the same row kernels, so bit for bit), including odd row counts and a partial last scale block."""
+    from offload import cpu_dense
+
+    if not cpu_dense.available():
+        pytest.skip("native kernels not built")
+    g = torch.Generator().manual_seed(tokens)
+    k = 320
+    mats = [quant_fp8(torch.randn(300, k, generator=g)), (torch.randn(77, k, generator=g).bfloat16(), None),
+            quant_fp8(torch.randn(128, k, generator=g)), (torch.randn(5, k, generator=g).bfloat16(), None)]
+    bound = [cpu_dense.bind_linear(w, s) for w, s in mats]
+    x = torch.randn(tokens, k, generator=g)
+    outs = cpu_dense.bind_multi(bound)(x)
+    assert [tuple(o.shape) for o in outs] == [(tokens, b.n) for b in bound]
+    for o, b in zip(outs, bound):
+        assert torch.equal(o, b(x))
+    with pytest.raises(KernelError, match="one input width"):
+        cpu_dense.bind_multi(bound + [cpu_dense.bind_linear(torch.randn(4, 64).bfloat16(), None)])

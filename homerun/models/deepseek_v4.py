@@ -649,13 +649,14 @@ class DeepseekV4:
             idx_st = self._compress(at.indexer.comp, proj[4], proj[5], start, st.index_comp, self.freqs_compress)
             iw = proj[6]
 
-        out = self._attend(layer, q, qr, iw, keys, start, past.shape[0], comp, idx_st)  # (T, H, Dh)
+        out = self._attend(layer, q, qr, iw, keys, start, past.shape[0], comp, idx_st, (cos, sin))  # (T, H, Dh)
         out = norm_rope(out, None, 0.0, cos, sin, norm=False, inverse=True)
         z = at.wo_a.grouped(out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
         return at.wo_b(z), LayerState(window, comp, idx_st)
 
-    def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st) -> torch.Tensor:
-        """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers)."""
+    def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope) -> torch.Tensor:
+        """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers); rope: this step's (cos, sin), which in a CSA
+        layer are the compressed-frequency ones the indexer's queries use."""
         a, at = self.args, layer.attn
         T, H, Dh = q.shape
         W = a.window_size
@@ -666,8 +667,7 @@ class DeepseekV4:
         if layer.kind == LAYER_CSA:
             k_sel = min(a.index_topk, n_comp_max)
             iq = at.indexer.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
-            icos, isin = rope_cos_sin(self.freqs_compress, torch.arange(start, start + T, device=q.device))
-            iq = norm_rope(iq, None, 0.0, icos, isin, norm=False).float()  # (T, Hi, Di)
+            iq = norm_rope(iq, None, 0.0, *rope, norm=False).float()  # (T, Hi, Di)
             iw = iw.float() * a.index_n_heads**-0.5  # (T, Hi)
         # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
         # and the indexer's per-head scores over one page of keys (the top-k is merged page by page).

@@ -157,14 +157,15 @@ static inline int64_t hr_now_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
-/* Spin while *word == val (or, with above, while *word > 0) for at most the configured time. */
-static void spin_while(void *word, int is_counter, unsigned val) {
+/* Spin while *word != 0 (an atomic counter, or with is_gen the generation still equal to val) for at most the
+ * configured time; the caller then sleeps on its condition variable if it still has to wait. */
+static void spin_while(void *word, int is_gen, unsigned val) {
     int us = atomic_load_explicit(&g_spin_us, memory_order_relaxed);
     if (us <= 0) return;
     int64_t end = hr_now_ns() + (int64_t)us * 1000;
     for (unsigned i = 1;; i++) {
-        if (is_counter ? atomic_load_explicit((atomic_int *)word, memory_order_acquire) <= 0
-                       : atomic_load_explicit((atomic_uint *)word, memory_order_acquire) != val)
+        if (is_gen ? atomic_load_explicit((atomic_uint *)word, memory_order_acquire) != val
+                   : atomic_load_explicit((atomic_int *)word, memory_order_acquire) <= 0)
             return;
         hr_pause();
         if (!(i & 31) && hr_now_ns() > end) return;
@@ -182,7 +183,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         if (P.gen == seen && !P.stop) {
             pthread_mutex_unlock(&P.mu);
-            spin_while(&P.gen, 0, seen);
+            spin_while(&P.gen, 1, seen);
             pthread_mutex_lock(&P.mu);
         }
         while (P.gen == seen && !P.stop) pthread_cond_wait(&P.work_cv, &P.mu);
@@ -251,7 +252,7 @@ static void hr_parallel(hr_task_fn fn, void *ctx, int64_t ntasks) {
     pthread_cond_broadcast(&P.work_cv);
     pthread_mutex_unlock(&P.mu);
     run_tasks();
-    spin_while(&P.pending, 1, 0);
+    spin_while(&P.pending, 0, 0);
     pthread_mutex_lock(&P.mu);
     while (P.pending > 0) pthread_cond_wait(&P.done_cv, &P.mu);
     pthread_mutex_unlock(&P.mu);
