@@ -56,7 +56,8 @@ def test_fp4_extreme_scales_take_the_exact_route(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (128, 128), (130, 300), (257, 129), (64, 4095)])
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (128, 128), (130, 300), (257, 129), (64, 4095), (131, 320),
+                                 (9, 8192)])
 @pytest.mark.parametrize("t", [1, 2, 9, 17])
 def test_fp8_linear_matches_dequant_matmul(path, n, k, t):
     g = torch.Generator().manual_seed(n * 31 + k)
@@ -77,6 +78,20 @@ def test_fp8_subnormal_codes_decode_exactly(path):
     eye = torch.eye(w.shape[1])
     y = ce.fp8_linear(eye, w, scale, path=path)  # row j of y = weight j
     assert torch.equal(y[:, 0], dequant_fp8(w, scale)[0])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp8_one_token_decodes_every_code(path):
+    """One token (the decode kernels, which on AVX-512 read 64 weight bytes at a time in a permuted activation
+    order): a one-hot activation returns each weight exactly, subnormals and both signs included."""
+    codes = torch.tensor([b if b & 0x7F != 0x7F else 0 for b in range(256)], dtype=torch.uint8)
+    w = codes.view(torch.float8_e4m3fn).reshape(2, 128)
+    scale = torch.tensor([[120]], dtype=torch.uint8).view(torch.float8_e8m0fnu)  # 2^-7: no rounding anywhere
+    ref = dequant_fp8(w, scale)
+    for j in range(128):
+        x = torch.zeros(1, 128)
+        x[0, j] = 1.0
+        assert torch.equal(ce.fp8_linear(x, w, scale, path=path)[0], ref[:, j])
 
 
 def test_paths_agree_bit_for_bit_across_thread_counts():

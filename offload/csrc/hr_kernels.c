@@ -922,6 +922,40 @@ HR_AVX512 static void fp8_rows_avx512(const uint8_t *w, const uint8_t *s, int64_
     }
 }
 
+/* One token, activations in the "p64" order (fp8_p64_order): 64 weight bytes are widened by two byte unpacks
+ * (each byte the high half of a 16-bit lane), one shift and one mask, then four fp16 -> fp32 conversions: ~25%
+ * fewer decode operations per byte than the 16-byte path, which on two Zen 4 cores was compute-bound near the
+ * DRAM rate (14.6 -> 17.1 GB/s at K = 4096 with the memory bus shared). Needs k % 64 == 0. */
+HR_AVX512 static void fp8_rows_p64_avx512(const uint8_t *w, const uint8_t *s, int64_t k, int64_t ks, int64_t r0,
+                                          int64_t r1, const float *const *x, int nt, float *out, int64_t ldo) {
+    (void)nt;
+    (void)ldo;
+    const __m512i z = _mm512_setzero_si512(), m = _mm512_set1_epi16((short)0xBFFF);
+    const float *xp = x[0];
+    const int wide = k >= HR_PF_WIDE_K;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + r * k, *sr = s + (r / HR_FP8_BLOCK) * ks;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t kb = 0; kb * HR_FP8_BLOCK < k; kb++) {
+            int64_t c0 = kb * HR_FP8_BLOCK, c1 = c0 + HR_FP8_BLOCK < k ? c0 + HR_FP8_BLOCK : k;
+            __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+            for (int64_t c = c0; c < c1; c += 64) {
+                HR_FP8_PREFETCH(wr + c, wide);
+                __m512i v = _mm512_loadu_si512((const void *)(wr + c));
+                __m512i lo = _mm512_and_si512(_mm512_srai_epi16(_mm512_unpacklo_epi8(z, v), 1), m);
+                __m512i hi = _mm512_and_si512(_mm512_srai_epi16(_mm512_unpackhi_epi8(z, v), 1), m);
+                b0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(lo)), _mm512_loadu_ps(xp + c), b0);
+                b1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1)), _mm512_loadu_ps(xp + c + 16), b1);
+                b2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(hi)), _mm512_loadu_ps(xp + c + 32), b2);
+                b3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1)), _mm512_loadu_ps(xp + c + 48), b3);
+            }
+            __m512 b = _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3));
+            acc = _mm512_fmadd_ps(b, _mm512_set1_ps(g_e8m0[sr[kb]]), acc);
+        }
+        out[r - r0] = _mm512_reduce_add_ps(acc) * 256.0f;
+    }
+}
+
 HR_AVX512 static uint64_t read_sum_avx512(const uint8_t *p, int64_t n) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
@@ -1443,6 +1477,25 @@ static rows_fn pick_q8_rows(int path, int fmt) {
     }
 }
 
+/* x [k] -> the p64 order of fp8_rows_p64_avx512: per 64 columns, [0-7, 16-23, 32-39, 48-55, 8-15, 24-31, 40-47,
+ * 56-63] (the lane order two byte unpacks of a 512-bit register produce). */
+static void fp8_p64_order(const float *x, float *y, int64_t k) {
+    static const int src[8] = {0, 16, 32, 48, 8, 24, 40, 56};
+    for (int64_t b = 0; b < k; b += 64)
+        for (int q = 0; q < 8; q++) memcpy(y + b + 8 * q, x + b + src[q], 8 * sizeof(float));
+}
+
+/* The one-token FP8 rows that read activations in the p64 order, or NULL where the plain order is used. */
+static rows_fn pick_fp8_p64(int path, int64_t k, int64_t t) {
+#if HR_X86
+    if ((path & 0xFF) == HR_PATH_AVX512 && t == 1 && k % 64 == 0) return fp8_rows_p64_avx512;
+#endif
+    (void)path;
+    (void)k;
+    (void)t;
+    return NULL;
+}
+
 static rows_fn pick_rows(int path, int fmt) {
     path &= 0xFF;
 #if HR_X86
@@ -1572,6 +1625,12 @@ static int gemm(int path, int fmt, const uint8_t *w, const uint8_t *s, int64_t n
         if (!xr) return HR_E_NOMEM;
         for (int64_t i = 0; i < t; i++) fp4_reorder(x + i * k, xr + i * k, k);
         buf = xr;
+    } else if (pick_fp8_p64(path, k, t)) { /* one token (one row per group): the p64 activation order */
+        float *xr = (float *)malloc(sizeof(float) * (size_t)(groups * k));
+        if (!xr) return HR_E_NOMEM;
+        for (int64_t i = 0; i < groups; i++) fp8_p64_order(x + i * k, xr + i * k, k);
+        buf = xr;
+        c.fn = pick_fp8_p64(path, k, t);
     }
     if (buf) c.x = (const char *)buf;
     c.ks = fmt == HR_FMT_FP4 ? k / 32 : (k + HR_FP8_BLOCK - 1) / HR_FP8_BLOCK;
