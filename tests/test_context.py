@@ -299,7 +299,7 @@ def test_fp8_rows_layout_and_roundtrip():
 
     assert fp8_row_bytes(512, 64, False) == 584 and fp8_row_bytes(128, 0, True) == 132  # deepseek-v4.md section 5
     store = Fp8PagedRows(512, torch.float32, "cpu", page_rows=8, rope_dim=64)
-    x = torch.randn(20, 512) * torch.logspace(-3, 3, 20)[:, None]
+    x = torch.randn(20, 512, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 20)[:, None]
     store.write(0, x)
     assert store.nbytes == 24 * 584
     got = store.view(20)
@@ -309,7 +309,11 @@ def test_fp8_rows_layout_and_roundtrip():
     assert torch.equal(store.gather(torch.tensor([[19, 3]])), got[[19, 3]].unsqueeze(0))
     keys = Fp8PagedRows(128, torch.float32, "cpu", page_rows=8, scale_fp32=True)
     keys.write(0, x[:5, :128])
-    assert keys.nbytes == 8 * 132 and torch.allclose(keys.view(5), x[:5, :128], rtol=2**-3, atol=0)
+    assert keys.nbytes == 8 * 132
+    # One fp32 scale per row: e4m3's 3 mantissa bits bound the error by 2^-4 of the row's largest value (a relative
+    # bound per element fails for values in e4m3's subnormal range, which an unseeded draw hit now and then).
+    err = (keys.view(5) - x[:5, :128]).abs().amax(-1)
+    assert (err <= x[:5, :128].abs().amax(-1) * 2**-4).all()
 
 
 @pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
