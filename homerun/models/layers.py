@@ -2,8 +2,8 @@
 
 `QLinear` computes y = x W^T without a resident dequantized copy. On the CPU with fp32 activations and at most
 `NATIVE_FP8_MAX_ROWS` rows (decode, small batches) it calls the native kernels (`hr_fp8_gemm`, `hr_bf16_gemm`,
-bound once per weight by `offload.cpu_dense.bind_linear`): exact products, fp32 sums. Otherwise it dequantizes in row blocks of at most
-`BLOCK_ELEMS` elements and uses the BLAS GEMM. Not here: the routed experts (offload.base.ExpertBackend).
+bound once per weight by `offload.cpu_dense.bind_linear`): exact products, fp32 sums. Otherwise it dequantizes in
+row blocks of at most `BLOCK_ELEMS` elements and uses the BLAS GEMM. Not here: the routed experts (offload.base.ExpertBackend).
 """
 
 from __future__ import annotations
@@ -90,10 +90,7 @@ class QLinear:
         """The bound native matmul for x (fp32 on the CPU, decode-sized), or None: then the torch path runs."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > NATIVE_FP8_MAX_ROWS * self.in_features:
             return None
-        b = self.bound()
-        if b is None or (self.scale is not None and not USE_NATIVE_LINEAR):
-            return None  # bf16 weights stay native regardless: keeping them bf16 was a load-time decision
-        return b
+        return self.bound() if USE_NATIVE_LINEAR else None  # off: the torch path (upcast per row block) compares
 
     @property
     def out_features(self) -> int:
