@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -135,12 +136,6 @@ def _dram_gbps() -> float | None:
         return None
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
 def build_checkpoint(layers: int, experts: int, vocab: int | None, root: str | None) -> tuple[str, int]:
     from homerun.synthetic import build_synthetic
 
@@ -196,7 +191,7 @@ def main() -> int:
            "gen_tokens": a.gen, "warmup_tokens": a.warmup, "threads": os.cpu_count(), "repeat": a.repeat,
            "homerun": runs["homerun"], "transformers": runs["transformers"]}
     if ok["homerun"] and ok["transformers"]:
-        med = {s: _median([r["decode_tok_s"] for r in rs]) for s, rs in ok.items()}
+        med = {s: statistics.median([r["decode_tok_s"] for r in rs]) for s, rs in ok.items()}
         rss = {s: max(r["peak_rss_bytes"] for r in rs) for s, rs in ok.items()}
         h0, t0 = ok["homerun"][0], ok["transformers"][0]
         same = sum(x == y for x, y in zip(h0["tokens"], t0["tokens"]))

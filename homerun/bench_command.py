@@ -194,30 +194,23 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
                            cache_slots=tuple(slots), dtype=dtype, act=act)
     records = hb.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
                              progress=out.info)
-    records, prof = _dram_after(records, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit, path=path)
+    records, prof = _dram_after(records, tests, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit,
+                                path=path)
     if syn is None:
         return records
     from dataclasses import replace
 
     meta = syn.to_dict()
     records = [replace(r, synthetic=meta) for r in records]
-    full: dict[int, dict[str, Any]] = {}
-    mine: dict[int, dict[str, Any]] = {}
-    ctx = max(t.n_depth + t.n_tokens for t in tests) + 1
-    extra = []
-    for r in records:
-        if r.cache != "warm":
-            continue
-        d = r.n_depth + (r.n_prompt or r.n_gen) // 2
-        if d not in full:
-            full[d] = bs.plan_prediction(syn.card, prof, depth=d, context_tokens=ctx, efficiency=eff, hit_rate=hit)
-            mine[d] = bs.plan_prediction(path, prof, depth=d, context_tokens=ctx, efficiency=eff, hit_rate=hit)
-        extra.append(bs.extrapolate(r, measured_pred=mine[d], full_pred=full[d]))
+    full = bs.plan_predictions(syn.card, prof, tests, efficiency=eff, hit_rate=hit)
+    mine = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit)
+    extra = [bs.extrapolate(r, measured_pred=mine(bs.test_of(r)), full_pred=full(bs.test_of(r)))
+             for r in records if r.cache == "warm"]
     return records + extra
 
 
-def _dram_after(records: list[Any], *, out: Output, hw: str, prof: Any, limits: Any, eff: Any, hit: Any,
-                path: str) -> tuple[list[Any], Any]:
+def _dram_after(records: list[Any], tests: Sequence[Any], *, out: Output, hw: str, prof: Any, limits: Any, eff: Any,
+                hit: Any, path: str) -> tuple[list[Any], Any]:
     """Measure DRAM read again after the run and hold the records to the better of the two figures: a shared VM's
     bandwidth drifts by +-20% within minutes, and a limit caught in a slow moment put achieved/limit above 1 (a
     measured 22.7 GB/s against 29.3 achieved). On this machine's profile the prediction follows the new figure."""
@@ -233,20 +226,12 @@ def _dram_after(records: list[Any], *, out: Output, hw: str, prof: Any, limits: 
     after = bs.measure_dram_read_gbps()
     best = max(before, after)
     source = f"{limits.source}; dram_read: best of {before:.1f} GB/s before and {after:.1f} after the run"
-    if hw == "auto" and after > before:
-        prof = replace(prof, cpu=replace(prof.cpu, mem_bw_gbps=round(best, 3)))
-    ctx = max(r.n_depth + r.n_prompt + r.n_gen for r in records) + 1
-    preds: dict[int, dict[str, Any]] = {}
-    fixed = []
-    for r in records:
-        predicted = r.predicted_ts
-        if hw == "auto" and after > before:
-            d = r.n_depth + (r.n_prompt + r.n_gen) // 2
-            if d not in preds:
-                preds[d] = bs.plan_prediction(path, prof, depth=d, context_tokens=ctx, efficiency=eff, hit_rate=hit)
-            predicted = bs.predicted_for(hb.BenchTest(r.n_prompt, r.n_gen, r.n_depth), preds[d])
-        fixed.append(hb.with_dram_limit(r, best, predicted, source))
-    return fixed, prof
+    if not (hw == "auto" and after > before):  # the prediction stands; only the link ratios change
+        return [hb.with_dram_limit(r, best, r.predicted_ts, source) for r in records], prof
+    prof = replace(prof, cpu=replace(prof.cpu, mem_bw_gbps=round(best, 3)))
+    plans = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit)
+    return [hb.with_dram_limit(r, best, bs.predicted_for(bs.test_of(r), plans(bs.test_of(r))), source)
+            for r in records], prof
 
 
 def _profile_and_limits(hw: str) -> tuple[Any, Any, Any, Any]:

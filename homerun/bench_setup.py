@@ -126,6 +126,23 @@ def _cache_experts(p: Any) -> int:
     return sum(s.expert_cache_slots for s in p.layout.stages if s.kind == "gpu")
 
 
+def plan_predictions(model_ref: str, prof: Any, tests: Sequence[BenchTest], *, efficiency: Any = None,
+                     hit_rate: float | None = None) -> Callable[[BenchTest], dict[str, Any]]:
+    """plan_prediction for each test, taken at the context in the middle of the test (its depth plus half its
+    tokens), in a context window that holds the longest test; one plan per distinct depth."""
+    ctx = max((t.n_depth + t.n_tokens for t in tests), default=0) + 1
+    plans: dict[int, dict[str, Any]] = {}
+
+    def at(test: BenchTest) -> dict[str, Any]:
+        d = test.n_depth + test.n_tokens // 2
+        if d not in plans:
+            plans[d] = plan_prediction(model_ref, prof, depth=d, context_tokens=ctx, efficiency=efficiency,
+                                       hit_rate=hit_rate)
+        return plans[d]
+
+    return at
+
+
 def predicted_for(test: BenchTest, pred: dict[str, Any]) -> float | None:
     return pred.get("prefill_tok_s") if test.n_prompt else pred.get("decode_tok_s")
 
@@ -133,7 +150,7 @@ def predicted_for(test: BenchTest, pred: dict[str, Any]) -> float | None:
 def extrapolate(rec: BenchRecord, *, measured_pred: dict[str, Any], full_pred: dict[str, Any]) -> BenchRecord:
     """The full model's figure from a measured few-layer record: through the plan (measured x full/measured
     prediction) where the plan predicts this kind of test, else by layer count (time per token ~ layers)."""
-    p_meas, p_full = predicted_for(_test_of(rec), measured_pred), predicted_for(_test_of(rec), full_pred)
+    p_meas, p_full = predicted_for(test_of(rec), measured_pred), predicted_for(test_of(rec), full_pred)
     if p_meas and p_full:
         k = p_full / p_meas
         how = (f"through the plan: measured {rec.n_layers}-layer tok/s x (plan for the full model / plan for the "
@@ -154,7 +171,7 @@ def extrapolate(rec: BenchRecord, *, measured_pred: dict[str, Any], full_pred: d
     )
 
 
-def _test_of(rec: BenchRecord) -> BenchTest:
+def test_of(rec: BenchRecord) -> BenchTest:
     return BenchTest(rec.n_prompt, rec.n_gen, rec.n_depth)
 
 

@@ -446,19 +446,14 @@ def bench_model(
 ) -> list[BenchRecord]:
     """Benchmark one checkpoint: per cache setting, load, gate, then every test (cold/warm). `make_backend_hook`
     wraps each fresh backend (tests use it to plant a wrong backend and see the gate fail)."""
-    from homerun.bench_setup import host_info, open_target, plan_prediction, predicted_for
+    from homerun.bench_setup import host_info, open_target, plan_predictions, predicted_for
 
     say = progress or (lambda msg: None)
     host = host_info()
-    preds: dict[int, dict[str, Any]] = {}
-    ctx = max((t.n_depth + t.n_tokens for t in opts.tests), default=0) + 1
+    plans = plan_predictions(str(path), profile, opts.tests, efficiency=efficiency, hit_rate=hit_rate)
 
     def pred(test: BenchTest) -> float | None:
-        d = test.n_depth + test.n_tokens // 2
-        if d not in preds:
-            preds[d] = plan_prediction(str(path), profile, depth=d, context_tokens=ctx, efficiency=efficiency,
-                                       hit_rate=hit_rate)
-        return predicted_for(test, preds[d])
+        return predicted_for(test, plans(test))
 
     ref = None
     if opts.gate:  # first, so the reference model never sits in RAM next to the benchmarked one

@@ -56,11 +56,25 @@ def available() -> bool:
     return _lib() is not None
 
 
-def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] fp32 @ w [N, K] bf16 ^T -> [..., N] fp32, with exact products and fp32 sums (native kernel)."""
+_REBUILD = "rebuild with `pip install -e .`"
+
+
+def _need() -> ctypes.CDLL:
+    """The bound library, or a KernelError naming the fix."""
     lib = _lib()
     if lib is None:
-        raise KernelError("the native bf16 kernel is not available", hint="rebuild with `pip install -e .`")
+        raise KernelError("the native kernels are not available", hint=_REBUILD)
+    return lib
+
+
+def _ok(rc: int, what: str) -> None:
+    if rc != 0:
+        raise KernelError(f"native {what} failed with code {rc}", hint=_REBUILD)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ w [N, K] bf16 ^T -> [..., N] fp32, with exact products and fp32 sums (native kernel)."""
+    lib = _need()
     if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu":
         raise KernelError(f"bf16_linear needs a 2-D CPU bf16 weight, got {w.dtype} {tuple(w.shape)} on {w.device}",
                           hint="keep the stored bf16 tensor")
@@ -74,8 +88,7 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         rc = lib.hr_bf16_gemm(0, wc.data_ptr(), n, k, x2.data_ptr(), x2.shape[0], y.data_ptr())
-        if rc != 0:
-            raise KernelError(f"native bf16 GEMM failed with code {rc}", hint="rebuild with `pip install -e .`")
+        _ok(rc, "bf16 GEMM")
     return y.reshape(*lead, n)
 
 
@@ -97,9 +110,8 @@ class BoundLinear:
         y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
         if x2.shape[0]:
             rc = self._fn(*self._head, x2.data_ptr(), x2.shape[0], y.data_ptr())
-            if rc != 0:
-                raise KernelError(f"native matmul of a {self.n}x{self.k} weight failed with code {rc}",
-                                  hint="rebuild with `pip install -e .`")
+            if rc:  # the message only on failure: this is on the per-token path
+                _ok(rc, f"matmul of a {self.n}x{self.k} weight")
         return y.view(*lead, self.n)
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,8 +158,7 @@ class BoundMulti:
         for j, y in enumerate(outs):
             self._jobs[5 * j + 4] = y.data_ptr()
         rc = self._fn(0, self._jobs, len(self.parts), self.k, x2.data_ptr(), t)
-        if rc != 0:
-            raise KernelError(f"native multi-matrix GEMM failed with code {rc}", hint="rebuild with `pip install -e .`")
+        _ok(rc, "multi-matrix GEMM")
         return [y.view(*lead, y.shape[1]) for y in outs]
 
 
@@ -179,16 +190,13 @@ def bind_linear(weight: torch.Tensor, scale: torch.Tensor | None) -> BoundLinear
 def sinkhorn_(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """In place on a contiguous fp32 CPU tensor [..., n, n]: a column pass, then (iters - 1) x (rows, columns), each
     dividing by (sum + eps), as the model's torch loop does."""
-    lib = _lib()
-    if lib is None:
-        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    lib = _need()
     if m.dtype != torch.float32 or m.device.type != "cpu" or not m.is_contiguous() or m.shape[-1] != m.shape[-2]:
         raise KernelError(f"sinkhorn_ needs a contiguous fp32 CPU [..., n, n] tensor, got {m.dtype} "
                           f"{tuple(m.shape)} on {m.device}", hint="call .contiguous().float() first")
     n = m.shape[-1]
     rc = lib.hr_sinkhorn(m.data_ptr(), m.numel() // (n * n), n, iters, eps)
-    if rc != 0:
-        raise KernelError(f"native sinkhorn failed with code {rc}", hint="rebuild with `pip install -e .`")
+    _ok(rc, "sinkhorn")
     return m
 
 
@@ -200,9 +208,7 @@ def _f32c(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def hc_pre(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_i pre[t, i] * x[t, i, :]: pre [T, n], x [T, n, D] -> [T, D] fp32 (mHC's collapse before a sublayer)."""
-    lib = _lib()
-    if lib is None:
-        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    lib = _need()
     t, n, d = x.shape
     if tuple(pre.shape) != (t, n):
         raise KernelError(f"hc_pre: pre {tuple(pre.shape)} does not match x {tuple(x.shape)}", hint="pre is [T, n]")
@@ -215,9 +221,7 @@ def hc_pre(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def hc_post(post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """post[t, j] * y[t] + sum_i comb[t, i, j] * x[t, i]: post [T, n], y [T, D], comb [T, n, n], x [T, n, D] ->
     [T, n, D] fp32 (mHC's update after a sublayer; comb applied transposed, as the model does)."""
-    lib = _lib()
-    if lib is None:
-        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    lib = _need()
     t, n, d = x.shape
     if tuple(post.shape) != (t, n) or tuple(y.shape) != (t, d) or tuple(comb.shape) != (t, n, n):
         raise KernelError(f"hc_post: shapes post {tuple(post.shape)}, y {tuple(y.shape)}, comb {tuple(comb.shape)} "
@@ -232,9 +236,7 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: tor
                hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """mHC's per-token weights: x [T, n, D] (the streams), fn [(2+n)n, n*D] -> pre [T, n], post [T, n], comb
     [T, n, n] (Sinkhorn-normalized), all fp32; with the head's fn [n, n*D], pre alone (post, comb None)."""
-    lib = _lib()
-    if lib is None:
-        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    lib = _need()
     t, n, d = x.shape
     m = fn.shape[0]
     if fn.dim() != 2 or fn.shape[1] != n * d or m not in (n, (2 + n) * n) or base.numel() != m:
@@ -248,8 +250,7 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: tor
     rc = lib.hr_hc_weights(0, x.data_ptr(), t, n, d, fn.data_ptr(), m, scale.data_ptr(), base.data_ptr(), norm_eps,
                            hc_eps, iters, pre.data_ptr(), post.data_ptr() if post is not None else None,
                            comb.data_ptr() if comb is not None else None)
-    if rc != 0:
-        raise KernelError(f"native hc_weights failed with code {rc}", hint="rebuild with `pip install -e .`")
+    _ok(rc, "hc_weights")
     return pre, post, comb
 
 
@@ -258,9 +259,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
     """x [T, ..., d] fp32 -> a new tensor: RMSNorm over d (times weight unless None; skipped if not norm), then
     interleaved-pair RoPE of the trailing 2 * cos.shape[-1] channels with token t's cos/sin [T, r/2] (inverse
     negates sin), as the model's rms_norm and apply_rope compute them."""
-    lib = _lib()
-    if lib is None:
-        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    lib = _need()
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise KernelError(f"norm_rope needs fp32 CPU activations, got {x.dtype} on {x.device}", hint="use the torch ops")
     d, t = x.shape[-1], x.shape[0]
@@ -279,17 +278,14 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
     rc = lib.hr_norm_rope(0, xc.data_ptr(), y.data_ptr(), rows, d, w.data_ptr() if w is not None else None, eps,
                           int(norm), c.data_ptr() if half else None, s.data_ptr() if half else None, 2 * half,
                           max(rows // max(t, 1), 1), int(inverse))
-    if rc != 0:
-        raise KernelError(f"native norm_rope failed with code {rc}", hint="rebuild with `pip install -e .`")
+    _ok(rc, "norm_rope")
     return y
 
 
 def attend_one(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
     """One query's attention over rows every head shares: q [H, D], kv [N, D], sink [H] -> [H, D] fp32, with
     out[h] = softmax([scale * q[h] . kv[j] for j] ++ [sink[h]]) (sink column dropped) @ kv; heads run on the pool."""
-    lib = _lib()
-    if lib is None:
-        raise KernelError("the native kernels are not available", hint="rebuild with `pip install -e .`")
+    lib = _need()
     h, d = q.shape
     if kv.dim() != 2 or kv.shape[1] != d or sink.numel() != h:
         raise KernelError(f"attend_one: q {tuple(q.shape)}, kv {tuple(kv.shape)}, sink {tuple(sink.shape)} do not "
@@ -297,6 +293,5 @@ def attend_one(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: flo
     q, kv, sink = _f32c(q, "q"), _f32c(kv, "kv"), _f32c(sink, "sink")
     out = torch.empty(h, d, dtype=torch.float32)
     rc = lib.hr_attend_one(0, q.data_ptr(), kv.data_ptr(), kv.shape[0], h, d, sink.data_ptr(), scale, out.data_ptr())
-    if rc != 0:
-        raise KernelError(f"native attend_one failed with code {rc}", hint="rebuild with `pip install -e .`")
+    _ok(rc, "attend_one")
     return out

@@ -48,3 +48,12 @@ def tiny_checkpoints(tmp_path_factory):
 def tiny_checkpoint(tiny_checkpoints):
     """The "mixed" preset (SWA + CSA + HCA layers, hash + routed MoE)."""
     return tiny_checkpoints["mixed"]
+
+
+@pytest.fixture
+def cpu_dense():
+    """offload.cpu_dense with its native kernels, or a skip where they were not built."""
+    mod = pytest.importorskip("offload.cpu_dense")
+    if not mod.available():
+        pytest.skip("native kernels not built")
+    return mod

@@ -36,16 +36,22 @@ def test_fp4_linear_matches_dequant_matmul(path, n, k, t):
     assert rel_err(y, ref) <= FP32_RTOL
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_fp4_extreme_scales_take_the_exact_route(path):
-    # Scale bytes 0/1 and 253 cannot be folded into the decode table; those rows must still be exact.
-    n, k = 24, 256
+def extreme_scale_fp4(n: int = 24, k: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """FP4 weights whose e8m0 scales include bytes 0 (2^-127), 1, 2 and 253, and the generator to draw inputs from."""
     g = torch.Generator().manual_seed(7)
     codes = torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, generator=g)
     scale = torch.randint(115, 125, (n, k // 32), dtype=torch.uint8, generator=g)
-    scale[3, 2], scale[10, 0], scale[17, 5], scale[18, 7] = 1, 0, 253, 2
+    scale[3, 2], scale[10, 0], scale[11, 7], scale[17, 5], scale[18, 7] = 1, 0, 2, 253, 2
     codes[17, 80:96] = 0  # block 5 of row 17 (scale 2^126) holds one 0.5 and zeros, so the row stays finite
     codes[17, 80] = 0x01
+    return codes, scale, g
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp4_extreme_scales_take_the_exact_route(path):
+    # Scale bytes 0/1 and 253 cannot be folded into the decode table; those rows must still be exact.
+    codes, scale, g = extreme_scale_fp4()
+    k = codes.shape[1] * 2
     x = torch.randn(3, k, generator=g)
     ref = x @ dequant_fp4(codes, scale).T
     assert torch.isfinite(ref).all()
@@ -221,12 +227,8 @@ def test_bf16_activation_mode_is_refused_where_unavailable():
 
 
 @pytest.mark.parametrize("groups,per,tokens", [(8, 128, 1), (8, 256, 3), (3, 384, 9), (2, 128, 70)])
-def test_fp8_grouped_gemm_equals_per_group_matmuls(groups, per, tokens):
+def test_fp8_grouped_gemm_equals_per_group_matmuls(groups, per, tokens, cpu_dense):
     """One native call for a block-diagonal FP8 projection (V4's grouped wo_a): rows of group g read x[:, g] only."""
-    from offload import cpu_dense
-
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
     g = torch.Generator().manual_seed(groups * per + tokens)
     k = 320  # not a multiple of 128: the last scale block is partial
     q, s = quant_fp8(torch.randn(groups * per, k, generator=g))
@@ -238,11 +240,7 @@ def test_fp8_grouped_gemm_equals_per_group_matmuls(groups, per, tokens):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
 
 
-def test_fp8_grouped_gemm_rejects_groups_that_split_scale_blocks():
-    from offload import cpu_dense
-
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
+def test_fp8_grouped_gemm_rejects_groups_that_split_scale_blocks(cpu_dense):
     q, s = quant_fp8(torch.randn(384, 256))
     assert cpu_dense.bind_linear(q, s).grouped(torch.randn(2, 3, 256)).shape == (2, 3, 128)
     with pytest.raises(KernelError, match="6 groups"):  # 64 rows per group straddle the 128-row scale blocks
@@ -250,13 +248,9 @@ def test_fp8_grouped_gemm_rejects_groups_that_split_scale_blocks():
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 9])
-def test_multi_gemm_equals_one_call_per_matrix(tokens):
+def test_multi_gemm_equals_one_call_per_matrix(tokens, cpu_dense):
     """Several FP8 and bf16 matrices of one input in one native call: each output equals that matrix's own call
     (the same row kernels, so bit for bit), including odd row counts and a partial last scale block."""
-    from offload import cpu_dense
-
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
     g = torch.Generator().manual_seed(tokens)
     k = 320
     mats = [quant_fp8(torch.randn(300, k, generator=g)), (torch.randn(77, k, generator=g).bfloat16(), None),

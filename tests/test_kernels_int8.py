@@ -10,6 +10,7 @@ from homerun.quant import dequant_fp4, quant_fp4
 from offload import cpu_experts as ce
 from offload.base import ReferenceExpertBackend
 from test_cpu_experts import make_experts, rel_err  # the same expert fixtures and error measure
+from test_cpu_kernels import extreme_scale_fp4
 
 PATHS = ce.available_paths()  # native paths usable here, then "torch"
 NATIVE = [p for p in PATHS if p != "torch"]
@@ -73,13 +74,8 @@ def test_int8_quantization_bytes_match_torch_exactly(path):
 @pytest.mark.parametrize("path", NATIVE)
 def test_fp4_int8_extreme_weight_scales(path):
     # e8m0 bytes 0 (2^-127), 1, 2 and 253 take the same math as the others (no folding shortcuts in int8 mode).
-    n, k = 24, 256
-    g = torch.Generator().manual_seed(7)
-    codes = torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, generator=g)
-    scale = torch.randint(115, 125, (n, k // 32), dtype=torch.uint8, generator=g)
-    scale[3, 2], scale[10, 0], scale[11, 7], scale[17, 5] = 1, 0, 2, 253
-    codes[17, 80:96] = 0  # row 17's huge-scale block holds one 0.5 and zeros, so the row stays finite
-    codes[17, 80] = 0x01
+    codes, scale, g = extreme_scale_fp4()
+    n, k = codes.shape[0], codes.shape[1] * 2
     x = torch.randn(3, k, generator=g)
     ref = x @ dequant_fp4(codes, scale).T
     y = ce.fp4_linear(x, codes, scale, path=path, act="int8")

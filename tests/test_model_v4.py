@@ -171,10 +171,7 @@ def test_qlinear_bf16_native_is_exact_products(shape, monkeypatch):
         monkeypatch.setattr(layers, "USE_NATIVE_LINEAR", True)
 
 
-def test_native_sinkhorn_equals_torch_loop():
-    cpu_dense = pytest.importorskip("offload.cpu_dense")
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
+def test_native_sinkhorn_equals_torch_loop(cpu_dense):
     g = torch.Generator().manual_seed(4)
     for t, n, iters in ((1, 4, 20), (37, 4, 20), (3, 5, 1), (2, 3, 7)):
         m = torch.softmax(torch.randn(t, n, n, generator=g) * 3, dim=-1) + 1e-6
@@ -189,10 +186,7 @@ def test_native_sinkhorn_equals_torch_loop():
         cpu_dense.sinkhorn_(torch.zeros(2, 3, 4), 2, 1e-6)
 
 
-def test_native_hc_mixes_equal_torch():
-    cpu_dense = pytest.importorskip("offload.cpu_dense")
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
+def test_native_hc_mixes_equal_torch(cpu_dense):
     g = torch.Generator().manual_seed(6)
     for t, n, d in ((1, 4, 4096), (5, 4, 130), (2, 3, 7)):
         x, y = torch.randn(t, n, d, generator=g), torch.randn(t, d, generator=g)
@@ -206,11 +200,8 @@ def test_native_hc_mixes_equal_torch():
 
 
 @pytest.mark.parametrize("t,n,d", [(1, 4, 4096), (5, 4, 130), (2, 3, 7)])
-def test_native_hc_weights_equal_torch(t, n, d, models, monkeypatch):
+def test_native_hc_weights_equal_torch(t, n, d, models, monkeypatch, cpu_dense):
     """pre/post/comb of an mHC site, and the head's pre, from one native call against the model's torch ops."""
-    cpu_dense = pytest.importorskip("offload.cpu_dense")
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
     from homerun.models.deepseek_v4 import _HC
 
     from dataclasses import replace
@@ -237,11 +228,8 @@ def test_native_hc_weights_equal_torch(t, n, d, models, monkeypatch):
 
 
 @pytest.mark.parametrize("shape,rope", [((1, 1024), 0), ((1, 64, 512), 64), ((3, 512), 64), ((2, 8, 128), 64)])
-def test_native_norm_rope_equals_torch(shape, rope):
+def test_native_norm_rope_equals_torch(shape, rope, cpu_dense):
     """RMSNorm (with and without a weight) and RoPE (forward, inverse, alone) against rms_norm / apply_rope."""
-    cpu_dense = pytest.importorskip("offload.cpu_dense")
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
     from homerun.models.deepseek_v4 import apply_rope, rms_norm
 
     g = torch.Generator().manual_seed(sum(shape))
@@ -266,11 +254,8 @@ def test_native_norm_rope_equals_torch(shape, rope):
 
 
 @pytest.mark.parametrize("h,n,d", [(64, 100, 512), (4, 1, 64), (5, 37, 72), (3, 0, 16), (8, 700, 512)])
-def test_native_attend_one_equals_torch(h, n, d):
+def test_native_attend_one_equals_torch(h, n, d, cpu_dense):
     """One query over shared rows with a per-head sink: native (heads on the pool) against the torch formula."""
-    cpu_dense = pytest.importorskip("offload.cpu_dense")
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
     g = torch.Generator().manual_seed(h * n + d)
     q, kv, sink = torch.randn(h, d, generator=g), torch.randn(n, d, generator=g), torch.randn(h, generator=g)
     scale = d**-0.5
@@ -291,10 +276,7 @@ def test_model_logits_same_with_native_primitives_off(models, monkeypatch):
     assert ((fast - slow).abs().max() / slow.abs().max()).item() <= 1e-5
 
 
-def test_bf16_kernel_against_double_reference():
-    cpu_dense = pytest.importorskip("offload.cpu_dense")
-    if not cpu_dense.available():
-        pytest.skip("native kernels not built")
+def test_bf16_kernel_against_double_reference(cpu_dense):
     g = torch.Generator().manual_seed(3)
     for n, k, t in ((513, 4099, 5), (48, 4096, 1), (100, 16, 9), (5, 1, 2)):
         w = torch.randn(n, k, generator=g).bfloat16()
