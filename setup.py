@@ -1,5 +1,5 @@
-"""Build hook: the native CPU expert kernels (offload/csrc) are an optional shared library, compiled from source at
-install and loaded by offload/cpu_experts.py through ctypes. If the C compiler is missing or the build fails, the
+"""Build hook: the native CPU expert kernels (homerun/kernels/csrc) are an optional shared library, compiled from source at
+install and loaded by homerun/kernels/cpu_experts.py through ctypes. If the C compiler is missing or the build fails, the
 install still succeeds and homerun uses its pure-torch fallback (`homerun plan --hw auto` reports which path runs).
 
 It is built as a setuptools Extension only for the compiler plumbing; it has no Python module init and is never
@@ -12,7 +12,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-_KERNEL = "offload._hr_kernels"
+_KERNEL = "homerun.kernels._hr_kernels"
 
 
 class OptionalBuildExt(build_ext):
@@ -50,15 +50,15 @@ def _link_args():
     return [] if sys.platform == "win32" else ["-pthread"]
 
 
-_src = os.path.join("offload", "csrc", "hr_kernels.c")
+_src = os.path.join("homerun", "kernels", "csrc", "hr_kernels.c")
 
 setup(
     ext_modules=[
         Extension(
             _KERNEL,
             sources=[_src],
-            depends=[os.path.join("offload", "csrc", f) for f in ("hr_kernels.h", "hr_dense.inc")],
-            include_dirs=[os.path.join("offload", "csrc")],
+            depends=[os.path.join("homerun", "kernels", "csrc", f) for f in ("hr_kernels.h", "hr_dense.inc")],
+            include_dirs=[os.path.join("homerun", "kernels", "csrc")],
             extra_compile_args=_compile_args(),
             extra_link_args=_link_args(),
             libraries=[] if sys.platform == "win32" else ["m"],

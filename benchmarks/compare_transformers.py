@@ -3,7 +3,7 @@
 Each side runs in its own subprocess (so neither's memory or threads leak into the other): load, prefill a fixed
 prompt, then greedy-decode a few untimed warm-up tokens and N timed ones, one at a time with a KV cache. Reported
 per side: load time, decode tok/s and peak RSS (ru_maxrss: anonymous memory plus the checkpoint pages it touched
-through mmap). The checkpoint is written once (homerun.synthetic, V4-Flash's real per-layer shapes with fewer
+through mmap). The checkpoint is written once (homerun.bench.synthetic, V4-Flash's real per-layer shapes with fewer
 layers, experts and vocabulary) and reused.
 
 The sides alternate (homerun, transformers, homerun, ...) for --repeat rounds, and the figures compared are each
@@ -62,7 +62,7 @@ def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "au
     import homerun  # noqa: F401 - before torch, so homerun's OpenMP wait policy applies as it does in the CLI
     import torch
 
-    from homerun.bench_setup import open_target
+    from homerun.bench.setup import open_target
 
     t0 = time.perf_counter()
     target, backend, _ = open_target(ckpt, kind="native", dtype="float32", device="cpu", act=act)
@@ -129,7 +129,7 @@ def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s
 def _dram_gbps() -> float | None:
     """This machine's DRAM read bandwidth right now (native reader, best of 3), or None without the kernels."""
     try:
-        from homerun.bench_setup import measure_dram_read_gbps
+        from homerun.bench.setup import measure_dram_read_gbps
 
         return measure_dram_read_gbps(reps=3)
     except Exception:  # noqa: BLE001 - a bandwidth note is optional
@@ -137,7 +137,7 @@ def _dram_gbps() -> float | None:
 
 
 def build_checkpoint(layers: int, experts: int, vocab: int | None, root: str | None) -> tuple[str, int]:
-    from homerun.synthetic import build_synthetic
+    from homerun.bench.synthetic import build_synthetic
 
     overrides = {"n_routed_experts": experts, **({"vocab_size": vocab} if vocab else {})}
     syn = build_synthetic("deepseek-ai/DeepSeek-V4-Flash", n_layers=layers, root=root, overrides=overrides)

@@ -1,4 +1,4 @@
-"""A/B of the decode-step thread policy (homerun/cpu_step.py) at a given context, in one process.
+"""A/B of the decode-step thread policy (homerun/kernels/cpu_step.py) at a given context, in one process.
 
 Prefill a random prompt of --context tokens, then decode one token per step, switching the policy on and off
 every step, so both arms see the same context and the same drift of a shared machine's bandwidth. The policy:
@@ -28,8 +28,8 @@ def main() -> int:
     import homerun  # noqa: F401 - before torch, as the CLI does
     import torch
 
-    import homerun.cpu_step as cs
-    from homerun.bench_setup import open_target
+    import homerun.kernels.cpu_step as cs
+    from homerun.bench.setup import open_target
 
     target, _, _ = open_target(a.checkpoint, kind="native", dtype="float32", device="cpu")
     model = target.model

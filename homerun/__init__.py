@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy, so `import homerun` (and the CLI's startup) does not import torch.
     if name == "load":
-        from homerun.runtime import load
+        from homerun.engine.runtime import load
 
         return load
     raise AttributeError(f"module 'homerun' has no attribute {name!r}")

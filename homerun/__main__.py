@@ -1,3 +1,3 @@
-from homerun.cli import main
+from homerun.cli.app import main
 
 main()

@@ -1,2 +1,5 @@
-"""Expert offload: host expert store, GPU expert cache, transfers and CPU expert compute.
-It plugs into the runtime by composition; nothing here imports the CLI."""
+"""Offload: the host expert store, the device expert cache and its policies, transfers, prefetch, the miss policy,
+devices with budgets, and routing traces. It plugs into the engine by composition (an ExpertBackend).
+
+May import: homerun.errors, homerun.formats, homerun.kernels.
+"""

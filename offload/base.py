@@ -2,7 +2,7 @@
 
 The runtime routes (router, top-k, weights) and computes the shared expert itself; everything about where a
 routed expert's bytes live and which device multiplies them is behind `ExpertBackend`. Backends: the plain fp32
-reference below, the native CPU kernels (offload/cpu_experts.py) and the GPU expert cache (offload/cache.py).
+reference below, the native CPU kernels (homerun/kernels/cpu_experts.py) and the GPU expert cache (offload/cache.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from homerun.quant import dequant_fp4, dequant_fp8
+from homerun.formats.quant import dequant_fp4, dequant_fp8
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from homerun.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
+from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
 from offload.base import ExpertBackend, ExpertWeights, swiglu_expert
 from offload.cache import CacheStats, ExpertCache
 from offload.miss_policy import MissPolicy, MissSplit
@@ -29,7 +29,7 @@ _PAIR_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 def _pair_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[256, 2]: packed byte -> (low-nibble value, high-nibble value). E2M1 values and e8m0 scales are exact in
-    fp32 and bf16, so dequantizing in `dtype` gives the same numbers as homerun.quant does in fp32."""
+    fp32 and bf16, so dequantizing in `dtype` gives the same numbers as homerun.formats.quant does in fp32."""
     key = (device, dtype)
     if key not in _PAIR_LUTS:
         b = torch.arange(256)
@@ -39,7 +39,7 @@ def _pair_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def dequant_on_device(w: ExpertWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ExpertWeights.dequant on the weights' own device: one byte-pair gather and a broadcast scale multiply
-    (homerun.quant keeps its table on the CPU and materializes the repeated scales)."""
+    (homerun.formats.quant keeps its table on the CPU and materializes the repeated scales)."""
     if w.fmt != "fp4":
         return w.dequant(dtype)
     lut = _pair_lut(w.w1.device, dtype)

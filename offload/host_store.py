@@ -202,7 +202,7 @@ def random_packed_expert(hidden: int, intermediate: int, generator: torch.Genera
     """A synthetic routed expert in the checkpoint's packed format, for tests and benchmarks. `quantize=True`
     quantizes Gaussian weights (realistic values); False fills codes with random bytes and scales near 2^-4 (fast
     enough for real-shaped multi-GB benchmarks)."""
-    from homerun.quant import float_to_e8m0, quant_fp4, quant_fp8
+    from homerun.formats.quant import float_to_e8m0, quant_fp4, quant_fp8
 
     shapes = {"w1": (intermediate, hidden), "w3": (intermediate, hidden), "w2": (hidden, intermediate)}
     parts = {}

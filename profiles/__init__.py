@@ -1,7 +1,7 @@
 """Hardware profiles: shipped TOML files in this package, a user's own TOML file, or `auto` (detected).
 
 `load_profile(name_or_path)` returns a validated `HardwareProfile`; `list_profiles()` names the shipped ones.
-Detection itself lives in `homerun.hardware` (imported lazily: it may import torch).
+Detection itself lives in `homerun.plan.hardware` (imported lazily: it may import torch).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def load_profile_file(path: Path, source: str | None = None) -> HardwareProfile:
 
 
 def load_profile(name: str) -> HardwareProfile:
-    """A shipped profile by name, or a TOML file by path. (`auto` is handled by homerun.hardware.)"""
+    """A shipped profile by name, or a TOML file by path. (`auto` is handled by homerun.plan.hardware.)"""
     path = Path(name).expanduser()
     if name.endswith(".toml") or path.is_file():
         return load_profile_file(path)

@@ -141,7 +141,7 @@ print(f"hit rate {hit_rate:.3f}; {d['n_copies']} copies, {d['bytes_moved'] / 1e9
 
 # --- 4b. the same decode with misses split between the native CPU kernels and streaming (informational) -----
 try:
-    from offload.cpu_experts import CpuExpertBackend, backend_info
+    from homerun.kernels.cpu_experts import CpuExpertBackend, backend_info
     cpu = CpuExpertBackend(store, swiglu_limit=10.0)
     be2 = build_cached_backend(store, range(n_layers), E, swiglu_limit=10.0, host_store=store, device=device,
                                expert_cache_slots=slots, cpu_backend=cpu, miss_mode="auto",

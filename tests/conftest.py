@@ -52,8 +52,8 @@ def tiny_checkpoint(tiny_checkpoints):
 
 @pytest.fixture
 def cpu_dense():
-    """offload.cpu_dense with its native kernels, or a skip where they were not built."""
-    mod = pytest.importorskip("offload.cpu_dense")
+    """homerun.kernels.cpu_dense with its native kernels, or a skip where they were not built."""
+    mod = pytest.importorskip("homerun.kernels.cpu_dense")
     if not mod.available():
         pytest.skip("native kernels not built")
     return mod

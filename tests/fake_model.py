@@ -70,7 +70,7 @@ class FakeModel:
                     session.tokens.append(ids[i - 1])
                 stop = stop_ids and tid in stop_ids
                 finish = "eos" if stop else ("length" if i + 1 == max_new_tokens else None)
-                # First step: step_s includes the prefill, as in homerun.generate.Step.
+                # First step: step_s includes the prefill, as in homerun.engine.generate.Step.
                 yield FakeStep(tid, i, finish, 0.5 if i == 0 else None, 0.51 if i == 0 else 0.01)
                 if finish:
                     return

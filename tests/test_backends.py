@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import homerun
-from homerun.backends import build_expert_backend, native_available
+from homerun.engine.backends import build_expert_backend, native_available
 from homerun.errors import UsageError
-from homerun.loader import open_checkpoint
+from homerun.formats.loader import open_checkpoint
 
 
 def _backend(path, **kw):
@@ -55,7 +55,7 @@ def test_auto_picks_native_when_built(tiny_checkpoint):
 def test_default_act_is_the_kernels_default_and_stays_close(tiny_checkpoint, ids, ref_logits):
     """The runtime's default expert activations are the kernels' default mode (int8 blocks where a SIMD int8 kernel
     exists): within 2e-2 of the fp32 reference on the logits, and not silently exact (which would mean fp32 ran)."""
-    from offload.cpu_experts import default_act
+    from homerun.kernels.cpu_experts import default_act
 
     model = homerun.load(tiny_checkpoint)
     assert model.stats()["expert_act"] == default_act()

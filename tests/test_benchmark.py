@@ -1,4 +1,4 @@
-"""`homerun bench` (homerun/benchmark.py, homerun/bench_command.py, homerun/synthetic.py) on tiny checkpoints:
+"""`homerun bench` (homerun/bench/model_bench.py, homerun/cli/commands/bench_command.py, homerun/bench/synthetic.py) on tiny checkpoints:
 output formats carry llama-bench's fields, the correctness gate passes on the real path and fails on a perturbed
 backend, cold/warm cache records, --synthetic on a shrunken card, measured.json. Timing never decides pass/fail."""
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from homerun import bench_command as bc
-from homerun import bench_setup as bs
-from homerun import benchmark as hb
+from homerun.cli.commands import bench_command as bc
+from homerun.bench import setup as bs
+from homerun.bench import model_bench as hb
 from homerun.errors import DoesNotFitError, UsageError
 
 QUICK = ["-p", "16", "-n", "4", "-r", "2"]
@@ -33,7 +33,7 @@ def _fast_dram(monkeypatch):
 
 
 def _invoke(*args: str):
-    from homerun.cli import app
+    from homerun.cli.app import app
 
     return CliRunner().invoke(app, ["bench", *args])
 
@@ -50,7 +50,7 @@ class PerturbingBackend:
 
 @pytest.fixture(scope="module")
 def records(tiny_checkpoints):
-    from homerun.hardware import detect
+    from homerun.plan.hardware import detect
 
     prof, _ = detect(measure=False)
     opts = hb.BenchOptions(tests=tuple(hb.build_tests([16], [4], [0])), repetitions=2)
@@ -75,7 +75,7 @@ def test_tests_are_the_llama_bench_product():
 
 
 def test_records_carry_fields_physics_and_gate(records, tiny_checkpoints):
-    from homerun.loader import open_checkpoint
+    from homerun.formats.loader import open_checkpoint
 
     ck = open_checkpoint(tiny_checkpoints["mixed"])
     bpe = ck.expert(1, 0).nbytes
@@ -204,7 +204,7 @@ def test_cli_holds_records_to_the_better_dram_measurement(tiny_checkpoint, monke
 
 
 def test_cli_save_measured_feeds_the_planner(tiny_checkpoint, tmp_path):
-    from homerun.hardware import efficiency_from, load_measured
+    from homerun.plan.hardware import efficiency_from, load_measured
 
     r = _invoke(str(tiny_checkpoint), "-p", "0", "-n", "2", "-r", "1", "--save-measured", "-o", "csv")
     assert r.exit_code == 0, r.output
@@ -253,7 +253,7 @@ def test_dram_reader_measures_something(monkeypatch):
 
 
 def test_layer_mix_follows_the_card():
-    from homerun.synthetic import card_config, layer_mix, layers_that_fit
+    from homerun.bench.synthetic import card_config, layer_mix, layers_that_fit
 
     for card in ("deepseek-ai/DeepSeek-V4-Flash", "v4-pro"):
         _, cfg = card_config(card)
@@ -272,8 +272,8 @@ def test_layer_mix_follows_the_card():
 
 
 def test_synthetic_write_reuse_and_real_shapes(tmp_path):
-    from homerun.loader import open_checkpoint
-    from homerun.synthetic import build_synthetic
+    from homerun.formats.loader import open_checkpoint
+    from homerun.bench.synthetic import build_synthetic
 
     a = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
     assert not a.reused and a.compress_ratios == (4, 128) and a.card_layers == 43
@@ -282,7 +282,7 @@ def test_synthetic_write_reuse_and_real_shapes(tmp_path):
     b = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
     assert b.reused and b.path == a.path
     # without overrides the card's real per-layer shapes are kept (the config only; nothing is written here)
-    from homerun.synthetic import card_config, synthetic_config
+    from homerun.bench.synthetic import card_config, synthetic_config
 
     real = synthetic_config(card_config("v4-pro")[1], 1)
     assert (real["hidden_size"], real["n_routed_experts"], real["moe_intermediate_size"]) == (7168, 384, 3072)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_model import FakeModel
-from homerun.chat import (
+from homerun.chat.session import (
     THINK_MAX_MIN_CONTEXT_TOKENS,
     ChatSession,
     Delta,
@@ -22,8 +22,8 @@ from homerun.chat import (
     load_history,
     save_history,
 )
-from homerun.commands.chat import HELP_TEXT, render_stats
-from homerun.encoding import (
+from homerun.cli.commands.chat import HELP_TEXT, render_stats
+from homerun.chat.encoding import (
     EOS,
     THINK_END,
     THINK_START,
@@ -31,7 +31,7 @@ from homerun.encoding import (
     parse_message_from_completion_text,
 )
 from homerun.errors import ConfigError
-from homerun.tokenizer import StreamDecoder, Tokenizer, build_tiny_tokenizer
+from homerun.formats.tokenizer import StreamDecoder, Tokenizer, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +335,7 @@ def _reader(lines):
 
 
 def test_read_message_continuations_and_blocks():
-    from homerun.commands.chat import read_message
+    from homerun.cli.commands.chat import read_message
 
     read, prompts = _reader(["one \\", "two\\", "three"])
     assert read_message(read) == "one \ntwo\nthree" and prompts == [">>> ", "... ", "... "]
@@ -348,8 +348,8 @@ def test_read_message_continuations_and_blocks():
 def test_render_done_collapses_reasoning_and_renders_markdown():
     from rich.console import Console
 
-    from homerun.chat import TurnStats
-    from homerun.commands.chat import render_done
+    from homerun.chat.session import TurnStats
+    from homerun.cli.commands.chat import render_done
 
     console = Console(record=True, width=80, force_terminal=False)
     msg = {"role": "assistant", "content": "# Title\n\n**bold** \x1b[31mred", "reasoning_content": "step one\nstep two",

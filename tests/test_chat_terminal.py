@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pexpect = pytest.importorskip("pexpect")
-pytest.importorskip("homerun.runtime", reason="the runtime (homerun/runtime.py) is not in this tree yet")
+pytest.importorskip("homerun.engine.runtime", reason="the runtime (homerun/engine/runtime.py) is not in this tree yet")
 
 TIMEOUT_S = 120  # generous: the CI machine is shared; timing never decides pass/fail
 LIVE_REFRESH = "\x1b[2K"  # rich.live clears the line on every refresh after the first: text is streaming

@@ -1,5 +1,5 @@
 """The random-weight checkpoint writer: official files, layout, formats, determinism, and that transformers loads
-the result, dequantizes it exactly like homerun.quant, and sees a non-degenerate lightning indexer."""
+the result, dequantizes it exactly like homerun.formats.quant, and sees a non-degenerate lightning indexer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from homerun.checkpoint import TINY_PRESETS, checkpoint_bytes, tiny_config, tokenizer_vocab_size, write_checkpoint
-from homerun.quant import dequant_fp4, dequant_fp8
-from homerun.v4_layout import v4_tensors
+from homerun.formats.checkpoint import TINY_PRESETS, checkpoint_bytes, tiny_config, tokenizer_vocab_size, write_checkpoint
+from homerun.formats.quant import dequant_fp4, dequant_fp8
+from homerun.formats.v4_layout import v4_tensors
 from tiny import make_checkpoint
 
 _TORCH = {

@@ -5,7 +5,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from homerun.cli import app
+from homerun.cli.app import app
 
 
 def _command_paths() -> list[tuple[str, ...]]:

@@ -11,7 +11,7 @@ import torch
 
 import homerun
 from homerun.errors import ContextFullError
-from homerun.kv import PagedRows, free_memory_bytes
+from homerun.models.kv import PagedRows, free_memory_bytes
 from homerun.models.deepseek_v4 import LAYER_HCA
 
 
@@ -295,7 +295,7 @@ def test_long_run_64k_rss_bounded(tiny_checkpoint):
 
 
 def test_fp8_rows_layout_and_roundtrip():
-    from homerun.kv import Fp8PagedRows, fp8_row_bytes
+    from homerun.models.kv import Fp8PagedRows, fp8_row_bytes
 
     assert fp8_row_bytes(512, 64, False) == 584 and fp8_row_bytes(128, 0, True) == 132  # deepseek-v4.md section 5
     store = Fp8PagedRows(512, torch.float32, "cpu", page_rows=8, rope_dim=64)
@@ -354,8 +354,8 @@ def test_kv_on_gpu_or_host_gives_the_same_logits(tiny_checkpoint):
 
 
 def test_chat_shows_ramp_steps_and_prefill_eta(tiny_checkpoint, monkeypatch):
-    import homerun.commands.chat as chat_cmd
-    from homerun.chat import ChatSession
+    import homerun.cli.commands.chat as chat_cmd
+    from homerun.chat.session import ChatSession
 
     model = homerun.load(tiny_checkpoint, ramp_tokens=[64, 128, 4096], max_chunk_tokens=512, expert_act="fp32")
     chat = ChatSession(model, autosave=False)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from homerun.errors import CheckpointError, KernelError
-from homerun.quant import quant_fp4, quant_fp8
-from offload import cpu_experts as ce
+from homerun.formats.quant import quant_fp4, quant_fp8
+from homerun.kernels import cpu_experts as ce
 from offload.base import ExpertWeights, ReferenceExpertBackend
 
 PATHS = ce.available_paths()
@@ -173,7 +173,7 @@ def test_bad_inputs_raise_typed_errors():
 
 def test_fp8_linear_for_dense_weights_matches_reference():
     # The entry point the runtime uses for CPU-resident FP8 dense/shared weights.
-    from homerun.quant import dequant_fp8
+    from homerun.formats.quant import dequant_fp8
 
     w, s = quant_fp8(torch.randn(300, 260))
     x = torch.randn(3, 260)

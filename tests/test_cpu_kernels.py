@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from homerun.errors import CheckpointError, KernelError, UsageError
-from homerun.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
-from offload import cpu_experts as ce
+from homerun.formats.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
+from homerun.kernels import cpu_experts as ce
 
 PATHS = ce.available_paths()
 FP32_RTOL = 1e-5  # activations stay fp32 on every path
@@ -162,7 +162,7 @@ def test_missing_library_falls_back_to_torch(monkeypatch):
 
 
 def test_bench_kernels_cli_json_has_the_documented_keys():
-    from homerun.cli import app
+    from homerun.cli.app import app
 
     res = CliRunner().invoke(app, ["bench", "--kernels", "--json", "--experts", "2", "--reps", "1"])
     assert res.exit_code == 0, res.output
@@ -176,7 +176,7 @@ def test_bench_kernels_cli_json_has_the_documented_keys():
 
 
 def test_bench_without_model_or_kernels_is_a_usage_error():
-    from homerun.cli import app
+    from homerun.cli.app import app
 
     res = CliRunner().invoke(app, ["bench"])
     # CliRunner bypasses the app's error handler, so the typed error surfaces; the CLI maps it to exit code 2.

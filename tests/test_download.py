@@ -13,8 +13,8 @@ from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 from typer.testing import CliRunner
 
-import homerun.download as dl
-from homerun.download import RECORD_FILE, download, is_needed, read_record
+import homerun.formats.download as dl
+from homerun.formats.download import RECORD_FILE, download, is_needed, read_record
 from homerun.errors import DownloadError, UnknownModelError
 
 COMMIT = "60d8d7070000000000000000000000000000abcd"
@@ -160,7 +160,7 @@ def test_not_a_checkpoint_repo(tmp_path, source):
 
 
 def test_cli_json(tmp_path, source, monkeypatch):
-    from homerun.cli import app
+    from homerun.cli.app import app
 
     hub = FakeHub(source)
     monkeypatch.setattr("huggingface_hub.HfApi", lambda: hub)

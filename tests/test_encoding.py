@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import REFERENCE
-from homerun.encoding import (
+from homerun.chat.encoding import (
     ASSISTANT,
     BOS,
     EOS,

@@ -6,7 +6,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from homerun.encoding import BOS, DSML, EOS, THINK_END, THINK_START, encode_messages, parse_message_from_completion_text
+from homerun.chat.encoding import BOS, DSML, EOS, THINK_END, THINK_START, encode_messages, parse_message_from_completion_text
 
 # Characters that stress the parser (markup, quotes, newlines, the fullwidth bar of the special tokens, non-ASCII).
 ALPHABET = st.sampled_from(list('ab <>/"=\n\\{}[]:,｜▁é中🙂') + ["think", "DSML", "tool_calls", "parameter"])

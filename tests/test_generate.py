@@ -7,7 +7,7 @@ import torch
 
 import homerun
 from homerun.errors import UsageError
-from homerun.generate import FINISH_EOS, FINISH_LENGTH, Step
+from homerun.engine.generate import FINISH_EOS, FINISH_LENGTH, Step
 
 KINDS = ("mixed", "csa", "hca")
 PROMPT_LEN = 600

@@ -7,13 +7,13 @@ import struct
 
 import pytest
 
-from homerun import inventory
+from homerun.plan import inventory
 
 from conftest import REFERENCE, needs_reference
 from homerun.errors import CheckpointError, UnknownModelError
-from homerun.inventory import (DTYPE_BYTES, classify, inventory_file_tensors, inventory_from_config,
+from homerun.plan.inventory import (DTYPE_BYTES, classify, inventory_file_tensors, inventory_from_config,
                                inventory_from_tensors, resolve_model, synth_tensors)
-from homerun.specs import load_card, parse_config
+from homerun.plan.specs import load_card, parse_config
 
 FLASH_TOTAL, FLASH_TENSORS, FLASH_PER_EXPERT = 159_609_485_896, 69_187, 13_369_344
 PRO_TOTAL, PRO_TENSORS, PRO_PER_EXPERT = 864_704_792_696, 145_116, 35_094_528
@@ -150,7 +150,7 @@ TINY = {
 
 def _tensors_for(spec):
     if spec.arch == "deepseek_v4":
-        from homerun.v4_layout import v4_tensors
+        from homerun.formats.v4_layout import v4_tensors
 
         return [(t.name, t.shape, t.dtype) for t in v4_tensors(dict(spec.config))]
     return list(synth_tensors(spec))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from homerun.errors import KernelError
-from homerun.quant import dequant_fp4, quant_fp4
-from offload import cpu_experts as ce
+from homerun.formats.quant import dequant_fp4, quant_fp4
+from homerun.kernels import cpu_experts as ce
 from offload.base import ReferenceExpertBackend
 from test_cpu_experts import make_experts, rel_err  # the same expert fixtures and error measure
 from test_cpu_kernels import extreme_scale_fp4

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from homerun.errors import CheckpointError, ConfigError, ExitCode
-from homerun.loader import QUIRKS, open_checkpoint, read_shard_header
-from homerun.quant import dequant_fp4
-from homerun.v4_layout import v4_tensors
+from homerun.formats.loader import QUIRKS, open_checkpoint, read_shard_header
+from homerun.formats.quant import dequant_fp4
+from homerun.formats.v4_layout import v4_tensors
 from offload.base import ReferenceExpertBackend
 from conftest import REFERENCE, needs_reference
 from tiny import make_checkpoint
@@ -226,7 +226,7 @@ def test_not_a_directory(tmp_path):
 
 _RSS_PROBE = r"""
 import json, sys, time, torch
-from homerun.loader import open_checkpoint
+from homerun.formats.loader import open_checkpoint
 
 def status():
     d = dict(l.split(':', 1) for l in open('/proc/self/status'))
@@ -255,7 +255,7 @@ def test_peak_rss_real_shaped_flash_layer(tmp_path):
     import subprocess
     import sys
 
-    from homerun.checkpoint import flash_shaped_config, write_checkpoint
+    from homerun.formats.checkpoint import flash_shaped_config, write_checkpoint
 
     path = tmp_path / "flash-1layer"
     try:
@@ -278,8 +278,8 @@ def test_validates_the_real_flash_inventory_on_sparse_shards(tmp_path):
     data: ~0 disk) under the initial revision's config.json (no expert_dtype) opens cleanly via the quirk table."""
     import gzip
 
-    from homerun.checkpoint import _header_bytes, _plan_shards
-    from homerun.v4_layout import TensorInfo
+    from homerun.formats.checkpoint import _header_bytes, _plan_shards
+    from homerun.formats.v4_layout import TensorInfo
 
     cfg = json.loads((REFERENCE / "flash-config.json").read_text())
     assert "expert_dtype" not in cfg

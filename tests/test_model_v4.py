@@ -10,7 +10,7 @@ import homerun
 from homerun.errors import ConfigError, UnknownModelError, UsageError
 from homerun.models import deepseek_v4 as v4
 from homerun.models import layers
-from homerun.quant import dequant_fp8, quant_fp8
+from homerun.formats.quant import dequant_fp8, quant_fp8
 from offload.base import ReferenceExpertBackend
 
 KINDS = ("mixed", "csa", "hca")
@@ -302,7 +302,7 @@ class _RecordingBackend:
 
 def test_expert_backend_contract(tiny_checkpoints, models):
     ref = models["hca"]
-    from homerun.loader import open_checkpoint
+    from homerun.formats.loader import open_checkpoint
 
     ckpt = open_checkpoint(tiny_checkpoints["hca"])
     rec = _RecordingBackend(ReferenceExpertBackend(ckpt.expert, swiglu_limit=ref.args.swiglu_limit))
@@ -376,7 +376,7 @@ class _HookedBackend(_RecordingBackend):
 
 
 def test_prefetch_hooks_are_called(tiny_checkpoints, models):
-    from homerun.loader import open_checkpoint
+    from homerun.formats.loader import open_checkpoint
 
     a = models["hca"].args  # layers: hash, hash, top-k
     ckpt = open_checkpoint(tiny_checkpoints["hca"])

@@ -4,9 +4,9 @@ the same fp32 logits as the fully resident model (CPU stand-in device here; test
 import pytest
 import torch
 
-from homerun.loader import open_checkpoint
+from homerun.formats.loader import open_checkpoint
 from homerun.models.deepseek_v4 import ModelArgs
-from homerun.runtime import load
+from homerun.engine.runtime import load
 from offload.cached_backend import build_cached_backend
 from offload.devices import StandInDevice
 

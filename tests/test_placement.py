@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from homerun.errors import ContextFullError, DoesNotFitError, ExitCode, UsageError
-from homerun.inventory import resolve_model
+from homerun.plan.inventory import resolve_model
 from homerun.models.layers import QLinear
-from homerun.placement import Placement, placement_from_plan, require_devices, single_device, split_layers
-from homerun.planner import PlanOptions, activation_bytes, plan
-from homerun.planner_placement import _split_layers
-from homerun.runtime import load
+from homerun.engine.placement import Placement, placement_from_plan, require_devices, single_device, split_layers
+from homerun.plan.planner import PlanOptions, activation_bytes, plan
+from homerun.plan.placement import _split_layers
+from homerun.engine.runtime import load
 from profiles import load_profile
 
 PROMPT_TOKENS = 160
@@ -437,7 +437,7 @@ def test_plan_of_tiny_checkpoint_runs_on_standins(mixed):
 def test_cuda_and_standin_hops(mixed):
     """Real device hops: layer 0 and the head on cuda:0, layer 1 on a CPU stand-in, layer 2 back on cuda:0, with
     resident experts on the GPU and a 1-slot cache on the stand-in."""
-    from homerun.placement import DeviceSpec, LayerPlacement
+    from homerun.engine.placement import DeviceSpec, LayerPlacement
 
     path, base = mixed
     devs = (DeviceSpec("cuda:0", "cuda", 8 << 30), DeviceSpec("standin:1", "standin", 1 << 30, 1))

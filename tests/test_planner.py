@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from homerun.inventory import resolve_model
-from homerun.planner import (RAMP_TOKENS, PlanOptions, assumed_hit_rate, best_miss_split, distributed_launch, plan)
+from homerun.plan.inventory import resolve_model
+from homerun.plan.planner import (RAMP_TOKENS, PlanOptions, assumed_hit_rate, best_miss_split, distributed_launch, plan)
 from profiles import GIB, list_profiles, load_profile
 
 
@@ -16,7 +16,7 @@ def _plan(model, profile, **opts):
 
 
 def run_cli(capsys, *args):
-    from homerun.cli import app
+    from homerun.cli.app import app
 
     with pytest.raises(SystemExit) as exc:
         app(args=list(args), prog_name="homerun")

@@ -16,7 +16,7 @@ VALUE_LINE = re.compile(r"^\s*(\w+)\s*=\s*(-?[\d.]+|true|false|\[.*\])\s*(#.*)?$
 
 
 def run_cli(capsys, *args):
-    from homerun.cli import app
+    from homerun.cli.app import app
 
     with pytest.raises(SystemExit) as exc:
         app(args=list(args), prog_name="homerun")
@@ -104,7 +104,7 @@ def test_profiles_command_lists_and_shows(capsys):
 
 
 def _measured(tmp_path, monkeypatch, data):
-    from homerun.hardware import measured_path
+    from homerun.plan.hardware import measured_path
 
     home = tmp_path / "home"
     monkeypatch.setenv("HOMERUN_HOME", str(home))
@@ -129,7 +129,7 @@ def test_measured_efficiency_changes_the_estimate(tmp_path, monkeypatch, capsys)
                                       ({"schema_version": 1, "bandwidth_gbps": {"nvlink": 1}}, "bandwidth_gbps.nvlink"),
                                       ({"schema_version": 2}, "schema_version")])
 def test_bad_measured_json_names_the_key(tmp_path, monkeypatch, data, key):
-    from homerun.hardware import load_measured
+    from homerun.plan.hardware import load_measured
 
     _measured(tmp_path, monkeypatch, data)
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -137,9 +137,9 @@ def test_bad_measured_json_names_the_key(tmp_path, monkeypatch, data, key):
 
 
 def test_cpu_kernel_fallback_when_native_module_is_missing(monkeypatch):
-    from homerun.hardware import cpu_kernel_info
+    from homerun.plan.hardware import cpu_kernel_info
 
-    monkeypatch.setitem(sys.modules, "offload.cpu_experts", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "homerun.kernels.cpu_experts", None)  # import now raises ImportError
     info = cpu_kernel_info()
     assert info["path"] == "torch" and info["reason"] == "torch (native kernels not built)"
 

@@ -1,4 +1,4 @@
-"""homerun.quant against plain per-element references (bit-exact), including edge blocks, e8m0 extremes, all 16
+"""homerun.formats.quant against plain per-element references (bit-exact), including edge blocks, e8m0 extremes, all 16
 FP4 codes and the nibble order; plus quantizer round-trip properties and the writer's fast FP4 quantizer."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from homerun.checkpoint import _quant_fp4_fast
-from homerun.quant import dequant_fp4, dequant_fp8, e8m0_to_float, quant_fp4, quant_fp8, unpack_fp4
+from homerun.formats.checkpoint import _quant_fp4_fast
+from homerun.formats.quant import dequant_fp4, dequant_fp8, e8m0_to_float, quant_fp4, quant_fp8, unpack_fp4
 
-# E2M1 code -> value, typed from deepseek-v4.md section 4.3 (independent of homerun.quant.FP4_VALUES).
+# E2M1 code -> value, typed from deepseek-v4.md section 4.3 (independent of homerun.formats.quant.FP4_VALUES).
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("homerun.runtime", reason="the runtime (homerun/runtime.py) is not in this tree yet")
+pytest.importorskip("homerun.engine.runtime", reason="the runtime (homerun/engine/runtime.py) is not in this tree yet")
 
 TIMEOUT_S = 180
 EVENTS = {"reasoning", "content", "tool_call", "done"}

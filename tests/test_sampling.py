@@ -1,4 +1,4 @@
-"""homerun.sampling: greedy, temperature, top-k, top-p, seeds and generation_config defaults."""
+"""homerun.engine.sampling: greedy, temperature, top-k, top-p, seeds and generation_config defaults."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from homerun.errors import UsageError
-from homerun.sampling import SamplingParams, filter_logits, make_generator, sample
+from homerun.engine.sampling import SamplingParams, filter_logits, make_generator, sample
 
 
 def _logits(probs: list[float]) -> torch.Tensor:

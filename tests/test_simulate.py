@@ -6,7 +6,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from homerun.commands.simulate import register
+from homerun.cli.commands.simulate import register
 from homerun.errors import ConfigError, UsageError
 from offload.base import ReferenceExpertBackend
 from offload.policies import POLICIES, LRUPolicy, replay_hits

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from homerun.errors import ConfigError, UnknownModelError
-from homerun.specs import card_index, find_card, kv_layout, load_card, parse_config, read_json
+from homerun.plan.specs import card_index, find_card, kv_layout, load_card, parse_config, read_json
 
 FLASH = "deepseek-ai/DeepSeek-V4-Flash"
 PRO = "deepseek-ai/DeepSeek-V4-Pro"

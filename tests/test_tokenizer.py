@@ -1,4 +1,4 @@
-"""homerun.tokenizer: ids by text, atomic special tokens, round trips, and streaming decode of split UTF-8."""
+"""homerun.formats.tokenizer: ids by text, atomic special tokens, round trips, and streaming decode of split UTF-8."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from homerun.errors import CheckpointError
-from homerun.tokenizer import BOS_TEXT, EOS_TEXT, SPECIAL_TOKENS, Tokenizer, build_tiny_tokenizer
+from homerun.formats.tokenizer import BOS_TEXT, EOS_TEXT, SPECIAL_TOKENS, Tokenizer, build_tiny_tokenizer
 
 TEXT = "Hello, world! Café 你好，世界 😀🚀 — “quotes” ∑ ∫ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"
 

@@ -1,7 +1,7 @@
 """Tiny official-format DeepSeek-V4 checkpoints for tests (random weights, a few MB each).
 
 `make_checkpoint(tmp_path, kind, **overrides)` writes one; the session fixture `tiny_checkpoints` (conftest.py)
-writes the three presets once per test session. Presets (homerun.checkpoint.TINY_PRESETS), all hidden 256,
+writes the three presets once per test session. Presets (homerun.formats.checkpoint.TINY_PRESETS), all hidden 256,
 4 heads x head_dim 128 (rope 64), q/o lora 128, o_groups 2, expert width 128, FP4 experts, 16 indexer heads,
 vocab 512 (= the shipped tokenizer), MTP block with a sliding layer:
   mixed: 3 layers [SWA, CSA, HCA], 1 hash layer, 8 experts top-2, index_topk 16, window 128
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from homerun.checkpoint import TINY_PRESETS, tiny_config, write_checkpoint
+from homerun.formats.checkpoint import TINY_PRESETS, tiny_config, write_checkpoint
 
 TINY_KINDS: tuple[str, ...] = tuple(TINY_PRESETS)
 # Small enough that every tiny checkpoint spans several shards, so the index and multi-file paths are exercised.

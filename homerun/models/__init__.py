@@ -1,4 +1,8 @@
-"""Model architectures, one pure-math module per HF `model_type`. `model_module(model_type)` finds the module."""
+"""Models: one pure-math module per HF `model_type` (`model_module(model_type)` finds it), the linear layers over
+weights kept as stored, and the paged KV rows as a data structure.
+
+May import: homerun.errors, homerun.formats, homerun.kernels.
+"""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ Deliberate differences from transformers (none changes fp32 results beyond round
     (official kernel behaviour; HF uses the model dtype, so bf16 runs differ at bf16 rounding);
   * CSA attention gathers only the indexer's top-k entries per query instead of masking a dense
     [T, n_entries] score matrix, and the indexer's top-k is merged one KV page at a time (scores [q, Hi, page],
-    never [q, n_entries]); query blocks bound the temporaries. Entry stores are paged (`homerun.kv`).
+    never [q, n_entries]); query blocks bound the temporaries. Entry stores are paged (`homerun.models.kv`).
 MTP (`mtp.*`) is not part of the forward: the loader may hold its tensors, this module never reads them.
 """
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from homerun.errors import ConfigError
-from homerun.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
+from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
 from homerun.models.layers import NATIVE_HC_MAX_ROWS, Projections, QLinear, native_bf16, native_hc, native_sinkhorn
 
 LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
@@ -272,7 +272,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
 # ------------------------------------------------------------------------------------------------------ state
 
 
-# Entry stores are paged (homerun.kv): growing never copies the stored rows.
+# Entry stores are paged (homerun.models.kv): growing never copies the stored rows.
 RowStore = PagedRows
 
 
@@ -450,7 +450,7 @@ class DeepseekV4:
     ) -> list[LayerState]:
         """Empty per-layer states. Entry stores are paged (`page_tokens` tokens of context per page) on kv_device
         (default: each layer's device); the sliding window and open windows stay on the layer's device in the
-        compute dtype. kv_dtype: "auto" (entries in the compute dtype: exact), "bf16", or "fp8" (homerun.kv
+        compute dtype. kv_dtype: "auto" (entries in the compute dtype: exact), "bf16", or "fp8" (homerun.models.kv
         Fp8PagedRows, lossy). accounts: one budgeted device per layer (offload.devices.Device) that allocates and
         charges that layer's pages (a placed model); it overrides kv_device."""
         a, dt = self.args, self.compute_dtype
@@ -743,7 +743,7 @@ class DeepseekV4:
             rows.append(comp.store.gather(sel)[0].float())  # k <= n_closed picks, all closed
         kv = torch.cat(rows) if len(rows) > 1 else kw
         native = native_hc() if q1.device.type == "cpu" and q1.dtype == torch.float32 else None
-        if native is not None:  # every core, while torch's ops of a decode step run on one (homerun.cpu_step)
+        if native is not None:  # every core, while torch's ops of a decode step run on one (homerun.kernels.cpu_step)
             return native.attend_one(q1, kv, sink.reshape(-1), scale)
         logits = torch.cat([torch.mm(q1, kv.T) * scale, sink.view(-1, 1)], dim=1)  # (H, N + 1)
         probs = torch.softmax(logits, dim=-1)

@@ -2,7 +2,7 @@
 
 `QLinear` computes y = x W^T without a resident dequantized copy. On the CPU with fp32 activations and at most
 `NATIVE_FP8_MAX_ROWS` rows (decode, small batches) it calls the native kernels (`hr_fp8_gemm`, `hr_bf16_gemm`,
-bound once per weight by `offload.cpu_dense.bind_linear`): exact products, fp32 sums. Otherwise it dequantizes in
+bound once per weight by `homerun.kernels.cpu_dense.bind_linear`): exact products, fp32 sums. Otherwise it dequantizes in
 row blocks of at most `BLOCK_ELEMS` elements and uses the BLAS GEMM. Not here: the routed experts (offload.base.ExpertBackend).
 """
 
@@ -13,11 +13,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from homerun.quant import FP8_BLOCK, dequant_fp8, e8m0_to_float
+from homerun.formats.quant import FP8_BLOCK, dequant_fp8, e8m0_to_float
 
 # Dequantized weight blocks are kept under this many elements.
 BLOCK_ELEMS = 1 << 24
-# FP8 and bf16 matmuls of at most this many rows on CPU/fp32 use the native kernels (offload.cpu_dense.bind_linear)
+# FP8 and bf16 matmuls of at most this many rows on CPU/fp32 use the native kernels (homerun.kernels.cpu_dense.bind_linear)
 # when built: no dequantized copy, fp32 accumulation. Larger batches dequantize in
 # row blocks and use the BLAS GEMM.
 NATIVE_FP8_MAX_ROWS = 64
@@ -29,13 +29,13 @@ NATIVE_HC_MAX_ROWS = 64
 
 
 def native_dense() -> Any:
-    """The `offload.cpu_dense` module when its native kernels are built, else None (resolved once); it ignores
+    """The `homerun.kernels.cpu_dense` module when its native kernels are built, else None (resolved once); it ignores
     USE_NATIVE_LINEAR, which the per-op hooks below honour."""
     global _dense_module
     if _dense_module is None:
         _dense_module = False
         try:
-            from offload import cpu_dense
+            from homerun.kernels import cpu_dense
 
             if cpu_dense.available():
                 _dense_module = cpu_dense
@@ -168,7 +168,7 @@ class QLinear:
 class Projections:
     """Linears of one input (a layer's attention input feeds wq_a, wkv and the compressors' and indexer's
     projections; its MoE input the router and the shared expert's w1, w3). Decode-sized fp32 CPU inputs run them
-    as one native call (`offload.cpu_dense.bind_multi`); otherwise, or with any weight not bindable, one call each."""
+    as one native call (`homerun.kernels.cpu_dense.bind_multi`); otherwise, or with any weight not bindable, one call each."""
 
     __slots__ = ("lins", "_multi")
 

@@ -1,0 +1,512 @@
+"""llama-bench-style model benchmarks: pp/tg tests at a context depth, avg ± sd over repetitions after a warm-up,
+cold and warm expert-cache numbers reported separately, and the physics in every record (bytes per second over
+each link against the machine's measured limits, expert hit rate, the plan's prediction as a ratio), plus the
+correctness gate (the benchmarked path's logits against the plain fp32 reference path on a fixed prompt).
+
+Timings exclude tokenization and sampling (as llama-bench's do): tests feed deterministic synthetic token ids
+straight into a session; filling the context to the test's depth is not timed. This module does no printing;
+`homerun.cli.commands.bench_command` renders the records. Timing never decides pass/fail; only the correctness gate does.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+# Fields llama-bench emits; our records reuse these names where they exist.
+LLAMA_BENCH_FIELDS = (
+    "build_commit", "cpu_info", "gpu_info", "backends", "model_type", "model_size", "model_n_params", "n_threads",
+    "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
+    "samples_ts",
+)
+GATE_PROMPT_TOKENS = 16
+GATE_SEED = 1234
+# Relative max-abs logit error allowed against the fp32 reference: fp32 paths differ only in summation order;
+# bf16/fp16 compute rounds activations (the style guide's bf16 tolerance is 3e-2).
+GATE_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# int8 expert activations (the kernels' default mode) round each expert input to 1/127 of its 32-block's max: about
+# 5e-3 per matmul, 5e-3 to 1e-2 on logits; a wrong build (bad scales, swapped nibbles) is off by far more.
+GATE_TOL_INT8 = 3e-2
+# The reference dequantizes non-expert FP8 weights to fp32 at load only when that stays small.
+REFERENCE_FP32_MAX_BYTES = 512 * 2**20
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+
+
+@dataclass(frozen=True)
+class BenchTest:
+    n_prompt: int
+    n_gen: int
+    n_depth: int = 0
+
+    @property
+    def name(self) -> str:
+        base = f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        return f"{base} @ d{self.n_depth}" if self.n_depth else base
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prompt or self.n_gen
+
+
+def build_tests(prompts: Sequence[int], gens: Sequence[int], depths: Sequence[int]) -> list[BenchTest]:
+    """The product llama-bench runs: every pp and every tg test at every depth (0 means none)."""
+    tests = []
+    for d in depths or [0]:
+        tests += [BenchTest(p, 0, d) for p in prompts if p > 0]
+        tests += [BenchTest(0, g, d) for g in gens if g > 0]
+    return tests
+
+
+def synthetic_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """Deterministic token ids, avoiding the low ids where special tokens live, so A/B runs route identically."""
+    g = torch.Generator().manual_seed(seed)
+    lo = min(256, vocab // 4)
+    return torch.randint(lo, vocab, (n,), generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- instrumentation
+
+
+class CountingBackend:
+    """Wraps an ExpertBackend and counts what each call touches: unique experts per layer call and their packed
+    bytes (the bytes a call must read), by composition, without changing the wrapped backend."""
+
+    def __init__(self, inner: Any, bytes_per_expert: int):
+        self.inner = inner
+        self.bytes_per_expert = bytes_per_expert
+        self.calls = 0
+        self._loads = 0
+        self._pending: list[torch.Tensor] = []  # ids of calls not counted yet: counted when read, off the timed path
+
+    @property
+    def expert_loads(self) -> int:
+        """Unique experts summed over the calls so far."""
+        if self._pending:
+            self._loads += sum(int(torch.unique(ids).numel()) for ids in self._pending)
+            self._pending.clear()
+        return self._loads
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_loads * self.bytes_per_expert
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self._pending.append(expert_ids)  # a torch.unique per call (~65 us) would be timed with the decode step
+        return self.inner.forward(layer, x, expert_ids, expert_weights)
+
+    def __getattr__(self, name: str) -> Any:  # stats(), prefetch hooks, close() of the wrapped backend
+        return getattr(self.inner, name)
+
+
+def cache_counters(backend: Any) -> tuple[int, int, int]:
+    """(hits, misses, bytes moved into the cache) from an expert backend's stats; zeros when it has no cache."""
+    fn = getattr(backend, "stats", None)
+    if not callable(fn):
+        return 0, 0, 0
+    try:
+        s = fn()
+    except Exception:  # noqa: BLE001 - a backend's stats must never break a benchmark
+        return 0, 0, 0
+    d = s.to_dict() if hasattr(s, "to_dict") else dict(s or {})
+    parts = [b.get("cache", b) for b in d["backends"]] if "backends" in d else [d.get("cache", d)]
+    return tuple(int(sum(p.get(k, 0) for p in parts)) for k in ("hits", "misses", "bytes_moved"))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float
+    expert_bytes: int
+    hits: int
+    misses: int
+    moved_bytes: int
+    forward_passes: int  # chunks of the timed feeds: each reads every resident weight once
+
+
+def time_test(model: Any, counter: CountingBackend, test: BenchTest, seed: int) -> Sample:
+    """One repetition: fill the context to the test's depth (untimed), then time pp (one feed of n_prompt tokens)
+    or tg (n_gen feeds of one token each), counting only what the timed part touches."""
+    vocab = model.args.vocab_size
+    sess = model.session()
+    if test.n_depth:
+        sess.feed(synthetic_ids(test.n_depth, vocab, seed + 1))
+    ids = synthetic_ids(test.n_tokens, vocab, seed + 2)
+    loads0, (h0, m0, b0) = counter.expert_loads, cache_counters(counter.inner)
+    t0 = time.perf_counter()
+    if test.n_prompt:
+        sess.feed(ids)
+        passes = math.ceil(len(ids) / model.max_chunk_tokens)
+    else:
+        for t in ids:
+            sess.feed([t])
+        passes = len(ids)
+    seconds = time.perf_counter() - t0
+    h1, m1, b1 = cache_counters(counter.inner)
+    return Sample(seconds, (counter.expert_loads - loads0) * counter.bytes_per_expert, h1 - h0, m1 - m0, b1 - b0,
+                  passes)
+
+
+# ------------------------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The machine's measured limits in GB/s (None where not measured) and how they were obtained."""
+
+    dram_read_gbps: float | None = None
+    h2d_gbps: float | None = None
+    vram_gbps: float | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LinkUse:
+    bytes: float
+    gbps: float
+    limit_gbps: float | None
+    ratio: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    """One row: llama-bench's fields where they exist, then homerun's physics, prediction and gate."""
+
+    model: str
+    test: str
+    cache: str  # "warm" (after a warm-up), "cold" (first pass after a fresh cache) or "extrapolated"
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+    samples_ns: list[int]
+    samples_ts: list[float]
+    avg_ns: int
+    stddev_ns: int
+    avg_ts: float
+    stddev_ts: float
+    test_time: str
+    model_type: str
+    model_size: int
+    model_n_params: int
+    n_layers: int
+    backend: str
+    backends: str
+    profile: str
+    gpu_experts: int
+    expert_cache_slots: int | None
+    hit_rate: float | None
+    links: dict[str, LinkUse]
+    predicted_ts: float | None
+    prediction_ratio: float | None
+    extrapolated: bool
+    extrapolation: str
+    correctness: dict[str, Any]
+    build_commit: str
+    homerun_version: str
+    torch_version: str
+    cpu_info: str
+    gpu_info: str
+    n_threads: int
+    kernel_path: str
+    limits: Limits
+    ms_per_token: float = 0.0
+    ms_per_layer: float = 0.0  # ms_per_token / n_layers: includes each layer's share of embedding and head
+    notes: tuple[str, ...] = ()
+    synthetic: dict[str, Any] | None = None  # --synthetic: the written model (card, layers, bytes, write time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["links"] = {k: v.to_dict() for k, v in self.links.items()}
+        d["limits"] = self.limits.to_dict()
+        d["notes"] = list(self.notes)
+        return d
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What is benchmarked and where: the fields every record of one model/backend shares."""
+
+    model: str
+    model_type: str
+    model_size: int
+    model_n_params: int
+    n_layers: int
+    backend: str
+    profile: str
+    gpu_experts: int
+    expert_cache_slots: int | None
+    limits: Limits
+    correctness: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+
+def _link(nbytes: float, seconds: float, limit: float | None) -> LinkUse:
+    gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+    return LinkUse(bytes=float(nbytes), gbps=gbps, limit_gbps=limit, ratio=(gbps / limit) if limit else None)
+
+
+def links_for(samples: Sequence[Sample], *, resident_bytes: int, on_gpu: bool, has_cache: bool, bytes_per_expert: int,
+              limits: Limits) -> tuple[dict[str, LinkUse], float | None]:
+    """Bytes per second over each link for these samples, and the expert-cache hit rate (None without a cache).
+
+    Resident (non-expert) weights are read once per forward pass from the model's memory; cache hits from the
+    cache's device; misses are streamed (bytes the cache copied) or computed on the CPU from DRAM (the rest)."""
+    seconds = sum(s.seconds for s in samples)
+    resident = resident_bytes * sum(s.forward_passes for s in samples)
+    experts = sum(s.expert_bytes for s in samples)
+    hits, misses = sum(s.hits for s in samples), sum(s.misses for s in samples)
+    moved = sum(s.moved_bytes for s in samples)
+    hit_bytes = hits * bytes_per_expert if has_cache else 0
+    cpu_expert_bytes = max(experts - hit_bytes - moved, 0) if has_cache else experts
+    links = {"dram": _link((0 if on_gpu else resident) + cpu_expert_bytes, seconds, limits.dram_read_gbps)}
+    if on_gpu or has_cache:
+        vram_limit = limits.vram_gbps if on_gpu else limits.dram_read_gbps  # a CPU stand-in "GPU" is host RAM
+        links["vram"] = _link((resident if on_gpu else 0) + hit_bytes, seconds, vram_limit)
+    if has_cache:
+        links["pcie"] = _link(moved, seconds, limits.h2d_gbps if on_gpu else limits.dram_read_gbps)
+    hit_rate = hits / (hits + misses) if has_cache and hits + misses else None
+    return links, hit_rate
+
+
+def with_dram_limit(rec: "BenchRecord", dram_gbps: float, predicted_ts: float | None, source: str) -> "BenchRecord":
+    """The record against a better DRAM read measurement: every link whose limit was the old DRAM figure (the
+    CPU's reads, and a CPU stand-in's "VRAM"/"PCIe") gets the new one, and the prediction its new value."""
+    old = rec.limits.dram_read_gbps
+    links = {k: (replace(v, limit_gbps=dram_gbps, ratio=v.gbps / dram_gbps) if v.limit_gbps == old and old else v)
+             for k, v in rec.links.items()}
+    limits = replace(rec.limits, dram_read_gbps=dram_gbps, source=source)
+    return replace(rec, links=links, limits=limits, predicted_ts=predicted_ts,
+                   prediction_ratio=(rec.avg_ts / predicted_ts) if predicted_ts else None)
+
+
+def make_record(info: RunInfo, test: BenchTest, cache: str, samples: Sequence[Sample], links: dict[str, LinkUse],
+                hit_rate: float | None, predicted_ts: float | None, host: dict[str, Any]) -> BenchRecord:
+    ns = [int(s.seconds * 1e9) for s in samples]
+    ts = [test.n_tokens / s.seconds for s in samples]
+    avg_ts = statistics.fmean(ts)
+    return BenchRecord(
+        model=info.model, test=test.name, cache=cache, n_prompt=test.n_prompt, n_gen=test.n_gen, n_depth=test.n_depth,
+        samples_ns=ns, samples_ts=ts, avg_ns=int(statistics.fmean(ns)),
+        stddev_ns=int(statistics.stdev(ns)) if len(ns) > 1 else 0,
+        avg_ts=avg_ts, stddev_ts=statistics.stdev(ts) if len(ts) > 1 else 0.0,
+        test_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model_type=info.model_type, model_size=info.model_size, model_n_params=info.model_n_params,
+        n_layers=info.n_layers, backend=info.backend, profile=info.profile, gpu_experts=info.gpu_experts,
+        expert_cache_slots=info.expert_cache_slots, hit_rate=hit_rate, links=links, predicted_ts=predicted_ts,
+        prediction_ratio=(avg_ts / predicted_ts) if predicted_ts else None, extrapolated=False, extrapolation="",
+        correctness=info.correctness, limits=info.limits, notes=info.notes, **host,
+        ms_per_token=statistics.fmean(ns) / 1e6 / test.n_tokens,
+        ms_per_layer=statistics.fmean(ns) / 1e6 / test.n_tokens / info.n_layers,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class BenchTarget:
+    """A loaded model plus how to give it a fresh expert backend (a cold cache) and what that backend is."""
+
+    model: Any
+    make_backend: Callable[[], Any]
+    bytes_per_expert: int
+    has_cache: bool
+    counter: CountingBackend | None = None
+    act: str = "fp32"  # the expert activation mode that runs (int8/bf16 widen the correctness gate's tolerance)
+
+    def fresh_backend(self) -> CountingBackend:
+        old = self.counter
+        self.counter = CountingBackend(self.make_backend(), self.bytes_per_expert)
+        self.model.net.experts = self.counter
+        if old is not None and callable(getattr(old.inner, "close", None)):
+            old.inner.close()
+        return self.counter
+
+
+def run_test(target: BenchTarget, test: BenchTest, *, repetitions: int, seed: int, info: RunInfo,
+             predicted_ts: float | None, host: dict[str, Any],
+             on_sample: Callable[[str, str, int], None] | None = None) -> list[BenchRecord]:
+    """With a cache: a cold record (first pass after a fresh cache), then the warm record (after a warm-up);
+    without one, only the warm record."""
+    model = target.model
+    resident = model.net.resident_bytes() - model.net.embed.numel() * model.net.embed.element_size()
+    on_gpu = model.device.type == "cuda"
+    phases = [("cold", 1), ("warm", repetitions)] if target.has_cache else [("warm", repetitions)]
+    records = []
+    for cache, reps in phases:
+        if cache == "cold":
+            target.fresh_backend()
+        else:
+            time_test(model, target.counter, test, seed)  # warm-up: caches, page cache, allocator
+        samples = []
+        for r in range(reps):
+            samples.append(time_test(model, target.counter, test, seed))
+            if on_sample is not None:
+                on_sample(test.name, cache, r)
+        links, hit = links_for(samples, resident_bytes=resident, on_gpu=on_gpu, has_cache=target.has_cache,
+                               bytes_per_expert=target.bytes_per_expert, limits=info.limits)
+        records.append(make_record(info, test, cache, samples, links, hit, predicted_ts, host))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- correctness gate
+
+
+def reference_weights_dtype(model: Any) -> str:
+    """fp32 (FP8 weights dequantized once, a different code path) when small; else the same FP8 with fp32 compute."""
+    return "fp32" if model.net.resident_bytes() * 4 <= REFERENCE_FP32_MAX_BYTES else "fp8"
+
+
+def correctness_gate(model: Any, reference: Any, *, n_tokens: int = GATE_PROMPT_TOKENS, tol: float | None = None,
+                     reference_label: str = "", act: str = "fp32") -> dict[str, Any]:
+    """Logits of the benchmarked path vs the plain fp32 reference path (`reference`: a loaded Model, or a
+    callable ids -> logits) on a fixed prompt. `ok: false` must be flagged loudly by the caller."""
+    ids = synthetic_ids(n_tokens, model.args.vocab_size, seed=GATE_SEED)
+    got = model.logits(ids).float()
+    ref = (reference.logits(ids) if hasattr(reference, "logits") else reference(ids)).float()
+    if tol is None:
+        quantized = act in ("int8", "bf16") and model.dtype == torch.float32
+        tol = GATE_TOL_INT8 if quantized else GATE_TOL.get(model.dtype, 5e-2)
+    finite = bool(torch.isfinite(got).all())
+    scale = float(ref.abs().max()) or 1.0
+    err = float((got - ref).abs().max()) / scale if finite else math.inf
+    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    return {"ok": bool(finite and err <= tol), "max_rel_err": err, "tol": tol, "argmax_agreement": agree,
+            "prompt_tokens": n_tokens, "reference": reference_label or "plain fp32 path"}
+
+
+# --------------------------------------------------------------------------------------------------- one bench run
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    tests: tuple[BenchTest, ...]
+    repetitions: int = 5
+    seed: int = 0
+    kind: str = "native"  # expert backend: native | reference
+    act: str = "auto"  # native kernels' activation mode: auto (the kernels' default) | fp32 | int8 | bf16
+    cache_slots: tuple[int | None, ...] = (None,)  # one run per value; None = no expert cache
+    dtype: str = "float32"
+    gate: bool = True
+
+
+def load_reference(path: str | Path, *, resident_bytes: int) -> tuple[Any, str]:
+    """The plain fp32 path, independent of the runtime's defaults: ReferenceExpertBackend (dequantize each selected
+    expert, multiply in fp32), fp32 compute, FP8 weights dequantized once at load when small (else the same FP8
+    weights dequantized per matmul). Returns (model, label)."""
+    import homerun
+    from homerun.formats.loader import open_checkpoint
+    from homerun.models.deepseek_v4 import ModelArgs
+    from offload.base import ReferenceExpertBackend
+
+    ckpt = open_checkpoint(Path(path))
+    args = ModelArgs.from_hf_config(ckpt.config)
+    backend = ReferenceExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, compute_dtype=torch.float32)
+    wd = "fp32" if resident_bytes * 4 <= REFERENCE_FP32_MAX_BYTES else "fp8"
+    ref = homerun.load(path, dtype="float32", weights_dtype=wd, device="cpu", expert_backend=backend)
+    label = ("plain fp32 path: ReferenceExpertBackend, fp32 compute, FP8 weights dequantized to fp32 at load"
+             if wd == "fp32" else "plain fp32 path: ReferenceExpertBackend, fp32 compute on the same FP8 weights")
+    return ref, label
+
+
+def reference_logits(path: str | Path, vocab_size: int, *, resident_bytes: int) -> tuple[torch.Tensor, str]:
+    """Logits of the plain fp32 path on the gate's fixed prompt. The reference model is dropped before returning,
+    so it never sits in RAM next to the benchmarked one."""
+    ref, label = load_reference(path, resident_bytes=resident_bytes)
+    logits = ref.logits(synthetic_ids(GATE_PROMPT_TOKENS, vocab_size, seed=GATE_SEED))
+    del ref
+    return logits, label
+
+
+def bench_model(
+    path: str | Path,
+    opts: BenchOptions,
+    *,
+    model_name: str,
+    profile: Any,
+    limits: Limits,
+    efficiency: Any = None,
+    hit_rate: float | None = None,
+    make_backend_hook: Callable[[Any], Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRecord]:
+    """Benchmark one checkpoint: per cache setting, load, gate, then every test (cold/warm). `make_backend_hook`
+    wraps each fresh backend (tests use it to plant a wrong backend and see the gate fail)."""
+    from homerun.bench.setup import host_info, open_target, plan_predictions, predicted_for
+
+    say = progress or (lambda msg: None)
+    host = host_info()
+    plans = plan_predictions(str(path), profile, opts.tests, efficiency=efficiency, hit_rate=hit_rate)
+
+    def pred(test: BenchTest) -> float | None:
+        return predicted_for(test, plans(test))
+
+    ref = None
+    if opts.gate:  # first, so the reference model never sits in RAM next to the benchmarked one
+        say("correctness gate: reference logits (plain fp32 path)")
+        ref = reference_logits(path, _vocab(path), resident_bytes=_resident_estimate(path))
+    records: list[BenchRecord] = []
+    for slots in opts.cache_slots:
+        say(f"loading {path} ({opts.kind} experts{'' if slots is None else f', cache of {slots} slots'})")
+        target, label, notes = open_target(path, kind=opts.kind, cache_slots=slots, dtype=opts.dtype, act=opts.act)
+        if make_backend_hook is not None:
+            target.make_backend = (lambda inner: (lambda: make_backend_hook(inner())))(target.make_backend)
+            target.fresh_backend()
+        gate: dict[str, Any] = {"ok": None, "skipped": True}
+        if ref is not None:
+            say("correctness gate: benchmarked path")
+            gate = correctness_gate(target.model, lambda ids: ref[0], reference_label=ref[1], act=target.act)
+        info = _run_info(target.model, path, model_name=model_name, label=label, profile=profile, slots=slots,
+                         limits=limits, gate=gate, notes=tuple(notes))
+        for test in opts.tests:
+            say(f"{test.name}: {opts.repetitions} repetitions")
+            records += run_test(target, test, repetitions=opts.repetitions, seed=opts.seed, info=info,
+                                predicted_ts=pred(test), host=host)
+        if callable(getattr(target.counter.inner, "close", None)):
+            target.counter.inner.close()
+        del target
+    return records
+
+
+def _vocab(path: str | Path) -> int:
+    import json
+
+    return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
+
+
+def _resident_estimate(path: str | Path) -> int:
+    """Non-expert bytes of a checkpoint from its headers (what the reference would dequantize)."""
+    from homerun.formats.loader import open_checkpoint
+
+    ckpt = open_checkpoint(Path(path))
+    return sum(ckpt.stored(n).nbytes for n in ckpt.names if ".experts." not in n and not n.startswith("mtp."))
+
+
+def _run_info(model: Any, path: str | Path, *, model_name: str, label: str, profile: Any, slots: int | None,
+              limits: Limits, gate: dict[str, Any], notes: tuple[str, ...]) -> RunInfo:
+    from homerun.plan.inventory import resolve_model
+
+    spec, inv = resolve_model(str(path))
+    n_params = sum(v for k, v in inv.params_by_class.items() if k != "mtp")
+    size = inv.total_bytes - inv.mtp_bytes
+    size_label = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+    mtype = f"{spec.arch} {size_label} {spec.expert_format} experts"
+    on_gpu = model.device.type == "cuda"
+    return RunInfo(model=model_name, model_type=mtype, model_size=size, model_n_params=n_params,
+                   n_layers=model.args.n_layers, backend=label, profile=getattr(profile, "name", str(profile)),
+                   gpu_experts=(slots or 0) if on_gpu else 0, expert_cache_slots=slots, limits=limits,
+                   correctness=gate, notes=notes)

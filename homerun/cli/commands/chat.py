@@ -1,0 +1,494 @@
+"""`homerun chat MODEL`: the interactive terminal (streaming, dim reasoning collapsed when done, markdown answers,
+slash commands, multi-line input, Ctrl-C stops a generation, Ctrl-D exits). Also the shared model opening with
+load progress and the plan summary, used by `homerun run`.
+
+The conversation logic lives in `homerun.chat.session`; this module only reads input and renders. `--json` turns the
+terminal into a line protocol for scripts: each stdin line is a message or a slash command, events go out as JSONL.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.markup import escape
+from rich.text import Text
+from typing_extensions import Annotated
+
+from homerun.chat.session import THINK_MODES, ChatSession, Delta, SamplingSettings, TurnDone, check_think_max
+from homerun.errors import HomerunError, UsageError
+from homerun.cli.output import Output
+
+HELP_TEXT = """Commands:
+  /think off|high|max   thinking mode (off = direct answer; high = reasoning; max = deepest, needs 384K context)
+  /system TEXT          set the system prompt (no TEXT clears it)
+  /reset                start a new conversation (keeps mode and system prompt)
+  /save [FILE]          save the history (default: the autosave file under HOMERUN_HOME/chats)
+  /load FILE            load a saved history and continue it
+  /stats                speed, expert-cache hit rate, context used/capacity
+  /set NAME VALUE       sampling: temperature, top-p, top-k, seed, max-new-tokens ("none" unsets)
+  /reasoning            show the full reasoning of the last answer
+  /help                 this list
+  /exit                 leave (Ctrl-D too)
+Input: end a line with \\ to continue it; a line holding only \"\"\" opens/closes a multi-line block.
+Ctrl-C stops a generation and keeps the conversation."""
+
+CONTINUE_PROMPT = "... "
+USER_PROMPT = ">>> "
+BLOCK_FENCE = '"""'
+
+
+# ---------------------------------------------------------------- model opening (shared with `run`)
+
+
+def checkpoint_bytes(path: str) -> int | None:
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    return sum(p.stat().st_size for p in root.glob("*.safetensors")) or None
+
+
+def _load_fn():
+    try:
+        from homerun.engine.runtime import load
+    except ImportError:
+        import homerun
+
+        load = getattr(homerun, "load", None)
+        if load is None:
+            raise UsageError("the homerun runtime is not installed in this tree",
+                             hint="homerun/engine/runtime.py provides homerun.load") from None
+    return load
+
+
+def open_model(path: str, out: Output, load_options: Optional[dict[str, Any]] = None) -> Any:
+    """Load with progress on stderr (GB, GB/s, ETA when the loader reports progress)."""
+    load = _load_fn()
+    total = checkpoint_bytes(path)
+    total_txt = f"{total / 1e9:.2f} GB" if total else "size unknown"
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {k: v for k, v in (load_options or {}).items() if v is not None}
+    status = None if out.json_mode else out.err.status(f"Loading {escape(path)} ({total_txt})")
+    if status is not None and "progress" in inspect.signature(load).parameters:
+        def progress(stage: str, done: int, total_steps: int) -> None:
+            # The loader reports steps (layers); bytes are estimated pro rata from the checkpoint size.
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            frac = done / total_steps if total_steps else 0.0
+            eta = elapsed * (1 - frac) / frac if frac > 0 else None
+            head = f"Loading {stage} {done}/{total_steps}"
+            if total:
+                head += f" · {frac * total / 1e9:.2f}/{total / 1e9:.2f} GB · {frac * total / 1e9 / elapsed:.2f} GB/s"
+            status.update(head + (f" · ETA {eta:.0f} s" if eta is not None else ""))
+        kwargs["progress"] = progress
+    if status is not None:
+        status.start()
+    try:
+        model = load(path, **kwargs)
+    finally:
+        if status is not None:
+            status.stop()
+    elapsed = time.perf_counter() - t0
+    if total:
+        out.info(f"[dim]Loaded {total / 1e9:.2f} GB in {elapsed:.1f} s ({total / 1e9 / max(elapsed, 1e-9):.2f} GB/s)[/dim]")
+    return model
+
+
+def make_plan(path: str, hw: str, out: Output) -> Any | None:
+    """The planner's Plan for this checkpoint on profile `hw` (no bandwidth measurement), or None when the planner
+    is missing or cannot plan it; the chat works without one."""
+    try:
+        from homerun.cli.commands.plan import build_plan
+    except ImportError:
+        return None
+    try:
+        _, plan = build_plan(path, hw=hw, measure=False)
+    except Exception as exc:  # noqa: BLE001 - the plan is advisory here; loading decides what really runs
+        out.info(f"[dim]No plan: {escape(str(exc))}[/dim]")
+        return None
+    return plan
+
+
+def plan_summary(plan: Any) -> str | None:
+    """One line: the plan's verdict and predicted decode speed."""
+    try:
+        line = f"Plan ({plan.hardware.get('profile')}): {plan.verdict}"
+        tok_s = plan.predicted.get("decode_tok_s")
+        return line + (f"; predicted decode ~{tok_s:,.1f} tok/s" if tok_s else "")
+    except AttributeError:
+        return None
+
+
+def plan_context_tokens(plan: Any) -> int | None:
+    try:
+        return int(plan.context["max_tokens"]) or None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def check_think_flag(think: str) -> None:
+    """Reject an unknown --thinking value before anything is loaded."""
+    if think not in THINK_MODES:
+        raise UsageError(f"--thinking {think!r} is not a mode", hint="use off, high or max")
+
+
+def resolve_think(think: str, chat_or_capacity: Any, out: Output) -> None:
+    """Refuse --thinking max when the context cannot reach 384K; warn when its capacity is unknown."""
+    check_think_flag(think)
+    if think == "max":
+        allowed, reason = check_think_max(chat_or_capacity.capacity_tokens())
+        probe = getattr(getattr(chat_or_capacity, "model", None), "think_max_available", None)
+        if allowed and callable(probe):  # the runtime also knows the KV budget and the live free memory
+            allowed, why = probe()
+            reason = reason if allowed else why
+        if not allowed:
+            raise UsageError(f"Think Max refused: {reason}", hint="use --thinking high, or a plan with more context")
+        if reason:
+            out.warn(f"Think Max: {reason}")
+
+
+# Options shared by `chat` and `run` (and the load flags by `bench`), declared once.
+ThinkingOpt = Annotated[str, typer.Option(help="Thinking mode: off, high or max (max needs 384K context).")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json; 0 = greedy.")]
+TopPOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json.")]
+TopKOpt = Annotated[Optional[int], typer.Option(help="Default: generation_config.json (none).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed.")]
+HwOpt = Annotated[Optional[str], typer.Option("--hw", help="Plan the model on this hardware profile (a name, a .toml "
+                  "path, or 'auto' for this machine) and load it with the plan's placement: layers, KV and expert "
+                  "caches on the devices the plan names. Default: a plain load; this machine's plan only sets the "
+                  "context limit.")]
+StandinOpt = Annotated[bool, typer.Option("--standin", help="With --hw: run the plan's GPUs as CPU stand-in devices "
+                       "with the same memory budgets (a multi-GPU placement on any machine, slowly).")]
+ExpertsOpt = Annotated[str, typer.Option(help="Expert compute: auto (native CPU kernels when built), native, reference.")]
+CacheSlotsOpt = Annotated[Optional[int], typer.Option(help="Force a device expert cache of N slots (a CPU stand-in without a GPU).")]
+TraceOpt = Annotated[Optional[Path], typer.Option(help="Record routing (token, layer, experts) to this JSONL file.")]
+ExpertActOpt = Annotated[str, typer.Option("--expert-act", help="CPU expert activations: auto (int8 blocks where a "
+                                           "SIMD int8 kernel exists, ~5e-3 error), fp32 (exact), int8, bf16.")]
+
+
+def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Optional[Path],
+                      expert_act: str = "auto") -> dict[str, Any]:
+    """CLI flags -> homerun.load options (shared by chat, run and bench)."""
+    return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None,
+            "expert_act": expert_act}
+
+
+def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, Any]:
+    """(Plan, Placement) of checkpoint `path` on profile `hw` (the planner reads its config.json and safetensors
+    headers, so the layer count is the checkpoint's own). Unlike the advisory plan, every failure is an error: an
+    unknown profile (exit 2), a plan that does not fit (exit 3), or CUDA devices this machine lacks without
+    `standin` (exit 2, naming the device)."""
+    from homerun.cli.commands.plan import build_plan
+    from homerun.engine.placement import placement_from_plan, require_devices
+
+    _, plan = build_plan(path, hw=hw, measure=False)
+    placement = placement_from_plan(plan, standin=standin)
+    if not standin and any(d.kind == "cuda" for d in placement.devices):
+        import torch
+
+        require_devices(placement, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                        profile=plan.hardware.get("profile"))
+    return plan, placement
+
+
+def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[str], sampling: dict[str, Any],
+                  out: Output, autosave: bool = True, load_options: Optional[dict[str, Any]] = None,
+                  standin: bool = False) -> ChatSession:
+    """Plan summary, load with progress, then a ChatSession with the checked thinking mode. With `hw` the model is
+    loaded with that plan's placement (`standin`: its GPUs as CPU stand-ins); without, the plan for this machine
+    is advisory (summary and context limit) and the load is plain."""
+    check_think_flag(think)
+    load_options = dict(load_options or {})
+    if hw is None:
+        if standin:
+            raise UsageError("--standin maps a plan's GPUs to CPU stand-ins, and no plan was asked for",
+                             hint="add --hw PROFILE, e.g. --hw 3xh100 --standin")
+        plan = make_plan(path, "auto", out)
+    else:
+        plan, load_options["placement"] = plan_placement(path, hw, standin=standin)
+        if any(d.kind != "host" for d in load_options["placement"].devices):
+            # The plan sized each device's KV at its kv_dtype; the executor's default (the compute dtype) is wider.
+            load_options.setdefault("kv_dtype", plan.context.get("kv_dtype"))
+    summary = plan_summary(plan) if plan is not None else None
+    if summary:
+        out.info(f"[dim]{escape(summary)}[/dim]")
+    if plan is not None and getattr(plan, "fits", True) is False:
+        out.warn(escape(f"the plan says this model does not fit: {plan.remedy or plan.verdict}"))
+    if load_options.get("placement") is not None:
+        out.info(f"[dim]Placement: {escape(load_options['placement'].describe())}[/dim]")
+    model = open_model(path, out, load_options)
+    settings = SamplingSettings.from_generation_config(getattr(model, "generation_config", None), **sampling)
+    chat = ChatSession(model, think="off", system=system, sampling=settings, model_name=Path(path).name,
+                       autosave=autosave, context_limit_tokens=plan_context_tokens(plan))
+    resolve_think(think, chat, out)
+    chat.think = think
+    attach_context_hooks(chat, out)
+    return chat
+
+
+# Long prompts whose predicted prefill takes at least this long get an ETA line before they start.
+PREFILL_ETA_SHOW_S = 2.0
+
+
+def attach_context_hooks(chat: ChatSession, out: Output) -> None:
+    """Show each context ramp step and, before a long prompt, the prefill ETA (runtime sessions only)."""
+    kv = getattr(chat, "_kv", None)
+    if kv is None or not hasattr(kv, "on_capacity"):
+        return
+
+    def on_capacity(tokens: int) -> None:
+        out.info(f"[dim]Context grew to {tokens:,} tokens[/dim]")
+
+    def on_prefill(eta_s: float, n_tokens: int) -> None:
+        if eta_s >= PREFILL_ETA_SHOW_S:
+            out.info(f"[dim]Prefilling {n_tokens:,} tokens, about {_duration(eta_s)} left[/dim]")
+
+    kv.on_capacity = on_capacity
+    kv.on_prefill = on_prefill
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+# ---------------------------------------------------------------- input
+
+
+def read_message(read=input) -> str:
+    """One message: a line; a line ending in \\ continues on the next; a line of just \"\"\" opens a block that
+    the next such line closes."""
+    line = read(USER_PROMPT)
+    if line.strip() == BLOCK_FENCE:
+        lines = []
+        while (nxt := read(CONTINUE_PROMPT)).strip() != BLOCK_FENCE:
+            lines.append(nxt)
+        return "\n".join(lines)
+    parts = []
+    while line.endswith("\\"):
+        parts.append(line[:-1])
+        line = read(CONTINUE_PROMPT)
+    return "\n".join(parts + [line])
+
+
+# ---------------------------------------------------------------- rendering
+
+# C0/C1 control characters (except newline and tab) would drive the terminal (a random model emits ESC too).
+_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+class _StreamView:
+    """The live view while generating: dim reasoning then the answer, showing only the tail that fits."""
+
+    def __init__(self) -> None:
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+
+    def add(self, delta: Delta) -> None:
+        (self.reasoning if delta.kind == "reasoning" else self.content).append(delta.text)
+
+    def __rich_console__(self, console: Console, options):
+        height = max((options.height or console.size.height) - 2, 1)
+        budget = height * options.max_width
+        text = Text()
+        if self.reasoning:
+            text.append(printable("".join(self.reasoning)[-budget:]), style="dim italic")
+        if self.content:
+            if self.reasoning:
+                text.append("\n\n")
+            text.append(printable("".join(self.content)[-budget:]))
+        lines = text.wrap(console, options.max_width)
+        yield Text("\n").join(lines[-height:])
+
+
+def render_done(console: Console, done: TurnDone, markdown: bool = True) -> None:
+    msg, stats = done.message, done.stats
+    reasoning = msg.get("reasoning_content") or ""
+    if reasoning:
+        flat = " ".join(reasoning.split())
+        first = printable(flat[:70]) + ("…" if len(flat) > 70 else "")
+        console.print(Text(f"▸ Thought ({len(reasoning)} chars): {first} (/reasoning shows it all)", style="dim"))
+    if msg.get("content"):
+        content = printable(msg["content"])
+        console.print(Markdown(content) if markdown else Text(content))
+    for call in msg.get("tool_calls") or []:
+        fn = call["function"]
+        console.print(Text(printable(f"Tool call: {fn['name']}({fn['arguments']})"), style="cyan"))
+    notes = [f"{stats.n_gen} token{'s' if stats.n_gen != 1 else ''}"]
+    if stats.decode_tok_s:
+        notes.append(f"{stats.decode_tok_s:.1f} tok/s")
+    if stats.finish_reason != "interrupted":
+        notes.append(f"finish: {stats.finish_reason}")
+    if not done.parsed:
+        notes.append("kept raw (not well-formed V4 output)")
+    head = "[interrupted] " if stats.finish_reason == "interrupted" else ""
+    console.print(Text(head + " · ".join(notes), style="dim"))
+
+
+def _stream_turn(console: Console, chat: ChatSession, text: str) -> None:
+    """One turn on the terminal; Ctrl-C asks the session to stop after the step in flight."""
+    def on_sigint(*_: Any) -> None:
+        if chat.stop_requested:  # a second Ctrl-C does not wait for the step in flight
+            raise KeyboardInterrupt
+        chat.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    view, done, last = _StreamView(), None, 0.0
+    live = Live(view, console=console, transient=True, auto_refresh=False) if console.is_terminal else None
+    try:
+        if live is not None:
+            live.start()
+        for ev in chat.turn(text):
+            if isinstance(ev, TurnDone):
+                done = ev
+            elif live is not None:
+                view.add(ev)
+                if time.perf_counter() - last > 0.05:
+                    live.refresh()
+                    last = time.perf_counter()
+            else:
+                console.print(Text(printable(ev.text), style="dim" if ev.kind == "reasoning" else ""), end="")
+    except HomerunError as exc:
+        hint = f" [dim]({escape(exc.hint)})[/dim]" if exc.hint else ""
+        console.print(f"[red]Error:[/red] {escape(exc.message)}{hint}")
+    except KeyboardInterrupt:
+        # The runtime feeds all-or-nothing per chunk, so the session is consistent; this turn is dropped.
+        console.print(Text("[interrupted] turn dropped; the conversation is kept", style="dim"))
+    finally:
+        if live is not None:
+            live.stop()
+        signal.signal(signal.SIGINT, previous)
+    if done is not None:
+        if live is None:
+            console.print()
+        render_done(console, done, markdown=live is not None)
+
+
+def _render_command(console: Console, res) -> None:
+    text = {"help": HELP_TEXT, "stats": render_stats(res.data) if res.kind == "stats" else ""}.get(res.kind, res.text)
+    style = {"error": "red", "warn": "yellow", "reasoning": "dim italic"}.get(res.kind, "")
+    console.print(Text(text, style=style))
+
+
+def render_stats(data: dict[str, Any]) -> str:
+    last = data.get("last_turn") or {}
+
+    def fmt(v: float | None, unit: str) -> str:
+        return f"{v:.1f} {unit}" if isinstance(v, (int, float)) else "n/a"
+
+    hit = data.get("expert_cache_hit_rate")
+    cap = data.get("context_capacity_tokens")
+    alloc = data.get("context_allocated_tokens")
+    placed = (data.get("model_stats") or {}).get("placement")  # runtime Placement.to_dict(), when loaded with one
+    where = ["placement: " + ", ".join(f"{d['name']} {n} layers" for d, n in zip(placed["devices"],
+                                                                             placed["layer_counts"]))] if placed else []
+    return "\n".join(where + [
+        f"decode: {fmt(last.get('decode_tok_s'), 'tok/s')}  prefill: {fmt(last.get('prefill_tok_s'), 'tok/s')}"
+        f"  last turn: {last.get('n_gen', 0)} tokens ({last.get('finish_reason', 'n/a')})",
+        f"expert cache hit rate: {f'{hit:.1%}' if hit is not None else 'n/a'}",
+        f"context: {data.get('context_used_tokens', 0):,} / {f'{cap:,}' if cap else 'unknown'} tokens"
+        + (f" ({alloc:,} allocated now)" if alloc else ""),
+    ])
+
+
+def interactive(chat: ChatSession, console: Console) -> None:
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    console.print(Text(f"Chatting with {chat.model_name} · thinking {chat.think} · history {chat.history_path}\n"
+                       "/help for commands, Ctrl-D or /exit to leave", style="dim"))
+    while True:
+        try:
+            text = read_message()
+        except EOFError:
+            console.print()
+            break
+        except KeyboardInterrupt:
+            console.print(Text("\n(Ctrl-D or /exit to leave)", style="dim"))
+            continue
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            res = chat.handle_command(text)
+            if res.kind == "exit":
+                break
+            _render_command(console, res)
+            continue
+        _stream_turn(console, chat, text)
+    if chat.messages:
+        console.print(Text(f"History: {chat.history_path}", style="dim"))
+
+
+def json_lines(chat: ChatSession, out: Output) -> None:
+    """--json: one message or slash command per stdin line; JSONL events on stdout."""
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            res = chat.handle_command(text)
+            text = HELP_TEXT if res.kind == "help" else res.text
+            out.event({"event": "command", "kind": res.kind, "text": text, "data": res.data})
+            if res.kind == "exit":
+                return
+            continue
+        from homerun.cli.commands.run import turn_events  # run owns the JSONL event schema
+
+        try:
+            for ev in chat.turn(text):
+                for record in turn_events(ev, chat):
+                    out.event(record)
+        except HomerunError as exc:  # e.g. the context is full: report it and keep reading
+            out.event({"event": "error", "message": exc.message, "hint": exc.hint})
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("chat")
+    def chat_cmd(
+        model: Annotated[str, typer.Argument(help="Checkpoint directory (or Hub repo id the runtime can resolve).")],
+        thinking: ThinkingOpt = "off",
+        system: SystemOpt = None,
+        temperature: TemperatureOpt = None,
+        top_p: TopPOpt = None,
+        top_k: TopKOpt = None,
+        seed: SeedOpt = None,
+        max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 4096,
+        hw: HwOpt = None,
+        standin: StandinOpt = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Line protocol: stdin lines in, JSONL events out.")] = False,
+        experts: ExpertsOpt = "auto",
+        expert_act: ExpertActOpt = "auto",
+        expert_cache_slots: CacheSlotsOpt = None,
+        trace: TraceOpt = None,
+    ) -> None:
+        """Chat with a model in the terminal.
+
+        Examples:
+          homerun chat ./DeepSeek-V4-Flash
+          homerun chat ./DeepSeek-V4-Flash --thinking high --system "Answer briefly."
+          echo "hello" | homerun chat ./tiny --json
+          homerun chat ./tiny --hw 3xh100 --standin
+        """
+        out = Output(json_out)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
+        load_options = load_options_from(experts, expert_cache_slots, trace, expert_act)
+        chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out,
+                             load_options=load_options, standin=standin)
+        if json_out:
+            json_lines(chat, out)
+        else:
+            interactive(chat, Console(highlight=False))

@@ -1,0 +1,205 @@
+"""`homerun plan MODEL --hw PROFILE`: will it fit, where every byte goes, how fast, how long a context.
+
+Resolves the model (shipped card, local directory or Hub headers), loads or detects the hardware profile, runs the
+pure planner and renders the Plan. Exit code 3 (after rendering) when the model does not fit.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from homerun.errors import DoesNotFitError, UsageError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def plan(
+        model: Annotated[str, typer.Argument(help="HF repo id or alias of a shipped card, a local checkpoint "
+                                                  "directory, or a config.json path.")],
+        hw: Annotated[str, typer.Option("--hw", help="Profile name (see `homerun profiles`), a .toml path, or "
+                                                     "'auto' to detect this machine.")] = "auto",
+        context: Annotated[int | None, typer.Option("--context", min=1, help="Context to reserve KV for "
+                                                    "(default: the model's maximum).")] = None,
+        kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16 or fp8.")] = "bf16",
+        prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prefill chunk in tokens.")] = 2048,
+        depth: Annotated[int, typer.Option("--depth", min=0, help="Context depth for the decode prediction.")] = 4096,
+        mtp: Annotated[bool, typer.Option("--mtp", help="Keep the MTP block resident (speculative decoding).")] = False,
+        allow_disk: Annotated[bool, typer.Option("--allow-disk", help="Page experts from disk when RAM is short "
+                                                                      "(slow).")] = False,
+        hit_rate: Annotated[float | None, typer.Option("--hit-rate", min=0.0, max=1.0, help="Override the assumed "
+                                                       "GPU expert-cache hit rate.")] = None,
+        hub: Annotated[bool, typer.Option("--hub", help="Read the real safetensors headers from the Hub (network; "
+                                                        "no weights are downloaded).")] = False,
+        revision: Annotated[str | None, typer.Option("--revision", help="Hub revision for --hub.")] = None,
+        no_measure: Annotated[bool, typer.Option("--no-measure", help="With --hw auto: skip the ~2 s bandwidth "
+                                                                      "measurement.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    ) -> None:
+        """Plan MODEL on a hardware profile: placement, memory map, context length and speed.
+
+        Examples:
+          homerun plan deepseek-ai/DeepSeek-V4-Flash --hw rtx5090-192gb
+          homerun plan v4-pro --hw m3-ultra-512gb --kv-dtype fp8 --json
+          homerun plan ./DeepSeek-V4-Flash --hw auto
+        """
+        from homerun.cli.output import Output
+
+        out = Output(json_out)
+        doc, p = build_plan(model, hw=hw, context=context, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
+                            depth=depth, mtp=mtp, allow_disk=allow_disk, hit_rate=hit_rate, hub=hub,
+                            revision=revision, measure=not no_measure)
+        out.result(doc, lambda console: render_plan(console, doc))
+        if not p.fits:
+            raise DoesNotFitError(p.remedy or "does not fit", hint=_no_fit_hint(doc))
+
+
+def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str = "bf16", prefill_chunk: int = 2048,
+               depth: int = 4096, mtp: bool = False, allow_disk: bool = False, hit_rate: float | None = None,
+               hub: bool = False, revision: str | None = None, measure: bool = True) -> tuple[dict[str, Any], Any]:
+    """Resolve, plan, and return (JSON document, Plan). Shared by the command and by tests."""
+    from dataclasses import replace
+
+    from homerun.plan.hardware import efficiency_from, load_measured
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.planner import PlanOptions, distributed_launch, plan, with_distributed
+    from profiles import list_profiles, load_profile
+
+    if kv_dtype not in ("bf16", "fp8"):
+        raise UsageError(f"--kv-dtype must be bf16 or fp8, got {kv_dtype!r}", hint="use --kv-dtype fp8 to halve KV")
+    spec, inv = resolve_model(model, hub=hub, revision=revision)
+    measured = load_measured()
+    detection = None
+    kernel = None
+    if hw == "auto":
+        from homerun.plan.hardware import cpu_kernel_info, detect
+
+        prof, detection = detect(measure=measure, measured=measured)
+        kernel = cpu_kernel_info()
+    else:
+        prof = load_profile(hw)
+    if hit_rate is None and measured is not None:
+        hit_rate = measured.expert_cache_hit_rate.get(spec.name)
+    opts = PlanOptions(context_tokens=context, kv_dtype=kv_dtype, prefill_chunk_tokens=prefill_chunk,
+                       decode_depth_tokens=depth, include_mtp=mtp, allow_disk=allow_disk, hit_rate=hit_rate,
+                       efficiency=efficiency_from(measured), cpu_kernel=kernel)
+    p = plan(spec, inv, prof, opts)
+    doc_extra: dict[str, Any] = {}
+    if not p.fits:
+        # "In reach" = any shipped single-machine profile; if none holds the model, size a distributed launch.
+        reach = [n for n in list_profiles() if plan(spec, inv, load_profile(n), replace(opts, cpu_kernel=None)).fits]
+        doc_extra["fits_profiles"] = reach
+        if not reach:
+            p = with_distributed(p, distributed_launch(spec, inv))
+        if not allow_disk:
+            disk = plan(spec, inv, prof, replace(opts, allow_disk=True))
+            if disk.fits:
+                doc_extra["with_allow_disk"] = {"decode_tok_s": disk.predicted.get("decode_tok_s"),
+                                                "decode_tok_s_upper_bound": disk.predicted.get("decode_tok_s_upper_bound")}
+    doc = p.to_dict()
+    doc.update(doc_extra)
+    if detection is not None:
+        doc["detection"] = detection.to_dict()
+    if measured is not None:
+        doc["measured_file"] = measured.path
+    return doc, p
+
+
+def _no_fit_hint(doc: dict[str, Any]) -> str:
+    parts = []
+    disk = doc.get("with_allow_disk")
+    if disk and disk.get("decode_tok_s"):
+        parts.append(f"--allow-disk pages experts from disk (about {disk['decode_tok_s']:.1f} tok/s)")
+    if doc.get("fits_profiles"):
+        parts.append("profiles that fit: " + ", ".join(doc["fits_profiles"]))
+    elif doc.get("distributed"):
+        opt = doc["distributed"]["options"][0]
+        parts.append(f"no single machine in reach; e.g. {opt['gpus']}x {opt['gpu']}: {opt['vllm']}")
+    return "; ".join(parts) or "try --kv-dtype fp8, a shorter --context, or a bigger profile"
+
+
+# ---- human rendering ---------------------------------------------------------------------------------------------
+
+
+def _gib(n: float | int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:,.1f} GiB"
+
+
+def _bar(used: int, capacity: int, margins: int, width: int = 40) -> str:
+    if capacity <= 0:
+        return ""
+    content = max(used - margins, 0)
+    c = min(width, round(width * content / capacity))
+    m = min(width - c, round(width * margins / capacity))
+    over = used > capacity
+    color = "red" if over else "green"
+    return f"[{color}]{'█' * c}[/{color}][yellow]{'▒' * m}[/yellow][dim]{'·' * (width - c - m)}[/dim]"
+
+
+def render_plan(console: Any, doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    m, ctx, pred = doc["model"], doc["context"], doc["predicted"]
+    style = "bold green" if doc["fits"] else "bold red"
+    console.print(f"[{style}]{'FITS' if doc['fits'] else 'DOES NOT FIT'}[/{style}]  {m['name']} on "
+                  f"{doc['hardware']['profile']} ({doc['hardware']['description']})")
+    console.print(f"  {doc['verdict']}")
+    console.print(f"  model: {m['total_bytes'] / 1e9:,.3f} GB total ({m['source']}); routed experts "
+                  f"{m['routed_expert_bytes'] / 1e9:,.3f} GB = {m['routed_experts']:,} x {m['bytes_per_expert']:,} B; "
+                  f"non-expert {m['non_expert_bytes'] / 1e9:,.3f} GB; MTP {m['mtp_bytes'] / 1e9:,.3f} GB "
+                  f"({'resident' if m['mtp_resident'] else 'skipped'})")
+    console.print("\n[bold]Memory[/bold]  [green]█[/green] contents  [yellow]▒[/yellow] margins  [dim]·[/dim] free")
+    for d in doc["devices"]:
+        margins = sum(d["margins"].values())
+        console.print(f"  {d['name']:<28} {_bar(d['used_bytes'], d['capacity_bytes'], margins)} "
+                      f"{_gib(d['used_bytes'])} / {_gib(d['capacity_bytes'])}"
+                      + (f"  (margins: {', '.join(f'{k} {_gib(v)}' for k, v in d['margins'].items())})" if margins else ""))
+    table = Table(title="Placement", title_justify="left")
+    for col in ("what", "device", "bytes", "reason"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for row in doc["placement"]:
+        table.add_row(row["what"], row["device"], _gib(row["bytes"]), row["reason"])
+    console.print(table)
+    ramp = "  ".join(f"{r['tokens'] // 1024}K {'[green]✓[/green]' if r['fits'] else '[red]✗[/red]'}" for r in ctx["ramp"])
+    console.print(f"[bold]Context[/bold]  max {ctx['max_tokens']:,} tokens (KV {ctx['kv_bytes_per_token']:,} B/token "
+                  f"{ctx['kv_dtype']}; model max {ctx['model_max_tokens']:,})")
+    console.print(f"  {ramp}")
+    if m["arch"] == "deepseek_v4":
+        console.print(f"  Think Max (needs >= 384K): {'available' if ctx['think_max_available'] else 'not available'}")
+    _render_speed(console, pred, doc)
+
+
+def _render_speed(console: Any, pred: dict[str, Any], doc: dict[str, Any]) -> None:
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:,.1f}"
+
+    console.print("[bold]Speed[/bold]")
+    if pred.get("decode_tok_s") is None:
+        console.print(f"  {pred.get('reason', 'not predicted')}")
+    else:
+        console.print(f"  decode  {f(pred['decode_tok_s'])} tok/s estimated, <= {f(pred['decode_tok_s_upper_bound'])} "
+                      f"tok/s bound (at depth {pred['decode_depth_tokens']:,}; bottleneck: {pred['bottleneck']}; "
+                      f"expert-cache hit rate {pred['expert_cache_hit_rate']:.2f}, {pred['hit_rate_source']})")
+        for link in pred["links"]:
+            console.print(f"    {link['name']:<8} {link['bytes_per_token'] / 1e9:8.3f} GB/token at {link['gbps']:,.1f} GB/s"
+                          f" = {link['seconds_per_token'] * 1e3:7.2f} ms")
+        console.print(f"  prefill {f(pred.get('prefill_tok_s'))} tok/s estimated (chunk {pred.get('prefill_chunk_tokens')})"
+                      + ("" if pred.get("prefill_tok_s") else f": {pred.get('prefill_reason', '')}"))
+        eff = pred["efficiency"]
+        console.print(f"  efficiency ({eff['source']}): vram {eff['vram']}, dram {eff['dram']}, pcie {eff['pcie']}, "
+                      f"gpu compute {eff['gpu_compute']}, per-layer overhead {eff['per_layer_overhead_s'] * 1e6:.0f} µs")
+    k = doc["cpu_kernel"]
+    console.print(f"  CPU expert kernel: {k.get('path')} ({k.get('reason', '')})")
+    for note in doc.get("notes", []):
+        console.print(f"  [dim]note: {note}[/dim]")
+    if doc.get("remedy"):
+        console.print(f"[bold red]Remedy:[/bold red] {doc['remedy']}")
+    dist = doc.get("distributed")
+    if dist:
+        console.print("[bold]Distributed launch[/bold] (no single machine in reach holds this model):")
+        for opt in dist["options"]:
+            console.print(f"  {opt['gpus']}x {opt['gpu']} ({opt['nodes']} node(s), TP {opt['tensor_parallel']}, "
+                          f"PP {opt['pipeline_parallel']}, EP {opt['expert_parallel']}):")
+            console.print(f"    {opt['vllm']}")
+            console.print(f"    {opt['sglang']}")

@@ -1,0 +1,113 @@
+"""`homerun run MODEL "prompt"`: one-shot generation for scripts.
+
+Stdout carries the answer only (streamed as it comes); reasoning goes to stderr, dimmed, and only when stderr is a
+terminal. `--json` prints JSONL events instead: `reasoning`, `content`, one `tool_call` per parsed call, then `done`
+with the finish reason, the parsed message and the stats (with `--hw`, `stats.placement`: devices and layers per
+device). No history file is written.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import typer
+from typing_extensions import Annotated
+
+from homerun.chat.session import ChatSession, Delta, TurnDone
+from homerun.cli.commands.chat import (  # noqa: F401 - the aliases are resolved from this module's globals by typer
+    CacheSlotsOpt, ExpertActOpt, ExpertsOpt, HwOpt, SeedOpt, StandinOpt, SystemOpt, TemperatureOpt, ThinkingOpt,
+    TopKOpt, TopPOpt, TraceOpt,
+    load_options_from, start_session,
+)
+from homerun.errors import ExitCode
+from homerun.cli.output import Output
+
+
+def turn_events(event: Delta | TurnDone, session: "ChatSession") -> list[dict[str, Any]]:
+    """JSONL events for one turn event: reasoning/content deltas, then one tool_call per call and a done record."""
+    if isinstance(event, Delta):
+        return [{"event": event.kind, "text": event.text}]
+    calls = [{"event": "tool_call", "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in event.message.get("tool_calls") or []]
+    stats = {**event.stats.to_dict(), **{k: v for k, v in session.stats().items() if k != "last_turn"}}
+    placement = getattr(session.model, "placement", None)
+    if placement is not None and hasattr(placement, "summary"):  # loaded with --hw: devices and layers per device
+        stats["placement"] = placement.summary()
+    done = {"event": "done", "finish_reason": event.stats.finish_reason, "parsed": event.parsed,
+            "message": event.message, "stats": stats}
+    if session.autosave:
+        done["history_file"] = str(session.history_path)
+    return calls + [done]
+
+
+def _run_plain(chat: ChatSession, prompt: str, out: Output) -> TurnDone | None:
+    show_reasoning = sys.stderr.isatty()
+    done, wrote_reasoning = None, False
+    for ev in chat.turn(prompt):
+        if isinstance(ev, TurnDone):
+            done = ev
+        elif ev.kind == "content":
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        elif show_reasoning:
+            out.err.print(ev.text, style="dim", end="", markup=False, highlight=False)
+            wrote_reasoning = True
+    if wrote_reasoning:
+        out.err.print()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return done
+
+
+def _run_json(chat: ChatSession, prompt: str, out: Output) -> TurnDone | None:
+    done = None
+    for ev in chat.turn(prompt):
+        done = ev if isinstance(ev, TurnDone) else done
+        for record in turn_events(ev, chat):
+            out.event(record)
+    return done
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        model: Annotated[str, typer.Argument(help="Checkpoint directory (or Hub repo id the runtime can resolve).")],
+        prompt: Annotated[str, typer.Argument(help="The user message; '-' reads it from stdin.")],
+        thinking: ThinkingOpt = "off",
+        system: SystemOpt = None,
+        temperature: TemperatureOpt = None,
+        top_p: TopPOpt = None,
+        top_k: TopKOpt = None,
+        seed: SeedOpt = None,
+        max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 4096,
+        hw: HwOpt = None,
+        standin: StandinOpt = False,
+        json_out: Annotated[bool, typer.Option("--json", help="JSONL events: reasoning, content, tool_call, done.")] = False,
+        experts: ExpertsOpt = "auto",
+        expert_act: ExpertActOpt = "auto",
+        expert_cache_slots: CacheSlotsOpt = None,
+        trace: TraceOpt = None,
+    ) -> None:
+        """Answer one prompt and exit.
+
+        Examples:
+          homerun run ./DeepSeek-V4-Flash "Why is the sky blue?"
+          homerun run ./DeepSeek-V4-Flash "Plan a trip" --thinking high --json
+          cat question.txt | homerun run ./DeepSeek-V4-Flash -
+          homerun run ./tiny "hi" --hw 3xh100 --standin --json   # a 3-GPU placement on CPU stand-ins
+        """
+        out = Output(json_out)
+        text = sys.stdin.read() if prompt == "-" else prompt
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
+        chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out, autosave=False,
+                             load_options=load_options_from(experts, expert_cache_slots, trace, expert_act), standin=standin)
+        # Ctrl-C ends the generation after the step in flight; the partial answer is flushed, then exit code 130.
+        previous = signal.signal(signal.SIGINT, lambda *_: chat.request_stop())
+        try:
+            done = _run_json(chat, text, out) if json_out else _run_plain(chat, text, out)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if done is not None and done.stats.finish_reason == "interrupted":
+            raise typer.Exit(int(ExitCode.INTERRUPTED))

@@ -1,0 +1,686 @@
+"""The public runtime: `load(path) -> Model`, `Model.session() -> Session`, logits and generation.
+
+`load` opens an official-format checkpoint through `homerun.formats.loader`, builds the pure-math model of
+`homerun.models.deepseek_v4` on top of it (non-expert FP8 weights stay packed unless `weights_dtype` says otherwise,
+routed experts go through an `offload.base.ExpertBackend`) and attaches the tokenizer. With a `placement`
+(`homerun.engine.placement.Placement`) it is also the placement executor: every tensor class, each layer's KV pages and
+the expert caches go to the device the placement names, charged to that device's budget (`offload.devices`).
+A `Session` owns the incremental inference state; feeding is all-or-nothing per chunk, so an interrupt (Ctrl-C, a
+closed generator) leaves the session at the last completed chunk. This module does no printing; progress goes to a
+callback.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from homerun.kernels.cpu_step import cpu_step
+from homerun.errors import CheckpointError, ContextFullError, DoesNotFitError, UnknownModelError, UsageError
+from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
+from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
+
+DEFAULT_MAX_CHUNK_TOKENS = 512
+DEFAULT_RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
+THINK_MAX_MIN_CONTEXT_TOKENS = 393216  # DeepSeek's model card: at least 384K of context for Think Max
+# A ramp step may take at most this share of the free memory: the rest is for prefill transients and everyone else.
+FREE_MEMORY_SHARE = 0.9
+# Feeds longer than this many tokens are "long prompts": the session reports an ETA before (or after the first chunk).
+PREFILL_ETA_MIN_TOKENS = 1024
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+WEIGHTS_DTYPES = ("fp8", "bf16", "fp32")
+KV_DTYPES = ("auto", "bf16", "fp8")  # auto: compressed entries in the compute dtype (exact)
+# progress(stage, done, total): stage is "layers" while the model is assembled.
+Progress = Callable[[str, int, int], None]
+
+
+def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _resolve_path(path_or_repo: str | Path) -> Path:
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo)
+    if s.count("/") == 1 and not p.exists():
+        try:  # a Hub repo id already in the local cache (never downloads here)
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any cache miss means the same thing to the user
+            raise UnknownModelError(
+                f"{s}: not a local directory and not in the Hugging Face cache",
+                hint=f"run `homerun download {s}` first, or pass a checkpoint directory",
+            ) from exc
+    raise UnknownModelError(f"{s}: no such checkpoint directory", hint="pass the directory holding config.json")
+
+
+class HostExpertBackend:
+    """Runs a host (CPU) expert backend for a model on another device: x goes to the host and the result back.
+    The default when `device` is not the CPU and no backend is given (the packed experts live in host RAM)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor):
+        out = self.inner.forward(layer, x.cpu(), expert_ids.cpu(), expert_weights.cpu())
+        return out.to(x.device)
+
+    def stats(self) -> Any:
+        return self.inner.stats() if hasattr(self.inner, "stats") else {}
+
+
+class Session:
+    """Incremental inference state for one sequence (batch size 1).
+
+    `feed(ids)` appends tokens and returns float32 logits [V] of the last position. `tokens` is what has been
+    fed, `reset()` forgets it.
+
+    Capacity grows through `model.ramp_tokens`. Each step up checks (1) the predicted KV bytes at the new step
+    against `kv_budget_bytes` and (2) the bytes still to allocate against live free memory where the KV lives
+    (available host RAM, or free CUDA memory). A step that fails either raises ContextFullError before anything of
+    that feed is processed: the tokens fed so far stay, and the session stays usable. Capacity is a permission, not
+    a reservation: entry pages are allocated as tokens arrive (see `homerun.models.kv`).
+
+    Prefill runs in chunks of C = `model.max_chunk_tokens`. The activation footprint of a chunk is O(C) and does
+    not grow with depth: the residual streams [C, hc_mult, dim], the projections [C, n_heads, head_dim] and the
+    MoE inputs/outputs, plus attention and FP8-dequantization temporaries capped at 2^24 elements each (attention
+    query blocks shrink as the context grows, the indexer scores one KV page at a time); logits are computed for
+    the last position only. Measured on the tiny preset at depth 4096: about 21 / 81 / 218 MB of peak RSS above
+    the steady state for C = 128 / 512 / 2048.
+    """
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self._net: DeepseekV4 = model.net
+        self._states: list[LayerState] = model._new_state()
+        self._tokens: list[int] = []
+        self.last_logits: torch.Tensor | None = None
+        self._cap_index = 0
+        # Called with the new capacity (tokens) each time the ramp steps up.
+        self.on_capacity: Callable[[int], None] | None = None
+        # Called as on_prefill(eta_s, n_tokens) for a feed of more than PREFILL_ETA_MIN_TOKENS tokens: before it
+        # starts when the prefill speed was measured already, else after its first chunk (eta_s = the remainder).
+        self.on_prefill: Callable[[float, int], None] | None = None
+        # Called as on_progress(done_tokens, total_tokens) after each committed chunk of a feed.
+        self.on_progress: Callable[[int, int], None] | None = None
+
+    # ------------------------------------------------------------------------------------------- properties
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.model.ramp_tokens[self._cap_index]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of live state (window rows, compressed entries, pending windows), excluding spare capacity."""
+        return sum(s.nbytes for s in self._states)
+
+    @property
+    def kv_allocated_bytes(self) -> int:
+        """Bytes allocated for the state: like kv_bytes, but entry stores count their whole page capacity."""
+        return sum(s.allocated_bytes for s in self._states)
+
+    # ---------------------------------------------------------------------------------------------- verbs
+
+    def reset(self) -> None:
+        self._states = self.model._new_state()
+        self._tokens = []
+        self.last_logits = None
+        self._cap_index = 0
+
+    def _ensure_capacity(self, n_total: int) -> None:
+        ramp = self.model.ramp_tokens
+        idx = self._cap_index
+        while idx < len(ramp) and ramp[idx] < n_total:
+            idx += 1
+        if idx >= len(ramp):
+            raise ContextFullError(
+                f"context full: {n_total} tokens requested, the last ramp step is {ramp[-1]} tokens",
+                hint="start a new session (/reset), or load with a larger ramp_tokens",
+            )
+        budget = self.model.kv_budget_bytes
+        if idx != self._cap_index and budget is not None:
+            need = self.model.kv_bytes_at(ramp[idx])
+            if need > budget:
+                raise ContextFullError(
+                    f"context full: growing to {ramp[idx]} tokens needs {need / 1e9:.2f} GB of KV, "
+                    f"over the budget of {budget / 1e9:.2f} GB ({self.n_tokens} tokens kept)",
+                    hint="start a new session (/reset), or load with a larger kv_budget_bytes "
+                         "(a plan for a bigger rig)",
+                )
+        if idx != self._cap_index and self.model.devices:
+            self._check_device_kv(ramp[idx])
+        if idx != self._cap_index:
+            more = self.model.kv_bytes_at(ramp[idx]) - self.kv_allocated_bytes
+            free = self.model.free_kv_memory_bytes()
+            if free is not None and more > FREE_MEMORY_SHARE * free:
+                where = "RAM" if self.model.kv_device.type == "cpu" else f"{self.model.kv_device} memory"
+                short = more - FREE_MEMORY_SHARE * free
+                raise ContextFullError(
+                    f"context full: growing to {ramp[idx]} tokens needs {more / 1e9:.2f} GB more KV, only "
+                    f"{free / 1e9:.2f} GB of {where} is free ({self.n_tokens} tokens kept)",
+                    hint=f"free about {short / 1e9:.2f} GB (close other programs) and send again, "
+                         "or start a new session (/reset)",
+                )
+        while self._cap_index < idx:
+            self._cap_index += 1
+            if self.on_capacity is not None:
+                self.on_capacity(self.capacity_tokens)
+
+    def _check_device_kv(self, n_tokens: int) -> None:
+        """A placed model: the KV of each device's layers at the new step must fit what its budget has left (and,
+        on CUDA, the device's live free memory)."""
+        pl = self.model.placement
+        for name, dev in self.model.devices.items():
+            layers = pl.layers_on(name)
+            if not layers:
+                continue
+            have = sum(self._states[i].allocated_bytes for i in layers)
+            more = self.model.kv_bytes_at(n_tokens, layers=layers) - have
+            room = dev.free_bytes
+            real = free_memory_bytes(dev.torch_device) if dev.is_cuda else None
+            if real is not None:
+                room = min(room, int(FREE_MEMORY_SHARE * real))
+            if more > room:
+                raise ContextFullError(
+                    f"context full: growing to {n_tokens} tokens needs {more / 1e9:.3f} GB more KV on {name}, "
+                    f"{room / 1e9:.3f} GB of its budget is left ({self.n_tokens} tokens kept)",
+                    hint="start a new session (/reset), or plan for a shorter context or a bigger rig",
+                )
+
+    def feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Append tokens (any count) and return float32 logits [V] of the last position."""
+        ids = self.model._check_ids(token_ids)
+        if ids.numel() == 0:
+            if self.last_logits is None:
+                raise UsageError("feed() needs at least one token on an empty session")
+            return self.last_logits
+        self._ensure_capacity(self.n_tokens + ids.numel())
+        n = ids.numel()
+        long_prompt = n > PREFILL_ETA_MIN_TOKENS
+        told = False
+        if long_prompt and self.on_prefill is not None and self.model.prefill_tok_s:
+            self.on_prefill(n / self.model.prefill_tok_s, n)
+            told = True
+        t0 = time.perf_counter()
+        hidden = None
+        chunk = self.model.max_chunk_tokens
+        on_cpu = torch.device(self._net.device).type == "cpu"
+        with torch.inference_mode(), cpu_step(n, self.n_tokens, on_cpu):
+            for c0 in range(0, n, chunk):
+                part = ids[c0 : c0 + chunk]
+                tc = time.perf_counter()
+                hidden, states = self._net.forward(part, self.n_tokens, self._states)
+                # Commit point: state and token list change together, after the whole chunk succeeded.
+                self._states = states
+                self._tokens.extend(part.tolist())
+                self.model._measure_prefill(part.numel(), time.perf_counter() - tc)
+                if self.on_progress is not None:
+                    self.on_progress(min(c0 + chunk, n), n)
+                if long_prompt and not told and self.on_prefill is not None and self.model.prefill_tok_s:
+                    self.on_prefill(max(0, n - c0 - chunk) / self.model.prefill_tok_s, n)
+                    told = True
+            logits = self._net.logits(hidden[-1:])[0].float().cpu()
+        self.last_logits = logits
+        self.model._account(ids.numel(), time.perf_counter() - t0)
+        return logits
+
+
+class Model:
+    """A loaded V4 model. Build with `homerun.load`."""
+
+    def __init__(
+        self,
+        net: DeepseekV4,
+        *,
+        path: Path | None,
+        config: dict[str, Any],
+        generation_config: dict[str, Any],
+        tokenizer: Any,
+        checkpoint: Any = None,
+        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+        weights_dtype: str = "fp8",
+        ramp_tokens: Sequence[int] = DEFAULT_RAMP_TOKENS,
+        kv_budget_bytes: int | None = None,
+        load_s: float = 0.0,
+        kv_device: str | torch.device | None = None,
+        page_tokens: int | None = None,
+        kv_dtype: str = "auto",
+        placement: Any = None,
+        devices: dict[str, Any] | None = None,
+    ):
+        if max_chunk_tokens < 1:
+            raise UsageError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
+        self.net = net
+        self.path = path
+        self.config = config
+        self.args: ModelArgs = net.args
+        self.generation_config = generation_config
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.max_chunk_tokens = int(max_chunk_tokens)
+        self.weights_dtype = weights_dtype
+        ramp = sorted(int(r) for r in ramp_tokens)
+        if not ramp or ramp[0] < 1:
+            raise UsageError(f"ramp_tokens must be positive token counts, got {list(ramp_tokens)}")
+        self.ramp_tokens = tuple(ramp)
+        self.kv_budget_bytes = kv_budget_bytes
+        self.load_s = load_s
+        # Page size: at least DEFAULT_PAGE_TOKENS, and 1/32 of the first ramp step, so past that step the spare room
+        # of the last pages is under ~3% of the KV; a multiple of the HCA rate so every store gets whole rows.
+        rate = max(self.args.hca_rate, self.args.csa_rate, 1)
+        pt = int(page_tokens) if page_tokens else max(DEFAULT_PAGE_TOKENS, self.ramp_tokens[0] // 32)
+        self.page_tokens = max(rate, -(-pt // rate) * rate)
+        if kv_dtype not in KV_DTYPES:
+            raise UsageError(f"unknown kv_dtype {kv_dtype!r}", hint=f"use one of {', '.join(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype
+        # A placed model: the placement record and its budgeted devices by name (None/{} for a plain load).
+        self.placement = placement
+        self.devices: dict[str, Any] = dict(devices or {})
+        self.kv_device = self._pick_kv_device(kv_device) if placement is None else self.device
+        self.prefill_tok_s: float | None = None  # measured on chunks of >= 16 tokens (moving average)
+        self._tokens_fed = 0
+        self._forward_s = 0.0
+        self._feeds = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.generation_config.get("eos_token_id", self.config.get("eos_token_id"))
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_id
+        if eos is None:
+            return ()
+        return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+    def _check_ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids)
+        ids = ids.reshape(-1).to(torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size):
+            raise UsageError(
+                f"token id out of range [0, {self.args.vocab_size}): min {int(ids.min())}, max {int(ids.max())}",
+                hint="token ids must come from this model's tokenizer",
+            )
+        return ids
+
+    def _account(self, n_tokens: int, seconds: float) -> None:
+        self._tokens_fed += n_tokens
+        self._forward_s += seconds
+        self._feeds += 1
+
+    def session(self) -> Session:
+        return Session(self)
+
+    def _new_state(self) -> list[LayerState]:
+        if self.placement is not None:  # each layer's pages on (and charged to) its layer's device
+            accounts = [self.devices[lp.device] for lp in self.placement.layers]
+            return self.net.new_state(page_tokens=self.page_tokens, kv_dtype=self.kv_dtype, accounts=accounts)
+        return self.net.new_state(kv_device=self.kv_device, page_tokens=self.page_tokens, kv_dtype=self.kv_dtype)
+
+    def device_usage(self) -> list[dict[str, Any]]:
+        """A placed model: per device, its budget, accounted bytes (total, peak, and by class: weights, kv,
+        expert_cache) and the layers it runs; [] for a plain load."""
+        out = []
+        for name, dev in self.devices.items():
+            d = dev.usage().to_dict()
+            d["bytes_by_class"] = dev.bytes_by_class()
+            d["layers"] = self.placement.layers_on(name)
+            out.append(d)
+        return out
+
+    def _pick_kv_device(self, kv_device: str | torch.device | None) -> torch.device:
+        """"auto"/None: the model's device while the KV at the largest permitted step fits there (budget and free
+        memory), else host RAM."""
+        if kv_device not in (None, "auto"):
+            return torch.device(kv_device)
+        dev = self.device
+        if dev.type == "cpu":
+            return dev
+        free = free_memory_bytes(dev)
+        need = self.kv_bytes_at(self.max_context_tokens() or self.ramp_tokens[0])
+        if free is not None and need <= FREE_MEMORY_SHARE * free:
+            return dev
+        return torch.device("cpu")
+
+    def free_kv_memory_bytes(self) -> int | None:
+        """Free memory where the KV pages live (host RAM or CUDA memory); None when unknown, and for a placed
+        model, whose KV is checked device by device (Session._check_device_kv)."""
+        if self.placement is not None:
+            return None
+        return free_memory_bytes(self.kv_device)
+
+    def _measure_prefill(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens < 16 or seconds <= 0:
+            return  # decode steps say little about prefill speed
+        speed = n_tokens / seconds
+        self.prefill_tok_s = speed if self.prefill_tok_s is None else 0.7 * self.prefill_tok_s + 0.3 * speed
+
+    def think_max_available(self) -> tuple[bool, str]:
+        """(available, reason): Think Max needs the ramp to reach 393216 tokens within kv_budget_bytes, and the KV at
+        that size to fit in the free memory where it lives."""
+        need_tokens = THINK_MAX_MIN_CONTEXT_TOKENS
+        if self.ramp_tokens[-1] < need_tokens:
+            return False, f"the context ramp ends at {self.ramp_tokens[-1]:,} tokens; Think Max needs {need_tokens:,}"
+        need = self.kv_bytes_at(need_tokens)
+        if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
+            return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, over the budget of "
+                           f"{self.kv_budget_bytes / 1e9:.2f} GB")
+        for name, dev in self.devices.items():  # a placed model: each device holds its own layers' KV
+            need_d = self.kv_bytes_at(need_tokens, layers=self.placement.layers_on(name))
+            if need_d > dev.free_bytes:
+                return False, (f"{need_tokens:,} tokens need {need_d / 1e9:.2f} GB of KV on {name}, its budget has "
+                               f"{dev.free_bytes / 1e9:.2f} GB left")
+        free = self.free_kv_memory_bytes()
+        if free is not None and need > FREE_MEMORY_SHARE * free:
+            return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, only {free / 1e9:.2f} GB "
+                           f"is free on {self.kv_device}")
+        return True, f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV on {self.kv_device}"
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Full pass from position 0 (a fresh state, chunked by max_chunk_tokens): float32 logits [T, V]."""
+        ids = self._check_ids(token_ids)
+        if ids.numel() == 0:
+            raise UsageError("logits() needs at least one token")
+        states = self._new_state()
+        out = []
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for c0 in range(0, ids.numel(), self.max_chunk_tokens):
+                hidden, states = self.net.forward(ids[c0 : c0 + self.max_chunk_tokens], c0, states)
+                out.append(self.net.logits(hidden).float().cpu())
+        self._account(ids.numel(), time.perf_counter() - t0)
+        return torch.cat(out)
+
+    def generate(self, prompt_ids: Sequence[int], **kwargs: Any) -> Iterator[Any]:
+        """See `homerun.engine.generate.generate`: yields one `Step` per generated token."""
+        from homerun.engine.generate import generate
+
+        return generate(self, prompt_ids, **kwargs)
+
+    def kv_bytes_at(self, n_tokens: int, layers: Sequence[int] | None = None) -> int:
+        """Bytes of inference state after n_tokens: window rows, closed entries, open-window rows and CSA overlap
+        slices (the overlap gate carries the fp32 position bias). Equals `Session.kv_bytes` exactly. `layers`:
+        only those layers' share (default all)."""
+        a = self.args
+        el = torch.empty(0, dtype=self.dtype).element_size()
+        f32 = 4
+
+        def row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
+            if self.kv_dtype == "fp8":
+                return fp8_row_bytes(width, rope_dim, scale_fp32)
+            return width * (2 if self.kv_dtype == "bf16" else el)
+
+        entry_b, index_b = row_bytes(a.head_dim, a.rope_dim, False), row_bytes(a.index_head_dim, 0, True)
+        total = 0
+        keep = set(range(a.n_layers)) if layers is None else set(layers)
+        for i, kind in enumerate(a.layer_kinds):
+            if i not in keep:
+                continue
+            total += min(n_tokens, a.window_size - 1) * a.head_dim * el
+            if kind == LAYER_CSA:
+                for hd, rb in ((a.head_dim, entry_b), (a.index_head_dim, index_b)):
+                    total += (n_tokens // a.csa_rate) * rb
+                    total += (n_tokens % a.csa_rate) * 2 * hd * 2 * el  # pending kv + gate, two series
+                    if n_tokens >= a.csa_rate:
+                        total += a.csa_rate * hd * (el + max(el, f32))  # overlap kv + gate
+            elif kind == LAYER_HCA:
+                total += (n_tokens // a.hca_rate) * entry_b
+                total += (n_tokens % a.hca_rate) * a.head_dim * 2 * el
+        return total
+
+    def max_context_tokens(self) -> int:
+        """The largest ramp step whose predicted state fits kv_budget_bytes (the last step without a budget)."""
+        fits = [r for r in self.ramp_tokens if self.kv_budget_bytes is None or self.kv_bytes_at(r) <= self.kv_budget_bytes]
+        return fits[-1] if fits else 0
+
+    def stats(self) -> dict[str, Any]:
+        backend = self.net.experts
+        out: dict[str, Any] = {
+            "path": str(self.path) if self.path else None,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weights_dtype": self.weights_dtype,
+            "device": str(self.device),
+            "n_layers": self.args.n_layers,
+            "resident_weight_bytes": self.net.resident_bytes(),
+            "expert_backend": type(backend).__name__,
+            "expert_act": getattr(backend, "act", None),
+            "load_s": self.load_s,
+            "tokens_fed": self._tokens_fed,
+            "forward_s": self._forward_s,
+            "feeds": self._feeds,
+            "max_chunk_tokens": self.max_chunk_tokens,
+            "ramp_tokens": list(self.ramp_tokens),
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "kv_device": str(self.kv_device),
+            "kv_dtype": str(self.dtype).replace("torch.", "") if self.kv_dtype == "auto" else self.kv_dtype,
+            "kv_page_tokens": self.page_tokens,
+            "prefill_tok_s": self.prefill_tok_s,
+            "max_context_tokens": self.max_context_tokens(),
+        }
+        if self.placement is not None:
+            out["placement"] = self.placement.to_dict()
+            out["devices"] = self.device_usage()
+            out["activation_hops"] = self.net.activation_hops
+        out["think_max_available"], out["think_max_reason"] = self.think_max_available()
+        if hasattr(backend, "stats"):
+            try:
+                s = backend.stats()
+                out["experts"] = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+            except Exception:  # noqa: BLE001 - a backend's stats must never break the caller
+                pass
+        return out
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    weights_dtype: str = "fp8",
+    device: str | torch.device = "cpu",
+    expert_backend: Any = None,
+    max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+    ramp_tokens: Sequence[int] | None = None,
+    kv_budget_bytes: int | None = None,
+    kv_device: str | None = "auto",
+    page_tokens: int | None = None,
+    kv_dtype: str = "auto",
+    progress: Progress | None = None,
+    upcast_bf16: bool = True,
+    experts: str = "auto",
+    expert_cache_slots: int | None = None,
+    cache_policy: str | None = None,
+    trace_path: str | Path | None = None,
+    placement: Any = None,
+    expert_act: str = "auto",
+) -> Model:
+    """Load an official-format DeepSeek-V4 checkpoint directory (or a cached Hub repo id) for inference.
+
+    dtype: compute dtype ("float32" default, "bfloat16"). weights_dtype: "fp8" keeps FP8 weights packed and
+    dequantizes per matmul; "bf16"/"fp32" dequantize non-expert weights once at load (refused when RAM is short).
+    expert_backend: any `offload.base.ExpertBackend`; default the fp32/compute-dtype reference backend over the
+    checkpoint's packed experts. Routed experts are never dequantized wholesale here. upcast_bf16: with fp32
+    compute, hold BF16-stored matrices (head, compressors, routers) in fp32 where no native bf16 kernel runs them (on
+    the CPU with the kernels built they stay bf16: exact products, half the bytes per token).
+    ramp_tokens / kv_budget_bytes: context capacity steps and the KV budget (see Session). kv_device: where the
+    KV entry pages live ("auto": the model's device while the KV at the largest permitted step fits in its free
+    memory, else host RAM). page_tokens: context tokens per KV page (default max(1024, ramp_tokens[0]/32)).
+    kv_dtype: "auto" (compressed entries in the compute dtype, exact), "bf16", or "fp8" (deepseek-v4.md section 5
+    layout: e4m3 with power-of-two scales per 64 dims, rope dims bf16; 584 B per 512-dim entry; lossy).
+    progress(stage, done,
+    total) is called while the model is assembled.
+    experts: "auto" (native CPU kernels when built and computing in fp32), "native" or "reference" (plain fp32
+    dequantize-and-multiply). expert_cache_slots=N puts an N-slot device expert cache in front (a CPU stand-in
+    device without CUDA); cache_policy picks its replacement policy; trace_path records routing as JSONL.
+    expert_act: the native kernels' activation mode: "auto" (int8 blocks where a SIMD int8 kernel exists, ~5e-3
+    relative error per expert matmul, as llama.cpp and KTransformers run; else fp32), "fp32" (exact up to summation
+    order; use it to compare against a reference), "int8", "bf16". Ignored when expert_backend is given.
+    placement: a `homerun.engine.placement.Placement` (e.g. `placement_from_plan(plan, standin=True)`): the embedding,
+    each layer (weights and KV pages), the head and the routed experts (resident, or host store + a device cache)
+    go where it says, charged to each device's budget; a device that runs out raises DoesNotFitError naming it.
+    With a placement, `device` is ignored, `kv_device` must stay "auto", and `expert_cache_slots=N` gives every
+    device that serves "host" layers an N-slot cache. CUDA devices need CUDA; stand-ins run anywhere.
+    """
+    from homerun.formats.loader import open_checkpoint
+    t0 = time.perf_counter()
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise UsageError(f"unknown weights_dtype {weights_dtype!r}", hint=f"use one of {', '.join(WEIGHTS_DTYPES)}")
+    compute = _compute_dtype(dtype)
+    root = _resolve_path(path)
+    ckpt = open_checkpoint(root)
+    args = ModelArgs.from_hf_config(ckpt.config)
+    names = set(ckpt.names)
+    if weights_dtype != "fp8":
+        _check_room(ckpt, names, 4 if weights_dtype == "fp32" else 2, device)
+    placed: dict[str, Any] = {}
+    if placement is not None:
+        if kv_device not in (None, "auto"):
+            raise UsageError(f"kv_device={kv_device!r} with a placement: each layer's KV lives on its layer's device",
+                             hint="leave kv_device at 'auto', or move the layers in the placement")
+        placement.check_layers(args.n_layers)
+        if expert_cache_slots is not None:
+            if expert_cache_slots < 1:
+                raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
+            placement = placement.with_cache_slots(expert_cache_slots)
+        from offload.devices import build_devices
+
+        devs = build_devices(placement.devices)
+        placed = _placed_build_kwargs(placement, devs)
+        device = placed.pop("device")
+        if expert_backend is None:
+            from homerun.engine.backends import build_placed_backend
+
+            expert_backend = build_placed_backend(
+                ckpt, placement, devs, n_experts=args.n_routed_experts, swiglu_limit=args.swiglu_limit,
+                compute_dtype=compute, kind=experts, cache_policy=cache_policy, trace_path=trace_path,
+                top_k=args.n_activated_experts, model_name=str(ckpt.config.get("_name_or_path") or root.name),
+                act=expert_act,
+            )
+    if expert_backend is None:
+        from homerun.engine.backends import build_expert_backend
+
+        expert_backend = build_expert_backend(
+            ckpt, n_layers=args.n_layers, n_experts=args.n_routed_experts,
+            num_hash_layers=int(ckpt.config.get("num_hash_layers", 0)), swiglu_limit=args.swiglu_limit,
+            compute_dtype=compute, device=device, kind=experts, expert_cache_slots=expert_cache_slots,
+            cache_policy=cache_policy, trace_path=trace_path, top_k=args.n_activated_experts,
+            model_name=str(ckpt.config.get("_name_or_path") or root.name), act=expert_act,
+        )
+        if torch.device(device).type != "cpu" and expert_cache_slots is None:
+            expert_backend = HostExpertBackend(expert_backend)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in names:
+            raise CheckpointError(f"{root}: tensor {name!r} is missing", hint="the checkpoint is incomplete")
+        return ckpt.get(name)
+
+    def on_layer(done: int, total: int) -> None:
+        if progress is not None:
+            progress("layers", done, total)
+
+    net = build_model(
+        args, get, names.__contains__, expert_backend, weights_dtype=weights_dtype, compute_dtype=compute,
+        device=device, on_layer=on_layer, upcast_bf16=upcast_bf16, **placed,
+    )
+    tokenizer = None
+    if (root / "tokenizer.json").is_file():
+        from homerun.formats.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(root)
+    ramp = list(ramp_tokens) if ramp_tokens is not None else [
+        r for r in DEFAULT_RAMP_TOKENS if r <= int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
+    ] or [int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[0]))]
+    return Model(
+        net,
+        path=root,
+        config=dict(ckpt.config),
+        generation_config=dict(getattr(ckpt, "generation_config", None) or {}),
+        tokenizer=tokenizer,
+        checkpoint=ckpt,
+        max_chunk_tokens=max_chunk_tokens,
+        weights_dtype=weights_dtype,
+        ramp_tokens=ramp,
+        kv_budget_bytes=kv_budget_bytes,
+        load_s=time.perf_counter() - t0,
+        kv_device=kv_device,
+        page_tokens=page_tokens,
+        kv_dtype=kv_dtype,
+        placement=placement,
+        devices=devs if placement is not None else None,
+    )
+
+
+def _placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]:
+    """build_model's device arguments for a placement, with a `put` that charges each tensor (by its official
+    name) to its device as ("weights", name): copied onto CUDA devices and stand-ins, adopted in place on the
+    host (mmap'd checkpoint views stay zero-copy)."""
+    order = {d.name: i for i, d in enumerate(placement.devices)}
+    layer_dev = [lp.device for lp in placement.layers]
+
+    def site(name: str) -> str:
+        if name.startswith("embed."):
+            return placement.embed_device
+        if name.startswith("layers."):
+            return layer_dev[int(name.split(".", 2)[1])]
+        return placement.head_device  # head, final norm, hc_head_*
+
+    def put(name: str, t: torch.Tensor, _dev: torch.device) -> torch.Tensor:
+        d = devs[site(name)]
+        if d.kind == "host" and t.device.type == "cpu":
+            return d.adopt(("weights", name), t)
+        return d.place(("weights", name), t)
+
+    return {
+        "device": devs[placement.embed_device].torch_device,
+        "layer_devices": [devs[n].torch_device for n in layer_dev],
+        "head_device": devs[placement.head_device].torch_device,
+        "stages": [order[placement.embed_device]] + [order[n] for n in layer_dev] + [order[placement.head_device]],
+        "put": put,
+    }
+
+
+def _check_room(ckpt: Any, names: Iterable[str], bytes_per_elem: int, device: str | torch.device) -> None:
+    """Refuse to dequantize FP8 weights when the copy would not fit in available host memory."""
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        import psutil
+    except ImportError:
+        return
+    need = 0
+    for n in names:
+        if n.endswith(".weight") and f"{n[: -len('.weight')]}.scale" in names and ".experts." not in n:
+            t = ckpt.get(n)
+            need += t.numel() * bytes_per_elem
+    avail = psutil.virtual_memory().available
+    if need > 0.9 * avail:
+        raise DoesNotFitError(
+            f"dequantizing the FP8 weights needs {need / 1e9:.1f} GB, only {avail / 1e9:.1f} GB of RAM is available",
+            hint="use weights_dtype='fp8' (the default) to keep them packed",
+        )

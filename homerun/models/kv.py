@@ -1,0 +1,232 @@
+"""Paged row storage for the V4 inference state (CSA entries, indexer keys, HCA entries) and live free memory.
+
+`PagedRows` holds append-only rows [n, width] in fixed-size pages: growing allocates one more page and never copies
+the rows already stored, so the allocated bytes are the live bytes plus at most one partly filled page. Pages may
+live on another device than the compute (host RAM for a GPU model when the GPU budget is short); reads bring the
+rows to the compute device. This module does not know the attention math, the ramp or the token counts; the
+runtime (`homerun.engine.runtime`) decides the page size and where pages live. With an `account` device
+(`offload.devices.Device`), every page is allocated through it under a ("kv", store, page, part) tag, so a placed
+model's KV growth is charged to that device's budget (DoesNotFitError names the device) and freed when the store
+is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any, Iterator
+
+import torch
+
+# Default page size in tokens of context: a CSA store (one entry per 4 tokens) gets page_tokens/4 rows a page, an
+# HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer pages to walk at 1M).
+DEFAULT_PAGE_TOKENS = 1024
+_STORE_IDS = itertools.count()
+
+
+class PagedRows:
+    """Append-only rows [n, width] in pages of `page_rows` rows on `device`.
+
+    The committed row count lives in the owner's (immutable) state, not here: writes past it are invisible until the
+    owner commits, which is what makes a chunk's update all-or-nothing. Subclasses change how a page stores rows
+    (`_alloc`, `_put`, `_get`, `_take`, `row_bytes`); reads always return rows in `dtype` on the compute device.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, page_rows: int = 256,
+                 compute_device: torch.device | str | None = None, account: Any = None):
+        if page_rows < 1:
+            raise ValueError(f"page_rows must be >= 1, got {page_rows}")
+        self.width = width
+        self.dtype = dtype
+        self.device = torch.device(device) if account is None else account.torch_device
+        self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
+        self.page_rows = page_rows
+        self.pages: list = []
+        self.account = account
+        self._uid = next(_STORE_IDS)
+        self._tags: list = []
+        if account is not None:  # the pages' bytes go back to the device's budget with the store
+            weakref.finalize(self, account.free_all, self._tags)
+
+    def _empty(self, part: str, shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        """One page tensor on the store's device, charged to `account` when there is one."""
+        if self.account is None:
+            make = torch.zeros if zero else torch.empty
+            return make(shape, dtype=dtype, device=self.device)
+        tag = ("kv", self._uid, len(self.pages), part)
+        t = self.account.empty(tag, shape, dtype)
+        self._tags.append(tag)
+        return t.zero_() if zero else t
+
+    # ------------------------------------------------------------------------------------------ accounting
+
+    @property
+    def capacity_rows(self) -> int:
+        return len(self.pages) * self.page_rows
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (whole pages)."""
+        return self.capacity_rows * self.row_bytes
+
+    # ------------------------------------------------------------------------------------- page format hooks
+
+    def _alloc(self):
+        return self._empty("rows", (self.page_rows, self.width), self.dtype)
+
+    def _put(self, page, r0: int, rows: torch.Tensor) -> None:
+        page[r0 : r0 + rows.shape[0]] = rows.to(device=self.device, dtype=self.dtype)
+
+    def _get(self, page, n: int) -> torch.Tensor:
+        return page[:n].to(self.compute_device)
+
+    def _take(self, page, rows: torch.Tensor) -> torch.Tensor:
+        return page[rows.to(self.device)].to(self.compute_device)
+
+    # ----------------------------------------------------------------------------------------------- write
+
+    def reserve(self, rows: int) -> None:
+        while self.capacity_rows < rows:
+            self.pages.append(self._alloc())
+
+    def write(self, at: int, rows: torch.Tensor) -> int:
+        """Write rows at row index `at` (past the owner's committed end); returns the new end."""
+        end = at + rows.shape[0]
+        self.reserve(end)
+        done = 0
+        while at + done < end:
+            p, r = divmod(at + done, self.page_rows)
+            n = min(self.page_rows - r, end - at - done)
+            self._put(self.pages[p], r, rows[done : done + n])
+            done += n
+        return end
+
+    # ------------------------------------------------------------------------------------------------ read
+
+    def iter_pages(self, n: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row index, rows [<= page_rows, width] on the compute device) over the first n rows."""
+        for p in range(-(-n // self.page_rows)):
+            r0 = p * self.page_rows
+            yield r0, self._get(self.pages[p], min(self.page_rows, n - r0))
+
+    def view(self, n: int) -> torch.Tensor:
+        """The first n rows as one tensor on the compute device: a view when they sit in one plain page, else a
+        copy (O(n) temporary; the attention uses it only for HCA's n = T/128 entries)."""
+        if n == 0 or not self.pages:
+            return torch.empty(0, self.width, dtype=self.dtype, device=self.compute_device)
+        if n <= self.page_rows:
+            return self._get(self.pages[0], n)
+        return torch.cat([rows for _, rows in self.iter_pages(n)])
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows at indices idx (any shape, all < the committed count) -> [*idx.shape, width] on the compute
+        device. Reads only the selected rows: one indexed copy per page that holds any of them."""
+        flat = idx.reshape(-1)
+        out = torch.empty(flat.numel(), self.width, dtype=self.dtype, device=self.compute_device)
+        if flat.numel():
+            if len(self.pages) == 1:
+                out[:] = self._take(self.pages[0], flat)
+            else:
+                page_of = flat // self.page_rows
+                for p in torch.unique(page_of).tolist():
+                    m = page_of == p
+                    out[m] = self._take(self.pages[p], flat[m] - p * self.page_rows)
+        return out.view(*idx.shape, self.width)
+
+
+class Fp8PagedRows(PagedRows):
+    """Rows stored as in section 5 of deepseek-v4.md (the vLLM-style FP8 cache).
+
+    Compressed entries (rope_dim > 0): the first width - rope_dim dims in e4m3 with one power-of-two ue8m0 scale
+    per 64-dim block (scale bytes padded to a multiple of 8: 448 + 8 + 64 x 2 = 584 B for a 512-dim entry), the
+    last rope_dim dims in bf16. Indexer keys (rope_dim = 0, scale_fp32): all dims e4m3 with one fp32 power-of-two
+    scale per row (128 + 4 = 132 B). Reads dequantize to `dtype`; quantization is lossy (e4m3 keeps 3 mantissa bits).
+    """
+
+    BLOCK = 64
+    FP8_MAX = 448.0
+
+    def __init__(self, width: int, dtype: torch.dtype, device, page_rows: int = 256, compute_device=None, *,
+                 rope_dim: int = 0, scale_fp32: bool = False, account: Any = None):
+        super().__init__(width, dtype, device, page_rows, compute_device, account)
+        self.rope_dim = rope_dim
+        self.nope = width - rope_dim
+        self.scale_fp32 = scale_fp32
+        self.block = self.nope if scale_fp32 else self.BLOCK
+        if self.nope % self.block:
+            raise ValueError(f"FP8 KV needs the non-rope width ({self.nope}) in blocks of {self.block}")
+        self.n_blocks = self.nope // self.block
+        self.scale_cols = self.n_blocks if scale_fp32 else -(-self.n_blocks // 8) * 8
+
+    @property
+    def row_bytes(self) -> int:
+        return fp8_row_bytes(self.width, self.rope_dim, self.scale_fp32)
+
+    def _alloc(self):
+        q = self._empty("codes", (self.page_rows, self.nope), torch.float8_e4m3fn)
+        sdt = torch.float32 if self.scale_fp32 else torch.uint8
+        s = self._empty("scales", (self.page_rows, self.scale_cols), sdt, zero=True)
+        r = self._empty("rope", (self.page_rows, self.rope_dim), torch.bfloat16)
+        return q, s, r
+
+    def _put(self, page, r0: int, rows: torch.Tensor) -> None:
+        q, s, r = page
+        n = rows.shape[0]
+        x = rows.to(self.device, torch.float32)
+        blocks = x[:, : self.nope].reshape(n, self.n_blocks, self.block)
+        amax = blocks.abs().amax(dim=-1).clamp_min(1e-30)
+        exp = torch.ceil(torch.log2(amax / self.FP8_MAX)).clamp(-126, 126)  # power-of-two scale: amax/s <= 448
+        q[r0 : r0 + n] = (blocks / torch.exp2(exp).unsqueeze(-1)).clamp(-self.FP8_MAX, self.FP8_MAX).reshape(
+            n, self.nope).to(torch.float8_e4m3fn)
+        if self.scale_fp32:
+            s[r0 : r0 + n] = torch.exp2(exp)
+        else:
+            s[r0 : r0 + n, : self.n_blocks] = (exp + 127).to(torch.uint8)
+        if self.rope_dim:
+            r[r0 : r0 + n] = x[:, self.nope :].to(torch.bfloat16)
+
+    def _decode(self, q, s, r) -> torch.Tensor:
+        n = q.shape[0]
+        scale = s.float() if self.scale_fp32 else torch.exp2(s[:, : self.n_blocks].float() - 127)
+        nope = (q.float().view(n, self.n_blocks, self.block) * scale.unsqueeze(-1)).view(n, self.nope)
+        out = torch.cat([nope, r.float()], dim=-1) if self.rope_dim else nope
+        return out.to(device=self.compute_device, dtype=self.dtype)
+
+    def _get(self, page, n: int) -> torch.Tensor:
+        q, s, r = page
+        return self._decode(q[:n], s[:n], r[:n])
+
+    def _take(self, page, rows: torch.Tensor) -> torch.Tensor:
+        q, s, r = page
+        rows = rows.to(self.device)
+        return self._decode(q[rows], s[rows], r[rows])
+
+
+def fp8_row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
+    """Bytes per stored row of an FP8 KV store (see Fp8PagedRows): 584 for V4's 512-dim entries, 132 for its
+    128-dim indexer keys."""
+    nope = width - rope_dim
+    if scale_fp32:
+        return nope + 4 + rope_dim * 2
+    return nope + -(-(nope // Fp8PagedRows.BLOCK) // 8) * 8 + rope_dim * 2
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory where state on `device` would be allocated: available host RAM (psutil) for the CPU, free device
+    memory (`torch.cuda.mem_get_info`) for CUDA; None when it cannot be known."""
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(dev)
+            return int(free)
+        if dev.type == "cpu":
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - an unknown answer is better than a crash in the ramp
+        return None
+    return None

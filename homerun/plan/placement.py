@@ -1,0 +1,308 @@
+"""Placement for the planner: discrete GPUs + host RAM (all-in-VRAM, hybrid with a GPU expert cache, disk-mmap
+tier) and one-pool machines (unified memory, CPU only). Internal to `homerun.plan.planner`, which owns the records,
+the speed model and the public `plan()`; nothing here reads files or touches hardware.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from homerun.plan.planner import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, HIT_RATE_EXPONENT, MIN_CONTEXT_TOKENS,
+                             DeviceMap, Placement, Plan, Stage, _Ctx, activation_bytes, assumed_hit_rate,
+                             context_section, decode_speed, finish, gib, prefill_speed)
+from profiles.schema import GIB
+
+
+
+# ---- discrete GPUs + host RAM --------------------------------------------------------------------------------------
+
+
+def _split_layers(n_layers: int, usable: list[float]) -> list[int]:
+    """Layers per GPU in proportion to each GPU's usable memory (pipeline split; sums to n_layers)."""
+    total = sum(usable)
+    counts = [int(n_layers * u / total) for u in usable]
+    i = 0
+    while sum(counts) < n_layers:  # hand the remainder to the roomiest GPUs first
+        counts[sorted(range(len(usable)), key=lambda j: -usable[j])[i % len(usable)]] += 1
+        i += 1
+    return counts
+
+
+def plan_discrete(c: _Ctx) -> Plan:
+    spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
+    gpus = prof.gpu_list
+    if not gpus:
+        return plan_unified(c, cpu_only=True)
+    pol = prof.policy
+    act = activation_bytes(spec, opts.prefill_chunk_tokens)
+    margins = {"gpu_reserve": int(pol.reserve_vram_gib * GIB), "runtime_overhead": int(pol.runtime_overhead_gib * GIB),
+               "activations": act}
+    usable = [g.vram_gib * GIB - sum(margins.values()) for g in gpus]
+    embed = inv.bytes_by_class.get("embed", 0)
+    head = inv.bytes_by_class.get("head", 0)
+    mtp = inv.mtp_bytes if opts.include_mtp else 0
+    layer_bytes = inv.non_expert_bytes - embed - head  # per-layer tensors (attention, shared, routers, norms, ...)
+    experts = inv.routed_expert_bytes
+    counts = _split_layers(spec.num_layers, usable)
+    fracs = [n / spec.num_layers for n in counts]
+    n = len(gpus)
+    resident = [layer_bytes * fracs[i] + (embed if i == 0 else 0) + (head + mtp if i == n - 1 else 0) for i in range(n)]
+    ctx_target = min(opts.context_tokens or spec.max_position_embeddings, spec.max_position_embeddings)
+    if opts.context_tokens and opts.context_tokens > spec.max_position_embeddings:
+        c.notes.append(f"requested context {opts.context_tokens} exceeds the model's {spec.max_position_embeddings}")
+    c.decide("mtp", "resident" if opts.include_mtp else "skipped",
+             "kept for speculative decoding (--mtp)" if opts.include_mtp
+             else f"not needed for plain decoding; saves {gib(inv.mtp_bytes):.1f} GiB")
+
+    # All in VRAM when the experts fit too and at least 128K (or the requested context) of KV remains.
+    free_all = [usable[i] - resident[i] - experts * fracs[i] for i in range(n)]
+    kv_cap_all = min(free_all[i] / fracs[i] for i in range(n) if fracs[i] > 0)
+    # An explicit --context must fit as a whole; otherwise all-in-VRAM only needs to leave 128K of KV.
+    kv_min_tokens = ctx_target if opts.context_tokens else min(ctx_target, ALL_VRAM_MIN_CONTEXT_TOKENS)
+    kv_min_all = c.kv.bytes_for(kv_min_tokens)
+    if kv_cap_all >= kv_min_all:
+        return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
+    c.decide("experts", "host RAM",
+             f"all weights + {kv_min_tokens} tokens of KV need "
+             f"{gib(experts + sum(resident) + kv_min_all):.1f} GiB, the GPUs offer {gib(sum(usable)):.1f} GiB usable")
+    return _hybrid(c, gpus, counts, fracs, resident, margins, usable, ctx_target)
+
+
+def _gpu_rows(c: _Ctx, gpus: tuple, counts: list[int], resident: list[float], experts_on_gpu: list[float]) -> None:
+    inv, spec = c.inv, c.spec
+    start = 0
+    for i, g in enumerate(gpus):
+        dev = f"gpu{i}"
+        end = start + counts[i] - 1
+        if i == 0 and inv.bytes_by_class.get("embed"):
+            c.placement.append(Placement("embedding", dev, inv.bytes_by_class["embed"], "first pipeline stage"))
+        c.placement.append(Placement(
+            f"layers {start}-{end}: attention, compressors, routers, shared experts, norms", dev,
+            int(resident[i] - (inv.bytes_by_class.get("embed", 0) if i == 0 else 0)
+                - ((inv.bytes_by_class.get("head", 0) + (inv.mtp_bytes if c.opts.include_mtp else 0))
+                   if i == len(gpus) - 1 else 0)),
+            "non-expert weights run every token: keep them in the fastest memory"))
+        if experts_on_gpu[i]:
+            c.placement.append(Placement(f"routed experts, layers {start}-{end}", dev, int(experts_on_gpu[i]),
+                                         "all experts fit in VRAM: no host RAM, no PCIe traffic"))
+        if i == len(gpus) - 1:
+            c.placement.append(Placement("lm head", dev, inv.bytes_by_class.get("head", 0), "last pipeline stage"))
+            if c.opts.include_mtp and inv.mtp_bytes:
+                c.placement.append(Placement("MTP block", dev, inv.mtp_bytes, "speculative decoding (--mtp)"))
+        start = end + 1
+    if spec.arch == "deepseek_v4":
+        c.notes.append("GPU-resident weights stay FP8/FP4 and are dequantized per matmul (deepseek-v4.md §4.5)")
+
+
+def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int], *, experts: str,
+                cache_slots: list[int], kv_per: list[int], kv_tokens: int) -> None:
+    """The structured twin of _gpu_rows/_kv_rows and the cache rows: one Stage per GPU, layers in pipeline order."""
+    start = 0
+    for i, g in enumerate(gpus):
+        where = ("routed experts resident in VRAM" if experts == "device" else
+                 f"routed experts in host RAM, {cache_slots[i]}-expert cache in VRAM" if cache_slots[i] else
+                 "routed experts in host RAM, no VRAM left for an expert cache")
+        c.stages.append(Stage(
+            device=f"gpu{i}", kind="gpu", index=i, first_layer=start, stop_layer=start + counts[i], experts=experts,
+            expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i],
+            budget_bytes=int(g.vram_gib * GIB - sum(margins.values())), embedding=i == 0, head=i == len(gpus) - 1,
+            reason=f"pipeline stage {i + 1} of {len(gpus)} ({g.name}): layers in proportion to usable VRAM; {where}"))
+        start += counts[i]
+
+
+def _kv_rows(c: _Ctx, fracs: list[float], kv_reserved: int, tokens: int) -> list[int]:
+    per = [int(kv_reserved * f) for f in fracs]
+    for i, b in enumerate(per):
+        c.placement.append(Placement(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", b,
+                                     "attention state lives next to its layer"))
+    return per
+
+
+def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
+              margins: dict[str, int], kv_cap: float, ctx_target: int) -> Plan:
+    spec, inv, prof = c.spec, c.inv, c.prof
+    n = len(gpus)
+    c.decide("experts", "VRAM", f"all {gib(inv.total_bytes):.1f} GiB of weights plus >= 128K tokens of KV fit "
+             f"in {n} GPU(s); host RAM holds nothing")
+    c.decide("split", f"{n} pipeline stage(s)", f"layers split {counts} in proportion to usable VRAM")
+    experts_on = [inv.routed_expert_bytes * f for f in fracs]
+    _gpu_rows(c, gpus, counts, resident, experts_on)
+    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
+    reserved_tokens = min(ctx_target, max_tokens)
+    kv_per = _kv_rows(c, fracs, c.kv.bytes_for(reserved_tokens), reserved_tokens)
+    _gpu_stages(c, gpus, counts, margins, experts="device", cache_slots=[0] * n, kv_per=kv_per,
+                kv_tokens=reserved_tokens)
+    for i, g in enumerate(gpus):
+        used = resident[i] + experts_on[i] + kv_per[i] + sum(margins.values())
+        c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
+    host_m = {"host_reserve": int(prof.policy.host_reserve_gib * GIB)}
+    c.devices.append(DeviceMap("host RAM", "host", int(prof.cpu.ram_gib * GIB), host_m["host_reserve"], host_m))
+    c.placement.append(Placement("routed experts (host copy)", "host", 0, "not needed: everything is in VRAM"))
+    g0 = gpus[0]
+    resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
+    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=g0.mem_bw_gbps, local_name="vram",
+                        pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps, hit_rate_source="all experts in VRAM")
+    pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + inv.routed_expert_bytes,
+                              weight_gbps=g0.mem_bw_gbps, stream_bytes_per_chunk=0, stream_gbps=0, stream_link="pcie"))
+    if n > 1:
+        c.notes.append("pipeline split: one stream visits the GPUs in turn, so one GPU's bandwidth bounds decode")
+    verdict = (f"fits entirely in VRAM on {n} GPU(s): no experts in host RAM; "
+               f"context up to {max_tokens:,} tokens")
+    return finish(c, fits=True, mode="all-vram", verdict=verdict, remedy=None,
+                  context=context_section(c, kv_cap, reserved_tokens), predicted=pred)
+
+
+def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
+            margins: dict[str, int], usable: list[float], ctx_target: int) -> Plan:
+    spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
+    pol = prof.policy
+    n = len(gpus)
+    experts = inv.routed_expert_bytes
+    bpe = max(inv.bytes_per_expert, 1)
+    free = [usable[i] - resident[i] for i in range(n)]
+    kv_cap = min(free[i] / fracs[i] for i in range(n) if fracs[i] > 0)
+    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
+    reserved_tokens = max(0, min(ctx_target, max_tokens))
+    kv_reserved = c.kv.bytes_for(reserved_tokens) if reserved_tokens else 0
+    _gpu_rows(c, gpus, counts, resident, [0.0] * n)
+    kv_per = _kv_rows(c, fracs, kv_reserved, reserved_tokens)
+    cache_bytes = [max(0.0, free[i] - kv_per[i]) for i in range(n)]
+    layer_experts = [counts[i] * spec.n_routed_experts for i in range(n)]
+    cache_experts = [min(int(cache_bytes[i] // bpe), layer_experts[i]) for i in range(n)]
+    for i in range(n):
+        if cache_experts[i]:
+            c.placement.append(Placement(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
+                                         cache_experts[i] * bpe, "leftover VRAM after KV for the target context"))
+    total_cache = sum(cache_experts)
+    _gpu_stages(c, gpus, counts, margins, experts="host", cache_slots=cache_experts, kv_per=kv_per,
+                kv_tokens=reserved_tokens)
+    c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
+             f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
+    for i, g in enumerate(gpus):
+        used = resident[i] + kv_per[i] + cache_experts[i] * bpe + sum(margins.values())
+        c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
+
+    host_cap = prof.cpu.ram_gib * GIB
+    host_m = {"host_reserve": int(pol.host_reserve_gib * GIB), "pinned_staging": int(pol.pinned_staging_gib * GIB)}
+    host_usable = host_cap - sum(host_m.values())
+    in_ram = min(experts, max(host_usable, 0))
+    on_disk = experts - in_ram
+    gpu_short = min(free[i] - c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[i] for i in range(n)) < 0
+    c.placement.append(Placement(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})",
+                                 "host", int(in_ram), "primary copy at stored precision; misses are computed on the "
+                                 "CPU or streamed over PCIe"))
+    remedy = None
+    mode = "hybrid"
+    if on_disk > 0:
+        if opts.allow_disk:
+            mode = "disk-mmap"
+            c.placement.append(Placement("routed experts (mmap from disk)", "disk", int(on_disk),
+                                         "host RAM is short: pages come from disk on demand (slow)"))
+            c.devices.append(DeviceMap("disk (mmap)", "disk", int(on_disk), int(on_disk), {}))
+            c.decide("disk tier", "on", f"{gib(on_disk):.0f} GiB of experts do not fit in RAM; --allow-disk given")
+        else:
+            remedy = (f"needs {gib(experts):.0f} GiB of host RAM for experts, the profile has "
+                      f"{prof.cpu.ram_gib:.0f} GiB")
+    c.devices.append(DeviceMap("host RAM", "host", int(host_cap), int(in_ram + sum(host_m.values())), host_m))
+    if gpu_short:
+        need = max(resident) + c.kv.bytes_for(MIN_CONTEXT_TOKENS) + sum(margins.values())
+        vram = (f"needs {gib(need):.1f} GiB of VRAM per GPU for the non-expert set, {MIN_CONTEXT_TOKENS} tokens of "
+                f"KV and margins, the GPU has {gpus[0].vram_gib:.0f} GiB")
+        remedy = f"{remedy}; it also {vram}" if remedy else vram
+    context = context_section(c, kv_cap, reserved_tokens)
+    if remedy:
+        c.decide("verdict", "does not fit", remedy)
+        pred = {"decode_tok_s": None, "decode_tok_s_upper_bound": None, "prefill_tok_s": None,
+                "expert_cache_hit_rate": None, "reason": "does not fit"}
+        return finish(c, fits=False, mode="none", verdict=f"does not fit: {remedy}", remedy=remedy,
+                      context=context, predicted=pred)
+    g0 = gpus[0]
+    if opts.hit_rate is not None:
+        hit, src = opts.hit_rate, "--hit-rate"
+    else:
+        hit = assumed_hit_rate(total_cache, spec.routed_experts_total)
+        src = (f"assumed: (cache fraction {total_cache}/{spec.routed_experts_total}) ** {HIT_RATE_EXPONENT}")
+    disk_frac = on_disk / experts if experts else 0.0
+    resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
+    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=hit, local_gbps=g0.mem_bw_gbps, local_name="vram",
+                        pcie_gbps=g0.h2d_gbps, dram_gbps=prof.cpu.mem_bw_gbps, disk_fraction=disk_frac,
+                        disk_gbps=prof.disk.read_gbps, hit_rate_source=src)
+    stream = experts - total_cache * bpe
+    # Streamed bytes cross PCIe, and the part not in RAM also comes off the disk first.
+    t_stream = stream / (g0.h2d_gbps * 1e9) + (on_disk / (prof.disk.read_gbps * 1e9) if on_disk else 0.0)
+    pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + total_cache * bpe,
+                              weight_gbps=g0.mem_bw_gbps, stream_bytes_per_chunk=stream,
+                              stream_gbps=stream / t_stream / 1e9 if t_stream else 0.0, stream_link="expert_streaming"))
+    where = "host RAM" if mode == "hybrid" else "host RAM + disk mmap (slow)"
+    verdict = (f"fits: non-expert set, KV and a {total_cache}-expert cache on GPU, routed experts in {where}; "
+               f"context up to {max_tokens:,} tokens")
+    return finish(c, fits=True, mode=mode, verdict=verdict, remedy=None, context=context, predicted=pred)
+
+
+# ---- unified memory (and CPU-only) ---------------------------------------------------------------------------------
+
+
+def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
+    spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
+    pol = prof.policy
+    ram = prof.cpu.ram_gib * GIB
+    act = activation_bytes(spec, opts.prefill_chunk_tokens)
+    limit = ram - pol.host_reserve_gib * GIB
+    if not cpu_only and prof.memory.gpu_limit_gib is not None:
+        limit = min(limit, prof.memory.gpu_limit_gib * GIB)
+    margins = {("host_reserve" if cpu_only else "outside_gpu_limit"): int(ram - limit),
+               "runtime_overhead": int(pol.runtime_overhead_gib * GIB), "activations": act}
+    usable = limit - margins["runtime_overhead"] - act
+    mtp = inv.mtp_bytes if opts.include_mtp else 0
+    weights = inv.non_expert_bytes + inv.routed_expert_bytes + mtp
+    ctx_target = min(opts.context_tokens or spec.max_position_embeddings, spec.max_position_embeddings)
+    kv_cap = usable - weights
+    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings) if kv_cap > 0 else 0
+    reserved = max(0, min(ctx_target, max_tokens))
+    dev = "host" if cpu_only else "unified"
+    what = "host RAM (CPU only)" if cpu_only else "unified memory"
+    c.decide("placement", what, "no discrete GPU: every tensor in one memory pool" if cpu_only else
+             f"CPU and GPU share {prof.cpu.ram_gib:.0f} GiB; the GPU may use {gib(limit):.0f} GiB of it")
+    for cls, b in sorted(inv.bytes_by_class.items(), key=lambda kv: -kv[1]):
+        if cls == "mtp" and not opts.include_mtp:
+            continue
+        label = CLASS_LABELS.get(cls, cls) + (f" ({spec.expert_format})" if cls == "routed" else "")
+        c.placement.append(Placement(label, dev, b, "one pool: no copies between CPU and GPU memory"))
+    kv_b = c.kv.bytes_for(reserved) if reserved else 0
+    c.placement.append(Placement(f"KV cache ({reserved} tokens, {c.kv.dtype})", dev, kv_b, "same pool"))
+    used = weights + kv_b + sum(margins.values())
+    # One pool: every layer, its KV and the experts (read in place, no copies) on the one device.
+    c.stages.append(Stage(device=dev, kind=dev, index=0, first_layer=0, stop_layer=spec.num_layers, experts="host",
+                          expert_cache_slots=0, kv_tokens=reserved, kv_bytes=kv_b, budget_bytes=int(usable),
+                          embedding=True, head=True, reason=f"{what}: one memory pool, experts read in place"))
+    c.devices.append(DeviceMap(what, dev, int(ram), int(used), margins))
+    remedy = None
+    if kv_cap < c.kv.bytes_for(MIN_CONTEXT_TOKENS):
+        need = weights + c.kv.bytes_for(MIN_CONTEXT_TOKENS) + margins["runtime_overhead"] + act
+        if not cpu_only and need <= ram - pol.host_reserve_gib * GIB:
+            remedy = (f"needs {gib(need):.0f} GiB of GPU-usable memory, the limit is {gib(limit):.0f} GiB: raise it "
+                      f"(macOS: sudo sysctl iogpu.wired_limit_mb={math.ceil(need / 2**20)})")
+        else:
+            remedy = f"needs {gib(need):.0f} GiB of memory for weights and KV, the profile has {prof.cpu.ram_gib:.0f} GiB"
+    context = context_section(c, max(kv_cap, 0), reserved)
+    if remedy:
+        c.decide("verdict", "does not fit", remedy)
+        pred = {"decode_tok_s": None, "decode_tok_s_upper_bound": None, "prefill_tok_s": None,
+                "expert_cache_hit_rate": None, "reason": "does not fit"}
+        return finish(c, fits=False, mode="none", verdict=f"does not fit: {remedy}", remedy=remedy,
+                      context=context, predicted=pred)
+    bw = prof.cpu.mem_bw_gbps if cpu_only else (prof.gpus[0].mem_bw_gbps if prof.gpus else prof.cpu.mem_bw_gbps)
+    resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
+    if cpu_only:  # the CPU kernels reach the DRAM efficiency, not the GPU one
+        c2 = replace(c.opts, efficiency=replace(c.opts.efficiency, vram=c.opts.efficiency.dram))
+        c = replace(c, opts=c2)
+    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=bw,
+                        local_name="dram" if cpu_only else "unified", pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps,
+                        hit_rate_source="all experts in the same memory pool")
+    tflops = None if cpu_only or not prof.gpus else prof.gpus[0].tflops_bf16
+    pred.update(prefill_speed(c, tflops=tflops, weight_bytes_per_chunk=weights, weight_gbps=bw,
+                              stream_bytes_per_chunk=0, stream_gbps=0, stream_link="none"))
+    verdict = f"fits in {what}; context up to {max_tokens:,} tokens"
+    return finish(c, fits=True, mode="unified" if not cpu_only else "cpu-only", verdict=verdict, remedy=None,
+                  context=context, predicted=pred)
