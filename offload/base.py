@@ -2,52 +2,17 @@
 
 The runtime routes (router, top-k, weights) and computes the shared expert itself; everything about where a
 routed expert's bytes live and which device multiplies them is behind `ExpertBackend`. Backends: the plain fp32
-reference below, the native CPU kernels (homerun/kernels/cpu_experts.py) and the GPU expert cache (offload/cache.py).
+reference below, the native CPU kernels (offload/cpu_backend.py over homerun/kernels) and the GPU expert cache (offload/cache.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from homerun.formats.quant import dequant_fp4, dequant_fp8
-
-
-@dataclass(frozen=True)
-class ExpertWeights:
-    """One routed expert as stored: w1 (gate) and w3 (up) [I, D], w2 (down) [D, I].
-
-    fmt "fp4": int8 codes [out, in/2] (low nibble first) + e8m0 scales [out, in/32].
-    fmt "fp8": float8_e4m3fn [out, in] + e8m0 scales [ceil(out/128), ceil(in/128)].
-    """
-
-    w1: torch.Tensor
-    w1_scale: torch.Tensor
-    w3: torch.Tensor
-    w3_scale: torch.Tensor
-    w2: torch.Tensor
-    w2_scale: torch.Tensor
-    fmt: str = "fp4"
-
-    @property
-    def nbytes(self) -> int:
-        ts = (self.w1, self.w1_scale, self.w3, self.w3_scale, self.w2, self.w2_scale)
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    def dequant(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        deq = dequant_fp4 if self.fmt == "fp4" else dequant_fp8
-        return (
-            deq(self.w1, self.w1_scale, dtype),
-            deq(self.w3, self.w3_scale, dtype),
-            deq(self.w2, self.w2_scale, dtype),
-        )
-
-
-# (layer, expert) -> that expert's packed weights (usually zero-copy mmap views of the checkpoint).
-ExpertSource = Callable[[int, int], ExpertWeights]
+from homerun.formats.experts import ExpertSource, ExpertWeights  # noqa: F401 - part of the contract
+from homerun.kernels.reference import reference_moe, swiglu_expert  # noqa: F401 - the reference formula
 
 
 class ExpertBackend(Protocol):
@@ -60,13 +25,6 @@ class ExpertBackend(Protocol):
         ...
 
 
-def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
-    """Clamped SwiGLU: g = min(x w1^T, limit), u = clamp(x w3^T, -limit, limit), y = (silu(g) * u) w2^T."""
-    g = (x @ w1.T).clamp(max=limit)
-    u = (x @ w3.T).clamp(-limit, limit)
-    return (F.silu(g) * u) @ w2.T
-
-
 class ReferenceExpertBackend:
     """The plain fp32 path: dequantize each selected expert when it is used, multiply in fp32. Slow, obviously
     correct; the numeric reference for every other backend."""
@@ -77,11 +35,5 @@ class ReferenceExpertBackend:
         self.compute_dtype = compute_dtype
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
-        xc = x.to(self.compute_dtype)
-        out = torch.zeros_like(xc)
-        for e in torch.unique(expert_ids).tolist():
-            rows, slot = torch.nonzero(expert_ids == e, as_tuple=True)
-            w1, w3, w2 = self.source(layer, e).dequant(self.compute_dtype)
-            y = swiglu_expert(xc[rows], w1, w3, w2, self.swiglu_limit)
-            out.index_add_(0, rows, y * expert_weights[rows, slot].unsqueeze(-1).to(self.compute_dtype))
-        return out.to(x.dtype)
+        return reference_moe(self.source, layer, x, expert_ids, expert_weights, swiglu_limit=self.swiglu_limit,
+                             compute_dtype=self.compute_dtype)

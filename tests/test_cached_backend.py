@@ -8,6 +8,7 @@ from offload.devices import StandInDevice
 from offload.host_store import HostExpertStore, random_packed_expert
 from offload.miss_policy import MissPolicy, costs_for_expert
 from offload.prefetch import speculate_experts
+from offload.cpu_backend import CpuExpertBackend
 
 D, I, E, L, K = 64, 32, 8, 3, 2
 
@@ -169,7 +170,7 @@ def test_native_cpu_backend_serves_misses():
     cpu_experts = pytest.importorskip("homerun.kernels.cpu_experts")
     ex = _experts()
     store = HostExpertStore(lambda l, e: ex[(l, e)], list(ex))
-    cpu = cpu_experts.CpuExpertBackend(store, swiglu_limit=10.0)  # reads the store's contiguous buffers
+    cpu = CpuExpertBackend(store, swiglu_limit=10.0)  # reads the store's contiguous buffers
     be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store, expert_cache_slots=2,
                               device=StandInDevice("gpu0", 1 << 30), cpu_backend=cpu, miss_mode="auto")
     ref = ReferenceExpertBackend(store, swiglu_limit=10.0)

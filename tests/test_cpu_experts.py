@@ -8,6 +8,7 @@ from homerun.errors import CheckpointError, KernelError
 from homerun.formats.quant import quant_fp4, quant_fp8
 from homerun.kernels import cpu_experts as ce
 from offload.base import ExpertWeights, ReferenceExpertBackend
+from offload.cpu_backend import CpuExpertBackend
 
 PATHS = ce.available_paths()
 LIMIT = 10.0
@@ -68,7 +69,7 @@ def test_fused_experts_match_reference(path, fmt, t, k):
     d, _ = SHAPES[fmt]
     src = CountingSource(EXPERTS[fmt])
     x, ids, wts, ref = routed_case(fmt, t, k)
-    y = ce.CpuExpertBackend(src, swiglu_limit=LIMIT, path=path).forward(0, x, ids, wts)
+    y = CpuExpertBackend(src, swiglu_limit=LIMIT, path=path).forward(0, x, ids, wts)
     assert y.shape == (t, d) and y.dtype == x.dtype
     assert rel_err(y, ref) <= FP32_RTOL
 
@@ -82,7 +83,7 @@ def test_clamp_is_applied(path):
     clamped = ReferenceExpertBackend(src, swiglu_limit=0.5).forward(0, x, ids, wts)
     free = ReferenceExpertBackend(src, swiglu_limit=1e9).forward(0, x, ids, wts)
     assert rel_err(clamped, free) > 1e-2
-    y = ce.CpuExpertBackend(src, swiglu_limit=0.5, path=path).forward(0, x, ids, wts)
+    y = CpuExpertBackend(src, swiglu_limit=0.5, path=path).forward(0, x, ids, wts)
     assert rel_err(y, clamped) <= FP32_RTOL
 
 
@@ -90,7 +91,7 @@ def test_source_is_asked_once_per_expert_and_tables_grow():
     experts = make_experts("fp4", 64, 32, n=3, seed=2)
     experts[300] = experts[0]
     src = CountingSource(experts)
-    be = ce.CpuExpertBackend(src, swiglu_limit=LIMIT)
+    be = CpuExpertBackend(src, swiglu_limit=LIMIT)
     x = torch.randn(4, 64)
     ref = ReferenceExpertBackend(src, swiglu_limit=LIMIT)
     for ids in (torch.tensor([[0, 1]] * 4), torch.tensor([[1, 2]] * 4), torch.tensor([[300, 2]] * 4)):
@@ -108,7 +109,7 @@ def test_source_is_asked_once_per_expert_and_tables_grow():
 def test_layers_are_kept_apart():
     a, b = make_experts("fp4", 64, 32, n=2, seed=3), make_experts("fp4", 64, 32, n=2, seed=4)
     src = lambda layer, e: (a if layer == 0 else b)[e]  # noqa: E731
-    be = ce.CpuExpertBackend(src, swiglu_limit=LIMIT)
+    be = CpuExpertBackend(src, swiglu_limit=LIMIT)
     ref = ReferenceExpertBackend(src, swiglu_limit=LIMIT)
     x, ids, wts = torch.randn(2, 64), torch.tensor([[0, 1], [1, 0]]), torch.rand(2, 2)
     for layer in (0, 1, 0):
@@ -117,7 +118,7 @@ def test_layers_are_kept_apart():
 
 def test_bf16_input_and_empty_batch():
     src = CountingSource(EXPERTS["fp4"])
-    be = ce.CpuExpertBackend(src, swiglu_limit=LIMIT)
+    be = CpuExpertBackend(src, swiglu_limit=LIMIT)
     x = torch.randn(3, 128).to(torch.bfloat16)
     ids, wts = torch.tensor([[0, 1], [2, 3], [4, 0]]), torch.rand(3, 2)
     y = be.forward(0, x, ids, wts)
@@ -148,13 +149,13 @@ def test_wide_experts_one_token_six_experts(d, i):
     x = torch.randn(1, d, generator=g)
     ids, wts = torch.arange(6).reshape(1, 6), torch.rand(1, 6, generator=g)
     ref = ReferenceExpertBackend(src, swiglu_limit=LIMIT).forward(0, x, ids, wts)
-    y = ce.CpuExpertBackend(src, swiglu_limit=LIMIT, path=path).forward(0, x, ids, wts)
+    y = CpuExpertBackend(src, swiglu_limit=LIMIT, path=path).forward(0, x, ids, wts)
     assert rel_err(y, ref) <= FP32_RTOL
 
 
 def test_bad_inputs_raise_typed_errors():
     src = CountingSource(EXPERTS["fp4"])
-    be = ce.CpuExpertBackend(src, swiglu_limit=LIMIT)
+    be = CpuExpertBackend(src, swiglu_limit=LIMIT)
     x = torch.randn(2, 128)
     with pytest.raises(KernelError):
         be.forward(0, x, torch.tensor([[0, -1], [1, 2]]), torch.rand(2, 2))
@@ -164,11 +165,11 @@ def test_bad_inputs_raise_typed_errors():
         be.forward(0, torch.randn(2, 64), torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2))
     mixed = dict(EXPERTS["fp4"])
     mixed[9] = make_experts("fp4", 64, 32, n=1, seed=5)[0]
-    be2 = ce.CpuExpertBackend(lambda layer, e: mixed[e], swiglu_limit=LIMIT)
+    be2 = CpuExpertBackend(lambda layer, e: mixed[e], swiglu_limit=LIMIT)
     with pytest.raises(CheckpointError):
         be2.forward(0, x, torch.tensor([[0, 9], [1, 2]]), torch.rand(2, 2))
     with pytest.raises(KernelError):
-        ce.CpuExpertBackend(src, swiglu_limit=LIMIT, path="nope")
+        CpuExpertBackend(src, swiglu_limit=LIMIT, path="nope")
 
 
 def test_fp8_linear_for_dense_weights_matches_reference():
@@ -186,5 +187,5 @@ def test_fp8_linear_for_dense_weights_matches_reference():
 def test_fused_experts_bf16_activations(fmt, t, k):
     src = CountingSource(EXPERTS[fmt])
     x, ids, wts, ref = routed_case(fmt, t, k)
-    y = ce.CpuExpertBackend(src, swiglu_limit=LIMIT, path="avx512", act="bf16").forward(0, x, ids, wts)
+    y = CpuExpertBackend(src, swiglu_limit=LIMIT, path="avx512", act="bf16").forward(0, x, ids, wts)
     assert rel_err(y, ref) <= 1e-2

@@ -11,6 +11,7 @@ from homerun.kernels import cpu_experts as ce
 from offload.base import ReferenceExpertBackend
 from test_cpu_experts import make_experts, rel_err  # the same expert fixtures and error measure
 from test_cpu_kernels import extreme_scale_fp4
+from offload.cpu_backend import CpuExpertBackend
 
 PATHS = ce.available_paths()  # native paths usable here, then "torch"
 NATIVE = [p for p in PATHS if p != "torch"]
@@ -116,7 +117,7 @@ def routed_case(fmt: str, t: int, k: int):
         wts = torch.rand(t, k, generator=g)
         src = EXPERTS[fmt].__getitem__
         ref = ReferenceExpertBackend(lambda layer, e: src(e), swiglu_limit=LIMIT).forward(0, x, ids, wts)
-        emu = ce.CpuExpertBackend(lambda layer, e: src(e), swiglu_limit=LIMIT, path="torch", act="int8")
+        emu = CpuExpertBackend(lambda layer, e: src(e), swiglu_limit=LIMIT, path="torch", act="int8")
         _CASES[key] = (x, ids, wts, ref, emu.forward(0, x, ids, wts))
     return _CASES[key]
 
@@ -125,7 +126,7 @@ def routed_case(fmt: str, t: int, k: int):
 @pytest.mark.parametrize("t,k", [(1, 6), (2, 6), (7, 4), (64, 6)])
 def test_fused_experts_int8(path, t, k):
     x, ids, wts, ref, emu = routed_case("fp4", t, k)
-    be = ce.CpuExpertBackend(lambda layer, e: EXPERTS["fp4"][e], swiglu_limit=LIMIT, path=path, act="int8")
+    be = CpuExpertBackend(lambda layer, e: EXPERTS["fp4"][e], swiglu_limit=LIMIT, path=path, act="int8")
     y = be.forward(0, x, ids, wts)
     err = rel_err(y, ref)
     assert 1e-4 < err <= INT8_RTOL
@@ -141,7 +142,7 @@ def test_fused_experts_int8_torch_emulation_accuracy():
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_fp8_experts_keep_fp32_activations_in_int8_mode(path):
     x, ids, wts, ref, _ = routed_case("fp8", 5, 3)
-    be = ce.CpuExpertBackend(lambda layer, e: EXPERTS["fp8"][e], swiglu_limit=LIMIT, path=path, act="int8")
+    be = CpuExpertBackend(lambda layer, e: EXPERTS["fp8"][e], swiglu_limit=LIMIT, path=path, act="int8")
     assert rel_err(be.forward(0, x, ids, wts), ref) <= 1e-5
 
 
@@ -165,13 +166,13 @@ def test_int8_is_available_and_reported_everywhere():
 
 
 def test_auto_act_resolves_to_the_default():
-    be = ce.CpuExpertBackend(lambda layer, e: EXPERTS["fp4"][e], swiglu_limit=LIMIT, act="auto")
+    be = CpuExpertBackend(lambda layer, e: EXPERTS["fp4"][e], swiglu_limit=LIMIT, act="auto")
     assert be.act == ce.default_act()
     codes, scale = fp4_weights(16, 64, seed=1)
     x = torch.randn(2, 64)
     assert torch.equal(ce.fp4_linear(x, codes, scale, act="auto"), ce.fp4_linear(x, codes, scale, act=ce.default_act()))
     with pytest.raises(KernelError):
-        ce.CpuExpertBackend(lambda layer, e: EXPERTS["fp4"][e], swiglu_limit=LIMIT, act="int4")
+        CpuExpertBackend(lambda layer, e: EXPERTS["fp4"][e], swiglu_limit=LIMIT, act="int4")
 
 
 def test_missing_library_still_emulates_int8(monkeypatch):

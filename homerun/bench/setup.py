@@ -261,7 +261,7 @@ def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch
         return ReferenceExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, compute_dtype=compute_dtype)
 
     def native() -> Any:
-        from homerun.kernels.cpu_experts import CpuExpertBackend
+        from offload.cpu_backend import CpuExpertBackend
 
         return CpuExpertBackend(ckpt.expert, swiglu_limit=args.swiglu_limit, act=act)
 
@@ -306,7 +306,7 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
     import homerun
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
-    from homerun.engine.runtime import HostExpertBackend
+    from offload.cpu_backend import HostExpertBackend
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = open_checkpoint(Path(path))

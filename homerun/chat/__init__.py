@@ -4,3 +4,5 @@ atomic save/load). No terminal I/O: the CLI renders it.
 
 May import: homerun.errors, homerun.formats.
 """
+
+from homerun.chat.encoding import encode_messages, parse_message_from_completion_text  # noqa: F401,E402 - public API

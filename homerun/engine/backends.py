@@ -59,7 +59,7 @@ def cpu_backend(ckpt: Any, *, swiglu_limit: float, compute_dtype: torch.dtype, k
         if not native_available():
             raise UsageError("the native CPU expert kernels are not built",
                              hint="reinstall with a C compiler (pip install -e .), or use --experts reference")
-        from homerun.kernels.cpu_experts import CpuExpertBackend
+        from offload.cpu_backend import CpuExpertBackend
 
         return CpuExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, act=act)
     return ReferenceExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
@@ -131,7 +131,7 @@ def build_placed_backend(
     one (charged as "expert_cache"); a CUDA device without a cache sends x to the host and back. One backend serves
     the model directly; several go behind a LayerSplitBackend that dispatches by layer."""
     from offload.cached_backend import LayerSplitBackend, ResidentExpertBackend, build_cached_backend
-    from homerun.engine.runtime import HostExpertBackend
+    from offload.cpu_backend import HostExpertBackend
 
     host = None
     by_layer: dict[int, Any] = {}

@@ -25,7 +25,7 @@ import torch
 
 from homerun.errors import CheckpointError, ConfigError
 from homerun.formats.v4_layout import DTYPE_BYTES, TensorInfo, expert_dtype, v4_tensors
-from offload.base import ExpertWeights
+from homerun.formats.experts import ExpertWeights
 
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a larger value means a corrupt or non-safetensors file
@@ -307,7 +307,7 @@ class Checkpoint:
         return handle.get_tensor(name)
 
     def expert(self, layer: int, e: int) -> ExpertWeights:
-        """Routed expert `e` of `layer`, packed as stored (an `offload.base.ExpertSource`). Layers
+        """Routed expert `e` of `layer`, packed as stored (an `ExpertSource`). Layers
         num_hidden_layers + m are the MTP block m."""
         n_layers = self.config["num_hidden_layers"]
         prefix = f"layers.{layer}" if layer < n_layers else f"mtp.{layer - n_layers}"

@@ -5,8 +5,9 @@ What it provides:
 - `backend_info()`: which path runs here ("avx512" | "avx2" | "portable" | "torch"), whether the library was built,
   why, and the thread count. The planner shows it for `homerun plan --hw auto`.
 - `fp4_linear` / `fp8_linear`: y = x @ dequant(W)^T for CPU-resident weights (decode GEMV and small-batch GEMM).
-- `CpuExpertBackend`: the `offload.base.ExpertBackend` for CPU-resident routed experts. One native call per layer
-  computes gate/up, clamped SwiGLU, down and the weighted sum for every token and expert, on all cores.
+- `CpuMoE`: the fused routed-expert op for CPU-resident experts (offload.cpu_backend.CpuExpertBackend serves it as
+  an ExpertBackend). One native call per layer computes gate/up, clamped SwiGLU, down and the weighted sum for every
+  token and expert, on all cores.
 
 Activations: `act="fp32"` (the default, every path) keeps them fp32, so results match fp32 dequantize-then-matmul up
 to summation order (relative error well under 1e-5). `act="bf16"` (AVX-512 with AVX512-BF16 only) rounds the
@@ -34,7 +35,8 @@ import torch
 
 from homerun.errors import CheckpointError, KernelError
 from homerun.formats.quant import FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
-from offload.base import ExpertSource, ExpertWeights, ReferenceExpertBackend
+from homerun.formats.experts import ExpertSource, ExpertWeights
+from homerun.kernels.reference import reference_moe
 
 PATHS = ("avx512", "avx2", "portable", "torch")  # best first
 _PATH_CODE = {"portable": 1, "avx2": 2, "avx512": 3}
@@ -311,8 +313,8 @@ class _LayerTable:
     keep: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # keeps the tensors (and addresses) alive
 
 
-class CpuExpertBackend:
-    """Routed experts computed on the CPU from packed FP4/FP8 weights; implements `offload.base.ExpertBackend`.
+class CpuMoE:
+    """Routed experts computed on the CPU from packed FP4/FP8 weights, with the forward of an ExpertBackend.
 
     `source(layer, e)` is asked once per expert; its tensors (normally zero-copy mmap views) are kept referenced and
     their addresses cached, so a forward call copies no weights and runs no Python per expert.
@@ -328,13 +330,12 @@ class CpuExpertBackend:
         if threads is not None:
             set_threads(threads)
         self._tables: dict[int, _LayerTable] = {}
-        self._reference = ReferenceExpertBackend(source, swiglu_limit=swiglu_limit)
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         if self.path == "torch":
             if self.act == "int8":
                 return self._int8_torch(layer, x, expert_ids, expert_weights)
-            return self._reference.forward(layer, x, expert_ids, expert_weights)
+            return reference_moe(self.source, layer, x, expert_ids, expert_weights, swiglu_limit=self.swiglu_limit)
         t, d = x.shape
         ids = expert_ids.to(torch.int64).contiguous()
         wts = expert_weights.to(torch.float32).contiguous()

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from homerun.kernels import cpu_experts as ce
-from offload.base import ExpertWeights
+from homerun.formats.experts import ExpertWeights
 
 # V4 expert shapes, logical [out, in]: w1/w3 then w2 (docs/deepseek-v4.md §4.2).
 FLASH = {"dim": 4096, "inter": 2048}
@@ -217,7 +217,7 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
                 r["fp4_gbps"] = flash_bytes / t_flash / 1e9
                 r["gemv_tok_s"] = len(mats) / t_flash  # tokens/s through one [2048, 4096]-sized matrix
                 say(f"fused expert op, 1 token x 6 experts, {act} activations")
-                backend = ce.CpuExpertBackend(lambda layer, e: experts[e], swiglu_limit=10.0, path=p, act=act)
+                backend = ce.CpuMoE(lambda layer, e: experts[e], swiglu_limit=10.0, path=p, act=act)
                 backend.forward(0, x1, ids[0], wts)  # caches the expert addresses
                 r["t_fused"] = _best(lambda: [backend.forward(0, x1, ix, wts) for ix in ids], reps) / calls
             say(f"FP4 GEMM at batch 64, {act} activations")

@@ -1,6 +1,6 @@
 """Placement for the planner: discrete GPUs + host RAM (all-in-VRAM, hybrid with a GPU expert cache, disk-mmap
-tier) and one-pool machines (unified memory, CPU only). Internal to `homerun.plan.planner`, which owns the records,
-the speed model and the public `plan()`; nothing here reads files or touches hardware.
+tier) and one-pool machines (unified memory, CPU only). Internal to `homerun.plan.planner`, which owns the public `plan()`;
+the records and the speed model are in `records` and `speed`; nothing here reads files or touches hardware.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from homerun.plan.planner import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, HIT_RATE_EXPONENT, MIN_CONTEXT_TOKENS,
-                             DeviceMap, Placement, Plan, Stage, _Ctx, activation_bytes, assumed_hit_rate,
-                             context_section, decode_speed, finish, gib, prefill_speed)
+from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, HIT_RATE_EXPONENT, MIN_CONTEXT_TOKENS,
+                                  DeviceMap, Placement, Plan, Stage, _Ctx, gib)
+from homerun.plan.speed import activation_bytes, assumed_hit_rate, context_section, decode_speed, finish, prefill_speed
 from profiles.schema import GIB
 
 

@@ -1,0 +1,187 @@
+"""`Session`: the incremental inference state of one sequence over a loaded `Model`, grown through the context
+ramp and fed all-or-nothing per chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from homerun.errors import ContextFullError, UsageError
+from homerun.kernels.cpu_step import cpu_step
+from homerun.models.deepseek_v4 import DeepseekV4, LayerState
+from homerun.models.kv import free_memory_bytes
+
+if TYPE_CHECKING:
+    from homerun.engine.runtime import Model
+
+# A ramp step may take at most this share of the free memory: the rest is for prefill transients and everyone else.
+FREE_MEMORY_SHARE = 0.9
+# Feeds longer than this many tokens are "long prompts": the session reports an ETA before (or after the first chunk).
+PREFILL_ETA_MIN_TOKENS = 1024
+
+class Session:
+    """Incremental inference state for one sequence (batch size 1).
+
+    `feed(ids)` appends tokens and returns float32 logits [V] of the last position. `tokens` is what has been
+    fed, `reset()` forgets it.
+
+    Capacity grows through `model.ramp_tokens`. Each step up checks (1) the predicted KV bytes at the new step
+    against `kv_budget_bytes` and (2) the bytes still to allocate against live free memory where the KV lives
+    (available host RAM, or free CUDA memory). A step that fails either raises ContextFullError before anything of
+    that feed is processed: the tokens fed so far stay, and the session stays usable. Capacity is a permission, not
+    a reservation: entry pages are allocated as tokens arrive (see `homerun.models.kv`).
+
+    Prefill runs in chunks of C = `model.max_chunk_tokens`. The activation footprint of a chunk is O(C) and does
+    not grow with depth: the residual streams [C, hc_mult, dim], the projections [C, n_heads, head_dim] and the
+    MoE inputs/outputs, plus attention and FP8-dequantization temporaries capped at 2^24 elements each (attention
+    query blocks shrink as the context grows, the indexer scores one KV page at a time); logits are computed for
+    the last position only. Measured on the tiny preset at depth 4096: about 21 / 81 / 218 MB of peak RSS above
+    the steady state for C = 128 / 512 / 2048.
+    """
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self._net: DeepseekV4 = model.net
+        self._states: list[LayerState] = model._new_state()
+        self._tokens: list[int] = []
+        self.last_logits: torch.Tensor | None = None
+        self._cap_index = 0
+        # Called with the new capacity (tokens) each time the ramp steps up.
+        self.on_capacity: Callable[[int], None] | None = None
+        # Called as on_prefill(eta_s, n_tokens) for a feed of more than PREFILL_ETA_MIN_TOKENS tokens: before it
+        # starts when the prefill speed was measured already, else after its first chunk (eta_s = the remainder).
+        self.on_prefill: Callable[[float, int], None] | None = None
+        # Called as on_progress(done_tokens, total_tokens) after each committed chunk of a feed.
+        self.on_progress: Callable[[int, int], None] | None = None
+
+    # ------------------------------------------------------------------------------------------- properties
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.model.ramp_tokens[self._cap_index]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of live state (window rows, compressed entries, pending windows), excluding spare capacity."""
+        return sum(s.nbytes for s in self._states)
+
+    @property
+    def kv_allocated_bytes(self) -> int:
+        """Bytes allocated for the state: like kv_bytes, but entry stores count their whole page capacity."""
+        return sum(s.allocated_bytes for s in self._states)
+
+    # ---------------------------------------------------------------------------------------------- verbs
+
+    def reset(self) -> None:
+        self._states = self.model._new_state()
+        self._tokens = []
+        self.last_logits = None
+        self._cap_index = 0
+
+    def _ensure_capacity(self, n_total: int) -> None:
+        ramp = self.model.ramp_tokens
+        idx = self._cap_index
+        while idx < len(ramp) and ramp[idx] < n_total:
+            idx += 1
+        if idx >= len(ramp):
+            raise ContextFullError(
+                f"context full: {n_total} tokens requested, the last ramp step is {ramp[-1]} tokens",
+                hint="start a new session (/reset), or load with a larger ramp_tokens",
+            )
+        budget = self.model.kv_budget_bytes
+        if idx != self._cap_index and budget is not None:
+            need = self.model.kv_bytes_at(ramp[idx])
+            if need > budget:
+                raise ContextFullError(
+                    f"context full: growing to {ramp[idx]} tokens needs {need / 1e9:.2f} GB of KV, "
+                    f"over the budget of {budget / 1e9:.2f} GB ({self.n_tokens} tokens kept)",
+                    hint="start a new session (/reset), or load with a larger kv_budget_bytes "
+                         "(a plan for a bigger rig)",
+                )
+        if idx != self._cap_index and self.model.devices:
+            self._check_device_kv(ramp[idx])
+        if idx != self._cap_index:
+            more = self.model.kv_bytes_at(ramp[idx]) - self.kv_allocated_bytes
+            free = self.model.free_kv_memory_bytes()
+            if free is not None and more > FREE_MEMORY_SHARE * free:
+                where = "RAM" if self.model.kv_device.type == "cpu" else f"{self.model.kv_device} memory"
+                short = more - FREE_MEMORY_SHARE * free
+                raise ContextFullError(
+                    f"context full: growing to {ramp[idx]} tokens needs {more / 1e9:.2f} GB more KV, only "
+                    f"{free / 1e9:.2f} GB of {where} is free ({self.n_tokens} tokens kept)",
+                    hint=f"free about {short / 1e9:.2f} GB (close other programs) and send again, "
+                         "or start a new session (/reset)",
+                )
+        while self._cap_index < idx:
+            self._cap_index += 1
+            if self.on_capacity is not None:
+                self.on_capacity(self.capacity_tokens)
+
+    def _check_device_kv(self, n_tokens: int) -> None:
+        """A placed model: the KV of each device's layers at the new step must fit what its budget has left (and,
+        on CUDA, the device's live free memory)."""
+        pl = self.model.placement
+        for name, dev in self.model.devices.items():
+            layers = pl.layers_on(name)
+            if not layers:
+                continue
+            have = sum(self._states[i].allocated_bytes for i in layers)
+            more = self.model.kv_bytes_at(n_tokens, layers=layers) - have
+            room = dev.free_bytes
+            real = free_memory_bytes(dev.torch_device) if dev.is_cuda else None
+            if real is not None:
+                room = min(room, int(FREE_MEMORY_SHARE * real))
+            if more > room:
+                raise ContextFullError(
+                    f"context full: growing to {n_tokens} tokens needs {more / 1e9:.3f} GB more KV on {name}, "
+                    f"{room / 1e9:.3f} GB of its budget is left ({self.n_tokens} tokens kept)",
+                    hint="start a new session (/reset), or plan for a shorter context or a bigger rig",
+                )
+
+    def feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Append tokens (any count) and return float32 logits [V] of the last position."""
+        ids = self.model._check_ids(token_ids)
+        if ids.numel() == 0:
+            if self.last_logits is None:
+                raise UsageError("feed() needs at least one token on an empty session")
+            return self.last_logits
+        self._ensure_capacity(self.n_tokens + ids.numel())
+        n = ids.numel()
+        long_prompt = n > PREFILL_ETA_MIN_TOKENS
+        told = False
+        if long_prompt and self.on_prefill is not None and self.model.prefill_tok_s:
+            self.on_prefill(n / self.model.prefill_tok_s, n)
+            told = True
+        t0 = time.perf_counter()
+        hidden = None
+        chunk = self.model.max_chunk_tokens
+        on_cpu = torch.device(self._net.device).type == "cpu"
+        with torch.inference_mode(), cpu_step(n, self.n_tokens, on_cpu):
+            for c0 in range(0, n, chunk):
+                part = ids[c0 : c0 + chunk]
+                tc = time.perf_counter()
+                hidden, states = self._net.forward(part, self.n_tokens, self._states)
+                # Commit point: state and token list change together, after the whole chunk succeeded.
+                self._states = states
+                self._tokens.extend(part.tolist())
+                self.model._measure_prefill(part.numel(), time.perf_counter() - tc)
+                if self.on_progress is not None:
+                    self.on_progress(min(c0 + chunk, n), n)
+                if long_prompt and not told and self.on_prefill is not None and self.model.prefill_tok_s:
+                    self.on_prefill(max(0, n - c0 - chunk) / self.model.prefill_tok_s, n)
+                    told = True
+            logits = self._net.logits(hidden[-1:])[0].float().cpu()
+        self.last_logits = logits
+        self.model._account(ids.numel(), time.perf_counter() - t0)
+        return logits

@@ -1,0 +1,182 @@
+"""The planner's records and constants: options, efficiencies, placement rows, device maps, links, pipeline stages,
+the layout and the frozen Plan; and the working state of one planning run. Data only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from homerun.plan.inventory import Inventory
+from homerun.plan.specs import KvLayout, ModelSpec
+from profiles.schema import GIB, HardwareProfile
+
+RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
+THINK_MAX_MIN_TOKENS = 393216  # V4 model card: use >= 384K context for Think Max (deepseek-v4.md §6)
+MIN_CONTEXT_TOKENS = 4096  # below this a plan is not useful
+ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at least 128K of context
+# Assumed expert-cache hit rate h = c ** HIT_RATE_EXPONENT for a cache holding fraction c of all experts: between
+# uniform routing (exponent 1) and llama.cpp #27861's LRU measurement (12.5 % cache -> 67 %, exponent ~0.19).
+HIT_RATE_EXPONENT = 0.5
+CLASS_LABELS = {"embed": "embedding", "head": "lm head", "attn": "attention", "compressor": "KV compressors",
+                "indexer": "lightning indexers", "router": "routers", "shared": "shared experts",
+                "routed": "routed experts", "norm": "norms", "hc": "mHC mixing", "dense": "dense MLP layers",
+                "mtp": "MTP block", "other": "other tensors"}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of a link's bandwidth (or of peak FLOPS) a real runtime reaches; `homerun bench` measures them."""
+
+    vram: float = 0.75  # GPU weight-streaming GEMV kernels vs. peak device bandwidth
+    dram: float = 0.65  # CPU FP4 expert kernels vs. the profile's sustained DRAM bandwidth
+    pcie: float = 0.85  # expert copies vs. measured pinned H2D bandwidth (per-copy latency, small experts)
+    gpu_compute: float = 0.4  # prefill GEMMs vs. dense BF16 peak (dequantization, attention, launch gaps)
+    per_layer_overhead_s: float = 1e-4  # per layer per decode step: launches, syncs, router top-k on host
+    source: str = "defaults"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    context_tokens: int | None = None  # requested context; None = the model's max_position_embeddings
+    kv_dtype: str = "bf16"
+    prefill_chunk_tokens: int = 2048  # KTransformers' V4-Flash recipe uses chunked prefill 2048 (peers.md §1.1)
+    decode_depth_tokens: int = 4096  # context depth at which decode speed is predicted
+    include_mtp: bool = False  # keep the MTP block resident (speculative decoding)
+    allow_disk: bool = False  # allow a disk-backed mmap tier for experts when RAM is short
+    hit_rate: float | None = None  # override the assumed expert-cache hit rate
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    cpu_kernel: dict[str, Any] | None = None  # from homerun.plan.hardware; None -> derived from the profile's CPU flags
+
+
+@dataclass(frozen=True)
+class Placement:
+    what: str
+    device: str
+    bytes: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    name: str
+    kind: str  # gpu | host | unified | disk
+    capacity_bytes: int
+    used_bytes: int  # contents plus margins
+    margins: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["free_bytes"] = self.capacity_bytes - self.used_bytes
+        return d
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str  # vram | dram | pcie | disk | unified
+    bytes_per_token: float
+    gbps: float
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.bytes_per_token / (self.gbps * 1e9) if self.bytes_per_token else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds_per_token": self.seconds_per_token}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One device of the plan's layout, as data for the placement executor (`homerun.engine.placement`): which layers run
+    there (and keep their KV there), where their routed experts live, and how big its expert cache is."""
+
+    device: str  # the placement rows' device name: "gpu0", "gpu1", ... | "host" (CPU only) | "unified"
+    kind: str  # gpu | host | unified
+    index: int  # GPU ordinal (0 for a one-pool machine)
+    first_layer: int
+    stop_layer: int  # exclusive: layers [first_layer, stop_layer) run here; empty when equal
+    experts: str  # "device": resident in this device's memory | "host": the host store (+ this device's cache)
+    expert_cache_slots: int  # experts the device's cache holds (0: none)
+    kv_tokens: int  # context tokens of KV reserved for this stage's layers
+    kv_bytes: int
+    budget_bytes: int  # capacity less the plan's margins: what weights, KV and the cache may use
+    embedding: bool  # the embedding lives here (first stage)
+    head: bool  # final norm + lm head (and MTP with --mtp) live here (last stage)
+    reason: str
+
+    @property
+    def n_layers(self) -> int:
+        return self.stop_layer - self.first_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "n_layers": self.n_layers}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The plan's placement decisions as structured fields (the rows say the same in words, with bytes)."""
+
+    n_layers: int
+    stages: tuple[Stage, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_layers": self.n_layers, "stages": [s.to_dict() for s in self.stages],
+                "layer_counts": [s.n_layers for s in self.stages]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    fits: bool
+    mode: str  # all-vram | hybrid | unified | disk-mmap | none
+    verdict: str
+    remedy: str | None
+    model: dict[str, Any]
+    hardware: dict[str, Any]
+    context: dict[str, Any]
+    predicted: dict[str, Any]
+    placement: tuple[Placement, ...]
+    devices: tuple[DeviceMap, ...]
+    cpu_kernel: dict[str, Any]
+    decisions: tuple[dict[str, str], ...]
+    notes: tuple[str, ...] = ()
+    distributed: dict[str, Any] | None = None
+    layout: Layout | None = None  # structured placement decisions (what homerun.engine.placement executes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["placement"] = [p.to_dict() for p in self.placement]
+        d["devices"] = [x.to_dict() for x in self.devices]
+        d["layout"] = self.layout.to_dict() if self.layout is not None else None
+        return d
+
+
+def gib(n: float) -> float:
+    return n / GIB
+
+
+# ---- the planner -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    """Working state of one planning run (internal; the result is the frozen Plan)."""
+
+    spec: ModelSpec
+    inv: Inventory
+    prof: HardwareProfile
+    opts: PlanOptions
+    kv: KvLayout
+    placement: list[Placement] = field(default_factory=list)
+    devices: list[DeviceMap] = field(default_factory=list)
+    decisions: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+
+    def decide(self, what: str, choice: str, reason: str) -> None:
+        self.decisions.append({"what": what, "choice": choice, "reason": reason})

@@ -1,0 +1,206 @@
+"""The planner's models of context and speed: the KV ramp, activation workspace, the assumed cache hit rate, the
+optimal CPU/PCIe miss split, decode and prefill speed per link, and the sections of a finished Plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
+from profiles.schema import GIB, HardwareProfile
+
+from homerun.plan.records import (HIT_RATE_EXPONENT, RAMP_TOKENS, THINK_MAX_MIN_TOKENS, Layout, Link, Plan, _Ctx)
+
+# ---- pieces ------------------------------------------------------------------------------------------------------
+
+
+def activation_bytes(spec: ModelSpec, chunk_tokens: int) -> int:
+    """Estimated activation workspace for one prefill chunk: residual streams, attention and MoE temporaries."""
+    hc = int(spec.config.get("hc_mult", 1)) if spec.arch == "deepseek_v4" else 1
+    per_token = (16 * spec.hidden_size * hc + 6 * spec.experts_per_tok * spec.moe_intermediate_size
+                 + 4 * spec.num_heads * spec.head_dim)
+    scores = 0
+    if spec.arch == "deepseek_v4":  # gathered top-k + window keys per query per head, fp32
+        scores = chunk_tokens * spec.num_heads * (spec.index_topk + (spec.sliding_window or 0)) * 4
+    return chunk_tokens * per_token + scores + spec.vocab_size * 4
+
+
+def assumed_hit_rate(cache_experts: int, total_experts: int) -> float:
+    if total_experts <= 0 or cache_experts <= 0:
+        return 0.0
+    return min(1.0, cache_experts / total_experts) ** HIT_RATE_EXPONENT
+
+
+def best_miss_split(fixed_vram_s: float, miss_bytes: float, vram_gbps: float, pcie_gbps: float,
+                    dram_gbps: float) -> float:
+    """Fraction f of miss bytes streamed over PCIe (rest computed on the CPU) minimizing the slowest link.
+
+    The per-token time max(fixed + f*m/V, f*m/P, (1-f)*m/D) is convex and piecewise linear in f, so the optimum is
+    at an endpoint or where two of the lines cross.
+    """
+    if miss_bytes <= 0 or pcie_gbps <= 0:
+        return 0.0
+    m, v, p, d = miss_bytes, vram_gbps * 1e9, pcie_gbps * 1e9, dram_gbps * 1e9
+
+    def t(f: float) -> float:
+        return max(fixed_vram_s + f * m / v, f * m / p, (1 - f) * m / d)
+
+    cands = [0.0, 1.0, p / (p + d), (m / d - fixed_vram_s) / (m / v + m / d)]
+    return min((c for c in cands if 0.0 <= c <= 1.0), key=t)
+
+
+def cpu_kernel_from_flags(flags: tuple[str, ...]) -> dict[str, Any]:
+    """The CPU expert-kernel path a profile's CPU would use (the detected one comes from homerun.plan.hardware)."""
+    f = {x.lower() for x in flags}
+    path = "avx512" if "avx512f" in f else "avx2" if "avx2" in f else "neon" if ("neon" in f or "asimd" in f) else "portable"
+    return {"path": path, "built": None, "reason": f"from the profile's CPU flags ({', '.join(sorted(f)) or 'none'})",
+            "source": "profile"}
+
+
+def ramp(kv: KvLayout, kv_capacity_bytes: float, max_position: int) -> list[dict[str, Any]]:
+    out = []
+    for t in RAMP_TOKENS:
+        need = kv.bytes_for(t)
+        ok = need <= kv_capacity_bytes and t <= max_position
+        why = "" if ok else ("beyond the model's max_position_embeddings" if t > max_position else "KV budget too small")
+        out.append({"tokens": t, "fits": ok, "kv_bytes": need, "reason": why})
+    return out
+
+
+def context_section(c: _Ctx, kv_capacity_bytes: float, kv_reserved_tokens: int) -> dict[str, Any]:
+    spec = c.spec
+    max_tokens = min(c.kv.tokens_for(kv_capacity_bytes), spec.max_position_embeddings)
+    think_ok = spec.arch == "deepseek_v4" and max_tokens >= THINK_MAX_MIN_TOKENS
+    return {
+        "max_tokens": max(max_tokens, 0),
+        "model_max_tokens": spec.max_position_embeddings,
+        "reserved_tokens": kv_reserved_tokens,
+        "kv_dtype": c.kv.dtype,
+        "kv_bytes_per_token": c.kv.bytes_per_token,
+        "kv_constant_bytes": c.kv.constant_bytes,
+        "kv_capacity_bytes": int(max(kv_capacity_bytes, 0)),
+        "kv_note": c.kv.note,
+        "ramp": ramp(c.kv, kv_capacity_bytes, spec.max_position_embeddings),
+        "think_max_available": think_ok,
+        "think_max_min_tokens": THINK_MAX_MIN_TOKENS,
+    }
+
+
+def model_section(c: _Ctx) -> dict[str, Any]:
+    inv, spec = c.inv, c.spec
+    return {
+        "name": spec.name,
+        "arch": spec.arch,
+        "n_layers": spec.num_layers,
+        "source": inv.source,
+        "total_bytes": inv.total_bytes,
+        "tensor_count": inv.tensor_count,
+        "routed_expert_bytes": inv.routed_expert_bytes,
+        "bytes_per_expert": inv.bytes_per_expert,
+        "routed_experts": spec.routed_experts_total,
+        "active_experts_per_token": spec.active_experts_per_token,
+        "non_expert_bytes": inv.non_expert_bytes,
+        "mtp_bytes": inv.mtp_bytes,
+        "mtp_resident": c.opts.include_mtp,
+        "active_params_per_token": inv.active_params_per_token,
+        "bytes_by_class": inv.bytes_by_class,
+        "expert_format": spec.expert_format,
+        "weight_format": spec.weight_format,
+    }
+
+
+def hardware_section(prof: HardwareProfile) -> dict[str, Any]:
+    return {
+        "profile": prof.name,
+        "source": prof.source,
+        "description": prof.description,
+        "gpus": [g.name for g in prof.gpu_list],
+        "ram_bytes": int(prof.cpu.ram_gib * GIB),
+        "dram_gbps": prof.cpu.mem_bw_gbps,
+        "unified": prof.memory.unified,
+    }
+
+
+def finish(c: _Ctx, *, fits: bool, mode: str, verdict: str, remedy: str | None, context: dict[str, Any],
+           predicted: dict[str, Any]) -> Plan:
+    kernel = c.opts.cpu_kernel or cpu_kernel_from_flags(c.prof.cpu.flags)
+    return Plan(
+        fits=fits, mode=mode, verdict=verdict, remedy=remedy,
+        model=model_section(c), hardware=hardware_section(c.prof), context=context, predicted=predicted,
+        placement=tuple(c.placement), devices=tuple(c.devices), cpu_kernel=kernel,
+        decisions=tuple(c.decisions), notes=tuple(c.notes) + c.inv.notes,
+        layout=Layout(c.spec.num_layers, tuple(c.stages)) if c.stages else None,
+    )
+
+
+# ---- speed ---------------------------------------------------------------------------------------------------------
+
+
+def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps: float, local_name: str,
+                 pcie_gbps: float, dram_gbps: float, disk_fraction: float = 0.0, disk_gbps: float = 0.0,
+                 hit_rate_source: str = "") -> dict[str, Any]:
+    """Decode tok/s: physics bound (best miss split, links concurrent) and an estimate with efficiency factors."""
+    spec, inv, eff = c.spec, c.inv, c.opts.efficiency
+    expert_bytes = spec.active_experts_per_token * inv.bytes_per_expert
+    kv_read = kv_read_bytes_per_token(spec, c.kv, c.opts.decode_depth_tokens)
+    miss_bytes = (1.0 - hit_rate) * expert_bytes
+
+    def links(v: float, p: float, d: float, k: float) -> tuple[list[Link], float]:
+        fixed = (resident_bytes + kv_read + hit_rate * expert_bytes) / (v * 1e9)
+        f = best_miss_split(fixed, miss_bytes, v, p, d) if miss_bytes else 0.0
+        vram_bytes = resident_bytes + kv_read + hit_rate * expert_bytes + f * miss_bytes
+        out = [Link(local_name, vram_bytes, v)]
+        if miss_bytes:
+            out.append(Link("dram", (1 - f) * miss_bytes, d))
+            if p > 0:
+                out.append(Link("pcie", f * miss_bytes, p))
+            if disk_fraction > 0:
+                out.append(Link("disk", disk_fraction * miss_bytes, k))
+        return out, f
+
+    bound_links, f_bound = links(local_gbps, pcie_gbps, dram_gbps, disk_gbps)
+    t_bound = max(x.seconds_per_token for x in bound_links)
+    est_links, f_est = links(local_gbps * eff.vram, pcie_gbps * eff.pcie, dram_gbps * eff.dram, disk_gbps)
+    t_est = max(x.seconds_per_token for x in est_links) + eff.per_layer_overhead_s * spec.num_layers
+    bottleneck = max(bound_links, key=lambda x: x.seconds_per_token).name
+    return {
+        "decode_tok_s": 1.0 / t_est if t_est > 0 else None,
+        "decode_tok_s_upper_bound": 1.0 / t_bound if t_bound > 0 else None,
+        "decode_depth_tokens": c.opts.decode_depth_tokens,
+        "expert_cache_hit_rate": hit_rate,
+        "hit_rate_source": hit_rate_source,
+        "bytes_per_token": {"resident": resident_bytes, "experts": expert_bytes, "kv_read": kv_read},
+        "links": [x.to_dict() for x in bound_links],
+        "miss_pcie_fraction": f_bound,
+        "estimate_links": [x.to_dict() for x in est_links],
+        "estimate_miss_pcie_fraction": f_est,
+        "bottleneck": bottleneck,
+        "efficiency": eff.to_dict(),
+        "method": "upper bound = 1 / max over links of bytes_per_token / bandwidth (links run concurrently, misses "
+                  "split between CPU compute and PCIe streaming at the best ratio); estimate = same with "
+                  "bandwidth x efficiency, plus per-layer overhead",
+    }
+
+
+def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: float, weight_gbps: float,
+                  stream_bytes_per_chunk: float, stream_gbps: float, stream_link: str) -> dict[str, Any]:
+    """Prefill tok/s for one chunk: the slowest of GPU compute, weight reads, and expert streaming (estimate)."""
+    eff = c.opts.efficiency
+    chunk = c.opts.prefill_chunk_tokens
+    if not tflops:
+        return {"prefill_tok_s": None, "prefill_chunk_tokens": chunk,
+                "prefill_reason": "the profile gives no tflops_bf16 figure, so prefill compute cannot be estimated"}
+    t_compute = 2.0 * c.inv.active_params_per_token * chunk / (tflops * 1e12 * eff.gpu_compute)
+    t_weights = weight_bytes_per_chunk / (weight_gbps * 1e9 * eff.vram)
+    t_stream = stream_bytes_per_chunk / (stream_gbps * 1e9 * eff.pcie) if stream_bytes_per_chunk and stream_gbps else 0.0
+    parts = {"compute": t_compute, "weights": t_weights, stream_link: t_stream}
+    limit = max(parts, key=parts.get)
+    return {
+        "prefill_tok_s": chunk / max(parts.values()),
+        "prefill_chunk_tokens": chunk,
+        "prefill_seconds_per_chunk": parts,
+        "prefill_bottleneck": limit,
+        "prefill_reason": "per chunk: 2 x active params x tokens FLOPs at tflops_bf16 x gpu_compute efficiency, "
+                          "against reading resident weights and streaming non-cached experts once per chunk; "
+                          "attention cost at long depth is not modeled",
+    }
