@@ -18,11 +18,12 @@ from homerun.errors import (  # noqa: F401
     UnknownModelError,
 )
 
-__version__ = "0.1.0"
+from homerun.version import __version__  # noqa: F401, E402
 
 
 def __getattr__(name: str):
-    # Lazy, so `import homerun` (and the CLI's startup) does not import torch.
+    # Lazy, so `import homerun` (and the CLI's startup) does not import torch. The public facade: the one import
+    # that reaches up the layers (tests/test_layers.py exempts it).
     if name == "load":
         from homerun.engine.runtime import load
 

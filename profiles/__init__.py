@@ -1,7 +1,9 @@
 """Hardware profiles: shipped TOML files in this package, a user's own TOML file, or `auto` (detected).
 
 `load_profile(name_or_path)` returns a validated `HardwareProfile`; `list_profiles()` names the shipped ones.
-Detection itself lives in `homerun.plan.hardware` (imported lazily: it may import torch).
+Detection itself lives in `homerun.plan.hardware`, a layer above.
+
+May import: homerun.errors.
 """
 
 from __future__ import annotations

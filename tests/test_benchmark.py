@@ -1,4 +1,4 @@
-"""`homerun bench` (homerun/bench/model_bench.py, homerun/cli/commands/bench_command.py, homerun/bench/synthetic.py) on tiny checkpoints:
+"""`homerun bench` (homerun/bench/model_bench.py, homerun/cli/commands/bench.py, homerun/bench/synthetic.py) on tiny checkpoints:
 output formats carry llama-bench's fields, the correctness gate passes on the real path and fails on a perturbed
 backend, cold/warm cache records, --synthetic on a shrunken card, measured.json. Timing never decides pass/fail."""
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from homerun.cli.commands import bench_command as bc
+from homerun.bench import run as bench_run
+from homerun.cli.commands import bench as bc
 from homerun.bench import setup as bs
 from homerun.bench import model_bench as hb
 from homerun.errors import DoesNotFitError, UsageError
@@ -54,7 +55,7 @@ def records(tiny_checkpoints):
 
     prof, _ = detect(measure=False)
     opts = hb.BenchOptions(tests=tuple(hb.build_tests([16], [4], [0])), repetitions=2)
-    return hb.bench_model(tiny_checkpoints["mixed"], opts, model_name="tiny", profile=prof,
+    return bench_run.bench_model(tiny_checkpoints["mixed"], opts, model_name="tiny", profile=prof,
                           limits=hb.Limits(dram_read_gbps=10.0, source="test"))
 
 

@@ -27,7 +27,7 @@ from homerun.bench.model_bench import BenchRecord, BenchTarget, BenchTest, Count
 
 def host_info() -> dict[str, Any]:
     """Hardware and build facts stamped into every record."""
-    from homerun import __version__
+    from homerun.version import __version__
 
     try:
         from homerun.kernels.cpu_experts import backend_info
@@ -202,7 +202,7 @@ def save_measured(records: Sequence[BenchRecord], limits: Limits, *, path: Path 
     import json
     import socket
 
-    from homerun import __version__
+    from homerun.version import __version__
     from homerun.plan.hardware import measured_path
 
     path = path or measured_path()
@@ -303,7 +303,7 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
                 device: str | None = None, progress: Callable[[str, int, int], None] | None = None,
                 act: str = "auto") -> tuple[BenchTarget, str, list[str]]:
     """Load the checkpoint for benchmarking with the chosen expert backend: (target, backend label, notes)."""
-    import homerun
+    from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
     from offload.cpu_backend import HostExpertBackend
@@ -320,7 +320,7 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
         def factory() -> Any:
             return HostExpertBackend(host_factory())
     first = factory()
-    model = homerun.load(path, dtype=dtype, device=device, expert_backend=first, progress=progress)
+    model = load(path, dtype=dtype, device=device, expert_backend=first, progress=progress)
     first_layer = args.n_hash_layers if args.n_hash_layers < args.n_layers else 0
     bpe = ckpt.expert(first_layer, 0).nbytes
     target = BenchTarget(model, factory, bpe, has_cache=cache_slots is not None)

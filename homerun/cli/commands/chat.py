@@ -8,7 +8,6 @@ terminal into a line protocol for scripts: each stdin line is a message or a sla
 
 from __future__ import annotations
 
-import inspect
 import signal
 import sys
 import time
@@ -23,6 +22,7 @@ from rich.markup import escape
 from rich.text import Text
 from typing_extensions import Annotated
 
+from homerun.chat.events import turn_events
 from homerun.chat.session import THINK_MODES, ChatSession, Delta, SamplingSettings, TurnDone, check_think_max
 from homerun.errors import HomerunError, UsageError
 from homerun.cli.output import Output
@@ -56,28 +56,16 @@ def checkpoint_bytes(path: str) -> int | None:
     return sum(p.stat().st_size for p in root.glob("*.safetensors")) or None
 
 
-def _load_fn():
-    try:
-        from homerun.engine.runtime import load
-    except ImportError:
-        import homerun
-
-        load = getattr(homerun, "load", None)
-        if load is None:
-            raise UsageError("the homerun runtime is not installed in this tree",
-                             hint="homerun/engine/runtime.py provides homerun.load") from None
-    return load
-
-
 def open_model(path: str, out: Output, load_options: Optional[dict[str, Any]] = None) -> Any:
     """Load with progress on stderr (GB, GB/s, ETA when the loader reports progress)."""
-    load = _load_fn()
+    from homerun.engine.runtime import load
+
     total = checkpoint_bytes(path)
     total_txt = f"{total / 1e9:.2f} GB" if total else "size unknown"
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {k: v for k, v in (load_options or {}).items() if v is not None}
     status = None if out.json_mode else out.err.status(f"Loading {escape(path)} ({total_txt})")
-    if status is not None and "progress" in inspect.signature(load).parameters:
+    if status is not None:
         def progress(stage: str, done: int, total_steps: int) -> None:
             # The loader reports steps (layers); bytes are estimated pro rata from the checkpoint size.
             elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -446,8 +434,6 @@ def json_lines(chat: ChatSession, out: Output) -> None:
             if res.kind == "exit":
                 return
             continue
-        from homerun.cli.commands.run import turn_events  # run owns the JSONL event schema
-
         try:
             for ev in chat.turn(text):
                 for record in turn_events(ev, chat):

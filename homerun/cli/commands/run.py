@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
 
 import typer
 from typing_extensions import Annotated
 
-from homerun.chat.session import ChatSession, Delta, TurnDone
+from homerun.chat.events import turn_events  # noqa: F401 - the JSONL schema, also used by chat --json
+from homerun.chat.session import ChatSession, TurnDone
 from homerun.cli.commands.chat import (  # noqa: F401 - the aliases are resolved from this module's globals by typer
     CacheSlotsOpt, ExpertActOpt, ExpertsOpt, HwOpt, SeedOpt, StandinOpt, SystemOpt, TemperatureOpt, ThinkingOpt,
     TopKOpt, TopPOpt, TraceOpt,
@@ -25,21 +25,6 @@ from homerun.errors import ExitCode
 from homerun.cli.output import Output
 
 
-def turn_events(event: Delta | TurnDone, session: "ChatSession") -> list[dict[str, Any]]:
-    """JSONL events for one turn event: reasoning/content deltas, then one tool_call per call and a done record."""
-    if isinstance(event, Delta):
-        return [{"event": event.kind, "text": event.text}]
-    calls = [{"event": "tool_call", "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-             for c in event.message.get("tool_calls") or []]
-    stats = {**event.stats.to_dict(), **{k: v for k, v in session.stats().items() if k != "last_turn"}}
-    placement = getattr(session.model, "placement", None)
-    if placement is not None and hasattr(placement, "summary"):  # loaded with --hw: devices and layers per device
-        stats["placement"] = placement.summary()
-    done = {"event": "done", "finish_reason": event.stats.finish_reason, "parsed": event.parsed,
-            "message": event.message, "stats": stats}
-    if session.autosave:
-        done["history_file"] = str(session.history_path)
-    return calls + [done]
 
 
 def _run_plain(chat: ChatSession, prompt: str, out: Output) -> TurnDone | None:
