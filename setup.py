@@ -6,6 +6,7 @@ It is built as a setuptools Extension only for the compiler plumbing; it has no 
 imported. Rebuild in a source checkout with `python setup.py build_ext --inplace`.
 """
 
+import glob
 import os
 import sys
 
@@ -57,7 +58,7 @@ setup(
         Extension(
             _KERNEL,
             sources=[_src],
-            depends=[os.path.join("homerun", "kernels", "csrc", f) for f in ("hr_kernels.h", "hr_dense.inc")],
+            depends=sorted(glob.glob(os.path.join("homerun", "kernels", "csrc", "*.[hi]*"))),
             include_dirs=[os.path.join("homerun", "kernels", "csrc")],
             extra_compile_args=_compile_args(),
             extra_link_args=_link_args(),

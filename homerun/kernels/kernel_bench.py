@@ -150,6 +150,21 @@ class _Linear:
             self.lib.hr_read_sum(ce._PATH_CODE[self.path], buf.data_ptr(), buf.numel())
 
 
+def measure_dram_read_gbps(reps: int = 5) -> float:
+    """This machine's DRAM read bandwidth: the native multi-threaded reader (torch sum where the kernels are not
+    built) over a buffer of 8x the last-level cache (>= 256 MiB); best of `reps` passes. The one DRAM figure every
+    ratio is taken against (`--hw auto`, bench limits)."""
+    reader = _Linear(ce.resolve_path(None))
+    buf = torch.ones(max(8 * llc_bytes(), 256 << 20), dtype=torch.uint8)
+    reader.read(buf)  # fault the pages in
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        reader.read(buf)
+        best = max(best, buf.numel() / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_experts: int = 64, reps: int = 5,
                      progress: Callable[[str], None] | None = None) -> KernelBenchResult:
     """Measure DRAM read and kernel bandwidths; see the module docstring for the method."""

@@ -162,21 +162,6 @@ def cpu_kernel_info() -> dict[str, Any]:
     return info
 
 
-def measure_dram_read_gbps(seconds: float = 1.0, size_bytes: int = 256 * 2**20) -> float:
-    """Best-of-N read bandwidth of a buffer larger than the caches (torch sum, all threads)."""
-    import torch
-
-    x = torch.ones(size_bytes // 4, dtype=torch.float32)
-    x.sum()  # fault the pages in
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, size_bytes / (time.perf_counter() - t) / 1e9)
-    return best
-
-
 def measure_h2d_gbps(seconds: float = 1.0, size_bytes: int = 256 * 2**20) -> float | None:
     import torch
 
@@ -221,7 +206,11 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
     t0 = time.perf_counter()
     assumed: list[str] = []
     flags = cpu_flags()
-    dram = measure_dram_read_gbps() if measure else None
+    dram = None
+    if measure:
+        from homerun.kernels.kernel_bench import measure_dram_read_gbps
+
+        dram = measure_dram_read_gbps(reps=3)
     h2d = measure_h2d_gbps() if measure else None
     bw = dict(measured.bandwidth_gbps) if measured else {}
     if "dram_read" in bw:
