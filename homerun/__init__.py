@@ -15,6 +15,7 @@ from homerun.errors import (  # noqa: F401
     DoesNotFitError,
     HomerunError,
     ProfileError,
+    SnapshotError,
     UnknownModelError,
 )
 

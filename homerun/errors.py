@@ -58,3 +58,13 @@ class DownloadError(HomerunError):
 
 class KernelError(HomerunError):
     """The native CPU kernel failed or is unavailable where it was required."""
+
+
+class SnapshotError(UsageError):
+    """A KV snapshot was refused: `reason` is "model" (another model or revision), "kv_dtype" (another KV or compute
+    dtype), "corrupt" (truncated, damaged, or not a snapshot), "budget" (more KV than the plan allows), "version" or
+    "io". Nothing live changed."""
+
+    def __init__(self, message: str, *, hint: str | None = None, reason: str = "corrupt") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason

@@ -155,6 +155,13 @@ class Model:
     def session(self) -> Session:
         return Session(self)
 
+    def restore(self, path: str | Path, **kwargs: Any) -> Session:
+        """A new Session from a KV snapshot written by `Session.save` (`homerun.engine.snapshot.restore_session`);
+        SnapshotError when it belongs to another model or kv_dtype, is damaged, or exceeds the KV budget."""
+        from homerun.engine.snapshot import restore_session
+
+        return restore_session(self, path, **kwargs)
+
     def _new_state(self) -> list[LayerState]:
         if self.placement is not None:  # each layer's pages on (and charged to) its layer's device
             accounts = [self.devices[lp.device] for lp in self.placement.layers]

@@ -89,6 +89,12 @@ class Session:
         self.last_logits = None
         self._cap_index = 0
 
+    def save(self, path, **kwargs) -> dict:
+        """Write this session's whole state to a KV snapshot file (`homerun.engine.snapshot.save_session`)."""
+        from homerun.engine.snapshot import save_session
+
+        return save_session(self, path, **kwargs)
+
     def _ensure_capacity(self, n_total: int) -> None:
         ramp = self.model.ramp_tokens
         idx = self._cap_index
