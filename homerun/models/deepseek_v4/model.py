@@ -17,16 +17,11 @@ from homerun.models.deepseek_v4.config import (
     LAYER_SLIDING,
     ModelArgs,
 )
-from homerun.models.deepseek_v4.ops import inv_freq, norm_rope, rms_norm, rope_cos_sin
+from homerun.kernels.dispatch import TorchKernels, kernels_for
+from homerun.models.deepseek_v4.ops import inv_freq, rope_cos_sin
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
-from homerun.models.layers import (
-    NATIVE_HC_MAX_ROWS,
-    Projections,
-    QLinear,
-    native_hc,
-    native_sinkhorn,
-)
+from homerun.models.layers import Projections, QLinear
 
 # ----------------------------------------------------------------------------------------------------- model
 
@@ -191,96 +186,70 @@ class DeepseekV4:
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
         dev, stage = self.device, self.embed_stage
+        # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch).
+        k = kernels_for(dev, self.compute_dtype, ids.shape[0])
         for layer, st in zip(self.layers, states):
             # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
             # once per boundary (a no-op between stand-ins, which share the host's memory).
             ldev = layer.device or self.device
             if ldev != dev:
                 x, ids, positions, dev = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev
+                k = kernels_for(dev, self.compute_dtype, ids.shape[0])
             if layer.stage != stage:
                 stage = layer.stage
                 self.activation_hops += 1
-            x, st = self._block(layer, x, ids, positions, st)
+            x, st = self._block(layer, x, ids, positions, st, k)
             new_states.append(st)
         hdev = self.head_device or self.device
         if hdev != dev:
             x = x.to(hdev)
+            k = kernels_for(hdev, self.compute_dtype, ids.shape[0])
         if self.head_stage != stage:
             self.activation_hops += 1
-        h = self._hc_head(x)
-        return norm_rope(h, self.norm, a.norm_eps), new_states
+        h = self._hc_head(x, k)
+        return k.norm_rope(h, self.norm, a.norm_eps), new_states
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, V]."""
-        return self.head(hidden).float()
+        k = kernels_for(hidden.device, hidden.dtype, hidden.shape[0])
+        return k.linear(self.head, hidden).float()
 
     # ------------------------------------------------------------------------------------------------ mHC
 
-    def _hc_weights(self, hc: _HC, x: torch.Tensor):
+    def _hc_weights(self, hc: _HC, x: torch.Tensor, k: TorchKernels):
         """x [T, n, D] -> pre [T, n], post [T, n], comb [T, n, n] (fp32; Sinkhorn-normalized comb)."""
-        a, n = self.args, self.args.hc_mult
-        native = native_hc() if self._hc_native_ok(x) else None
-        if native is not None:  # one call instead of ~20 tiny ops and a threaded GEMV
-            return native.hc_weights(x, hc.fn, hc.scale, hc.base, a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
-        flat = rms_norm(x.flatten(1).float(), None, a.norm_eps)
-        mix = F.linear(flat, hc.fn)  # (T, (2+n)n)
-        pre = torch.sigmoid(mix[:, :n] * hc.scale[0] + hc.base[:n]) + a.hc_eps
-        post = 2 * torch.sigmoid(mix[:, n : 2 * n] * hc.scale[1] + hc.base[n : 2 * n])
-        comb = mix[:, 2 * n :].view(-1, n, n) * hc.scale[2] + hc.base[2 * n :].view(n, n)
-        comb = torch.softmax(comb, dim=-1) + a.hc_eps
-        native = native_sinkhorn() if comb.device.type == "cpu" else None
-        if native is not None:  # same passes in the same order, without ~120 tiny ops per call
-            return pre, post, native(comb.contiguous(), a.hc_sinkhorn_iters, a.hc_eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + a.hc_eps)
-        for _ in range(a.hc_sinkhorn_iters - 1):
-            comb = comb / (comb.sum(dim=-1, keepdim=True) + a.hc_eps)
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + a.hc_eps)
-        return pre, post, comb
-
-    def _hc_site(self, hc: _HC, x: torch.Tensor, norm_w: torch.Tensor, sub: Callable[[torch.Tensor], torch.Tensor]):
-        dt = x.dtype
-        pre, post, comb = self._hc_weights(hc, x)
-        native = native_hc() if self._hc_native_ok(x) else None
-        if native is not None:  # the same sums on the calling thread: no threaded bmm for 65k multiply-adds
-            y = sub(norm_rope(native.hc_pre(pre, x), norm_w, self.args.norm_eps))
-            return native.hc_post(post, y, comb, x)
-        collapsed = (pre.unsqueeze(-1) * x).sum(dim=1).to(dt)  # (T, D)
-        y = sub(rms_norm(collapsed, norm_w, self.args.norm_eps))
-        # comb is applied transposed: out_j = sum_i comb[i, j] x_i (official hc_post; HF comb^T @ X).
-        return post.to(dt).unsqueeze(-1) * y.unsqueeze(1) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
-
-    @staticmethod
-    def _hc_native_ok(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= NATIVE_HC_MAX_ROWS
-
-    def _hc_head(self, x: torch.Tensor) -> torch.Tensor:
         a = self.args
-        native = native_hc() if self._hc_native_ok(x) else None
-        if native is not None:
-            pre, _, _ = native.hc_weights(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.norm_eps,
-                                          a.hc_eps, a.hc_sinkhorn_iters)
-            return native.hc_pre(pre, x)
-        flat = rms_norm(x.flatten(1).float(), None, a.norm_eps)
-        mix = F.linear(flat, self.hc_head_fn)
-        pre = torch.sigmoid(mix * self.hc_head_scale + self.hc_head_base) + a.hc_eps
-        return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
+        return k.hc_weights(x, hc.fn, hc.scale, hc.base, a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
 
-    def _block(self, layer: _Layer, x, ids, positions, st: LayerState):
+    def _hc_site(self, hc: _HC, x: torch.Tensor, norm_w: torch.Tensor, sub: Callable[[torch.Tensor], torch.Tensor],
+                 k: TorchKernels):
+        """Collapse the streams, run the sublayer on the normalized mix, and write its output back into them."""
+        pre, post, comb = self._hc_weights(hc, x, k)
+        y = sub(k.norm_rope(k.hc_pre(pre, x), norm_w, self.args.norm_eps))
+        return k.hc_post(post, y, comb, x)
+
+    def _hc_head(self, x: torch.Tensor, k: TorchKernels) -> torch.Tensor:
+        a = self.args
+        pre, _, _ = k.hc_weights(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.norm_eps, a.hc_eps,
+                                 a.hc_sinkhorn_iters)
+        return k.hc_pre(pre, x)
+
+    def _block(self, layer: _Layer, x, ids, positions, st: LayerState, k: TorchKernels):
         new_st: list[LayerState] = []
 
         def attn(h):
-            out, s = self._attention(layer, h, positions, st)
+            out, s = self._attention(layer, h, positions, st, k)
             new_st.append(s)
             return out
 
-        x = self._hc_site(layer.hc_attn, x, layer.attn_norm, attn)
-        x = self._hc_site(layer.hc_ffn, x, layer.ffn_norm, lambda h: self._moe(layer, h, ids))
+        x = self._hc_site(layer.hc_attn, x, layer.attn_norm, attn, k)
+        x = self._hc_site(layer.hc_ffn, x, layer.ffn_norm, lambda h: self._moe(layer, h, ids, k), k)
         return x, new_st[0]
 
     # ------------------------------------------------------------------------------------------ attention
 
     def _compress(self, c: _Compressor, kv: torch.Tensor, gate: torch.Tensor, start_pos: int, st: CompressorState,
-                  freqs) -> CompressorState:
+                  freqs, k: TorchKernels) -> CompressorState:
         """From this step's projections kv, gate [T, width] (c.wkv(x), c.wgate(x)): close every full window, append
         the new entries past st.n_entries."""
         if st.pending_kv is not None and st.pending_kv.shape[0]:
@@ -313,11 +282,11 @@ class DeepseekV4:
         wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
         pos = torch.arange(n_win, device=kv.device) * r + first_pos
         cos, sin = rope_cos_sin(freqs, pos)
-        entries = norm_rope((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps, cos, sin)  # (W, hd)
+        entries = k.norm_rope((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps, cos, sin)  # (W, hd)
         n = st.store.write(st.n_entries, entries)
         return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, st: LayerState):
+    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, st: LayerState, k: TorchKernels):
         """x [T, D] (normalized) -> ([T, D], new LayerState)."""
         a, at = self.args, layer.attn
         T = x.shape[0]
@@ -326,10 +295,10 @@ class DeepseekV4:
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
         cos, sin = rope_cos_sin(freqs, positions)
 
-        proj = at.inputs(x)  # wq_a, wkv, then the compressors' and the indexer's (see _Attention.inputs)
-        qr = norm_rope(proj[0], at.q_norm, a.norm_eps)  # (T, Lq)
-        q = norm_rope(at.wq_b(qr).view(T, H, Dh), None, a.norm_eps, cos, sin)  # (T, H, Dh), per-head norm
-        kv = norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
+        proj = k.project(at.inputs.lins, x, at.inputs)  # wq_a, wkv, the compressors' and the indexer's
+        qr = k.norm_rope(proj[0], at.q_norm, a.norm_eps)  # (T, Lq)
+        q = k.norm_rope(k.linear(at.wq_b, qr).view(T, H, Dh), None, a.norm_eps, cos, sin)  # (T, H, Dh), per head
+        kv = k.norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
 
         past = st.window
         keys = torch.cat([past, kv]) if past.shape[0] else kv  # rows at positions start-P .. start+T-1
@@ -338,17 +307,17 @@ class DeepseekV4:
 
         comp = idx_st = iw = None
         if at.comp is not None:
-            comp = self._compress(at.comp, proj[2], proj[3], start, st.comp, self.freqs_compress)
+            comp = self._compress(at.comp, proj[2], proj[3], start, st.comp, self.freqs_compress, k)
         if at.indexer is not None:
-            idx_st = self._compress(at.indexer.comp, proj[4], proj[5], start, st.index_comp, self.freqs_compress)
+            idx_st = self._compress(at.indexer.comp, proj[4], proj[5], start, st.index_comp, self.freqs_compress, k)
             iw = proj[6]
 
-        out = self._attend(layer, q, qr, iw, keys, start, past.shape[0], comp, idx_st, (cos, sin))  # (T, H, Dh)
-        out = norm_rope(out, None, 0.0, cos, sin, norm=False, inverse=True)
-        z = at.wo_a.grouped(out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
-        return at.wo_b(z), LayerState(window, comp, idx_st)
+        out = self._attend(layer, q, qr, iw, keys, start, past.shape[0], comp, idx_st, (cos, sin), k)  # (T, H, Dh)
+        out = k.norm_rope(out, None, 0.0, cos, sin, norm=False, inverse=True)
+        z = k.grouped(at.wo_a, out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
+        return k.linear(at.wo_b, z), LayerState(window, comp, idx_st)
 
-    def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope) -> torch.Tensor:
+    def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k: TorchKernels) -> torch.Tensor:
         """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers); rope: this step's (cos, sin), which in a CSA
         layer are the compressed-frequency ones the indexer's queries use."""
         a, at = self.args, layer.attn
@@ -360,8 +329,8 @@ class DeepseekV4:
         k_sel = 0
         if layer.kind == LAYER_CSA:
             k_sel = min(a.index_topk, n_comp_max)
-            iq = at.indexer.wq_b(qr).view(T, a.index_n_heads, a.index_head_dim)
-            iq = norm_rope(iq, None, 0.0, *rope, norm=False).float()  # (T, Hi, Di)
+            iq = k.linear(at.indexer.wq_b, qr).view(T, a.index_n_heads, a.index_head_dim)
+            iq = k.norm_rope(iq, None, 0.0, *rope, norm=False).float()  # (T, Hi, Di)
             iw = iw.float() * a.index_n_heads**-0.5  # (T, Hi)
         # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
         # and the indexer's per-head scores over one page of keys (the top-k is merged page by page).
@@ -385,7 +354,7 @@ class DeepseekV4:
             kw = keys[k0:k1].float()  # (nk, Dh)
             if nq == 1:  # decode: one query sees every row it is given, so one key matrix and no masks
                 idx_q = (iq[s0:s1], iw[s0:s1]) if layer.kind == LAYER_CSA else None
-                out[s0] = self._attend_one(layer, qf[0], kw, comp, idx_st, idx_q, start + s0, k_sel, sink, scale)
+                out[s0] = self._attend_one(layer, qf[0], kw, comp, idx_st, idx_q, start + s0, k_sel, sink, scale, k)
                 continue
             kpos = torch.arange(k1 - k0, device=q.device) + (start - n_past + k0)
             vis = (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - W)
@@ -422,7 +391,8 @@ class DeepseekV4:
             out[s0:s1] = o.to(out.dtype)
         return out
 
-    def _attend_one(self, layer, q1, kw, comp, idx_st, idx_q, pos: int, k_sel: int, sink, scale: float):
+    def _attend_one(self, layer, q1, kw, comp, idx_st, idx_q, pos: int, k_sel: int, sink, scale: float,
+                    k: TorchKernels):
         """One query at absolute position pos: q1 [H, Dh] over its window rows kw [nk, Dh] (all visible) plus the
         layer's compressed entries (HCA: every closed one; CSA: the indexer's top-k of the closed ones) -> [H, Dh].
         Every row is visible to the only query, so the general path's masks are all-true and are skipped."""
@@ -436,12 +406,7 @@ class DeepseekV4:
             sel = self._index_topk(layer.attn.indexer, *idx_q, idx_st.store, n_closed, thr, k_sel)
             rows.append(comp.store.gather(sel)[0].float())  # k <= n_closed picks, all closed
         kv = torch.cat(rows) if len(rows) > 1 else kw
-        native = native_hc() if q1.device.type == "cpu" and q1.dtype == torch.float32 else None
-        if native is not None:  # every core, while torch's ops of a decode step run on one (homerun.kernels.cpu_step)
-            return native.attend_one(q1, kv, sink.reshape(-1), scale)
-        logits = torch.cat([torch.mm(q1, kv.T) * scale, sink.view(-1, 1)], dim=1)  # (H, N + 1)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.mm(probs[:, :-1], kv)
+        return k.attend_one(q1, kv, sink.reshape(-1), scale)
 
     def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor, k_sel: int):
         """Indexer top-k over the first n_vis keys, merged page by page: the score temporary is [q, Hi, page]
@@ -486,9 +451,9 @@ class DeepseekV4:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * a.route_scale
         return idx, w
 
-    def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor, k: TorchKernels) -> torch.Tensor:
         a, m = self.args, layer.moe
-        gate_logits, g, u = m.inputs(x)  # router, shared w1, shared w3: one call per decode step
+        gate_logits, g, u = k.project(m.inputs.lins, x, m.inputs)  # router, shared w1, shared w3
         idx, w = self.route(layer, x, ids, gate_logits)
         hook = getattr(self.experts, "prefetch_speculative", None)
         nxt = layer.index + 1
@@ -499,7 +464,7 @@ class DeepseekV4:
         routed = self.experts.forward(layer.index, x, idx, w)
         lim = a.swiglu_limit
         g, u = g.clamp(max=lim), u.clamp(-lim, lim)
-        return routed.to(x.dtype) + m.shared_w2(F.silu(g) * u)
+        return routed.to(x.dtype) + k.linear(m.shared_w2, F.silu(g) * u)
 
     # ---------------------------------------------------------------------------------------------- stats
 

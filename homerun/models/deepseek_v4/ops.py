@@ -1,4 +1,5 @@
-"""DeepSeek-V4 primitives: RMSNorm, RoPE with YaRN (inverse for the attention output), fused norm+RoPE."""
+"""DeepSeek-V4 primitives: RoPE frequencies with YaRN and their cos/sin; RMSNorm, RoPE and norm+RoPE are the kernel
+family of homerun.kernels.dispatch (re-exported here)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,9 @@ import math
 import torch
 
 from homerun.models.deepseek_v4.config import YarnParams
-from homerun.models.layers import (
-    NATIVE_HC_MAX_ROWS,
-    native_hc,
-)
+from homerun.kernels.dispatch import TORCH, apply_rope, rms_norm  # noqa: F401 - the primitives, defined with the kernels
 
 # ------------------------------------------------------------------------------------------------- primitives
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32 (weight multiplied in fp32, one cast at the end, as HF >= 5.12)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        xf = weight * xf
-    return xf.to(x.dtype)
 
 
 def inv_freq(rope_dim: int, theta: float, yarn: YarnParams | None) -> torch.Tensor:
@@ -50,28 +39,7 @@ def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Te
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
-    """Interleaved-pair RoPE on the trailing 2*cos.shape[-1] channels of x [T, ..., Dh]; cos/sin [T, R/2]."""
-    r = cos.shape[-1] * 2
-    extra = x.dim() - 2  # broadcast over head axes between T and Dh
-    c = cos.view(cos.shape[0], *([1] * extra), -1)
-    s = sin.view(sin.shape[0], *([1] * extra), -1)
-    if inverse:
-        s = -s
-    rope = x[..., -r:].float()
-    even, odd = rope[..., 0::2], rope[..., 1::2]
-    rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2).to(x.dtype)
-    return torch.cat((x[..., :-r], rotated), dim=-1)
-
-
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
               sin: torch.Tensor | None = None, *, norm: bool = True, inverse: bool = False) -> torch.Tensor:
-    """rms_norm (when norm) then apply_rope (when cos is given); decode-sized fp32 CPU rows take one native call
-    for the ~20 tiny torch ops."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= NATIVE_HC_MAX_ROWS:
-        native = native_hc()
-        if native is not None:
-            return native.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
-    if norm:
-        x = rms_norm(x, weight, eps)
-    return x if cos is None else apply_rope(x, cos, sin, inverse=inverse)
+    """rms_norm (when norm) then apply_rope (when cos is given), in torch (a forward calls its kernel set's)."""
+    return TORCH.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
