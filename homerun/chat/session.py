@@ -83,6 +83,7 @@ class TurnDone:
     message: dict[str, Any]
     stats: TurnStats
     parsed: bool  # False: the completion was not well-formed and was kept raw
+    warning: str | None = None  # e.g. the history could not be saved (said once per session; the chat goes on)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class ChatSession:
         self._kv = model.session()
         self._seen: tuple[list[int], str] = ([], "")  # ids and text of the last prompt + completion
         self._stop = False
+        self._autosave_warned = False
+        self.kv_save = True  # /save also writes a KV snapshot (homerun.chat.kv_files); --no-kv-save turns it off
+        self.kv_save_max_bytes: int | None = None  # None: kv_files.KV_SAVE_MAX_BYTES
 
     # ------------------------------------------------------------ conversation state
 
@@ -212,9 +216,8 @@ class ChatSession:
         self._seen = (ids + run.ids, prompt + run.completion_text())
         self.last_stats = run.stats()
         self.total_gen += run.n_gen
-        if self.autosave:
-            self.save(self.history_path)  # after every turn, before anyone sees it as done
-        yield TurnDone(message=message, stats=self.last_stats, parsed=parsed)
+        warning = self._autosave() if self.autosave else None  # after every turn, before anyone sees it as done
+        yield TurnDone(message=message, stats=self.last_stats, parsed=parsed, warning=warning)
 
     def _make_decoder(self) -> Any:
         if self._stream_decoder is not None:
@@ -231,7 +234,7 @@ class ChatSession:
         arg = arg.strip()
         handler = {
             "/think": self._cmd_think, "/system": self._cmd_system, "/reset": lambda a: self._cmd_reset(),
-            "/save": self._cmd_save, "/load": self._cmd_load, "/stats": lambda a: self._cmd_stats(),
+            "/save": self._cmd_save, "/save!": lambda a: self._cmd_save(a, force=True), "/load": self._cmd_load, "/stats": lambda a: self._cmd_stats(),
             "/set": self._cmd_set,
             "/reasoning": lambda a: self._cmd_reasoning(), "/help": lambda a: CommandResult("help"),
             "/exit": lambda a: CommandResult("exit"), "/quit": lambda a: CommandResult("exit"),
@@ -272,18 +275,25 @@ class ChatSession:
         self.reset()
         return CommandResult("info", "Conversation reset")
 
-    def _cmd_save(self, arg: str) -> CommandResult:
+    def _cmd_save(self, arg: str, force: bool = False) -> CommandResult:
         path = Path(arg).expanduser() if arg else self.history_path
-        self.save(path)
-        return CommandResult("info", f"Saved {len(self.messages)} messages to {path}", {"path": str(path)})
+        self.save_to(path, force=force or not arg)  # the default file is this session's own history
+        from homerun.chat.kv_files import save_chat_kv
+
+        kv = save_chat_kv(self, path, max_bytes=self.kv_save_max_bytes)
+        return CommandResult("info", f"Saved {len(self.messages)} messages to {path}" + (f"; {kv}" if kv else ""),
+                             {"path": str(path), "kv": kv})
 
     def _cmd_load(self, arg: str) -> CommandResult:
         if not arg:
             return CommandResult("error", "Usage: /load FILE")
         path = Path(arg).expanduser()
         self.load(path)
-        return CommandResult("info", f"Loaded {len(self.messages)} messages from {path} (thinking: {self.think})",
-                             {"path": str(path)})
+        from homerun.chat.kv_files import resume_chat_kv
+
+        kv = resume_chat_kv(self, path)  # restore the KV snapshot next to it, else re-prefill the history
+        return CommandResult("info", f"Loaded {len(self.messages)} messages from {path} (thinking: {self.think})"
+                             + (f"; {kv}" if kv else ""), {"path": str(path), "kv": kv})
 
     def _cmd_set(self, arg: str) -> CommandResult:
         name, _, value = arg.partition(" ")
@@ -299,6 +309,9 @@ class ChatSession:
                 parsed = kinds[key](raw)
             except ValueError:
                 return CommandResult("error", f"/set {name}: {raw!r} is not a {kinds[key].__name__}")
+            from homerun.engine.sampling import check_sampling  # lazily: it imports torch
+
+            check_sampling(**{key: parsed})  # a bad value fails here, not in every later turn
         changes: dict[str, Any] = {key: parsed}
         if key == "temperature":
             changes["greedy"] = parsed == 0
@@ -337,7 +350,34 @@ class ChatSession:
         }
 
     def save(self, path: Path) -> None:
+        """Write the history to `path` (directories are created: this is for the autosave location)."""
         save_history(path, self.to_dict())
+
+    def save_to(self, path: Path, *, force: bool = False) -> None:
+        """`/save FILE`: never creates directories, never replaces anything but a regular file, and replaces a file
+        that is not a homerun chat history only when `force` (`/save! FILE`). Failures are HomerunErrors naming the
+        file; the session is untouched either way."""
+        path = Path(path)
+        if path != self.history_path:
+            check_save_target(path, force=force)
+        try:
+            save_history(path, self.to_dict(), make_dirs=path == self.history_path)
+        except OSError as exc:
+            raise HomerunError(f"{path}: cannot save the history ({exc.strerror or exc})",
+                               hint="pick a writable place, e.g. /save ~/chat.json") from None
+
+    def _autosave(self) -> str | None:
+        """Save to the history file after a turn. A failure never ends the chat: the first one returns a warning,
+        later ones are silent (each turn tries again)."""
+        try:
+            save_history(self.history_path, self.to_dict())
+        except OSError as exc:
+            if self._autosave_warned:
+                return None
+            self._autosave_warned = True
+            return (f"history not saved to {self.history_path} ({exc.strerror or exc}); the chat goes on. "
+                    "Check HOMERUN_HOME, or /save FILE to keep it elsewhere")
+        return None
 
     def load(self, path: Path) -> None:
         data = load_history(path)
@@ -380,13 +420,54 @@ def expert_hit_rate(stats: dict[str, Any]) -> float | None:
 # ---------------------------------------------------------------- history files
 
 
-def save_history(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: temp file in the same directory, fsync, os.replace, fsync the directory. A crash leaves
-    either the old file or the new one, never a truncated one."""
+# A file bigger than this is not read to see whether it is a history (it is treated as foreign).
+_HISTORY_SNIFF_MAX_BYTES = 256 << 20
+
+
+def is_history_file(path: Path) -> bool:
+    """True when `path` is a homerun chat history (a JSON object with format "homerun-chat")."""
+    try:
+        if Path(path).stat().st_size > _HISTORY_SNIFF_MAX_BYTES:
+            return False
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == HISTORY_FORMAT
+
+
+def check_save_target(path: Path, *, force: bool) -> None:
+    """Raise ConfigError when an explicit save may not write `path`: a directory, a missing parent directory, a
+    special file (/dev/null), or (unless forced) an existing file that is not a homerun chat history."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory", hint="give a file name, e.g. /save chat.json")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path}: no such directory {path.parent}",
+                          hint="/save does not create folders: create it first, or pick an existing one")
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file; not overwritten", hint="pick another file name")
+    if not force and not is_history_file(path):
+        raise ConfigError(f"{path}: exists and is not a homerun chat history; not overwritten",
+                          hint=f"/save! {path} replaces it, or pick another name")
+
+
+def save_history(path: Path, data: dict[str, Any], *, make_dirs: bool = True) -> None:
+    """Write atomically: temp file in the same directory, fsync, os.replace, fsync the directory. A crash leaves
+    either the old file or the new one, never a truncated one. A replaced file keeps its permission bits; a new one
+    is private (0600). `make_dirs=False` leaves a missing directory an error."""
+    path = Path(path)
+    if make_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.chmod(tmp, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, ensure_ascii=False, indent=1)
             fh.write("\n")

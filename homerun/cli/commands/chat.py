@@ -31,8 +31,8 @@ HELP_TEXT = """Commands:
   /think off|high|max   thinking mode (off = direct answer; high = reasoning; max = deepest, needs 384K context)
   /system TEXT          set the system prompt (no TEXT clears it)
   /reset                start a new conversation (keeps mode and system prompt)
-  /save [FILE]          save the history (default: the autosave file under HOMERUN_HOME/chats)
-  /load FILE            load a saved history and continue it
+  /save [FILE]          save the history (default: the autosave file under HOMERUN_HOME/chats) and its KV snapshot
+  /load FILE            load a saved history and continue it (restores its KV snapshot, else re-prefills)
   /stats                speed, expert-cache hit rate, context used/capacity
   /set NAME VALUE       sampling: temperature, top-p, top-k, seed, max-new-tokens ("none" unsets)
   /reasoning            show the full reasoning of the last answer
@@ -145,10 +145,13 @@ def resolve_think(think: str, chat_or_capacity: Any, out: Output) -> None:
 # Options shared by `chat` and `run` (and the load flags by `bench`), declared once.
 ThinkingOpt = Annotated[str, typer.Option(help="Thinking mode: off, high or max (max needs 384K context).")]
 SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt.")]
-TemperatureOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json; 0 = greedy.")]
-TopPOpt = Annotated[Optional[float], typer.Option(help="Default: generation_config.json.")]
-TopKOpt = Annotated[Optional[int], typer.Option(help="Default: generation_config.json (none).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(help="Sampling temperature, a finite number >= 0; 0 = greedy. "
+                           "Default: generation_config.json (V4: 1.0).")]
+TopPOpt = Annotated[Optional[float], typer.Option(help="Nucleus sampling, in (0, 1]; 1 = off. Default: "
+                    "generation_config.json (V4: 1.0).")]
+TopKOpt = Annotated[Optional[int], typer.Option(help="Keep the K likeliest tokens, K >= 0; 0 = off. Default: "
+                    "generation_config.json (off).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed, 0 to 2**64-1 (default: random).")]
 HwOpt = Annotated[Optional[str], typer.Option("--hw", help="Plan the model on this hardware profile (a name, a .toml "
                   "path, or 'auto' for this machine) and load it with the plan's placement: layers, KV and expert "
                   "caches on the devices the plan names. Default: a plain load; this machine's plan only sets the "
@@ -192,8 +195,14 @@ def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[
                   standin: bool = False) -> ChatSession:
     """Plan summary, load with progress, then a ChatSession with the checked thinking mode. With `hw` the model is
     loaded with that plan's placement (`standin`: its GPUs as CPU stand-ins); without, the plan for this machine
-    is advisory (summary and context limit) and the load is plain."""
+    is advisory (summary and context limit) and the load is plain. Flags and the checkpoint's files are checked
+    first, so a bad input fails before anything slow runs."""
+    from homerun.cli.checks import check_checkpoint_dir
+    from homerun.engine.sampling import check_sampling
+
     check_think_flag(think)
+    check_sampling(**sampling)
+    check_checkpoint_dir(path, need_tokenizer=True)
     load_options = dict(load_options or {})
     if hw is None:
         if standin:
@@ -362,6 +371,8 @@ def _stream_turn(console: Console, chat: ChatSession, text: str) -> None:
         if live is None:
             console.print()
         render_done(console, done, markdown=live is not None)
+        if done.warning:
+            console.print(Text(f"Warning: {done.warning}", style="yellow"))
 
 
 def _render_command(console: Console, res) -> None:
@@ -411,7 +422,8 @@ def interactive(chat: ChatSession, console: Console) -> None:
         if not text.strip():
             continue
         if text.startswith("/"):
-            res = chat.handle_command(text)
+            with prefill_progress(chat, text.startswith("/load")):
+                res = chat.handle_command(text)
             if res.kind == "exit":
                 break
             _render_command(console, res)
@@ -419,6 +431,40 @@ def interactive(chat: ChatSession, console: Console) -> None:
         _stream_turn(console, chat, text)
     if chat.messages:
         console.print(Text(f"History: {chat.history_path}", style="dim"))
+
+
+class prefill_progress:
+    """A transient progress bar with ETA on stderr while a long feed runs (a history re-prefill on /load or
+    --resume); a no-op when `on` is false or the chat has no runtime session."""
+
+    def __init__(self, chat: ChatSession, on: bool = True) -> None:
+        self.kv = getattr(chat, "_kv", None) if on else None
+        self.chat = chat
+
+    def __enter__(self) -> "prefill_progress":
+        if self.kv is None or not hasattr(self.kv, "on_progress"):
+            self.kv = None
+            return self
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("Prefill"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.task = None
+        self.bar.start()
+
+        def on_progress(done: int, total: int) -> None:
+            if self.task is None:
+                self.task = self.bar.add_task("prefill", total=total)
+            self.bar.update(self.task, completed=done, total=total)
+
+        self.kv.on_progress = on_progress
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kv is not None:
+            self.bar.stop()
+            for kv in {id(self.kv): self.kv, id(self.chat._kv): self.chat._kv}.values():
+                kv.on_progress = None
 
 
 def json_lines(chat: ChatSession, out: Output) -> None:
@@ -452,7 +498,7 @@ def register(app: typer.Typer) -> None:
         top_p: TopPOpt = None,
         top_k: TopKOpt = None,
         seed: SeedOpt = None,
-        max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 4096,
+        max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer, >= 1.")] = 4096,
         hw: HwOpt = None,
         standin: StandinOpt = False,
         json_out: Annotated[bool, typer.Option("--json", help="Line protocol: stdin lines in, JSONL events out.")] = False,
@@ -460,6 +506,13 @@ def register(app: typer.Typer) -> None:
         expert_act: ExpertActOpt = "auto",
         expert_cache_slots: CacheSlotsOpt = None,
         trace: TraceOpt = None,
+        resume: Annotated[Optional[str], typer.Option("--resume", metavar="NAME|last", help="Continue a saved "
+                          "chat: a history file, a name under HOMERUN_HOME/chats, or 'last' for the latest. Its KV "
+                          "snapshot is restored when it matches the model, else the history is re-prefilled.")] = None,
+        no_kv_save: Annotated[bool, typer.Option("--no-kv-save", help="/save and exit write the history only, no "
+                              "KV snapshot.")] = False,
+        kv_save_max_gb: Annotated[float, typer.Option("--kv-save-max-gb", help="Skip the KV snapshot when it "
+                                  "would be larger than this.")] = 32.0,
     ) -> None:
         """Chat with a model in the terminal.
 
@@ -474,7 +527,23 @@ def register(app: typer.Typer) -> None:
         load_options = load_options_from(experts, expert_cache_slots, trace, expert_act)
         chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out,
                              load_options=load_options, standin=standin)
+        chat.kv_save, chat.kv_save_max_bytes = not no_kv_save, int(kv_save_max_gb * 1e9)
+        if resume is not None:
+            from homerun.chat.kv_files import resolve_history, resume_chat_kv
+            from homerun.chat.session import homerun_home
+
+            chat.history_path = resolve_history(resume, homerun_home() / "chats")
+            chat.load(chat.history_path)
+            with prefill_progress(chat, not json_out):
+                kv = resume_chat_kv(chat, chat.history_path)
+            out.info(escape(f"Resumed {len(chat.messages)} messages from {chat.history_path}" + (f"; {kv}" if kv else "")))
         if json_out:
             json_lines(chat, out)
         else:
             interactive(chat, Console(highlight=False))
+        if chat.messages and chat.autosave:  # the KV next to the autosaved history, for --resume
+            from homerun.chat.kv_files import save_chat_kv
+
+            kv = save_chat_kv(chat, chat.history_path, max_bytes=chat.kv_save_max_bytes)
+            if kv:
+                out.info(f"[dim]{escape(kv)}[/dim]")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.markup import escape
 from typing_extensions import Annotated
 
 from homerun.chat.events import turn_events  # noqa: F401 - the JSONL schema, also used by chat --json
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
         top_p: TopPOpt = None,
         top_k: TopKOpt = None,
         seed: SeedOpt = None,
-        max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 4096,
+        max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate, >= 1.")] = 4096,
         hw: HwOpt = None,
         standin: StandinOpt = False,
         json_out: Annotated[bool, typer.Option("--json", help="JSONL events: reasoning, content, tool_call, done.")] = False,
@@ -74,6 +77,9 @@ def register(app: typer.Typer) -> None:
         expert_act: ExpertActOpt = "auto",
         expert_cache_slots: CacheSlotsOpt = None,
         trace: TraceOpt = None,
+        prompt_cache: Annotated[Optional[Path], typer.Option("--prompt-cache", help="KV snapshot of the prompt up "
+                                "to the user's message (system prompt included): restored when this prompt starts "
+                                "with it, else written. Put a long shared document in --system.")] = None,
     ) -> None:
         """Answer one prompt and exit.
 
@@ -82,12 +88,19 @@ def register(app: typer.Typer) -> None:
           homerun run ./DeepSeek-V4-Flash "Plan a trip" --thinking high --json
           cat question.txt | homerun run ./DeepSeek-V4-Flash -
           homerun run ./tiny "hi" --hw 3xh100 --standin --json   # a 3-GPU placement on CPU stand-ins
+          homerun run ./DeepSeek-V4-Flash "Q1" --system "$(cat doc.txt)" --prompt-cache doc.kv
         """
         out = Output(json_out)
         text = sys.stdin.read() if prompt == "-" else prompt
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
         chat = start_session(model, hw=hw, think=thinking, system=system, sampling=sampling, out=out, autosave=False,
                              load_options=load_options_from(experts, expert_cache_slots, trace, expert_act), standin=standin)
+        if prompt_cache is not None:
+            from homerun.chat.kv_files import use_prompt_cache
+
+            note = use_prompt_cache(chat, prompt_cache, text)
+            if note:
+                out.info(f"[dim]{escape(note)}[/dim]")
         # Ctrl-C ends the generation after the step in flight; the partial answer is flushed, then exit code 130.
         previous = signal.signal(signal.SIGINT, lambda *_: chat.request_stop())
         try:
