@@ -1,0 +1,94 @@
+"""Shared pieces of the Triton kernels: exact in-kernel decoders for e4m3 / e2m1 / ue8m0 bytes, the dot helper that
+stays correct under the interpreter, and the launch counter the counting tests read.
+
+Formats (homerun/formats/quant.py):
+  FP8  weight [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] ue8m0 (2^(b-127), b == 0 -> 2^-127).
+  FP4  codes [N, K/2] int8, two e2m1 codes per byte, LOW nibble = even column; scale [N, K/32] ue8m0.
+
+Weights are read as raw bytes (uint8 views) and decoded with integer bit tricks, so the kernels run in the Triton
+interpreter (TRITON_INTERPRET=1, CPU tensors) and on any NVIDIA arch. Accumulation is always fp32.
+
+Interpreter caveat (Triton 3.6 .. 3.9): tl.dot on bf16 operands multiplies the raw uint16 bit patterns. Every dot
+goes through `mma`, which in interpreter mode upcasts the bf16-rounded operands to fp32 first (the same products as
+a GPU bf16 MMA with fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_P120 = tl.constexpr(2.0**120)  # e4m3 bit trick: fp32 exponent field e means 2^(e-127); e4m3 means 2^(e-7)
+_P126 = tl.constexpr(2.0**126)  # e2m1 bit trick: fp32 exponent field e means 2^(e-127); e2m1 means 2^(e-1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------- decode helpers
+
+
+@triton.jit
+def e8m0_to_f32(b):
+    """ue8m0 byte (any int type) -> 2^(b-127) in fp32, exact (b == 0 -> 2^-127, an fp32 subnormal)."""
+    bi = b.to(tl.uint32)
+    bits = tl.where(bi > 0, bi << 23, 1 << 22).to(tl.uint32)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_to_f32(b, NATIVE: tl.constexpr):
+    """float8_e4m3fn bytes (uint8) -> fp32, exact. The bit path maps the 7 magnitude bits onto fp32 bits 20..26:
+    normal codes become (1+m/8)*2^(e-127), subnormal ones m*2^-129 (an fp32 subnormal), and one multiplication by
+    2^120 rebiases both exactly. The NaN codes (0x7F, 0xFF) decode to +-480 instead of NaN (never written by quant)."""
+    if NATIVE:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        bi = b.to(tl.uint32)
+        bits = ((bi & 0x80) << 24) | ((bi & 0x7F) << 20)
+        return bits.to(tl.float32, bitcast=True) * _P120
+
+
+@triton.jit
+def e2m1_to_f32(c):
+    """e2m1 code in the low 4 bits of a uint32 (bit 3 = sign) -> fp32, exact: {0,.5,1,1.5,2,3,4,6} with sign, -0 for
+    code 8. Magnitude bits onto fp32 bits 22..24 ((1+m/2)*2^(e-127), or m*2^-127 for e == 0), rebiased by 2^126."""
+    bits = ((c & 8) << 28) | ((c & 7) << 22)
+    return bits.to(tl.float32, bitcast=True) * _P126
+
+
+@triton.jit
+def mma(a, b, acc, DOT_F32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. DOT_F32: fp32 operands, exact fp32 products (no TF32). Otherwise bf16
+    operands; UPCAST (interpreter only): the same bf16-rounded values, multiplied as fp32 (the interpreter's bf16
+    dot is broken)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                      input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H200; only used for the split-K heuristic
+
+
+class LaunchCounter:
+    """Kernel launches made through `launch` (the counting tests read `n`; a launch is one grid of programs)."""
+
+    n = 0
+
+
+def launch(kernel, grid):
+    """kernel[grid], counted: every launcher in this package goes through here."""
+    LaunchCounter.n += 1
+    return kernel[grid]
