@@ -116,9 +116,12 @@ class TracingBackend:
 def read_trace(path: str | Path) -> RoutingTrace:
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8").splitlines()
     except OSError as exc:
         raise UsageError(f"cannot read trace {path}: {exc.strerror}", hint="pass a JSONL routing trace") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"trace {path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})",
+                          hint="pass a JSONL routing trace (written by --trace)") from None
     if not lines:
         raise ConfigError(f"trace {path} is empty", hint="the first line must be the header")
     header = _parse_header(path, lines[0])

@@ -33,9 +33,16 @@ def profile_path(name: str) -> Path:
 def load_profile_file(path: Path, source: str | None = None) -> HardwareProfile:
     src = source or str(path)
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ProfileError(f"{src}: profile file not found", hint="check the path") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{src}: not a UTF-8 text file (byte {exc.start}: {exc.reason})",
+                           hint="a profile is a TOML text file saved as UTF-8; see `homerun profiles NAME`") from None
+    except IsADirectoryError:
+        raise ProfileError(f"{src}: is a directory, not a profile file", hint="pass a .toml file") from None
+    except OSError as exc:
+        raise ProfileError(f"{src}: cannot read the profile ({exc.strerror})", hint="check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{src}: not valid TOML ({exc})", hint="check the file's syntax") from None
     return profile_from_dict(data, src)

@@ -23,4 +23,5 @@ def turn_events(event: Delta | TurnDone, session: ChatSession) -> list[dict[str,
             "message": event.message, "stats": stats}
     if session.autosave:
         done["history_file"] = str(session.history_path)
-    return calls + [done]
+    warning = [{"event": "warning", "message": event.warning}] if event.warning else []
+    return calls + warning + [done]

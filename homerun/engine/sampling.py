@@ -1,15 +1,52 @@
 """Next-token choice from one logits row: greedy, or temperature / top-k / top-p sampling with an explicit
-`torch.Generator` (a seed makes a run reproducible). Batch size 1. No model code, no I/O.
+`torch.Generator` (a seed makes a run reproducible). Batch size 1. No model code, no I/O. `check_sampling` states
+and checks each setting's range without importing torch, so the CLI can refuse a bad flag at once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from homerun.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+
+# The valid range of each sampling setting, as the CLI's help and errors state it.
+SEED_MAX = 2**64 - 1
+SAMPLING_RANGES: dict[str, str] = {
+    "temperature": "a finite number >= 0 (0 = greedy)",
+    "top_p": "in (0, 1] (1 = off)",
+    "top_k": "an integer >= 0 (0 = off)",
+    "max_new_tokens": "an integer >= 1",
+    "seed": f"an integer from 0 to {SEED_MAX}",
+}
+
+
+def _out_of_range(name: str, value: Any) -> bool:
+    if name == "temperature":
+        return not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0)
+    if name == "top_p":
+        return not (isinstance(value, (int, float)) and 0.0 < value <= 1.0)  # NaN fails both comparisons
+    if name == "top_k":
+        return not (isinstance(value, int) and value >= 0)
+    if name == "max_new_tokens":
+        return not (isinstance(value, int) and value >= 1)
+    if name == "seed":
+        return not (isinstance(value, int) and 0 <= value <= SEED_MAX)
+    raise KeyError(name)
+
+
+def check_sampling(**values: Any) -> None:
+    """Raise UsageError naming the first setting out of its range (None means unset and is always valid). Run
+    before anything is generated, so a bad value fails at once instead of in every later turn."""
+    for name, value in values.items():
+        if value is not None and _out_of_range(name, value):
+            raise UsageError(f"{name.replace('_', '-')} must be {SAMPLING_RANGES[name]}, got {value!r}",
+                             hint="temperature 0 means greedy (argmax)" if name == "temperature" else None)
 
 
 @dataclass(frozen=True)
@@ -22,12 +59,7 @@ class SamplingParams:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}", hint="use 0 or --greedy for argmax")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
     @property
     def is_greedy(self) -> bool:
@@ -59,6 +91,8 @@ class SamplingParams:
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded with `seed`, or from OS entropy when seed is None."""
+    import torch  # lazily: the CLI checks sampling flags (check_sampling) before anything imports torch
+
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
@@ -69,6 +103,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature-scaled fp32 logits [V] with the top-k / top-p filtered tokens set to -inf."""
+    import torch
+
     x = logits.float() / max(params.temperature, 1e-8)
     if params.top_k and params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k).values[-1]
@@ -85,6 +121,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from logits [V]."""
+    import torch
+
     if logits.dim() != 1:
         raise UsageError(f"sample() takes one logits row [V], got shape {tuple(logits.shape)}")
     if params.is_greedy:

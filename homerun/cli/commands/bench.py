@@ -113,6 +113,7 @@ def bench(
                          hint="e.g. homerun bench --synthetic deepseek-ai/DeepSeek-V4-Flash, or homerun bench --kernels")
     if plot:
         need_matplotlib()
+    check_bench_model(model, synthetic)
     records = run_bench_command(
         model, out=out, prompts=parse_ints(n_prompt or ["512"], "-p"), gens=parse_ints(n_gen or ["128"], "-n"),
         depths=parse_ints(depth or ["0"], "-d"), repetitions=repetitions, hw=hw,
@@ -135,6 +136,21 @@ def bench(
         raise GateFailed(f"correctness gate FAILED: logits differ from the plain fp32 reference (max relative error "
                          f"{g['max_rel_err']:.3g} > {g['tol']:.3g}); the speed figures of this path mean nothing",
                          hint="run with --reference to compare, and report the backend that fails")
+
+
+def check_bench_model(model: str, synthetic: bool) -> None:
+    """Fail on a bad MODEL before anything is measured or imported: a V4 card with --synthetic, else a checkpoint
+    directory holding a valid config.json."""
+    if synthetic:
+        from homerun.bench.synthetic import card_config
+
+        card_config(model)
+        return
+    from homerun.cli.checks import check_checkpoint_dir
+
+    if check_checkpoint_dir(model, need_tokenizer=False) is None:
+        raise UsageError(f"{model}: no such directory",
+                         hint="bench takes a checkpoint directory, or a shipped V4 card with --synthetic")
 
 
 def _overrides(text: str | None) -> dict[str, Any] | None:

@@ -66,9 +66,12 @@ def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str
     from homerun.plan.planner import PlanOptions, distributed_launch, plan, with_distributed
     from profiles import list_profiles, load_profile
 
+    from homerun.cli.checks import check_depth, check_plan_model
+
     if kv_dtype not in ("bf16", "fp8"):
         raise UsageError(f"--kv-dtype must be bf16 or fp8, got {kv_dtype!r}", hint="use --kv-dtype fp8 to halve KV")
-    spec, inv = resolve_model(model, hub=hub, revision=revision)
+    spec, inv = resolve_model(check_plan_model(model, hub=hub), hub=hub, revision=revision)
+    check_depth(depth, context, spec.max_position_embeddings)
     measured = load_measured()
     detection = None
     kernel = None
