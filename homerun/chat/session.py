@@ -84,7 +84,6 @@ class TurnDone:
     stats: TurnStats
     parsed: bool  # False: the completion was not well-formed and was kept raw
     warning: str | None = None  # e.g. the history could not be saved (said once per session; the chat goes on)
-    warning: str | None = None  # e.g. the history could not be saved (said once per session; the chat goes on)
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,6 @@ class ChatSession:
         self._kv = model.session()
         self._seen: tuple[list[int], str] = ([], "")  # ids and text of the last prompt + completion
         self._stop = False
-        self._autosave_warned = False
         self._autosave_warned = False
         self.kv_save = True  # /save also writes a KV snapshot (homerun.chat.kv_files); --no-kv-save turns it off
         self.kv_save_max_bytes: int | None = None  # None: kv_files.KV_SAVE_MAX_BYTES
@@ -311,9 +309,6 @@ class ChatSession:
                 parsed = kinds[key](raw)
             except ValueError:
                 return CommandResult("error", f"/set {name}: {raw!r} is not a {kinds[key].__name__}")
-            from homerun.engine.sampling import check_sampling  # lazily: it imports torch
-
-            check_sampling(**{key: parsed})  # a bad value fails here, not in every later turn
             from homerun.engine.sampling import check_sampling  # lazily: it imports torch
 
             check_sampling(**{key: parsed})  # a bad value fails here, not in every later turn

@@ -373,8 +373,6 @@ def _stream_turn(console: Console, chat: ChatSession, text: str) -> None:
         render_done(console, done, markdown=live is not None)
         if done.warning:
             console.print(Text(f"Warning: {done.warning}", style="yellow"))
-        if done.warning:
-            console.print(Text(f"Warning: {done.warning}", style="yellow"))
 
 
 def _render_command(console: Console, res) -> None:
