@@ -7,7 +7,8 @@ reference below, the native CPU kernels (offload/cpu_backend.py over homerun/ker
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,17 +16,107 @@ from homerun.formats.experts import ExpertSource, ExpertWeights  # noqa: F401 - 
 from homerun.kernels.reference import reference_moe, swiglu_expert  # noqa: F401 - the reference formula
 
 
-class ExpertBackend(Protocol):
-    def forward(
-        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """x [T, D] (the MoE's normalized input); expert_ids [T, k] int64; expert_weights [T, k] fp32, already
-        normalized and multiplied by routed_scaling_factor. Returns sum_k w_k * expert_k(x) as [T, D] in x.dtype.
-        The shared expert is not included."""
-        ...
+@dataclass(frozen=True)
+class BackendStats:
+    """What an expert backend reports, one type for all of them; a backend fills what it has. `cache` is the
+    device cache's CacheStats, `prefetch` its predictors' PrefetchStats, `resident` an all-in-VRAM backend's
+    summary, `parts` the per-device backends of a layer split. Reads as a dict too (`stats()["cache"]`)."""
+
+    kind: str
+    cache: Any = None
+    prefetch: tuple = ()
+    miss_policy: dict = field(default_factory=dict)
+    cpu_experts: int = 0
+    cpu_s: float = 0.0
+    resident: dict | None = None
+    parts: tuple["BackendStats", ...] = ()
+
+    def to_dict(self) -> dict:
+        if self.parts:
+            return {"backends": [p.to_dict() for p in self.parts]}
+        if self.resident is not None:
+            return {"resident": dict(self.resident)}
+        if self.cache is None:
+            return {}
+        return {"cache": self.cache.to_dict(), "prefetch": [p.to_dict() for p in self.prefetch],
+                "miss_policy": self.miss_policy, "cpu_experts": self.cpu_experts, "cpu_s": self.cpu_s}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def cache_totals(self) -> tuple[int, int, int]:
+        """(hits, misses, bytes moved into a cache) over this backend and its parts; zeros without a cache."""
+        if self.parts:
+            sums = [p.cache_totals() for p in self.parts]
+            return tuple(sum(x) for x in zip(*sums)) if sums else (0, 0, 0)  # type: ignore[return-value]
+        if self.cache is None:
+            return 0, 0, 0
+        c = self.cache.to_dict()
+        return c["hits"], c["misses"], c["bytes_moved"]
 
 
-class ReferenceExpertBackend:
+class ExpertBackend:
+    """The contract: `forward` computes the routed experts; the hooks are explicit no-ops a backend overrides.
+
+    forward: x [T, D] (the MoE's normalized input); expert_ids [T, k] int64; expert_weights [T, k] fp32, already
+    normalized and multiplied by routed_scaling_factor. Returns sum_k w_k * expert_k(x) as [T, D] in x.dtype. The
+    shared expert is not included.
+    """
+
+    act: str | None = None  # the CPU kernels' activation mode, where a backend runs them
+    wants_speculation: bool = False  # whether prefetch_speculative is worth a router pass for the next layer
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                expert_weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        """A hash layer's experts are known from the token ids before any layer runs; returns those prefetched."""
+        return []
+
+    def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        """expert_ids [T, k]: the model's guess at `layer`'s routing (its router applied to an earlier layer's
+        input); returns the experts prefetched."""
+        return []
+
+    def stats(self) -> BackendStats:
+        return BackendStats(type(self).__name__)
+
+    def close(self) -> None:
+        """Release threads, device memory and cached addresses."""
+
+
+class WrappingBackend(ExpertBackend):
+    """A backend that adds behaviour around another (tracing, counting, a host hop) and forwards every hook."""
+
+    def __init__(self, inner: ExpertBackend):
+        self.inner = inner
+
+    @property
+    def act(self) -> str | None:  # type: ignore[override]
+        return self.inner.act
+
+    @property
+    def wants_speculation(self) -> bool:  # type: ignore[override]
+        return self.inner.wants_speculation
+
+    def forward(self, layer, x, expert_ids, expert_weights):
+        return self.inner.forward(layer, x, expert_ids, expert_weights)
+
+    def prefetch_hash_layer(self, layer, tid2eid, token_ids):
+        return self.inner.prefetch_hash_layer(layer, tid2eid, token_ids)
+
+    def prefetch_speculative(self, layer, expert_ids):
+        return self.inner.prefetch_speculative(layer, expert_ids)
+
+    def stats(self) -> BackendStats:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ReferenceExpertBackend(ExpertBackend):
     """The plain fp32 path: dequantize each selected expert when it is used, multiply in fp32. Slow, obviously
     correct; the numeric reference for every other backend."""
 

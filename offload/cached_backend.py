@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
-from offload.base import ExpertBackend, ExpertWeights, swiglu_expert
-from offload.cache import CacheStats, ExpertCache
+from offload.base import BackendStats, ExpertBackend, ExpertWeights, swiglu_expert
+from offload.cache import ExpertCache
 from offload.miss_policy import MissPolicy, MissSplit
-from offload.prefetch import Prefetcher, PrefetchStats
+from offload.prefetch import Prefetcher
 
 _PAIR_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -52,23 +51,12 @@ def dequant_on_device(w: ExpertWeights, dtype: torch.dtype) -> tuple[torch.Tenso
     return deq(w.w1, w.w1_scale), deq(w.w3, w.w3_scale), deq(w.w2, w.w2_scale)
 
 
-@dataclass(frozen=True)
-class BackendStats:
-    cache: CacheStats
-    prefetch: tuple[PrefetchStats, ...]
-    miss_policy: dict
-    cpu_experts: int
-    cpu_s: float
-
-    def to_dict(self) -> dict:
-        return {"cache": self.cache.to_dict(), "prefetch": [p.to_dict() for p in self.prefetch],
-                "miss_policy": self.miss_policy, "cpu_experts": self.cpu_experts, "cpu_s": self.cpu_s}
-
-
-class CachedExpertBackend:
+class CachedExpertBackend(ExpertBackend):
     """ExpertBackend over an ExpertCache: hits on the cache's device, misses on `cpu_backend` and/or streamed,
     as `miss_policy` splits them (no policy: stream all). Hooks for the runtime: prefetch_hash_layer,
     prefetch_speculative, stats."""
+
+    wants_speculation = True
 
     def __init__(self, cache: ExpertCache, *, swiglu_limit: float, cpu_backend: ExpertBackend | None = None,
                  miss_policy: MissPolicy | None = None, compute_dtype: torch.dtype = torch.float32,
@@ -177,20 +165,20 @@ class CachedExpertBackend:
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         return self.prefetcher.hash_layer(layer, tid2eid, token_ids)
 
-    def prefetch_speculative(self, layer: int, hidden: torch.Tensor, gate_weight: torch.Tensor,
-                             gate_bias: torch.Tensor | None, top_k: int) -> list[int]:
-        return self.prefetcher.speculate(layer, hidden, gate_weight, gate_bias, top_k)
+    def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        return self.prefetcher.speculate(layer, expert_ids)
 
     def stats(self) -> BackendStats:
         mp = self.miss_policy.to_dict() if self.miss_policy is not None else {}
-        return BackendStats(self.cache.stats(), self.prefetcher.stats(), mp, self._cpu_experts, self._cpu_s)
+        return BackendStats(type(self).__name__, cache=self.cache.stats(), prefetch=self.prefetcher.stats(),
+                            miss_policy=mp, cpu_experts=self._cpu_experts, cpu_s=self._cpu_s)
 
     def close(self) -> None:
         self._cpu_pool.shutdown(wait=True)
         self.cache.close()
 
 
-class ResidentExpertBackend:
+class ResidentExpertBackend(ExpertBackend):
     """Every routed expert of some layers resident on one device (an all-in-VRAM plan): nothing is offloaded, nothing
     moves per token. Each expert's packed tensors are placed once on `device`, charged to its budget as "weights";
     the math is the reference's (dequantize the selected experts in the compute dtype, clamped SwiGLU, weighted sum
@@ -229,9 +217,9 @@ class ResidentExpertBackend:
             out.index_add_(0, rows, y * wts[rows, slot].unsqueeze(-1))
         return out.to(x.device, x.dtype)
 
-    def stats(self) -> dict:
-        return {"resident": {"device": self.device.name, "layers": list(self.layers), "experts": len(self.experts),
-                             "bytes": self.nbytes}}
+    def stats(self) -> BackendStats:
+        return BackendStats(type(self).__name__, resident={"device": self.device.name, "layers": list(self.layers),
+                                                           "experts": len(self.experts), "bytes": self.nbytes})
 
     def close(self) -> None:
         self.device.free_all([("weights", f"layers.{l}.ffn.experts.{e}.{n}") for l, e in self.experts
@@ -239,50 +227,36 @@ class ResidentExpertBackend:
         self.experts = {}
 
 
-class LayerSplitBackend:
+class LayerSplitBackend(ExpertBackend):
     """Several backends, one per group of layers (a multi-GPU plan: each device caches the experts of the layers it
-    runs, within its own budget). Dispatches by layer; the output lands on that layer's device. The prefetch hooks
-    exist only when some inner backend has them (the model skips the speculative router pass otherwise) and go to
-    the backend of the layer they name, with the hidden state moved to that layer's device."""
+    runs, within its own budget). Dispatches by layer; the output lands on that layer's device, and the prefetch
+    hooks go to the backend of the layer they name."""
 
     def __init__(self, backends_by_layer: dict[int, ExpertBackend]) -> None:
         self.backends_by_layer = dict(backends_by_layer)
-        inner = self._unique()
-        if any(hasattr(b, "prefetch_hash_layer") for b in inner):
-            self.prefetch_hash_layer = self._prefetch_hash_layer
-        if any(hasattr(b, "prefetch_speculative") for b in inner):
-            self.prefetch_speculative = self._prefetch_speculative
+        self.wants_speculation = any(b.wants_speculation for b in self._unique())
 
-    def _unique(self) -> list:
+    def _unique(self) -> list[ExpertBackend]:
         return list({id(b): b for b in self.backends_by_layer.values()}.values())
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         return self.backends_by_layer[layer].forward(layer, x, expert_ids, expert_weights)
 
-    def _prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
-        hook = getattr(self.backends_by_layer.get(layer), "prefetch_hash_layer", None)
-        return hook(layer, tid2eid, token_ids) if hook is not None else []
+    def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        b = self.backends_by_layer.get(layer)
+        return b.prefetch_hash_layer(layer, tid2eid, token_ids) if b is not None else []
 
-    def _prefetch_speculative(self, layer: int, hidden: torch.Tensor, gate_weight: torch.Tensor,
-                              gate_bias: torch.Tensor | None, top_k: int) -> list[int]:
-        hook = getattr(self.backends_by_layer.get(layer), "prefetch_speculative", None)
-        if hook is None:
-            return []
-        return hook(layer, hidden.to(gate_weight.device), gate_weight, gate_bias, top_k)
+    def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        b = self.backends_by_layer.get(layer)
+        return b.prefetch_speculative(layer, expert_ids) if b is not None else []
 
-    def stats(self) -> dict:
-        out = []
-        for b in self._unique():
-            if hasattr(b, "stats"):
-                s = b.stats()
-                out.append(s.to_dict() if hasattr(s, "to_dict") else dict(s))
-        return {"backends": out}
+    def stats(self) -> BackendStats:
+        return BackendStats(type(self).__name__, parts=tuple(b.stats() for b in self._unique()))
 
     def close(self) -> None:
         for b in self._unique():
-            if hasattr(b, "close"):
-                b.close()
+            b.close()
 
 
 def build_cached_backend(

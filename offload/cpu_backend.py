@@ -5,29 +5,27 @@ which runs a host backend for a model whose other weights live on another device
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from homerun.kernels.cpu_experts import CpuMoE
+from offload.base import ExpertBackend, WrappingBackend
 
 
-class CpuExpertBackend(CpuMoE):
+class CpuExpertBackend(CpuMoE, ExpertBackend):
     """Routed experts computed on the CPU from packed FP4/FP8 weights; implements `offload.base.ExpertBackend`.
     `source(layer, e)` is asked once per expert; its tensors (normally zero-copy mmap views) stay referenced and their
     addresses cached, so a forward call copies no weights and runs no Python per expert."""
 
+    def close(self) -> None:
+        self.clear()
 
-class HostExpertBackend:
+
+class HostExpertBackend(WrappingBackend):
     """Runs a host (CPU) expert backend for a model on another device: x goes to the host and the result back.
     The default when `device` is not the CPU and no backend is given (the packed experts live in host RAM)."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor):
         out = self.inner.forward(layer, x.cpu(), expert_ids.cpu(), expert_weights.cpu())
         return out.to(x.device)
 
-    def stats(self) -> Any:
-        return self.inner.stats() if hasattr(self.inner, "stats") else {}

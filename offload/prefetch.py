@@ -1,9 +1,9 @@
 """Expert prefetch ahead of the layer that needs them, with measured precision and recall.
 
 Hash layers (V4 layers 0-2): the experts are `tid2eid[token_ids]`, known exactly before the layer runs.
-Other layers: speculate by applying the NEXT layer's router (sqrt-softplus scores + bias, top-k) to the current
-hidden state (mixtral-offloading's trick); the runtime calls `speculate(l + 1, h, gate_w, gate_b, top_k)` right
-after layer l's experts ran. A prediction is scored when the backend later reports what the layer actually used:
+Other layers: speculate with the NEXT layer's router applied to the current hidden state (mixtral-offloading's
+trick); the model computes that routing with its own router and scoring and passes the expert ids
+(`prefetch_speculative(l + 1, ids)`) before layer l's experts run. A prediction is scored when the backend later reports what the layer actually used:
 precision = predicted-and-used / predicted, recall = predicted-and-used / used.
 This module issues cache prefetches only; it never blocks on them.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -49,15 +48,6 @@ def hash_layer_experts(tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[i
     return torch.unique(tid2eid[token_ids.to(tid2eid.device)]).tolist()
 
 
-def speculate_experts(hidden: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None,
-                      top_k: int) -> list[int]:
-    """hidden [T, D], gate_weight [E, D] -> distinct experts of top-k(sqrt(softplus(h W^T)) + bias) over T."""
-    scores = torch.sqrt(F.softplus(hidden.float() @ gate_weight.float().T))  # (T, E)
-    if gate_bias is not None:
-        scores = scores + gate_bias.float()
-    return torch.unique(scores.topk(top_k, dim=-1).indices).tolist()
-
-
 class Prefetcher:
     def __init__(self, cache) -> None:
         self.cache = cache
@@ -70,9 +60,9 @@ class Prefetcher:
         self._predict("hash", layer, ids)
         return ids
 
-    def speculate(self, layer: int, hidden: torch.Tensor, gate_weight: torch.Tensor,
-                  gate_bias: torch.Tensor | None, top_k: int) -> list[int]:
-        ids = speculate_experts(hidden, gate_weight, gate_bias, top_k)
+    def speculate(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        """expert_ids [T, k]: the model's guess at the layer's routing (its own router, its own scoring)."""
+        ids = torch.unique(expert_ids).tolist()
         self._predict("speculative", layer, ids)
         return ids
 

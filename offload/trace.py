@@ -26,6 +26,7 @@ from typing import IO, Iterator, Sequence
 import torch
 
 from homerun.errors import ConfigError, UsageError
+from offload.base import WrappingBackend
 
 ExpertKey = tuple[int, int]
 
@@ -93,12 +94,12 @@ class TraceRecorder:
         self.close()
 
 
-class TracingBackend:
+class TracingBackend(WrappingBackend):
     """An ExpertBackend that records every routing decision, then delegates. Token t is the t-th row a layer has
     seen, so prefill rows and decode steps number consistently across layers."""
 
     def __init__(self, inner, recorder: TraceRecorder) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.recorder = recorder
         self._next_token: dict[int, int] = {}
 
@@ -108,9 +109,6 @@ class TracingBackend:
             self.recorder.record(t0 + i, layer, row)
         self._next_token[layer] = t0 + len(expert_ids)
         return self.inner.forward(layer, x, expert_ids, expert_weights)
-
-    def __getattr__(self, name):  # stats(), prefetch hooks etc. of the wrapped backend stay reachable
-        return getattr(self.inner, name)
 
 
 def read_trace(path: str | Path) -> RoutingTrace:

@@ -17,6 +17,7 @@ from homerun.cli.commands import bench as bc
 from homerun.bench import setup as bs
 from homerun.bench import model_bench as hb
 from homerun.errors import DoesNotFitError, UsageError
+from offload.base import ExpertBackend
 
 QUICK = ["-p", "16", "-n", "4", "-r", "2"]
 LLAMA_FIELDS = ("n_prompt", "n_gen", "n_depth", "avg_ts", "stddev_ts", "samples_ts", "test_time", "cpu_info",
@@ -39,7 +40,7 @@ def _invoke(*args: str):
     return CliRunner().invoke(app, ["bench", *args])
 
 
-class PerturbingBackend:
+class PerturbingBackend(ExpertBackend):
     """A fast wrong build: the right experts, outputs scaled by 1.5."""
 
     def __init__(self, inner):
@@ -98,7 +99,7 @@ def test_records_carry_fields_physics_and_gate(records, tiny_checkpoints):
 
 
 def test_counting_backend_counts_unique_experts_per_call():
-    class Zero:
+    class Zero(ExpertBackend):
         def forward(self, layer, x, ids, w):
             return torch.zeros_like(x)
 

@@ -8,6 +8,7 @@ import torch
 
 import homerun
 from homerun.errors import ContextFullError
+from offload.base import ExpertBackend
 
 KINDS = ("mixed", "csa", "hca")
 
@@ -97,7 +98,7 @@ def test_small_max_chunk_tokens_equals_one_chunk(tiny_checkpoints, models):
     assert _rel_err(small.session().feed(ids), model.logits(ids)[-1]) <= 1e-5
 
 
-class _FailingBackend:
+class _FailingBackend(ExpertBackend):
     """Delegates to the model's backend but raises KeyboardInterrupt on the n-th call (simulated Ctrl-C)."""
 
     def __init__(self, inner, fail_at: int):

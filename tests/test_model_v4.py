@@ -12,7 +12,7 @@ from homerun.models import deepseek_v4 as v4
 from homerun.kernels import dispatch
 from homerun.models import layers
 from homerun.formats.quant import dequant_fp8, quant_fp8
-from offload.base import ReferenceExpertBackend
+from offload.base import ExpertBackend, ReferenceExpertBackend
 
 KINDS = ("mixed", "csa", "hca")
 SEQ_LEN = 640
@@ -353,7 +353,7 @@ def test_bf16_kernel_against_double_reference(cpu_dense):
         cpu_dense.bf16_linear(torch.randn(1, 5), torch.zeros(3, 4, dtype=torch.bfloat16))
 
 
-class _RecordingBackend:
+class _RecordingBackend(ExpertBackend):
     """Wraps the reference backend and records what the MoE hands it."""
 
     def __init__(self, inner):
@@ -426,17 +426,20 @@ def test_bad_inputs_raise_homerun_errors(models, tmp_path):
 class _HookedBackend(_RecordingBackend):
     """A backend exposing the prefetch hooks of offload.cached_backend.CachedExpertBackend."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, top_k: int = 0):
         super().__init__(inner)
         self.hash_calls, self.spec_calls = [], []
+        self.top_k = top_k
 
     def prefetch_hash_layer(self, layer, tid2eid, token_ids):
         self.hash_calls.append((layer, token_ids.clone()))
         return torch.unique(tid2eid[token_ids]).tolist()
 
-    def prefetch_speculative(self, layer, hidden, gate_weight, gate_bias, top_k):
+    wants_speculation = True
+
+    def prefetch_speculative(self, layer, expert_ids):
         self.spec_calls.append((layer, len(self.calls)))
-        assert gate_weight.shape[0] == gate_bias.shape[0] and hidden.shape[-1] == gate_weight.shape[1]
+        assert expert_ids.dtype == torch.int64 and expert_ids.shape[1] == self.top_k
         return []
 
 
@@ -445,7 +448,7 @@ def test_prefetch_hooks_are_called(tiny_checkpoints, models):
 
     a = models["hca"].args  # layers: hash, hash, top-k
     ckpt = open_checkpoint(tiny_checkpoints["hca"])
-    rec = _HookedBackend(ReferenceExpertBackend(ckpt.expert, swiglu_limit=a.swiglu_limit))
+    rec = _HookedBackend(ReferenceExpertBackend(ckpt.expert, swiglu_limit=a.swiglu_limit), a.n_activated_experts)
     model = homerun.load(tiny_checkpoints["hca"], expert_backend=rec)
     ids = _ids(9, a.vocab_size, seed=8)
     model.session().feed(ids)

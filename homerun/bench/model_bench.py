@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from offload.base import WrappingBackend
 
 # Fields llama-bench emits; our records reuse these names where they exist.
 LLAMA_BENCH_FIELDS = (
@@ -76,12 +77,12 @@ def synthetic_ids(n: int, vocab: int, seed: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- instrumentation
 
 
-class CountingBackend:
+class CountingBackend(WrappingBackend):
     """Wraps an ExpertBackend and counts what each call touches: unique experts per layer call and their packed
     bytes (the bytes a call must read), by composition, without changing the wrapped backend."""
 
     def __init__(self, inner: Any, bytes_per_expert: int):
-        self.inner = inner
+        super().__init__(inner)
         self.bytes_per_expert = bytes_per_expert
         self.calls = 0
         self._loads = 0
@@ -104,22 +105,13 @@ class CountingBackend:
         self._pending.append(expert_ids)  # a torch.unique per call (~65 us) would be timed with the decode step
         return self.inner.forward(layer, x, expert_ids, expert_weights)
 
-    def __getattr__(self, name: str) -> Any:  # stats(), prefetch hooks, close() of the wrapped backend
-        return getattr(self.inner, name)
-
 
 def cache_counters(backend: Any) -> tuple[int, int, int]:
     """(hits, misses, bytes moved into the cache) from an expert backend's stats; zeros when it has no cache."""
-    fn = getattr(backend, "stats", None)
-    if not callable(fn):
-        return 0, 0, 0
     try:
-        s = fn()
+        return backend.stats().cache_totals()
     except Exception:  # noqa: BLE001 - a backend's stats must never break a benchmark
         return 0, 0, 0
-    d = s.to_dict() if hasattr(s, "to_dict") else dict(s or {})
-    parts = [b.get("cache", b) for b in d["backends"]] if "backends" in d else [d.get("cache", d)]
-    return tuple(int(sum(p.get(k, 0) for p in parts)) for k in ("hits", "misses", "bytes_moved"))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -332,7 +324,7 @@ class BenchTarget:
         old = self.counter
         self.counter = CountingBackend(self.make_backend(), self.bytes_per_expert)
         self.model.net.experts = self.counter
-        if old is not None and callable(getattr(old.inner, "close", None)):
+        if old is not None:
             old.inner.close()
         return self.counter
 
@@ -411,7 +403,7 @@ def load_reference(path: str | Path, *, resident_bytes: int) -> tuple[Any, str]:
     from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
-    from offload.base import ReferenceExpertBackend
+    from offload.base import ReferenceExpertBackend  # noqa: F811
 
     ckpt = open_checkpoint(Path(path))
     args = ModelArgs.from_hf_config(ckpt.config)

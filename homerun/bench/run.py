@@ -54,8 +54,7 @@ def bench_model(
             say(f"{test.name}: {opts.repetitions} repetitions")
             records += run_test(target, test, repetitions=opts.repetitions, seed=opts.seed, info=info,
                                 predicted_ts=pred(test), host=host)
-        if callable(getattr(target.counter.inner, "close", None)):
-            target.counter.inner.close()
+        target.counter.inner.close()
         del target
     return records
 

@@ -294,7 +294,7 @@ class Model:
             "n_layers": self.args.n_layers,
             "resident_weight_bytes": self.net.resident_bytes(),
             "expert_backend": type(backend).__name__,
-            "expert_act": getattr(backend, "act", None),
+            "expert_act": backend.act,
             "load_s": self.load_s,
             "tokens_fed": self._tokens_fed,
             "forward_s": self._forward_s,
@@ -313,12 +313,10 @@ class Model:
             out["devices"] = self.device_usage()
             out["activation_hops"] = self.net.activation_hops
         out["think_max_available"], out["think_max_reason"] = self.think_max_available()
-        if hasattr(backend, "stats"):
-            try:
-                s = backend.stats()
-                out["experts"] = s.to_dict() if hasattr(s, "to_dict") else dict(s)
-            except Exception:  # noqa: BLE001 - a backend's stats must never break the caller
-                pass
+        try:
+            out["experts"] = backend.stats().to_dict()
+        except Exception:  # noqa: BLE001 - a backend's stats must never break the caller
+            pass
         return out
 
 

@@ -177,11 +177,9 @@ class DeepseekV4:
         a = self.args
         ids = ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
-        hook = getattr(self.experts, "prefetch_hash_layer", None)
-        if hook is not None:  # hash layers' experts are known from the token ids before any layer runs
-            for layer in self.layers:
-                if layer.moe.tid2eid is not None:
-                    hook(layer.index, layer.moe.tid2eid, ids)
+        for layer in self.layers:  # hash layers' experts are known from the token ids before any layer runs
+            if layer.moe.tid2eid is not None:
+                self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, ids)
         h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
@@ -455,12 +453,13 @@ class DeepseekV4:
         a, m = self.args, layer.moe
         gate_logits, g, u = k.project(m.inputs.lins, x, m.inputs)  # router, shared w1, shared w3
         idx, w = self.route(layer, x, ids, gate_logits)
-        hook = getattr(self.experts, "prefetch_speculative", None)
         nxt = layer.index + 1
-        if hook is not None and nxt < len(self.layers) and self.layers[nxt].moe.tid2eid is None:
-            # Guess the next layer's experts from this layer's MoE input, so fetching overlaps this layer's experts.
-            m_next = self.layers[nxt].moe
-            hook(nxt, x, m_next.gate.dequant(x.dtype), m_next.bias, a.n_activated_experts)
+        if self.experts.wants_speculation and nxt < len(self.layers) and self.layers[nxt].moe.tid2eid is None:
+            # Guess the next layer's experts (its router on this layer's MoE input), so fetching them overlaps
+            # this layer's experts.
+            ln = self.layers[nxt]
+            guess, _ = self.route(ln, x.to(ln.device or self.device), ids)
+            self.experts.prefetch_speculative(nxt, guess)
         routed = self.experts.forward(layer.index, x, idx, w)
         lim = a.swiglu_limit
         g, u = g.clamp(max=lim), u.clamp(-lim, lim)
