@@ -27,6 +27,8 @@ class Output:
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
         self.out = Console(soft_wrap=False, highlight=False)
+        if not self.out.is_terminal:  # a pipe or a file: long lines stay whole, nothing wraps mid-value
+            self.out.soft_wrap = True
         self.err = Console(stderr=True, highlight=False)
 
     def result(self, data: Any, render: Callable[[Console], None] | None = None) -> None:

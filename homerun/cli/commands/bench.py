@@ -187,8 +187,9 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
     if synthetic:
         from homerun.bench.synthetic import build_synthetic
 
-        syn = build_synthetic(model, n_layers=synthetic_layers, root=synthetic_dir, seed=seed,
-                              overrides=synthetic_overrides, progress=_write_progress(out))
+        with _write_progress(out) as progress:
+            syn = build_synthetic(model, n_layers=synthetic_layers, root=synthetic_dir, seed=seed,
+                                  overrides=synthetic_overrides, progress=progress)
         verb = "reusing" if syn.reused else f"wrote in {syn.write_s:.0f} s:"
         out.info(f"synthetic {syn.card}: {verb} {syn.path} ({syn.total_bytes / 1e9:.2f} GB; {syn.reason})")
         path, name = str(syn.path), f"{syn.card} (synthetic, {syn.n_layers}L)"
@@ -279,15 +280,11 @@ def _default_slots(syn: Any, prof: Any, eff: Any) -> int | None:
 
 
 def _write_progress(out: Output):
-    last = [-1]
+    """A progress bar (bytes, GB/s, ETA) on stderr while the synthetic weights are written; used as
+    `with _write_progress(out) as progress:`, `progress(done_bytes, total_bytes, tensor_name)`."""
+    from homerun.cli.progress import byte_progress
 
-    def progress(done: int, total: int, name: str) -> None:
-        pct = int(100 * done / total) if total else 100
-        if pct // 10 != last[0]:
-            last[0] = pct // 10
-            out.info(f"writing synthetic weights: {pct}% of {total / 1e9:.1f} GB")
-
-    return progress
+    return byte_progress(out, "writing synthetic weights")
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -335,19 +332,21 @@ def render_table(console: Any, docs: list[dict[str, Any]]) -> None:
         console.print(Panel(f"[bold]CORRECTNESS GATE FAILED[/bold]: logits differ from the plain fp32 reference "
                             f"(max relative error {g['max_rel_err']:.3g} > {g['tol']:.3g}). These numbers are the "
                             "speed of a wrong build.", style="bold red"))
-    table = Table(title="homerun bench", title_justify="left")
-    for col in TABLE_COLUMNS:
-        table.add_column(col, justify="right" if col in ("size", "params", "t/s", "plan t/s", "ratio") else "left")
+    from rich.text import Text
+
+    from homerun.cli.tables import print_table
+
+    columns = [(col, "right" if col in ("size", "params", "t/s", "plan t/s", "ratio") else "left")
+               for col in TABLE_COLUMNS]
+    rows: list[list[Any]] = []
     for d in docs:
-        row = [escape(c) for c in table_row(d)]
-        style = "italic dim" if d["extrapolated"] else None
-        if d["correctness"].get("ok") is False:
-            row[-1] = f"[bold red]{row[-1]}[/bold red]"
-        elif d["correctness"].get("ok"):
-            row[-1] = f"[green]{row[-1]}[/green]"
-        table.add_row(*row, style=style)
-    # llama-bench's table is wide: keep it on one line per row when stdout is a file or pipe
-    console.print(table, width=None if console.is_terminal else 260)
+        row: list[Any] = list(table_row(d))
+        ok = d["correctness"].get("ok")
+        row[-1] = Text(row[-1], style="bold red" if ok is False else "green" if ok else "")
+        rows.append(row)
+    # llama-bench's table is wide: whole on a wide terminal and in a pipe (one line per row), blocks when narrow
+    print_table(console, "homerun bench", columns, rows,
+                row_styles=["italic dim" if d["extrapolated"] else None for d in docs])
     console.print(f"[dim]{escape(_footer(docs))}[/dim]")
     for note in sorted({n for d in docs for n in d.get("notes", [])}):
         console.print(f"[dim]note: {escape(note)}[/dim]")

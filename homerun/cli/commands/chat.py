@@ -56,6 +56,10 @@ def checkpoint_bytes(path: str) -> int | None:
     return sum(p.stat().st_size for p in root.glob("*.safetensors")) or None
 
 
+# Loads that run longer than this get a progress bar on stderr.
+LOAD_BAR_AFTER_S = 2.0
+
+
 def open_model(path: str, out: Output, load_options: Optional[dict[str, Any]] = None) -> Any:
     """Load with progress on stderr (GB, GB/s, ETA when the loader reports progress)."""
     from homerun.engine.runtime import load
@@ -64,25 +68,23 @@ def open_model(path: str, out: Output, load_options: Optional[dict[str, Any]] = 
     total_txt = f"{total / 1e9:.2f} GB" if total else "size unknown"
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {k: v for k, v in (load_options or {}).items() if v is not None}
-    status = None if out.json_mode else out.err.status(f"Loading {escape(path)} ({total_txt})")
-    if status is not None:
+    from homerun.cli.progress import byte_progress
+
+    # A bar (GB, GB/s, ETA) for loads that take more than LOAD_BAR_AFTER_S; nothing in --json mode.
+    bar = None if out.json_mode else byte_progress(out, f"Loading {Path(path).name} ({total_txt})",
+                                                   after_s=LOAD_BAR_AFTER_S)
+    if bar is not None:
         def progress(stage: str, done: int, total_steps: int) -> None:
             # The loader reports steps (layers); bytes are estimated pro rata from the checkpoint size.
-            elapsed = max(time.perf_counter() - t0, 1e-9)
             frac = done / total_steps if total_steps else 0.0
-            eta = elapsed * (1 - frac) / frac if frac > 0 else None
-            head = f"Loading {stage} {done}/{total_steps}"
-            if total:
-                head += f" · {frac * total / 1e9:.2f}/{total / 1e9:.2f} GB · {frac * total / 1e9 / elapsed:.2f} GB/s"
-            status.update(head + (f" · ETA {eta:.0f} s" if eta is not None else ""))
+            bar.update(frac * total if total else done, total if total else total_steps)
         kwargs["progress"] = progress
-    if status is not None:
-        status.start()
+        bar.__enter__()
     try:
         model = load(path, **kwargs)
     finally:
-        if status is not None:
-            status.stop()
+        if bar is not None:
+            bar.__exit__(None, None, None)
     elapsed = time.perf_counter() - t0
     if total:
         out.info(f"[dim]Loaded {total / 1e9:.2f} GB in {elapsed:.1f} s ({total / 1e9 / max(elapsed, 1e-9):.2f} GB/s)[/dim]")

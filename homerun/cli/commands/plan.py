@@ -140,9 +140,25 @@ def _bar(used: int, capacity: int, margins: int, width: int = 40) -> str:
     return f"[{color}]{'█' * c}[/{color}][yellow]{'▒' * m}[/yellow][dim]{'·' * (width - c - m)}[/dim]"
 
 
-def render_plan(console: Any, doc: dict[str, Any]) -> None:
-    from rich.table import Table
+def _markup_safe(value: Any) -> Any:
+    """The plan document with every string escaped, so data text (names, reasons, notes) is never read as markup."""
+    from rich.markup import escape
 
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {k: _markup_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_markup_safe(v) for v in value]
+    return value
+
+
+def render_plan(console: Any, doc: dict[str, Any]) -> None:
+    from homerun.cli.tables import print_table
+
+    if not console.is_terminal:
+        console.soft_wrap = True  # a pipe or a file: long lines stay whole instead of wrapping mid-value
+    raw, doc = doc, _markup_safe(doc)
     m, ctx, pred = doc["model"], doc["context"], doc["predicted"]
     style = "bold green" if doc["fits"] else "bold red"
     console.print(f"[{style}]{'FITS' if doc['fits'] else 'DOES NOT FIT'}[/{style}]  {m['name']} on "
@@ -158,12 +174,9 @@ def render_plan(console: Any, doc: dict[str, Any]) -> None:
         console.print(f"  {d['name']:<28} {_bar(d['used_bytes'], d['capacity_bytes'], margins)} "
                       f"{_gib(d['used_bytes'])} / {_gib(d['capacity_bytes'])}"
                       + (f"  (margins: {', '.join(f'{k} {_gib(v)}' for k, v in d['margins'].items())})" if margins else ""))
-    table = Table(title="Placement", title_justify="left")
-    for col in ("what", "device", "bytes", "reason"):
-        table.add_column(col, justify="right" if col == "bytes" else "left")
-    for row in doc["placement"]:
-        table.add_row(row["what"], row["device"], _gib(row["bytes"]), row["reason"])
-    console.print(table)
+    print_table(console, "Placement", [("what", "left"), ("device", "left"), ("bytes", "right"), ("reason", "left")],
+                [[r["what"], r["device"], _gib(r["bytes"]), r["reason"]] for r in raw["placement"]],
+                prose=("what", "reason"))
     ramp = "  ".join(f"{r['tokens'] // 1024}K {'[green]✓[/green]' if r['fits'] else '[red]✗[/red]'}" for r in ctx["ramp"])
     console.print(f"[bold]Context[/bold]  max {ctx['max_tokens']:,} tokens (KV {ctx['kv_bytes_per_token']:,} B/token "
                   f"{ctx['kv_dtype']}; model max {ctx['model_max_tokens']:,})")

@@ -54,36 +54,44 @@ def _summary(p: Any) -> dict[str, Any]:
 
 
 def _render_list(console: Any, rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+    from homerun.cli.tables import print_table
 
-    table = Table(title="Hardware profiles: VRAM and RAM in GiB, DRAM in GB/s (`homerun profiles NAME` shows one)",
-                  title_justify="left")
-    table.add_column("name", no_wrap=True)
-    for col in ("GPUs", "VRAM", "RAM", "DRAM"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("description", min_width=30)
-    for r in rows:
-        vram = "unified" if r["unified"] else f"{r['vram_gib']:.0f}"
-        table.add_row(r["name"], str(r["gpus"]), vram, f"{r['ram_gib']:.0f}", f"{r['dram_gbps']:.0f}", r["description"])
-    console.print(table)
+    columns = [("name", "left"), ("GPUs", "right"), ("VRAM", "right"), ("RAM", "right"), ("DRAM", "right"),
+               ("description", "left")]
+    cells = [[r["name"], str(r["gpus"]), "unified" if r["unified"] else f"{r['vram_gib']:.0f}", f"{r['ram_gib']:.0f}",
+              f"{r['dram_gbps']:.0f}", r["description"]] for r in rows]
+    print_table(console, "Hardware profiles: VRAM and RAM in GiB, DRAM in GB/s (`homerun profiles NAME` shows one)",
+                columns, cells, prose=("description",))
 
 
 def _render_one(console: Any, doc: dict[str, Any]) -> None:
+    """The profile as the TOML file that would define it; every value and name is printed as text, not markup."""
+    from rich.text import Text
+
+    from homerun.cli.tables import toml_value
+
     p = doc["profile"]
-    console.print(f"[bold]{p['name']}[/bold]  {p['description']}  [dim]({p['source']})[/dim]")
-    for table in ("cpu", "memory", "disk", "policy"):
-        console.print(f"  [{table}]")
-        for k, v in p[table].items():
-            console.print(f"    {k} = {v}")
+    head = Text(p["name"], style="bold")
+    head.append(f"  {p['description']}  ")
+    head.append(f"({p['source']})", style="dim")
+    console.print(head)
+
+    def table(header: str, values: dict[str, Any]) -> None:
+        console.print(Text(f"  {header}"))
+        for k, v in values.items():
+            console.print(Text(f"    {k} = {toml_value(v)}"))
+
+    for name in ("cpu", "memory", "disk", "policy"):
+        table(f"[{name}]", p[name])
     for i, g in enumerate(p["gpus"]):
-        console.print(f"  [[gpus]] #{i}")
-        for k, v in g.items():
-            console.print(f"    {k} = {v}")
+        table(f"[[gpus]]  # {i}", g)
     if "detection" in doc:
         d = doc["detection"]
-        console.print(f"  measured: DRAM read {d['dram_read_gbps']} GB/s, H2D {d['h2d_gbps']} GB/s "
-                      f"in {d['seconds']:.1f} s")
+        console.print(Text(f"  measured: DRAM read {d['dram_read_gbps']} GB/s, H2D {d['h2d_gbps']} GB/s "
+                           f"in {d['seconds']:.1f} s"))
         for a in d["assumed"]:
-            console.print(f"  [yellow]assumed:[/yellow] {a}")
+            line = Text("  assumed: ", style="yellow")
+            line.append(str(a), style="")
+            console.print(line)
         k = doc["cpu_kernel"]
-        console.print(f"  CPU expert kernel: {k.get('path')} ({k.get('reason', '')})")
+        console.print(Text(f"  CPU expert kernel: {k.get('path')} ({k.get('reason', '')})"))
