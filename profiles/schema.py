@@ -36,7 +36,8 @@ class CpuSpec:
     mem_bw_gbps: float  # sustained read bandwidth to expect (not the theoretical channel figure)
     mem_bw_theoretical_gbps: float | None = None
     flags: tuple[str, ...] = ()  # avx2, avx512f, amx, neon ...
-    numa_nodes: int = 1
+    numa_nodes: int = 1  # NUMA nodes (sockets, or NPS/SNC domains) sharing mem_bw_gbps; > 1 lowers the CPU-expert
+    #   estimate to mem_bw_gbps / numa_nodes for a NUMA-unaware runtime (the bound keeps the full figure)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _check_values(p: HardwareProfile, source: str) -> None:
     positive("cpu.ram_gib", p.cpu.ram_gib)
     positive("cpu.mem_bw_gbps", p.cpu.mem_bw_gbps)
     positive("cpu.cores", p.cpu.cores)
+    positive("cpu.numa_nodes", p.cpu.numa_nodes)
     for i, g in enumerate(p.gpus):
         positive(f"gpus[{i}].mem_bw_gbps", g.mem_bw_gbps)
         positive(f"gpus[{i}].count", g.count)

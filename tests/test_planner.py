@@ -6,7 +6,8 @@ import math
 import pytest
 
 from homerun.plan.inventory import resolve_model
-from homerun.plan.planner import (RAMP_TOKENS, PlanOptions, assumed_hit_rate, best_miss_split, distributed_launch, plan)
+from homerun.plan.planner import (RAMP_TOKENS, PlanOptions, best_miss_split, distributed_launch, plan)
+from homerun.plan.priors import hit_rate_prior
 from profiles import GIB, list_profiles, load_profile
 
 
@@ -113,7 +114,8 @@ def test_decode_bound_is_recomputed_from_the_plans_own_bytes_and_bandwidths(mode
     miss = (1 - h) * b["experts"]
     links = {x["name"]: x for x in pred["links"]}
     local = links.get("vram") or links.get("unified")
-    assert local["bytes_per_token"] == pytest.approx(b["resident"] + b["kv_read"] + h * b["experts"] + f * miss)
+    tp = pred["tensor_parallel"]  # each of tp GPUs reads its 1/tp share at once
+    assert local["bytes_per_token"] == pytest.approx((b["resident"] + b["kv_read"] + h * b["experts"]) / tp + f * miss)
     if miss:
         assert links["dram"]["bytes_per_token"] == pytest.approx((1 - f) * miss)
         assert links["pcie"]["bytes_per_token"] == pytest.approx(f * miss)
@@ -134,9 +136,25 @@ def test_best_miss_split_is_optimal():
     assert best_miss_split(fixed, m, v, 0.0, d) == 0.0  # no PCIe: CPU computes every miss
 
 
-def test_hit_rate_assumption_and_override():
-    assert assumed_hit_rate(0, 100) == 0.0 and assumed_hit_rate(100, 100) == 1.0
-    assert assumed_hit_rate(10, 100) > 0.10  # skewed routing beats uniform
+def test_hit_rate_prior_and_override():
+    mixtral, _ = resolve_model("mistralai/Mixtral-8x7B-v0.1")
+    qwen, _ = resolve_model("Qwen/Qwen3-30B-A3B")
+    flash, _ = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    assert hit_rate_prior(qwen, 0)[0] == 0.0
+    assert hit_rate_prior(qwen, qwen.routed_experts_total)[0] == pytest.approx(1.0)
+    # the routing model's own calibration: 512 experts, top-10, per-layer LRU-64 ~67 %, LRU-128 ~81 % (#27861)
+    from dataclasses import replace
+    fine = replace(qwen, n_routed_experts=512, experts_per_tok=10)
+    assert hit_rate_prior(fine, 64 * fine.moe_layers)[0] == pytest.approx(0.67, abs=0.02)
+    assert hit_rate_prior(fine, 128 * fine.moe_layers)[0] == pytest.approx(0.81, abs=0.02)
+    # a coarse MoE gains less from the same cache fraction than a fine-grained one; both beat uniform routing
+    h_mix = hit_rate_prior(mixtral, round(0.15 * mixtral.routed_experts_total))[0]
+    h_qwen = hit_rate_prior(qwen, round(0.15 * qwen.routed_experts_total))[0]
+    assert 0.15 < h_mix < 0.39 < h_qwen  # 0.39 was the old (fraction)^0.5 for Mixtral
+    # hash-routed layers (V4's first num_hash_layers) hit at the cache fraction only
+    h, src = hit_rate_prior(flash, flash.routed_experts_total // 10)
+    unhashed = hit_rate_prior(replace(flash, config={**flash.config, "num_hash_layers": 0}), flash.routed_experts_total // 10)[0]
+    assert h < unhashed and "hash-routed" in src
     _, _, p = _plan("v4-flash", "rtx5090-192gb", hit_rate=0.9)
     _, _, q = _plan("v4-flash", "rtx5090-192gb", hit_rate=0.1)
     assert p.predicted["expert_cache_hit_rate"] == 0.9
@@ -201,3 +219,77 @@ def test_plan_human_output_has_the_sections(capsys):
     assert code == 0
     for text in ("FITS", "Memory", "Placement", "Context", "Speed", "decode", "prefill", "CPU expert kernel"):
         assert text in out, text
+
+
+# ---- estimates against hand-computed values (issue 20): independent arithmetic from the card's bytes and the
+# profile's figures, not the planner's helpers; the default efficiencies are restated here on purpose.
+VRAM_EFF, DRAM_EFF, PCIE_EFF, COMPUTE_EFF, PER_LAYER_S = 0.75, 0.65, 0.85, 0.4, 1e-4
+
+
+def test_hand_computed_unified_decode_gpt_oss_on_m3_ultra():
+    spec, inv, p = _plan("openai/gpt-oss-120b", "m3-ultra-512gb")
+    prof = load_profile("m3-ultra-512gb")
+    assert p.mode == "unified"
+    # KV read at depth 4096: 36 layers alternate full / 128-token sliding window; 8 KV heads x 64 dims x K,V x BF16
+    kv = 18 * 4096 * (8 * 64 * 2 * 2) + 18 * 128 * (8 * 64 * 2 * 2)
+    weights = inv.non_expert_bytes - inv.bytes_by_class["embed"] + 36 * 4 * inv.bytes_per_expert
+    t = (weights + kv) / (prof.gpus[0].mem_bw_gbps * 1e9 * VRAM_EFF) + 36 * PER_LAYER_S
+    assert p.predicted["decode_tok_s"] == pytest.approx(1 / t, rel=0.01)
+    assert p.predicted["decode_tok_s_upper_bound"] == pytest.approx(prof.gpus[0].mem_bw_gbps * 1e9 / (weights + kv),
+                                                                   rel=0.01)
+
+
+def test_hand_computed_tensor_parallel_decode_and_prefill_qwen3_30b_on_2xh100():
+    spec, inv, p = _plan("Qwen/Qwen3-30B-A3B", "2xh100")
+    g = load_profile("2xh100").gpu_list[0]
+    assert p.mode == "all-vram" and p.predicted["tensor_parallel"] == 2
+    # KV read at depth 4096: 48 full-attention layers, 4 KV heads x 128 dims x K,V x BF16
+    kv = 48 * 4096 * (4 * 128 * 2 * 2)
+    per_gpu = (inv.non_expert_bytes - inv.bytes_by_class["embed"] + 48 * 8 * inv.bytes_per_expert + kv) / 2
+    # two all-reduces per layer of the BF16 hidden state (2048 x 2 B): 15 us latency + a ring's half over PCIe
+    comm = 2 * 48 * (15e-6 + 2 * 1 / 2 * 2048 * 2 / (g.h2d_gbps * 1e9))
+    t = per_gpu / (g.mem_bw_gbps * 1e9 * VRAM_EFF) + 48 * PER_LAYER_S + comm
+    assert p.predicted["decode_tok_s"] == pytest.approx(1 / t, rel=0.01)
+    # prefill, one 2048-token chunk: 2 x active params x tokens FLOPs over both GPUs, against reading all weights
+    chunk = 2048
+    compute = 2 * inv.active_params_per_token * chunk / (2 * g.tflops_bf16 * 1e12 * COMPUTE_EFF)
+    reads = (inv.non_expert_bytes + inv.routed_expert_bytes) / (2 * g.mem_bw_gbps * 1e9 * VRAM_EFF)
+    assert compute > reads  # compute-bound: halving the FLOPs would show
+    assert p.predicted["prefill_tok_s"] == pytest.approx(chunk / max(compute, reads), rel=0.01)
+
+
+def test_hand_computed_hybrid_decode_v4_flash_on_rtx5090():
+    spec, inv, p = _plan("deepseek-ai/DeepSeek-V4-Flash", "rtx5090-192gb", hit_rate=0.5)
+    prof = load_profile("rtx5090-192gb")
+    g = prof.gpus[0]
+    assert p.mode == "hybrid"
+    experts = 43 * 6 * inv.bytes_per_expert  # 43 MoE layers x top-6
+    kv = p.predicted["bytes_per_token"]["kv_read"]  # V4 compressed KV: ~23 MB, 0.2 % of the bytes; taken as planned
+    fixed = inv.non_expert_bytes - inv.bytes_by_class["embed"] + kv
+    v, pc, d = g.mem_bw_gbps * 1e9 * VRAM_EFF, g.h2d_gbps * 1e9 * PCIE_EFF, prof.cpu.mem_bw_gbps * 1e9 * DRAM_EFF
+    hits, miss = 0.5 * experts, 0.5 * experts
+    # expert phase: hits on the GPU while the misses split between the CPU and PCIe, best split by brute force
+    phase = min(max((hits + f * miss) / v, f * miss / pc, (1 - f) * miss / d) for f in (i / 10000 for i in range(10001)))
+    # handoff per MoE layer: 2 kernel round trips (20 us) + 2 small copies (6 us) + pool wake (10 us) + 2 x 4096 x 2 B
+    handoff = 2 * 20e-6 + 2 * 6e-6 + 10e-6 + 2 * 4096 * 2 / (g.h2d_gbps * 1e9)
+    t = fixed / v + phase + 43 * PER_LAYER_S + 43 * handoff
+    assert p.predicted["decode_tok_s"] == pytest.approx(1 / t, rel=0.01)
+
+
+def test_vram_only_experts_when_ram_is_short_and_page_cache_tier():
+    from homerun.plan.priors import page_cache_resident_fraction
+    spec, inv, p = _plan("openai/gpt-oss-120b", "rtx3090-64gb", allow_disk=True)
+    whats = {d["what"]: d for d in p.decisions}
+    assert "VRAM experts" in whats  # 61 GB of experts + copies do not fit 64 GB: the GPU's experts have no host copy
+    cache = sum(r.bytes for r in p.placement if r.what.startswith("GPU expert cache"))
+    host = sum(r.bytes for r in p.placement if r.device in ("host", "disk") and r.what.startswith("routed experts"))
+    assert host == pytest.approx(inv.routed_expert_bytes - cache, abs=inv.bytes_per_expert)
+    assert p.predicted["hit_rate_source"].startswith("static VRAM-only")
+    assert page_cache_resident_fraction(30, 60) == 0.5 and page_cache_resident_fraction(60, 30) == 1.0
+
+
+def test_cpu_experts_false_streams_every_miss_over_pcie():
+    _, _, p = _plan("v4-flash", "rtx5090-192gb", cpu_experts=False)
+    _, _, q = _plan("v4-flash", "rtx5090-192gb")
+    assert p.predicted["miss_pcie_fraction"] == 1.0 and p.predicted["estimate_miss_pcie_fraction"] == 1.0
+    assert p.predicted["decode_tok_s"] < q.predicted["decode_tok_s"]

@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, HIT_RATE_EXPONENT, MIN_CONTEXT_TOKENS,
-                                  DeviceMap, Placement, Plan, Stage, _Ctx, gib)
-from homerun.plan.speed import activation_bytes, assumed_hit_rate, context_section, decode_speed, finish, prefill_speed
+from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
+                                 page_cache_resident_fraction, tp_comm_seconds)
+from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap, Placement,
+                                  Plan, Stage, _Ctx, gib)
+from homerun.plan.speed import activation_bytes, context_section, decode_speed, finish, prefill_speed
 from profiles.schema import GIB
 
 
@@ -139,14 +141,23 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     host_m = {"host_reserve": int(prof.policy.host_reserve_gib * GIB)}
     c.devices.append(DeviceMap("host RAM", "host", int(prof.cpu.ram_gib * GIB), host_m["host_reserve"], host_m))
     c.placement.append(Placement("routed experts (host copy)", "host", 0, "not needed: everything is in VRAM"))
-    g0 = gpus[0]
+    g0 = min(gpus, key=lambda g: g.mem_bw_gbps)  # the slowest GPU paces a tensor-parallel step
     resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
-    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=g0.mem_bw_gbps, local_name="vram",
-                        pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps, hit_rate_source="all experts in VRAM")
-    pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + inv.routed_expert_bytes,
-                              weight_gbps=g0.mem_bw_gbps, stream_bytes_per_chunk=0, stream_gbps=0, stream_link="pcie"))
+    comm = tp_comm_seconds(n, spec.num_layers, spec.hidden_size, g0.h2d_gbps)
     if n > 1:
-        c.notes.append("pipeline split: one stream visits the GPUs in turn, so one GPU's bandwidth bounds decode")
+        c.decide("decode parallelism", f"tensor parallel x{n}",
+                 f"all weights are in VRAM: each GPU reads its 1/{n} share of every layer at once (vLLM/SGLang TP), "
+                 f"paying two all-reduces per layer ({comm * 1e3:.2f} ms/token); a pipeline would read at one GPU's "
+                 "bandwidth")
+    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=g0.mem_bw_gbps, local_name="vram",
+                        pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps, hit_rate_source="all experts in VRAM",
+                        parallel=n, comm_s=comm)
+    pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + inv.routed_expert_bytes,
+                              weight_gbps=g0.mem_bw_gbps, stream_bytes_per_pass=0, stream_gbps=0, stream_link="pcie",
+                              parallel=n))
+    if n > 1:
+        c.notes.append(f"decode and prefill speeds assume tensor parallelism over the {n} GPUs (the layout above is "
+                       "the memory split); with a pipeline split one GPU's bandwidth bounds decode instead")
     verdict = (f"fits entirely in VRAM on {n} GPU(s): no experts in host RAM; "
                f"context up to {max_tokens:,} tokens")
     return finish(c, fits=True, mode="all-vram", verdict=verdict, remedy=None,
@@ -185,24 +196,41 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
 
     host_cap = prof.cpu.ram_gib * GIB
     host_m = {"host_reserve": int(pol.host_reserve_gib * GIB), "pinned_staging": int(pol.pinned_staging_gib * GIB)}
-    host_usable = host_cap - sum(host_m.values())
-    in_ram = min(experts, max(host_usable, 0))
-    on_disk = experts - in_ram
+    host_usable = max(host_cap - sum(host_m.values()), 0)
+    vram_expert_bytes = total_cache * bpe
+    # A dynamic GPU cache keeps a host copy of every expert (a slot can be refilled with any expert). When RAM cannot
+    # hold them all, the experts in VRAM become a static set with no host copy, and the host holds only the rest.
+    vram_only = experts > host_usable and vram_expert_bytes > 0
+    tier = experts - vram_expert_bytes if vram_only else experts  # expert bytes the host must serve
+    in_ram = min(tier, host_usable)
+    on_disk = tier - in_ram
+    if vram_only:
+        c.decide("VRAM experts", f"static, VRAM only ({gib(vram_expert_bytes):.1f} GiB)",
+                 f"host RAM ({gib(host_usable):.0f} GiB usable) cannot also hold copies of all {gib(experts):.0f} GiB "
+                 "of experts: the GPU's experts stay put (no host copy, no refills); the host holds the rest")
     gpu_short = min(free[i] - c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[i] for i in range(n)) < 0
-    c.placement.append(Placement(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})",
+    c.placement.append(Placement(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})"
+                                 + (" not held in VRAM" if vram_only else ""),
                                  "host", int(in_ram), "primary copy at stored precision; misses are computed on the "
-                                 "CPU or streamed over PCIe"))
+                                 "CPU or streamed over PCIe" if c.opts.cpu_experts else
+                                 "primary copy at stored precision; misses are streamed over PCIe (no CPU experts)"))
     remedy = None
     mode = "hybrid"
+    page_hit = 1.0
     if on_disk > 0:
         if opts.allow_disk:
             mode = "disk-mmap"
+            page_hit = page_cache_resident_fraction(host_usable, tier)
             c.placement.append(Placement("routed experts (mmap from disk)", "disk", int(on_disk),
                                          "host RAM is short: pages come from disk on demand (slow)"))
             c.devices.append(DeviceMap("disk (mmap)", "disk", int(on_disk), int(on_disk), {}))
             c.decide("disk tier", "on", f"{gib(on_disk):.0f} GiB of experts do not fit in RAM; --allow-disk given")
+            c.decide("page cache", f"{page_hit:.0%} of host expert reads from RAM",
+                     f"the {gib(tier):.0f} GiB tier is read through a {gib(host_usable):.0f} GiB page cache that keeps "
+                     "the most recently used pages; experts recur ~n/k tokens apart, so a read finds its page resident "
+                     "with probability cache/tier and faults it in from disk otherwise")
         else:
-            remedy = (f"needs {gib(experts):.0f} GiB of host RAM for experts, the profile has "
+            remedy = (f"needs {gib(tier):.0f} GiB of host RAM for experts, the profile has "
                       f"{prof.cpu.ram_gib:.0f} GiB")
     c.devices.append(DeviceMap("host RAM", "host", int(host_cap), int(in_ram + sum(host_m.values())), host_m))
     if gpu_short:
@@ -220,19 +248,32 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     g0 = gpus[0]
     if opts.hit_rate is not None:
         hit, src = opts.hit_rate, "--hit-rate"
+    elif vram_only:
+        hit = min(1.0, vram_expert_bytes / experts) if experts else 0.0
+        src = (f"static VRAM-only experts: {total_cache}/{spec.routed_experts_total} chosen without a popularity "
+               "profile are hit at their share of the experts")
     else:
-        hit = assumed_hit_rate(total_cache, spec.routed_experts_total)
-        src = (f"assumed: (cache fraction {total_cache}/{spec.routed_experts_total}) ** {HIT_RATE_EXPONENT}")
-    disk_frac = on_disk / experts if experts else 0.0
+        hit, src = hit_rate_prior(spec, total_cache)
+    numa = prof.cpu.numa_nodes
+    dram_est = numa_estimate_gbps(prof.cpu.mem_bw_gbps, numa)
+    if numa > 1 and c.opts.cpu_experts:
+        c.decide("NUMA", f"{numa} nodes: estimate at {dram_est:.0f} GB/s",
+                 f"experts spread over {numa} nodes are read mostly across the socket link; the bound keeps "
+                 f"{prof.cpu.mem_bw_gbps:.0f} GB/s, which NUMA-aware placement reaches")
+    handoff = handoff_seconds_per_layer(spec.hidden_size, g0.h2d_gbps)
+    c.decide("per-layer handoff", f"{handoff * 1e6:.0f} us per MoE layer",
+             "each layer waits for its router on the GPU, sends activations and expert ids to the host, wakes the "
+             "CPU pool, returns the expert output and restarts the GPU (homerun.plan.priors)")
     resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
     pred = decode_speed(c, resident_bytes=resident_read, hit_rate=hit, local_gbps=g0.mem_bw_gbps, local_name="vram",
-                        pcie_gbps=g0.h2d_gbps, dram_gbps=prof.cpu.mem_bw_gbps, disk_fraction=disk_frac,
-                        disk_gbps=prof.disk.read_gbps, hit_rate_source=src)
-    stream = experts - total_cache * bpe
-    # Streamed bytes cross PCIe, and the part not in RAM also comes off the disk first.
-    t_stream = stream / (g0.h2d_gbps * 1e9) + (on_disk / (prof.disk.read_gbps * 1e9) if on_disk else 0.0)
-    pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + total_cache * bpe,
-                              weight_gbps=g0.mem_bw_gbps, stream_bytes_per_chunk=stream,
+                        pcie_gbps=g0.h2d_gbps, dram_gbps=prof.cpu.mem_bw_gbps, disk_fraction=1.0 - page_hit,
+                        disk_gbps=prof.disk.read_gbps, hit_rate_source=src, handoff_s=handoff,
+                        estimate_dram_gbps=dram_est)
+    stream = experts - vram_expert_bytes
+    # Streamed bytes cross PCIe, and the part the page cache misses also comes off the disk first.
+    t_stream = stream / (g0.h2d_gbps * 1e9) + ((1 - page_hit) * tier / (prof.disk.read_gbps * 1e9) if on_disk else 0.0)
+    pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + vram_expert_bytes,
+                              weight_gbps=g0.mem_bw_gbps, stream_bytes_per_pass=stream,
                               stream_gbps=stream / t_stream / 1e9 if t_stream else 0.0, stream_link="expert_streaming"))
     where = "host RAM" if mode == "hybrid" else "host RAM + disk mmap (slow)"
     verdict = (f"fits: non-expert set, KV and a {total_cache}-expert cache on GPU, routed experts in {where}; "
@@ -302,7 +343,7 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
                         hit_rate_source="all experts in the same memory pool")
     tflops = None if cpu_only or not prof.gpus else prof.gpus[0].tflops_bf16
     pred.update(prefill_speed(c, tflops=tflops, weight_bytes_per_chunk=weights, weight_gbps=bw,
-                              stream_bytes_per_chunk=0, stream_gbps=0, stream_link="none"))
+                              stream_bytes_per_pass=0, stream_gbps=0, stream_link="none"))
     verdict = f"fits in {what}; context up to {max_tokens:,} tokens"
     return finish(c, fits=True, mode="unified" if not cpu_only else "cpu-only", verdict=verdict, remedy=None,
                   context=context, predicted=pred)

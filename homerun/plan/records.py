@@ -15,9 +15,13 @@ RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
 THINK_MAX_MIN_TOKENS = 393216  # V4 model card: use >= 384K context for Think Max (deepseek-v4.md §6)
 MIN_CONTEXT_TOKENS = 4096  # below this a plan is not useful
 ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at least 128K of context
-# Assumed expert-cache hit rate h = c ** HIT_RATE_EXPONENT for a cache holding fraction c of all experts: between
-# uniform routing (exponent 1) and llama.cpp #27861's LRU measurement (12.5 % cache -> 67 %, exponent ~0.19).
-HIT_RATE_EXPONENT = 0.5
+# The expert-cache hit-rate prior (homerun.plan.priors) comes from the routing model of offload/trace.py's
+# `reuse_trace`, whose defaults reproduce llama.cpp #27861 (512 experts, top-10: per-layer LRU-64 hits ~67 %,
+# LRU-128 ~81 %): a routed expert is, with probability REUSE_PROB, one of its layer's recently used experts at LRU
+# stack depth d with P(d) ~ (d + STACK_OFFSET_TOKENS * top_k) ** -STACK_ALPHA, otherwise a fresh draw.
+REUSE_PROB = 0.93
+STACK_ALPHA = 2.0
+STACK_OFFSET_TOKENS = 3.0
 CLASS_LABELS = {"embed": "embedding", "head": "lm head", "attn": "attention", "compressor": "KV compressors",
                 "indexer": "lightning indexers", "router": "routers", "shared": "shared experts",
                 "routed": "routed experts", "norm": "norms", "hc": "mHC mixing", "dense": "dense MLP layers",
@@ -45,9 +49,12 @@ class PlanOptions:
     kv_dtype: str = "bf16"
     prefill_chunk_tokens: int = 2048  # KTransformers' V4-Flash recipe uses chunked prefill 2048 (peers.md §1.1)
     decode_depth_tokens: int = 4096  # context depth at which decode speed is predicted
+    prefill_prompt_tokens: int | None = None  # prompt a prefill estimate is for; None = decode_depth_tokens
     include_mtp: bool = False  # keep the MTP block resident (speculative decoding)
     allow_disk: bool = False  # allow a disk-backed mmap tier for experts when RAM is short
     hit_rate: float | None = None  # override the assumed expert-cache hit rate
+    cpu_experts: bool = True  # False: the runtime never computes experts on the CPU; misses stream over PCIe
+    #   (MoE-Infinity, FreeToken --moe-backend offload); homerun's own runtime computes misses on the CPU
     efficiency: Efficiency = field(default_factory=Efficiency)
     cpu_kernel: dict[str, Any] | None = None  # from homerun.plan.hardware; None -> derived from the profile's CPU flags
 

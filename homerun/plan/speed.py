@@ -9,7 +9,7 @@ from typing import Any
 from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
 from profiles.schema import GIB, HardwareProfile
 
-from homerun.plan.records import (HIT_RATE_EXPONENT, RAMP_TOKENS, THINK_MAX_MIN_TOKENS, Layout, Link, Plan, _Ctx)
+from homerun.plan.records import (RAMP_TOKENS, THINK_MAX_MIN_TOKENS, Layout, Link, Plan, _Ctx)
 
 # ---- pieces ------------------------------------------------------------------------------------------------------
 
@@ -23,12 +23,6 @@ def activation_bytes(spec: ModelSpec, chunk_tokens: int) -> int:
     if spec.arch == "deepseek_v4":  # gathered top-k + window keys per query per head, fp32
         scores = chunk_tokens * spec.num_heads * (spec.index_topk + (spec.sliding_window or 0)) * 4
     return chunk_tokens * per_token + scores + spec.vocab_size * 4
-
-
-def assumed_hit_rate(cache_experts: int, total_experts: int) -> float:
-    if total_experts <= 0 or cache_experts <= 0:
-        return 0.0
-    return min(1.0, cache_experts / total_experts) ** HIT_RATE_EXPONENT
 
 
 def best_miss_split(fixed_vram_s: float, miss_bytes: float, vram_gbps: float, pcie_gbps: float,
@@ -138,18 +132,35 @@ def finish(c: _Ctx, *, fits: bool, mode: str, verdict: str, remedy: str | None, 
 
 def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps: float, local_name: str,
                  pcie_gbps: float, dram_gbps: float, disk_fraction: float = 0.0, disk_gbps: float = 0.0,
-                 hit_rate_source: str = "") -> dict[str, Any]:
-    """Decode tok/s: physics bound (best miss split, links concurrent) and an estimate with efficiency factors."""
+                 hit_rate_source: str = "", parallel: int = 1, comm_s: float = 0.0, handoff_s: float = 0.0,
+                 estimate_dram_gbps: float | None = None) -> dict[str, Any]:
+    """Decode tok/s: a physics bound and an estimate.
+
+    Bound: 1 / max over links of bytes/bandwidth, links concurrent, misses split optimally between CPU compute and
+    PCIe streaming (all over PCIe when the runtime computes no experts on the CPU, `cpu_experts=False`).
+    Estimate: bandwidth x efficiency, and a token's layers run in order: the GPU's fixed reads (non-expert weights,
+    KV) and the expert phase (cache hits on the GPU, misses on the CPU / over PCIe / off the disk, concurrent with each
+    other) add, because a layer's experts wait for its router and the next layer waits for its experts; plus the
+    per-layer overhead, the per-layer CPU<->GPU handoff of a hybrid layer (`handoff_s`) and the tensor-parallel
+    all-reduces (`comm_s`). `parallel` GPUs each read 1/parallel of the bytes at once (tensor parallel).
+    `disk_fraction` is the share of host-side expert reads the page cache misses (they come off the disk)."""
     spec, inv, eff = c.spec, c.inv, c.opts.efficiency
     expert_bytes = spec.active_experts_per_token * inv.bytes_per_expert
     kv_read = kv_read_bytes_per_token(spec, c.kv, c.opts.decode_depth_tokens)
     miss_bytes = (1.0 - hit_rate) * expert_bytes
+    cpu = c.opts.cpu_experts
+    fixed_bytes = (resident_bytes + kv_read) / parallel
+    hit_bytes = hit_rate * expert_bytes / parallel
 
     def links(v: float, p: float, d: float, k: float) -> tuple[list[Link], float]:
-        fixed = (resident_bytes + kv_read + hit_rate * expert_bytes) / (v * 1e9)
-        f = best_miss_split(fixed, miss_bytes, v, p, d) if miss_bytes else 0.0
-        vram_bytes = resident_bytes + kv_read + hit_rate * expert_bytes + f * miss_bytes
-        out = [Link(local_name, vram_bytes, v)]
+        fixed = (fixed_bytes + hit_bytes) / (v * 1e9)
+        if not miss_bytes:
+            f = 0.0
+        elif not cpu and p > 0:
+            f = 1.0
+        else:
+            f = best_miss_split(fixed, miss_bytes, v, p, d)
+        out = [Link(local_name, fixed_bytes + hit_bytes + f * miss_bytes, v)]
         if miss_bytes:
             out.append(Link("dram", (1 - f) * miss_bytes, d))
             if p > 0:
@@ -160,8 +171,29 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
 
     bound_links, f_bound = links(local_gbps, pcie_gbps, dram_gbps, disk_gbps)
     t_bound = max(x.seconds_per_token for x in bound_links)
-    est_links, f_est = links(local_gbps * eff.vram, pcie_gbps * eff.pcie, dram_gbps * eff.dram, disk_gbps)
-    t_est = max(x.seconds_per_token for x in est_links) + eff.per_layer_overhead_s * spec.num_layers
+    v_e, p_e = local_gbps * eff.vram, pcie_gbps * eff.pcie
+    d_e = (dram_gbps if estimate_dram_gbps is None else estimate_dram_gbps) * eff.dram
+    if miss_bytes:  # the expert phase alone decides the split: the fixed reads happen before it
+        f_est = 1.0 if (not cpu and p_e > 0) else best_miss_split(hit_bytes / (v_e * 1e9), miss_bytes, v_e, p_e, d_e)
+    else:
+        f_est = 0.0
+    est_links = [Link(local_name, fixed_bytes + hit_bytes + f_est * miss_bytes, v_e)]
+    phase = [Link("vram experts", hit_bytes + f_est * miss_bytes, v_e)]
+    if miss_bytes:
+        est_links.append(Link("dram", (1 - f_est) * miss_bytes, d_e))
+        phase.append(est_links[-1])
+        if p_e > 0:
+            est_links.append(Link("pcie", f_est * miss_bytes, p_e))
+            phase.append(est_links[-1])
+        if disk_fraction > 0:
+            est_links.append(Link("disk", disk_fraction * miss_bytes, disk_gbps))
+            phase.append(est_links[-1])
+    t_fixed = fixed_bytes / (v_e * 1e9)
+    t_phase = max(x.seconds_per_token for x in phase)
+    layers = spec.num_layers
+    t_overhead = eff.per_layer_overhead_s * layers
+    t_handoff = handoff_s * spec.moe_layers if miss_bytes else 0.0
+    t_est = t_fixed + t_phase + t_overhead + t_handoff + comm_s
     bottleneck = max(bound_links, key=lambda x: x.seconds_per_token).name
     return {
         "decode_tok_s": 1.0 / t_est if t_est > 0 else None,
@@ -174,33 +206,46 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
         "miss_pcie_fraction": f_bound,
         "estimate_links": [x.to_dict() for x in est_links],
         "estimate_miss_pcie_fraction": f_est,
+        "estimate_seconds_per_token": {"fixed_reads": t_fixed, "expert_phase": t_phase, "per_layer_overhead": t_overhead,
+                                       "handoff": t_handoff, "tensor_parallel_comm": comm_s},
+        "tensor_parallel": parallel,
+        "disk_fraction_of_host_reads": disk_fraction,
         "bottleneck": bottleneck,
         "efficiency": eff.to_dict(),
         "method": "upper bound = 1 / max over links of bytes_per_token / bandwidth (links run concurrently, misses "
-                  "split between CPU compute and PCIe streaming at the best ratio); estimate = same with "
-                  "bandwidth x efficiency, plus per-layer overhead",
+                  "split between CPU compute and PCIe streaming at the best ratio); estimate = bandwidth x efficiency "
+                  "with a token's fixed GPU reads and its expert phase in sequence, plus per-layer overhead, the "
+                  "hybrid handoff per MoE layer and tensor-parallel all-reduces",
     }
 
 
 def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: float, weight_gbps: float,
-                  stream_bytes_per_chunk: float, stream_gbps: float, stream_link: str) -> dict[str, Any]:
-    """Prefill tok/s for one chunk: the slowest of GPU compute, weight reads, and expert streaming (estimate)."""
+                  stream_bytes_per_pass: float, stream_gbps: float, stream_link: str,
+                  parallel: int = 1) -> dict[str, Any]:
+    """Prefill tok/s: per chunk the slowest of GPU compute and resident-weight reads, plus expert streaming amortized
+    layer-wise: a layer-wise prefill streams each layer's non-cached experts once per pass over the whole prompt
+    (`prefill_prompt_tokens`, default the decode depth), not once per compute chunk; the activations it keeps between
+    layers are the prompt's hidden states (a few MB per thousand tokens)."""
     eff = c.opts.efficiency
     chunk = c.opts.prefill_chunk_tokens
     if not tflops:
         return {"prefill_tok_s": None, "prefill_chunk_tokens": chunk,
                 "prefill_reason": "the profile gives no tflops_bf16 figure, so prefill compute cannot be estimated"}
-    t_compute = 2.0 * c.inv.active_params_per_token * chunk / (tflops * 1e12 * eff.gpu_compute)
-    t_weights = weight_bytes_per_chunk / (weight_gbps * 1e9 * eff.vram)
-    t_stream = stream_bytes_per_chunk / (stream_gbps * 1e9 * eff.pcie) if stream_bytes_per_chunk and stream_gbps else 0.0
+    prompt = max(chunk, c.opts.prefill_prompt_tokens or c.opts.decode_depth_tokens)
+    t_compute = 2.0 * c.inv.active_params_per_token * chunk / (parallel * tflops * 1e12 * eff.gpu_compute)
+    t_weights = weight_bytes_per_chunk / (parallel * weight_gbps * 1e9 * eff.vram)
+    t_stream_pass = (stream_bytes_per_pass / (stream_gbps * 1e9 * eff.pcie)
+                     if stream_bytes_per_pass and stream_gbps else 0.0)
+    t_stream = t_stream_pass * chunk / prompt  # the pass's streaming, charged per chunk of the prompt
     parts = {"compute": t_compute, "weights": t_weights, stream_link: t_stream}
     limit = max(parts, key=parts.get)
     return {
         "prefill_tok_s": chunk / max(parts.values()),
         "prefill_chunk_tokens": chunk,
+        "prefill_prompt_tokens": prompt,
         "prefill_seconds_per_chunk": parts,
         "prefill_bottleneck": limit,
         "prefill_reason": "per chunk: 2 x active params x tokens FLOPs at tflops_bf16 x gpu_compute efficiency, "
-                          "against reading resident weights and streaming non-cached experts once per chunk; "
-                          "attention cost at long depth is not modeled",
+                          "against reading resident weights once per chunk and streaming non-cached experts once per "
+                          f"layer-wise pass over the {prompt}-token prompt; attention cost at long depth is not modeled",
     }

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from homerun.plan.inventory import resolve_model
+from homerun.plan.inventory import Inventory, resolve_model
 from homerun.plan.planner import PlanOptions, plan
 from profiles.schema import HardwareProfile, profile_from_dict
 
@@ -63,6 +63,15 @@ def row_problems(row: dict[str, Any]) -> list[str]:
         out.append("no profile")
     if not row.get("profile_notes"):
         out.append("no profile_notes (where the profile's numbers come from)")
+    bits = row.get("weight_bits")
+    if bits is not None:
+        if not isinstance(bits, dict) or any(k not in REQUANTIZABLE or not isinstance(v, (int, float)) or v <= 0
+                                             for k, v in bits.items()):
+            out.append(f"weight_bits must map classes of {', '.join(REQUANTIZABLE)} to positive bits per parameter")
+        if not row.get("weight_bits_source"):
+            out.append("weight_bits without a weight_bits_source (where the precision is stated)")
+    if row.get("cpu_experts") is not None and not isinstance(row["cpu_experts"], bool):
+        out.append("cpu_experts must be true or false")
     return out
 
 
@@ -71,8 +80,31 @@ def row_profile(row: dict[str, Any]) -> HardwareProfile:
     return profile_from_dict(row["profile"], f"published.json:{row['id']}")
 
 
+# Non-expert tensor classes a row may say were stored at another precision than the card's (weight_bits); routed
+# experts are not among them: a row whose expert bytes differ is excluded instead.
+REQUANTIZABLE = ("embed", "head", "attn", "router", "shared", "dense")
+
+
+def row_inventory(row: dict[str, Any], inv: Inventory) -> Inventory:
+    """The card's inventory with the row's non-expert classes at the precision its source ran them (`weight_bits`:
+    {class: bits per parameter}, e.g. MXFP4 = 4.25, Q8_0 = 8.5), so the bytes a token reads compare."""
+    bits = row.get("weight_bits") or {}
+    if not bits:
+        return inv
+    by = dict(inv.bytes_by_class)
+    for cls, b in bits.items():
+        if cls in by:
+            by[cls] = int(inv.params_by_class.get(cls, 0) * float(b) / 8)
+    delta = sum(by.values()) - sum(inv.bytes_by_class.values())
+    return replace(inv, bytes_by_class=by, non_expert_bytes=inv.non_expert_bytes + delta,
+                   total_bytes=inv.total_bytes + delta,
+                   notes=inv.notes + (f"published row {row['id']}: {', '.join(f'{k} at {v} bits' for k, v in bits.items())}"
+                                      " per its source",))
+
+
 def row_options(row: dict[str, Any]) -> PlanOptions:
-    """PlanOptions for a row: its context, its decode depth, and the disk tier allowed (so RAM-short rigs still plan)."""
+    """PlanOptions for a row: its context, its decode depth, the disk tier allowed (so RAM-short rigs still plan), and
+    whether its system computes experts on the CPU at all (`cpu_experts`, default true)."""
     ctx = row.get("context_tokens")
     depth = row.get("decode_depth_tokens")
     if depth is None:
@@ -82,6 +114,10 @@ def row_options(row: dict[str, Any]) -> PlanOptions:
         kw["context_tokens"] = int(ctx)
     if row.get("kv_dtype"):
         kw["kv_dtype"] = row["kv_dtype"]
+    if row.get("cpu_experts") is not None:
+        kw["cpu_experts"] = bool(row["cpu_experts"])
+    if row.get("prompt_tokens"):
+        kw["prefill_prompt_tokens"] = int(row["prompt_tokens"])
     return PlanOptions(**kw)
 
 
@@ -120,7 +156,7 @@ class Comparison:
 def compare_row(row: dict[str, Any]) -> Comparison:
     """Plan one applicable row and compare with its measurement."""
     spec, inv = resolve_model(row["homerun_model"])
-    p = plan(spec, inv, row_profile(row), row_options(row))
+    p = plan(spec, row_inventory(row, inv), row_profile(row), row_options(row))
     pred = p.predicted
     est, ub = pred.get("decode_tok_s"), pred.get("decode_tok_s_upper_bound")
     measured = float(row["decode_tok_s"])

@@ -16,8 +16,8 @@ from homerun.errors import DoesNotFitError, UsageError
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
-        model: Annotated[str, typer.Argument(help="HF repo id or alias of a shipped card, a local checkpoint "
-                                                  "directory, or a config.json path.")],
+        model: Annotated[str | None, typer.Argument(help="HF repo id or alias of a shipped card, a local checkpoint "
+                                                         "directory, or a config.json path.")] = None,
         hw: Annotated[str, typer.Option("--hw", help="Profile name (see `homerun profiles`), a .toml path, or "
                                                      "'auto' to detect this machine.")] = "auto",
         context: Annotated[int | None, typer.Option("--context", min=1, help="Context to reserve KV for "
@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         no_measure: Annotated[bool, typer.Option("--no-measure", help="With --hw auto: skip the ~2 s bandwidth "
                                                                       "measurement.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+        validate: Annotated[bool, typer.Option("--validate", help="Plan every published measurement "
+                                               "(benchmarks/published.json) and print planned vs measured.")] = False,
     ) -> None:
         """Plan MODEL on a hardware profile: placement, memory map, context length and speed.
 
@@ -47,6 +49,12 @@ def register(app: typer.Typer) -> None:
         from homerun.cli.output import Output
 
         out = Output(json_out)
+        if validate:
+            doc = validation_doc()
+            out.result(doc, lambda console: render_validation(console, doc))
+            return
+        if model is None:
+            raise UsageError("homerun plan needs a MODEL (or --validate)", hint="e.g. homerun plan v4-flash --hw auto")
         doc, p = build_plan(model, hw=hw, context=context, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
                             depth=depth, mtp=mtp, allow_disk=allow_disk, hit_rate=hit_rate, hub=hub,
                             revision=revision, measure=not no_measure)
@@ -219,3 +227,35 @@ def _render_speed(console: Any, pred: dict[str, Any], doc: dict[str, Any]) -> No
                           f"PP {opt['pipeline_parallel']}, EP {opt['expert_parallel']}):")
             console.print(f"    {opt['vllm']}")
             console.print(f"    {opt['sglang']}")
+
+
+def validation_doc() -> dict[str, Any]:
+    """The published-measurement table planned row by row (homerun.plan.validate), with the issue-17 summary."""
+    from homerun.plan.validate import compare_table, load_table, summarize
+
+    rows = load_table()
+    results = compare_table(rows)
+    return {"rows": [c.to_dict() for c in results], "summary": summarize(results),
+            "excluded": [{"id": r["id"], "reason": r.get("exclude_reason")} for r in rows if r.get("exclude")]}
+
+
+def render_validation(console: Any, doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    table = Table(title="Planned vs published decode tok/s (benchmarks/published.json)", title_justify="left")
+    for col in ("row", "mode plan/stated", "measured", "bound", "estimate", "est/meas", "bound ok", "hit"):
+        table.add_column(col, justify="left" if col in ("row", "mode plan/stated") else "right")
+    for r in doc["rows"]:
+        meas = f(r["measured"]) if r["measured"] == r["measured_high"] else f"{r['measured']:g}-{r['measured_high']:g}"
+        table.add_row(r["id"], f"{r['planned_mode']}/{r['stated_mode']}", meas, f(r["upper_bound"]), f(r["estimate"]),
+                      f(r["ratio"]), "yes" if r["bound_ok"] else "[red]NO[/red]", f(r["hit_rate"]))
+    console.print(table)
+    s = doc["summary"]
+    frac = s["hybrid_within_2x_fraction"]
+    console.print(f"bound >= measured: {s['bound_holds']}/{s['rows']} rows; hybrid within 0.5x-2x: "
+                  f"{s['hybrid_within_2x']}/{s['hybrid_rows']}" + (f" ({frac:.0%})" if frac is not None else "")
+                  + f"; hybrid beyond 3x: {', '.join(s['hybrid_beyond_3x']) or 'none'}; "
+                  f"{len(doc['excluded'])} rows excluded (see --json)")
