@@ -359,7 +359,7 @@ def test_render_done_collapses_reasoning_and_renders_markdown():
     text = console.export_text()
     assert "▸ Thought (17 chars): step one step two (/reasoning shows it all)" in text
     assert "Title" in text and "**bold**" not in text and "bold" in text  # rendered as markdown
-    assert "\x1b" not in text and "\ufffd[31mred" in text  # control characters cannot drive the terminal
+    assert "\x1b" not in text and "\u241b[31mred" in text  # control characters are shown (␛), not obeyed
     assert "Tool call: f({})" in text and "4 tokens · 10.0 tok/s · finish: eos" in text
 
 

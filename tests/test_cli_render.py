@@ -218,3 +218,21 @@ def test_synthetic_write_progress_is_a_bar():
         for done in range(0, 11):
             progress(done * 10**8, 10**9, f"layers.{done}")
     assert "writing synthetic weights: " not in text_of(out.err)  # no more one line per 10 %
+
+
+# ------------------------------------------------------------------------------------------------ chat and run text
+
+
+def test_control_characters_are_rendered_visibly():
+    from homerun.cli.commands.chat import printable
+
+    assert printable("a\x13b\x7fc\x1b[31m\x85\tx\ny") == "a\u2413b\u2421c\u241b[31m\ufffd\tx\ny"
+
+
+def test_the_banner_states_the_basis_of_its_prediction():
+    from homerun.cli.commands.chat import plan_summary
+    from homerun.cli.commands.plan import build_plan
+
+    _, plan = build_plan("v4-flash", hw="rtx5090-192gb")
+    line = plan_summary(plan)
+    assert "predicted decode ~" in line and "GB/token over" in line and "homerun bench" in line

@@ -52,3 +52,10 @@ class Output:
 
     def warn(self, msg: str) -> None:
         self.err.print(f"[yellow]Warning:[/yellow] {msg}")
+
+    def plain(self, msg: str, style: str = "") -> None:
+        """Like info, for text that holds data (paths, names, library messages): printed as text, never markup."""
+        if not self.json_mode:
+            from rich.text import Text
+
+            self.err.print(Text(str(msg), style=style))

@@ -125,10 +125,10 @@ def bench(
         from homerun.bench.setup import save_measured as save
 
         where, _ = save(records, records[0].limits)
-        out.info(f"measured efficiencies written to {where}")
+        out.plain(f"measured efficiencies written to {where}")
     if plot:
         render_plot(docs, plot)
-        out.info(f"plot written to {plot}")
+        out.plain(f"plot written to {plot}")
     emit(out, docs, fmt)
     failed = [d for d in docs if d["correctness"].get("ok") is False]
     if failed:
@@ -191,14 +191,14 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
             syn = build_synthetic(model, n_layers=synthetic_layers, root=synthetic_dir, seed=seed,
                                   overrides=synthetic_overrides, progress=progress)
         verb = "reusing" if syn.reused else f"wrote in {syn.write_s:.0f} s:"
-        out.info(f"synthetic {syn.card}: {verb} {syn.path} ({syn.total_bytes / 1e9:.2f} GB; {syn.reason})")
+        out.plain(f"synthetic {syn.card}: {verb} {syn.path} ({syn.total_bytes / 1e9:.2f} GB; {syn.reason})")
         path, name = str(syn.path), f"{syn.card} (synthetic, {syn.n_layers}L)"
     slots: list[int | None] = list(cache_slots) or [_default_slots(syn, prof, eff) if syn else None]
     hit = measured.expert_cache_hit_rate.get(syn.card if syn else name) if measured else None
     opts = hb.BenchOptions(tests=tuple(tests), repetitions=repetitions, seed=seed, kind=kind,
                            cache_slots=tuple(slots), dtype=dtype, act=act)
     records = bench_run.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
-                             progress=out.info)
+                             progress=out.plain)
     records, prof = _dram_after(records, tests, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit,
                                 path=path)
     if syn is None:
@@ -383,15 +383,13 @@ _ROWS = (
 
 def _render_kernels(data: dict):
     def render(console):
-        table = Table(title="CPU expert kernels", show_header=True)
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        table.add_column("unit")
-        for label, key, unit in _ROWS:
-            value = data[key]
-            table.add_row(label, "n/a" if value is None else str(value), unit)
-        console.print(table)
-        console.print(f"[dim]{data['note']}[/dim]")
+        from rich.text import Text
+
+        from homerun.cli.tables import print_table
+
+        rows = [[label, "n/a" if data[key] is None else str(data[key]), unit] for label, key, unit in _ROWS]
+        print_table(console, "CPU expert kernels", [("measure", "left"), ("value", "right"), ("unit", "left")], rows)
+        console.print(Text(str(data["note"]), style="dim"))
 
     return render
 
@@ -399,7 +397,7 @@ def _render_kernels(data: dict):
 def _bench_kernels(out: Output, path: str, threads: Optional[int], reps: int, experts: int) -> None:
     from homerun.kernels.kernel_bench import run_kernel_bench
 
-    result = run_kernel_bench(path=path, threads=threads, reps=reps, n_experts=experts, progress=out.info)
+    result = run_kernel_bench(path=path, threads=threads, reps=reps, n_experts=experts, progress=out.plain)
     data = result.to_dict()
     out.result(data, _render_kernels(data))
 

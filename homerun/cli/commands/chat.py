@@ -32,6 +32,7 @@ HELP_TEXT = """Commands:
   /system TEXT          set the system prompt (no TEXT clears it)
   /reset                start a new conversation (keeps mode and system prompt)
   /save [FILE]          save the history (default: the autosave file under HOMERUN_HOME/chats) and its KV snapshot
+  /save! FILE           the same, replacing FILE even when it is not a homerun chat history
   /load FILE            load a saved history and continue it (restores its KV snapshot, else re-prefills)
   /stats                speed, expert-cache hit rate, context used/capacity
   /set NAME VALUE       sampling: temperature, top-p, top-k, seed, max-new-tokens ("none" unsets)
@@ -107,12 +108,20 @@ def make_plan(path: str, hw: str, out: Output) -> Any | None:
 
 
 def plan_summary(plan: Any) -> str | None:
-    """One line: the plan's verdict and predicted decode speed."""
+    """One line: the plan's verdict and predicted decode speed, with its basis (the bytes each token reads over the
+    slowest link): a bandwidth model, which small models (dominated by per-token overheads) run far below."""
     try:
         line = f"Plan ({plan.hardware.get('profile')}): {plan.verdict}"
-        tok_s = plan.predicted.get("decode_tok_s")
-        return line + (f"; predicted decode ~{tok_s:,.1f} tok/s" if tok_s else "")
-    except AttributeError:
+        pred = plan.predicted
+        tok_s = pred.get("decode_tok_s")
+        if not tok_s:
+            return line
+        links = {link["name"]: link for link in pred.get("links") or []}
+        slow = links.get(pred.get("bottleneck")) or {}
+        basis = (f"{slow['bytes_per_token'] / 1e9:,.3f} GB/token over {slow['name']} at {slow['gbps']:,.1f} GB/s"
+                 if slow.get("gbps") else f"bottleneck {pred.get('bottleneck')}")
+        return line + f"; predicted decode ~{tok_s:,.1f} tok/s (bandwidth estimate: {basis}; `homerun bench` measures)"
+    except (AttributeError, KeyError, TypeError):
         return None
 
 
@@ -141,7 +150,7 @@ def resolve_think(think: str, chat_or_capacity: Any, out: Output) -> None:
         if not allowed:
             raise UsageError(f"Think Max refused: {reason}", hint="use --thinking high, or a plan with more context")
         if reason:
-            out.warn(f"Think Max: {reason}")
+            out.warn(escape(f"Think Max: {reason}"))
 
 
 # Options shared by `chat` and `run` (and the load flags by `bench`), declared once.
@@ -280,8 +289,10 @@ def read_message(read=input) -> str:
 
 # ---------------------------------------------------------------- rendering
 
-# C0/C1 control characters (except newline and tab) would drive the terminal (a random model emits ESC too).
-_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+# C0/C1 control characters (except newline and tab) would drive the terminal (a random model emits ESC too): C0 and
+# DEL are shown as their Unicode control pictures (\x13 as ␓, ESC as ␛, DEL as ␡), C1 (which has none) as U+FFFD.
+_CONTROL = {**{c: chr(0x2400 + c) for c in [*range(0x00, 0x09), *range(0x0B, 0x20)]}, 0x7F: "\u2421",
+            **{c: "\ufffd" for c in range(0x80, 0xA0)}}
 
 
 def printable(text: str) -> str:

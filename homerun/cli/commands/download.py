@@ -47,9 +47,11 @@ def register(app: typer.Typer) -> None:
             result = run_download(repo, revision=revision, local_dir=local_dir, progress=on_progress)
 
         def render(console) -> None:
+            from rich.text import Text
+
             skipped = sum(1 for f in result.files if f.skipped)
-            console.print(f"{result.repo} @ {result.commit}")
-            console.print(f"  {len(result.files)} files, {result.total_bytes / 1e9:.2f} GB in {result.local_dir}")
+            console.print(Text(f"{result.repo} @ {result.commit}"))
+            console.print(Text(f"  {len(result.files)} files, {result.total_bytes / 1e9:.2f} GB in {result.local_dir}"))
             console.print(f"  fetched {result.fetched_bytes / 1e9:.2f} GB in {result.elapsed_s:.0f} s "
                           f"({result.fetched_gbps:.2f} GB/s); {skipped} already complete")
 

@@ -172,9 +172,9 @@ def render_plan(console: Any, doc: dict[str, Any]) -> None:
     console.print(f"[{style}]{'FITS' if doc['fits'] else 'DOES NOT FIT'}[/{style}]  {m['name']} on "
                   f"{doc['hardware']['profile']} ({doc['hardware']['description']})")
     console.print(f"  {doc['verdict']}")
-    console.print(f"  model: {m['total_bytes'] / 1e9:,.3f} GB total ({m['source']}); routed experts "
-                  f"{m['routed_expert_bytes'] / 1e9:,.3f} GB = {m['routed_experts']:,} x {m['bytes_per_expert']:,} B; "
-                  f"non-expert {m['non_expert_bytes'] / 1e9:,.3f} GB; MTP {m['mtp_bytes'] / 1e9:,.3f} GB "
+    console.print(f"  model: {_gib(m['total_bytes'])} total ({m['source']}); routed experts "
+                  f"{_gib(m['routed_expert_bytes'])} = {m['routed_experts']:,} x {m['bytes_per_expert']:,} B; "
+                  f"non-expert {_gib(m['non_expert_bytes'])}; MTP {_gib(m['mtp_bytes'])} "
                   f"({'resident' if m['mtp_resident'] else 'skipped'})")
     console.print("\n[bold]Memory[/bold]  [green]█[/green] contents  [yellow]▒[/yellow] margins  [dim]·[/dim] free")
     for d in doc["devices"]:

@@ -31,16 +31,20 @@ from homerun.cli.output import Output
 
 
 def _run_plain(chat: ChatSession, prompt: str, out: Output) -> TurnDone | None:
+    from homerun.cli.commands.chat import printable
+
     show_reasoning = sys.stderr.isatty()
+    # On a terminal, control characters are shown, not obeyed; a pipe or a file gets the answer byte for byte.
+    shown = printable if sys.stdout.isatty() else str
     done, wrote_reasoning = None, False
     for ev in chat.turn(prompt):
         if isinstance(ev, TurnDone):
             done = ev
         elif ev.kind == "content":
-            sys.stdout.write(ev.text)
+            sys.stdout.write(shown(ev.text))
             sys.stdout.flush()
         elif show_reasoning:
-            out.err.print(ev.text, style="dim", end="", markup=False, highlight=False)
+            out.err.print(printable(ev.text), style="dim", end="", markup=False, highlight=False)
             wrote_reasoning = True
     if wrote_reasoning:
         out.err.print()

@@ -21,8 +21,6 @@ def register(app: typer.Typer) -> None:
           homerun simulate trace.jsonl --cache-slots 128
           homerun simulate trace.jsonl --cache-slots 1024 --json
         """
-        from rich.table import Table
-
         from homerun.cli.output import Output
         from offload.simulate import simulate as run_simulation
         from offload.trace import read_trace
@@ -32,16 +30,14 @@ def register(app: typer.Typer) -> None:
         res = run_simulation(tr, cache_slots)
 
         def render(console) -> None:
-            table = Table(title=f"{tr.header.model}: {res.n_accesses} accesses, {res.n_distinct} distinct experts, "
-                                f"{res.cache_slots} slots",
-                          caption="each (token, layer): resident experts hit before misses load, as the runtime does")
-            table.add_column("policy")
-            table.add_column("hit rate", justify="right")
-            table.add_column("of Belady", justify="right")
-            for name, rate in res.policies.items():
-                label = f"{name} (default)" if name == res.default_policy else name
-                table.add_row(label, f"{rate:.3f}", f"{rate / res.belady:.2f}" if res.belady else "-")
-            table.add_row("belady (optimum)", f"{res.belady:.3f}", "1.00")
-            console.print(table)
+            from homerun.cli.tables import print_table
+
+            rows = [[f"{name} (default)" if name == res.default_policy else name, f"{rate:.3f}",
+                     f"{rate / res.belady:.2f}" if res.belady else "-"] for name, rate in res.policies.items()]
+            rows.append(["belady (optimum)", f"{res.belady:.3f}", "1.00"])
+            print_table(console, f"{tr.header.model}: {res.n_accesses} accesses, {res.n_distinct} distinct experts, "
+                                 f"{res.cache_slots} slots",
+                        [("policy", "left"), ("hit rate", "right"), ("of Belady", "right")], rows,
+                        caption="each (token, layer): resident experts hit before misses load, as the runtime does")
 
         out.result(res, render)
