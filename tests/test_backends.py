@@ -128,3 +128,31 @@ def test_every_backend_implements_the_contract():
     assert base.stats().to_dict() == {} and base.stats().cache_totals() == (0, 0, 0) and base.close() is None
     with pytest.raises(NotImplementedError):
         base.forward(0, None, None, None)
+
+
+@pytest.mark.skipif(not native_available(), reason="native kernels not built")
+def test_bf16_compute_keeps_the_native_kernels(tiny_checkpoint):
+    """A bf16 model (the GPU's dtype) still gets the native CPU kernels: activations convert at their boundary."""
+    from homerun.engine.backends import cpu_backend
+    from offload.base import ReferenceExpertBackend
+    from offload.cpu_backend import CpuExpertBackend
+
+    ckpt = open_checkpoint(tiny_checkpoint)
+    c = ckpt.config
+    be = cpu_backend(ckpt, swiglu_limit=c["swiglu_limit"], compute_dtype=torch.bfloat16, act="fp32")
+    assert isinstance(be, CpuExpertBackend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c["hidden_size"], generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, c["n_routed_experts"], (3, c["num_experts_per_tok"]), generator=g)
+    w = torch.rand(3, c["num_experts_per_tok"], generator=g)
+    y = be.forward(0, x, ids, w)
+    ref = ReferenceExpertBackend(ckpt.expert, swiglu_limit=c["swiglu_limit"]).forward(0, x.float(), ids, w)
+    assert y.dtype == torch.bfloat16 and _rel(y.float(), ref) < 1e-2
+
+
+def test_cached_backend_reads_one_host_arena(tiny_checkpoint):
+    """With a cache, the CPU backend's source is the store's arena (the mmap is read once to fill it)."""
+    be = _backend(tiny_checkpoint, expert_cache_slots=2)
+    store = be.cache.store
+    assert be.cpu_backend.source is store and store.arena is not None
+    be.close()

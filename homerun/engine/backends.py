@@ -3,11 +3,15 @@
 The runtime's MoE layer only knows `offload.base.ExpertBackend`; this module decides which one serves it:
 - "reference": dequantize each selected expert and multiply in the compute dtype (the plain fp32 path);
 - "native": the C SIMD kernels of `homerun.kernels.cpu_experts` (fused gate/up, clamped SwiGLU, down, weighted sum);
-- "auto" (default): native when the kernels are built and the compute dtype is fp32, else reference.
+- "auto" (default): native when the kernels are built (whatever the compute dtype: activations are converted to fp32
+  at the kernels' boundary and the result back), else reference.
 `act` picks the native kernels' activation mode: "auto" (default) = int8 blocks where a SIMD int8 kernel exists
 (~5e-3 relative error per matmul, the speed peers run at), else fp32; "fp32" is exact up to summation order.
 `expert_cache_slots=N` puts a device expert cache of N slots in front (a CUDA device when one is used, otherwise a
-CPU stand-in device, so offload can be exercised on any machine); misses go to the CPU backend chosen above.
+CPU stand-in device, so offload can be exercised on any machine); misses go to the CPU backend chosen above. With a
+cache, the experts are read from the checkpoint's mmap once into the host arena (offload.host_store), and both the
+CPU backend and the cache's copies read that arena: one host copy. When a CUDA GPU is driven, the native pool leaves
+one core to the thread that drives it.
 `trace_path` wraps the result in a routing-trace recorder. Composition only: nothing here patches the model.
 """
 
@@ -46,23 +50,43 @@ def resolve_act(act: str = "auto") -> str:
 
 
 def cpu_backend(ckpt: Any, *, swiglu_limit: float, compute_dtype: torch.dtype, kind: str = "auto",
-                act: str = "auto") -> Any:
-    """The backend that computes experts on the CPU from the checkpoint's packed (mmap'd) weights."""
+                act: str = "auto", source: Any = None) -> Any:
+    """The backend that computes experts on the CPU from packed weights: `source` (the host arena of a store) or
+    else the checkpoint's (mmap'd) experts. The native kernels serve every compute dtype: they take fp32 activations
+    and CpuMoE converts at its boundary (x to fp32, the result back to x's dtype)."""
     from offload.base import ReferenceExpertBackend
 
     if kind not in EXPERT_BACKENDS:
         raise UsageError(f"unknown expert backend {kind!r}", hint=f"use one of {', '.join(EXPERT_BACKENDS)}")
     act = resolve_act(act)
-    # The native kernels compute in fp32 (exact vs the fp32 reference); other compute dtypes use the reference path.
-    use_native = kind == "native" or (kind == "auto" and compute_dtype == torch.float32 and native_available())
+    source = source if source is not None else ckpt.expert
+    use_native = kind == "native" or (kind == "auto" and native_available())
     if use_native:
         if not native_available():
             raise UsageError("the native CPU expert kernels are not built",
                              hint="reinstall with a C compiler (pip install -e .), or use --experts reference")
         from offload.cpu_backend import CpuExpertBackend
 
-        return CpuExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, act=act)
-    return ReferenceExpertBackend(ckpt.expert, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
+        return CpuExpertBackend(source, swiglu_limit=swiglu_limit, act=act)
+    return ReferenceExpertBackend(source, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
+
+
+def host_store(ckpt: Any, layers: Any, n_experts: int) -> Any:
+    """The one host copy of the offloaded layers' routed experts (read from the checkpoint's mmap once)."""
+    from offload.host_store import HostExpertStore
+
+    return HostExpertStore(ckpt.expert, [(l, e) for l in layers for e in range(n_experts)])
+
+
+def leave_core_for_gpu_driver() -> None:
+    """The native expert pool leaves one core to the thread that drives the GPU (only called when one is)."""
+    import os
+
+    from homerun.kernels.cpu_experts import set_threads
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n > 1:
+        set_threads(n - 1)
 
 
 def build_expert_backend(
@@ -82,8 +106,9 @@ def build_expert_backend(
     model_name: str = "model",
     act: str = "auto",
 ) -> Any:
-    backend = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act)
-    if expert_cache_slots is not None:
+    if expert_cache_slots is None:
+        backend = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act)
+    else:
         if expert_cache_slots < 1:
             raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
         from offload.cached_backend import build_cached_backend
@@ -91,10 +116,15 @@ def build_expert_backend(
 
         dev = torch.device(device)
         cache_dev = CudaDevice(dev.index or 0) if dev.type == "cuda" else StandInDevice("standin:0", 1 << 62)
+        store = host_store(ckpt, range(n_layers), n_experts)
+        host = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act,
+                           source=store)
+        if cache_dev.is_cuda:
+            leave_core_for_gpu_driver()
         backend = build_cached_backend(
-            ckpt.expert, range(n_layers), n_experts, swiglu_limit=swiglu_limit,
+            store, range(n_layers), n_experts, swiglu_limit=swiglu_limit, host_store=store,
             expert_cache_slots=expert_cache_slots, device=cache_dev, compute_dtype=compute_dtype,
-            cpu_backend=backend, policy=cache_policy,
+            cpu_backend=host, policy=cache_policy,
         )
     return _traced(backend, trace_path, model_name=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k)
 
@@ -133,7 +163,15 @@ def build_placed_backend(
     from offload.cached_backend import LayerSplitBackend, ResidentExpertBackend, build_cached_backend
     from offload.cpu_backend import HostExpertBackend
 
-    host = None
+    host = store = plain = None
+    cached = [s.name for s in placement.devices if s.expert_cache_slots and placement.host_expert_layers(s.name)]
+    if cached:  # one host arena for every cached device's layers; the CPU backend reads it too
+        layers = sorted(l for n in cached for l in placement.host_expert_layers(n))
+        store = host_store(ckpt, layers, n_experts)
+        host = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act,
+                           source=store)
+        if any(devices[n].is_cuda for n in cached):
+            leave_core_for_gpu_driver()
     by_layer: dict[int, Any] = {}
     for spec in placement.devices:
         dev = devices[spec.name]
@@ -145,13 +183,14 @@ def build_placed_backend(
         offloaded = placement.host_expert_layers(spec.name)
         if not offloaded:
             continue
-        host = host or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act)
         if spec.expert_cache_slots:
-            b = build_cached_backend(ckpt.expert, offloaded, n_experts, swiglu_limit=swiglu_limit,
+            b = build_cached_backend(store, offloaded, n_experts, swiglu_limit=swiglu_limit, host_store=store,
                                      expert_cache_slots=spec.expert_cache_slots, device=dev,
                                      compute_dtype=compute_dtype, cpu_backend=host, policy=cache_policy)
-        else:
-            b = HostExpertBackend(host) if dev.torch_device.type != "cpu" else host
+        else:  # layers served from the checkpoint's mmap in place (they are not in the arena)
+            plain = plain or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind,
+                                         act=act)
+            b = HostExpertBackend(plain) if dev.torch_device.type != "cpu" else plain
         by_layer.update({layer: b for layer in offloaded})
     uniq = {id(b): b for b in by_layer.values()}
     backend = next(iter(uniq.values())) if len(uniq) == 1 else LayerSplitBackend(by_layer)
