@@ -8,8 +8,11 @@ byte (checked against DeepSeek's four test vectors):
   reasoning_effort=None) -> str`
 - `parse_message_from_completion_text(text, thinking_mode) -> dict`
 
-It produces text only; tokenizing (special tokens are added-vocab entries that tokenize atomically, and BOS is
-already in the text) is the caller's job. It does not repair malformed completions: parsing is strict and raises
+It produces text only; tokenizing (BOS is already in the text) is the caller's job. The text is a
+`homerun.formats.tokenizer.PromptText`: a `str` (byte-identical to DeepSeek's output) that also records which parts
+the template wrote. `Tokenizer.encode` makes special-token strings control tokens only in those parts; in message
+content (text, reasoning, tool schemas, tool-call arguments, tool results) they stay text, so content cannot forge a
+turn. It does not repair malformed completions: parsing is strict and raises
 `CompletionFormatError` (a ValueError) on anything that is not well-formed model output.
 """
 
@@ -19,6 +22,8 @@ import copy
 import json
 import re
 from typing import Any
+
+from homerun.formats.tokenizer import PromptText
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -85,6 +90,16 @@ TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
 TOOL_CALLS_START = "\n\n" + f"<{DSML}tool_calls"
 
 
+def _t(text: str) -> PromptText:
+    """Template text: special-token strings in it are control tokens."""
+    return PromptText(text, template=True)
+
+
+def _u(text: Any) -> PromptText:
+    """Text from the messages (user data): always tokenized as text."""
+    return PromptText(text if isinstance(text, str) else f"{text}")
+
+
 class CompletionFormatError(ValueError):
     """A completion is not well-formed DeepSeek-V4 output (missing </think>, EOS, or a malformed DSML block)."""
 
@@ -102,14 +117,14 @@ def _to_json(value: Any) -> str:
 def render_tools(functions: list[dict[str, Any]]) -> str:
     """The tools block appended to a system/developer message; `functions` are the `function` objects of
     OpenAI-format tools (name, description, parameters), one JSON line each."""
-    return TOOLS_HEADER + "\n".join(_to_json(fn) for fn in functions) + TOOLS_FOOTER
+    return _t(TOOLS_HEADER) + _u("\n".join(_to_json(fn) for fn in functions)) + _t(TOOLS_FOOTER)
 
 
-def _render_response_format(schema: Any) -> str:
-    return RESPONSE_FORMAT_HEADER + _to_json(schema)
+def _render_response_format(schema: Any) -> PromptText:
+    return _t(RESPONSE_FORMAT_HEADER) + _u(_to_json(schema))
 
 
-def _arguments_to_dsml(arguments: str) -> str:
+def _arguments_to_dsml(arguments: str) -> PromptText:
     """OpenAI `arguments` JSON -> one DSML parameter line per key (strings raw, everything else as JSON)."""
     try:
         parsed = json.loads(arguments)
@@ -120,8 +135,9 @@ def _arguments_to_dsml(arguments: str) -> str:
         is_str = isinstance(value, str)
         text = value if is_str else _to_json(value)
         flag = "true" if is_str else "false"
-        lines.append(f'<{DSML}parameter name="{key}" string="{flag}">{text}</{DSML}parameter>')
-    return "\n".join(lines)
+        lines.append(_t(f'<{DSML}parameter name="') + _u(key) + _t(f'" string="{flag}">') + _u(text)
+                     + _t(f"</{DSML}parameter>"))
+    return _t("\n").join_parts(lines)
 
 
 def render_tool_calls(tool_calls: list[dict[str, Any]]) -> str:
@@ -129,26 +145,27 @@ def render_tool_calls(tool_calls: list[dict[str, Any]]) -> str:
     invokes = []
     for call in tool_calls:
         fn = call["function"]
-        invokes.append(f'<{DSML}invoke name="{fn["name"]}">\n{_arguments_to_dsml(fn["arguments"])}\n</{DSML}invoke>')
-    return "\n\n" + TOOL_CALLS_OPEN + "\n" + "\n".join(invokes) + "\n" + TOOL_CALLS_CLOSE
+        invokes.append(_t(f'<{DSML}invoke name="') + _u(fn["name"]) + _t('">\n') + _arguments_to_dsml(fn["arguments"])
+                       + _t(f"\n</{DSML}invoke>"))
+    return _t("\n\n" + TOOL_CALLS_OPEN + "\n") + _t("\n").join_parts(invokes) + _t("\n" + TOOL_CALLS_CLOSE)
 
 
-def _render_user_blocks(blocks: list[dict[str, Any]]) -> str:
+def _render_user_blocks(blocks: list[dict[str, Any]]) -> PromptText:
     parts = []
     for block in blocks:
         kind = block.get("type")
         if kind == "text":
-            parts.append(block.get("text", ""))
+            parts.append(_u(block.get("text", "")))
         elif kind == "tool_result":
             result = block.get("content", "")
             if isinstance(result, list):
                 result = "\n\n".join(
                     b.get("text", "") if b.get("type") == "text" else f"[Unsupported {b.get('type')}]" for b in result
                 )
-            parts.append(f"<tool_result>{result}</tool_result>")
+            parts.append(_t("<tool_result>") + _u(result) + _t("</tool_result>"))
         else:
-            parts.append(f"[Unsupported {kind}]")
-    return "\n\n".join(parts)
+            parts.append(_t("[Unsupported ") + _u(kind) + _t("]"))
+    return _t("\n\n").join_parts(parts)
 
 
 def _last_user_index(messages: list[dict[str, Any]]) -> int:
@@ -158,7 +175,7 @@ def _last_user_index(messages: list[dict[str, Any]]) -> int:
     return -1
 
 
-def _render_body(index: int, messages: list[dict[str, Any]], thinking_mode: str, drop_thinking: bool) -> str:
+def _render_body(index: int, messages: list[dict[str, Any]], thinking_mode: str, drop_thinking: bool) -> PromptText:
     """The message itself, without the transition that may follow it."""
     msg = messages[index]
     role = msg.get("role")
@@ -168,17 +185,17 @@ def _render_body(index: int, messages: list[dict[str, Any]], thinking_mode: str,
     if role in ("system", "developer"):
         if role == "developer" and not content:
             raise ValueError(f"developer message {index} has no content")
-        text = (USER if role == "developer" else "") + (content or "")
+        text = _t(USER if role == "developer" else "") + _u(content or "")
         if tools:
-            text += "\n\n" + render_tools([tool["function"] for tool in tools])
+            text += _t("\n\n") + render_tools([tool["function"] for tool in tools])
         if response_format:
-            text += "\n\n" + _render_response_format(response_format)
+            text += _t("\n\n") + _render_response_format(response_format)
         return text
     if role == "user":
         blocks = msg.get("content_blocks")
-        return USER + (_render_user_blocks(blocks) if blocks else (content or ""))
+        return _t(USER) + (_render_user_blocks(blocks) if blocks else _u(content or ""))
     if role == "latest_reminder":
-        return LATEST_REMINDER + f"{content}"
+        return _t(LATEST_REMINDER) + _u(content)
     if role == "tool":
         raise ValueError("tool messages must be merged into user messages first (encode_messages does this)")
     if role == "assistant":
@@ -186,36 +203,38 @@ def _render_body(index: int, messages: list[dict[str, Any]], thinking_mode: str,
     raise ValueError(f"unknown message role {role!r} at index {index}")
 
 
-def _render_assistant(index: int, messages: list[dict[str, Any]], thinking_mode: str, drop_thinking: bool) -> str:
+def _render_assistant(index: int, messages: list[dict[str, Any]], thinking_mode: str,
+                      drop_thinking: bool) -> PromptText:
     msg = messages[index]
-    calls = render_tool_calls(msg["tool_calls"]) if msg.get("tool_calls") else ""
+    calls = render_tool_calls(msg["tool_calls"]) if msg.get("tool_calls") else _t("")
     # An assistant turn answering a task token is a bare label: never any reasoning.
     after_task = index > 0 and messages[index - 1].get("task") is not None
-    reasoning = ""
+    reasoning = _t("")
     if thinking_mode == "thinking" and not after_task:
         if not drop_thinking or index > _last_user_index(messages):
-            reasoning = (msg.get("reasoning_content") or "") + THINK_END
-    text = reasoning + (msg.get("content") or "") + calls
-    return text if msg.get("wo_eos", False) else text + EOS
+            reasoning = _u(msg.get("reasoning_content") or "") + _t(THINK_END)
+    text = reasoning + _u(msg.get("content") or "") + calls
+    return text if msg.get("wo_eos", False) else text + _t(EOS)
 
 
-def _render_transition(index: int, messages: list[dict[str, Any]], thinking_mode: str, drop_thinking: bool) -> str:
+def _render_transition(index: int, messages: list[dict[str, Any]], thinking_mode: str,
+                       drop_thinking: bool) -> PromptText:
     """What follows a message when the next one is an assistant/latest_reminder turn or the prompt ends there."""
     if index + 1 < len(messages) and messages[index + 1].get("role") not in ("assistant", "latest_reminder"):
-        return ""
+        return _t("")
     msg = messages[index]
     task = msg.get("task")
     if task is not None:
         if task not in TASK_TOKENS:
             raise ValueError(f"unknown task {task!r} at message {index}; expected one of {sorted(TASK_TOKENS)}")
         if task != "action":
-            return TASK_TOKENS[task]
+            return _t(TASK_TOKENS[task])
         think = THINK_START if thinking_mode == "thinking" else THINK_END
-        return ASSISTANT + think + TASK_TOKENS[task]
+        return _t(ASSISTANT + think + TASK_TOKENS[task])
     if msg.get("role") not in ("user", "developer"):
-        return ""
+        return _t("")
     opens_thinking = thinking_mode == "thinking" and (not drop_thinking or index >= _last_user_index(messages))
-    return ASSISTANT + (THINK_START if opens_thinking else THINK_END)
+    return _t(ASSISTANT + (THINK_START if opens_thinking else THINK_END))
 
 
 def render_message(
@@ -229,9 +248,9 @@ def render_message(
     if not 0 <= index < len(messages):
         raise IndexError(f"message index {index} out of range for {len(messages)} messages")
     _check_modes(thinking_mode, reasoning_effort)
-    prefix = ""
+    prefix = _t("")
     if index == 0 and thinking_mode == "thinking" and reasoning_effort == "max":
-        prefix = REASONING_EFFORT_MAX_PROMPT
+        prefix = _t(REASONING_EFFORT_MAX_PROMPT)
     body = _render_body(index, messages, thinking_mode, drop_thinking)
     return prefix + body + _render_transition(index, messages, thinking_mode, drop_thinking)
 
@@ -325,7 +344,7 @@ def encode_messages(
     if context:
         context = sort_tool_results_by_call_order(merge_tool_messages(context))
     full = context + messages
-    prompt = BOS if add_default_bos_token and not context else ""
+    parts = [_t(BOS if add_default_bos_token and not context else "")]
     # With tools in play the reasoning that led to each call stays visible to later turns.
     drop = drop_thinking and not any(m.get("tools") for m in full)
     if thinking_mode == "thinking" and drop:
@@ -335,8 +354,8 @@ def encode_messages(
         n_render = len(messages)
     first = len(full) - n_render
     for idx in range(first, len(full)):
-        prompt += render_message(idx, full, thinking_mode, drop_thinking=drop, reasoning_effort=reasoning_effort)
-    return prompt
+        parts.append(render_message(idx, full, thinking_mode, drop_thinking=drop, reasoning_effort=reasoning_effort))
+    return PromptText.concat(parts)
 
 
 # ---------------------------------------------------------------- parser

@@ -1,0 +1,82 @@
+"""Exact prefix reuse for one runtime `Session`.
+
+A session's inference state is immutable per commit: `Session.feed` replaces its list of per-layer states (frozen
+dataclasses; the KV pages are append-only and each state records how many rows it has committed), so holding on to
+the list a session had after some feed is a restorable point. Restoring it gives exactly the state a fresh prefill
+of those tokens reached, whatever was fed after it (rows past the point are never read, and are overwritten by the
+next feed). Points past a restored one are dropped: their pages are about to be overwritten.
+
+Where the V4 encoding drops the reasoning of earlier turns, the next prompt differs from the live state right
+after the last `<｜Assistant｜>` (`<think>` then reasoning in the state, `</think>` then the answer in the new
+prompt). The engine therefore marks a point before the last prompt token and one after the prompt, and a new
+request restores the longest marked point that is a prefix of its tokens.
+
+This reads the runtime Session's private fields (`_states`, `_tokens`, `last_logits`): the runtime has no public
+checkpoint/rollback yet. A session without them (another runtime, a test double) still reuses a live state that is
+a prefix of the new prompt, and otherwise starts over.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+_FIELDS = ("_states", "_tokens", "last_logits", "feed")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixCache:
+    """Restorable points along the live lineage of one session (at most `max_points`, the newest kept)."""
+
+    def __init__(self, session: Any, max_points: int = 8) -> None:
+        self.session = session
+        self.max_points = max_points
+        self.rollback_supported = all(hasattr(session, f) for f in _FIELDS)
+        self._points: list[tuple[int, Any, Any]] = []  # (n_tokens, states, last_logits), ascending n
+
+    @property
+    def points(self) -> list[int]:
+        return [n for n, _, _ in self._points]
+
+    def mark(self) -> None:
+        """Remember the session's current state as a point."""
+        if not self.rollback_supported:
+            return
+        s = self.session
+        n = len(s._tokens)
+        if n == 0 or s.last_logits is None:
+            return
+        self._points = [p for p in self._points if p[0] != n] + [(n, s._states, s.last_logits)]
+        self._points.sort(key=lambda p: p[0])
+        del self._points[: max(0, len(self._points) - self.max_points)]
+
+    def reset(self) -> None:
+        self.session.reset()
+        self._points.clear()
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Bring the session to the longest known state that is a prefix of `ids` and return its token count
+        (0: it was reset). The caller then feeds ids[returned:]."""
+        have = list(self.session.tokens)
+        lcp = common_prefix_len(have, ids)
+        if lcp == len(have) and (lcp < len(ids) or getattr(self.session, "last_logits", True) is not None):
+            return lcp  # the live state itself is a prefix of the new prompt
+        if self.rollback_supported:
+            usable = [p for p in self._points if p[0] <= lcp]
+            if usable:
+                n, states, logits = usable[-1]
+                s = self.session
+                s._states = states
+                s._tokens = have[:n]
+                s.last_logits = logits
+                self._points = [p for p in self._points if p[0] <= n]
+                return n
+        self.reset()
+        return 0
