@@ -7,7 +7,10 @@ The two paths run concurrently but both read host DRAM (the CPU's loads and the 
 the makespan max(sum t_cpu, sum t_stream, all bytes read / host_dram_gbps). At batch 1 this sends most misses to
 the CPU, at prefill (many tokens per expert) nearly all to the device, and in between both at once.
 `link_gbps` and `cpu_gbps` start from priors (the plan's profile) and then follow measured values (exponential
-moving average). This module only decides; it moves and computes nothing.
+moving average). A path only gets measured when it gets work, so one slow call could starve it for good: every
+split that gives a path nothing pulls its estimate a step back toward the prior (`recover`), and after
+`probe_every` such splits with misses, one miss is sent to the starved CPU path as a probe, whose measurement
+then decides. This module only decides; it moves and computes nothing.
 """
 
 from __future__ import annotations
@@ -50,12 +53,19 @@ class MissSplit:
 
 class MissPolicy:
     MIN_GAIN = 0.05  # streaming must beat the all-CPU plan by 5% of its predicted time
-    def __init__(self, costs: MissCosts, *, mode: str = "auto", ewma: float = 0.2) -> None:
+
+    def __init__(self, costs: MissCosts, *, mode: str = "auto", ewma: float = 0.2, recover: float = 0.02,
+                 probe_every: int = 32) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown miss mode {mode!r}", hint=f"choose one of {', '.join(MODES)}")
         self.costs, self.mode, self.ewma = costs, mode, ewma
+        self.prior = costs
+        self.recover, self.probe_every = recover, max(1, int(probe_every))
         self.n_cpu = 0
         self.n_stream = 0
+        self.n_probes = 0
+        self._cpu_idle = 0  # splits with misses since the CPU path last got work
+        self._link_idle = 0
 
     def split(self, misses: dict[int, int], *, cpu_available: bool = True) -> MissSplit:
         """misses: expert id -> tokens routed to it. Returns which ids go to which path."""
@@ -69,9 +79,26 @@ class MissPolicy:
             plan = MissSplit(tuple(ids), (), sum(c.cpu_s(misses[e]) for e in ids))
         else:
             plan = self._best_split(misses)
+            degraded = c.cpu_gbps < 0.9 * self.prior.cpu_gbps  # only a lowered estimate needs a probe
+            if not plan.cpu and degraded and self._cpu_idle + 1 >= self.probe_every and plan.stream:
+                probe = min(plan.stream, key=lambda e: c.cpu_s(misses[e]) / c.stream_s(misses[e]))
+                plan = MissSplit((probe,), tuple(e for e in plan.stream if e != probe), plan.predicted_s)
+                self.n_probes += 1
+        self._starve(plan)
         self.n_cpu += len(plan.cpu)
         self.n_stream += len(plan.stream)
         return plan
+
+    def _starve(self, plan: MissSplit) -> None:
+        """A path left idle drifts back toward its prior (its last measurement may have been one slow call)."""
+        self._cpu_idle = 0 if plan.cpu else self._cpu_idle + 1
+        self._link_idle = 0 if plan.stream else self._link_idle + 1
+        c, p, r = self.costs, self.prior, self.recover
+        if not plan.cpu:
+            c = replace(c, cpu_gbps=c.cpu_gbps + r * (p.cpu_gbps - c.cpu_gbps))
+        if not plan.stream:
+            c = replace(c, link_gbps=c.link_gbps + r * (p.link_gbps - c.link_gbps))
+        self.costs = c
 
     def _best_split(self, misses: dict[int, int]) -> MissSplit:
         # Experts that are relatively cheapest to stream go first; try every prefix as the streamed set.
@@ -110,7 +137,8 @@ class MissPolicy:
         return (1 - self.ewma) * old + self.ewma * new
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "n_cpu": self.n_cpu, "n_stream": self.n_stream, "costs": self.costs.to_dict()}
+        return {"mode": self.mode, "n_cpu": self.n_cpu, "n_stream": self.n_stream, "n_probes": self.n_probes,
+                "costs": self.costs.to_dict()}
 
 
 def costs_for_expert(expert_bytes: int, hidden: int, intermediate: int, **measured) -> MissCosts:

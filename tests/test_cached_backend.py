@@ -144,6 +144,35 @@ def test_miss_policy_follows_measurements():
     assert mp.costs.link_gbps == pytest.approx(0.5 * 25.0 + 0.5 * (1 << 30) / 1e9)
 
 
+def test_miss_policy_recovers_after_one_slow_cpu_call():
+    """A pathological patch of CPU calls (a page fault storm, a busy core) must not starve the CPU path for good: idle splits
+    pull the estimate back toward the prior and a probe re-measures it."""
+    def policy(**kw):
+        c = costs_for_expert(13_369_344, 4096, 2048, link_gbps=25.0, cpu_gbps=60.0, host_dram_gbps=60.0,
+                             cpu_gflops=1e6)
+        return MissPolicy(c, **kw)
+
+    for kw in ({}, {"recover": 0.0}, {"probe_every": 10**9}):  # both mechanisms, and each alone
+        mp = policy(**kw)
+        for _ in range(30):  # a bad patch: calls ~1000x too slow
+            mp.observe_cpu(6, 6, 100.0)
+        assert mp.split({e: 1 for e in range(6)}).cpu == ()  # the CPU path is starved right after
+        got_work = None
+        for step in range(200):
+            plan = mp.split({e: 1 for e in range(6)})
+            if plan.cpu:
+                got_work = step
+                break
+        assert got_work is not None, kw
+        if plan.cpu and len(plan.cpu) == 1:  # a probe: its measurement brings the estimate back
+            mp.observe_cpu(1, 1, 13_369_344 / 60e9)
+    starved = policy(recover=0.0, probe_every=10**9)
+    for _ in range(30):
+        starved.observe_cpu(6, 6, 100.0)
+    assert all(not starved.split({e: 1 for e in range(6)}).cpu for _ in range(200))
+    assert policy().to_dict()["n_probes"] == 0
+
+
 def test_backend_without_cpu_path_streams_everything():
     ex = _experts()
     store = HostExpertStore(lambda l, e: ex[(l, e)], list(ex))
