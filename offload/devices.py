@@ -23,7 +23,7 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class DeviceUsage:
     name: str
-    kind: str  # "standin" | "cuda" | "host"
+    kind: str  # "standin" | "cuda-standin" | "cuda" | "host"
     budget_bytes: int
     used_bytes: int
     peak_bytes: int
@@ -65,6 +65,12 @@ class Device:
     @property
     def is_cuda(self) -> bool:
         return self.torch_device.type == "cuda"
+
+    @property
+    def kernel_flavor(self) -> str:
+        """The kernels a model runs here (homerun.kernels.dispatch.FLAVORS): "gpu" on CUDA and on CUDA stand-ins,
+        "auto" (by the tensors' device) elsewhere."""
+        return "gpu" if self.is_cuda else "auto"
 
     @property
     def used_bytes(self) -> int:
@@ -149,6 +155,18 @@ class StandInDevice(Device):
         super().__init__(name, budget_bytes, torch.device("cpu"))
 
 
+class CudaStandInDevice(StandInDevice):
+    """A stand-in that runs the GPU code path on the CPU: the model's GPU kernel set (the Triton kernels under the
+    interpreter, on CPU tensors), and the dtypes CUDA would hold (bf16 matrices stay bf16), so its byte accounting
+    is what the GPU would hold."""
+
+    kind = "cuda-standin"
+
+    @property
+    def kernel_flavor(self) -> str:
+        return "gpu"
+
+
 class HostDevice(Device):
     """Host RAM as a placement device (unified-memory and CPU-only plans): tensors already in RAM are adopted
     (charged, not copied), so mmap'd checkpoint weights stay zero-copy."""
@@ -179,17 +197,21 @@ def build_standin_devices(budgets_bytes: list[int], prefix: str = "standin") -> 
 
 def build_devices(specs) -> dict[str, Device]:
     """Devices for a placement's device records (anything with name, kind, budget_bytes), by name: "cuda" ->
-    CudaDevice (its ordinal from "cuda:N"), "standin" -> StandInDevice, "host" -> HostDevice."""
+    CudaDevice (its ordinal from "cuda:N"), "standin" -> StandInDevice, "cuda-standin" -> CudaStandInDevice,
+    "host" -> HostDevice."""
     out: dict[str, Device] = {}
     for s in specs:
         if s.kind == "cuda":
             out[s.name] = CudaDevice(int(s.name.split(":")[1]) if ":" in s.name else 0, s.budget_bytes)
         elif s.kind == "standin":
             out[s.name] = StandInDevice(s.name, s.budget_bytes)
+        elif s.kind == "cuda-standin":
+            out[s.name] = CudaStandInDevice(s.name, s.budget_bytes)
         elif s.kind == "host":
             out[s.name] = HostDevice(s.budget_bytes, s.name)
         else:
-            raise UsageError(f"device {s.name}: unknown kind {s.kind!r}", hint="use cuda, standin or host")
+            raise UsageError(f"device {s.name}: unknown kind {s.kind!r}",
+                             hint="use cuda, standin, cuda-standin or host")
     return out
 
 

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 from homerun.errors import DoesNotFitError, UsageError
 
-DEVICE_KINDS = ("cuda", "standin", "host")
+# "cuda-standin": a stand-in that runs the GPU code path (kernels, dtypes) on the CPU (offload.devices).
+DEVICE_KINDS = ("cuda", "standin", "cuda-standin", "host")
 EXPERT_HOMES = ("device", "host")
 # Budget of a device with no stated limit (a host device, or a stand-in asked for without one).
 UNBOUNDED_BYTES = 1 << 62
@@ -32,7 +33,7 @@ class DeviceSpec:
     expert cache); `expert_cache_slots` sizes the expert cache pool serving this device's "host" layers."""
 
     name: str  # "cuda:1", "standin:2", "cpu"
-    kind: str  # cuda | standin | host
+    kind: str  # cuda | standin | cuda-standin | host
     budget_bytes: int
     expert_cache_slots: int = 0
     reason: str = ""
@@ -151,14 +152,16 @@ class Placement:
 
 
 def single_device(n_layers: int, device: str = "cpu", *, budget_bytes: int | None = None,
-                  experts: str = "host", expert_cache_slots: int | None = None) -> Placement:
+                  experts: str = "host", expert_cache_slots: int | None = None, gpu_path: bool = False) -> Placement:
     """Everything on one device (today's layout). device: "cpu" (the host), "cuda:N", or "standin:N" (a CPU
-    stand-in with `budget_bytes`). experts "host" (default: packed experts stay in host RAM, with an optional
-    device cache of `expert_cache_slots`) or "device" (all routed experts resident on the device)."""
+    stand-in with `budget_bytes`; a "cuda-standin" with `gpu_path=True`). experts "host" (default: packed experts
+    stay in host RAM, with an optional device cache of `expert_cache_slots`) or "device" (all routed experts
+    resident on the device)."""
     kind = "host" if device == "cpu" else "cuda" if device.startswith("cuda") else "standin" \
         if device.startswith("standin") else None
     if kind is None:
         raise UsageError(f"placement: unknown device {device!r}", hint="use cpu, cuda:N or standin:N")
+    kind = "cuda-standin" if kind == "standin" and gpu_path else kind
     if experts not in EXPERT_HOMES:
         raise UsageError(f"placement: experts must be one of {EXPERT_HOMES}, got {experts!r}")
     slots = int(expert_cache_slots or 0)
@@ -193,10 +196,11 @@ def split_layers(n_layers: int, devices: Sequence[str], counts: Sequence[int] | 
                      "split")
 
 
-def placement_from_plan(plan: Any, *, standin: bool = False, n_layers: int | None = None) -> Placement:
+def placement_from_plan(plan: Any, *, standin: bool | str = False, n_layers: int | None = None) -> Placement:
     """The planner's decisions as a Placement, read from the plan's structured `layout` (a `homerun.plan.planner.Plan`,
     or its `to_dict()` / `homerun plan --json` document). GPU stage i -> "cuda:i" ("standin:i" with
-    `standin=True`; budget = the GPU's capacity less the plan's margins, the same either way); each layer and its KV
+    `standin=True`; of kind "cuda-standin", which runs the GPU code path, with `standin="cuda"`; budget = the
+    GPU's capacity less the plan's margins, the same either way); each layer and its KV
     on its stage's device; routed experts resident there ("all-vram") or in the host store with the stage's expert
     cache ("hybrid", "disk-mmap"). One-pool plans ("unified", "cpu-only") put everything on the host ("cpu"),
     experts read in place. `n_layers`, when given, must match the plan's layer count. A plan that does not fit
@@ -227,7 +231,7 @@ def placement_from_plan(plan: Any, *, standin: bool = False, n_layers: int | Non
                        for i in range(total))
         spec = DeviceSpec("cpu", "host", UNBOUNDED_BYTES, 0, why)
         return Placement((spec,), "cpu", layers, "cpu", why, why, source)
-    kind = "standin" if standin else "cuda"
+    kind = "cuda-standin" if standin == "cuda" else "standin" if standin else "cuda"
     specs, layers = [], []
     embed_dev = head_dev = None
     for st in gpu_stages:

@@ -484,6 +484,8 @@ def _placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]
         "head_device": devs[placement.head_device].torch_device,
         "stages": [order[placement.embed_device]] + [order[n] for n in layer_dev] + [order[placement.head_device]],
         "put": put,
+        # each device's kernels ("gpu" on CUDA and CUDA stand-ins: the GPU set, bf16 matrices kept as stored)
+        "flavors": [devs[n].kernel_flavor for n in [placement.embed_device, *layer_dev, placement.head_device]],
     }
 
 

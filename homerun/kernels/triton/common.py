@@ -16,6 +16,7 @@ a GPU bf16 MMA with fp32 accumulation).
 from __future__ import annotations
 
 import os
+from typing import Callable, ContextManager
 
 import torch
 import triton
@@ -23,6 +24,11 @@ import triton.language as tl
 
 _P120 = tl.constexpr(2.0**120)  # e4m3 bit trick: fp32 exponent field e means 2^(e-127); e4m3 means 2^(e-7)
 _P126 = tl.constexpr(2.0**126)  # e2m1 bit trick: fp32 exponent field e means 2^(e-127); e2m1 means 2^(e-1)
+
+
+def round_bf16(out: torch.Tensor) -> bool:
+    """The ROUND_BF16 flag of `store_rounding` for an output tensor."""
+    return out.dtype == torch.bfloat16 and interpreting()
 
 
 def interpreting() -> bool:
@@ -76,6 +82,19 @@ def mma(a, b, acc, DOT_F32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 
+
+@triton.jit
+def store_rounding(v, ROUND_BF16: tl.constexpr):
+    """fp32 values about to be stored into a bf16 tensor. The interpreter's fp32 -> bf16 store truncates (a bias that
+    compounds over layers); with ROUND_BF16 (set only when interpreting) round to nearest even first, as the GPU's
+    conversion does, so the truncating store is exact."""
+    if ROUND_BF16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return v
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -83,12 +102,24 @@ def num_sms(device: torch.device) -> int:
 
 
 class LaunchCounter:
-    """Kernel launches made through `launch` (the counting tests read `n`; a launch is one grid of programs)."""
+    """Kernel launches made through `launch` (the counting tests read `n`; a launch is one grid of programs).
+    `around`, when set, is a context-manager factory entered around each launch's run (a counting test pauses its
+    op counter there: the interpreter's own tensor copies are no GPU work)."""
 
     n = 0
+    around: Callable[[], ContextManager] | None = None
 
 
 def launch(kernel, grid):
     """kernel[grid], counted: every launcher in this package goes through here."""
     LaunchCounter.n += 1
-    return kernel[grid]
+    run = kernel[grid]
+    around = LaunchCounter.around
+    if around is None:
+        return run
+
+    def counted(*args, **kwargs):
+        with around():
+            return run(*args, **kwargs)
+
+    return counted

@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from homerun.kernels.triton.common import e4m3_to_f32, e8m0_to_f32, interpreting, launch, mma, num_sms
+from homerun.kernels.triton.common import (
+    e4m3_to_f32, e8m0_to_f32, interpreting, launch, mma, num_sms, round_bf16, store_rounding,
+)
 
 @triton.jit
 def _fp8_linear_kernel(
@@ -20,6 +22,7 @@ def _fp8_linear_kernel(
     sxm, sxk, swn, swk, ssn, ssk, sys, sym, syn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_F32: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     """Program (pid_n, pid_m, pid_s): y[s, m-tile, n-tile] = x[m-tile, K-slice s] @ dequant(w)[n-tile, K-slice s]^T.
     BLOCK_K divides 128, so one K tile lies in one scale column; scale rows are (w_row0 + n) // 128."""
@@ -47,7 +50,7 @@ def _fp8_linear_kernel(
             acc = mma(x, tl.trans(w), acc, DOT_F32, UPCAST)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    tl.store(y_ptr + pid_s * sys + rm[:, None] * sym + rn[None, :] * syn, acc,
+    tl.store(y_ptr + pid_s * sys + rm[:, None] * sym + rn[None, :] * syn, store_rounding(acc, ROUND_BF16),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -55,13 +58,15 @@ def _fp8_linear_kernel(
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None = None, *,
                w_row0: int = 0, native_fp8: bool = False, use_dot: bool | None = None, block_m: int | None = None,
                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+               num_warps: int | None = None, num_stages: int | None = None,
+               fewest_programs: bool = False) -> torch.Tensor:
     """y = x @ dequant_fp8(w_fp8, w_scale)^T. x [M, K] fp32/bf16 (any strides), w_fp8 [N, K] float8_e4m3fn or uint8
     (any strides, e.g. a row slice w[r0:r1]), w_scale ue8m0 with scale row (w_row0 + n) // 128 for output n (pass the
     full scale tensor and w_row0 = r0 for a row slice; or a sliced scale and w_row0 = 0 when r0 % 128 == 0).
     M <= 16: GEMV kernel (register FMA for M <= 2, bf16/fp32 tl.dot padded to 16 rows otherwise) with split-K and a
     deterministic reduction of the fp32 partials; M > 16: tiled GEMM with tl.dot. Returns [M, N] out_dtype
-    (default x.dtype)."""
+    (default x.dtype). `fewest_programs`: default tiles as wide as allowed and no split-K (for the interpreter, whose
+    cost is per program; the GPU defaults are for HBM bandwidth)."""
     M, K = x.shape
     N, K2 = w_fp8.shape
     assert K == K2, (x.shape, w_fp8.shape)
@@ -69,6 +74,11 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
     w = w_fp8.view(torch.uint8)
     s = w_scale.view(torch.uint8)
     assert s.shape[1] * 128 >= K and s.shape[0] * 128 >= w_row0 + N
+    if fewest_programs:  # the interpreter's cost is per program and per op: the fewest, widest tiles, no split-K
+        block_n = block_n or min(256, max(16, triton.next_power_of_2(N)))
+        block_k = block_k or 128
+        block_m = block_m or (min(128, max(16, triton.next_power_of_2(M))) if M > 16 else None)
+        split_k = split_k or 1
     if M <= 16:
         use_dot = M > 2 if use_dot is None else use_dot
         bm = block_m or (16 if use_dot else triton.next_power_of_2(M))
@@ -100,7 +110,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         sys_, y.stride(-2), y.stride(-1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, NATIVE_FP8=native_fp8,
-        DOT_F32=x.dtype == torch.float32, UPCAST=interpreting(),
+        DOT_F32=x.dtype == torch.float32, UPCAST=interpreting(), ROUND_BF16=round_bf16(y),
         num_warps=num_warps or (4 if M <= 16 else 8), num_stages=num_stages or (4 if M <= 16 else 3),
     )
     if split_k > 1:

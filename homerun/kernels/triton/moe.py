@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from homerun.kernels.triton.common import e2m1_to_f32, e8m0_to_f32, interpreting, launch, mma
+from homerun.kernels.triton.common import (
+    e2m1_to_f32, e8m0_to_f32, interpreting, launch, mma, round_bf16, store_rounding,
+)
 
 @triton.jit
 def _fp4_rowtile_dot(x_ptr, sxk, w_ptr, s_ptr, rows64, r_mask, swr, swc, ssr, ssc, K,
@@ -69,7 +71,7 @@ def _moe_down_kernel(
     h_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, s2_ptr, y_ptr,
     TOPK, H, I,
     sht, shk, shi, sit, sik, swt, swk, swe, swr, swc, sse, ssr, ssc, syt, syh,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Deterministic (ATOMIC=False), program (t, h-tile): y[t, h-tile] = sum_j wts[t, j] * (h[t, j] @ w2[slot_j]^T),
     j in order, resident experts only, one store. ATOMIC=True, program (t*TOPK + j, h-tile): atomic_add of one
@@ -99,14 +101,14 @@ def _moe_down_kernel(
                                         rh64, h_mask, swr, swc, ssr, ssc, I, BLOCK_H, BLOCK_K)
                 wt = tl.load(wts_ptr + t * swt + j * swk).to(tl.float32)
                 acc += part * wt
-        tl.store(y_ptr + t * syt + rh * syh, acc, mask=h_mask)
+        tl.store(y_ptr + t * syt + rh * syh, store_rounding(acc, ROUND_BF16), mask=h_mask)
 
 
 def fp4_moe_decode(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, slot_table: torch.Tensor,
                    w13_codes: torch.Tensor, w13_scale: torch.Tensor, w2_codes: torch.Tensor, w2_scale: torch.Tensor,
                    swiglu_limit: float, *, out_dtype: torch.dtype | None = None, deterministic: bool = True,
                    block_i: int = 32, block_h: int = 16, block_k: int = 256, num_warps: int = 4,
-                   return_h: bool = False):
+                   return_h: bool = False, fewest_programs: bool = False):
     """Fused routed-expert MoE for decode over a slot cache, two launches per layer.
 
     x [T, H]; expert_ids [T, k] (int32/int64, global ids); weights [T, k] routing weights (already normalized and
@@ -115,13 +117,16 @@ def fp4_moe_decode(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     rows I..2I-1), w13_scale [n_slots, 2*I, H/32] ue8m0, w2_codes [n_slots, H, I/2], w2_scale [n_slots, H, I/32].
     Any strides (e.g. views into a bigger cache). Math: y[t] = sum_j w[t,j] * (silu(min(g, L)) * clamp(u, -L, L))
     @ w2^T, fp32 throughout; returns y [T, H] in out_dtype (default x.dtype), plus h [T, k, I] fp32 if return_h
-    (rows of non-resident pairs are uninitialized)."""
+    (rows of non-resident pairs are uninitialized). `fewest_programs`: wide tiles for the interpreter (TritonKernels
+    passes `interpreting()`)."""
     T, H = x.shape
     k = expert_ids.shape[1]
     I = w13_codes.shape[1] // 2
     assert w13_codes.shape[2] * 2 == H and w2_codes.shape[1] == H and w2_codes.shape[2] * 2 == I
     assert H % 32 == 0 and I % 32 == 0 and block_k % 32 == 0
     out_dtype = out_dtype or x.dtype
+    if fewest_programs:  # the interpreter's cost is per program: whole rows per program
+        block_i, block_h = max(block_i, min(256, triton.next_power_of_2(I))), max(block_h, 128)
     c13, s13 = w13_codes.view(torch.uint8), w13_scale.view(torch.uint8)
     w1c, w3c, w1s, w3s = c13[:, :I], c13[:, I:], s13[:, :I], s13[:, I:]
     c2, s2 = w2_codes.view(torch.uint8), w2_scale.view(torch.uint8)
@@ -148,6 +153,7 @@ def fp4_moe_decode(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         c2.stride(0), c2.stride(1), c2.stride(2), s2.stride(0), s2.stride(1), s2.stride(2),
         y.stride(0), y.stride(1),
         BLOCK_H=block_h, BLOCK_K=min(block_k, triton.next_power_of_2(I)), ATOMIC=not deterministic,
+        ROUND_BF16=round_bf16(y),
         num_warps=num_warps,
     )
     y = y.to(out_dtype)
@@ -164,7 +170,7 @@ def _fp4_grouped_gemm_kernel(
     sxm, sxk, swe, swr, swc, sse, ssr, ssc, sym, syn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G_POW2: tl.constexpr,
     HAS_GID: tl.constexpr, SWIGLU: tl.constexpr, HAS_RW: tl.constexpr,
-    DOT_F32: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_F32: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Program (m-tile slot, n-tile). The m-tile slots are laid out group after group (ceil(rows_g / BLOCK_M) each),
     computed in-kernel from the offsets, so the launch needs no host sync; slots past the last tile exit at once.
@@ -221,7 +227,8 @@ def _fp4_grouped_gemm_kernel(
             acc = gt / (1.0 + tl.exp(-gt)) * ut
         if HAS_RW:
             acc = acc * tl.load(rw_ptr + rm64, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rm64[:, None] * sym + rn[None, :] * syn, acc, mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(y_ptr + rm64[:, None] * sym + rn[None, :] * syn, store_rounding(acc, ROUND_BF16),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 def fp4_grouped_gemm(x_sorted: torch.Tensor, group_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -261,7 +268,7 @@ def fp4_grouped_gemm(x_sorted: torch.Tensor, group_offsets: torch.Tensor, codes:
         w1s.stride(0), w1s.stride(1), w1s.stride(2), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, G_POW2=triton.next_power_of_2(G + 1),
         HAS_GID=group_ids is not None, SWIGLU=swiglu_limit is not None, HAS_RW=row_weights is not None,
-        DOT_F32=x_sorted.dtype == torch.float32, UPCAST=interpreting(),
+        DOT_F32=x_sorted.dtype == torch.float32, UPCAST=interpreting(), ROUND_BF16=round_bf16(y),
         num_warps=num_warps, num_stages=num_stages,
     )
     return y

@@ -41,6 +41,7 @@ def build_model(
     head_device: torch.device | str | None = None,
     stages: Sequence[int] | None = None,
     put: Callable[[str, torch.Tensor, torch.device], torch.Tensor] | None = None,
+    flavors: Sequence[str] | None = None,
 ) -> DeepseekV4:
     """Assemble the model from stored tensors. `get(name)` returns the tensor as stored (FP8 weight, e8m0 scale,
     bf16, fp32, int64); `has(name)` tells whether it exists. weights_dtype "fp8" keeps FP8 weights packed;
@@ -51,13 +52,17 @@ def build_model(
     Pipeline split: `device` holds the embedding, `layer_devices[i]` layer i, `head_device` the final norm, HC head
     and lm head (defaults: `device`); `stages` numbers the placement devices as (embed, layer 0..n-1, head) so the
     forward counts hops. `put(name, tensor, device)` materializes each final tensor (official name) where it
-    lives (default `tensor.to(device)`); the placement executor passes one that charges a budgeted device."""
+    lives (default `tensor.to(device)`); the placement executor passes one that charges a budgeted device.
+    `flavors` gives each placement device's kernel flavor as (embed, layer 0..n-1, head) (homerun.kernels.dispatch
+    FLAVORS; "gpu" for a CUDA stand-in). BF16 matrices are upcast only for the CPU kernels: on CUDA and on the GPU
+    flavor they stay bf16 (VRAM as planned)."""
     device = torch.device(device)
     dense = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}[weights_dtype]
     layer_devs = [torch.device(d) for d in layer_devices] if layer_devices is not None else [device] * args.n_layers
     head_dev = torch.device(head_device) if head_device is not None else device
     stage_of = list(stages) if stages is not None else [0] * (args.n_layers + 2)
-    if len(layer_devs) != args.n_layers or len(stage_of) != args.n_layers + 2:
+    flavor_of = list(flavors) if flavors is not None else ["auto"] * (args.n_layers + 2)
+    if len(layer_devs) != args.n_layers or len(stage_of) != args.n_layers + 2 or len(flavor_of) != len(stage_of):
         raise ConfigError(f"build_model: {len(layer_devs)} layer devices / {len(stage_of)} stages for "
                           f"{args.n_layers} layers", hint="one device per layer; stages for embed, layers, head")
 
@@ -66,17 +71,20 @@ def build_model(
 
     place = put or _to
     device_now = device  # where the tensors being built go (set per layer and for the head)
+    flavor_now = flavor_of[0]
 
     def lin(name: str) -> QLinear:
         device = device_now
         w = get(f"{name}.weight")
         s = get(f"{name}.scale") if has(f"{name}.scale") else None
         q = QLinear(w, s)
+        cpu_kernels = device.type == "cpu" and flavor_now != "gpu"
         if dense is not None:
             q = q.to_dense(dense)
-        elif s is None and upcast_bf16 and compute_dtype == torch.float32 and w.dtype != torch.float32 and not (
-            w.dtype == torch.bfloat16 and device.type == "cpu" and native_bf16() is not None
-        ):  # the native bf16 kernel is exact and reads half the bytes, so bf16 stays bf16 where it runs
+        elif s is None and upcast_bf16 and cpu_kernels and compute_dtype == torch.float32 and \
+                w.dtype != torch.float32 and not (w.dtype == torch.bfloat16 and native_bf16() is not None):
+            # the native bf16 kernel is exact and reads half the bytes, so bf16 stays bf16 where it runs; the GPU
+            # kernels keep bf16 as stored (an fp32 copy would be VRAM the plan does not count)
             q = q.to_dense(torch.float32)
         return QLinear(place(f"{name}.weight", q.weight, device),
                        None if q.scale is None else place(f"{name}.scale", q.scale, device))
@@ -97,7 +105,7 @@ def build_model(
     for i in range(args.n_layers):
         p = f"layers.{i}"
         kind = args.layer_kinds[i]
-        device_now = layer_devs[i]
+        device_now, flavor_now = layer_devs[i], flavor_of[1 + i]
         comp = indexer = None
         if kind == LAYER_CSA:
             comp = compressor(f"{p}.attn.compressor", args.csa_rate, args.head_dim, True)
@@ -123,12 +131,12 @@ def build_model(
         )
         layers.append(_Layer(
             i, kind, f32(f"{p}.attn_norm.weight"), f32(f"{p}.ffn_norm.weight"), hc(p, "attn"), hc(p, "ffn"), attn, moe,
-            device_now, stage_of[1 + i],
+            device_now, stage_of[1 + i], flavor_now,
         ))
         if on_layer is not None:
             on_layer(i + 1, args.n_layers)
     embed = place("embed.weight", get("embed.weight"), device)  # kept as stored: a lookup reads one row per token
-    device_now = head_dev
+    device_now, flavor_now = head_dev, flavor_of[-1]
     return DeepseekV4(
         args=args,
         embed=embed,
@@ -144,4 +152,6 @@ def build_model(
         head_device=head_dev,
         embed_stage=stage_of[0],
         head_stage=stage_of[-1],
+        embed_flavor=flavor_of[0],
+        head_flavor=flavor_of[-1],
     )

@@ -17,7 +17,7 @@ from homerun.models.deepseek_v4.config import (
     LAYER_SLIDING,
     ModelArgs,
 )
-from homerun.kernels.dispatch import TorchKernels, kernels_for
+from homerun.kernels.dispatch import TorchKernels, for_act, kernels_for
 from homerun.models.deepseek_v4.ops import inv_freq, rope_cos_sin
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
@@ -102,6 +102,7 @@ class _Layer:
     moe: _MoE
     device: torch.device | None = None  # where its weights and KV state live (None: the model's device)
     stage: int = 0  # pipeline stage (placement device number): activations hop when it changes
+    flavor: str = "auto"  # its device's kernel flavor (homerun.kernels.dispatch.FLAVORS; "gpu" on a CUDA stand-in)
 
 
 @dataclass
@@ -124,6 +125,8 @@ class DeepseekV4:
     head_device: torch.device | None = None  # final norm, HC head, lm head (None: the model's device)
     embed_stage: int = 0
     head_stage: int = 0
+    embed_flavor: str = "auto"  # kernel flavors of the embedding's and the head's devices (see _Layer.flavor)
+    head_flavor: str = "auto"
     activation_hops: int = 0  # pipeline-stage changes crossed by forward passes so far (a counter)
 
     def __post_init__(self) -> None:
@@ -183,25 +186,25 @@ class DeepseekV4:
         h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
-        dev, stage = self.device, self.embed_stage
+        dev, stage, flavor = self.device, self.embed_stage, self.embed_flavor
         # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch).
-        k = kernels_for(dev, self.compute_dtype, ids.shape[0])
+        k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
         for layer, st in zip(self.layers, states):
             # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
             # once per boundary (a no-op between stand-ins, which share the host's memory).
             ldev = layer.device or self.device
-            if ldev != dev:
-                x, ids, positions, dev = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev
-                k = kernels_for(dev, self.compute_dtype, ids.shape[0])
+            if ldev != dev or layer.flavor != flavor:
+                x, ids, positions, dev, flavor = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev, layer.flavor
+                k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
             if layer.stage != stage:
                 stage = layer.stage
                 self.activation_hops += 1
-            x, st = self._block(layer, x, ids, positions, st, k)
+            x, st = self._block(layer, x, ids, positions, start_pos, st, k)
             new_states.append(st)
         hdev = self.head_device or self.device
-        if hdev != dev:
+        if hdev != dev or self.head_flavor != flavor:
             x = x.to(hdev)
-            k = kernels_for(hdev, self.compute_dtype, ids.shape[0])
+            k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
         if self.head_stage != stage:
             self.activation_hops += 1
         h = self._hc_head(x, k)
@@ -209,7 +212,7 @@ class DeepseekV4:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, V]."""
-        k = kernels_for(hidden.device, hidden.dtype, hidden.shape[0])
+        k = kernels_for(hidden.device, hidden.dtype, hidden.shape[0], self.head_flavor)
         return k.linear(self.head, hidden).float()
 
     # ------------------------------------------------------------------------------------------------ mHC
@@ -232,11 +235,12 @@ class DeepseekV4:
                                  a.hc_sinkhorn_iters)
         return k.hc_pre(pre, x)
 
-    def _block(self, layer: _Layer, x, ids, positions, st: LayerState, k: TorchKernels):
+    def _block(self, layer: _Layer, x, ids, positions, start: int, st: LayerState, k: TorchKernels):
         new_st: list[LayerState] = []
+        k = for_act(k, getattr(self.experts, "act", None))  # fast dense prefill GEMMs follow the expert act mode
 
         def attn(h):
-            out, s = self._attention(layer, h, positions, st, k)
+            out, s = self._attention(layer, h, positions, start, st, k)
             new_st.append(s)
             return out
 
@@ -284,12 +288,13 @@ class DeepseekV4:
         n = st.store.write(st.n_entries, entries)
         return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, st: LayerState, k: TorchKernels):
-        """x [T, D] (normalized) -> ([T, D], new LayerState)."""
+    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, start: int, st: LayerState,
+                   k: TorchKernels):
+        """x [T, D] (normalized) at positions start.. (also a Python int: no device read) -> ([T, D], new
+        LayerState)."""
         a, at = self.args, layer.attn
         T = x.shape[0]
         H, Dh = a.n_heads, a.head_dim
-        start = int(positions[0])
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
         cos, sin = rope_cos_sin(freqs, positions)
 
@@ -400,15 +405,16 @@ class DeepseekV4:
         if layer.kind == LAYER_HCA and n_closed:
             rows.append(comp.store.view(n_closed).float())
         elif layer.kind == LAYER_CSA and k_sel and n_closed:
-            thr = torch.tensor([n_closed], device=q1.device)
-            sel = self._index_topk(layer.attn.indexer, *idx_q, idx_st.store, n_closed, thr, k_sel)
+            # every one of the n_closed keys is visible to the only query: no threshold tensor (a host-to-device copy)
+            sel = self._index_topk(layer.attn.indexer, *idx_q, idx_st.store, n_closed, None, k_sel)
             rows.append(comp.store.gather(sel)[0].float())  # k <= n_closed picks, all closed
         kv = torch.cat(rows) if len(rows) > 1 else kw
         return k.attend_one(q1, kv, sink.reshape(-1), scale)
 
-    def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor, k_sel: int):
+    def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor | None, k_sel: int):
         """Indexer top-k over the first n_vis keys, merged page by page: the score temporary is [q, Hi, page]
-        and [q, k + page], never [q, n_vis]. Entries w >= thr (future for that query) score -inf. -> [q, k]."""
+        and [q, k + page], never [q, n_vis]. Entries w >= thr (future for that query) score -inf; thr None: all
+        n_vis are visible. -> [q, k]."""
         a = self.args
         nq = iq.shape[0]
         k = min(k_sel, n_vis)
@@ -419,7 +425,8 @@ class DeepseekV4:
             sc = torch.relu(torch.einsum("qhd,nd->qhn", iq, ik)) * a.index_head_dim**-0.5
             score = (sc * iw.unsqueeze(-1)).sum(dim=1)  # (q, p)
             ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device)
-            score = score.masked_fill(ids[None, :] >= thr[:, None], float("-inf"))
+            if thr is not None:
+                score = score.masked_fill(ids[None, :] >= thr[:, None], float("-inf"))
             v = torch.cat([best_v, score], dim=1)
             i = torch.cat([best_i, ids.expand(nq, -1)], dim=1)
             top = v.topk(min(k, v.shape[1]), dim=-1)

@@ -1,0 +1,116 @@
+"""The torch kernel set: the definition of every dense family a model forward calls (linears over weights kept as
+stored, the mHC family, RMSNorm + RoPE, one-query attention) in plain torch ops, on any device and dtype. Every other
+set (`homerun.kernels.dispatch`, `homerun.kernels.triton.kernel_set`) subclasses it and is tested against it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class Linear(Protocol):
+    """What a kernel set needs of a linear layer (homerun.models.layers.QLinear)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    def torch_grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor: ...
+    def bound(self) -> Any: ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (weight multiplied in fp32, one cast at the end, as HF >= 5.12)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        xf = weight * xf
+    return xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Interleaved-pair RoPE on the trailing 2*cos.shape[-1] channels of x [T, ..., Dh]; cos/sin [T, R/2]."""
+    r = cos.shape[-1] * 2
+    extra = x.dim() - 2  # broadcast over head axes between T and Dh
+    c = cos.view(cos.shape[0], *([1] * extra), -1)
+    s = sin.view(sin.shape[0], *([1] * extra), -1)
+    if inverse:
+        s = -s
+    rope = x[..., -r:].float()
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat((x[..., :-r], rotated), dim=-1)
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """A column pass, then (iters - 1) x (rows, columns), each dividing by (sum + eps)."""
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+class TorchKernels:
+    """The definition of every family in plain torch ops; runs on any device and dtype."""
+
+    name = "torch"
+
+    # ---- linears over weights kept as stored
+    def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
+        return lin.torch_forward(x)
+
+    def grouped(self, lin: Linear, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """Block-diagonal projection: x [T, G, in] -> [T, G, out/G], group g uses rows g*out/G .. (g+1)*out/G."""
+        return lin.torch_grouped(x, groups)
+
+    def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
+        """Several linears of one input."""
+        return [self.linear(lin, x) for lin in lins]
+
+    # ---- mHC
+    def sinkhorn(self, comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        return sinkhorn(comb, iters, eps)
+
+    def hc_weights(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+                   hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x [T, n, D] -> pre [T, n], post [T, n], comb [T, n, n] (fp32; Sinkhorn-normalized comb); with the
+        head's fn [n, n*D], pre alone (post, comb None)."""
+        n = x.shape[1]
+        flat = rms_norm(x.flatten(1).float(), None, norm_eps)
+        mix = F.linear(flat, fn)  # (T, (2+n)n) or (T, n)
+        if fn.shape[0] == n:  # the HC head: one scale, pre only
+            return torch.sigmoid(mix * scale + base) + hc_eps, None, None
+        pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + hc_eps
+        post = 2 * torch.sigmoid(mix[:, n : 2 * n] * scale[1] + base[n : 2 * n])
+        comb = mix[:, 2 * n :].view(-1, n, n) * scale[2] + base[2 * n :].view(n, n)
+        comb = torch.softmax(comb, dim=-1) + hc_eps
+        return pre, post, self.sinkhorn(comb.contiguous(), iters, hc_eps)
+
+    def hc_pre(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Collapse the streams before a sublayer: sum_i pre[t, i] x[t, i] -> [T, D] in x's dtype."""
+        return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
+
+    def hc_post(self, post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Update the streams after a sublayer: post[t, j] y[t] + sum_i comb[t, i, j] x[t, i] (comb transposed, as
+        the official hc_post; HF comb^T @ X) -> [T, n, D] in x's dtype."""
+        dt = x.dtype
+        return post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(1) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
+
+    # ---- norms, rotary
+    def norm_rope(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
+                  sin: torch.Tensor | None = None, *, norm: bool = True, inverse: bool = False) -> torch.Tensor:
+        """rms_norm (when norm) then apply_rope (when cos is given)."""
+        if norm:
+            x = rms_norm(x, weight, eps)
+        return x if cos is None else apply_rope(x, cos, sin, inverse=inverse)
+
+    # ---- attention
+    def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+        """One query over rows every head sees: q [H, D], kv [N, D], sink [H] -> [H, D] (fp32), softmax over
+        [scale * q.kv_j ..., sink] with the sink column dropped before the value product."""
+        logits = torch.cat([torch.mm(q, kv.T) * scale, sink.reshape(-1, 1)], dim=1)  # (H, N + 1)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.mm(probs[:, :-1], kv)

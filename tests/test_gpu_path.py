@@ -1,0 +1,151 @@
+"""The GPU code path on CUDA stand-ins (issue 13 item 7): a "cuda-standin" device runs the model's GPU kernel set
+(homerun.kernels.triton, under Triton's interpreter on CPU tensors) and holds the dtypes CUDA would. Checked here:
+logits against the fp32 reference (decode and prefill, fp32 and bf16), device work per decode token (ATen ops as a
+proxy for launches, Triton launches, host syncs), and peak device bytes against the plan's. Skipped without triton."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no CUDA here, the kernels interpret
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from gpu_path_util import ResidentTritonExperts, count_device_work  # noqa: E402
+from homerun.engine.placement import placement_from_plan, single_device  # noqa: E402
+from homerun.engine.runtime import load  # noqa: E402
+from homerun.formats.loader import open_checkpoint  # noqa: E402
+from homerun.kernels import dispatch  # noqa: E402
+from homerun.kernels import triton as hr_triton  # noqa: E402
+from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+
+if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cover
+    pytest.skip(f"triton kernels unavailable here: {hr_triton.unavailable_reason()}", allow_module_level=True)
+
+PROMPT = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(5)).tolist()
+# Budgets (issue 13 goals): launches per layer per decode token, host syncs per decode token in an all-VRAM plan.
+LAUNCH_BUDGET_PER_LAYER = 40
+SYNC_BUDGET_ALL_VRAM = 0
+
+
+def _rel_rows(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_checkpoints):
+    path = tiny_checkpoints["mixed"]
+    ckpt = open_checkpoint(path)
+    return path, ModelArgs.from_hf_config(ckpt.config), ckpt
+
+
+def _gpu_model(path, args, ckpt, dtype, *, fused_experts: bool = True):
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    be = ResidentTritonExperts(ckpt, args.n_layers, args.n_routed_experts, args.swiglu_limit) if fused_experts \
+        else None
+    return load(path, dtype=dtype, experts="reference", expert_backend=be, placement=pl)
+
+
+def test_cuda_standin_selects_the_gpu_set(mixed):
+    path, args, ckpt = mixed
+    model = _gpu_model(path, args, ckpt, "bfloat16")
+    assert model.devices["standin:0"].kind == "cuda-standin"
+    assert [lay.flavor for lay in model.net.layers] == ["gpu"] * args.n_layers
+    assert dispatch.kernels_for("cpu", torch.bfloat16, 1, "gpu").name == "triton"
+    assert dispatch.kernels_for("cpu", torch.float32, 1).name != "triton"  # plain CPU work keeps the CPU sets
+    # bf16-stored matrices stay bf16 on the GPU path (no fp32 copies the plan does not count), also in fp32 compute
+    m32 = _gpu_model(path, args, ckpt, "float32")
+    assert m32.net.head.weight.dtype == torch.bfloat16
+    assert m32.net.layers[0].moe.gate.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_gpu_path_matches_fp32_reference(mixed, dtype, tol):
+    """Prefill (the prompt's last row) and two greedy decode steps through the cuda-standin path (Triton FP8
+    linears, the fused FP4 MoE kernel) against the fp32 reference model: argmax equal, row-relative error <= tol."""
+    path, args, ckpt = mixed
+    ref = load(path, experts="reference")
+    model = _gpu_model(path, args, ckpt, dtype)
+    a, b = ref.session(), model.session()
+    la, lb = a.feed(PROMPT), b.feed(PROMPT)
+    for _ in range(2):
+        assert _rel_rows(lb[None], la[None]) <= tol
+        tok = int(la.argmax())
+        assert int(lb.argmax()) == tok
+        la, lb = a.feed([tok]), b.feed([tok])
+    assert _rel_rows(lb[None], la[None]) <= tol
+
+
+@pytest.fixture(scope="module")
+def decode_counts(mixed):
+    """Device work of one decode step on the GPU path, bf16, every expert resident (the all-VRAM plan): the model's
+    forward and logits only (token ids are made on the host)."""
+    path, args, ckpt = mixed
+    model = _gpu_model(path, args, ckpt, "bfloat16")
+    s = model.session()
+    s.feed(PROMPT)
+    ids = torch.tensor([int(s.last_logits.argmax())])
+    with count_device_work() as cw:
+        hidden, _ = model.net.forward(ids, len(PROMPT), s._states)
+        model.net.logits(hidden)
+    return cw.c
+
+
+def test_decode_work_is_counted(mixed, decode_counts):
+    c, n_layers = decode_counts, mixed[1].n_layers
+    assert c.launches >= 2 * n_layers  # the FP8 linears and the fused MoE go through Triton
+    assert c.ops > 0
+
+
+def test_no_host_syncs_per_decode_token_all_vram(decode_counts):
+    assert decode_counts.syncs <= SYNC_BUDGET_ALL_VRAM, decode_counts.sync_names
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on the cuda stand-in, tiny mixed model, bf16, all experts resident (fused MoE): ~370 ATen ops + "
+    "~10 Triton launches per layer per decode token vs a budget of 40; ~240 of them are the mHC Sinkhorn loops "
+    "(2 sites x 20 iterations x sum/add/div) and ~60 the RMSNorm/RoPE/softmax glue, which need fused Triton "
+    "kernels (hc_weights+Sinkhorn, norm+RoPE) not written yet"))
+def test_launches_per_layer_per_decode_token_within_budget(mixed, decode_counts):
+    c = decode_counts
+    per_layer = (c.ops + c.launches) / mixed[1].n_layers
+    assert per_layer <= LAUNCH_BUDGET_PER_LAYER, (per_layer, sorted(c.op_names.items(), key=lambda kv: -kv[1]))
+
+
+# The stand-in's accounting charges exactly the tensors placed; the plan rounds nothing, so the only slack is the KV
+# page granularity (whole pages of `page_tokens`), stated here as a fixed overhead.
+VRAM_REL_TOL = 0.05
+
+
+def test_peak_device_bytes_match_the_plan(mixed):
+    """An all-VRAM plan of the tiny model executed on a cuda stand-in (fp32 compute, which is where fp32 copies of
+    bf16 matrices used to appear): peak accounted bytes within 5% of the plan's bytes for that device, plus one
+    KV page per store as the stated fixed overhead."""
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.planner import PlanOptions, plan
+    from profiles import load_profile
+
+    path, args, _ = mixed
+    spec, inv = resolve_model(str(path))
+    p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(context_tokens=4096, kv_dtype="bf16"))
+    assert p.mode == "all-vram"
+    pl = placement_from_plan(p, standin="cuda")
+    assert [d.kind for d in pl.devices] == ["cuda-standin"]
+    model = load(path, experts="reference", placement=pl, kv_dtype="bf16", page_tokens=1024)
+    s = model.session()
+    s.feed(PROMPT)
+    s.feed([3])
+    doc = p.to_dict()
+    planned = sum(r["bytes"] for r in doc["placement"] if r["device"] != "host")
+    usage = model.device_usage()[0]
+    peak = usage["peak_bytes"]
+    kv_planned = p.layout.stages[0].kv_bytes
+    non_kv = peak - usage["bytes_by_class"].get("kv", 0)
+    assert abs(non_kv - (planned - kv_planned)) <= VRAM_REL_TOL * (planned - kv_planned), (non_kv, planned)
+    page_overhead = sum(st.allocated_bytes for st in s._states)  # one page per store at this context
+    assert peak <= (1 + VRAM_REL_TOL) * planned + page_overhead, (peak, planned)
