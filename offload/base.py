@@ -30,6 +30,8 @@ class BackendStats:
     cpu_s: float = 0.0
     resident: dict | None = None
     parts: tuple["BackendStats", ...] = ()
+    store: dict = field(default_factory=dict)  # the host store's StoreStats (arena and pinned bytes)
+    gpu: dict = field(default_factory=dict)  # the fused decode / streamed prefill counters, on GPU-flavored devices
 
     def to_dict(self) -> dict:
         if self.parts:
@@ -38,8 +40,13 @@ class BackendStats:
             return {"resident": dict(self.resident)}
         if self.cache is None:
             return {}
-        return {"cache": self.cache.to_dict(), "prefetch": [p.to_dict() for p in self.prefetch],
-                "miss_policy": self.miss_policy, "cpu_experts": self.cpu_experts, "cpu_s": self.cpu_s}
+        out = {"cache": self.cache.to_dict(), "prefetch": [p.to_dict() for p in self.prefetch],
+               "miss_policy": self.miss_policy, "cpu_experts": self.cpu_experts, "cpu_s": self.cpu_s}
+        if self.store:
+            out["store"] = dict(self.store)
+        if self.gpu:
+            out["gpu"] = dict(self.gpu)
+        return out
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]

@@ -6,6 +6,9 @@ packed buffer, so `weights(key)` is views (dequant-ready codes + scales), never 
 hash layers' experts) get their own slots and are never evicted. Per-layer counters: hits, misses, bytes moved,
 copy time, stall time and achieved GB/s, all fed by the transfer engine's measurements.
 The cache does not compute; the backend acquires a slot, waits for it, computes, and releases it.
+`slot_table` [n_layers, n_experts] int32 lives ON THE DEVICE: expert -> slot, -1 when absent or still in flight. The
+fused GPU kernel reads it directly (no host lookup on the hit path); an entry becomes valid only once its copy has
+landed (`commit`, stream-ordered on CUDA), and goes back to -1 the moment the expert is evicted.
 """
 
 from __future__ import annotations
@@ -119,6 +122,10 @@ class ExpertCache:
         self._policies = {g: make_policy(policy, n) for g, n in groups.items()}
         self.n_slots = sum(groups.values()) + len(self.pinned_keys)
         self._slots = device.empty(("expert_cache", id(self)), (self.n_slots, self.expert_bytes), torch.uint8)
+        keys = store.keys()
+        shape = (max(l for l, _ in keys) + 1, max(e for _, e in keys) + 1)
+        self.slot_table = device.empty(("expert_cache", id(self), "slot_table"), shape, torch.int32)
+        self.slot_table.fill_(-1)
         self.engine = engine or make_transfer_engine(device, max_in_flight=max_in_flight)
         self.engine.sink = self
         self._free = list(range(self.n_slots - 1, -1, -1))
@@ -129,6 +136,7 @@ class ExpertCache:
         for key in self.pinned_keys:
             self._load(key)
         self.engine.drain()
+        self.commit()
 
     # --- transfer sink -------------------------------------------------------------------------------------
     def on_copy(self, tag: Hashable, nbytes: int, seconds: float) -> None:
@@ -197,10 +205,35 @@ class ExpertCache:
 
     def weights(self, key: ExpertKey) -> ExpertWeights:
         """Views into the key's slot; makes the consumer wait for a copy still in flight."""
+        self._land(key)
+        return self.store.layout.views(self._slots[self._slot_of[key]])
+
+    def kernel_views(self):
+        """The slots as the fused FP4 kernels read them (ExpertLayout.kernel_views): w13 codes, scales, w2, scales."""
+        return self.store.layout.kernel_views(self._slots)
+
+    def slot(self, key: ExpertKey) -> int:
+        return self._slot_of[key]
+
+    def commit(self, layer: int | None = None) -> int:
+        """Make the copies in flight for `layer` (all layers if None) visible to the device: the consumer waits for
+        each (a device-side wait on CUDA) and its slot-table entry is set. Returns how many landed."""
+        keys = [k for k in self._pending if layer is None or k[0] == layer]
+        for key in keys:
+            self._land(key)
+        return len(keys)
+
+    def touch(self, key: ExpertKey) -> None:
+        """Count a hit on a resident key that the device already served (the fused path's bookkeeping)."""
+        self._c(key[0]).hits += 1
+        if not self.is_pinned(key):
+            self._policy(key[0]).hit(key)
+
+    def _land(self, key: ExpertKey) -> None:
         t = self._pending.pop(key, None)
         if t is not None:
             self.engine.wait(t)
-        return self.store.layout.views(self._slots[self._slot_of[key]])
+            self.slot_table[key[0], key[1]] = self._slot_of[key]
 
     def release(self, key: ExpertKey) -> None:
         """The consumer is done reading this slot (CUDA: an event, so a later overwrite waits for it)."""
@@ -215,7 +248,7 @@ class ExpertCache:
 
     def close(self) -> None:
         self.engine.close()
-        self.device.free(("expert_cache", id(self)))
+        self.device.free_all([("expert_cache", id(self)), ("expert_cache", id(self), "slot_table")])
 
     # --- internals -----------------------------------------------------------------------------------------
     def _admit(self, key: ExpertKey, in_use: frozenset, *, access: bool) -> None:
@@ -223,6 +256,7 @@ class ExpertCache:
         if victim is not None:
             self._free.append(self._slot_of.pop(victim))
             self._pending.pop(victim, None)
+            self.slot_table[victim[0], victim[1]] = -1
         self._load(key)
 
     def _load(self, key: ExpertKey) -> None:

@@ -8,6 +8,10 @@ layer's evictable slots, so a 1-slot cache still works (one expert at a time). C
 the cache in the background when the link has room, so the cache learns at batch 1 too.
 The math is exactly the reference's (same dequantization, same clamped SwiGLU, fp32 by default); only the
 summation order over experts differs.
+On a GPU-flavored device (CUDA, or a CUDA stand-in: `Device.kernel_flavor == "gpu"`) with FP4 experts and triton
+importable, decode-sized calls take the fused kernel over the device slot table instead (offload/gpu_decode.py: no
+host sync on the hit path), and prefill-sized calls stream the layer's experts through a double-buffered staging
+area (offload/prefill_stream.py), so prefill leaves the decode cache's hot set alone.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
 from offload.base import BackendStats, ExpertBackend, ExpertWeights, swiglu_expert
 from offload.cache import ExpertCache
+from offload.gpu_decode import FUSED_MAX_ROWS
 from offload.miss_policy import MissPolicy, MissSplit
 from offload.prefetch import Prefetcher
 
@@ -73,6 +78,14 @@ class CachedExpertBackend(ExpertBackend):
         self._cpu_experts = 0
         self._cpu_s = 0.0
         self._link_seen = (0, 0.0)
+        self.fused = None  # offload.gpu_decode.FusedDecode on GPU-flavored devices
+        self.prefill = None  # offload.prefill_stream.PrefillStreamer, when one is attached
+        if cache.device.kernel_flavor == "gpu" and cache.store.layout.fmt == "fp4":
+            from offload.gpu_decode import FusedDecode, fused_kernels
+
+            mods = fused_kernels()
+            if mods is not None:
+                self.fused = FusedDecode(self, mods)
 
     @property
     def device(self) -> torch.device:
@@ -80,6 +93,10 @@ class CachedExpertBackend(ExpertBackend):
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
+        if self.prefill is not None and x.shape[0] > self.prefill.min_rows:
+            return self.prefill.forward(layer, x, expert_ids, expert_weights)
+        if self.fused is not None and x.shape[0] <= FUSED_MAX_ROWS:
+            return self.fused.forward(layer, x, expert_ids, expert_weights)
         k = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)  # (T*k,)
         uniq, counts = torch.unique(flat, return_counts=True)
@@ -166,15 +183,25 @@ class CachedExpertBackend(ExpertBackend):
         return self.prefetcher.hash_layer(layer, tid2eid, token_ids)
 
     def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        if self.prefill is not None and expert_ids.shape[0] > self.prefill.min_rows:
+            return self.prefill.speculate(layer, expert_ids)  # prefill: stage the next layer, not the cache
         return self.prefetcher.speculate(layer, expert_ids)
 
     def stats(self) -> BackendStats:
         mp = self.miss_policy.to_dict() if self.miss_policy is not None else {}
+        gpu = {}
+        if self.fused is not None:
+            gpu["decode"] = self.fused.stats()
+        if self.prefill is not None:
+            gpu["prefill"] = self.prefill.stats()
         return BackendStats(type(self).__name__, cache=self.cache.stats(), prefetch=self.prefetcher.stats(),
-                            miss_policy=mp, cpu_experts=self._cpu_experts, cpu_s=self._cpu_s)
+                            miss_policy=mp, cpu_experts=self._cpu_experts, cpu_s=self._cpu_s,
+                            store=self.cache.store.stats().to_dict(), gpu=gpu)
 
     def close(self) -> None:
         self._cpu_pool.shutdown(wait=True)
+        if self.prefill is not None:
+            self.prefill.close()
         self.cache.close()
 
 

@@ -1,0 +1,124 @@
+"""Counting device work per forward: ATen ops that would launch a GPU kernel, Triton launches, and host syncs.
+
+One helper for the counting tests (tests/gpu_path_util.py, tests/test_gpu_decode.py) and for `homerun bench`'s
+launches_per_token / host_syncs_per_token. A `TorchDispatchMode` sees every ATen op (the proxy for a kernel launch:
+views, metadata and bare allocations excluded); Triton launches are read from
+`homerun.kernels.triton.common.LaunchCounter` (whose `around` hook pauses the mode while an interpreted kernel runs,
+so the interpreter's own torch ops are not counted); host syncs are the ops whose result size or value the host
+must wait for (`_local_scalar_dense`, nonzero, unique, ...) plus every `Tensor.item` / `Tensor.tolist` call.
+Works on CPU tensors (a CUDA stand-in) and on CUDA alike; it counts, it does not time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ATen ops that launch no kernel on a GPU: views and metadata, allocation without a fill.
+NO_LAUNCH = frozenset({
+    "empty", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias", "sym_size",
+    "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_reshape_alias", "set_", "resize_",
+    "_unsafe_view", "view", "as_strided", "expand", "permute", "transpose", "t", "select", "slice", "diagonal",
+    "unsqueeze", "squeeze", "unbind", "split", "split_with_sizes", "chunk", "reshape", "flatten", "unflatten",
+    "view_as_real", "view_as_complex", "_to_copy_noop", "record_stream"})
+# ATen ops whose result size or value the host must wait for (a device-to-host sync on CUDA).
+SYNC_OPS = frozenset({
+    "_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "_unique", "_unique2", "unique_dim",
+    "unique_consecutive", "unique_dim_consecutive", "item", "equal", "is_nonzero", "repeat_interleave"})
+
+
+@dataclass
+class Counts:
+    ops: int = 0  # ATen ops that would launch a kernel
+    launches: int = 0  # Triton launches
+    syncs: int = 0  # host syncs
+    op_names: dict[str, int] = field(default_factory=dict)
+    sync_names: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def device_launches(self) -> int:
+        """ATen ops + Triton launches: what a GPU would launch."""
+        return self.ops + self.launches
+
+    def to_dict(self) -> dict:
+        return {"ops": self.ops, "launches": self.launches, "syncs": self.syncs,
+                "device_launches": self.device_launches, "sync_names": dict(self.sync_names)}
+
+
+class DeviceWorkCounter(TorchDispatchMode):
+    """The dispatch mode; `paused()` stops counting (an interpreted Triton kernel's own torch work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = Counts()
+        self._paused = 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def _sync(self, name: str) -> None:
+        self.c.syncs += 1
+        self.c.sync_names[name] = self.c.sync_names.get(name, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._paused:
+            name = func.overloadpacket.__name__
+            if name in SYNC_OPS:
+                self._sync(name)
+            if name not in NO_LAUNCH and not getattr(func, "is_view", False) and name != "_local_scalar_dense":
+                self.c.ops += 1
+                self.c.op_names[name] = self.c.op_names.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _triton_common():
+    try:
+        from homerun.kernels import triton as hr_triton
+
+        mods = hr_triton.load()
+        return mods.common if mods is not None else None
+    except Exception:  # noqa: BLE001 - no triton: nothing launches through it
+        return None
+
+
+@contextlib.contextmanager
+def count_device_work() -> Iterator[DeviceWorkCounter]:
+    """with count_device_work() as counter: ... -> counter.c (Counts). Not reentrant (patches Tensor.item/tolist)."""
+    common = _triton_common()
+    mode = DeviceWorkCounter()
+    real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+    n0 = common.LaunchCounter.n if common is not None else 0
+    old_around = getattr(common.LaunchCounter, "around", None) if common is not None else None
+
+    def item(t):
+        if not mode._paused:
+            mode._sync("item")
+        with mode.paused():
+            return real_item(t)
+
+    def tolist(t):
+        if not mode._paused:
+            mode._sync("tolist")
+        with mode.paused():
+            return real_tolist(t)
+
+    if common is not None:
+        common.LaunchCounter.around = mode.paused
+    torch.Tensor.item, torch.Tensor.tolist = item, tolist
+    try:
+        with mode:
+            yield mode
+    finally:
+        torch.Tensor.item, torch.Tensor.tolist = real_item, real_tolist
+        if common is not None:
+            common.LaunchCounter.around = old_around
+            mode.c.launches = common.LaunchCounter.n - n0
