@@ -216,13 +216,16 @@ def fp8_row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
 
 
 def free_memory_bytes(device: torch.device | str) -> int | None:
-    """Free memory where state on `device` would be allocated: available host RAM (psutil) for the CPU, free device
-    memory (`torch.cuda.mem_get_info`) for CUDA; None when it cannot be known."""
+    """Free memory where state on `device` would be allocated: available host RAM (psutil) for the CPU; for CUDA the
+    device's free memory (`torch.cuda.mem_get_info`) plus what torch's caching allocator holds unused
+    (reserved - allocated), which it hands out again before asking the driver (after a /reset the freed KV pages
+    sit there, and mem_get_info alone would refuse the same context again); None when it cannot be known."""
     dev = torch.device(device)
     try:
         if dev.type == "cuda":
             free, _total = torch.cuda.mem_get_info(dev)
-            return int(free)
+            cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            return int(free) + max(0, int(cached))
         if dev.type == "cpu":
             import psutil
 
