@@ -102,9 +102,14 @@ def load_measured(path: Path | None = None) -> Measured | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc.msg})", hint="delete it or re-run homerun bench") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})",
+                          hint="delete it or re-run homerun bench") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})", hint="delete it or re-run homerun bench") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object", hint="delete it or re-run homerun bench")
     for k in data:
