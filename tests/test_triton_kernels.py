@@ -1,8 +1,8 @@
 """Triton kernels (homerun.kernels.triton) against plain fp32 references built from homerun's quant functions.
 
 CPU (default): TRITON_INTERPRET=1 is set before triton is imported, and the kernels run in the interpreter on CPU
-tensors; skipped when triton is not installed. On a GPU: HR_TRITON_DEVICE=cuda pytest -m gpu tests/test_triton_kernels.py
-(the device check does). Errors are per-row relative L2 errors: fp32 activations <= 1e-5, bf16 <= 1e-2.
+tensors; skipped when triton is not installed. On a GPU (the device check does):
+HR_TRITON_DEVICE=cuda pytest -m gpu tests/test_triton_kernels.py. Errors are per-row relative L2 errors: fp32 activations <= 1e-5, bf16 <= 1e-2.
 """
 
 from __future__ import annotations
