@@ -22,7 +22,7 @@ from test_serve import USER, _error, extra, has_extra, live_server  # noqa: E402
 
 from homerun.chat.encoding import ASSISTANT, USER as USER_TOKEN, encode_messages, render_tool_calls  # noqa: E402
 from homerun.formats.tokenizer import EOS_TEXT, Tokenizer  # noqa: E402
-from homerun.serve.engine import Engine  # noqa: E402
+from homerun.serve.engine import Delta, Done, Engine, Job  # noqa: E402
 
 VECTORS = REFERENCE / "encoding-tests"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
@@ -243,7 +243,7 @@ def test_queue_full_is_429(tok):
 
 
 def test_client_disconnect_cancels_generation_within_a_token(tok):
-    model = ScriptedModel(tok, reply=lambda p: "la " * 300 + EOS_TEXT, delay=0.02)
+    model = ScriptedModel(tok, reply=lambda p: "la " * 300 + EOS_TEXT, delay=0.05)
     engine = Engine(model)
     with live_server(engine) as srv:
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json={"messages": USER, "stream": True},
@@ -253,7 +253,9 @@ def test_client_disconnect_cancels_generation_within_a_token(tok):
                 next(lines)
             at_close = model.steps
         _wait(lambda: engine.counters.cancelled == 1)
-        assert model.steps - at_close <= 3  # noticed within a token or two (one is in flight when the socket closes)
+        # the engine stops after the token in flight once the server sees the disconnect (a slack of a few tokens
+        # for a busy test machine: the disconnect reaches the event loop asynchronously)
+        assert model.steps - at_close <= 5
         _wait(lambda: model.closed == 1)  # the generator was closed: the session is consistent
 
         # non-streaming: the client gives up (read timeout) and closes its connection
@@ -278,6 +280,29 @@ def test_client_disconnect_cancels_generation_within_a_token(tok):
         _wait(lambda: engine.running == 0)
         assert not any(last_user_text(p) == "later" for p in model.prompts)
         assert model.tokenizer is tok
+
+
+def test_engine_cancel_stops_within_one_token(tok):
+    """Cancelling while a token's text is being delivered: the engine generates no further token."""
+    model = ScriptedModel(tok, reply=lambda p: "la " * 50 + EOS_TEXT)
+    engine = Engine(model).start()
+    seen: list[Any] = []
+    at_cancel: list[int] = []
+
+    def sink(event: Any) -> None:
+        seen.append(event)
+        if isinstance(event, Delta) and len(seen) == 3:
+            at_cancel.append(model.steps)
+            engine.cancel(job)
+
+    job = Job(ids=tok.encode(encode_messages(USER, "chat")), max_tokens=100, sink=sink)
+    try:
+        engine.submit(job)
+        _wait(lambda: engine.counters.cancelled == 1 and engine.running == 0)
+        assert model.steps == at_cancel[0] and not any(isinstance(e, Done) for e in seen)
+        assert model.closed == 1
+    finally:
+        engine.stop()
 
 
 def test_shutdown_cancels_what_runs_and_waits(tok):

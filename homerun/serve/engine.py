@@ -503,13 +503,16 @@ class Engine:
             tool_calls = self._tool_calls(job, "".join(pieces), finish)
             if not tool_calls:  # not a well-formed block: it is part of the answer
                 raw = "".join(pieces)
-                block = raw[raw.find(TOOL_CALLS_START):]
+                after = raw.find(THINK_END) + len(THINK_END) if job.thinking and THINK_END in raw else 0
+                block = raw[raw.find(TOOL_CALLS_START, after):]
                 block = block[: -len(EOS)] if block.endswith(EOS) else block
                 emit("content", block)
         tail = stops.flush()
         if tail:
             (content).append(tail)
             job.send(Delta("text" if splitter is None else "content", tail))
+        if stops.hit:
+            finish = "stop"
         if tool_calls:
             finish = "tool_calls"
         n = len(gen_ids)

@@ -76,11 +76,12 @@ def register(app: typer.Typer) -> None:
         except ImportError as exc:
             raise UsageError(f"homerun serve needs FastAPI and uvicorn ({exc.name} is missing)",
                              hint="pip install fastapi uvicorn") from None
-        from homerun.engine.sampling import SamplingParams
+        from homerun.engine.sampling import check_sampling
 
         out = Output(json_out)
         check_think_flag(thinking)
-        SamplingParams.resolve(None, temperature=temperature, top_p=top_p, top_k=top_k)  # bad values: exit 2 now
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                       max_new_tokens=max_new_tokens)  # bad values: exit 2 before the port opens
         if not _is_loopback(host) and not api_key:
             out.warn(f"binding {escape(host)} without an API key: anyone who can reach this port can use the model "
                      "(set --api-key or HOMERUN_API_KEY)")
