@@ -180,6 +180,8 @@ class CachedExpertBackend(ExpertBackend):
 
     # --- hooks for the runtime -----------------------------------------------------------------------------
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        if self.prefill is not None and token_ids.shape[0] > self.prefill.min_rows:
+            return self.prefill.hash_layer(layer, tid2eid, token_ids)  # prefill: the decode cache stays as it is
         return self.prefetcher.hash_layer(layer, tid2eid, token_ids)
 
     def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
@@ -308,12 +310,18 @@ def build_cached_backend(
     compute_dtype: torch.dtype = torch.float32,
     pipeline_depth: int = 2,
     max_in_flight: int = 4,
+    prefill_stream: bool | None = None,
+    stage_experts: int | None = None,
+    prefill_min_rows: int = FUSED_MAX_ROWS,
 ) -> CachedExpertBackend:
     """Everything the runtime needs in one call. `source` is the checkpoint's ExpertSource; `layers` the MoE layers
     whose routed experts are offloaded. `expert_cache_slots=N` forces a global cache of N slots (any machine);
     otherwise the device's free budget sets it. `device` defaults to cuda:0, or a CPU stand-in without CUDA.
     `cpu_backend="reference"` computes misses with ReferenceExpertBackend over the host store; pass a
-    CpuExpertBackend instance for the native kernels, or None to stream every miss."""
+    CpuExpertBackend instance for the native kernels, or None to stream every miss. On a GPU-flavored device with
+    FP4 experts (the fused decode path), `prefill_stream` (default on there) attaches a PrefillStreamer whose two
+    stages hold `stage_experts` experts each (default: a layer's experts, within what the device has left after
+    the cache); calls with more than `prefill_min_rows` tokens take it."""
     from offload.base import ReferenceExpertBackend
     from offload.devices import default_device
     from offload.host_store import HostExpertStore
@@ -325,8 +333,11 @@ def build_cached_backend(
                                           pinned_budget_bytes=pinned_budget_bytes, ram_budget_bytes=ram_budget_bytes,
                                           disk_dir=disk_dir)
     device = device or default_device()
+    gpu_path = device.kernel_flavor == "gpu" and store.layout.fmt == "fp4"
+    stream = gpu_path if prefill_stream is None else bool(prefill_stream) and gpu_path
+    stage = min(stage_experts or n_experts, n_experts) if stream else 0
     if expert_cache_slots is None and slots_per_layer is None:
-        fit = device.free_bytes // store.expert_bytes - len(tuple(pinned_keys))
+        fit = (device.free_bytes - 2 * stage * store.expert_bytes) // store.expert_bytes - len(tuple(pinned_keys))
         expert_cache_slots = max(1, min(fit, len(store.keys())))
     cache = ExpertCache(store, device, n_slots=expert_cache_slots if slots_per_layer is None else None,
                         slots_per_layer=slots_per_layer, policy=policy or DEFAULT_POLICY, pinned_keys=pinned_keys,
@@ -337,5 +348,15 @@ def build_cached_backend(
     hidden = w1.shape[1] * (2 if store.layout.fmt == "fp4" else 1)
     measured = {k: v for k, v in (("link_gbps", link_gbps), ("cpu_gbps", cpu_gbps)) if v is not None}
     miss = MissPolicy(costs_for_expert(store.expert_bytes, hidden, w1.shape[0], **measured), mode=miss_mode)
-    return CachedExpertBackend(cache, swiglu_limit=swiglu_limit, cpu_backend=cpu_backend, miss_policy=miss,
-                               compute_dtype=compute_dtype, pipeline_depth=pipeline_depth)
+    backend = CachedExpertBackend(cache, swiglu_limit=swiglu_limit, cpu_backend=cpu_backend, miss_policy=miss,
+                                  compute_dtype=compute_dtype, pipeline_depth=pipeline_depth)
+    if stream and backend.fused is not None:
+        from offload.gpu_decode import fused_kernels
+        from offload.prefill_stream import PrefillStreamer
+
+        room = device.free_bytes // (2 * store.expert_bytes + 8 * n_experts)
+        if min(stage, room) >= 1:
+            backend.prefill = PrefillStreamer(store, device, fused_kernels(), n_experts=n_experts,
+                                              swiglu_limit=swiglu_limit, capacity=min(stage, room),
+                                              min_rows=prefill_min_rows)
+    return backend
