@@ -25,6 +25,7 @@ from offload.cpu_backend import HostExpertBackend
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 
 DEFAULT_MAX_CHUNK_TOKENS = 512
+GPU_MAX_CHUNK_TOKENS = 2048  # on a GPU (or its stand-in) prefill streams each layer's experts once per chunk
 DEFAULT_RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
 THINK_MAX_MIN_CONTEXT_TOKENS = 393216  # DeepSeek's model card: at least 384K of context for Think Max
 _DTYPES = {
@@ -327,7 +328,7 @@ def load(
     weights_dtype: str = "fp8",
     device: str | torch.device = "cpu",
     expert_backend: Any = None,
-    max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+    max_chunk_tokens: int | None = None,
     ramp_tokens: Sequence[int] | None = None,
     kv_budget_bytes: int | None = None,
     kv_device: str | None = "auto",
@@ -371,6 +372,10 @@ def load(
     """
     from homerun.formats.loader import open_checkpoint
     t0 = time.perf_counter()
+    if max_chunk_tokens is None:  # prefill chunk: 2048 where a GPU (or a CUDA stand-in) runs the layers, else 512
+        gpu = torch.device(device).type == "cuda" or (placement is not None and any(
+            d.kind in ("cuda", "cuda-standin") for d in placement.devices))
+        max_chunk_tokens = GPU_MAX_CHUNK_TOKENS if gpu else DEFAULT_MAX_CHUNK_TOKENS
     if weights_dtype not in WEIGHTS_DTYPES:
         raise UsageError(f"unknown weights_dtype {weights_dtype!r}", hint=f"use one of {', '.join(WEIGHTS_DTYPES)}")
     compute = _compute_dtype(dtype)
