@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define HR_ABI_VERSION 3
+#define HR_ABI_VERSION 4
 
 /* Code paths; HR_PATH_AUTO picks the best one this CPU supports. */
 #define HR_PATH_AUTO 0
@@ -104,6 +104,17 @@ int hr_attend_one(int path, const float *q, const float *kv, int64_t n, int64_t 
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
+
+/* Prefill (hr_prefill.inc): rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> bf16 out
+ * [r1 - r0, K], exactly (e4m3 x 2^e fits bf16). */
+int hr_fp8_to_bf16(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, uint16_t *out);
+/* Measured peak of one unit over every pool thread, in operations per second (a multiply-add counts 2): kind
+ * HR_PEAK_INT8 (AVX512-VNNI vpdpbusd), HR_PEAK_BF16_KIND (AVX512-BF16 vdpbf16ps), HR_PEAK_FP32 (AVX-512 FMA);
+ * 0 when this CPU or build lacks it. */
+#define HR_PEAK_INT8 1
+#define HR_PEAK_BF16_KIND 2
+#define HR_PEAK_FP32 3
+double hr_unit_peak(int kind, int64_t iters);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,133 @@
+"""Prefill-sized dense GEMMs on the CPU: FP8 (e4m3 + ue8m0 128x128) and bf16 weights times activations rounded to
+bf16, on the bf16 units (AVX512-BF16 / AMX-BF16 through oneDNN, which torch's bf16 matmul calls), with fp32
+accumulation inside the GEMM; and the measured peaks of the units a prefill uses (`unit_peak`).
+
+Why bf16 and not int8 for these matrices: an e4m3 weight times a power-of-two scale is exactly a bf16 number, so the
+bf16 GEMM keeps the weights exact and rounds only the activations (and the output) to bf16 (relative error ~3e-3 per
+linear, bound 1e-2); int8 would also round the weights (e4m3 has a 4-bit significand over a 2^8 range per block).
+The FP8 -> bf16 conversion runs natively (`hr_fp8_to_bf16`, a table lookup per byte on every thread) in row blocks of
+at most `BLOCK_ELEMS` elements, so no resident bf16 copy exists and the transient stays bounded; at prefill sizes it
+costs well under 5% of the GEMM (one conversion per weight element against 2 x rows flops).
+
+`prefill_linear(w, scale, x)`: y = x W^T in fp32 out; `prefill_grouped(w, scale, x, groups)`: the block-diagonal
+projection (V4's wo_a). Without the native library the conversion falls back to torch (same bytes, slower).
+Not here: which kernel a forward uses (homerun.kernels.dispatch), decode-sized rows (homerun.kernels.cpu_dense).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from homerun.errors import KernelError
+from homerun.formats.quant import FP8_BLOCK, dequant_fp8
+
+# bf16 weight blocks are kept under this many elements (32 MiB).
+BLOCK_ELEMS = 1 << 24
+PEAK_KINDS = {"int8": 1, "bf16": 2, "fp32": 3}
+
+_bound: ctypes.CDLL | bool | None = None
+
+
+def _lib() -> ctypes.CDLL | None:
+    """The kernel library with this module's entry points bound, or None (not built, or an older build)."""
+    global _bound
+    if _bound is None:
+        from homerun.kernels.cpu_experts import _native
+
+        lib = _native()
+        _bound = False
+        if lib is not None and hasattr(lib, "hr_fp8_to_bf16"):
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            lib.hr_fp8_to_bf16.argtypes = [p, p, i64, i64, i64, i64, p]
+            lib.hr_fp8_to_bf16.restype = ctypes.c_int
+            lib.hr_unit_peak.argtypes = [ctypes.c_int, i64]
+            lib.hr_unit_peak.restype = ctypes.c_double
+            _bound = lib
+    return _bound or None
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def fp8_to_bf16(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of an FP8 weight [N, K] with ue8m0 128x128 scales -> bf16 [r1 - r0, K], exactly the fp32
+    dequantization rounded to bf16 (which is exact for e4m3 x 2^e)."""
+    n, k = w.shape
+    r0, r1 = rows if rows is not None else (0, n)
+    lib = _lib()
+    if lib is None or w.device.type != "cpu":
+        s0, s1 = r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)
+        full = dequant_fp8(w[s0 * FP8_BLOCK : min(s1 * FP8_BLOCK, n)], scale[s0:s1], torch.bfloat16)
+        return full[r0 - s0 * FP8_BLOCK : r1 - s0 * FP8_BLOCK]
+    wb = w.contiguous().view(torch.uint8)
+    sb = scale.contiguous().view(torch.uint8)
+    out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
+    rc = lib.hr_fp8_to_bf16(wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr())
+    if rc != 0:
+        raise KernelError(f"native FP8 -> bf16 conversion failed with code {rc}", hint="check the weight's shape")
+    return out
+
+
+def _row_block(n: int, k: int) -> int:
+    return max(FP8_BLOCK, (BLOCK_ELEMS // max(k, 1)) // FP8_BLOCK * FP8_BLOCK)
+
+
+def prefill_linear(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] fp32, activations rounded to bf16, bf16 GEMM with fp32 accumulation. W: FP8
+    [N, K] with `scale`, or bf16 [N, K] (scale None)."""
+    xb = x.to(torch.bfloat16)
+    if scale is None:
+        if w.dtype != torch.bfloat16:
+            raise KernelError(f"prefill_linear takes FP8 or bf16 weights, got {w.dtype}", hint="keep fp32 in fp32")
+        return F.linear(xb, w).float()
+    n, k = w.shape
+    rb = _row_block(n, k)
+    if rb >= n:
+        return F.linear(xb, fp8_to_bf16(w, scale)).float()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, n, rb):
+        r1 = min(r0 + rb, n)
+        y[..., r0:r1] = F.linear(xb, fp8_to_bf16(w, scale, (r0, r1)))
+    return y
+
+
+def prefill_grouped(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Block-diagonal projection x [T, G, in] -> [T, G, out/G] (group g: rows g*out/G ...), as prefill_linear."""
+    n, k = w.shape
+    per = n // groups
+    y = torch.empty(x.shape[0], groups, per, dtype=torch.float32, device=x.device)
+    xb = x.to(torch.bfloat16)
+    for g in range(groups):
+        wg = w[g * per : (g + 1) * per] if scale is None else fp8_to_bf16(w, scale, (g * per, (g + 1) * per))
+        y[:, g] = F.linear(xb[:, g], wg)
+    return y
+
+
+def unit_peak(kind: str, iters: int = 2_000_000) -> float | None:
+    """The measured peak of one unit over every kernel thread, in GOP/s (a multiply-add counts 2): "int8"
+    (AVX512-VNNI), "bf16" (AVX512-BF16), "fp32" (AVX-512 FMA); None where this CPU or build lacks it."""
+    lib = _lib()
+    if lib is None or kind not in PEAK_KINDS:
+        return None
+    ops = float(lib.hr_unit_peak(PEAK_KINDS[kind], int(iters)))
+    return ops / 1e9 if ops > 0 else None
+
+
+def gemm_peak_gflops(rows: int = 512, k: int = 4096, n: int = 4096, reps: int = 3) -> float:
+    """Achieved GFLOP/s of torch's bf16 GEMM at a prefill shape (the unit prefill_linear runs on), median of reps."""
+    import time
+
+    a = torch.randn(rows, k).bfloat16()
+    b = torch.randn(n, k).bfloat16()
+    F.linear(a, b)
+    ts = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        F.linear(a, b)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 2.0 * rows * k * n / ts[len(ts) // 2] / 1e9

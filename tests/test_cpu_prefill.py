@@ -1,0 +1,110 @@
+"""CPU prefill at compute speed (issue 19): FP8 -> bf16 weight blocks (exact), bf16 prefill GEMMs within the fast
+bound, the kernel set following the expert activation mode, the unit peaks, and the model's prefill logits in both
+modes (fp32 exact against the torch set; the fast mode close)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import homerun
+from homerun.kernels import cpu_gemm, dispatch
+from homerun.models.layers import QLinear
+
+needs_native = pytest.mark.skipif(not cpu_gemm.available(), reason="native kernels not built")
+
+
+def _fp8(n: int, k: int, seed: int = 0) -> QLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.7).to(torch.float8_e4m3fn)
+    s = torch.randint(118, 130, (-(-n // 128), -(-k // 128)), generator=g, dtype=torch.uint8)
+    return QLinear(w, s.view(torch.float8_e8m0fnu))
+
+
+@needs_native
+@pytest.mark.parametrize("shape,rows", [((256, 384), None), ((384, 256), (128, 384)), ((200, 136), (64, 200))])
+def test_fp8_to_bf16_is_exact(shape, rows):
+    lin = _fp8(*shape)
+    r0, r1 = rows or (0, shape[0])
+    got = cpu_gemm.fp8_to_bf16(lin.weight, lin.scale, rows)
+    want = lin.dequant(torch.float32)[r0:r1]
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.equal(got.float(), want)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_prefill_linear_within_bound(groups):
+    lin = _fp8(512, 256, seed=1)
+    x = torch.randn(96, groups, 256) if groups > 1 else torch.randn(96, 256)
+    if groups > 1:
+        ref, got = lin.torch_grouped(x, groups), cpu_gemm.prefill_grouped(lin.weight, lin.scale, x, groups)
+    else:
+        ref, got = lin.torch_forward(x), cpu_gemm.prefill_linear(lin.weight, lin.scale, x)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert got.dtype == torch.float32 and 0 < rel <= 1e-2
+
+
+def test_prefill_linear_row_blocks(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 128 * 256)  # several row blocks
+    lin = _fp8(512, 256, seed=2)
+    x = torch.randn(70, 256)
+    rel = ((cpu_gemm.prefill_linear(lin.weight, lin.scale, x) - lin.torch_forward(x)).norm()
+           / lin.torch_forward(x).norm()).item()
+    assert rel <= 1e-2
+
+
+@needs_native
+def test_kernel_set_follows_the_act_mode():
+    if dispatch.native_dense() is None:
+        pytest.skip("native dense kernels not built")
+    k = dispatch.kernels_for("cpu", torch.float32, 512)
+    assert type(k) is dispatch.CpuPrefillKernels
+    assert dispatch.for_act(k, "fp32") is k and dispatch.for_act(k, None) is k
+    fast = dispatch.for_act(k, "int8")
+    assert fast.name == "cpu-bf16" and dispatch.for_act(k, "bf16") is fast
+    dec = dispatch.kernels_for("cpu", torch.float32, 1)
+    assert dispatch.for_act(dec, "int8") is dec  # decode keeps the exact native set
+    # narrow outputs (the router) and fp32-kept weights stay exact in the fast set
+    router = QLinear(torch.randn(dispatch.EXACT_MAX_OUT, 256))
+    x = torch.randn(80, 256)
+    assert torch.equal(fast.linear(router, x), router.torch_forward(x))
+    wide = _fp8(1024, 256, seed=3)
+    assert not torch.equal(fast.linear(wide, x), wide.torch_forward(x))
+
+
+@needs_native
+def test_unit_peaks_are_positive_or_absent():
+    for kind in ("int8", "bf16", "fp32"):
+        p = cpu_gemm.unit_peak(kind, iters=20_000)
+        assert p is None or p > 0
+    assert cpu_gemm.unit_peak("fp64") is None
+
+
+@pytest.fixture(scope="module")
+def prefill_models(tiny_checkpoints):
+    path = tiny_checkpoints["mixed"]
+    return {act: homerun.load(path, expert_act=act) for act in ("fp32", "int8")}
+
+
+def test_model_prefill_both_modes(prefill_models):
+    """fp32 stays exact (the same logits as the torch kernel set); the fast mode stays close."""
+    ids = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    exact = prefill_models["fp32"]
+    got = exact.session().feed(ids)
+    restore = dispatch.set_native(False)
+    try:
+        ref = exact.session().feed(ids)
+    finally:
+        restore()
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 5e-6 * scale
+    calls = []
+    real = cpu_gemm.prefill_linear
+    cpu_gemm.prefill_linear = lambda *a: calls.append(1) or real(*a)
+    try:
+        fast = prefill_models["int8"].session().feed(ids)
+    finally:
+        cpu_gemm.prefill_linear = real
+    assert calls  # the bf16 GEMMs ran
+    err = (fast - ref).abs().max().item()
+    assert 0 < err <= 5e-2 * scale
