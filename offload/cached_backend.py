@@ -25,6 +25,10 @@ from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
 from offload.base import BackendStats, ExpertBackend, ExpertWeights, swiglu_expert
 from offload.cache import ExpertCache
 from offload.gpu_decode import FUSED_MAX_ROWS
+
+# Bytes per prefill stage (two stages): a V4-Flash layer's 256 experts are ~3.4 GB, so a 32 GB card stages a layer in
+# groups (~38 experts of 13.4 MB per group at this size); the plan should reserve 2x this on each GPU.
+DEFAULT_STAGE_BYTES = 512 << 20
 from offload.miss_policy import MissPolicy, MissSplit
 from offload.prefetch import Prefetcher
 
@@ -320,8 +324,8 @@ def build_cached_backend(
     `cpu_backend="reference"` computes misses with ReferenceExpertBackend over the host store; pass a
     CpuExpertBackend instance for the native kernels, or None to stream every miss. On a GPU-flavored device with
     FP4 experts (the fused decode path), `prefill_stream` (default on there) attaches a PrefillStreamer whose two
-    stages hold `stage_experts` experts each (default: a layer's experts, within what the device has left after
-    the cache); calls with more than `prefill_min_rows` tokens take it."""
+    stages hold `stage_experts` experts each (default: DEFAULT_STAGE_BYTES worth, at most a layer's experts and a
+    quarter of what the device has left); calls with more than `prefill_min_rows` tokens take it."""
     from offload.base import ReferenceExpertBackend
     from offload.devices import default_device
     from offload.host_store import HostExpertStore
@@ -335,7 +339,8 @@ def build_cached_backend(
     device = device or default_device()
     gpu_path = device.kernel_flavor == "gpu" and store.layout.fmt == "fp4"
     stream = gpu_path if prefill_stream is None else bool(prefill_stream) and gpu_path
-    stage = min(stage_experts or n_experts, n_experts) if stream else 0
+    per_stage = stage_experts or max(1, DEFAULT_STAGE_BYTES // store.expert_bytes)
+    stage = min(per_stage, n_experts) if stream else 0
     if expert_cache_slots is None and slots_per_layer is None:
         fit = (device.free_bytes - 2 * stage * store.expert_bytes) // store.expert_bytes - len(tuple(pinned_keys))
         expert_cache_slots = max(1, min(fit, len(store.keys())))
@@ -354,7 +359,7 @@ def build_cached_backend(
         from offload.gpu_decode import fused_kernels
         from offload.prefill_stream import PrefillStreamer
 
-        room = device.free_bytes // (2 * store.expert_bytes + 8 * n_experts)
+        room = (device.free_bytes // 4) // (2 * store.expert_bytes)  # never more than a quarter of what is left
         if min(stage, room) >= 1:
             backend.prefill = PrefillStreamer(store, device, fused_kernels(), n_experts=n_experts,
                                               swiglu_limit=swiglu_limit, capacity=min(stage, room),
