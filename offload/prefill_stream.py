@@ -193,7 +193,7 @@ class PrefillStreamer:
             st.last_use = ev
 
     def stats(self) -> dict:
-        tot = defaultdict(float)
+        tot = {k: 0.0 for k in _LayerCounters().to_dict()}
         for c in self.layers.values():
             for k, v in c.to_dict().items():
                 tot[k] += v
