@@ -219,12 +219,19 @@ class BenchRecord:
     ms_per_layer: float = 0.0  # ms_per_token / n_layers: includes each layer's share of embedding and head
     notes: tuple[str, ...] = ()
     synthetic: dict[str, Any] | None = None  # --synthetic: the written model (card, layers, bytes, write time)
+    # The GPU path's costs (on CUDA, or with --hw PROFILE --standin on CUDA stand-ins; None elsewhere): device work of
+    # one decode token (homerun.kernels.counting: ATen ops + Triton launches, host syncs), and per device the peak
+    # accounted bytes against the plan's bytes for it.
+    launches_per_token: float | None = None
+    host_syncs_per_token: float | None = None
+    devices: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["links"] = {k: v.to_dict() for k, v in self.links.items()}
         d["limits"] = self.limits.to_dict()
         d["notes"] = list(self.notes)
+        d["devices"] = [dict(x) for x in self.devices]
         return d
 
 
@@ -244,6 +251,32 @@ class RunInfo:
     limits: Limits
     correctness: dict[str, Any]
     notes: tuple[str, ...] = ()
+    planned_device_bytes: tuple[int, ...] = ()  # the plan's bytes per GPU, in placement order (with a placement)
+
+
+def gpu_path(model: Any) -> bool:
+    """Whether the model runs the GPU code path somewhere (a CUDA device, or a CUDA stand-in)."""
+    kinds = {d.kind for d in (model.devices or {}).values()}
+    return model.device.type == "cuda" or bool(kinds & {"cuda", "cuda-standin"})
+
+
+def gpu_costs(model: Any, seed: int, planned: Sequence[int] = ()) -> dict[str, Any]:
+    """One counted decode token (after a short untimed prefix) and each placed device's peak bytes vs the plan."""
+    from homerun.kernels.counting import count_device_work
+
+    sess = model.session()
+    vocab = model.args.vocab_size
+    sess.feed(synthetic_ids(4, vocab, seed + 3))
+    tok = synthetic_ids(1, vocab, seed + 4)
+    with count_device_work() as counter:
+        sess.feed(tok)
+    devices = []
+    gpus = [u for u in model.device_usage() if u["kind"] in ("cuda", "cuda-standin")] if model.devices else []
+    for i, u in enumerate(gpus):
+        devices.append({"name": u["name"], "kind": u["kind"], "peak_device_bytes": u["peak_bytes"],
+                        "planned_device_bytes": planned[i] if i < len(planned) else None})
+    return {"launches_per_token": float(counter.c.device_launches), "host_syncs_per_token": float(counter.c.syncs),
+            "devices": tuple(devices)}
 
 
 def _link(nbytes: float, seconds: float, limit: float | None) -> LinkUse:
@@ -352,6 +385,9 @@ def run_test(target: BenchTarget, test: BenchTest, *, repetitions: int, seed: in
         links, hit = links_for(samples, resident_bytes=resident, on_gpu=on_gpu, has_cache=target.has_cache,
                                bytes_per_expert=target.bytes_per_expert, limits=info.limits)
         records.append(make_record(info, test, cache, samples, links, hit, predicted_ts, host))
+    if gpu_path(model):
+        costs = gpu_costs(model, seed, info.planned_device_bytes)
+        records = [replace(r, **costs) for r in records]
     return records
 
 
@@ -394,6 +430,7 @@ class BenchOptions:
     cache_slots: tuple[int | None, ...] = (None,)  # one run per value; None = no expert cache
     dtype: str = "float32"
     gate: bool = True
+    standin: bool = False  # run the profile's plan placement on CUDA stand-ins (the GPU code path on this CPU)
 
 
 def load_reference(path: str | Path, *, resident_bytes: int) -> tuple[Any, str]:

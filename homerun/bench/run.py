@@ -4,6 +4,7 @@ test, each record carrying the machine, the plan's prediction and the links used
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,10 +38,12 @@ def bench_model(
     if opts.gate:  # first, so the reference model never sits in RAM next to the benchmarked one
         say("correctness gate: reference logits (plain fp32 path)")
         ref = reference_logits(path, _vocab(path), resident_bytes=_resident_estimate(path))
+    placement, planned = _placement(path, profile) if opts.standin else (None, ())
     records: list[BenchRecord] = []
     for slots in opts.cache_slots:
         say(f"loading {path} ({opts.kind} experts{'' if slots is None else f', cache of {slots} slots'})")
-        target, label, notes = open_target(path, kind=opts.kind, cache_slots=slots, dtype=opts.dtype, act=opts.act)
+        target, label, notes = open_target(path, kind=opts.kind, cache_slots=slots, dtype=opts.dtype, act=opts.act,
+                                           placement=placement)
         if make_backend_hook is not None:
             target.make_backend = (lambda inner: (lambda: make_backend_hook(inner())))(target.make_backend)
             target.fresh_backend()
@@ -50,6 +53,7 @@ def bench_model(
             gate = correctness_gate(target.model, lambda ids: ref[0], reference_label=ref[1], act=target.act)
         info = _run_info(target.model, path, model_name=model_name, label=label, profile=profile, slots=slots,
                          limits=limits, gate=gate, notes=tuple(notes))
+        info = replace(info, planned_device_bytes=planned)
         for test in opts.tests:
             say(f"{test.name}: {opts.repetitions} repetitions")
             records += run_test(target, test, repetitions=opts.repetitions, seed=opts.seed, info=info,
@@ -57,6 +61,19 @@ def bench_model(
         target.counter.inner.close()
         del target
     return records
+
+
+def _placement(path: str | Path, profile: Any) -> tuple[Any, tuple[int, ...]]:
+    """The profile's plan for this checkpoint as a placement on CUDA stand-ins, and the plan's bytes per GPU."""
+    from homerun.engine.placement import placement_from_plan
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.planner import plan
+
+    p = plan(*resolve_model(str(path)), profile)
+    doc = p.to_dict()
+    gpus = [st["device"] for st in doc["layout"]["stages"] if st["kind"] == "gpu"]
+    planned = tuple(sum(r["bytes"] for r in doc["placement"] if r["device"] == g) for g in gpus)
+    return placement_from_plan(p, standin="cuda"), planned
 
 
 def _vocab(path: str | Path) -> int:

@@ -284,8 +284,9 @@ def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch
 
 def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | None = None, dtype: str = "float32",
                 device: str | None = None, progress: Callable[[str, int, int], None] | None = None,
-                act: str = "auto") -> tuple[BenchTarget, str, list[str]]:
-    """Load the checkpoint for benchmarking with the chosen expert backend: (target, backend label, notes)."""
+                act: str = "auto", placement: Any = None) -> tuple[BenchTarget, str, list[str]]:
+    """Load the checkpoint for benchmarking with the chosen expert backend: (target, backend label, notes). With a
+    `placement` (a plan's, e.g. on CUDA stand-ins) the runtime builds the placed backend itself; no cold phase."""
     from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
@@ -294,6 +295,17 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = open_checkpoint(Path(path))
     args = ModelArgs.from_hf_config(ckpt.config)
+    if placement is not None:
+        model = load(path, dtype=dtype, placement=placement, expert_cache_slots=cache_slots, experts=kind,
+                     expert_act=act, progress=progress)
+        placed = model.net.experts
+        first_layer = args.n_hash_layers if args.n_hash_layers < args.n_layers else 0
+        bpe = ckpt.expert(first_layer, 0).nbytes
+        target = BenchTarget(model, lambda: placed, bpe, has_cache=False)
+        target.counter = CountingBackend(placed, bpe)
+        model.net.experts = target.counter
+        kinds = sorted({d.kind for d in model.devices.values()})
+        return target, f"placed({'+'.join(kinds)})+{kind}", [f"plan placement on {', '.join(kinds)} devices"]
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
     factory, label, notes = make_expert_backend(ckpt, args, kind=kind, compute_dtype=compute, cache_slots=cache_slots,
                                                 act=act)
