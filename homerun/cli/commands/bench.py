@@ -62,6 +62,9 @@ def bench(
                                              "warm-up.")] = 5,
     hw: Annotated[str, typer.Option("--hw", help="Profile for the plan's prediction: a name, a .toml path, or 'auto' "
                                     "(this machine, with the DRAM bandwidth measured here).")] = "auto",
+    standin: Annotated[bool, typer.Option("--standin", help="Run the --hw profile's plan placement on CUDA "
+                                          "stand-ins (the GPU code path on this CPU); records then carry "
+                                          "launches_per_token, host_syncs_per_token and per-device bytes.")] = False,
     cache_slots: Annotated[Optional[list[str]], typer.Option("--expert-cache-slots", help="GPU expert-cache slots "
                            "(several values: one run each, for hit rate vs cache size). Default: none on CPU, the "
                            "plan's cache with --synthetic on a GPU.")] = None,
@@ -119,7 +122,7 @@ def bench(
         depths=parse_ints(depth or ["0"], "-d"), repetitions=repetitions, hw=hw,
         cache_slots=parse_ints(cache_slots, "--expert-cache-slots", minimum=1), kind="native" if native else "reference",
         dtype=dtype, synthetic=synthetic, synthetic_layers=synthetic_layers, synthetic_dir=synthetic_dir,
-        synthetic_overrides=_overrides(synthetic_overrides), seed=seed, act=expert_act)
+        synthetic_overrides=_overrides(synthetic_overrides), seed=seed, act=expert_act, standin=standin)
     docs = [r.to_dict() for r in records]
     if save_measured:
         from homerun.bench.setup import save_measured as save
@@ -168,7 +171,8 @@ def _overrides(text: str | None) -> dict[str, Any] | None:
 def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list[int], depths: list[int],
                       repetitions: int, hw: str, cache_slots: list[int], kind: str, dtype: str, synthetic: bool,
                       synthetic_layers: int | None, synthetic_dir: str | None,
-                      synthetic_overrides: dict[str, Any] | None, seed: int, act: str = "auto") -> list[Any]:
+                      synthetic_overrides: dict[str, Any] | None, seed: int, act: str = "auto",
+                      standin: bool = False) -> list[Any]:
     """Resolve the profile and limits, write the synthetic model if asked, run the benchmark, extrapolate."""
     from homerun.bench import setup as bs
     from homerun.bench import model_bench as hb
@@ -196,7 +200,7 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
     slots: list[int | None] = list(cache_slots) or [_default_slots(syn, prof, eff) if syn else None]
     hit = measured.expert_cache_hit_rate.get(syn.card if syn else name) if measured else None
     opts = hb.BenchOptions(tests=tuple(tests), repetitions=repetitions, seed=seed, kind=kind,
-                           cache_slots=tuple(slots), dtype=dtype, act=act)
+                           cache_slots=tuple(slots), dtype=dtype, act=act, standin=standin)
     records = bench_run.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
                              progress=out.plain)
     records, prof = _dram_after(records, tests, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit,
