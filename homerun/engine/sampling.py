@@ -102,7 +102,9 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature-scaled fp32 logits [V] with the top-k / top-p filtered tokens set to -inf."""
+    """Temperature-scaled fp32 logits [V] with the top-k / top-p filtered tokens set to -inf. Temperature comes
+    first, so top-p sees the tempered distribution; top-k keeps the k largest (and any tied with the k-th, as
+    transformers does), then top-p keeps the smallest set of the rest that covers top_p."""
     import torch
 
     x = logits.float() / max(params.temperature, 1e-8)
@@ -112,9 +114,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
         probs = torch.softmax(sorted_x, dim=-1)
-        # Drop a token when the tokens strictly more likely already cover top_p; the first token always stays.
+        # Drop a token when the tokens strictly more likely already cover top_p. The first token always stays: the
+        # mass before it is exactly 0 and top_p > 0 (SamplingParams checks it).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop[0] = False
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return x
 

@@ -1,0 +1,188 @@
+"""Cache-policy edges that users feel as hit rates: LFU's documented LRU tie-break, and "a prefetch is not a use"
+(offload/policies.py `insert(access=False)`, offload/cache.py `prefetch`). Companion of tests/test_policies.py and
+tests/test_cache.py; these pin what mutation testing found unpinned (benchmarks/mutation.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from homerun.errors import UsageError
+from offload.cache import ExpertCache
+from offload.devices import StandInDevice
+from offload.host_store import HostExpertStore, random_packed_expert
+from offload.policies import AdaptivePolicy, ARCPolicy, LFUPolicy, LRUPolicy, make_policy
+
+# --- LFU: ties go to the least recently used -----------------------------------------------------------------------
+
+
+def test_lfu_tie_break_is_lru_not_key_order():
+    p = LFUPolicy(2)
+    p.access("b")
+    p.access("a")  # counts a = b = 1; b is older (and sorts after a)
+    assert p.ranked() == ["b", "a"]
+    assert p.access("c") == (False, "b")
+    assert p.access("b") == (False, "a")  # b comes back with count 2; a (1) and c (1) tie; a is older
+    assert set(p._resident) == {"c", "b"} and p.counts == {"a": 1, "b": 2, "c": 1}
+
+
+def test_lfu_tie_break_follows_the_latest_use():
+    p = LFUPolicy(3)
+    for k in "xyz":
+        p.access(k)
+    for k in "zyx":  # all counts 2; the order of last use is now z, y, x
+        p.access(k)
+    assert p.ranked() == ["z", "y", "x"]
+    assert p.victim() == "z"
+    assert p.victim(exclude=frozenset("z")) == "y"
+    assert p.victim(exclude=frozenset("zy")) == "x"
+    with pytest.raises(UsageError):
+        p.victim(exclude=frozenset("xyz"))
+    assert p.victim() == "z"  # a failed search leaves the heap intact
+
+
+def test_lfu_fewer_uses_lose_to_more_regardless_of_recency():
+    p = LFUPolicy(2)
+    for k in ["a", "a", "b"]:
+        p.access(k)
+    assert p.access("c") == (False, "b")  # b (1, newer) goes before a (2, older)
+    assert p.access("d") == (False, "c")
+
+
+def test_lfu_remove_and_heap_compaction_keep_the_ranking():
+    p = LFUPolicy(4)
+    for i in range(200):  # many hits: stale heap entries pile up and are compacted
+        p.access(i % 4)
+    assert len(p._heap) <= 4 * len(p._resident) + 64
+    assert p.ranked() == [0, 1, 2, 3] and p.victim() == 0
+    p.remove(0)
+    p.remove("absent")
+    assert 0 not in p and len(p) == 3 and p.victim() == 1
+    assert p.insert(9) is None  # a slot was free after the removal
+
+
+# --- a prefetch is not a use ---------------------------------------------------------------------------------------
+
+
+def test_lfu_prefetch_is_resident_but_not_counted():
+    p = LFUPolicy(2)
+    p.access("a")
+    assert p.insert("b", access=False) is None
+    assert "b" in p and p.counts["b"] == 0
+    assert p.access("c") == (False, "b")  # b (0 uses) goes although a is older
+    assert p.insert("d", access=False) == "a"  # a and c have one use each; a is older
+    assert p.counts["d"] == 0 and p.ranked() == ["d", "c"]
+
+
+def test_adaptive_prefetch_is_not_observed():
+    p = AdaptivePolicy(4)
+    assert p.insert((0, 1), access=False) is None
+    assert (0, 1) in p and p._misses == {} and p._shadow["lfu"].counts == {}
+    assert p.insert((0, 2)) is None  # a demand miss is observed: both shadows miss it
+    assert p._misses == {0: {"lru": 1.0, "lfu": 1.0}} and p._shadow["lfu"].counts == {(0, 2): 1}
+
+
+@pytest.mark.parametrize("cls", [LRUPolicy, LFUPolicy, ARCPolicy, AdaptivePolicy])
+def test_every_policy_accepts_prefetch_inserts(cls):
+    p = cls(2)
+    assert p.insert("a", access=False) is None and "a" in p and len(p) == 1
+
+
+@pytest.fixture
+def store():
+    g = torch.Generator().manual_seed(0)
+    ex = {(l, e): random_packed_expert(64, 32, g) for l in range(2) for e in range(6)}
+    return HostExpertStore(lambda l, e: ex[(l, e)], list(ex))
+
+
+def _lfu_cache(store, **kw):
+    return ExpertCache(store, StandInDevice("gpu0", 1 << 30), policy="lfu", **kw)
+
+
+def test_cache_prefetch_is_not_a_use(store):
+    c = _lfu_cache(store, n_slots=2)
+    c.acquire((0, 0))  # used once
+    assert c.prefetch((0, 1))  # resident, never used
+    c.acquire((0, 2))  # a miss needs a slot: the unused prefetch goes, not the used (and older) expert
+    assert (0, 0) in c and (0, 2) in c and (0, 1) not in c
+    s = c.stats().layers[0]
+    assert (s.hits, s.misses, s.prefetches, s.promotions) == (0, 2, 1, 0)
+    c.close()
+
+
+def test_cache_prefetch_then_use_counts_one_use(store):
+    c = _lfu_cache(store, n_slots=2)
+    c.acquire((0, 0))
+    c.prefetch((0, 1))
+    c.acquire((0, 1))  # a hit: now one use each, (0, 0) older
+    c.acquire((0, 2))
+    assert (0, 1) in c and (0, 0) not in c
+    assert c._policy(0).counts[(0, 1)] == 1
+    c.close()
+
+
+def test_cache_promotion_is_a_use(store):
+    c = _lfu_cache(store, n_slots=2)
+    c.acquire((0, 0))
+    c.record_miss((0, 1))  # served on the CPU...
+    assert c.prefetch((0, 1), promotion=True)  # ...then promoted: that miss was a use
+    c.acquire((0, 2))  # (0, 0) and (0, 1) have one use each; (0, 0) is older
+    assert (0, 1) in c and (0, 0) not in c
+    s = c.stats().layers[0]
+    assert (s.misses, s.prefetches, s.promotions) == (3, 0, 1)
+    c.close()
+
+
+def test_cache_prefetch_refusals(store):
+    c = _lfu_cache(store, n_slots=2)
+    c.acquire((0, 0))
+    assert not c.prefetch((0, 0))  # resident already
+    in_use = frozenset({(0, 0), (0, 3)})
+    c.acquire((0, 3), in_use=in_use)
+    assert not c.prefetch((0, 4), in_use=in_use)  # full, and every slot is in use: nothing may be evicted
+    assert c.prefetch((0, 4), in_use=frozenset({(0, 0)}))
+    assert (0, 4) in c and (0, 0) in c and (0, 3) not in c
+    s = c.stats().layers[0]
+    assert s.prefetches == 1
+    c.close()
+
+
+def test_cache_touch_counts_a_hit_and_a_use(store):
+    c = _lfu_cache(store, n_slots=2)
+    c.acquire((1, 0))
+    c.acquire((1, 1))
+    c.touch((1, 0))  # served by the device: a hit, and a use for the policy
+    c.acquire((1, 2))
+    assert (1, 0) in c and (1, 1) not in c
+    assert c.stats().layers[0].hits == 1
+    c.close()
+
+
+def test_cache_pinned_hits_do_not_touch_the_policy(store):
+    c = _lfu_cache(store, n_slots=1, pinned_keys=[(0, 5)])
+    c.acquire((0, 5))
+    c.touch((0, 5))
+    assert (0, 5) not in c._policy(0) and c._policy(0).counts == {}
+    assert c.stats().layers[0].hits == 2 and c.is_pinned((0, 5)) and not c.is_pinned((0, 4))
+    c.close()
+
+
+def test_eviction_clears_the_slot_table_and_frees_the_slot(store):
+    c = _lfu_cache(store, n_slots=1)
+    c.acquire((0, 1))
+    c.commit()
+    slot = c.slot((0, 1))
+    assert int(c.slot_table[0, 1]) == slot
+    c.acquire((0, 2))  # evicts (0, 1)
+    assert int(c.slot_table[0, 1]) == -1 and int(c.slot_table[0, 2]) == -1  # (0, 2) still in flight
+    assert c.commit(layer=1) == 0 and c.commit(layer=0) == 1
+    assert int(c.slot_table[0, 2]) == slot  # the freed slot was reused
+    c.close()
+
+
+def test_make_policy_names():
+    assert isinstance(make_policy("lfu", 1), LFUPolicy)
+    with pytest.raises(UsageError, match="unknown cache policy 'mru'"):
+        make_policy("mru", 1)
+    with pytest.raises(UsageError):
+        LRUPolicy(0)
