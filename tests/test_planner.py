@@ -186,9 +186,53 @@ def test_fp8_kv_extends_a_kv_limited_context():
 
 
 def test_planner_is_pure():
+    """Same inputs, same Plan, with no file, process, network or hardware access, and the inputs left as they were."""
+    import builtins
+    import copy
+    import io
+    import pathlib
+    import socket
+    import subprocess
+
     spec, inv = resolve_model("v4-flash")
     prof = load_profile("rtx5090-192gb")
-    assert plan(spec, inv, prof).to_dict() == plan(spec, inv, prof).to_dict()
+    before = copy.deepcopy((spec, inv, prof))
+    # Independently built inputs (resolved and loaded a second time) must give the same plan ...
+    spec2, inv2 = resolve_model("v4-flash")
+    expected = plan(spec2, inv2, load_profile("rtx5090-192gb"), PlanOptions()).to_dict()
+
+    calls = []
+
+    def forbidden(*args, **kwargs):
+        calls.append(args)
+        raise OSError(f"the planner did I/O or asked the hardware: {args!r}")
+
+    ways_out = [(builtins, "open"), (io, "open"), (pathlib.Path, "open"), (pathlib.Path, "read_text"),
+                (pathlib.Path, "read_bytes"), (pathlib.Path, "iterdir"), (subprocess, "run"), (subprocess, "Popen"),
+                (socket, "socket")]
+    for module in ("psutil", "torch"):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        if module == "psutil":
+            ways_out += [(mod, n) for n in ("virtual_memory", "cpu_count", "cpu_freq", "disk_usage")]
+        else:
+            ways_out += [(mod.cuda, n) for n in ("is_available", "device_count", "mem_get_info",
+                                                 "get_device_properties")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in ways_out]
+    try:  # patched by hand and restored before any assertion: pytest itself opens files to report a failure
+        for obj, name, _ in saved:
+            setattr(obj, name, forbidden)
+        # ... and so must the same objects again, with every way out made to fail (the planner takes none) ...
+        got = [plan(spec, inv, prof).to_dict(), plan(spec, inv, prof, PlanOptions()).to_dict()]
+    finally:
+        for obj, name, original in saved:
+            setattr(obj, name, original)
+    assert calls == []
+    assert got == [expected, expected]
+    # ... leaving its inputs as they were.
+    assert (spec, inv, prof) == before
 
 
 @pytest.mark.parametrize("profile", list_profiles())
