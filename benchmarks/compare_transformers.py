@@ -19,6 +19,7 @@ routed experts on its native CPU kernels (int8 activation blocks by default wher
     python benchmarks/compare_transformers.py --layers 2 --experts 32 --vocab 129280  # lm head dominates: 3.3 GB
     python benchmarks/compare_transformers.py --layers 1 --experts 64 --gen 32 --json
     python benchmarks/compare_transformers.py --checkpoint ./some-v4-checkpoint
+    python benchmarks/compare_transformers.py --checkpoint CKPT --prefill 512,4096 --repeat 3   # prefill tok/s
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _rss_now() -> dict:
     return out
 
 
-def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "auto") -> dict:
+def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "auto", pre_warm: int = 0) -> dict:
     import homerun  # noqa: F401 - before torch, so homerun's OpenMP wait policy applies as it does in the CLI
     import torch
 
@@ -68,6 +69,8 @@ def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "au
     target, backend, _ = open_target(ckpt, kind="native", dtype="float32", device="cpu", act=act)
     model = target.model
     load_s = time.perf_counter() - t0
+    if pre_warm:  # an untimed short prefill first: weights paged in, threads and allocator warm
+        model.session().feed(_ids(pre_warm, model.args.vocab_size, seed=3))
     sess = model.session()
     t0 = time.perf_counter()
     logits = sess.feed(_ids(prompt, model.args.vocab_size))
@@ -79,14 +82,14 @@ def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "au
         tok = int(torch.argmax(logits))
         out.append(tok)
         logits = sess.feed([tok])
-    decode_s = time.perf_counter() - t0
+    decode_s = max(time.perf_counter() - t0, 1e-9)
     return {"side": "homerun", "backend": backend, "expert_act": target.act, "compute_dtype": "float32",
             "load_s": load_s,
             "prefill_tok_s": prompt / prefill_s, "decode_tok_s": gen / decode_s, "tokens": out,
             "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
 
 
-def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
+def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int, pre_warm: int = 0) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -99,6 +102,8 @@ def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
     vocab = model.config.vocab_size
     out = []
     with torch.inference_mode():
+        if pre_warm:
+            model(torch.tensor([_ids(pre_warm, vocab, seed=3)]), use_cache=True)
         t0 = time.perf_counter()
         res = model(torch.tensor([_ids(prompt, vocab)]), use_cache=True)
         prefill_s = time.perf_counter() - t0
@@ -110,15 +115,16 @@ def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int) -> dict:
             out.append(tok)
             res = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
             past, logits = res.past_key_values, res.logits[0, -1]
-        decode_s = time.perf_counter() - t0
+        decode_s = max(time.perf_counter() - t0, 1e-9)
     return {"side": "transformers", "backend": type(model).__name__, "compute_dtype": str(model.dtype).replace("torch.", ""),
             "load_s": load_s, "prefill_tok_s": prompt / prefill_s, "decode_tok_s": gen / decode_s, "tokens": out,
             "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
 
 
-def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s: int, act: str = "auto") -> dict:
+def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s: int, act: str = "auto",
+             pre_warm: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", ckpt, "--prompt", str(prompt), "--gen", str(gen),
-           "--warmup", str(warmup), "--expert-act", act]
+           "--warmup", str(warmup), "--expert-act", act, "--pre-warm", str(pre_warm)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         return {"side": side, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
@@ -149,6 +155,43 @@ def _packed_bytes(ckpt: str) -> int:
     return int(index["metadata"]["total_size"])
 
 
+def prefill_mode(a: argparse.Namespace, ckpt: str, write_s: float) -> int:
+    """Prefill tok/s of both sides at each prompt length: alternating rounds, medians, peak RSS ratio, the 2x goal."""
+    prompts = [int(p) for p in str(a.prefill).split(",") if p.strip()]
+    doc: dict = {"checkpoint": ckpt, "packed_bytes": _packed_bytes(ckpt), "checkpoint_ready_s": write_s,
+                 "threads": os.cpu_count(), "repeat": a.repeat, "pre_warm_tokens": a.pre_warm, "prompts": {}}
+    for n in prompts:
+        runs: dict[str, list[dict]] = {"homerun": [], "transformers": []}
+        for _ in range(max(1, a.repeat)):
+            for side in ("homerun", "transformers"):
+                dram = _dram_gbps()
+                r = run_side(side, ckpt, n, 0, 0, a.timeout, a.expert_act, a.pre_warm)
+                r["dram_read_gbps_before"] = dram
+                r.pop("tokens", None)
+                runs[side].append(r)
+                if not a.json:
+                    got = f"{r['prefill_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB" \
+                        if "error" not in r else f"error: {r['error']}"
+                    print(f"prompt {n:>6} {side:13} {got}", flush=True)
+        ok = {s: [r for r in rs if "error" not in r] for s, rs in runs.items()}
+        rec: dict = {"homerun": runs["homerun"], "transformers": runs["transformers"]}
+        if ok["homerun"] and ok["transformers"]:
+            med = {s: statistics.median([r["prefill_tok_s"] for r in rs]) for s, rs in ok.items()}
+            rss = {s: max(r["peak_rss_bytes"] for r in rs) for s, rs in ok.items()}
+            rec.update(homerun_prefill_tok_s_median=med["homerun"], transformers_prefill_tok_s_median=med["transformers"],
+                       prefill_speedup=med["homerun"] / med["transformers"],
+                       peak_rss_ratio=rss["homerun"] / rss["transformers"],
+                       goal_prefill_2x=med["homerun"] >= 2 * med["transformers"],
+                       goal_half_rss=rss["homerun"] <= 0.5 * rss["transformers"])
+            if not a.json:
+                print(f"prompt {n}: prefill (medians) homerun {med['homerun']:.2f} vs transformers "
+                      f"{med['transformers']:.2f} tok/s: {rec['prefill_speedup']:.2f}x (goal >= 2x: "
+                      f"{rec['goal_prefill_2x']}); peak RSS ratio {rec['peak_rss_ratio']:.2f}", flush=True)
+        doc["prompts"][str(n)] = rec
+    print(json.dumps(doc, indent=None if not a.json else 2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="an existing official-format V4 checkpoint (default: write a synthetic one)")
@@ -165,19 +208,24 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON document")
     ap.add_argument("--expert-act", default="auto", help="homerun's expert activations: auto (int8 blocks where a "
                     "SIMD int8 kernel exists), fp32 (exact), int8, bf16")
+    ap.add_argument("--prefill", help="prefill mode: comma-separated prompt lengths (e.g. 512,4096); compares prefill "
+                    "tok/s (medians of alternating rounds) after an untimed --pre-warm prefill, no decode")
+    ap.add_argument("--pre-warm", type=int, default=64, help="prefill mode: untimed warm-up prompt tokens first")
     ap.add_argument("--worker", choices=("homerun", "transformers"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         if a.worker == "homerun":
-            print(json.dumps(worker_homerun(a.checkpoint, a.prompt, a.gen, a.warmup, a.expert_act)))
+            print(json.dumps(worker_homerun(a.checkpoint, a.prompt, a.gen, a.warmup, a.expert_act, a.pre_warm)))
         else:
-            print(json.dumps(worker_transformers(a.checkpoint, a.prompt, a.gen, a.warmup)))
+            print(json.dumps(worker_transformers(a.checkpoint, a.prompt, a.gen, a.warmup, a.pre_warm)))
         return 0
     ckpt = a.checkpoint
     t0 = time.perf_counter()
     if ckpt is None:
         ckpt, _ = build_checkpoint(a.layers, a.experts, a.vocab, a.root)
     write_s = time.perf_counter() - t0
+    if a.prefill:
+        return prefill_mode(a, ckpt, write_s)
     packed = _packed_bytes(ckpt)
     runs: dict[str, list[dict]] = {"homerun": [], "transformers": []}
     for _ in range(max(1, a.repeat)):

@@ -225,6 +225,11 @@ class BenchRecord:
     launches_per_token: float | None = None
     host_syncs_per_token: float | None = None
     devices: tuple[dict[str, Any], ...] = ()
+    # pp tests: achieved GFLOP/s of the model's linear layers (2 x multiply-adds of every dense matrix a prompt token
+    # meets plus its top-k routed experts; attention scores not counted), next to the measured unit peaks (GOP/s) of
+    # the CPU's int8 / bf16 / fp32 units (homerun.kernels.cpu_gemm.unit_peak; None where absent).
+    gflops: float | None = None
+    peak_gops: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -385,18 +390,56 @@ def run_test(target: BenchTarget, test: BenchTest, *, repetitions: int, seed: in
         links, hit = links_for(samples, resident_bytes=resident, on_gpu=on_gpu, has_cache=target.has_cache,
                                bytes_per_expert=target.bytes_per_expert, limits=info.limits)
         records.append(make_record(info, test, cache, samples, links, hit, predicted_ts, host))
+    if test.n_prompt:
+        fl = linear_flops_per_token(model.net)
+        records = [replace(r, gflops=fl * r.avg_ts / 1e9, peak_gops=unit_peaks()) for r in records]
     if gpu_path(model):
         costs = gpu_costs(model, seed, info.planned_device_bytes)
         records = [replace(r, **costs) for r in records]
     return records
 
 
+def linear_flops_per_token(net: Any) -> float:
+    """2 x the multiply-adds of one prompt token through the model's linear layers: every dense matrix of every
+    layer (attention, compressors, indexer, router, shared expert) plus its top-k routed experts (the lm head runs for
+    the last token only and is left out)."""
+    from homerun.models.layers import QLinear
+
+    seen: set[int] = set()
+    macs = 0
+
+    def walk(obj: Any) -> None:
+        nonlocal macs
+        if isinstance(obj, QLinear):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                macs += obj.out_features * obj.in_features
+        elif hasattr(obj, "__dataclass_fields__") and not isinstance(obj, torch.Tensor):
+            for v in vars(obj).values():
+                walk(v)
+
+    for layer in net.layers:
+        walk(layer.attn)
+        walk(layer.moe)
+    a = net.args
+    macs += len(net.layers) * a.n_activated_experts * 3 * a.dim * a.moe_inter_dim
+    return 2.0 * macs
+
+
+_PEAKS: dict[str, float | None] = {}
+
+
+def unit_peaks() -> dict[str, float | None]:
+    """The CPU's measured int8 / bf16 / fp32 unit peaks in GOP/s, measured once per process."""
+    if not _PEAKS:
+        from homerun.kernels import cpu_gemm
+
+        _PEAKS.update({k: (round(v, 1) if v else None) for k in ("int8", "bf16", "fp32")
+                       for v in [cpu_gemm.unit_peak(k)]})
+    return dict(_PEAKS)
+
+
 # ---------------------------------------------------------------------------------------------- correctness gate
-
-
-def reference_weights_dtype(model: Any) -> str:
-    """fp32 (FP8 weights dequantized once, a different code path) when small; else the same FP8 with fp32 compute."""
-    return "fp32" if model.net.resident_bytes() * 4 <= REFERENCE_FP32_MAX_BYTES else "fp8"
 
 
 def correctness_gate(model: Any, reference: Any, *, n_tokens: int = GATE_PROMPT_TOKENS, tol: float | None = None,

@@ -65,6 +65,13 @@ class KernelBenchResult:
     by_act: dict  # act -> the FP4/fused/FP8 figures above for that activation mode
     test_time_s: float
     note: str
+    # Prefill (homerun.kernels.prefill_bench): measured unit peaks and what the prefill GEMMs reach against them.
+    int8_peak_gops: float | None = None
+    bf16_peak_gflops: float | None = None
+    dense_prefill_gflops: float | None = None  # FP8 wo_b [4096, 8192] at 512 rows, bf16 GEMM
+    expert_prefill_gops_b64: float | None = None  # fused experts, 64 tokens per expert, int8
+    expert_prefill_peak_ratio_b64: float | None = None
+    prefill: dict | None = None
 
     def to_dict(self) -> dict:
         # Older key names stay in the JSON, derived rather than stored twice.
@@ -286,6 +293,12 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         }
     h = by_act[head_act]
     bf = by_act.get("bf16")
+    pre: dict | None = None
+    if p != "torch":
+        from homerun.kernels.prefill_bench import run_prefill_bench
+
+        pre = run_prefill_bench(reps=min(3, reps), say=say)
+    b64 = (pre or {}).get("experts", {}).get("64", {})
     return KernelBenchResult(
         kernel_path=p,
         act=head_act,
@@ -313,6 +326,12 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         fp4_gemm_bf16_speedup_b64=None if bf is None else bf["gemm_b64_speedup"],
         by_act=by_act,
         test_time_s=round(time.perf_counter() - t_start, 1),
+        int8_peak_gops=(pre or {}).get("peak_gops", {}).get("int8"),
+        bf16_peak_gflops=(pre or {}).get("peak_gops", {}).get("bf16"),
+        dense_prefill_gflops=(pre or {}).get("dense_gflops", {}).get("wo_b", {}).get("bf16_gflops"),
+        expert_prefill_gops_b64=b64.get("gops"),
+        expert_prefill_peak_ratio_b64=b64.get("int8_peak_ratio"),
+        prefill=pre,
         note=f"headline figures use act={head_act} (default_act); best of {reps} repetitions per figure (batch-64 "
              f"GEMM: {min(2, reps)}); DRAM read re-measured before each GEMV pass; tok/s figures are per "
              "[2048, 4096] FP4 matrix; FP8 keeps fp32 activations in every mode",
