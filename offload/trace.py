@@ -324,9 +324,3 @@ def _reuse_process(n_tokens, n_layers, n_experts, top_k, reuse_prob, stack_alpha
                 stack.remove(e)
                 stack.insert(0, e)
             yield t, l, chosen, incl
-
-
-def iter_keys(trace: RoutingTrace) -> Iterator[ExpertKey]:
-    for r in trace.records:
-        for e in r.experts:
-            yield (r.layer, e)

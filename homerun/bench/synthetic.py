@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -196,14 +195,3 @@ def build_synthetic(
     (path / MARKER_FILE).write_text(json.dumps({"config_sha": sha, "card": repo, "seed": seed, "n_layers": n_layers,
                                                 "write_s": write_s}, indent=2) + "\n")
     return SyntheticModel(path=path, reused=False, write_s=write_s, **common)
-
-
-def remove_synthetic(model: SyntheticModel) -> None:
-    """Delete a synthetic checkpoint directory (they are tens of GB for the real cards)."""
-    if (model.path / MARKER_FILE).is_file():
-        shutil.rmtree(model.path)
-
-
-def scale_layers(value: float, measured_layers: int, full_layers: int) -> float:
-    """Per-token time scales with layer count: used only where the plan gives no estimate to extrapolate through."""
-    return value * measured_layers / full_layers if full_layers else math.nan

@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterator
 
 from homerun.chat.stream import Delta, StreamSplitter, TurnRun, TurnStats, lenient_parse  # noqa: F401 (re-export)
 from homerun.chat.encoding import encode_messages
+from homerun.engine.sampling import SamplingParams
 from homerun.errors import ConfigError, HomerunError
+from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS  # DeepSeek: >= 384K for Think Max
 
 THINK_MODES = ("off", "high", "max")
-# DeepSeek's README: use at least 384K of context for Think Max.
-THINK_MAX_MIN_CONTEXT_TOKENS = 393216
 HISTORY_FORMAT = "homerun-chat"
 HISTORY_VERSION = 1
 
@@ -61,18 +61,13 @@ class SamplingSettings:
 
     @classmethod
     def from_generation_config(cls, config: dict[str, Any] | None, **overrides: Any) -> "SamplingSettings":
-        """Defaults from the model's generation_config.json; `overrides` that are not None win."""
-        config = config or {}
-        base = cls(
-            temperature=config.get("temperature", 1.0),
-            top_p=config.get("top_p", 1.0),
-            top_k=config.get("top_k"),
-            greedy=config.get("do_sample") is False,
-        )
+        """Defaults from the model's generation_config.json, resolved as `SamplingParams.resolve` does; `overrides`
+        that are not None win (temperature 0 means greedy, as in most CLIs)."""
         chosen = {k: v for k, v in overrides.items() if v is not None}
-        if chosen.get("temperature") is not None:
-            chosen["greedy"] = chosen["temperature"] == 0  # temperature 0 means greedy, as in most CLIs
-        return replace(base, **chosen)
+        p = SamplingParams.resolve(config, temperature=chosen.pop("temperature", None), top_p=chosen.pop("top_p", None),
+                                   top_k=chosen.pop("top_k", None), greedy=chosen.pop("greedy", False))
+        return cls(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, greedy=p.greedy or p.temperature == 0,
+                   **chosen)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,13 +21,13 @@ import torch
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
+from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS
+from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
 from offload.cpu_backend import HostExpertBackend
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 
 DEFAULT_MAX_CHUNK_TOKENS = 512
 GPU_MAX_CHUNK_TOKENS = 2048  # on a GPU (or its stand-in) prefill streams each layer's experts once per chunk
-DEFAULT_RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
-THINK_MAX_MIN_CONTEXT_TOKENS = 393216  # DeepSeek's model card: at least 384K of context for Think Max
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
