@@ -212,6 +212,7 @@ def test_resolve_edges():
     assert (p.temperature, p.top_p, p.top_k, p.greedy) == (0.7, 0.9, 40, False)
     assert SamplingParams.resolve(gc, top_p=1.0, top_k=0) == SamplingParams(0.6, 1.0, None, True)
     assert SamplingParams.resolve({"top_k": 0}).top_k is None  # 0 = off, stored as None
-    assert SamplingParams.resolve(None, top_k=3).top_k == 3 and isinstance(SamplingParams.resolve({"top_k": 3.0}).top_k, int)
+    assert SamplingParams.resolve(None, top_k=3).top_k == 3
+    assert isinstance(SamplingParams.resolve({"top_k": 3.0}).top_k, int)
     assert isinstance(SamplingParams.resolve({"temperature": 1}).temperature, float)
     assert SamplingParams(0.5, 0.9, 3).to_dict() == {"temperature": 0.5, "top_p": 0.9, "top_k": 3, "greedy": False}
