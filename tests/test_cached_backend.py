@@ -196,7 +196,6 @@ def test_device_dequant_is_bit_exact(dtype):
 
 
 def test_native_cpu_backend_serves_misses():
-    cpu_experts = pytest.importorskip("homerun.kernels.cpu_experts")
     ex = _experts()
     store = HostExpertStore(lambda l, e: ex[(l, e)], list(ex))
     cpu = CpuExpertBackend(store, swiglu_limit=10.0)  # reads the store's contiguous buffers

@@ -18,7 +18,7 @@ def test_decode_settings_only_for_short_cpu_decode_steps():
 
 
 def test_cpu_step_applies_and_restores(monkeypatch):
-    ce = pytest.importorskip("homerun.kernels.cpu_experts")
+    from homerun.kernels import cpu_experts as ce
     spins = []
     monkeypatch.setattr(ce, "set_spin_us", lambda us: spins.append(us) or 50)
     before = torch.get_num_threads()
@@ -37,7 +37,7 @@ def test_cpu_step_applies_and_restores(monkeypatch):
 
 
 def test_native_spin_setting_round_trips():
-    ce = pytest.importorskip("homerun.kernels.cpu_experts")
+    from homerun.kernels import cpu_experts as ce
     prev = ce.set_spin_us(1234)
     if prev is None:
         pytest.skip("native kernels not built")
