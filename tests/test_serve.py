@@ -383,11 +383,15 @@ def test_cli_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_checkpoint,
         url = f"http://127.0.0.1:{listening['port']}"
         assert lines.event(120)["event"] == "ready"
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        stream = c.chat.completions.create(model="tiny", messages=USER, max_tokens=12, stream=True, seed=1)
-        first = next(iter(stream))
-        assert first.choices[0].delta.role == "assistant"
+        stream = iter(c.chat.completions.create(model="tiny", messages=USER, max_tokens=40, stream=True, seed=1,
+                                                temperature=1.0))
+        assert next(stream).choices[0].delta.role == "assistant"
+        # SIGTERM once a token has come out, so the request is running (queued requests are cancelled instead)
+        rest = [next(stream)]
+        while not (rest[-1].choices[0].delta.content or rest[-1].choices[0].finish_reason):
+            rest.append(next(stream))
         proc.send_signal(signal.SIGTERM)
-        rest = list(stream)  # the request in flight finishes
+        rest += list(stream)  # the request in flight finishes
         assert [ch.choices[0].finish_reason for ch in rest if ch.choices and ch.choices[0].finish_reason]
         assert proc.wait(60) == 0
         assert lines.event(10)["event"] == "stopped"
