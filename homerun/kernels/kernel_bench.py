@@ -297,7 +297,7 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
     if p != "torch":
         from homerun.kernels.prefill_bench import run_prefill_bench
 
-        pre = run_prefill_bench(reps=min(3, reps), say=say)
+        pre = run_prefill_bench(reps=min(3, reps), say=say, n_experts=n_experts)
     b64 = (pre or {}).get("experts", {}).get("64", {})
     return KernelBenchResult(
         kernel_path=p,
@@ -328,7 +328,7 @@ def run_kernel_bench(*, path: str | None = None, threads: int | None = None, n_e
         test_time_s=round(time.perf_counter() - t_start, 1),
         int8_peak_gops=(pre or {}).get("peak_gops", {}).get("int8"),
         bf16_peak_gflops=(pre or {}).get("peak_gops", {}).get("bf16"),
-        dense_prefill_gflops=(pre or {}).get("dense_gflops", {}).get("wo_b", {}).get("bf16_gflops"),
+        dense_prefill_gflops=next(iter((pre or {}).get("dense_gflops", {}).values()), {}).get("bf16_gflops"),
         expert_prefill_gops_b64=b64.get("gops"),
         expert_prefill_peak_ratio_b64=b64.get("int8_peak_ratio"),
         prefill=pre,
