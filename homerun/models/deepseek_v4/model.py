@@ -237,7 +237,7 @@ class DeepseekV4:
 
     def _block(self, layer: _Layer, x, ids, positions, start: int, st: LayerState, k: TorchKernels):
         new_st: list[LayerState] = []
-        k = for_act(k, getattr(self.experts, "act", None))  # fast dense prefill GEMMs follow the expert act mode
+        k = for_act(k, self.experts.act)  # the dense prefill GEMMs follow the expert activation mode
 
         def attn(h):
             out, s = self._attention(layer, h, positions, start, st, k)
