@@ -6,7 +6,7 @@ packed buffer, so `weights(key)` is views (dequant-ready codes + scales), never 
 hash layers' experts) get their own slots and are never evicted. Per-layer counters: hits, misses, bytes moved,
 copy time, stall time and achieved GB/s, all fed by the transfer engine's measurements.
 The cache does not compute; the backend acquires a slot, waits for it, computes, and releases it.
-On GPU-flavored devices `slot_table` [n_layers, n_experts] int32 lives ON THE DEVICE: expert -> slot, -1 when absent or still in flight. The
+`slot_table` [n_layers, n_experts] int32 lives ON THE DEVICE on GPU-flavored devices: expert -> slot, -1 when absent or still in flight. The
 fused GPU kernel reads it directly (no host lookup on the hit path); an entry becomes valid only once its copy has
 landed (`commit`, stream-ordered on CUDA), and goes back to -1 the moment the expert is evicted.
 """
@@ -122,13 +122,15 @@ class ExpertCache:
         self._policies = {g: make_policy(policy, n) for g, n in groups.items()}
         self.n_slots = sum(groups.values()) + len(self.pinned_keys)
         self._slots = device.empty(("expert_cache", id(self)), (self.n_slots, self.expert_bytes), torch.uint8)
-        # The device table only where a kernel reads it (GPU-flavored devices); elsewhere the host dict serves.
-        self.slot_table = None
+        # On GPU-flavored devices the table is device memory a kernel reads, charged to the device; elsewhere nothing
+        # reads it on a device, so it is a host tensor outside the budget (the byte accounting stays slots only).
+        keys = store.keys()
+        shape = (max(l for l, _ in keys) + 1, max(e for _, e in keys) + 1)
         if device.kernel_flavor == "gpu":
-            keys = store.keys()
-            shape = (max(l for l, _ in keys) + 1, max(e for _, e in keys) + 1)
             self.slot_table = device.empty(("expert_cache", id(self), "slot_table"), shape, torch.int32)
-            self.slot_table.fill_(-1)
+        else:
+            self.slot_table = torch.empty(shape, dtype=torch.int32)
+        self.slot_table.fill_(-1)
         self.engine = engine or make_transfer_engine(device, max_in_flight=max_in_flight)
         self.engine.sink = self
         self._free = list(range(self.n_slots - 1, -1, -1))
@@ -236,8 +238,7 @@ class ExpertCache:
         t = self._pending.pop(key, None)
         if t is not None:
             self.engine.wait(t)
-            if self.slot_table is not None:
-                self.slot_table[key[0], key[1]] = self._slot_of[key]
+            self.slot_table[key[0], key[1]] = self._slot_of[key]
 
     def release(self, key: ExpertKey) -> None:
         """The consumer is done reading this slot (CUDA: an event, so a later overwrite waits for it)."""
@@ -260,8 +261,7 @@ class ExpertCache:
         if victim is not None:
             self._free.append(self._slot_of.pop(victim))
             self._pending.pop(victim, None)
-            if self.slot_table is not None:
-                self.slot_table[victim[0], victim[1]] = -1
+            self.slot_table[victim[0], victim[1]] = -1
         self._load(key)
 
     def _load(self, key: ExpertKey) -> None:
