@@ -139,6 +139,12 @@ def test_top_k_then_top_p_with_temperature():
     assert _probs(_logits(P4), params) == pytest.approx(_normalized(w[:2]) + [0, 0], abs=1e-6)
 
 
+def test_top_p_one_is_off_even_for_tokens_below_fp32_rounding():
+    # e^-30 / (1 + e^-30) ~ 9e-14: the mass before the last token rounds to 1.0 in fp32, yet top_p 1 drops nothing
+    logits = torch.tensor([0.0, -30.0, -40.0])
+    assert torch.equal(filter_logits(logits, SamplingParams(top_p=1.0)), logits)
+
+
 def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_top_p():
     logits = torch.tensor([5.0, 0.0, 0.0])
     assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.01))).tolist() == [True, False, False]
@@ -158,6 +164,12 @@ def test_seeded_draws_follow_the_filtered_distribution_and_repeat():
     assert [sample(logits, params, g1) for _ in range(40)] == [sample(logits, params, g2) for _ in range(40)]
     assert len(set(a)) == 1  # a fresh generator with the same seed gives the same first draw
     assert make_generator(None).initial_seed() != make_generator(None).initial_seed()  # OS entropy
+
+
+def test_sample_without_a_generator_uses_the_global_one():
+    logits = torch.tensor([0.0, 5.0, 4.0, -1.0])
+    torch.manual_seed(0)
+    assert {sample(logits, SamplingParams(top_k=2)) for _ in range(20)} <= {1, 2}
 
 
 def test_greedy_ignores_temperature_and_filters():
