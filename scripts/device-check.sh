@@ -2,12 +2,12 @@
 # GPU check of the GPU engine (issue 13) on one CUDA GPU (the lent H200: torch 2.11+cu130, Triton 3.6, nvcc 13, no
 # package registry). Offline: runs from the tree (PYTHONPATH), or set INSTALL=1 for
 # `pip install --no-deps --no-build-isolation -e .`; the native CPU library is built in place when a compiler exists.
-#   scripts/device-check.sh            # < 8 minutes (every step time-boxed; time boxes add to ~440 s)
+#   scripts/device-check.sh            # < 8 minutes (every step time-boxed; the boxes add to ~550 s, runs ~5 min)
 #   CHECK_TINY=1 scripts/device-check.sh   # the CPU-only parts here (interpreter, toy shapes; no GPU tests)
 # Steps (13a): 1 env, 2 GPU tests (explicit test IDs: a missing pure-Python package cannot stop collection),
 #   3 Triton kernel GB/s vs HBM at V4-Flash shapes, 4 CUDA vs CPU equivalence, 5 launches/syncs per decode token,
-#   6 peak VRAM vs plan. Step 7 is the HOOK for issue 13b's measurements (pinned H2D peak and streaming fraction,
-#   offloaded decode under a VRAM cap vs the plan, prefill at 2K/8K): 13b fills it in.
+#   6 peak VRAM vs plan, 7 the offload side (13b): arena pinning, pinned H2D peak and streaming fraction, the fused
+#   decode hit path, streamed prefill through the stage, at V4-Flash expert shapes.
 # JSON after every step: $OUT/device-check.json (or /tmp/homerun-device-check/) and, at the end of each step,
 # benchmarks/results/device-<date>.json with the commit hash. Lines: PASS / FAIL / MISSED per step, a summary last.
 set -uo pipefail
@@ -69,6 +69,7 @@ section "2/7 GPU tests (explicit IDs)"
 if [[ -z "$TINY_FLAG" ]]; then
   HR_TRITON_DEVICE=cuda timeout 100 python -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
     tests/test_triton_kernels.py tests/test_placement.py::test_cuda_and_standin_hops \
+    tests/test_gpu_offload.py tests/test_gpu_decode.py tests/test_prefill_stream.py tests/test_arena.py \
     2>&1 | tee "$RESULTS_DIR/pytest-gpu.txt" | tail -15
   rc=${PIPESTATUS[0]}
   if [[ $rc -eq 0 ]]; then echo "PASS: GPU tests"; else echo "FAIL: GPU tests (exit $rc)"; FAILURES+=("gpu tests"); fi
@@ -84,8 +85,8 @@ section "5/7 launches and host syncs per decode token"
 run_step counts 40
 section "6/7 peak VRAM vs plan"
 run_step vram 40
-section "7/7 HOOK (issue 13b): pinned H2D, streaming fraction, offloaded decode under a VRAM cap, prefill 2K/8K"
-run_step hook-13b 10
+section "7/7 offload (issue 13b): arena pinning, pinned H2D and streaming, fused decode hit path, streamed prefill"
+run_step offload 120
 
 section "summary"
 publish

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_steps_merge_into_one_json(tmp_path):
     out = tmp_path / "dc.json"
     assert device_check.run_step("env", out, tiny=True)["ok"]
-    assert device_check.run_step("hook-13b", out, tiny=True)["ok"]
+    assert device_check.run_step("offload", out, tiny=True)["ok"]
     doc = json.loads(out.read_text())
-    assert set(doc["steps"]) == {"env", "hook-13b"}
+    assert set(doc["steps"]) == {"env", "offload"}
     assert doc["steps"]["env"]["torch"] and "seconds" in doc["steps"]["env"]
 
 

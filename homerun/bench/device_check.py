@@ -4,12 +4,12 @@ timeout or crash in a later step keeps what came before. `scripts/device-check.s
 and tested.
 
   python -m homerun.bench.device_check STEP --out FILE [--tiny]
-  STEP: env | kernels | equivalence | counts | vram | hook-13b
+  STEP: env | kernels | equivalence | counts | vram | offload
 
 Steps (13a): env (GPU, torch, triton); kernels (fp8_linear / fp4_moe_decode / fp4_grouped_gemm GB/s at V4-Flash
 shapes against a measured HBM copy); equivalence (a tiny model on the GPU path against the fp32 CPU reference);
 counts (ATen ops, Triton launches and host syncs per decode token); vram (peak allocated bytes against the plan's
-bytes for the device). hook-13b records what the offload side (issue 13b) is to add here.
+bytes for the device). offload runs the offload side's measurements (issue 13b, homerun.bench.offload_check).
 """
 
 from __future__ import annotations
@@ -237,16 +237,18 @@ def step_vram(tiny: bool) -> dict:
     return out
 
 
-def step_hook_13b(tiny: bool) -> dict:
-    """HOOK (issue 13b, the offload side): pinned H2D peak and the fraction achieved while streaming; offloaded
-    decode of a real-shaped synthetic V4-Flash under a VRAM cap against the plan (--hw auto with the cap); prefill
-    tok/s at 2K and 8K prompts against the plan. 13b replaces this step with its measurements."""
-    return {"status": "not measured here: issue 13b's step", "wanted": ["pinned_h2d_peak_gbps",
-            "streaming_fraction_of_peak", "offloaded_decode_tok_s_vs_plan", "prefill_tok_s_2k", "prefill_tok_s_8k"]}
+def step_offload(tiny: bool) -> dict:
+    """Issue 13b, the offload side (homerun.bench.offload_check): the host arena's pinning, pinned H2D peak and the
+    fraction streaming reaches, the fused decode hit path (launches, syncs, event waits, ms per layer) and streamed
+    prefill through the stage, at V4-Flash expert shapes. Not here yet: a real-shaped synthetic model's offloaded
+    decode under a VRAM cap against the plan, and whole-model prefill at 2K/8K prompts."""
+    from homerun.bench.offload_check import step_offload as run
+
+    return run(tiny)
 
 
 STEPS: dict[str, Callable[[bool], dict]] = {"env": step_env, "kernels": step_kernels, "equivalence": step_equivalence,
-                                            "counts": step_counts, "vram": step_vram, "hook-13b": step_hook_13b}
+                                            "counts": step_counts, "vram": step_vram, "offload": step_offload}
 
 
 def run_step(name: str, out: Path, tiny: bool) -> dict:
