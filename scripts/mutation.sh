@@ -6,6 +6,7 @@
 #   scripts/mutation.sh                     # all modules: quant sampling policies cache speed attention
 #   scripts/mutation.sh sampling cache      # some of them
 #   REV=HEAD~3 WORK=/tmp/mut-before scripts/mutation.sh quant
+#   SKIP_TESTS="tests/test_quant_edges.py" scripts/mutation.sh quant   # the kill rate without a test file
 #
 # Prints one line per module: killed / total mutants and the kill rate, and writes WORK/MODULE/results.txt (every
 # mutant's status; `cd WORK/MODULE && mutmut show NAME` prints a mutant's diff). benchmarks/mutation.md has figures.
@@ -18,15 +19,20 @@ MAX_CHILDREN="${MAX_CHILDREN:-$(nproc)}"
 export OMP_NUM_THREADS=1
 
 # module -> file to mutate | test files (space separated) | mutant-name globs ("" = every mutant of the file)
-declare -A FILE TESTS NAMES
+# | a pytest -k expression leaving out slow tests that exercise no mutated function
+declare -A FILE TESTS NAMES SELECT
 FILE[quant]=homerun/formats/quant.py;     TESTS[quant]="tests/test_quant.py tests/test_quant_edges.py"
 FILE[sampling]=homerun/engine/sampling.py; TESTS[sampling]="tests/test_sampling.py tests/test_sampling_edges.py"
 FILE[policies]=offload/policies.py;        TESTS[policies]="tests/test_policies.py tests/test_policy_edges.py"
+# policies: the LRU and LFU classes (the adaptive default's trace sweeps take minutes per mutant on 2 cores)
+NAMES[policies]="offload.policies.xǁLRUPolicyǁ* offload.policies.xǁLFUPolicyǁ*"
+SELECT[policies]="not default_ and not small_caches and not tiny_cache and not adaptive_switches"
 FILE[cache]=offload/cache.py;              TESTS[cache]="tests/test_cache.py tests/test_policy_edges.py"
+NAMES[cache]="offload.cache.xǁExpertCacheǁ*"
 FILE[speed]=homerun/plan/speed.py;         TESTS[speed]="tests/test_planner.py"
 NAMES[speed]="homerun.plan.speed.x_decode_speed__mutmut_* homerun.plan.speed.x_prefill_speed__mutmut_*"
-FILE[attention]=homerun/kernels/dispatch.py; TESTS[attention]="tests/test_kernel_sets.py"
-NAMES[attention]="homerun.kernels.dispatch.xǁTorchKernelsǁ*"
+# attention: the torch kernel set (the path CUDA runs without Triton): attend_one and the formulas around it
+FILE[attention]=homerun/kernels/torch_set.py; TESTS[attention]="tests/test_kernel_sets.py"
 
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(quant sampling policies cache speed attention)
@@ -41,7 +47,10 @@ for m in "${modules[@]}"; do
   git -C "$REPO" archive "$REV" | tar -x -C "$dir"
   cp "$REPO"/homerun/kernels/_hr_kernels*.so "$dir/homerun/kernels/" 2>/dev/null || true  # built native kernels
   tests=""
-  for t in ${TESTS[$m]}; do [ -f "$dir/$t" ] && tests+="    $t"$'\n'; done
+  for t in ${TESTS[$m]}; do
+    [ -f "$dir/$t" ] && [[ " ${SKIP_TESTS:-} " != *" $t "* ]] && tests+="    $t"$'\n'
+  done
+  [ -n "${SELECT[$m]:-}" ] && tests+="    -k"$'\n'"    ${SELECT[$m]}"$'\n'
   cat > "$dir/setup.cfg" <<CFG
 [mutmut]
 source_paths =
