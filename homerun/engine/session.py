@@ -5,6 +5,7 @@ ramp and fed all-or-nothing per chunk.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -21,6 +22,17 @@ if TYPE_CHECKING:
 FREE_MEMORY_SHARE = 0.9
 # Feeds longer than this many tokens are "long prompts": the session reports an ETA before (or after the first chunk).
 PREFILL_ETA_MIN_TOKENS = 1024
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A restorable point of a session: its per-layer states, tokens and last logits after one commit. States are
+    functional (a feed returns new ones and only writes KV rows past the committed end), so holding them is cheap."""
+
+    n_tokens: int
+    states: tuple
+    tokens: tuple[int, ...]
+    last_logits: torch.Tensor | None
+
 
 class Session:
     """Incremental inference state for one sequence (batch size 1).
@@ -88,6 +100,20 @@ class Session:
         self._tokens = []
         self.last_logits = None
         self._cap_index = 0
+
+    def checkpoint(self) -> Checkpoint:
+        """This session's state now, to return to with `rollback` (e.g. a server's prefix reuse)."""
+        return Checkpoint(len(self._tokens), tuple(self._states), tuple(self._tokens), self.last_logits)
+
+    def rollback(self, cp: Checkpoint) -> None:
+        """Return to `cp`, a checkpoint of this session's current lineage (its tokens a prefix of the session's).
+        The next feed overwrites the KV rows past it, so checkpoints taken after `cp` are invalid from then on."""
+        if cp.n_tokens > len(self._tokens) or tuple(self._tokens[: cp.n_tokens]) != cp.tokens:
+            raise UsageError("rollback: the checkpoint is not on this session's current lineage",
+                             hint="roll back only to a point taken since the last reset, at or before now")
+        self._states = list(cp.states)
+        self._tokens = list(cp.tokens)
+        self.last_logits = cp.last_logits
 
     def save(self, path, **kwargs) -> dict:
         """Write this session's whole state to a KV snapshot file (`homerun.engine.snapshot.save_session`)."""
@@ -181,6 +207,7 @@ class Session:
                 # Commit point: state and token list change together, after the whole chunk succeeded.
                 self._states = states
                 self._tokens.extend(part.tolist())
+                self.last_logits = None  # until the last chunk's logits exist: an interrupt leaves none stale
                 self.model._measure_prefill(part.numel(), time.perf_counter() - tc)
                 if self.on_progress is not None:
                     self.on_progress(min(c0 + chunk, n), n)

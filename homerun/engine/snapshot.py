@@ -367,7 +367,7 @@ def _checked(model: "Model", path: Path) -> tuple[dict[str, Any], dict[str, Any]
         raise SnapshotError(
             f"{path}: KV snapshot in kv_dtype {meta.get('kv_dtype')} / compute {meta.get('compute_dtype')}, this model "
             f"runs kv_dtype {kv} / compute {compute}",
-            hint=f"load with kv_dtype/dtype matching the snapshot, or re-prefill", reason="kv_dtype")
+            hint="load with kv_dtype/dtype matching the snapshot, or re-prefill", reason="kv_dtype")
     if len(meta.get("layers") or []) != model.args.n_layers:
         raise _corrupt(path, "its layer count differs from the model's")
     _check_budget(model, path, int(meta["n_tokens"]))

@@ -400,10 +400,9 @@ class Engine:
             self._prefix = PrefixCache(self.model.session())
 
     def _generate(self, job: Job) -> Done | None:
-        model, tok, prefix = self.model, self.model.tokenizer, self._prefix
+        model, prefix = self.model, self._prefix
         sess = prefix.session
         ids = job.ids
-        c = self.counters
         t0 = time.perf_counter()
         if job.cancelled.is_set():
             raise _Cancelled()
@@ -411,9 +410,7 @@ class Engine:
 
         def on_progress(done: int, total: int) -> None:
             if job.cancelled.is_set() and done < total:
-                # After a committed chunk the state is consistent, but its last logits were not computed.
-                sess.last_logits = None
-                raise _Cancelled()
+                raise _Cancelled()  # after a committed chunk: consistent state, no stale logits (Session.feed)
 
         previous_hook = getattr(sess, "on_progress", None)
         if prefix.rollback_supported:

@@ -11,16 +11,15 @@ after the last `<｜Assistant｜>` (`<think>` then reasoning in the state, `</th
 prompt). The engine therefore marks a point before the last prompt token and one after the prompt, and a new
 request restores the longest marked point that is a prefix of its tokens.
 
-This reads the runtime Session's private fields (`_states`, `_tokens`, `last_logits`): the runtime has no public
-checkpoint/rollback yet. A session without them (another runtime, a test double) still reuses a live state that is
-a prefix of the new prompt, and otherwise starts over.
+Points are the runtime's `Session.checkpoint()`, restored with `Session.rollback()`. A session of another kind (a test
+double) still reuses a live state that is a prefix of the new prompt, and otherwise starts over.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-_FIELDS = ("_states", "_tokens", "last_logits", "feed")
+from homerun.engine.session import Checkpoint, Session
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -38,23 +37,22 @@ class PrefixCache:
     def __init__(self, session: Any, max_points: int = 8) -> None:
         self.session = session
         self.max_points = max_points
-        self.rollback_supported = all(hasattr(session, f) for f in _FIELDS)
-        self._points: list[tuple[int, Any, Any]] = []  # (n_tokens, states, last_logits), ascending n
+        self.rollback_supported = isinstance(session, Session)
+        self._points: list[Checkpoint] = []  # ascending n_tokens
 
     @property
     def points(self) -> list[int]:
-        return [n for n, _, _ in self._points]
+        return [p.n_tokens for p in self._points]
 
     def mark(self) -> None:
         """Remember the session's current state as a point."""
         if not self.rollback_supported:
             return
-        s = self.session
-        n = len(s._tokens)
-        if n == 0 or s.last_logits is None:
+        cp = self.session.checkpoint()
+        if cp.n_tokens == 0 or cp.last_logits is None:
             return
-        self._points = [p for p in self._points if p[0] != n] + [(n, s._states, s.last_logits)]
-        self._points.sort(key=lambda p: p[0])
+        self._points = [p for p in self._points if p.n_tokens != cp.n_tokens] + [cp]
+        self._points.sort(key=lambda p: p.n_tokens)
         del self._points[: max(0, len(self._points) - self.max_points)]
 
     def reset(self) -> None:
@@ -69,14 +67,11 @@ class PrefixCache:
         if lcp == len(have) and (lcp < len(ids) or getattr(self.session, "last_logits", True) is not None):
             return lcp  # the live state itself is a prefix of the new prompt
         if self.rollback_supported:
-            usable = [p for p in self._points if p[0] <= lcp]
+            usable = [p for p in self._points if p.n_tokens <= lcp]
             if usable:
-                n, states, logits = usable[-1]
-                s = self.session
-                s._states = states
-                s._tokens = have[:n]
-                s.last_logits = logits
-                self._points = [p for p in self._points if p[0] <= n]
-                return n
+                cp = usable[-1]
+                self.session.rollback(cp)
+                self._points = [p for p in self._points if p.n_tokens <= cp.n_tokens]
+                return cp.n_tokens
         self.reset()
         return 0
