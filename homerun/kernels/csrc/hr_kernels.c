@@ -80,6 +80,7 @@
 #include "hr_rows_avx512.inc"
 #endif /* HR_X86 */
 #include "hr_int8.inc"
+#include "hr_int8_batch.inc" /* the 2-row x 4-token int8 batch tile (prefill experts) */
 #include "hr_dispatch.inc"
 #include "hr_gemm.inc"
 #include "hr_moe.inc"
