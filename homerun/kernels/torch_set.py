@@ -93,6 +93,10 @@ class TorchKernels:
         """Collapse the streams before a sublayer: sum_i pre[t, i] x[t, i] -> [T, D] in x's dtype."""
         return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
 
+    def hc_pre_norm(self, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """The sublayer's input: norm_rope(hc_pre(pre, x), weight, eps) (a set may fuse the two)."""
+        return self.norm_rope(self.hc_pre(pre, x), weight, eps)
+
     def hc_post(self, post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Update the streams after a sublayer: post[t, j] y[t] + sum_i comb[t, i, j] x[t, i] (comb transposed, as
         the official hc_post; HF comb^T @ X) -> [T, n, D] in x's dtype."""

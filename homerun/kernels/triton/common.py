@@ -123,3 +123,12 @@ def launch(kernel, grid):
             return run(*args, **kwargs)
 
     return counted
+
+
+@triton.jit
+def rne_bf16(v):
+    """fp32 -> the nearest bf16 value (round to nearest even), kept in fp32: the rounding a bf16 tensor's values get
+    between two torch ops, done in registers (finite inputs; the same bits on the GPU and in the interpreter)."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.to(tl.float32, bitcast=True)

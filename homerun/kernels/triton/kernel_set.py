@@ -1,4 +1,6 @@
-"""The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel.
+"""The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel and the small decode
+ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, one-query attention: one
+launch each; homerun.kernels.triton.mhc / norm / attention).
 
 `kernels_for` picks it on CUDA devices when triton imports, and on CUDA stand-ins (CPU tensors, the kernels under
 Triton's interpreter), so the stand-in runs the same code path a GPU does. FP8 weights are read as stored (e4m3 bytes
@@ -21,13 +23,14 @@ GROUPED_ONE_LAUNCH_MAX_ROWS = 16
 
 
 class TritonKernels(TorchKernels):
-    """FP8 linears through `homerun.kernels.triton.fp8.fp8_linear`; everything else as the torch set."""
+    """FP8 linears through `homerun.kernels.triton.fp8.fp8_linear`, the fused small ops; the torch set's math."""
 
     name = "triton"
 
     def __init__(self, mods: Any):
         # Under the interpreter (a CUDA stand-in) the fewest programs per launch: the same launches, far less time.
         self._fp8 = functools.partial(mods.fp8.fp8_linear, fewest_programs=mods.common.interpreting())
+        self._mhc, self._norm, self._attn = mods.mhc, mods.norm, mods.attention
 
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         if lin.scale is None:
@@ -52,3 +55,24 @@ class TritonKernels(TorchKernels):
 
     def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
         return [self.linear(lin, x) for lin in lins]
+
+    # ---- mHC
+    def hc_weights(self, x, fn, scale, base, norm_eps, hc_eps, iters):
+        return self._mhc.hc_weights(x, fn, scale, base, norm_eps, hc_eps, iters)
+
+    def hc_pre(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._mhc.hc_pre_norm(pre, x, None, 0.0, norm=False)
+
+    def hc_pre_norm(self, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        return self._mhc.hc_pre_norm(pre, x, weight, eps)
+
+    def hc_post(self, post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._mhc.hc_post(post, y, comb, x)
+
+    # ---- norms, rotary
+    def norm_rope(self, x, weight, eps, cos=None, sin=None, *, norm=True, inverse=False):
+        return self._norm.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
+
+    # ---- attention
+    def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._attn.attend_one(q, kv, sink, scale)

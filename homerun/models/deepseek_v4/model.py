@@ -226,7 +226,7 @@ class DeepseekV4:
                  k: TorchKernels):
         """Collapse the streams, run the sublayer on the normalized mix, and write its output back into them."""
         pre, post, comb = self._hc_weights(hc, x, k)
-        y = sub(k.norm_rope(k.hc_pre(pre, x), norm_w, self.args.norm_eps))
+        y = sub(k.hc_pre_norm(pre, x, norm_w, self.args.norm_eps))
         return k.hc_post(post, y, comb, x)
 
     def _hc_head(self, x: torch.Tensor, k: TorchKernels) -> torch.Tensor:

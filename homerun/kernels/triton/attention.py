@@ -1,0 +1,65 @@
+"""One-query attention for decode in one launch (definition: homerun.kernels.torch_set.TorchKernels.attend_one):
+q [H, D] over rows kv [N, D] every head sees (keys are values), softmax over [scale * q.kv_j ..., sink[h]] with the
+sink column dropped before the value product.
+
+Program: BLOCK_H heads (padded to 16 for tl.dot), a loop over N in blocks with an online softmax. The sink starts
+the running max and sum (m = sink, l = 1), so it is in the denominator and never in the value product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from homerun.kernels.triton.common import interpreting, launch
+
+
+@triton.jit
+def _attend_one_kernel(
+    q_ptr, kv_ptr, sink_ptr, o_ptr, H, N, D, scale,
+    sqh, sqd, skn, skd, ssh, soh, sod,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = rh < H
+    rd = tl.arange(0, BLOCK_D)
+    d_mask = rd < D
+    q = tl.load(q_ptr + rh[:, None] * sqh + rd[None, :] * sqd, mask=h_mask[:, None] & d_mask[None, :],
+                other=0.0).to(tl.float32)
+    m_i = tl.load(sink_ptr + rh * ssh, mask=h_mask, other=0.0).to(tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32) + 1.0
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        kv = tl.load(kv_ptr + rn.to(tl.int64)[:, None] * skn + rd[None, :] * skd,
+                     mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        s = tl.dot(q, tl.trans(kv), input_precision="ieee") * scale  # [BH, BN]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + rh[:, None] * soh + rd[None, :] * sod, o, mask=h_mask[:, None] & d_mask[None, :])
+
+
+def attend_one(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [H, D], kv [N, D], sink [H] (any float dtypes, any strides) -> [H, D] fp32 (fp32 products)."""
+    H, D = q.shape
+    N = kv.shape[0]
+    assert kv.shape[1] == D and sink.numel() == H, (q.shape, kv.shape, sink.shape)
+    sink = sink.reshape(-1)
+    o = torch.empty((H, D), device=q.device, dtype=torch.float32)
+    bd = max(16, triton.next_power_of_2(D))
+    # tl.dot's 16-row minimum; the interpreter pays per program (up to 64 heads in one)
+    bh = max(16, min(64 if interpreting() else 16, triton.next_power_of_2(H)))
+    bn = min(max(16, triton.next_power_of_2(N)), 256) if interpreting() else (32 if bd <= 256 else 16)
+    launch(_attend_one_kernel, (triton.cdiv(H, bh),))(
+        q, kv, sink, o, H, N, D, float(scale), q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+        sink.stride(0), o.stride(0), o.stride(1), BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd,
+    )
+    return o
