@@ -213,7 +213,7 @@ def test_values_out_of_range_name_the_setting(name, value):
 def test_the_first_bad_setting_is_named_and_unknown_ones_are_a_bug():
     with pytest.raises(UsageError, match="^top-p"):
         check_sampling(temperature=1.0, top_p=2.0, top_k=-1)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="temprature"):
         check_sampling(temprature=1.0)
 
 
