@@ -36,7 +36,7 @@ def test_lfu_tie_break_follows_the_latest_use():
     assert p.victim() == "z"
     assert p.victim(exclude=frozenset("z")) == "y"
     assert p.victim(exclude=frozenset("zy")) == "x"
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="^lfu: every resident key is in use"):
         p.victim(exclude=frozenset("xyz"))
     assert p.victim() == "z"  # a failed search leaves the heap intact
 
@@ -178,6 +178,18 @@ def test_eviction_clears_the_slot_table_and_frees_the_slot(store):
     assert c.commit(layer=1) == 0 and c.commit(layer=0) == 1
     assert int(c.slot_table[0, 2]) == slot  # the freed slot was reused
     c.close()
+
+
+def test_lru_remove_and_no_victim():
+    p = LRUPolicy(2)
+    p.access("a")
+    p.access("b")
+    p.remove("absent")
+    p.remove("a")
+    assert "a" not in p and p.ranked() == ["b"]
+    p.access("c")
+    with pytest.raises(UsageError, match="^lru: every resident key is in use"):
+        p.victim(exclude=frozenset("bc"))
 
 
 def test_make_policy_names():
