@@ -41,7 +41,9 @@ def _norm_rope_kernel(
             xv = tl.load(w_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)[None, :] * xv
         if OUT_BF16:
             xv = rne_bf16(xv)
-    pass_end = D - 2 * R2 if ROPE else D
+    pass_end = D
+    if ROPE:
+        pass_end = D - 2 * R2
     tl.store(yrow[:, None] + rd[None, :], xv, mask=m2 & (rd < pass_end)[None, :])
     if ROPE:
         rp = tl.arange(0, BLOCK_P)
