@@ -198,3 +198,51 @@ def test_make_policy_names():
         make_policy("mru", 1)
     with pytest.raises(UsageError):
         LRUPolicy(0)
+
+
+def test_per_layer_pools_route_every_verb_to_the_keys_layer(store):
+    # The layer is key[0]: keys whose expert id is not a configured layer would hit another pool (or none).
+    c = ExpertCache(store, StandInDevice("gpu0", 1 << 30), policy="lru", slots_per_layer={0: 1, 1: 2})
+    assert (c.capacity(0), c.capacity(1)) == (1, 2)
+    c.acquire((1, 0))
+    c.acquire((1, 5))
+    c.acquire((1, 0))  # a hit, ranked in layer 1's pool
+    c.touch((1, 5))
+    assert c.prefetch((1, 4), in_use=frozenset({(1, 5)}))  # evicts (1, 0), the least recent of layer 1
+    assert {k for k in c._slot_of if k[0] == 1} == {(1, 5), (1, 4)}
+    with pytest.raises(UsageError, match="no slots configured for layer 2") as err:
+        c.acquire((2, 0))
+    assert err.value.hint == "slots_per_layer must name every offloaded layer"
+    c.close()
+
+
+def test_promotions_and_transfer_times_accumulate(store):
+    c = _lfu_cache(store, n_slots=4)
+    for e in (1, 2):
+        c.record_miss((0, e))
+        assert c.prefetch((0, e), promotion=True, block=True)
+    c.on_copy((1, 3), 100, 0.5)  # the transfer engine's sink calls, as a copy and a stall are measured
+    c.on_copy((1, 3), 300, 0.25)
+    c.on_stall((1, 3), 0.125)
+    c.on_stall((1, 3), 0.125)
+    st = {s.layer: s for s in c.stats().layers}
+    assert st[0].promotions == 2 and st[0].prefetches == 0
+    assert (st[1].n_copies, st[1].bytes_moved, st[1].copy_s, st[1].stall_s) == (2, 400, 0.75, 0.25)
+    assert 3 not in st
+    c.close()
+
+
+def test_a_victim_still_in_flight_is_dropped_from_the_pending_copies(store):
+    c = _lfu_cache(store, n_slots=1)
+    c.acquire((0, 1))  # copy started, not yet landed (nothing committed)
+    c.acquire((0, 2))  # evicts (0, 1) while its copy is pending
+    assert c.commit() == 1  # only (0, 2) lands; (0, 1) never gets a slot-table entry
+    assert int(c.slot_table[0, 1]) == -1 and int(c.slot_table[0, 2]) == c.slot((0, 2))
+    c.close()
+
+
+def test_stats_header(store):
+    c = ExpertCache(store, StandInDevice("gpu0", 1 << 30), policy="lfu", n_slots=3, pinned_keys=[(0, 0), (1, 0)])
+    s = c.stats()
+    assert (s.policy, s.n_slots, s.n_pinned, s.expert_bytes) == ("lfu", 5, 2, store.expert_bytes)
+    c.close()
