@@ -246,3 +246,15 @@ def test_stats_header(store):
     s = c.stats()
     assert (s.policy, s.n_slots, s.n_pinned, s.expert_bytes) == ("lfu", 5, 2, store.expert_bytes)
     c.close()
+
+
+def test_close_hands_the_slots_back_to_the_device_budget(store):
+    dev = StandInDevice("gpu0", 1 << 30)
+    before = dev.used_bytes
+    c = ExpertCache(store, dev, policy="lfu", n_slots=3)
+    assert dev.used_bytes - before >= 3 * store.expert_bytes
+    c.close()
+    assert dev.used_bytes == before
+    with pytest.raises(UsageError, match="give n_slots \\(global\\) or slots_per_layer, not both or neither") as err:
+        ExpertCache(store, dev, policy="lfu")
+    assert err.value.hint == "e.g. ExpertCache(store, device, n_slots=64)"
