@@ -34,7 +34,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+/* HR_NO_X86 builds the portable paths alone on x86 too (tests compile it to check non-x86 builds). */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(HR_NO_X86)
 #define HR_X86 1
 #include <immintrin.h>
 #define HR_AVX2 __attribute__((target("avx2,fma,f16c")))
