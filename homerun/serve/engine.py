@@ -17,6 +17,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from homerun.chat.encoding import THINK_END, TOOL_CALLS_START, EOS, CompletionFormatError
@@ -180,7 +181,7 @@ class Engine:
     NotReady("loading") until it returns)."""
 
     def __init__(self, model: Any = None, *, loader: Callable[[], Any] | None = None, max_queue: int = 16,
-                 max_context: int | None = None, name: str = "model") -> None:
+                 max_context: int | None = None, name: str = "model", state_path: str | Path | None = None) -> None:
         if model is None and loader is None:
             raise ValueError("Engine needs a model or a loader")
         self.name = name
@@ -201,6 +202,10 @@ class Engine:
         self.counters = Counters()
         self._settled = threading.Event()  # set once loading succeeded or failed
         self.last_prompt_logits: Any = None  # logits the first token was sampled from (tests check reuse with it)
+        # The live state persists across restarts here (a KV snapshot, homerun.engine.snapshot): restored at load
+        # when it matches the model, written at stop. `state_note` says what happened, for /metrics and the CLI.
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.state_note: str | None = None
         if model is not None:
             self._set_model(model)
 
@@ -208,9 +213,35 @@ class Engine:
 
     def _set_model(self, model: Any) -> None:
         self.model = model
-        self._prefix = PrefixCache(model.session())
+        self._prefix = PrefixCache(self._restored_session(model) or model.session())
+        self._prefix.mark()  # a restored conversation is a reuse point like any other
         self.state = "ready"
         self._settled.set()
+
+    def _restored_session(self, model: Any) -> Any:
+        """The session saved at the last stop, when there is one and it belongs to this model; else None."""
+        if self.state_path is None or not self.state_path.is_file():
+            return None
+        try:
+            sess = model.restore(self.state_path)
+        except HomerunError as exc:  # another model, kv_dtype or budget, or a damaged file: start fresh
+            self.state_note = f"not restored: {exc.message}"
+            return None
+        self.state_note = f"restored {sess.n_tokens} tokens from {self.state_path}"
+        return sess
+
+    def persist(self) -> None:
+        """Write the live session to `state_path` (atomic; a failure is noted, never raised: shutdown goes on)."""
+        if self.state_path is None or self._prefix is None or self.model is None:
+            return
+        sess = self._prefix.session
+        if not sess.n_tokens or sess.last_logits is None:
+            return
+        try:
+            sess.save(self.state_path)
+            self.state_note = f"saved {sess.n_tokens} tokens to {self.state_path}"
+        except (HomerunError, OSError) as exc:
+            self.state_note = f"not saved: {exc}"
 
     def start(self) -> "Engine":
         if self._worker is None:
@@ -274,6 +305,8 @@ class Engine:
             self._lock.notify_all()
         if self._worker is not None:
             self._worker.join(timeout)
+        if self._worker is None or not self._worker.is_alive():
+            self.persist()  # the worker is idle: the session is consistent
 
     # ------------------------------------------------------------ queue
 

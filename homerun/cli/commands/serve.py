@@ -42,6 +42,8 @@ def register(app: typer.Typer) -> None:
         max_queue: Annotated[int, typer.Option(help="Requests that may wait behind the one generating; more get 429.",
                                                min=0)] = 16,
         name: Annotated[Optional[str], typer.Option(help="Model id to report in /v1/models (default: the folder name).")] = None,
+        state: Annotated[Optional[Path], typer.Option("--state", help="KV snapshot file that keeps the live conversation "
+                         "across restarts: restored at start when it matches the model, written at shutdown.")] = None,
         max_context: Annotated[Optional[int], typer.Option(help="Most tokens per sequence (prompt + answer); default: "
                                                            "the model's limit.", min=1)] = None,
         max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.", min=0.001)] = 16.0,
@@ -94,7 +96,8 @@ def register(app: typer.Typer) -> None:
                                  autosave=False, load_options=load_options, standin=standin)
             return chat.model
 
-        engine = Engine(loader=loader, max_queue=max_queue, max_context=max_context, name=model_name)
+        engine = Engine(loader=loader, max_queue=max_queue, max_context=max_context, name=model_name,
+                        state_path=state)
         settings = Settings(model_name=model_name, api_key=api_key or None, max_body_bytes=int(max_body_mb * 2 ** 20),
                             default_think=thinking, default_max_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, seed=seed, allow_special=allow_special)
@@ -113,9 +116,11 @@ def register(app: typer.Typer) -> None:
             def when_ready() -> None:
                 if engine.wait_loaded() and engine.state == "ready":
                     if json_out:
-                        out.event({"event": "ready", "load_s": engine.load_s})
+                        out.event({"event": "ready", "load_s": engine.load_s, "state": engine.state_note})
                     else:
                         out.err.print(f"Model ready ({engine.load_s or 0:.1f} s); Ctrl-C or SIGTERM stops the server")
+                        if engine.state_note:
+                            out.err.print(f"Live state: {escape(engine.state_note)}")
 
             threading.Thread(target=when_ready, name="homerun-ready", daemon=True).start()
 

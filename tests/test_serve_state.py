@@ -1,0 +1,48 @@
+"""`homerun serve --state FILE`: the live conversation survives a restart as a KV snapshot (issue 18), restored only
+when it belongs to the model, and a failure to persist never breaks shutdown."""
+
+from __future__ import annotations
+
+import torch
+
+import homerun
+from homerun.serve.engine import Engine
+
+
+def _ids(n, vocab, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_live_state_is_saved_at_stop_and_restored_at_start(tiny_checkpoints, tmp_path):
+    model = homerun.load(tiny_checkpoints["mixed"], expert_act="fp32")
+    path = tmp_path / "live.kv.safetensors"
+    eng = Engine(model, state_path=path)
+    ids = _ids(150, model.args.vocab_size)
+    logits = eng._prefix.session.feed(ids)
+    eng.stop()
+    assert path.is_file() and eng.state_note.startswith("saved 150 tokens")
+
+    again = Engine(homerun.load(tiny_checkpoints["mixed"], expert_act="fp32"), state_path=path)
+    sess = again._prefix.session
+    assert again.state_note.startswith("restored 150 tokens")
+    assert sess.tokens == ids and torch.equal(sess.last_logits, logits)
+    assert again._prefix.reuse(ids + [1, 2]) == 150  # the next turn continues from the restored state
+
+
+def test_a_snapshot_of_another_model_is_not_restored(tiny_checkpoints, tmp_path):
+    path = tmp_path / "live.kv.safetensors"
+    other = homerun.load(tiny_checkpoints["hca"], expert_act="fp32")
+    s = other.session()
+    s.feed(_ids(20, other.args.vocab_size))
+    s.save(path)
+    eng = Engine(homerun.load(tiny_checkpoints["mixed"], expert_act="fp32"), state_path=path)
+    assert eng._prefix.session.n_tokens == 0 and eng.state_note.startswith("not restored")
+
+
+def test_an_unwritable_state_path_never_breaks_shutdown(tiny_checkpoints, tmp_path):
+    model = homerun.load(tiny_checkpoints["mixed"], expert_act="fp32")
+    (tmp_path / "a-file").write_text("not a folder")
+    eng = Engine(model, state_path=tmp_path / "a-file" / "live.kv.safetensors")  # its folder cannot exist
+    eng._prefix.session.feed(_ids(10, model.args.vocab_size))
+    eng.stop()
+    assert eng.state_note.startswith("not saved")
