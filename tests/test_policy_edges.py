@@ -255,6 +255,6 @@ def test_close_hands_the_slots_back_to_the_device_budget(store):
     assert dev.used_bytes - before >= 3 * store.expert_bytes
     c.close()
     assert dev.used_bytes == before
-    with pytest.raises(UsageError, match="give n_slots \\(global\\) or slots_per_layer, not both or neither") as err:
+    with pytest.raises(UsageError, match="^expert cache: give n_slots \\(global\\) or slots_per_layer, not both") as err:
         ExpertCache(store, dev, policy="lfu")
     assert err.value.hint == "e.g. ExpertCache(store, device, n_slots=64)"
