@@ -27,9 +27,9 @@ class MissCosts:
     expert_bytes: int
     flops_per_token: float  # 2 * 3 * D * I for one SwiGLU expert
     act_bytes_per_token: int  # x to the CPU and y back
-    link_gbps: float = 25.0  # PCIe 4.0 x16 pinned, measured-typical (hardware.md §3)
+    link_gbps: float = 25.0  # PCIe 4.0 x16 pinned, measured-typical (NVIDIA/nvbandwidth #15: 23.9-26.4)
     cpu_gbps: float = 40.0  # DRAM bytes/s the CPU expert kernel achieves
-    host_dram_gbps: float = 60.0  # what CPU loads and link DMA share (dual-channel DDR5, hardware.md §2)
+    host_dram_gbps: float = 60.0  # what CPU loads and link DMA share (dual-channel DDR5: reddit 1lwnj5x)
     cpu_gflops: float = 500.0
     device_gflops: float = 50_000.0
 

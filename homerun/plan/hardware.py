@@ -31,7 +31,8 @@ from profiles.schema import CpuSpec, GpuSpec, HardwareProfile, MemorySpec, Polic
 GIB = 2**30
 
 # Known GPUs, matched in order by substring of the CUDA device name: bandwidth (GB/s), BF16 dense TFLOPS, FP8, FP4,
-# from ../shared/docs/hardware.md §1 (TFLOPS as in the shipped profiles). Unknown GPUs get a guess, flagged as assumed.
+# as in the shipped profiles, whose comments cite each figure's source; H100 SXM5 3.35 TB/s: hawkvelt.id.au H100 SKUs;
+# H200 4.8 TB/s: saulelectric H200 page. Unknown GPUs get a guess, flagged as assumed.
 KNOWN_GPUS = {
     "RTX 5090": (1792.0, 419.0, True, True),
     "RTX 4090": (1008.0, 165.0, True, False),
@@ -232,7 +233,7 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
     ram_gib = psutil.virtual_memory().total / GIB
     memory = MemorySpec(unified=True, gpu_limit_gib=0.75 * ram_gib) if mac else MemorySpec()
     if mac:
-        assumed.append("Apple GPU wired limit assumed 75 % of RAM (hardware.md §1)")
+        assumed.append("Apple GPU wired limit assumed 75 % of RAM (MLX/Metal default, vmlx-swift #417/#418)")
         gpus = (GpuSpec(name="Apple GPU", vram_gib=0, mem_bw_gbps=dram, h2d_gbps=0),)
     cpu = CpuSpec(name=platform.processor() or platform.machine(), cores=psutil.cpu_count(logical=False) or 1,
                   ram_gib=ram_gib, mem_bw_gbps=dram, flags=flags)

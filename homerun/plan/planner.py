@@ -39,7 +39,8 @@ def distributed_launch(spec: ModelSpec, inv: Inventory, context_tokens: int = 13
     kv = kv_layout(spec, "bf16")
     need = inv.total_bytes * 1.1 + kv.bytes_for(min(context_tokens, spec.max_position_embeddings))
     options = []
-    # GPU memory from hardware.md §1 (H200 141 GB, H100 80 GB); vLLM/SGLang reserve ~10 % by default.
+    # GPU memory: H200 141 GB (saulelectric H200 page), H100 80 GB (NVIDIA H100 PCIe product brief PB-11133);
+    # vLLM/SGLang reserve ~10 % by default.
     for gpu, mem_bytes in (("H200 141GB", 141e9), ("H100 80GB", 80e9)):
         n = max(1, math.ceil(need / (0.9 * mem_bytes)))
         n = 1 << (n - 1).bit_length()  # TP/EP sizes are powers of two
