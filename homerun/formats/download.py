@@ -183,8 +183,12 @@ def verify_download(root: Path, sizes: dict[str, int | None]) -> None:
     index_path = root / INDEX_FILE
     if not index_path.is_file():
         return
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    missing = sorted(set(index.get("weight_map", {}).values()) - set(shards))
+    index = _read_json_object(index_path, DownloadError)
+    weight_map = index.get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise DownloadError(f"{INDEX_FILE}: weight_map is not an object of tensor name -> file name",
+                            hint="the repo's index is corrupt at this revision")
+    missing = sorted(set(weight_map.values()) - set(shards))
     if missing:
         raise DownloadError(f"{INDEX_FILE} names {missing[0]}, which the repo does not have",
                             hint="the repo is incomplete at this revision")
@@ -194,8 +198,12 @@ def verify_download(root: Path, sizes: dict[str, int | None]) -> None:
             payload += sum(st.nbytes for st in read_shard_header(root / name).values())
         except CheckpointError as exc:
             raise DownloadError(exc.message, hint="delete the file and run `homerun download` again") from exc
-    want = (index.get("metadata") or {}).get("total_size")
-    if want is not None and int(want) != payload:
+    metadata = index.get("metadata") or {}
+    want = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if want is not None and (isinstance(want, bool) or not isinstance(want, int)):
+        raise DownloadError(f"{INDEX_FILE}: metadata.total_size = {want!r} is not an integer",
+                            hint="the repo's index is corrupt at this revision")
+    if want is not None and want != payload:
         raise DownloadError(f"shards hold {payload} tensor bytes, {INDEX_FILE} says metadata.total_size = {want}",
                             hint="the download is incomplete or mixes revisions; run `homerun download` again")
 
@@ -266,4 +274,17 @@ def _common_root(paths: dict[str, str], commit: str, target: Path | None) -> Pat
 def read_record(path: str | Path) -> dict[str, Any] | None:
     """The homerun-download.json of a checkpoint directory, or None if it was not fetched by `homerun download`."""
     p = Path(path) / RECORD_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    return _read_json_object(p, CheckpointError) if p.is_file() else None
+
+
+def _read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """A JSON object from `path`, or `error` naming the file (unreadable, not UTF-8, not JSON, not an object)."""
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(f"{path}: not a readable JSON file ({exc})",
+                    hint="delete it and run `homerun download` again") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}",
+                    hint="delete it and run `homerun download` again")
+    return obj

@@ -73,6 +73,8 @@ def validate_config(config: dict[str, Any], source: str = "config.json") -> None
     rope = config.get("qk_rope_head_dim", 64)
     if rope > config["head_dim"] or rope > config.get("index_head_dim", 128) or rope % 2:
         raise _bad("qk_rope_head_dim", rope, "must be even and <= head_dim and index_head_dim", source)
+    if not isinstance(config.get("quantization_config") or {}, dict):
+        raise _bad("quantization_config", config.get("quantization_config"), "must be an object", source)
     fmt = expert_dtype(config)
     if fmt not in ("fp4", "fp8"):
         raise _bad("expert_dtype", fmt, "must be 'fp4' or 'fp8'", source)
@@ -141,6 +143,9 @@ def read_shard_header(path: Path) -> dict[str, StoredTensor]:
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER_BYTES:
             raise CheckpointError(f"{path.name}: not a safetensors file (header length {n})", hint=_HINT_REDOWNLOAD)
+        if n > size - 8:  # checked before reading: a read of n bytes allocates n bytes up front
+            raise CheckpointError(f"{path.name}: truncated shard (header of {n} bytes cut at {size} bytes)",
+                                  hint=_HINT_REDOWNLOAD)
         raw = f.read(n)
     if len(raw) < n:
         raise CheckpointError(f"{path.name}: truncated shard (header cut at {size} bytes)", hint=_HINT_REDOWNLOAD)
@@ -148,22 +153,29 @@ def read_shard_header(path: Path) -> dict[str, StoredTensor]:
         header = json.loads(raw)
     except ValueError as exc:
         raise CheckpointError(f"{path.name}: corrupt safetensors header ({exc})", hint=_HINT_REDOWNLOAD) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (not a JSON object)", hint=_HINT_REDOWNLOAD)
     data_start = 8 + n
     out: dict[str, StoredTensor] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            b, e = (int(x) for x in meta["data_offsets"])
-            st = StoredTensor(name, path.name, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]),
+            b, e = (_header_int(x) for x in meta["data_offsets"])
+            st = StoredTensor(name, path.name, str(meta["dtype"]), tuple(_header_int(d) for d in meta["shape"]),
                               data_start + b, data_start + e)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path.name}: tensor {name} has a corrupt header entry", hint=_HINT_REDOWNLOAD) from exc
         width = DTYPE_BYTES.get(st.dtype)
-        if width is not None and st.nbytes != width * math.prod(st.shape):
+        if b > e or (width is not None and st.nbytes != width * math.prod(st.shape)):
             raise CheckpointError(f"tensor {name} in {path.name}: byte range {b}..{e} does not match "
                                   f"{st.dtype}{list(st.shape)}", hint=_HINT_REDOWNLOAD)
         out[name] = st
+    spans = sorted(out.values(), key=lambda s: (s.begin_bytes, s.end_bytes))
+    for prev, cur in zip(spans, spans[1:]):
+        if cur.begin_bytes < prev.end_bytes:
+            raise CheckpointError(f"{path.name}: tensors {prev.name} and {cur.name} overlap in the file",
+                                  hint=_HINT_REDOWNLOAD)
     cut = [st for st in out.values() if st.end_bytes > size]
     if cut:
         first = min(cut, key=lambda s: s.begin_bytes)
@@ -171,6 +183,13 @@ def read_shard_header(path: Path) -> dict[str, StoredTensor]:
             f"{path.name}: truncated shard ({size} bytes, needs {max(s.end_bytes for s in out.values())}); "
             f"tensor {first.name} and {len(cut) - 1} more are cut off", hint=_HINT_REDOWNLOAD)
     return out
+
+
+def _header_int(x: Any) -> int:
+    """A shape or offset entry: a non-negative JSON integer (no bools, floats or strings)."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"{x!r} is not a non-negative integer")
+    return x
 
 
 def _read_json(path: Path, *, error: type[Exception] = CheckpointError) -> dict[str, Any]:
@@ -198,6 +217,10 @@ def _scan_shards(root: Path) -> dict[str, StoredTensor]:
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: has no weight_map", hint=_HINT_REDOWNLOAD)
+        bad = next((n for n, f in weight_map.items() if not isinstance(f, str) or not f), None)
+        if bad is not None:
+            raise CheckpointError(f"{index_path}: weight_map maps tensor {bad} to {weight_map[bad]!r}, not a file name",
+                                  hint=_HINT_REDOWNLOAD)
         files = sorted(set(weight_map.values()))
     stored: dict[str, StoredTensor] = {}
     for fname in files:
@@ -354,6 +377,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         fixed = quirk.apply(config, dtypes)
         if fixed is not None:
             config, applied = fixed, applied + [quirk]
+    # The layout is built from config.json alone: a config declaring far more tensors than the shards hold is refused
+    # first, so a corrupt expert or layer count cannot make it build a layout of unbounded size.
+    n_expert_tensors = config["num_hidden_layers"] * config["n_routed_experts"] * 6  # w1/w2/w3 weight + scale
+    if n_expert_tensors > len(stored):
+        raise CheckpointError(
+            f"{root / 'config.json'} declares {config['num_hidden_layers']} layers x {config['n_routed_experts']} "
+            f"routed experts ({n_expert_tensors} expert tensors), but the shards hold {len(stored)} tensors in all",
+            hint="the checkpoint does not match its config.json; " + _HINT_REDOWNLOAD)
     # MTP is optional (speculative decoding only): a checkpoint may drop it entirely, but not in part.
     has_mtp = any(n.startswith("mtp.") for n in stored)
     expected = v4_tensors(config, include_mtp=has_mtp)

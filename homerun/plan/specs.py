@@ -105,19 +105,33 @@ def _req(cfg: Mapping[str, Any], key: str, source: str, *alts: str) -> Any:
     )
 
 
-def _int(cfg: Mapping[str, Any], key: str, source: str, *alts: str) -> int:
+# No real config field comes near these; larger values are corrupt and would size loops and tuples without bound.
+_MAX_FIELD = 2**48
+_MAX_LAYERS = 100_000
+
+
+def _int(cfg: Mapping[str, Any], key: str, source: str, *alts: str, lo: int = 0, hi: int = _MAX_FIELD) -> int:
     v = _req(cfg, key, source, *alts)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
         raise ConfigError(f"{source}: key '{key}' must be an integer, got {v!r}", hint="check the config.json")
+    if not lo <= v <= hi:
+        raise ConfigError(f"{source}: key '{key}' must be an integer in {lo}..{hi}, got {v!r}",
+                          hint="check the config.json")
     return int(v)
+
+
+def _opt_int(cfg: Mapping[str, Any], key: str, default: int, source: str) -> int:
+    """An optional integer field: `default` when absent or null, else checked like a required one."""
+    return default if cfg.get(key) is None else _int(cfg, key, source)
 
 
 def detect_arch(cfg: Mapping[str, Any], source: str) -> str:
     mt = cfg.get("model_type")
-    if mt in _MODEL_TYPES:
+    if isinstance(mt, str) and mt in _MODEL_TYPES:
         return _MODEL_TYPES[mt]
-    for a in cfg.get("architectures") or []:
-        if a in _ARCHITECTURES:
+    archs = cfg.get("architectures") or []
+    for a in archs if isinstance(archs, list) else []:
+        if isinstance(a, str) and a in _ARCHITECTURES:
             return _ARCHITECTURES[a]
     raise ConfigError(
         f"{source}: model_type {mt!r} is not a supported MoE architecture",
@@ -127,6 +141,8 @@ def detect_arch(cfg: Mapping[str, Any], source: str) -> str:
 
 def _quant_method(cfg: Mapping[str, Any]) -> str:
     qc = cfg.get("quantization_config") or {}
+    if not isinstance(qc, Mapping):
+        raise ConfigError(f"key 'quantization_config' must be an object, got {qc!r}", hint="check the config.json")
     return str(qc.get("quant_method") or "").lower()
 
 
@@ -148,11 +164,16 @@ def parse_config(cfg: Mapping[str, Any], name: str = "model", source: str | None
 def _parse_v4(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
     from homerun.formats.v4_layout import expert_dtype, layer_ratio
 
-    n_layers = _int(cfg, "num_hidden_layers", src)
+    n_layers = _int(cfg, "num_hidden_layers", src, hi=_MAX_LAYERS)
+    _quant_method(cfg)  # quantization_config must be an object before expert_dtype reads it
     kinds = {0: "swa", 4: "csa", 128: "hca"}
     types = []
     for layer in range(n_layers):
-        r = layer_ratio(cfg, layer)
+        try:
+            r = layer_ratio(cfg, layer)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            raise ConfigError(f"{src}: compress_ratios must be a list of 0, 4 or 128 per layer, got "
+                              f"{cfg.get('compress_ratios')!r}", hint="check compress_ratios") from None
         if r not in kinds:
             raise ConfigError(f"{src}: compress_ratios[{layer}] = {r}, expected 0, 4 or 128", hint="check compress_ratios")
         types.append(kinds[r])
@@ -164,33 +185,33 @@ def _parse_v4(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
         hidden_size=_int(cfg, "hidden_size", src),
         num_layers=n_layers,
         num_heads=_int(cfg, "num_attention_heads", src),
-        num_kv_heads=int(cfg.get("num_key_value_heads", 1)),
+        num_kv_heads=_opt_int(cfg, "num_key_value_heads", 1, src),
         head_dim=_int(cfg, "head_dim", src),
         n_routed_experts=_int(cfg, "n_routed_experts", src),
         experts_per_tok=_int(cfg, "num_experts_per_tok", src),
         moe_intermediate_size=inter,
-        n_shared_experts=int(cfg.get("n_shared_experts", 1)),
+        n_shared_experts=_opt_int(cfg, "n_shared_experts", 1, src),
         dense_layers=(),
         dense_intermediate_size=0,
         max_position_embeddings=_int(cfg, "max_position_embeddings", src),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         weight_format="fp8",
         expert_format=expert_dtype(dict(cfg)),
-        mtp_layers=int(cfg.get("num_nextn_predict_layers", 0)),
-        sliding_window=int(cfg.get("sliding_window", 128)),
+        mtp_layers=_opt_int(cfg, "num_nextn_predict_layers", 0, src),
+        sliding_window=_opt_int(cfg, "sliding_window", 128, src),
         layer_types=tuple(types),
         q_lora_rank=_int(cfg, "q_lora_rank", src),
-        qk_rope_head_dim=int(cfg.get("qk_rope_head_dim", 64)),
-        index_head_dim=int(cfg.get("index_head_dim", 128)),
-        index_topk=int(cfg.get("index_topk", 512)),
+        qk_rope_head_dim=_opt_int(cfg, "qk_rope_head_dim", 64, src),
+        index_head_dim=_opt_int(cfg, "index_head_dim", 128, src),
+        index_topk=_opt_int(cfg, "index_topk", 512, src),
         has_dspark=any(k.startswith("dspark_") for k in cfg),
         config=dict(cfg),
     )
 
 
 def _parse_v3(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
-    n_layers = _int(cfg, "num_hidden_layers", src)
-    k_dense = int(cfg.get("first_k_dense_replace", 0))
+    n_layers = _int(cfg, "num_hidden_layers", src, hi=_MAX_LAYERS)
+    k_dense = _opt_int(cfg, "first_k_dense_replace", 0, src)
     fp8 = _quant_method(cfg) == "fp8"
     return ModelSpec(
         name=name,
@@ -199,38 +220,38 @@ def _parse_v3(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
         hidden_size=_int(cfg, "hidden_size", src),
         num_layers=n_layers,
         num_heads=_int(cfg, "num_attention_heads", src),
-        num_kv_heads=int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])),
-        head_dim=int(cfg.get("qk_nope_head_dim", 128)) + int(cfg.get("qk_rope_head_dim", 64)),
+        num_kv_heads=_opt_int(cfg, "num_key_value_heads", _int(cfg, "num_attention_heads", src), src),
+        head_dim=_opt_int(cfg, "qk_nope_head_dim", 128, src) + _opt_int(cfg, "qk_rope_head_dim", 64, src),
         n_routed_experts=_int(cfg, "n_routed_experts", src),
         experts_per_tok=_int(cfg, "num_experts_per_tok", src),
         moe_intermediate_size=_int(cfg, "moe_intermediate_size", src),
-        n_shared_experts=int(cfg.get("n_shared_experts", 0)),
+        n_shared_experts=_opt_int(cfg, "n_shared_experts", 0, src),
         dense_layers=tuple(range(min(k_dense, n_layers))),
-        dense_intermediate_size=int(cfg.get("intermediate_size", 0)),
+        dense_intermediate_size=_opt_int(cfg, "intermediate_size", 0, src),
         max_position_embeddings=_int(cfg, "max_position_embeddings", src),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         weight_format="fp8" if fp8 else "bf16",
         expert_format="fp8" if fp8 else "bf16",
-        mtp_layers=int(cfg.get("num_nextn_predict_layers", 0)),
+        mtp_layers=_opt_int(cfg, "num_nextn_predict_layers", 0, src),
         sliding_window=None,
         layer_types=("full",) * n_layers,
-        q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+        q_lora_rank=_opt_int(cfg, "q_lora_rank", 0, src),
         kv_lora_rank=_int(cfg, "kv_lora_rank", src),
-        qk_rope_head_dim=int(cfg.get("qk_rope_head_dim", 64)),
+        qk_rope_head_dim=_opt_int(cfg, "qk_rope_head_dim", 64, src),
         config=dict(cfg),
     )
 
 
 def _gqa_common(cfg: Mapping[str, Any], src: str) -> dict[str, Any]:
-    heads = _int(cfg, "num_attention_heads", src)
+    heads = _int(cfg, "num_attention_heads", src, lo=1)
     hidden = _int(cfg, "hidden_size", src)
     return dict(
         vocab_size=_int(cfg, "vocab_size", src),
         hidden_size=hidden,
-        num_layers=_int(cfg, "num_hidden_layers", src),
+        num_layers=_int(cfg, "num_hidden_layers", src, hi=_MAX_LAYERS),
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        num_kv_heads=_opt_int(cfg, "num_key_value_heads", 0, src) or heads,
+        head_dim=_opt_int(cfg, "head_dim", 0, src) or hidden // heads,
         max_position_embeddings=_int(cfg, "max_position_embeddings", src),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         config=dict(cfg),
@@ -240,11 +261,15 @@ def _gqa_common(cfg: Mapping[str, Any], src: str) -> dict[str, Any]:
 def _parse_qwen3(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
     c = _gqa_common(cfg, src)
     n = c["num_layers"]
-    step = int(cfg.get("decoder_sparse_step", 1)) or 1
-    mlp_only = set(cfg.get("mlp_only_layers") or [])
+    step = _opt_int(cfg, "decoder_sparse_step", 1, src) or 1
+    mlp_only = cfg.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
+        raise ConfigError(f"{src}: key 'mlp_only_layers' must be a list of layer numbers, got {mlp_only!r}",
+                          hint="check the config.json")
+    mlp_only = set(mlp_only)
     # HF Qwen3MoeDecoderLayer: MoE when not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0.
     dense = tuple(i for i in range(n) if i in mlp_only or (i + 1) % step != 0)
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    window = _opt_int(cfg, "sliding_window", 0, src) if cfg.get("use_sliding_window") else None
     return ModelSpec(
         name=name,
         arch="qwen3_moe",
@@ -253,11 +278,11 @@ def _parse_qwen3(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
         moe_intermediate_size=_int(cfg, "moe_intermediate_size", src),
         n_shared_experts=0,
         dense_layers=dense,
-        dense_intermediate_size=int(cfg.get("intermediate_size", 0)),
+        dense_intermediate_size=_opt_int(cfg, "intermediate_size", 0, src),
         weight_format="bf16",
         expert_format="bf16",
         mtp_layers=0,
-        sliding_window=int(window) if window else None,
+        sliding_window=window or None,
         layer_types=("full",) * n,
         **c,
     )
@@ -266,7 +291,7 @@ def _parse_qwen3(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
 def _parse_mixtral(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
     c = _gqa_common(cfg, src)
     inter = _int(cfg, "intermediate_size", src)
-    window = cfg.get("sliding_window")
+    window = _opt_int(cfg, "sliding_window", 0, src)
     return ModelSpec(
         name=name,
         arch="mixtral",
@@ -279,7 +304,7 @@ def _parse_mixtral(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
         weight_format="bf16",
         expert_format="bf16",
         mtp_layers=0,
-        sliding_window=int(window) if window else None,
+        sliding_window=window or None,
         layer_types=(("sliding" if window else "full"),) * c["num_layers"],
         **c,
     )
@@ -289,6 +314,8 @@ def _parse_gpt_oss(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
     c = _gqa_common(cfg, src)
     n = c["num_layers"]
     raw_types = cfg.get("layer_types") or ["sliding_attention", "full_attention"] * ((n + 1) // 2)
+    if not isinstance(raw_types, list):
+        raise ConfigError(f"{src}: key 'layer_types' must be a list, got {raw_types!r}", hint="check the config.json")
     types = tuple("sliding" if t == "sliding_attention" else "full" for t in raw_types[:n])
     return ModelSpec(
         name=name,
@@ -302,7 +329,7 @@ def _parse_gpt_oss(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
         weight_format="bf16",
         expert_format="mxfp4" if _quant_method(cfg) == "mxfp4" else "bf16",
         mtp_layers=0,
-        sliding_window=int(cfg.get("sliding_window") or 128),
+        sliding_window=_opt_int(cfg, "sliding_window", 0, src) or 128,
         layer_types=types,
         **c,
     )
@@ -401,6 +428,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found", hint="check the path") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})", hint="check the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable UTF-8 JSON file ({exc})", hint="check the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object", hint="pass a config.json")
     return data
