@@ -162,3 +162,12 @@ def test_each_layer_package_says_what_it_owns_and_may_import(pkg):
 def test_modules_stay_small():
     big = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 600}
     assert not big, f"modules over 600 lines (split by responsibility): {big}"
+
+
+def test_the_cli_starts_without_torch():
+    """`homerun --help`, `plan` and `profiles` stay fast: registering the commands imports no torch (it costs ~3 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, homerun.cli.app; sys.exit(3 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, "importing the CLI imports torch"

@@ -24,6 +24,7 @@ from homerun.chat.encoding import encode_messages
 from homerun.engine.sampling import SamplingParams
 from homerun.errors import ConfigError, HomerunError
 from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS  # DeepSeek: >= 384K for Think Max
+from homerun.engine.tokens import common_prefix_len
 
 THINK_MODES = ("off", "high", "max")
 HISTORY_FORMAT = "homerun-chat"
@@ -87,14 +88,6 @@ class CommandResult:
     text: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ChatSession:
@@ -188,7 +181,7 @@ class ChatSession:
         mode, _ = encoding_mode(self.think)
         prompt = self.prompt_text()
         ids = self.prompt_ids(prompt)
-        cached = _common_prefix_len(list(self._kv.tokens), ids)
+        cached = common_prefix_len(list(self._kv.tokens), ids)
         if cached < len(self._kv.tokens):
             self._kv.reset()  # history was rewritten (dropped reasoning, /system, /load): re-prefill from scratch
             cached = 0

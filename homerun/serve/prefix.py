@@ -20,15 +20,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from homerun.engine.session import Checkpoint, Session
+from homerun.engine.tokens import common_prefix_len  # noqa: F401 - also imported from here by tests
 
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PrefixCache:
