@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+import openai  # noqa: E402 - the test extra installs it: a missing one must fail, not skip
+import httpx  # noqa: E402
+import fastapi  # noqa: E402,F401 - a runtime dependency
+import uvicorn  # noqa: E402
 
 import homerun  # noqa: E402
 from homerun.chat.encoding import encode_messages  # noqa: E402

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import openai  # noqa: E402 - the test extra installs it: a missing one must fail, not skip
+import httpx  # noqa: E402
 
 from conftest import REFERENCE  # noqa: E402
 from fake_model import FakeModel  # noqa: E402
