@@ -16,6 +16,7 @@ from homerun.bench import run as bench_run
 from homerun.cli.commands import bench as bc
 from homerun.bench import setup as bs
 from homerun.bench import model_bench as hb
+from homerun.bench import records as bench_records
 from homerun.errors import DoesNotFitError, UsageError
 from offload.base import ExpertBackend
 
@@ -57,7 +58,7 @@ def records(tiny_checkpoints):
     prof, _ = detect(measure=False)
     opts = hb.BenchOptions(tests=tuple(hb.build_tests([16], [4], [0])), repetitions=2)
     return bench_run.bench_model(tiny_checkpoints["mixed"], opts, model_name="tiny", profile=prof,
-                          limits=hb.Limits(dram_read_gbps=10.0, source="test"))
+                          limits=bench_records.Limits(dram_read_gbps=10.0, source="test"))
 
 
 # ------------------------------------------------------------------------------------------------ test lists

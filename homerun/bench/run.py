@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from homerun.bench.model_bench import (BenchOptions, BenchRecord, BenchTest, Limits, RunInfo, correctness_gate,
-                                       reference_logits, run_test)
+from homerun.bench.model_bench import BenchOptions, correctness_gate, reference_logits, run_test
+from homerun.bench.records import BenchRecord, BenchTest, Limits, RunInfo
 from homerun.bench.setup import host_info, open_target, plan_predictions, predicted_for
 
 

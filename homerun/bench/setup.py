@@ -19,7 +19,8 @@ import torch
 from homerun.kernels.kernel_bench import cpu_info  # noqa: F401 - one CPU description for every record
 from homerun.kernels.kernel_bench import measure_dram_read_gbps  # noqa: F401 - bench limits (tests patch it here)
 
-from homerun.bench.model_bench import BenchRecord, BenchTarget, BenchTest, CountingBackend, Limits
+from homerun.bench.model_bench import BenchTarget, CountingBackend
+from homerun.bench.records import BenchRecord, BenchTest, Limits
 
 
 # ------------------------------------------------------------------------------------------ hardware and build

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
 
 import typer
-from rich.table import Table
 
 from homerun.errors import HomerunError, UsageError
 from homerun.bench.report import (  # noqa: F401 - renderers; tests reach them through this module
@@ -226,7 +225,7 @@ def _dram_after(records: list[Any], tests: Sequence[Any], *, out: Output, hw: st
     from dataclasses import replace
 
     from homerun.bench import setup as bs
-    from homerun.bench import model_bench as hb
+    from homerun.bench.records import with_dram_limit
 
     before = limits.dram_read_gbps
     if not records or not before:
@@ -236,10 +235,10 @@ def _dram_after(records: list[Any], tests: Sequence[Any], *, out: Output, hw: st
     best = max(before, after)
     source = f"{limits.source}; dram_read: best of {before:.1f} GB/s before and {after:.1f} after the run"
     if not (hw == "auto" and after > before):  # the prediction stands; only the link ratios change
-        return [hb.with_dram_limit(r, best, r.predicted_ts, source) for r in records], prof
+        return [with_dram_limit(r, best, r.predicted_ts, source) for r in records], prof
     prof = replace(prof, cpu=replace(prof.cpu, mem_bw_gbps=round(best, 3)))
     plans = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit)
-    return [hb.with_dram_limit(r, best, bs.predicted_for(bs.test_of(r), plans(bs.test_of(r))), source)
+    return [with_dram_limit(r, best, bs.predicted_for(bs.test_of(r), plans(bs.test_of(r))), source)
             for r in records], prof
 
 
@@ -328,7 +327,6 @@ def emit(out: Output, docs: list[dict[str, Any]], fmt: str | None) -> None:
 def render_table(console: Any, docs: list[dict[str, Any]]) -> None:
     from rich.markup import escape
     from rich.panel import Panel
-    from rich.table import Table
 
     failed = [d for d in docs if d["correctness"].get("ok") is False]
     if failed:
