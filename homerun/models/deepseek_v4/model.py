@@ -187,8 +187,11 @@ class DeepseekV4:
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
         dev, stage, flavor = self.device, self.embed_stage, self.embed_flavor
-        # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch).
+        # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch); the layers' dense
+        # prefill GEMMs follow the expert activation mode (`for_act`), the head's stay exact.
+        act = self.experts.act
         k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
+        kl = for_act(k, act)
         for layer, st in zip(self.layers, states):
             # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
             # once per boundary (a no-op between stand-ins, which share the host's memory).
@@ -196,10 +199,11 @@ class DeepseekV4:
             if ldev != dev or layer.flavor != flavor:
                 x, ids, positions, dev, flavor = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev, layer.flavor
                 k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
+                kl = for_act(k, act)
             if layer.stage != stage:
                 stage = layer.stage
                 self.activation_hops += 1
-            x, st = self._block(layer, x, ids, positions, start_pos, st, k)
+            x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
             new_states.append(st)
         hdev = self.head_device or self.device
         if hdev != dev or self.head_flavor != flavor:
@@ -237,7 +241,6 @@ class DeepseekV4:
 
     def _block(self, layer: _Layer, x, ids, positions, start: int, st: LayerState, k: TorchKernels):
         new_st: list[LayerState] = []
-        k = for_act(k, self.experts.act)  # the dense prefill GEMMs follow the expert activation mode
 
         def attn(h):
             out, s = self._attention(layer, h, positions, start, st, k)
