@@ -55,6 +55,9 @@ def test_admission_rule_a_row_without_stated_precision_is_never_applicable():
         assert any("precision_stated" in p for p in row_problems(bad))
     missing = {k: v for k, v in row.items() if k != "precision_stated"}
     assert applicable([missing]) == [] and "missing 'precision_stated'" in row_problems(missing)
+    from homerun.plan.validate import excluded
+    left = excluded([row, {**row, "id": "unstated", "precision_stated": None}])
+    assert [e["id"] for e in left] == ["unstated"] and "precision_stated" in left[0]["reason"]
 
 
 def test_every_row_records_precision_stated_and_unstated_rows_are_excluded_with_evidence():

@@ -48,6 +48,14 @@ def applicable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not r.get("exclude") and admissible(r)]
 
 
+def excluded(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows `applicable` leaves out, each with why: its exclude_reason, or the admission rule."""
+    return [{"id": r["id"], "decode_tok_s": r.get("decode_tok_s"),
+             "reason": r.get("exclude_reason") if r.get("exclude")
+             else "no precision_stated: the source states neither the weights' format nor their size"}
+            for r in rows if r.get("exclude") or not admissible(r)]
+
+
 def row_problems(row: dict[str, Any]) -> list[str]:
     """Schema problems of one row (empty when it is well formed); does not plan."""
     out = [f"missing '{k}'" for k in REQUIRED if k not in row]
