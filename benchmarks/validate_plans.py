@@ -17,6 +17,7 @@ from homerun.plan.validate import (
     TABLE_PATH,
     Comparison,
     compare_table,
+    excluded,
     load_table,
     summarize,
 )
@@ -62,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_table(args.table)
     results = compare_table(rows)
     summary = summarize(results)
-    excluded = [{"id": r["id"], "decode_tok_s": r.get("decode_tok_s"), "reason": r.get("exclude_reason")}
-                for r in rows if r.get("exclude")]
+    left_out = excluded(rows)
     if args.json:
-        json.dump({"rows": [c.to_dict() for c in results], "summary": summary, "excluded": excluded}, sys.stdout, indent=1)
+        json.dump({"rows": [c.to_dict() for c in results], "summary": summary, "excluded": left_out}, sys.stdout, indent=1)
         print()
         return 0
     print(format_table(results))
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if args.all:
         print("\nexcluded rows:")
-        for e in excluded:
+        for e in left_out:
             print(f"  {e['id']} ({e['decode_tok_s']} tok/s): {e['reason']}")
     return 0
 

@@ -22,13 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
+from homerun.plan.staging import STAGE_BUFFERS, STAGE_MAX_BYTES, prefill_stage_experts
 from offload.base import BackendStats, ExpertBackend, ExpertWeights, swiglu_expert
 from offload.cache import ExpertCache
 from offload.gpu_decode import FUSED_MAX_ROWS
 
-# Bytes per prefill stage (two stages): a V4-Flash layer's 256 experts are ~3.4 GB, so a 32 GB card stages a layer in
-# groups (~38 experts of 13.4 MB per group at this size); the plan should reserve 2x this on each GPU.
-DEFAULT_STAGE_BYTES = 512 << 20
+# Bytes per prefill stage at most (two stages): a V4-Flash layer's 256 experts are ~3.4 GB, so a 32 GB card stages a
+# layer in groups (40 experts of 13.4 MB); the plan reserves the same two stages (homerun.plan.staging, one size rule).
+DEFAULT_STAGE_BYTES = STAGE_MAX_BYTES
 from offload.miss_policy import MissPolicy, MissSplit
 from offload.prefetch import Prefetcher
 
@@ -324,8 +325,9 @@ def build_cached_backend(
     `cpu_backend="reference"` computes misses with ReferenceExpertBackend over the host store; pass a
     CpuExpertBackend instance for the native kernels, or None to stream every miss. On a GPU-flavored device with
     FP4 experts (the fused decode path), `prefill_stream` (default on there) attaches a PrefillStreamer whose two
-    stages hold `stage_experts` experts each (default: DEFAULT_STAGE_BYTES worth, at most a layer's experts and a
-    quarter of what the device has left); calls with more than `prefill_min_rows` tokens take it."""
+    stages hold `stage_experts` experts each (default: the plan's rule, homerun.plan.staging.prefill_stage_experts:
+    min(512 MiB, a layer's experts, a quarter of the device's budget), capped by what the cache leaves); calls with more
+    than `prefill_min_rows` tokens take it."""
     from offload.base import ReferenceExpertBackend
     from offload.devices import default_device
     from offload.host_store import HostExpertStore
@@ -339,10 +341,13 @@ def build_cached_backend(
     device = device or default_device()
     gpu_path = device.kernel_flavor == "gpu" and store.layout.fmt == "fp4"
     stream = gpu_path if prefill_stream is None else bool(prefill_stream) and gpu_path
-    per_stage = stage_experts or max(1, DEFAULT_STAGE_BYTES // store.expert_bytes)
+    per_stage = stage_experts or prefill_stage_experts(store.expert_bytes, n_experts, device.budget_bytes)
     stage = min(per_stage, n_experts) if stream else 0
     if expert_cache_slots is None and slots_per_layer is None:
-        fit = (device.free_bytes - 2 * stage * store.expert_bytes) // store.expert_bytes - len(tuple(pinned_keys))
+        # the cache's slot table and the stages' expert tables (int32, GPU path) come out of the same budget
+        tables = 4 * n_experts * ((max(layers, default=-1) + 1 if gpu_path else 0) + (STAGE_BUFFERS if stage else 0))
+        fit = (device.free_bytes - STAGE_BUFFERS * stage * store.expert_bytes - tables) // store.expert_bytes \
+            - len(tuple(pinned_keys))
         expert_cache_slots = max(1, min(fit, len(store.keys())))
     cache = ExpertCache(store, device, n_slots=expert_cache_slots if slots_per_layer is None else None,
                         slots_per_layer=slots_per_layer, policy=policy or DEFAULT_POLICY, pinned_keys=pinned_keys,
@@ -359,7 +364,9 @@ def build_cached_backend(
         from offload.gpu_decode import fused_kernels
         from offload.prefill_stream import PrefillStreamer
 
-        room = (device.free_bytes // 4) // (2 * store.expert_bytes)  # never more than a quarter of what is left
+        # The stages take what the cache left them, up to the rule's size: a plan's cache slots already leave room
+        # for them (it charges the same rule), as does the fit above.
+        room = (device.free_bytes - STAGE_BUFFERS * 4 * n_experts) // (STAGE_BUFFERS * store.expert_bytes)
         if min(stage, room) >= 1:
             backend.prefill = PrefillStreamer(store, device, fused_kernels(), n_experts=n_experts,
                                               swiglu_limit=swiglu_limit, capacity=min(stage, room),

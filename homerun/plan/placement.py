@@ -12,6 +12,7 @@ from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa
                                  page_cache_resident_fraction, tp_comm_seconds)
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap, Placement,
                                   Plan, Stage, _Ctx, gib)
+from homerun.plan.staging import STAGE_BUFFERS, prefill_stage_experts
 from homerun.plan.speed import activation_bytes, context_section, decode_speed, finish, prefill_speed
 from profiles.schema import GIB
 
@@ -113,6 +114,28 @@ def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int]
         start += counts[i]
 
 
+def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], bpe: int) -> list[int]:
+    """Charge each hybrid GPU the layer-wise prefill's double-buffered staging area (homerun.plan.staging: 2 x
+    min(512 MiB, one layer's experts, 1/4 of the VRAM budget), whole experts), capped by the VRAM left after KV;
+    the expert cache gets what remains."""
+    out = []
+    for i in range(len(gpus)):
+        per = prefill_stage_experts(bpe, c.spec.n_routed_experts, int(usable[i]))
+        per = min(per, int(max(room[i], 0.0) // (STAGE_BUFFERS * bpe)))
+        b = STAGE_BUFFERS * per * bpe
+        out.append(b)
+        if b:
+            c.placement.append(Placement(
+                f"prefill staging ({STAGE_BUFFERS} x {per} experts)", f"gpu{i}", b,
+                "layer-wise prefill's double-buffered uploads, apart from the decode cache: "
+                "2 x min(512 MiB, a layer's experts, 1/4 of the VRAM budget)"))
+    if any(out):
+        c.decide("prefill staging", f"{gib(sum(out)):.2f} GiB of VRAM",
+                 f"{STAGE_BUFFERS} buffers per GPU of min(512 MiB, one layer's {c.spec.n_routed_experts} experts, 1/4 of "
+                 "the VRAM budget) in whole experts, taken from the expert cache")
+    return out
+
+
 def _kv_rows(c: _Ctx, fracs: list[float], kv_reserved: int, tokens: int) -> list[int]:
     per = [int(kv_reserved * f) for f in fracs]
     for i, b in enumerate(per):
@@ -178,20 +201,22 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     kv_reserved = c.kv.bytes_for(reserved_tokens) if reserved_tokens else 0
     _gpu_rows(c, gpus, counts, resident, [0.0] * n)
     kv_per = _kv_rows(c, fracs, kv_reserved, reserved_tokens)
-    cache_bytes = [max(0.0, free[i] - kv_per[i]) for i in range(n)]
+    staging = _staging_rows(c, gpus, usable, [max(0.0, free[i] - kv_per[i]) for i in range(n)], bpe)
+    cache_bytes = [max(0.0, free[i] - kv_per[i] - staging[i]) for i in range(n)]
     layer_experts = [counts[i] * spec.n_routed_experts for i in range(n)]
     cache_experts = [min(int(cache_bytes[i] // bpe), layer_experts[i]) for i in range(n)]
     for i in range(n):
         if cache_experts[i]:
             c.placement.append(Placement(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
-                                         cache_experts[i] * bpe, "leftover VRAM after KV for the target context"))
+                                         cache_experts[i] * bpe,
+                                         "leftover VRAM after KV for the target context and the prefill staging"))
     total_cache = sum(cache_experts)
     _gpu_stages(c, gpus, counts, margins, experts="host", cache_slots=cache_experts, kv_per=kv_per,
                 kv_tokens=reserved_tokens)
     c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
              f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
     for i, g in enumerate(gpus):
-        used = resident[i] + kv_per[i] + cache_experts[i] * bpe + sum(margins.values())
+        used = resident[i] + kv_per[i] + staging[i] + cache_experts[i] * bpe + sum(margins.values())
         c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
 
     host_cap = prof.cpu.ram_gib * GIB

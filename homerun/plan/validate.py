@@ -23,8 +23,8 @@ from profiles.schema import HardwareProfile, profile_from_dict
 TABLE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "published.json"
 MODES = ("all-vram", "hybrid", "cpu-only", "disk-mmap")
 HYBRID_MODES = ("hybrid", "disk-mmap")  # the rows issue 17's "within 2x" goal is about
-REQUIRED = ("id", "source_url", "quote_or_location", "model", "homerun_model", "precision", "hardware", "decode_tok_s",
-            "system", "mode", "exclude")
+REQUIRED = ("id", "source_url", "quote_or_location", "model", "homerun_model", "precision", "precision_stated",
+            "hardware", "decode_tok_s", "system", "mode", "exclude")
 # planned mode -> stated modes it agrees with (a unified-memory plan is the all-in-memory case)
 _AGREES = {"all-vram": ("all-vram",), "unified": ("all-vram",), "hybrid": ("hybrid",), "disk-mmap": ("disk-mmap",),
            "cpu-only": ("cpu-only",)}
@@ -37,8 +37,23 @@ def load_table(path: str | Path | None = None) -> list[dict[str, Any]]:
     return list(data["rows"])
 
 
+def admissible(row: dict[str, Any]) -> bool:
+    """Issue 17's admission rule: only rows whose weights match the checkpoint's precision compare byte for byte, so a
+    row must quote what its source states of the weights' format or size (`precision_stated`); one that states neither
+    cannot be applicable, whatever its `exclude` flag says."""
+    return bool(str(row.get("precision_stated") or "").strip())
+
+
 def applicable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if not r.get("exclude")]
+    return [r for r in rows if not r.get("exclude") and admissible(r)]
+
+
+def excluded(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows `applicable` leaves out, each with why: its exclude_reason, or the admission rule."""
+    return [{"id": r["id"], "decode_tok_s": r.get("decode_tok_s"),
+             "reason": r.get("exclude_reason") if r.get("exclude")
+             else "no precision_stated: the source states neither the weights' format nor their size"}
+            for r in rows if r.get("exclude") or not admissible(r)]
 
 
 def row_problems(row: dict[str, Any]) -> list[str]:
@@ -50,6 +65,9 @@ def row_problems(row: dict[str, Any]) -> list[str]:
         if not row.get("exclude_reason"):
             out.append("excluded without an exclude_reason")
         return out
+    if not admissible(row):
+        out.append("no precision_stated: a row whose source states neither the weights' format nor their size cannot "
+                   "be applicable (exclude it with the reason)")
     url = str(row.get("source_url") or "")
     if not url.startswith("https://"):
         out.append("source_url is not an https link")

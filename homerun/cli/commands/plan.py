@@ -231,12 +231,12 @@ def _render_speed(console: Any, pred: dict[str, Any], doc: dict[str, Any]) -> No
 
 def validation_doc() -> dict[str, Any]:
     """The published-measurement table planned row by row (homerun.plan.validate), with the issue-17 summary."""
-    from homerun.plan.validate import compare_table, load_table, summarize
+    from homerun.plan.validate import compare_table, excluded, load_table, summarize
 
     rows = load_table()
     results = compare_table(rows)
     return {"rows": [c.to_dict() for c in results], "summary": summarize(results),
-            "excluded": [{"id": r["id"], "reason": r.get("exclude_reason")} for r in rows if r.get("exclude")]}
+            "excluded": [{"id": e["id"], "reason": e["reason"]} for e in excluded(rows)]}
 
 
 def render_validation(console: Any, doc: dict[str, Any]) -> None:
