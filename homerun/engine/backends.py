@@ -86,13 +86,12 @@ def leave_core_for_gpu_driver() -> None:
         set_threads(n - 1)
 
 
-def on_device(backend: Any, device: Any) -> Any:
-    """A host (CPU) expert backend serving layers on `device` (an offload.devices.Device): behind a
-    HostExpertBackend (x to the host and the result back) when the device is not the CPU. The one place it is
-    wrapped."""
+def on_device(backend: Any, device: str | torch.device) -> Any:
+    """A host (CPU) expert backend serving layers on torch `device`: behind a HostExpertBackend (x to the host and
+    the result back) when the device is not the CPU. The one place it is wrapped."""
     from offload.cpu_backend import HostExpertBackend
 
-    return HostExpertBackend(backend) if device.torch_device.type != "cpu" else backend
+    return HostExpertBackend(backend) if torch.device(device).type != "cpu" else backend
 
 
 def _traced(backend: Any, trace_path: str | Path | None, *, model_name: str, n_layers: int, n_experts: int,
@@ -126,7 +125,7 @@ def build_placed_backend(
     layers the CPU backend, behind an expert cache of `expert_cache_slots` on that device when the placement gives
     one (charged as "expert_cache"); a CUDA device without a cache sends x to the host and back. One backend serves
     the model directly; several go behind a LayerSplitBackend that dispatches by layer."""
-    from offload.cached_backend import LayerSplitBackend, ResidentExpertBackend, build_cached_backend
+    from offload.cached_backend import CacheOptions, LayerSplitBackend, ResidentExpertBackend, build_cached_backend
 
     host = store = plain = None
     cached = [s.name for s in placement.devices if s.expert_cache_slots and placement.host_expert_layers(s.name)]
@@ -150,12 +149,12 @@ def build_placed_backend(
             continue
         if spec.expert_cache_slots:
             b = build_cached_backend(store, offloaded, n_experts, swiglu_limit=swiglu_limit, host_store=store,
-                                     expert_cache_slots=spec.expert_cache_slots, device=dev,
-                                     compute_dtype=compute_dtype, cpu_backend=host, policy=cache_policy)
+                                     device=dev, compute_dtype=compute_dtype, cpu_backend=host,
+                                     cache=CacheOptions(spec.expert_cache_slots, policy=cache_policy))
         else:  # layers served from the checkpoint's mmap in place (they are not in the arena)
             plain = plain or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind,
                                          act=act)
-            b = on_device(plain, dev)
+            b = on_device(plain, dev.torch_device)
         by_layer.update({layer: b for layer in offloaded})
     uniq = {id(b): b for b in by_layer.values()}
     backend = next(iter(uniq.values())) if len(uniq) == 1 else LayerSplitBackend(by_layer)
