@@ -154,7 +154,8 @@ class Model:
         """"auto"/None: the model's device while the KV at the largest permitted step fits there (budget and free
         memory), else host RAM."""
         if kv_device not in (None, "auto"):
-            return torch.device(kv_device)
+            d = torch.device(kv_device)  # "cuda" on a model on cuda:N means its own device
+            return self.device if d.type == self.device.type and d.index is None else d
         dev = self.device
         if dev.type == "cpu":
             return dev
