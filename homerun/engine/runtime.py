@@ -1,10 +1,11 @@
 """The public runtime: `load(path) -> Model`, `Model.session() -> Session`, logits and generation.
 
-`load` opens an official-format checkpoint through `homerun.formats.loader`, builds the pure-math model of
-`homerun.models.deepseek_v4` on top of it (non-expert FP8 weights stay packed unless `weights_dtype` says otherwise,
-routed experts go through an `offload.base.ExpertBackend`) and attaches the tokenizer. With a `placement`
-(`homerun.engine.placement.Placement`) it is also the placement executor: every tensor class, each layer's KV pages and
-the expert caches go to the device the placement names, charged to that device's budget (`offload.devices`).
+`load` opens an official-format checkpoint through `homerun.formats.loader` and, for the options of a `LoadOptions`
+record (homerun.engine.options), runs one path: placement (a plain load is `single_device`) -> budgeted devices
+(`offload.devices`) -> the routed-expert backend (`homerun.engine.backends.build_placed_backend`) -> the pure-math
+model of `homerun.models.deepseek_v4` on those devices (non-expert FP8 weights stay packed unless `weights_dtype` says
+otherwise; every tensor, each layer's KV pages and the expert caches charged to the device that holds them), then
+attaches the tokenizer.
 A `Session` owns the incremental inference state; feeding is all-or-nothing per chunk, so an interrupt (Ctrl-C, a
 closed generator) leaves the session at the last completed chunk. This module does no printing; progress goes to a
 callback.
