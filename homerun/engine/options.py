@@ -154,6 +154,8 @@ class ContextOptions:
 
 @dataclass(frozen=True)
 class LoadOptions:
+    """What `homerun.load` is told; the cross-group checks (placement with KV device, cache and policy) run here."""
+
     placement: PlacementOptions = field(default_factory=PlacementOptions)
     compute: ComputeOptions = field(default_factory=ComputeOptions)
     experts: ExpertOptions = field(default_factory=ExpertOptions)
