@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from homerun.engine.runtime import load
 
         return load
+    if name == "LoadOptions":  # torch-free
+        from homerun.engine.options import LoadOptions
+
+        return LoadOptions
     raise AttributeError(f"module 'homerun' has no attribute {name!r}")

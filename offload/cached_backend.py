@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
+from homerun.errors import UsageError
 from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
 from homerun.plan.staging import STAGE_BUFFERS, STAGE_MAX_BYTES, prefill_stage_experts
 from offload.base import BackendStats, ExpertBackend, ExpertWeights, swiglu_expert
@@ -30,7 +33,7 @@ from offload.gpu_decode import FUSED_MAX_ROWS
 # Bytes per prefill stage at most (two stages): a V4-Flash layer's 256 experts are ~3.4 GB, so a 32 GB card stages a
 # layer in groups (40 experts of 13.4 MB); the plan reserves the same two stages (homerun.plan.staging, one size rule).
 DEFAULT_STAGE_BYTES = STAGE_MAX_BYTES
-from offload.miss_policy import MissPolicy, MissSplit
+from offload.miss_policy import MODES, MissPolicy, MissSplit
 from offload.prefetch import Prefetcher
 
 _PAIR_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -293,41 +296,84 @@ class LayerSplitBackend(ExpertBackend):
             b.close()
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """The device expert cache: `slots` for all its layers (None: as many as the device's free budget holds) or
+    `slots_per_layer`; the replacement `policy` (offload.policies; None: the default); `pinned_keys` never evicted;
+    at most `max_in_flight` copies in flight."""
+
+    slots: int | None = None
+    slots_per_layer: Mapping[int, int] | None = None
+    policy: str | None = None
+    pinned_keys: tuple = ()
+    max_in_flight: int = 4
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and self.slots_per_layer is not None:
+            raise UsageError("CacheOptions: slots and slots_per_layer both given", hint="give one of them")
+        if self.slots is not None and self.slots < 1:
+            raise UsageError(f"CacheOptions.slots must be >= 1, got {self.slots}", hint="or None to fill the budget")
+        object.__setattr__(self, "pinned_keys", tuple(self.pinned_keys))
+
+
+@dataclass(frozen=True)
+class MissOptions:
+    """How misses are served: `mode` (offload.miss_policy MODES: "auto" splits them between the CPU backend and
+    streaming by cost, "cpu", "stream"); measured link and CPU bandwidths (None: the cost model's priors); how many
+    streamed experts are pipelined ahead."""
+
+    mode: str = "auto"
+    link_gbps: float | None = None
+    cpu_gbps: float | None = None
+    pipeline_depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"MissOptions.mode: unknown miss mode {self.mode!r}", hint=f"use one of {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
+class PrefillOptions:
+    """Prefill streaming on a GPU-flavored device with FP4 experts: `stream` (None: on there), two stages of
+    `stage_experts` experts each (None: the plan's rule, homerun.plan.staging.prefill_stage_experts: min(512 MiB, a
+    layer's experts, a quarter of the device's budget), capped by what the cache leaves); calls with more than
+    `min_rows` tokens take it."""
+
+    stream: bool | None = None
+    stage_experts: int | None = None
+    min_rows: int = FUSED_MAX_ROWS
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """The host expert store built when none is passed (offload.host_store.HostExpertStore budgets)."""
+
+    pinned_budget_bytes: int | None = None
+    ram_budget_bytes: int | None = None
+    disk_dir: str | None = None
+
+
 def build_cached_backend(
     source,
     layers,
     n_experts: int,
     *,
     swiglu_limit: float,
-    expert_cache_slots: int | None = None,
-    slots_per_layer: dict[int, int] | None = None,
     device=None,
-    policy: str | None = None,
-    cpu_backend: ExpertBackend | str | None = "reference",
-    miss_mode: str = "auto",
-    pinned_keys=(),
-    host_store=None,
-    pinned_budget_bytes: int | None = None,
-    ram_budget_bytes: int | None = None,
-    disk_dir=None,
-    link_gbps: float | None = None,
-    cpu_gbps: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
-    pipeline_depth: int = 2,
-    max_in_flight: int = 4,
-    prefill_stream: bool | None = None,
-    stage_experts: int | None = None,
-    prefill_min_rows: int = FUSED_MAX_ROWS,
+    cpu_backend: ExpertBackend | None = None,
+    host_store=None,
+    cache: CacheOptions = CacheOptions(),
+    misses: MissOptions = MissOptions(),
+    prefill: PrefillOptions = PrefillOptions(),
+    store_options: StoreOptions = StoreOptions(),
 ) -> CachedExpertBackend:
     """Everything the runtime needs in one call. `source` is the checkpoint's ExpertSource; `layers` the MoE layers
-    whose routed experts are offloaded. `expert_cache_slots=N` forces a global cache of N slots (any machine);
-    otherwise the device's free budget sets it. `device` defaults to cuda:0, or a CPU stand-in without CUDA.
-    `cpu_backend="reference"` computes misses with ReferenceExpertBackend over the host store; pass a
-    CpuExpertBackend instance for the native kernels, or None to stream every miss. On a GPU-flavored device with
-    FP4 experts (the fused decode path), `prefill_stream` (default on there) attaches a PrefillStreamer whose two
-    stages hold `stage_experts` experts each (default: the plan's rule, homerun.plan.staging.prefill_stage_experts:
-    min(512 MiB, a layer's experts, a quarter of the device's budget), capped by what the cache leaves); calls with more
-    than `prefill_min_rows` tokens take it."""
+    whose routed experts are offloaded; `host_store` the one host copy (built from `source` per `store_options`
+    when not given). `device` defaults to cuda:0, or a CPU stand-in without CUDA. Misses the miss policy sends to
+    the CPU run on `cpu_backend` (default: ReferenceExpertBackend over the host store; pass a CpuExpertBackend for
+    the native kernels). On a GPU-flavored device with FP4 experts (the fused decode path) a PrefillStreamer is
+    attached per `prefill`."""
     from offload.base import ReferenceExpertBackend
     from offload.devices import default_device
     from offload.host_store import HostExpertStore
@@ -335,31 +381,33 @@ def build_cached_backend(
     from offload.policies import DEFAULT_POLICY
 
     layers = list(layers)
+    so = store_options
     store = host_store or HostExpertStore(source, [(l, e) for l in layers for e in range(n_experts)],
-                                          pinned_budget_bytes=pinned_budget_bytes, ram_budget_bytes=ram_budget_bytes,
-                                          disk_dir=disk_dir)
+                                          pinned_budget_bytes=so.pinned_budget_bytes,
+                                          ram_budget_bytes=so.ram_budget_bytes, disk_dir=so.disk_dir)
     device = device or default_device()
     gpu_path = device.kernel_flavor == "gpu" and store.layout.fmt == "fp4"
-    stream = gpu_path if prefill_stream is None else bool(prefill_stream) and gpu_path
-    per_stage = stage_experts or prefill_stage_experts(store.expert_bytes, n_experts, device.budget_bytes)
+    stream = gpu_path if prefill.stream is None else bool(prefill.stream) and gpu_path
+    per_stage = prefill.stage_experts or prefill_stage_experts(store.expert_bytes, n_experts, device.budget_bytes)
     stage = min(per_stage, n_experts) if stream else 0
-    if expert_cache_slots is None and slots_per_layer is None:
+    slots = cache.slots
+    if slots is None and cache.slots_per_layer is None:
         # the cache's slot table and the stages' expert tables (int32, GPU path) come out of the same budget
         tables = 4 * n_experts * ((max(layers, default=-1) + 1 if gpu_path else 0) + (STAGE_BUFFERS if stage else 0))
         fit = (device.free_bytes - STAGE_BUFFERS * stage * store.expert_bytes - tables) // store.expert_bytes \
-            - len(tuple(pinned_keys))
-        expert_cache_slots = max(1, min(fit, len(store.keys())))
-    cache = ExpertCache(store, device, n_slots=expert_cache_slots if slots_per_layer is None else None,
-                        slots_per_layer=slots_per_layer, policy=policy or DEFAULT_POLICY, pinned_keys=pinned_keys,
-                        max_in_flight=max_in_flight)
-    if cpu_backend == "reference":
+            - len(tuple(cache.pinned_keys))
+        slots = max(1, min(fit, len(store.keys())))
+    expert_cache = ExpertCache(store, device, n_slots=slots if cache.slots_per_layer is None else None,
+                               slots_per_layer=cache.slots_per_layer, policy=cache.policy or DEFAULT_POLICY,
+                               pinned_keys=cache.pinned_keys, max_in_flight=cache.max_in_flight)
+    if cpu_backend is None:
         cpu_backend = ReferenceExpertBackend(store, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype)
     w1 = store.layout.parts[0]
     hidden = w1.shape[1] * (2 if store.layout.fmt == "fp4" else 1)
-    measured = {k: v for k, v in (("link_gbps", link_gbps), ("cpu_gbps", cpu_gbps)) if v is not None}
-    miss = MissPolicy(costs_for_expert(store.expert_bytes, hidden, w1.shape[0], **measured), mode=miss_mode)
-    backend = CachedExpertBackend(cache, swiglu_limit=swiglu_limit, cpu_backend=cpu_backend, miss_policy=miss,
-                                  compute_dtype=compute_dtype, pipeline_depth=pipeline_depth)
+    measured = {k: v for k, v in (("link_gbps", misses.link_gbps), ("cpu_gbps", misses.cpu_gbps)) if v is not None}
+    miss = MissPolicy(costs_for_expert(store.expert_bytes, hidden, w1.shape[0], **measured), mode=misses.mode)
+    backend = CachedExpertBackend(expert_cache, swiglu_limit=swiglu_limit, cpu_backend=cpu_backend, miss_policy=miss,
+                                  compute_dtype=compute_dtype, pipeline_depth=misses.pipeline_depth)
     if stream and backend.fused is not None:
         from offload.gpu_decode import fused_kernels
         from offload.prefill_stream import PrefillStreamer
@@ -370,5 +418,5 @@ def build_cached_backend(
         if min(stage, room) >= 1:
             backend.prefill = PrefillStreamer(store, device, fused_kernels(), n_experts=n_experts,
                                               swiglu_limit=swiglu_limit, capacity=min(stage, room),
-                                              min_rows=prefill_min_rows)
+                                              min_rows=prefill.min_rows)
     return backend

@@ -7,19 +7,17 @@ import pytest
 import torch
 
 import homerun
-from homerun.engine.backends import build_expert_backend, native_available
+from homerun.engine.backends import native_available
 from homerun.errors import UsageError
 from homerun.formats.loader import open_checkpoint
 
+_FLAT = {"kind": "experts", "act": "expert_act"}  # the load options these tests vary, by their backend names
+
 
 def _backend(path, **kw):
+    """The routed-expert backend `homerun.load` builds for these options (the one construction path)."""
     kw.setdefault("act", "fp32")  # exact kernels: these tests compare against the fp32 reference at 1e-5
-    ckpt = open_checkpoint(path)
-    c = ckpt.config
-    return build_expert_backend(
-        ckpt, n_layers=c["num_hidden_layers"], n_experts=c["n_routed_experts"],
-        num_hash_layers=c.get("num_hash_layers", 0), swiglu_limit=c["swiglu_limit"],
-        compute_dtype=torch.float32, top_k=c["num_experts_per_tok"], **kw)
+    return homerun.load(path, **{_FLAT.get(k, k): v for k, v in kw.items()}).net.experts
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def test_default_act_is_the_kernels_default_and_stays_close(tiny_checkpoint, ids
         assert err > 1e-6
         exact = homerun.load(tiny_checkpoint, expert_act="fp32")
         assert exact.stats()["expert_act"] == "fp32" and _rel(exact.logits(ids), ref_logits) <= 1e-5
-    with pytest.raises(UsageError, match="activation mode"):
+    with pytest.raises(UsageError, match="experts.act"):
         homerun.load(tiny_checkpoint, expert_act="int4")
 
 
@@ -84,7 +82,7 @@ def test_trace_records_every_token_and_layer(tiny_checkpoint, ids, tmp_path):
     be.recorder.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
-    assert lines[0] == {"model": "model", "n_layers": cfg["num_hidden_layers"], "n_experts": cfg["n_routed_experts"],
+    assert lines[0] == {"model": tiny_checkpoint.name, "n_layers": cfg["num_hidden_layers"], "n_experts": cfg["n_routed_experts"],
                         "top_k": cfg["num_experts_per_tok"]}
     recs = lines[1:]
     assert len(recs) == len(ids) * cfg["num_hidden_layers"]
@@ -93,7 +91,7 @@ def test_trace_records_every_token_and_layer(tiny_checkpoint, ids, tmp_path):
 
 
 def test_bad_backend_name(tiny_checkpoint):
-    with pytest.raises(UsageError, match="unknown expert backend"):
+    with pytest.raises(UsageError, match="unknown load option experts.kind"):
         _backend(tiny_checkpoint, kind="gpu-magic")
 
 

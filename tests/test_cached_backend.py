@@ -3,7 +3,7 @@ import torch
 
 from offload.base import ReferenceExpertBackend
 from offload.cache import ExpertCache
-from offload.cached_backend import CachedExpertBackend, build_cached_backend
+from offload.cached_backend import CacheOptions, CachedExpertBackend, MissOptions, build_cached_backend
 from offload.devices import StandInDevice
 from offload.host_store import HostExpertStore, random_packed_expert
 from offload.miss_policy import MissPolicy, costs_for_expert
@@ -35,8 +35,9 @@ def test_equivalent_to_reference_with_tiny_cache(fmt, slots, mode):
     ex = _experts(fmt)
     src = lambda l, e: ex[(l, e)]  # noqa: E731
     ref = ReferenceExpertBackend(src, swiglu_limit=10.0)
-    be = build_cached_backend(src, range(L), E, swiglu_limit=10.0, expert_cache_slots=slots,
-                              device=StandInDevice("gpu0", 1 << 30), miss_mode=mode, policy="adaptive")
+    be = build_cached_backend(src, range(L), E, swiglu_limit=10.0,
+                              device=StandInDevice("gpu0", 1 << 30), cache=CacheOptions(slots, policy="adaptive"),
+                              misses=MissOptions(mode))
     g = torch.Generator().manual_seed(1)
     for t in (1, 5, 17, 1):  # decode steps and prefill-sized batches
         for layer in range(L):
@@ -55,8 +56,9 @@ def test_equivalent_to_reference_with_tiny_cache(fmt, slots, mode):
 def test_bf16_input_keeps_dtype_and_hits_warm_cache():
     ex = _experts()
     store = HostExpertStore(lambda l, e: ex[(l, e)], list(ex))
-    be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store, expert_cache_slots=L * E,
-                              device=StandInDevice("gpu0", 1 << 30), miss_mode="stream")
+    be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store,
+                              device=StandInDevice("gpu0", 1 << 30), cache=CacheOptions(L * E),
+                              misses=MissOptions("stream"))
     g = torch.Generator().manual_seed(2)
     x, ids, w = _routing(g, 4)
     ref = ReferenceExpertBackend(store, swiglu_limit=10.0)
@@ -71,8 +73,8 @@ def test_bf16_input_keeps_dtype_and_hits_warm_cache():
 
 def test_cpu_misses_are_promoted_so_decode_warms_the_cache():
     ex = _experts()
-    be = build_cached_backend(lambda l, e: ex[(l, e)], [0], E, swiglu_limit=10.0, expert_cache_slots=E,
-                              device=StandInDevice("gpu0", 1 << 30), miss_mode="cpu")
+    be = build_cached_backend(lambda l, e: ex[(l, e)], [0], E, swiglu_limit=10.0,
+                              device=StandInDevice("gpu0", 1 << 30), cache=CacheOptions(E), misses=MissOptions("cpu"))
     g = torch.Generator().manual_seed(3)
     x, ids, w = _routing(g, 1)
     be.forward(0, x, ids, w)
@@ -85,8 +87,9 @@ def test_cpu_misses_are_promoted_so_decode_warms_the_cache():
 
 def test_hash_layer_prefetch_is_exact():
     ex = _experts()
-    be = build_cached_backend(lambda l, e: ex[(l, e)], range(L), E, swiglu_limit=10.0, expert_cache_slots=6,
-                              device=StandInDevice("gpu0", 1 << 30), miss_mode="stream")
+    be = build_cached_backend(lambda l, e: ex[(l, e)], range(L), E, swiglu_limit=10.0,
+                              device=StandInDevice("gpu0", 1 << 30), cache=CacheOptions(6),
+                              misses=MissOptions("stream"))
     g = torch.Generator().manual_seed(4)
     tid2eid = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(50)])  # (V, K)
     token_ids = torch.tensor([7, 7, 21])
@@ -101,8 +104,9 @@ def test_hash_layer_prefetch_is_exact():
 
 def test_speculative_prefetch_scores_precision_and_recall():
     ex = _experts()
-    be = build_cached_backend(lambda l, e: ex[(l, e)], range(L), E, swiglu_limit=10.0, expert_cache_slots=8,
-                              device=StandInDevice("gpu0", 1 << 30), miss_mode="stream")
+    be = build_cached_backend(lambda l, e: ex[(l, e)], range(L), E, swiglu_limit=10.0,
+                              device=StandInDevice("gpu0", 1 << 30), cache=CacheOptions(8),
+                              misses=MissOptions("stream"))
     g = torch.Generator().manual_seed(5)
     gate_w, h = torch.randn(E, D, generator=g), torch.randn(2, D, generator=g)
     guess = torch.sqrt(torch.nn.functional.softplus(h @ gate_w.T)).topk(K, dim=-1).indices  # the model's router
@@ -199,8 +203,9 @@ def test_native_cpu_backend_serves_misses():
     ex = _experts()
     store = HostExpertStore(lambda l, e: ex[(l, e)], list(ex))
     cpu = CpuExpertBackend(store, swiglu_limit=10.0)  # reads the store's contiguous buffers
-    be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store, expert_cache_slots=2,
-                              device=StandInDevice("gpu0", 1 << 30), cpu_backend=cpu, miss_mode="auto")
+    be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store,
+                              device=StandInDevice("gpu0", 1 << 30), cpu_backend=cpu, cache=CacheOptions(2),
+                              misses=MissOptions("auto"))
     ref = ReferenceExpertBackend(store, swiglu_limit=10.0)
     g = torch.Generator().manual_seed(8)
     for t in (1, 1, 9):

@@ -3,7 +3,7 @@ import torch
 
 from homerun.errors import DoesNotFitError, UsageError
 from offload.cache import ExpertCache
-from offload.cached_backend import build_cached_backend
+from offload.cached_backend import MissOptions, build_cached_backend
 from offload.devices import StandInDevice, build_standin_devices, default_device
 from offload.host_store import HostExpertStore, random_packed_expert
 
@@ -63,7 +63,8 @@ def test_expert_cache_slots_are_charged_and_must_fit():
 def test_offloaded_run_never_exceeds_device_budget():
     store = _store()
     dev = StandInDevice("gpu0", int(2.5 * store.expert_bytes))
-    be = build_cached_backend(store, range(2), 4, swiglu_limit=10.0, host_store=store, device=dev, miss_mode="stream")
+    be = build_cached_backend(store, range(2), 4, swiglu_limit=10.0, host_store=store, device=dev,
+                              misses=MissOptions("stream"))
     assert be.cache.n_slots == 2  # sized from the free budget
     g = torch.Generator().manual_seed(1)
     for _ in range(6):

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from homerun.kernels import triton as hr_triton  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
 from offload.base import ReferenceExpertBackend  # noqa: E402
-from offload.cached_backend import build_cached_backend  # noqa: E402
+from offload.cached_backend import CacheOptions, MissOptions, build_cached_backend  # noqa: E402
 from offload.devices import CudaStandInDevice  # noqa: E402
 from offload.host_store import random_packed_expert  # noqa: E402
 
@@ -34,8 +34,9 @@ def experts():
 
 def _backend(experts, slots, mode="auto"):
     src = lambda l, e: experts[(l, e)]  # noqa: E731
-    return build_cached_backend(src, range(L), E, swiglu_limit=10.0, expert_cache_slots=slots,
-                                device=CudaStandInDevice("cuda-standin:0", 1 << 30), miss_mode=mode)
+    return build_cached_backend(src, range(L), E, swiglu_limit=10.0,
+                                device=CudaStandInDevice("cuda-standin:0", 1 << 30), cache=CacheOptions(slots),
+                                misses=MissOptions(mode))
 
 
 def _rel(a, b):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from offload.base import ReferenceExpertBackend
-from offload.cached_backend import build_cached_backend, dequant_on_device
+from offload.cached_backend import CacheOptions, MissOptions, build_cached_backend, dequant_on_device
 from offload.devices import CudaDevice
 from offload.host_store import HostExpertStore, random_packed_expert
 from offload.transfer import CudaTransferEngine, measure_h2d_gbps
@@ -53,8 +53,8 @@ def test_device_dequant_matches_cpu(store):
 @pytest.mark.parametrize("slots", [1, 2])
 @pytest.mark.parametrize("mode", ["auto", "cpu", "stream"])
 def test_cuda_backend_equals_reference(store, slots, mode):
-    be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store, expert_cache_slots=slots,
-                              device=CudaDevice(0, 1 << 30), miss_mode=mode)
+    be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store,
+                              device=CudaDevice(0, 1 << 30), cache=CacheOptions(slots), misses=MissOptions(mode))
     ref = ReferenceExpertBackend(store, swiglu_limit=10.0)
     g = torch.Generator().manual_seed(1)
     for t in (1, 7, 1, 33):

@@ -7,7 +7,7 @@ import torch
 from homerun.formats.loader import open_checkpoint
 from homerun.models.deepseek_v4 import ModelArgs
 from homerun.engine.runtime import load
-from offload.cached_backend import build_cached_backend
+from offload.cached_backend import CacheOptions, MissOptions, build_cached_backend
 from offload.devices import StandInDevice
 
 
@@ -15,8 +15,9 @@ def _offloaded_backend(path, slots, mode):
     ckpt = open_checkpoint(path)
     args = ModelArgs.from_hf_config(ckpt.config)
     return build_cached_backend(ckpt.expert, range(args.n_layers), args.n_routed_experts,
-                                swiglu_limit=args.swiglu_limit, expert_cache_slots=slots,
-                                device=StandInDevice("standin:0", 1 << 30), miss_mode=mode)
+                                swiglu_limit=args.swiglu_limit,
+                                device=StandInDevice("standin:0", 1 << 30), cache=CacheOptions(slots),
+                                misses=MissOptions(mode))
 
 
 def _rel(a, b):

@@ -109,7 +109,7 @@ def test_runtime_stage_follows_the_rule_on_a_stand_in():
     from homerun.kernels import triton as hr_triton
     if not hr_triton.available():  # pragma: no cover
         pytest.skip(f"triton kernels unavailable: {hr_triton.unavailable_reason()}")
-    from offload.cached_backend import build_cached_backend
+    from offload.cached_backend import CacheOptions, MissOptions, PrefillOptions, build_cached_backend
     from offload.devices import CudaStandInDevice
     from offload.host_store import random_packed_expert
 
@@ -117,13 +117,14 @@ def test_runtime_stage_follows_the_rule_on_a_stand_in():
     g = torch.Generator().manual_seed(0)
     experts = {(l, x): random_packed_expert(d, i, g) for l in range(layers) for x in range(e)}
     probe = build_cached_backend(lambda l, x: experts[(l, x)], range(layers), e, swiglu_limit=10.0,
-                                 expert_cache_slots=1, miss_mode="stream", prefill_stream=False,
+                                 cache=CacheOptions(1), misses=MissOptions("stream"),
+                                 prefill=PrefillOptions(stream=False),
                                  device=CudaStandInDevice("cuda-standin:0", 1 << 30))
     bpe = probe.cache.store.expert_bytes
     probe.close()
     budget = 40 * bpe * 4 + bpe  # a quarter of the budget holds 40 experts: the quarter binds (40 < 64 per layer)
-    be = build_cached_backend(lambda l, x: experts[(l, x)], range(layers), e, swiglu_limit=10.0, miss_mode="stream",
-                              device=CudaStandInDevice("cuda-standin:1", budget), prefill_min_rows=4)
+    be = build_cached_backend(lambda l, x: experts[(l, x)], range(layers), e, swiglu_limit=10.0, misses=MissOptions("stream"),
+                              device=CudaStandInDevice("cuda-standin:1", budget), prefill=PrefillOptions(min_rows=4))
     assert prefill_stage_experts(bpe, e, budget) == 40
     assert be.prefill is not None and be.prefill.capacity == 40
     assert be.prefill.stats()["stage_bytes"] == 2 * 40 * bpe

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from homerun.kernels import triton as hr_triton  # noqa: E402
 from offload.base import ReferenceExpertBackend  # noqa: E402
-from offload.cached_backend import build_cached_backend  # noqa: E402
+from offload.cached_backend import CacheOptions, MissOptions, PrefillOptions, build_cached_backend  # noqa: E402
 from offload.devices import CudaStandInDevice  # noqa: E402
 from offload.host_store import random_packed_expert  # noqa: E402
 
@@ -45,9 +45,9 @@ def _cache_state(be):
 def test_prefill_equals_reference_and_leaves_the_decode_cache(experts, stage):
     src = lambda l, e: experts[(l, e)]  # noqa: E731
     ref = ReferenceExpertBackend(src, swiglu_limit=10.0)
-    be = build_cached_backend(src, range(L), E, swiglu_limit=10.0, expert_cache_slots=4, miss_mode="stream",
-                              device=CudaStandInDevice("cuda-standin:0", 1 << 30), stage_experts=stage,
-                              prefill_min_rows=4)
+    be = build_cached_backend(src, range(L), E, swiglu_limit=10.0,
+                              device=CudaStandInDevice("cuda-standin:0", 1 << 30), cache=CacheOptions(4),
+                              misses=MissOptions("stream"), prefill=PrefillOptions(stage_experts=stage, min_rows=4))
     assert be.prefill is not None and be.prefill.capacity == (stage or E)
     g = torch.Generator().manual_seed(1)
     for layer in range(L):  # decode warms the cache
@@ -77,8 +77,8 @@ def test_model_prefill_through_the_stage_equals_the_resident_model(tiny_checkpoi
     ckpt = open_checkpoint(path)
     a = ModelArgs.from_hf_config(ckpt.config)
     be = build_cached_backend(ckpt.expert, range(a.n_layers), a.n_routed_experts, swiglu_limit=a.swiglu_limit,
-                              expert_cache_slots=2, device=CudaStandInDevice("cuda-standin:0", 1 << 30),
-                              prefill_min_rows=8)
+                              device=CudaStandInDevice("cuda-standin:0", 1 << 30), cache=CacheOptions(2),
+                              prefill=PrefillOptions(min_rows=8))
     resident = load(path, expert_act="fp32")
     streamed = load(path, expert_backend=be)
     prompt = torch.randint(0, a.vocab_size, (24,), generator=torch.Generator().manual_seed(3)).tolist()

@@ -20,7 +20,7 @@ def _shapes(tiny: bool) -> dict:
 
 def step_offload(tiny: bool) -> dict:
     from homerun.kernels.counting import count_device_work
-    from offload.cached_backend import build_cached_backend
+    from offload.cached_backend import CacheOptions, MissOptions, PrefillOptions, build_cached_backend
     from offload.devices import CudaDevice, CudaStandInDevice
     from offload.host_store import HostExpertStore, random_packed_expert
     from offload.transfer import make_transfer_engine, measure_h2d_gbps
@@ -55,7 +55,8 @@ def step_offload(tiny: bool) -> dict:
 
     # 2. fused decode: warm cache (every expert resident), then counted and timed decode tokens
     be = build_cached_backend(store, range(L), E, swiglu_limit=10.0, host_store=store, device=dev,
-                              expert_cache_slots=L * E, miss_mode="stream", prefill_min_rows=64)
+                              cache=CacheOptions(L * E), misses=MissOptions("stream"),
+                              prefill=PrefillOptions(min_rows=64))
     x = torch.randn(1, H, generator=g).to(dev.torch_device, torch.bfloat16)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(1)]).to(dev.torch_device)
     w = torch.rand(1, K, generator=g).to(dev.torch_device)

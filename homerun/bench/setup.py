@@ -266,15 +266,15 @@ def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch
         raise UsageError(f"unknown expert backend {kind!r}", hint="use --native or --reference")
     if cache_slots is None:
         return cpu_factory, label, notes
-    from offload.cached_backend import build_cached_backend
+    from offload.cached_backend import CacheOptions, build_cached_backend
     from offload.devices import default_device
 
     moe_layers = range(args.n_layers)
 
     def cached() -> Any:
         return build_cached_backend(ckpt.expert, moe_layers, args.n_routed_experts, swiglu_limit=args.swiglu_limit,
-                                    expert_cache_slots=cache_slots, device=default_device(),
-                                    compute_dtype=compute_dtype, cpu_backend=cpu_factory())
+                                    device=default_device(), compute_dtype=compute_dtype, cpu_backend=cpu_factory(),
+                                    cache=CacheOptions(cache_slots))
 
     where = "cuda" if torch.cuda.is_available() else "stand-in (host RAM)"
     if not torch.cuda.is_available():
@@ -291,7 +291,7 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
     from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
-    from offload.cpu_backend import HostExpertBackend
+    from homerun.engine.backends import on_device
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = open_checkpoint(Path(path))
@@ -310,11 +310,11 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
     factory, label, notes = make_expert_backend(ckpt, args, kind=kind, compute_dtype=compute, cache_slots=cache_slots,
                                                 act=act)
-    if device != "cpu" and cache_slots is None:
+    if cache_slots is None:  # the host backend serves a model on `device`
         host_factory = factory
 
         def factory() -> Any:
-            return HostExpertBackend(host_factory())
+            return on_device(host_factory(), device)
     first = factory()
     model = load(path, dtype=dtype, device=device, expert_backend=first, progress=progress)
     first_layer = args.n_hash_layers if args.n_hash_layers < args.n_layers else 0

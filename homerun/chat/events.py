@@ -17,7 +17,7 @@ def turn_events(event: Delta | TurnDone, session: ChatSession) -> list[dict[str,
              for c in event.message.get("tool_calls") or []]
     stats = {**event.stats.to_dict(), **{k: v for k, v in session.stats().items() if k != "last_turn"}}
     placement = getattr(session.model, "placement", None)
-    if placement is not None and hasattr(placement, "summary"):  # loaded with --hw: devices and layers per device
+    if placement is not None and hasattr(placement, "summary"):  # devices and layers per device
         stats["placement"] = placement.summary()
     done = {"event": "done", "finish_reason": event.stats.finish_reason, "parsed": event.parsed,
             "message": event.message, "stats": stats}

@@ -7,9 +7,8 @@ The runtime's MoE layer only knows `offload.base.ExpertBackend`; this module dec
   at the kernels' boundary and the result back), else reference.
 `act` picks the native kernels' activation mode: "auto" (default) = int8 blocks where a SIMD int8 kernel exists
 (~5e-3 relative error per matmul, the speed peers run at), else fp32; "fp32" is exact up to summation order.
-`expert_cache_slots=N` puts a device expert cache of N slots in front (a CUDA device when one is used, otherwise a
-CPU stand-in device, so offload can be exercised on any machine); misses go to the CPU backend chosen above. With a
-cache, the experts are read from the checkpoint's mmap once into the host arena (offload.host_store), and both the
+`build_placed_backend` composes them for a placement (a plain load is a one-device placement): a device's expert
+cache (its `expert_cache_slots`) goes in front, misses go to the CPU backend chosen above. With a cache, the experts are read from the checkpoint's mmap once into the host arena (offload.host_store), and both the
 CPU backend and the cache's copies read that arena: one host copy. When a CUDA GPU is driven, the native pool leaves
 one core to the thread that drives it.
 `trace_path` wraps the result in a routing-trace recorder. Composition only: nothing here patches the model.
@@ -22,10 +21,8 @@ from typing import Any
 
 import torch
 
+from homerun.engine.options import EXPERT_ACTS, EXPERT_BACKENDS
 from homerun.errors import UsageError
-
-EXPERT_BACKENDS = ("auto", "native", "reference")
-EXPERT_ACTS = ("auto", "fp32", "int8", "bf16")
 
 
 def native_available() -> bool:
@@ -89,44 +86,12 @@ def leave_core_for_gpu_driver() -> None:
         set_threads(n - 1)
 
 
-def build_expert_backend(
-    ckpt: Any,
-    *,
-    n_layers: int,
-    n_experts: int,
-    num_hash_layers: int,
-    swiglu_limit: float,
-    compute_dtype: torch.dtype,
-    device: str | torch.device = "cpu",
-    kind: str = "auto",
-    expert_cache_slots: int | None = None,
-    cache_policy: str | None = None,
-    trace_path: str | Path | None = None,
-    top_k: int | None = None,
-    model_name: str = "model",
-    act: str = "auto",
-) -> Any:
-    if expert_cache_slots is None:
-        backend = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act)
-    else:
-        if expert_cache_slots < 1:
-            raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
-        from offload.cached_backend import build_cached_backend
-        from offload.devices import CudaDevice, StandInDevice
+def on_device(backend: Any, device: str | torch.device) -> Any:
+    """A host (CPU) expert backend serving layers on torch `device`: behind a HostExpertBackend (x to the host and
+    the result back) when the device is not the CPU. The one place it is wrapped."""
+    from offload.cpu_backend import HostExpertBackend
 
-        dev = torch.device(device)
-        cache_dev = CudaDevice(dev.index or 0) if dev.type == "cuda" else StandInDevice("standin:0", 1 << 62)
-        store = host_store(ckpt, range(n_layers), n_experts)
-        host = cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind, act=act,
-                           source=store)
-        if cache_dev.is_cuda:
-            leave_core_for_gpu_driver()
-        backend = build_cached_backend(
-            store, range(n_layers), n_experts, swiglu_limit=swiglu_limit, host_store=store,
-            expert_cache_slots=expert_cache_slots, device=cache_dev, compute_dtype=compute_dtype,
-            cpu_backend=host, policy=cache_policy,
-        )
-    return _traced(backend, trace_path, model_name=model_name, n_layers=n_layers, n_experts=n_experts, top_k=top_k)
+    return HostExpertBackend(backend) if torch.device(device).type != "cpu" else backend
 
 
 def _traced(backend: Any, trace_path: str | Path | None, *, model_name: str, n_layers: int, n_experts: int,
@@ -160,8 +125,7 @@ def build_placed_backend(
     layers the CPU backend, behind an expert cache of `expert_cache_slots` on that device when the placement gives
     one (charged as "expert_cache"); a CUDA device without a cache sends x to the host and back. One backend serves
     the model directly; several go behind a LayerSplitBackend that dispatches by layer."""
-    from offload.cached_backend import LayerSplitBackend, ResidentExpertBackend, build_cached_backend
-    from offload.cpu_backend import HostExpertBackend
+    from offload.cached_backend import CacheOptions, LayerSplitBackend, ResidentExpertBackend, build_cached_backend
 
     host = store = plain = None
     cached = [s.name for s in placement.devices if s.expert_cache_slots and placement.host_expert_layers(s.name)]
@@ -185,12 +149,12 @@ def build_placed_backend(
             continue
         if spec.expert_cache_slots:
             b = build_cached_backend(store, offloaded, n_experts, swiglu_limit=swiglu_limit, host_store=store,
-                                     expert_cache_slots=spec.expert_cache_slots, device=dev,
-                                     compute_dtype=compute_dtype, cpu_backend=host, policy=cache_policy)
+                                     device=dev, compute_dtype=compute_dtype, cpu_backend=host,
+                                     cache=CacheOptions(spec.expert_cache_slots, policy=cache_policy))
         else:  # layers served from the checkpoint's mmap in place (they are not in the arena)
             plain = plain or cpu_backend(ckpt, swiglu_limit=swiglu_limit, compute_dtype=compute_dtype, kind=kind,
                                          act=act)
-            b = HostExpertBackend(plain) if dev.torch_device.type != "cpu" else plain
+            b = on_device(plain, dev.torch_device)
         by_layer.update({layer: b for layer in offloaded})
     uniq = {id(b): b for b in by_layer.values()}
     backend = next(iter(uniq.values())) if len(uniq) == 1 else LayerSplitBackend(by_layer)

@@ -101,6 +101,12 @@ class Placement:
     def layers_on(self, name: str) -> list[int]:
         return [lp.layer for lp in self.layers if lp.device == name]
 
+    def hops_per_forward(self) -> int:
+        """Device boundaries one forward crosses on its way embedding -> layers -> head (the activations move
+        once per boundary)."""
+        sites = [self.embed_device] + [lp.device for lp in self.layers] + [self.head_device]
+        return sum(1 for a, b in zip(sites, sites[1:]) if a != b)
+
     def host_expert_layers(self, name: str) -> list[int]:
         return [lp.layer for lp in self.layers if lp.device == name and lp.experts == "host"]
 

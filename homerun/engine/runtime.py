@@ -1,10 +1,11 @@
 """The public runtime: `load(path) -> Model`, `Model.session() -> Session`, logits and generation.
 
-`load` opens an official-format checkpoint through `homerun.formats.loader`, builds the pure-math model of
-`homerun.models.deepseek_v4` on top of it (non-expert FP8 weights stay packed unless `weights_dtype` says otherwise,
-routed experts go through an `offload.base.ExpertBackend`) and attaches the tokenizer. With a `placement`
-(`homerun.engine.placement.Placement`) it is also the placement executor: every tensor class, each layer's KV pages and
-the expert caches go to the device the placement names, charged to that device's budget (`offload.devices`).
+`load` opens an official-format checkpoint through `homerun.formats.loader` and, for the options of a `LoadOptions`
+record (homerun.engine.options), runs one path: placement (a plain load is `single_device`) -> budgeted devices
+(`offload.devices`) -> the routed-expert backend (`homerun.engine.backends.build_placed_backend`) -> the pure-math
+model of `homerun.models.deepseek_v4` on those devices (non-expert FP8 weights stay packed unless `weights_dtype` says
+otherwise; every tensor, each layer's KV pages and the expert caches charged to the device that holds them), then
+attaches the tokenizer.
 A `Session` owns the incremental inference state; feeding is all-or-nothing per chunk, so an interrupt (Ctrl-C, a
 closed generator) leaves the session at the last completed chunk. This module does no printing; progress goes to a
 callback.
@@ -18,32 +19,20 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
-from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
+from homerun.engine.options import (  # noqa: F401 - the chunk defaults are public here
+    COMPUTE_DTYPES, DEFAULT_MAX_CHUNK_TOKENS, GPU_MAX_CHUNK_TOKENS, LoadOptions,
+)
+from homerun.engine.placement import Placement, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
+from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
+from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
+from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
 from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS
 from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
-from offload.cpu_backend import HostExpertBackend
-from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 
-DEFAULT_MAX_CHUNK_TOKENS = 512
-GPU_MAX_CHUNK_TOKENS = 2048  # on a GPU (or its stand-in) prefill streams each layer's experts once per chunk
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-WEIGHTS_DTYPES = ("fp8", "bf16", "fp32")
-KV_DTYPES = ("auto", "bf16", "fp8")  # auto: compressed entries in the compute dtype (exact)
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # progress(stage, done, total): stage is "layers" while the model is assembled.
 Progress = Callable[[str, int, int], None]
-
-
-def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
 
 
 def _resolve_path(path_or_repo: str | Path) -> Path:
@@ -67,59 +56,41 @@ def _resolve_path(path_or_repo: str | Path) -> Path:
 class Model:
     """A loaded V4 model. Build with `homerun.load`."""
 
-    def __init__(
-        self,
-        net: DeepseekV4,
-        *,
-        path: Path | None,
-        config: dict[str, Any],
-        generation_config: dict[str, Any],
-        tokenizer: Any,
-        checkpoint: Any = None,
-        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
-        weights_dtype: str = "fp8",
-        ramp_tokens: Sequence[int] = DEFAULT_RAMP_TOKENS,
-        kv_budget_bytes: int | None = None,
-        load_s: float = 0.0,
-        kv_device: str | torch.device | None = None,
-        page_tokens: int | None = None,
-        kv_dtype: str = "auto",
-        placement: Any = None,
-        devices: dict[str, Any] | None = None,
-    ):
-        if max_chunk_tokens < 1:
-            raise UsageError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
+    def __init__(self, net: DeepseekV4, options: LoadOptions, *, placement: Placement, devices: dict[str, Any],
+                 path: Path | None = None, checkpoint: Any = None, tokenizer: Any = None, load_s: float = 0.0):
+        """`options` resolved by `load` (max_chunk_tokens and ramp_tokens set); `placement` and its budgeted
+        `devices` by name (a plain load: one device)."""
         self.net = net
+        self.options = options
         self.path = path
-        self.config = config
-        self.args: ModelArgs = net.args
-        self.generation_config = generation_config
-        self.tokenizer = tokenizer
         self.checkpoint = checkpoint
-        self.max_chunk_tokens = int(max_chunk_tokens)
-        self.weights_dtype = weights_dtype
-        ramp = sorted(int(r) for r in ramp_tokens)
-        if not ramp or ramp[0] < 1:
-            raise UsageError(f"ramp_tokens must be positive token counts, got {list(ramp_tokens)}")
-        self.ramp_tokens = tuple(ramp)
-        self.kv_budget_bytes = kv_budget_bytes
+        self.config: dict[str, Any] = dict(checkpoint.config) if checkpoint is not None else {}
+        self.generation_config: dict[str, Any] = dict(getattr(checkpoint, "generation_config", None) or {})
+        self.args: ModelArgs = net.args
+        self.tokenizer = tokenizer
+        ctx = options.context
+        self.max_chunk_tokens = int(options.compute.max_chunk_tokens or DEFAULT_MAX_CHUNK_TOKENS)
+        self.weights_dtype = options.compute.weights_dtype
+        self.ramp_tokens = tuple(ctx.ramp_tokens or DEFAULT_RAMP_TOKENS)
+        self.kv_budget_bytes = ctx.kv_budget_bytes
         self.load_s = load_s
         # Page size: at least DEFAULT_PAGE_TOKENS, and 1/32 of the first ramp step, so past that step the spare room
         # of the last pages is under ~3% of the KV; a multiple of the HCA rate so every store gets whole rows.
         rate = max(self.args.hca_rate, self.args.csa_rate, 1)
-        pt = int(page_tokens) if page_tokens else max(DEFAULT_PAGE_TOKENS, self.ramp_tokens[0] // 32)
+        pt = ctx.page_tokens or max(DEFAULT_PAGE_TOKENS, self.ramp_tokens[0] // 32)
         self.page_tokens = max(rate, -(-pt // rate) * rate)
-        if kv_dtype not in KV_DTYPES:
-            raise UsageError(f"unknown kv_dtype {kv_dtype!r}", hint=f"use one of {', '.join(KV_DTYPES)}")
-        self.kv_dtype = kv_dtype
-        # A placed model: the placement record and its budgeted devices by name (None/{} for a plain load).
+        self.kv_dtype = ctx.kv_dtype
         self.placement = placement
-        self.devices: dict[str, Any] = dict(devices or {})
-        self.kv_device = self._pick_kv_device(kv_device) if placement is None else self.device
+        self.devices: dict[str, Any] = dict(devices)
+        # One device: its KV may live elsewhere (kv_device); several: each layer's KV on its layer's device.
+        self.kv_device = self._pick_kv_device(ctx.kv_device) if len(self.devices) == 1 else self.device
+        # KV pages on the layers' devices, charged to their budgets (else on kv_device, uncharged).
+        self.kv_on_devices = self.kv_device == self.device
         self.prefill_tok_s: float | None = None  # measured on chunks of >= 16 tokens (moving average)
         self._tokens_fed = 0
         self._forward_s = 0.0
         self._feeds = 0
+        self.forwards = 0  # net.forward calls (chunks and decode steps), for activation hops
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,14 +135,14 @@ class Model:
         return restore_session(self, path, **kwargs)
 
     def _new_state(self) -> list[LayerState]:
-        if self.placement is not None:  # each layer's pages on (and charged to) its layer's device
+        if self.kv_on_devices:  # each layer's pages on (and charged to) its layer's device
             accounts = [self.devices[lp.device] for lp in self.placement.layers]
             return self.net.new_state(page_tokens=self.page_tokens, kv_dtype=self.kv_dtype, accounts=accounts)
         return self.net.new_state(kv_device=self.kv_device, page_tokens=self.page_tokens, kv_dtype=self.kv_dtype)
 
     def device_usage(self) -> list[dict[str, Any]]:
-        """A placed model: per device, its budget, accounted bytes (total, peak, and by class: weights, kv,
-        expert_cache) and the layers it runs; [] for a plain load."""
+        """Per device: its budget, accounted bytes (total, peak, and by class: weights, kv, expert_cache) and the
+        layers it runs."""
         out = []
         for name, dev in self.devices.items():
             d = dev.usage().to_dict()
@@ -184,7 +155,8 @@ class Model:
         """"auto"/None: the model's device while the KV at the largest permitted step fits there (budget and free
         memory), else host RAM."""
         if kv_device not in (None, "auto"):
-            return torch.device(kv_device)
+            d = torch.device(kv_device)  # "cuda" on a model on cuda:N means its own device
+            return self.device if d.type == self.device.type and d.index is None else d
         dev = self.device
         if dev.type == "cpu":
             return dev
@@ -195,9 +167,9 @@ class Model:
         return torch.device("cpu")
 
     def free_kv_memory_bytes(self) -> int | None:
-        """Free memory where the KV pages live (host RAM or CUDA memory); None when unknown, and for a placed
-        model, whose KV is checked device by device (Session._check_device_kv)."""
-        if self.placement is not None:
+        """Free memory where the KV pages live (host RAM or CUDA memory); None when unknown, and for a model on
+        several devices, whose KV is checked device by device (Session._check_device_kv)."""
+        if len(self.devices) > 1:
             return None
         return free_memory_bytes(self.kv_device)
 
@@ -217,7 +189,7 @@ class Model:
         if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
             return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, over the budget of "
                            f"{self.kv_budget_bytes / 1e9:.2f} GB")
-        for name, dev in self.devices.items():  # a placed model: each device holds its own layers' KV
+        for name, dev in (self.devices.items() if self.kv_on_devices else ()):  # each device: its layers' KV
             need_d = self.kv_bytes_at(need_tokens, layers=self.placement.layers_on(name))
             if need_d > dev.free_bytes:
                 return False, (f"{need_tokens:,} tokens need {need_d / 1e9:.2f} GB of KV on {name}, its budget has "
@@ -239,6 +211,7 @@ class Model:
         with torch.inference_mode():
             for c0 in range(0, ids.numel(), self.max_chunk_tokens):
                 hidden, states = self.net.forward(ids[c0 : c0 + self.max_chunk_tokens], c0, states)
+                self.forwards += 1
                 out.append(self.net.logits(hidden).float().cpu())
         self._account(ids.numel(), time.perf_counter() - t0)
         return torch.cat(out)
@@ -309,10 +282,10 @@ class Model:
             "prefill_tok_s": self.prefill_tok_s,
             "max_context_tokens": self.max_context_tokens(),
         }
-        if self.placement is not None:
-            out["placement"] = self.placement.to_dict()
-            out["devices"] = self.device_usage()
-            out["activation_hops"] = self.net.activation_hops
+        out["placement"] = self.placement.to_dict()
+        out["devices"] = self.device_usage()
+        # Placement moves the layers, so it knows the device boundaries a forward crosses.
+        out["activation_hops"] = self.placement.hops_per_forward() * self.forwards
         out["think_max_available"], out["think_max_reason"] = self.think_max_available()
         try:
             out["experts"] = backend.stats().to_dict()
@@ -321,106 +294,49 @@ class Model:
         return out
 
 
-def load(
-    path: str | Path,
-    *,
-    dtype: str | torch.dtype = "float32",
-    weights_dtype: str = "fp8",
-    device: str | torch.device = "cpu",
-    expert_backend: Any = None,
-    max_chunk_tokens: int | None = None,
-    ramp_tokens: Sequence[int] | None = None,
-    kv_budget_bytes: int | None = None,
-    kv_device: str | None = "auto",
-    page_tokens: int | None = None,
-    kv_dtype: str = "auto",
-    progress: Progress | None = None,
-    upcast_bf16: bool = True,
-    experts: str = "auto",
-    expert_cache_slots: int | None = None,
-    cache_policy: str | None = None,
-    trace_path: str | Path | None = None,
-    placement: Any = None,
-    expert_act: str = "auto",
-) -> Model:
+def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend: Any = None,
+         progress: Progress | None = None, **overrides: Any) -> Model:
     """Load an official-format DeepSeek-V4 checkpoint directory (or a cached Hub repo id) for inference.
 
-    dtype: compute dtype ("float32" default, "bfloat16"). weights_dtype: "fp8" keeps FP8 weights packed and
-    dequantizes per matmul; "bf16"/"fp32" dequantize non-expert weights once at load (refused when RAM is short).
-    expert_backend: any `offload.base.ExpertBackend`; default the fp32/compute-dtype reference backend over the
-    checkpoint's packed experts. Routed experts are never dequantized wholesale here. upcast_bf16: with fp32
-    compute, hold BF16-stored matrices (head, compressors, routers) in fp32 where no native bf16 kernel runs them (on
-    the CPU with the kernels built they stay bf16: exact products, half the bytes per token).
-    ramp_tokens / kv_budget_bytes: context capacity steps and the KV budget (see Session). kv_device: where the
-    KV entry pages live ("auto": the model's device while the KV at the largest permitted step fits in its free
-    memory, else host RAM). page_tokens: context tokens per KV page (default max(1024, ramp_tokens[0]/32)).
-    kv_dtype: "auto" (compressed entries in the compute dtype, exact), "bf16", or "fp8" (deepseek-v4.md section 5
-    layout: e4m3 with power-of-two scales per 64 dims, rope dims bf16; 584 B per 512-dim entry; lossy).
-    progress(stage, done,
-    total) is called while the model is assembled.
-    experts: "auto" (native CPU kernels when built and computing in fp32), "native" or "reference" (plain fp32
-    dequantize-and-multiply). expert_cache_slots=N puts an N-slot device expert cache in front (a CPU stand-in
-    device without CUDA); cache_policy picks its replacement policy; trace_path records routing as JSONL.
-    expert_act: the native kernels' activation mode: "auto" (int8 blocks where a SIMD int8 kernel exists, ~5e-3
-    relative error per expert matmul, as llama.cpp and KTransformers run; else fp32), "fp32" (exact up to summation
-    order; use it to compare against a reference), "int8", "bf16". Ignored when expert_backend is given.
-    placement: a `homerun.engine.placement.Placement` (e.g. `placement_from_plan(plan, standin=True)`): the embedding,
-    each layer (weights and KV pages), the head and the routed experts (resident, or host store + a device cache)
-    go where it says, charged to each device's budget; a device that runs out raises DoesNotFitError naming it.
-    With a placement, `device` is ignored, `kv_device` must stay "auto", and `expert_cache_slots=N` gives every
-    device that serves "host" layers an N-slot cache. CUDA devices need CUDA; stand-ins run anywhere.
+    `options`: a `homerun.engine.options.LoadOptions` (placement, compute, experts, context; see there), with
+    `overrides` in its flat keyword names on top (`load(p, dtype="bfloat16", expert_act="fp32")`). Every load is a
+    placement: a plain one is `single_device(n_layers, device)`, and the same path builds the devices, the
+    routed-expert backend and the model on them (each tensor charged to its device's budget; a device that runs out
+    raises DoesNotFitError naming it). Routed experts are never dequantized wholesale here.
+    `expert_backend`: any `offload.base.ExpertBackend` to use instead of the one the options describe.
+    `progress(stage, done, total)` is called while the model is assembled.
     """
+    from homerun.engine.backends import build_placed_backend
     from homerun.formats.loader import open_checkpoint
+    from offload.devices import build_devices
+
+    opts = options or LoadOptions()
+    opts = opts.replace(**overrides) if overrides else opts
     t0 = time.perf_counter()
-    if max_chunk_tokens is None:  # prefill chunk: 2048 where a GPU (or a CUDA stand-in) runs the layers, else 512
-        gpu = torch.device(device).type == "cuda" or (placement is not None and any(
-            d.kind in ("cuda", "cuda-standin") for d in placement.devices))
-        max_chunk_tokens = GPU_MAX_CHUNK_TOKENS if gpu else DEFAULT_MAX_CHUNK_TOKENS
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise UsageError(f"unknown weights_dtype {weights_dtype!r}", hint=f"use one of {', '.join(WEIGHTS_DTYPES)}")
-    compute = _compute_dtype(dtype)
+    compute = _TORCH_DTYPES[COMPUTE_DTYPES[opts.compute.dtype]]
     root = _resolve_path(path)
     ckpt = open_checkpoint(root)
     args = ModelArgs.from_hf_config(ckpt.config)
     names = set(ckpt.names)
-    if weights_dtype != "fp8":
-        _check_room(ckpt, names, 4 if weights_dtype == "fp32" else 2, device)
-    placed: dict[str, Any] = {}
-    if placement is not None:
-        if kv_device not in (None, "auto"):
-            raise UsageError(f"kv_device={kv_device!r} with a placement: each layer's KV lives on its layer's device",
-                             hint="leave kv_device at 'auto', or move the layers in the placement")
+    placement = opts.placement.placement
+    if placement is None:  # a plain load: everything on one device, experts in the host store
+        placement = single_device(args.n_layers, opts.placement.device_name,
+                                  expert_cache_slots=opts.experts.cache_slots)
+    else:
         placement.check_layers(args.n_layers)
-        if expert_cache_slots is not None:
-            if expert_cache_slots < 1:
-                raise UsageError(f"expert_cache_slots must be >= 1, got {expert_cache_slots}")
-            placement = placement.with_cache_slots(expert_cache_slots)
-        from offload.devices import build_devices
-
-        devs = build_devices(placement.devices)
-        placed = _placed_build_kwargs(placement, devs)
-        device = placed.pop("device")
-        if expert_backend is None:
-            from homerun.engine.backends import build_placed_backend
-
-            expert_backend = build_placed_backend(
-                ckpt, placement, devs, n_experts=args.n_routed_experts, swiglu_limit=args.swiglu_limit,
-                compute_dtype=compute, kind=experts, cache_policy=cache_policy, trace_path=trace_path,
-                top_k=args.n_activated_experts, model_name=str(ckpt.config.get("_name_or_path") or root.name),
-                act=expert_act,
-            )
+        if opts.experts.cache_slots is not None:
+            placement = placement.with_cache_slots(opts.experts.cache_slots)
+    devs = build_devices(placement.devices)
+    placed = _placed_build_kwargs(placement, devs)
+    if opts.compute.weights_dtype != "fp8":
+        _check_room(ckpt, names, 4 if opts.compute.weights_dtype == "fp32" else 2, placed["device"])
     if expert_backend is None:
-        from homerun.engine.backends import build_expert_backend
-
-        expert_backend = build_expert_backend(
-            ckpt, n_layers=args.n_layers, n_experts=args.n_routed_experts,
-            num_hash_layers=int(ckpt.config.get("num_hash_layers", 0)), swiglu_limit=args.swiglu_limit,
-            compute_dtype=compute, device=device, kind=experts, expert_cache_slots=expert_cache_slots,
-            cache_policy=cache_policy, trace_path=trace_path, top_k=args.n_activated_experts,
-            model_name=str(ckpt.config.get("_name_or_path") or root.name), act=expert_act,
+        expert_backend = build_placed_backend(
+            ckpt, placement, devs, n_experts=args.n_routed_experts, swiglu_limit=args.swiglu_limit,
+            compute_dtype=compute, kind=opts.experts.kind, cache_policy=opts.experts.cache_policy,
+            trace_path=opts.experts.trace_path, top_k=args.n_activated_experts,
+            model_name=str(ckpt.config.get("_name_or_path") or root.name), act=opts.experts.act,
         )
-        if torch.device(device).type != "cpu" and expert_cache_slots is None:
-            expert_backend = HostExpertBackend(expert_backend)
 
     def get(name: str) -> torch.Tensor:
         if name not in names:
@@ -432,42 +348,28 @@ def load(
             progress("layers", done, total)
 
     net = build_model(
-        args, get, names.__contains__, expert_backend, weights_dtype=weights_dtype, compute_dtype=compute,
-        device=device, on_layer=on_layer, upcast_bf16=upcast_bf16, **placed,
+        args, get, names.__contains__, expert_backend, weights_dtype=opts.compute.weights_dtype,
+        compute_dtype=compute, on_layer=on_layer, upcast_bf16=opts.compute.upcast_bf16, **placed,
     )
     tokenizer = None
     if (root / "tokenizer.json").is_file():
         from homerun.formats.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(root)
-    ramp = list(ramp_tokens) if ramp_tokens is not None else [
-        r for r in DEFAULT_RAMP_TOKENS if r <= int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
-    ] or [int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[0]))]
-    return Model(
-        net,
-        path=root,
-        config=dict(ckpt.config),
-        generation_config=dict(getattr(ckpt, "generation_config", None) or {}),
-        tokenizer=tokenizer,
-        checkpoint=ckpt,
-        max_chunk_tokens=max_chunk_tokens,
-        weights_dtype=weights_dtype,
-        ramp_tokens=ramp,
-        kv_budget_bytes=kv_budget_bytes,
-        load_s=time.perf_counter() - t0,
-        kv_device=kv_device,
-        page_tokens=page_tokens,
-        kv_dtype=kv_dtype,
-        placement=placement,
-        devices=devs if placement is not None else None,
-    )
+    max_pos = int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
+    ramp = opts.context.ramp_tokens or tuple(r for r in DEFAULT_RAMP_TOKENS if r <= max_pos) or (max_pos,)
+    # prefill chunk: 2048 where a GPU (or a CUDA stand-in) runs the layers, else 512
+    gpu = any(d.kind in ("cuda", "cuda-standin") for d in placement.devices)
+    chunk = opts.compute.max_chunk_tokens or (GPU_MAX_CHUNK_TOKENS if gpu else DEFAULT_MAX_CHUNK_TOKENS)
+    resolved = opts.replace(placement=placement, device=None, ramp_tokens=ramp, max_chunk_tokens=chunk)
+    return Model(net, resolved, placement=placement, devices=devs, path=root, checkpoint=ckpt, tokenizer=tokenizer,
+                 load_s=time.perf_counter() - t0)
 
 
 def _placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]:
     """build_model's device arguments for a placement, with a `put` that charges each tensor (by its official
     name) to its device as ("weights", name): copied onto CUDA devices and stand-ins, adopted in place on the
     host (mmap'd checkpoint views stay zero-copy)."""
-    order = {d.name: i for i, d in enumerate(placement.devices)}
     layer_dev = [lp.device for lp in placement.layers]
 
     def site(name: str) -> str:
@@ -487,7 +389,6 @@ def _placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]
         "device": devs[placement.embed_device].torch_device,
         "layer_devices": [devs[n].torch_device for n in layer_dev],
         "head_device": devs[placement.head_device].torch_device,
-        "stages": [order[placement.embed_device]] + [order[n] for n in layer_dev] + [order[placement.head_device]],
         "put": put,
         # each device's kernels ("gpu" on CUDA and CUDA stand-ins: the GPU set, bf16 matrices kept as stored)
         "flavors": [devs[n].kernel_flavor for n in [placement.embed_device, *layer_dev, placement.head_device]],

@@ -141,7 +141,7 @@ class Session:
                     hint="start a new session (/reset), or load with a larger kv_budget_bytes "
                          "(a plan for a bigger rig)",
                 )
-        if idx != self._cap_index and self.model.devices:
+        if idx != self._cap_index and self.model.kv_on_devices:
             self._check_device_kv(ramp[idx])
         if idx != self._cap_index:
             more = self.model.kv_bytes_at(ramp[idx]) - self.kv_allocated_bytes
@@ -161,7 +161,7 @@ class Session:
                 self.on_capacity(self.capacity_tokens)
 
     def _check_device_kv(self, n_tokens: int) -> None:
-        """A placed model: the KV of each device's layers at the new step must fit what its budget has left (and,
+        """KV on the layers' devices: the KV of each device's layers at the new step must fit what its budget has left (and,
         on CUDA, the device's live free memory)."""
         pl = self.model.placement
         for name, dev in self.model.devices.items():
@@ -204,6 +204,7 @@ class Session:
                 part = ids[c0 : c0 + chunk]
                 tc = time.perf_counter()
                 hidden, states = self._net.forward(part, self.n_tokens, self._states)
+                self.model.forwards += 1
                 # Commit point: state and token list change together, after the whole chunk succeeded.
                 self._states = states
                 self._tokens.extend(part.tolist())

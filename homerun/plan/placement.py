@@ -10,8 +10,8 @@ from dataclasses import replace
 
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
-from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap, Placement,
-                                  Plan, Stage, _Ctx, gib)
+from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
+                                  PlacementRow, Plan, Stage, _Ctx, gib)
 from homerun.plan.staging import STAGE_BUFFERS, prefill_stage_experts
 from homerun.plan.speed import activation_bytes, context_section, decode_speed, finish, prefill_speed
 from profiles.schema import GIB
@@ -79,20 +79,20 @@ def _gpu_rows(c: _Ctx, gpus: tuple, counts: list[int], resident: list[float], ex
         dev = f"gpu{i}"
         end = start + counts[i] - 1
         if i == 0 and inv.bytes_by_class.get("embed"):
-            c.placement.append(Placement("embedding", dev, inv.bytes_by_class["embed"], "first pipeline stage"))
-        c.placement.append(Placement(
+            c.placement.append(PlacementRow("embedding", dev, inv.bytes_by_class["embed"], "first pipeline stage"))
+        c.placement.append(PlacementRow(
             f"layers {start}-{end}: attention, compressors, routers, shared experts, norms", dev,
             int(resident[i] - (inv.bytes_by_class.get("embed", 0) if i == 0 else 0)
                 - ((inv.bytes_by_class.get("head", 0) + (inv.mtp_bytes if c.opts.include_mtp else 0))
                    if i == len(gpus) - 1 else 0)),
             "non-expert weights run every token: keep them in the fastest memory"))
         if experts_on_gpu[i]:
-            c.placement.append(Placement(f"routed experts, layers {start}-{end}", dev, int(experts_on_gpu[i]),
+            c.placement.append(PlacementRow(f"routed experts, layers {start}-{end}", dev, int(experts_on_gpu[i]),
                                          "all experts fit in VRAM: no host RAM, no PCIe traffic"))
         if i == len(gpus) - 1:
-            c.placement.append(Placement("lm head", dev, inv.bytes_by_class.get("head", 0), "last pipeline stage"))
+            c.placement.append(PlacementRow("lm head", dev, inv.bytes_by_class.get("head", 0), "last pipeline stage"))
             if c.opts.include_mtp and inv.mtp_bytes:
-                c.placement.append(Placement("MTP block", dev, inv.mtp_bytes, "speculative decoding (--mtp)"))
+                c.placement.append(PlacementRow("MTP block", dev, inv.mtp_bytes, "speculative decoding (--mtp)"))
         start = end + 1
     if spec.arch == "deepseek_v4":
         c.notes.append("GPU-resident weights stay FP8/FP4 and are dequantized per matmul (deepseek-v4.md §4.5)")
@@ -125,7 +125,7 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
         b = STAGE_BUFFERS * per * bpe
         out.append(b)
         if b:
-            c.placement.append(Placement(
+            c.placement.append(PlacementRow(
                 f"prefill staging ({STAGE_BUFFERS} x {per} experts)", f"gpu{i}", b,
                 "layer-wise prefill's double-buffered uploads, apart from the decode cache: "
                 "2 x min(512 MiB, a layer's experts, 1/4 of the VRAM budget)"))
@@ -139,7 +139,7 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
 def _kv_rows(c: _Ctx, fracs: list[float], kv_reserved: int, tokens: int) -> list[int]:
     per = [int(kv_reserved * f) for f in fracs]
     for i, b in enumerate(per):
-        c.placement.append(Placement(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", b,
+        c.placement.append(PlacementRow(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", b,
                                      "attention state lives next to its layer"))
     return per
 
@@ -163,7 +163,7 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
         c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
     host_m = {"host_reserve": int(prof.policy.host_reserve_gib * GIB)}
     c.devices.append(DeviceMap("host RAM", "host", int(prof.cpu.ram_gib * GIB), host_m["host_reserve"], host_m))
-    c.placement.append(Placement("routed experts (host copy)", "host", 0, "not needed: everything is in VRAM"))
+    c.placement.append(PlacementRow("routed experts (host copy)", "host", 0, "not needed: everything is in VRAM"))
     g0 = min(gpus, key=lambda g: g.mem_bw_gbps)  # the slowest GPU paces a tensor-parallel step
     resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
     comm = tp_comm_seconds(n, spec.num_layers, spec.hidden_size, g0.h2d_gbps)
@@ -207,7 +207,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     cache_experts = [min(int(cache_bytes[i] // bpe), layer_experts[i]) for i in range(n)]
     for i in range(n):
         if cache_experts[i]:
-            c.placement.append(Placement(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
+            c.placement.append(PlacementRow(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
                                          cache_experts[i] * bpe,
                                          "leftover VRAM after KV for the target context and the prefill staging"))
     total_cache = sum(cache_experts)
@@ -234,7 +234,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
                  f"host RAM ({gib(host_usable):.0f} GiB usable) cannot also hold copies of all {gib(experts):.0f} GiB "
                  "of experts: the GPU's experts stay put (no host copy, no refills); the host holds the rest")
     gpu_short = min(free[i] - c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[i] for i in range(n)) < 0
-    c.placement.append(Placement(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})"
+    c.placement.append(PlacementRow(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})"
                                  + (" not held in VRAM" if vram_only else ""),
                                  "host", int(in_ram), "primary copy at stored precision; misses are computed on the "
                                  "CPU or streamed over PCIe" if c.opts.cpu_experts else
@@ -246,7 +246,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         if opts.allow_disk:
             mode = "disk-mmap"
             page_hit = page_cache_resident_fraction(host_usable, tier)
-            c.placement.append(Placement("routed experts (mmap from disk)", "disk", int(on_disk),
+            c.placement.append(PlacementRow("routed experts (mmap from disk)", "disk", int(on_disk),
                                          "host RAM is short: pages come from disk on demand (slow)"))
             c.devices.append(DeviceMap("disk (mmap)", "disk", int(on_disk), int(on_disk), {}))
             c.decide("disk tier", "on", f"{gib(on_disk):.0f} GiB of experts do not fit in RAM; --allow-disk given")
@@ -334,9 +334,9 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
         if cls == "mtp" and not opts.include_mtp:
             continue
         label = CLASS_LABELS.get(cls, cls) + (f" ({spec.expert_format})" if cls == "routed" else "")
-        c.placement.append(Placement(label, dev, b, "one pool: no copies between CPU and GPU memory"))
+        c.placement.append(PlacementRow(label, dev, b, "one pool: no copies between CPU and GPU memory"))
     kv_b = c.kv.bytes_for(reserved) if reserved else 0
-    c.placement.append(Placement(f"KV cache ({reserved} tokens, {c.kv.dtype})", dev, kv_b, "same pool"))
+    c.placement.append(PlacementRow(f"KV cache ({reserved} tokens, {c.kv.dtype})", dev, kv_b, "same pool"))
     used = weights + kv_b + sum(margins.values())
     # One pool: every layer, its KV and the experts (read in place, no copies) on the one device.
     c.stages.append(Stage(device=dev, kind=dev, index=0, first_layer=0, stop_layer=spec.num_layers, experts="host",

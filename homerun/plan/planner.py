@@ -16,7 +16,7 @@ from homerun.plan.inventory import Inventory
 from homerun.plan.placement import plan_discrete, plan_unified
 from homerun.plan.records import (  # noqa: F401 - the planner's public records, imported from here by callers
     ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, RAMP_TOKENS, THINK_MAX_MIN_TOKENS,
-    DeviceMap, Efficiency, Layout, Link, Placement, Plan, PlanOptions, Stage, _Ctx, gib)
+    DeviceMap, Efficiency, Layout, Link, PlacementRow, Plan, PlanOptions, Stage, _Ctx, gib)
 from homerun.plan.specs import ModelSpec, kv_layout
 from homerun.plan.speed import (  # noqa: F401 - re-exported for callers and tests
     activation_bytes, best_miss_split, cpu_kernel_from_flags, ramp)

@@ -60,7 +60,10 @@ class PlanOptions:
 
 
 @dataclass(frozen=True)
-class Placement:
+class PlacementRow:
+    """One row of a plan's placement table (what, where, bytes, why); the runtime's placement is
+    homerun.engine.placement.Placement, built from the plan's `layout`."""
+
     what: str
     device: str
     bytes: int
@@ -147,7 +150,7 @@ class Plan:
     hardware: dict[str, Any]
     context: dict[str, Any]
     predicted: dict[str, Any]
-    placement: tuple[Placement, ...]
+    placement: tuple[PlacementRow, ...]
     devices: tuple[DeviceMap, ...]
     cpu_kernel: dict[str, Any]
     decisions: tuple[dict[str, str], ...]
@@ -179,7 +182,7 @@ class _Ctx:
     prof: HardwareProfile
     opts: PlanOptions
     kv: KvLayout
-    placement: list[Placement] = field(default_factory=list)
+    placement: list[PlacementRow] = field(default_factory=list)
     devices: list[DeviceMap] = field(default_factory=list)
     decisions: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

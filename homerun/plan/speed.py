@@ -131,7 +131,7 @@ def finish(c: _Ctx, *, fits: bool, mode: str, verdict: str, remedy: str | None, 
 
 
 def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps: float, local_name: str,
-                 pcie_gbps: float, dram_gbps: float, disk_fraction: float = 0.0, disk_gbps: float = 0.0,
+                 pcie_gbps: float, dram_gbps: float, disk_fraction: float = 0.0, disk_gbps: float | None = None,
                  hit_rate_source: str = "", parallel: int = 1, comm_s: float = 0.0, handoff_s: float = 0.0,
                  estimate_dram_gbps: float | None = None) -> dict[str, Any]:
     """Decode tok/s: a physics bound and an estimate.
@@ -143,7 +143,11 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
     other) add, because a layer's experts wait for its router and the next layer waits for its experts; plus the
     per-layer overhead, the per-layer CPU<->GPU handoff of a hybrid layer (`handoff_s`) and the tensor-parallel
     all-reduces (`comm_s`). `parallel` GPUs each read 1/parallel of the bytes at once (tensor parallel).
-    `disk_fraction` is the share of host-side expert reads the page cache misses (they come off the disk)."""
+    `disk_fraction` is the share of host-side expert reads the page cache misses (they come off the disk);
+    `disk_gbps` is then required (ValueError without a positive one: no silent division by zero)."""
+    if disk_fraction > 0 and not (disk_gbps and disk_gbps > 0):
+        raise ValueError(f"decode_speed: disk_gbps must be a positive read bandwidth when disk_fraction > 0 "
+                         f"(got disk_gbps={disk_gbps!r}, disk_fraction={disk_fraction})")
     spec, inv, eff = c.spec, c.inv, c.opts.efficiency
     expert_bytes = spec.active_experts_per_token * inv.bytes_per_expert
     kv_read = kv_read_bytes_per_token(spec, c.kv, c.opts.decode_depth_tokens)
@@ -169,7 +173,7 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
                 out.append(Link("disk", disk_fraction * miss_bytes, k))
         return out, f
 
-    bound_links, f_bound = links(local_gbps, pcie_gbps, dram_gbps, disk_gbps)
+    bound_links, f_bound = links(local_gbps, pcie_gbps, dram_gbps, disk_gbps or 0.0)
     t_bound = max(x.seconds_per_token for x in bound_links)
     v_e, p_e = local_gbps * eff.vram, pcie_gbps * eff.pcie
     d_e = (dram_gbps if estimate_dram_gbps is None else estimate_dram_gbps) * eff.dram

@@ -26,6 +26,7 @@ from homerun.chat.events import turn_events
 from homerun.chat.session import THINK_MODES, ChatSession, Delta, SamplingSettings, TurnDone, check_think_max
 from homerun.errors import HomerunError, UsageError
 from homerun.cli.output import Output
+from homerun.engine.options import ExpertOptions, LoadOptions
 
 HELP_TEXT = """Commands:
   /think off|high|max   thinking mode (off = direct answer; high = reasoning; max = deepest, needs 384K context)
@@ -61,28 +62,27 @@ def checkpoint_bytes(path: str) -> int | None:
 LOAD_BAR_AFTER_S = 2.0
 
 
-def open_model(path: str, out: Output, load_options: Optional[dict[str, Any]] = None) -> Any:
+def open_model(path: str, out: Output, options: Optional[LoadOptions] = None) -> Any:
     """Load with progress on stderr (GB, GB/s, ETA when the loader reports progress)."""
     from homerun.engine.runtime import load
 
     total = checkpoint_bytes(path)
     total_txt = f"{total / 1e9:.2f} GB" if total else "size unknown"
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {k: v for k, v in (load_options or {}).items() if v is not None}
     from homerun.cli.progress import byte_progress
 
     # A bar (GB, GB/s, ETA) for loads that take more than LOAD_BAR_AFTER_S; nothing in --json mode.
     bar = None if out.json_mode else byte_progress(out, f"Loading {Path(path).name} ({total_txt})",
                                                    after_s=LOAD_BAR_AFTER_S)
+    progress = None
     if bar is not None:
         def progress(stage: str, done: int, total_steps: int) -> None:
             # The loader reports steps (layers); bytes are estimated pro rata from the checkpoint size.
             frac = done / total_steps if total_steps else 0.0
             bar.update(frac * total if total else done, total if total else total_steps)
-        kwargs["progress"] = progress
         bar.__enter__()
     try:
-        model = load(path, **kwargs)
+        model = load(path, options, progress=progress)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -177,10 +177,10 @@ ExpertActOpt = Annotated[str, typer.Option("--expert-act", help="CPU expert acti
 
 
 def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Optional[Path],
-                      expert_act: str = "auto") -> dict[str, Any]:
-    """CLI flags -> homerun.load options (shared by chat, run and bench)."""
-    return {"experts": experts, "expert_cache_slots": expert_cache_slots, "trace_path": str(trace) if trace else None,
-            "expert_act": expert_act}
+                      expert_act: str = "auto") -> LoadOptions:
+    """CLI flags -> homerun.load options (shared by chat, run and serve); a bad combination exits 2 here."""
+    return LoadOptions(experts=ExpertOptions(kind=experts, act=expert_act, cache_slots=expert_cache_slots,
+                                             trace_path=str(trace) if trace else None))
 
 
 def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, Any]:
@@ -202,7 +202,7 @@ def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, A
 
 
 def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[str], sampling: dict[str, Any],
-                  out: Output, autosave: bool = True, load_options: Optional[dict[str, Any]] = None,
+                  out: Output, autosave: bool = True, load_options: Optional[LoadOptions] = None,
                   standin: bool = False) -> ChatSession:
     """Plan summary, load with progress, then a ChatSession with the checked thinking mode. With `hw` the model is
     loaded with that plan's placement (`standin`: its GPUs as CPU stand-ins); without, the plan for this machine
@@ -214,25 +214,27 @@ def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[
     check_think_flag(think)
     check_sampling(**sampling)
     check_checkpoint_dir(path, need_tokenizer=True)
-    load_options = dict(load_options or {})
+    options = load_options or LoadOptions()
     if hw is None:
         if standin:
             raise UsageError("--standin maps a plan's GPUs to CPU stand-ins, and no plan was asked for",
                              hint="add --hw PROFILE, e.g. --hw 3xh100 --standin")
         plan = make_plan(path, "auto", out)
     else:
-        plan, load_options["placement"] = plan_placement(path, hw, standin=standin)
-        if any(d.kind != "host" for d in load_options["placement"].devices):
+        plan, placement = plan_placement(path, hw, standin=standin)
+        options = options.replace(placement=placement)
+        if any(d.kind != "host" for d in placement.devices) and options.context.kv_dtype == "auto" and \
+                plan.context.get("kv_dtype"):
             # The plan sized each device's KV at its kv_dtype; the executor's default (the compute dtype) is wider.
-            load_options.setdefault("kv_dtype", plan.context.get("kv_dtype"))
+            options = options.replace(kv_dtype=plan.context["kv_dtype"])
     summary = plan_summary(plan) if plan is not None else None
     if summary:
         out.info(f"[dim]{escape(summary)}[/dim]")
     if plan is not None and getattr(plan, "fits", True) is False:
         out.warn(escape(f"the plan says this model does not fit: {plan.remedy or plan.verdict}"))
-    if load_options.get("placement") is not None:
-        out.info(f"[dim]Placement: {escape(load_options['placement'].describe())}[/dim]")
-    model = open_model(path, out, load_options)
+    if options.placement.placement is not None:
+        out.info(f"[dim]Placement: {escape(options.placement.placement.describe())}[/dim]")
+    model = open_model(path, out, options)
     settings = SamplingSettings.from_generation_config(getattr(model, "generation_config", None), **sampling)
     chat = ChatSession(model, think="off", system=system, sampling=settings, model_name=Path(path).name,
                        autosave=autosave, context_limit_tokens=plan_context_tokens(plan))

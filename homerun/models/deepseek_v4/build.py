@@ -39,7 +39,6 @@ def build_model(
     upcast_bf16: bool = True,
     layer_devices: Sequence[torch.device] | None = None,
     head_device: torch.device | str | None = None,
-    stages: Sequence[int] | None = None,
     put: Callable[[str, torch.Tensor, torch.device], torch.Tensor] | None = None,
     flavors: Sequence[str] | None = None,
 ) -> DeepseekV4:
@@ -50,8 +49,7 @@ def build_model(
     every call costs more than the matmul (the head alone is 0.5G elements on V4). `on_layer(done, total)` reports
     progress.
     Pipeline split: `device` holds the embedding, `layer_devices[i]` layer i, `head_device` the final norm, HC head
-    and lm head (defaults: `device`); `stages` numbers the placement devices as (embed, layer 0..n-1, head) so the
-    forward counts hops. `put(name, tensor, device)` materializes each final tensor (official name) where it
+    and lm head (defaults: `device`). `put(name, tensor, device)` materializes each final tensor (official name) where it
     lives (default `tensor.to(device)`); the placement executor passes one that charges a budgeted device.
     `flavors` gives each placement device's kernel flavor as (embed, layer 0..n-1, head) (homerun.kernels.dispatch
     FLAVORS; "gpu" for a CUDA stand-in). BF16 matrices are upcast only for the CPU kernels: on CUDA and on the GPU
@@ -60,11 +58,10 @@ def build_model(
     dense = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}[weights_dtype]
     layer_devs = [torch.device(d) for d in layer_devices] if layer_devices is not None else [device] * args.n_layers
     head_dev = torch.device(head_device) if head_device is not None else device
-    stage_of = list(stages) if stages is not None else [0] * (args.n_layers + 2)
     flavor_of = list(flavors) if flavors is not None else ["auto"] * (args.n_layers + 2)
-    if len(layer_devs) != args.n_layers or len(stage_of) != args.n_layers + 2 or len(flavor_of) != len(stage_of):
-        raise ConfigError(f"build_model: {len(layer_devs)} layer devices / {len(stage_of)} stages for "
-                          f"{args.n_layers} layers", hint="one device per layer; stages for embed, layers, head")
+    if len(layer_devs) != args.n_layers or len(flavor_of) != args.n_layers + 2:
+        raise ConfigError(f"build_model: {len(layer_devs)} layer devices / {len(flavor_of)} flavors for "
+                          f"{args.n_layers} layers", hint="one device per layer; flavors for embed, layers, head")
 
     def _to(name: str, t: torch.Tensor, dev: torch.device) -> torch.Tensor:
         return t.to(dev) if t.device != dev else t
@@ -131,7 +128,7 @@ def build_model(
         )
         layers.append(_Layer(
             i, kind, f32(f"{p}.attn_norm.weight"), f32(f"{p}.ffn_norm.weight"), hc(p, "attn"), hc(p, "ffn"), attn, moe,
-            device_now, stage_of[1 + i], flavor_now,
+            device_now, flavor_now,
         ))
         if on_layer is not None:
             on_layer(i + 1, args.n_layers)
@@ -150,8 +147,6 @@ def build_model(
         compute_dtype=compute_dtype,
         device=device,
         head_device=head_dev,
-        embed_stage=stage_of[0],
-        head_stage=stage_of[-1],
         embed_flavor=flavor_of[0],
         head_flavor=flavor_of[-1],
     )

@@ -101,7 +101,6 @@ class _Layer:
     attn: _Attention
     moe: _MoE
     device: torch.device | None = None  # where its weights and KV state live (None: the model's device)
-    stage: int = 0  # pipeline stage (placement device number): activations hop when it changes
     flavor: str = "auto"  # its device's kernel flavor (homerun.kernels.dispatch.FLAVORS; "gpu" on a CUDA stand-in)
 
 
@@ -123,11 +122,8 @@ class DeepseekV4:
     freqs_main: torch.Tensor = field(default=None)  # type: ignore[assignment]
     freqs_compress: torch.Tensor = field(default=None)  # type: ignore[assignment]
     head_device: torch.device | None = None  # final norm, HC head, lm head (None: the model's device)
-    embed_stage: int = 0
-    head_stage: int = 0
     embed_flavor: str = "auto"  # kernel flavors of the embedding's and the head's devices (see _Layer.flavor)
     head_flavor: str = "auto"
-    activation_hops: int = 0  # pipeline-stage changes crossed by forward passes so far (a counter)
 
     def __post_init__(self) -> None:
         a = self.args
@@ -186,7 +182,7 @@ class DeepseekV4:
         h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
         x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
         new_states = []
-        dev, stage, flavor = self.device, self.embed_stage, self.embed_flavor
+        dev, flavor = self.device, self.embed_flavor
         # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch); the layers' dense
         # prefill GEMMs follow the expert activation mode (`for_act`), the head's stay exact.
         act = self.experts.act
@@ -200,17 +196,12 @@ class DeepseekV4:
                 x, ids, positions, dev, flavor = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev, layer.flavor
                 k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
                 kl = for_act(k, act)
-            if layer.stage != stage:
-                stage = layer.stage
-                self.activation_hops += 1
             x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
             new_states.append(st)
         hdev = self.head_device or self.device
         if hdev != dev or self.head_flavor != flavor:
             x = x.to(hdev)
             k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
-        if self.head_stage != stage:
-            self.activation_hops += 1
         h = self._hc_head(x, k)
         return k.norm_rope(h, self.norm, a.norm_eps), new_states
 
