@@ -317,7 +317,7 @@ class ChatSession:
 
     def stats(self) -> dict[str, Any]:
         last = self.last_stats.to_dict() if self.last_stats else None
-        model_stats = _call_stats(self.model)
+        model_stats = call_stats(self.model)
         return {
             "last_turn": last,
             "total_generated_tokens": self.total_gen,
@@ -378,15 +378,16 @@ class ChatSession:
         self.last_stats = None
 
 
-def _call_stats(model: Any) -> dict[str, Any]:
+def call_stats(model: Any) -> dict[str, Any]:
+    """The runtime's stats() dict (homerun.engine.runtime.Model), or {} for an engine without stats (test doubles,
+    the bare generator API) or when the call fails: stats are informational and never end a chat."""
     probe = getattr(model, "stats", None)
     if not callable(probe):
         return {}
     try:
-        value = probe()
-    except Exception:  # noqa: BLE001 - stats are informational; a failing probe must not end the chat
+        return dict(probe() or {})
+    except Exception:  # noqa: BLE001 - a failing stats call must not end the chat
         return {}
-    return value.to_dict() if hasattr(value, "to_dict") else dict(value or {})
 
 
 def expert_hit_rate(stats: dict[str, Any]) -> float | None:

@@ -433,16 +433,9 @@ class Engine:
 
     def metrics(self) -> dict[str, Any]:
         c = self.counters
-        hit = None
-        probe = getattr(self.model, "stats", None) if self.model is not None else None
-        if callable(probe):
-            try:
-                from homerun.chat.session import expert_hit_rate
+        from homerun.chat.session import call_stats, expert_hit_rate
 
-                stats = probe()
-                hit = expert_hit_rate(stats.to_dict() if hasattr(stats, "to_dict") else dict(stats or {}))
-            except Exception:  # noqa: BLE001 - informational
-                hit = None
+        hit = expert_hit_rate(call_stats(self.model)) if self.model is not None else None
         return {
             "state": self.state,
             "requests_total": c.requests,
