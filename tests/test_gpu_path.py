@@ -106,16 +106,11 @@ def test_no_host_syncs_per_decode_token_all_vram(decode_counts):
     assert decode_counts.syncs <= SYNC_BUDGET_ALL_VRAM, decode_counts.sync_names
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured on the cuda stand-in, tiny mixed model, bf16, all experts resident (fused MoE), after the fused mHC / "
-    "norm+RoPE / attention kernels (was 423): 117 ATen ops + 68 Triton launches per decode token over 3 layers "
-    "(61.7 per layer, head included) vs a budget of 40. Triton: 37 fused small ops (hc_weights 7, hc_pre(+norm) 7, "
-    "hc_post 6, norm_rope 14, attend_one 3), 25 FP8 linears, 6 FP4 MoE. ATen: MoE routing 29 (softplus/sqrt/topk/"
-    "gather/normalize), shared-expert clamp/silu/mul + residual add 15, dense bf16 linears via torch mm 11 (router, "
-    "head, bf16 projections), window/compressor state clone+cat 17, attention glue (fp32 casts, out copy) 17, RoPE "
-    "tables per layer 13 (cos/sin), CSA indexer top-k 12, embedding 3. Next: fused routing, shared-expert "
-    "activation into the FP8 kernel, one multi-output projection launch per input, RoPE tables once per forward"))
 def test_launches_per_layer_per_decode_token_within_budget(mixed, decode_counts):
+    """A plain decode step (no compressor window closes). Was 61.7 per layer (117 ATen ops + 68 Triton launches);
+    fused since: routing, the shared expert's activation + down projection + residual, RoPE tables once per forward,
+    one-query attention over the window and compressed rows in place, the indexer's scores, grouped wo_a in one
+    launch, no copies of the new window / open compressor rows: 25 ATen ops + 74 launches (33.0 per layer)."""
     c = decode_counts
     per_layer = (c.ops + c.launches) / mixed[1].n_layers
     assert per_layer <= LAUNCH_BUDGET_PER_LAYER, (per_layer, sorted(c.op_names.items(), key=lambda kv: -kv[1]))

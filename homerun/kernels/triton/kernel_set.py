@@ -1,6 +1,7 @@
 """The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel and the small decode
-ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, one-query attention: one
-launch each; homerun.kernels.triton.mhc / norm / attention).
+ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, one-query
+attention over two row sources, the indexer's scores, MoE routing, the shared expert's activation + down projection
++ residual: one launch each; homerun.kernels.triton.mhc / norm / attention / decode / fp8).
 
 `kernels_for` picks it on CUDA devices when triton imports, and on CUDA stand-ins (CPU tensors, the kernels under
 Triton's interpreter), so the stand-in runs the same code path a GPU does. FP8 weights are read as stored (e4m3 bytes
@@ -31,6 +32,9 @@ class TritonKernels(TorchKernels):
         # Under the interpreter (a CUDA stand-in) the fewest programs per launch: the same launches, far less time.
         self._fp8 = functools.partial(mods.fp8.fp8_linear, fewest_programs=mods.common.interpreting())
         self._mhc, self._norm, self._attn = mods.mhc, mods.norm, mods.attention
+        from homerun.kernels.triton import decode
+
+        self._dec = decode
 
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         if lin.scale is None:
@@ -45,6 +49,8 @@ class TritonKernels(TorchKernels):
             return lin.torch_grouped(x, groups)
         t, g, k = x.shape
         per = lin.weight.shape[0] // groups
+        if per & -per >= 16:  # one launch, each output tile reading its own group's input: no wasted blocks
+            return self._fp8(x, lin.weight, lin.scale, x.dtype, group_rows=per).view(t, g, per)
         if t * g <= GROUPED_ONE_LAUNCH_MAX_ROWS:
             y = self._fp8(x.reshape(t * g, k), lin.weight, lin.scale, x.dtype).view(t, g, g, per)
             return torch.diagonal(y, dim1=1, dim2=2).transpose(1, 2)  # a view: y[t, i, i, :]
@@ -55,6 +61,21 @@ class TritonKernels(TorchKernels):
 
     def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
         return [self.linear(lin, x) for lin in lins]
+
+    def swiglu_down(self, lin: Linear, g: torch.Tensor, u: torch.Tensor, limit: float,
+                    residual: torch.Tensor) -> torch.Tensor:
+        if lin.scale is None or g.stride() != u.stride() or residual.dtype != g.dtype:
+            return super().swiglu_down(lin, g, u, limit, residual)
+        n, k = lin.weight.shape
+        y = self._fp8(g.reshape(-1, k), lin.weight, lin.scale, g.dtype, x2=u.reshape(-1, k), swiglu_limit=limit,
+                      residual=residual.reshape(-1, n))
+        return y.view(*g.shape[:-1], n)
+
+    # ---- MoE routing
+    def route(self, logits, bias, tid2eid, ids, score_func, topk, route_scale):
+        if score_func not in self._dec.SCORE_FUNCS or (tid2eid is None and bias is None):
+            return super().route(logits, bias, tid2eid, ids, score_func, topk, route_scale)
+        return self._dec.route(logits, bias, tid2eid, ids, score_func, topk, route_scale)
 
     # ---- mHC
     def hc_weights(self, x, fn, scale, base, norm_eps, hc_eps, iters):
@@ -73,6 +94,15 @@ class TritonKernels(TorchKernels):
     def norm_rope(self, x, weight, eps, cos=None, sin=None, *, norm=True, inverse=False):
         return self._norm.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
 
+    def rope_cos_sin(self, freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._dec.rope_cos_sin(freqs, positions)
+
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         return self._attn.attend_one(q, kv, sink, scale)
+
+    def attend_rows(self, q, kv, kv2, sink, scale, out_dtype):
+        return self._attn.attend_two(q, kv, kv2, sink, scale, out_dtype)
+
+    def index_scores(self, iq, iw, ik, iw_scale, scale):
+        return self._dec.index_scores(iq, iw, ik, iw_scale, scale)
