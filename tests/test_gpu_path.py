@@ -116,6 +116,30 @@ def test_launches_per_layer_per_decode_token_within_budget(mixed, decode_counts)
     assert per_layer <= LAUNCH_BUDGET_PER_LAYER, (per_layer, sorted(c.op_names.items(), key=lambda kv: -kv[1]))
 
 
+def test_launches_per_layer_when_a_compressor_window_closes(mixed):
+    """A decode step that closes the CSA layer's windows (its compressor's and its indexer's: one token in four) is
+    held to the same budget: the closing window's pooling, norm and RoPE run in one launch per compressor."""
+    path, args, ckpt = mixed
+    model = _gpu_model(path, args, ckpt, "bfloat16")
+    s = model.session()
+    s.feed(PROMPT)
+    pos = len(PROMPT)
+    while (pos + 1) % args.csa_rate:  # the next step closes a CSA window
+        s.feed([int(s.last_logits.argmax())])
+        pos += 1
+    csa = next(i for i, lay in enumerate(model.net.layers) if lay.kind == "csa")
+    before = s._states[csa].comp.n_entries
+    ids = torch.tensor([int(s.last_logits.argmax())])
+    with torch.inference_mode(), count_device_work() as cw:
+        hidden, states = model.net.forward(ids, pos, s._states)
+        model.net.logits(hidden)
+    assert states[csa].comp.n_entries == before + 1 and states[csa].index_comp.n_entries == before + 1
+    c = cw.c
+    assert c.syncs <= SYNC_BUDGET_ALL_VRAM, c.sync_names
+    per_layer = (c.ops + c.launches) / args.n_layers
+    assert per_layer <= LAUNCH_BUDGET_PER_LAYER, (per_layer, sorted(c.op_names.items(), key=lambda kv: -kv[1]))
+
+
 # The stand-in's accounting charges exactly the tensors placed; the plan rounds nothing, so the only slack is the KV
 # page granularity (whole pages of `page_tokens`), stated here as a fixed overhead.
 VRAM_REL_TOL = 0.05

@@ -152,3 +152,35 @@ def test_grouped_one_launch(dtype, t):
         got = GPU.grouped(lin, x, 4)
     assert n.n == 1 and got.shape == (t, 4, 96)
     assert _rel(got, REF.grouped(lin, x, 4)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["csa-first", "csa", "hca"])
+def test_compress_close(dtype, case):
+    """One window closes in one launch: the gated pooling (CSA: over the previous window's first halves and this
+    one's second halves; at the start the previous slots are empty), RMSNorm, RoPE at the window's position, and the
+    next overlap slots; HCA (no overlap) over 20 rows crosses the 16-slot block."""
+    g = _gen(8)
+    hd, r2 = 64, 8
+    overlap = case != "hca"
+    rate = 4 if overlap else 20
+    width = 2 * hd if overlap else hd
+    pend_kv = torch.randn(rate - 1, width, generator=g).to(dtype)
+    kv = torch.randn(1, width, generator=g).to(dtype)
+    pend_gate = (torch.randn(rate - 1, width, generator=g) * 2).to(dtype)
+    gate = (torch.randn(1, width, generator=g) * 2).to(dtype)
+    ape = torch.randn(rate, width, generator=g)
+    okv = torch.randn(rate, hd, generator=g).to(dtype) if case == "csa" else None
+    ogate = torch.randn(rate, hd, generator=g) if case == "csa" else None
+    norm_w = torch.randn(hd, generator=g)
+    freqs = 1.0 / (10000 ** (torch.arange(0, 2 * r2, 2, dtype=torch.float32) / (2 * r2)))
+    args = (pend_kv, kv, pend_gate, gate, ape, okv, ogate, overlap, norm_w, 1e-6, freqs, 4 * 37, hd)
+    with _Launches() as n:
+        got = GPU.compress_close(*args)
+    want = REF.compress_close(*args)
+    assert n.n == 1 and got[0].dtype == dtype and got[0].shape == (1, hd)
+    assert _rel(got[0], want[0]) <= TOL[dtype]
+    if overlap:
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    else:
+        assert got[1] is None and got[2] is None

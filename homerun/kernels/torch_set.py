@@ -151,6 +151,37 @@ class TorchKernels:
         """positions [T] -> cos, sin [T, rope_dim/2] in fp32."""
         return rope_cos_sin(freqs, positions)
 
+    # ---- compressors
+    def compress_close(self, pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Tensor, gate: torch.Tensor,
+                       ape: torch.Tensor, overlap_kv: torch.Tensor | None, overlap_gate: torch.Tensor | None,
+                       overlap: bool, norm_w: torch.Tensor, eps: float, freqs: torch.Tensor, pos: int,
+                       head_dim: int):
+        """A decode step closes one compressor window: its rows are the open rows pend_kv [rate-1, W] and this
+        step's kv [1, W] (gate likewise, ape [rate, W] the position bias). -> (entry [1, hd]: the softmax(gate +
+        ape)-weighted sum over the window's slots, RMSNorm(norm_w), RoPE at pos; the next overlap kv, gate). With
+        overlap (CSA) the slots are the previous window's first halves (overlap_*, none at the start) and this
+        window's second halves, and this window's first halves become the next overlap; else they pass through."""
+        kv = torch.cat([pend_kv, kv])
+        gate = torch.cat([pend_gate, gate])
+        r, hd = kv.shape[0], head_dim
+        ckv = kv.view(1, r, -1)
+        cgate = gate.view(1, r, -1) + ape  # fp32 ape promotes
+        if overlap:
+            slots_kv = ckv.new_zeros(1, 2 * r, hd)
+            slots_gate = cgate.new_full((1, 2 * r, hd), float("-inf"))
+            slots_kv[:, r:] = ckv[..., hd:]
+            slots_gate[:, r:] = cgate[..., hd:]
+            if overlap_kv is not None:
+                slots_kv[0, :r] = overlap_kv.to(slots_kv.dtype)
+                slots_gate[0, :r] = overlap_gate.to(slots_gate.dtype)
+            overlap_kv, overlap_gate = ckv[-1, :, :hd].clone(), cgate[-1, :, :hd].clone()
+        else:
+            slots_kv, slots_gate = ckv, cgate
+        wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
+        cos, sin = self.rope_cos_sin(freqs, torch.arange(1, device=kv.device) * r + pos)
+        entry = self.norm_rope((slots_kv * wts).sum(dim=1), norm_w, eps, cos, sin)
+        return entry, overlap_kv, overlap_gate
+
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         """One query over rows every head sees: q [H, D], kv [N, D], sink [H] -> [H, D] (fp32), softmax over

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from homerun.kernels.triton.common import interpreting, launch
+from homerun.kernels.triton.common import interpreting, launch, rne_bf16
 
 SCORE_FUNCS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 
@@ -139,3 +139,156 @@ def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Te
     launch(_rope_kernel, (triton.cdiv(T, bt),))(
         positions, freqs, cos, sin, T, r2, BLOCK_T=bt, BLOCK_R=max(2, triton.next_power_of_2(r2)))
     return cos, sin
+
+
+@triton.jit
+def _slots(s, ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD,
+           spk, spg, sape, sok, sog, OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr):
+    """The pooling slots s [BS] x channels ch [BC]: (kv, gate + ape) in fp32, gate -inf where a slot is empty.
+    OVERLAP: slots 0..R-1 are the previous window's first halves (overlap_*), R..2R-1 this window's second halves;
+    window row i is pending row i (i < P) or the new row."""
+    s_ok = s < S
+    if OVERLAP:
+        prev = s < R
+        row = tl.where(prev, 0, s - R)
+        col = ch + HD
+    else:
+        prev = s < 0
+        row = s
+        col = ch
+    in_p = (s_ok & ~prev & (row < P))[:, None]
+    in_n = (s_ok & ~prev & (row >= P))[:, None]
+    r2 = row[:, None]
+    c2 = col[None, :]
+    kv = tl.load(pk_ptr + r2 * spk + c2, mask=in_p, other=0.0).to(tl.float32) + \
+        tl.load(nk_ptr + c2 + r2 * 0, mask=in_n, other=0.0).to(tl.float32)
+    g = tl.load(pg_ptr + r2 * spg + c2, mask=in_p, other=0.0).to(tl.float32) + \
+        tl.load(ng_ptr + c2 + r2 * 0, mask=in_n, other=0.0).to(tl.float32) + \
+        tl.load(ape_ptr + r2 * sape + c2, mask=in_p | in_n, other=0.0).to(tl.float32)
+    if OVERLAP:
+        pm = (s_ok & prev)[:, None]
+        if HAS_PREV:
+            kv += tl.load(ok_ptr + s[:, None] * sok + ch[None, :], mask=pm, other=0.0).to(tl.float32)
+            g = tl.where(pm, tl.load(og_ptr + s[:, None] * sog + ch[None, :], mask=pm, other=0.0).to(tl.float32), g)
+        else:
+            g = tl.where(pm, float("-inf"), g)
+    g = tl.where(s_ok[:, None], g, float("-inf"))
+    return kv, g
+
+
+@triton.jit
+def _pool(ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD, spk, spg, sape, sok, sog,
+          OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, KV_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """sum_s softmax_s(gate)[s, c] * kv[s, c] for the channels ch, rounded as the torch set's ops in kv's dtype."""
+    m = tl.zeros((BLOCK_C,), dtype=tl.float32) + float("-inf")
+    lsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        _, g = _slots(s, ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD,
+                      spk, spg, sape, sok, sog, OVERLAP, HAS_PREV)
+        m_new = tl.maximum(m, tl.max(g, axis=0))
+        lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(g - m_new[None, :]), axis=0)
+        m = m_new
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        kv, g = _slots(s, ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD,
+                       spk, spg, sape, sok, sog, OVERLAP, HAS_PREV)
+        w = tl.exp(g - m[None, :]) / lsum[None, :]
+        if KV_BF16:
+            w = rne_bf16(w)
+            acc += tl.sum(rne_bf16(kv * w), axis=0)
+        else:
+            acc += tl.sum(kv * w, axis=0)
+    if KV_BF16:
+        acc = rne_bf16(acc)
+    return acc
+
+
+@triton.jit
+def _compress_close_kernel(
+    pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, nw_ptr, f_ptr, y_ptr, okn_ptr, ogn_ptr,
+    S, R, P, HD, R2, eps, pos,
+    spk, spg, sape, sok, sog,
+    OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, KV_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program: the closing window's entry (softmax-gated pooling, RMSNorm, RoPE at pos) and, OVERLAP, this
+    window's first halves (kv, gate + ape) as the next window's overlap slots."""
+    ch = tl.arange(0, BLOCK_C)
+    c_mask = ch < HD
+    x = _pool(ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD, spk, spg, sape, sok, sog,
+              OVERLAP, HAS_PREV, KV_BF16, BLOCK_S, BLOCK_C)
+    x = tl.where(c_mask, x, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / HD + eps)
+    y = tl.load(nw_ptr + ch, mask=c_mask, other=0.0).to(tl.float32) * (x * rstd)
+    if KV_BF16:
+        y = rne_bf16(y)
+    tl.store(y_ptr + ch, y, mask=c_mask & (ch < HD - 2 * R2))
+    rp = tl.arange(0, BLOCK_P)
+    p_mask = rp < R2
+    de = HD - 2 * R2 + 2 * rp
+    ev = _pool(de, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD, spk, spg, sape, sok, sog,
+               OVERLAP, HAS_PREV, KV_BF16, BLOCK_S, BLOCK_P)
+    od = _pool(de + 1, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD, spk, spg, sape, sok,
+               sog, OVERLAP, HAS_PREV, KV_BF16, BLOCK_S, BLOCK_P)
+    ev = tl.load(nw_ptr + de, mask=p_mask, other=0.0).to(tl.float32) * (ev * rstd)
+    od = tl.load(nw_ptr + de + 1, mask=p_mask, other=0.0).to(tl.float32) * (od * rstd)
+    if KV_BF16:
+        ev = rne_bf16(ev)
+        od = rne_bf16(od)
+    ang = pos * tl.load(f_ptr + rp, mask=p_mask, other=0.0)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    re = ev * c - od * s
+    ro = od * c + ev * s
+    if KV_BF16:
+        re = rne_bf16(re)
+        ro = rne_bf16(ro)
+    tl.store(y_ptr + de, re, mask=p_mask)
+    tl.store(y_ptr + de + 1, ro, mask=p_mask)
+    if OVERLAP:  # rows 0..R-1 of this window, channels 0..HD-1
+        for s0 in range(0, R, BLOCK_S):
+            rs = s0 + tl.arange(0, BLOCK_S)
+            rm = rs < R
+            in_p = (rm & (rs < P))[:, None] & c_mask[None, :]
+            in_n = (rm & (rs >= P))[:, None] & c_mask[None, :]
+            r2 = rs[:, None]
+            c2 = ch[None, :]
+            kv = tl.load(pk_ptr + r2 * spk + c2, mask=in_p, other=0.0) + tl.load(nk_ptr + c2 + r2 * 0, mask=in_n,
+                                                                                other=0.0)
+            g = tl.load(pg_ptr + r2 * spg + c2, mask=in_p, other=0.0).to(tl.float32) + \
+                tl.load(ng_ptr + c2 + r2 * 0, mask=in_n, other=0.0).to(tl.float32) + \
+                tl.load(ape_ptr + r2 * sape + c2, mask=in_p | in_n, other=0.0).to(tl.float32)
+            tl.store(okn_ptr + r2 * HD + c2, kv, mask=in_p | in_n)
+            tl.store(ogn_ptr + r2 * HD + c2, g, mask=in_p | in_n)
+
+
+def compress_close(pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Tensor, gate: torch.Tensor,
+                   ape: torch.Tensor, overlap_kv: torch.Tensor | None, overlap_gate: torch.Tensor | None,
+                   overlap: bool, norm_w: torch.Tensor, eps: float, freqs: torch.Tensor, pos: int, head_dim: int):
+    """The window of pend_kv [rate-1, W] + kv [1, W] (gate likewise; ape [rate, W] fp32) closes: -> (entry [1, hd] in
+    kv's dtype, next overlap kv [rate, hd] or None, next overlap gate [rate, hd] fp32 or None). W = 2 hd with
+    overlap (CSA: the previous window's overlap_* fill the first rate slots, -inf gates when None), else hd."""
+    rate = pend_kv.shape[0] + 1
+    assert kv.shape[0] == 1 and pend_kv.stride(1) == 1 and kv.stride(1) == 1 and ape.stride(1) == 1
+    assert pend_gate.stride(1) == 1 and gate.stride(1) == 1
+    hd = head_dim
+    dev = kv.device
+    y = torch.empty((1, hd), device=dev, dtype=kv.dtype)
+    has_prev = overlap and overlap_kv is not None
+    okn = torch.empty((rate, hd), device=dev, dtype=kv.dtype) if overlap else y
+    ogn = torch.empty((rate, hd), device=dev, dtype=torch.float32) if overlap else y
+    ok = overlap_kv if has_prev else y
+    og = overlap_gate if has_prev else y
+    r2 = freqs.shape[0]
+    bc = triton.next_power_of_2(hd)
+    launch(_compress_close_kernel, (1,))(
+        pend_kv, kv, pend_gate, gate, ape, ok, og, norm_w, freqs, y, okn, ogn,
+        2 * rate if overlap else rate, rate, rate - 1, hd, r2, float(eps), float(pos),
+        pend_kv.stride(0), pend_gate.stride(0), ape.stride(0), ok.stride(0), og.stride(0),
+        OVERLAP=overlap, HAS_PREV=has_prev, KV_BF16=kv.dtype == torch.bfloat16,
+        BLOCK_S=min(16, triton.next_power_of_2(2 * rate)), BLOCK_C=bc, BLOCK_P=max(2, triton.next_power_of_2(r2)),
+    )
+    return y, (okn if overlap else None), (ogn if overlap else None)

@@ -97,6 +97,14 @@ class TritonKernels(TorchKernels):
     def rope_cos_sin(self, freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._dec.rope_cos_sin(freqs, positions)
 
+    def compress_close(self, pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs,
+                       pos, head_dim):
+        if any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape)) or kv.dtype != pend_kv.dtype:
+            return super().compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap,
+                                          norm_w, eps, freqs, pos, head_dim)
+        return self._dec.compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w,
+                                        eps, freqs, pos, head_dim)
+
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         return self._attn.attend_one(q, kv, sink, scale)

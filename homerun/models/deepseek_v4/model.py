@@ -257,6 +257,14 @@ class DeepseekV4:
                   freqs, k: TorchKernels) -> CompressorState:
         """From this step's projections kv, gate [T, width] (c.wkv(x), c.wgate(x)): close every full window, append
         the new entries past st.n_entries."""
+        if kv.shape[0] == 1 and c.rate > 1 and st.pending_kv is not None and st.pending_kv.shape[0] == c.rate - 1:
+            # decode closes one window: the kernel set's one-window step (one launch on the GPU)
+            entry, okv, ogate = k.compress_close(st.pending_kv, kv, st.pending_gate, gate, c.ape, st.overlap_kv,
+                                                 st.overlap_gate, c.overlap, c.norm, self.args.norm_eps, freqs,
+                                                 st.n_entries * c.rate, c.head_dim)
+            n = st.store.write(st.n_entries, entry)
+            return CompressorState(st.store, n, kv.new_empty(0, kv.shape[1]), gate.new_empty(0, gate.shape[1]), okv,
+                                   ogate)
         fresh = st.pending_kv is not None and st.pending_kv.shape[0]
         if fresh:
             kv = torch.cat([st.pending_kv, kv])
