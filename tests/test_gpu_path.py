@@ -66,14 +66,16 @@ def test_cuda_standin_selects_the_gpu_set(mixed):
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
 def test_gpu_path_matches_fp32_reference(mixed, dtype, tol):
-    """Prefill (the prompt's last row) and two greedy decode steps through the cuda-standin path (Triton FP8
-    linears, the fused FP4 MoE kernel) against the fp32 reference model: argmax equal, row-relative error <= tol."""
+    """Prefill (the prompt's last row) and four greedy decode steps through the cuda-standin path (Triton FP8
+    linears, the fused FP4 MoE kernel, the fused decode ops) against the fp32 reference model: argmax equal,
+    row-relative error <= tol. The fourth step (position 19) closes the CSA layer's windows (compress_close)."""
     path, args, ckpt = mixed
     ref = load(path, experts="reference")
     model = _gpu_model(path, args, ckpt, dtype)
     a, b = ref.session(), model.session()
     la, lb = a.feed(PROMPT), b.feed(PROMPT)
-    for _ in range(2):
+    assert (len(PROMPT) + 4) % args.csa_rate == 0
+    for _ in range(4):
         assert _rel_rows(lb[None], la[None]) <= tol
         tok = int(la.argmax())
         assert int(lb.argmax()) == tok
