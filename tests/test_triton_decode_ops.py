@@ -184,3 +184,22 @@ def test_compress_close(dtype, case):
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     else:
         assert got[1] is None and got[2] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, split_k", [(1, 1), (1, 3), (20, 1)])
+def test_project_pairs_fp8_linears(dtype, m, split_k):
+    """Consecutive FP8 linears of one input run two per launch (the second weight read through its own
+    pointer offset, outputs side by side); a dense one between them runs alone; every output as the torch set's."""
+    lins = [_fp8_lin(200, 256, 9), _fp8_lin(72, 256, 10), QLinear(torch.randn(40, 256).bfloat16()),
+            _fp8_lin(128, 256, 11)]
+    x = torch.randn(m, 256, generator=_gen(12)).to(dtype)
+    with _Launches() as n:
+        got = GPU.project(lins, x)
+    assert n.n == 2  # the pair, then the last FP8 linear (the dense one is torch's)
+    for a, b in zip(got, REF.project(lins, x)):
+        assert a.shape == b.shape and _rel(a, b) <= TOL[dtype]
+    w0, w1 = lins[0], lins[1]
+    y = GPU._fp8(x, w0.weight, w0.scale, dtype, second=(w1.weight, w1.scale), split_k=split_k)
+    assert y.shape == (m, 272)
+    assert _rel(y[:, 200:], REF.linear(w1, x)) <= TOL[dtype] and _rel(y[:, :200], REF.linear(w0, x)) <= TOL[dtype]

@@ -24,18 +24,26 @@ from homerun.kernels.triton.common import (
 @triton.jit
 def _fp8_linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, x2_ptr, r_ptr,
-    M, N, K, w_row0, k_per_split, group_rows, limit,
+    M, N, K, w_row0, k_per_split, group_rows, limit, N2, n_tiles1, w_off, s_off,
     sxm, sxk, sxg, swn, swk, ssn, ssk, sys, sym, syn, srm, srn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_F32: tl.constexpr, UPCAST: tl.constexpr,
     ROUND_BF16: tl.constexpr, GROUPED: tl.constexpr, SWIGLU: tl.constexpr, X_BF16: tl.constexpr,
-    HAS_RES: tl.constexpr, OUT_BF16: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT_BF16: tl.constexpr, TWO: tl.constexpr,
 ):
     """Program (pid_n, pid_m, pid_s): y[s, m-tile, n-tile] = x[m-tile, K-slice s] @ dequant(w)[n-tile, K-slice s]^T.
     BLOCK_K divides 128, so one K tile lies in one scale column; scale rows are (w_row0 + n) // 128."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
+    n_col0 = 0
+    if TWO:  # tiles past n_tiles1 belong to the second weight (w_off / s_off bytes from the first), columns N..
+        second = pid_n >= n_tiles1
+        pid_n = tl.where(second, pid_n - n_tiles1, pid_n)
+        w_ptr += tl.where(second, w_off, 0)
+        s_ptr += tl.where(second, s_off, 0)
+        n_col0 = tl.where(second, N, 0)
+        N = tl.where(second, N2, N)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = rn < N
@@ -74,7 +82,7 @@ def _fp8_linear_kernel(
             acc = rne_bf16(acc)
         acc += tl.load(r_ptr + rm[:, None] * srm + rn[None, :] * srn, mask=m_mask[:, None] & n_mask[None, :],
                        other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_s * sys + rm[:, None] * sym + rn[None, :] * syn, store_rounding(acc, ROUND_BF16),
+    tl.store(y_ptr + pid_s * sys + rm[:, None] * sym + (n_col0 + rn)[None, :] * syn, store_rounding(acc, ROUND_BF16),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -103,7 +111,8 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None,
                fewest_programs: bool = False, group_rows: int = 0, x2: torch.Tensor | None = None,
-               swiglu_limit: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+               swiglu_limit: float = 0.0, residual: torch.Tensor | None = None,
+               second: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """y = x @ dequant_fp8(w_fp8, w_scale)^T. x [M, K] fp32/bf16 (any strides), w_fp8 [N, K] float8_e4m3fn or uint8
     (any strides, e.g. a row slice w[r0:r1]), w_scale ue8m0 with scale row (w_row0 + n) // 128 for output n (pass the
     full scale tensor and w_row0 = r0 for a row slice; or a sliced scale and w_row0 = 0 when r0 % 128 == 0).
@@ -113,7 +122,9 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
     interpreter, whose cost is per program; the GPU defaults are for HBM bandwidth).
     group_rows > 0: x is [M, G, K] (any strides) and output n uses x[:, n // group_rows] (N = G * group_rows).
     x2 (same shape and strides as x): the input is silu(min(x, L)) * clamp(x2, -L, L), L = swiglu_limit.
-    residual [M, N]: returns y + residual (y rounded to out_dtype first, as two torch ops would)."""
+    residual [M, N]: returns y + residual (y rounded to out_dtype first, as two torch ops would).
+    second (w_fp8 [N2, K], w_scale), same strides as the first: both projections of x in one launch, returned side by
+    side as y [M, N + N2] (w_row0 0; not with group_rows / x2 / residual)."""
     grouped = group_rows > 0
     if grouped:
         M, G, K = x.shape
@@ -123,6 +134,15 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
         sxm, sxk, sxg = x.stride(0), x.stride(1), 0
     N, K2 = w_fp8.shape
     assert K == K2, (x.shape, w_fp8.shape)
+    two = second is not None
+    n2, w_off, s_off = 0, 0, 0
+    if two:
+        wb, sb = second[0].view(torch.uint8), second[1].view(torch.uint8)
+        assert wb.shape[1] == K and wb.stride() == w_fp8.stride() and sb.stride() == w_scale.stride(), "second weight"
+        assert not grouped and x2 is None and residual is None and w_row0 == 0
+        n2 = wb.shape[0]
+        w_off = wb.data_ptr() - w_fp8.data_ptr()  # byte offsets: both are read as uint8
+        s_off = sb.data_ptr() - w_scale.data_ptr()
     assert not grouped or N == G * group_rows, (x.shape, w_fp8.shape, group_rows)
     assert x2 is None or (x2.shape == x.shape and x2.stride() == x.stride()), "x2 must match x's shape and strides"
     out_dtype = out_dtype or x.dtype
@@ -150,37 +170,39 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
     assert 128 % bk == 0 and bk >= 16, "BLOCK_K must divide 128 (one scale column per K tile)"
     if use_dot:
         assert bm >= 16 and bn >= 16, "tl.dot needs 16x16 tiles"
-    n_tiles, m_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(M, bm), triton.cdiv(K, bk)
+    n_tiles1 = triton.cdiv(N, bn)
+    n_tiles, m_tiles, k_tiles = n_tiles1 + triton.cdiv(n2, bn), triton.cdiv(M, bm), triton.cdiv(K, bk)
+    n_out = N + n2
     if split_k is None:
         # Decode: enough programs for ~2 waves on the GPU so HBM streams from every SM; prefill has enough tiles.
         split_k = 1 if M > 16 else max(1, min(k_tiles, 8, triton.cdiv(2 * num_sms(x.device), n_tiles * m_tiles)))
     k_per_split = triton.cdiv(k_tiles, split_k) * bk
     split_k = triton.cdiv(K, k_per_split)
     if split_k == 1:
-        y = torch.empty((M, N), device=x.device, dtype=out_dtype)
+        y = torch.empty((M, n_out), device=x.device, dtype=out_dtype)
         sys_ = 0
     else:
-        y = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+        y = torch.empty((split_k, M, n_out), device=x.device, dtype=torch.float32)
         sys_ = y.stride(0)
     res_in_kernel = residual is not None and split_k == 1
     r = residual if residual is not None else y
     grid = (n_tiles, m_tiles, split_k)
     launch(_fp8_linear_kernel, grid)(
         x, w, s, y, x2 if x2 is not None else x, r,
-        M, N, K, w_row0, k_per_split, max(group_rows, 1), float(swiglu_limit),
+        M, N, K, w_row0, k_per_split, max(group_rows, 1), float(swiglu_limit), n2, n_tiles1, w_off, s_off,
         sxm, sxk, sxg, w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         sys_, y.stride(-2), y.stride(-1), r.stride(-2), r.stride(-1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, NATIVE_FP8=native_fp8,
         DOT_F32=x.dtype == torch.float32, UPCAST=interpreting(), ROUND_BF16=round_bf16(y),
         GROUPED=grouped, SWIGLU=x2 is not None, X_BF16=x.dtype == torch.bfloat16, HAS_RES=res_in_kernel,
-        OUT_BF16=y.dtype == torch.bfloat16,
+        OUT_BF16=y.dtype == torch.bfloat16, TWO=two,
         num_warps=num_warps or (4 if M <= 16 else 8), num_stages=num_stages or (4 if M <= 16 else 3),
     )
     if split_k > 1:  # deterministic split-K reduction (tiny: split_k * M * N fp32), cast and residual in one launch
-        out = torch.empty((M, N), device=x.device, dtype=out_dtype)
+        out = torch.empty((M, n_out), device=x.device, dtype=out_dtype)
         block = 1024
-        launch(_split_k_reduce_kernel, (triton.cdiv(M * N, block),))(
-            y, r, out, split_k, M * N, N, y.stride(0), r.stride(-2), r.stride(-1),
+        launch(_split_k_reduce_kernel, (triton.cdiv(M * n_out, block),))(
+            y, r, out, split_k, M * n_out, n_out, y.stride(0), r.stride(-2), r.stride(-1),
             HAS_RES=residual is not None, OUT_BF16=out_dtype == torch.bfloat16, BLOCK=block,
         )
         y = out

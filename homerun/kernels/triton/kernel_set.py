@@ -23,6 +23,13 @@ from homerun.kernels.torch_set import Linear, TorchKernels
 GROUPED_ONE_LAUNCH_MAX_ROWS = 16
 
 
+def _pairable(a: Linear, b: Linear) -> bool:
+    """Two FP8 linears one launch can run: same input width, same weight and scale strides."""
+    return (a.scale is not None and b.scale is not None and a.weight.shape[1] == b.weight.shape[1]
+            and a.weight.stride() == b.weight.stride() and a.scale.stride() == b.scale.stride()
+            and a.weight.dtype == b.weight.dtype)
+
+
 class TritonKernels(TorchKernels):
     """FP8 linears through `homerun.kernels.triton.fp8.fp8_linear`, the fused small ops; the torch set's math."""
 
@@ -60,7 +67,21 @@ class TritonKernels(TorchKernels):
         return out
 
     def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
-        return [self.linear(lin, x) for lin in lins]
+        """Consecutive FP8 linears of the same layout go two per launch (outputs side by side, returned as views)."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(lins):
+            a = lins[i]
+            b = lins[i + 1] if i + 1 < len(lins) else None
+            if b is not None and x.dim() == 2 and _pairable(a, b):
+                n = a.weight.shape[0]
+                y = self._fp8(x, a.weight, a.scale, x.dtype, second=(b.weight, b.scale))
+                out += [y[:, :n], y[:, n:]]
+                i += 2
+            else:
+                out.append(self.linear(a, x))
+                i += 1
+        return out
 
     def swiglu_down(self, lin: Linear, g: torch.Tensor, u: torch.Tensor, limit: float,
                     residual: torch.Tensor) -> torch.Tensor:
