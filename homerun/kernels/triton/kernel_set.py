@@ -38,10 +38,7 @@ class TritonKernels(TorchKernels):
     def __init__(self, mods: Any):
         # Under the interpreter (a CUDA stand-in) the fewest programs per launch: the same launches, far less time.
         self._fp8 = functools.partial(mods.fp8.fp8_linear, fewest_programs=mods.common.interpreting())
-        self._mhc, self._norm, self._attn = mods.mhc, mods.norm, mods.attention
-        from homerun.kernels.triton import decode
-
-        self._dec = decode
+        self._mhc, self._norm, self._attn, self._dec = mods.mhc, mods.norm, mods.attention, mods.decode
 
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         if lin.scale is None:
