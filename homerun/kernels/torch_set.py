@@ -1,6 +1,8 @@
 """The torch kernel set: the definition of every dense family a model forward calls (linears over weights kept as
-stored, the mHC family, RMSNorm + RoPE, one-query attention) in plain torch ops, on any device and dtype. Every other
-set (`homerun.kernels.dispatch`, `homerun.kernels.triton.kernel_set`) subclasses it and is tested against it."""
+stored, the shared expert's down projection with its activation and residual, the mHC family, RMSNorm + RoPE and the
+RoPE tables, one-query attention, the indexer's scores, MoE routing) in plain torch ops, on any device and dtype.
+Every other set (`homerun.kernels.dispatch`, `homerun.kernels.triton.kernel_set`) subclasses it and is tested
+against it."""
 
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse
     return torch.cat((x[..., :-r], rotated), dim=-1)
 
 
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, rope_dim/2] in fp32."""
+    ang = positions.to(torch.float32)[:, None] * freqs.to(positions.device)[None, :]
+    return ang.cos(), ang.sin()
+
+
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """A column pass, then (iters - 1) x (rows, columns), each dividing by (sum + eps)."""
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
@@ -69,6 +77,34 @@ class TorchKernels:
     def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
         """Several linears of one input."""
         return [self.linear(lin, x) for lin in lins]
+
+    def swiglu_down(self, lin: Linear, g: torch.Tensor, u: torch.Tensor, limit: float,
+                    residual: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output plus the routed experts' sum (residual, in g's dtype): residual +
+        lin(silu(min(g, L)) * clamp(u, -L, L))."""
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+        return residual + self.linear(lin, F.silu(g) * u)
+
+    # ---- MoE routing
+    def route(self, logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
+              ids: torch.Tensor, score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> (expert ids [T, k] int64, weights [T, k] fp32, normalized and scaled). Hash
+        layers (tid2eid [V, k]) take the table's row of each token id ids [T]; the others the top-k of scores + bias
+        (the bias only picks; the weights come from the unbiased scores)."""
+        logits = logits.float()
+        if score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if tid2eid is not None:
+            idx = tid2eid[ids].long()
+        else:
+            idx = torch.topk(scores + bias, topk, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
+        return idx, w
 
     # ---- mHC
     def sinkhorn(self, comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -111,6 +147,41 @@ class TorchKernels:
             x = rms_norm(x, weight, eps)
         return x if cos is None else apply_rope(x, cos, sin, inverse=inverse)
 
+    def rope_cos_sin(self, freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, rope_dim/2] in fp32."""
+        return rope_cos_sin(freqs, positions)
+
+    # ---- compressors
+    def compress_close(self, pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Tensor, gate: torch.Tensor,
+                       ape: torch.Tensor, overlap_kv: torch.Tensor | None, overlap_gate: torch.Tensor | None,
+                       overlap: bool, norm_w: torch.Tensor, eps: float, freqs: torch.Tensor, pos: int,
+                       head_dim: int):
+        """A decode step closes one compressor window: its rows are the open rows pend_kv [rate-1, W] and this
+        step's kv [1, W] (gate likewise, ape [rate, W] the position bias). -> (entry [1, hd]: the softmax(gate +
+        ape)-weighted sum over the window's slots, RMSNorm(norm_w), RoPE at pos; the next overlap kv, gate). With
+        overlap (CSA) the slots are the previous window's first halves (overlap_*, none at the start) and this
+        window's second halves, and this window's first halves become the next overlap; else they pass through."""
+        kv = torch.cat([pend_kv, kv])
+        gate = torch.cat([pend_gate, gate])
+        r, hd = kv.shape[0], head_dim
+        ckv = kv.view(1, r, -1)
+        cgate = gate.view(1, r, -1) + ape  # fp32 ape promotes
+        if overlap:
+            slots_kv = ckv.new_zeros(1, 2 * r, hd)
+            slots_gate = cgate.new_full((1, 2 * r, hd), float("-inf"))
+            slots_kv[:, r:] = ckv[..., hd:]
+            slots_gate[:, r:] = cgate[..., hd:]
+            if overlap_kv is not None:
+                slots_kv[0, :r] = overlap_kv.to(slots_kv.dtype)
+                slots_gate[0, :r] = overlap_gate.to(slots_gate.dtype)
+            overlap_kv, overlap_gate = ckv[-1, :, :hd].clone(), cgate[-1, :, :hd].clone()
+        else:
+            slots_kv, slots_gate = ckv, cgate
+        wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
+        cos, sin = self.rope_cos_sin(freqs, torch.arange(1, device=kv.device) * r + pos)
+        entry = self.norm_rope((slots_kv * wts).sum(dim=1), norm_w, eps, cos, sin)
+        return entry, overlap_kv, overlap_gate
+
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         """One query over rows every head sees: q [H, D], kv [N, D], sink [H] -> [H, D] (fp32), softmax over
@@ -118,3 +189,18 @@ class TorchKernels:
         logits = torch.cat([torch.mm(q, kv.T) * scale, sink.reshape(-1, 1)], dim=1)  # (H, N + 1)
         probs = torch.softmax(logits, dim=-1)
         return torch.mm(probs[:, :-1], kv)
+
+    def attend_rows(self, q: torch.Tensor, kv: torch.Tensor, kv2: torch.Tensor | None, sink: torch.Tensor,
+                    scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+        """attend_one in fp32 over the rows of kv then of kv2 (None: none), inputs in any float dtype -> [H, D] in
+        out_dtype (the decode step's window and compressed entries, without the caller's copies)."""
+        kv = kv.float() if kv2 is None else torch.cat([kv.float(), kv2.float()])
+        return self.attend_one(q.float(), kv, sink, scale).to(out_dtype)
+
+    def index_scores(self, iq: torch.Tensor, iw: torch.Tensor, ik: torch.Tensor, iw_scale: float,
+                     scale: float) -> torch.Tensor:
+        """The lightning indexer's scores of keys ik [P, Di] for queries iq [q, Hi, Di] with head weights iw [q, Hi]:
+        sum_h relu(iq_h . ik_n) * scale * iw_h * iw_scale -> [q, P] fp32."""
+        iw = iw.float() * iw_scale
+        sc = torch.relu(torch.einsum("qhd,nd->qhn", iq.float(), ik.float())) * scale
+        return (sc * iw.unsqueeze(-1)).sum(dim=1)

@@ -1,6 +1,7 @@
 """The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel and the small decode
-ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, one-query attention: one
-launch each; homerun.kernels.triton.mhc / norm / attention).
+ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, one-query
+attention over two row sources, the indexer's scores, MoE routing, the shared expert's activation + down projection
++ residual: one launch each; homerun.kernels.triton.mhc / norm / attention / decode / fp8).
 
 `kernels_for` picks it on CUDA devices when triton imports, and on CUDA stand-ins (CPU tensors, the kernels under
 Triton's interpreter), so the stand-in runs the same code path a GPU does. FP8 weights are read as stored (e4m3 bytes
@@ -22,6 +23,13 @@ from homerun.kernels.torch_set import Linear, TorchKernels
 GROUPED_ONE_LAUNCH_MAX_ROWS = 16
 
 
+def _pairable(a: Linear, b: Linear) -> bool:
+    """Two FP8 linears one launch can run: same input width, same weight and scale strides."""
+    return (a.scale is not None and b.scale is not None and a.weight.shape[1] == b.weight.shape[1]
+            and a.weight.stride() == b.weight.stride() and a.scale.stride() == b.scale.stride()
+            and a.weight.dtype == b.weight.dtype)
+
+
 class TritonKernels(TorchKernels):
     """FP8 linears through `homerun.kernels.triton.fp8.fp8_linear`, the fused small ops; the torch set's math."""
 
@@ -30,7 +38,7 @@ class TritonKernels(TorchKernels):
     def __init__(self, mods: Any):
         # Under the interpreter (a CUDA stand-in) the fewest programs per launch: the same launches, far less time.
         self._fp8 = functools.partial(mods.fp8.fp8_linear, fewest_programs=mods.common.interpreting())
-        self._mhc, self._norm, self._attn = mods.mhc, mods.norm, mods.attention
+        self._mhc, self._norm, self._attn, self._dec = mods.mhc, mods.norm, mods.attention, mods.decode
 
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         if lin.scale is None:
@@ -45,6 +53,8 @@ class TritonKernels(TorchKernels):
             return lin.torch_grouped(x, groups)
         t, g, k = x.shape
         per = lin.weight.shape[0] // groups
+        if per & -per >= 16:  # one launch, each output tile reading its own group's input: no wasted blocks
+            return self._fp8(x, lin.weight, lin.scale, x.dtype, group_rows=per).view(t, g, per)
         if t * g <= GROUPED_ONE_LAUNCH_MAX_ROWS:
             y = self._fp8(x.reshape(t * g, k), lin.weight, lin.scale, x.dtype).view(t, g, g, per)
             return torch.diagonal(y, dim1=1, dim2=2).transpose(1, 2)  # a view: y[t, i, i, :]
@@ -54,7 +64,36 @@ class TritonKernels(TorchKernels):
         return out
 
     def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
-        return [self.linear(lin, x) for lin in lins]
+        """Consecutive FP8 linears of the same layout go two per launch (outputs side by side, returned as views)."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(lins):
+            a = lins[i]
+            b = lins[i + 1] if i + 1 < len(lins) else None
+            if b is not None and x.dim() == 2 and _pairable(a, b):
+                n = a.weight.shape[0]
+                y = self._fp8(x, a.weight, a.scale, x.dtype, second=(b.weight, b.scale))
+                out += [y[:, :n], y[:, n:]]
+                i += 2
+            else:
+                out.append(self.linear(a, x))
+                i += 1
+        return out
+
+    def swiglu_down(self, lin: Linear, g: torch.Tensor, u: torch.Tensor, limit: float,
+                    residual: torch.Tensor) -> torch.Tensor:
+        if lin.scale is None or g.stride() != u.stride() or residual.dtype != g.dtype:
+            return super().swiglu_down(lin, g, u, limit, residual)
+        n, k = lin.weight.shape
+        y = self._fp8(g.reshape(-1, k), lin.weight, lin.scale, g.dtype, x2=u.reshape(-1, k), swiglu_limit=limit,
+                      residual=residual.reshape(-1, n))
+        return y.view(*g.shape[:-1], n)
+
+    # ---- MoE routing
+    def route(self, logits, bias, tid2eid, ids, score_func, topk, route_scale):
+        if score_func not in self._dec.SCORE_FUNCS or (tid2eid is None and bias is None):
+            return super().route(logits, bias, tid2eid, ids, score_func, topk, route_scale)
+        return self._dec.route(logits, bias, tid2eid, ids, score_func, topk, route_scale)
 
     # ---- mHC
     def hc_weights(self, x, fn, scale, base, norm_eps, hc_eps, iters):
@@ -73,6 +112,23 @@ class TritonKernels(TorchKernels):
     def norm_rope(self, x, weight, eps, cos=None, sin=None, *, norm=True, inverse=False):
         return self._norm.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
 
+    def rope_cos_sin(self, freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._dec.rope_cos_sin(freqs, positions)
+
+    def compress_close(self, pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs,
+                       pos, head_dim):
+        if any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape)) or kv.dtype != pend_kv.dtype:
+            return super().compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap,
+                                          norm_w, eps, freqs, pos, head_dim)
+        return self._dec.compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w,
+                                        eps, freqs, pos, head_dim)
+
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         return self._attn.attend_one(q, kv, sink, scale)
+
+    def attend_rows(self, q, kv, kv2, sink, scale, out_dtype):
+        return self._attn.attend_two(q, kv, kv2, sink, scale, out_dtype)
+
+    def index_scores(self, iq, iw, ik, iw_scale, scale):
+        return self._dec.index_scores(iq, iw, ik, iw_scale, scale)

@@ -17,8 +17,8 @@ from homerun.models.deepseek_v4.config import (
     LAYER_SLIDING,
     ModelArgs,
 )
-from homerun.kernels.dispatch import TorchKernels, for_act, kernels_for
-from homerun.models.deepseek_v4.ops import inv_freq, rope_cos_sin
+from homerun.kernels.dispatch import TORCH, TorchKernels, for_act, kernels_for
+from homerun.models.deepseek_v4.ops import inv_freq
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
 from homerun.models.layers import Projections, QLinear
@@ -248,12 +248,24 @@ class DeepseekV4:
                   freqs, k: TorchKernels) -> CompressorState:
         """From this step's projections kv, gate [T, width] (c.wkv(x), c.wgate(x)): close every full window, append
         the new entries past st.n_entries."""
-        if st.pending_kv is not None and st.pending_kv.shape[0]:
+        if kv.shape[0] == 1 and c.rate > 1 and st.pending_kv is not None and st.pending_kv.shape[0] == c.rate - 1:
+            # decode closes one window: the kernel set's one-window step (one launch on the GPU)
+            entry, okv, ogate = k.compress_close(st.pending_kv, kv, st.pending_gate, gate, c.ape, st.overlap_kv,
+                                                 st.overlap_gate, c.overlap, c.norm, self.args.norm_eps, freqs,
+                                                 st.n_entries * c.rate, c.head_dim)
+            n = st.store.write(st.n_entries, entry)
+            return CompressorState(st.store, n, kv.new_empty(0, kv.shape[1]), gate.new_empty(0, gate.shape[1]), okv,
+                                   ogate)
+        fresh = st.pending_kv is not None and st.pending_kv.shape[0]
+        if fresh:
             kv = torch.cat([st.pending_kv, kv])
             gate = torch.cat([st.pending_gate, gate])
         n_win = kv.shape[0] // c.rate
         usable = n_win * c.rate
-        pending_kv, pending_gate = kv[usable:].clone(), gate[usable:].clone()
+        if fresh and not usable:  # the open window is the new concatenation itself: no copy
+            pending_kv, pending_gate = kv, gate
+        else:
+            pending_kv, pending_gate = kv[usable:].clone(), gate[usable:].clone()
         if n_win == 0:
             return replace(st, pending_kv=pending_kv, pending_gate=pending_gate)
         first_pos = st.n_entries * c.rate
@@ -277,7 +289,7 @@ class DeepseekV4:
             slots_kv, slots_gate = ckv, cgate
         wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
         pos = torch.arange(n_win, device=kv.device) * r + first_pos
-        cos, sin = rope_cos_sin(freqs, pos)
+        cos, sin = k.rope_cos_sin(freqs, pos)
         entries = k.norm_rope((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps, cos, sin)  # (W, hd)
         n = st.store.write(st.n_entries, entries)
         return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
@@ -290,7 +302,7 @@ class DeepseekV4:
         T = x.shape[0]
         H, Dh = a.n_heads, a.head_dim
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
-        cos, sin = rope_cos_sin(freqs, positions)
+        cos, sin = self._rope(freqs, positions, k)
 
         proj = k.project(at.inputs.lins, x, at.inputs)  # wq_a, wkv, the compressors' and the indexer's
         qr = k.norm_rope(proj[0], at.q_norm, a.norm_eps)  # (T, Lq)
@@ -300,7 +312,10 @@ class DeepseekV4:
         past = st.window
         keys = torch.cat([past, kv]) if past.shape[0] else kv  # rows at positions start-P .. start+T-1
         keep = a.window_size - 1
-        window = keys[max(0, keys.shape[0] - keep) :].clone() if keep > 0 else keys[:0].clone()
+        if past.shape[0] and keep > 0 and T == 1:  # decode: keys is a new tensor, its last rows are the window
+            window = keys[max(0, keys.shape[0] - keep) :]
+        else:
+            window = keys[max(0, keys.shape[0] - keep) :].clone() if keep > 0 else keys[:0].clone()
 
         comp = idx_st = iw = None
         if at.comp is not None:
@@ -317,6 +332,8 @@ class DeepseekV4:
     def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k: TorchKernels) -> torch.Tensor:
         """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers); rope: this step's (cos, sin), which in a CSA
         layer are the compressed-frequency ones the indexer's queries use."""
+        if q.shape[0] == 1:
+            return self._attend_decode(layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k)
         a, at = self.args, layer.attn
         T, H, Dh = q.shape
         W = a.window_size
@@ -405,6 +422,57 @@ class DeepseekV4:
         kv = torch.cat(rows) if len(rows) > 1 else kw
         return k.attend_one(q1, kv, sink.reshape(-1), scale)
 
+    def _rope(self, freqs: torch.Tensor, positions: torch.Tensor, k: TorchKernels):
+        """This forward's (cos, sin) for freqs at positions: computed once per forward and device, not per layer."""
+        memo = self.__dict__.setdefault("_rope_memo", {})
+        hit = memo.get(id(freqs))
+        if hit is None or hit[0] is not positions:
+            hit = memo[id(freqs)] = (positions, *k.rope_cos_sin(freqs, positions))
+        return hit[1], hit[2]
+
+    def _attend_decode(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k: TorchKernels):
+        """One query (decode) at position start: its window rows plus the layer's compressed entries (HCA: every
+        closed one; CSA: the indexer's top-k of the closed ones), every row visible, so no masks; the rows are read
+        where they lie (the kernel set's attend_rows takes two sources) and the output comes in q's dtype.
+        The same math as _attend's general path, whose one-query blocks (_attend_one) it matches bit for bit."""
+        a, at = self.args, layer.attn
+        H, Dh = q.shape[1], q.shape[2]
+        rate = a.rate(layer.index)
+        n_closed = (start + 1) // rate if rate else 0
+        kw = keys[max(0, n_past - (a.window_size - 1)) : n_past + 1]
+        rows2 = None
+        if layer.kind == LAYER_HCA and n_closed:
+            rows2 = comp.store.view(n_closed)
+        elif layer.kind == LAYER_CSA:
+            k_sel = min(a.index_topk, comp.n_entries if comp is not None else 0)
+            iq = k.linear(at.indexer.wq_b, qr).view(1, a.index_n_heads, a.index_head_dim)
+            if k_sel and n_closed:
+                iq = k.norm_rope(iq, None, 0.0, *rope, norm=False)
+                sel = self._index_topk_one(iq, iw, idx_st.store, n_closed, k_sel, k)
+                rows2 = comp.store.gather(sel)[0]
+        o = k.attend_rows(q[0], kw, rows2, at.sink.reshape(-1), Dh**-0.5, q.dtype)
+        return o.view(1, H, Dh)
+
+    def _index_topk_one(self, iq, iw, keys: PagedRows, n_vis: int, k_sel: int, k: TorchKernels) -> torch.Tensor:
+        """_index_topk for one query that sees all n_vis keys, the scores through the kernel set; one page: one
+        top-k (the merge over an empty running best is that top-k). -> [1, k]."""
+        a = self.args
+        kk = min(k_sel, n_vis)
+        iw_scale, scale = a.index_n_heads**-0.5, a.index_head_dim**-0.5
+        if n_vis <= keys.page_rows:
+            score = k.index_scores(iq, iw, keys.view(n_vis), iw_scale, scale)  # (1, n_vis)
+            return score.topk(min(kk, score.shape[1]), dim=-1).indices
+        best_v = iq.new_empty(1, 0, dtype=torch.float32)
+        best_i = torch.empty(1, 0, dtype=torch.long, device=iq.device)
+        for r0, ik in keys.iter_pages(n_vis):
+            score = k.index_scores(iq, iw, ik, iw_scale, scale)
+            ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device)
+            v = torch.cat([best_v, score], dim=1)
+            i = torch.cat([best_i, ids.expand(1, -1)], dim=1)
+            top = v.topk(min(kk, v.shape[1]), dim=-1)
+            best_v, best_i = top.values, i.gather(1, top.indices)
+        return best_i
+
     def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor | None, k_sel: int):
         """Indexer top-k over the first n_vis keys, merged page by page: the score temporary is [q, Hi, page]
         and [q, k + page], never [q, n_vis]. Entries w >= thr (future for that query) score -inf; thr None: all
@@ -429,31 +497,18 @@ class DeepseekV4:
 
     # ------------------------------------------------------------------------------------------------ MoE
 
-    def route(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor,
-              logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor | None = None,
+              k: TorchKernels = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k] int64, weights [T, k] fp32, normalized and scaled); logits: the router's
-        gate(x) when already computed."""
+        gate(x) when already computed. Hash layers: experts are a function of the token id (k.route)."""
         a, m = self.args, layer.moe
-        logits = (m.gate(x) if logits is None else logits).float()  # (T, E)
-        if a.score_func == "sqrtsoftplus":
-            scores = F.softplus(logits).sqrt()
-        elif a.score_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
-        if m.tid2eid is not None:
-            idx = m.tid2eid[ids].long()  # hash layers: experts are a function of the token id
-        else:
-            # The bias only decides which experts are picked; the weights come from the unbiased scores.
-            idx = torch.topk(scores + m.bias, a.n_activated_experts, dim=-1, sorted=False).indices
-        w = scores.gather(1, idx)
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * a.route_scale
-        return idx, w
+        logits = m.gate(x) if logits is None else logits  # (T, E)
+        return k.route(logits, m.bias, m.tid2eid, ids, a.score_func, a.n_activated_experts, a.route_scale)
 
     def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor, k: TorchKernels) -> torch.Tensor:
         a, m = self.args, layer.moe
         gate_logits, g, u = k.project(m.inputs.lins, x, m.inputs)  # router, shared w1, shared w3
-        idx, w = self.route(layer, x, ids, gate_logits)
+        idx, w = self.route(layer, x, ids, gate_logits, k)
         nxt = layer.index + 1
         if self.experts.wants_speculation and nxt < len(self.layers) and self.layers[nxt].moe.tid2eid is None:
             # Guess the next layer's experts (its router on this layer's MoE input), so fetching them overlaps
@@ -462,9 +517,7 @@ class DeepseekV4:
             guess, _ = self.route(ln, x.to(ln.device or self.device), ids)
             self.experts.prefetch_speculative(nxt, guess)
         routed = self.experts.forward(layer.index, x, idx, w)
-        lim = a.swiglu_limit
-        g, u = g.clamp(max=lim), u.clamp(-lim, lim)
-        return routed.to(x.dtype) + k.linear(m.shared_w2, F.silu(g) * u)
+        return k.swiglu_down(m.shared_w2, g, u, a.swiglu_limit, routed.to(x.dtype))
 
     # ---------------------------------------------------------------------------------------------- stats
 

@@ -9,6 +9,7 @@ import torch
 
 from homerun.models.deepseek_v4.config import YarnParams
 from homerun.kernels.dispatch import TORCH, apply_rope, rms_norm  # noqa: F401 - the primitives, defined with the kernels
+from homerun.kernels.torch_set import rope_cos_sin  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------------- primitives
 
@@ -31,12 +32,6 @@ def inv_freq(rope_dim: int, theta: float, yarn: YarnParams | None) -> torch.Tens
     ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # share of the unscaled (extrapolated) frequency
     return inter * (1 - keep) + extra * keep
-
-
-def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] -> cos, sin [T, rope_dim/2] in fp32."""
-    ang = positions.to(torch.float32)[:, None] * freqs.to(positions.device)[None, :]
-    return ang.cos(), ang.sin()
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,

@@ -1,0 +1,205 @@
+"""The decode-step fusions of the GPU kernel set (homerun.kernels.triton.decode / attention.attend_two / the fp8
+kernel's grouped, SwiGLU-input and residual variants) against their definitions, the torch kernel set's methods, on
+random inputs at small shapes: fp32 row-relative error <= 1e-5, bf16 <= 1e-2; each in one launch (plus one split-K
+reduction launch where asked). CPU: Triton's interpreter; skipped without triton."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from homerun.kernels import triton as hr_triton  # noqa: E402
+from homerun.kernels.torch_set import TorchKernels  # noqa: E402
+
+if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cover
+    pytest.skip(f"triton kernels unavailable here: {hr_triton.unavailable_reason()}", allow_module_level=True)
+
+from homerun.formats.quant import quant_fp8  # noqa: E402
+from homerun.kernels.triton import attention, common, decode  # noqa: E402
+from homerun.kernels.triton.kernel_set import TritonKernels  # noqa: E402
+from homerun.models.layers import QLinear  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+REF = TorchKernels()
+GPU = TritonKernels(hr_triton.load())
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.float().reshape(-1, a.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
+    return ((a - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class _Launches:
+    def __enter__(self):
+        self.n0 = common.LaunchCounter.n
+        return self
+
+    def __exit__(self, *exc):
+        self.n = common.LaunchCounter.n - self.n0
+
+
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route(score_func, hashed, dtype):
+    """The same experts as the torch set (as sets: torch's unsorted top-k lists them in its own order), each with
+    its weight; the bias picks but does not weigh; logits far below 0 exercise softplus's small branch."""
+    g = _gen(1)
+    t, e, k = 5, 12, 3
+    logits = (torch.randn(t, e, generator=g) * 4).to(dtype)
+    logits[0, :4] = -30.0
+    bias = torch.randn(e, generator=g)
+    tid2eid = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(40)]) if hashed else None
+    ids = torch.randint(0, 40, (t,), generator=g)
+    with _Launches() as n:
+        idx, w = GPU.route(logits, bias, tid2eid, ids, score_func, k, 2.5)
+    want_idx, want_w = REF.route(logits, bias, tid2eid, ids, score_func, k, 2.5)
+    assert n.n == 1 and idx.dtype == torch.int64 and w.dtype == torch.float32
+    order, want_order = idx.sort(dim=1), want_idx.sort(dim=1)
+    assert torch.equal(order.values, want_order.values)
+    assert _rel(w.gather(1, order.indices), want_w.gather(1, want_order.indices)) <= 1e-5
+    assert torch.allclose(w.sum(1), torch.full((t,), 2.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [1, 37, 700])
+def test_index_scores(dtype, p):
+    """p 700 spans several programs (the interpreter's 512-row block) and a masked tail."""
+    g = _gen(2)
+    iq = torch.randn(2, 6, 32, generator=g).to(dtype)
+    iw = torch.randn(2, 6, generator=g).to(dtype)
+    ik = torch.randn(p, 64, generator=g).to(dtype)[:, ::2]  # strided keys
+    with _Launches() as n:
+        got = GPU.index_scores(iq, iw, ik, 6**-0.5, 32**-0.5)
+    assert n.n == 1 and got.dtype == torch.float32
+    assert _rel(got, REF.index_scores(iq, iw, ik, 6**-0.5, 32**-0.5)) <= 1e-5
+
+
+def test_rope_cos_sin():
+    freqs = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    pos = torch.tensor([0, 5, 1000, 65535])
+    with _Launches() as n:
+        c, s = GPU.rope_cos_sin(freqs, pos)
+    wc, ws = REF.rope_cos_sin(freqs, pos)
+    assert n.n == 1
+    assert torch.allclose(c, wc, atol=2e-6) and torch.allclose(s, ws, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n1, n2", [(1, 0), (5, 300), (130, 16)])
+def test_attend_rows(dtype, n1, n2):
+    """Window rows then compressed rows, one online softmax (n2 300 crosses the interpreter's 256-row block), the
+    output written in the compute dtype."""
+    g = _gen(3)
+    h, d = 20, 64
+    q = torch.randn(h, d, generator=g).to(dtype)
+    kv = torch.randn(n1, d, generator=g).to(dtype)
+    kv2 = torch.randn(n2, 2 * d, generator=g).to(dtype)[:, d:] if n2 else None  # a column slice
+    sink = torch.randn(h, generator=g) * 3
+    with _Launches() as n:
+        got = GPU.attend_rows(q, kv, kv2, sink, d**-0.5, dtype)
+    want = REF.attend_rows(q, kv, kv2, sink, d**-0.5, dtype)
+    assert n.n == 1 and got.dtype == dtype
+    assert _rel(got, want) <= TOL[dtype]
+    assert _rel(attention.attend_two(q, kv, kv2, sink, d**-0.5), REF.attend_rows(q, kv, kv2, sink, d**-0.5,
+                                                                                 torch.float32)) <= 1e-5
+
+
+def _fp8_lin(n: int, k: int, seed: int) -> QLinear:
+    g = _gen(seed)
+    return QLinear(*quant_fp8(torch.randn(n, k, generator=g) * 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_swiglu_down(dtype, split_k):
+    """The shared expert's activation on load, its down projection and the residual in one launch (split-K: plus
+    the reduction, which also casts and adds); inputs past the clamp limit on both sides."""
+    g = _gen(4)
+    lin = _fp8_lin(256, 384, 5)
+    gt = (torch.randn(2, 384, generator=g) * 6).to(dtype)
+    ut = (torch.randn(2, 384, generator=g) * 6).to(dtype)
+    res = torch.randn(2, 256, generator=g).to(dtype)
+    want = REF.swiglu_down(lin, gt, ut, 5.0, res)
+    with _Launches() as n:
+        got = GPU._fp8(gt, lin.weight, lin.scale, dtype, x2=ut, swiglu_limit=5.0, residual=res, split_k=split_k)
+    assert n.n == split_k and got.dtype == dtype
+    assert _rel(got, want) <= TOL[dtype]
+    assert _rel(GPU.swiglu_down(lin, gt, ut, 5.0, res), want) <= TOL[dtype]
+    # without the residual: the plain activation-input linear
+    plain = GPU._fp8(gt, lin.weight, lin.scale, dtype, x2=ut, swiglu_limit=5.0, split_k=split_k)
+    assert _rel(plain, want - res) <= TOL[dtype] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 3, 20])
+def test_grouped_one_launch(dtype, t):
+    """Block-diagonal projection: every output tile reads its own group's input, one launch for every T."""
+    lin = _fp8_lin(4 * 96, 128, 6)  # 96 rows per group: 32-row tiles
+    x = torch.randn(t, 4, 256, generator=_gen(7)).to(dtype)[..., ::2]  # strided groups
+    with _Launches() as n:
+        got = GPU.grouped(lin, x, 4)
+    assert n.n == 1 and got.shape == (t, 4, 96)
+    assert _rel(got, REF.grouped(lin, x, 4)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["csa-first", "csa", "hca"])
+def test_compress_close(dtype, case):
+    """One window closes in one launch: the gated pooling (CSA: over the previous window's first halves and this
+    one's second halves; at the start the previous slots are empty), RMSNorm, RoPE at the window's position, and the
+    next overlap slots; HCA (no overlap) over 20 rows crosses the 16-slot block."""
+    g = _gen(8)
+    hd, r2 = 64, 8
+    overlap = case != "hca"
+    rate = 4 if overlap else 20
+    width = 2 * hd if overlap else hd
+    pend_kv = torch.randn(rate - 1, width, generator=g).to(dtype)
+    kv = torch.randn(1, width, generator=g).to(dtype)
+    pend_gate = (torch.randn(rate - 1, width, generator=g) * 2).to(dtype)
+    gate = (torch.randn(1, width, generator=g) * 2).to(dtype)
+    ape = torch.randn(rate, width, generator=g)
+    okv = torch.randn(rate, hd, generator=g).to(dtype) if case == "csa" else None
+    ogate = torch.randn(rate, hd, generator=g) if case == "csa" else None
+    norm_w = torch.randn(hd, generator=g)
+    freqs = 1.0 / (10000 ** (torch.arange(0, 2 * r2, 2, dtype=torch.float32) / (2 * r2)))
+    args = (pend_kv, kv, pend_gate, gate, ape, okv, ogate, overlap, norm_w, 1e-6, freqs, 4 * 37, hd)
+    with _Launches() as n:
+        got = GPU.compress_close(*args)
+    want = REF.compress_close(*args)
+    assert n.n == 1 and got[0].dtype == dtype and got[0].shape == (1, hd)
+    assert _rel(got[0], want[0]) <= TOL[dtype]
+    if overlap:
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    else:
+        assert got[1] is None and got[2] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, split_k", [(1, 1), (1, 3), (20, 1)])
+def test_project_pairs_fp8_linears(dtype, m, split_k):
+    """Consecutive FP8 linears of one input run two per launch (the second weight read through its own
+    pointer offset, outputs side by side); a dense one between them runs alone; every output as the torch set's."""
+    lins = [_fp8_lin(200, 256, 9), _fp8_lin(72, 256, 10), QLinear(torch.randn(40, 256).bfloat16()),
+            _fp8_lin(128, 256, 11)]
+    x = torch.randn(m, 256, generator=_gen(12)).to(dtype)
+    with _Launches() as n:
+        got = GPU.project(lins, x)
+    assert n.n == 2  # the pair, then the last FP8 linear (the dense one is torch's)
+    for a, b in zip(got, REF.project(lins, x)):
+        assert a.shape == b.shape and _rel(a, b) <= TOL[dtype]
+    w0, w1 = lins[0], lins[1]
+    y = GPU._fp8(x, w0.weight, w0.scale, dtype, second=(w1.weight, w1.scale), split_k=split_k)
+    assert y.shape == (m, 272)
+    assert _rel(y[:, 200:], REF.linear(w1, x)) <= TOL[dtype] and _rel(y[:, :200], REF.linear(w0, x)) <= TOL[dtype]
