@@ -76,6 +76,9 @@ def test_decode_hybrid_split_at_the_pcie_dram_crossing():
     assert out["hit_rate_source"] == "" and out["tensor_parallel"] == 1  # the defaults
     assert out["disk_fraction_of_host_reads"] == 0.0 and "disk" not in [x["name"] for x in out["links"]]
     assert out["efficiency"] == EFF.to_dict()
+    for part in ("upper bound = 1 / max over links", "at the best ratio", "fixed GPU reads and its expert phase",
+                 "tensor-parallel all-reduces"):  # the method the plan prints, each piece of it
+        assert part in out["method"], part
 
 
 def test_decode_hybrid_split_at_the_vram_dram_crossing():
@@ -148,6 +151,18 @@ def test_decode_without_cpu_experts_streams_every_miss():
     assert out["decode_tok_s"] == pytest.approx(1 / 0.015, rel=EXACT)
 
 
+def test_decode_on_a_link_slower_than_one_gbps():
+    # cpu_experts=False over a 1 GB/s link (a slow USB4 / TB enclosure, or a very slow bus): every miss still streams
+    out = decode_speed(ctx(cpu_experts=False), resident_bytes=2.999e9, hit_rate=0.6, local_gbps=1000,
+                       local_name="vram", pcie_gbps=1.0, dram_gbps=100)
+    assert out["miss_pcie_fraction"] == 1.0 and out["estimate_miss_pcie_fraction"] == 1.0
+    # bound: pcie 4e8 / 1e9 = 0.4 s; estimate: 6e-3 + 4e8 / (1e9 x 0.4) + 4e-3 = 1.01 s
+    assert same_links(links(out), [("vram", 4e9, 1000), ("dram", 0.0, 100), ("pcie", 4e8, 1.0)])
+    assert same_links(links(out, "estimate_links"), [("vram", 4e9, 500), ("dram", 0.0, 80), ("pcie", 4e8, 0.4)])
+    assert out["decode_tok_s_upper_bound"] == pytest.approx(2.5, rel=EXACT)
+    assert out["decode_tok_s"] == pytest.approx(1 / 1.01, rel=EXACT)
+
+
 def test_decode_all_hits_reads_only_the_local_memory_and_pays_no_handoff():
     out = decode_speed(ctx(), resident_bytes=2.999e9, hit_rate=1.0, local_gbps=1000, local_name="unified",
                        pcie_gbps=50, dram_gbps=100, disk_fraction=0.5, disk_gbps=2, handoff_s=1e-2)
@@ -185,7 +200,9 @@ def test_prefill_streaming_bound_is_charged_per_chunk_of_the_prompt():
                                                              rel=EXACT)
     assert out["prefill_bottleneck"] == "pcie" and out["prefill_tok_s"] == pytest.approx(800.0, rel=EXACT)
     assert out["prefill_chunk_tokens"] == 1000 and out["prefill_prompt_tokens"] == 8000
-    assert "8000-token prompt" in out["prefill_reason"]
+    for part in ("2 x active params x tokens FLOPs", "resident weights once per chunk", "8000-token prompt",
+                 "not modeled"):  # the reason the plan prints, each piece of it
+        assert part in out["prefill_reason"], part
     # no prompt size given: the decode depth, 4000 tokens -> 2.5 s per chunk
     out = prefill_speed(ctx(prompt_tokens=None), tflops=100, weight_bytes_per_chunk=4e10, weight_gbps=1000,
                         stream_bytes_per_pass=2e11, stream_gbps=50, stream_link="disk")
