@@ -31,7 +31,7 @@ NAMES[policies]="offload.policies.xǁLRUPolicyǁ* offload.policies.xǁLFUPolicy�
 SELECT[policies]="not default_ and not small_caches and not tiny_cache and not adaptive_switches"
 FILE[cache]=offload/cache.py;              TESTS[cache]="tests/test_cache.py tests/test_policy_edges.py"
 NAMES[cache]="offload.cache.xǁExpertCacheǁ*"
-FILE[speed]=homerun/plan/speed.py;         TESTS[speed]="tests/test_planner.py"
+FILE[speed]=homerun/plan/speed.py;         TESTS[speed]="tests/test_planner.py tests/test_speed_edges.py"
 NAMES[speed]="homerun.plan.speed.x_decode_speed__mutmut_* homerun.plan.speed.x_prefill_speed__mutmut_*"
 # speed: the CLI round trips, the ramp sweep over three models and the purity check assert nothing the estimates
 # decide beyond what the per-profile tests assert, and cost seconds per mutant
@@ -43,7 +43,7 @@ for repo in card_index():
     _card_inventory(repo)"
 SELECT[speed]="not pro_on_rtx5090 and not plan_json_command and not plan_human_output and not ramp_is_monotone and not planner_is_pure and not fp8_kv_extends"
 # attention: the torch kernel set (the path CUDA runs without Triton): attend_one and the formulas around it
-FILE[attention]=homerun/kernels/torch_set.py; TESTS[attention]="tests/test_kernel_sets.py"
+FILE[attention]=homerun/kernels/torch_set.py; TESTS[attention]="tests/test_kernel_sets.py tests/test_torch_set_edges.py"
 
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(quant sampling policies cache speed attention)
