@@ -41,7 +41,8 @@ from homerun.plan.inventory import _card_inventory
 from homerun.plan.specs import card_index
 for repo in card_index():
     _card_inventory(repo)"
-SELECT[speed]="not pro_on_rtx5090 and not plan_json_command and not plan_human_output and not ramp_is_monotone and not planner_is_pure and not fp8_kv_extends"
+SELECT[speed]="not pro_on_rtx5090 and not plan_json_command and not plan_human_output"
+SELECT[speed]+=" and not ramp_is_monotone and not planner_is_pure and not fp8_kv_extends"
 # attention: the torch kernel set (the path CUDA runs without Triton): attend_one and the formulas around it
 FILE[attention]=homerun/kernels/torch_set.py; TESTS[attention]="tests/test_kernel_sets.py tests/test_torch_set_edges.py"
 
