@@ -149,9 +149,20 @@ def test_decode_without_cpu_experts_streams_every_miss():
                        local_name="unified", pcie_gbps=0.0, dram_gbps=100)
     assert out["miss_pcie_fraction"] == 0.0 and out["estimate_miss_pcie_fraction"] == 0.0
     assert same_links(links(out), [("unified", 3.6e9, 1000), ("dram", 4e8, 100)])
+    assert same_links(links(out, "estimate_links"), [("unified", 3.6e9, 500), ("dram", 4e8, 80)])
     # bound: dram 4e-3 > unified 3.6e-3; estimate: 6e-3 + max(1.2e-3, 4e8 / 8e10 = 5e-3) + 4e-3
     assert out["bottleneck"] == "dram" and out["decode_tok_s_upper_bound"] == pytest.approx(250.0, rel=EXACT)
     assert out["decode_tok_s"] == pytest.approx(1 / 0.015, rel=EXACT)
+
+
+def test_decode_streaming_every_miss_over_a_fast_link_waits_on_vram():
+    out = decode_speed(ctx(cpu_experts=False), resident_bytes=2.999e9, hit_rate=0.6, local_gbps=1000,
+                       local_name="vram", pcie_gbps=1000, dram_gbps=100)
+    # f = 1. bound: vram (3.6e9 + 4e8) / 1e12 = 4e-3, pcie 4e8 / 1e12 = 4e-4
+    assert out["bottleneck"] == "vram" and out["decode_tok_s_upper_bound"] == pytest.approx(250.0, rel=EXACT)
+    # expert phase: vram (6e8 hits + 4e8 streamed) / 5e11 = 2e-3 over pcie 4e8 / 4e11 = 1e-3
+    assert out["estimate_seconds_per_token"]["expert_phase"] == pytest.approx(2e-3, rel=EXACT)
+    assert out["decode_tok_s"] == pytest.approx(1 / 0.012, rel=EXACT)  # 6e-3 + 2e-3 + 4e-3
 
 
 def test_decode_on_a_link_slower_than_one_gbps():
