@@ -20,7 +20,9 @@ export OMP_NUM_THREADS=1
 
 # module -> file to mutate | test files (space separated) | mutant-name globs ("" = every mutant of the file)
 # | a pytest -k expression leaving out slow tests that exercise no mutated function
-declare -A FILE TESTS NAMES SELECT
+# | python run once in mutmut's fork server (a pytest plugin, mutation_warm.py), so that each mutant's child does
+#   not redo the imports and caches that cost seconds
+declare -A FILE TESTS NAMES SELECT WARM
 FILE[quant]=homerun/formats/quant.py;     TESTS[quant]="tests/test_quant.py tests/test_quant_edges.py"
 FILE[sampling]=homerun/engine/sampling.py; TESTS[sampling]="tests/test_sampling.py tests/test_sampling_edges.py"
 FILE[policies]=offload/policies.py;        TESTS[policies]="tests/test_policies.py tests/test_policy_edges.py"
@@ -29,10 +31,20 @@ NAMES[policies]="offload.policies.xǁLRUPolicyǁ* offload.policies.xǁLFUPolicy�
 SELECT[policies]="not default_ and not small_caches and not tiny_cache and not adaptive_switches"
 FILE[cache]=offload/cache.py;              TESTS[cache]="tests/test_cache.py tests/test_policy_edges.py"
 NAMES[cache]="offload.cache.xǁExpertCacheǁ*"
-FILE[speed]=homerun/plan/speed.py;         TESTS[speed]="tests/test_planner.py"
+FILE[speed]=homerun/plan/speed.py;         TESTS[speed]="tests/test_planner.py tests/test_speed_edges.py"
 NAMES[speed]="homerun.plan.speed.x_decode_speed__mutmut_* homerun.plan.speed.x_prefill_speed__mutmut_*"
+# speed: the CLI round trips, the ramp sweep over three models and the purity check assert nothing the estimates
+# decide beyond what the per-profile tests assert, and cost seconds per mutant
+# warm: conftest imports torch in every test session, and each shipped card's inventory takes ~2 s to build once
+WARM[speed]="import torch
+from homerun.plan.inventory import _card_inventory
+from homerun.plan.specs import card_index
+for repo in card_index():
+    _card_inventory(repo)"
+SELECT[speed]="not pro_on_rtx5090 and not plan_json_command and not plan_human_output"
+SELECT[speed]+=" and not ramp_is_monotone and not planner_is_pure and not fp8_kv_extends"
 # attention: the torch kernel set (the path CUDA runs without Triton): attend_one and the formulas around it
-FILE[attention]=homerun/kernels/torch_set.py; TESTS[attention]="tests/test_kernel_sets.py"
+FILE[attention]=homerun/kernels/torch_set.py; TESTS[attention]="tests/test_kernel_sets.py tests/test_torch_set_edges.py"
 
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(quant sampling policies cache speed attention)
@@ -51,6 +63,12 @@ for m in "${modules[@]}"; do
     [ -f "$dir/$t" ] && [[ " ${SKIP_TESTS:-} " != *" $t "* ]] && tests+="    $t"$'\n'
   done
   [ -n "${SELECT[$m]:-}" ] && tests+="    -k"$'\n'"    ${SELECT[$m]}"$'\n'
+  args="" copy=""
+  if [ -n "${WARM[$m]:-}" ]; then
+    printf '"""Imported once by mutmut'"'"'s fork server (-p mutation_warm): scripts/mutation.sh WARM[%s]."""\n%s\n' \
+      "$m" "${WARM[$m]}" > "$dir/mutation_warm.py"
+    args="pytest_add_cli_args ="$'\n'"    -p"$'\n'"    mutation_warm"$'\n' copy="    mutation_warm.py"$'\n'
+  fi
   cat > "$dir/setup.cfg" <<CFG
 [mutmut]
 source_paths =
@@ -60,8 +78,8 @@ only_mutate =
     ${FILE[$m]}
 also_copy =
     profiles/
-pytest_add_cli_args_test_selection =
-${tests}process_isolation = forkserver
+${copy}pytest_add_cli_args_test_selection =
+${tests}${args}process_isolation = forkserver
 use_git_change_detection = false
 CFG
   # shellcheck disable=SC2086
