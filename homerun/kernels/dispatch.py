@@ -7,7 +7,8 @@ A model asks `kernels_for(device, dtype, rows)` at the top of a forward and call
 - `TorchKernels` ("torch", `homerun.kernels.torch_set`): plain torch ops on any device, the reference every other
   set is tested against. `HOMERUN_KERNELS=torch` forces it on the CPU too (CI runs the
   model tests a second time that way, so the torch path cannot rot behind the native one).
-- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn, for CPU batches above `NATIVE_MAX_ROWS`.
+- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn and prefill attention (`attend_rows`), for CPU
+  batches above `NATIVE_MAX_ROWS`.
 - `NativeCpuKernels` ("cpu-native"): decode-sized fp32 rows on the CPU through the native library
   (`homerun.kernels.cpu_dense`): exact products, fp32 sums, one call where torch needs tens of tiny ops.
 - `TritonKernels` ("triton", `homerun.kernels.triton.kernel_set`): CUDA devices and CUDA stand-ins (flavor "gpu"),
@@ -45,6 +46,14 @@ class CpuPrefillKernels(TorchKernels):
         if comb.dtype != torch.float32:
             return super().sinkhorn(comb, iters, eps)
         return self._dense.sinkhorn_(comb.contiguous(), iters, eps)
+
+    def attend_rows(self, q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale):
+        """The native prefill attention (homerun.kernels.cpu_attention) for fp32 queries: no [T, H, rows] temporaries,
+        query rows and heads on the pool."""
+        att = native_attention()
+        if att is None or q.dtype != torch.float32:
+            return super().attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
+        return att.attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
 
 
 class NativeCpuKernels(CpuPrefillKernels):
@@ -106,6 +115,24 @@ def native_dense() -> Any:
         except Exception:  # noqa: BLE001 - no kernel: every family has a torch path
             _dense_module = False
     return _dense_module or None
+
+
+_attention_module: Any = None
+
+
+def native_attention() -> Any:
+    """The `homerun.kernels.cpu_attention` module when its native kernel is built, else None (resolved once)."""
+    global _attention_module
+    if _attention_module is None:
+        _attention_module = False
+        try:
+            from homerun.kernels import cpu_attention
+
+            if cpu_attention.available():
+                _attention_module = cpu_attention
+        except Exception:  # noqa: BLE001 - no kernel: the torch set's attend_rows runs
+            _attention_module = False
+    return _attention_module or None
 
 
 _SETS: dict[tuple[bool, bool], TorchKernels] = {}

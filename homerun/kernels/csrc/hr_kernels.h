@@ -101,6 +101,14 @@ int hr_multi_gemm(int path, const int64_t *jobs, int64_t njobs, int64_t k, const
  * q [H, D], kv [N, D], sink [H], out [H, D] fp32. */
 int hr_attend_one(int path, const float *q, const float *kv, int64_t n, int64_t h, int64_t d, const float *sink,
                   float scale, float *out);
+/* Prefill attention of t consecutive queries (hr_attend.inc): q [t, h, d] at absolute positions q_pos0.., over the
+ * window's key rows keys [n_keys, d] at positions key_pos0.. (visible iff pos - window < kpos <= pos) and compressed
+ * rows comp [n_comp, d] (entry c closed for the query at pos iff c < (pos + 1) / rate): every closed one (sel NULL)
+ * or the closed ones of sel [t, k_sel] (int64); softmax with sink [h] in the denominator; out [t, h, d] fp32.
+ * HR_E_IDS: a listed closed entry past n_comp. */
+int hr_attend_prefill(int path, const float *q, int64_t t, int64_t h, int64_t d, const float *keys, int64_t n_keys,
+                      int64_t key_pos0, int64_t window, const float *comp, int64_t n_comp, const int64_t *sel,
+                      int64_t k_sel, int64_t q_pos0, int64_t rate, const float *sink, float scale, float *out);
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
