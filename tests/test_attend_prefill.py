@@ -17,11 +17,11 @@ TORCH = TorchKernels()
 
 
 def _native():
-    from homerun.kernels import cpu_attention
+    from homerun.kernels import cpu_prefill
 
-    if not cpu_attention.available():
+    if not cpu_prefill.available():
         pytest.skip("native kernels not built")
-    return cpu_attention
+    return cpu_prefill
 
 
 def _native_paths() -> list[str]:
@@ -130,6 +130,34 @@ def test_native_attend_rows_bad_input():
         ca.attend_rows(**short)
 
 
+@pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8)])
+def test_native_stream_mixes_equal_torch(t, n, d):
+    cp = _native()
+    g = torch.Generator().manual_seed(t + n + d)
+    x, pre, y = torch.randn(t, n, d, generator=g), torch.rand(t, n, generator=g), torch.randn(t, d, generator=g)
+    comb = torch.rand(t, n, n, generator=g)
+    assert torch.allclose(cp.hc_pre(pre, x), TORCH.hc_pre(pre, x), rtol=1e-6, atol=1e-6)
+    got, want = cp.hc_post(pre, y, comb, x), TORCH.hc_post(pre, y, comb, x)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(KernelError, match="do not match"):
+        cp.hc_post(pre, y[:, :-1], comb, x)
+
+
+@pytest.mark.parametrize("shape", [(37, 64), (37, 5, 64), (9, 3, 20), (1, 2, 16)])
+@pytest.mark.parametrize("opts", ["norm_w", "norm_rope", "norm_w_rope_inverse", "rope_only"])
+def test_native_norm_rope_pool_equals_torch(shape, opts):
+    cp = _native()
+    g = torch.Generator().manual_seed(sum(shape))
+    x, w = torch.randn(*shape, generator=g), torch.randn(shape[-1], generator=g)
+    ang = torch.randn(shape[0], 4, generator=g) * 3
+    c, s = ang.cos(), ang.sin()
+    kw = {"norm_w": dict(weight=w, eps=1e-6), "norm_rope": dict(weight=None, eps=1e-6, cos=c, sin=s),
+          "norm_w_rope_inverse": dict(weight=w, eps=1e-6, cos=c, sin=s, inverse=True),
+          "rope_only": dict(weight=None, eps=0.0, cos=c, sin=s, norm=False)}[opts]
+    got, want = cp.norm_rope(x, **kw), TORCH.norm_rope(x, **kw)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
 @pytest.fixture(scope="module")
 def models(tiny_checkpoints):
     import homerun
@@ -140,7 +168,8 @@ def models(tiny_checkpoints):
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_model_prefill_native_attention_equals_torch(kind, models, monkeypatch):
     """Whole prefills (small query blocks; a second chunk over a past window and closed entries) with the native
-    attention against the same model with the torch set's attend_rows: every position's logits."""
+    prefill ops (attention, stream mixes, norm+RoPE) against the same model on the torch set's: every position's
+    logits."""
     _native()
     m = models[kind]
     ids = torch.randint(0, 500, (301,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -153,6 +182,6 @@ def test_model_prefill_native_attention_equals_torch(kind, models, monkeypatch):
 
     monkeypatch.setattr("homerun.models.deepseek_v4.model._BLOCK_ELEMS", 1 << 14)
     native = run()
-    monkeypatch.setattr(dispatch, "_attention_module", False)
+    monkeypatch.setattr(dispatch, "_prefill_module", False)
     plain = run()
     assert ((native - plain).abs().max() / plain.abs().max()).item() <= 1e-5

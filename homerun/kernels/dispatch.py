@@ -7,8 +7,8 @@ A model asks `kernels_for(device, dtype, rows)` at the top of a forward and call
 - `TorchKernels` ("torch", `homerun.kernels.torch_set`): plain torch ops on any device, the reference every other
   set is tested against. `HOMERUN_KERNELS=torch` forces it on the CPU too (CI runs the
   model tests a second time that way, so the torch path cannot rot behind the native one).
-- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn and prefill attention (`attend_rows`), for CPU
-  batches above `NATIVE_MAX_ROWS`.
+- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn, prefill attention (`attend_rows`), stream
+  mixes and norm+RoPE (homerun.kernels.cpu_prefill, tokens on the pool), for CPU batches above `NATIVE_MAX_ROWS`.
 - `NativeCpuKernels` ("cpu-native"): decode-sized fp32 rows on the CPU through the native library
   (`homerun.kernels.cpu_dense`): exact products, fp32 sums, one call where torch needs tens of tiny ops.
 - `TritonKernels` ("triton", `homerun.kernels.triton.kernel_set`): CUDA devices and CUDA stand-ins (flavor "gpu"),
@@ -48,12 +48,30 @@ class CpuPrefillKernels(TorchKernels):
         return self._dense.sinkhorn_(comb.contiguous(), iters, eps)
 
     def attend_rows(self, q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale):
-        """The native prefill attention (homerun.kernels.cpu_attention) for fp32 queries: no [T, H, rows] temporaries,
+        """The native prefill attention (homerun.kernels.cpu_prefill) for fp32 queries: no [T, H, rows] temporaries,
         query rows and heads on the pool."""
-        att = native_attention()
-        if att is None or q.dtype != torch.float32:
+        pf = native_prefill()
+        if pf is None or q.dtype != torch.float32:
             return super().attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
-        return att.attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
+        return pf.attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
+
+    # fp32 stream mixes and norm+RoPE: the native per-token kernels over tokens split on the pool (torch's broadcast
+    # temporaries over [T, n, D] cost 3-10x the CPU time at 512 tokens)
+    def hc_pre(self, pre, x):
+        pf = native_prefill()
+        return super().hc_pre(pre, x) if pf is None or x.dtype != torch.float32 else pf.hc_pre(pre, x)
+
+    def hc_post(self, post, y, comb, x):
+        pf = native_prefill()
+        if pf is None or x.dtype != torch.float32:
+            return super().hc_post(post, y, comb, x)
+        return pf.hc_post(post, y, comb, x)
+
+    def norm_rope(self, x, weight, eps, cos=None, sin=None, *, norm=True, inverse=False):
+        pf = native_prefill()
+        if pf is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
+        return pf.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
 
 
 class NativeCpuKernels(CpuPrefillKernels):
@@ -117,22 +135,22 @@ def native_dense() -> Any:
     return _dense_module or None
 
 
-_attention_module: Any = None
+_prefill_module: Any = None
 
 
-def native_attention() -> Any:
-    """The `homerun.kernels.cpu_attention` module when its native kernel is built, else None (resolved once)."""
-    global _attention_module
-    if _attention_module is None:
-        _attention_module = False
+def native_prefill() -> Any:
+    """The `homerun.kernels.cpu_prefill` module when its native kernels are built, else None (resolved once)."""
+    global _prefill_module
+    if _prefill_module is None:
+        _prefill_module = False
         try:
-            from homerun.kernels import cpu_attention
+            from homerun.kernels import cpu_prefill
 
-            if cpu_attention.available():
-                _attention_module = cpu_attention
-        except Exception:  # noqa: BLE001 - no kernel: the torch set's attend_rows runs
-            _attention_module = False
-    return _attention_module or None
+            if cpu_prefill.available():
+                _prefill_module = cpu_prefill
+        except Exception:  # noqa: BLE001 - no kernel: the torch set's ops run
+            _prefill_module = False
+    return _prefill_module or None
 
 
 _SETS: dict[tuple[bool, bool], TorchKernels] = {}

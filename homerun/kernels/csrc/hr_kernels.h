@@ -113,6 +113,14 @@ int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
 
+/* The same mixes and norm+RoPE with tokens split over the pool (prefill sizes; hr_attend.inc): x [t, per_token, d]
+ * for norm+RoPE, cos/sin [t, rope_dim/2]. */
+int hr_hc_pre_pool(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
+int hr_hc_post_pool(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t,
+                    int64_t n, int64_t d);
+int hr_norm_rope_pool(int path, const float *x, float *y, int64_t t, int64_t per_token, int64_t d, const float *w,
+                      float eps, int norm, const float *cosv, const float *sinv, int64_t rope_dim, int inverse);
+
 /* Prefill (hr_prefill.inc): rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> bf16 out
  * [r1 - r0, K], exactly (e4m3 x 2^e fits bf16). */
 int hr_fp8_to_bf16(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, uint16_t *out);
