@@ -21,7 +21,8 @@ FAMILIES = {  # kernel set method -> family
     "norm_rope": "norm+RoPE",
     "linear": "dense linears", "grouped": "dense linears", "project": "dense linears",
 }
-MODEL_STEPS = {"_index_topk": "indexer top-k", "_compress": "compressors (pooling)", "route": "router"}
+MODEL_STEPS = {"_index_topk": "indexer top-k", "_compress": "compressors (pooling)", "route": "router",
+               "_attend": "attention core"}  # _attend: the block loop around attend_rows (its glue counts there)
 
 
 class _Clock:

@@ -5,6 +5,9 @@
   compressed rows that query may see (CSA: the indexer's picks), runs the softmax with the sink in the denominator,
   and sums the value rows; query rows and head groups split over the native pool.
 - `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool.
+- `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
+  F.linear), with each block dequantized natively (`hr_fp8_to_f32`, a table per 128 x 128 block, on the pool)
+  instead of torch's three full-size passes (cast, expanded scale, multiply).
 
 fp32 products and sums: equal to the torch set up to summation order."""
 
@@ -41,7 +44,10 @@ def _kernel():
             for g in (lib.hr_hc_pre_pool, lib.hr_hc_post_pool, lib.hr_norm_rope_pool):
                 g.restype = ctypes.c_int
             _fn = f
-            _mix.update(pre=lib.hr_hc_pre_pool, post=lib.hr_hc_post_pool, norm_rope=lib.hr_norm_rope_pool)
+            lib.hr_fp8_to_f32.argtypes = [p, p, i64, i64, i64, i64, p]
+            lib.hr_fp8_to_f32.restype = ctypes.c_int
+            _mix.update(pre=lib.hr_hc_pre_pool, post=lib.hr_hc_post_pool, norm_rope=lib.hr_norm_rope_pool,
+                        fp8_f32=lib.hr_fp8_to_f32)
     return _fn or None
 
 
@@ -159,3 +165,40 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
                               c.data_ptr() if half else None, s.data_ptr() if half else None, 2 * half, int(inverse)),
             "norm_rope")
     return y
+
+
+def fp8_to_f32(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """Rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> fp32 [r1 - r0, K], bit for bit the
+    fp32 dequantization."""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    n, k = w.shape
+    r0, r1 = rows
+    wb, sb = w.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)
+    out = torch.empty(r1 - r0, k, dtype=torch.float32)
+    _ok(_mix["fp8_f32"](wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr()), "FP8 -> fp32 conversion")
+    return out
+
+
+def fp8_linear(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, row_block: int) -> torch.Tensor:
+    """x [..., K] fp32 @ dequant(W)^T -> [..., N] fp32, in row blocks of `row_block` weight rows (QLinear.row_block:
+    the same blocks, so the same GEMMs, as QLinear.torch_forward)."""
+    import torch.nn.functional as F
+
+    n = w.shape[0]
+    if row_block >= n:
+        return F.linear(x, fp8_to_f32(w, scale, (0, n)))
+    y = x.new_empty(*x.shape[:-1], n)
+    for r0 in range(0, n, row_block):
+        r1 = min(r0 + row_block, n)
+        y[..., r0:r1] = F.linear(x, fp8_to_f32(w, scale, (r0, r1)))
+    return y
+
+
+def fp8_grouped(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Block-diagonal x [T, G, in] -> [T, G, out/G] (group g: weight rows g*out/G ...), as QLinear.torch_grouped."""
+    import torch.nn.functional as F
+
+    per = w.shape[0] // groups
+    return torch.stack([F.linear(x[:, g], fp8_to_f32(w, scale, (g * per, (g + 1) * per))) for g in range(groups)],
+                       dim=1)

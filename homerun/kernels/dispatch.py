@@ -55,6 +55,19 @@ class CpuPrefillKernels(TorchKernels):
             return super().attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
         return pf.attend_rows(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
 
+    # FP8 linears in fp32: the same blocked GEMMs as QLinear's torch path, each block dequantized natively
+    def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
+        pf = native_prefill()
+        if pf is None or lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return lin.torch_forward(x)
+        return pf.fp8_linear(lin.weight, lin.scale, x, lin.row_block())
+
+    def grouped(self, lin: Linear, x: torch.Tensor, groups: int) -> torch.Tensor:
+        pf = native_prefill()
+        if pf is None or lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return lin.torch_grouped(x, groups)
+        return pf.fp8_grouped(lin.weight, lin.scale, x, groups)
+
     # fp32 stream mixes and norm+RoPE: the native per-token kernels over tokens split on the pool (torch's broadcast
     # temporaries over [T, n, D] cost 3-10x the CPU time at 512 tokens)
     def hc_pre(self, pre, x):
@@ -249,7 +262,7 @@ def for_act(ks: TorchKernels, act: str | None) -> TorchKernels:
         try:
             from homerun.kernels import cpu_gemm
 
-            if cpu_gemm.available():
+            if cpu_gemm.available() and cpu_gemm.bf16_units():  # emulated bf16 is slower than fp32
                 fast = CpuBf16PrefillKernels(ks._dense, cpu_gemm)
         except Exception:  # noqa: BLE001 - no kernel: the exact set runs
             fast = None
