@@ -6,6 +6,12 @@ linears, routed experts). Inner calls are not double counted: a family's time ex
 
 The checkpoint: an official-format V4 directory (e.g. the synthetic one `compare_transformers.py` writes). Each
 repeat is a fresh session over the same prompt; the figures printed are the last repeat's (the first warms up).
+
+    python benchmarks/prefill_shares.py --attention-layer csa --prompt 4096
+
+instead times one real-shaped V4-Flash attention core (64 heads x 512, window 128; CSA: rate 4, top-512 picks;
+HCA: rate 128) over a whole prompt, in the model's query blocks: the torch set's attend_rows against the native one
+(random inputs; no checkpoint needed).
 """
 
 from __future__ import annotations
@@ -53,12 +59,18 @@ class _Clock:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="official-format V4 checkpoint directory")
+    ap.add_argument("--checkpoint", help="official-format V4 checkpoint directory")
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--repeat", type=int, default=2, help="prefills (the last one is reported)")
     ap.add_argument("--expert-act", default="auto", help="expert activations: auto, int8, bf16, fp32")
     ap.add_argument("--json", action="store_true", help="print the JSON document only")
+    ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding"),
+                    help="time one real-shaped attention core instead (no checkpoint)")
     a = ap.parse_args()
+    if a.attention_layer:
+        return attention_layer(a)
+    if not a.checkpoint:
+        ap.error("--checkpoint is required (or --attention-layer)")
 
     import homerun  # noqa: F401 - before torch (its OpenMP settings)
     import torch
@@ -105,6 +117,44 @@ def main() -> int:
             r = doc["families"].get(f, doc["other"])
             print(f"  {f:24} {r['wall_s']:7.3f} s  {100 * r['wall_share']:5.1f}%  cpu {r['cpu_s']:7.3f} s")
     print(json.dumps(doc, indent=None if not a.json else 2))
+    return 0
+
+
+def attention_layer(a: argparse.Namespace) -> int:
+    """One V4-Flash attention core over a prompt of a.prompt tokens: torch set vs native, wall and CPU seconds."""
+    import torch
+
+    from homerun.kernels import dispatch
+    from homerun.kernels.torch_set import TorchKernels
+
+    T, H, D, W, K = a.prompt, 64, 512, 128, 512
+    rate = {"csa": 4, "hca": 128, "sliding": 0}[a.attention_layer]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(T, H, D, generator=g)
+    keys = torch.randn(T, D, generator=g)
+    comp = torch.randn(T // rate, D, generator=g) if rate else None
+    sink = torch.randn(H, generator=g)
+    per_q = H * (W + (K if rate == 4 else T // max(rate, 1)))  # the model's block sizing (score temporaries)
+    qb = max(1, min(T, (1 << 24) // per_q))
+    native = dispatch.kernels_for("cpu", torch.float32, T)
+    doc: dict = {"layer": a.attention_layer, "prompt": T, "query_block": qb}
+    for name, ks in (("torch", TorchKernels()), ("native", native), ("torch", TorchKernels()), ("native", native)):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for s0 in range(0, T, qb):
+            s1 = min(s0 + qb, T)
+            k0 = max(0, s0 - (W - 1))
+            n_vis = s1 // rate if rate else 0
+            sel = None
+            if rate == 4 and n_vis:
+                sel = torch.randint(0, n_vis, (s1 - s0, min(K, n_vis)), generator=g)
+            ks.attend_rows(q[s0:s1], keys[k0:s1], k0, W, comp[:n_vis] if rate else None, sel, s0, rate, sink,
+                           D**-0.5)
+        doc[name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}  # the second run stays
+    if not a.json:
+        print(f"{a.attention_layer} attention core, {T} tokens: torch {doc['torch']['cpu_s']:.2f} CPU-s "
+              f"({doc['torch']['wall_s']:.2f} s), native {doc['native']['cpu_s']:.2f} CPU-s "
+              f"({doc['native']['wall_s']:.2f} s)")
+    print(json.dumps(doc))
     return 0
 
 
