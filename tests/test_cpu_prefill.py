@@ -67,8 +67,8 @@ def test_bf16_units_probe_answers():
 @needs_native
 def test_fast_set_needs_bf16_units(monkeypatch):
     """Without bf16 units torch's bf16 GEMM is emulated (7x slower than fp32 on an AVX2 CPU): the exact set runs."""
-    if dispatch.native_dense() is None:
-        pytest.skip("native dense kernels not built")
+    if dispatch.native_dense() is None or not dispatch.USE_NATIVE:
+        pytest.skip("native dense kernels not built or switched off")
     k = dispatch.kernels_for("cpu", torch.float32, 512)
     _with_bf16_units(monkeypatch, False)
     assert dispatch.for_act(k, "int8") is k
@@ -165,7 +165,7 @@ def test_exact_prefill_linear_equals_the_torch_path(row_block, monkeypatch):
     assert torch.equal(cp.fp8_linear(lin.weight, lin.scale, x, lin.row_block()), want)
     xg = torch.randn(33, 4, 256)
     assert torch.equal(cp.fp8_grouped(lin.weight, lin.scale, xg, 4), lin.torch_grouped(xg, 4))
-    if dispatch.native_dense() is not None:
+    if dispatch.native_dense() is not None and dispatch.USE_NATIVE:
         k = dispatch.kernels_for("cpu", torch.float32, 512)
         calls = []
         real = cp.fp8_linear
