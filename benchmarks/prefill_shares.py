@@ -134,8 +134,14 @@ def attention_layer(a: argparse.Namespace) -> int:
     keys = torch.randn(T, D, generator=g)
     comp = torch.randn(T // rate, D, generator=g) if rate else None
     sink = torch.randn(H, generator=g)
-    per_q = H * (W + (K if rate == 4 else T // max(rate, 1)))  # the model's block sizing (score temporaries)
+    # the model's block sizing (DeepseekV4._attend): score temporaries, CSA's gathered rows and indexer page
+    per_q = H * (W + (K if rate == 4 else T // max(rate, 1)))
+    if rate == 4:
+        page = min(T // 4, 256)
+        per_q += K * D + 64 * page + 2 * (K + page)
     qb = max(1, min(T, (1 << 24) // per_q))
+    while qb > 1 and qb * H * (qb + W) > (1 << 24):
+        qb //= 2
     native = dispatch.kernels_for("cpu", torch.float32, T)
     doc: dict = {"layer": a.attention_layer, "prompt": T, "query_block": qb}
     for name, ks in (("torch", TorchKernels()), ("native", native), ("torch", TorchKernels()), ("native", native)):
