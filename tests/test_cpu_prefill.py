@@ -53,10 +53,34 @@ def test_prefill_linear_row_blocks(monkeypatch):
     assert rel <= 1e-2
 
 
+def _with_bf16_units(monkeypatch, present: bool) -> None:
+    """Pretend this CPU has (or lacks) bf16 units, with the fast set's cache cleared, so the fast set's math is tested
+    on every CPU."""
+    monkeypatch.setattr(cpu_gemm, "bf16_units", lambda: present)
+    monkeypatch.setattr(dispatch, "_FAST_SET", [])
+
+
+def test_bf16_units_probe_answers():
+    assert isinstance(cpu_gemm.bf16_units(), bool)
+
+
 @needs_native
-def test_kernel_set_follows_the_act_mode():
+def test_fast_set_needs_bf16_units(monkeypatch):
+    """Without bf16 units torch's bf16 GEMM is emulated (7x slower than fp32 on an AVX2 CPU): the exact set runs."""
+    if dispatch.native_dense() is None or not dispatch.USE_NATIVE:
+        pytest.skip("native dense kernels not built or switched off")
+    k = dispatch.kernels_for("cpu", torch.float32, 512)
+    _with_bf16_units(monkeypatch, False)
+    assert dispatch.for_act(k, "int8") is k
+    _with_bf16_units(monkeypatch, True)
+    assert dispatch.for_act(k, "int8").name == "cpu-bf16"
+
+
+@needs_native
+def test_kernel_set_follows_the_act_mode(monkeypatch):
     if dispatch.native_dense() is None:
         pytest.skip("native dense kernels not built")
+    _with_bf16_units(monkeypatch, True)
     k = dispatch.kernels_for("cpu", torch.float32, 512)
     assert type(k) is dispatch.CpuPrefillKernels
     assert dispatch.for_act(k, "fp32") is k and dispatch.for_act(k, None) is k
@@ -86,8 +110,9 @@ def prefill_models(tiny_checkpoints):
     return {act: homerun.load(path, expert_act=act) for act in ("fp32", "int8")}
 
 
-def test_model_prefill_both_modes(prefill_models):
+def test_model_prefill_both_modes(prefill_models, monkeypatch):
     """fp32 stays exact (the same logits as the torch kernel set); the fast mode stays close."""
+    _with_bf16_units(monkeypatch, True)
     ids = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     exact = prefill_models["fp32"]
     got = exact.session().feed(ids)
@@ -108,3 +133,41 @@ def test_model_prefill_both_modes(prefill_models):
     assert calls  # the bf16 GEMMs ran
     err = (fast - ref).abs().max().item()
     assert 0 < err <= 5e-2 * scale
+
+
+def _prefill_ops():
+    from homerun.kernels import cpu_prefill
+
+    if not cpu_prefill.available():
+        pytest.skip("native kernels not built")
+    return cpu_prefill
+
+
+@pytest.mark.parametrize("shape,rows", [((256, 384), (0, 256)), ((384, 256), (128, 384)), ((200, 136), (64, 200))])
+def test_fp8_to_f32_is_the_dequantization(shape, rows):
+    cp = _prefill_ops()
+    lin = _fp8(*shape, seed=4)
+    got = cp.fp8_to_f32(lin.weight, lin.scale, rows)
+    assert torch.equal(got, lin.dequant(torch.float32)[rows[0] : rows[1]])
+
+
+@pytest.mark.parametrize("row_block", [None, 128])
+def test_exact_prefill_linear_equals_the_torch_path(row_block, monkeypatch):
+    """The exact set's FP8 linear (native per-block dequantization, then the same F.linear blocks) is bit for bit
+    QLinear's torch path; the grouped one too; and the CPU prefill set uses it."""
+    cp = _prefill_ops()
+    lin = _fp8(512, 256, seed=5)
+    if row_block:
+        monkeypatch.setattr("homerun.models.layers.BLOCK_ELEMS", row_block * 256)  # several row blocks
+        assert lin.row_block() == row_block
+    x = torch.randn(70, 256)
+    want = lin.torch_forward(x)
+    assert torch.equal(cp.fp8_linear(lin.weight, lin.scale, x, lin.row_block()), want)
+    xg = torch.randn(33, 4, 256)
+    assert torch.equal(cp.fp8_grouped(lin.weight, lin.scale, xg, 4), lin.torch_grouped(xg, 4))
+    if dispatch.native_dense() is not None and dispatch.USE_NATIVE:
+        k = dispatch.kernels_for("cpu", torch.float32, 512)
+        calls = []
+        real = cp.fp8_linear
+        monkeypatch.setattr(cp, "fp8_linear", lambda *a: calls.append(1) or real(*a))
+        assert torch.equal(k.linear(lin, x), want) and calls

@@ -4,12 +4,13 @@ A model asks `kernels_for(device, dtype, rows)` at the top of a forward and call
 `linear` / `grouped` / `project` (FP8 or dense weights kept as stored), `swiglu_down` (the shared expert's down
 projection with its activation and the routed sum), the mHC family (`hc_weights`, `hc_pre`, `hc_post`),
 `norm_rope` and `rope_cos_sin`, `attend_one` / `attend_rows` (one query over rows every head shares),
-`index_scores`, `compress_close` (a decode step's closing compressor window) and `route` (MoE routing). Sets:
+`attend_prefill` (consecutive queries over the window and the compressed rows), `index_scores`, `compress_close` (a decode step's closing compressor window) and `route` (MoE routing). Sets:
 
 - `TorchKernels` ("torch", `homerun.kernels.torch_set`): plain torch ops on any device, the reference every other
   set is tested against. `HOMERUN_KERNELS=torch` forces it on the CPU too (CI runs the
   model tests a second time that way, so the torch path cannot rot behind the native one).
-- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn, for CPU batches above `NATIVE_MAX_ROWS`.
+- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn, prefill attention (`attend_prefill`), stream
+  mixes and norm+RoPE (homerun.kernels.cpu_prefill, tokens on the pool), for CPU batches above `NATIVE_MAX_ROWS`.
 - `NativeCpuKernels` ("cpu-native"): decode-sized fp32 rows on the CPU through the native library
   (`homerun.kernels.cpu_dense`): exact products, fp32 sums, one call where torch needs tens of tiny ops.
 - `TritonKernels` ("triton", `homerun.kernels.triton.kernel_set`): CUDA devices and CUDA stand-ins (flavor "gpu"),
@@ -47,6 +48,45 @@ class CpuPrefillKernels(TorchKernels):
         if comb.dtype != torch.float32:
             return super().sinkhorn(comb, iters, eps)
         return self._dense.sinkhorn_(comb.contiguous(), iters, eps)
+
+    def attend_prefill(self, q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale):
+        """The native prefill attention (homerun.kernels.cpu_prefill) for fp32 queries: no [T, H, rows] temporaries,
+        query rows and heads on the pool."""
+        pf = native_prefill()
+        if pf is None or q.dtype != torch.float32:
+            return super().attend_prefill(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
+        return pf.attend_prefill(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
+
+    # FP8 linears in fp32: the same blocked GEMMs as QLinear's torch path, each block dequantized natively
+    def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
+        pf = native_prefill()
+        if pf is None or lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return lin.torch_forward(x)
+        return pf.fp8_linear(lin.weight, lin.scale, x, lin.row_block())
+
+    def grouped(self, lin: Linear, x: torch.Tensor, groups: int) -> torch.Tensor:
+        pf = native_prefill()
+        if pf is None or lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return lin.torch_grouped(x, groups)
+        return pf.fp8_grouped(lin.weight, lin.scale, x, groups)
+
+    # fp32 stream mixes and norm+RoPE: the native per-token kernels over tokens split on the pool (torch's broadcast
+    # temporaries over [T, n, D] cost 3-10x the CPU time at 512 tokens)
+    def hc_pre(self, pre, x):
+        pf = native_prefill()
+        return super().hc_pre(pre, x) if pf is None or x.dtype != torch.float32 else pf.hc_pre(pre, x)
+
+    def hc_post(self, post, y, comb, x):
+        pf = native_prefill()
+        if pf is None or x.dtype != torch.float32:
+            return super().hc_post(post, y, comb, x)
+        return pf.hc_post(post, y, comb, x)
+
+    def norm_rope(self, x, weight, eps, cos=None, sin=None, *, norm=True, inverse=False):
+        pf = native_prefill()
+        if pf is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
+        return pf.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
 
 
 class NativeCpuKernels(CpuPrefillKernels):
@@ -108,6 +148,24 @@ def native_dense() -> Any:
         except Exception:  # noqa: BLE001 - no kernel: every family has a torch path
             _dense_module = False
     return _dense_module or None
+
+
+_prefill_module: Any = None
+
+
+def native_prefill() -> Any:
+    """The `homerun.kernels.cpu_prefill` module when its native kernels are built, else None (resolved once)."""
+    global _prefill_module
+    if _prefill_module is None:
+        _prefill_module = False
+        try:
+            from homerun.kernels import cpu_prefill
+
+            if cpu_prefill.available():
+                _prefill_module = cpu_prefill
+        except Exception:  # noqa: BLE001 - no kernel: the torch set's ops run
+            _prefill_module = False
+    return _prefill_module or None
 
 
 _SETS: dict[tuple[bool, bool], TorchKernels] = {}
@@ -206,7 +264,7 @@ def for_act(ks: TorchKernels, act: str | None) -> TorchKernels:
         try:
             from homerun.kernels import cpu_gemm
 
-            if cpu_gemm.available():
+            if cpu_gemm.available() and cpu_gemm.bf16_units():  # emulated bf16 is slower than fp32
                 fast = CpuBf16PrefillKernels(ks._dense, cpu_gemm)
         except Exception:  # noqa: BLE001 - no kernel: the exact set runs
             fast = None

@@ -204,3 +204,42 @@ class TorchKernels:
         iw = iw.float() * iw_scale
         sc = torch.relu(torch.einsum("qhd,nd->qhn", iq.float(), ik.float())) * scale
         return (sc * iw.unsqueeze(-1)).sum(dim=1)
+
+    def attend_prefill(self, q: torch.Tensor, keys: torch.Tensor, key_pos0: int, window: int, comp: torch.Tensor | None,
+                    sel: torch.Tensor | None, q_pos0: int, rate: int, sink: torch.Tensor, scale: float) -> torch.Tensor:
+        """Prefill attention of consecutive queries: q [T, H, D] at absolute positions q_pos0.. over
+        - keys [N, D], the sliding window's rows at positions key_pos0..: visible iff pos - window < kpos <= pos;
+        - comp [C, D], compressed entries (entry c is closed for the query at pos iff c < (pos + 1) // rate): every
+          closed one (HCA: sel None), or the ones sel [T, k] lists (CSA; listed entries not yet closed are dropped);
+        with sink [H] in the softmax denominator (its column dropped before the value product) -> [T, H, D] fp32.
+        Keys double as values. Temporaries are [T, H, N + C or k]: callers block the queries."""
+        T, H, _ = q.shape
+        dev = q.device
+        qf = q.float()
+        kw = keys.float()
+        tpos = torch.arange(q_pos0, q_pos0 + T, device=dev)
+        kpos = torch.arange(kw.shape[0], device=dev) + key_pos0
+        vis = (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - window)
+        s_w = torch.einsum("qhd,kd->qhk", qf, kw) * scale
+        parts = [s_w.masked_fill(~vis[:, None, :], float("-inf"))]
+        thr = (tpos + 1) // rate if rate else None  # entries c < thr are closed for query t
+        ke = gathered = None
+        if comp is not None and rate and sel is None and comp.shape[0]:
+            ke = comp.float()  # HCA: every entry, the ones not yet closed masked
+            s_c = torch.einsum("qhd,kd->qhk", qf, ke) * scale
+            cvis = torch.arange(ke.shape[0], device=dev)[None, :] < thr[:, None]
+            parts.append(s_c.masked_fill(~cvis[:, None, :], float("-inf")))
+        elif comp is not None and rate and sel is not None and sel.shape[1]:
+            valid = (sel < thr[:, None]) & (sel >= 0)  # picks that landed on masked (future) entries are dropped
+            gathered = comp[sel.clamp(0, max(comp.shape[0] - 1, 0))].float()  # (T, k, D): only the selected rows
+            s_c = torch.einsum("qhd,qkd->qhk", qf, gathered) * scale
+            parts.append(s_c.masked_fill(~valid[:, None, :], float("-inf")))
+        logits = torch.cat(parts + [sink.reshape(1, H, 1).float().expand(T, H, 1)], dim=-1)
+        probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)
+        nw = kw.shape[0]
+        o = torch.einsum("qhk,kd->qhd", probs[..., :nw], kw)
+        if ke is not None:
+            o = o + torch.einsum("qhk,kd->qhd", probs[..., nw : nw + ke.shape[0]], ke)
+        if gathered is not None:
+            o = o + torch.einsum("qhk,qkd->qhd", probs[..., nw : nw + gathered.shape[1]], gathered)
+        return o

@@ -90,6 +90,8 @@
 /* BF16 dense weights x fp32 activations (head, compressors, routers), mHC, norm+RoPE, multi-GEMM and one-query
  * attention for decode; shares the pool above. */
 #include "hr_dense.inc"
+/* Prefill attention over the sliding window and the compressed rows, queries on the pool. */
+#include "hr_attend.inc"
 
 /* Prefill-sized dense support: FP8 -> bf16 weight blocks for the bf16 GEMM, measured unit peaks. */
 #include "hr_prefill.inc"

@@ -101,13 +101,31 @@ int hr_multi_gemm(int path, const int64_t *jobs, int64_t njobs, int64_t k, const
  * q [H, D], kv [N, D], sink [H], out [H, D] fp32. */
 int hr_attend_one(int path, const float *q, const float *kv, int64_t n, int64_t h, int64_t d, const float *sink,
                   float scale, float *out);
+/* Prefill attention of t consecutive queries (hr_attend.inc): q [t, h, d] at absolute positions q_pos0.., over the
+ * window's key rows keys [n_keys, d] at positions key_pos0.. (visible iff pos - window < kpos <= pos) and compressed
+ * rows comp [n_comp, d] (entry c closed for the query at pos iff c < (pos + 1) / rate): every closed one (sel NULL)
+ * or the closed ones of sel [t, k_sel] (int64); softmax with sink [h] in the denominator; out [t, h, d] fp32.
+ * HR_E_IDS: a listed closed entry past n_comp. */
+int hr_attend_prefill(int path, const float *q, int64_t t, int64_t h, int64_t d, const float *keys, int64_t n_keys,
+                      int64_t key_pos0, int64_t window, const float *comp, int64_t n_comp, const int64_t *sel,
+                      int64_t k_sel, int64_t q_pos0, int64_t rate, const float *sink, float scale, float *out);
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);
 
+/* The same mixes and norm+RoPE with tokens split over the pool (prefill sizes; hr_attend.inc): x [t, per_token, d]
+ * for norm+RoPE, cos/sin [t, rope_dim/2]. */
+int hr_hc_pre_pool(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
+int hr_hc_post_pool(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t,
+                    int64_t n, int64_t d);
+int hr_norm_rope_pool(int path, const float *x, float *y, int64_t t, int64_t per_token, int64_t d, const float *w,
+                      float eps, int norm, const float *cosv, const float *sinv, int64_t rope_dim, int inverse);
+
 /* Prefill (hr_prefill.inc): rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> bf16 out
  * [r1 - r0, K], exactly (e4m3 x 2^e fits bf16). */
 int hr_fp8_to_bf16(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, uint16_t *out);
+/* The same rows -> fp32 out [r1 - r0, K]: the fp32 dequantization, bit for bit (the exact prefill GEMM's weights). */
+int hr_fp8_to_f32(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, float *out);
 /* Measured peak of one unit over every pool thread, in operations per second (a multiply-add counts 2): kind
  * HR_PEAK_INT8 (AVX512-VNNI vpdpbusd), HR_PEAK_BF16_KIND (AVX512-BF16 vdpbf16ps), HR_PEAK_FP32 (AVX-512 FMA);
  * 0 when this CPU or build lacks it. */

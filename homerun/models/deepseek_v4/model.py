@@ -357,6 +357,8 @@ class DeepseekV4:
             qb //= 2
         sink = at.sink.view(1, H, 1)
         out = q.new_empty(T, H, Dh)
+        # The compressed rows any query of this step may read, materialized once (a view within one page).
+        comp_all = comp.store.view(n_comp_max) if T > 1 and layer.kind != LAYER_SLIDING and n_comp_max else None
         for s0 in range(0, T, qb):
             s1 = min(s0 + qb, T)
             nq = s1 - s0
@@ -370,38 +372,15 @@ class DeepseekV4:
                 idx_q = (iq[s0:s1], iw[s0:s1]) if layer.kind == LAYER_CSA else None
                 out[s0] = self._attend_one(layer, qf[0], kw, comp, idx_st, idx_q, start + s0, k_sel, sink, scale, k)
                 continue
-            kpos = torch.arange(k1 - k0, device=q.device) + (start - n_past + k0)
-            vis = (kpos[None, :] <= tpos[:, None]) & (kpos[None, :] > tpos[:, None] - W)
-            s_w = torch.einsum("qhd,kd->qhk", qf, kw) * scale
-            s_w = s_w.masked_fill(~vis[:, None, :], float("-inf"))
-            parts, values = [s_w], [kw]
-            thr = (tpos + 1) // rate if rate else None  # entries w < thr are closed for query t
+            comp_rows, sel = None, None
             if layer.kind == LAYER_HCA and n_comp_max:
-                n_vis = (start + s1) // rate
-                ke = comp.store.view(n_vis).float()  # all T/128 HCA entries visible to this block
-                s_c = torch.einsum("qhd,kd->qhk", qf, ke) * scale
-                cvis = torch.arange(n_vis, device=q.device)[None, :] < thr[:, None]
-                parts.append(s_c.masked_fill(~cvis[:, None, :], float("-inf")))
-                values.append(ke)
-            gathered = None
+                comp_rows = comp_all[: (start + s1) // rate]  # every entry closed for some query of the block
             if layer.kind == LAYER_CSA and k_sel:
                 n_vis = (start + s1) // rate
+                thr = (tpos + 1) // rate  # entries w < thr are closed for query t
                 sel = self._index_topk(at.indexer, iq[s0:s1], iw[s0:s1], idx_st.store, n_vis, thr, k_sel)
-                valid = sel < thr[:, None]  # picks that landed on masked (future) entries are dropped
-                gathered = comp.store.gather(sel).float()  # (q, k, Dh): only the selected entries are read
-                s_c = torch.einsum("qhd,qkd->qhk", qf, gathered) * scale
-                parts.append(s_c.masked_fill(~valid[:, None, :], float("-inf")))
-            logits = torch.cat(parts + [sink.expand(nq, H, 1)], dim=-1)
-            probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)
-            nw = kw.shape[0]
-            o = torch.einsum("qhk,kd->qhd", probs[..., :nw], kw)
-            off = nw
-            if layer.kind == LAYER_HCA and len(values) > 1:
-                ke = values[1]
-                o = o + torch.einsum("qhk,kd->qhd", probs[..., off : off + ke.shape[0]], ke)
-                off += ke.shape[0]
-            if gathered is not None:
-                o = o + torch.einsum("qhk,qkd->qhd", probs[..., off : off + gathered.shape[1]], gathered)
+                comp_rows = comp_all[:n_vis]
+            o = k.attend_prefill(qf, kw, start - n_past + k0, W, comp_rows, sel, start + s0, rate, sink, scale)
             out[s0:s1] = o.to(out.dtype)
         return out
 

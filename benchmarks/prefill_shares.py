@@ -1,0 +1,168 @@
+"""Where a CPU prefill's time goes: wall and process-CPU seconds per family of one prompt's prefill, by wrapping the
+kernel set's methods and the model's steps (attention core, indexer top-k, compressors, mHC, norm+RoPE, dense
+linears, routed experts). Inner calls are not double counted: a family's time excludes the wrapped calls it makes.
+
+    python benchmarks/prefill_shares.py --checkpoint CKPT --prompt 512 [--repeat 2] [--json]
+
+The checkpoint: an official-format V4 directory (e.g. the synthetic one `compare_transformers.py` writes). Each
+repeat is a fresh session over the same prompt; the figures printed are the last repeat's (the first warms up).
+
+    python benchmarks/prefill_shares.py --attention-layer csa --prompt 4096
+
+instead times one real-shaped V4-Flash attention core (64 heads x 512, window 128; CSA: rate 4, top-512 picks;
+HCA: rate 128) over a whole prompt, in the model's query blocks: the torch set's attend_prefill against the native one
+(random inputs; no checkpoint needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+FAMILIES = {  # kernel set method -> family
+    "attend_prefill": "attention core", "attend_one": "attention core",
+    "hc_weights": "mHC", "hc_pre": "mHC", "hc_post": "mHC", "hc_pre_norm": "mHC", "sinkhorn": "mHC",
+    "norm_rope": "norm+RoPE",
+    "linear": "dense linears", "grouped": "dense linears", "project": "dense linears",
+}
+MODEL_STEPS = {"_index_topk": "indexer top-k", "_compress": "compressors (pooling)", "route": "router",
+               "_attend": "attention core"}  # _attend: the block loop around attend_prefill (its glue counts there)
+
+
+class _Clock:
+    """Exclusive wall/CPU time per family: a nested wrapped call's time is charged to it, not to its caller."""
+
+    def __init__(self):
+        self.wall = defaultdict(float)
+        self.cpu = defaultdict(float)
+        self.stack: list[list[float]] = []
+
+    def wrap(self, fn, family):
+        def timed(*args, **kwargs):
+            frame = [time.perf_counter(), time.process_time(), 0.0, 0.0]  # start wall, cpu; children wall, cpu
+            self.stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stack.pop()
+                w, c = time.perf_counter() - frame[0], time.process_time() - frame[1]
+                self.wall[family] += w - frame[2]
+                self.cpu[family] += c - frame[3]
+                if self.stack:
+                    self.stack[-1][2] += w
+                    self.stack[-1][3] += c
+
+        return timed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="official-format V4 checkpoint directory")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--repeat", type=int, default=2, help="prefills (the last one is reported)")
+    ap.add_argument("--expert-act", default="auto", help="expert activations: auto, int8, bf16, fp32")
+    ap.add_argument("--json", action="store_true", help="print the JSON document only")
+    ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding"),
+                    help="time one real-shaped attention core instead (no checkpoint)")
+    a = ap.parse_args()
+    if a.attention_layer:
+        return attention_layer(a)
+    if not a.checkpoint:
+        ap.error("--checkpoint is required (or --attention-layer)")
+
+    import homerun  # noqa: F401 - before torch (its OpenMP settings)
+    import torch
+
+    from homerun.bench.setup import open_target
+    from homerun.kernels import dispatch
+    from homerun.models.deepseek_v4 import model as v4model
+
+    target, _, _ = open_target(a.checkpoint, kind="native", dtype="float32", device="cpu", act=a.expert_act)
+    model = target.model
+    net = model.net
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(256, net.args.vocab_size, (a.prompt,), generator=g).tolist()
+    clock = _Clock()
+    ks = dispatch.kernels_for("cpu", torch.float32, a.prompt)
+    sets = {type(ks), type(dispatch.for_act(ks, net.experts.act))}
+    for cls in sets:
+        for name, fam in FAMILIES.items():
+            if name in vars(cls) or any(name in vars(b) for b in cls.__mro__[1:]):
+                setattr(cls, name, clock.wrap(getattr(cls, name), fam))
+    for name, fam in MODEL_STEPS.items():
+        setattr(v4model.DeepseekV4, name, clock.wrap(getattr(v4model.DeepseekV4, name), fam))
+    experts = net.experts
+    experts.forward = clock.wrap(experts.forward, "routed experts")
+    total_wall = total_cpu = 0.0
+    for _ in range(max(1, a.repeat)):
+        clock.wall.clear()
+        clock.cpu.clear()
+        w0, c0 = time.perf_counter(), time.process_time()
+        model.session().feed(ids)
+        total_wall, total_cpu = time.perf_counter() - w0, time.process_time() - c0
+    fams = sorted(clock.wall, key=lambda f: -clock.wall[f])
+    other_w = total_wall - sum(clock.wall.values())
+    other_c = total_cpu - sum(clock.cpu.values())
+    doc = {"checkpoint": a.checkpoint, "prompt": a.prompt, "prefill_s": total_wall, "prefill_cpu_s": total_cpu,
+           "tok_s": a.prompt / total_wall, "kernel_sets": sorted(c.__name__ for c in sets),
+           "families": {f: {"wall_s": clock.wall[f], "cpu_s": clock.cpu[f], "wall_share": clock.wall[f] / total_wall}
+                        for f in fams},
+           "other": {"wall_s": other_w, "cpu_s": other_c, "wall_share": other_w / total_wall}}
+    if not a.json:
+        print(f"prefill {a.prompt} tokens: {total_wall:.2f} s wall ({a.prompt / total_wall:.1f} tok/s), "
+              f"{total_cpu:.2f} CPU-s")
+        for f in fams + ["other"]:
+            r = doc["families"].get(f, doc["other"])
+            print(f"  {f:24} {r['wall_s']:7.3f} s  {100 * r['wall_share']:5.1f}%  cpu {r['cpu_s']:7.3f} s")
+    print(json.dumps(doc, indent=None if not a.json else 2))
+    return 0
+
+
+def attention_layer(a: argparse.Namespace) -> int:
+    """One V4-Flash attention core over a prompt of a.prompt tokens: torch set vs native, wall and CPU seconds."""
+    import torch
+
+    from homerun.kernels import dispatch
+    from homerun.kernels.torch_set import TorchKernels
+
+    T, H, D, W, K = a.prompt, 64, 512, 128, 512
+    rate = {"csa": 4, "hca": 128, "sliding": 0}[a.attention_layer]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(T, H, D, generator=g)
+    keys = torch.randn(T, D, generator=g)
+    comp = torch.randn(T // rate, D, generator=g) if rate else None
+    sink = torch.randn(H, generator=g)
+    # the model's block sizing (DeepseekV4._attend): score temporaries, CSA's gathered rows and indexer page
+    per_q = H * (W + (K if rate == 4 else T // max(rate, 1)))
+    if rate == 4:
+        page = min(T // 4, 256)
+        per_q += K * D + 64 * page + 2 * (K + page)
+    qb = max(1, min(T, (1 << 24) // per_q))
+    while qb > 1 and qb * H * (qb + W) > (1 << 24):
+        qb //= 2
+    native = dispatch.kernels_for("cpu", torch.float32, T)
+    doc: dict = {"layer": a.attention_layer, "prompt": T, "query_block": qb}
+    for name, ks in (("torch", TorchKernels()), ("native", native), ("torch", TorchKernels()), ("native", native)):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for s0 in range(0, T, qb):
+            s1 = min(s0 + qb, T)
+            k0 = max(0, s0 - (W - 1))
+            n_vis = s1 // rate if rate else 0
+            sel = None
+            if rate == 4 and n_vis:
+                sel = torch.randint(0, n_vis, (s1 - s0, min(K, n_vis)), generator=g)
+            ks.attend_prefill(q[s0:s1], keys[k0:s1], k0, W, comp[:n_vis] if rate else None, sel, s0, rate, sink,
+                           D**-0.5)
+        doc[name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}  # the second run stays
+    if not a.json:
+        print(f"{a.attention_layer} attention core, {T} tokens: torch {doc['torch']['cpu_s']:.2f} CPU-s "
+              f"({doc['torch']['wall_s']:.2f} s), native {doc['native']['cpu_s']:.2f} CPU-s "
+              f"({doc['native']['wall_s']:.2f} s)")
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Prefill-sized native CPU ops (csrc/hr_attend.inc), used by the CPU prefill kernel sets (homerun.kernels.dispatch):
+
+- `attend_prefill` (`hr_attend_prefill`): the torch set's `attend_prefill` (homerun.kernels.torch_set) without its
+  [T, H, N + k] score, mask and gathered-row temporaries. Per query row the kernel lists the window rows and the
+  compressed rows that query may see (CSA: the indexer's picks), runs the softmax with the sink in the denominator,
+  and sums the value rows; query rows and head groups split over the native pool.
+- `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool.
+- `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
+  F.linear), with each block dequantized natively (`hr_fp8_to_f32`, a table per 128 x 128 block, on the pool)
+  instead of torch's three full-size passes (cast, expanded scale, multiply).
+
+fp32 products and sums: equal to the torch set up to summation order."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from homerun.errors import KernelError
+
+_fn: object | None = None  # None: not tried yet; False: unavailable
+_mix: dict = {}  # the pooled mHC mixes and norm+RoPE, bound with _fn
+
+
+def _kernel():
+    """The bound `hr_attend_prefill`, or None (library not built, an older build, or the torch path forced)."""
+    global _fn
+    if _fn is None:
+        from homerun.kernels.cpu_experts import _native, resolve_path
+
+        lib = _native()
+        _fn = False
+        if lib is not None and resolve_path() != "torch" and hasattr(lib, "hr_attend_prefill"):
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            f = lib.hr_attend_prefill
+            f.argtypes = [ctypes.c_int, p, i64, i64, i64, p, i64, i64, i64, p, i64, p, i64, i64, i64, p,
+                          ctypes.c_float, p]
+            f.restype = ctypes.c_int
+            lib.hr_hc_pre_pool.argtypes = [p, p, p, i64, i64, i64]
+            lib.hr_hc_post_pool.argtypes = [p, p, p, p, p, i64, i64, i64]
+            lib.hr_norm_rope_pool.argtypes = [ctypes.c_int, p, p, i64, i64, i64, p, ctypes.c_float, ctypes.c_int, p, p,
+                                              i64, ctypes.c_int]
+            for g in (lib.hr_hc_pre_pool, lib.hr_hc_post_pool, lib.hr_norm_rope_pool):
+                g.restype = ctypes.c_int
+            _fn = f
+            lib.hr_fp8_to_f32.argtypes = [p, p, i64, i64, i64, i64, p]
+            lib.hr_fp8_to_f32.restype = ctypes.c_int
+            _mix.update(pre=lib.hr_hc_pre_pool, post=lib.hr_hc_post_pool, norm_rope=lib.hr_norm_rope_pool,
+                        fp8_f32=lib.hr_fp8_to_f32)
+    return _fn or None
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def _f32c(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise KernelError(f"attend_prefill: {name} is on {t.device}, the CPU kernel needs CPU tensors",
+                          hint="use the torch kernel set for other devices")
+    return t.to(torch.float32).contiguous()
+
+
+def attend_prefill(q: torch.Tensor, keys: torch.Tensor, key_pos0: int, window: int, comp: torch.Tensor | None,
+                sel: torch.Tensor | None, q_pos0: int, rate: int, sink: torch.Tensor, scale: float,
+                path: str | None = None) -> torch.Tensor:
+    """The torch set's `attend_prefill` on the native kernel: q [T, H, D], keys [N, D], comp [C, D] or None, sel [T, k]
+    or None, sink [H] -> [T, H, D] fp32 (see homerun.kernels.torch_set.TorchKernels.attend_prefill). path: a native
+    code path of homerun.kernels.cpu_experts.PATHS (default: the best here; tests run each)."""
+    fn = _kernel()
+    if fn is None:
+        raise KernelError("the native prefill attention kernel is not available", hint="rebuild with `pip install -e .`")
+    if q.dim() != 3 or keys.dim() != 2 or keys.shape[1] != q.shape[2] or sink.numel() != q.shape[1]:
+        raise KernelError(f"attend_prefill: q {tuple(q.shape)}, keys {tuple(keys.shape)}, sink {tuple(sink.shape)} do "
+                          "not match", hint="q [T, H, D], keys [N, D], sink [H]")
+    code = 0
+    if path is not None:
+        from homerun.kernels.cpu_experts import _PATH_CODE, resolve_path
+
+        code = _PATH_CODE.get(resolve_path(path), 0)
+        if not code:
+            raise KernelError(f"attend_prefill: {path!r} is not a native path", hint="use avx512, avx2 or portable")
+    t, h, d = q.shape
+    qc, kc, sc = _f32c(q, "q"), _f32c(keys, "keys"), _f32c(sink, "sink")
+    cc = _f32c(comp, "comp") if comp is not None and comp.shape[0] else None
+    if cc is not None and cc.shape[1] != d:
+        raise KernelError(f"attend_prefill: compressed rows {tuple(cc.shape)} for queries of width {d}",
+                          hint="comp is [C, D]")
+    selc = None
+    if sel is not None:
+        if sel.dim() != 2 or sel.shape[0] != t:
+            raise KernelError(f"attend_prefill: sel {tuple(sel.shape)} for {t} queries", hint="sel is [T, k]")
+        selc = sel.to(device="cpu", dtype=torch.int64).contiguous()
+    out = torch.empty(t, h, d, dtype=torch.float32)
+    rc = fn(code, qc.data_ptr(), t, h, d, kc.data_ptr() if kc.shape[0] else None, kc.shape[0], key_pos0, window,
+            cc.data_ptr() if cc is not None else None, cc.shape[0] if cc is not None else 0,
+            selc.data_ptr() if selc is not None and selc.shape[1] and cc is not None else None,
+            selc.shape[1] if selc is not None and cc is not None else 0,
+            q_pos0, rate, sc.data_ptr(), scale, out.data_ptr())
+    if rc != 0:
+        raise KernelError(f"native prefill attention failed with code {rc}",
+                          hint="a selected compressed entry past the rows given (code -3), or rebuild the kernels")
+    return out
+
+
+def _ok(rc: int, what: str) -> None:
+    if rc != 0:
+        raise KernelError(f"native {what} failed with code {rc}", hint="rebuild with `pip install -e .`")
+
+
+def hc_pre(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_i pre[t, i] x[t, i, :]: pre [T, n], x [T, n, D] fp32 CPU -> [T, D] fp32, tokens on the pool."""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    t, n, d = x.shape
+    if tuple(pre.shape) != (t, n):
+        raise KernelError(f"hc_pre: pre {tuple(pre.shape)} does not match x {tuple(x.shape)}", hint="pre is [T, n]")
+    pre, x = _f32c(pre, "pre"), _f32c(x, "x")
+    out = torch.empty(t, d, dtype=torch.float32)
+    _ok(_mix["pre"](pre.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d), "hc_pre")
+    return out
+
+
+def hc_post(post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """post[t, j] y[t] + sum_i comb[t, i, j] x[t, i]: post [T, n], y [T, D], comb [T, n, n], x [T, n, D] fp32 CPU ->
+    [T, n, D] fp32, tokens on the pool."""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    t, n, d = x.shape
+    if tuple(post.shape) != (t, n) or tuple(y.shape) != (t, d) or tuple(comb.shape) != (t, n, n):
+        raise KernelError(f"hc_post: shapes post {tuple(post.shape)}, y {tuple(y.shape)}, comb {tuple(comb.shape)} "
+                          f"do not match x {tuple(x.shape)}", hint="post [T, n], y [T, D], comb [T, n, n]")
+    post, y, comb, x = (_f32c(a, nm) for a, nm in ((post, "post"), (y, "y"), (comb, "comb"), (x, "x")))
+    out = torch.empty(t, n, d, dtype=torch.float32)
+    _ok(_mix["post"](post.data_ptr(), y.data_ptr(), comb.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d),
+        "hc_post")
+    return out
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
+              sin: torch.Tensor | None = None, *, norm: bool = True, inverse: bool = False) -> torch.Tensor:
+    """homerun.kernels.cpu_dense.norm_rope (RMSNorm, then interleaved RoPE of the trailing 2 * cos.shape[-1]
+    channels with token t's cos/sin) with tokens split over the pool: x [T, ..., d] fp32 CPU -> a new tensor."""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise KernelError(f"norm_rope needs fp32 CPU activations, got {x.dtype} on {x.device}", hint="use the torch ops")
+    d, t = x.shape[-1], x.shape[0]
+    xc = x.contiguous()
+    per_token = xc.numel() // (d * t) if d and t else 1
+    half = 0 if cos is None else cos.shape[-1]
+    if half and (tuple(cos.shape) != (t, half) or sin is None or tuple(sin.shape) != (t, half) or 2 * half > d):
+        raise KernelError(f"norm_rope: cos/sin {tuple(cos.shape)} do not match x {tuple(x.shape)}",
+                          hint="cos and sin are [T, rope_dim/2]")
+    w = _f32c(weight, "norm weight") if weight is not None else None
+    if w is not None and w.numel() != d:
+        raise KernelError(f"norm_rope: weight of {w.numel()} values for rows of {d}", hint="one weight per channel")
+    c = _f32c(cos, "cos") if half else None
+    s = _f32c(sin, "sin") if half else None
+    y = torch.empty_like(xc)
+    if t:
+        _ok(_mix["norm_rope"](0, xc.data_ptr(), y.data_ptr(), t, max(per_token, 1), d,
+                              w.data_ptr() if w is not None else None, eps, int(norm),
+                              c.data_ptr() if half else None, s.data_ptr() if half else None, 2 * half, int(inverse)),
+            "norm_rope")
+    return y
+
+
+def fp8_to_f32(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """Rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> fp32 [r1 - r0, K], bit for bit the
+    fp32 dequantization."""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    n, k = w.shape
+    r0, r1 = rows
+    wb, sb = w.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)
+    out = torch.empty(r1 - r0, k, dtype=torch.float32)
+    _ok(_mix["fp8_f32"](wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr()), "FP8 -> fp32 conversion")
+    return out
+
+
+def fp8_linear(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, row_block: int) -> torch.Tensor:
+    """x [..., K] fp32 @ dequant(W)^T -> [..., N] fp32, in row blocks of `row_block` weight rows (QLinear.row_block:
+    the same blocks, so the same GEMMs, as QLinear.torch_forward)."""
+    import torch.nn.functional as F
+
+    n = w.shape[0]
+    if row_block >= n:
+        return F.linear(x, fp8_to_f32(w, scale, (0, n)))
+    y = x.new_empty(*x.shape[:-1], n)
+    for r0 in range(0, n, row_block):
+        r1 = min(r0 + row_block, n)
+        y[..., r0:r1] = F.linear(x, fp8_to_f32(w, scale, (r0, r1)))
+    return y
+
+
+def fp8_grouped(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Block-diagonal x [T, G, in] -> [T, G, out/G] (group g: weight rows g*out/G ...), as QLinear.torch_grouped."""
+    import torch.nn.functional as F
+
+    per = w.shape[0] // groups
+    return torch.stack([F.linear(x[:, g], fp8_to_f32(w, scale, (g * per, (g + 1) * per))) for g in range(groups)],
+                       dim=1)
