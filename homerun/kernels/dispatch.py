@@ -4,7 +4,8 @@ A model asks `kernels_for(device, dtype, rows)` at the top of a forward and call
 `linear` / `grouped` / `project` (FP8 or dense weights kept as stored), `swiglu_down` (the shared expert's down
 projection with its activation and the routed sum), the mHC family (`hc_weights`, `hc_pre`, `hc_post`),
 `norm_rope` and `rope_cos_sin`, `attend_one` / `attend_rows` (one query over rows every head shares),
-`attend_prefill` (consecutive queries over the window and the compressed rows), `index_scores`, `compress_close` (a decode step's closing compressor window) and `route` (MoE routing). Sets:
+`attend_prefill` (consecutive queries over the window and the compressed rows), `index_scores`, `compress_close`
+(a decode step's closing compressor window) and `route` (MoE routing). Sets:
 
 - `TorchKernels` ("torch", `homerun.kernels.torch_set`): plain torch ops on any device, the reference every other
   set is tested against. `HOMERUN_KERNELS=torch` forces it on the CPU too (CI runs the
