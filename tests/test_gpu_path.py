@@ -179,8 +179,8 @@ def test_peak_device_bytes_match_the_plan(mixed):
 
 
 # --- prefill over more rows than the decode-sized paths take --------------------------------------------------------
-# 20 tokens (seed 5): past GROUPED_ONE_LAUNCH_MAX_ROWS (16), and the prompt of a reported 0.14 bf16 error on hca (a
-# routing near-tie, see test_gpu_path_bf16_prefill_past_16_rows_is_bounded).
+# 20 tokens (seed 5): past 16 rows, and the prompt of a reported 0.14 bf16 error on hca (a routing near-tie, see
+# test_gpu_path_bf16_prefill_past_16_rows_is_bounded; fp32 on the same path measured ~4e-7 at 17..32 tokens).
 LONG_PROMPT = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(5)).tolist()
 # bf16: row-relative error bound where routing agrees, and the widest biased-score gap a flip may come from (the
 # k-th vs (k+1)-th selection score of the reference; the scores are ~1, bf16 activations move them by ~1e-3).
@@ -231,8 +231,8 @@ def _cached_gpu_model(path, args, ckpt, dtype, **prefill):
 def test_gpu_path_fp32_prefill_past_16_rows_matches_reference(tiny_checkpoints, kind):
     """Every row of a 20-token prefill in fp32 compute, against the fp32 reference at 1e-5: the resident fused MoE
     kernel over 20 rows, and the prefill streamer's grouped FP4 GEMM (min_rows 16; the threshold is only a
-    dispatch number, FUSED_MAX_ROWS in real runs); both with the per-group wo_a launches (T*G > 16 rows).
-    Measured ~5e-7 on every preset."""
+    dispatch number, FUSED_MAX_ROWS in real runs). Measured ~5e-7 on every preset; the streamer's expert weights
+    taken in token order instead of its sorted order measured 0.29 here."""
     path, args, ckpt = _load_preset(tiny_checkpoints, kind)
     ref = load(path, experts="reference").logits(LONG_PROMPT)
     resident = _gpu_model(path, args, ckpt, "float32").logits(LONG_PROMPT)
@@ -267,9 +267,9 @@ def test_gpu_path_fp32_prefill_past_fused_max_rows_matches_reference(tiny_checkp
 @pytest.mark.parametrize("kind", ["mixed", "csa", "hca"])
 def test_gpu_path_bf16_prefill_past_16_rows_is_bounded(tiny_checkpoints, kind):
     """bf16 compute, 20-token prefill: every row before the first routing flip within 1e-2 of the fp32 reference,
-    and every flip a near-tie of the reference's selection scores (a bf16 discrete flip, not
-    an error in the path). hca flips one expert at layer 2, row 19 (reference scores 1.16974 vs 1.16757, gap 2.2e-3;
-    bf16 1.16830 vs 1.16928): that row's logits move by 0.14 and its argmax changes; rows 0..18 stay at ~6e-3."""
+    and every flip a near-tie of the reference's selection scores (a bf16 discrete flip, not an error in the path).
+    hca flips one expert at layer 2, row 19 (reference scores 1.16974 vs 1.16757, gap 2.2e-3; bf16 1.16830 vs
+    1.16928): that row's logits move by 0.14 and its argmax changes; rows 0..18 stay within the bound."""
     path, args, ckpt = _load_preset(tiny_checkpoints, kind)
     ref, model = load(path, experts="reference"), _gpu_model(path, args, ckpt, "bfloat16")
     ra, rb = _record_routes(ref), _record_routes(model)
