@@ -12,6 +12,8 @@ from homerun.kernels import cpu_gemm, dispatch
 from homerun.models.layers import QLinear
 
 needs_native = pytest.mark.skipif(not cpu_gemm.available(), reason="native kernels not built")
+# Tests of which set the dispatcher picks: HOMERUN_KERNELS=torch switches the native sets off by design.
+needs_native_sets = pytest.mark.skipif(not dispatch.USE_NATIVE, reason="HOMERUN_KERNELS=torch: native sets off")
 
 
 def _fp8(n: int, k: int, seed: int = 0) -> QLinear:
@@ -77,6 +79,7 @@ def test_fast_set_needs_bf16_units(monkeypatch):
 
 
 @needs_native
+@needs_native_sets
 def test_kernel_set_follows_the_act_mode(monkeypatch):
     if dispatch.native_dense() is None:
         pytest.skip("native dense kernels not built")
@@ -110,6 +113,7 @@ def prefill_models(tiny_checkpoints):
     return {act: homerun.load(path, expert_act=act) for act in ("fp32", "int8")}
 
 
+@needs_native_sets
 def test_model_prefill_both_modes(prefill_models, monkeypatch):
     """fp32 stays exact (the same logits as the torch kernel set); the fast mode stays close."""
     _with_bf16_units(monkeypatch, True)
