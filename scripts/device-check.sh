@@ -66,8 +66,10 @@ if [[ -z "$TINY_FLAG" ]] && ! python -c "import torch, sys; sys.exit(0 if torch.
 fi
 
 section "2/7 GPU tests (explicit IDs)"
+# -o addopts="": pytest-xdist (the default run's -n auto) may not be installed on the device, and one process is
+# what a GPU test wants.
 if [[ -z "$TINY_FLAG" ]]; then
-  HR_TRITON_DEVICE=cuda timeout 100 python -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+  HR_TRITON_DEVICE=cuda timeout 100 python -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
     tests/test_triton_kernels.py tests/test_placement.py::test_cuda_and_standin_hops \
     tests/test_gpu_offload.py tests/test_gpu_decode.py tests/test_prefill_stream.py tests/test_arena.py \
     2>&1 | tee "$RESULTS_DIR/pytest-gpu.txt" | tail -15
