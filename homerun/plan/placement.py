@@ -152,7 +152,7 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
                 "2 x min(512 MiB, a layer's experts, 1/4 of the VRAM budget)"))
             c.placement.append(PlacementRow(
                 f"prefill staging tables ({STAGE_BUFFERS} x {n_exp} int32)", f"gpu{i}", stage_tables,
-                "each stage's expert -> row table, read by the fused prefill kernels (offload/cached_backend.py)"))
+                "each stage's expert -> row table, read on the device by the fused prefill kernels"))
     if any(out):
         c.decide("prefill staging", f"{gib(sum(out)):.2f} GiB of VRAM",
                  f"{STAGE_BUFFERS} buffers per GPU of min(512 MiB, one layer's {c.spec.n_routed_experts} experts, 1/4 of "
@@ -234,7 +234,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     for i in range(n):
         c.placement.append(PlacementRow(
             f"expert slot table ({stops[i]} x {spec.n_routed_experts} int32)", f"gpu{i}", tables[i],
-            "the cache's expert -> slot table, read on the device by the fused decode kernels (offload/cache.py)"))
+            "the cache's expert -> slot table, read on the device by the fused decode kernels"))
     staging = _staging_rows(c, gpus, usable, [max(0.0, free[i] - kv_per[i]) for i in range(n)], bpe)
     cache_bytes = [max(0.0, free[i] - kv_per[i] - staging[i]) for i in range(n)]
     layer_experts = [counts[i] * spec.n_routed_experts for i in range(n)]
@@ -284,7 +284,9 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     gpu_short = min(free[i] - c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[i] for i in range(n)) < 0
     c.placement.append(PlacementRow(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})"
                                  + (" not held in VRAM" if vram_only else ""),
-                                 "host", int(in_ram), "primary copy at stored precision; misses are computed on the "
+                                 "host", int(in_ram), "the experts the imposed placement leaves on the CPU, computed "
+                                 "there" if imposed and c.opts.cpu_experts else
+                                 "primary copy at stored precision; misses are computed on the "
                                  "CPU or streamed over PCIe" if c.opts.cpu_experts else
                                  "primary copy at stored precision; misses are streamed over PCIe (no CPU experts)"))
     remedy = None
