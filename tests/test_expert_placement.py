@@ -175,3 +175,21 @@ def test_cli_bad_placement_values_exit_2_naming_the_flag(args, message):
 
     err = assert_clean_error(homerun("plan", "openai/gpt-oss-120b", "--hw", "rtx3090-64gb", *args), 2, message)
     assert next(line for line in err.splitlines() if line.startswith("Error:")).count(message) == 1
+
+
+def test_two_gpus_split_an_imposed_placement_by_bytes_not_by_layer_count():
+    """llama.cpp --n-cpu-moe 20 on 2x RTX 3090 (the llmgarage rig's profile): layers 20-35 carry 16 x 128 experts
+    (25.2 GiB); split by layer count ([18, 18]) they would all land on gpu1, over its 24 GiB. Split by bytes, each GPU
+    takes 8 of those layers: [28, 8]."""
+    from homerun.plan.validate import load_table, row_profile
+    row = next(r for r in load_table() if r["id"] == "llmgarage-gptoss120b-2x3090-5800x-64gb")
+    spec, inv = resolve_model("openai/gpt-oss-120b")
+    assert 16 * 128 * GPTOSS_BPE / GIB > 24
+    p = plan(spec, inv, row_profile(row),
+             PlanOptions(context_tokens=38000, expert_placement=ExpertPlacement(cpu_moe_layers=20)))
+    assert p.fits and p.layout.to_dict()["layer_counts"] == [28, 8]
+    assert _decisions(p)["split"]["choice"] == "2 pipeline stages, layers [28, 8]"
+    vram = {r.device: r for r in p.placement if r.what.startswith("routed experts in VRAM, imposed")}
+    assert vram["gpu0"].what.endswith("(1024 experts)") and vram["gpu1"].what.endswith("(1024 experts)")
+    assert all(d.used_bytes <= d.capacity_bytes for d in p.devices)
+    assert p.predicted["expert_cache_hit_rate"] == pytest.approx(16 / 36)

@@ -32,6 +32,22 @@ def _split_layers(n_layers: int, usable: list[float]) -> list[int]:
     return counts
 
 
+def _split_layers_by_bytes(layer_bytes: list[float], usable: list[float]) -> list[int]:
+    """Contiguous layers per GPU so that each GPU's share of the bytes tracks its share of usable memory: a layer goes
+    to the GPU whose share its midpoint falls in. For an imposed placement, whose VRAM experts make some layers far
+    heavier than others (--n-cpu-moe: the last ones), where a split by layer count would pile them on one GPU."""
+    total_w, total_u = sum(layer_bytes), sum(usable)
+    bounds = [total_w * sum(usable[:i + 1]) / total_u for i in range(len(usable))]
+    counts = [0] * len(usable)
+    acc, g = 0.0, 0
+    for w in layer_bytes:
+        while g < len(usable) - 1 and acc + w / 2 > bounds[g]:
+            g += 1
+        counts[g] += 1
+        acc += w
+    return counts
+
+
 def plan_discrete(c: _Ctx) -> Plan:
     spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
     gpus = prof.gpu_list
@@ -48,8 +64,17 @@ def plan_discrete(c: _Ctx) -> Plan:
     layer_bytes = inv.non_expert_bytes - embed - head  # per-layer tensors (attention, shared, routers, norms, ...)
     experts = inv.routed_expert_bytes
     counts = _split_layers(spec.num_layers, usable)
-    fracs = [n / spec.num_layers for n in counts]
     n = len(gpus)
+    ep = opts.expert_placement
+    if ep is not None and n > 1 and 0 < ep.gpu_experts(spec, 0, spec.num_layers) < spec.routed_experts_total:
+        per_layer = [layer_bytes / spec.num_layers + ep.gpu_experts(spec, i, i + 1) * inv.bytes_per_expert
+                     for i in range(spec.num_layers)]
+        by_bytes = _split_layers_by_bytes(per_layer, usable)
+        if by_bytes != counts and all(by_bytes):
+            c.decide("split", f"{n} pipeline stages, layers {by_bytes}", "imposed placement: layers split so each "
+                     f"GPU's non-expert weights and imposed VRAM experts track its usable VRAM (by count: {counts})")
+            counts = by_bytes
+    fracs = [k / spec.num_layers for k in counts]
     resident = [layer_bytes * fracs[i] + (embed if i == 0 else 0) + (head + mtp if i == n - 1 else 0) for i in range(n)]
     ctx_target = min(opts.context_tokens or spec.max_position_embeddings, spec.max_position_embeddings)
     if opts.context_tokens and opts.context_tokens > spec.max_position_embeddings:
@@ -64,7 +89,6 @@ def plan_discrete(c: _Ctx) -> Plan:
     # An explicit --context must fit as a whole; otherwise all-in-VRAM only needs to leave 128K of KV.
     kv_min_tokens = ctx_target if opts.context_tokens else min(ctx_target, ALL_VRAM_MIN_CONTEXT_TOKENS)
     kv_min_all = c.kv.bytes_for(kv_min_tokens)
-    ep = opts.expert_placement
     if ep is not None:
         # A peer's placement, imposed: the planner only checks that it fits and predicts its speed.
         starts = [sum(counts[:i]) for i in range(n)]
