@@ -156,7 +156,8 @@ def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int]
         start += counts[i]
 
 
-def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], bpe: int) -> list[int]:
+def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], bpe: int,
+                  imposed: bool = False) -> list[int]:
     """Charge each hybrid GPU the layer-wise prefill's double-buffered staging area (homerun.plan.staging: 2 x
     min(512 MiB, one layer's experts, 1/4 of the VRAM budget), whole experts) and its stage tables, capped by the VRAM
     left after KV (`room`, the slot table already out of it); the expert cache gets what remains. Returns each GPU's
@@ -180,7 +181,8 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
     if any(out):
         c.decide("prefill staging", f"{gib(sum(out)):.2f} GiB of VRAM",
                  f"{STAGE_BUFFERS} buffers per GPU of min(512 MiB, one layer's {c.spec.n_routed_experts} experts, 1/4 of "
-                 "the VRAM budget) in whole experts, taken from the expert cache")
+                 "the VRAM budget) in whole experts, " + ("from the VRAM the imposed experts and KV leave" if imposed
+                                                          else "taken from the expert cache"))
     return out
 
 
@@ -259,7 +261,8 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         c.placement.append(PlacementRow(
             f"expert slot table ({stops[i]} x {spec.n_routed_experts} int32)", f"gpu{i}", tables[i],
             "the cache's expert -> slot table, read on the device by the fused decode kernels"))
-    staging = _staging_rows(c, gpus, usable, [max(0.0, free[i] - kv_per[i]) for i in range(n)], bpe)
+    staging = _staging_rows(c, gpus, usable, [max(0.0, free[i] - kv_per[i]) for i in range(n)], bpe,
+                            imposed=bool(imposed))
     cache_bytes = [max(0.0, free[i] - kv_per[i] - staging[i]) for i in range(n)]
     layer_experts = [counts[i] * spec.n_routed_experts for i in range(n)]
     if imposed:
