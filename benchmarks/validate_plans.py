@@ -28,12 +28,14 @@ def _f(x: float | None, width: int, prec: int = 2) -> str:
 
 
 def format_table(results: list[Comparison]) -> str:
-    head = (f"{'row':<48} {'mode plan/stated':<21} {'meas':>7} {'bound':>8} {'est':>8} {'est/meas':>8} "
+    head = (f"{'row':<48} {'mode plan/stated':<21} {'placement':<13} {'meas':>7} {'bound':>8} {'est':>8} "
+            f"{'est/meas':>8} "
             f"{'bound>=meas':>11} {'hit':>5}")
     lines = [head, "-" * len(head)]
     for c in results:
         meas = f"{c.measured:.2f}" if c.measured == c.measured_high else f"{c.measured:g}-{c.measured_high:g}"
-        lines.append(f"{c.id:<48} {c.planned_mode + '/' + c.stated_mode:<21} {meas:>7} {_f(c.upper_bound, 8)} "
+        lines.append(f"{c.id:<48} {c.planned_mode + '/' + c.stated_mode:<21} {c.placement:<13} {meas:>7} "
+                     f"{_f(c.upper_bound, 8)} "
                      f"{_f(c.estimate, 8)} {_f(c.ratio, 8)} {('yes' if c.bound_ok else 'NO'):>11} {_f(c.hit_rate, 5)}")
     return "\n".join(lines)
 

@@ -43,16 +43,21 @@ def test_flash_on_rtx5090_charges_two_40_expert_stages_and_shrinks_the_cache():
     stage = rows["prefill staging (2 x 40 experts)"]
     assert stage.device == "gpu0" and stage.bytes == 1_069_547_520 and "512 MiB" in stage.reason
     # by hand: usable = 32 GiB - 3 GiB reserve - 1 GiB runtime - activations; the cache gets what the non-expert
-    # set, 1M tokens of KV and the two stages leave, in whole experts
+    # set, 1M tokens of KV, the two stages and the int32 tables (slot table 43 x 256, two stage tables of 256) leave,
+    # in whole experts
     usable = 32 * GIB - 3 * GIB - 1 * GIB - activation_bytes(spec, 2048)
     kv = next(r.bytes for r in p.placement if r.what.startswith("KV cache"))
-    cache_experts = int((usable - inv.non_expert_bytes - kv - 1_069_547_520) // FLASH_BPE)
+    tables = 4 * 43 * 256 + 2 * 4 * 256
+    assert tables == 46_080
+    assert rows["expert slot table (43 x 256 int32)"].bytes == 44_032
+    assert rows["prefill staging tables (2 x 256 int32)"].bytes == 2_048
+    cache_experts = int((usable - inv.non_expert_bytes - kv - 1_069_547_520 - tables) // FLASH_BPE)
     assert cache_experts == 870  # 950 before the reserve: 80 experts (2 x 40) went to the stages
     assert int((usable - inv.non_expert_bytes - kv) // FLASH_BPE) == 950
     assert rows["GPU expert cache (870 experts)"].bytes == 870 * FLASH_BPE
     assert p.layout.stages[0].expert_cache_slots == 870
     gpu = p.devices[0]
-    assert gpu.used_bytes == int(inv.non_expert_bytes + kv + 1_069_547_520 + 870 * FLASH_BPE
+    assert gpu.used_bytes == int(inv.non_expert_bytes + kv + 1_069_547_520 + tables + 870 * FLASH_BPE
                                  + sum(gpu.margins.values()))
     assert gpu.used_bytes <= gpu.capacity_bytes
     assert any(d["what"] == "prefill staging" for d in p.decisions)
@@ -64,11 +69,51 @@ def test_runtime_arithmetic_on_the_plan_rebuilds_the_planned_stage():
     """What offload/cached_backend.py does with the plan's stage (budget, cache slots) gives the planned 40 experts."""
     spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
     p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions())
+    assert _runtime_stage_experts(p.layout.stages[0], inv.non_expert_bytes) == 40
+
+
+def _runtime_stage_experts(st, non_expert_bytes: int) -> int:
+    """offload/cached_backend.py on a device of the stage's budget: non-expert weights and KV, then the cache's slots
+    and its int32 slot table [stop_layer, 256]; the stages get (free - 2 stage tables) // (2 x expert), up to the rule
+    (-1: the slot table itself would not fit)."""
+    free = (st.budget_bytes - non_expert_bytes - st.kv_bytes - st.expert_cache_slots * FLASH_BPE
+            - 4 * st.stop_layer * 256)
+    if free < 0:
+        return -1
+    return min(prefill_stage_experts(FLASH_BPE, 256, st.budget_bytes), (free - 2 * 4 * 256) // (2 * FLASH_BPE))
+
+
+@pytest.mark.parametrize("slack", [0, -1])
+def test_a_gpu_the_plan_fills_exactly_still_holds_the_runtime_s_tables_and_40_expert_stages(slack):
+    """The plan charges the cache's slot table (43 x 256 int32 = 44,032 B) and the two stage tables (2,048 B): on a GPU
+    whose budget is the non-expert set + KV + 2 x 40 staged experts + 100 cache experts + 46,080 B exactly, the plan
+    keeps 100 cache slots and the runtime's arithmetic gets its 40-expert stages; one byte less and the plan gives up a
+    slot. Without the tables charged, that byte-short GPU would keep 100 slots and the runtime could stage only 39."""
+    from dataclasses import replace
+
+    from homerun.plan.specs import kv_layout
+    spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    base = load_profile("rtx5090-192gb")
+    margins = 3 * GIB + 1 * GIB + activation_bytes(spec, 2048)
+    kv = kv_layout(spec, "bf16").bytes_for(4096)
+    budget = inv.non_expert_bytes + kv + 46_080 + 80 * FLASH_BPE + 100 * FLASH_BPE + slack
+    prof = replace(base, gpus=(replace(base.gpus[0], vram_gib=(budget + margins) / GIB),))
+    p = plan(spec, inv, prof, PlanOptions(context_tokens=4096))
     st = p.layout.stages[0]
-    kv = st.kv_bytes
-    free_after_cache = st.budget_bytes - inv.non_expert_bytes - kv - st.expert_cache_slots * FLASH_BPE
-    per = min(prefill_stage_experts(FLASH_BPE, spec.n_routed_experts, st.budget_bytes), free_after_cache // (2 * FLASH_BPE))
-    assert per == 40
+    assert st.budget_bytes == budget and st.kv_bytes == kv and st.stop_layer == 43
+    rows = {r.what: r.bytes for r in p.placement}
+    assert rows["prefill staging (2 x 40 experts)"] == 80 * FLASH_BPE
+    assert rows["expert slot table (43 x 256 int32)"] == 44_032
+    assert rows["prefill staging tables (2 x 256 int32)"] == 2_048
+    assert st.expert_cache_slots == (100 if slack == 0 else 99)
+    assert _runtime_stage_experts(st, inv.non_expert_bytes) == 40
+    gpu = p.devices[0]
+    assert gpu.used_bytes <= gpu.capacity_bytes
+    if slack == 0:
+        assert gpu.used_bytes == gpu.capacity_bytes  # filled to the byte
+    else:  # the old charge (no tables) would have kept 100 slots, and the tables would eat into the stages
+        assert (budget - inv.non_expert_bytes - kv - 80 * FLASH_BPE) // FLASH_BPE == 100
+        assert _runtime_stage_experts(replace(st, expert_cache_slots=100), inv.non_expert_bytes) == 39
 
 
 def test_all_vram_and_unified_plans_charge_no_staging():
@@ -96,7 +141,8 @@ def test_staging_capped_by_the_vram_left_after_kv():
     assert p.mode == "hybrid"
     assert next(r.bytes for r in p.placement if r.what.startswith("KV cache")) == kv
     stage = [r for r in p.placement if r.what.startswith("prefill staging")]
-    assert [r.what for r in stage] == ["prefill staging (2 x 15 experts)"] and stage[0].bytes == 30 * FLASH_BPE
+    assert [r.what for r in stage] == ["prefill staging (2 x 15 experts)", "prefill staging tables (2 x 256 int32)"]
+    assert stage[0].bytes == 30 * FLASH_BPE
     assert not [r for r in p.placement if r.what.startswith("GPU expert cache")]
     assert p.devices[0].used_bytes <= p.devices[0].capacity_bytes
 

@@ -22,15 +22,10 @@ APPLICABLE = applicable(ROWS)
 BY_ID = {r["id"]: r for r in APPLICABLE}
 
 # Hybrid rows the planner gets wrong by more than 3x, each with the measured reason (strict xfail: a model change
-# that brings one within 3x must flip it, and nothing is tuned to pass).
-BEYOND_3X_UNEXPLAINED: dict[str, str] = {
-    # llmgarage.ai, 2x3090 + 5800X + 64 GB: 10-17 tok/s with llama.cpp --n-cpu-moe 26 (26/36 layers' experts computed on
-    # the CPU); the plan holds 57 % of the experts in VRAM and estimates 35.4. With the source's placement (hit 10/36,
-    # every miss on the CPU) the same speed model gives ~15.8 tok/s (row notes): the planner plans a different placement
-    # than the one measured, and the table has no field to impose a runtime's placement.
-    "llmgarage-gptoss120b-2x3090-5800x-64gb": "estimate is for homerun's placement (57 % of experts in VRAM), the "
-                                              "measurement for llama.cpp's --n-cpu-moe 26 (28 %): 35.4 vs 10-17",
-}
+# that brings one within 3x must flip it, and nothing is tuned to pass). Empty since rows are planned under their
+# runtime's own expert placement: llmgarage (llama.cpp --n-cpu-moe 26) went from 3.54x (the planner's placement,
+# 57 % of experts in VRAM) to 1.58x (the source's, 28 %).
+BEYOND_3X_UNEXPLAINED: dict[str, str] = {}
 
 
 @functools.cache
@@ -121,3 +116,60 @@ def test_row_options_reach_the_planner():
     req = row_inventory(row, inv)
     assert req.bytes_by_class["attn"] == int(inv.params_by_class["attn"] * 4.25 / 8)
     assert req.non_expert_bytes < inv.non_expert_bytes and req.routed_expert_bytes == inv.routed_expert_bytes
+
+
+def test_every_row_records_the_runtime_s_expert_placement_as_stated():
+    from homerun.plan.validate import placement_problems
+    stated = {r["id"]: r for r in ROWS if r["expert_placement"] != "unstated"}
+    for r in ROWS:
+        assert placement_problems(r) == [], r["id"]
+    # the rows whose sources state a placement, each quoting the words that state it
+    assert {i: r["expert_placement"] for i, r in stated.items()} == {
+        "kt-doc-gptoss120b-llamaserver-5090-9900x": {"kind": "cpu_moe_layers", "layers": 22},
+        "hwc-gptoss120b-3090-epyc7343-64gb": {"kind": "cpu_moe_layers", "layers": 27},
+        "llmgarage-gptoss120b-2x3090-5800x-64gb": {"kind": "cpu_moe_layers", "layers": 26},
+        "reddit-gptoss120b-14900k-8gbgpu-cpumoe": {"kind": "cpu_moe_layers", "layers": 36},
+        "reddit-gptoss120b-epyc9b14-cpu-only": {"kind": "all_cpu"},
+        "kt-doc-v4flash-8x5090-tp8": {"kind": "gpu_experts_per_layer", "experts": 144},
+        "kt-doc-v4flash0731-1x5090-20plus": {"kind": "gpu_experts_per_layer", "experts": 10}}
+    for i, r in stated.items():
+        n = r["expert_placement"].get("layers", r["expert_placement"].get("experts"))
+        assert n is None or str(n) in r["expert_placement_stated"], i
+    assert "--n-cpu-moe 26" in stated["llmgarage-gptoss120b-2x3090-5800x-64gb"]["expert_placement_stated"]
+    assert "--kt-num-gpu-experts 10" in stated["kt-doc-v4flash0731-1x5090-20plus"]["expert_placement_stated"]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"expert_placement": {"kind": "n_gpu_layers", "layers": 3}}, "must be"),
+    ({"expert_placement": {"kind": "cpu_moe_layers", "layers": -2}}, "non-negative integer 'layers'"),
+    ({"expert_placement": {"kind": "gpu_experts_per_layer"}}, "non-negative integer 'experts'"),
+    ({"expert_placement_stated": None}, "needs expert_placement_stated"),
+    ({"expert_placement": "unstated"}, "quotes a text"),
+])
+def test_placement_field_problems_are_reported(bad, problem):
+    row = {**BY_ID["llmgarage-gptoss120b-2x3090-5800x-64gb"], **bad}
+    assert any(problem in p for p in row_problems(row)), row_problems(row)
+
+
+def test_rows_are_planned_under_their_stated_placement_and_the_table_shows_it():
+    import importlib.util
+    import pathlib
+
+    from homerun.plan.validate import row_options
+    row = BY_ID["llmgarage-gptoss120b-2x3090-5800x-64gb"]
+    assert row_options(row).expert_placement.cpu_moe_layers == 26
+    assert row_options(BY_ID["freetoken444-v4flash-5090-epyc-rome"]).expert_placement is None
+    c = _compare(row["id"])
+    assert c.placement == "cpu-moe 26L"
+    # by hand (row notes): 10 of 36 layers' experts in VRAM; 26 x 4 x 13,236,480 B per token on the CPU at
+    # 40 x 0.65 GB/s = 52.9 ms, plus fixed GPU reads, per-layer overhead and handoff: ~63.4 ms -> 15.8 tok/s
+    assert c.hit_rate == pytest.approx(10 / 36)
+    assert c.estimate == pytest.approx(15.8, abs=0.1) and 1.5 < c.ratio < 1.6
+    assert c.upper_bound == pytest.approx(40e9 / (26 * 4 * 13_236_480)) and c.bound_ok
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "validate_plans.py"
+    spec = importlib.util.spec_from_file_location("validate_plans", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = mod.format_table([c, _compare("freetoken444-v4flash-5090-epyc-rome")])
+    head, _, llm, ft = table.splitlines()
+    assert "placement" in head.split() and "cpu-moe 26L" in llm and " planner " in ft

@@ -12,7 +12,7 @@ from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa
                                  page_cache_resident_fraction, tp_comm_seconds)
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
                                   PlacementRow, Plan, Stage, _Ctx, gib)
-from homerun.plan.staging import STAGE_BUFFERS, prefill_stage_experts
+from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
 from homerun.plan.speed import activation_bytes, context_section, decode_speed, finish, prefill_speed
 from profiles.schema import GIB
 
@@ -32,6 +32,22 @@ def _split_layers(n_layers: int, usable: list[float]) -> list[int]:
     return counts
 
 
+def _split_layers_by_bytes(layer_bytes: list[float], usable: list[float]) -> list[int]:
+    """Contiguous layers per GPU so that each GPU's share of the bytes tracks its share of usable memory: a layer goes
+    to the GPU whose share its midpoint falls in. For an imposed placement, whose VRAM experts make some layers far
+    heavier than others (--n-cpu-moe: the last ones), where a split by layer count would pile them on one GPU."""
+    total_w, total_u = sum(layer_bytes), sum(usable)
+    bounds = [total_w * sum(usable[:i + 1]) / total_u for i in range(len(usable))]
+    counts = [0] * len(usable)
+    acc, g = 0.0, 0
+    for w in layer_bytes:
+        while g < len(usable) - 1 and acc + w / 2 > bounds[g]:
+            g += 1
+        counts[g] += 1
+        acc += w
+    return counts
+
+
 def plan_discrete(c: _Ctx) -> Plan:
     spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
     gpus = prof.gpu_list
@@ -48,8 +64,17 @@ def plan_discrete(c: _Ctx) -> Plan:
     layer_bytes = inv.non_expert_bytes - embed - head  # per-layer tensors (attention, shared, routers, norms, ...)
     experts = inv.routed_expert_bytes
     counts = _split_layers(spec.num_layers, usable)
-    fracs = [n / spec.num_layers for n in counts]
     n = len(gpus)
+    ep = opts.expert_placement
+    if ep is not None and n > 1 and 0 < ep.gpu_experts(spec, 0, spec.num_layers) < spec.routed_experts_total:
+        per_layer = [layer_bytes / spec.num_layers + ep.gpu_experts(spec, i, i + 1) * inv.bytes_per_expert
+                     for i in range(spec.num_layers)]
+        by_bytes = _split_layers_by_bytes(per_layer, usable)
+        if by_bytes != counts and all(by_bytes):
+            c.decide("split", f"{n} pipeline stages, layers {by_bytes}", "imposed placement: layers split so each "
+                     f"GPU's non-expert weights and imposed VRAM experts track its usable VRAM (by count: {counts})")
+            counts = by_bytes
+    fracs = [k / spec.num_layers for k in counts]
     resident = [layer_bytes * fracs[i] + (embed if i == 0 else 0) + (head + mtp if i == n - 1 else 0) for i in range(n)]
     ctx_target = min(opts.context_tokens or spec.max_position_embeddings, spec.max_position_embeddings)
     if opts.context_tokens and opts.context_tokens > spec.max_position_embeddings:
@@ -64,6 +89,21 @@ def plan_discrete(c: _Ctx) -> Plan:
     # An explicit --context must fit as a whole; otherwise all-in-VRAM only needs to leave 128K of KV.
     kv_min_tokens = ctx_target if opts.context_tokens else min(ctx_target, ALL_VRAM_MIN_CONTEXT_TOKENS)
     kv_min_all = c.kv.bytes_for(kv_min_tokens)
+    if ep is not None:
+        # A peer's placement, imposed: the planner only checks that it fits and predicts its speed.
+        starts = [sum(counts[:i]) for i in range(n)]
+        on_gpu = [ep.gpu_experts(spec, starts[i], starts[i] + counts[i]) for i in range(n)]
+        total = spec.routed_experts_total
+        if sum(on_gpu) >= total:
+            kv_min = c.kv.bytes_for(ctx_target if opts.context_tokens else MIN_CONTEXT_TOKENS)
+            if kv_cap_all >= kv_min:
+                c.decide("expert placement", "imposed: all in VRAM", ep.describe() + "; all experts fit in VRAM "
+                         "with the non-expert set and KV")
+                return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
+        c.decide("expert placement", f"imposed: {sum(on_gpu)}/{total} experts in VRAM",
+                 ep.describe() + "; the VRAM experts are a static set, every other expert is computed on the CPU "
+                 "(none streamed over PCIe); the planner does not choose")
+        return _hybrid(c, gpus, counts, fracs, resident, margins, usable, ctx_target, imposed=on_gpu)
     if kv_cap_all >= kv_min_all:
         return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
     c.decide("experts", "host RAM",
@@ -99,11 +139,13 @@ def _gpu_rows(c: _Ctx, gpus: tuple, counts: list[int], resident: list[float], ex
 
 
 def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int], *, experts: str,
-                cache_slots: list[int], kv_per: list[int], kv_tokens: int) -> None:
+                cache_slots: list[int], kv_per: list[int], kv_tokens: int, imposed: bool = False) -> None:
     """The structured twin of _gpu_rows/_kv_rows and the cache rows: one Stage per GPU, layers in pipeline order."""
     start = 0
     for i, g in enumerate(gpus):
         where = ("routed experts resident in VRAM" if experts == "device" else
+                 f"imposed placement: {cache_slots[i]} experts static in VRAM, the rest computed on the CPU"
+                 if imposed else
                  f"routed experts in host RAM, {cache_slots[i]}-expert cache in VRAM" if cache_slots[i] else
                  "routed experts in host RAM, no VRAM left for an expert cache")
         c.stages.append(Stage(
@@ -114,25 +156,33 @@ def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int]
         start += counts[i]
 
 
-def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], bpe: int) -> list[int]:
+def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], bpe: int,
+                  imposed: bool = False) -> list[int]:
     """Charge each hybrid GPU the layer-wise prefill's double-buffered staging area (homerun.plan.staging: 2 x
-    min(512 MiB, one layer's experts, 1/4 of the VRAM budget), whole experts), capped by the VRAM left after KV;
-    the expert cache gets what remains."""
+    min(512 MiB, one layer's experts, 1/4 of the VRAM budget), whole experts) and its stage tables, capped by the VRAM
+    left after KV (`room`, the slot table already out of it); the expert cache gets what remains. Returns each GPU's
+    staging bytes, its stage tables included."""
     out = []
+    n_exp = c.spec.n_routed_experts
     for i in range(len(gpus)):
-        per = prefill_stage_experts(bpe, c.spec.n_routed_experts, int(usable[i]))
-        per = min(per, int(max(room[i], 0.0) // (STAGE_BUFFERS * bpe)))
+        stage_tables = device_table_bytes(0, n_exp, staged=True)
+        per = prefill_stage_experts(bpe, n_exp, int(usable[i]))
+        per = min(per, int(max(room[i] - stage_tables, 0.0) // (STAGE_BUFFERS * bpe)))
         b = STAGE_BUFFERS * per * bpe
-        out.append(b)
+        out.append(b + (stage_tables if per else 0))
         if b:
             c.placement.append(PlacementRow(
                 f"prefill staging ({STAGE_BUFFERS} x {per} experts)", f"gpu{i}", b,
                 "layer-wise prefill's double-buffered uploads, apart from the decode cache: "
                 "2 x min(512 MiB, a layer's experts, 1/4 of the VRAM budget)"))
+            c.placement.append(PlacementRow(
+                f"prefill staging tables ({STAGE_BUFFERS} x {n_exp} int32)", f"gpu{i}", stage_tables,
+                "each stage's expert -> row table, read on the device by the fused prefill kernels"))
     if any(out):
         c.decide("prefill staging", f"{gib(sum(out)):.2f} GiB of VRAM",
                  f"{STAGE_BUFFERS} buffers per GPU of min(512 MiB, one layer's {c.spec.n_routed_experts} experts, 1/4 of "
-                 "the VRAM budget) in whole experts, taken from the expert cache")
+                 "the VRAM budget) in whole experts, " + ("from the VRAM the imposed experts and KV leave" if imposed
+                                                          else "taken from the expert cache"))
     return out
 
 
@@ -188,35 +238,59 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
 
 
 def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
-            margins: dict[str, int], usable: list[float], ctx_target: int) -> Plan:
+            margins: dict[str, int], usable: list[float], ctx_target: int, imposed: list[int] | None = None) -> Plan:
+    """Experts in host RAM, a GPU expert cache in the VRAM left over; or, with `imposed` (experts per GPU from an
+    imposed ExpertPlacement), that static set in VRAM first and KV in what it leaves."""
     spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
     pol = prof.policy
     n = len(gpus)
     experts = inv.routed_expert_bytes
     bpe = max(inv.bytes_per_expert, 1)
-    free = [usable[i] - resident[i] for i in range(n)]
+    stops = [sum(counts[:i + 1]) for i in range(n)]
+    # The cache's slot table is device memory the runtime allocates next to the slots (staging.device_table_bytes).
+    tables = [device_table_bytes(stops[i], spec.n_routed_experts, staged=False) for i in range(n)]
+    static = [(imposed[i] if imposed else 0) * bpe for i in range(n)]
+    free = [usable[i] - resident[i] - tables[i] - static[i] for i in range(n)]
     kv_cap = min(free[i] / fracs[i] for i in range(n) if fracs[i] > 0)
-    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
+    max_tokens = max(0, min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)) if kv_cap > 0 else 0
     reserved_tokens = max(0, min(ctx_target, max_tokens))
     kv_reserved = c.kv.bytes_for(reserved_tokens) if reserved_tokens else 0
     _gpu_rows(c, gpus, counts, resident, [0.0] * n)
     kv_per = _kv_rows(c, fracs, kv_reserved, reserved_tokens)
-    staging = _staging_rows(c, gpus, usable, [max(0.0, free[i] - kv_per[i]) for i in range(n)], bpe)
+    for i in range(n):
+        c.placement.append(PlacementRow(
+            f"expert slot table ({stops[i]} x {spec.n_routed_experts} int32)", f"gpu{i}", tables[i],
+            "the cache's expert -> slot table, read on the device by the fused decode kernels"))
+    staging = _staging_rows(c, gpus, usable, [max(0.0, free[i] - kv_per[i]) for i in range(n)], bpe,
+                            imposed=bool(imposed))
     cache_bytes = [max(0.0, free[i] - kv_per[i] - staging[i]) for i in range(n)]
     layer_experts = [counts[i] * spec.n_routed_experts for i in range(n)]
-    cache_experts = [min(int(cache_bytes[i] // bpe), layer_experts[i]) for i in range(n)]
-    for i in range(n):
-        if cache_experts[i]:
-            c.placement.append(PlacementRow(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
-                                         cache_experts[i] * bpe,
-                                         "leftover VRAM after KV for the target context and the prefill staging"))
+    if imposed:
+        cache_experts = list(imposed)
+        for i in range(n):
+            if cache_experts[i]:
+                c.placement.append(PlacementRow(
+                    f"routed experts in VRAM, imposed ({cache_experts[i]} experts)", f"gpu{i}", static[i],
+                    f"imposed placement ({opts.expert_placement.describe()}): a static set, no refills"))
+    else:
+        cache_experts = [min(int(cache_bytes[i] // bpe), layer_experts[i]) for i in range(n)]
+        for i in range(n):
+            if cache_experts[i]:
+                c.placement.append(PlacementRow(f"GPU expert cache ({cache_experts[i]} experts)", f"gpu{i}",
+                                                cache_experts[i] * bpe, "leftover VRAM after KV for the target "
+                                                "context, the prefill staging and the slot table"))
     total_cache = sum(cache_experts)
     _gpu_stages(c, gpus, counts, margins, experts="host", cache_slots=cache_experts, kv_per=kv_per,
-                kv_tokens=reserved_tokens)
-    c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
-             f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
+                kv_tokens=reserved_tokens, imposed=bool(imposed))
+    if imposed:
+        c.decide("expert cache", "none (imposed placement)", f"{total_cache} experts static in VRAM as imposed; "
+                 f"KV for {reserved_tokens:,} tokens in the VRAM they leave")
+    else:
+        c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
+                 f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
     for i, g in enumerate(gpus):
-        used = resident[i] + kv_per[i] + staging[i] + cache_experts[i] * bpe + sum(margins.values())
+        used = (resident[i] + tables[i] + kv_per[i] + staging[i] + cache_experts[i] * bpe
+                + sum(margins.values()))
         c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
 
     host_cap = prof.cpu.ram_gib * GIB
@@ -225,18 +299,21 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     vram_expert_bytes = total_cache * bpe
     # A dynamic GPU cache keeps a host copy of every expert (a slot can be refilled with any expert). When RAM cannot
     # hold them all, the experts in VRAM become a static set with no host copy, and the host holds only the rest.
-    vram_only = experts > host_usable and vram_expert_bytes > 0
+    # An imposed placement's VRAM experts are static too (llama.cpp, KTransformers: no host copy once loaded).
+    vram_only = (experts > host_usable or bool(imposed)) and vram_expert_bytes > 0
     tier = experts - vram_expert_bytes if vram_only else experts  # expert bytes the host must serve
     in_ram = min(tier, host_usable)
     on_disk = tier - in_ram
-    if vram_only:
+    if vram_only and not imposed:
         c.decide("VRAM experts", f"static, VRAM only ({gib(vram_expert_bytes):.1f} GiB)",
                  f"host RAM ({gib(host_usable):.0f} GiB usable) cannot also hold copies of all {gib(experts):.0f} GiB "
                  "of experts: the GPU's experts stay put (no host copy, no refills); the host holds the rest")
     gpu_short = min(free[i] - c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[i] for i in range(n)) < 0
     c.placement.append(PlacementRow(f"routed experts ({spec.routed_experts_total} x {bpe:,} B, {spec.expert_format})"
                                  + (" not held in VRAM" if vram_only else ""),
-                                 "host", int(in_ram), "primary copy at stored precision; misses are computed on the "
+                                 "host", int(in_ram), "the experts the imposed placement leaves on the CPU, computed "
+                                 "there" if imposed and c.opts.cpu_experts else
+                                 "primary copy at stored precision; misses are computed on the "
                                  "CPU or streamed over PCIe" if c.opts.cpu_experts else
                                  "primary copy at stored precision; misses are streamed over PCIe (no CPU experts)"))
     remedy = None
@@ -258,7 +335,16 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
             remedy = (f"needs {gib(tier):.0f} GiB of host RAM for experts, the profile has "
                       f"{prof.cpu.ram_gib:.0f} GiB")
     c.devices.append(DeviceMap("host RAM", "host", int(host_cap), int(in_ram + sum(host_m.values())), host_m))
-    if gpu_short:
+    if gpu_short and imposed:
+        worst = min(range(n), key=lambda i: free[i] - c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[i])
+        need = (resident[worst] + tables[worst] + static[worst] + c.kv.bytes_for(MIN_CONTEXT_TOKENS) * fracs[worst]
+                + sum(margins.values()))
+        flag = "raise --n-cpu-moe" if opts.expert_placement.cpu_moe_layers is not None else "lower --gpu-experts"
+        vram = (f"the imposed placement ({opts.expert_placement.describe()}) needs {gib(need):.1f} GiB of VRAM on "
+                f"gpu{worst} for its {imposed[worst]} experts, the non-expert set, {MIN_CONTEXT_TOKENS} tokens of KV and "
+                f"margins, the GPU has {gpus[worst].vram_gib:.0f} GiB: {flag}")
+        remedy = f"{remedy}; it also {vram}" if remedy else vram
+    elif gpu_short:
         need = max(resident) + c.kv.bytes_for(MIN_CONTEXT_TOKENS) + sum(margins.values())
         vram = (f"needs {gib(need):.1f} GiB of VRAM per GPU for the non-expert set, {MIN_CONTEXT_TOKENS} tokens of "
                 f"KV and margins, the GPU has {gpus[0].vram_gib:.0f} GiB")
@@ -273,6 +359,11 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     g0 = gpus[0]
     if opts.hit_rate is not None:
         hit, src = opts.hit_rate, "--hit-rate"
+    elif imposed:
+        hit = total_cache / spec.routed_experts_total if spec.routed_experts_total else 0.0
+        src = (f"imposed placement ({opts.expert_placement.describe()}): {total_cache}/{spec.routed_experts_total} "
+               "experts static in VRAM; each MoE layer routes the same top-k, so picks land there at their share "
+               "(for --gpu-experts: a set chosen without a popularity profile)")
     elif vram_only:
         hit = min(1.0, vram_expert_bytes / experts) if experts else 0.0
         src = (f"static VRAM-only experts: {total_cache}/{spec.routed_experts_total} chosen without a popularity "
@@ -293,7 +384,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     pred = decode_speed(c, resident_bytes=resident_read, hit_rate=hit, local_gbps=g0.mem_bw_gbps, local_name="vram",
                         pcie_gbps=g0.h2d_gbps, dram_gbps=prof.cpu.mem_bw_gbps, disk_fraction=1.0 - page_hit,
                         disk_gbps=prof.disk.read_gbps, hit_rate_source=src, handoff_s=handoff,
-                        estimate_dram_gbps=dram_est)
+                        estimate_dram_gbps=dram_est, cpu_misses_only=bool(imposed) and opts.cpu_experts)
     stream = experts - vram_expert_bytes
     # Streamed bytes cross PCIe, and the part the page cache misses also comes off the disk first.
     t_stream = stream / (g0.h2d_gbps * 1e9) + ((1 - page_hit) * tier / (prof.disk.read_gbps * 1e9) if on_disk else 0.0)
@@ -301,7 +392,9 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
                               weight_gbps=g0.mem_bw_gbps, stream_bytes_per_pass=stream,
                               stream_gbps=stream / t_stream / 1e9 if t_stream else 0.0, stream_link="expert_streaming"))
     where = "host RAM" if mode == "hybrid" else "host RAM + disk mmap (slow)"
-    verdict = (f"fits: non-expert set, KV and a {total_cache}-expert cache on GPU, routed experts in {where}; "
+    verdict = (f"fits: non-expert set, KV and {total_cache} imposed static experts on GPU, the other routed experts "
+               f"in {where}; context up to {max_tokens:,} tokens" if imposed else
+               f"fits: non-expert set, KV and a {total_cache}-expert cache on GPU, routed experts in {where}; "
                f"context up to {max_tokens:,} tokens")
     return finish(c, fits=True, mode=mode, verdict=verdict, remedy=None, context=context, predicted=pred)
 
@@ -328,6 +421,9 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     reserved = max(0, min(ctx_target, max_tokens))
     dev = "host" if cpu_only else "unified"
     what = "host RAM (CPU only)" if cpu_only else "unified memory"
+    if opts.expert_placement is not None:
+        c.decide("expert placement", "not applied", f"{opts.expert_placement.describe()}: {what} is one memory pool, "
+                 "there is no VRAM/CPU split to impose")
     c.decide("placement", what, "no discrete GPU: every tensor in one memory pool" if cpu_only else
              f"CPU and GPU share {prof.cpu.ram_gib:.0f} GiB; the GPU may use {gib(limit):.0f} GiB of it")
     for cls, b in sorted(inv.bytes_by_class.items(), key=lambda kv: -kv[1]):

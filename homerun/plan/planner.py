@@ -16,7 +16,7 @@ from homerun.plan.inventory import Inventory
 from homerun.plan.placement import plan_discrete, plan_unified
 from homerun.plan.records import (  # noqa: F401 - the planner's public records, imported from here by callers
     ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, RAMP_TOKENS, THINK_MAX_MIN_TOKENS,
-    DeviceMap, Efficiency, Layout, Link, PlacementRow, Plan, PlanOptions, Stage, _Ctx, gib)
+    DeviceMap, Efficiency, ExpertPlacement, Layout, Link, PlacementRow, Plan, PlanOptions, Stage, _Ctx, gib)
 from homerun.plan.specs import ModelSpec, kv_layout
 from homerun.plan.speed import (  # noqa: F401 - re-exported for callers and tests
     activation_bytes, best_miss_split, cpu_kernel_from_flags, ramp)
@@ -26,6 +26,8 @@ from profiles.schema import HardwareProfile
 def plan(spec: ModelSpec, inv: Inventory, prof: HardwareProfile, opts: PlanOptions | None = None) -> Plan:
     """Place the model on the profile and predict context length and speed. Pure: same inputs, same Plan."""
     opts = opts or PlanOptions()
+    if opts.expert_placement is not None and (bad := opts.expert_placement.problem(spec)):
+        raise ValueError(f"expert placement: {bad}")
     c = _Ctx(spec, inv, prof, opts, kv_layout(spec, opts.kv_dtype))
     return plan_unified(c) if prof.memory.unified else plan_discrete(c)
 

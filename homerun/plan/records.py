@@ -44,6 +44,50 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class ExpertPlacement:
+    """A peer runtime's expert placement, imposed on the plan instead of the one the planner would choose, so a plan
+    compares like for like with a measurement of that runtime (issue 17). Exactly one field is set:
+
+    - `cpu_moe_layers` N: llama.cpp's `--n-cpu-moe N`: the routed experts of the first N layers stay on the CPU, every
+      later MoE layer's experts are in VRAM (`--cpu-moe` / `-ot exps=CPU`: N = all layers);
+    - `gpu_experts_per_layer` N: KTransformers' `--kt-num-gpu-experts N`: N experts of every MoE layer in VRAM.
+
+    The experts in VRAM are a static set (no refills, no host copy); every other expert is computed on the CPU."""
+
+    cpu_moe_layers: int | None = None
+    gpu_experts_per_layer: int | None = None
+    source: str = ""  # how it was given (the flag, or the published row's field), for the plan's reasons
+
+    def problem(self, spec: ModelSpec) -> str | None:
+        """What is wrong with this placement for `spec` (None when it is valid): the flag, the value, the range."""
+        if (self.cpu_moe_layers is None) == (self.gpu_experts_per_layer is None):
+            return "give exactly one of --n-cpu-moe and --gpu-experts"
+        if self.cpu_moe_layers is not None and not 0 <= self.cpu_moe_layers <= spec.num_layers:
+            return (f"--n-cpu-moe must be 0..{spec.num_layers} (the model's layers), got {self.cpu_moe_layers}")
+        if self.gpu_experts_per_layer is not None and not 0 <= self.gpu_experts_per_layer <= spec.n_routed_experts:
+            return (f"--gpu-experts must be 0..{spec.n_routed_experts} (routed experts per layer), "
+                    f"got {self.gpu_experts_per_layer}")
+        return None
+
+    def gpu_experts(self, spec: ModelSpec, first_layer: int, stop_layer: int) -> int:
+        """Routed experts in VRAM among layers [first_layer, stop_layer) (dense layers hold none)."""
+        moe = [i for i in range(first_layer, stop_layer) if i not in spec.dense_layers]
+        if self.cpu_moe_layers is not None:
+            return sum(1 for i in moe if i >= self.cpu_moe_layers) * spec.n_routed_experts
+        return len(moe) * min(int(self.gpu_experts_per_layer or 0), spec.n_routed_experts)
+
+    def describe(self) -> str:
+        if self.cpu_moe_layers is not None:
+            what = f"--n-cpu-moe {self.cpu_moe_layers}: routed experts of the first {self.cpu_moe_layers} layers on the CPU"
+        else:
+            what = f"--gpu-experts {self.gpu_experts_per_layer}: {self.gpu_experts_per_layer} experts per MoE layer in VRAM"
+        return what + (f" ({self.source})" if self.source else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class PlanOptions:
     context_tokens: int | None = None  # requested context; None = the model's max_position_embeddings
     kv_dtype: str = "bf16"
@@ -55,6 +99,7 @@ class PlanOptions:
     hit_rate: float | None = None  # override the assumed expert-cache hit rate
     cpu_experts: bool = True  # False: the runtime never computes experts on the CPU; misses stream over PCIe
     #   (MoE-Infinity, FreeToken --moe-backend offload); homerun's own runtime computes misses on the CPU
+    expert_placement: ExpertPlacement | None = None  # impose a peer's placement instead of choosing one
     efficiency: Efficiency = field(default_factory=Efficiency)
     cpu_kernel: dict[str, Any] | None = None  # from homerun.plan.hardware; None -> derived from the profile's CPU flags
 

@@ -133,7 +133,7 @@ def finish(c: _Ctx, *, fits: bool, mode: str, verdict: str, remedy: str | None, 
 def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps: float, local_name: str,
                  pcie_gbps: float, dram_gbps: float, disk_fraction: float = 0.0, disk_gbps: float | None = None,
                  hit_rate_source: str = "", parallel: int = 1, comm_s: float = 0.0, handoff_s: float = 0.0,
-                 estimate_dram_gbps: float | None = None) -> dict[str, Any]:
+                 estimate_dram_gbps: float | None = None, cpu_misses_only: bool = False) -> dict[str, Any]:
     """Decode tok/s: a physics bound and an estimate.
 
     Bound: 1 / max over links of bytes/bandwidth, links concurrent, misses split optimally between CPU compute and
@@ -144,7 +144,9 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
     per-layer overhead, the per-layer CPU<->GPU handoff of a hybrid layer (`handoff_s`) and the tensor-parallel
     all-reduces (`comm_s`). `parallel` GPUs each read 1/parallel of the bytes at once (tensor parallel).
     `disk_fraction` is the share of host-side expert reads the page cache misses (they come off the disk);
-    `disk_gbps` is then required (ValueError without a positive one: no silent division by zero)."""
+    `disk_gbps` is then required (ValueError without a positive one: no silent division by zero).
+    `cpu_misses_only`: the runtime computes every miss on the CPU and streams none (an imposed peer placement such
+    as llama.cpp's --n-cpu-moe), for the bound and the estimate alike."""
     if disk_fraction > 0 and not (disk_gbps and disk_gbps > 0):
         raise ValueError(f"decode_speed: disk_gbps must be a positive read bandwidth when disk_fraction > 0 "
                          f"(got disk_gbps={disk_gbps!r}, disk_fraction={disk_fraction})")
@@ -158,7 +160,7 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
 
     def links(v: float, p: float, d: float, k: float) -> tuple[list[Link], float]:
         fixed = (fixed_bytes + hit_bytes) / (v * 1e9)
-        if not miss_bytes:
+        if not miss_bytes or cpu_misses_only:
             f = 0.0
         elif not cpu and p > 0:
             f = 1.0
@@ -177,7 +179,7 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
     t_bound = max(x.seconds_per_token for x in bound_links)
     v_e, p_e = local_gbps * eff.vram, pcie_gbps * eff.pcie
     d_e = (dram_gbps if estimate_dram_gbps is None else estimate_dram_gbps) * eff.dram
-    if miss_bytes:  # the expert phase alone decides the split: the fixed reads happen before it
+    if miss_bytes and not cpu_misses_only:  # the expert phase alone decides the split: the fixed reads happen before it
         f_est = 1.0 if (not cpu and p_e > 0) else best_miss_split(hit_bytes / (v_e * 1e9), miss_bytes, v_e, p_e, d_e)
     else:
         f_est = 0.0

@@ -3,7 +3,8 @@ so layer L+1's experts upload while layer L computes and the decode cache's hot 
 
 One size rule for the planner (which charges it to VRAM) and the runtime (offload/cached_backend.py, which allocates
 it): each buffer holds min(STAGE_MAX_BYTES, one layer's routed experts, a quarter of the device's VRAM budget),
-in whole experts. Pure arithmetic.
+in whole experts. The int32 tables the GPU path keeps next to them (the cache's slot table, one expert table per stage)
+are device memory too: `device_table_bytes` is what the runtime allocates, so the plan charges the same. Pure arithmetic.
 """
 
 from __future__ import annotations
@@ -28,3 +29,13 @@ def prefill_stage_experts(bytes_per_expert: int, experts_per_layer: int, budget_
 def prefill_staging_bytes(bytes_per_expert: int, experts_per_layer: int, budget_bytes: int) -> int:
     """VRAM both staging buffers take: STAGE_BUFFERS x prefill_stage_experts x bytes_per_expert."""
     return STAGE_BUFFERS * prefill_stage_experts(bytes_per_expert, experts_per_layer, budget_bytes) * bytes_per_expert
+
+
+TABLE_ENTRY_BYTES = 4  # int32 expert -> slot entries (offload/cache.py slot_table, the stages' expert tables)
+
+
+def device_table_bytes(table_layers: int, experts_per_layer: int, staged: bool) -> int:
+    """Device bytes of the GPU path's lookup tables, as offload/cached_backend.py sizes them: the expert cache's
+    slot table [table_layers, experts] int32 (table_layers = the highest offloaded layer + 1) plus, with prefill
+    staging, one [experts] int32 table per stage buffer. V4-Flash, 43 layers x 256: 44,032 + 2,048 B."""
+    return TABLE_ENTRY_BYTES * experts_per_layer * (max(table_layers, 0) + (STAGE_BUFFERS if staged else 0))

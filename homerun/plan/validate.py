@@ -1,7 +1,8 @@
 """Check the planner against published measurements of real rigs (`benchmarks/published.json`, issue 17).
 
 Each table row names a model (a shipped card), the rig as a hardware profile, the context it ran at and the measured
-decode (and sometimes prefill) tok/s. `compare_row` plans that model on that profile and reports the planned mode,
+decode (and sometimes prefill) tok/s. `compare_row` plans that model on that profile (under the measured runtime's own
+expert placement when the source states it, so the two compare like for like) and reports the planned mode,
 the decode upper bound and estimate, the estimate/measured ratio and whether the bound holds; `summarize` gives the
 fractions the issue's goals are stated in. Pure library code: no printing, no CLI (that is benchmarks/validate_plans.py
 and, later, `homerun plan --validate`).
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from homerun.plan.inventory import Inventory, resolve_model
-from homerun.plan.planner import PlanOptions, plan
+from homerun.plan.planner import ExpertPlacement, PlanOptions, plan
 from profiles.schema import HardwareProfile, profile_from_dict
 
 TABLE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "published.json"
 MODES = ("all-vram", "hybrid", "cpu-only", "disk-mmap")
 HYBRID_MODES = ("hybrid", "disk-mmap")  # the rows issue 17's "within 2x" goal is about
 REQUIRED = ("id", "source_url", "quote_or_location", "model", "homerun_model", "precision", "precision_stated",
-            "hardware", "decode_tok_s", "system", "mode", "exclude")
+            "hardware", "decode_tok_s", "system", "mode", "expert_placement", "expert_placement_stated", "exclude")
+# expert_placement kinds -> the count each needs (None: no count)
+PLACEMENT_KINDS = {"cpu_moe_layers": "layers", "all_cpu": None, "gpu_experts_per_layer": "experts"}
 # planned mode -> stated modes it agrees with (a unified-memory plan is the all-in-memory case)
 _AGREES = {"all-vram": ("all-vram",), "unified": ("all-vram",), "hybrid": ("hybrid",), "disk-mmap": ("disk-mmap",),
            "cpu-only": ("cpu-only",)}
@@ -90,7 +93,48 @@ def row_problems(row: dict[str, Any]) -> list[str]:
             out.append("weight_bits without a weight_bits_source (where the precision is stated)")
     if row.get("cpu_experts") is not None and not isinstance(row["cpu_experts"], bool):
         out.append("cpu_experts must be true or false")
+    out.extend(placement_problems(row))
     return out
+
+
+def placement_problems(row: dict[str, Any]) -> list[str]:
+    """Problems of a row's expert_placement / expert_placement_stated pair (checked on excluded rows too)."""
+    ep, stated = row.get("expert_placement"), row.get("expert_placement_stated")
+    if ep == "unstated":
+        return [] if stated is None else ["expert_placement is 'unstated' but expert_placement_stated quotes a text"]
+    if not isinstance(ep, dict) or ep.get("kind") not in PLACEMENT_KINDS:
+        return [f"expert_placement must be \"unstated\" or {{kind: {' | '.join(PLACEMENT_KINDS)}, ...}}, got {ep!r}"]
+    out = []
+    key = PLACEMENT_KINDS[ep["kind"]]
+    if key is not None:
+        v = ep.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            out.append(f"expert_placement {ep['kind']} needs a non-negative integer '{key}'")
+    if not str(stated or "").strip():
+        out.append("a stated expert_placement needs expert_placement_stated (the source's words)")
+    return out
+
+
+def row_placement(row: dict[str, Any]) -> ExpertPlacement | None:
+    """The measured runtime's own expert placement as the planner option that imposes it (None when unstated)."""
+    ep = row.get("expert_placement")
+    if not isinstance(ep, dict):
+        return None
+    src = f"published row {row['id']}"
+    if ep["kind"] == "cpu_moe_layers":
+        return ExpertPlacement(cpu_moe_layers=int(ep["layers"]), source=src)
+    if ep["kind"] == "all_cpu":  # no expert in VRAM: 0 per layer (also for models with dense layers)
+        return ExpertPlacement(gpu_experts_per_layer=0, source=src + ": all routed experts on the CPU")
+    return ExpertPlacement(gpu_experts_per_layer=int(ep["experts"]), source=src)
+
+
+def placement_label(row: dict[str, Any]) -> str:
+    """Short form for tables: the peer's flag, or 'planner' when the source states no placement."""
+    ep = row.get("expert_placement")
+    if not isinstance(ep, dict):
+        return "planner"
+    return {"cpu_moe_layers": f"cpu-moe {ep.get('layers')}L", "all_cpu": "all cpu",
+            "gpu_experts_per_layer": f"gpu-exp {ep.get('experts')}/L"}[ep["kind"]]
 
 
 def row_profile(row: dict[str, Any]) -> HardwareProfile:
@@ -121,8 +165,9 @@ def row_inventory(row: dict[str, Any], inv: Inventory) -> Inventory:
 
 
 def row_options(row: dict[str, Any]) -> PlanOptions:
-    """PlanOptions for a row: its context, its decode depth, the disk tier allowed (so RAM-short rigs still plan), and
-    whether its system computes experts on the CPU at all (`cpu_experts`, default true)."""
+    """PlanOptions for a row: its context, its decode depth, the disk tier allowed (so RAM-short rigs still plan),
+    whether its system computes experts on the CPU at all (`cpu_experts`, default true), and the runtime's own expert
+    placement when its source states one (`expert_placement`)."""
     ctx = row.get("context_tokens")
     depth = row.get("decode_depth_tokens")
     if depth is None:
@@ -136,6 +181,7 @@ def row_options(row: dict[str, Any]) -> PlanOptions:
         kw["cpu_experts"] = bool(row["cpu_experts"])
     if row.get("prompt_tokens"):
         kw["prefill_prompt_tokens"] = int(row["prompt_tokens"])
+    kw["expert_placement"] = row_placement(row)
     return PlanOptions(**kw)
 
 
@@ -145,6 +191,7 @@ class Comparison:
     model: str
     stated_mode: str
     planned_mode: str
+    placement: str  # the expert placement planned: the source's (placement_label) or 'planner' (the planner chose)
     fits: bool
     measured: float  # representative decode tok/s (low end of a stated range)
     measured_high: float  # what the bound must cover (high end of a range, else measured)
@@ -180,7 +227,8 @@ def compare_row(row: dict[str, Any]) -> Comparison:
     measured = float(row["decode_tok_s"])
     high = float(row.get("decode_tok_s_high") or measured)
     return Comparison(
-        id=row["id"], model=row["homerun_model"], stated_mode=row["mode"], planned_mode=p.mode, fits=p.fits,
+        id=row["id"], model=row["homerun_model"], stated_mode=row["mode"], planned_mode=p.mode,
+        placement=placement_label(row), fits=p.fits,
         measured=measured, measured_high=high, upper_bound=ub, estimate=est,
         ratio=(est / measured) if est else None, bound_ok=ub is not None and ub >= high,
         mode_agrees=row["mode"] in _AGREES.get(p.mode, ()),

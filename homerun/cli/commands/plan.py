@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
                                                                       "(slow).")] = False,
         hit_rate: Annotated[float | None, typer.Option("--hit-rate", min=0.0, max=1.0, help="Override the assumed "
                                                        "GPU expert-cache hit rate.")] = None,
+        n_cpu_moe: Annotated[int | None, typer.Option("--n-cpu-moe", help="Impose llama.cpp's placement: the routed "
+                                                      "experts of the first N layers on the CPU, the rest in VRAM.")] = None,
+        gpu_experts: Annotated[int | None, typer.Option("--gpu-experts", help="Impose KTransformers' placement "
+                                                        "(--kt-num-gpu-experts): N experts per MoE layer in VRAM, the "
+                                                        "rest on the CPU.")] = None,
         hub: Annotated[bool, typer.Option("--hub", help="Read the real safetensors headers from the Hub (network; "
                                                         "no weights are downloaded).")] = False,
         revision: Annotated[str | None, typer.Option("--revision", help="Hub revision for --hub.")] = None,
@@ -45,6 +50,7 @@ def register(app: typer.Typer) -> None:
           homerun plan deepseek-ai/DeepSeek-V4-Flash --hw rtx5090-192gb
           homerun plan v4-pro --hw m3-ultra-512gb --kv-dtype fp8 --json
           homerun plan ./DeepSeek-V4-Flash --hw auto
+          homerun plan openai/gpt-oss-120b --hw rtx3090-64gb --n-cpu-moe 26
         """
         from homerun.cli.output import Output
 
@@ -57,7 +63,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("homerun plan needs a MODEL (or --validate)", hint="e.g. homerun plan v4-flash --hw auto")
         doc, p = build_plan(model, hw=hw, context=context, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
                             depth=depth, mtp=mtp, allow_disk=allow_disk, hit_rate=hit_rate, hub=hub,
-                            revision=revision, measure=not no_measure)
+                            revision=revision, measure=not no_measure, n_cpu_moe=n_cpu_moe, gpu_experts=gpu_experts)
         out.result(doc, lambda console: render_plan(console, doc))
         if not p.fits:
             raise DoesNotFitError(p.remedy or "does not fit", hint=_no_fit_hint(doc))
@@ -65,21 +71,33 @@ def register(app: typer.Typer) -> None:
 
 def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str = "bf16", prefill_chunk: int = 2048,
                depth: int = 4096, mtp: bool = False, allow_disk: bool = False, hit_rate: float | None = None,
-               hub: bool = False, revision: str | None = None, measure: bool = True) -> tuple[dict[str, Any], Any]:
-    """Resolve, plan, and return (JSON document, Plan). Shared by the command and by tests."""
+               hub: bool = False, revision: str | None = None, measure: bool = True, n_cpu_moe: int | None = None,
+               gpu_experts: int | None = None) -> tuple[dict[str, Any], Any]:
+    """Resolve, plan, and return (JSON document, Plan). Shared by the command and by tests. `n_cpu_moe` /
+    `gpu_experts` impose a peer runtime's expert placement (homerun.plan.records.ExpertPlacement)."""
     from dataclasses import replace
 
     from homerun.plan.hardware import efficiency_from, load_measured
     from homerun.plan.inventory import resolve_model
-    from homerun.plan.planner import PlanOptions, distributed_launch, plan, with_distributed
+    from homerun.plan.planner import ExpertPlacement, PlanOptions, distributed_launch, plan, with_distributed
     from profiles import list_profiles, load_profile
 
     from homerun.cli.checks import check_depth, check_plan_model
 
     if kv_dtype not in ("bf16", "fp8"):
         raise UsageError(f"--kv-dtype must be bf16 or fp8, got {kv_dtype!r}", hint="use --kv-dtype fp8 to halve KV")
+    if n_cpu_moe is not None and gpu_experts is not None:
+        raise UsageError("--n-cpu-moe and --gpu-experts both impose the expert placement: give one",
+                         hint="--n-cpu-moe N as in llama.cpp, or --gpu-experts N as KTransformers' --kt-num-gpu-experts")
     spec, inv = resolve_model(check_plan_model(model, hub=hub), hub=hub, revision=revision)
     check_depth(depth, context, spec.max_position_embeddings)
+    placement = None
+    if n_cpu_moe is not None or gpu_experts is not None:
+        placement = ExpertPlacement(cpu_moe_layers=n_cpu_moe, gpu_experts_per_layer=gpu_experts)
+        bad = placement.problem(spec)
+        if bad:
+            raise UsageError(bad, hint=f"{spec.name} has {spec.num_layers} layers of {spec.n_routed_experts} routed "
+                                       "experts; leave both flags out to let the planner choose")
     measured = load_measured()
     detection = None
     kernel = None
@@ -94,7 +112,7 @@ def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str
         hit_rate = measured.expert_cache_hit_rate.get(spec.name)
     opts = PlanOptions(context_tokens=context, kv_dtype=kv_dtype, prefill_chunk_tokens=prefill_chunk,
                        decode_depth_tokens=depth, include_mtp=mtp, allow_disk=allow_disk, hit_rate=hit_rate,
-                       efficiency=efficiency_from(measured), cpu_kernel=kernel)
+                       efficiency=efficiency_from(measured), cpu_kernel=kernel, expert_placement=placement)
     p = plan(spec, inv, prof, opts)
     doc_extra: dict[str, Any] = {}
     if not p.fits:
@@ -246,12 +264,12 @@ def render_validation(console: Any, doc: dict[str, Any]) -> None:
         return "-" if x is None else f"{x:.2f}"
 
     table = Table(title="Planned vs published decode tok/s (benchmarks/published.json)", title_justify="left")
-    for col in ("row", "mode plan/stated", "measured", "bound", "estimate", "est/meas", "bound ok", "hit"):
-        table.add_column(col, justify="left" if col in ("row", "mode plan/stated") else "right")
+    for col in ("row", "mode plan/stated", "placement", "measured", "bound", "estimate", "est/meas", "bound ok", "hit"):
+        table.add_column(col, justify="left" if col in ("row", "mode plan/stated", "placement") else "right")
     for r in doc["rows"]:
         meas = f(r["measured"]) if r["measured"] == r["measured_high"] else f"{r['measured']:g}-{r['measured_high']:g}"
-        table.add_row(r["id"], f"{r['planned_mode']}/{r['stated_mode']}", meas, f(r["upper_bound"]), f(r["estimate"]),
-                      f(r["ratio"]), "yes" if r["bound_ok"] else "[red]NO[/red]", f(r["hit_rate"]))
+        table.add_row(r["id"], f"{r['planned_mode']}/{r['stated_mode']}", r["placement"], meas, f(r["upper_bound"]),
+                      f(r["estimate"]), f(r["ratio"]), "yes" if r["bound_ok"] else "[red]NO[/red]", f(r["hit_rate"]))
     console.print(table)
     s = doc["summary"]
     frac = s["hybrid_within_2x_fraction"]
