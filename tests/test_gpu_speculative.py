@@ -31,7 +31,7 @@ if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cove
 
 from offload.cached_backend import CacheOptions, MissOptions, build_cached_backend  # noqa: E402
 from offload.devices import CudaStandInDevice  # noqa: E402
-from offload.gpu_decode import SpeculationPolicy  # noqa: E402
+from offload.gpu_decode import FUSED_MAX_ROWS, SpeculationPolicy  # noqa: E402
 
 # 4 prompt tokens, then decode at positions 4..7: position 7 closes the CSA layer's compressor and indexer windows
 # (rate 4), so a redone token re-closes a window whose speculative close already wrote a KV row.
@@ -218,3 +218,50 @@ def test_bad_speculation_mode_is_a_usage_error():
 
     with pytest.raises(UsageError, match="speculate"):
         MissOptions(speculate="sometimes")
+
+
+# --- the backend's token protocol on its own (no model: fast) --------------------------------------------------------
+
+def test_backend_speculates_until_a_miss_then_waits_per_layer():
+    """Layers 0 and 1 resident, layer 2 cold. Token 1 (auto: optimistic start) is speculated: no prefetch, layer 2's
+    output lacks its missed experts, end_token names layer 2 once; the exact redo of layer 2 equals the reference
+    and the hits are counted once. Token 2: the miss pulled the all-hit rate under the threshold, so it is exact."""
+    from offload.base import ReferenceExpertBackend, WrappingBackend
+    from offload.host_store import random_packed_expert
+
+    g = torch.Generator().manual_seed(0)
+    experts = {(l, e): random_packed_expert(64, 32, g) for l in range(3) for e in range(6)}
+    src = lambda l, e: experts[(l, e)]  # noqa: E731
+    be = build_cached_backend(src, range(3), 6, swiglu_limit=10.0, device=CudaStandInDevice("cuda-standin:0", 1 << 30),
+                              cache=CacheOptions(slots_per_layer={0: 6, 1: 6, 2: 6}), misses=MissOptions("stream"))
+    for key in [(l, e) for l in (0, 1) for e in range(6)]:
+        be.cache.prefetch(key, block=True)
+    be.cache.commit()
+    ref = ReferenceExpertBackend(src, swiglu_limit=10.0)
+    x, ids, w = torch.randn(1, 64, generator=g), torch.tensor([[1, 4]]), torch.rand(1, 2, generator=g)
+    wrapped = WrappingBackend(be)  # wrappers forward the token hooks
+
+    assert wrapped.begin_token(1) is True and not be.wants_speculation
+    warmed = be.cache.stats().to_dict()["prefetches"]
+    assert be.prefetch_speculative(2, ids) == [] and be.cache.stats().to_dict()["prefetches"] == warmed
+    ys = [wrapped.forward(l, x, ids, w) for l in range(3)]
+    assert wrapped.end_token() == 2 and be.wants_speculation
+    assert torch.equal(ys[2], torch.zeros_like(ys[2]))  # both of layer 2's experts missed: contribute zero
+    for layer in (0, 1):
+        assert torch.allclose(ys[layer], ref.forward(layer, x, ids, w), rtol=1e-5, atol=1e-6)
+    redo = wrapped.forward(2, x, ids, w)  # the model's redo: exact, the misses streamed
+    assert torch.allclose(redo, ref.forward(2, x, ids, w), rtol=1e-5, atol=1e-6)
+    assert wrapped.end_token() is None
+    st = be.stats().to_dict()
+    d = st["gpu"]["decode"]
+    assert (st["cache"]["hits"], st["cache"]["misses"]) == (4, 2)
+    assert (d["speculative_tokens"], d["redos"], d["redo_from"], d["event_waits"]) == (1, 1, {2: 1}, 2)
+
+    assert wrapped.begin_token(1) is False  # all-hit rate 0.9 < threshold
+    for layer in range(3):
+        wrapped.forward(layer, x, ids, w)
+    assert wrapped.end_token() is None
+    d = be.stats().to_dict()["gpu"]["decode"]
+    assert (d["tokens"], d["speculative_tokens"], d["event_waits"]) == (2, 1, 5)
+    assert be.begin_token(FUSED_MAX_ROWS + 1) is False  # prefill-sized forwards are never speculated
+    be.close()
