@@ -86,6 +86,20 @@ class ExpertBackend:
         input); returns the experts prefetched."""
         return []
 
+    def begin_token(self, n_tokens: int) -> bool:
+        """The model calls this once per forward, before any layer (and before the hash-layer prefetches). True: the
+        backend speculates this forward (it expects every expert of every layer to be resident): its forward calls
+        queue their work without waiting for the host to learn about misses, and `end_token` says whether the
+        forward stands. False (the default): every forward call is exact."""
+        return False
+
+    def end_token(self) -> int | None:
+        """The model calls this after the last layer of every forward. None: the forward stands. Else (only after
+        `begin_token` returned True) the index of the first layer whose speculative call missed: its output lacks
+        the missed experts, so the model reruns that layer and every later one from their inputs and their states
+        before this forward, and the backend serves those calls exactly (misses included)."""
+        return None
+
     def stats(self) -> BackendStats:
         return BackendStats(type(self).__name__)
 
@@ -115,6 +129,12 @@ class WrappingBackend(ExpertBackend):
 
     def prefetch_speculative(self, layer, expert_ids):
         return self.inner.prefetch_speculative(layer, expert_ids)
+
+    def begin_token(self, n_tokens):
+        return self.inner.begin_token(n_tokens)
+
+    def end_token(self):
+        return self.inner.end_token()
 
     def stats(self) -> BackendStats:
         return self.inner.stats()

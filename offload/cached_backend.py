@@ -28,7 +28,7 @@ from homerun.formats.quant import FP4_BLOCK, FP4_LUT, e8m0_to_float
 from homerun.plan.staging import STAGE_BUFFERS, STAGE_MAX_BYTES, prefill_stage_experts
 from offload.base import BackendStats, ExpertBackend, ExpertWeights, swiglu_expert
 from offload.cache import ExpertCache
-from offload.gpu_decode import FUSED_MAX_ROWS
+from offload.gpu_decode import FUSED_MAX_ROWS, SPECULATE_MODES
 
 # Bytes per prefill stage at most (two stages): a V4-Flash layer's 256 experts are ~3.4 GB, so a 32 GB card stages a
 # layer in groups (40 experts of 13.4 MB); the plan reserves the same two stages (homerun.plan.staging, one size rule).
@@ -69,11 +69,9 @@ class CachedExpertBackend(ExpertBackend):
     as `miss_policy` splits them (no policy: stream all). Hooks for the runtime: prefetch_hash_layer,
     prefetch_speculative, stats."""
 
-    wants_speculation = True
-
     def __init__(self, cache: ExpertCache, *, swiglu_limit: float, cpu_backend: ExpertBackend | None = None,
                  miss_policy: MissPolicy | None = None, compute_dtype: torch.dtype = torch.float32,
-                 promote_cpu_misses: bool = True, pipeline_depth: int = 2) -> None:
+                 promote_cpu_misses: bool = True, pipeline_depth: int = 2, speculate: str = "auto") -> None:
         self.cache = cache
         self.swiglu_limit = swiglu_limit
         self.cpu_backend = cpu_backend
@@ -93,11 +91,20 @@ class CachedExpertBackend(ExpertBackend):
 
             mods = fused_kernels()
             if mods is not None:
-                self.fused = FusedDecode(self, mods)
+                self.fused = FusedDecode(self, mods, speculate)
 
     @property
     def device(self) -> torch.device:
         return self.cache.device.torch_device
+
+    @property
+    def _speculating(self) -> bool:
+        return self.fused is not None and self.fused.speculating
+
+    @property
+    def wants_speculation(self) -> bool:  # type: ignore[override]
+        # a speculated token prefetches nothing: the guess would only be read on the host, a wait per layer
+        return not self._speculating
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
@@ -187,12 +194,26 @@ class CachedExpertBackend(ExpertBackend):
             self._link_seen = (s.bytes_moved, s.busy_s)
 
     # --- hooks for the runtime -----------------------------------------------------------------------------
+    def begin_token(self, n_tokens: int) -> bool:
+        """Speculate decode tokens on the fused path while its policy says so (offload/gpu_decode.py)."""
+        if self.fused is None:
+            return False
+        prefill = self.prefill is not None and n_tokens > self.prefill.min_rows
+        return self.fused.begin_token(decode=n_tokens <= FUSED_MAX_ROWS and not prefill)
+
+    def end_token(self) -> int | None:
+        return self.fused.end_token() if self.fused is not None else None
+
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        if self._speculating:  # the hash layers' experts are expected resident; a miss is redone exactly
+            return []
         if self.prefill is not None and token_ids.shape[0] > self.prefill.min_rows:
             return self.prefill.hash_layer(layer, tid2eid, token_ids)  # prefill: the decode cache stays as it is
         return self.prefetcher.hash_layer(layer, tid2eid, token_ids)
 
     def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        if self._speculating:
+            return []
         if self.prefill is not None and expert_ids.shape[0] > self.prefill.min_rows:
             return self.prefill.speculate(layer, expert_ids)  # prefill: stage the next layer, not the cache
         return self.prefetcher.speculate(layer, expert_ids)
@@ -320,16 +341,21 @@ class CacheOptions:
 class MissOptions:
     """How misses are served: `mode` (offload.miss_policy MODES: "auto" splits them between the CPU backend and
     streaming by cost, "cpu", "stream"); measured link and CPU bandwidths (None: the cost model's priors); how many
-    streamed experts are pipelined ahead."""
+    streamed experts are pipelined ahead; whether decode tokens are speculated all-hit (one host wait per token
+    instead of one per layer; "auto": while the measured all-hit rate pays for the redos, "always", "never")."""
 
     mode: str = "auto"
     link_gbps: float | None = None
     cpu_gbps: float | None = None
     pipeline_depth: int = 2
+    speculate: str = "auto"  # decode tokens speculated all-hit on the fused GPU path (gpu_decode.SpeculationPolicy)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"MissOptions.mode: unknown miss mode {self.mode!r}", hint=f"use one of {', '.join(MODES)}")
+        if self.speculate not in SPECULATE_MODES:
+            raise UsageError(f"MissOptions.speculate: unknown mode {self.speculate!r}",
+                             hint=f"use one of {', '.join(SPECULATE_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -407,7 +433,8 @@ def build_cached_backend(
     measured = {k: v for k, v in (("link_gbps", misses.link_gbps), ("cpu_gbps", misses.cpu_gbps)) if v is not None}
     miss = MissPolicy(costs_for_expert(store.expert_bytes, hidden, w1.shape[0], **measured), mode=misses.mode)
     backend = CachedExpertBackend(expert_cache, swiglu_limit=swiglu_limit, cpu_backend=cpu_backend, miss_policy=miss,
-                                  compute_dtype=compute_dtype, pipeline_depth=misses.pipeline_depth)
+                                  compute_dtype=compute_dtype, pipeline_depth=misses.pipeline_depth,
+                                  speculate=misses.speculate)
     if stream and backend.fused is not None:
         from offload.gpu_decode import fused_kernels
         from offload.prefill_stream import PrefillStreamer

@@ -10,6 +10,16 @@ device tensor); hits are counted for the policy. (5) Only when the mask has a mi
 policy; CPU misses take their activation rows to the host through a pinned buffer, are computed by the CPU backend
 on its worker thread while streamed misses are copied into slots and computed by a second fused launch over a
 table that names only them; both land in the output. Math: fp32 accumulation; the output is x's dtype.
+
+Speculative decode tokens (`begin_token` / `end_token`, the backend contract's token hooks): step (4) costs one host
+wait per layer. While recent tokens were all-hit often enough (`SpeculationPolicy`), a decode token is speculated:
+each layer runs (1)-(3) only, its ids and miss mask going to its own pinned slot, and the host never waits inside the
+token. At the token's end one wait covers every layer; the masks are read, the hits of the layers before the first
+miss are counted (touch, release, prefetch scoring) exactly as step (4) would have, and if a layer missed, the model
+recomputes that layer and every later one on the exact path above (which counts their hits and serves their misses),
+so nothing is counted twice and the logits are the exact path's bit for bit (the same kernels on the same inputs).
+While speculating the backend issues no prefetches (the experts are expected resident; prefetching needs the routing
+on the host, a wait per layer).
 """
 
 from __future__ import annotations
@@ -25,6 +35,60 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Tokens per call up to which decode takes the fused kernel (above it: prefill streaming, or the per-expert path).
 FUSED_MAX_ROWS = 64
+SPECULATE_MODES = ("auto", "always", "never")
+
+
+class SpeculationPolicy:
+    """Whether to speculate the next decode token all-hit: one host wait at its end instead of one per layer.
+
+    A speculated all-hit token saves (n - 1) waits of `wait_s` (n: the layers this backend serves); a token with a
+    miss is redone from its first missed layer on, about `REDO_FRACTION` of the token's `token_s` plus the redone
+    layers' waits. With p the all-hit rate of recent decode tokens (an EWMA over every decode token, speculated or
+    not), speculating pays when  wait_s + (1 - p) (REDO_FRACTION token_s + n wait_s / 2) < n wait_s,  i.e.
+        p > threshold = 1 - (n - 1) wait_s / (REDO_FRACTION token_s + n wait_s / 2),
+    clamped to [MIN_THRESHOLD, MAX_THRESHOLD]: a few tokens with misses stop speculation, and it resumes once the
+    measured rate climbs back (about 45 all-hit tokens at the upper clamp). token_s is measured (EWMA of each
+    decode token's host time, its end wait included); wait_s is a prior: a CUDA event sync plus the launch bubble
+    it leaves behind (~20 us; a stand-in's waits cost nothing, but speculation is what its tests exercise).
+    "always" / "never" pin the choice (tests, A/B runs)."""
+
+    REDO_FRACTION = 0.5  # the first miss falls anywhere in the token: half of it is redone on average
+    MIN_THRESHOLD, MAX_THRESHOLD = 0.5, 0.999
+
+    def __init__(self, mode: str = "auto", *, wait_s: float = 20e-6, ewma: float = 0.1) -> None:
+        if mode not in SPECULATE_MODES:
+            from homerun.errors import UsageError
+
+            raise UsageError(f"unknown speculation mode {mode!r}", hint=f"choose one of {', '.join(SPECULATE_MODES)}")
+        self.mode = mode
+        self.wait_s = wait_s
+        self.alpha = ewma
+        self.all_hit_rate = 1.0  # optimistic start: the first decode tokens after a warm prefill mostly hit
+        self.token_s: float | None = None
+        self.n_layers = 1
+
+    def threshold(self) -> float:
+        if self.token_s is None:
+            return self.MIN_THRESHOLD
+        n, w = self.n_layers, self.wait_s
+        t = 1.0 - (n - 1) * w / (self.REDO_FRACTION * self.token_s + n * w / 2)
+        return min(self.MAX_THRESHOLD, max(self.MIN_THRESHOLD, t))
+
+    def speculate(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "always"
+        return self.all_hit_rate > self.threshold()
+
+    def observe(self, all_hit: bool, n_layers: int, seconds: float) -> None:
+        """One decode token finished: whether every layer hit, the layers it called, its host time."""
+        a = self.alpha
+        self.all_hit_rate += a * (float(all_hit) - self.all_hit_rate)
+        self.n_layers = max(1, n_layers)
+        self.token_s = seconds if self.token_s is None else self.token_s + a * (seconds - self.token_s)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "all_hit_rate": self.all_hit_rate, "threshold": self.threshold(),
+                "token_s": self.token_s, "wait_s": self.wait_s}
 
 
 def fused_kernels():
@@ -48,16 +112,18 @@ class PinnedStaging:
     def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._bufs.get((name, dtype))
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 64), dtype=dtype, pin_memory=self.pin)
+            with torch.inference_mode(False):  # a plain tensor: written in and out of inference mode alike
+                buf = torch.empty(max(n, 64), dtype=dtype, pin_memory=self.pin)
             self._bufs[(name, dtype)] = buf
         return buf[:n]
 
 
 class FusedDecode:
     """The fused hit path over `backend.cache` (see the module docstring). Counters: calls, layers that had misses,
-    event waits (one per call), CPU- and stream-served misses."""
+    event waits (host syncs: one per exact call, one per speculated token), decode tokens, speculated tokens and
+    redos."""
 
-    def __init__(self, backend: "CachedExpertBackend", mods) -> None:
+    def __init__(self, backend: "CachedExpertBackend", mods, speculate: str = "auto") -> None:
         self.b = backend
         self.cache = backend.cache
         self.moe = mods.moe
@@ -65,9 +131,77 @@ class FusedDecode:
         self.is_cuda = self.cache.device.is_cuda
         self.staging = PinnedStaging(self.is_cuda)
         self.views = self.cache.kernel_views()
+        self.policy = SpeculationPolicy(speculate)
         self.n_calls = 0
         self.n_miss_calls = 0
         self.n_event_waits = 0
+        self.n_tokens = 0
+        self.n_spec_tokens = 0
+        self.n_redos = 0
+        self.redo_from: dict[int, int] = {}  # layer -> redos that started there
+        self.speculating = False
+        self._token: dict | None = None  # the decode token in progress: start time, calls, whether one missed
+        self._spec: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # per speculated call: layer, ids, miss mask
+
+    # --- tokens ----------------------------------------------------------------------------------------------
+    def begin_token(self, decode: bool) -> bool:
+        """A forward starts; `decode`: its calls take this fused path (they are tokens for the policy). True:
+        speculate it."""
+        self.speculating = False
+        self._spec = []
+        self._token = None
+        if not decode:
+            return False
+        self._token = {"t0": time.perf_counter(), "calls": 0, "missed": False}
+        self.speculating = self.policy.speculate()
+        return self.speculating
+
+    def end_token(self) -> int | None:
+        """The forward's layers are queued. Speculated: one wait, then the masks decide (module docstring)."""
+        tok, self._token = self._token, None
+        redo = None
+        if self.speculating:
+            self.speculating = False
+            self.n_spec_tokens += 1
+            self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
+            for layer, ids_h, miss_h in self._spec:
+                ids_np, miss_np = ids_h.numpy(), miss_h.numpy()
+                if miss_np.any():
+                    redo = layer
+                    break
+                self._account(layer, ids_np, miss_np)
+            self._spec = []
+            if redo is not None:
+                self.n_redos += 1
+                self.redo_from[redo] = self.redo_from.get(redo, 0) + 1
+                tok["missed"] = True
+        if tok is not None and tok["calls"]:
+            self.n_tokens += 1
+            self.policy.observe(not tok["missed"], tok["calls"], time.perf_counter() - tok["t0"])
+        return redo
+
+    def _forward_speculative(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                             expert_weights: torch.Tensor) -> torch.Tensor:
+        """Steps (1)-(3) only; the ids and the miss mask go to this call's own pinned slots, read at end_token."""
+        cache, dev = self.cache, self.b.device
+        cache.commit(layer)
+        table = cache.slot_table[layer]
+        ids = expert_ids.to(dev)
+        i = len(self._spec)
+        ids_h = self._to_host(f"spec_ids{i}", ids)
+        miss_h = self._to_host(f"spec_miss{i}", table[ids] < 0)
+        self._spec.append((layer, ids_h, miss_h))
+        y = self._kernel(x.to(dev), ids, expert_weights.to(dev), table)  # missed pairs contribute zero
+        return y.to(x.dtype)
+
+    def _account(self, layer: int, ids_np: np.ndarray, miss_np: np.ndarray) -> None:
+        """Step (4)'s bookkeeping for the hits of one call: the policy's hit, the slot's last use, prefetch scores."""
+        cache = self.cache
+        for e in np.unique(ids_np[~miss_np]):
+            key = (layer, int(e))
+            cache.touch(key)
+            cache.release(key)  # CUDA: an event after the kernel, so an overwrite of the slot waits for it
+        self.b.prefetcher.observe(layer, [int(e) for e in np.unique(ids_np)])
 
     def _kernel(self, x, ids, w, table) -> torch.Tensor:
         return self.moe.fp4_moe_decode(x, ids, w, table, *self.views, self.b.swiglu_limit, out_dtype=torch.float32,
@@ -89,6 +223,10 @@ class FusedDecode:
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         self.n_calls += 1
+        if self._token is not None:
+            self._token["calls"] += 1
+        if self.speculating:
+            return self._forward_speculative(layer, x, expert_ids, expert_weights)
         cache, dev = self.cache, self.b.device
         cache.commit(layer)
         table = cache.slot_table[layer]
@@ -105,13 +243,11 @@ class FusedDecode:
         if self.is_cuda:
             ev.synchronize()
         ids_np, miss_np = ids_h.numpy(), miss_h.numpy()
-        hit_keys = [(layer, int(e)) for e in np.unique(ids_np[~miss_np])]
-        for key in hit_keys:
-            cache.touch(key)
-            cache.release(key)  # CUDA: an event after the kernel, so an overwrite of the slot waits for it
-        self.b.prefetcher.observe(layer, [int(e) for e in np.unique(ids_np)])
+        self._account(layer, ids_np, miss_np)
         if miss_np.any():
             self.n_miss_calls += 1
+            if self._token is not None:
+                self._token["missed"] = True
             self._misses(layer, xd, ids, wts, ids_np, miss_np, y, expert_ids.shape[1])
         self.b._feed_link_meter()
         return y.to(x.dtype)
@@ -173,4 +309,6 @@ class FusedDecode:
         return b._cpu_pool.submit(run)
 
     def stats(self) -> dict:
-        return {"calls": self.n_calls, "miss_calls": self.n_miss_calls, "event_waits": self.n_event_waits}
+        return {"calls": self.n_calls, "miss_calls": self.n_miss_calls, "event_waits": self.n_event_waits,
+                "tokens": self.n_tokens, "speculative_tokens": self.n_spec_tokens, "redos": self.n_redos,
+                "redo_from": dict(self.redo_from), "speculation": self.policy.to_dict()}

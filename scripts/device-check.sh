@@ -2,10 +2,10 @@
 # GPU check of the GPU engine (issue 13) on one CUDA GPU (the lent H200: torch 2.11+cu130, Triton 3.6, nvcc 13, no
 # package registry). Offline: runs from the tree (PYTHONPATH), or set INSTALL=1 for
 # `pip install --no-deps --no-build-isolation -e .`; the native CPU library is built in place when a compiler exists.
-#   scripts/device-check.sh            # < 8 minutes (every step time-boxed; the boxes add to ~550 s, runs ~5 min)
+#   scripts/device-check.sh            # < 8 minutes (every step time-boxed; the boxes add to ~640 s, runs ~6 min)
 #   CHECK_TINY=1 scripts/device-check.sh   # the CPU-only parts here (interpreter, toy shapes; no GPU tests)
-# Steps (13a): 1 env, 2 GPU tests (explicit test IDs: a missing pure-Python package cannot stop collection),
-#   3 Triton kernel GB/s vs HBM at V4-Flash shapes, 4 CUDA vs CPU equivalence, 5 launches/syncs per decode token,
+# Steps (13a): 1 env, 2 GPU tests (explicit test IDs: a missing pure-Python package cannot stop collection; then
+#   tests/test_triton_decode_ops.py compiled on CUDA, its own time box), 3 Triton kernel GB/s vs HBM at V4-Flash shapes, 4 CUDA vs CPU equivalence, 5 launches/syncs per decode token,
 #   6 peak VRAM vs plan, 7 the offload side (13b): arena pinning, pinned H2D peak and streaming fraction, the fused
 #   decode hit path, streamed prefill through the stage, at V4-Flash expert shapes.
 # JSON after every step: $OUT/device-check.json (or /tmp/homerun-device-check/) and, at the end of each step,
@@ -52,6 +52,22 @@ PY
   publish
 }
 
+# record_tests NAME RC LOG: a pytest run's outcome merged into the JSON as a step (JSON after every step)
+record_tests() {
+  python - "$JSON" "$1" "$2" "$3" <<'PY'
+import json, sys
+doc, name, rc, log = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+try:
+    tail = open(log).read().splitlines()[-3:]
+except OSError:
+    tail = []
+doc["steps"][name] = {"ok": rc == 0, "error": None if rc == 0 else ("timed out" if rc == 124 else f"exit {rc}"),
+                      "tail": tail}
+json.dump(doc, open(sys.argv[1], "w"), indent=2)
+PY
+  publish
+}
+
 section "1/7 environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "nvidia-smi not available"
 if [[ "${INSTALL:-0}" == 1 ]]; then
@@ -75,6 +91,14 @@ if [[ -z "$TINY_FLAG" ]]; then
     2>&1 | tee "$RESULTS_DIR/pytest-gpu.txt" | tail -15
   rc=${PIPESTATUS[0]}
   if [[ $rc -eq 0 ]]; then echo "PASS: GPU tests"; else echo "FAIL: GPU tests (exit $rc)"; FAILURES+=("gpu tests"); fi
+  record_tests gpu_tests "$rc" "$RESULTS_DIR/pytest-gpu.txt"
+  # The decode-step fusions compiled for the GPU (the same file interprets on CPU); its own box: each case compiles.
+  HR_TRITON_DEVICE=cuda timeout 90 python -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+    tests/test_triton_decode_ops.py 2>&1 | tee "$RESULTS_DIR/pytest-decode-ops.txt" | tail -5
+  rc=${PIPESTATUS[0]}
+  if [[ $rc -eq 0 ]]; then echo "PASS: decode-op tests on CUDA"; else
+    echo "FAIL: decode-op tests on CUDA (exit $rc)"; FAILURES+=("decode-op tests"); fi
+  record_tests decode_op_tests "$rc" "$RESULTS_DIR/pytest-decode-ops.txt"
 else
   echo "INFO: skipped (CHECK_TINY)"
 fi

@@ -1,13 +1,17 @@
 """The decode-step fusions of the GPU kernel set (homerun.kernels.triton.decode / attention.attend_two / the fp8
 kernel's grouped, SwiGLU-input and residual variants) against their definitions, the torch kernel set's methods, on
 random inputs at small shapes: fp32 row-relative error <= 1e-5, bf16 <= 1e-2; each in one launch (plus one split-K
-reduction launch where asked). CPU: Triton's interpreter; skipped without triton."""
+reduction launch where asked). CPU: Triton's interpreter; skipped without triton. On a GPU (the device check does):
+HR_TRITON_DEVICE=cuda pytest tests/test_triton_decode_ops.py compiles the kernels and runs them on CUDA tensors (the
+torch set's reference stays on the CPU)."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("HR_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,21 +21,36 @@ pytest.importorskip("triton")
 from homerun.kernels import triton as hr_triton  # noqa: E402
 from homerun.kernels.torch_set import TorchKernels  # noqa: E402
 
-if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cover
+if not hr_triton.available() or (DEVICE == "cpu") != hr_triton.interpreting():  # pragma: no cover
     pytest.skip(f"triton kernels unavailable here: {hr_triton.unavailable_reason()}", allow_module_level=True)
+if DEVICE != "cpu" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("HR_TRITON_DEVICE=cuda without a CUDA device", allow_module_level=True)
 
 from homerun.formats.quant import quant_fp8  # noqa: E402
 from homerun.kernels.triton import attention, common, decode  # noqa: E402
 from homerun.kernels.triton.kernel_set import TritonKernels  # noqa: E402
 from homerun.models.layers import QLinear  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp")]
+if DEVICE != "cpu":
+    pytestmark.append(pytest.mark.gpu)
 REF = TorchKernels()
 GPU = TritonKernels(hr_triton.load())
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+def _d(*ts):
+    """The kernels' inputs on DEVICE (None and non-tensors as they are); one value or a tuple."""
+    out = tuple(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in ts)
+    return out[0] if len(out) == 1 else out
+
+
+def _dlin(lin: QLinear) -> QLinear:
+    return QLinear(*_d(lin.weight, lin.scale)) if lin.scale is not None else QLinear(_d(lin.weight))
+
+
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.cpu(), ref.cpu()
     a, ref = a.float().reshape(-1, a.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
     return ((a - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
 
@@ -63,7 +82,8 @@ def test_route(score_func, hashed, dtype):
     tid2eid = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(40)]) if hashed else None
     ids = torch.randint(0, 40, (t,), generator=g)
     with _Launches() as n:
-        idx, w = GPU.route(logits, bias, tid2eid, ids, score_func, k, 2.5)
+        idx, w = GPU.route(*_d(logits, bias, tid2eid, ids), score_func, k, 2.5)
+    idx, w = idx.cpu(), w.cpu()
     want_idx, want_w = REF.route(logits, bias, tid2eid, ids, score_func, k, 2.5)
     assert n.n == 1 and idx.dtype == torch.int64 and w.dtype == torch.float32
     order, want_order = idx.sort(dim=1), want_idx.sort(dim=1)
@@ -81,7 +101,7 @@ def test_index_scores(dtype, p):
     iw = torch.randn(2, 6, generator=g).to(dtype)
     ik = torch.randn(p, 64, generator=g).to(dtype)[:, ::2]  # strided keys
     with _Launches() as n:
-        got = GPU.index_scores(iq, iw, ik, 6**-0.5, 32**-0.5)
+        got = GPU.index_scores(*_d(iq, iw, ik), 6**-0.5, 32**-0.5)
     assert n.n == 1 and got.dtype == torch.float32
     assert _rel(got, REF.index_scores(iq, iw, ik, 6**-0.5, 32**-0.5)) <= 1e-5
 
@@ -90,7 +110,8 @@ def test_rope_cos_sin():
     freqs = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     pos = torch.tensor([0, 5, 1000, 65535])
     with _Launches() as n:
-        c, s = GPU.rope_cos_sin(freqs, pos)
+        c, s = GPU.rope_cos_sin(*_d(freqs, pos))
+    c, s = c.cpu(), s.cpu()
     wc, ws = REF.rope_cos_sin(freqs, pos)
     assert n.n == 1
     assert torch.allclose(c, wc, atol=2e-6) and torch.allclose(s, ws, atol=2e-6)
@@ -108,11 +129,11 @@ def test_attend_rows(dtype, n1, n2):
     kv2 = torch.randn(n2, 2 * d, generator=g).to(dtype)[:, d:] if n2 else None  # a column slice
     sink = torch.randn(h, generator=g) * 3
     with _Launches() as n:
-        got = GPU.attend_rows(q, kv, kv2, sink, d**-0.5, dtype)
+        got = GPU.attend_rows(*_d(q, kv, kv2, sink), d**-0.5, dtype)
     want = REF.attend_rows(q, kv, kv2, sink, d**-0.5, dtype)
     assert n.n == 1 and got.dtype == dtype
     assert _rel(got, want) <= TOL[dtype]
-    assert _rel(attention.attend_two(q, kv, kv2, sink, d**-0.5), REF.attend_rows(q, kv, kv2, sink, d**-0.5,
+    assert _rel(attention.attend_two(*_d(q, kv, kv2, sink), d**-0.5), REF.attend_rows(q, kv, kv2, sink, d**-0.5,
                                                                                  torch.float32)) <= 1e-5
 
 
@@ -133,12 +154,13 @@ def test_swiglu_down(dtype, split_k):
     res = torch.randn(2, 256, generator=g).to(dtype)
     want = REF.swiglu_down(lin, gt, ut, 5.0, res)
     with _Launches() as n:
-        got = GPU._fp8(gt, lin.weight, lin.scale, dtype, x2=ut, swiglu_limit=5.0, residual=res, split_k=split_k)
+        got = GPU._fp8(*_d(gt, lin.weight, lin.scale), dtype, x2=_d(ut), swiglu_limit=5.0, residual=_d(res),
+                       split_k=split_k)
     assert n.n == split_k and got.dtype == dtype
     assert _rel(got, want) <= TOL[dtype]
-    assert _rel(GPU.swiglu_down(lin, gt, ut, 5.0, res), want) <= TOL[dtype]
+    assert _rel(GPU.swiglu_down(_dlin(lin), *_d(gt, ut), 5.0, _d(res)), want) <= TOL[dtype]
     # without the residual: the plain activation-input linear
-    plain = GPU._fp8(gt, lin.weight, lin.scale, dtype, x2=ut, swiglu_limit=5.0, split_k=split_k)
+    plain = GPU._fp8(*_d(gt, lin.weight, lin.scale), dtype, x2=_d(ut), swiglu_limit=5.0, split_k=split_k)
     assert _rel(plain, want - res) <= TOL[dtype] * 3
 
 
@@ -149,7 +171,7 @@ def test_grouped_one_launch(dtype, t):
     lin = _fp8_lin(4 * 96, 128, 6)  # 96 rows per group: 32-row tiles
     x = torch.randn(t, 4, 256, generator=_gen(7)).to(dtype)[..., ::2]  # strided groups
     with _Launches() as n:
-        got = GPU.grouped(lin, x, 4)
+        got = GPU.grouped(_dlin(lin), _d(x), 4)
     assert n.n == 1 and got.shape == (t, 4, 96)
     assert _rel(got, REF.grouped(lin, x, 4)) <= TOL[dtype]
 
@@ -176,7 +198,7 @@ def test_compress_close(dtype, case):
     freqs = 1.0 / (10000 ** (torch.arange(0, 2 * r2, 2, dtype=torch.float32) / (2 * r2)))
     args = (pend_kv, kv, pend_gate, gate, ape, okv, ogate, overlap, norm_w, 1e-6, freqs, 4 * 37, hd)
     with _Launches() as n:
-        got = GPU.compress_close(*args)
+        got = tuple(t.cpu() if t is not None else None for t in GPU.compress_close(*_d(*args)))
     want = REF.compress_close(*args)
     assert n.n == 1 and got[0].dtype == dtype and got[0].shape == (1, hd)
     assert _rel(got[0], want[0]) <= TOL[dtype]
@@ -195,11 +217,11 @@ def test_project_pairs_fp8_linears(dtype, m, split_k):
             _fp8_lin(128, 256, 11)]
     x = torch.randn(m, 256, generator=_gen(12)).to(dtype)
     with _Launches() as n:
-        got = GPU.project(lins, x)
+        got = GPU.project([_dlin(lin) for lin in lins], _d(x))
     assert n.n == 2  # the pair, then the last FP8 linear (the dense one is torch's)
     for a, b in zip(got, REF.project(lins, x)):
         assert a.shape == b.shape and _rel(a, b) <= TOL[dtype]
     w0, w1 = lins[0], lins[1]
-    y = GPU._fp8(x, w0.weight, w0.scale, dtype, second=(w1.weight, w1.scale), split_k=split_k)
+    y = GPU._fp8(*_d(x, w0.weight, w0.scale), dtype, second=_d(w1.weight, w1.scale), split_k=split_k).cpu()
     assert y.shape == (m, 272)
     assert _rel(y[:, 200:], REF.linear(w1, x)) <= TOL[dtype] and _rel(y[:, :200], REF.linear(w0, x)) <= TOL[dtype]

@@ -176,6 +176,7 @@ class DeepseekV4:
         a = self.args
         ids = ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
+        spec = self.experts.begin_token(ids.shape[0])  # True: the backend may ask for a redo (see end_token)
         for layer in self.layers:  # hash layers' experts are known from the token ids before any layer runs
             if layer.moe.tid2eid is not None:
                 self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, ids)
@@ -188,16 +189,31 @@ class DeepseekV4:
         act = self.experts.act
         k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
         kl = for_act(k, act)
-        for layer, st in zip(self.layers, states):
-            # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
-            # once per boundary (a no-op between stand-ins, which share the host's memory).
-            ldev = layer.device or self.device
-            if ldev != dev or layer.flavor != flavor:
-                x, ids, positions, dev, flavor = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev, layer.flavor
-                k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
-                kl = for_act(k, act)
-            x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
-            new_states.append(st)
+        # A speculated forward keeps every layer's inputs (references, no copies): a redo from layer i restarts from
+        # saved[i] and states[i:], which the forward never mutates (KV rows past a store's committed count are
+        # invisible until the new state commits them, and a redo overwrites the same rows).
+        saved: list[tuple] = []
+        first = 0
+        while True:
+            for layer, st in zip(self.layers[first:], states[first:]):
+                # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
+                # once per boundary (a no-op between stand-ins, which share the host's memory).
+                ldev = layer.device or self.device
+                if ldev != dev or layer.flavor != flavor:
+                    x, ids, positions, dev, flavor = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev, layer.flavor
+                    k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
+                    kl = for_act(k, act)
+                if spec:
+                    saved.append((x, ids, positions, dev, flavor, k, kl))
+                x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
+                new_states.append(st)
+            redo = self.experts.end_token()
+            if redo is None:
+                break
+            first = next(i for i, lay in enumerate(self.layers) if lay.index == redo)
+            x, ids, positions, dev, flavor, k, kl = saved[first]
+            del new_states[first:]
+            spec = False
         hdev = self.head_device or self.device
         if hdev != dev or self.head_flavor != flavor:
             x = x.to(hdev)
