@@ -93,7 +93,7 @@ if [[ -z "$TINY_FLAG" ]]; then
   if [[ $rc -eq 0 ]]; then echo "PASS: GPU tests"; else echo "FAIL: GPU tests (exit $rc)"; FAILURES+=("gpu tests"); fi
   record_tests gpu_tests "$rc" "$RESULTS_DIR/pytest-gpu.txt"
   # The decode-step fusions compiled for the GPU (the same file interprets on CPU); its own box: each case compiles.
-  HR_TRITON_DEVICE=cuda timeout 90 python -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+  HR_TRITON_DEVICE=cuda timeout 90 python -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
     tests/test_triton_decode_ops.py 2>&1 | tee "$RESULTS_DIR/pytest-decode-ops.txt" | tail -5
   rc=${PIPESTATUS[0]}
   if [[ $rc -eq 0 ]]; then echo "PASS: decode-op tests on CUDA"; else
