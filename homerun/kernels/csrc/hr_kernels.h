@@ -52,6 +52,7 @@ extern "C" {
 int hr_abi_version(void);
 int hr_best_path(void);
 int hr_path_supported(int path);
+const char *hr_src_hash(void); /* the build's source hash (HR_SRC_HASH), "" when built without one */
 int hr_get_threads(void);
 int hr_set_threads(int n); /* n <= 0: all CPUs this process may run on */
 int hr_set_spin_us(int us); /* how long idle pool threads spin before sleeping; returns the previous value */
