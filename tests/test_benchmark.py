@@ -99,6 +99,39 @@ def test_records_carry_fields_physics_and_gate(records, tiny_checkpoints):
     assert tg.predicted_ts and tg.prediction_ratio == pytest.approx(tg.avg_ts / tg.predicted_ts)
 
 
+def test_pp_records_carry_gflops_against_the_units_peak(records):
+    """pp tests: the linears' GFLOP/s, the units they ran on, and the peak those units reach (between the units' own
+    peaks), with peak_ratio = gflops / peak_gflops; tg tests carry none of it."""
+    from homerun.bench.model_bench import combined_peak
+
+    pp, tg = records
+    d = pp.to_dict()
+    assert d["gflops"] > 0 and d["units"]["experts"] in ("int8", "bf16", "fp32")
+    assert d["units"]["dense"] in ("fp32", "bf16")
+    assert set(d["peak_gops"]) == {"int8", "bf16", "fp32"}
+    used = [d["peak_gops"][d["units"][k]] for k in ("dense", "experts")]
+    if all(used):
+        assert min(used) <= d["peak_gflops"] <= max(used)
+        assert d["peak_ratio"] == pytest.approx(d["gflops"] / d["peak_gflops"])
+    else:
+        assert d["peak_gflops"] is None and d["peak_ratio"] is None
+    assert tg.gflops is None and tg.units is None and tg.peak_ratio is None
+    # dense 1 GFLOP at 100 GFLOP/s, experts 3 at 300: 4 GFLOP in 2 x 10 ms = 200 GFLOP/s
+    assert combined_peak(1e9, 3e9, {"dense": "fp32", "experts": "int8"}, {"fp32": 100.0, "int8": 300.0}) == 200.0
+    assert combined_peak(1e9, 3e9, {"dense": "bf16", "experts": "int8"}, {"bf16": None, "int8": 300.0}) is None
+
+
+def test_flops_split_adds_up(tiny_checkpoints):
+    import homerun
+    from homerun.bench.model_bench import linear_flops_per_token, linear_flops_split
+
+    m = homerun.load(tiny_checkpoints["mixed"])
+    dense, experts = linear_flops_split(m.net)
+    a = m.net.args
+    assert experts == 2.0 * len(m.net.layers) * a.n_activated_experts * 3 * a.dim * a.moe_inter_dim
+    assert dense > 0 and linear_flops_per_token(m.net) == dense + experts
+
+
 def test_counting_backend_counts_unique_experts_per_call():
     class Zero(ExpertBackend):
         def forward(self, layer, x, ids, w):

@@ -107,6 +107,32 @@ def test_unit_peaks_are_positive_or_absent():
     assert cpu_gemm.unit_peak("fp64") is None
 
 
+@needs_native
+def test_avx2_hosts_measure_int8_and_fp32_peaks():
+    """Without AVX-512 the int8 and fp32 peaks come from the AVX2 units the kernels run on (not None), and the prefill
+    record carries them next to what the GEMMs reach (ratios consistent with the GOP/s figures)."""
+    from homerun.kernels import cpu_experts as ce
+    from homerun.kernels.prefill_bench import run_prefill_bench
+
+    if "avx2" not in ce.available_paths():
+        pytest.skip("no AVX2 on this CPU")
+    assert cpu_gemm.unit_peak("int8", iters=20_000) > 0 and cpu_gemm.unit_peak("fp32", iters=20_000) > 0
+    rec = run_prefill_bench(reps=1, n_experts=2)
+    peaks = rec["peak_gops"]
+    assert peaks["int8"] > 0 and peaks["fp32"] > 0 and rec["peak_gops_per_core"]["int8"] > 0
+    for by_rows in rec["dense"].values():
+        for rows, r in by_rows.items():
+            assert r["dispatch"] in r
+            assert r["native"]["peak_ratio"] == pytest.approx(r["native"]["gflops"] / peaks["fp32"], abs=2e-3)
+            core = rec["core_peak_gops_per_cpu_s"]["fp32"]
+            assert r["native"]["cpu_peak_ratio"] == pytest.approx(r["native"]["gops_per_cpu_s"] / core, abs=2e-3)
+    for per in ("8", "64"):
+        e, g = rec["experts"][per], rec["expert_gemm"][per]
+        assert e["gops"] > 0 and g["gops"] > 0 and g["gops_per_cpu_s"] > 0
+        if e["act"] == "int8":
+            assert e["int8_peak_ratio"] == pytest.approx(e["gops"] / peaks["int8"], abs=2e-3)
+
+
 @pytest.fixture(scope="module")
 def prefill_models(tiny_checkpoints):
     path = tiny_checkpoints["mixed"]

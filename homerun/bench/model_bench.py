@@ -210,8 +210,13 @@ def run_test(target: BenchTarget, test: BenchTest, *, repetitions: int, seed: in
                                bytes_per_expert=target.bytes_per_expert, limits=info.limits)
         records.append(make_record(info, test, cache, samples, links, hit, predicted_ts, host))
     if test.n_prompt:
-        fl = linear_flops_per_token(model.net)
-        records = [replace(r, gflops=fl * r.avg_ts / 1e9, peak_gops=unit_peaks()) for r in records]
+        dense_fl, expert_fl = linear_flops_split(model.net)
+        peaks = unit_peaks()
+        units = prefill_units(model, target.act)
+        peak = combined_peak(dense_fl, expert_fl, units, peaks)
+        records = [replace(r, gflops=(dense_fl + expert_fl) * r.avg_ts / 1e9, peak_gops=peaks, units=units,
+                           peak_gflops=peak, peak_ratio=None if not peak else (dense_fl + expert_fl) * r.avg_ts / 1e9 / peak)
+                   for r in records]
     if gpu_path(model):
         costs = gpu_costs(model, seed, info.planned_device_bytes)
         records = [replace(r, **costs) for r in records]
@@ -222,6 +227,11 @@ def linear_flops_per_token(net: Any) -> float:
     """2 x the multiply-adds of one prompt token through the model's linear layers: every dense matrix of every
     layer (attention, compressors, indexer, router, shared expert) plus its top-k routed experts (the lm head runs for
     the last token only and is left out)."""
+    return sum(linear_flops_split(net))
+
+
+def linear_flops_split(net: Any) -> tuple[float, float]:
+    """linear_flops_per_token as (dense matrices, routed experts): they run on different units."""
     from homerun.models.layers import QLinear
 
     seen: set[int] = set()
@@ -241,20 +251,45 @@ def linear_flops_per_token(net: Any) -> float:
         walk(layer.attn)
         walk(layer.moe)
     a = net.args
-    macs += len(net.layers) * a.n_activated_experts * 3 * a.dim * a.moe_inter_dim
-    return 2.0 * macs
+    return 2.0 * macs, 2.0 * len(net.layers) * a.n_activated_experts * 3 * a.dim * a.moe_inter_dim
+
+
+def prefill_units(model: Any, act: str) -> dict[str, str] | None:
+    """The CPU units a prompt's linears run on: {"dense": "fp32" | "bf16", "experts": "int8" | "bf16" | "fp32"}
+    (homerun.kernels.dispatch: bf16 dense GEMMs only in a fast expert mode on a CPU with bf16 units, or with a bf16
+    compute dtype); None off the CPU."""
+    if model.device.type != "cpu":
+        return None
+    from homerun.kernels import cpu_gemm
+    from homerun.kernels.dispatch import FAST_ACTS
+
+    fast = act in FAST_ACTS and cpu_gemm.available() and cpu_gemm.bf16_units()
+    dense = "bf16" if fast or getattr(model, "dtype", torch.float32) == torch.bfloat16 else "fp32"
+    return {"dense": dense, "experts": act if act in ("int8", "bf16") else "fp32"}
+
+
+def combined_peak(dense_flops: float, expert_flops: float, units: dict[str, str] | None,
+                  peaks: dict[str, float | None]) -> float | None:
+    """GFLOP/s a prompt token would reach with every linear at its unit's measured peak: the flops over the sum of
+    each part's time at its peak (None where a unit's peak is not measured)."""
+    if units is None:
+        return None
+    pd, pe = peaks.get(units["dense"]), peaks.get(units["experts"])
+    if not pd or not pe:
+        return None
+    return (dense_flops + expert_flops) / (dense_flops / pd + expert_flops / pe)
 
 
 _PEAKS: dict[str, float | None] = {}
 
 
 def unit_peaks() -> dict[str, float | None]:
-    """The CPU's measured int8 / bf16 / fp32 unit peaks in GOP/s, measured once per process."""
+    """The CPU's measured int8 / bf16 / fp32 unit peaks in GOP/s over every kernel thread (best of 3 short runs),
+    measured once per process."""
     if not _PEAKS:
-        from homerun.kernels import cpu_gemm
+        from homerun.kernels.prefill_bench import unit_peaks as measure
 
-        _PEAKS.update({k: (round(v, 1) if v else None) for k in ("int8", "bf16", "fp32")
-                       for v in [cpu_gemm.unit_peak(k)]})
+        _PEAKS.update(measure(reps=3))
     return dict(_PEAKS)
 
 

@@ -124,6 +124,11 @@ class BenchRecord:
     # the CPU's int8 / bf16 / fp32 units (homerun.kernels.cpu_gemm.unit_peak; None where absent).
     gflops: float | None = None
     peak_gops: dict[str, float | None] | None = None
+    # the units the prompt's linears ran on ({"dense": ..., "experts": ...}; None off the CPU), the GFLOP/s they would
+    # reach at those units' peaks (flops over the sum of each part's time at its peak), and gflops / that
+    units: dict[str, str] | None = None
+    peak_gflops: float | None = None
+    peak_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

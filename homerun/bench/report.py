@@ -20,7 +20,8 @@ CSV_FIELDS = (
     "avg_ts", "stddev_ts", "samples_ns", "samples_ts", "ms_per_token", "ms_per_layer", "hit_rate", "dram_gbps",
     "dram_limit_gbps", "vram_gbps",
     "vram_limit_gbps", "pcie_gbps", "pcie_limit_gbps", "predicted_ts", "prediction_ratio", "extrapolated",
-    "extrapolation", "correctness_ok", "correctness_max_rel_err", "correctness_tol",
+    "extrapolation", "correctness_ok", "correctness_max_rel_err", "correctness_tol", "gflops", "peak_gflops",
+    "peak_ratio",
 )
 
 
@@ -48,7 +49,7 @@ def render_csv(docs: list[dict[str, Any]]) -> str:
 
 
 TABLE_COLUMNS = ("model", "size", "params", "backend", "profile", "gpu experts", "test", "cache", "t/s", "hit rate",
-                 "GB/s (of limit)", "plan t/s", "ratio", "gate")
+                 "GB/s (of limit)", "GFLOP/s (of peak)", "plan t/s", "ratio", "gate")
 
 
 def table_row(d: dict[str, Any]) -> list[str]:
@@ -61,7 +62,17 @@ def table_row(d: dict[str, Any]) -> list[str]:
     gate = "skipped" if g.get("ok") is None else ("ok" if g["ok"] else f"FAIL {g['max_rel_err']:.2g}")
     return [d["model"], human_bytes(d["model_size"]), human_count(d["model_n_params"]), d["backend"],
             d["profile"], str(d["gpu_experts"]), d["test"], d["cache"], f"{d['avg_ts']:.2f} ± {d['stddev_ts']:.2f}",
-            num(d["hit_rate"]), links, num(d["predicted_ts"]), num(d["prediction_ratio"], ".3f"), gate]
+            num(d["hit_rate"]), links, _gflops(d), num(d["predicted_ts"]), num(d["prediction_ratio"], ".3f"), gate]
+
+
+def _gflops(d: dict[str, Any]) -> str:
+    """pp tests: the linears' GFLOP/s, with the share of the units' peak and the units (dense/experts)."""
+    if d.get("gflops") is None:
+        return "-"
+    u = d.get("units") or {}
+    of = f" ({d['peak_ratio']:.0%} of {d['peak_gflops']:.0f}, {u.get('dense')}/{u.get('experts')})" \
+        if d.get("peak_ratio") is not None else ""
+    return f"{d['gflops']:.1f}{of}"
 
 
 def human_bytes(n: float) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,27 @@ def _library_file() -> Path | None:
     return None
 
 
+def _stale_reason(lib: ctypes.CDLL, path: Path) -> str | None:
+    """Why `lib` does not match the C sources beside it (homerun.kernels.csrc_hash), or None: built from other
+    sources (a failed rebuild keeps the old file), or by a build that recorded no hash. No sources: None."""
+    from homerun.kernels.csrc_hash import source_hash
+
+    want = source_hash()
+    if want is None:
+        return None
+    fn = getattr(lib, "hr_src_hash", None)
+    if fn is None:
+        got = ""
+    else:
+        fn.restype = ctypes.c_char_p
+        got = (fn() or b"").decode()
+    if got == want:
+        return None
+    built = f"sources {got}" if got else "sources it did not record"
+    return (f"{path.name} was built from {built}, not the csrc/ beside it ({want}); rebuild it with "
+            "`python setup.py build_ext --inplace` (or reinstall)")
+
+
 def _native() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (the reason is kept for backend_info)."""
     global _lib, _lib_reason
@@ -81,6 +103,11 @@ def _native() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
             if lib.hr_abi_version() != _ABI_VERSION:
                 _lib_reason = f"{path.name} has ABI {lib.hr_abi_version()}, expected {_ABI_VERSION}; rebuild it"
+                return None
+            stale = _stale_reason(lib, path)
+            if stale:
+                _lib_reason = stale
+                warnings.warn(f"homerun: {stale}; using the pure-torch fallback", RuntimeWarning, stacklevel=2)
                 return None
         except (OSError, AttributeError) as exc:
             _lib_reason = f"cannot load {path.name}: {exc}"

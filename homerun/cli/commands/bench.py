@@ -379,7 +379,7 @@ _ROWS = (
     ("  speed-up over GEMV per token", "fp4_gemm_speedup_b64", "x"),
     ("FP4 GEMM batch 64, bf16 activations", "fp4_gemm_bf16_tok_s_b64", "tok/s"),
     ("  speed-up over GEMV per token", "fp4_gemm_bf16_speedup_b64", "x"),
-    ("int8 peak (VNNI), measured", "int8_peak_gops", "GOP/s"),
+    ("int8 peak (VNNI or AVX2), measured", "int8_peak_gops", "GOP/s"),
     ("bf16 peak (AVX512-BF16), measured", "bf16_peak_gflops", "GFLOP/s"),
     ("FP8 dense prefill GEMM, 512 rows", "dense_prefill_gflops", "GFLOP/s"),
     ("fused experts prefill, 64 tok/expert", "expert_prefill_gops_b64", "GOP/s"),

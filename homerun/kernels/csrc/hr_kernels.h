@@ -52,6 +52,7 @@ extern "C" {
 int hr_abi_version(void);
 int hr_best_path(void);
 int hr_path_supported(int path);
+const char *hr_src_hash(void); /* the build's source hash (HR_SRC_HASH), "" when built without one */
 int hr_get_threads(void);
 int hr_set_threads(int n); /* n <= 0: all CPUs this process may run on */
 int hr_set_spin_us(int us); /* how long idle pool threads spin before sleeping; returns the previous value */
@@ -127,8 +128,8 @@ int hr_fp8_to_bf16(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int
 /* The same rows -> fp32 out [r1 - r0, K]: the fp32 dequantization, bit for bit (the exact prefill GEMM's weights). */
 int hr_fp8_to_f32(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, float *out);
 /* Measured peak of one unit over every pool thread, in operations per second (a multiply-add counts 2): kind
- * HR_PEAK_INT8 (AVX512-VNNI vpdpbusd), HR_PEAK_BF16_KIND (AVX512-BF16 vdpbf16ps), HR_PEAK_FP32 (AVX-512 FMA);
- * 0 when this CPU or build lacks it. */
+ * HR_PEAK_INT8 (AVX512-VNNI vpdpbusd, else the AVX2 vpmaddubsw/vpmaddwd tile), HR_PEAK_BF16_KIND (AVX512-BF16
+ * vdpbf16ps), HR_PEAK_FP32 (AVX-512 FMA, else AVX2 FMA); 0 when this CPU or build lacks it. */
 #define HR_PEAK_INT8 1
 #define HR_PEAK_BF16_KIND 2
 #define HR_PEAK_FP32 3
