@@ -267,7 +267,8 @@ def test_gpu_path_fp32_prefill_past_fused_max_rows_matches_reference(tiny_checkp
     assert _rel_rows(lb[None], la[None]) <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["mixed", pytest.param("csa", marks=EXTENDED), pytest.param("hca", marks=EXTENDED)])
+@EXTENDED  # the fp32 test above pins the same rows exactly; this bounds bf16's near-ties
+@pytest.mark.parametrize("kind", ["mixed", "csa", "hca"])
 def test_gpu_path_bf16_prefill_past_16_rows_is_bounded(tiny_checkpoints, kind):
     """bf16 compute, 20-token prefill: every row before the first routing flip within 1e-2 of the fp32 reference,
     and every flip a near-tie of the reference's selection scores (a bf16 discrete flip, not an error in the path).

@@ -177,6 +177,7 @@ def test_redone_tokens_equal_the_exact_path(mixed, exact_run):
     assert st["cache"]["misses"] > 0
 
 
+@pytest.mark.extended  # a planted fault: proves the redo test can fail; CI's second pass
 def test_skipping_the_redo_is_caught(mixed, exact_run, monkeypatch):
     """A planted fault: the speculative path keeps a token that missed (no redo). The logits then lack the missed
     experts and differ from the exact path's, which the equality above would report."""
