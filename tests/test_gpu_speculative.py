@@ -121,6 +121,23 @@ def test_exact_path_waits_per_layer(mixed):
     be.close()
 
 
+def test_bench_counts_the_event_wait_as_a_host_sync(mixed, monkeypatch):
+    """`homerun bench`'s host_syncs_per_token includes the fused path's event waits (on CUDA a wait blocks the host
+    like .item()): an all-hit speculated token adds exactly one to the counted .item/.tolist calls. (On a stand-in
+    those also count the session's checks of the host-side token ids, which are no device syncs on CUDA.)"""
+    from homerun.bench import model_bench
+
+    path, args, _ = mixed
+    model, be = _model(mixed, {l: args.n_routed_experts for l in range(args.n_layers)}, range(args.n_layers),
+                       "always")
+    with_waits = model_bench.gpu_costs(model, seed=0)["host_syncs_per_token"]
+    assert model_bench.event_waits(model) == be.stats().to_dict()["gpu"]["decode"]["event_waits"] > 0
+    monkeypatch.setattr(model_bench, "event_waits", lambda m: 0)
+    without = model_bench.gpu_costs(model, seed=0)["host_syncs_per_token"]
+    assert with_waits - without == SYNC_BUDGET_ALL_HIT, (with_waits, without)
+    be.close()
+
+
 def test_all_hit_speculative_decode_matches_fp32_reference(mixed):
     """Speculated tokens (every one all-hit, no redo) against the fp32 CPU reference, as tests/test_gpu_path.py
     checks the GPU path: argmax equal, relative error <= 1e-5."""

@@ -136,6 +136,21 @@ def gpu_path(model: Any) -> bool:
     return model.device.type == "cuda" or bool(kinds & {"cuda", "cuda-standin"})
 
 
+def event_waits(model: Any) -> int:
+    """Host waits on device events so far, summed over every `event_waits` counter in the expert backend's stats (one
+    per GPU stage)."""
+
+    def walk(node: Any) -> int:
+        if isinstance(node, dict):
+            return sum(int(v) if k == "event_waits" and isinstance(v, (int, float)) else walk(v)
+                       for k, v in node.items())
+        if isinstance(node, (list, tuple)):
+            return sum(walk(v) for v in node)
+        return 0
+
+    return walk(model.stats().get("experts", {}))
+
+
 def gpu_costs(model: Any, seed: int, planned: Sequence[int] = ()) -> dict[str, Any]:
     """One counted decode token (after a short untimed prefix) and each placed device's peak bytes vs the plan."""
     from homerun.kernels.counting import count_device_work
@@ -144,14 +159,18 @@ def gpu_costs(model: Any, seed: int, planned: Sequence[int] = ()) -> dict[str, A
     vocab = model.args.vocab_size
     sess.feed(synthetic_ids(4, vocab, seed + 3))
     tok = synthetic_ids(1, vocab, seed + 4)
+    waits_before = event_waits(model)
     with count_device_work() as counter:
         sess.feed(tok)
+    # On CUDA an event wait blocks the host like .item(): the fused hybrid path's waits count as host syncs.
+    waits = event_waits(model) - waits_before
     devices = []
     gpus = [u for u in model.device_usage() if u["kind"] in ("cuda", "cuda-standin")] if model.devices else []
     for i, u in enumerate(gpus):
         devices.append({"name": u["name"], "kind": u["kind"], "peak_device_bytes": u["peak_bytes"],
                         "planned_device_bytes": planned[i] if i < len(planned) else None})
-    return {"launches_per_token": float(counter.c.device_launches), "host_syncs_per_token": float(counter.c.syncs),
+    return {"launches_per_token": float(counter.c.device_launches),
+            "host_syncs_per_token": float(counter.c.syncs + waits),
             "devices": tuple(devices)}
 
 
