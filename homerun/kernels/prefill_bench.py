@@ -57,8 +57,15 @@ def _median_wall_cpu(fn: Callable[[], object], reps: int) -> tuple[float, float]
 def core_peaks_per_cpu_s(reps: int = PEAK_REPS) -> dict[str, float | None]:
     """One core's unit peaks in GOP per CPU-second: the one-thread peak scaled by wall / CPU time of its run, so a
     shared host's time slices taken by other processes do not lower it (the load-independent per-core figure)."""
-    old = int(ce.backend_info()["threads"])
-    ce.set_threads(1)
+    return _best_peaks(1, reps, per_cpu_s=True)
+
+
+def _best_peaks(threads: int | None, reps: int, *, per_cpu_s: bool = False) -> dict[str, float | None]:
+    """Each unit's best of `reps` peak runs (a peak is a maximum: a shared host only slows runs) on `threads` kernel
+    threads (None: all); `per_cpu_s`: each run scaled by its wall / CPU time."""
+    old = int(ce.backend_info()["threads"]) if threads else None
+    if threads:
+        ce.set_threads(threads)
     try:
         out: dict[str, float | None] = {}
         for kind in ("int8", "bf16", "fp32"):
@@ -69,12 +76,14 @@ def core_peaks_per_cpu_s(reps: int = PEAK_REPS) -> dict[str, float | None]:
                 w, c = time.perf_counter() - w0, time.process_time() - c0
                 if g is None:
                     break
-                g = g * w / c if c > 0 else g
+                if per_cpu_s and c > 0:
+                    g = g * w / c
                 best = g if best is None else max(best, g)
             out[kind] = None if best is None else round(best, 1)
         return out
     finally:
-        ce.set_threads(old)
+        if old is not None:
+            ce.set_threads(old)
 
 
 def _cpu_fig(flops: float, cpu_s: float, peak: float | None) -> dict:
@@ -97,18 +106,7 @@ def _fp4(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tens
 
 def unit_peaks(threads: int | None = None, reps: int = PEAK_REPS) -> dict[str, float | None]:
     """Measured int8 / bf16 / fp32 unit peaks in GOP/s on `threads` kernel threads (None: all), best of `reps`."""
-    old = int(ce.backend_info()["threads"]) if threads else None
-    if threads:
-        ce.set_threads(threads)
-    try:
-        out: dict[str, float | None] = {}
-        for kind in ("int8", "bf16", "fp32"):
-            runs = [cpu_gemm.unit_peak(kind) for _ in range(max(1, reps))]
-            out[kind] = None if runs[0] is None else round(max(r for r in runs if r), 1)
-        return out
-    finally:
-        if old is not None:
-            ce.set_threads(old)
+    return _best_peaks(threads, reps)
 
 
 def _torch_gemm_gflops(dtype: torch.dtype, rows: int, k: int, n: int, reps: int) -> float:
