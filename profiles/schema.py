@@ -38,6 +38,10 @@ class CpuSpec:
     flags: tuple[str, ...] = ()  # avx2, avx512f, amx, neon ...
     numa_nodes: int = 1  # NUMA nodes (sockets, or NPS/SNC domains) sharing mem_bw_gbps; > 1 lowers the CPU-expert
     #   estimate to mem_bw_gbps / numa_nodes for a NUMA-unaware runtime (the bound keeps the full figure)
+    clock_ghz: float | None = None  # all-core clock under sustained vector load; with cores and flags it gives the
+    #   CPU's compute peaks (homerun.plan.compute.cpu_unit_peaks); None: no CPU prefill estimate
+    fp32_flops_per_cycle: float | None = None  # per core, when the core differs from its SIMD path's usual figure
+    #   (Zen 4 runs AVX-512 on 256-bit units: 32, not 64)
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ def _check_values(p: HardwareProfile, source: str) -> None:
     positive("cpu.mem_bw_gbps", p.cpu.mem_bw_gbps)
     positive("cpu.cores", p.cpu.cores)
     positive("cpu.numa_nodes", p.cpu.numa_nodes)
+    positive("cpu.clock_ghz", p.cpu.clock_ghz)
+    positive("cpu.fp32_flops_per_cycle", p.cpu.fp32_flops_per_cycle)
     for i, g in enumerate(p.gpus):
         positive(f"gpus[{i}].mem_bw_gbps", g.mem_bw_gbps)
         positive(f"gpus[{i}].count", g.count)

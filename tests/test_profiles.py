@@ -11,7 +11,7 @@ from homerun.errors import ConfigError, ProfileError
 from profiles import PROFILES_DIR, list_profiles, load_profile, load_profile_file
 
 SHIPPED = {"rtx5090-192gb", "2xh100", "3xh100", "m3-ultra-512gb", "rtx4090-128gb", "rtx3090-64gb", "strix-halo-128gb",
-           "dgx-spark", "epyc-4090"}
+           "dgx-spark", "epyc-4090", "epyc-genoa-768gb"}
 VALUE_LINE = re.compile(r"^\s*(\w+)\s*=\s*(-?[\d.]+|true|false|\[.*\])\s*(#.*)?$")
 
 

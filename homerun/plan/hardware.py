@@ -71,6 +71,7 @@ class Detection:
     cpu_flags: tuple[str, ...]
     assumed: tuple[str, ...]
     seconds: float
+    cpu_peak_gops: dict[str, float | None] | None = None  # int8 / bf16 / fp32 over all kernel threads, best of 3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +147,7 @@ def cpu_flags() -> tuple[str, ...]:
     machine = platform.machine().lower()
     if machine in ("arm64", "aarch64"):
         return ("neon",)
-    wanted = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile", "amx_bf16"}
+    wanted = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -218,6 +219,10 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
 
         dram = measure_dram_read_gbps(reps=3)
     h2d = measure_h2d_gbps() if measure else None
+    peaks = measure_cpu_peaks() if measure else None
+    if peaks is None:
+        assumed.append("CPU unit peaks not measured (native kernels not built, or --no-measure): no CPU prefill "
+                       "estimate, the detected profile has no clock")
     bw = dict(measured.bandwidth_gbps) if measured else {}
     if "dram_read" in bw:
         dram = bw["dram_read"]
@@ -242,5 +247,25 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
     prof = HardwareProfile(name="auto", description=f"detected on {platform.node() or 'this machine'}", cpu=cpu,
                            gpus=gpus, memory=memory, policy=policy, source="auto")
     det = Detection(dram_read_gbps=dram, h2d_gbps=h2d, gpus=tuple(g.name for g in gpus), cpu_flags=flags,
-                    assumed=tuple(assumed), seconds=time.perf_counter() - t0)
+                    assumed=tuple(assumed), seconds=time.perf_counter() - t0, cpu_peak_gops=peaks)
     return prof, det
+
+
+def measure_cpu_peaks() -> dict[str, float | None] | None:
+    """This CPU's int8 / bf16 / fp32 unit peaks in GOP/s over every kernel thread (homerun.kernels.cpu_gemm.unit_peak,
+    best of 3 runs of ~0.05 s); None without the native kernels. On a busy host they read low, as prefill would run."""
+    from homerun.kernels import cpu_gemm
+
+    if not cpu_gemm.available():
+        return None
+    from homerun.kernels.prefill_bench import unit_peaks
+
+    peaks = unit_peaks(reps=3)
+    return peaks if peaks.get("int8") or peaks.get("fp32") else None
+
+
+def cpu_peaks_option(det: Detection | None) -> dict[str, Any] | None:
+    """`PlanOptions.cpu_peaks` from a detection's measured unit peaks (None when none were measured)."""
+    if det is None or not det.cpu_peak_gops:
+        return None
+    return {**det.cpu_peak_gops, "source": "measured on this machine (cpu_gemm.unit_peak, all kernel threads)"}

@@ -13,7 +13,8 @@ from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
                                   PlacementRow, Plan, Stage, _Ctx, gib)
 from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
-from homerun.plan.speed import activation_bytes, context_section, decode_speed, finish, prefill_speed
+from homerun.plan.speed import (activation_bytes, add_cpu_prefill, context_section, decode_speed, finish,
+                                prefill_speed)
 from profiles.schema import GIB
 
 
@@ -228,6 +229,7 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + inv.routed_expert_bytes,
                               weight_gbps=g0.mem_bw_gbps, stream_bytes_per_pass=0, stream_gbps=0, stream_link="pcie",
                               parallel=n))
+    add_cpu_prefill(c, pred, cpu_runs_prefill=False)
     if n > 1:
         c.notes.append(f"decode and prefill speeds assume tensor parallelism over the {n} GPUs (the layout above is "
                        "the memory split); with a pipeline split one GPU's bandwidth bounds decode instead")
@@ -391,6 +393,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     pred.update(prefill_speed(c, tflops=g0.tflops_bf16, weight_bytes_per_chunk=inv.non_expert_bytes + vram_expert_bytes,
                               weight_gbps=g0.mem_bw_gbps, stream_bytes_per_pass=stream,
                               stream_gbps=stream / t_stream / 1e9 if t_stream else 0.0, stream_link="expert_streaming"))
+    add_cpu_prefill(c, pred, cpu_runs_prefill=False)
     where = "host RAM" if mode == "hybrid" else "host RAM + disk mmap (slow)"
     verdict = (f"fits: non-expert set, KV and {total_cache} imposed static experts on GPU, the other routed experts "
                f"in {where}; context up to {max_tokens:,} tokens" if imposed else
@@ -465,6 +468,7 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     tflops = None if cpu_only or not prof.gpus else prof.gpus[0].tflops_bf16
     pred.update(prefill_speed(c, tflops=tflops, weight_bytes_per_chunk=weights, weight_gbps=bw,
                               stream_bytes_per_pass=0, stream_gbps=0, stream_link="none"))
+    add_cpu_prefill(c, pred, cpu_runs_prefill=pred.get("prefill_tok_s") is None)
     verdict = f"fits in {what}; context up to {max_tokens:,} tokens"
     return finish(c, fits=True, mode="unified" if not cpu_only else "cpu-only", verdict=verdict, remedy=None,
                   context=context, predicted=pred)

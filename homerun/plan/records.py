@@ -102,6 +102,8 @@ class PlanOptions:
     expert_placement: ExpertPlacement | None = None  # impose a peer's placement instead of choosing one
     efficiency: Efficiency = field(default_factory=Efficiency)
     cpu_kernel: dict[str, Any] | None = None  # from homerun.plan.hardware; None -> derived from the profile's CPU flags
+    cpu_peaks: dict[str, Any] | None = None  # measured CPU unit peaks, GOP/s over all threads ({"int8", "fp32", "bf16",
+    #   "source"}; homerun.plan.hardware for --hw auto); None -> derived from the profile (homerun.plan.compute)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ _ARCHITECTURES = {
 }
 
 KV_DTYPES = ("bf16", "fp8")
+COMPRESS_RATE = {"csa": 4, "hca": 128}  # V4: tokens per compressed KV entry of a CSA / HCA layer (deepseek-v4.md §5)
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def kv_layout(spec: ModelSpec, kv_dtype: str = "bf16") -> KvLayout:
         idx_key = idx + 4 if fp8 else 2 * idx
         csa = spec.layer_types.count("csa")
         hca = spec.layer_types.count("hca")
-        per_token = csa * (entry + idx_key) / 4 + hca * entry / 128
+        per_token = csa * (entry + idx_key) / COMPRESS_RATE["csa"] + hca * entry / COMPRESS_RATE["hca"]
         window = spec.num_layers * (spec.sliding_window or 0) * entry
         return KvLayout(kv_dtype, per_token, window, f"{csa} CSA (1/4) + {hca} HCA (1/128) layers; sliding windows constant")
     if spec.arch == "deepseek_v3":
@@ -399,8 +400,9 @@ def kv_read_bytes_per_token(spec: ModelSpec, kv: KvLayout, depth_tokens: int) ->
         window = spec.sliding_window or 0
         csa = spec.layer_types.count("csa")
         hca = spec.layer_types.count("hca")
-        csa_bytes = depth_tokens / 4 * idx_key + min(spec.index_topk, depth_tokens / 4) * entry
-        return spec.num_layers * window * entry + csa * csa_bytes + hca * depth_tokens / 128 * entry
+        entries = depth_tokens / COMPRESS_RATE["csa"]
+        csa_bytes = entries * idx_key + min(spec.index_topk, entries) * entry
+        return spec.num_layers * window * entry + csa * csa_bytes + hca * depth_tokens / COMPRESS_RATE["hca"] * entry
     return float(kv.bytes_for(depth_tokens))
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from homerun.plan.compute import (CPU_ATTENTION_EFFICIENCY, CPU_ELEMENTWISE_FRACTION, CPU_EXPERT_INT8_EFFICIENCY,
+                                  CPU_INDEXER_EFFICIENCY, cpu_dense_efficiency, cpu_unit_peaks, depth_flops_per_token,
+                                  linear_flops_per_token)
 from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
 from profiles.schema import GIB, HardwareProfile
 
@@ -237,7 +240,8 @@ def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: floa
     if not tflops:
         return {"prefill_tok_s": None, "prefill_chunk_tokens": chunk,
                 "prefill_reason": "the profile gives no tflops_bf16 figure, so prefill compute cannot be estimated"}
-    prompt = max(chunk, c.opts.prefill_prompt_tokens or c.opts.decode_depth_tokens)
+    prompt = prefill_prompt_tokens(c)
+    # 2 x active params: linear_flops_per_token splits the same figure by unit for the CPU estimate
     t_compute = 2.0 * c.inv.active_params_per_token * chunk / (parallel * tflops * 1e12 * eff.gpu_compute)
     t_weights = weight_bytes_per_chunk / (parallel * weight_gbps * 1e9 * eff.vram)
     t_stream_pass = (stream_bytes_per_pass / (stream_gbps * 1e9 * eff.pcie)
@@ -255,3 +259,91 @@ def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: floa
                           "against reading resident weights once per chunk and streaming non-cached experts once per "
                           f"layer-wise pass over the {prompt}-token prompt; attention cost at long depth is not modeled",
     }
+
+
+def prefill_prompt_tokens(c: _Ctx) -> int:
+    """The prompt a prefill estimate is for: `prefill_prompt_tokens`, default the decode depth, at least one chunk."""
+    return max(c.opts.prefill_chunk_tokens, c.opts.prefill_prompt_tokens or c.opts.decode_depth_tokens)
+
+
+def cpu_peaks(c: _Ctx) -> dict[str, Any]:
+    """The CPU unit peaks a CPU prefill estimate uses: measured ones (`PlanOptions.cpu_peaks`, --hw auto) where given,
+    else derived from the profile (homerun.plan.compute.cpu_unit_peaks)."""
+    derived = cpu_unit_peaks(c.prof.cpu)
+    m = c.opts.cpu_peaks
+    if not m or not (m.get("int8") or m.get("fp32")):
+        return derived
+    return {**derived, "int8": m.get("int8"), "fp32": m.get("fp32"), "bf16": m.get("bf16"),
+            "int8_unit": "measured" if m.get("int8") else None, "bf16_unit": "measured" if m.get("bf16") else None,
+            "source": m.get("source") or "measured"}
+
+
+def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
+    """CPU prefill tok/s at compute speed, for a prompt of `prefill_prompt_tokens(c)` tokens on all the CPU's cores.
+
+    Per token, each part's FLOPs (homerun.plan.compute) over its unit's peak x our kernels' measured efficiency:
+    routed experts on the int8 unit, the dense linears on bf16 where the CPU has bf16 units (else fp32), the attention
+    core and the V4 indexer on fp32 at the prompt's mean depth, plus the elementwise ops (mHC, norms, RoPE) as a
+    measured fraction of the linears' time; the lm head runs for the prompt's last token only. Weight reads are not a
+    bound here: a prompt chunk of >= 512 rows reuses each weight it reads hundreds of times."""
+    spec, inv = c.spec, c.inv
+    prompt = prefill_prompt_tokens(c)
+    peaks = cpu_peaks(c)
+    out: dict[str, Any] = {"cpu_prefill_tok_s": None, "cpu_prefill_prompt_tokens": prompt,
+                           "cpu_peak_gops": {k: peaks.get(k) for k in ("int8", "fp32", "bf16")},
+                           "cpu_peak_source": peaks["source"]}
+    if not peaks.get("int8") or not peaks.get("fp32"):
+        out["cpu_prefill_reason"] = f"no CPU compute peak ({peaks['source']}): set cpu.clock_ghz in the profile"
+        return out
+    lin = linear_flops_per_token(spec, inv)
+    att = idx = 0.0
+    for t in spec.layer_types:
+        d = depth_flops_per_token(spec, t, prompt)
+        att, idx = att + d["attention"], idx + d["indexer"]
+    dense_unit = "bf16" if peaks.get("bf16") else "fp32"
+    e_dense = cpu_dense_efficiency(c.opts.prefill_chunk_tokens)
+    g = 1e9
+    flops = {"routed_experts": lin["routed_experts"], "dense": lin["dense"], "lm_head": lin["lm_head"] / prompt,
+             "attention": att, "indexer": idx}
+    secs = {
+        "routed_experts": flops["routed_experts"] / (peaks["int8"] * g * CPU_EXPERT_INT8_EFFICIENCY),
+        "dense": flops["dense"] / (peaks[dense_unit] * g * e_dense),
+        "lm_head": flops["lm_head"] / (peaks[dense_unit] * g * e_dense),
+        "attention": att / (peaks["fp32"] * g * CPU_ATTENTION_EFFICIENCY),
+        "indexer": idx / (peaks["fp32"] * g * CPU_INDEXER_EFFICIENCY),
+    }
+    secs["elementwise"] = CPU_ELEMENTWISE_FRACTION * (secs["routed_experts"] + secs["dense"])
+    total = sum(secs.values())
+    out.update({
+        "cpu_prefill_tok_s": 1.0 / total,
+        "cpu_prefill_units": {"routed_experts": "int8", "dense": dense_unit, "attention": "fp32", "indexer": "fp32"},
+        "cpu_prefill_flops_per_token": flops,
+        "cpu_prefill_seconds_per_token": secs,
+        "cpu_prefill_efficiency": {"int8_experts": CPU_EXPERT_INT8_EFFICIENCY, "dense": e_dense,
+                                   "attention": CPU_ATTENTION_EFFICIENCY, "indexer": CPU_INDEXER_EFFICIENCY,
+                                   "elementwise_fraction": CPU_ELEMENTWISE_FRACTION,
+                                   "source": "benchmarks/prefill_cpu.md (2-core AVX2 Zen 3)"},
+        "cpu_prefill_reason": (
+            f"per token of a {prompt}-token prompt: experts {flops['routed_experts'] / g:.2f} GOP at int8 "
+            f"{peaks['int8']:,.0f} GOP/s x {CPU_EXPERT_INT8_EFFICIENCY}, dense {flops['dense'] / g:.2f} GFLOP at "
+            f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({c.opts.prefill_chunk_tokens}-row chunks), attention "
+            f"{att / g:.2f} and indexer {idx / g:.2f} GFLOP at the prompt's mean depth on fp32 "
+            f"{peaks['fp32']:,.0f} x {CPU_ATTENTION_EFFICIENCY} / {CPU_INDEXER_EFFICIENCY}, elementwise +{CPU_ELEMENTWISE_FRACTION:.0%} of the linears "
+            f"(efficiencies: benchmarks/prefill_cpu.md on AVX2; peaks: {peaks['source']})"),
+    })
+    return out
+
+
+def add_cpu_prefill(c: _Ctx, pred: dict[str, Any], *, cpu_runs_prefill: bool) -> None:
+    """Add the CPU prefill estimate to a plan's predictions and decisions. `cpu_runs_prefill` (CPU only, or one memory
+    pool whose GPU has no compute figure): it becomes the plan's `prefill_tok_s`; otherwise the GPU figure stays and
+    the CPU one sits beside it (what the CPU alone would do, e.g. for the hybrid path's experts)."""
+    cpu = cpu_prefill_speed(c)
+    pred.update(cpu)
+    tok_s = cpu["cpu_prefill_tok_s"]
+    c.decide("CPU prefill", "not estimated" if tok_s is None else f"{tok_s:.2f} tok/s", cpu["cpu_prefill_reason"])
+    if cpu_runs_prefill:
+        pred["prefill_tok_s"] = tok_s
+        pred["prefill_prompt_tokens"] = cpu["cpu_prefill_prompt_tokens"]
+        pred["prefill_bottleneck"] = "cpu compute" if tok_s is not None else None
+        pred["prefill_reason"] = "the CPU runs prefill: " + cpu["cpu_prefill_reason"]

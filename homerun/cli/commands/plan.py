@@ -77,7 +77,7 @@ def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str
     `gpu_experts` impose a peer runtime's expert placement (homerun.plan.records.ExpertPlacement)."""
     from dataclasses import replace
 
-    from homerun.plan.hardware import efficiency_from, load_measured
+    from homerun.plan.hardware import cpu_peaks_option, efficiency_from, load_measured
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import ExpertPlacement, PlanOptions, distributed_launch, plan, with_distributed
     from profiles import list_profiles, load_profile
@@ -112,7 +112,8 @@ def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str
         hit_rate = measured.expert_cache_hit_rate.get(spec.name)
     opts = PlanOptions(context_tokens=context, kv_dtype=kv_dtype, prefill_chunk_tokens=prefill_chunk,
                        decode_depth_tokens=depth, include_mtp=mtp, allow_disk=allow_disk, hit_rate=hit_rate,
-                       efficiency=efficiency_from(measured), cpu_kernel=kernel, expert_placement=placement)
+                       efficiency=efficiency_from(measured), cpu_kernel=kernel, expert_placement=placement,
+                       cpu_peaks=cpu_peaks_option(detection))
     p = plan(spec, inv, prof, opts)
     doc_extra: dict[str, Any] = {}
     if not p.fits:
@@ -228,6 +229,8 @@ def _render_speed(console: Any, pred: dict[str, Any], doc: dict[str, Any]) -> No
                           f" = {link['seconds_per_token'] * 1e3:7.2f} ms")
         console.print(f"  prefill {f(pred.get('prefill_tok_s'))} tok/s estimated (chunk {pred.get('prefill_chunk_tokens')})"
                       + ("" if pred.get("prefill_tok_s") else f": {pred.get('prefill_reason', '')}"))
+        if "cpu_prefill_reason" in pred:
+            _render_cpu_prefill(console, pred)
         eff = pred["efficiency"]
         console.print(f"  efficiency ({eff['source']}): vram {eff['vram']}, dram {eff['dram']}, pcie {eff['pcie']}, "
                       f"gpu compute {eff['gpu_compute']}, per-layer overhead {eff['per_layer_overhead_s'] * 1e6:.0f} µs")
@@ -245,6 +248,21 @@ def _render_speed(console: Any, pred: dict[str, Any], doc: dict[str, Any]) -> No
                           f"PP {opt['pipeline_parallel']}, EP {opt['expert_parallel']}):")
             console.print(f"    {opt['vllm']}")
             console.print(f"    {opt['sglang']}")
+
+
+def _render_cpu_prefill(console: Any, pred: dict[str, Any]) -> None:
+    """The CPU prefill estimate: tok/s, and per token each part's ms at its unit (or why there is none)."""
+    tok_s = pred.get("cpu_prefill_tok_s")
+    if tok_s is None:
+        console.print(f"  CPU prefill -: {pred['cpu_prefill_reason']}")
+        return
+    units = pred["cpu_prefill_units"]
+    parts = ", ".join(f"{k.replace('_', ' ')} {v * 1e3:.1f}" + (f" ({units[k]})" if k in units else "")
+                      for k, v in pred["cpu_prefill_seconds_per_token"].items() if v * 1e3 >= 0.05)
+    peaks = pred["cpu_peak_gops"]
+    console.print(f"  CPU prefill {tok_s:,.2f} tok/s estimated at a {pred['cpu_prefill_prompt_tokens']:,}-token prompt "
+                  f"(ms/token: {parts}; peaks GOP/s int8 {peaks['int8']:,.0f}, fp32 {peaks['fp32']:,.0f}"
+                  + (f", bf16 {peaks['bf16']:,.0f}" if peaks.get("bf16") else "") + f"; {pred['cpu_peak_source']})")
 
 
 def validation_doc() -> dict[str, Any]:

@@ -1,0 +1,209 @@
+"""The planner's CPU prefill estimate (issue 19, `homerun.plan.compute` + `speed.cpu_prefill_speed`): hand-computed
+figures for two profiles (this AVX2 host's two Zen 3 cores, and the shipped CPU-only EPYC Genoa), the check against
+the measurement in benchmarks/prefill_cpu.md ("Prefill by depth"), and where the figure lands in a plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from homerun.bench.synthetic import synthetic_config
+from homerun.plan.compute import (attention_keys_per_token, cpu_unit_peaks, depth_flops_per_token,
+                                  linear_flops_per_token, mean_capped)
+from homerun.plan.hardware import Detection, cpu_peaks_option
+from homerun.plan.inventory import inventory_from_config, resolve_model
+from homerun.plan.planner import PlanOptions, plan
+from homerun.plan.specs import parse_config
+from profiles import CpuSpec, HardwareProfile, load_profile
+
+# The efficiencies, written out (homerun.plan.compute's constants, from benchmarks/prefill_cpu.md)
+E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE = 0.26, 0.57, 0.5, 0.37, 0.07
+
+# V4-Flash per prompt token, by hand: 43 MoE layers x top-6 x (gate, up, down) x 4096 x 2048, 2 FLOPs per MAC
+FLASH_EXPERT_FLOPS = 2 * 43 * 6 * 3 * 4096 * 2048  # 12.99 GOP
+
+
+def host_profile(cores: int = 2, clock_ghz: float = 3.2) -> HardwareProfile:
+    """The measured host: 2 Zen 3 vCPUs, AVX2 + FMA, no AVX-512; 3.2 GHz is its one-core fp32 peak (102.8 GFLOP per
+    CPU-second, benchmarks/prefill_cpu.md) over 32 FLOPs per cycle. RAM made large enough for V4-Flash to fit."""
+    return HardwareProfile(name="host", description="2 Zen 3 cores", source="test",
+                           cpu=CpuSpec(name="EPYC Zen 3", cores=cores, ram_gib=512, mem_bw_gbps=20,
+                                       flags=("avx2", "fma"), clock_ghz=clock_ghz))
+
+
+@pytest.fixture(scope="module")
+def flash():
+    return resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+
+
+@pytest.fixture(scope="module")
+def flash_one_layer(flash):
+    """The one real-shaped CSA layer of the by-depth measurement (bench.synthetic's n_layers=1 config)."""
+    spec = parse_config(synthetic_config(dict(flash[0].config), 1), "flash-L1")
+    assert spec.layer_types == ("csa",)
+    return spec, inventory_from_config(spec)
+
+
+def test_linear_split_sums_to_the_gpu_estimates_active_params(flash):
+    spec, inv = flash
+    lin = linear_flops_per_token(spec, inv)
+    assert lin["routed_experts"] == FLASH_EXPERT_FLOPS
+    assert lin["lm_head"] == 2 * 4096 * 129280
+    assert sum(lin.values()) == 2 * inv.active_params_per_token
+
+
+def test_mean_keys_match_a_discrete_count():
+    for p, rate, cap in ((4096, 1, 128), (4096, 4, 512), (1000, 4, 512), (32768, 128, None), (100, 1, None)):
+        discrete = sum(min(t / rate, cap if cap is not None else float("inf")) for t in range(p)) / p
+        assert mean_capped(p, rate, cap) == pytest.approx(discrete, rel=2e-3, abs=0.6)
+    # by hand, a 4096-token prompt: window 128 - 128^2 / 8192 = 126; CSA top-512 of t/4: 512 - 512^2 x 4 / 8192 = 384
+    spec = resolve_model("deepseek-ai/DeepSeek-V4-Flash")[0]
+    assert attention_keys_per_token(spec, "csa", 4096) == 126 + 384
+    assert attention_keys_per_token(spec, "hca", 4096) == 126 + 4096 / 256
+    assert attention_keys_per_token(spec, "swa", 4096) == 126
+    d = depth_flops_per_token(spec, "csa", 4096)
+    assert d == {"attention": 4 * 64 * 512 * 510, "indexer": 2 * 64 * 128 * 512}
+
+
+def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float) -> float:
+    """V4-Flash at a 4096-token prompt (the default decode depth) by hand: 21 CSA, 20 HCA, 2 sliding-only layers."""
+    attention = 4 * 64 * 512 * (21 * 510 + 20 * 142 + 2 * 126)  # keys per layer kind, as above
+    indexer = 21 * 2 * 64 * 128 * 512  # every earlier 1/4-rate entry: mean 4096 / 8
+    head = 2 * 4096 * 129280 / 4096  # the lm head, once per prompt
+    t = (FLASH_EXPERT_FLOPS / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
+         + head / (dense_peak * 1e9 * E_DENSE) + attention / (fp32 * 1e9 * E_ATTN) + indexer / (fp32 * 1e9 * E_INDEX))
+    t += ELEMENTWISE * (FLASH_EXPERT_FLOPS / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE))
+    return 1 / t
+
+
+def test_hand_computed_cpu_prefill_on_the_measured_avx2_host(flash):
+    spec, inv = flash
+    p = plan(spec, inv, host_profile())
+    pred = p.predicted
+    # peaks: 2 cores x 3.2 GHz x 32 FLOPs (two 256-bit FMA pipes) = 204.8 GFLOP/s; int8 x 2.27 (the AVX2 tile) = 464.9
+    assert pred["cpu_peak_gops"] == pytest.approx({"int8": 464.896, "fp32": 204.8, "bf16": None})
+    assert pred["cpu_prefill_units"]["dense"] == "fp32"  # no bf16 units
+    dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
+    want = _hand_tok_s(dense, 464.896, 204.8, 204.8)
+    assert pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
+    assert 3.5 < want < 4.5  # ~4.0 tok/s
+    # CPU only: the CPU figure is the plan's prefill figure, with its reason
+    assert p.mode == "cpu-only" and pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"]
+    assert pred["prefill_reason"].startswith("the CPU runs prefill") and "int8" in pred["prefill_reason"]
+    decision = [d for d in p.decisions if d["what"] == "CPU prefill"]
+    assert decision and decision[0]["choice"] == f"{want:.2f} tok/s"
+    assert "benchmarks/prefill_cpu.md" in decision[0]["reason"]
+
+
+def test_hand_computed_cpu_prefill_on_the_cpu_only_epyc_genoa(flash):
+    spec, inv = flash
+    prof = load_profile("epyc-genoa-768gb")
+    p = plan(spec, inv, prof)
+    pred = p.predicted
+    # 32 cores x 3.25 GHz x 32 (Zen 4: AVX-512 on 256-bit units) = 3328 GFLOP/s; VNNI int8 x4 = 13312; AVX512-BF16 x2
+    assert pred["cpu_peak_gops"] == pytest.approx({"int8": 13312.0, "fp32": 3328.0, "bf16": 6656.0})
+    assert pred["cpu_prefill_units"]["dense"] == "bf16"
+    dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
+    want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0)
+    assert p.mode == "cpu-only" and pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 100 < want < 130
+
+
+@pytest.mark.parametrize("prompt,measured_one_layer,measured_43", [(1024, 170, 3.95), (8192, 161, 3.74),
+                                                                    (32768, 139, 3.22)])
+def test_prediction_against_the_by_depth_measurement(flash, flash_one_layer, prompt, measured_one_layer, measured_43):
+    """benchmarks/prefill_cpu.md, "Prefill by depth": one real-shaped CSA layer on 2 idle cores of this AVX2 host
+    (CPU-seconds / 2): 170 / 161 / 139 tok/s at 1K / 8K / 32K; the full model extrapolated as 43 such layers: 3.95 /
+    3.74 / 3.22. The plan, with the quiet 2-thread measured peaks (466 int8, 204 fp32 GOP/s), is within 5 %."""
+    spec1, inv1 = flash_one_layer
+    opts = PlanOptions(context_tokens=65536, prefill_prompt_tokens=prompt, prefill_chunk_tokens=min(prompt, 2048),
+                       cpu_peaks={"int8": 466.0, "fp32": 204.0, "bf16": None, "source": "measured (test)"})
+    one = plan(spec1, inv1, host_profile(), opts).predicted
+    assert one["cpu_peak_source"] == "measured (test)" and one["cpu_prefill_prompt_tokens"] == prompt
+    assert one["cpu_prefill_tok_s"] == pytest.approx(measured_one_layer, rel=0.05)
+    # 43 CSA layers (the measurement's upper bound on time) against the extrapolation
+    assert one["cpu_prefill_tok_s"] / 43 == pytest.approx(measured_43, rel=0.05)
+    # the real layer mix (20 HCA and 2 sliding-only layers have no indexer and fewer keys) is faster than 43 x CSA
+    full = plan(*flash, host_profile(), opts).predicted
+    assert one["cpu_prefill_tok_s"] / 43 < full["cpu_prefill_tok_s"] < 1.15 * one["cpu_prefill_tok_s"] / 43
+
+
+def test_chunks_under_512_rows_run_the_dense_linears_at_the_small_row_efficiency(flash):
+    spec, inv = flash
+    dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
+    for chunk, eff in ((256, 0.25), (511, 0.25), (512, 0.57)):
+        pred = plan(spec, inv, host_profile(), PlanOptions(prefill_chunk_tokens=chunk)).predicted
+        assert pred["cpu_prefill_seconds_per_token"]["dense"] == pytest.approx(dense / (204.8e9 * eff), rel=1e-12)
+        assert pred["cpu_prefill_efficiency"]["dense"] == eff and f"{chunk}-row chunks" in pred["cpu_prefill_reason"]
+
+
+def test_a_gpu_plan_keeps_its_gpu_figure_and_shows_the_cpu_one(flash):
+    spec, inv = flash
+    p = plan(spec, inv, load_profile("epyc-4090"))
+    pred = p.predicted
+    assert p.mode == "hybrid" and pred["prefill_reason"].startswith("per chunk")
+    assert pred["cpu_prefill_tok_s"] == pytest.approx(plan(spec, inv, load_profile("epyc-genoa-768gb"))
+                                                      .predicted["cpu_prefill_tok_s"], rel=1e-12)
+    assert pred["prefill_tok_s"] != pred["cpu_prefill_tok_s"]
+
+
+def test_no_clock_no_cpu_estimate_and_the_reason_says_so(flash):
+    spec, inv = flash
+    p = plan(spec, inv, host_profile(clock_ghz=None))
+    pred = p.predicted
+    assert pred["cpu_prefill_tok_s"] is None and pred["prefill_tok_s"] is None
+    assert "clock_ghz" in pred["cpu_prefill_reason"] and "clock_ghz" in pred["prefill_reason"]
+    assert [d["choice"] for d in p.decisions if d["what"] == "CPU prefill"] == ["not estimated"]
+
+
+def test_unit_peaks_by_isa():
+    def peaks(flags, per_cycle=None, cores=1, clock=1.0):
+        return cpu_unit_peaks(CpuSpec(name="x", cores=cores, ram_gib=1, mem_bw_gbps=1, flags=flags, clock_ghz=clock,
+                                      fp32_flops_per_cycle=per_cycle))
+
+    p = peaks(("avx2", "avx512f", "avx512_vnni"))  # Xeon-class: two 512-bit FMA pipes, VNNI
+    assert (p["fp32"], p["int8"], p["bf16"], p["int8_unit"]) == (64.0, 256.0, None, "avx512_vnni")
+    p = peaks(("avx2", "avx512f"))  # AVX-512 without VNNI: the 256-bit AVX2 tile, at two 256-bit pipes' rate
+    assert (p["fp32"], p["int8"]) == (64.0, pytest.approx(32 * 2.27))
+    p = peaks(("avx2", "avx512f", "amx"), cores=2, clock=2.0)  # AMX-BF16: 1024 FLOPs per cycle per core
+    assert p["bf16"] == 2 * 2.0 * 1024 and p["bf16_unit"] == "amx_bf16"
+    p = peaks(("neon",), per_cycle=32.0)
+    assert (p["fp32"], p["int8"]) == (32.0, 64.0)
+    assert peaks(()).get("fp32") is None  # no SIMD path known: no peak
+
+
+def test_auto_detection_peaks_become_the_plan_option():
+    det = Detection(dram_read_gbps=20.0, h2d_gbps=None, gpus=(), cpu_flags=("avx2",), assumed=(), seconds=0.1,
+                    cpu_peak_gops={"int8": 150.0, "bf16": None, "fp32": 80.0})
+    opt = cpu_peaks_option(det)
+    assert opt["int8"] == 150.0 and opt["fp32"] == 80.0 and "measured" in opt["source"]
+    assert cpu_peaks_option(Detection(20.0, None, (), (), (), 0.1)) is None
+
+
+def test_plan_json_and_table_carry_the_cpu_prefill(capsys):
+    from homerun.cli.app import app
+
+    with pytest.raises(SystemExit) as exc:
+        app(args=["plan", "deepseek-ai/DeepSeek-V4-Flash", "--hw", "epyc-genoa-768gb", "--json"], prog_name="homerun")
+    assert (exc.value.code or 0) == 0
+    doc = json.loads(capsys.readouterr().out)
+    pred = doc["predicted"]
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] > 0
+    assert set(pred["cpu_prefill_seconds_per_token"]) == {"routed_experts", "dense", "lm_head", "attention", "indexer",
+                                                          "elementwise"}
+    with pytest.raises(SystemExit):
+        app(args=["plan", "deepseek-ai/DeepSeek-V4-Flash", "--hw", "epyc-genoa-768gb"], prog_name="homerun")
+    out = capsys.readouterr().out
+    assert "CPU prefill" in out and f"{pred['cpu_prefill_tok_s']:,.2f} tok/s" in out
+
+
+def test_auto_detection_measures_the_unit_peaks():
+    from homerun.kernels import cpu_gemm
+    from homerun.plan.hardware import measure_cpu_peaks
+
+    if not cpu_gemm.available():
+        pytest.skip("native kernels not built: --hw auto has no measured peaks")
+    peaks = measure_cpu_peaks()
+    assert peaks is not None and peaks["fp32"] > 0
+    assert peaks["int8"] is not None and peaks["int8"] > peaks["fp32"]  # every x86 int8 path beats its fp32 FMA rate
