@@ -52,7 +52,7 @@ def test_profiles_show_keeps_toml_tables_and_prints_values_not_reprs():
     for header in ("[cpu]", "[memory]", "[disk]", "[policy]", "[[gpus]]"):
         assert header in text, header
     assert "[] #0" not in text
-    assert 'flags = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]' in text and "clock_ghz = 4.3" in text
+    assert 'flags = ["avx2", "avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16"]' in text and "clock_ghz = 4.3" in text
     assert "('avx2'" not in text and "None" not in text and "True" not in text and "False" not in text
     assert "unified = false" in text and "fp8 = true" in text
 

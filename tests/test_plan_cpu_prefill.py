@@ -162,8 +162,10 @@ def test_unit_peaks_by_isa():
         return cpu_unit_peaks(CpuSpec(name="x", cores=cores, ram_gib=1, mem_bw_gbps=1, flags=flags, clock_ghz=clock,
                                       fp32_flops_per_cycle=per_cycle))
 
-    p = peaks(("avx2", "avx512f", "avx512_vnni"))  # Xeon-class: two 512-bit FMA pipes, VNNI
+    p = peaks(("avx2", "avx512f", "avx512_vnni", "avx512vbmi"))  # Ice Lake-class: two 512-bit FMA pipes, VNNI
     assert (p["fp32"], p["int8"], p["bf16"], p["int8_unit"]) == (64.0, 256.0, None, "avx512_vnni")
+    p = peaks(("avx2", "avx512f", "avx512_vnni"))  # Cascade Lake: VNNI without VBMI runs the AVX2 tile
+    assert (p["int8_unit"], p["int8"]) == ("avx2", pytest.approx(32 * 2.27))
     p = peaks(("avx2", "avx512f"))  # AVX-512 without VNNI: the 256-bit AVX2 tile, at two 256-bit pipes' rate
     assert (p["fp32"], p["int8"]) == (64.0, pytest.approx(32 * 2.27))
     p = peaks(("avx2", "avx512f", "amx"), cores=2, clock=2.0)  # AMX-BF16: 1024 FLOPs per cycle per core

@@ -97,7 +97,7 @@ def simd_path(flags: tuple[str, ...]) -> str:
 def cpu_unit_peaks(cpu: CpuSpec) -> dict[str, Any]:
     """The profile CPU's int8 / fp32 / bf16 peaks in GOP/s over all cores: cores x clock_ghz x fp32 FLOPs per cycle
     (FP32_FLOPS_PER_CYCLE by SIMD path, or the profile's figure) x the unit's ratio to fp32. int8 is the unit homerun's
-    FP4 expert kernels run (AVX512-VNNI, else AVX2 maddubs; AMX-INT8 is not used by them); bf16 exists only with
+    FP4 expert kernels run (AVX512-VNNI with VBMI, else AVX2 maddubs; AMX-INT8 is not used by them); bf16 exists only with
     AVX512-BF16 or AMX-BF16 (oneDNN runs the dense GEMMs there). None where the profile lacks the clock."""
     f = {x.lower() for x in cpu.flags}
     path = simd_path(cpu.flags)
@@ -109,8 +109,8 @@ def cpu_unit_peaks(cpu: CpuSpec) -> dict[str, Any]:
         out["source"] = f"profile: {why}, so no compute peak"
         return out
     fp32 = cpu.cores * cpu.clock_ghz * per_cycle
-    int8_unit = "avx512_vnni" if path == "avx512" and "avx512_vnni" in f else ("avx2" if path in ("avx512", "avx2")
-                                                                              else "neon" if path == "neon" else None)
+    vnni = path == "avx512" and {"avx512_vnni", "avx512vbmi"} <= f  # hr_dispatch.inc: the VNNI tile needs VBMI too
+    int8_unit = "avx512_vnni" if vnni else "avx2" if path in ("avx512", "avx2") else "neon" if path == "neon" else None
     # the AVX2 tile's 256-bit instructions issue at most at two 256-bit pipes' rate, also on a 512-bit core
     tile_per_cycle = min(per_cycle, FP32_FLOPS_PER_CYCLE["avx2"]) if int8_unit == "avx2" else per_cycle
     base = cpu.cores * cpu.clock_ghz * tile_per_cycle

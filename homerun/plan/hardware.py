@@ -147,7 +147,7 @@ def cpu_flags() -> tuple[str, ...]:
     machine = platform.machine().lower()
     if machine in ("arm64", "aarch64"):
         return ("neon",)
-    wanted = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
+    wanted = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
