@@ -1,5 +1,6 @@
 """The planner's models of context and speed: the KV ramp, activation workspace, the assumed cache hit rate, the
-optimal CPU/PCIe miss split, decode and prefill speed per link, and the sections of a finished Plan.
+optimal CPU/PCIe miss split, decode and prefill speed per link, CPU prefill at compute speed (its FLOPs, peaks and
+efficiencies come from homerun.plan.compute), and the sections of a finished Plan.
 """
 
 from __future__ import annotations
