@@ -1,6 +1,6 @@
 """The lightning indexer's prefill top-k (issue 19): the torch set's `index_topk` against a plain fp64 per-query
 definition (scores, the visibility threshold, higher score then lower index, -1 past the visible keys), the native
-kernel (`hr_index_topk_page` / `_final`) against the torch set on every native path here: exactly (order included)
+kernel (`hr_index_topk`) against the torch set on every native path here: exactly (order included)
 on integer inputs, whose sums are exact in any order and full of ties, and by the picked scores on random inputs;
 page sizes from 1 row to all of them, k above n_vis, queries that see no key, key ranges split over threads, keys
 stored fp32, bf16 and FP8 (homerun.models.kv), and the CPU prefill kernel set's dispatch."""
@@ -23,7 +23,7 @@ TORCH = TorchKernels()
 def _native():
     from homerun.kernels import cpu_prefill
 
-    if not cpu_prefill.available() or "index_page" not in cpu_prefill._mix:
+    if not cpu_prefill.available() or "index_topk" not in cpu_prefill._mix:
         pytest.skip("native kernels not built")
     return cpu_prefill
 
@@ -162,10 +162,14 @@ def test_native_index_topk_key_ranges_over_threads():
 
 
 @pytest.mark.parametrize("store", ["fp32", "bf16", "fp8"])
-def test_native_index_topk_over_kv_stores(store):
+@pytest.mark.parametrize("per_call", ["all", "one page"])
+def test_native_index_topk_over_kv_stores(store, per_call, monkeypatch):
     """The pages the model passes: a PagedRows store's pages in fp32 or bf16 (converted per page), or an FP8 store's
-    decoded rows (small integers survive every format exactly)."""
+    decoded rows (small integers survive every format exactly); converted pages over several kernel calls when they
+    pass the per-call bound."""
     cp = _native()
+    if per_call == "one page":
+        monkeypatch.setattr(cp, "_INDEX_CONVERT_BYTES", 1)
     nq, hi, di, n = 5, 8, 64, 150
     iq, iw, keys, t = _case(nq, hi, di, n, seed=7, integer=True)
     if store == "fp8":
