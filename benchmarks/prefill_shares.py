@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding", "indexer"),
                     help="time one real-shaped attention core instead (no checkpoint)")
     a = ap.parse_args()
-    import homerun  # noqa: F401 - before torch (its OpenMP settings: torch's spinning workers would take the pool's cores)
+    import homerun  # noqa: F401 - before torch (its OpenMP settings: torch's spinning workers take the pool's cores)
 
     if a.attention_layer == "indexer":
         return indexer_layer(a)

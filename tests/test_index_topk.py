@@ -46,7 +46,8 @@ def _case(nq, hi, di, n, seed=0, integer=False, thr="mixed"):
         iw = torch.randint(-2, 3, (nq, hi), generator=g).float()
         keys = torch.randint(-2, 3, (n, di), generator=g).float()
     else:
-        iq, iw, keys = torch.randn(nq, hi, di, generator=g), torch.randn(nq, hi, generator=g), torch.randn(n, di, generator=g)
+        iq, iw = torch.randn(nq, hi, di, generator=g), torch.randn(nq, hi, generator=g)
+        keys = torch.randn(n, di, generator=g)
     if thr is None:
         t = None
     else:  # per query: anything from no visible key to all of them, as a prefill block's causal thresholds

@@ -61,8 +61,8 @@ class CpuPrefillKernels(TorchKernels):
         return pf.attend_prefill(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
 
     def index_topk(self, iq, iw, pages, n_vis, thr, k_sel, scale):
-        """The native indexer top-k (homerun.kernels.cpu_prefill) for fp32 CPU queries: per-query running heaps,
-        no [q, Hi, page] temporaries, queries on the pool."""
+        """The native indexer top-k (homerun.kernels.cpu_prefill) for fp32 CPU queries: per-query running candidate
+        lists, no [q, Hi, page] temporaries, queries on the pool."""
         pf = native_prefill()
         if pf is None or iq.dtype != torch.float32 or iq.device.type != "cpu":
             return super().index_topk(iq, iw, pages, n_vis, thr, k_sel, scale)

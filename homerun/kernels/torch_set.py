@@ -211,8 +211,9 @@ class TorchKernels:
         [p, Di]) in row order: score[q, n] = scale * sum_h iw[q, h] relu(iq[q, h] . key[n]) for iq [q, Hi, Di],
         iw [q, Hi] (the weights as used). Key n is visible to query q iff n < thr[q] (thr None: all n_vis). ->
         [q, k] int64, k = min(k_sel, n_vis): each query's k best visible keys, higher score first and the lower index
-        first on equal scores (a stable sort: the picks are one set whatever the summation order ties); -1 past a
-        query's visible keys. Merged page by page: the temporaries are [q, Hi, page] and [q, k + page]."""
+        first on equal scores (a stable sort, so equal scores pick one defined set, the one the native kernel picks);
+        -1 past a query's visible keys (attend_prefill drops those). Merged page by page: the temporaries are
+        [q, Hi, page] and [q, k + page]."""
         nq = iq.shape[0]
         k = min(k_sel, n_vis)
         iq, iw = iq.float(), iw.float()
