@@ -11,7 +11,8 @@ repeat is a fresh session over the same prompt; the figures printed are the last
 
 instead times one real-shaped V4-Flash attention core (64 heads x 512, window 128; CSA: rate 4, top-512 picks;
 HCA: rate 128) over a whole prompt, in the model's query blocks: the torch set's attend_prefill against the native one
-(random inputs; no checkpoint needed).
+(random inputs; no checkpoint needed). `--attention-layer indexer` times the CSA layer's lightning-indexer top-k the
+same way (64 heads x 128, rate 4, top-512, pages of 256 keys): the torch set's index_topk against the native one.
 """
 
 from __future__ import annotations
@@ -64,15 +65,18 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2, help="prefills (the last one is reported)")
     ap.add_argument("--expert-act", default="auto", help="expert activations: auto, int8, bf16, fp32")
     ap.add_argument("--json", action="store_true", help="print the JSON document only")
-    ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding"),
+    ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding", "indexer"),
                     help="time one real-shaped attention core instead (no checkpoint)")
     a = ap.parse_args()
+    import homerun  # noqa: F401 - before torch (its OpenMP settings: torch's spinning workers take the pool's cores)
+
+    if a.attention_layer == "indexer":
+        return indexer_layer(a)
     if a.attention_layer:
         return attention_layer(a)
     if not a.checkpoint:
         ap.error("--checkpoint is required (or --attention-layer)")
 
-    import homerun  # noqa: F401 - before torch (its OpenMP settings)
     import torch
 
     from homerun.bench.setup import open_target
@@ -160,6 +164,52 @@ def attention_layer(a: argparse.Namespace) -> int:
         print(f"{a.attention_layer} attention core, {T} tokens: torch {doc['torch']['cpu_s']:.2f} CPU-s "
               f"({doc['torch']['wall_s']:.2f} s), native {doc['native']['cpu_s']:.2f} CPU-s "
               f"({doc['native']['wall_s']:.2f} s)")
+    print(json.dumps(doc))
+    return 0
+
+
+def _csa_query_block(T: int, H: int, D: int, W: int, K: int, Hi: int, page: int) -> int:
+    """DeepseekV4._attend's query block for a CSA layer (score temporaries, gathered rows, the indexer's page)."""
+    per_q = H * (W + K) + K * D + Hi * page + 2 * (K + page)
+    qb = max(1, min(T, (1 << 24) // per_q))
+    while qb > 1 and qb * H * (qb + W) > (1 << 24):
+        qb //= 2
+    return qb
+
+
+def indexer_layer(a: argparse.Namespace) -> int:
+    """One V4-Flash CSA layer's indexer top-k over a prompt of a.prompt tokens, in the model's query blocks and key
+    pages: torch set vs native, wall and CPU seconds, alternating (torch, native, torch, native; each second run is
+    reported, the first warms up)."""
+    import torch
+
+    from homerun.kernels import dispatch
+    from homerun.kernels.torch_set import TorchKernels
+
+    T, Hi, Di, K, rate, page = a.prompt, 64, 128, 512, 4, 256
+    g = torch.Generator().manual_seed(0)
+    iq = torch.randn(T, Hi, Di, generator=g)
+    iw = torch.randn(T, Hi, generator=g) * Hi**-0.5
+    keys = torch.randn(T // rate, Di, generator=g)
+    qb = _csa_query_block(T, 64, 512, 128, K, Hi, min(T // rate, page))
+    native = dispatch.kernels_for("cpu", torch.float32, T)
+    doc: dict = {"layer": "indexer", "prompt": T, "query_block": qb, "page_rows": page, "runs": []}
+    for name, ks in (("torch", TorchKernels()), ("native", native), ("torch", TorchKernels()), ("native", native)):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for s0 in range(0, T, qb):
+            s1 = min(s0 + qb, T)
+            n_vis = s1 // rate
+            if not n_vis:
+                continue
+            thr = (torch.arange(s0, s1) + 1) // rate
+            pages = [(r0, keys[r0 : min(r0 + page, n_vis)]) for r0 in range(0, n_vis, page)]
+            ks.index_topk(iq[s0:s1], iw[s0:s1], pages, n_vis, thr, K, Di**-0.5)
+        run = {"set": name, "wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+        doc["runs"].append(run)
+        doc[name] = run  # the second run stays
+    if not a.json:
+        print(f"indexer top-k, {T} tokens: torch {doc['torch']['cpu_s']:.2f} CPU-s ({doc['torch']['wall_s']:.2f} s), "
+              f"native {doc['native']['cpu_s']:.2f} CPU-s ({doc['native']['wall_s']:.2f} s)")
     print(json.dumps(doc))
     return 0
 

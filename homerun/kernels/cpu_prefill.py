@@ -4,6 +4,9 @@
   [T, H, N + k] score, mask and gathered-row temporaries. Per query row the kernel lists the window rows and the
   compressed rows that query may see (CSA: the indexer's picks), runs the softmax with the sink in the denominator,
   and sums the value rows; query rows and head groups split over the native pool.
+- `index_topk` (`hr_index_topk`, csrc/hr_index.inc): the torch set's `index_topk`, the lightning
+  indexer's scores and top-k per query, page by page into running candidate lists per query: no [q, Hi, page] or
+  [q, k + page] temporaries, queries (and, for a few queries, key ranges) on the pool.
 - `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool.
 - `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
   F.linear), with each block dequantized natively (`hr_fp8_to_f32`, a table per 128 x 128 block, on the pool)
@@ -48,6 +51,11 @@ def _kernel():
             lib.hr_fp8_to_f32.restype = ctypes.c_int
             _mix.update(pre=lib.hr_hc_pre_pool, post=lib.hr_hc_post_pool, norm_rope=lib.hr_norm_rope_pool,
                         fp8_f32=lib.hr_fp8_to_f32)
+            if hasattr(lib, "hr_index_topk"):
+                lib.hr_index_topk.argtypes = [ctypes.c_int, p, p, i64, i64, i64, p, p, i64, p, i64, i64,
+                                              ctypes.c_float, p, p, p, i64, p, p]
+                lib.hr_index_topk.restype = ctypes.c_int
+                _mix.update(index_topk=lib.hr_index_topk, threads=lib.hr_get_threads)
     return _fn or None
 
 
@@ -102,6 +110,93 @@ def attend_prefill(q: torch.Tensor, keys: torch.Tensor, key_pos0: int, window: i
         raise KernelError(f"native prefill attention failed with code {rc}",
                           hint="a selected compressed entry past the rows given (code -3), or rebuild the kernels")
     return out
+
+
+# Heads are packed to a multiple of this (the widest register tile's heads); padded heads have zero weight.
+_INDEX_HEAD_PAD = 32
+# Fewest keys per key range when the keys are split for a few queries (below that the split costs more in
+# candidate merging than the extra threads give).
+_INDEX_MIN_SPLIT_ROWS = 32
+# Bytes of converted pages (bf16 or FP8-decoded rows made fp32) held for one kernel call; fp32 pages are passed as
+# they lie. Beyond it the keys go over several calls, so a long context never holds all its keys in fp32 twice.
+_INDEX_CONVERT_BYTES = 64 << 20
+
+
+def index_topk(iq: torch.Tensor, iw: torch.Tensor, pages, n_vis: int, thr: torch.Tensor | None, k_sel: int,
+               scale: float, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch set's `index_topk` on the native kernel: iq [q, Hi, Di], iw [q, Hi] (weights as used), pages
+    (first row index, rows [p, Di]) in row order over the first n_vis keys, thr [q] or None -> (picks [q, k] int64,
+    their scores [q, k] fp32), k = min(k_sel, n_vis), higher score first, lower index first on equal scores; -1 and
+    -inf past a query's visible keys. Pages of another dtype (bf16, an FP8 store's decoded rows) are converted to
+    fp32 a page at a time. path: a native code path (default: the best here; tests run each)."""
+    if _kernel() is None or "index_topk" not in _mix:
+        raise KernelError("the native indexer top-k kernel is not available", hint="rebuild with `pip install -e .`")
+    code = _path_code(path, "index_topk")
+    if iq.dim() != 3 or tuple(iw.shape) != tuple(iq.shape[:2]):
+        raise KernelError(f"index_topk: iq {tuple(iq.shape)} and iw {tuple(iw.shape)} do not match",
+                          hint="iq [q, Hi, Di], iw [q, Hi]")
+    nq, hi, di = iq.shape
+    k = min(k_sel, n_vis)
+    if k <= 0 or nq == 0:
+        return torch.empty(nq, max(k, 0), dtype=torch.int64), torch.empty(nq, max(k, 0), dtype=torch.float32)
+    hp = -(-hi // _INDEX_HEAD_PAD) * _INDEX_HEAD_PAD
+    qt = torch.zeros(nq, di, hp, dtype=torch.float32)
+    qt[:, :, :hi] = _f32c(iq, "iq").transpose(1, 2)
+    w = torch.zeros(nq, hp, dtype=torch.float32)
+    w[:, :hi] = _f32c(iw, "iw")
+    thr_c = None
+    if thr is not None:
+        if thr.numel() != nq:
+            raise KernelError(f"index_topk: {thr.numel()} thresholds for {nq} queries", hint="thr is [q]")
+        thr_c = thr.to(device="cpu", dtype=torch.int64).contiguous()
+    # few queries: the keys split into ranges so every thread works (each range keeps its own candidates)
+    threads = max(1, int(_mix["threads"]()))
+    splits = max(1, min(-(-threads // nq), n_vis // _INDEX_MIN_SPLIT_ROWS))
+    best_v = torch.empty(nq, splits, 2 * k, dtype=torch.float32)  # up to 2k candidates per (query, range)
+    best_i = torch.empty(nq, splits, 2 * k, dtype=torch.int64)
+    best_n = torch.zeros(nq, splits, dtype=torch.int64)
+    out = torch.empty(nq, k, dtype=torch.int64)
+    out_v = torch.empty(nq, k, dtype=torch.float32)
+    group: list[torch.Tensor] = []
+    bounds: list[int] = [0]
+    held = 0
+
+    def run(last: bool) -> None:
+        ptrs = (ctypes.c_void_p * max(len(group), 1))(*[g.data_ptr() for g in group])
+        r0s = torch.tensor(bounds, dtype=torch.int64)
+        _ok(_mix["index_topk"](code, qt.data_ptr(), w.data_ptr(), nq, hp, di, ptrs, r0s.data_ptr(), len(group),
+                               thr_c.data_ptr() if thr_c is not None else None, k, splits, scale, best_v.data_ptr(),
+                               best_i.data_ptr(), best_n.data_ptr(), k, out.data_ptr() if last else None,
+                               out_v.data_ptr() if last else None), "indexer top-k")
+
+    for r0, rows in pages:
+        if r0 != bounds[-1] or rows.dim() != 2 or rows.shape[1] != di:
+            raise KernelError(f"index_topk: a page of {tuple(rows.shape)} at row {r0} after {bounds[-1]} rows",
+                              hint="pages are consecutive [p, Di] rows from row 0")
+        rc = _f32c(rows, "keys")
+        extra = rc.numel() * 4 if rc.data_ptr() != rows.data_ptr() else 0  # a converted copy: bounded per call
+        if held + extra > _INDEX_CONVERT_BYTES and group:
+            run(last=False)
+            group, bounds, held = [], [bounds[-1]], 0
+        held += extra
+        group.append(rc)
+        bounds.append(r0 + rc.shape[0])
+    if bounds[-1] != n_vis:
+        raise KernelError(f"index_topk: the pages hold {bounds[-1]} rows, n_vis is {n_vis}", hint="pass n_vis rows")
+    run(last=True)
+    return out, out_v
+
+
+def _path_code(path: str | None, what: str) -> int:
+    """The native path code for `path` (None: 0, the best here)."""
+    if path is None:
+        return 0
+    from homerun.kernels.cpu_experts import _PATH_CODE, resolve_path
+
+    code = _PATH_CODE.get(resolve_path(path), 0)
+    if not code:
+        raise KernelError(f"{what}: {path!r} is not a native path", hint="use avx512, avx2 or portable")
+    return code
 
 
 def _ok(rc: int, what: str) -> None:

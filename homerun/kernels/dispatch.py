@@ -4,14 +4,16 @@ A model asks `kernels_for(device, dtype, rows)` at the top of a forward and call
 `linear` / `grouped` / `project` (FP8 or dense weights kept as stored), `swiglu_down` (the shared expert's down
 projection with its activation and the routed sum), the mHC family (`hc_weights`, `hc_pre`, `hc_post`),
 `norm_rope` and `rope_cos_sin`, `attend_one` / `attend_rows` (one query over rows every head shares),
-`attend_prefill` (consecutive queries over the window and the compressed rows), `index_scores`, `compress_close`
-(a decode step's closing compressor window) and `route` (MoE routing). Sets:
+`attend_prefill` (consecutive queries over the window and the compressed rows), `index_scores` and `index_topk`
+(the lightning indexer's scores of one page; its top-k over every page), `compress_close` (a decode step's closing
+compressor window) and `route` (MoE routing). Sets:
 
 - `TorchKernels` ("torch", `homerun.kernels.torch_set`): plain torch ops on any device, the reference every other
   set is tested against. `HOMERUN_KERNELS=torch` forces it on the CPU too (CI runs the
   model tests a second time that way, so the torch path cannot rot behind the native one).
-- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn, prefill attention (`attend_prefill`), stream
-  mixes and norm+RoPE (homerun.kernels.cpu_prefill, tokens on the pool), for CPU batches above `NATIVE_MAX_ROWS`.
+- `CpuPrefillKernels` ("cpu"): the torch set plus the native Sinkhorn, prefill attention (`attend_prefill`), indexer
+  top-k (`index_topk`), stream mixes and norm+RoPE (homerun.kernels.cpu_prefill, tokens on the pool), for CPU
+  batches above `NATIVE_MAX_ROWS`.
 - `NativeCpuKernels` ("cpu-native"): decode-sized fp32 rows on the CPU through the native library
   (`homerun.kernels.cpu_dense`): exact products, fp32 sums, one call where torch needs tens of tiny ops.
 - `TritonKernels` ("triton", `homerun.kernels.triton.kernel_set`): CUDA devices and CUDA stand-ins (flavor "gpu"),
@@ -57,6 +59,14 @@ class CpuPrefillKernels(TorchKernels):
         if pf is None or q.dtype != torch.float32:
             return super().attend_prefill(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
         return pf.attend_prefill(q, keys, key_pos0, window, comp, sel, q_pos0, rate, sink, scale)
+
+    def index_topk(self, iq, iw, pages, n_vis, thr, k_sel, scale):
+        """The native indexer top-k (homerun.kernels.cpu_prefill) for fp32 CPU queries: per-query running candidate
+        lists, no [q, Hi, page] temporaries, queries on the pool."""
+        pf = native_prefill()
+        if pf is None or iq.dtype != torch.float32 or iq.device.type != "cpu":
+            return super().index_topk(iq, iw, pages, n_vis, thr, k_sel, scale)
+        return pf.index_topk(iq, iw, pages, n_vis, thr, k_sel, scale)[0]
 
     # FP8 linears in fp32: the same blocked GEMMs as QLinear's torch path, each block dequantized natively
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:

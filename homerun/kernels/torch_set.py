@@ -6,7 +6,7 @@ against it."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,34 @@ class TorchKernels:
         iw = iw.float() * iw_scale
         sc = torch.relu(torch.einsum("qhd,nd->qhn", iq.float(), ik.float())) * scale
         return (sc * iw.unsqueeze(-1)).sum(dim=1)
+
+    def index_topk(self, iq: torch.Tensor, iw: torch.Tensor, pages: Iterable[tuple[int, torch.Tensor]], n_vis: int,
+                   thr: torch.Tensor | None, k_sel: int, scale: float) -> torch.Tensor:
+        """The lightning indexer's top-k over the first n_vis compressed keys, given as pages (first row index, rows
+        [p, Di]) in row order: score[q, n] = scale * sum_h iw[q, h] relu(iq[q, h] . key[n]) for iq [q, Hi, Di],
+        iw [q, Hi] (the weights as used). Key n is visible to query q iff n < thr[q] (thr None: all n_vis). ->
+        [q, k] int64, k = min(k_sel, n_vis): each query's k best visible keys, higher score first and the lower index
+        first on equal scores (a stable sort, so equal scores pick one defined set, the one the native kernel picks);
+        -1 past a query's visible keys (attend_prefill drops those). Merged page by page: the temporaries are
+        [q, Hi, page] and [q, k + page]."""
+        nq = iq.shape[0]
+        k = min(k_sel, n_vis)
+        iq, iw = iq.float(), iw.float()
+        best_v = iq.new_empty(nq, 0)
+        best_i = torch.empty(nq, 0, dtype=torch.long, device=iq.device)
+        for r0, ik in pages:
+            sc = torch.relu(torch.einsum("qhd,nd->qhn", iq, ik.float())) * scale
+            score = (sc * iw.unsqueeze(-1)).sum(dim=1)  # (q, p)
+            ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device)
+            if thr is not None:
+                score = score.masked_fill(ids[None, :] >= thr[:, None], float("-inf"))
+            # best_v's ties are in index order and every id of this page is larger: a stable sort keeps that order
+            v, order = torch.cat([best_v, score], dim=1).sort(dim=-1, descending=True, stable=True)
+            best_v = v[:, :k]
+            best_i = torch.cat([best_i, ids.expand(nq, -1)], dim=1).gather(1, order[:, :k])
+        if thr is not None:
+            best_i = best_i.masked_fill(best_v == float("-inf"), -1)
+        return best_i
 
     def attend_prefill(self, q: torch.Tensor, keys: torch.Tensor, key_pos0: int, window: int, comp: torch.Tensor | None,
                     sel: torch.Tensor | None, q_pos0: int, rate: int, sink: torch.Tensor, scale: float) -> torch.Tensor:

@@ -92,6 +92,8 @@
 #include "hr_dense.inc"
 /* Prefill attention over the sliding window and the compressed rows, queries on the pool. */
 #include "hr_attend.inc"
+/* The lightning indexer's prefill top-k: scores per page of compressed keys, running top-k per query. */
+#include "hr_index.inc"
 
 /* Prefill-sized dense support: FP8 -> bf16 weight blocks for the bf16 GEMM, measured unit peaks. */
 #include "hr_prefill.inc"

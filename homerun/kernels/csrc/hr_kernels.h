@@ -110,6 +110,18 @@ int hr_attend_one(int path, const float *q, const float *kv, int64_t n, int64_t 
 int hr_attend_prefill(int path, const float *q, int64_t t, int64_t h, int64_t d, const float *keys, int64_t n_keys,
                       int64_t key_pos0, int64_t window, const float *comp, int64_t n_comp, const int64_t *sel,
                       int64_t k_sel, int64_t q_pos0, int64_t rate, const float *sink, float scale, float *out);
+/* The lightning indexer's prefill top-k (hr_index.inc): packed queries qt [nq, di, hp] (heads last, hp a multiple of
+ * 32, padded heads zero) with head weights w [nq, hp] over keys in pages: page p holds rows [page_r0[p],
+ * page_r0[p + 1]) as fp32 [rows, di] at pages[p] (n_pages + 1 bounds); key n is visible to query q iff n < thr[q]
+ * (thr NULL: all). Each query's running picks are `splits` candidate lists of up to 2k entries, best_v/best_i
+ * [nq, splits, 2k] and their fill best_n [nq, splits] (zero before the first call), updated in place, so the keys
+ * may come over several calls. With out (the last call): each query's k_out <= k best picks, higher score first and
+ * lower index first on equal scores, to out [nq, k_out] (-1, and -inf in out_v when not NULL, past the visible
+ * keys). */
+int hr_index_topk(int path, const float *qt, const float *w, int64_t nq, int64_t hp, int64_t di,
+                  const float *const *pages, const int64_t *page_r0, int64_t n_pages, const int64_t *thr, int64_t k,
+                  int64_t splits, float scale, float *best_v, int64_t *best_i, int64_t *best_n, int64_t k_out,
+                  int64_t *out, float *out_v);
 int hr_hc_pre(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t, int64_t n,
                int64_t d);

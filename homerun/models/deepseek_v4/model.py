@@ -394,7 +394,7 @@ class DeepseekV4:
             if layer.kind == LAYER_CSA and k_sel:
                 n_vis = (start + s1) // rate
                 thr = (tpos + 1) // rate  # entries w < thr are closed for query t
-                sel = self._index_topk(at.indexer, iq[s0:s1], iw[s0:s1], idx_st.store, n_vis, thr, k_sel)
+                sel = self._index_topk(iq[s0:s1], iw[s0:s1], idx_st.store, n_vis, thr, k_sel, k)
                 comp_rows = comp_all[:n_vis]
             o = k.attend_prefill(qf, kw, start - n_past + k0, W, comp_rows, sel, start + s0, rate, sink, scale)
             out[s0:s1] = o.to(out.dtype)
@@ -412,7 +412,7 @@ class DeepseekV4:
             rows.append(comp.store.view(n_closed).float())
         elif layer.kind == LAYER_CSA and k_sel and n_closed:
             # every one of the n_closed keys is visible to the only query: no threshold tensor (a host-to-device copy)
-            sel = self._index_topk(layer.attn.indexer, *idx_q, idx_st.store, n_closed, None, k_sel)
+            sel = self._index_topk(*idx_q, idx_st.store, n_closed, None, k_sel, k)
             rows.append(comp.store.gather(sel)[0].float())  # k <= n_closed picks, all closed
         kv = torch.cat(rows) if len(rows) > 1 else kw
         return k.attend_one(q1, kv, sink.reshape(-1), scale)
@@ -468,27 +468,12 @@ class DeepseekV4:
             best_v, best_i = top.values, i.gather(1, top.indices)
         return best_i
 
-    def _index_topk(self, indexer, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor | None, k_sel: int):
-        """Indexer top-k over the first n_vis keys, merged page by page: the score temporary is [q, Hi, page]
-        and [q, k + page], never [q, n_vis]. Entries w >= thr (future for that query) score -inf; thr None: all
-        n_vis are visible. -> [q, k]."""
-        a = self.args
-        nq = iq.shape[0]
-        k = min(k_sel, n_vis)
-        best_v = iq.new_empty(nq, 0, dtype=torch.float32)
-        best_i = torch.empty(nq, 0, dtype=torch.long, device=iq.device)
-        for r0, ik in keys.iter_pages(n_vis):
-            ik = ik.float()  # (p, Di)
-            sc = torch.relu(torch.einsum("qhd,nd->qhn", iq, ik)) * a.index_head_dim**-0.5
-            score = (sc * iw.unsqueeze(-1)).sum(dim=1)  # (q, p)
-            ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device)
-            if thr is not None:
-                score = score.masked_fill(ids[None, :] >= thr[:, None], float("-inf"))
-            v = torch.cat([best_v, score], dim=1)
-            i = torch.cat([best_i, ids.expand(nq, -1)], dim=1)
-            top = v.topk(min(k, v.shape[1]), dim=-1)
-            best_v, best_i = top.values, i.gather(1, top.indices)
-        return best_i
+    def _index_topk(self, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor | None, k_sel: int,
+                    k: TorchKernels) -> torch.Tensor:
+        """Indexer top-k over the first n_vis keys, page by page through the kernel set (k.index_topk: the
+        temporaries are at most a page per query, never [q, n_vis]). Entries w >= thr (future for that query) are
+        invisible; thr None: all n_vis are. -> [q, min(k_sel, n_vis)], -1 where a query sees fewer keys."""
+        return k.index_topk(iq, iw, keys.iter_pages(n_vis), n_vis, thr, k_sel, self.args.index_head_dim**-0.5)
 
     # ------------------------------------------------------------------------------------------------ MoE
 
