@@ -153,15 +153,13 @@ def _gpu_placement(n_layers: int, tiny: bool):
 
 
 def _resident_model(path: Path, dtype: str, tiny: bool):
-    from homerun.bench.gpu_path import ResidentTritonExperts
     from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
 
-    ckpt = open_checkpoint(path)
-    args = ModelArgs.from_hf_config(ckpt.config)
-    be = ResidentTritonExperts(ckpt, args.n_layers, args.n_routed_experts, args.swiglu_limit, _device(tiny))
-    return load(path, dtype=dtype, expert_backend=be, placement=_gpu_placement(args.n_layers, tiny)), args
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    # experts="device": the runtime's ResidentExpertBackend, the fused FP4 kernels on a GPU-flavored device
+    return load(path, dtype=dtype, placement=_gpu_placement(args.n_layers, tiny)), args
 
 
 def step_equivalence(tiny: bool) -> dict:
