@@ -260,6 +260,7 @@ class ResidentExpertBackend(ExpertBackend):
         self.stacked: dict[int, tuple[torch.Tensor, ...]] = {}
         self.nbytes = 0
         self._moe = self._fused_kernels(source) if device.kernel_flavor == "gpu" else None
+        self.graph_safe = self._moe is not None
         if self._moe is not None:
             from homerun.kernels.triton.common import interpreting
 
