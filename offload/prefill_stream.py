@@ -57,7 +57,7 @@ class PrefillStreamer:
                  link_gbps: float | None = None) -> None:
         self.store, self.device, self.moe = store, device, mods.moe
         # Under the interpreter (a CUDA stand-in) fewer, wider programs; compiled, the kernel's own defaults.
-        self.blocks = {"block_m": 16, "block_n": 128, "block_k": 128} if mods.common.interpreting() else {}
+        self.blocks = {"fewest_programs": mods.common.interpreting()}
         self.n_experts = n_experts
         self.swiglu_limit = float(swiglu_limit)
         self.capacity = max(1, min(capacity or n_experts, n_experts))

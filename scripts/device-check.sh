@@ -111,6 +111,8 @@ section "5/7 launches and host syncs per decode token"
 run_step counts 40
 section "6/7 peak VRAM vs plan"
 run_step vram 40
+section "6b/7 decode under CUDA graphs (all-VRAM tiny model: bit-equal to eager, step time both ways)"
+run_step graphs 45
 section "7/7 offload (issue 13b): arena pinning, pinned H2D and streaming, fused decode hit path, streamed prefill"
 run_step offload 120
 

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from homerun.bench.gpu_path import ResidentTritonExperts, count_device_work  # noqa: E402
+from homerun.bench.gpu_path import count_device_work  # noqa: E402
 from homerun.engine.placement import placement_from_plan, single_device  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.formats.loader import open_checkpoint  # noqa: E402
@@ -46,11 +46,10 @@ def mixed(tiny_checkpoints):
     return path, ModelArgs.from_hf_config(ckpt.config), ckpt
 
 
-def _gpu_model(path, args, ckpt, dtype, *, fused_experts: bool = True):
+def _gpu_model(path, args, ckpt, dtype):
+    """An all-VRAM plan on a cuda stand-in: the runtime's ResidentExpertBackend runs the fused FP4 kernels."""
     pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
-    be = ResidentTritonExperts(ckpt, args.n_layers, args.n_routed_experts, args.swiglu_limit) if fused_experts \
-        else None
-    return load(path, dtype=dtype, experts="reference", expert_backend=be, placement=pl)
+    return load(path, dtype=dtype, experts="reference", placement=pl)
 
 
 def test_cuda_standin_selects_the_gpu_set(mixed):

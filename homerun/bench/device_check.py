@@ -4,12 +4,13 @@ timeout or crash in a later step keeps what came before. `scripts/device-check.s
 and tested.
 
   python -m homerun.bench.device_check STEP --out FILE [--tiny]
-  STEP: env | kernels | equivalence | counts | vram | offload
+  STEP: env | kernels | equivalence | counts | vram | graphs | offload
 
 Steps (13a): env (GPU, torch, triton); kernels (fp8_linear / fp4_moe_decode / fp4_grouped_gemm GB/s at V4-Flash
 shapes against a measured HBM copy); equivalence (a tiny model on the GPU path against the fp32 CPU reference);
 counts (ATen ops, Triton launches and host syncs per decode token); vram (peak allocated bytes against the plan's
-bytes for the device). offload runs the offload side's measurements (issue 13b, homerun.bench.offload_check).
+bytes for the device); graphs (decode replayed from CUDA graphs against the eager forward: bit-equal logits and
+step time). offload runs the offload side's measurements (issue 13b, homerun.bench.offload_check).
 """
 
 from __future__ import annotations
@@ -153,15 +154,13 @@ def _gpu_placement(n_layers: int, tiny: bool):
 
 
 def _resident_model(path: Path, dtype: str, tiny: bool):
-    from homerun.bench.gpu_path import ResidentTritonExperts
     from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
 
-    ckpt = open_checkpoint(path)
-    args = ModelArgs.from_hf_config(ckpt.config)
-    be = ResidentTritonExperts(ckpt, args.n_layers, args.n_routed_experts, args.swiglu_limit, _device(tiny))
-    return load(path, dtype=dtype, expert_backend=be, placement=_gpu_placement(args.n_layers, tiny)), args
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    # experts="device": the runtime's ResidentExpertBackend, the fused FP4 kernels on a GPU-flavored device
+    return load(path, dtype=dtype, placement=_gpu_placement(args.n_layers, tiny)), args
 
 
 def step_equivalence(tiny: bool) -> dict:
@@ -237,6 +236,43 @@ def step_vram(tiny: bool) -> dict:
     return out
 
 
+def step_graphs(tiny: bool) -> dict:
+    """The all-VRAM tiny model's decode replayed from captured graphs (CUDA graphs on the GPU, emulated when tiny)
+    against its eager forward: logits bit-equal over steps that close CSA windows, and the wall time per decode
+    step both ways (median; the graphs take the host's launch cost out)."""
+    import statistics
+
+    from homerun.engine.runtime import load
+    from homerun.formats.loader import open_checkpoint
+    from homerun.models.deepseek_v4 import ModelArgs
+
+    path = _tiny_checkpoint()
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    model = load(path, dtype="bfloat16", placement=_gpu_placement(args.n_layers, tiny), cuda_graphs="on")
+    net = model.net
+    sync = (lambda: None) if tiny else torch.cuda.synchronize
+    s = model.session()
+    logits = s.feed(list(range(1, 17)))
+    equal, eager_s, graphed_s = [], [], []
+    for _ in range(3 if tiny else 24):
+        tok, pos = int(logits.argmax()), s.n_tokens
+        with torch.inference_mode():
+            sync()
+            t = time.perf_counter()
+            hidden, _ = net.forward(torch.tensor([tok]), pos, s._states)
+            eager = net.logits(hidden)[0].float().cpu()
+            eager_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        logits = s.feed([tok])
+        graphed_s.append(time.perf_counter() - t)
+        equal.append(bool(torch.equal(eager, logits)))
+    e, g = statistics.median(eager_s[1:]), statistics.median(graphed_s[1:])  # the first graphed step captures
+    return {"graphs": model.decode_graphs_reason, "steps": len(equal), "bit_equal": all(equal),
+            "eager_step_ms": e * 1e3, "graphed_step_ms": g * 1e3, "speedup": e / g, "n_layers": args.n_layers,
+            "goals": {"graphed decode bit-equal to eager": all(equal), "all-VRAM decode under a CUDA graph":
+                      (not tiny and model.decode_graphs is not None and model.decode_graphs.replays > 1) or None}}
+
+
 def step_offload(tiny: bool) -> dict:
     """Issue 13b, the offload side (homerun.bench.offload_check): the host arena's pinning, pinned H2D peak and the
     fraction streaming reaches, the fused decode hit path (launches, syncs, event waits, ms per layer) and streamed
@@ -248,7 +284,8 @@ def step_offload(tiny: bool) -> dict:
 
 
 STEPS: dict[str, Callable[[bool], dict]] = {"env": step_env, "kernels": step_kernels, "equivalence": step_equivalence,
-                                            "counts": step_counts, "vram": step_vram, "offload": step_offload}
+                                            "counts": step_counts, "vram": step_vram, "graphs": step_graphs,
+                                            "offload": step_offload}
 
 
 def run_step(name: str, out: Path, tiny: bool) -> dict:

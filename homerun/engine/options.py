@@ -27,6 +27,7 @@ KV_DTYPES = ("auto", "bf16", "fp8")  # auto: compressed entries in the compute d
 EXPERT_BACKENDS = ("auto", "native", "reference")
 EXPERT_ACTS = ("auto", "fp32", "int8", "bf16")
 DEFAULT_MAX_CHUNK_TOKENS = 512
+GRAPH_MODES = ("auto", "on", "off")  # homerun.engine.graphs, which imports torch
 GPU_MAX_CHUNK_TOKENS = 2048  # on a GPU (or its stand-in) prefill streams each layer's experts once per chunk
 
 
@@ -82,15 +83,19 @@ class ComputeOptions:
     """dtype: compute dtype ("float32", "bfloat16", "float16"; aliases fp32/bf16/fp16). weights_dtype: "fp8" keeps
     FP8 weights packed (dequantized per matmul); "bf16"/"fp32" dequantize non-expert weights once at load.
     upcast_bf16: with fp32 compute, hold BF16-stored matrices in fp32 where no native bf16 kernel runs them.
-    max_chunk_tokens: prefill chunk (default 2048 where a GPU or CUDA stand-in runs the layers, else 512)."""
+    max_chunk_tokens: prefill chunk (default 2048 where a GPU or CUDA stand-in runs the layers, else 512).
+    cuda_graphs: one-token decode replayed from captured graphs (homerun.engine.graphs): "auto" (on a CUDA device
+    when the model runs there whole with a graph-safe expert backend), "on" (also emulated on CUDA stand-ins), "off"."""
 
     dtype: str = "float32"
     weights_dtype: str = "fp8"
     upcast_bf16: bool = True
     max_chunk_tokens: int | None = None
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("compute.dtype", self.dtype, COMPUTE_DTYPES)
+        _one_of("compute.cuda_graphs", self.cuda_graphs, GRAPH_MODES)
         _one_of("compute.weights_dtype", self.weights_dtype, WEIGHTS_DTYPES)
         _positive("compute.max_chunk_tokens", self.max_chunk_tokens)
 
@@ -201,6 +206,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "device": ("placement", "device"), "placement": ("placement", "placement"),
     "dtype": ("compute", "dtype"), "weights_dtype": ("compute", "weights_dtype"),
     "upcast_bf16": ("compute", "upcast_bf16"), "max_chunk_tokens": ("compute", "max_chunk_tokens"),
+    "cuda_graphs": ("compute", "cuda_graphs"),
     "experts": ("experts", "kind"), "expert_act": ("experts", "act"), "expert_cache_slots": ("experts", "cache_slots"),
     "cache_policy": ("experts", "cache_policy"), "trace_path": ("experts", "trace_path"),
     "ramp_tokens": ("context", "ramp_tokens"), "kv_budget_bytes": ("context", "kv_budget_bytes"),

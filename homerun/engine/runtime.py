@@ -14,6 +14,7 @@ callback.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -22,6 +23,7 @@ import torch
 from homerun.engine.options import (  # noqa: F401 - the chunk defaults are public here
     COMPUTE_DTYPES, DEFAULT_MAX_CHUNK_TOKENS, GPU_MAX_CHUNK_TOKENS, LoadOptions,
 )
+from homerun.engine.graphs import decode_graphs_for
 from homerun.engine.placement import Placement, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
@@ -91,6 +93,24 @@ class Model:
         self._forward_s = 0.0
         self._feeds = 0
         self.forwards = 0  # net.forward calls (chunks and decode steps), for activation hops
+        self.decode_graphs, self.decode_graphs_reason = decode_graphs_for(net, options.compute.cuda_graphs)
+        if options.compute.cuda_graphs == "on" and self.decode_graphs is None:
+            raise UsageError(f"cuda_graphs=on is not possible here: {self.decode_graphs_reason}",
+                             hint="use cuda_graphs auto or off")
+
+    def _forward(self, ids: torch.Tensor, start_pos: int, states):
+        """net.forward, with one-token steps replayed from the decode graphs when there are some."""
+        dg = self.decode_graphs
+        if dg is not None and ids.numel() == 1:
+            if dg.captured or self.options.compute.cuda_graphs == "on":
+                return dg.forward(ids, start_pos, states)
+            try:  # auto: a capture that fails leaves eager decode, with one warning (the states are untouched)
+                return dg.forward(ids, start_pos, states)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: the eager forward serves
+                self.decode_graphs, self.decode_graphs_reason = None, f"capture failed: {type(exc).__name__}: {exc}"
+                warnings.warn(f"homerun: decode graphs off ({self.decode_graphs_reason})", RuntimeWarning,
+                              stacklevel=2)
+        return self.net.forward(ids, start_pos, states)
 
     @property
     def dtype(self) -> torch.dtype:

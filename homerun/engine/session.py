@@ -203,7 +203,7 @@ class Session:
             for c0 in range(0, n, chunk):
                 part = ids[c0 : c0 + chunk]
                 tc = time.perf_counter()
-                hidden, states = self._net.forward(part, self.n_tokens, self._states)
+                hidden, states = self.model._forward(part, self.n_tokens, self._states)
                 self.model.forwards += 1
                 # Commit point: state and token list change together, after the whole chunk succeeded.
                 self._states = states

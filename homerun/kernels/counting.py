@@ -25,10 +25,31 @@ NO_LAUNCH = frozenset({
     "_unsafe_view", "view", "as_strided", "expand", "permute", "transpose", "t", "select", "slice", "diagonal",
     "unsqueeze", "squeeze", "unbind", "split", "split_with_sizes", "chunk", "reshape", "flatten", "unflatten",
     "view_as_real", "view_as_complex", "_to_copy_noop", "record_stream"})
+# Composite ops that return their input when no copy is needed (dispatched as themselves under inference_mode).
+MAYBE_VIEW = frozenset({"contiguous", "to", "reshape", "type_as", "expand_as", "view_as"})
 # ATen ops whose result size or value the host must wait for (a device-to-host sync on CUDA).
 SYNC_OPS = frozenset({
     "_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "_unique", "_unique2", "unique_dim",
     "unique_consecutive", "unique_dim_consecutive", "item", "equal", "is_nonzero", "repeat_interleave"})
+
+
+def _storages(tree) -> set[int]:
+    from torch.utils._pytree import tree_leaves
+
+    return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+
+def launches_kernel(func, args, kwargs, out) -> bool:
+    """Whether an ATen op that ran would launch a kernel: not a view, metadata or bare allocation. A maybe-view
+    (`contiguous`, `to`, `reshape`, which dispatch as themselves under inference_mode) counts when it copied:
+    when its output's storage is none of its inputs'."""
+    name = func.overloadpacket.__name__
+    if name in NO_LAUNCH or name == "_local_scalar_dense":
+        return False
+    if getattr(func, "is_view", False) or name in MAYBE_VIEW:
+        outs = _storages(out)
+        return bool(outs) and not outs <= _storages((args, kwargs))
+    return True
 
 
 @dataclass
@@ -36,16 +57,17 @@ class Counts:
     ops: int = 0  # ATen ops that would launch a kernel
     launches: int = 0  # Triton launches
     syncs: int = 0  # host syncs
+    graphs: int = 0  # captured graphs replayed (one launch each; their kernels are not counted again)
     op_names: dict[str, int] = field(default_factory=dict)
     sync_names: dict[str, int] = field(default_factory=dict)
 
     @property
     def device_launches(self) -> int:
-        """ATen ops + Triton launches: what a GPU would launch."""
-        return self.ops + self.launches
+        """ATen ops + Triton launches + graph replays: what a GPU would launch."""
+        return self.ops + self.launches + self.graphs
 
     def to_dict(self) -> dict:
-        return {"ops": self.ops, "launches": self.launches, "syncs": self.syncs,
+        return {"ops": self.ops, "launches": self.launches, "syncs": self.syncs, "graphs": self.graphs,
                 "device_launches": self.device_launches, "sync_names": dict(self.sync_names)}
 
 
@@ -70,14 +92,14 @@ class DeviceWorkCounter(TorchDispatchMode):
         self.c.sync_names[name] = self.c.sync_names.get(name, 0) + 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self._paused:
-            name = func.overloadpacket.__name__
-            if name in SYNC_OPS:
-                self._sync(name)
-            if name not in NO_LAUNCH and not getattr(func, "is_view", False) and name != "_local_scalar_dense":
-                self.c.ops += 1
-                self.c.op_names[name] = self.c.op_names.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self._paused and name in SYNC_OPS:
+            self._sync(name)
+        out = func(*args, **(kwargs or {}))
+        if not self._paused and launches_kernel(func, args, kwargs, out):
+            self.c.ops += 1
+            self.c.op_names[name] = self.c.op_names.get(name, 0) + 1
+        return out
 
 
 def _triton_common():
@@ -88,6 +110,15 @@ def _triton_common():
         return mods.common if mods is not None else None
     except Exception:  # noqa: BLE001 - no triton: nothing launches through it
         return None
+
+
+_active: list["DeviceWorkCounter"] = []
+
+
+def note_graph_replay() -> None:
+    """A captured graph was replayed: one launch for every active counter (homerun.engine.graphs calls this)."""
+    for mode in _active:
+        mode.c.graphs += 1
 
 
 @contextlib.contextmanager
@@ -114,10 +145,12 @@ def count_device_work() -> Iterator[DeviceWorkCounter]:
     if common is not None:
         common.LaunchCounter.around = mode.paused
     torch.Tensor.item, torch.Tensor.tolist = item, tolist
+    _active.append(mode)
     try:
         with mode:
             yield mode
     finally:
+        _active.remove(mode)
         torch.Tensor.item, torch.Tensor.tolist = real_item, real_tolist
         if common is not None:
             common.LaunchCounter.around = old_around

@@ -15,6 +15,7 @@ a GPU bf16 MMA with fp32 accumulation).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, ContextManager
 
@@ -104,22 +105,29 @@ def num_sms(device: torch.device) -> int:
 class LaunchCounter:
     """Kernel launches made through `launch` (the counting tests read `n`; a launch is one grid of programs).
     `around`, when set, is a context-manager factory entered around each launch's run (a counting test pauses its
-    op counter there: the interpreter's own tensor copies are no GPU work)."""
+    op counter there: the interpreter's own tensor copies are no GPU work). `recorder`, when set, is called as
+    recorder(run, args, kwargs) before each launch and returns a context manager entered around it (the CPU
+    stand-in of a CUDA graph records the launch to replay it, and pauses its op recorder while it runs)."""
 
     n = 0
     around: Callable[[], ContextManager] | None = None
+    recorder: Callable[..., ContextManager] | None = None
 
 
 def launch(kernel, grid):
     """kernel[grid], counted: every launcher in this package goes through here."""
     LaunchCounter.n += 1
     run = kernel[grid]
-    around = LaunchCounter.around
-    if around is None:
+    around, recorder = LaunchCounter.around, LaunchCounter.recorder
+    if around is None and recorder is None:
         return run
 
     def counted(*args, **kwargs):
-        with around():
+        with contextlib.ExitStack() as stack:
+            if recorder is not None:
+                stack.enter_context(recorder(run, args, kwargs))
+            if around is not None:
+                stack.enter_context(around())
             return run(*args, **kwargs)
 
     return counted

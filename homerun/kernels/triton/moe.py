@@ -235,13 +235,17 @@ def fp4_grouped_gemm(x_sorted: torch.Tensor, group_offsets: torch.Tensor, codes:
                      *, group_ids: torch.Tensor | None = None, swiglu_limit: float | None = None,
                      row_weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
                      out_dtype: torch.dtype | None = None, block_m: int = 64, block_n: int = 64, block_k: int = 64,
-                     num_warps: int = 4, num_stages: int = 3, max_m_tiles: int | None = None) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3, max_m_tiles: int | None = None,
+                     fewest_programs: bool = False) -> torch.Tensor:
     """Prefill grouped GEMM over FP4 experts: rows group_offsets[g]:group_offsets[g+1] of x_sorted [M, K] (sorted by
     expert) times expert e = group_ids[g] (default g) of codes [E, N', K/2] / scales [E, N', K/32].
     swiglu_limit None: y = x @ dequant(w[e])^T, N = N'. Otherwise codes are w13 = cat([w1, w3]) (N' = 2N) and
     y = silu(min(x w1^T, L)) * clamp(x w3^T, -L, L) (gate/up fused). row_weights [M]: y rows scaled (routing weights
     for the down projection; the host then index_adds rows back to tokens). group_offsets int32 [G+1], on device;
-    no host sync (grid = ceil(M / block_m) + G m-tile slots unless max_m_tiles is given). Returns [M, N]."""
+    no host sync (grid = ceil(M / block_m) + G m-tile slots unless max_m_tiles is given). Returns [M, N].
+    `fewest_programs`: wide tiles for the interpreter, whose cost is per program."""
+    if fewest_programs:
+        block_m, block_n, block_k = 16, 128, 128
     M, K = x_sorted.shape
     E, Nw, Kb = codes.shape
     assert Kb * 2 == K and K % 32 == 0 and block_k % 32 == 0 and block_m >= 16 and block_n >= 16

@@ -105,6 +105,20 @@ class _Layer:
 
 
 @dataclass
+class _PreAttn:
+    """A layer's tensors from before its attention core (see DeepseekV4._pre_attention)."""
+
+    post: torch.Tensor  # the attention site's mHC output weights [T, n]
+    comb: torch.Tensor  # and stream mixing [T, n, n]
+    proj: list[torch.Tensor]  # wq_a, wkv, [compressor wkv, wgate], [indexer's compressor wkv, wgate, weights_proj]
+    qr: torch.Tensor  # the normed query latent [T, Lq]
+    q: torch.Tensor  # [T, H, Dh], RoPE'd
+    kv: torch.Tensor  # this step's window rows [T, Dh], RoPE'd
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
 class DeepseekV4:
     """The whole V4 forward (main model; MTP excluded). Build with `build_model`."""
 
@@ -173,15 +187,13 @@ class DeepseekV4:
         self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
-        a = self.args
         ids = ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
         spec = self.experts.begin_token(ids.shape[0])  # True: the backend may ask for a redo (see end_token)
         for layer in self.layers:  # hash layers' experts are known from the token ids before any layer runs
             if layer.moe.tid2eid is not None:
                 self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, ids)
-        h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
-        x = h.unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # (T, n, D)
+        x = self._embed(ids)
         new_states = []
         dev, flavor = self.device, self.embed_flavor
         # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch); the layers' dense
@@ -218,8 +230,16 @@ class DeepseekV4:
         if hdev != dev or self.head_flavor != flavor:
             x = x.to(hdev)
             k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
-        h = self._hc_head(x, k)
-        return k.norm_rope(h, self.norm, a.norm_eps), new_states
+        return self._final(x, k), new_states
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> the residual streams [T, n, D]: the embedding copied into each of the n streams."""
+        h = F.embedding(ids, self.embed).to(self.compute_dtype)  # (T, D)
+        return h.unsqueeze(1).expand(-1, self.args.hc_mult, -1).contiguous()
+
+    def _final(self, x: torch.Tensor, k: TorchKernels) -> torch.Tensor:
+        """The streams after the last layer -> the final hidden [T, D] (HC head, then the final norm)."""
+        return k.norm_rope(self._hc_head(x, k), self.norm, self.args.norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, V]."""
@@ -247,16 +267,9 @@ class DeepseekV4:
         return k.hc_pre(pre, x)
 
     def _block(self, layer: _Layer, x, ids, positions, start: int, st: LayerState, k: TorchKernels):
-        new_st: list[LayerState] = []
-
-        def attn(h):
-            out, s = self._attention(layer, h, positions, start, st, k)
-            new_st.append(s)
-            return out
-
-        x = self._hc_site(layer.hc_attn, x, layer.attn_norm, attn, k)
-        x = self._hc_site(layer.hc_ffn, x, layer.ffn_norm, lambda h: self._moe(layer, h, ids, k), k)
-        return x, new_st[0]
+        pa = self._pre_attention(layer, x, positions, k)
+        out, new_st = self._attention_core(layer, pa, start, st, k)
+        return self._post_attention(layer, x, pa, out, ids, k), new_st
 
     # ------------------------------------------------------------------------------------------ attention
 
@@ -310,25 +323,37 @@ class DeepseekV4:
         n = st.store.write(st.n_entries, entries)
         return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, start: int, st: LayerState,
-                   k: TorchKernels):
-        """x [T, D] (normalized) at positions start.. (also a Python int: no device read) -> ([T, D], new
-        LayerState)."""
+    # A layer runs in three parts. Before and after the attention core the work depends on the token only through
+    # tensors (the streams, the token ids, the positions' RoPE tables), never on a host-side position or length, so
+    # a one-token decode can replay both parts from captured launches (homerun.engine.graphs); the core reads and
+    # grows the layer's KV state, whose sizes are host-side ints.
+
+    def _pre_attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, k: TorchKernels) -> _PreAttn:
+        """The attention site's mHC weights and normalized mix, then every projection of it: q (normed, RoPE'd), the
+        new window row kv (normed, RoPE'd), the compressors' and the indexer's inputs."""
         a, at = self.args, layer.attn
-        T = x.shape[0]
-        H, Dh = a.n_heads, a.head_dim
+        pre, post, comb = self._hc_weights(layer.hc_attn, x, k)
+        h = k.hc_pre_norm(pre, x, layer.attn_norm, a.norm_eps)
+        T, H, Dh = h.shape[0], a.n_heads, a.head_dim
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
         cos, sin = self._rope(freqs, positions, k)
-
-        proj = k.project(at.inputs.lins, x, at.inputs)  # wq_a, wkv, the compressors' and the indexer's
+        proj = k.project(at.inputs.lins, h, at.inputs)  # wq_a, wkv, the compressors' and the indexer's
         qr = k.norm_rope(proj[0], at.q_norm, a.norm_eps)  # (T, Lq)
         q = k.norm_rope(k.linear(at.wq_b, qr).view(T, H, Dh), None, a.norm_eps, cos, sin)  # (T, H, Dh), per head
         kv = k.norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
+        return _PreAttn(post, comb, proj, qr, q, kv, cos, sin)
 
+    def _attention_core(self, layer: _Layer, pa: _PreAttn, start: int, st: LayerState,
+                        k: TorchKernels) -> tuple[torch.Tensor, LayerState]:
+        """The queries at positions start.. (a Python int: no device read) over the window and the compressed
+        entries; closes compressor windows. -> (attention output [T, H, Dh] before the inverse RoPE, new
+        LayerState). The new state keeps no reference to pa's tensors (a replayed decode step rewrites them)."""
+        a, at = self.args, layer.attn
+        proj, kv = pa.proj, pa.kv
         past = st.window
         keys = torch.cat([past, kv]) if past.shape[0] else kv  # rows at positions start-P .. start+T-1
         keep = a.window_size - 1
-        if past.shape[0] and keep > 0 and T == 1:  # decode: keys is a new tensor, its last rows are the window
+        if past.shape[0] and keep > 0 and kv.shape[0] == 1:  # decode: keys is a new tensor, its last rows the window
             window = keys[max(0, keys.shape[0] - keep) :]
         else:
             window = keys[max(0, keys.shape[0] - keep) :].clone() if keep > 0 else keys[:0].clone()
@@ -340,10 +365,19 @@ class DeepseekV4:
             idx_st = self._compress(at.indexer.comp, proj[4], proj[5], start, st.index_comp, self.freqs_compress, k)
             iw = proj[6]
 
-        out = self._attend(layer, q, qr, iw, keys, start, past.shape[0], comp, idx_st, (cos, sin), k)  # (T, H, Dh)
-        out = k.norm_rope(out, None, 0.0, cos, sin, norm=False, inverse=True)
+        out = self._attend(layer, pa.q, pa.qr, iw, keys, start, past.shape[0], comp, idx_st, (pa.cos, pa.sin), k)
+        return out, LayerState(window, comp, idx_st)
+
+    def _post_attention(self, layer: _Layer, x: torch.Tensor, pa: _PreAttn, out: torch.Tensor, ids: torch.Tensor,
+                        k: TorchKernels) -> torch.Tensor:
+        """The attention output's inverse RoPE and output projections, written back into the streams x; then the
+        MoE site. -> the layer's output streams."""
+        a, at = self.args, layer.attn
+        T = out.shape[0]
+        out = k.norm_rope(out, None, 0.0, pa.cos, pa.sin, norm=False, inverse=True)
         z = k.grouped(at.wo_a, out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
-        return k.linear(at.wo_b, z), LayerState(window, comp, idx_st)
+        x = k.hc_post(pa.post, k.linear(at.wo_b, z), pa.comb, x)
+        return self._hc_site(layer.hc_ffn, x, layer.ffn_norm, lambda h: self._moe(layer, h, ids, k), k)
 
     def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k: TorchKernels) -> torch.Tensor:
         """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers); rope: this step's (cos, sin), which in a CSA
