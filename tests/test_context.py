@@ -141,13 +141,17 @@ def test_ramp_token_by_token_then_full(tiny_checkpoints, ref):
     steps: list[int] = []
     sess.on_capacity = steps.append
     sess.feed(ids[:50])
-    caps = []
-    for t in range(50, 256):
-        out = sess.feed(ids[t : t + 1])
-        caps.append(sess.capacity_tokens)
-        assert _rel_err(out, want[t]) <= 1e-4
-    assert steps == [128, 256] and sorted(set(caps)) == [64, 128, 256]
-    assert caps.index(128) == 64 - 50 and caps.index(256) == 128 - 50  # grew exactly when token 65 / 129 came
+    caps = {}  # token index -> capacity once it is in
+    t = 50
+    while t < 256:
+        # Token by token around each ramp step (and up to the last one); one chunk between them.
+        n = 1 if t < 70 or 120 <= t < 140 or t >= 250 else (120 if t < 120 else 250) - t
+        out = sess.feed(ids[t : t + n])
+        t += n
+        caps[t - 1] = sess.capacity_tokens
+        assert _rel_err(out, want[t - 1]) <= 1e-4
+    assert steps == [128, 256] and sorted(set(caps.values())) == [64, 128, 256]
+    assert (caps[63], caps[64], caps[127], caps[128]) == (64, 128, 128, 256)  # grew exactly when token 65 / 129 came
     kv_before, logits_before = sess.kv_bytes, sess.last_logits.clone()
     with pytest.raises(ContextFullError, match="last ramp step is 256"):
         sess.feed(ids[256:258])

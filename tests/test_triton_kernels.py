@@ -402,3 +402,38 @@ def test_grouped_gemm_edge_codes(edge_experts):
     y = K.fp4_grouped_gemm(dev(x), dev(offs), dev(codes), dev(scales), block_m=16, block_n=64)
     ref = torch.cat([x[0:3] @ exd[0][0].T, x[3:20] @ exd[1][0].T])
     assert row_rel_err(y, ref) <= 1e-5
+
+
+# --- the lightened interpreter (common.lighten_interpreter) ----------------------------------------------------------
+
+
+@triton.jit
+def _twice(v):
+    return v * 2
+
+
+@triton.jit
+def _nested_sum_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    v = tl.load(x_ptr + p * BLOCK + tl.arange(0, BLOCK))
+    # a helper of this module, and tl.max: a @jit of triton.language.standard, which sees triton.language.core only
+    tl.store(out_ptr + p, _twice(tl.max(v, axis=0)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter only")
+def test_lightened_interpreter_runs_nested_calls_and_restores_the_language():
+    """Nested @jit calls inside a launch skip re-patching triton.language; a helper that reaches only
+    triton.language.core (tl.max) still runs, and once the launch ends the language is restored, as the
+    plain interpreter leaves it. True: the pinned Triton has the internals it patches (one that changed them runs the
+    plain interpreter, about twice as slow on the stand-in tests: this test says so)."""
+    from triton.runtime import interpreter
+
+    assert C.lighten_interpreter()
+    assert interpreter.interpreter_builder.options.sanitize_overflow is False
+    x = torch.arange(64, dtype=torch.float32)
+    for _ in range(2):  # the second launch patches afresh
+        out = torch.zeros(2)
+        _nested_sum_kernel[(2,)](x, out, BLOCK=32)
+        assert torch.equal(out, x.view(2, 32).amax(1) * 2)
+    with pytest.raises(ValueError, match="_semantic"):  # outside a launch: triton.language as it was
+        tl.arange(0, 4)
