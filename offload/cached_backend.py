@@ -330,20 +330,9 @@ class ResidentExpertBackend(ExpertBackend):
         if x.shape[0] <= FUSED_MAX_ROWS:
             return self._moe.fp4_moe_decode(x, ids, wts, self.table, w13c, w13s, w2c, w2s, self.swiglu_limit,
                                             out_dtype=x.dtype, fewest_programs=self._fewest)
-        # Prefill: the (token, expert) pairs sorted by expert; the offsets come from a bincount on the device, so
-        # the grouped launches need no host sync.
-        k = ids.shape[1]
-        flat = ids.reshape(-1)
-        offsets = torch.zeros(self.n_experts + 1, dtype=torch.int32, device=x.device)
-        offsets[1:] = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        order = torch.argsort(flat, stable=True)
-        rows = order // k
-        h = self._moe.fp4_grouped_gemm(x[rows], offsets, w13c, w13s, swiglu_limit=self.swiglu_limit,
-                                       out_dtype=torch.float32, fewest_programs=self._fewest)
-        y = self._moe.fp4_grouped_gemm(h, offsets, w2c, w2s, row_weights=wts.reshape(-1)[order].float(),
-                                       out_dtype=torch.float32, fewest_programs=self._fewest)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, rows, y)
+        self._moe.fp4_moe_grouped(x, ids, wts, self.n_experts, w13c, w13s, w2c, w2s, self.swiglu_limit, out,
+                                  fewest_programs=self._fewest)
         return out.to(x.dtype)
 
     def stats(self) -> BackendStats:

@@ -170,23 +170,9 @@ class PrefillStreamer:
         for t in st.pending:
             self.engine.wait(t)
         st.pending = []
-        k = ids.shape[1]
-        flat = ids.reshape(-1)
-        valid = flat >= 0
-        counts = torch.bincount(flat.clamp_min(0), weights=valid.to(torch.float32), minlength=self.n_experts)
-        offsets = torch.zeros(self.n_experts + 1, dtype=torch.int32, device=flat.device)
-        offsets[1:] = counts.to(torch.int64).cumsum(0).to(torch.int32)
-        key = torch.where(valid, flat, self.n_experts)  # skipped pairs sort last, past every group
-        order = torch.argsort(key, stable=True)
-        rows = order // k
         v13c, v13s, v2c, v2s = self.views[self.stages.index(st)]
-        h = self.moe.fp4_grouped_gemm(xd[rows], offsets, v13c, v13s, group_ids=st.table,
-                                      swiglu_limit=self.swiglu_limit, out_dtype=torch.float32, **self.blocks)
-        y = self.moe.fp4_grouped_gemm(h, offsets, v2c, v2s, group_ids=st.table,
-                                      row_weights=wts.reshape(-1)[order].float(), out_dtype=torch.float32,
-                                      **self.blocks)
-        keep = valid[order]
-        out.index_add_(0, rows[keep], y[keep])
+        self.moe.fp4_moe_grouped(xd, ids, wts, self.n_experts, v13c, v13s, v2c, v2s, self.swiglu_limit, out,
+                                 group_ids=st.table, **self.blocks)
         if self.device.is_cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device.torch_device))

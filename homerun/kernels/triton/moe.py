@@ -276,3 +276,27 @@ def fp4_grouped_gemm(x_sorted: torch.Tensor, group_offsets: torch.Tensor, codes:
         num_warps=num_warps, num_stages=num_stages,
     )
     return y
+
+
+def fp4_moe_grouped(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, n_groups: int,
+                    w13_codes: torch.Tensor, w13_scale: torch.Tensor, w2_codes: torch.Tensor, w2_scale: torch.Tensor,
+                    swiglu_limit: float, out: torch.Tensor, *, group_ids: torch.Tensor | None = None,
+                    fewest_programs: bool = False) -> None:
+    """Prefill MoE over FP4 experts, added into out [T, H] fp32: the (token, j) pairs of expert_ids [T, k] (group
+    ids 0..n_groups-1; < 0: skipped) sorted by group, gate/up with the clamped SwiGLU then down with the routing
+    weights as two `fp4_grouped_gemm` launches, each pair's row added to its token. Offsets from a device bincount
+    and skipped pairs zeroed rather than selected: no host sync."""
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    valid = flat >= 0
+    counts = torch.bincount(flat.clamp_min(0), weights=valid.to(torch.float32), minlength=n_groups)
+    offsets = torch.zeros(n_groups + 1, dtype=torch.int32, device=flat.device)
+    offsets[1:] = counts.to(torch.int64).cumsum(0).to(torch.int32)
+    order = torch.argsort(torch.where(valid, flat, n_groups), stable=True)  # skipped pairs sort last
+    rows = order // k
+    h = fp4_grouped_gemm(x[rows], offsets, w13_codes, w13_scale, group_ids=group_ids, swiglu_limit=swiglu_limit,
+                         out_dtype=torch.float32, fewest_programs=fewest_programs)
+    y = fp4_grouped_gemm(h, offsets, w2_codes, w2_scale, group_ids=group_ids,
+                         row_weights=weights.reshape(-1)[order].float(), out_dtype=torch.float32,
+                         fewest_programs=fewest_programs)
+    out.index_add_(0, rows, torch.where(valid[order, None], y, 0.0))  # a skipped pair's row is unwritten
