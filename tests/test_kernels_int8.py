@@ -185,3 +185,24 @@ def test_missing_library_still_emulates_int8(monkeypatch):
     x = torch.randn(3, 256)
     err = rel_err(ce.fp4_linear(x, codes, scale, act="int8"), x @ dequant_fp4(codes, scale).T)
     assert 1e-4 < err <= INT8_RTOL
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("t", [4, 9])
+def test_fp4_int8_exponent_spans_at_the_shift_limit(path, t):
+    # The AVX2 batch tile folds each block's scale into vpmaddwd as 2^(e - e_min of the row) when a row's exponents
+    # span <= 14, else runs the per-block float epilogue. Rows 0/1: span 14 with the largest int16 sums (all weights
+    # +6, all activations at +-127) so int32 overflow would show; rows 2/3: span 15; row 4 alone: the odd last row.
+    n, k = 5, 512
+    codes = torch.full((n, k // 2), 0x77, dtype=torch.uint8).view(torch.int8)
+    scale = torch.full((n, k // 32), 110, dtype=torch.uint8)
+    scale[0, 3], scale[1, 15], scale[2, 0], scale[3, 9], scale[4, 4] = 124, 96, 125, 95, 124
+    scale = scale.view(torch.float8_e8m0fnu)
+    g = torch.Generator().manual_seed(t)
+    x = torch.where(torch.rand(t, k, generator=g) < 0.5, -1.0, 1.0) * (1 + torch.arange(t).unsqueeze(1))
+    x[-1] = torch.randn(k, generator=g)
+    y = ce.fp4_linear(x, codes, scale, path=path, act="int8")
+    emu = emulate(x, codes, scale)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, emu) <= EMU_RTOL
+    assert float(((y - emu).abs() / emu.abs().clamp_min(1e-30)).max()) <= 1e-5  # per output, not just overall

@@ -13,7 +13,7 @@
  * reorder internally; the fused op writes its hidden activations directly in that order.
  *
  * Optional (HR_ACT_INT8, every path): FP4 weights meet int8 activations quantized per 32-column block; exact int8
- * weights from a nibble table, vpdpbusd (AVX512-VNNI) or vpmaddubsw (AVX2) integer dots, one fp32 scale multiply per
+ * weights from a nibble table, vpdpbusd (AVX512-VNNI) or vpmaddubsw (AVX2) integer dots, one fp32 scale step per
  * block (see the int8 section and hr_kernels.h for the exact rounding).
  *
  * Not here: NEON intrinsics (the

@@ -27,8 +27,10 @@
  * the hidden activation between up and down is re-quantized as an int8 value plus an int8 residual). Quantization:
  * per 32-column block, symmetric, d = amax / 127 (fp32), q = round-half-even(x * (1 / d)) clamped to [-127, 127],
  * q = 0 where d = 0. The dot of a block is the exact int32 sum of q times 2 * e2m1 weight, scaled by weight e8m0
- * scale * d / 2 in fp32. FP8 weights keep fp32 activations. Every path supports it: AVX512-VNNI+VBMI (vpdpbusd),
- * AVX2 (vpmaddubsw; also AVX-512 CPUs without VNNI/VBMI), and portable C computing the same integers. */
+ * scale * d / 2 in fp32 (AVX2 batches of >= 4 tokens: rows whose e8m0 exponents span <= 14 take the power of two
+ * into the integer dot and subtract the unsigned weights' offset in fp32, ~5e-7 relative from the exact form). FP8
+ * weights keep fp32 activations. Every path supports it: AVX512-VNNI+VBMI (vpdpbusd), AVX2 (vpmaddubsw; also
+ * AVX-512 CPUs without VNNI/VBMI), and portable C computing the same integers. */
 #define HR_ACT_INT8 0x200
 
 /* hr_int8_impl: which int8 kernel a path runs */
