@@ -141,7 +141,7 @@ def test_graphs_are_refused_where_the_step_cannot_be_captured(tiny_checkpoints):
 def test_a_failed_capture_in_auto_mode_falls_back_to_eager_with_one_warning(short_ckpt, monkeypatch):
     """auto is the default on CUDA: a capture that fails must not cost the user the session."""
     model, _ = _graphed(short_ckpt, graphs="on")
-    object.__setattr__(model.options.compute, "cuda_graphs", "auto")  # as auto would have chosen on a real GPU
+    model.graph_mode = "auto"  # as auto would have chosen on a real GPU
     s = model.session()
     s.feed([1, 2])
 
@@ -153,3 +153,54 @@ def test_a_failed_capture_in_auto_mode_falls_back_to_eager_with_one_warning(shor
         s.feed([3])
     assert model.decode_graphs is None and "capture failed" in model.decode_graphs_reason
     assert s.n_tokens == 3
+
+
+def test_bench_times_graphed_decode_and_counts_experts_in_an_eager_pass(short_ckpt):
+    """`homerun bench` times decode as it runs (replayed from the graphs, no wrapper on the timed path) and counts the
+    experts each token reads in a separate eager pass, which must equal the count of an eager model's run."""
+    from homerun.bench import model_bench as hb
+    from homerun.bench.records import BenchTest
+
+    test = BenchTest(0, 3, 0)
+    counts = {}
+    for graphs in ("on", "off"):
+        model, args = _graphed(short_ckpt, graphs=graphs)
+        backend = model.net.experts
+        hb.time_test(model, backend, test, seed=0)  # warm-up: captures
+        replays = model.decode_graphs.replays if model.decode_graphs else 0
+        sample = hb.time_test(model, backend, test, seed=0)
+        timed_replays = (model.decode_graphs.replays if model.decode_graphs else 0) - replays
+        counts[graphs] = hb.count_expert_loads(model, backend, 100, test, seed=0)
+        assert model.net.experts is backend  # the counting wrapper is gone again
+        costs = hb.gpu_costs(model, seed=0)
+        if graphs == "on":
+            assert timed_replays == 3 == sample.forward_passes  # the counting pass replayed nothing
+            assert costs["decode_runner"].startswith("graphs") and costs["graph_replays_per_token"] == args.n_layers + 1
+        else:
+            assert costs["decode_runner"].startswith("eager") and costs["graph_replays_per_token"] == 0
+        counts[graphs + "_launches"] = costs["launches_per_token"]
+    assert counts["on"] == counts["off"] > 0
+    assert counts["on_launches"] < counts["off_launches"]
+
+
+def test_a_new_expert_backend_drops_the_graphs_of_the_old_one(short_ckpt):
+    from offload.base import WrappingBackend
+
+    model, _ = _graphed(short_ckpt, graphs="on")
+    s = model.session()
+    s.feed([1, 2])
+    s.feed([3])
+    old = model.decode_graphs
+    assert old.captured
+    model.set_expert_backend(model.net.experts)  # the same backend: the captured graphs stay
+    assert model.decode_graphs is old
+    with pytest.raises(UsageError, match="cuda_graphs=on"):  # a wrapper is not graph-safe: "on" cannot hold
+        model.set_expert_backend(WrappingBackend(old.backend))
+    model.graph_mode = "auto"
+    model.set_expert_backend(WrappingBackend(old.backend))
+    assert model.decode_graphs is None and "not graph-safe" in model.decode_graphs_reason
+    model.graph_mode = "on"
+    model.set_expert_backend(old.backend)  # a new DecodeGraphs, captured at the next decode step
+    assert model.decode_graphs is not old and not model.decode_graphs.captured
+    s.feed([4])
+    assert model.decode_graphs.captured

@@ -36,8 +36,6 @@ REFERENCE_FP32_MAX_BYTES = 512 * 2**20
 # ------------------------------------------------------------------------------------------------------- tests
 
 
-
-
 def build_tests(prompts: Sequence[int], gens: Sequence[int], depths: Sequence[int]) -> list[BenchTest]:
     """The product llama-bench runs: every pp and every tg test at every depth (0 means none)."""
     tests = []
@@ -94,17 +92,16 @@ def cache_counters(backend: Any) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-
-
-def time_test(model: Any, counter: CountingBackend, test: BenchTest, seed: int) -> Sample:
+def time_test(model: Any, backend: Any, test: BenchTest, seed: int) -> Sample:
     """One repetition: fill the context to the test's depth (untimed), then time pp (one feed of n_prompt tokens)
-    or tg (n_gen feeds of one token each), counting only what the timed part touches."""
+    or tg (n_gen feeds of one token each), through the model's own expert backend (no wrapper: a graph-safe one is
+    replayed from the decode graphs as in use). Expert bytes are left 0: `count_expert_loads` fills them."""
     vocab = model.args.vocab_size
     sess = model.session()
     if test.n_depth:
         sess.feed(synthetic_ids(test.n_depth, vocab, seed + 1))
     ids = synthetic_ids(test.n_tokens, vocab, seed + 2)
-    loads0, (h0, m0, b0) = counter.expert_loads, cache_counters(counter.inner)
+    h0, m0, b0 = cache_counters(backend)
     t0 = time.perf_counter()
     if test.n_prompt:
         sess.feed(ids)
@@ -114,20 +111,32 @@ def time_test(model: Any, counter: CountingBackend, test: BenchTest, seed: int) 
             sess.feed([t])
         passes = len(ids)
     seconds = time.perf_counter() - t0
-    h1, m1, b1 = cache_counters(counter.inner)
-    return Sample(seconds, (counter.expert_loads - loads0) * counter.bytes_per_expert, h1 - h0, m1 - m0, b1 - b0,
-                  passes)
+    h1, m1, b1 = cache_counters(backend)
+    return Sample(seconds, 0, h1 - h0, m1 - m0, b1 - b0, passes)
+
+
+def count_expert_loads(model: Any, backend: Any, bytes_per_expert: int, test: BenchTest, seed: int) -> int:
+    """Unique experts summed over the layer calls of one repetition's timed part, from an untimed pass of the same
+    tokens through a CountingBackend around `backend`. Every repetition feeds the same ids, so the routing (and this
+    count) is the same in each; the timed passes carry no wrapper (a wrapper is not graph-safe: it would turn the
+    decode graphs off, or be skipped by their replays)."""
+    vocab = model.args.vocab_size
+    counter = CountingBackend(backend, bytes_per_expert)
+    with model.experts_wrapped(counter):
+        sess = model.session()
+        if test.n_depth:
+            sess.feed(synthetic_ids(test.n_depth, vocab, seed + 1))
+        ids = synthetic_ids(test.n_tokens, vocab, seed + 2)
+        loads0 = counter.expert_loads
+        if test.n_prompt:
+            sess.feed(ids)
+        else:
+            for t in ids:
+                sess.feed([t])
+        return counter.expert_loads - loads0
 
 
 # ------------------------------------------------------------------------------------------------------ records
-
-
-
-
-
-
-
-
 
 
 def gpu_path(model: Any) -> bool:
@@ -152,12 +161,15 @@ def event_waits(model: Any) -> int:
 
 
 def gpu_costs(model: Any, seed: int, planned: Sequence[int] = ()) -> dict[str, Any]:
-    """One counted decode token (after a short untimed prefix) and each placed device's peak bytes vs the plan."""
+    """The device work of one steady decode token (after a short untimed prefix and one untimed decode step, which
+    captures the decode graphs where they are used), how decode ran, and each placed device's peak bytes vs the
+    plan."""
     from homerun.kernels.counting import count_device_work
 
     sess = model.session()
     vocab = model.args.vocab_size
     sess.feed(synthetic_ids(4, vocab, seed + 3))
+    sess.feed(synthetic_ids(1, vocab, seed + 5))
     tok = synthetic_ids(1, vocab, seed + 4)
     waits_before = event_waits(model)
     with count_device_work() as counter:
@@ -171,15 +183,17 @@ def gpu_costs(model: Any, seed: int, planned: Sequence[int] = ()) -> dict[str, A
                         "planned_device_bytes": planned[i] if i < len(planned) else None})
     return {"launches_per_token": float(counter.c.device_launches),
             "host_syncs_per_token": float(counter.c.syncs + waits),
+            "graph_replays_per_token": float(counter.c.graphs),
+            "decode_runner": decode_runner(model),
             "devices": tuple(devices)}
 
 
-
-
-
-
-
-
+def decode_runner(model: Any) -> str:
+    """How one-token decode runs: "graphs (<why>)" when replayed from captured graphs, else "eager (<why>)"."""
+    dg = model.decode_graphs
+    if dg is not None and dg.captured:
+        return f"graphs ({model.decode_graphs_reason})"
+    return f"eager ({model.decode_graphs_reason})"
 
 
 # ----------------------------------------------------------------------------------------------------- running
@@ -193,16 +207,16 @@ class BenchTarget:
     make_backend: Callable[[], Any]
     bytes_per_expert: int
     has_cache: bool
-    counter: CountingBackend | None = None
+    backend: Any = None  # the expert backend the model serves from (no wrapper)
     act: str = "fp32"  # the expert activation mode that runs (int8/bf16 widen the correctness gate's tolerance)
 
-    def fresh_backend(self) -> CountingBackend:
-        old = self.counter
-        self.counter = CountingBackend(self.make_backend(), self.bytes_per_expert)
-        self.model.net.experts = self.counter
-        if old is not None:
-            old.inner.close()
-        return self.counter
+    def fresh_backend(self) -> Any:
+        old = self.backend
+        self.backend = self.make_backend()
+        self.model.set_expert_backend(self.backend)
+        if old is not None and old is not self.backend:
+            old.close()
+        return self.backend
 
 
 def run_test(target: BenchTarget, test: BenchTest, *, repetitions: int, seed: int, info: RunInfo,
@@ -214,17 +228,23 @@ def run_test(target: BenchTarget, test: BenchTest, *, repetitions: int, seed: in
     resident = model.net.resident_bytes() - model.net.embed.numel() * model.net.embed.element_size()
     on_gpu = model.device.type == "cuda"
     phases = [("cold", 1), ("warm", repetitions)] if target.has_cache else [("warm", repetitions)]
-    records = []
+    runs: list[tuple[str, list[Sample]]] = []
+    loads = None
     for cache, reps in phases:
         if cache == "cold":
             target.fresh_backend()
         else:
-            time_test(model, target.counter, test, seed)  # warm-up: caches, page cache, allocator
+            time_test(model, target.backend, test, seed)  # warm-up: caches, page cache, allocator, graph capture
+            loads = count_expert_loads(model, target.backend, target.bytes_per_expert, test, seed)
         samples = []
         for r in range(reps):
-            samples.append(time_test(model, target.counter, test, seed))
+            samples.append(time_test(model, target.backend, test, seed))
             if on_sample is not None:
                 on_sample(test.name, cache, r)
+        runs.append((cache, samples))
+    records = []
+    for cache, samples in runs:  # the cold pass ran before the counting pass: every sample gets its count now
+        samples = [replace(s, expert_bytes=loads * target.bytes_per_expert) for s in samples]
         links, hit = links_for(samples, resident_bytes=resident, on_gpu=on_gpu, has_cache=target.has_cache,
                                bytes_per_expert=target.bytes_per_expert, limits=info.limits)
         records.append(make_record(info, test, cache, samples, links, hit, predicted_ts, host))
@@ -347,6 +367,7 @@ class BenchOptions:
     dtype: str = "float32"
     gate: bool = True
     standin: bool = False  # run the profile's plan placement on CUDA stand-ins (the GPU code path on this CPU)
+    cuda_graphs: str = "auto"  # decode replayed from captured graphs: auto | on | off (homerun.engine.graphs)
 
 
 def load_reference(path: str | Path, *, resident_bytes: int) -> tuple[Any, str]:

@@ -118,6 +118,8 @@ class BenchRecord:
     # accounted bytes against the plan's bytes for it.
     launches_per_token: float | None = None
     host_syncs_per_token: float | None = None
+    graph_replays_per_token: float | None = None  # captured graphs replayed (each counted as one launch above)
+    decode_runner: str | None = None  # "graphs (<why>)" or "eager (<why>)": how one-token decode ran
     devices: tuple[dict[str, Any], ...] = ()
     # pp tests: achieved GFLOP/s of the model's linear layers (2 x multiply-adds of every dense matrix a prompt token
     # meets plus its top-k routed experts; attention scores not counted), next to the measured unit peaks (GOP/s) of

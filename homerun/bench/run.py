@@ -43,7 +43,7 @@ def bench_model(
     for slots in opts.cache_slots:
         say(f"loading {path} ({opts.kind} experts{'' if slots is None else f', cache of {slots} slots'})")
         target, label, notes = open_target(path, kind=opts.kind, cache_slots=slots, dtype=opts.dtype, act=opts.act,
-                                           placement=placement)
+                                           placement=placement, graphs=opts.cuda_graphs)
         if make_backend_hook is not None:
             target.make_backend = (lambda inner: (lambda: make_backend_hook(inner())))(target.make_backend)
             target.fresh_backend()
@@ -58,7 +58,7 @@ def bench_model(
             say(f"{test.name}: {opts.repetitions} repetitions")
             records += run_test(target, test, repetitions=opts.repetitions, seed=opts.seed, info=info,
                                 predicted_ts=pred(test), host=host)
-        target.counter.inner.close()
+        target.backend.close()
         del target
     return records
 

@@ -19,7 +19,8 @@ import torch
 from homerun.kernels.kernel_bench import cpu_info  # noqa: F401 - one CPU description for every record
 from homerun.kernels.kernel_bench import measure_dram_read_gbps  # noqa: F401 - bench limits (tests patch it here)
 
-from homerun.bench.model_bench import BenchTarget, CountingBackend
+from homerun.bench.model_bench import BenchTarget
+from homerun.engine.graphs import unsupported_reason
 from homerun.bench.records import BenchRecord, BenchTest, Limits
 
 
@@ -285,9 +286,11 @@ def make_expert_backend(ckpt: Any, args: Any, *, kind: str, compute_dtype: torch
 
 def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | None = None, dtype: str = "float32",
                 device: str | None = None, progress: Callable[[str, int, int], None] | None = None,
-                act: str = "auto", placement: Any = None) -> tuple[BenchTarget, str, list[str]]:
+                act: str = "auto", placement: Any = None, graphs: str = "auto") -> tuple[BenchTarget, str, list[str]]:
     """Load the checkpoint for benchmarking with the chosen expert backend: (target, backend label, notes). With a
-    `placement` (a plan's, e.g. on CUDA stand-ins) the runtime builds the placed backend itself; no cold phase."""
+    `placement` (a plan's, e.g. on CUDA stand-ins) the runtime builds the placed backend itself; no cold phase.
+    `graphs`: the decode runner (homerun.engine.graphs); "auto" on stand-ins emulates graphs wherever CUDA would
+    capture them, so the launch counts are CUDA's."""
     from homerun.engine.runtime import load
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
@@ -302,9 +305,11 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
         placed = model.net.experts
         first_layer = args.n_hash_layers if args.n_hash_layers < args.n_layers else 0
         bpe = ckpt.expert(first_layer, 0).nbytes
-        target = BenchTarget(model, lambda: placed, bpe, has_cache=False)
-        target.counter = CountingBackend(placed, bpe)
-        model.net.experts = target.counter
+        target = BenchTarget(model, lambda: placed, bpe, has_cache=False, backend=placed)
+        if graphs == "auto" and unsupported_reason(model.net) is None:
+            model.set_graph_mode("on")  # stand-ins: graphs (emulated) wherever CUDA would capture them
+        elif graphs != "auto":
+            model.set_graph_mode(graphs)
         kinds = sorted({d.kind for d in model.devices.values()})
         return target, f"placed({'+'.join(kinds)})+{kind}", [f"plan placement on {', '.join(kinds)} devices"]
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
@@ -324,6 +329,7 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
         from homerun.engine.backends import resolve_act
 
         target.act = resolve_act(act)
-    target.counter = CountingBackend(first, bpe)
-    model.net.experts = target.counter
+    target.backend = first
+    if graphs != "auto":
+        model.set_graph_mode(graphs)
     return target, label, notes

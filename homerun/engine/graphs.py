@@ -171,6 +171,7 @@ class DecodeGraphs:
         if reason is not None:
             raise ValueError(f"decode graphs unsupported: {reason}")
         self.net, self.graphs = net, graphs
+        self.backend = net.experts  # the expert backend whose launches the graphs hold
         self.k = kernels_for(net.device, net.compute_dtype, 1, net.embed_flavor)
         self.kl = for_act(self.k, net.experts.act)
         self.segments: list[Any] = []

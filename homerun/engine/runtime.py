@@ -13,6 +13,8 @@ callback.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 import warnings
 from pathlib import Path
@@ -93,16 +95,42 @@ class Model:
         self._forward_s = 0.0
         self._feeds = 0
         self.forwards = 0  # net.forward calls (chunks and decode steps), for activation hops
-        self.decode_graphs, self.decode_graphs_reason = decode_graphs_for(net, options.compute.cuda_graphs)
-        if options.compute.cuda_graphs == "on" and self.decode_graphs is None:
-            raise UsageError(f"cuda_graphs=on is not possible here: {self.decode_graphs_reason}",
-                             hint="use cuda_graphs auto or off")
+        self.graph_mode = options.compute.cuda_graphs
+        self.set_graph_mode(self.graph_mode)
+
+    def set_graph_mode(self, mode: str) -> None:
+        """Choose the decode runner again (auto | on | off; homerun.engine.graphs.decode_graphs_for): graphs captured
+        before are dropped and recaptured at the next decode step. "on" where capture is impossible is a UsageError."""
+        dg, reason = decode_graphs_for(self.net, mode)
+        if mode == "on" and dg is None:
+            raise UsageError(f"cuda_graphs=on is not possible here: {reason}", hint="use cuda_graphs auto or off")
+        self.graph_mode, self.decode_graphs, self.decode_graphs_reason = mode, dg, reason
+
+    def set_expert_backend(self, backend: Any) -> None:
+        """Serve the routed experts from `backend` from now on; the decode runner is chosen again for a new backend
+        (graphs captured around the old one would replay its launches)."""
+        self.net.experts = backend
+        if self.decode_graphs is None or self.decode_graphs.backend is not backend:
+            self.set_graph_mode(self.graph_mode)
+
+    @contextlib.contextmanager
+    def experts_wrapped(self, wrapper: Any) -> Iterator[Any]:
+        """Serve the routed experts through `wrapper` (around net.experts: a counter, a tracer) for the block, with
+        eager decode; the decode graphs stay captured for the backend itself and serve again afterwards."""
+        inner = self.net.experts
+        self.net.experts = wrapper
+        try:
+            yield wrapper
+        finally:
+            self.net.experts = inner
 
     def _forward(self, ids: torch.Tensor, start_pos: int, states):
-        """net.forward, with one-token steps replayed from the decode graphs when there are some."""
+        """net.forward, with one-token steps replayed from the decode graphs when there are some. The graphs serve
+        only the expert backend they were made for: with another one in net.experts (a wrapper planted for a
+        counting pass, say) the step runs eagerly through it."""
         dg = self.decode_graphs
-        if dg is not None and ids.numel() == 1:
-            if dg.captured or self.options.compute.cuda_graphs == "on":
+        if dg is not None and ids.numel() == 1 and self.net.experts is dg.backend:
+            if dg.captured or self.graph_mode == "on":
                 return dg.forward(ids, start_pos, states)
             try:  # auto: a capture that fails leaves eager decode, with one warning (the states are untouched)
                 return dg.forward(ids, start_pos, states)

@@ -64,6 +64,9 @@ def bench(
     standin: Annotated[bool, typer.Option("--standin", help="Run the --hw profile's plan placement on CUDA "
                                           "stand-ins (the GPU code path on this CPU); records then carry "
                                           "launches_per_token, host_syncs_per_token and per-device bytes.")] = False,
+    cuda_graphs: Annotated[str, typer.Option("--cuda-graphs", help="Decode from captured graphs: auto (on CUDA, and "
+                                             "emulated with --standin, wherever capture is possible), on, off "
+                                             "(eager: the A/B against graphs).")] = "auto",
     cache_slots: Annotated[Optional[list[str]], typer.Option("--expert-cache-slots", help="GPU expert-cache slots "
                            "(several values: one run each, for hit rate vs cache size). Default: none on CPU, the "
                            "plan's cache with --synthetic on a GPU.")] = None,
@@ -121,7 +124,8 @@ def bench(
         depths=parse_ints(depth or ["0"], "-d"), repetitions=repetitions, hw=hw,
         cache_slots=parse_ints(cache_slots, "--expert-cache-slots", minimum=1), kind="native" if native else "reference",
         dtype=dtype, synthetic=synthetic, synthetic_layers=synthetic_layers, synthetic_dir=synthetic_dir,
-        synthetic_overrides=_overrides(synthetic_overrides), seed=seed, act=expert_act, standin=standin)
+        synthetic_overrides=_overrides(synthetic_overrides), seed=seed, act=expert_act, standin=standin,
+        cuda_graphs=cuda_graphs)
     docs = [r.to_dict() for r in records]
     if save_measured:
         from homerun.bench.setup import save_measured as save
@@ -171,7 +175,7 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
                       repetitions: int, hw: str, cache_slots: list[int], kind: str, dtype: str, synthetic: bool,
                       synthetic_layers: int | None, synthetic_dir: str | None,
                       synthetic_overrides: dict[str, Any] | None, seed: int, act: str = "auto",
-                      standin: bool = False) -> list[Any]:
+                      standin: bool = False, cuda_graphs: str = "auto") -> list[Any]:
     """Resolve the profile and limits, write the synthetic model if asked, run the benchmark, extrapolate."""
     from homerun.bench import setup as bs
     from homerun.bench import model_bench as hb
@@ -179,6 +183,10 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
 
     if dtype not in ("float32", "bfloat16"):
         raise UsageError(f"--dtype {dtype!r} is not supported", hint="use float32 or bfloat16")
+    from homerun.engine.options import GRAPH_MODES
+
+    if cuda_graphs not in GRAPH_MODES:
+        raise UsageError(f"--cuda-graphs {cuda_graphs!r} is not a mode", hint=f"use one of {', '.join(GRAPH_MODES)}")
     tests = hb.build_tests(prompts, gens, depths)
     if not tests:
         raise UsageError("no tests: every -p and -n value is 0", hint="e.g. -p 512 -n 128")
@@ -199,7 +207,8 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
     slots: list[int | None] = list(cache_slots) or [_default_slots(syn, prof, eff) if syn else None]
     hit = measured.expert_cache_hit_rate.get(syn.card if syn else name) if measured else None
     opts = hb.BenchOptions(tests=tuple(tests), repetitions=repetitions, seed=seed, kind=kind,
-                           cache_slots=tuple(slots), dtype=dtype, act=act, standin=standin)
+                           cache_slots=tuple(slots), dtype=dtype, act=act, standin=standin,
+                           cuda_graphs=cuda_graphs)
     records = bench_run.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
                              progress=out.plain)
     records, prof = _dram_after(records, tests, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit,
@@ -350,6 +359,11 @@ def render_table(console: Any, docs: list[dict[str, Any]]) -> None:
     print_table(console, "homerun bench", columns, rows,
                 row_styles=["italic dim" if d["extrapolated"] else None for d in docs])
     console.print(f"[dim]{escape(_footer(docs))}[/dim]")
+    gpu = next((d for d in docs if d.get("launches_per_token") is not None), None)
+    if gpu is not None:  # the same decode token is counted for every record of a run
+        console.print(f"[dim]GPU path, per decode token: {gpu['launches_per_token']:.0f} launches, "
+                      f"{gpu['host_syncs_per_token']:.0f} host syncs; decode {escape(gpu.get('decode_runner') or '?')}"
+                      "[/dim]")
     for note in sorted({n for d in docs for n in d.get("notes", [])}):
         console.print(f"[dim]note: {escape(note)}[/dim]")
 
