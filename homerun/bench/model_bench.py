@@ -92,47 +92,48 @@ def cache_counters(backend: Any) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-def time_test(model: Any, backend: Any, test: BenchTest, seed: int) -> Sample:
-    """One repetition: fill the context to the test's depth (untimed), then time pp (one feed of n_prompt tokens)
-    or tg (n_gen feeds of one token each), through the model's own expert backend (no wrapper: a graph-safe one is
-    replayed from the decode graphs as in use). Expert bytes are left 0: `count_expert_loads` fills them."""
+def _test_tokens(model: Any, test: BenchTest, seed: int) -> tuple[Any, list[int]]:
+    """A fresh session filled to the test's depth (untimed), and the ids of the test's timed part: the same in every
+    repetition, so every repetition routes alike."""
     vocab = model.args.vocab_size
     sess = model.session()
     if test.n_depth:
         sess.feed(synthetic_ids(test.n_depth, vocab, seed + 1))
-    ids = synthetic_ids(test.n_tokens, vocab, seed + 2)
-    h0, m0, b0 = cache_counters(backend)
-    t0 = time.perf_counter()
+    return sess, synthetic_ids(test.n_tokens, vocab, seed + 2)
+
+
+def _feed_test(sess: Any, test: BenchTest, ids: list[int]) -> None:
+    """pp: one feed of the prompt; tg: one feed per token."""
     if test.n_prompt:
         sess.feed(ids)
-        passes = math.ceil(len(ids) / model.max_chunk_tokens)
     else:
         for t in ids:
             sess.feed([t])
-        passes = len(ids)
+
+
+def time_test(model: Any, backend: Any, test: BenchTest, seed: int) -> Sample:
+    """One repetition: fill the context to the test's depth (untimed), then time pp (one feed of n_prompt tokens)
+    or tg (n_gen feeds of one token each), through the model's own expert backend (no wrapper: a graph-safe one is
+    replayed from the decode graphs as in use). Expert bytes are left 0: `count_expert_loads` fills them."""
+    sess, ids = _test_tokens(model, test, seed)
+    h0, m0, b0 = cache_counters(backend)
+    t0 = time.perf_counter()
+    _feed_test(sess, test, ids)
     seconds = time.perf_counter() - t0
     h1, m1, b1 = cache_counters(backend)
+    passes = math.ceil(len(ids) / model.max_chunk_tokens) if test.n_prompt else len(ids)
     return Sample(seconds, 0, h1 - h0, m1 - m0, b1 - b0, passes)
 
 
 def count_expert_loads(model: Any, backend: Any, bytes_per_expert: int, test: BenchTest, seed: int) -> int:
     """Unique experts summed over the layer calls of one repetition's timed part, from an untimed pass of the same
-    tokens through a CountingBackend around `backend`. Every repetition feeds the same ids, so the routing (and this
-    count) is the same in each; the timed passes carry no wrapper (a wrapper is not graph-safe: it would turn the
-    decode graphs off, or be skipped by their replays)."""
-    vocab = model.args.vocab_size
+    tokens through a CountingBackend around `backend` (the same in every repetition). The timed passes carry no
+    wrapper: a wrapper is not graph-safe, so it would turn the decode graphs off, or be skipped by their replays."""
     counter = CountingBackend(backend, bytes_per_expert)
     with model.experts_wrapped(counter):
-        sess = model.session()
-        if test.n_depth:
-            sess.feed(synthetic_ids(test.n_depth, vocab, seed + 1))
-        ids = synthetic_ids(test.n_tokens, vocab, seed + 2)
+        sess, ids = _test_tokens(model, test, seed)
         loads0 = counter.expert_loads
-        if test.n_prompt:
-            sess.feed(ids)
-        else:
-            for t in ids:
-                sess.feed([t])
+        _feed_test(sess, test, ids)
         return counter.expert_loads - loads0
 
 

@@ -14,7 +14,6 @@ callback.
 from __future__ import annotations
 
 import contextlib
-
 import time
 import warnings
 from pathlib import Path
