@@ -225,3 +225,29 @@ def test_native_index_topk_property(nq, hi, di, n, page, k, seed, causal):
     assert torch.equal(TORCH.index_topk(iq, iw, _pages(keys, page), n, t, k, 0.5), want)
     got, _ = cp.index_topk(iq, iw, _pages(keys, page), n, t, k, 0.5)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n,page,k", [(40, 64, 16), (300, 64, 32), (300, 7, 300), (5, 2, 16)])
+def test_decode_index_topk_one_picks_the_definitions_best(n, page, k):
+    """The decode step's one-query top-k (`index_topk_one`, iw scaled inside): the torch set's per-page top-k merge
+    and the CPU sets' native kernel pick the fp64 definition's k best keys, best first, over one page or several."""
+    iq, iw, keys, _ = _case(1, 8, 16, n, seed=n + page, thr=None)
+    s = _scores64(iq, iw * 0.25, keys, 0.5)[0]
+    want = s.argsort(descending=True)[: min(k, n)]
+    sets = [TORCH]
+    if dispatch.USE_NATIVE and dispatch.native_dense() is not None:
+        sets += [dispatch.kernels_for("cpu", torch.float32, 1), dispatch.kernels_for("cpu", torch.float32, 512)]
+        assert type(sets[1]).index_topk_one is not TorchKernels.index_topk_one  # decode runs the native kernel
+    for ks in sets:
+        got = ks.index_topk_one(iq, iw, _pages(keys, page), n, k, 0.25, 0.5)
+        assert got.shape == (1, min(k, n)), ks.name
+        assert torch.equal(got[0], want), ks.name  # random scores: no ties, one right answer in one order
+
+
+def test_decode_index_topk_one_detects_a_wrong_merge():
+    """A merge that dropped the running best (kept only the last page's picks) would differ from the definition."""
+    iq, iw, keys, _ = _case(1, 8, 16, 200, seed=3, thr=None)
+    one_page = TORCH.index_topk_one(iq, iw, _pages(keys, 200), 200, 24, 1.0, 0.5)
+    last_page_only = TORCH.index_topk_one(iq, iw, [(128, keys[128:])], 72, 24, 1.0, 0.5) + 128
+    assert torch.equal(TORCH.index_topk_one(iq, iw, _pages(keys, 64), 200, 24, 1.0, 0.5), one_page)
+    assert not torch.equal(last_page_only, one_page)

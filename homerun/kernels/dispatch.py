@@ -68,6 +68,14 @@ class CpuPrefillKernels(TorchKernels):
             return super().index_topk(iq, iw, pages, n_vis, thr, k_sel, scale)
         return pf.index_topk(iq, iw, pages, n_vis, thr, k_sel, scale)[0]
 
+    def index_topk_one(self, iq, iw, pages, n_vis, k_sel, iw_scale, scale):
+        """The decode step's indexer top-k on the same native kernel (its key ranges split over the pool, so one
+        query uses every thread), fp32 CPU queries; the torch set's scores + top-k otherwise."""
+        pf = native_prefill()
+        if pf is None or iq.dtype != torch.float32 or iq.device.type != "cpu":
+            return super().index_topk_one(iq, iw, pages, n_vis, k_sel, iw_scale, scale)
+        return pf.index_topk(iq, iw.float() * iw_scale, pages, n_vis, None, k_sel, scale)[0]
+
     # FP8 linears in fp32: the same blocked GEMMs as QLinear's torch path, each block dequantized natively
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         pf = native_prefill()

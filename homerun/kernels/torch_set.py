@@ -205,6 +205,24 @@ class TorchKernels:
         sc = torch.relu(torch.einsum("qhd,nd->qhn", iq.float(), ik.float())) * scale
         return (sc * iw.unsqueeze(-1)).sum(dim=1)
 
+    def index_topk_one(self, iq: torch.Tensor, iw: torch.Tensor, pages: Iterable[tuple[int, torch.Tensor]], n_vis: int,
+                       k_sel: int, iw_scale: float, scale: float) -> torch.Tensor:
+        """The decode step's indexer top-k: one query iq [1, Hi, Di] (weights iw [1, Hi], times iw_scale here) that
+        sees all n_vis keys, given as pages. The scores go through `index_scores` (the GPU set's fused kernel), one
+        top-k per page merged into the running best -> [1, min(k_sel, n_vis)], higher score first."""
+        kk = min(k_sel, n_vis)
+        best_v = best_i = None
+        for r0, ik in pages:
+            score = self.index_scores(iq, iw, ik, iw_scale, scale)  # (1, p)
+            if best_v is None and ik.shape[0] >= n_vis:  # one page holds every key: one top-k
+                return score.topk(min(kk, score.shape[1]), dim=-1).indices
+            ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device).expand(1, -1)
+            v = score if best_v is None else torch.cat([best_v, score], dim=1)
+            i = ids if best_i is None else torch.cat([best_i, ids], dim=1)
+            top = v.topk(min(kk, v.shape[1]), dim=-1)
+            best_v, best_i = top.values, i.gather(1, top.indices)
+        return best_i if best_i is not None else torch.empty(1, 0, dtype=torch.long, device=iq.device)
+
     def index_topk(self, iq: torch.Tensor, iw: torch.Tensor, pages: Iterable[tuple[int, torch.Tensor]], n_vis: int,
                    thr: torch.Tensor | None, k_sel: int, scale: float) -> torch.Tensor:
         """The lightning indexer's top-k over the first n_vis compressed keys, given as pages (first row index, rows

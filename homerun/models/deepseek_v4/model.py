@@ -477,30 +477,11 @@ class DeepseekV4:
             iq = k.linear(at.indexer.wq_b, qr).view(1, a.index_n_heads, a.index_head_dim)
             if k_sel and n_closed:
                 iq = k.norm_rope(iq, None, 0.0, *rope, norm=False)
-                sel = self._index_topk_one(iq, iw, idx_st.store, n_closed, k_sel, k)
+                sel = k.index_topk_one(iq, iw, idx_st.store.iter_pages(n_closed), n_closed, k_sel,
+                                       a.index_n_heads**-0.5, a.index_head_dim**-0.5)
                 rows2 = comp.store.gather(sel)[0]
         o = k.attend_rows(q[0], kw, rows2, at.sink.reshape(-1), Dh**-0.5, q.dtype)
         return o.view(1, H, Dh)
-
-    def _index_topk_one(self, iq, iw, keys: PagedRows, n_vis: int, k_sel: int, k: TorchKernels) -> torch.Tensor:
-        """_index_topk for one query that sees all n_vis keys, the scores through the kernel set; one page: one
-        top-k (the merge over an empty running best is that top-k). -> [1, k]."""
-        a = self.args
-        kk = min(k_sel, n_vis)
-        iw_scale, scale = a.index_n_heads**-0.5, a.index_head_dim**-0.5
-        if n_vis <= keys.page_rows:
-            score = k.index_scores(iq, iw, keys.view(n_vis), iw_scale, scale)  # (1, n_vis)
-            return score.topk(min(kk, score.shape[1]), dim=-1).indices
-        best_v = iq.new_empty(1, 0, dtype=torch.float32)
-        best_i = torch.empty(1, 0, dtype=torch.long, device=iq.device)
-        for r0, ik in keys.iter_pages(n_vis):
-            score = k.index_scores(iq, iw, ik, iw_scale, scale)
-            ids = torch.arange(r0, r0 + ik.shape[0], device=iq.device)
-            v = torch.cat([best_v, score], dim=1)
-            i = torch.cat([best_i, ids.expand(1, -1)], dim=1)
-            top = v.topk(min(kk, v.shape[1]), dim=-1)
-            best_v, best_i = top.values, i.gather(1, top.indices)
-        return best_i
 
     def _index_topk(self, iq, iw, keys: PagedRows, n_vis: int, thr: torch.Tensor | None, k_sel: int,
                     k: TorchKernels) -> torch.Tensor:
