@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -128,8 +129,10 @@ def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s
            "--warmup", str(warmup), "--expert-act", act, "--pre-warm", str(pre_warm)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
-        return {"side": side, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
-                "returncode": proc.returncode}
+        err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+        if proc.returncode == -signal.SIGKILL:  # no traceback: the kernel's OOM killer is the usual sender
+            err = [f"killed by SIGKILL (out of memory, if the kernel log says oom-kill); its last line: {err[0][:120]}"]
+        return {"side": side, "error": err, "returncode": proc.returncode}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -195,6 +198,13 @@ def prefill_mode(a: argparse.Namespace, ckpt: str, write_s: float) -> int:
                       f"{med['transformers']:.2f} tok/s: {rec['prefill_speedup']:.2f}x (goal >= 2x: "
                       f"{rec['goal_prefill_2x']}); per CPU-second {rec['prefill_speedup_per_cpu_s']:.2f}x; peak RSS "
                       f"ratio {rec['peak_rss_ratio']:.2f}", flush=True)
+        elif ok["homerun"]:  # transformers failed every round (e.g. out of memory): homerun's figures alone
+            rec.update(homerun_prefill_tok_s_median=statistics.median([r["prefill_tok_s"] for r in ok["homerun"]]),
+                       homerun_peak_rss_bytes=max(r["peak_rss_bytes"] for r in ok["homerun"]),
+                       transformers_failed=sorted({e for r in runs["transformers"] for e in r.get("error", [])}))
+            if not a.json:
+                print(f"prompt {n}: transformers failed every round ({rec['transformers_failed'][0]}); homerun "
+                      f"{rec['homerun_prefill_tok_s_median']:.2f} tok/s", flush=True)
         doc["prompts"][str(n)] = rec
     print(json.dumps(doc, indent=None if not a.json else 2))
     return 0
