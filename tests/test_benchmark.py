@@ -340,3 +340,9 @@ def test_cli_synthetic_extrapolates_through_the_plan(tmp_path):
     tg_m, tg_e = measured[1], extra[1]
     assert "through the plan" in tg_e["extrapolation"]
     assert tg_e["prediction_ratio"] == pytest.approx(tg_m["prediction_ratio"])
+    from homerun.kernels import cpu_gemm
+
+    if cpu_gemm.available():  # the detected profile's prefill estimate comes from the peaks measured here
+        pp_m, pp_e = measured[0], extra[0]
+        assert pp_m["predicted_ts"] and "through the plan" in pp_e["extrapolation"]
+        assert pp_e["prediction_ratio"] == pytest.approx(pp_m["prediction_ratio"])

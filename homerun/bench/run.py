@@ -22,14 +22,17 @@ def bench_model(
     limits: Limits,
     efficiency: Any = None,
     hit_rate: float | None = None,
+    cpu_peaks: dict[str, Any] | None = None,
     make_backend_hook: Callable[[Any], Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRecord]:
     """Benchmark one checkpoint: per cache setting, load, gate, then every test (cold/warm). `make_backend_hook`
-    wraps each fresh backend (tests use it to plant a wrong backend and see the gate fail)."""
+    wraps each fresh backend (tests use it to plant a wrong backend and see the gate fail). cpu_peaks: this
+    machine's measured CPU unit peaks, for the plan's CPU prefill estimate on a detected profile."""
     say = progress or (lambda msg: None)
     host = host_info()
-    plans = plan_predictions(str(path), profile, opts.tests, efficiency=efficiency, hit_rate=hit_rate)
+    plans = plan_predictions(str(path), profile, opts.tests, efficiency=efficiency, hit_rate=hit_rate,
+                             cpu_peaks=cpu_peaks)
 
     def pred(test: BenchTest) -> float | None:
         return predicted_for(test, plans(test))

@@ -78,16 +78,17 @@ def measure_limits(*, vram_gbps: float | None = None) -> Limits:
 
 
 def plan_prediction(model_ref: str, prof: Any, *, depth: int, context_tokens: int, efficiency: Any = None,
-                    hit_rate: float | None = None) -> dict[str, Any]:
+                    hit_rate: float | None = None, cpu_peaks: dict[str, Any] | None = None) -> dict[str, Any]:
     """The planner's decode/prefill tok/s for a model (path or card) on a profile. A plan that does not fit this
     profile (e.g. the full V4-Pro on a 24 GB machine) is re-planned with enough RAM at the same bandwidths and
-    says so: the bandwidths, not the capacity, set the speed being extrapolated."""
+    says so: the bandwidths, not the capacity, set the speed being extrapolated. cpu_peaks: this machine's measured
+    CPU unit peaks (`PlanOptions.cpu_peaks`), which a detected profile needs for a CPU prefill estimate."""
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import Efficiency, PlanOptions, plan
 
     spec, inv = resolve_model(model_ref)
     opts = PlanOptions(context_tokens=max(context_tokens, 4096), decode_depth_tokens=max(depth, 1),
-                       efficiency=efficiency or Efficiency(), hit_rate=hit_rate)
+                       efficiency=efficiency or Efficiency(), hit_rate=hit_rate, cpu_peaks=cpu_peaks)
     p = plan(spec, inv, prof, opts)
     note = ""
     if not p.fits:
@@ -112,7 +113,7 @@ def _cache_experts(p: Any) -> int:
 
 
 def plan_predictions(model_ref: str, prof: Any, tests: Sequence[BenchTest], *, efficiency: Any = None,
-                     hit_rate: float | None = None) -> Callable[[BenchTest], dict[str, Any]]:
+                     hit_rate: float | None = None, cpu_peaks: dict[str, Any] | None = None) -> Callable[[BenchTest], dict[str, Any]]:
     """plan_prediction for each test, taken at the context in the middle of the test (its depth plus half its
     tokens), in a context window that holds the longest test; one plan per distinct depth."""
     ctx = max((t.n_depth + t.n_tokens for t in tests), default=0) + 1
@@ -122,7 +123,7 @@ def plan_predictions(model_ref: str, prof: Any, tests: Sequence[BenchTest], *, e
         d = test.n_depth + test.n_tokens // 2
         if d not in plans:
             plans[d] = plan_prediction(model_ref, prof, depth=d, context_tokens=ctx, efficiency=efficiency,
-                                       hit_rate=hit_rate)
+                                       hit_rate=hit_rate, cpu_peaks=cpu_peaks)
         return plans[d]
 
     return at

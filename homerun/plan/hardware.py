@@ -264,8 +264,11 @@ def measure_cpu_peaks() -> dict[str, float | None] | None:
     return peaks if peaks.get("int8") or peaks.get("fp32") else None
 
 
+MEASURED_PEAKS_SOURCE = "measured on this machine (cpu_gemm.unit_peak, all kernel threads)"
+
+
 def cpu_peaks_option(det: Detection | None) -> dict[str, Any] | None:
     """`PlanOptions.cpu_peaks` from a detection's measured unit peaks (None when none were measured)."""
     if det is None or not det.cpu_peak_gops:
         return None
-    return {**det.cpu_peak_gops, "source": "measured on this machine (cpu_gemm.unit_peak, all kernel threads)"}
+    return {**det.cpu_peak_gops, "source": MEASURED_PEAKS_SOURCE}

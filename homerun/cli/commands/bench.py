@@ -192,6 +192,7 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
         raise UsageError("no tests: every -p and -n value is 0", hint="e.g. -p 512 -n 128")
     out.info("measuring DRAM read bandwidth")
     prof, limits, eff, measured = _profile_and_limits(hw)
+    peaks = _cpu_peaks(hw, tests)
     syn = None
     path = model
     name = Path(model).name or model
@@ -210,24 +211,24 @@ def run_bench_command(model: str, *, out: Output, prompts: list[int], gens: list
                            cache_slots=tuple(slots), dtype=dtype, act=act, standin=standin,
                            cuda_graphs=cuda_graphs)
     records = bench_run.bench_model(path, opts, model_name=name, profile=prof, limits=limits, efficiency=eff, hit_rate=hit,
-                             progress=out.plain)
+                                    cpu_peaks=peaks, progress=out.plain)
     records, prof = _dram_after(records, tests, out=out, hw=hw, prof=prof, limits=limits, eff=eff, hit=hit,
-                                path=path)
+                                path=path, cpu_peaks=peaks)
     if syn is None:
         return records
     from dataclasses import replace
 
     meta = syn.to_dict()
     records = [replace(r, synthetic=meta) for r in records]
-    full = bs.plan_predictions(syn.card, prof, tests, efficiency=eff, hit_rate=hit)
-    mine = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit)
+    full = bs.plan_predictions(syn.card, prof, tests, efficiency=eff, hit_rate=hit, cpu_peaks=peaks)
+    mine = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit, cpu_peaks=peaks)
     extra = [bs.extrapolate(r, measured_pred=mine(bs.test_of(r)), full_pred=full(bs.test_of(r)))
              for r in records if r.cache == "warm"]
     return records + extra
 
 
 def _dram_after(records: list[Any], tests: Sequence[Any], *, out: Output, hw: str, prof: Any, limits: Any, eff: Any,
-                hit: Any, path: str) -> tuple[list[Any], Any]:
+                hit: Any, path: str, cpu_peaks: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
     """Measure DRAM read again after the run and hold the records to the better of the two figures: a shared VM's
     bandwidth drifts by +-20% within minutes, and a limit caught in a slow moment put achieved/limit above 1 (a
     measured 22.7 GB/s against 29.3 achieved). On this machine's profile the prediction follows the new figure."""
@@ -246,7 +247,7 @@ def _dram_after(records: list[Any], tests: Sequence[Any], *, out: Output, hw: st
     if not (hw == "auto" and after > before):  # the prediction stands; only the link ratios change
         return [with_dram_limit(r, best, r.predicted_ts, source) for r in records], prof
     prof = replace(prof, cpu=replace(prof.cpu, mem_bw_gbps=round(best, 3)))
-    plans = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit)
+    plans = bs.plan_predictions(path, prof, tests, efficiency=eff, hit_rate=hit, cpu_peaks=cpu_peaks)
     return [with_dram_limit(r, best, bs.predicted_for(bs.test_of(r), plans(bs.test_of(r))), source)
             for r in records], prof
 
@@ -271,6 +272,17 @@ def _profile_and_limits(hw: str) -> tuple[Any, Any, Any, Any]:
     if hw == "auto":  # this machine: predict with the bandwidth just measured
         prof = replace(prof, cpu=replace(prof.cpu, mem_bw_gbps=round(limits.dram_read_gbps, 3)))
     return prof, limits, eff, measured
+
+
+def _cpu_peaks(hw: str, tests: Sequence[Any]) -> dict[str, Any] | None:
+    """This machine's CPU unit peaks for the plan's CPU prefill estimate, as `plan --hw auto` measures them: only on
+    the detected profile (a named one states its own clock) and only when a test has a prompt to predict."""
+    if hw != "auto" or not any(t.n_prompt for t in tests):
+        return None
+    from homerun.plan.hardware import MEASURED_PEAKS_SOURCE, measure_cpu_peaks
+
+    peaks = measure_cpu_peaks()
+    return {**peaks, "source": MEASURED_PEAKS_SOURCE} if peaks else None
 
 
 def _default_slots(syn: Any, prof: Any, eff: Any) -> int | None:
