@@ -22,7 +22,7 @@ from homerun.chat.session import (
     load_history,
     save_history,
 )
-from homerun.cli.commands.chat import HELP_TEXT, render_stats
+from homerun.cli.chat_view import HELP_TEXT, render_stats
 from homerun.chat.encoding import (
     EOS,
     THINK_END,
@@ -335,7 +335,7 @@ def _reader(lines):
 
 
 def test_read_message_continuations_and_blocks():
-    from homerun.cli.commands.chat import read_message
+    from homerun.cli.chat_view import read_message
 
     read, prompts = _reader(["one \\", "two\\", "three"])
     assert read_message(read) == "one \ntwo\nthree" and prompts == [">>> ", "... ", "... "]
@@ -349,7 +349,7 @@ def test_render_done_collapses_reasoning_and_renders_markdown():
     from rich.console import Console
 
     from homerun.chat.session import TurnStats
-    from homerun.cli.commands.chat import render_done
+    from homerun.cli.chat_view import render_done
 
     console = Console(record=True, width=80, force_terminal=False)
     msg = {"role": "assistant", "content": "# Title\n\n**bold** \x1b[31mred", "reasoning_content": "step one\nstep two",

@@ -224,7 +224,7 @@ def test_synthetic_write_progress_is_a_bar():
 
 
 def test_control_characters_are_rendered_visibly():
-    from homerun.cli.commands.chat import printable
+    from homerun.cli.chat_view import printable
 
     assert printable("a\x13b\x7fc\x1b[31m\x85\tx\ny") == "a\u2413b\u2421c\u241b[31m\ufffd\tx\ny"
 

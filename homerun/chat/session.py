@@ -4,8 +4,8 @@ of the history file. The streaming split of reasoning/content is `homerun.chat.s
 
 `ChatSession.turn(text)` encodes the whole conversation with `homerun.chat.encoding`, runs the model (reusing the KV
 session when its tokens are a prefix of the new prompt) and yields `Delta` events, then one `TurnDone`. It never
-prints and never reads input; `homerun/cli/commands/chat.py` and `homerun/cli/commands/run.py` render it. It does not
-execute tool calls: parsed calls are shown and kept in the history, nothing more.
+prints and never reads input; `homerun/cli/chat_view.py` (for `chat`) and `homerun/cli/commands/run.py` render it.
+It does not execute tool calls: parsed calls are shown and kept in the history, nothing more.
 """
 
 from __future__ import annotations

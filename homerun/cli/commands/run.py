@@ -31,7 +31,7 @@ from homerun.cli.output import Output
 
 
 def _run_plain(chat: ChatSession, prompt: str, out: Output) -> TurnDone | None:
-    from homerun.cli.commands.chat import printable
+    from homerun.cli.chat_view import printable
 
     show_reasoning = sys.stderr.isatty()
     # On a terminal, control characters are shown, not obeyed; a pipe or a file gets the answer byte for byte.
