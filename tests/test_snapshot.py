@@ -17,7 +17,8 @@ import torch
 
 import homerun
 from homerun.engine.placement import split_layers
-from homerun.engine.snapshot import check_snapshot, read_header, restore_session, save_session, snapshot_nbytes
+from homerun.engine.snapshot import save_session, snapshot_nbytes
+from homerun.engine.snapshot_read import check_snapshot, read_header, restore_session
 from homerun.errors import ExitCode, SnapshotError
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from homerun.engine.snapshot import check_snapshot, read_header, restore_session, save_session, snapshot_nbytes
+from homerun.engine.snapshot import save_session, snapshot_nbytes
+from homerun.engine.snapshot_read import check_snapshot, read_header, restore_session
 from homerun.errors import ConfigError, SnapshotError
 
 KV_SAVE_MAX_BYTES = 32 * 10**9  # above this a /save keeps the history only (opt in with a larger --kv-save-max-gb)

@@ -177,7 +177,7 @@ class Model:
     def restore(self, path: str | Path, **kwargs: Any) -> Session:
         """A new Session from a KV snapshot written by `Session.save` (`homerun.engine.snapshot.restore_session`);
         SnapshotError when it belongs to another model or kv_dtype, is damaged, or exceeds the KV budget."""
-        from homerun.engine.snapshot import restore_session
+        from homerun.engine.snapshot_read import restore_session
 
         return restore_session(self, path, **kwargs)
 
