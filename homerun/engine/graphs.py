@@ -11,9 +11,18 @@ step runs as n_layers + 1 graph launches plus the cores' own launches.
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
   segment n      layer n-1's post-attention -> final hidden
 
-The token id and the position live in two static device tensors written before the replays; each core's output is
-copied into a static buffer the next segment reads. Captured once per model, at the first decode step that uses
-them; valid for every later position and session (the cores carry all per-sequence state).
+That layout holds the routed experts' launches too, so it needs an expert backend that declares itself graph-safe
+(all experts resident: offload.base.ExpertBackend.graph_safe). The hybrid backend (a device cache over the host
+store) reads each layer's routing on the host, serves misses on the CPU or streams them, so its call runs eagerly
+between two segments per layer, as the attention cores do (2 n_layers + 1 graph launches):
+
+  segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
+  (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
+  segment i.out  the shared expert's down projection + the routed sum -> layer i+1's pre-attention (or the hidden)
+
+The token id and the position live in two static device tensors written before the replays; each core's and each
+routed call's output is copied into a static buffer the next segment reads. Captured once per model, at the first
+decode step that uses them; valid for every later position and session (the cores carry all per-sequence state).
 
 `EmulatedGraphs` is the CPU stand-in with a CUDA graph's semantics: capture records every ATen op and Triton launch
 with the tensors it reads and writes, replay re-runs them on those same tensors, so whatever the captured code took
