@@ -214,10 +214,6 @@ class DecodeGraphs:
     def captured(self) -> bool:
         return bool(self.segments)
 
-    @property
-    def segments_per_token(self) -> int:
-        return (2 if self.split else 1) * len(self.net.layers) + 1
-
     def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
         net = self.net
         if not self.segments:
