@@ -173,7 +173,7 @@ def experts_between_segments(backend) -> bool:
     """Whether decode graphs run `backend`'s routed-expert calls eagerly between segments (the split layout): every
     backend that does not declare itself graph-safe (offload.base.ExpertBackend.graph_safe) may sync, read the
     routing on the host, compute on the CPU or stream, so its calls cannot be replayed."""
-    return not getattr(backend, "graph_safe", False)
+    return not backend.graph_safe
 
 
 def layout_reason(backend) -> str:
