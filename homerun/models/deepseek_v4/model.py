@@ -20,8 +20,7 @@ from homerun.models.deepseek_v4.config import (
 from homerun.kernels.dispatch import TORCH, TorchKernels, for_act, kernels_for
 from homerun.models.deepseek_v4.ops import inv_freq
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
-from homerun.models.deepseek_v4.parts import (  # noqa: F401 - the parts' names, as before the split
-    _HC, _Attention, _Compressor, _Indexer, _Layer, _MoE, _MoEIn, _PreAttn)
+from homerun.models.deepseek_v4.parts import _HC, _Attention, _Compressor, _Indexer, _Layer, _MoE, _MoEIn, _PreAttn
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
 from homerun.models.layers import QLinear
 
