@@ -72,8 +72,10 @@ class ExpertBackend:
 
     act: str | None = None  # the CPU kernels' activation mode, where a backend runs them
     wants_speculation: bool = False  # whether prefetch_speculative is worth a router pass for the next layer
-    # True: forward makes no host sync, keeps no per-call host state, and every hook is a no-op, so a one-token decode
-    # step may be captured once and replayed (homerun.engine.graphs). A wrapper is not (a replay skips its Python).
+    # True: forward makes no host sync, keeps no per-call host state, and every hook is a no-op, so its calls may be
+    # captured with the rest of a one-token decode step and replayed (homerun.engine.graphs). False (a wrapper, the
+    # hybrid cache): decode graphs run each call eagerly between two captured segments, the token hooks as well; the
+    # tensors such a call gets are then the graphs' static buffers, rewritten at the next step (keep copies, not them).
     graph_safe: bool = False
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,

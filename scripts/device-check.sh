@@ -2,7 +2,7 @@
 # GPU check of the GPU engine (issue 13) on one CUDA GPU (the lent H200: torch 2.11+cu130, Triton 3.6, nvcc 13, no
 # package registry). Offline: runs from the tree (PYTHONPATH), or set INSTALL=1 for
 # `pip install --no-deps --no-build-isolation -e .`; the native CPU library is built in place when a compiler exists.
-#   scripts/device-check.sh            # < 8 minutes (every step time-boxed; the boxes add to ~640 s, runs ~6 min)
+#   scripts/device-check.sh            # < 8 minutes (every step time-boxed; the boxes add to ~700 s, runs ~6 min)
 #   CHECK_TINY=1 scripts/device-check.sh   # the CPU-only parts here (interpreter, toy shapes; no GPU tests)
 # Steps (13a): 1 env, 2 GPU tests (explicit test IDs: a missing pure-Python package cannot stop collection; then
 #   tests/test_triton_decode_ops.py compiled on CUDA, its own time box), 3 Triton kernel GB/s vs HBM at V4-Flash shapes, 4 CUDA vs CPU equivalence, 5 launches/syncs per decode token,
@@ -113,6 +113,8 @@ section "6/7 peak VRAM vs plan"
 run_step vram 40
 section "6b/7 decode under CUDA graphs (all-VRAM tiny model: bit-equal to eager, step time both ways)"
 run_step graphs 45
+section "6c/7 hybrid decode under CUDA graphs (experts behind an 8-slot cache, eager between segments: bit-equal, step time)"
+run_step graphs_hybrid 60
 section "7/7 offload (issue 13b): arena pinning, pinned H2D and streaming, fused decode hit path, streamed prefill"
 run_step offload 120
 

@@ -148,7 +148,7 @@ def test_a_failed_capture_in_auto_mode_falls_back_to_eager_with_one_warning(shor
     def broken(*a, **k):
         raise GraphCaptureError("host sync (nonzero) during graph capture")
 
-    monkeypatch.setattr(model.decode_graphs, "_capture", broken)
+    monkeypatch.setattr(model.decode_graphs.graphs, "capture", broken)
     with pytest.warns(RuntimeWarning, match="decode graphs off"):
         s.feed([3])
     assert model.decode_graphs is None and "capture failed" in model.decode_graphs_reason
@@ -192,15 +192,18 @@ def test_a_new_expert_backend_drops_the_graphs_of_the_old_one(short_ckpt):
     s.feed([3])
     old = model.decode_graphs
     assert old.captured
+    assert not old.split and "experts in the segments" in model.decode_graphs_reason
     model.set_expert_backend(model.net.experts)  # the same backend: the captured graphs stay
     assert model.decode_graphs is old
-    with pytest.raises(UsageError, match="cuda_graphs=on"):  # a wrapper is not graph-safe: "on" cannot hold
-        model.set_expert_backend(WrappingBackend(old.backend))
-    model.graph_mode = "auto"
-    model.set_expert_backend(WrappingBackend(old.backend))
-    assert model.decode_graphs is None and "not graph-safe" in model.decode_graphs_reason
-    model.graph_mode = "on"
-    model.set_expert_backend(old.backend)  # a new DecodeGraphs, captured at the next decode step
-    assert model.decode_graphs is not old and not model.decode_graphs.captured
+    wrapped = WrappingBackend(old.backend)  # not graph-safe: its calls run between the segments of new graphs
+    model.set_expert_backend(wrapped)
+    dg = model.decode_graphs
+    assert dg is not old and dg.backend is wrapped and dg.split and not dg.captured
+    assert "experts eager between segments" in model.decode_graphs_reason
     s.feed([4])
-    assert model.decode_graphs.captured
+    assert dg.captured and dg.replays == 1
+    model.set_expert_backend(old.backend)  # a new DecodeGraphs, captured at the next decode step
+    assert model.decode_graphs is not old and model.decode_graphs is not dg and not model.decode_graphs.captured
+    assert not model.decode_graphs.split
+    s.feed([5])
+    assert model.decode_graphs.captured and dg.replays == 1

@@ -4,13 +4,13 @@ timeout or crash in a later step keeps what came before. `scripts/device-check.s
 and tested.
 
   python -m homerun.bench.device_check STEP --out FILE [--tiny]
-  STEP: env | kernels | equivalence | counts | vram | graphs | offload
+  STEP: env | kernels | equivalence | counts | vram | graphs | graphs_hybrid | offload
 
 Steps (13a): env (GPU, torch, triton); kernels (fp8_linear / fp4_moe_decode / fp4_grouped_gemm GB/s at V4-Flash
 shapes against a measured HBM copy); equivalence (a tiny model on the GPU path against the fp32 CPU reference);
 counts (ATen ops, Triton launches and host syncs per decode token); vram (peak allocated bytes against the plan's
 bytes for the device); graphs (decode replayed from CUDA graphs against the eager forward: bit-equal logits and
-step time). offload runs the offload side's measurements (issue 13b, homerun.bench.offload_check).
+step time); graphs_hybrid (the same with the routed experts behind a device cache, run eagerly between segments). offload runs the offload side's measurements (issue 13b, homerun.bench.offload_check).
 """
 
 from __future__ import annotations
@@ -273,6 +273,53 @@ def step_graphs(tiny: bool) -> dict:
                       (not tiny and model.decode_graphs is not None and model.decode_graphs.replays > 1) or None}}
 
 
+def step_graphs_hybrid(tiny: bool) -> dict:
+    """The tiny model with its routed experts in the host store behind an 8-slot device cache (the hybrid backend:
+    misses on the CPU), decoded from graphs with the routed calls eager between the segments against an eager
+    twin: per step bit-equal logits and the same cache traffic (both runs pin the miss split and never speculate, so
+    timings decide nothing), and the wall time per decode step both ways (median of the replayed steps)."""
+    import statistics
+
+    from homerun.engine.placement import single_device
+    from homerun.engine.runtime import load
+    from homerun.formats.loader import open_checkpoint
+    from homerun.models.deepseek_v4 import ModelArgs
+
+    path = _tiny_checkpoint()
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    sync = (lambda: None) if tiny else torch.cuda.synchronize
+    prompt, toks = list(range(1, 17)), [7, 7, 7, 300, 7, 7, 41] * (1 if tiny else 4)
+    runs = {}
+    for graphs in ("on", "off"):
+        pl = single_device(args.n_layers, "standin:0" if tiny else "cuda:0", gpu_path=tiny, experts="host",
+                           expert_cache_slots=8)
+        model = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs=graphs)
+        be = model.net.experts
+        be.miss_policy.mode, be.fused.policy.mode, be.cache.engine.max_in_flight = "cpu", "never", 1 << 10
+        s = model.session()
+        s.feed(prompt)
+        steps = []
+        for tok in toks:
+            sync()
+            t = time.perf_counter()
+            logits = s.feed([tok]).float().cpu()
+            c = be.stats().to_dict()["cache"]
+            steps.append((logits, (c["hits"], c["misses"], c["n_copies"]), time.perf_counter() - t))
+        runs[graphs] = (model, steps)
+    model, on = runs["on"]
+    off = runs["off"][1]
+    equal = [bool(torch.equal(a[0], b[0])) for a, b in zip(on, off)]
+    same_traffic = all(a[1] == b[1] for a, b in zip(on, off))
+    e, g = statistics.median(x[2] for x in off[1:]), statistics.median(x[2] for x in on[1:])
+    dg = model.decode_graphs
+    return {"graphs": model.decode_graphs_reason, "steps": len(equal), "bit_equal": all(equal),
+            "same_cache_traffic": same_traffic, "misses": on[-1][1][1], "eager_step_ms": e * 1e3,
+            "graphed_step_ms": g * 1e3, "speedup": e / g, "n_layers": args.n_layers,
+            "goals": {"hybrid graphed decode bit-equal to eager, same cache traffic": all(equal) and same_traffic,
+                      "hybrid decode under CUDA graphs, experts eager": (not tiny and dg is not None and dg.split
+                                                                        and dg.replays > 1) or None}}
+
+
 def step_offload(tiny: bool) -> dict:
     """Issue 13b, the offload side (homerun.bench.offload_check): the host arena's pinning, pinned H2D peak and the
     fraction streaming reaches, the fused decode hit path (launches, syncs, event waits, ms per layer) and streamed
@@ -285,7 +332,7 @@ def step_offload(tiny: bool) -> dict:
 
 STEPS: dict[str, Callable[[bool], dict]] = {"env": step_env, "kernels": step_kernels, "equivalence": step_equivalence,
                                             "counts": step_counts, "vram": step_vram, "graphs": step_graphs,
-                                            "offload": step_offload}
+                                            "graphs_hybrid": step_graphs_hybrid, "offload": step_offload}
 
 
 def run_step(name: str, out: Path, tiny: bool) -> dict:

@@ -113,8 +113,8 @@ def _feed_test(sess: Any, test: BenchTest, ids: list[int]) -> None:
 
 def time_test(model: Any, backend: Any, test: BenchTest, seed: int) -> Sample:
     """One repetition: fill the context to the test's depth (untimed), then time pp (one feed of n_prompt tokens)
-    or tg (n_gen feeds of one token each), through the model's own expert backend (no wrapper: a graph-safe one is
-    replayed from the decode graphs as in use). Expert bytes are left 0: `count_expert_loads` fills them."""
+    or tg (n_gen feeds of one token each), through the model's own expert backend (no wrapper: decode replays the
+    graphs captured for that backend, as in use). Expert bytes are left 0: `count_expert_loads` fills them."""
     sess, ids = _test_tokens(model, test, seed)
     h0, m0, b0 = cache_counters(backend)
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def time_test(model: Any, backend: Any, test: BenchTest, seed: int) -> Sample:
 def count_expert_loads(model: Any, backend: Any, bytes_per_expert: int, test: BenchTest, seed: int) -> int:
     """Unique experts summed over the layer calls of one repetition's timed part, from an untimed pass of the same
     tokens through a CountingBackend around `backend` (the same in every repetition). The timed passes carry no
-    wrapper: a wrapper is not graph-safe, so it would turn the decode graphs off, or be skipped by their replays."""
+    wrapper: the decode graphs serve only the backend they were captured for, so a wrapper runs decode eagerly."""
     counter = CountingBackend(backend, bytes_per_expert)
     with model.experts_wrapped(counter):
         sess, ids = _test_tokens(model, test, seed)

@@ -11,9 +11,18 @@ step runs as n_layers + 1 graph launches plus the cores' own launches.
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
   segment n      layer n-1's post-attention -> final hidden
 
-The token id and the position live in two static device tensors written before the replays; each core's output is
-copied into a static buffer the next segment reads. Captured once per model, at the first decode step that uses
-them; valid for every later position and session (the cores carry all per-sequence state).
+That layout holds the routed experts' launches too, so it needs an expert backend that declares itself graph-safe
+(all experts resident: offload.base.ExpertBackend.graph_safe). The hybrid backend (a device cache over the host
+store) reads each layer's routing on the host, serves misses on the CPU or streams them, so its call runs eagerly
+between two segments per layer, as the attention cores do (2 n_layers + 1 graph launches):
+
+  segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
+  (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
+  segment i.out  the shared expert's down projection + the routed sum -> layer i+1's pre-attention (or the hidden)
+
+The token id and the position live in two static device tensors written before the replays; each core's and each
+routed call's output is copied into a static buffer the next segment reads. Captured once per model, at the first
+decode step that uses them; valid for every later position and session (the cores carry all per-sequence state).
 
 `EmulatedGraphs` is the CPU stand-in with a CUDA graph's semantics: capture records every ATen op and Triton launch
 with the tensors it reads and writes, replay re-runs them on those same tensors, so whatever the captured code took
@@ -117,8 +126,8 @@ def _aten_step(func, args, kwargs, out) -> Callable[[], None]:
 
 
 class EmulatedGraphs:
-    """The CPU stand-in for CudaGraphs (see the module docstring). Capture runs the code once (its values are this
-    step's) while recording it."""
+    """The CPU stand-in for CudaGraphs (see the module docstring). Capture runs the code twice, as CudaGraphs does: a
+    warm-up, then once while recording it (its values are this step's)."""
 
     name = "emulated"
 
@@ -126,6 +135,7 @@ class EmulatedGraphs:
         from homerun.kernels.triton import load
 
         common = load().common if load() is not None else None
+        fn()  # the warm-up run CudaGraphs makes: a memo it fills must not leak into the recording unseen
         rec = _Recorder()
         old = common.LaunchCounter.recorder if common is not None else None
         if common is not None:
@@ -150,31 +160,54 @@ class EmulatedGraphs:
 
 def unsupported_reason(net) -> str | None:
     """Why `net`'s decode step can't be captured (None when it can): one device running every layer and the head
-    on the GPU kernel set, and an expert backend that declares itself graph-safe (offload.base.ExpertBackend)."""
+    on the GPU kernel set. Any expert backend qualifies: one that is not graph-safe runs between the segments."""
     dev = net.device
     if any((lay.device or dev) != dev for lay in net.layers) or (net.head_device or dev) != dev:
         return "the layers span several devices"
     if net.embed_flavor != "gpu" or net.head_flavor != "gpu" or any(lay.flavor != "gpu" for lay in net.layers):
         return "not every layer runs the GPU kernel set"
-    if not getattr(net.experts, "graph_safe", False):
-        return f"the expert backend ({type(net.experts).__name__}) is not graph-safe (it syncs or keeps host state)"
     return None
+
+
+def experts_between_segments(backend) -> bool:
+    """Whether decode graphs run `backend`'s routed-expert calls eagerly between segments (the split layout): every
+    backend that does not declare itself graph-safe (offload.base.ExpertBackend.graph_safe) may sync, read the
+    routing on the host, compute on the CPU or stream, so its calls cannot be replayed."""
+    return not backend.graph_safe
+
+
+def layout_reason(backend) -> str:
+    """How decode graphs run with `backend`, for the runner's reason string (`homerun bench`'s decode_runner)."""
+    return "experts eager between segments" if experts_between_segments(backend) else "experts in the segments"
 
 
 class DecodeGraphs:
     """The model's one-token forward as captured segments with eager attention cores between them (module
     docstring). `forward` has net.forward's contract for T == 1, except that the returned hidden is a static
-    buffer, valid until the next decode step."""
+    buffer, valid until the next decode step.
+
+    Two layouts, chosen by the expert backend (`experts_between_segments`): a graph-safe backend's routed call is
+    captured with the rest of the MoE site (n_layers + 1 segments); any other runs eagerly between two segments per
+    layer (2 n_layers + 1): segment "in" ends at the router's (ids, weights) and the experts' input, plus the next
+    layer's router guess when the backend prefetches speculatively; the routed call reads those static buffers and
+    its output is copied into one the segment "out" reads (the shared expert's down projection, the routed sum, the
+    next layer's pre-attention). The backend's token hooks (begin_token, the hash layers' prefetches, end_token and
+    its redo from a missed layer) run as in net.forward: a redo replays the segments from that layer, whose inputs
+    are still in their static buffers."""
 
     def __init__(self, net, graphs: CudaGraphs | EmulatedGraphs) -> None:
         reason = unsupported_reason(net)
         if reason is not None:
             raise ValueError(f"decode graphs unsupported: {reason}")
         self.net, self.graphs = net, graphs
-        self.backend = net.experts  # the expert backend whose launches the graphs hold
+        self.backend = net.experts  # the expert backend the graphs serve (whose launches they hold when graph-safe)
+        self.split = experts_between_segments(self.backend)
         self.k = kernels_for(net.device, net.compute_dtype, 1, net.embed_flavor)
         self.kl = for_act(self.k, net.experts.act)
-        self.segments: list[Any] = []
+        self.segments: dict[tuple, Any] = {}
+        self._outs: dict[tuple, Any] = {}  # each segment's outputs: static buffers the later segments read
+        self.core_out: list[torch.Tensor] = []
+        self.routed: list[torch.Tensor] = []  # split layout: each layer's routed sum, copied in after its call
         self.replays = 0  # decode steps served from the graphs (the capture step included)
 
     @property
@@ -182,61 +215,93 @@ class DecodeGraphs:
         return bool(self.segments)
 
     def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
+        net = self.net
         if not self.segments:
-            return self._capture(ids, start_pos, states)
-        net, kl = self.net, self.kl
-        self.ids_buf.copy_(ids.reshape(1), non_blocking=True)
-        self.pos_buf.fill_(start_pos)
-        self.graphs.replay(self.segments[0])
+            dev = net.device
+            self.ids_buf = ids.reshape(1).to(dev, torch.int64).clone()
+            self.pos_buf = torch.full((1,), start_pos, dtype=torch.int64, device=dev)
+        else:
+            self.ids_buf.copy_(ids.reshape(1), non_blocking=True)
+            self.pos_buf.fill_(start_pos)
+        if self.split:  # the token hooks, as net.forward calls them (a graph-safe backend's are no-ops)
+            self.backend.begin_token(1)
+            for layer in net.layers:
+                if layer.moe.tid2eid is not None:
+                    self.backend.prefetch_hash_layer(layer.index, layer.moe.tid2eid, self.ids_buf)
+        self._segment(("embed",), self._embed)
+        first, new_states = 0, []
+        while True:
+            new_states[first:] = self._layers(first, start_pos, states)
+            redo = self.backend.end_token() if self.split else None
+            if redo is None:
+                break
+            first = next(i for i, lay in enumerate(net.layers) if lay.index == redo)
+        self.replays += 1
+        return self._outs[("out", len(net.layers) - 1)], new_states
+
+    def _segment(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        """Capture `fn` as segment `key` at its first use (its outputs are this step's), replay it afterwards."""
+        seg = self.segments.get(key)
+        if seg is None:
+            seg, self._outs[key] = self.graphs.capture(fn)
+            self.segments[key] = seg
+        else:
+            self.graphs.replay(seg)
+        return self._outs[key]
+
+    def _embed(self):
+        net = self.net
+        # The RoPE tables of the position, computed here once per step: the model memoizes them per positions
+        # tensor, and a memo filled by a capture's warm-up run would be read, never recomputed, by the replays.
+        net.__dict__.pop("_rope_memo", None)
+        net._rope(net.freqs_main, self.pos_buf, self.kl)
+        net._rope(net.freqs_compress, self.pos_buf, self.kl)
+        x = net._embed(self.ids_buf)
+        return x, net._pre_attention(net.layers[0], x, self.pos_buf, self.kl)
+
+    def _layers(self, first: int, start_pos: int, states: Sequence[Any]) -> list:
+        """Layers first.. of the step: each core eagerly, then the layer's segments (and routed call)."""
+        net, kl, layers = self.net, self.kl, self.net.layers
         new_states = []
-        for i, layer in enumerate(net.layers):
-            out, st = net._attention_core(layer, self.pre[i], start_pos, states[i], kl)
-            self.core_out[i].copy_(out)
+        for i in range(first, len(layers)):
+            layer = layers[i]
+            x, pa = self._outs[("embed",) if i == 0 else ("out", i - 1)]
+            out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
             new_states.append(st)
-            self.graphs.replay(self.segments[i + 1])
-        self.replays += 1
-        return self.hidden, new_states
-
-    def _capture(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
-        net, k, kl, g = self.net, self.k, self.kl, self.graphs
-        dev = net.device
-        self.ids_buf = ids.reshape(1).to(dev, torch.int64).clone()
-        self.pos_buf = torch.full((1,), start_pos, dtype=torch.int64, device=dev)
-        layers = net.layers
-        first = layers[0]
-
-        def seg0():
-            x = net._embed(self.ids_buf)
-            return x, net._pre_attention(first, x, self.pos_buf, kl)
-
-        seg, (x, pa) = g.capture(seg0)
-        segments, xs, pres, outs, new_states = [seg], [x], [pa], [], []
-        hidden = None
-        for i, layer in enumerate(layers):
-            out, st = net._attention_core(layer, pres[i], start_pos, states[i], kl)
-            buf = out.clone()  # the static buffer this layer's core writes into at every later step
-            outs.append(buf)
-            new_states.append(st)
-            if i + 1 < len(layers):
-                nxt = layers[i + 1]
-
-                def mid(layer=layer, i=i, buf=buf, nxt=nxt):
-                    y = net._post_attention(layer, xs[i], pres[i], buf, self.ids_buf, kl)
-                    return y, net._pre_attention(nxt, y, self.pos_buf, kl)
-
-                seg, (x, pa) = g.capture(mid)
-                xs.append(x)
-                pres.append(pa)
+            if i == len(self.core_out):
+                self.core_out.append(out.clone())  # the static buffer this layer's core writes into at every step
             else:
-                def last(layer=layer, i=i, buf=buf):
-                    return net._final(net._post_attention(layer, xs[i], pres[i], buf, self.ids_buf, kl), k)
+                self.core_out[i].copy_(out)
+            buf = self.core_out[i]
+            if not self.split:
+                self._segment(("out", i), lambda: self._after(i, net._post_attention(layer, x, pa, buf, self.ids_buf,
+                                                                                     kl)))
+                continue
+            mi, guess = self._segment(("in", i), lambda: self._moe_in(i, x, pa, buf))
+            if guess is not None and self.backend.wants_speculation:
+                self.backend.prefetch_speculative(layer.index + 1, guess)
+            routed = self.backend.forward(layer.index, mi.h, mi.idx, mi.w)
+            if i == len(self.routed):
+                self.routed.append(routed.clone())
+            else:
+                self.routed[i].copy_(routed)
+            res = self.routed[i]
+            self._segment(("out", i), lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
+        return new_states
 
-                seg, hidden = g.capture(last)
-            segments.append(seg)
-        self.segments, self.pre, self.core_out, self.hidden = segments, pres, outs, hidden
-        self._xs = xs  # the segments read them: they live as long as the graphs
-        self.replays += 1
-        return hidden, new_states
+    def _moe_in(self, i: int, x, pa, core_out):
+        net, layer = self.net, self.net.layers[i]
+        mi = net._moe_in(layer, net._attn_out(layer, x, pa, core_out, self.kl), self.ids_buf, self.kl)
+        # The guess costs a router pass per layer; it is made whether or not this step prefetches, since a backend's
+        # wish to (wants_speculation) changes from token to token.
+        return mi, net._next_layer_guess(layer, mi.h, self.ids_buf)
+
+    def _after(self, i: int, y: torch.Tensor):
+        """Layer i's output streams y -> the next layer's (streams, pre-attention), or the final hidden."""
+        net = self.net
+        if i + 1 < len(net.layers):
+            return y, net._pre_attention(net.layers[i + 1], y, self.pos_buf, self.kl)
+        return net._final(y, self.k)
 
 
 def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:
@@ -249,8 +314,9 @@ def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:
     reason = unsupported_reason(net)
     if reason is not None:
         return None, reason
+    layout = layout_reason(net.experts)
     if net.device.type == "cuda":
-        return DecodeGraphs(net, CudaGraphs(net.device)), "captured: CUDA graphs"
+        return DecodeGraphs(net, CudaGraphs(net.device)), f"captured: CUDA graphs, {layout}"
     if mode == "on":
-        return DecodeGraphs(net, EmulatedGraphs()), "captured: emulated graphs (a CUDA stand-in)"
+        return DecodeGraphs(net, EmulatedGraphs()), f"captured: emulated graphs (a CUDA stand-in), {layout}"
     return None, "a CUDA stand-in (graphs emulated only when asked for)"

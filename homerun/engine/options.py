@@ -85,7 +85,8 @@ class ComputeOptions:
     upcast_bf16: with fp32 compute, hold BF16-stored matrices in fp32 where no native bf16 kernel runs them.
     max_chunk_tokens: prefill chunk (default 2048 where a GPU or CUDA stand-in runs the layers, else 512).
     cuda_graphs: one-token decode replayed from captured graphs (homerun.engine.graphs): "auto" (on a CUDA device
-    when the model runs there whole with a graph-safe expert backend), "on" (also emulated on CUDA stand-ins), "off"."""
+    when the model runs there whole; an expert backend that is not graph-safe, the hybrid cache, runs eagerly between
+    the segments), "on" (also emulated on CUDA stand-ins), "off"."""
 
     dtype: str = "float32"
     weights_dtype: str = "fp8"

@@ -27,7 +27,8 @@ from homerun.models.deepseek_v4.ops import (  # noqa: F401 - the architecture's 
     apply_rope, inv_freq, norm_rope, rms_norm, rope_cos_sin)
 from homerun.models.deepseek_v4.state import (  # noqa: F401 - the architecture's names, as before the split
     CompressorState, LayerState, RowStore)
-from homerun.models.deepseek_v4.model import (  # noqa: F401 - the architecture's names, as before the split
-    DeepseekV4, _Attention, _Compressor, _HC, _Indexer, _Layer, _MoE)
+from homerun.models.deepseek_v4.parts import (  # noqa: F401 - the architecture's names, as before the split
+    _Attention, _Compressor, _HC, _Indexer, _Layer, _MoE)
+from homerun.models.deepseek_v4.model import DeepseekV4  # noqa: F401 - the architecture's names, as before the split
 from homerun.models.deepseek_v4.build import (  # noqa: F401 - the architecture's names, as before the split
     build_model)

@@ -9,15 +9,8 @@ import torch
 
 from homerun.errors import ConfigError
 from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA, ModelArgs
-from homerun.models.deepseek_v4.model import (
-    _HC,
-    DeepseekV4,
-    _Attention,
-    _Compressor,
-    _Indexer,
-    _Layer,
-    _MoE,
-)
+from homerun.models.deepseek_v4.model import DeepseekV4
+from homerun.models.deepseek_v4.parts import _HC, _Attention, _Compressor, _Indexer, _Layer, _MoE
 from homerun.models.layers import (
     QLinear,
     native_bf16,

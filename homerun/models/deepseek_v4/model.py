@@ -4,7 +4,7 @@ the HC head and logits. See the package docstring for the deviations from the of
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,102 +20,11 @@ from homerun.models.deepseek_v4.config import (
 from homerun.kernels.dispatch import TORCH, TorchKernels, for_act, kernels_for
 from homerun.models.deepseek_v4.ops import inv_freq
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
+from homerun.models.deepseek_v4.parts import _HC, _Attention, _Compressor, _Indexer, _Layer, _MoE, _MoEIn, _PreAttn
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
-from homerun.models.layers import Projections, QLinear
+from homerun.models.layers import QLinear
 
 # ----------------------------------------------------------------------------------------------------- model
-
-
-@dataclass
-class _Compressor:
-    wkv: QLinear
-    wgate: QLinear
-    ape: torch.Tensor  # [rate, width] fp32
-    norm: torch.Tensor  # [head_dim] fp32
-    rate: int
-    head_dim: int
-    overlap: bool  # CSA: two series (Ca of the previous window + Cb of this one)
-
-
-@dataclass
-class _Indexer:
-    wq_b: QLinear
-    weights_proj: QLinear
-    comp: _Compressor
-
-
-@dataclass
-class _Attention:
-    wq_a: QLinear
-    q_norm: torch.Tensor
-    wq_b: QLinear
-    wkv: QLinear
-    kv_norm: torch.Tensor
-    wo_a: QLinear
-    wo_b: QLinear
-    sink: torch.Tensor  # [H] fp32
-    comp: _Compressor | None = None
-    indexer: _Indexer | None = None
-    # Every projection of the attention input, in this order: wq_a, wkv, [comp wkv, wgate], [indexer's comp wkv,
-    # wgate, weights_proj]; one native call per decode step.
-    inputs: Projections = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        lins = [self.wq_a, self.wkv]
-        if self.comp is not None:
-            lins += [self.comp.wkv, self.comp.wgate]
-        if self.indexer is not None:
-            lins += [self.indexer.comp.wkv, self.indexer.comp.wgate, self.indexer.weights_proj]
-        self.inputs = Projections(lins)
-
-
-@dataclass
-class _MoE:
-    gate: QLinear
-    bias: torch.Tensor | None  # [E] fp32 (top-k layers)
-    tid2eid: torch.Tensor | None  # [V, k] int64 (hash layers)
-    shared_w1: QLinear
-    shared_w3: QLinear
-    shared_w2: QLinear
-    inputs: Projections = field(init=False, repr=False)  # gate, shared_w1, shared_w3 of the MoE input
-
-    def __post_init__(self) -> None:
-        self.inputs = Projections([self.gate, self.shared_w1, self.shared_w3])
-
-
-@dataclass
-class _HC:
-    fn: torch.Tensor  # [(2+n)n, n*D] fp32
-    base: torch.Tensor
-    scale: torch.Tensor
-
-
-@dataclass
-class _Layer:
-    index: int
-    kind: str
-    attn_norm: torch.Tensor
-    ffn_norm: torch.Tensor
-    hc_attn: _HC
-    hc_ffn: _HC
-    attn: _Attention
-    moe: _MoE
-    device: torch.device | None = None  # where its weights and KV state live (None: the model's device)
-    flavor: str = "auto"  # its device's kernel flavor (homerun.kernels.dispatch.FLAVORS; "gpu" on a CUDA stand-in)
-
-
-@dataclass
-class _PreAttn:
-    """A layer's tensors from before its attention core (see DeepseekV4._pre_attention)."""
-
-    post: torch.Tensor  # the attention site's mHC output weights [T, n]
-    comb: torch.Tensor  # and stream mixing [T, n, n]
-    proj: list[torch.Tensor]  # wq_a, wkv, [compressor wkv, wgate], [indexer's compressor wkv, wgate, weights_proj]
-    qr: torch.Tensor  # the normed query latent [T, Lq]
-    q: torch.Tensor  # [T, H, Dh], RoPE'd
-    kv: torch.Tensor  # this step's window rows [T, Dh], RoPE'd
-    cos: torch.Tensor
-    sin: torch.Tensor
 
 
 @dataclass
@@ -253,13 +162,6 @@ class DeepseekV4:
         a = self.args
         return k.hc_weights(x, hc.fn, hc.scale, hc.base, a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
 
-    def _hc_site(self, hc: _HC, x: torch.Tensor, norm_w: torch.Tensor, sub: Callable[[torch.Tensor], torch.Tensor],
-                 k: TorchKernels):
-        """Collapse the streams, run the sublayer on the normalized mix, and write its output back into them."""
-        pre, post, comb = self._hc_weights(hc, x, k)
-        y = sub(k.hc_pre_norm(pre, x, norm_w, self.args.norm_eps))
-        return k.hc_post(post, y, comb, x)
-
     def _hc_head(self, x: torch.Tensor, k: TorchKernels) -> torch.Tensor:
         a = self.args
         pre, _, _ = k.hc_weights(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.norm_eps, a.hc_eps,
@@ -370,14 +272,24 @@ class DeepseekV4:
 
     def _post_attention(self, layer: _Layer, x: torch.Tensor, pa: _PreAttn, out: torch.Tensor, ids: torch.Tensor,
                         k: TorchKernels) -> torch.Tensor:
-        """The attention output's inverse RoPE and output projections, written back into the streams x; then the
-        MoE site. -> the layer's output streams."""
+        """The attention output written back into the streams x, then the MoE site. -> the layer's output streams.
+        The MoE site is three parts (`_moe_in`, the expert backend's routed call, `_moe_out`) so that decode graphs
+        can replay the two outer ones around an eager routed call (homerun.engine.graphs)."""
+        mi = self._moe_in(layer, self._attn_out(layer, x, pa, out, k), ids, k)
+        if self.experts.wants_speculation:
+            guess = self._next_layer_guess(layer, mi.h, ids)
+            if guess is not None:
+                self.experts.prefetch_speculative(layer.index + 1, guess)
+        return self._moe_out(layer, mi, self.experts.forward(layer.index, mi.h, mi.idx, mi.w), k)
+
+    def _attn_out(self, layer: _Layer, x: torch.Tensor, pa: _PreAttn, out: torch.Tensor,
+                  k: TorchKernels) -> torch.Tensor:
+        """The attention output's inverse RoPE and output projections, written back into the streams x."""
         a, at = self.args, layer.attn
         T = out.shape[0]
         out = k.norm_rope(out, None, 0.0, pa.cos, pa.sin, norm=False, inverse=True)
         z = k.grouped(at.wo_a, out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
-        x = k.hc_post(pa.post, k.linear(at.wo_b, z), pa.comb, x)
-        return self._hc_site(layer.hc_ffn, x, layer.ffn_norm, lambda h: self._moe(layer, h, ids, k), k)
+        return k.hc_post(pa.post, k.linear(at.wo_b, z), pa.comb, x)
 
     def _attend(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k: TorchKernels) -> torch.Tensor:
         """iw: the indexer's weights_proj(x) [T, Hi] (CSA layers); rope: this step's (cos, sin), which in a CSA
@@ -500,19 +412,29 @@ class DeepseekV4:
         logits = m.gate(x) if logits is None else logits  # (T, E)
         return k.route(logits, m.bias, m.tid2eid, ids, a.score_func, a.n_activated_experts, a.route_scale)
 
-    def _moe(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor, k: TorchKernels) -> torch.Tensor:
+    def _moe_in(self, layer: _Layer, x: torch.Tensor, ids: torch.Tensor, k: TorchKernels) -> _MoEIn:
+        """The MoE site up to the routed experts: the mHC weights of the streams x, their normalized mix h, the
+        router's choice and the shared expert's input projections."""
         a, m = self.args, layer.moe
-        gate_logits, g, u = k.project(m.inputs.lins, x, m.inputs)  # router, shared w1, shared w3
-        idx, w = self.route(layer, x, ids, gate_logits, k)
+        pre, post, comb = self._hc_weights(layer.hc_ffn, x, k)
+        h = k.hc_pre_norm(pre, x, layer.ffn_norm, a.norm_eps)
+        gate_logits, g, u = k.project(m.inputs.lins, h, m.inputs)  # router, shared w1, shared w3
+        idx, w = self.route(layer, h, ids, gate_logits, k)
+        return _MoEIn(x, post, comb, h, idx, w, g, u)
+
+    def _next_layer_guess(self, layer: _Layer, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The next layer's experts guessed by its router on this layer's MoE input h (so fetching them overlaps
+        this layer's experts); None after the last layer and before a hash layer (known from the ids already)."""
         nxt = layer.index + 1
-        if self.experts.wants_speculation and nxt < len(self.layers) and self.layers[nxt].moe.tid2eid is None:
-            # Guess the next layer's experts (its router on this layer's MoE input), so fetching them overlaps
-            # this layer's experts.
-            ln = self.layers[nxt]
-            guess, _ = self.route(ln, x.to(ln.device or self.device), ids)
-            self.experts.prefetch_speculative(nxt, guess)
-        routed = self.experts.forward(layer.index, x, idx, w)
-        return k.swiglu_down(m.shared_w2, g, u, a.swiglu_limit, routed.to(x.dtype))
+        if nxt >= len(self.layers) or self.layers[nxt].moe.tid2eid is not None:
+            return None
+        ln = self.layers[nxt]
+        return self.route(ln, h.to(ln.device or self.device), ids)[0]
+
+    def _moe_out(self, layer: _Layer, mi: _MoEIn, routed: torch.Tensor, k: TorchKernels) -> torch.Tensor:
+        """The shared expert's down projection plus the routed experts' sum, written back into the streams."""
+        y = k.swiglu_down(layer.moe.shared_w2, mi.g, mi.u, self.args.swiglu_limit, routed.to(mi.h.dtype))
+        return k.hc_post(mi.post, y, mi.comb, mi.x)
 
     # ---------------------------------------------------------------------------------------------- stats
 
