@@ -206,3 +206,28 @@ def test_fp4_int8_exponent_spans_at_the_shift_limit(path, t):
     assert torch.isfinite(y).all()
     assert rel_err(y, emu) <= EMU_RTOL
     assert float(((y - emu).abs() / emu.abs().clamp_min(1e-30)).max()) <= 1e-5  # per output, not just overall
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("t", [4, 9])
+def test_fp4_int8_vnni_shift_rows_at_the_span_limit(path, t):
+    # The AVX512-VNNI batch rows shift each block's exact int32 dot left by e - e_min of its row when the row's
+    # exponents span <= 15 (|dot| <= 48768 = 32 * 12 * 127, and 48768 << 15 < 2^31), else multiply by float scales;
+    # a 4-row tile with any span-16 row runs all four on float scales. Every weight is +6 and token 0 is all +1, so
+    # every block dot is the largest one: a shift of 16 overflows int32. Rows 0-3: span 15 (a shift tile); rows 4-7:
+    # spans 16, 15, 15, 15 (a mixed tile); row 8 alone: span 16.
+    n, k = 9, 1024
+    codes = torch.full((n, k // 2), 0x77, dtype=torch.uint8).view(torch.int8)
+    scale = torch.full((n, k // 32), 110, dtype=torch.uint8)
+    for row, (lo, hi) in enumerate([(3, 17), (7, 0), (31, 12), (0, 31)] + [(5, 20)] + [(9, 2)] * 3 + [(30, 0)]):
+        span = 16 if row in (4, 8) else 15
+        scale[row, lo], scale[row, hi] = 110 - span // 2, 110 - span // 2 + span
+    scale = scale.view(torch.float8_e8m0fnu)
+    g = torch.Generator().manual_seed(t)
+    x = torch.where(torch.rand(t, k, generator=g) < 0.5, -1.0, 1.0) * (1 + torch.arange(t).unsqueeze(1))
+    x[0] = 1.0
+    x[-1] = torch.randn(k, generator=g)
+    y = ce.fp4_linear(x, codes, scale, path=path, act="int8")
+    emu = emulate(x, codes, scale)
+    assert torch.isfinite(y).all() and (y[0] > 0).all()
+    assert float(((y - emu).abs() / emu.abs().clamp_min(1e-30)).max()) <= 1e-5

@@ -81,7 +81,7 @@
 #include "hr_rows_avx512.inc"
 #endif /* HR_X86 */
 #include "hr_int8.inc"
-#include "hr_int8_batch.inc" /* the 2-row x 4-token int8 batch tile (prefill experts) */
+#include "hr_int8_batch.inc" /* the int8 batch kernels (prefill experts): predecoded rows, 4-row x 3-token tiles */
 #include "hr_dispatch.inc"
 #include "hr_gemm.inc"
 #include "hr_moe.inc"
