@@ -201,3 +201,49 @@ def test_exact_prefill_linear_equals_the_torch_path(row_block, monkeypatch):
         real = cp.fp8_linear
         monkeypatch.setattr(cp, "fp8_linear", lambda *a: calls.append(1) or real(*a))
         assert torch.equal(k.linear(lin, x), want) and calls
+
+
+@needs_native
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+def test_fp8_to_bf16_every_path_equals_the_table_on_every_byte(path):
+    """Each native path (the AVX-512 one: four two-register permutes and two blends per 32 weights) gives the same
+    bits as the scalar table for all 256 e4m3 codes (zeros, subnormals, NaNs included) under varied block scales,
+    over full 32-wide chunks and a 40-column tail block, into a fresh block or a reused one."""
+    from homerun.kernels.cpu_experts import available_paths
+
+    if path not in available_paths():
+        pytest.skip(f"{path} is not supported here")
+    n, k = 256, 296
+    g = torch.Generator().manual_seed(3)
+    codes = (torch.randperm(n * k, generator=g) % 256).to(torch.uint8).view(n, k)
+    s = torch.randint(100, 150, (2, 3), generator=g, dtype=torch.uint8)
+    s[0, 0], s[1, 2] = 0, 254  # the smallest and largest finite scales
+    w = codes.view(torch.float8_e4m3fn)
+    want = cpu_gemm.fp8_to_bf16(w, s, path="portable")
+    got = cpu_gemm.fp8_to_bf16(w, s, path=path)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    # within the exact range (no fp32 subnormal or overflow products) the table is the fp32 dequantization
+    s_mid = s.clamp(100, 150)
+    finite = ~torch.isnan(w.float())
+    ref = QLinear(w, s_mid.view(torch.float8_e8m0fnu)).dequant(torch.float32)
+    assert torch.equal(cpu_gemm.fp8_to_bf16(w, s_mid, path=path).float()[finite], ref[finite])
+    out = torch.full((128, k), 7.0, dtype=torch.bfloat16)
+    again = cpu_gemm.fp8_to_bf16(w, s, (64, 192), out=out, path=path)
+    assert again.data_ptr() == out.data_ptr() and torch.equal(out.view(torch.int16), want[64:192].view(torch.int16))
+    with pytest.raises(Exception, match="out is"):
+        cpu_gemm.fp8_to_bf16(w, s, (0, 64), out=out, path=path)
+
+
+@needs_native
+def test_prefill_linear_reuses_one_scratch_block_and_stays_exact():
+    """prefill_linear converts into this thread's reused block (no fresh pages per call), and a second weight's
+    conversion into the same block does not disturb the first call's result."""
+    a, b = _fp8(384, 256, seed=4), _fp8(384, 256, seed=5)
+    x = torch.randn(40, 256)
+    ya = cpu_gemm.prefill_linear(a.weight, a.scale, x)
+    ptr = cpu_gemm._scratch.buf.data_ptr()
+    yb = cpu_gemm.prefill_linear(b.weight, b.scale, x)
+    assert cpu_gemm._scratch.buf.data_ptr() == ptr
+    want_a = torch.nn.functional.linear(x.bfloat16(), a.dequant(torch.float32).bfloat16()).float()
+    want_b = torch.nn.functional.linear(x.bfloat16(), b.dequant(torch.float32).bfloat16()).float()
+    assert torch.equal(ya, want_a) and torch.equal(yb, want_b)

@@ -45,7 +45,7 @@ _FMT_CODE = {"fp4": 0, "fp8": 1}
 ACTS = ("fp32", "bf16", "int8")
 _ACT_FLAG = {"fp32": 0, "bf16": 0x100, "int8": 0x200}
 _INT8_IMPL = {1: "portable", 2: "avx2", 3: "avx512-vnni"}  # hr_int8_impl codes
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _ERRORS = {
     -1: "the requested kernel path is not supported by this CPU",
     -2: "bad shape (FP4 input width must be a multiple of 32)",

@@ -5,9 +5,11 @@ accumulation inside the GEMM; and the measured peaks of the units a prefill uses
 Why bf16 and not int8 for these matrices: an e4m3 weight times a power-of-two scale is exactly a bf16 number, so the
 bf16 GEMM keeps the weights exact and rounds only the activations (and the output) to bf16 (relative error ~3e-3 per
 linear, bound 1e-2); int8 would also round the weights (e4m3 has a 4-bit significand over a 2^8 range per block).
-The FP8 -> bf16 conversion runs natively (`hr_fp8_to_bf16`, a table lookup per byte on every thread) in row blocks of
-at most `BLOCK_ELEMS` elements, so no resident bf16 copy exists and the transient stays bounded; at prefill sizes it
-costs well under 5% of the GEMM (one conversion per weight element against 2 x rows flops).
+The FP8 -> bf16 conversion runs natively (`hr_fp8_to_bf16`: a 256-entry table per 128x128 block, looked up with
+AVX-512 permutes where present, on every thread) in row blocks of at most `BLOCK_ELEMS` elements into one reused
+per-thread scratch block, so no resident bf16 copy exists, the transient stays bounded, and no call pays fresh page
+faults (a new 32 MiB block cost about as much as the conversion itself). At 512 rows the scalar lookup and the page
+faults had taken about as long as the GEMM; now the conversion is a small fraction of it.
 
 `prefill_linear(w, scale, x)`: y = x W^T in fp32 out; `prefill_grouped(w, scale, x, groups)`: the block-diagonal
 projection (V4's wo_a). Without the native library the conversion falls back to torch (same bytes, slower).
@@ -17,6 +19,7 @@ Not here: which kernel a forward uses (homerun.kernels.dispatch), decode-sized r
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +44,7 @@ def _lib() -> ctypes.CDLL | None:
         _bound = False
         if lib is not None and hasattr(lib, "hr_fp8_to_bf16"):
             p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.hr_fp8_to_bf16.argtypes = [p, p, i64, i64, i64, i64, p]
+            lib.hr_fp8_to_bf16.argtypes = [ctypes.c_int, p, p, i64, i64, i64, i64, p]
             lib.hr_fp8_to_bf16.restype = ctypes.c_int
             lib.hr_unit_peak.argtypes = [ctypes.c_int, i64]
             lib.hr_unit_peak.restype = ctypes.c_double
@@ -53,9 +56,11 @@ def available() -> bool:
     return _lib() is not None
 
 
-def fp8_to_bf16(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def fp8_to_bf16(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int] | None = None, *,
+                out: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
     """Rows [r0, r1) of an FP8 weight [N, K] with ue8m0 128x128 scales -> bf16 [r1 - r0, K], exactly the fp32
-    dequantization rounded to bf16 (which is exact for e4m3 x 2^e)."""
+    dequantization rounded to bf16 (which is exact for e4m3 x 2^e). out: a contiguous bf16 [r1 - r0, K] to write
+    (a reused scratch); path: the native code path ("auto", "portable", "avx2", "avx512"; tests pin each)."""
     n, k = w.shape
     r0, r1 = rows if rows is not None else (0, n)
     lib = _lib()
@@ -65,11 +70,30 @@ def fp8_to_bf16(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int] | No
         return full[r0 - s0 * FP8_BLOCK : r1 - s0 * FP8_BLOCK]
     wb = w.contiguous().view(torch.uint8)
     sb = scale.contiguous().view(torch.uint8)
-    out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
-    rc = lib.hr_fp8_to_bf16(wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr())
+    if out is None:
+        out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
+    elif out.shape != (r1 - r0, k) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise KernelError(f"fp8_to_bf16: out is {out.dtype} {tuple(out.shape)}, need contiguous bf16 {(r1 - r0, k)}",
+                          hint="pass a contiguous bf16 block of the rows asked for")
+    rc = lib.hr_fp8_to_bf16(_PATHS[path], wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr())
     if rc != 0:
-        raise KernelError(f"native FP8 -> bf16 conversion failed with code {rc}", hint="check the weight's shape")
+        raise KernelError(f"native FP8 -> bf16 conversion failed with code {rc} on path {path}",
+                          hint="check the weight's shape, or use path auto")
     return out
+
+
+_PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+_scratch = threading.local()
+
+
+def _scratch_block(rows: int, k: int) -> torch.Tensor:
+    """This thread's reused bf16 block for `rows` x k converted weights (grown to the largest asked for, at most
+    BLOCK_ELEMS elements by the row-block rule): the pages stay mapped between calls."""
+    buf = getattr(_scratch, "buf", None)
+    need = rows * k
+    if buf is None or buf.numel() < need:
+        buf = _scratch.buf = torch.empty(need, dtype=torch.bfloat16)
+    return buf[:need].view(rows, k)
 
 
 def _row_block(n: int, k: int) -> int:
@@ -84,15 +108,22 @@ def prefill_linear(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor)
         if w.dtype != torch.bfloat16:
             raise KernelError(f"prefill_linear takes FP8 or bf16 weights, got {w.dtype}", hint="keep fp32 in fp32")
         return F.linear(xb, w).float()
-    n, k = w.shape
-    rb = _row_block(n, k)
+    n, _ = w.shape
+    rb = _row_block(*w.shape)
     if rb >= n:
-        return F.linear(xb, fp8_to_bf16(w, scale)).float()
+        return F.linear(xb, _bf16_rows(w, scale, 0, n)).float()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32, device=x.device)
     for r0 in range(0, n, rb):
         r1 = min(r0 + rb, n)
-        y[..., r0:r1] = F.linear(xb, fp8_to_bf16(w, scale, (r0, r1)))
+        y[..., r0:r1] = F.linear(xb, _bf16_rows(w, scale, r0, r1))
     return y
+
+
+def _bf16_rows(w: torch.Tensor, scale: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of an FP8 weight in bf16, in this thread's scratch block when the native library converts them
+    (valid until the next conversion on this thread)."""
+    native = w.device.type == "cpu" and _lib() is not None
+    return fp8_to_bf16(w, scale, (r0, r1), out=_scratch_block(r1 - r0, w.shape[1]) if native else None)
 
 
 def prefill_grouped(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -102,7 +133,7 @@ def prefill_grouped(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor
     y = torch.empty(x.shape[0], groups, per, dtype=torch.float32, device=x.device)
     xb = x.to(torch.bfloat16)
     for g in range(groups):
-        wg = w[g * per : (g + 1) * per] if scale is None else fp8_to_bf16(w, scale, (g * per, (g + 1) * per))
+        wg = w[g * per : (g + 1) * per] if scale is None else _bf16_rows(w, scale, g * per, (g + 1) * per)
         y[:, g] = F.linear(xb[:, g], wg)
     return y
 

@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define HR_ABI_VERSION 4
+#define HR_ABI_VERSION 5
 
 /* Code paths; HR_PATH_AUTO picks the best one this CPU supports. */
 #define HR_PATH_AUTO 0
@@ -137,8 +137,9 @@ int hr_norm_rope_pool(int path, const float *x, float *y, int64_t t, int64_t per
                       float eps, int norm, const float *cosv, const float *sinv, int64_t rope_dim, int inverse);
 
 /* Prefill (hr_prefill.inc): rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> bf16 out
- * [r1 - r0, K], exactly (e4m3 x 2^e fits bf16). */
-int hr_fp8_to_bf16(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, uint16_t *out);
+ * [r1 - r0, K], exactly (e4m3 x 2^e fits bf16); path: HR_PATH_* (AUTO: the best here; AVX512: vector lookups). */
+int hr_fp8_to_bf16(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1,
+                   uint16_t *out);
 /* The same rows -> fp32 out [r1 - r0, K]: the fp32 dequantization, bit for bit (the exact prefill GEMM's weights). */
 int hr_fp8_to_f32(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, float *out);
 /* Measured peak of one unit over every pool thread, in operations per second (a multiply-add counts 2): kind
