@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--repeat", type=int, default=2, help="prefills (the last one is reported)")
     ap.add_argument("--expert-act", default="auto", help="expert activations: auto, int8, bf16, fp32")
+    ap.add_argument("--chunk", type=int, help="prefill chunk tokens (default: the model's, 512 on a CPU)")
     ap.add_argument("--json", action="store_true", help="print the JSON document only")
     ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding", "indexer"),
                     help="time one real-shaped attention core instead (no checkpoint)")
@@ -85,6 +86,8 @@ def main() -> int:
 
     target, _, _ = open_target(a.checkpoint, kind="native", dtype="float32", device="cpu", act=a.expert_act)
     model = target.model
+    if a.chunk:
+        model.max_chunk_tokens = a.chunk
     net = model.net
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(256, net.args.vocab_size, (a.prompt,), generator=g).tolist()
