@@ -4,7 +4,14 @@ the reused scratch block), over V4-Flash's dense shapes at 512 rows, alternated 
 
     python benchmarks/fp8_convert_ab.py 1     # kernel + torch threads (default 2)
 """
+
+import statistics
+import sys
+import time
+
+import torch
 import torch.nn.functional as F
+
 from homerun.kernels import cpu_gemm
 from homerun.kernels.cpu_experts import _native as lib
 th = int(sys.argv[1]) if len(sys.argv) > 1 else 2
