@@ -198,6 +198,9 @@ class FusedDecode:
         rewrite its buffer), issued after that call's wait. Returns [] (the ids are not on the host yet)."""
         if not self.defer_guesses:
             return self.b.prefetcher.speculate(layer, expert_ids)
+        if self._guess is not None:  # one no call read (behind a LayerSplitBackend): issued now, a wait of its own
+            self._wait()
+            self._issue(self._guess)
         self._guess = (layer, self._to_host("guess", expert_ids.to(self.b.device)))
         return []
 

@@ -153,17 +153,21 @@ def test_the_backend_copies_the_guess_it_is_given(ckpt):
 
 def test_a_guess_for_the_layer_about_to_run_is_issued_before_it(ckpt):
     """Behind a LayerSplitBackend the guess for layer l + 1 reaches the backend of l + 1 while layer l runs on
-    another: its next call is layer l + 1 itself, so the guess is issued before that layer's miss mask (one wait of
-    its own), as the reference path issued it, and the layer hits what it guessed."""
+    another: its next call is the guess for layer l + 2 or layer l + 1 itself, so the guess is issued before that
+    layer's miss mask (one wait of its own), as the reference path issued it, and the layer hits what it guessed."""
     model, be, args = _model(ckpt, graphs="off", deferred=True)
     k = args.n_activated_experts
-    be.begin_token(1)
-    ids = torch.tensor([[3, 4][:k]], dtype=torch.int64)
-    be.prefetch_speculative(1, ids.clone())
-    before = be.cache.stats().to_dict()
-    waits0 = be.fused.n_event_waits
-    be.forward(1, torch.randn(1, args.dim, dtype=torch.bfloat16), ids, torch.full((1, k), 0.5, dtype=torch.float32))
-    after = be.cache.stats().to_dict()
-    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (k, 0)
-    assert be.fused.n_event_waits - waits0 == 2
-    be.end_token()
+    for experts, then_guess_next in (([3, 4], False), ([1, 2], True)):  # neither pair is resident before its guess
+        ids = torch.tensor([experts[:k]], dtype=torch.int64)
+        be.begin_token(1)
+        before, waits0 = be.cache.stats().to_dict(), be.fused.n_event_waits
+        be.prefetch_speculative(1, ids.clone())
+        if then_guess_next:  # the next guess arrives first: the pending one is issued at once
+            be.prefetch_speculative(2, torch.tensor([[6, 7][:k]], dtype=torch.int64))
+        x = torch.randn(1, args.dim, dtype=torch.bfloat16)
+        be.forward(1, x, ids, torch.full((1, k), 0.5, dtype=torch.float32))
+        after = be.cache.stats().to_dict()
+        assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (k, 0), experts
+        assert be.fused.n_event_waits - waits0 == 2  # the guess's own wait, then the layer's
+        assert be.prefetcher._pending.get(2) == (("speculative", {6, 7}) if then_guess_next else None)
+        be.end_token()
