@@ -83,7 +83,8 @@ class ExpertBackend:
         raise NotImplementedError
 
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
-        """A hash layer's experts are known from the token ids before any layer runs; returns those prefetched."""
+        """A hash layer's experts are known from the token ids (as the forward got them: host or device) before any
+        layer runs; returns those prefetched."""
         return []
 
     def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:

@@ -81,11 +81,9 @@ class CachedExpertBackend(ExpertBackend):
         self.pipeline_depth = max(1, pipeline_depth)
         self.prefetcher = Prefetcher(cache)
         self._cpu_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="homerun-cpu-experts")
-        self._cpu_experts = 0
-        self._cpu_s = 0.0
+        self._cpu_experts, self._cpu_s = 0, 0.0
         self._link_seen = (0, 0.0)
-        self.fused = None  # offload.gpu_decode.FusedDecode on GPU-flavored devices
-        self.prefill = None  # offload.prefill_stream.PrefillStreamer, when one is attached
+        self.fused, self.prefill = None, None  # gpu_decode.FusedDecode (GPU-flavored), prefill_stream.PrefillStreamer
         if cache.device.kernel_flavor == "gpu" and cache.store.layout.fmt == "fp4":
             from offload.gpu_decode import FusedDecode, fused_kernels
 
@@ -216,6 +214,8 @@ class CachedExpertBackend(ExpertBackend):
             return []
         if self.prefill is not None and expert_ids.shape[0] > self.prefill.min_rows:
             return self.prefill.speculate(layer, expert_ids)  # prefill: stage the next layer, not the cache
+        if self.fused is not None and expert_ids.shape[0] <= FUSED_MAX_ROWS:
+            return self.fused.guess(layer, expert_ids)  # read behind the current layer's one wait (gpu_decode)
         return self.prefetcher.speculate(layer, expert_ids)
 
     def stats(self) -> BackendStats:

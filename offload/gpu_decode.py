@@ -10,6 +10,13 @@ device tensor); hits are counted for the policy. (5) Only when the mask has a mi
 policy; CPU misses take their activation rows to the host through a pinned buffer, are computed by the CPU backend
 on its worker thread while streamed misses are copied into slots and computed by a second fused launch over a
 table that names only them; both land in the output. Math: fp32 accumulation; the output is x's dtype.
+Prefetch guesses ride the same wait: `prefetch_speculative(l + 1, guess)`, called before layer l's call, only copies
+the device guess (non-blocking) into a pinned buffer (`guess`; a decode graph's static buffer may be rewritten
+afterwards); layer l's event in (2) is recorded behind that copy, and after (4) the host reads the guess, issues its
+prefetches (`Prefetcher.speculated`) before the misses of (5), as the old order did (prefetch, then the layer).
+One difference from issuing them before the layer: the layer's miss mask and hits are taken before the guess's
+copies start, so with one replacement pool shared by all layers, a guessed expert of layer l + 1 can no longer evict
+an expert that layer l is about to use (with per-layer pools the two orders make the same choices).
 
 Speculative decode tokens (`begin_token` / `end_token`, the backend contract's token hooks): step (4) costs one host
 wait per layer. While recent tokens were all-hit often enough (`SpeculationPolicy`), a decode token is speculated:
@@ -29,6 +36,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from homerun.kernels.counting import note_host_wait
 
 if TYPE_CHECKING:  # pragma: no cover
     from offload.cached_backend import CachedExpertBackend
@@ -142,6 +151,8 @@ class FusedDecode:
         self.speculating = False
         self._token: dict | None = None  # the decode token in progress: start time, calls, whether one missed
         self._spec: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # per speculated call: layer, ids, miss mask
+        self.defer_guesses = True  # False: read each guess at once (a host sync each), the reference for tests
+        self._guess: tuple[int, torch.Tensor] | None = None  # (layer it guesses, its pinned copy), read after a wait
 
     # --- tokens ----------------------------------------------------------------------------------------------
     def begin_token(self, decode: bool) -> bool:
@@ -150,6 +161,7 @@ class FusedDecode:
         self.speculating = False
         self._spec = []
         self._token = None
+        self._guess = None  # a guess whose layer never ran here (an aborted forward): dropped
         if not decode:
             return False
         self._token = {"t0": time.perf_counter(), "calls": 0, "missed": False}
@@ -179,6 +191,32 @@ class FusedDecode:
             self.n_tokens += 1
             self.policy.observe(not tok["missed"], tok["calls"], time.perf_counter() - tok["t0"])
         return redo
+
+    # --- prefetch guesses --------------------------------------------------------------------------------------
+    def guess(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        """The router's guess at `layer`'s experts, made before the current layer's call: copied now (the caller may
+        rewrite its buffer), issued after that call's wait. Returns [] (the ids are not on the host yet)."""
+        if not self.defer_guesses:
+            return self.b.prefetcher.speculate(layer, expert_ids)
+        if self._guess is not None:  # one no call read (behind a LayerSplitBackend): issued now, a wait of its own
+            self._wait()
+            self._issue(self._guess)
+        self._guess = (layer, self._to_host("guess", expert_ids.to(self.b.device)))
+        return []
+
+    def _take_guess(self, layer: int) -> tuple[int, torch.Tensor] | None:
+        """The pending guess, for after `layer`'s wait. One that names `layer` itself (the layer before ran on another
+        backend, LayerSplitBackend) is issued now, behind a wait of its own, as it was before the layer ran."""
+        g, self._guess = self._guess, None
+        if g is not None and g[0] == layer:
+            self._wait()
+            self._issue(g)
+            return None
+        return g
+
+    def _issue(self, g: tuple[int, torch.Tensor]) -> None:
+        layer, guess_h = g
+        self.b.prefetcher.speculated(layer, np.unique(guess_h.numpy()).tolist())
 
     def _forward_speculative(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                              expert_weights: torch.Tensor) -> torch.Tensor:
@@ -215,6 +253,7 @@ class FusedDecode:
 
     def _wait(self) -> None:
         self.n_event_waits += 1
+        note_host_wait()  # a graph capture refuses it, on stand-ins too
         if self.is_cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.cache.device.torch_device))
@@ -228,6 +267,7 @@ class FusedDecode:
         if self.speculating:
             return self._forward_speculative(layer, x, expert_ids, expert_weights)
         cache, dev = self.cache, self.b.device
+        guess = self._take_guess(layer)
         cache.commit(layer)
         table = cache.slot_table[layer]
         ids = expert_ids.to(dev)
@@ -240,10 +280,13 @@ class FusedDecode:
             ev.record(torch.cuda.current_stream(dev))
         y = self._kernel(xd, ids, wts, table)  # (T, D) fp32, resident experts only
         self.n_event_waits += 1
+        note_host_wait()
         if self.is_cuda:
             ev.synchronize()
         ids_np, miss_np = ids_h.numpy(), miss_h.numpy()
-        self._account(layer, ids_np, miss_np)
+        self._account(layer, ids_np, miss_np)  # first: its releases order a guessed copy's overwrite after the kernel
+        if guess is not None:
+            self._issue(guess)
         if miss_np.any():
             self.n_miss_calls += 1
             if self._token is not None:

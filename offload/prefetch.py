@@ -5,13 +5,16 @@ Other layers: speculate with the NEXT layer's router applied to the current hidd
 trick); the model computes that routing with its own router and scoring and passes the expert ids
 (`prefetch_speculative(l + 1, ids)`) before layer l's experts run. A prediction is scored when the backend later reports what the layer actually used:
 precision = predicted-and-used / predicted, recall = predicted-and-used / used.
-This module issues cache prefetches only; it never blocks on them.
+This module issues cache prefetches only; it never blocks on them. Reading the ids is no host sync of its own: hash
+layers read a host copy of tid2eid at host token ids, and on the fused decode path the router's guess reaches the host
+behind the layer's one event wait (offload/gpu_decode.py), then `speculated` issues it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -54,15 +57,30 @@ class Prefetcher:
         self._pending: dict[int, tuple[str, set[int]]] = {}
         self._scores = {"hash": _Score(), "speculative": _Score()}
         self._issued = {"hash": 0, "speculative": 0}
+        self._tid2eid: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # layer -> (its tid2eid, a host copy)
 
     def hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
-        ids = hash_layer_experts(tid2eid, token_ids)
+        if token_ids.device.type != "cpu":  # device token ids: read on the host, a sync
+            ids = hash_layer_experts(tid2eid, token_ids)
+        else:
+            ids = np.unique(self._host_tid2eid(layer, tid2eid)[token_ids.numpy()]).tolist()
         self._predict("hash", layer, ids)
         return ids
 
+    def _host_tid2eid(self, layer: int, tid2eid: torch.Tensor) -> np.ndarray:
+        """tid2eid on the host, copied once per layer (a [V, k] table of a few MB at most)."""
+        held = self._tid2eid.get(layer)
+        if held is None or held[0] is not tid2eid:
+            held = (tid2eid, tid2eid.cpu().numpy())
+            self._tid2eid[layer] = held
+        return held[1]
+
     def speculate(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
         """expert_ids [T, k]: the model's guess at the layer's routing (its own router, its own scoring)."""
-        ids = torch.unique(expert_ids).tolist()
+        return self.speculated(layer, torch.unique(expert_ids).tolist())
+
+    def speculated(self, layer: int, ids: list[int]) -> list[int]:
+        """`speculate` for a guess already read on the host: `ids` sorted and distinct."""
         self._predict("speculative", layer, ids)
         return ids
 

@@ -99,6 +99,9 @@ class _Recorder(TorchDispatchMode):
         finally:
             self._paused -= 1
 
+    def on_host_wait(self) -> None:  # homerun.kernels.counting.note_host_wait: an event wait, as CUDA refuses it
+        raise GraphCaptureError("host sync (event wait) during graph capture")
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -227,7 +230,7 @@ class DecodeGraphs:
             self.backend.begin_token(1)
             for layer in net.layers:
                 if layer.moe.tid2eid is not None:
-                    self.backend.prefetch_hash_layer(layer.index, layer.moe.tid2eid, self.ids_buf)
+                    self.backend.prefetch_hash_layer(layer.index, layer.moe.tid2eid, ids.reshape(1))  # as given
         self._segment(("embed",), self._embed)
         first, new_states = 0, []
         while True:

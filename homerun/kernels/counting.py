@@ -121,6 +121,17 @@ def note_graph_replay() -> None:
         mode.c.graphs += 1
 
 
+def note_host_wait() -> None:
+    """The host is about to wait on the device with no ATen op to show it (a CUDA event's synchronize, or its no-op
+    on a stand-in): dispatch modes that refuse host syncs (a graph capture) hear of it through `on_host_wait`."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        hook = getattr(mode, "on_host_wait", None)
+        if hook is not None:
+            hook()
+
+
 @contextlib.contextmanager
 def count_device_work() -> Iterator[DeviceWorkCounter]:
     """with count_device_work() as counter: ... -> counter.c (Counts). Not reentrant (patches Tensor.item/tolist)."""

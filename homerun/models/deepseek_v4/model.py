@@ -96,12 +96,12 @@ class DeepseekV4:
         self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
-        ids = ids.to(self.device)
+        host_ids, ids = ids, ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
         spec = self.experts.begin_token(ids.shape[0])  # True: the backend may ask for a redo (see end_token)
         for layer in self.layers:  # hash layers' experts are known from the token ids before any layer runs
-            if layer.moe.tid2eid is not None:
-                self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, ids)
+            if layer.moe.tid2eid is not None:  # the ids as given: host ids are read without a device sync
+                self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, host_ids)
         x = self._embed(ids)
         new_states = []
         dev, flavor = self.device, self.embed_flavor
