@@ -2,7 +2,9 @@
 
 The runtime routes (router, top-k, weights) and computes the shared expert itself; everything about where a
 routed expert's bytes live and which device multiplies them is behind `ExpertBackend`. Backends: the plain fp32
-reference below, the native CPU kernels (offload/cpu_backend.py over homerun/kernels) and the GPU expert cache (offload/cache.py).
+reference below, the native CPU kernels (offload/cpu_backend.py over homerun/kernels), the device expert cache
+(offload/cached_backend.py), every expert resident on one device (offload/resident_backend.py), and below,
+`LayerSplitBackend`, which composes one backend per group of layers (a multi-GPU plan).
 """
 
 from __future__ import annotations
@@ -161,3 +163,35 @@ class ReferenceExpertBackend(ExpertBackend):
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         return reference_moe(self.source, layer, x, expert_ids, expert_weights, swiglu_limit=self.swiglu_limit,
                              compute_dtype=self.compute_dtype)
+
+
+class LayerSplitBackend(ExpertBackend):
+    """Several backends, one per group of layers (a multi-GPU plan: each device caches the experts of the layers it
+    runs, within its own budget). Dispatches by layer; the output lands on that layer's device, and the prefetch
+    hooks go to the backend of the layer they name."""
+
+    def __init__(self, backends_by_layer: dict[int, ExpertBackend]) -> None:
+        self.backends_by_layer = dict(backends_by_layer)
+        self.wants_speculation = any(b.wants_speculation for b in self._unique())
+
+    def _unique(self) -> list[ExpertBackend]:
+        return list({id(b): b for b in self.backends_by_layer.values()}.values())
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                expert_weights: torch.Tensor) -> torch.Tensor:
+        return self.backends_by_layer[layer].forward(layer, x, expert_ids, expert_weights)
+
+    def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        b = self.backends_by_layer.get(layer)
+        return b.prefetch_hash_layer(layer, tid2eid, token_ids) if b is not None else []
+
+    def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
+        b = self.backends_by_layer.get(layer)
+        return b.prefetch_speculative(layer, expert_ids) if b is not None else []
+
+    def stats(self) -> BackendStats:
+        return BackendStats(type(self).__name__, parts=tuple(b.stats() for b in self._unique()))
+
+    def close(self) -> None:
+        for b in self._unique():
+            b.close()

@@ -114,7 +114,9 @@ def test_backend_contract_is_explicit():
 
 def test_every_backend_implements_the_contract():
     from offload.base import ExpertBackend, ReferenceExpertBackend, WrappingBackend
-    from offload.cached_backend import CachedExpertBackend, LayerSplitBackend, ResidentExpertBackend
+    from offload.base import LayerSplitBackend
+    from offload.cached_backend import CachedExpertBackend
+    from offload.resident_backend import ResidentExpertBackend
     from offload.cpu_backend import CpuExpertBackend, HostExpertBackend
     from offload.trace import TracingBackend
 

@@ -85,7 +85,8 @@ def test_default_device_without_cuda_is_a_standin():
 def test_multi_device_plan_splits_layers_and_keeps_each_budget():
     from offload.base import ReferenceExpertBackend
     from offload.cache import ExpertCache
-    from offload.cached_backend import CachedExpertBackend, LayerSplitBackend
+    from offload.base import LayerSplitBackend
+    from offload.cached_backend import CachedExpertBackend
 
     store = _store(n_layers=3)
     devs = build_standin_devices([2 * store.expert_bytes, 1 * store.expert_bytes])  # "gpu0" runs layers 0-1

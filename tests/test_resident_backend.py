@@ -1,4 +1,4 @@
-"""The all-VRAM plan's expert backend (`offload.cached_backend.ResidentExpertBackend`) on a GPU-flavored device: the
+"""The all-VRAM plan's expert backend (`offload.resident_backend.ResidentExpertBackend`) on a GPU-flavored device: the
 runtime's own backend, not a test double, runs the fused FP4 kernels (decode: `fp4_moe_decode`; prefill-sized calls:
 two `fp4_grouped_gemm` launches over the pairs sorted by expert) with no host sync, charges the same bytes as the
 per-expert placement, and matches the fp32 reference formula."""
@@ -19,7 +19,7 @@ from homerun.kernels import triton as hr_triton  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
 from homerun.kernels.reference import reference_moe  # noqa: E402
 from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
-from offload.cached_backend import ResidentExpertBackend  # noqa: E402
+from offload.resident_backend import ResidentExpertBackend  # noqa: E402
 from offload.devices import CudaStandInDevice, StandInDevice  # noqa: E402
 from offload.gpu_decode import FUSED_MAX_ROWS  # noqa: E402
 

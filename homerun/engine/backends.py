@@ -125,7 +125,9 @@ def build_placed_backend(
     layers the CPU backend, behind an expert cache of `expert_cache_slots` on that device when the placement gives
     one (charged as "expert_cache"); a CUDA device without a cache sends x to the host and back. One backend serves
     the model directly; several go behind a LayerSplitBackend that dispatches by layer."""
-    from offload.cached_backend import CacheOptions, LayerSplitBackend, ResidentExpertBackend, build_cached_backend
+    from offload.base import LayerSplitBackend
+    from offload.cached_backend import CacheOptions, build_cached_backend
+    from offload.resident_backend import ResidentExpertBackend
 
     host = store = plain = None
     cached = [s.name for s in placement.devices if s.expert_cache_slots and placement.host_expert_layers(s.name)]
