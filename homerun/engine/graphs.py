@@ -227,10 +227,7 @@ class DecodeGraphs:
             self.ids_buf.copy_(ids.reshape(1), non_blocking=True)
             self.pos_buf.fill_(start_pos)
         if self.split:  # the token hooks, as net.forward calls them (a graph-safe backend's are no-ops)
-            self.backend.begin_token(1)
-            for layer in net.layers:
-                if layer.moe.tid2eid is not None:
-                    self.backend.prefetch_hash_layer(layer.index, layer.moe.tid2eid, ids.reshape(1))  # as given
+            net._begin_token(ids.reshape(1))
         self._segment(("embed",), self._embed)
         first, new_states = 0, []
         while True:
@@ -271,11 +268,7 @@ class DecodeGraphs:
             x, pa = self._outs[("embed",) if i == 0 else ("out", i - 1)]
             out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
             new_states.append(st)
-            if i == len(self.core_out):
-                self.core_out.append(out.clone())  # the static buffer this layer's core writes into at every step
-            else:
-                self.core_out[i].copy_(out)
-            buf = self.core_out[i]
+            buf = _into_static(self.core_out, i, out)
             if not self.split:
                 self._segment(("out", i), lambda: self._after(i, net._post_attention(layer, x, pa, buf, self.ids_buf,
                                                                                      kl)))
@@ -283,12 +276,7 @@ class DecodeGraphs:
             mi, guess = self._segment(("in", i), lambda: self._moe_in(i, x, pa, buf))
             if guess is not None and self.backend.wants_speculation:
                 self.backend.prefetch_speculative(layer.index + 1, guess)
-            routed = self.backend.forward(layer.index, mi.h, mi.idx, mi.w)
-            if i == len(self.routed):
-                self.routed.append(routed.clone())
-            else:
-                self.routed[i].copy_(routed)
-            res = self.routed[i]
+            res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
             self._segment(("out", i), lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
         return new_states
 
@@ -305,6 +293,15 @@ class DecodeGraphs:
         if i + 1 < len(net.layers):
             return y, net._pre_attention(net.layers[i + 1], y, self.pos_buf, self.kl)
         return net._final(y, self.k)
+
+
+def _into_static(bufs: list[torch.Tensor], i: int, t: torch.Tensor) -> torch.Tensor:
+    """t copied into the i-th static buffer of `bufs` (made from t at the capture step), which later segments read."""
+    if i == len(bufs):
+        bufs.append(t.clone())
+    else:
+        bufs[i].copy_(t)
+    return bufs[i]
 
 
 def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:

@@ -92,16 +92,22 @@ class DeepseekV4:
 
     # ------------------------------------------------------------------------------------------- forward
 
+    def _begin_token(self, host_ids: torch.Tensor) -> bool:
+        """The expert backend's hooks before any layer of a forward: begin_token, then the hash layers' prefetches
+        (their experts are known from the token ids; the ids as given, so host ids are read without a device sync)."""
+        spec = self.experts.begin_token(host_ids.shape[0])
+        for layer in self.layers:
+            if layer.moe.tid2eid is not None:
+                self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, host_ids)
+        return spec
+
     def forward(
         self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
         host_ids, ids = ids, ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
-        spec = self.experts.begin_token(ids.shape[0])  # True: the backend may ask for a redo (see end_token)
-        for layer in self.layers:  # hash layers' experts are known from the token ids before any layer runs
-            if layer.moe.tid2eid is not None:  # the ids as given: host ids are read without a device sync
-                self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, host_ids)
+        spec = self._begin_token(host_ids)  # True: the backend may ask for a redo (see end_token)
         x = self._embed(ids)
         new_states = []
         dev, flavor = self.device, self.embed_flavor
