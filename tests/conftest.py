@@ -45,6 +45,17 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_window_checkpoint(tmp_path_factory):
+    """The "mixed" preset with an 8-token sliding window: the window's transitions within a few decode tokens (the
+    compression rates stay 4 / 128). Written once per session; read-only."""
+    from homerun.formats.checkpoint import tiny_config, write_checkpoint
+
+    path = tmp_path_factory.mktemp("short-window") / "short"
+    write_checkpoint(path, {**tiny_config("mixed"), "sliding_window": 8})
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_checkpoints):
     """The "mixed" preset (SWA + CSA + HCA layers, hash + routed MoE)."""
     return tiny_checkpoints["mixed"]

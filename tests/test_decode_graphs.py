@@ -36,17 +36,9 @@ def _graphed(path, dtype="bfloat16", graphs="on"):
     return load(path, dtype=dtype, experts="reference", placement=pl, cuda_graphs=graphs), args
 
 
-SHORT = {"sliding_window": 8}  # the window's transitions within a few tokens (rates must stay 4 / 128)
-
-
 @pytest.fixture(scope="module")
-def short_ckpt(tmp_path_factory):
-    """The mixed preset with an 8-token sliding window."""
-    from homerun.formats.checkpoint import tiny_config, write_checkpoint
-
-    path = tmp_path_factory.mktemp("graphs") / "short"
-    write_checkpoint(path, {**tiny_config("mixed"), **SHORT})
-    return path
+def short_ckpt(short_window_checkpoint):
+    return short_window_checkpoint
 
 
 @pytest.fixture(scope="module")

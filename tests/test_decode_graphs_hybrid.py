@@ -33,13 +33,9 @@ TOKENS = [7, 7, 7, 300, 7, 7, 41]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(short_window_checkpoint):
     """The mixed preset (3 layers: a hash layer, 8 experts, top-2) with an 8-token sliding window."""
-    from homerun.formats.checkpoint import tiny_config, write_checkpoint
-
-    path = tmp_path_factory.mktemp("graphs-hybrid") / "short"
-    write_checkpoint(path, {**tiny_config("mixed"), "sliding_window": 8})
-    return path
+    return short_window_checkpoint
 
 
 def _hybrid(path, graphs: str, *, slots: int, misses: str, speculate: str):

@@ -187,6 +187,18 @@ def test_missing_library_still_emulates_int8(monkeypatch):
     assert 1e-4 < err <= INT8_RTOL
 
 
+def _signed_ramp(t: int, k: int) -> torch.Tensor:
+    """t tokens of +-1 times 1..t (the large sums of both signs the span tests need), the last one random."""
+    g = torch.Generator().manual_seed(t)
+    x = torch.where(torch.rand(t, k, generator=g) < 0.5, -1.0, 1.0) * (1 + torch.arange(t).unsqueeze(1))
+    x[-1] = torch.randn(k, generator=g)
+    return x
+
+
+def _max_output_rel(y: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((y - want).abs() / want.abs().clamp_min(1e-30)).max())
+
+
 @pytest.mark.parametrize("path", NATIVE)
 @pytest.mark.parametrize("t", [4, 9])
 def test_fp4_int8_exponent_spans_at_the_shift_limit(path, t):
@@ -198,14 +210,12 @@ def test_fp4_int8_exponent_spans_at_the_shift_limit(path, t):
     scale = torch.full((n, k // 32), 110, dtype=torch.uint8)
     scale[0, 3], scale[1, 15], scale[2, 0], scale[3, 9], scale[4, 4] = 124, 96, 125, 95, 124
     scale = scale.view(torch.float8_e8m0fnu)
-    g = torch.Generator().manual_seed(t)
-    x = torch.where(torch.rand(t, k, generator=g) < 0.5, -1.0, 1.0) * (1 + torch.arange(t).unsqueeze(1))
-    x[-1] = torch.randn(k, generator=g)
+    x = _signed_ramp(t, k)
     y = ce.fp4_linear(x, codes, scale, path=path, act="int8")
     emu = emulate(x, codes, scale)
     assert torch.isfinite(y).all()
     assert rel_err(y, emu) <= EMU_RTOL
-    assert float(((y - emu).abs() / emu.abs().clamp_min(1e-30)).max()) <= 1e-5  # per output, not just overall
+    assert _max_output_rel(y, emu) <= 1e-5  # per output, not just overall
 
 
 @pytest.mark.parametrize("path", NATIVE)
@@ -223,11 +233,9 @@ def test_fp4_int8_vnni_shift_rows_at_the_span_limit(path, t):
         span = 16 if row in (4, 8) else 15
         scale[row, lo], scale[row, hi] = 110 - span // 2, 110 - span // 2 + span
     scale = scale.view(torch.float8_e8m0fnu)
-    g = torch.Generator().manual_seed(t)
-    x = torch.where(torch.rand(t, k, generator=g) < 0.5, -1.0, 1.0) * (1 + torch.arange(t).unsqueeze(1))
+    x = _signed_ramp(t, k)
     x[0] = 1.0
-    x[-1] = torch.randn(k, generator=g)
     y = ce.fp4_linear(x, codes, scale, path=path, act="int8")
     emu = emulate(x, codes, scale)
     assert torch.isfinite(y).all() and (y[0] > 0).all()
-    assert float(((y - emu).abs() / emu.abs().clamp_min(1e-30)).max()) <= 1e-5
+    assert _max_output_rel(y, emu) <= 1e-5

@@ -41,12 +41,8 @@ SESSION_HOST_READS = 3
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from homerun.formats.checkpoint import tiny_config, write_checkpoint
-
-    path = tmp_path_factory.mktemp("prefetch-one-wait") / "mixed"
-    write_checkpoint(path, {**tiny_config("mixed"), "sliding_window": 8})
-    return path
+def ckpt(short_window_checkpoint):
+    return short_window_checkpoint
 
 
 def _model(path, *, graphs: str, deferred: bool):
