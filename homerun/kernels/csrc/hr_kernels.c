@@ -87,10 +87,10 @@
 #include "hr_moe.inc"
 #include "hr_read.inc"
 
-/* BF16 dense weights x fp32 activations (head, compressors, routers), mHC, norm+RoPE, multi-GEMM and one-query
- * attention for decode; shares the pool above. */
+/* BF16 dense weights x fp32 activations (head, compressors, routers), mHC, norm+RoPE and multi-GEMM for decode;
+ * shares the pool above. */
 #include "hr_dense.inc"
-/* Prefill attention over the sliding window and the compressed rows, queries on the pool. */
+/* Attention: one query (decode), and prefill queries over the sliding window and the compressed rows, on the pool. */
 #include "hr_attend.inc"
 /* The lightning indexer's prefill top-k: scores per page of compressed keys, running top-k per query. */
 #include "hr_index.inc"
