@@ -17,19 +17,23 @@ from homerun.plan.planner import PlanOptions, plan
 from homerun.plan.specs import parse_config
 from profiles import CpuSpec, HardwareProfile, load_profile
 
-# The efficiencies, written out (homerun.plan.compute's constants, from benchmarks/prefill_cpu.md)
-E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE = 0.26, 0.57, 0.5, 0.37, 0.07
+# The efficiencies, written out (homerun.plan.compute's fits, from benchmarks/prefill_cpu.md): experts int8, dense,
+# attention, indexer, elementwise share. AVX2: the 2-core Zen 3 host; AVX-512 (+ VNNI, VBMI, BF16): the 2-core Zen 5.
+AVX2 = (0.26, 0.57, 0.5, 0.37, 0.07)
+AVX512 = (0.26, 0.93, 0.49, 0.75, 0.23)
+E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE = AVX2
+ZEN4_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")
 
 # V4-Flash per prompt token, by hand: 43 MoE layers x top-6 x (gate, up, down) x 4096 x 2048, 2 FLOPs per MAC
 FLASH_EXPERT_FLOPS = 2 * 43 * 6 * 3 * 4096 * 2048  # 12.99 GOP
 
 
-def host_profile(cores: int = 2, clock_ghz: float = 3.2) -> HardwareProfile:
+def host_profile(cores: int = 2, clock_ghz: float = 3.2, flags: tuple[str, ...] = ("avx2", "fma")) -> HardwareProfile:
     """The measured host: 2 Zen 3 vCPUs, AVX2 + FMA, no AVX-512; 3.2 GHz is its one-core fp32 peak (102.8 GFLOP per
     CPU-second, benchmarks/prefill_cpu.md) over 32 FLOPs per cycle. RAM made large enough for V4-Flash to fit."""
     return HardwareProfile(name="host", description="2 Zen 3 cores", source="test",
                            cpu=CpuSpec(name="EPYC Zen 3", cores=cores, ram_gib=512, mem_bw_gbps=20,
-                                       flags=("avx2", "fma"), clock_ghz=clock_ghz))
+                                       flags=flags, clock_ghz=clock_ghz))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +70,9 @@ def test_mean_keys_match_a_discrete_count():
     assert d == {"attention": 4 * 64 * 512 * 510, "indexer": 2 * 64 * 128 * 512}
 
 
-def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float) -> float:
+def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float, fit=AVX2) -> float:
     """V4-Flash at a 4096-token prompt (the default decode depth) by hand: 21 CSA, 20 HCA, 2 sliding-only layers."""
+    E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE = fit
     attention = 4 * 64 * 512 * (21 * 510 + 20 * 142 + 2 * 126)  # keys per layer kind, as above
     indexer = 21 * 2 * 64 * 128 * 512  # every earlier 1/4-rate entry: mean 4096 / 8
     head = 2 * 4096 * 129280 / 4096  # the lm head, once per prompt
@@ -105,9 +110,10 @@ def test_hand_computed_cpu_prefill_on_the_cpu_only_epyc_genoa(flash):
     assert pred["cpu_peak_gops"] == pytest.approx({"int8": 13312.0, "fp32": 3328.0, "bf16": 6656.0})
     assert pred["cpu_prefill_units"]["dense"] == "bf16"
     dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
-    want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0)
+    want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0, fit=AVX512)  # Zen 4 has every flag of the AVX-512 fit
     assert p.mode == "cpu-only" and pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
-    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 100 < want < 130
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 115 < want < 130  # 120.8 (the AVX2 fit: 114.0)
+    assert pred["cpu_prefill_fit"] == "avx512" and pred["cpu_prefill_efficiency"]["fit"] == "avx512"
 
 
 @pytest.mark.parametrize("prompt,measured_one_layer,measured_43", [(1024, 170, 3.95), (8192, 161, 3.74),
@@ -210,3 +216,75 @@ def test_auto_detection_measures_the_unit_peaks():
     # both units an x86 prefill uses were measured (their ratio is not checked: on a shared host one run may be slowed)
     assert peaks is not None and peaks["fp32"] > 0 and peaks["int8"] is not None and peaks["int8"] > 0
     assert cpu_peaks_option(Detection(1.0, None, (), (), (), 0.1, cpu_peak_gops=peaks))["int8"] == peaks["int8"]
+
+
+@pytest.mark.parametrize("flags,fit,missing", [
+    (ZEN4_FLAGS, "avx512", None),
+    (("avx2", "avx512f", "avx512_vnni", "avx512vbmi"), "avx2", "avx512_bf16"),  # Ice Lake: no bf16 units
+    (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "avx2", "avx512vbmi"),  # VNNI without VBMI: the AVX2 tile
+    (("avx2", "avx512f", "amx"), "avx2", "avx512_vnni, avx512vbmi, avx512_bf16"),  # the SPR profiles as written
+    (("avx2", "avx512f"), "avx2", "avx512_vnni, avx512vbmi, avx512_bf16"),  # strix-halo as written
+    (("avx2", "fma"), "avx2", "avx512f, avx512_vnni, avx512vbmi, avx512_bf16"),
+    (("neon",), "avx2", "avx512f"),
+])
+def test_the_fit_follows_the_isa_and_the_reason_says_why(flags, fit, missing):
+    from homerun.plan.compute import AVX2_FIT, AVX512_FIT, cpu_prefill_fit
+
+    got, why = cpu_prefill_fit(flags)
+    assert got is {"avx2": AVX2_FIT, "avx512": AVX512_FIT}[fit]
+    if missing is None:
+        assert "avx512_vnni" in why and "lacks" not in why
+    else:
+        assert f"lacks {missing}" in why
+    assert (AVX2_FIT.experts_int8, AVX2_FIT.dense, AVX2_FIT.attention, AVX2_FIT.indexer,
+            AVX2_FIT.elementwise_fraction) == AVX2
+    assert (AVX512_FIT.experts_int8, AVX512_FIT.dense, AVX512_FIT.attention, AVX512_FIT.indexer,
+            AVX512_FIT.elementwise_fraction) == AVX512
+
+
+@pytest.mark.parametrize("name,fit", [("epyc-genoa-768gb", "avx512"), ("epyc-4090", "avx512"),
+                                      ("rtx5090-192gb", "avx512"), ("2xh100", "avx2"), ("3xh100", "avx2"),
+                                      ("strix-halo-128gb", "avx2"), ("rtx3090-64gb", "avx2")])
+def test_shipped_profiles_get_the_fit_of_their_flags(flash, name, fit):
+    from homerun.plan.compute import cpu_prefill_fit
+
+    prof = load_profile(name)
+    assert cpu_prefill_fit(prof.cpu.flags)[0].name == fit
+    pred = plan(*flash, prof).predicted
+    if "cpu_prefill_reason" not in pred:  # plans that make no CPU estimate (a GPU sharing the memory pool)
+        return
+    assert pred["cpu_prefill_fit"] == fit and pred["cpu_prefill_fit_reason"]
+    if pred["cpu_prefill_tok_s"] is not None:
+        assert f"the {fit} fit" in pred["cpu_prefill_reason"] and pred["cpu_prefill_efficiency"]["fit"] == fit
+
+
+def test_the_avx512_fit_on_the_one_layer_at_its_measured_peaks(flash_one_layer):
+    """Same peaks, two ISAs: the AVX-512 host's plan runs each part at its own fit's efficiency."""
+    spec1, inv1 = flash_one_layer
+    peaks = {"int8": 900.0, "fp32": 230.0, "bf16": 460.0, "source": "measured (test)"}
+    opts = PlanOptions(context_tokens=65536, prefill_prompt_tokens=32768, cpu_peaks=peaks)
+    fast = plan(spec1, inv1, host_profile(flags=ZEN4_FLAGS), opts).predicted
+    slow = plan(spec1, inv1, host_profile(), opts).predicted
+    for part, e512, e2 in (("routed_experts", AVX512[0], AVX2[0]), ("dense", AVX512[1], AVX2[1]),
+                           ("attention", AVX512[2], AVX2[2]), ("indexer", AVX512[3], AVX2[3])):
+        ratio = slow["cpu_prefill_seconds_per_token"][part] / fast["cpu_prefill_seconds_per_token"][part]
+        assert ratio == pytest.approx(e512 / e2, rel=1e-12)
+    assert fast["cpu_prefill_fit"] == "avx512" and slow["cpu_prefill_fit"] == "avx2"
+
+
+def test_a_cpu_prompt_shorter_than_a_chunk_is_planned_as_itself(flash):
+    """The CPU estimate is for the prompt asked (the GPU estimate's floor of one 2048-token chunk doubled a 1K
+    prompt's attention and indexer depth); below a chunk only the GPU figure keeps the floor."""
+    p = plan(*flash, host_profile(), PlanOptions(prefill_prompt_tokens=1024, prefill_chunk_tokens=2048)).predicted
+    assert p["cpu_prefill_prompt_tokens"] == 1024 and "a 1024-token prompt" in p["cpu_prefill_reason"]
+    two = plan(*flash, host_profile(), PlanOptions(prefill_prompt_tokens=2048, prefill_chunk_tokens=2048)).predicted
+    assert p["cpu_prefill_seconds_per_token"]["attention"] < two["cpu_prefill_seconds_per_token"]["attention"]
+
+
+def test_the_plan_line_names_the_fit(capsys):
+    from homerun.cli.app import app
+
+    with pytest.raises(SystemExit):
+        app(args=["plan", "deepseek-ai/DeepSeek-V4-Flash", "--hw", "epyc-genoa-768gb"], prog_name="homerun")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "efficiencies: the avx512 fit, the CPU has avx512f + avx512_vnni + avx512vbmi + avx512_bf16" in out

@@ -8,6 +8,7 @@ A multiply-add counts 2 operations everywhere (FLOPs for fp32/bf16, OPs for int8
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from homerun.plan.inventory import Inventory
@@ -127,26 +128,69 @@ def cpu_unit_peaks(cpu: CpuSpec) -> dict[str, Any]:
 
 # ---- what our CPU kernels reach --------------------------------------------------------------------------------------
 
-# Fractions of a unit's peak our CPU prefill reaches, each from benchmarks/prefill_cpu.md (2-core AVX2 Zen 3 host,
-# per CPU-second against one core's peak):
-CPU_EXPERT_INT8_EFFICIENCY = 0.26  # the fused expert op (quantize, gate/up, SwiGLU, down over value + residual) at
-#   8-100 tokens per expert: 0.25-0.27 of the int8 peak ("The GEMM goal"); in a real-shaped layer 0.245-0.26 (by-depth
-#   table). Not the lone GEMM's 0.33-0.43: the fused op does a third more int8 work than its counted FLOPs
-CPU_DENSE_EFFICIENCY = 0.57  # FP8 -> fp32 blocks + MKL at 512 rows: wo_b 0.57, wq_b 0.48 ("The GEMM goal"); a prefill
-#   chunk of >= 512 rows runs there. bf16 units (none on that host) are assumed to reach the same
-CPU_DENSE_SMALL_EFFICIENCY = 0.25  # chunks under 512 rows: the native FP8 kernel 0.24-0.27 at <= 64 rows, MKL 0.15-0.23
-#   at 64-100 rows (same table); no row count between 100 and 512 was measured, so the lower figure holds there
+
+@dataclass(frozen=True)
+class CpuPrefillFit:
+    """Fractions of a unit's peak our CPU prefill reaches, per part, measured on one host class (`source`)."""
+
+    name: str  # "avx2" | "avx512": which kernels the fractions were measured on
+    experts_int8: float  # the fused expert op (quantize, gate/up, SwiGLU, down over value + residual) of the int8 peak
+    dense: float  # the dense FP8 prefill GEMMs at chunks of >= CPU_DENSE_MIN_ROWS rows, of the bf16 (else fp32) peak
+    dense_small: float  # the same under CPU_DENSE_MIN_ROWS rows
+    attention: float  # hr_attend_prefill, of the fp32 peak
+    indexer: float  # the indexer's scoring + top-k, of the fp32 peak
+    elementwise_fraction: float  # mHC, norms + RoPE, compressors' pooling, router and glue: a fraction of the linears' time
+    source: str
+
+    def dense_at(self, chunk_rows: int) -> float:
+        return self.dense if chunk_rows >= CPU_DENSE_MIN_ROWS else self.dense_small
+
+
 CPU_DENSE_MIN_ROWS = 512
 
+# Each figure from benchmarks/prefill_cpu.md (2-core AVX2 Zen 3 host, per CPU-second against one core's peak):
+AVX2_FIT = CpuPrefillFit(
+    name="avx2",
+    experts_int8=0.26,  # 8-100 tokens per expert: 0.25-0.27 of the int8 peak ("The GEMM goal"); in a real-shaped layer
+    #   0.245-0.26 (by-depth table). Not the lone GEMM's 0.33-0.43: the fused op does a third more int8 work than counted
+    dense=0.57,  # FP8 -> fp32 blocks + MKL at 512 rows: wo_b 0.57, wq_b 0.48 ("The GEMM goal"); a prefill chunk of
+    #   >= 512 rows runs there. bf16 units (none on that host) are assumed to reach the same
+    dense_small=0.25,  # the native FP8 kernel 0.24-0.27 at <= 64 rows, MKL 0.15-0.23 at 64-100 rows (same table); no
+    #   row count between 100 and 512 was measured, so the lower figure holds there
+    attention=0.5,  # hr_attend_prefill over a 4096-token prompt, CSA: 5.3 CPU-s for 4096 x 67 MFLOP at 102.8 GFLOP per
+    #   CPU-s = 0.51; in the by-depth layer 0.42-0.46 of fp32 at 1K/8K/32K
+    indexer=0.37,  # torch scoring + top-k: 0.36 at 8K, 0.38 at 32K of fp32 (by-depth table: 3.7 and 55.9 CPU-s over
+    #   1,024 and 4,096 mean entries x 16,384 FLOPs per token); 0.30 at 1K where it is 0.5 %
+    elementwise_fraction=0.07,  # 9 % at 1K, 6.9 % at 8K, 6.3 % at 32K (by-depth table, "mHC + norm+RoPE" + "other"
+    #   over experts + dense)
+    source="benchmarks/prefill_cpu.md (2-core AVX2 Zen 3)",
+)
+# Fitted on this project's 2-core AVX-512 host, measured 2026-12-06 as an EPYC family 26 (Zen 5: two 512-bit FMA
+# pipes; AVX-512 + VNNI + VBMI + BF16): one real-shaped V4-Flash CSA layer at 1K / 8K / 32K prompts, each part's
+# FLOPs over its exclusive CPU-s x one core's measured unit peak per CPU-second, pooled over the runs
+# (benchmarks/prefill_fit.py; benchmarks/prefill_cpu.md, "The CPU prefill fit for AVX-512 hosts"). The kernels: VNNI
+# experts, oneDNN bf16 dense GEMMs on exact FP8 -> bf16 blocks, the AVX-512 attention tiles, the native indexer.
+AVX512_FIT = CpuPrefillFit(
+    name="avx512",
+    experts_int8=0.26,  # 0.24 at 1K, 0.25-0.26 at 8K, 0.26 at 32K
+    dense=0.93,  # 0.80-0.87 at 1K, 0.90-0.94 at 8K and 32K: against the *measured* bf16 peak (unit_peak), which on
+    #   this Zen 5 reads 1.43x its fp32 peak, not 2x (Zen 4: 1.97x); against 2 x fp32 it is 0.67
+    dense_small=0.25,  # not measured on AVX-512: the AVX2 figure (the CPU runs 512-row chunks, so it is not reached)
+    attention=0.49,  # 0.26-0.40 at 1K (fixed costs per query block), 0.49-0.51 at 8K and 32K
+    indexer=0.75,  # 0.37-0.46 at 1K (0.5 % of the time there), 0.64 at 8K, 0.77 at 32K
+    elementwise_fraction=0.23,  # mHC, norm+RoPE, pooling, router, glue over the linears: 0.21-0.28 (Zen 5's linears
+    #   are fast; these are not)
+    source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5)",
+)
+AVX512_FIT_FLAGS = ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")  # the kernels the fit was measured on
 
-def cpu_dense_efficiency(chunk_rows: int) -> float:
-    """Our dense FP8 prefill GEMMs' fraction of the fp32 (or bf16) peak at a prefill chunk of `chunk_rows` tokens."""
-    return CPU_DENSE_EFFICIENCY if chunk_rows >= CPU_DENSE_MIN_ROWS else CPU_DENSE_SMALL_EFFICIENCY
 
-
-CPU_ATTENTION_EFFICIENCY = 0.5  # hr_attend_prefill over a 4096-token prompt, CSA: 5.3 CPU-s for 4096 x 67 MFLOP at
-#   102.8 GFLOP per CPU-s = 0.51; in the by-depth layer 0.42-0.46 of fp32 at 1K/8K/32K
-CPU_INDEXER_EFFICIENCY = 0.37  # the indexer's scoring + top-k (torch): 0.36 at 8K, 0.38 at 32K of fp32 (by-depth
-#   table: 3.7 and 55.9 CPU-s over 1,024 and 4,096 mean entries x 16,384 FLOPs per token); 0.30 at 1K where it is 0.5 %
-CPU_ELEMENTWISE_FRACTION = 0.07  # mHC, norms + RoPE and the rest, as a fraction of the linears' time: 9 % at 1K,
-#   6.9 % at 8K, 6.3 % at 32K (by-depth table, "mHC + norm+RoPE" + "other" over experts + dense)
+def cpu_prefill_fit(flags: tuple[str, ...]) -> tuple[CpuPrefillFit, str]:
+    """The fit for a CPU with `flags`, and why: AVX512_FIT needs every kernel it was measured on (VNNI experts, which
+    also need VBMI; bf16 dense GEMMs; the AVX-512 attention tiles); any other CPU falls back to AVX2_FIT."""
+    have = {x.lower() for x in flags}
+    missing = [f for f in AVX512_FIT_FLAGS if f not in have]
+    if not missing:
+        return AVX512_FIT, f"the CPU has {' + '.join(AVX512_FIT_FLAGS)}: the fit measured on those kernels"
+    return AVX2_FIT, (f"the AVX2 fit: the CPU lacks {', '.join(missing)} of the AVX-512 fit's "
+                      f"{' + '.join(AVX512_FIT_FLAGS)}")

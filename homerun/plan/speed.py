@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from homerun.plan.compute import (CPU_ATTENTION_EFFICIENCY, CPU_ELEMENTWISE_FRACTION, CPU_EXPERT_INT8_EFFICIENCY,
-                                  CPU_INDEXER_EFFICIENCY, cpu_dense_efficiency, cpu_unit_peaks, depth_flops_per_token,
-                                  linear_flops_per_token)
+from homerun.plan.compute import cpu_prefill_fit, cpu_unit_peaks, depth_flops_per_token, linear_flops_per_token
 from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
 from profiles.schema import GIB, HardwareProfile
 
@@ -279,20 +277,30 @@ def cpu_peaks(c: _Ctx) -> dict[str, Any]:
             "source": m.get("source") or "measured"}
 
 
-def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
-    """CPU prefill tok/s at compute speed, for a prompt of `prefill_prompt_tokens(c)` tokens on all the CPU's cores.
+def cpu_prompt_tokens(c: _Ctx) -> int:
+    """The prompt a CPU prefill estimate is for: `prefill_prompt_tokens`, default the decode depth. Not floored at a
+    chunk as the GPU estimate is (it reads weights once per chunk): the CPU's cost per token has no per-chunk part
+    here, and a 1K prompt planned as a 2048-token one read its attention and indexer at twice the depth."""
+    return max(1, c.opts.prefill_prompt_tokens or c.opts.decode_depth_tokens)
 
-    Per token, each part's FLOPs (homerun.plan.compute) over its unit's peak x our kernels' measured efficiency:
-    routed experts on the int8 unit, the dense linears on bf16 where the CPU has bf16 units (else fp32), the attention
-    core and the V4 indexer on fp32 at the prompt's mean depth, plus the elementwise ops (mHC, norms, RoPE) as a
-    measured fraction of the linears' time; the lm head runs for the prompt's last token only. Weight reads are not a
-    bound here: a prompt chunk of >= 512 rows reuses each weight it reads hundreds of times."""
+
+def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
+    """CPU prefill tok/s at compute speed, for a prompt of `cpu_prompt_tokens(c)` tokens on all the CPU's cores.
+
+    Per token, each part's FLOPs (homerun.plan.compute) over its unit's peak x our kernels' measured efficiency (the
+    fit for the CPU's ISA, `compute.cpu_prefill_fit`): routed experts on the int8 unit, the dense linears on bf16
+    where the CPU has bf16 units (else fp32), the attention core and the V4 indexer on fp32 at the prompt's mean
+    depth, plus the elementwise ops (mHC, norms, RoPE) as a measured fraction of the linears' time; the lm head runs
+    for the prompt's last token only. Weight reads are not a bound here: a prompt chunk of >= 512 rows reuses each
+    weight it reads hundreds of times."""
     spec, inv = c.spec, c.inv
-    prompt = prefill_prompt_tokens(c)
+    prompt = cpu_prompt_tokens(c)
     peaks = cpu_peaks(c)
+    fit, fit_reason = cpu_prefill_fit(c.prof.cpu.flags)
     out: dict[str, Any] = {"cpu_prefill_tok_s": None, "cpu_prefill_prompt_tokens": prompt,
                            "cpu_peak_gops": {k: peaks.get(k) for k in ("int8", "fp32", "bf16")},
-                           "cpu_peak_source": peaks["source"]}
+                           "cpu_peak_source": peaks["source"], "cpu_prefill_fit": fit.name,
+                           "cpu_prefill_fit_reason": fit_reason}
     if not peaks.get("int8") or not peaks.get("fp32"):
         out["cpu_prefill_reason"] = f"no CPU compute peak ({peaks['source']}): set cpu.clock_ghz in the profile"
         return out
@@ -302,35 +310,34 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         d = depth_flops_per_token(spec, t, prompt)
         att, idx = att + d["attention"], idx + d["indexer"]
     dense_unit = "bf16" if peaks.get("bf16") else "fp32"
-    e_dense = cpu_dense_efficiency(c.opts.prefill_chunk_tokens)
+    e_dense = fit.dense_at(c.opts.prefill_chunk_tokens)
     g = 1e9
     flops = {"routed_experts": lin["routed_experts"], "dense": lin["dense"], "lm_head": lin["lm_head"] / prompt,
              "attention": att, "indexer": idx}
     secs = {
-        "routed_experts": flops["routed_experts"] / (peaks["int8"] * g * CPU_EXPERT_INT8_EFFICIENCY),
+        "routed_experts": flops["routed_experts"] / (peaks["int8"] * g * fit.experts_int8),
         "dense": flops["dense"] / (peaks[dense_unit] * g * e_dense),
         "lm_head": flops["lm_head"] / (peaks[dense_unit] * g * e_dense),
-        "attention": att / (peaks["fp32"] * g * CPU_ATTENTION_EFFICIENCY),
-        "indexer": idx / (peaks["fp32"] * g * CPU_INDEXER_EFFICIENCY),
+        "attention": att / (peaks["fp32"] * g * fit.attention),
+        "indexer": idx / (peaks["fp32"] * g * fit.indexer),
     }
-    secs["elementwise"] = CPU_ELEMENTWISE_FRACTION * (secs["routed_experts"] + secs["dense"])
+    secs["elementwise"] = fit.elementwise_fraction * (secs["routed_experts"] + secs["dense"])
     total = sum(secs.values())
     out.update({
         "cpu_prefill_tok_s": 1.0 / total,
         "cpu_prefill_units": {"routed_experts": "int8", "dense": dense_unit, "attention": "fp32", "indexer": "fp32"},
         "cpu_prefill_flops_per_token": flops,
         "cpu_prefill_seconds_per_token": secs,
-        "cpu_prefill_efficiency": {"int8_experts": CPU_EXPERT_INT8_EFFICIENCY, "dense": e_dense,
-                                   "attention": CPU_ATTENTION_EFFICIENCY, "indexer": CPU_INDEXER_EFFICIENCY,
-                                   "elementwise_fraction": CPU_ELEMENTWISE_FRACTION,
-                                   "source": "benchmarks/prefill_cpu.md (2-core AVX2 Zen 3)"},
+        "cpu_prefill_efficiency": {"int8_experts": fit.experts_int8, "dense": e_dense, "attention": fit.attention,
+                                   "indexer": fit.indexer, "elementwise_fraction": fit.elementwise_fraction,
+                                   "fit": fit.name, "source": fit.source},
         "cpu_prefill_reason": (
             f"per token of a {prompt}-token prompt: experts {flops['routed_experts'] / g:.2f} GOP at int8 "
-            f"{peaks['int8']:,.0f} GOP/s x {CPU_EXPERT_INT8_EFFICIENCY}, dense {flops['dense'] / g:.2f} GFLOP at "
+            f"{peaks['int8']:,.0f} GOP/s x {fit.experts_int8}, dense {flops['dense'] / g:.2f} GFLOP at "
             f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({c.opts.prefill_chunk_tokens}-row chunks), attention "
             f"{att / g:.2f} and indexer {idx / g:.2f} GFLOP at the prompt's mean depth on fp32 "
-            f"{peaks['fp32']:,.0f} x {CPU_ATTENTION_EFFICIENCY} / {CPU_INDEXER_EFFICIENCY}, elementwise +{CPU_ELEMENTWISE_FRACTION:.0%} of the linears "
-            f"(efficiencies: benchmarks/prefill_cpu.md on AVX2; peaks: {peaks['source']})"),
+            f"{peaks['fp32']:,.0f} x {fit.attention} / {fit.indexer}, elementwise +{fit.elementwise_fraction:.0%} of "
+            f"the linears (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; peaks: {peaks['source']})"),
     })
     return out
 

@@ -262,7 +262,8 @@ def _render_cpu_prefill(console: Any, pred: dict[str, Any]) -> None:
     peaks = pred["cpu_peak_gops"]
     console.print(f"  CPU prefill {tok_s:,.2f} tok/s estimated at a {pred['cpu_prefill_prompt_tokens']:,}-token prompt "
                   f"(ms/token: {parts}; peaks GOP/s int8 {peaks['int8']:,.0f}, fp32 {peaks['fp32']:,.0f}"
-                  + (f", bf16 {peaks['bf16']:,.0f}" if peaks.get("bf16") else "") + f"; {pred['cpu_peak_source']})")
+                  + (f", bf16 {peaks['bf16']:,.0f}" if peaks.get("bf16") else "") + f"; {pred['cpu_peak_source']}; "
+                  f"efficiencies: the {pred['cpu_prefill_fit']} fit, {pred['cpu_prefill_fit_reason']})")
 
 
 def validation_doc() -> dict[str, Any]:
