@@ -346,3 +346,48 @@ def test_cli_synthetic_extrapolates_through_the_plan(tmp_path):
         pp_m, pp_e = measured[0], extra[0]
         assert pp_m["predicted_ts"] and "through the plan" in pp_e["extrapolation"]
         assert pp_e["prediction_ratio"] == pytest.approx(pp_m["prediction_ratio"])
+
+
+def test_a_pp_test_is_planned_for_its_whole_prompt():
+    """A pp test compares against the plan's prefill estimate for the prompt it runs. It was planned at half its
+    prompt (the tg rule, the context in a test's middle), which predicted a prompt half as long: at 32K, a prefill
+    estimate 1.07x the right one on Genoa. A tg test keeps the middle of its context."""
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.planner import PlanOptions, plan
+    from profiles import load_profile
+
+    prof = load_profile("epyc-genoa-768gb")  # CPU only: its prefill estimate is the depth-dependent CPU one
+    pp, tg = bench_records.BenchTest(32768, 0), bench_records.BenchTest(0, 128, 4096)
+    at = bs.plan_predictions("deepseek-ai/DeepSeek-V4-Flash", prof, [pp, tg])
+    spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+
+    def direct(**kw):
+        return plan(spec, inv, prof, PlanOptions(context_tokens=32769, **kw)).predicted
+
+    want = direct(decode_depth_tokens=32768, prefill_prompt_tokens=32768)
+    half = direct(decode_depth_tokens=16384, prefill_prompt_tokens=16384)
+    assert want["prefill_tok_s"] < half["prefill_tok_s"] * 0.95  # the two readings differ: the test can tell them apart
+    assert at(pp)["prefill_tok_s"] == pytest.approx(want["prefill_tok_s"], rel=1e-9)
+    assert at(tg)["decode_tok_s"] == pytest.approx(direct(decode_depth_tokens=4096 + 64)["decode_tok_s"], rel=1e-9)
+
+
+def test_cli_plans_prefill_with_the_better_unit_peaks(tiny_checkpoint, monkeypatch):
+    """The CPU unit peaks (the plan's prefill calibration) are measured before and after the run and the pp
+    prediction uses each unit's better figure: a ~0.15 s measurement caught under a neighbour's burst read half."""
+    from homerun.plan import hardware
+
+    low, high = {"int8": 100.0, "bf16": None, "fp32": 50.0}, {"int8": 200.0, "bf16": None, "fp32": 100.0}
+
+    def run(*figures):
+        it = iter(figures)
+        monkeypatch.setattr(hardware, "measure_cpu_peaks", lambda: dict(next(it)))
+        r = _invoke(str(tiny_checkpoint), "-p", "16", "-n", "0", "-r", "1", "--json")
+        assert r.exit_code == 0, r.output
+        (doc,) = json.loads(r.stdout)
+        return doc["predicted_ts"]
+
+    slow_first, slow_after, steady = run(low, high), run(high, low), run(low, low)
+    assert slow_first and steady and slow_first > steady * 1.5  # twice the peaks: a faster prefill plan
+    assert slow_first == pytest.approx(slow_after, rel=1e-9)
+    assert bc._better_peaks(low, low) is low and bc._better_peaks(low, None) is low
+    assert bc._better_peaks(low, {"int8": 300.0, "fp32": 10.0})["fp32"] == 50.0

@@ -78,17 +78,20 @@ def measure_limits(*, vram_gbps: float | None = None) -> Limits:
 
 
 def plan_prediction(model_ref: str, prof: Any, *, depth: int, context_tokens: int, efficiency: Any = None,
-                    hit_rate: float | None = None, cpu_peaks: dict[str, Any] | None = None) -> dict[str, Any]:
+                    hit_rate: float | None = None, cpu_peaks: dict[str, Any] | None = None,
+                    prompt_tokens: int | None = None) -> dict[str, Any]:
     """The planner's decode/prefill tok/s for a model (path or card) on a profile. A plan that does not fit this
     profile (e.g. the full V4-Pro on a 24 GB machine) is re-planned with enough RAM at the same bandwidths and
     says so: the bandwidths, not the capacity, set the speed being extrapolated. cpu_peaks: this machine's measured
-    CPU unit peaks (`PlanOptions.cpu_peaks`), which a detected profile needs for a CPU prefill estimate."""
+    CPU unit peaks (`PlanOptions.cpu_peaks`), which a detected profile needs for a CPU prefill estimate.
+    prompt_tokens: the prompt the prefill estimate is for (`PlanOptions.prefill_prompt_tokens`; None: `depth`)."""
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import Efficiency, PlanOptions, plan
 
     spec, inv = resolve_model(model_ref)
     opts = PlanOptions(context_tokens=max(context_tokens, 4096), decode_depth_tokens=max(depth, 1),
-                       efficiency=efficiency or Efficiency(), hit_rate=hit_rate, cpu_peaks=cpu_peaks)
+                       efficiency=efficiency or Efficiency(), hit_rate=hit_rate, cpu_peaks=cpu_peaks,
+                       prefill_prompt_tokens=prompt_tokens)
     p = plan(spec, inv, prof, opts)
     note = ""
     if not p.fits:
@@ -114,17 +117,21 @@ def _cache_experts(p: Any) -> int:
 
 def plan_predictions(model_ref: str, prof: Any, tests: Sequence[BenchTest], *, efficiency: Any = None,
                      hit_rate: float | None = None, cpu_peaks: dict[str, Any] | None = None) -> Callable[[BenchTest], dict[str, Any]]:
-    """plan_prediction for each test, taken at the context in the middle of the test (its depth plus half its
-    tokens), in a context window that holds the longest test; one plan per distinct depth."""
+    """plan_prediction for each test, in a context window that holds the longest test; one plan per distinct
+    (depth, prompt). A tg test is planned at the context in its middle (its depth plus half its tokens): decode
+    speed is a per-token figure at a depth. A pp test is planned for its whole prompt (its depth plus its tokens):
+    the plan's prefill estimate is already the mean over a prompt's positions, so handing it half the prompt
+    predicted a prompt half as long (at 32K, half the attention and indexer depth)."""
     ctx = max((t.n_depth + t.n_tokens for t in tests), default=0) + 1
-    plans: dict[int, dict[str, Any]] = {}
+    plans: dict[tuple[int, int | None], dict[str, Any]] = {}
 
     def at(test: BenchTest) -> dict[str, Any]:
-        d = test.n_depth + test.n_tokens // 2
-        if d not in plans:
-            plans[d] = plan_prediction(model_ref, prof, depth=d, context_tokens=ctx, efficiency=efficiency,
-                                       hit_rate=hit_rate, cpu_peaks=cpu_peaks)
-        return plans[d]
+        prompt = test.n_depth + test.n_prompt if test.n_prompt else None
+        d = prompt if prompt else test.n_depth + test.n_tokens // 2
+        if (d, prompt) not in plans:
+            plans[(d, prompt)] = plan_prediction(model_ref, prof, depth=d, context_tokens=ctx, efficiency=efficiency,
+                                                 hit_rate=hit_rate, cpu_peaks=cpu_peaks, prompt_tokens=prompt)
+        return plans[(d, prompt)]
 
     return at
 
