@@ -80,6 +80,11 @@ class ExpertBackend:
     # tensors such a call gets are then the graphs' static buffers, rewritten at the next step (keep copies, not them).
     graph_safe: bool = False
 
+    def graph_safe_layer(self, layer: int) -> bool:
+        """`graph_safe` for this layer's calls alone: decode graphs capture a graph-safe layer's routed call with its
+        segment and run only the other layers' calls eagerly (a backend composed per layer answers per layer)."""
+        return bool(self.graph_safe)
+
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -176,6 +181,11 @@ class LayerSplitBackend(ExpertBackend):
 
     def _unique(self) -> list[ExpertBackend]:
         return list({id(b): b for b in self.backends_by_layer.values()}.values())
+
+    def graph_safe_layer(self, layer: int) -> bool:
+        """The part that owns the layer decides (a resident part's layers are captured whole, a cached part's not)."""
+        b = self.backends_by_layer.get(layer)
+        return b is not None and b.graph_safe_layer(layer)
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:

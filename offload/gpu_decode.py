@@ -7,9 +7,13 @@ slot_table[layer][ids] < 0, and the routing ids plus that mask go to pinned host
 event; (3) `fp4_moe_decode` runs (pairs whose slot is -1 contribute zero); (4) the host waits for the event only (the
 kernel keeps running) and reads the ids and the mask from pinned memory (no .item / .tolist / nonzero / unique on a
 device tensor); hits are counted for the policy. (5) Only when the mask has a miss: the misses are split by the miss
-policy; CPU misses take their activation rows to the host through a pinned buffer, are computed by the CPU backend
-on its worker thread while streamed misses are copied into slots and computed by a second fused launch over a
-table that names only them; both land in the output. Math: fp32 accumulation; the output is x's dtype.
+policy; CPU misses are computed by the CPU backend on its worker thread while streamed misses are copied into slots
+and computed by a second fused launch over a table that names only them; both land in the output. Math: fp32
+accumulation; the output is x's dtype. The CPU misses' activation rows (fp32) and routing weights were copied to
+pinned buffers in (2), before the event (`early_cpu_rows`), so (4)'s one wait covers them: a layer with CPU misses
+waits once, not twice. That copy runs on all-hit layers too (two launches), so it is made only when CPU misses can
+happen and its bytes cross the link in under a wait (`early_rows_max_bytes`); otherwise the rows cross after the
+mask, behind a second wait.
 Prefetch guesses ride the same wait: `prefetch_speculative(l + 1, guess)`, called before layer l's call, only copies
 the device guess (non-blocking) into a pinned buffer (`guess`; a decode graph's static buffer may be rewritten
 afterwards); layer l's event in (2) is recorded behind that copy, and after (4) the host reads the guess, issues its
@@ -153,6 +157,7 @@ class FusedDecode:
         self._spec: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # per speculated call: layer, ids, miss mask
         self.defer_guesses = True  # False: read each guess at once (a host sync each), the reference for tests
         self._guess: tuple[int, torch.Tensor] | None = None  # (layer it guesses, its pinned copy), read after a wait
+        self.early_cpu_rows = True  # False: the rows of CPU misses cross after the mask, a second wait (tests, A/B)
 
     # --- tokens ----------------------------------------------------------------------------------------------
     def begin_token(self, decode: bool) -> bool:
@@ -245,9 +250,10 @@ class FusedDecode:
         return self.moe.fp4_moe_decode(x, ids, w, table, *self.views, self.b.swiglu_limit, out_dtype=torch.float32,
                                        fewest_programs=self.fewest)
 
-    def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """Non-blocking copy of a device tensor into its pinned staging buffer (valid after the next event wait)."""
-        buf = self.staging.get(name, t.numel(), t.dtype)
+    def _to_host(self, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Non-blocking copy of a device tensor into its pinned staging buffer (valid after the next event wait),
+        converted to `dtype` by the copy itself (one launch)."""
+        buf = self.staging.get(name, t.numel(), dtype or t.dtype)
         buf.copy_(t.reshape(-1), non_blocking=self.is_cuda)
         return buf
 
@@ -275,7 +281,8 @@ class FusedDecode:
         xd = x.to(dev)
         ids_h = self._to_host("ids", ids)
         miss_h = self._to_host("miss", table[ids] < 0)
-        if self.is_cuda:  # the event goes right behind the two copies, before the kernel
+        early = self._early_rows(xd, wts)
+        if self.is_cuda:  # the event goes right behind the copies, before the kernel
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(dev))
         y = self._kernel(xd, ids, wts, table)  # (T, D) fp32, resident experts only
@@ -291,15 +298,31 @@ class FusedDecode:
             self.n_miss_calls += 1
             if self._token is not None:
                 self._token["missed"] = True
-            self._misses(layer, xd, ids, wts, ids_np, miss_np, y, expert_ids.shape[1])
+            self._misses(layer, xd, ids, wts, ids_np, miss_np, y, expert_ids.shape[1], early)
         self.b._feed_link_meter()
         return y.to(x.dtype)
 
-    def _misses(self, layer, xd, ids, wts, ids_np, miss_np, y, k: int) -> None:
+    def _early_rows_wanted(self) -> bool:
+        b = self.b
+        return (self.early_cpu_rows and b.cpu_backend is not None
+                and (b.miss_policy is not None and b.miss_policy.mode != "stream"))
+
+    def early_rows_max_bytes(self) -> float:
+        """Bytes the early copy may move: what the link carries in one saved wait (~20 us x 25 GB/s = 500 KB)."""
+        return self.policy.wait_s * self.b.miss_policy.costs.link_gbps * 1e9
+
+    def _early_rows(self, xd: torch.Tensor, wts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x (fp32, the CPU kernels' activations) and the routing weights into pinned buffers, queued before the
+        layer's event so a CPU miss finds them on the host after the one wait; None: not worth it (module docstring)."""
+        if not self._early_rows_wanted() or 4 * (xd.numel() + wts.numel()) > self.early_rows_max_bytes():
+            return None
+        return self._to_host("x_rows", xd, torch.float32), self._to_host("w_rows", wts, torch.float32)
+
+    def _misses(self, layer, xd, ids, wts, ids_np, miss_np, y, k: int, early=None) -> None:
         b, cache = self.b, self.cache
         missed, counts = np.unique(ids_np[miss_np], return_counts=True)
         plan = b._split({int(e): int(n) for e, n in zip(missed, counts)})
-        cpu_future = self._start_cpu(layer, xd, wts, ids_np, plan.cpu, k) if plan.cpu else None
+        cpu_future = self._start_cpu(layer, xd, wts, ids_np, plan.cpu, k, early) if plan.cpu else None
         stream = list(plan.stream)
         window = max(1, cache.capacity(layer))
         for i in range(0, len(stream), window):  # at most the layer's evictable slots at once
@@ -319,21 +342,26 @@ class FusedDecode:
                 for e in plan.cpu:
                     cache.prefetch((layer, e), promotion=True)
 
-    def _start_cpu(self, layer, xd, wts, ids_np, cpu_ids, k: int):
-        """CPU misses: their (token, expert) pairs, one row each, cross to the host in pinned buffers."""
+    def _start_cpu(self, layer, xd, wts, ids_np, cpu_ids, k: int, early=None):
+        """CPU misses: their (token, expert) pairs, one row each, taken from the early pinned copies of x and the
+        weights (`early`), or else copied to pinned buffers now, behind a wait of their own."""
         b, cache = self.b, self.cache
         for e in cpu_ids:
             cache.record_miss((layer, e))
         pairs = np.flatnonzero(np.isin(ids_np, np.asarray(cpu_ids)))  # host numpy, no device sync
         idx = torch.from_numpy(pairs)
         rows = idx // k
-        rows_d = rows.to(b.device)
-        x_h = self._to_host("x", xd[rows_d].float())  # (n*D,) fp32: the CPU kernels' activations
-        w_h = self._to_host("w", wts.reshape(-1)[idx.to(b.device)].float())
-        self._wait()
         n, d = len(pairs), xd.shape[1]
-        x_cpu = x_h.view(n, d).clone()
-        w_cpu = w_h.view(n, 1).clone()
+        if early is not None:  # already on the host behind this layer's one wait: gathered there (copies)
+            x_cpu = early[0].view(-1, d)[rows]
+            w_cpu = early[1][idx].view(n, 1)
+        else:
+            rows_d = rows.to(b.device)
+            x_h = self._to_host("x", xd[rows_d].float())  # (n*D,) fp32: the CPU kernels' activations
+            w_h = self._to_host("w", wts.reshape(-1)[idx.to(b.device)].float())
+            self._wait()
+            x_cpu = x_h.view(n, d).clone()
+            w_cpu = w_h.view(n, 1).clone()
         ids_cpu = torch.from_numpy(ids_np[pairs].astype(np.int64)).view(n, 1)
         n_tok = xd.shape[0]
 

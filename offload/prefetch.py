@@ -51,29 +51,43 @@ def hash_layer_experts(tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[i
     return torch.unique(tid2eid[token_ids.to(tid2eid.device)]).tolist()
 
 
+class HostTid2Eid:
+    """A hash layer's experts (`hash_layer_experts`) read on the host: a host copy of each layer's tid2eid, taken
+    once, indexed at host token ids, so no device sync (a device unique + tolist is one per hash layer per
+    forward). Device token ids, or `host_reads` False (the reference in tests), take the device path. Shared by the
+    decode Prefetcher and the PrefillStreamer."""
+
+    def __init__(self, host_reads: bool = True) -> None:
+        self.host_reads = host_reads
+        self._held: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # layer -> (its tid2eid, a host copy)
+
+    def experts(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
+        """The sorted distinct experts of tid2eid[token_ids]."""
+        if not self.host_reads or token_ids.device.type != "cpu":
+            return hash_layer_experts(tid2eid, token_ids)
+        return np.unique(self._host(layer, tid2eid)[token_ids.numpy()]).tolist()
+
+    def _host(self, layer: int, tid2eid: torch.Tensor) -> np.ndarray:
+        """tid2eid on the host, copied once per layer (a [V, k] table of a few MB at most)."""
+        held = self._held.get(layer)
+        if held is None or held[0] is not tid2eid:
+            held = (tid2eid, tid2eid.cpu().numpy())
+            self._held[layer] = held
+        return held[1]
+
+
 class Prefetcher:
     def __init__(self, cache) -> None:
         self.cache = cache
         self._pending: dict[int, tuple[str, set[int]]] = {}
         self._scores = {"hash": _Score(), "speculative": _Score()}
         self._issued = {"hash": 0, "speculative": 0}
-        self._tid2eid: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # layer -> (its tid2eid, a host copy)
+        self.tid2eid = HostTid2Eid()
 
     def hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
-        if token_ids.device.type != "cpu":  # device token ids: read on the host, a sync
-            ids = hash_layer_experts(tid2eid, token_ids)
-        else:
-            ids = np.unique(self._host_tid2eid(layer, tid2eid)[token_ids.numpy()]).tolist()
+        ids = self.tid2eid.experts(layer, tid2eid, token_ids)
         self._predict("hash", layer, ids)
         return ids
-
-    def _host_tid2eid(self, layer: int, tid2eid: torch.Tensor) -> np.ndarray:
-        """tid2eid on the host, copied once per layer (a [V, k] table of a few MB at most)."""
-        held = self._tid2eid.get(layer)
-        if held is None or held[0] is not tid2eid:
-            held = (tid2eid, tid2eid.cpu().numpy())
-            self._tid2eid[layer] = held
-        return held[1]
 
     def speculate(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
         """expert_ids [T, k]: the model's guess at the layer's routing (its own router, its own scoring)."""

@@ -7,7 +7,10 @@ go up in bulk (adjacent arena buffers as one copy) into stage[layer % 2], and th
 sorted by expert, whose group offsets stay on the device. The next layer's experts go into the other stage while
 this layer computes: its exact set when known ahead (hash layers, from the token ids) or the model's guess
 (`speculate`: the next router applied to this layer's input), completed at its forward with whatever the guess
-missed. The decode cache is not touched: its slots, table, policy and counters are the same after a prefill.
+missed. A hash layer's set is read on the host (`offload.prefetch.HostTid2Eid`: the host token ids into a host copy
+of tid2eid), and its forward takes that set as its needed experts, so neither makes a device sync; a routed layer's
+needed set and a guess are read from the device (a unique + tolist each). The decode cache is not touched: its
+slots, table, policy and counters are the same after a prefill.
 Counters per layer: experts staged, bytes staged (used and speculative), copies, copy and stall time.
 """
 
@@ -21,6 +24,7 @@ import torch
 
 from offload.devices import Device
 from offload.host_store import HostExpertStore
+from offload.prefetch import HostTid2Eid
 from offload.transfer import make_transfer_engine
 
 
@@ -72,6 +76,7 @@ class PrefillStreamer:
         self.views = [store.layout.kernel_views(s.buf) for s in self.stages]
         self.engine = make_transfer_engine(device, max_in_flight=max_in_flight, link_gbps=link_gbps, sink=self)
         self.known: dict[int, list[int]] = {}  # layer -> exact experts known ahead (hash layers)
+        self.tid2eid = HostTid2Eid()
         self.layers: dict[int, _LayerCounters] = defaultdict(_LayerCounters)
 
     # --- transfer sink ------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class PrefillStreamer:
 
     def hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         """A hash layer's experts follow from the token ids: remembered, staged when the layer before it runs."""
-        experts = torch.unique(tid2eid[token_ids.to(tid2eid.device)]).tolist()
+        experts = self.tid2eid.experts(layer, tid2eid, token_ids)
         self.known[layer] = experts
         if layer == 0 or self.stages[layer % 2].layer is None:
             self._upload(layer, experts)
@@ -143,7 +148,11 @@ class PrefillStreamer:
                 expert_weights: torch.Tensor) -> torch.Tensor:
         dev = self.device.torch_device
         xd, ids, wts = x.to(dev), expert_ids.to(dev), expert_weights.to(dev)
-        needed = torch.unique(ids).tolist()  # prefill may sync: one per layer
+        # A hash layer's routing is tid2eid at this forward's token ids, whose experts hash_layer read on the host:
+        # no sync. Any other layer's are read from the device, a sync (prefill may: one per layer).
+        needed = self.known.get(layer) if self.tid2eid.host_reads else None
+        if needed is None:
+            needed = torch.unique(ids).tolist()
         st = self._stage_for(layer)
         c = self.layers[layer]
         c.experts += len(needed)

@@ -136,7 +136,7 @@ def test_capturing_the_hybrid_routed_call_fails(ckpt):
     """The split layout is needed: the cached backend's call captured with its segment (the full layout) is refused
     by the capture (a host sync), so a runner that captured it could not pass the equivalence above."""
     model = _hybrid(ckpt, "on", slots=6, misses="cpu", speculate="never")
-    model.decode_graphs.split = False
+    model.decode_graphs.eager_routed = [False] * model.args.n_layers
     s = model.session()
     s.feed(PROMPT)
     with pytest.raises(GraphCaptureError, match="host sync"):

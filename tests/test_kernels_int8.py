@@ -98,6 +98,18 @@ def test_int8_results_do_not_depend_on_thread_count(path):
     assert torch.equal(y1, ce.fp4_linear(x, codes, scale, path=path, act="int8"))
 
 
+@pytest.mark.parametrize("path", NATIVE)
+def test_int8_batch_results_do_not_depend_on_the_call_size(path):
+    # The GEMM hands the batch kernels up to 64 tokens a call (VNNI; 16 on AVX2), and each output must be the same
+    # whatever else shares its call: 100 tokens at once (64 + 36 on VNNI, 6 x 16 + 4 on AVX2) against 36 and 64
+    # separately (every call >= 4 tokens, so every token stays on the batch kernels).
+    codes, scale = fp4_weights(70, 1056, seed=19)
+    x = torch.randn(100, 1056, generator=torch.Generator().manual_seed(19))
+    y = ce.fp4_linear(x, codes, scale, path=path, act="int8")
+    parts = [ce.fp4_linear(x[a:b], codes, scale, path=path, act="int8") for a, b in ((0, 36), (36, 100))]
+    assert torch.equal(y, torch.cat(parts))
+
+
 # --------------------------------------------------------------------------------------------- fused op
 
 

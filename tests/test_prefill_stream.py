@@ -89,3 +89,44 @@ def test_model_prefill_through_the_stage_equals_the_resident_model(tiny_checkpoi
     assert st["staged_bytes"] - st["wasted_bytes"] == st["experts"] * be.cache.store.expert_bytes
     assert be.stats().cache.to_dict()["hits"] + be.stats().cache.to_dict()["misses"] == 0  # the cache sat out
     be.close()
+
+
+def test_hash_layers_stage_from_host_reads_without_a_device_sync(tiny_checkpoints):
+    """A hash layer's experts are tid2eid at the host token ids (offload.prefetch.HostTid2Eid): staging them ahead and
+    the layer's own forward read no device unique + tolist. Against the device reads (`host_reads` False): the same
+    logits and the same staging, two device reads fewer per hash layer, and what remains is one read per routed
+    layer and one per guess."""
+    from homerun.engine.runtime import load
+    from homerun.formats.loader import open_checkpoint
+    from homerun.kernels.counting import count_device_work
+    from homerun.models.deepseek_v4 import ModelArgs
+
+    path = tiny_checkpoints["mixed"]
+    ckpt = open_checkpoint(path)
+    a = ModelArgs.from_hf_config(ckpt.config)
+    assert a.n_hash_layers >= 1
+    prompt = torch.randint(0, a.vocab_size, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = {}
+    for host_reads in (True, False):
+        be = build_cached_backend(ckpt.expert, range(a.n_layers), a.n_routed_experts, swiglu_limit=a.swiglu_limit,
+                                  device=CudaStandInDevice("cuda-standin:0", 1 << 30), cache=CacheOptions(2),
+                                  prefill=PrefillOptions(min_rows=8))
+        be.prefill.tid2eid.host_reads = host_reads
+        guesses = []
+        real = be.prefill.speculate
+        be.prefill.speculate = lambda layer, ids: (guesses.append(layer), real(layer, ids))[1]
+        model = load(path, expert_backend=be)
+        with count_device_work() as cw:
+            logits = model.logits(prompt)
+        st = be.prefill.stats()
+        runs[host_reads] = (logits, {k: v for k, v in st.items() if k not in ("copy_s", "stall_s", "layers")},
+                            cw.c, len(guesses))
+        be.close()
+    (new_logits, new_st, new, n_guesses), (old_logits, old_st, old, _) = runs[True], runs[False]
+    assert torch.equal(new_logits, old_logits)
+    assert new_st == old_st and new_st["experts"] > 0
+    n_hash = a.n_hash_layers
+    fewer = old.sync_names["_unique2"] - new.sync_names.get("_unique2", 0)
+    assert fewer == 2 * n_hash, (old.sync_names, new.sync_names)  # hash_layer's read and the layer's own
+    assert old.syncs - new.syncs == 4 * n_hash  # each read was a unique and a tolist
+    assert new.sync_names.get("_unique2", 0) == (a.n_layers - n_hash) + n_guesses

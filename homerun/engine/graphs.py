@@ -11,10 +11,12 @@ step runs as n_layers + 1 graph launches plus the cores' own launches.
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
   segment n      layer n-1's post-attention -> final hidden
 
-That layout holds the routed experts' launches too, so it needs an expert backend that declares itself graph-safe
-(all experts resident: offload.base.ExpertBackend.graph_safe). The hybrid backend (a device cache over the host
-store) reads each layer's routing on the host, serves misses on the CPU or streams them, so its call runs eagerly
-between two segments per layer, as the attention cores do (2 n_layers + 1 graph launches):
+That layout holds the routed experts' launches too, so it needs a layer whose expert backend declares it graph-safe
+(all its experts resident: offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the
+host store) reads each layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's
+call runs eagerly between two segments, as the attention cores do. The choice is per layer (`eager_routed`): a model
+whose layers are partly resident, partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every
+layer is cached):
 
   segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
   (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
@@ -172,16 +174,21 @@ def unsupported_reason(net) -> str | None:
     return None
 
 
-def experts_between_segments(backend) -> bool:
-    """Whether decode graphs run `backend`'s routed-expert calls eagerly between segments (the split layout): every
-    backend that does not declare itself graph-safe (offload.base.ExpertBackend.graph_safe) may sync, read the
-    routing on the host, compute on the CPU or stream, so its calls cannot be replayed."""
-    return not backend.graph_safe
+def eager_routed_layers(backend, layers: Sequence[int]) -> list[bool]:
+    """Per layer (model order): whether decode graphs run its routed-expert call eagerly between two segments. A layer
+    the backend does not declare graph-safe (offload.base.ExpertBackend.graph_safe_layer) may sync, read the routing
+    on the host, compute on the CPU or stream, so its call cannot be replayed."""
+    return [not backend.graph_safe_layer(layer) for layer in layers]
 
 
-def layout_reason(backend) -> str:
+def layout_reason(backend, layers: Sequence[int]) -> str:
     """How decode graphs run with `backend`, for the runner's reason string (`homerun bench`'s decode_runner)."""
-    return "experts eager between segments" if experts_between_segments(backend) else "experts in the segments"
+    eager = eager_routed_layers(backend, layers)
+    if not any(eager):
+        return "experts in the segments"
+    if all(eager):
+        return "experts eager between segments"
+    return f"experts in the segments, eager between segments in {sum(eager)} of {len(eager)} layers"
 
 
 class DecodeGraphs:
@@ -189,14 +196,15 @@ class DecodeGraphs:
     docstring). `forward` has net.forward's contract for T == 1, except that the returned hidden is a static
     buffer, valid until the next decode step.
 
-    Two layouts, chosen by the expert backend (`experts_between_segments`): a graph-safe backend's routed call is
-    captured with the rest of the MoE site (n_layers + 1 segments); any other runs eagerly between two segments per
-    layer (2 n_layers + 1): segment "in" ends at the router's (ids, weights) and the experts' input, plus the next
-    layer's router guess when the backend prefetches speculatively; the routed call reads those static buffers and
-    its output is copied into one the segment "out" reads (the shared expert's down projection, the routed sum, the
-    next layer's pre-attention). The backend's token hooks (begin_token, the hash layers' prefetches, end_token and
-    its redo from a missed layer) run as in net.forward: a redo replays the segments from that layer, whose inputs
-    are still in their static buffers."""
+    Two layouts per layer, chosen by the expert backend (`eager_routed`): a graph-safe layer's routed call is
+    captured with the rest of its MoE site (one segment "out"; when the next layer's call runs eagerly, the segment
+    also holds the router's guess at it, issued after the replay); any other runs eagerly between two segments:
+    segment "in" ends at the router's (ids, weights) and the experts' input, plus the next layer's router guess when
+    the backend prefetches speculatively; the routed call reads those static buffers and its output is copied into
+    one the segment "out" reads (the shared expert's down projection, the routed sum, the next layer's
+    pre-attention). With any eager layer (`split`) the backend's token hooks (begin_token, the hash layers'
+    prefetches, end_token and its redo from a missed layer) run as in net.forward: a redo replays the segments from
+    that layer, whose inputs are still in their static buffers."""
 
     def __init__(self, net, graphs: CudaGraphs | EmulatedGraphs) -> None:
         reason = unsupported_reason(net)
@@ -204,18 +212,24 @@ class DecodeGraphs:
             raise ValueError(f"decode graphs unsupported: {reason}")
         self.net, self.graphs = net, graphs
         self.backend = net.experts  # the expert backend the graphs serve (whose launches they hold when graph-safe)
-        self.split = experts_between_segments(self.backend)
+        self.eager_routed = eager_routed_layers(self.backend, [lay.index for lay in net.layers])
         self.k = kernels_for(net.device, net.compute_dtype, 1, net.embed_flavor)
         self.kl = for_act(self.k, net.experts.act)
         self.segments: dict[tuple, Any] = {}
         self._outs: dict[tuple, Any] = {}  # each segment's outputs: static buffers the later segments read
-        self.core_out: list[torch.Tensor] = []
-        self.routed: list[torch.Tensor] = []  # split layout: each layer's routed sum, copied in after its call
+        self.core_out: dict[int, torch.Tensor] = {}  # layer position -> its core's output
+        self.routed: dict[int, torch.Tensor] = {}  # eager routed calls (by layer position): sums copied in after each
+        self._guesses: dict[int, torch.Tensor | None] = {}  # graph-safe layer -> its captured guess at the next one
         self.replays = 0  # decode steps served from the graphs (the capture step included)
 
     @property
     def captured(self) -> bool:
         return bool(self.segments)
+
+    @property
+    def split(self) -> bool:
+        """Whether any layer's routed call runs eagerly (and the backend's token hooks run around the step)."""
+        return any(self.eager_routed)
 
     def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
         net = self.net
@@ -269,9 +283,11 @@ class DecodeGraphs:
             out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
             new_states.append(st)
             buf = _into_static(self.core_out, i, out)
-            if not self.split:
-                self._segment(("out", i), lambda: self._after(i, net._post_attention(layer, x, pa, buf, self.ids_buf,
-                                                                                     kl)))
+            if not self.eager_routed[i]:
+                self._segment(("out", i), lambda: self._whole(i, x, pa, buf))
+                guess = self._guesses.get(i)
+                if guess is not None and self.backend.wants_speculation:
+                    self.backend.prefetch_speculative(layer.index + 1, guess)
                 continue
             mi, guess = self._segment(("in", i), lambda: self._moe_in(i, x, pa, buf))
             if guess is not None and self.backend.wants_speculation:
@@ -279,6 +295,16 @@ class DecodeGraphs:
             res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
             self._segment(("out", i), lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
         return new_states
+
+    def _whole(self, i: int, x, pa, core_out):
+        """A graph-safe layer's post-attention, its routed call inside (net._post_attention's math). When the next
+        layer's call runs eagerly, the router's guess at it is made here too and kept for after the replay: inside a
+        capture the backend's prefetch hook would run only once."""
+        net, layer, kl = self.net, self.net.layers[i], self.kl
+        mi = net._moe_in(layer, net._attn_out(layer, x, pa, core_out, kl), self.ids_buf, kl)
+        nxt = i + 1 < len(self.eager_routed) and self.eager_routed[i + 1]
+        self._guesses[i] = net._next_layer_guess(layer, mi.h, self.ids_buf) if nxt else None
+        return self._after(i, net._moe_out(layer, mi, self.backend.forward(layer.index, mi.h, mi.idx, mi.w), kl))
 
     def _moe_in(self, i: int, x, pa, core_out):
         net, layer = self.net, self.net.layers[i]
@@ -295,10 +321,10 @@ class DecodeGraphs:
         return net._final(y, self.k)
 
 
-def _into_static(bufs: list[torch.Tensor], i: int, t: torch.Tensor) -> torch.Tensor:
+def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor) -> torch.Tensor:
     """t copied into the i-th static buffer of `bufs` (made from t at the capture step), which later segments read."""
-    if i == len(bufs):
-        bufs.append(t.clone())
+    if i not in bufs:
+        bufs[i] = t.clone()
     else:
         bufs[i].copy_(t)
     return bufs[i]
@@ -314,7 +340,7 @@ def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:
     reason = unsupported_reason(net)
     if reason is not None:
         return None, reason
-    layout = layout_reason(net.experts)
+    layout = layout_reason(net.experts, [lay.index for lay in net.layers])
     if net.device.type == "cuda":
         return DecodeGraphs(net, CudaGraphs(net.device)), f"captured: CUDA graphs, {layout}"
     if mode == "on":

@@ -46,7 +46,13 @@
 #endif
 
 #define HR_MAX_THREADS 256
-#define HR_Q8T_TT 16 /* tokens per call of the int8 batch kernel (one decoded weight chunk feeds 16 dot products) */
+#define HR_Q8T_TT 16 /* tokens per call of the AVX2 int8 rows and per tile of the one-row VNNI batch kernel q8t */
+/* Tokens per call of the VNNI batch rows (hr_int8_batch.inc): a call decodes its rows once, so a per-expert batch of
+ * up to 64 tokens pays one decode (16: four; benchmarks/prefill_cpu.md, session 5). Any size >= HR_Q8T_TT is exact:
+ * each output is the same sequence of operations whatever the call's other tokens. */
+#ifndef HR_Q8P_TT
+#define HR_Q8P_TT 64
+#endif
 #define HR_TT 8      /* tokens per register tile */
 #define HR_RC 64     /* rows per task chunk */
 #define HR_FP8_BLOCK 128

@@ -34,11 +34,16 @@ def _online_block(q, kv_ptr, rn, N, skn, skd, rd, d_mask, scale, m_i, l_i, acc, 
 
 @triton.jit
 def _attend_two_kernel(
-    q_ptr, kv_ptr, kv2_ptr, sink_ptr, o_ptr, H, N, N2, D, scale,
+    q_ptr, kv_ptr, kv2_ptr, sink_ptr, o_ptr, len_ptr, H, N, N2, D, scale,
     sqh, sqd, skn, skd, s2n, s2d, ssh, soh, sod,
-    OUT_BF16: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    OUT_BF16: tl.constexpr, LEN_DEV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """attend_one over kv's N rows then kv2's N2 rows (N2 may be 0), one online softmax."""
+    """attend_one over kv's N rows then kv2's N2 rows (N2 may be 0), one online softmax. LEN_DEV: N and N2 are read
+    from len_ptr[0:2] (a captured decode step's lengths, written on the device each step)."""
+    if LEN_DEV:
+        N = tl.load(len_ptr).to(tl.int32)
+        N2 = tl.load(len_ptr + 1).to(tl.int32)
     rh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = rh < H
     rd = tl.arange(0, BLOCK_D)
@@ -111,9 +116,12 @@ def attend_one(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: flo
 
 
 def attend_two(q: torch.Tensor, kv: torch.Tensor, kv2: torch.Tensor | None, sink: torch.Tensor, scale: float,
-               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.float32, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """attend_one over the rows of kv then of kv2 (None: none), q [H, D], kv [N, D], kv2 [N2, D] (any float dtypes
-    and strides), sink [H] -> [H, D] in out_dtype (fp32 math, one rounding at the end)."""
+    and strides), sink [H] -> [H, D] in out_dtype (fp32 math, one rounding at the end). lengths: a device tensor
+    [2] (integer) of the row counts to read, at most N and N2 (kv and kv2 are then static capacities): no host read.
+    The row blocks never depend on the counts (fixed BLOCK_N), so a read over a capacity with the true counts on the
+    device gives the same bits as one over exactly those rows."""
     H, D = q.shape
     N = kv.shape[0]
     assert kv.shape[1] == D and sink.numel() == H and (kv2 is None or kv2.shape[1] == D), (q.shape, kv.shape)
@@ -123,10 +131,10 @@ def attend_two(q: torch.Tensor, kv: torch.Tensor, kv2: torch.Tensor | None, sink
     o = torch.empty((H, D), device=q.device, dtype=out_dtype)
     bd = max(16, triton.next_power_of_2(D))
     bh = max(16, min(64 if interpreting() else 16, triton.next_power_of_2(H)))
-    bn = min(max(16, triton.next_power_of_2(max(N, n2))), 256) if interpreting() else (32 if bd <= 256 else 16)
+    bn = 32 if bd <= 256 else 16
     launch(_attend_two_kernel, (triton.cdiv(H, bh),))(
-        q, kv, k2, sink, o, H, N, n2, D, float(scale), q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-        k2.stride(0), k2.stride(1), sink.stride(0), o.stride(0), o.stride(1),
-        OUT_BF16=out_dtype == torch.bfloat16, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd,
+        q, kv, k2, sink, o, lengths if lengths is not None else o, H, N, n2, D, float(scale), q.stride(0),
+        q.stride(1), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1), sink.stride(0), o.stride(0), o.stride(1),
+        OUT_BF16=out_dtype == torch.bfloat16, LEN_DEV=lengths is not None, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd,
     )
     return o

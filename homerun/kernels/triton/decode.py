@@ -208,14 +208,16 @@ def _pool(ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, 
 
 @triton.jit
 def _compress_close_kernel(
-    pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, nw_ptr, f_ptr, y_ptr, okn_ptr, ogn_ptr,
+    pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, nw_ptr, f_ptr, y_ptr, okn_ptr, ogn_ptr, pos_ptr,
     S, R, P, HD, R2, eps, pos,
     spk, spg, sape, sok, sog,
-    OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, KV_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, KV_BF16: tl.constexpr, POS_DEV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program: the closing window's entry (softmax-gated pooling, RMSNorm, RoPE at pos) and, OVERLAP, this
-    window's first halves (kv, gate + ape) as the next window's overlap slots."""
+    window's first halves (kv, gate + ape) as the next window's overlap slots. POS_DEV: pos is read from pos_ptr."""
+    if POS_DEV:
+        pos = tl.load(pos_ptr).to(tl.float32)
     ch = tl.arange(0, BLOCK_C)
     c_mask = ch < HD
     x = _pool(ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, HD, spk, spg, sape, sok, sog,
@@ -267,10 +269,12 @@ def _compress_close_kernel(
 
 def compress_close(pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Tensor, gate: torch.Tensor,
                    ape: torch.Tensor, overlap_kv: torch.Tensor | None, overlap_gate: torch.Tensor | None,
-                   overlap: bool, norm_w: torch.Tensor, eps: float, freqs: torch.Tensor, pos: int, head_dim: int):
+                   overlap: bool, norm_w: torch.Tensor, eps: float, freqs: torch.Tensor, pos: int | torch.Tensor,
+                   head_dim: int):
     """The window of pend_kv [rate-1, W] + kv [1, W] (gate likewise; ape [rate, W] fp32) closes: -> (entry [1, hd] in
     kv's dtype, next overlap kv [rate, hd] or None, next overlap gate [rate, hd] fp32 or None). W = 2 hd with
-    overlap (CSA: the previous window's overlap_* fill the first rate slots, -inf gates when None), else hd."""
+    overlap (CSA: the previous window's overlap_* fill the first rate slots, -inf gates when None), else hd.
+    pos: the entry's RoPE position, an int or a one-element integer device tensor (a captured step's)."""
     rate = pend_kv.shape[0] + 1
     assert kv.shape[0] == 1 and pend_kv.stride(1) == 1 and kv.stride(1) == 1 and ape.stride(1) == 1
     assert pend_gate.stride(1) == 1 and gate.stride(1) == 1
@@ -284,11 +288,12 @@ def compress_close(pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Ten
     og = overlap_gate if has_prev else y
     r2 = freqs.shape[0]
     bc = triton.next_power_of_2(hd)
+    pos_dev = isinstance(pos, torch.Tensor)
     launch(_compress_close_kernel, (1,))(
-        pend_kv, kv, pend_gate, gate, ape, ok, og, norm_w, freqs, y, okn, ogn,
-        2 * rate if overlap else rate, rate, rate - 1, hd, r2, float(eps), float(pos),
+        pend_kv, kv, pend_gate, gate, ape, ok, og, norm_w, freqs, y, okn, ogn, pos if pos_dev else y,
+        2 * rate if overlap else rate, rate, rate - 1, hd, r2, float(eps), 0.0 if pos_dev else float(pos),
         pend_kv.stride(0), pend_gate.stride(0), ape.stride(0), ok.stride(0), og.stride(0),
-        OVERLAP=overlap, HAS_PREV=has_prev, KV_BF16=kv.dtype == torch.bfloat16,
+        OVERLAP=overlap, HAS_PREV=has_prev, KV_BF16=kv.dtype == torch.bfloat16, POS_DEV=pos_dev,
         BLOCK_S=min(16, triton.next_power_of_2(2 * rate)), BLOCK_C=bc, BLOCK_P=max(2, triton.next_power_of_2(r2)),
     )
     return y, (okn if overlap else None), (ogn if overlap else None)

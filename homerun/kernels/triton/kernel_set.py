@@ -127,8 +127,9 @@ class TritonKernels(TorchKernels):
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         return self._attn.attend_one(q, kv, sink, scale)
 
-    def attend_rows(self, q, kv, kv2, sink, scale, out_dtype):
-        return self._attn.attend_two(q, kv, kv2, sink, scale, out_dtype)
+    def attend_rows(self, q, kv, kv2, sink, scale, out_dtype, lengths=None):
+        # lengths: device row counts over static capacities (homerun.models.deepseek_v4.static_decode)
+        return self._attn.attend_two(q, kv, kv2, sink, scale, out_dtype, lengths)
 
     def index_scores(self, iq, iw, ik, iw_scale, scale):
         return self._dec.index_scores(iq, iw, ik, iw_scale, scale)

@@ -1,0 +1,220 @@
+"""The decode step's attention core over static capacities, its lengths on the device (issue 13, whole-step graphs).
+
+`DeepseekV4._attend_decode` sizes its work from host ints (window rows, closed entries, the indexer's top-k count),
+so a captured decode step must run it eagerly between segments. `StaticDecodeKV` holds one session's per-layer
+attention state in buffers whose shapes depend only on a capacity bucket (`ctx_tokens`: a power of two of the
+context), and reads every length from the one-element position tensor of the step, so the whole core can be
+captured once per bucket and replayed at every position below it:
+
+  window        [W, Dh] rows in position order, the oldest first: the new row is written at slot min(pos, W-1) and
+                the attention reads rows [0, min(pos+1, W)); once full, the rows shift down by one after the read
+                (a shift, not a ring: the rows meet the online softmax in the eager order, so the bits match).
+  compressor    the open window's rows [rate, width] (this step's row written at slot pos % rate); the closing
+                pooling runs at every step and its entry is written at row n_closed - 1 when pos closes a window,
+                else at a dump row past the capacity (computing it always is one small launch; a branch would need
+                a host read). The overlap slices (CSA) are replaced only on a close (a device-side select).
+  HCA           attends over the first n_closed of its [cap, Dh] entries (the length read on the device).
+  CSA           the indexer scores every key of its capacity, masks those past n_closed, takes a top-k of
+                min(index_topk, cap) and attends over the first min(index_topk, n_closed) of the picks.
+
+Every kernel walks its rows in blocks that do not depend on the lengths, so the outputs equal the eager core's bit
+for bit (tests/test_static_decode.py); the cost is the padded work of the bucket: the indexer scores up to twice the
+closed keys and the top-k runs over the capacity, while the window and entry reads stop at the true lengths.
+Entries are kept in the compute dtype (kv_dtype "auto"); lossy stores (bf16, fp8) are not mirrored here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA, LAYER_SLIDING
+from homerun.models.deepseek_v4.state import CompressorState, LayerState
+
+
+def bucket_tokens(pos: int, min_tokens: int) -> int:
+    """The context capacity (tokens) whose captured core serves position pos: a power of two, >= min_tokens."""
+    return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
+
+
+@dataclass
+class _Comp:
+    """One compressor's static state: the open window, the overlap slices (CSA), the entries and a dump row."""
+
+    rate: int
+    pend_kv: torch.Tensor  # [rate, width]
+    pend_gate: torch.Tensor  # [rate, width]
+    overlap_kv: torch.Tensor | None  # [rate, hd] (CSA); zeros and -inf gates before the first close
+    overlap_gate: torch.Tensor | None
+    rows: torch.Tensor  # [cap + 1, hd]: entries 0..cap-1, row cap the dump slot of non-closing steps
+
+
+@dataclass
+class _Layer:
+    window: torch.Tensor  # [W, Dh]
+    comp: _Comp | None
+    index: _Comp | None
+
+
+class _Step:
+    """The step's device scalars, made from the position tensor inside the captured step (one set per rate)."""
+
+    def __init__(self, kv: "StaticDecodeKV", pos: torch.Tensor) -> None:
+        W = kv.window
+        self.wslot = pos.clamp(max=W - 1)
+        self.full = pos >= W - 1  # the window holds W rows after this step's write: shift after the read
+        n_win = (pos + 1).clamp(max=W)
+        self.slot, self.closing, self.entry_slot, self.entry_pos, self.n_closed = {}, {}, {}, {}, {}
+        for rate, cap in kv.caps.items():
+            self.slot[rate] = pos % rate
+            self.closing[rate] = self.slot[rate] == rate - 1
+            n_closed = (pos + 1) // rate
+            self.n_closed[rate] = n_closed
+            self.entry_slot[rate] = torch.where(self.closing[rate], n_closed - 1, cap)
+            self.entry_pos[rate] = pos // rate * rate
+        zero = torch.zeros_like(pos)
+        self.lengths = {LAYER_SLIDING: torch.cat([n_win, zero])}
+        for rate in kv.caps:
+            self.lengths[(LAYER_HCA, rate)] = torch.cat([n_win, self.n_closed[rate]])
+            self.lengths[(LAYER_CSA, rate)] = torch.cat([n_win, self.n_closed[rate].clamp(max=kv.args.index_topk)])
+
+
+class StaticDecodeKV:
+    """Static-capacity attention state and core for one decode sequence of `net` (module docstring). `load` copies a
+    session's LayerStates in (host work: outside any capture), `begin_step` and `core` are the capturable step,
+    `states` copies the state back out as LayerStates over the given stores."""
+
+    def __init__(self, net, ctx_tokens: int) -> None:
+        a = net.args
+        self.net, self.args, self.window, self.ctx_tokens = net, a, a.window_size, ctx_tokens
+        rates = sorted({a.rate(lay.index) for lay in net.layers if lay.kind != LAYER_SLIDING})
+        if a.window_size < 2:
+            raise ValueError(f"a static window needs window_size >= 2, got {a.window_size}")
+        # entry capacity per compression rate: (pos + 1) // rate <= ctx_tokens // rate closed below the capacity
+        self.caps = {r: max(1, ctx_tokens // r) for r in rates}
+        self.ar = {r: torch.arange(c, device=net.device) for r, c in self.caps.items()}
+        self.layers = [self._alloc(lay) for lay in net.layers]
+        self.step: _Step | None = None
+
+    def _alloc(self, lay) -> _Layer:
+        a, dt, dev = self.args, self.net.compute_dtype, self.net.device
+        at = lay.attn
+
+        def comp(c) -> _Comp:
+            width = c.ape.shape[1]
+            ok = og = None
+            if c.overlap:
+                ok = torch.zeros(c.rate, c.head_dim, dtype=dt, device=dev)
+                og = torch.full((c.rate, c.head_dim), float("-inf"), dtype=torch.float32, device=dev)
+            return _Comp(c.rate, torch.zeros(c.rate, width, dtype=dt, device=dev),
+                         torch.zeros(c.rate, width, dtype=dt, device=dev), ok, og,
+                         torch.zeros(self.caps[c.rate] + 1, c.head_dim, dtype=dt, device=dev))
+
+        return _Layer(torch.zeros(a.window_size, a.head_dim, dtype=dt, device=dev),
+                      comp(at.comp) if at.comp is not None else None,
+                      comp(at.indexer.comp) if at.indexer is not None else None)
+
+    # ------------------------------------------------------------------------------------- host-side transfer
+
+    def load(self, states, pos: int) -> None:
+        """The sequence's LayerStates before position pos, copied into the static buffers (pos < ctx_tokens)."""
+        if pos >= self.ctx_tokens:
+            raise ValueError(f"position {pos} is past the capacity {self.ctx_tokens}")
+        for s, st in zip(self.layers, states):
+            n = st.window.shape[0]
+            if n != min(pos, self.window - 1):
+                raise ValueError(f"window of {n} rows at position {pos}")
+            s.window[:n] = st.window
+            for sc, cst in ((s.comp, st.comp), (s.index, st.index_comp)):
+                if sc is not None:
+                    self._load_comp(sc, cst, pos)
+
+    def _load_comp(self, sc: _Comp, cst: CompressorState, pos: int) -> None:
+        if cst.store.dtype != sc.rows.dtype:
+            raise ValueError(f"entries stored in {cst.store.dtype}, the static core keeps {sc.rows.dtype}")
+        n_pend = cst.pending_kv.shape[0] if cst.pending_kv is not None else 0
+        if cst.n_entries != pos // sc.rate or n_pend != pos % sc.rate:
+            raise ValueError(f"compressor state ({cst.n_entries} entries, {n_pend} open rows) at position {pos}")
+        sc.rows[: cst.n_entries] = cst.store.view(cst.n_entries)
+        if n_pend:
+            sc.pend_kv[:n_pend] = cst.pending_kv
+            sc.pend_gate[:n_pend] = cst.pending_gate
+        if sc.overlap_kv is not None:
+            if cst.overlap_kv is None:
+                sc.overlap_kv.zero_()
+                sc.overlap_gate.fill_(float("-inf"))
+            else:
+                sc.overlap_kv.copy_(cst.overlap_kv)
+                sc.overlap_gate.copy_(cst.overlap_gate)
+
+    def states(self, pos: int, base) -> list[LayerState]:
+        """The state after the step at position pos - 1 (pos tokens seen) as new LayerStates: windows and open rows
+        copied out; the entries past each of `base`'s compressors (the states loaded, or any later ones over the
+        same stores) written into its store, which the new states share."""
+        out = []
+        for s, b in zip(self.layers, base):
+            window = s.window[: min(pos, self.window - 1)].clone()
+            comp = self._comp_state(s.comp, b.comp, pos) if s.comp is not None else None
+            idx = self._comp_state(s.index, b.index_comp, pos) if s.index is not None else None
+            out.append(LayerState(window, comp, idx))
+        return out
+
+    def _comp_state(self, sc: _Comp, b: CompressorState, pos: int) -> CompressorState:
+        n, n_pend = pos // sc.rate, pos % sc.rate
+        if n > b.n_entries:
+            b.store.write(b.n_entries, sc.rows[b.n_entries : n])
+        ok = og = None
+        if sc.overlap_kv is not None and n:
+            ok, og = sc.overlap_kv.clone(), sc.overlap_gate.clone()
+        return CompressorState(b.store, n, sc.pend_kv[:n_pend].clone(), sc.pend_gate[:n_pend].clone(), ok, og)
+
+    # ------------------------------------------------------------------------------------ the capturable step
+
+    def begin_step(self, pos: torch.Tensor) -> None:
+        """The step's device scalars from pos (a one-element int64 device tensor): once per step, before the cores."""
+        self.step = _Step(self, pos)
+
+    def core(self, i: int, pa, k) -> torch.Tensor:
+        """Layer i's decode attention core over its static state: pa as net._pre_attention returned it for the
+        step's one token, k the GPU kernel set -> [1, H, Dh] in q's dtype, the state advanced in place."""
+        net, a, st = self.net, self.args, self.step
+        lay, s = net.layers[i], self.layers[i]
+        at, proj = lay.attn, pa.proj
+        H, Dh = pa.q.shape[1], pa.q.shape[2]
+        s.window.index_copy_(0, st.wslot, pa.kv)
+        rows2, key = None, LAYER_SLIDING
+        if s.comp is not None:
+            self._close(s.comp, at.comp, proj[2], proj[3], k)
+        if s.index is not None:
+            self._close(s.index, at.indexer.comp, proj[4], proj[5], k)
+        if lay.kind == LAYER_HCA:
+            rows2, key = s.comp.rows, (LAYER_HCA, s.comp.rate)
+        elif lay.kind == LAYER_CSA:
+            rate = s.comp.rate
+            cap = self.caps[rate]
+            iq = k.linear(at.indexer.wq_b, pa.qr).view(1, a.index_n_heads, a.index_head_dim)
+            iq = k.norm_rope(iq, None, 0.0, pa.cos, pa.sin, norm=False)
+            score = k.index_scores(iq, proj[6], s.index.rows[:cap], a.index_n_heads**-0.5, a.index_head_dim**-0.5)
+            score = score.masked_fill(self.ar[rate] >= st.n_closed[rate], float("-inf"))
+            sel = score.topk(min(a.index_topk, cap), dim=-1).indices[0]  # the picks past the length are never read
+            rows2, key = s.comp.rows.index_select(0, sel), (LAYER_CSA, rate)
+        o = k.attend_rows(pa.q[0], s.window, rows2, at.sink.reshape(-1), Dh**-0.5, pa.q.dtype,
+                          lengths=st.lengths[key])
+        # the oldest row leaves once the window is full (after the read above)
+        s.window[:-1].copy_(torch.where(st.full, s.window[1:], s.window[:-1]))
+        return o.view(1, H, Dh)
+
+    def _close(self, sc: _Comp, c, kv: torch.Tensor, gate: torch.Tensor, k) -> None:
+        """This step's row into the open window; the window's pooled entry (kept only when pos closes it)."""
+        st, r = self.step, sc.rate
+        sc.pend_kv.index_copy_(0, st.slot[r], kv)
+        sc.pend_gate.index_copy_(0, st.slot[r], gate)
+        entry, okn, ogn = k.compress_close(sc.pend_kv[: r - 1], sc.pend_kv[r - 1 :], sc.pend_gate[: r - 1],
+                                           sc.pend_gate[r - 1 :], c.ape, sc.overlap_kv, sc.overlap_gate, c.overlap,
+                                           c.norm, self.args.norm_eps, self.net.freqs_compress, st.entry_pos[r],
+                                           c.head_dim)
+        sc.rows.index_copy_(0, st.entry_slot[r], entry)
+        if c.overlap:
+            sc.overlap_kv.copy_(torch.where(st.closing[r], okn, sc.overlap_kv))
+            sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))

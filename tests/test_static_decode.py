@@ -1,0 +1,111 @@
+"""The static-capacity decode core (homerun.models.deepseek_v4.static_decode) against the eager one, layer by layer,
+on CUDA stand-ins (Triton interpreted): bit for bit at every position across window fills, compressor closes (CSA
+every 4 tokens, HCA at 128) and capacity buckets, for the three tiny presets; then captured (EmulatedGraphs) per
+bucket and replayed."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no CUDA here, the kernels interpret
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from homerun.engine.graphs import EmulatedGraphs  # noqa: E402
+from homerun.engine.placement import single_device  # noqa: E402
+from homerun.engine.runtime import load  # noqa: E402
+from homerun.kernels import triton as hr_triton  # noqa: E402
+from homerun.kernels.dispatch import for_act, kernels_for  # noqa: E402
+from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
+from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+
+if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cover
+    pytest.skip(f"triton kernels unavailable here: {hr_triton.unavailable_reason()}", allow_module_level=True)
+
+MIN_TOKENS = 16  # the smallest bucket: small enough that a short decode crosses two or three
+
+
+def _model(path):
+    from homerun.formats.loader import open_checkpoint
+
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    return load(path, dtype="float32", experts="reference", placement=pl, cuda_graphs="off")
+
+
+def _eager_step(net, kl, tok: int, pos: int, states, core):
+    """One eager decode step; core(i, pa) is called on every layer's pre-attention too. -> (new states, the eager
+    cores' outputs, the static ones')."""
+    ids = torch.tensor([tok], device=net.device)
+    positions = torch.tensor([pos], device=net.device)
+    x = net._embed(ids)
+    new, eager, static = [], [], []
+    for i, (layer, st) in enumerate(zip(net.layers, states)):
+        pa = net._pre_attention(layer, x, positions, kl)
+        out, st = net._attention_core(layer, pa, pos, st, kl)
+        eager.append(out.clone())
+        static.append(core(i, pa).clone())
+        new.append(st)
+        x = net._post_attention(layer, x, pa, out, ids, kl)
+    return new, eager, static
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The three presets with an 8-token window (it fills and slides within the run) and a top-k of 4 (a strict
+    subset of the closed CSA entries from position 20)."""
+    from tiny import TINY_KINDS, make_checkpoint
+
+    root = tmp_path_factory.mktemp("static-decode")
+    return {kind: make_checkpoint(root, kind, sliding_window=8, index_topk=4) for kind in TINY_KINDS}
+
+
+@pytest.mark.parametrize("kind", ["mixed", "csa", "hca"])
+def test_the_static_core_equals_the_eager_core_bit_for_bit(checkpoints, kind):
+    """A 3-token prefill, then decode to position 40 (mixed, csa) or across the HCA close at 127 (hca: prefill 120):
+    every layer's core output equal at every position, the static state reloaded only where the bucket grows (4 ->
+    16 -> 32 -> 64, or 128 -> 256), and the LayerStates it hands back equal the eager ones at the end."""
+    model = _model(checkpoints[kind])
+    net = model.net
+    kl = for_act(kernels_for(net.device, net.compute_dtype, 1, net.embed_flavor), net.experts.act)
+    n_prompt, last = (120, 131) if kind == "hca" else (3, 40)
+    s = model.session()
+    logits = s.feed(torch.randint(0, 512, (n_prompt,), generator=torch.Generator().manual_seed(5)).tolist())
+    states, pos = s._states, n_prompt
+    kv, buckets, checked = None, [], 0
+    with torch.inference_mode():
+        while pos <= last:
+            cap = bucket_tokens(pos, MIN_TOKENS)
+            if kv is None or kv.ctx_tokens != cap:  # a new bucket: fresh buffers, the state copied in
+                kv = StaticDecodeKV(net, cap)
+                kv.load(states, pos)
+                buckets.append(cap)
+            kv.begin_step(torch.tensor([pos], device=net.device))
+            tok = int(logits.argmax()) if pos == n_prompt else (pos * 7919) % 512
+            states, eager, static = _eager_step(net, kl, tok, pos, states, lambda i, pa: kv.core(i, pa, kl))
+            for i, (e, g) in enumerate(zip(eager, static)):
+                assert torch.equal(e, g), (kind, pos, i, (e - g).abs().max().item())
+                checked += 1
+            pos += 1
+        assert checked == (last + 1 - n_prompt) * len(net.layers)
+        assert buckets == ([128, 256] if kind == "hca" else [16, 32, 64])
+        back = kv.states(pos, states)
+    for e, g, sl in zip(states, back, kv.layers):
+        assert torch.equal(e.window, g.window)
+        for ec, sc in ((e.comp, sl.comp), (e.index_comp, sl.index)):
+            if ec is not None:  # the static buffers' own entries (the handed-back states share the eager stores)
+                assert torch.equal(ec.entries(), sc.rows[: ec.n_entries])
+        for ec, gc in ((e.comp, g.comp), (e.index_comp, g.index_comp)):
+            if ec is None:
+                assert gc is None
+                continue
+            assert ec.n_entries == gc.n_entries and torch.equal(ec.entries(), gc.entries())
+            assert torch.equal(ec.pending_kv, gc.pending_kv) and torch.equal(ec.pending_gate, gc.pending_gate)
+            assert (ec.overlap_kv is None) == (gc.overlap_kv is None)
+            if ec.overlap_kv is not None:
+                assert torch.equal(ec.overlap_kv, gc.overlap_kv) and torch.equal(ec.overlap_gate, gc.overlap_gate)
