@@ -29,8 +29,11 @@ token. At the token's end one wait covers every layer; the masks are read, the h
 miss are counted (touch, release, prefetch scoring) exactly as step (4) would have, and if a layer missed, the model
 recomputes that layer and every later one on the exact path above (which counts their hits and serves their misses),
 so nothing is counted twice and the logits are the exact path's bit for bit (the same kernels on the same inputs).
-While speculating the backend issues no prefetches (the experts are expected resident; prefetching needs the routing
-on the host, a wait per layer).
+While speculating the backend issues no guessed prefetches (the experts are expected resident; a guess reaches the
+host only behind a wait per layer); a hash layer's prefetch is issued (its ids are on the host, no wait), so its
+misses land before the layer instead of forcing a redo. Behind a LayerSplitBackend every part speculates a token or
+none does, and all parts read their masks (`first_miss`) before any counts hits, so a redo starts at the earliest
+miss of all and the parts count only the layers before it (`end_token(redo_from)`).
 """
 
 from __future__ import annotations
@@ -155,38 +158,50 @@ class FusedDecode:
         self.speculating = False
         self._token: dict | None = None  # the decode token in progress: start time, calls, whether one missed
         self._spec: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # per speculated call: layer, ids, miss mask
+        self._first: tuple[int | None] | None = None  # (first missed layer,) once a speculated token's wait was made
         self.defer_guesses = True  # False: read each guess at once (a host sync each), the reference for tests
         self._guess: tuple[int, torch.Tensor] | None = None  # (layer it guesses, its pinned copy), read after a wait
         self.early_cpu_rows = True  # False: the rows of CPU misses cross after the mask, a second wait (tests, A/B)
 
     # --- tokens ----------------------------------------------------------------------------------------------
-    def begin_token(self, decode: bool) -> bool:
+    def begin_token(self, decode: bool, allowed: bool = True) -> bool:
         """A forward starts; `decode`: its calls take this fused path (they are tokens for the policy). True:
-        speculate it."""
+        speculate it (never when not `allowed`)."""
         self.speculating = False
         self._spec = []
+        self._first = None
         self._token = None
         self._guess = None  # a guess whose layer never ran here (an aborted forward): dropped
         if not decode:
             return False
         self._token = {"t0": time.perf_counter(), "calls": 0, "missed": False}
-        self.speculating = self.policy.speculate()
+        self.speculating = allowed and self.policy.speculate()
         return self.speculating
 
-    def end_token(self) -> int | None:
-        """The forward's layers are queued. Speculated: one wait, then the masks decide (module docstring)."""
+    def first_miss(self) -> int | None:
+        """Speculated: the token's one wait (made once), then the first layer whose mask has a miss."""
+        if not self.speculating:
+            return None
+        if self._first is None:
+            self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
+            self._first = (next((layer for layer, _, miss_h in self._spec if miss_h.numpy().any()), None),)
+        return self._first[0]
+
+    def end_token(self, redo_from: int | None = None) -> int | None:
+        """The forward's layers are queued. Speculated: one wait, then the masks decide (module docstring); the
+        hits of layers from `redo_from` on (another backend's miss, LayerSplitBackend) are left to their reruns."""
         tok, self._token = self._token, None
         redo = None
         if self.speculating:
+            redo = self.first_miss()
+            stop = min((m for m in (redo, redo_from) if m is not None), default=None)
             self.speculating = False
+            self._first = None
             self.n_spec_tokens += 1
-            self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
             for layer, ids_h, miss_h in self._spec:
-                ids_np, miss_np = ids_h.numpy(), miss_h.numpy()
-                if miss_np.any():
-                    redo = layer
+                if stop is not None and layer >= stop:
                     break
-                self._account(layer, ids_np, miss_np)
+                self._account(layer, ids_h.numpy(), miss_h.numpy())
             self._spec = []
             if redo is not None:
                 self.n_redos += 1
