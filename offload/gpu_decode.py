@@ -11,9 +11,10 @@ policy; CPU misses are computed by the CPU backend on its worker thread while st
 and computed by a second fused launch over a table that names only them; both land in the output. Math: fp32
 accumulation; the output is x's dtype. The CPU misses' activation rows (fp32) and routing weights were copied to
 pinned buffers in (2), before the event (`early_cpu_rows`), so (4)'s one wait covers them: a layer with CPU misses
-waits once, not twice. That copy runs on all-hit layers too (two launches), so it is made only when CPU misses can
-happen and its bytes cross the link in under a wait (`early_rows_max_bytes`); otherwise the rows cross after the
-mask, behind a second wait.
+waits once, not twice. That copy runs on all-hit layers too (two launches), so it is made only when the miss policy
+may send a miss of this call to the CPU (`MissPolicy.cpu_possible`: in "auto" its estimates may stream every miss)
+and its bytes cross the link in under a wait (`early_rows_max_bytes`); otherwise the rows cross after the mask,
+behind a second wait.
 Prefetch guesses ride the same wait: `prefetch_speculative(l + 1, guess)`, called before layer l's call, only copies
 the device guess (non-blocking) into a pinned buffer (`guess`; a decode graph's static buffer may be rewritten
 afterwards); layer l's event in (2) is recorded behind that copy, and after (4) the host reads the guess, issues its
@@ -162,6 +163,7 @@ class FusedDecode:
         self.defer_guesses = True  # False: read each guess at once (a host sync each), the reference for tests
         self._guess: tuple[int, torch.Tensor] | None = None  # (layer it guesses, its pinned copy), read after a wait
         self.early_cpu_rows = True  # False: the rows of CPU misses cross after the mask, a second wait (tests, A/B)
+        self.n_early_rows = 0  # exact calls that copied their rows early (a CPU miss was possible)
 
     # --- tokens ----------------------------------------------------------------------------------------------
     def begin_token(self, decode: bool, allowed: bool = True) -> bool:
@@ -296,7 +298,7 @@ class FusedDecode:
         xd = x.to(dev)
         ids_h = self._to_host("ids", ids)
         miss_h = self._to_host("miss", table[ids] < 0)
-        early = self._early_rows(xd, wts)
+        early = self._early_rows(xd, ids, wts)
         if self.is_cuda:  # the event goes right behind the copies, before the kernel
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(dev))
@@ -317,20 +319,26 @@ class FusedDecode:
         self.b._feed_link_meter()
         return y.to(x.dtype)
 
-    def _early_rows_wanted(self) -> bool:
+    def _early_rows_wanted(self, ids: torch.Tensor) -> bool:
+        """Whether a miss of this call may go to the CPU: the miss policy answers from its current estimates (exact
+        for one token; "auto" may stream every miss, and then the copy would buy nothing)."""
         b = self.b
-        return (self.early_cpu_rows and b.cpu_backend is not None
-                and (b.miss_policy is not None and b.miss_policy.mode != "stream"))
+        if not self.early_cpu_rows or b.cpu_backend is None or b.miss_policy is None:
+            return False
+        max_misses = min(ids.numel(), self.cache.slot_table.shape[1])
+        return b.miss_policy.cpu_possible(ids.shape[0], max_misses)
 
     def early_rows_max_bytes(self) -> float:
         """Bytes the early copy may move: what the link carries in one saved wait (~20 us x 25 GB/s = 500 KB)."""
         return self.policy.wait_s * self.b.miss_policy.costs.link_gbps * 1e9
 
-    def _early_rows(self, xd: torch.Tensor, wts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _early_rows(self, xd: torch.Tensor, ids: torch.Tensor,
+                    wts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x (fp32, the CPU kernels' activations) and the routing weights into pinned buffers, queued before the
         layer's event so a CPU miss finds them on the host after the one wait; None: not worth it (module docstring)."""
-        if not self._early_rows_wanted() or 4 * (xd.numel() + wts.numel()) > self.early_rows_max_bytes():
+        if not self._early_rows_wanted(ids) or 4 * (xd.numel() + wts.numel()) > self.early_rows_max_bytes():
             return None
+        self.n_early_rows += 1
         return self._to_host("x_rows", xd, torch.float32), self._to_host("w_rows", wts, torch.float32)
 
     def _misses(self, layer, xd, ids, wts, ids_np, miss_np, y, k: int, early=None) -> None:
@@ -397,4 +405,5 @@ class FusedDecode:
     def stats(self) -> dict:
         return {"calls": self.n_calls, "miss_calls": self.n_miss_calls, "event_waits": self.n_event_waits,
                 "tokens": self.n_tokens, "speculative_tokens": self.n_spec_tokens, "redos": self.n_redos,
-                "redo_from": dict(self.redo_from), "speculation": self.policy.to_dict()}
+                "redo_from": dict(self.redo_from), "early_rows": self.n_early_rows,
+                "speculation": self.policy.to_dict()}
