@@ -99,18 +99,31 @@ class ExpertBackend:
         input); returns the experts prefetched."""
         return []
 
-    def begin_token(self, n_tokens: int) -> bool:
+    # True: the calls keep per-token state (cache counts, prefetches, a trace), so rerunning an exact call (another
+    # part's redo, LayerSplitBackend) would count it twice; False: a rerun only recomputes (resident experts).
+    token_stateful: bool = False
+
+    def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
         """The model calls this once per forward, before any layer (and before the hash-layer prefetches). True: the
         backend speculates this forward (it expects every expert of every layer to be resident): its forward calls
         queue their work without waiting for the host to learn about misses, and `end_token` says whether the
-        forward stands. False (the default): every forward call is exact."""
+        forward stands. False (the default): every forward call is exact. `speculate` False forbids it (a backend
+        that can return True takes it; a second call before any layer restarts the token)."""
         return False
 
-    def end_token(self) -> int | None:
+    def end_token(self, redo_from: int | None = None) -> int | None:
         """The model calls this after the last layer of every forward. None: the forward stands. Else (only after
         `begin_token` returned True) the index of the first layer whose speculative call missed: its output lacks
         the missed experts, so the model reruns that layer and every later one from their inputs and their states
-        before this forward, and the backend serves those calls exactly (misses included)."""
+        before this forward, and the backend serves those calls exactly (misses included). `redo_from` (a
+        LayerSplitBackend's parts): layers from there on are rerun anyway, because another part missed there, so
+        their speculative calls are dropped uncounted (the reruns count them)."""
+        return None
+
+    def first_miss(self) -> int | None:
+        """After the forward's layers, before `end_token`: the first layer whose speculative call missed (None: none,
+        or no speculation). Makes the token's one wait; `end_token` does not wait again. A LayerSplitBackend asks
+        every part first, so that each part counts only the layers before the earliest miss of all."""
         return None
 
     def stats(self) -> BackendStats:
@@ -143,11 +156,18 @@ class WrappingBackend(ExpertBackend):
     def prefetch_speculative(self, layer, expert_ids):
         return self.inner.prefetch_speculative(layer, expert_ids)
 
-    def begin_token(self, n_tokens):
-        return self.inner.begin_token(n_tokens)
+    @property
+    def token_stateful(self) -> bool:  # type: ignore[override]
+        return self.inner.token_stateful
 
-    def end_token(self):
-        return self.inner.end_token()
+    def begin_token(self, n_tokens, speculate=True):
+        return self.inner.begin_token(n_tokens, speculate)
+
+    def end_token(self, redo_from=None):
+        return self.inner.end_token(redo_from)
+
+    def first_miss(self):
+        return self.inner.first_miss()
 
     def stats(self) -> BackendStats:
         return self.inner.stats()
@@ -173,14 +193,45 @@ class ReferenceExpertBackend(ExpertBackend):
 class LayerSplitBackend(ExpertBackend):
     """Several backends, one per group of layers (a multi-GPU plan: each device caches the experts of the layers it
     runs, within its own budget). Dispatches by layer; the output lands on that layer's device, and the prefetch
-    hooks go to the backend of the layer they name."""
+    hooks go to the backend of the layer they name. The token hooks go to every distinct part once: a forward is
+    speculated when any part speculates it, and at its end every part reads its masks (its one wait) before any
+    part counts hits, so a redo starts at the earliest missed layer of all and no hit is counted twice."""
 
     def __init__(self, backends_by_layer: dict[int, ExpertBackend]) -> None:
         self.backends_by_layer = dict(backends_by_layer)
-        self.wants_speculation = any(b.wants_speculation for b in self._unique())
+        self._parts = list({id(b): b for b in self.backends_by_layer.values()}.values())
 
     def _unique(self) -> list[ExpertBackend]:
-        return list({id(b): b for b in self.backends_by_layer.values()}.values())
+        return list(self._parts)
+
+    @property
+    def wants_speculation(self) -> bool:  # type: ignore[override]
+        # asked per call: a cached part stops wanting guesses while it speculates a token
+        return any(b.wants_speculation for b in self._parts)
+
+    @property
+    def token_stateful(self) -> bool:  # type: ignore[override]
+        return any(b.token_stateful for b in self._parts)
+
+    def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
+        votes = [b.begin_token(n_tokens) if speculate else b.begin_token(n_tokens, False) for b in self._parts]
+        if any(votes) and any(b.token_stateful and not v for b, v in zip(self._parts, votes)):
+            # a redo would rerun that part's exact calls and count them twice: no part speculates this forward
+            for b, v in zip(self._parts, votes):
+                if v:
+                    b.begin_token(n_tokens, False)
+            return False
+        return any(votes)
+
+    def first_miss(self) -> int | None:
+        return min((m for m in [b.first_miss() for b in self._parts] if m is not None), default=None)
+
+    def end_token(self, redo_from: int | None = None) -> int | None:
+        first = self.first_miss()  # every part's wait and masks before any part counts its hits
+        redo = min((m for m in (first, redo_from) if m is not None), default=None)
+        for b in self._parts:
+            b.end_token(redo)
+        return redo
 
     def graph_safe_layer(self, layer: int) -> bool:
         """The part that owns the layer decides (a resident part's layers are captured whole, a cached part's not)."""

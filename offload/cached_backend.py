@@ -194,19 +194,24 @@ class CachedExpertBackend(ExpertBackend):
             self._link_seen = (s.bytes_moved, s.busy_s)
 
     # --- hooks for the runtime -----------------------------------------------------------------------------
-    def begin_token(self, n_tokens: int) -> bool:
+    token_stateful = True  # hits, misses and prefetches are counted per call
+
+    def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
         """Speculate decode tokens on the fused path while its policy says so (offload/gpu_decode.py)."""
         if self.fused is None:
             return False
         prefill = self.prefill is not None and n_tokens > self.prefill.min_rows
-        return self.fused.begin_token(decode=n_tokens <= FUSED_MAX_ROWS and not prefill)
+        return self.fused.begin_token(decode=n_tokens <= FUSED_MAX_ROWS and not prefill, allowed=speculate)
 
-    def end_token(self) -> int | None:
-        return self.fused.end_token() if self.fused is not None else None
+    def end_token(self, redo_from: int | None = None) -> int | None:
+        return self.fused.end_token(redo_from) if self.fused is not None else None
+
+    def first_miss(self) -> int | None:
+        return self.fused.first_miss() if self.fused is not None else None
 
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
-        if self._speculating:  # the hash layers' experts are expected resident; a miss is redone exactly
-            return []
+        # Issued while speculating too: the ids are read on the host (no sync), a resident expert costs nothing, and
+        # a missing one lands before its layer's mask (commit) instead of forcing a redo whose rerun would miss it.
         if self.prefill is not None and token_ids.shape[0] > self.prefill.min_rows:
             return self.prefill.hash_layer(layer, tid2eid, token_ids)  # prefill: the decode cache stays as it is
         return self.prefetcher.hash_layer(layer, tid2eid, token_ids)

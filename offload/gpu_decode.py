@@ -11,9 +11,10 @@ policy; CPU misses are computed by the CPU backend on its worker thread while st
 and computed by a second fused launch over a table that names only them; both land in the output. Math: fp32
 accumulation; the output is x's dtype. The CPU misses' activation rows (fp32) and routing weights were copied to
 pinned buffers in (2), before the event (`early_cpu_rows`), so (4)'s one wait covers them: a layer with CPU misses
-waits once, not twice. That copy runs on all-hit layers too (two launches), so it is made only when CPU misses can
-happen and its bytes cross the link in under a wait (`early_rows_max_bytes`); otherwise the rows cross after the
-mask, behind a second wait.
+waits once, not twice. That copy runs on all-hit layers too (two launches), so it is made only when the miss policy
+may send a miss of this call to the CPU (`MissPolicy.cpu_possible`: in "auto" its estimates may stream every miss)
+and its bytes cross the link in under a wait (`early_rows_max_bytes`); otherwise the rows cross after the mask,
+behind a second wait.
 Prefetch guesses ride the same wait: `prefetch_speculative(l + 1, guess)`, called before layer l's call, only copies
 the device guess (non-blocking) into a pinned buffer (`guess`; a decode graph's static buffer may be rewritten
 afterwards); layer l's event in (2) is recorded behind that copy, and after (4) the host reads the guess, issues its
@@ -29,8 +30,11 @@ token. At the token's end one wait covers every layer; the masks are read, the h
 miss are counted (touch, release, prefetch scoring) exactly as step (4) would have, and if a layer missed, the model
 recomputes that layer and every later one on the exact path above (which counts their hits and serves their misses),
 so nothing is counted twice and the logits are the exact path's bit for bit (the same kernels on the same inputs).
-While speculating the backend issues no prefetches (the experts are expected resident; prefetching needs the routing
-on the host, a wait per layer).
+While speculating the backend issues no guessed prefetches (the experts are expected resident; a guess reaches the
+host only behind a wait per layer); a hash layer's prefetch is issued (its ids are on the host, no wait), so its
+misses land before the layer instead of forcing a redo. Behind a LayerSplitBackend every part speculates a token or
+none does, and all parts read their masks (`first_miss`) before any counts hits, so a redo starts at the earliest
+miss of all and the parts count only the layers before it (`end_token(redo_from)`).
 """
 
 from __future__ import annotations
@@ -155,38 +159,51 @@ class FusedDecode:
         self.speculating = False
         self._token: dict | None = None  # the decode token in progress: start time, calls, whether one missed
         self._spec: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # per speculated call: layer, ids, miss mask
+        self._first: tuple[int | None] | None = None  # (first missed layer,) once a speculated token's wait was made
         self.defer_guesses = True  # False: read each guess at once (a host sync each), the reference for tests
         self._guess: tuple[int, torch.Tensor] | None = None  # (layer it guesses, its pinned copy), read after a wait
         self.early_cpu_rows = True  # False: the rows of CPU misses cross after the mask, a second wait (tests, A/B)
+        self.n_early_rows = 0  # exact calls that copied their rows early (a CPU miss was possible)
 
     # --- tokens ----------------------------------------------------------------------------------------------
-    def begin_token(self, decode: bool) -> bool:
+    def begin_token(self, decode: bool, allowed: bool = True) -> bool:
         """A forward starts; `decode`: its calls take this fused path (they are tokens for the policy). True:
-        speculate it."""
+        speculate it (never when not `allowed`)."""
         self.speculating = False
         self._spec = []
+        self._first = None
         self._token = None
         self._guess = None  # a guess whose layer never ran here (an aborted forward): dropped
         if not decode:
             return False
         self._token = {"t0": time.perf_counter(), "calls": 0, "missed": False}
-        self.speculating = self.policy.speculate()
+        self.speculating = allowed and self.policy.speculate()
         return self.speculating
 
-    def end_token(self) -> int | None:
-        """The forward's layers are queued. Speculated: one wait, then the masks decide (module docstring)."""
+    def first_miss(self) -> int | None:
+        """Speculated: the token's one wait (made once), then the first layer whose mask has a miss."""
+        if not self.speculating:
+            return None
+        if self._first is None:
+            self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
+            self._first = (next((layer for layer, _, miss_h in self._spec if miss_h.numpy().any()), None),)
+        return self._first[0]
+
+    def end_token(self, redo_from: int | None = None) -> int | None:
+        """The forward's layers are queued. Speculated: one wait, then the masks decide (module docstring); the
+        hits of layers from `redo_from` on (another backend's miss, LayerSplitBackend) are left to their reruns."""
         tok, self._token = self._token, None
         redo = None
         if self.speculating:
+            redo = self.first_miss()
+            stop = min((m for m in (redo, redo_from) if m is not None), default=None)
             self.speculating = False
+            self._first = None
             self.n_spec_tokens += 1
-            self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
             for layer, ids_h, miss_h in self._spec:
-                ids_np, miss_np = ids_h.numpy(), miss_h.numpy()
-                if miss_np.any():
-                    redo = layer
+                if stop is not None and layer >= stop:
                     break
-                self._account(layer, ids_np, miss_np)
+                self._account(layer, ids_h.numpy(), miss_h.numpy())
             self._spec = []
             if redo is not None:
                 self.n_redos += 1
@@ -281,7 +298,7 @@ class FusedDecode:
         xd = x.to(dev)
         ids_h = self._to_host("ids", ids)
         miss_h = self._to_host("miss", table[ids] < 0)
-        early = self._early_rows(xd, wts)
+        early = self._early_rows(xd, ids, wts)
         if self.is_cuda:  # the event goes right behind the copies, before the kernel
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(dev))
@@ -302,20 +319,26 @@ class FusedDecode:
         self.b._feed_link_meter()
         return y.to(x.dtype)
 
-    def _early_rows_wanted(self) -> bool:
+    def _early_rows_wanted(self, ids: torch.Tensor) -> bool:
+        """Whether a miss of this call may go to the CPU: the miss policy answers from its current estimates (exact
+        for one token; "auto" may stream every miss, and then the copy would buy nothing)."""
         b = self.b
-        return (self.early_cpu_rows and b.cpu_backend is not None
-                and (b.miss_policy is not None and b.miss_policy.mode != "stream"))
+        if not self.early_cpu_rows or b.cpu_backend is None or b.miss_policy is None:
+            return False
+        max_misses = min(ids.numel(), self.cache.slot_table.shape[1])
+        return b.miss_policy.cpu_possible(ids.shape[0], max_misses)
 
     def early_rows_max_bytes(self) -> float:
         """Bytes the early copy may move: what the link carries in one saved wait (~20 us x 25 GB/s = 500 KB)."""
         return self.policy.wait_s * self.b.miss_policy.costs.link_gbps * 1e9
 
-    def _early_rows(self, xd: torch.Tensor, wts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _early_rows(self, xd: torch.Tensor, ids: torch.Tensor,
+                    wts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x (fp32, the CPU kernels' activations) and the routing weights into pinned buffers, queued before the
         layer's event so a CPU miss finds them on the host after the one wait; None: not worth it (module docstring)."""
-        if not self._early_rows_wanted() or 4 * (xd.numel() + wts.numel()) > self.early_rows_max_bytes():
+        if not self._early_rows_wanted(ids) or 4 * (xd.numel() + wts.numel()) > self.early_rows_max_bytes():
             return None
+        self.n_early_rows += 1
         return self._to_host("x_rows", xd, torch.float32), self._to_host("w_rows", wts, torch.float32)
 
     def _misses(self, layer, xd, ids, wts, ids_np, miss_np, y, k: int, early=None) -> None:
@@ -382,4 +405,5 @@ class FusedDecode:
     def stats(self) -> dict:
         return {"calls": self.n_calls, "miss_calls": self.n_miss_calls, "event_waits": self.n_event_waits,
                 "tokens": self.n_tokens, "speculative_tokens": self.n_spec_tokens, "redos": self.n_redos,
-                "redo_from": dict(self.redo_from), "speculation": self.policy.to_dict()}
+                "redo_from": dict(self.redo_from), "early_rows": self.n_early_rows,
+                "speculation": self.policy.to_dict()}

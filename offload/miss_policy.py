@@ -66,6 +66,7 @@ class MissPolicy:
         self.n_probes = 0
         self._cpu_idle = 0  # splits with misses since the CPU path last got work
         self._link_idle = 0
+        self._cpu_memo: dict[tuple, bool] = {}  # (costs, max misses) -> cpu_possible for one token
 
     def split(self, misses: dict[int, int], *, cpu_available: bool = True) -> MissSplit:
         """misses: expert id -> tokens routed to it. Returns which ids go to which path."""
@@ -79,8 +80,7 @@ class MissPolicy:
             plan = MissSplit(tuple(ids), (), sum(c.cpu_s(misses[e]) for e in ids))
         else:
             plan = self._best_split(misses)
-            degraded = c.cpu_gbps < 0.9 * self.prior.cpu_gbps  # only a lowered estimate needs a probe
-            if not plan.cpu and degraded and self._cpu_idle + 1 >= self.probe_every and plan.stream:
+            if not plan.cpu and self._probe_due() and plan.stream:
                 probe = min(plan.stream, key=lambda e: c.cpu_s(misses[e]) / c.stream_s(misses[e]))
                 plan = MissSplit((probe,), tuple(e for e in plan.stream if e != probe), plan.predicted_s)
                 self.n_probes += 1
@@ -88,6 +88,26 @@ class MissPolicy:
         self.n_cpu += len(plan.cpu)
         self.n_stream += len(plan.stream)
         return plan
+
+    def _probe_due(self) -> bool:
+        degraded = self.costs.cpu_gbps < 0.9 * self.prior.cpu_gbps  # only a lowered estimate needs a probe
+        return degraded and self._cpu_idle + 1 >= self.probe_every
+
+    def cpu_possible(self, n_tokens: int, max_misses: int, *, cpu_available: bool = True) -> bool:
+        """Whether the next `split` of a call's misses may give the CPU one, at the current estimates (it reads them
+        only). Exact for a one-token call (each missed expert has one token: the split depends only on how many
+        missed, at most `max_misses`); for more tokens, True unless the mode rules the CPU out."""
+        if not cpu_available or self.mode == "stream":
+            return False
+        if self.mode == "cpu" or n_tokens != 1 or self._probe_due():
+            return True
+        key = (self.costs, max_misses)  # the costs change only when a split or a measurement replaces them
+        if key not in self._cpu_memo:
+            if len(self._cpu_memo) > 64:
+                self._cpu_memo.clear()
+            self._cpu_memo[key] = any(self._best_split(dict.fromkeys(range(m), 1)).cpu
+                                      for m in range(1, max_misses + 1))
+        return self._cpu_memo[key]
 
     def _starve(self, plan: MissSplit) -> None:
         """A path left idle drifts back toward its prior (its last measurement may have been one slow call)."""

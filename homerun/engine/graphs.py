@@ -1,11 +1,23 @@
 """One-token decode replayed from captured graphs (issue 13): CUDA graphs on a GPU, their CPU stand-in elsewhere.
 
 A decode step launches ~30 kernels per layer, and on a GPU each launch costs the host several microseconds of Python
-and driver work: at 43 layers that is the token's whole budget at 30 tok/s. Everything in a layer except its
-attention core depends on the token only through device tensors (the streams, the token id, the RoPE tables of the
-position), so it is captured once and replayed; the core's sizes grow with the context (window rows, compressed
-entries, closing windows), so it runs eagerly between the replays. This is the piecewise capture vLLM uses: the
-step runs as n_layers + 1 graph launches plus the cores' own launches.
+and driver work: at 43 layers that is the token's whole budget at 30 tok/s. Two layouts:
+
+Whole step (every layer's experts resident, the KV kept in the compute dtype): the step is one graph. The attention
+cores run over static capacities with their lengths read on the device (homerun.models.deepseek_v4.static_decode:
+the window in a fixed buffer, compressor closes computed always and kept by a device-side slot, the CSA top-k over
+the capacity, masked), so the graph depends on the context only through its capacity bucket (a power of two of the
+tokens, from MIN_BUCKET_TOKENS): it is captured at a bucket's first step and again when the context crosses into
+the next one. The static state is the sequence's state while the graphs hold it; each step hands back LayerStates
+that view one copy of its small tensors (windows, open windows, overlaps) and share its entry stores, and a step
+from any other state (another session, an earlier state) copies that state in first. Around the replay: the token
+id's copy, the position's fill and that copy (one launch per dtype).
+
+Piecewise (a layer whose experts are cached, a KV in bf16 or fp8, or `whole_step` off): everything in a layer
+except its attention core depends on the token only through device tensors (the streams, the token id, the RoPE
+tables of the position), so it is captured once and replayed; the eager cores size their work from the context
+(window rows, compressed entries, closing windows), so they run between the replays: n_layers + 1 graph launches
+plus the cores' own launches.
 
   segment 0      embed(token) -> layer 0's pre-attention
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
@@ -23,8 +35,9 @@ layer is cached):
   segment i.out  the shared expert's down projection + the routed sum -> layer i+1's pre-attention (or the hidden)
 
 The token id and the position live in two static device tensors written before the replays; each core's and each
-routed call's output is copied into a static buffer the next segment reads. Captured once per model, at the first
-decode step that uses them; valid for every later position and session (the cores carry all per-sequence state).
+routed call's output is copied into a static buffer the next segment reads. The segments are captured once per
+model, at the first decode step that uses them; valid for every later position and session (the cores carry all
+per-sequence state).
 
 `EmulatedGraphs` is the CPU stand-in with a CUDA graph's semantics: capture records every ATen op and Triton launch
 with the tensors it reads and writes, replay re-runs them on those same tensors, so whatever the captured code took
@@ -44,6 +57,12 @@ from torch.utils._pytree import tree_leaves
 from homerun.kernels.counting import SYNC_OPS, launches_kernel, note_graph_replay
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
+from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, StaticRows, bucket_tokens
+from homerun.models.kv import PagedRows
+
+# The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
+# tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
+MIN_BUCKET_TOKENS = 256
 
 
 class GraphCaptureError(RuntimeError):
@@ -64,14 +83,17 @@ class CudaGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
 
-    def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+    def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
         # One warm-up run on a side stream first (libraries create their handles and workspaces lazily, which a
         # capture must not do); the capture itself only records, so one replay computes this step's values.
+        # reset: undoes the warm-up's writes to state the step advances in place (the whole-step graph's).
         cur = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(cur)
         with torch.cuda.stream(self.stream):
             fn()
         cur.wait_stream(self.stream)
+        if reset is not None:
+            reset()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
             out = fn()
@@ -136,11 +158,13 @@ class EmulatedGraphs:
 
     name = "emulated"
 
-    def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+    def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
         from homerun.kernels.triton import load
 
         common = load().common if load() is not None else None
         fn()  # the warm-up run CudaGraphs makes: a memo it fills must not leak into the recording unseen
+        if reset is not None:
+            reset()
         rec = _Recorder()
         old = common.LaunchCounter.recorder if common is not None else None
         if common is not None:
@@ -181,11 +205,21 @@ def eager_routed_layers(backend, layers: Sequence[int]) -> list[bool]:
     return [not backend.graph_safe_layer(layer) for layer in layers]
 
 
+def whole_step_reason(net, states: Sequence[Any]) -> str | None:
+    """Why decode from `states` can't run as one whole-step graph (None when it can): every entry store must keep
+    rows exactly in the compute dtype (kv_dtype "auto"), which the static core mirrors."""
+    for st in states:
+        for c in (st.comp, st.index_comp):
+            if c is not None and (type(c.store) not in (PagedRows, StaticRows) or c.store.dtype != net.compute_dtype):
+                return f"entries kept as {type(c.store).__name__} in {c.store.dtype}"
+    return None
+
+
 def layout_reason(backend, layers: Sequence[int]) -> str:
     """How decode graphs run with `backend`, for the runner's reason string (`homerun bench`'s decode_runner)."""
     eager = eager_routed_layers(backend, layers)
     if not any(eager):
-        return "experts in the segments"
+        return "one graph per step (compute-dtype KV), else experts in the segments"
     if all(eager):
         return "experts eager between segments"
     return f"experts in the segments, eager between segments in {sum(eager)} of {len(eager)} layers"
@@ -221,6 +255,11 @@ class DecodeGraphs:
         self.routed: dict[int, torch.Tensor] = {}  # eager routed calls (by layer position): sums copied in after each
         self._guesses: dict[int, torch.Tensor | None] = {}  # graph-safe layer -> its captured guess at the next one
         self.replays = 0  # decode steps served from the graphs (the capture step included)
+        self.min_bucket_tokens = MIN_BUCKET_TOKENS
+        self.whole_step = True  # False: the piecewise layout even where the whole step could be one graph
+        self.static: StaticDecodeKV | None = None  # the whole-step graph's attention state (its bucket's)
+        self._mine: tuple[int, list] | None = None  # (position, states) the static state holds: the last step's
+        self.step_captures = 0  # whole-step graphs captured (one per bucket reached)
 
     @property
     def captured(self) -> bool:
@@ -240,6 +279,8 @@ class DecodeGraphs:
         else:
             self.ids_buf.copy_(ids.reshape(1), non_blocking=True)
             self.pos_buf.fill_(start_pos)
+        if self.whole_step and not self.split and whole_step_reason(net, states) is None:
+            return self._forward_whole(start_pos, states)
         if self.split:  # the token hooks, as net.forward calls them (a graph-safe backend's are no-ops)
             net._begin_token(ids.reshape(1))
         self._segment(("embed",), self._embed)
@@ -252,6 +293,55 @@ class DecodeGraphs:
             first = next(i for i, lay in enumerate(net.layers) if lay.index == redo)
         self.replays += 1
         return self._outs[("out", len(net.layers) - 1)], new_states
+
+    def _forward_whole(self, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
+        """Every layer resident: the step as one graph over the static attention state of the context's bucket
+        (homerun.models.deepseek_v4.static_decode), captured at the bucket's first step."""
+        cap = bucket_tokens(start_pos, self.min_bucket_tokens)
+        kv, key = self.static, ("step",)
+        if kv is None or kv.ctx_tokens != cap:  # a new bucket: its buffers, the state copied in, a new capture
+            self.segments.pop(key, None)
+            self._outs.pop(key, None)
+            self.static = None  # the old buffers live on only in the states that view them
+            kv = self.static = StaticDecodeKV(self.net, cap)
+            kv.load(states, start_pos)
+        elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
+            kv.load(states, start_pos)
+        if key not in self.segments:
+            saved = kv.arena.snapshot()
+
+            def reset() -> None:  # the warm-up advanced the state in place: back to this step's input state
+                for dt, t in kv.arena.bufs.items():
+                    t.copy_(saved[dt])
+
+            self.segments[key], self._outs[key] = self.graphs.capture(self._step, reset)
+            self.step_captures += 1
+        else:
+            self.graphs.replay(self.segments[key])
+        new_states = kv.states(start_pos + 1)
+        self._mine = (start_pos + 1, new_states)
+        self.replays += 1
+        return self._outs[key], new_states
+
+    def _holds(self, start_pos: int, states: Sequence[Any]) -> bool:
+        """Whether the static state is `states` at start_pos: the ones the last whole step returned."""
+        if self._mine is None or self._mine[0] != start_pos or len(states) != len(self._mine[1]):
+            return False
+        return all(a is b for a, b in zip(states, self._mine[1]))
+
+    def _step(self) -> torch.Tensor:
+        """The whole decode step (captured): embedding, every layer with its static attention core and its routed
+        call, the final hidden."""
+        net, kl, kv = self.net, self.kl, self.static
+        net.__dict__.pop("_rope_memo", None)  # see _embed: each run computes the position's RoPE tables
+        kv.begin_step(self.pos_buf)
+        x = net._embed(self.ids_buf)
+        for i, layer in enumerate(net.layers):
+            pa = net._pre_attention(layer, x, self.pos_buf, kl)
+            out = kv.core(i, pa, kl)
+            mi = net._moe_in(layer, net._attn_out(layer, x, pa, out, kl), self.ids_buf, kl)
+            x = net._moe_out(layer, mi, self.backend.forward(layer.index, mi.h, mi.idx, mi.w), kl)
+        return net._final(x, self.k)
 
     def _segment(self, key: tuple, fn: Callable[[], Any]) -> Any:
         """Capture `fn` as segment `key` at its first use (its outputs are this step's), replay it afterwards."""

@@ -31,11 +31,48 @@ import torch
 
 from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA, LAYER_SLIDING
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
+from homerun.models.kv import PagedRows
 
 
 def bucket_tokens(pos: int, min_tokens: int) -> int:
     """The context capacity (tokens) whose captured core serves position pos: a power of two, >= min_tokens."""
     return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
+
+
+class StaticRows(PagedRows):
+    """The entry store of a static compressor: its first page is the static buffer's first `cap` rows, which the
+    captured step writes (a row past a state's committed count, as any store write); an eager forward that writes
+    past the capacity appends ordinary pages."""
+
+    def __init__(self, rows: torch.Tensor, cap: int) -> None:
+        super().__init__(rows.shape[1], rows.dtype, rows.device, cap)
+        self.pages.append(rows[:cap])
+
+
+class _Arena:
+    """Small per-layer tensors carved from one flat buffer per dtype, so a step's whole small state is copied out in
+    one launch per dtype (`snapshot`) and its views re-carved from the copy."""
+
+    def __init__(self) -> None:
+        self.specs: list[tuple[torch.dtype, int, tuple[int, ...]]] = []
+        self.sizes: dict[torch.dtype, int] = {}
+        self.bufs: dict[torch.dtype, torch.Tensor] = {}
+
+    def add(self, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        off = self.sizes.get(dtype, 0)
+        self.sizes[dtype] = off + shape[0] * shape[1]
+        self.specs.append((dtype, off, shape))
+        return len(self.specs) - 1
+
+    def alloc(self, device: torch.device) -> None:
+        self.bufs = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in self.sizes.items()}
+
+    def view(self, i: int, bufs: dict[torch.dtype, torch.Tensor] | None = None) -> torch.Tensor:
+        dt, off, shape = self.specs[i]
+        return (bufs or self.bufs)[dt][off : off + shape[0] * shape[1]].view(shape)
+
+    def snapshot(self) -> dict[torch.dtype, torch.Tensor]:
+        return {dt: t.clone() for dt, t in self.bufs.items()}
 
 
 @dataclass
@@ -48,11 +85,14 @@ class _Comp:
     overlap_kv: torch.Tensor | None  # [rate, hd] (CSA); zeros and -inf gates before the first close
     overlap_gate: torch.Tensor | None
     rows: torch.Tensor  # [cap + 1, hd]: entries 0..cap-1, row cap the dump slot of non-closing steps
+    store: StaticRows  # over rows[:cap]
+    ids: tuple[int, ...]  # the arena views of pend_kv, pend_gate[, overlap_kv, overlap_gate]
 
 
 @dataclass
 class _Layer:
     window: torch.Tensor  # [W, Dh]
+    window_id: int  # its arena view
     comp: _Comp | None
     index: _Comp | None
 
@@ -94,26 +134,44 @@ class StaticDecodeKV:
         # entry capacity per compression rate: (pos + 1) // rate <= ctx_tokens // rate closed below the capacity
         self.caps = {r: max(1, ctx_tokens // r) for r in rates}
         self.ar = {r: torch.arange(c, device=net.device) for r, c in self.caps.items()}
-        self.layers = [self._alloc(lay) for lay in net.layers]
+        self.arena = _Arena()
+        specs = [self._specs(lay) for lay in net.layers]
+        self.arena.alloc(net.device)
+        self.layers = [self._carve(sp) for sp in specs]
         self.step: _Step | None = None
 
-    def _alloc(self, lay) -> _Layer:
-        a, dt, dev = self.args, self.net.compute_dtype, self.net.device
+    def _specs(self, lay):
+        """Layer lay's small tensors as arena entries: the window, then per compressor its open rows and overlap."""
+        a, dt, ar = self.args, self.net.compute_dtype, self.arena
         at = lay.attn
 
-        def comp(c) -> _Comp:
+        def comp(c):
             width = c.ape.shape[1]
-            ok = og = None
+            ids = [ar.add(dt, (c.rate, width)), ar.add(dt, (c.rate, width))]
             if c.overlap:
-                ok = torch.zeros(c.rate, c.head_dim, dtype=dt, device=dev)
-                og = torch.full((c.rate, c.head_dim), float("-inf"), dtype=torch.float32, device=dev)
-            return _Comp(c.rate, torch.zeros(c.rate, width, dtype=dt, device=dev),
-                         torch.zeros(c.rate, width, dtype=dt, device=dev), ok, og,
-                         torch.zeros(self.caps[c.rate] + 1, c.head_dim, dtype=dt, device=dev))
+                ids += [ar.add(dt, (c.rate, c.head_dim)), ar.add(torch.float32, (c.rate, c.head_dim))]
+            return c, tuple(ids)
 
-        return _Layer(torch.zeros(a.window_size, a.head_dim, dtype=dt, device=dev),
-                      comp(at.comp) if at.comp is not None else None,
-                      comp(at.indexer.comp) if at.indexer is not None else None)
+        return (ar.add(dt, (a.window_size, a.head_dim)), comp(at.comp) if at.comp is not None else None,
+                comp(at.indexer.comp) if at.indexer is not None else None)
+
+    def _carve(self, specs) -> _Layer:
+        win_id, *comps = specs
+        dt, dev, ar = self.net.compute_dtype, self.net.device, self.arena
+        out = []
+        for spec in comps:
+            if spec is None:
+                out.append(None)
+                continue
+            c, ids = spec
+            rows = torch.zeros(self.caps[c.rate] + 1, c.head_dim, dtype=dt, device=dev)
+            ok = og = None
+            if c.overlap:  # before the first close: no previous window (zero rows, -inf gates: weight 0)
+                ok, og = ar.view(ids[2]), ar.view(ids[3])
+                og.fill_(float("-inf"))
+            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, rows,
+                             StaticRows(rows, self.caps[c.rate]), ids))
+        return _Layer(ar.view(win_id), win_id, *out)
 
     # ------------------------------------------------------------------------------------- host-side transfer
 
@@ -136,7 +194,9 @@ class StaticDecodeKV:
         n_pend = cst.pending_kv.shape[0] if cst.pending_kv is not None else 0
         if cst.n_entries != pos // sc.rate or n_pend != pos % sc.rate:
             raise ValueError(f"compressor state ({cst.n_entries} entries, {n_pend} open rows) at position {pos}")
-        sc.rows[: cst.n_entries] = cst.store.view(cst.n_entries)
+        src = cst.store.view(cst.n_entries)
+        if cst.n_entries and src.data_ptr() != sc.rows.data_ptr():  # not our own store's rows
+            sc.rows[: cst.n_entries] = src
         if n_pend:
             sc.pend_kv[:n_pend] = cst.pending_kv
             sc.pend_gate[:n_pend] = cst.pending_gate
@@ -148,26 +208,26 @@ class StaticDecodeKV:
                 sc.overlap_kv.copy_(cst.overlap_kv)
                 sc.overlap_gate.copy_(cst.overlap_gate)
 
-    def states(self, pos: int, base) -> list[LayerState]:
-        """The state after the step at position pos - 1 (pos tokens seen) as new LayerStates: windows and open rows
-        copied out; the entries past each of `base`'s compressors (the states loaded, or any later ones over the
-        same stores) written into its store, which the new states share."""
+    def states(self, pos: int) -> list[LayerState]:
+        """The state after the step at position pos - 1 (pos tokens seen) as new LayerStates: the small tensors are
+        views of one copy of the arena (one launch per dtype: a later step does not change them), the entries those
+        of the static stores (rows past a state's count are invisible to it, as in any store)."""
+        snap = self.arena.snapshot()
         out = []
-        for s, b in zip(self.layers, base):
-            window = s.window[: min(pos, self.window - 1)].clone()
-            comp = self._comp_state(s.comp, b.comp, pos) if s.comp is not None else None
-            idx = self._comp_state(s.index, b.index_comp, pos) if s.index is not None else None
+        for s in self.layers:
+            window = self.arena.view(s.window_id, snap)[: min(pos, self.window - 1)]
+            comp = self._comp_state(s.comp, snap, pos) if s.comp is not None else None
+            idx = self._comp_state(s.index, snap, pos) if s.index is not None else None
             out.append(LayerState(window, comp, idx))
         return out
 
-    def _comp_state(self, sc: _Comp, b: CompressorState, pos: int) -> CompressorState:
+    def _comp_state(self, sc: _Comp, snap, pos: int) -> CompressorState:
         n, n_pend = pos // sc.rate, pos % sc.rate
-        if n > b.n_entries:
-            b.store.write(b.n_entries, sc.rows[b.n_entries : n])
+        v = [self.arena.view(i, snap) for i in sc.ids]
         ok = og = None
         if sc.overlap_kv is not None and n:
-            ok, og = sc.overlap_kv.clone(), sc.overlap_gate.clone()
-        return CompressorState(b.store, n, sc.pend_kv[:n_pend].clone(), sc.pend_gate[:n_pend].clone(), ok, og)
+            ok, og = v[2], v[3]
+        return CompressorState(sc.store, n, v[0][:n_pend], v[1][:n_pend], ok, og)
 
     # ------------------------------------------------------------------------------------ the capturable step
 

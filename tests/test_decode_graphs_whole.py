@@ -1,0 +1,98 @@
+"""Whole-step decode graphs (homerun.engine.graphs, every layer resident, KV in the compute dtype) on CUDA stand-ins:
+one graph per step over the static attention state of the context's bucket, captured again when the context
+crosses a bucket. The graphed steps must equal the eager forward bit for bit across window fills, CSA closes and
+bucket crossings for the three tiny presets, and when a step starts from a state the graphs do not hold (another
+session, an earlier state of the same one)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no CUDA here, the kernels interpret
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from homerun.engine.placement import single_device  # noqa: E402
+from homerun.engine.runtime import load  # noqa: E402
+from homerun.kernels import triton as hr_triton  # noqa: E402
+from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+
+if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cover
+    pytest.skip(f"triton kernels unavailable here: {hr_triton.unavailable_reason()}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The three presets with an 8-token window and a top-k of 4 (a strict subset of the closed CSA entries from
+    position 20)."""
+    from tiny import TINY_KINDS, make_checkpoint
+
+    root = tmp_path_factory.mktemp("whole-step")
+    return {kind: make_checkpoint(root, kind, sliding_window=8, index_topk=4) for kind in TINY_KINDS}
+
+
+def _graphed(path, dtype):
+    from homerun.formats.loader import open_checkpoint
+
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    model = load(path, dtype=dtype, experts="reference", placement=pl, cuda_graphs="on")
+    model.decode_graphs.min_bucket_tokens = 16  # buckets 16, 32, 64 within a short decode
+    return model
+
+
+def _eager(model, tok: int, pos: int, states) -> torch.Tensor:
+    with torch.inference_mode():
+        hidden, _ = model.net.forward(torch.tensor([tok]), pos, states)
+        return model.net.logits(hidden)[0].float()
+
+
+@pytest.mark.parametrize("kind,dtype", [("mixed", "bfloat16"), ("csa", "float32"), ("hca", "bfloat16")])
+def test_whole_step_graphs_equal_the_eager_forward_across_buckets(checkpoints, kind, dtype):
+    model = _graphed(checkpoints[kind], dtype)
+    dg = model.decode_graphs
+    s = model.session()
+    logits = s.feed([3, 1, 4])
+    kept = {}
+    for pos in range(3, 37):
+        tok = int(logits.argmax())
+        if pos in (12, 30):
+            kept[pos] = (tok, s._states)  # states of buckets 16 and 32, decoded from again below
+        eager = _eager(model, tok, pos, s._states)
+        logits = s.feed([tok])
+        assert torch.equal(eager, logits), (kind, pos, (eager - logits).abs().max().item())
+    assert s.n_tokens == 37 and dg.replays == 34
+    assert dg.step_captures == 3 and dg.static.ctx_tokens == 64 and list(dg.segments) == [("step",)]
+    # From states the graphs do not hold: an earlier one of this session (its entries in an older bucket's
+    # buffers), then the current one again (the static state was reloaded in between).
+    for pos, (tok, states) in sorted(kept.items()):
+        eager = _eager(model, tok, pos, states)
+        with torch.inference_mode():
+            hidden, _ = model._forward(torch.tensor([tok]), pos, states)
+            assert torch.equal(eager, model.net.logits(hidden)[0].float()), pos
+    tok = int(logits.argmax())
+    eager = _eager(model, tok, s.n_tokens, s._states)
+    assert torch.equal(eager, s.feed([tok]))
+    assert dg.step_captures == 3 + 3  # back in buckets 16, 32 and then 64: each captured again
+
+
+def test_two_sessions_take_turns(checkpoints):
+    """Each step from the other session's state reloads the static state; both stay equal to the eager forward."""
+    model = _graphed(checkpoints["mixed"], "bfloat16")
+    a, b = model.session(), model.session()
+    la, lb = a.feed([5, 6, 7, 8, 9]), b.feed([2, 7])
+    for _ in range(6):
+        for s, last in ((a, la), (b, lb)):
+            tok = int(last.argmax())
+            eager = _eager(model, tok, s.n_tokens, s._states)
+            got = s.feed([tok])
+            assert torch.equal(eager, got), s.n_tokens
+            if s is a:
+                la = got
+            else:
+                lb = got
