@@ -351,7 +351,7 @@ def test_cli_synthetic_extrapolates_through_the_plan(tmp_path):
 def test_a_pp_test_is_planned_for_its_whole_prompt():
     """A pp test compares against the plan's prefill estimate for the prompt it runs. It was planned at half its
     prompt (the tg rule, the context in a test's middle), which predicted a prompt half as long: at 32K, a prefill
-    estimate 1.07x the right one on Genoa. A tg test keeps the middle of its context."""
+    estimate 1.05x the right one on Genoa. A tg test keeps the middle of its context."""
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
     from profiles import load_profile
@@ -366,7 +366,7 @@ def test_a_pp_test_is_planned_for_its_whole_prompt():
 
     want = direct(decode_depth_tokens=32768, prefill_prompt_tokens=32768)
     half = direct(decode_depth_tokens=16384, prefill_prompt_tokens=16384)
-    assert want["prefill_tok_s"] < half["prefill_tok_s"] * 0.95  # the two readings differ: the test can tell them apart
+    assert want["prefill_tok_s"] < half["prefill_tok_s"] * 0.98  # the two readings differ: the test can tell them apart
     assert at(pp)["prefill_tok_s"] == pytest.approx(want["prefill_tok_s"], rel=1e-9)
     assert at(tg)["decode_tok_s"] == pytest.approx(direct(decode_depth_tokens=4096 + 64)["decode_tok_s"], rel=1e-9)
 
