@@ -232,3 +232,23 @@ def test_redone_mixed_tokens_equal_the_exact_path(short_window_checkpoint, exact
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), i
     assert traffic_spec == traffic and traffic["misses"] > 0  # each (call, expert) counted once
+
+
+def test_a_speculated_token_prefetches_hash_layers_only_from_host_ids():
+    """While speculating, a hash layer's experts are prefetched when its ids are read on the host (no sync), so they
+    land before the layer instead of forcing a redo; ids that only the device could read are left alone."""
+    split, a, b, _ = _split()
+    tid2eid = torch.tensor([[1, 4], [2, 3]])
+    assert split.begin_token(1) is True
+    with count_device_work() as cw:
+        assert split.prefetch_hash_layer(0, tid2eid, torch.tensor([0])) == [1, 4]
+        a.prefetcher.tid2eid.host_reads = False  # the device path: unique + tolist
+        assert split.prefetch_hash_layer(0, tid2eid, torch.tensor([1])) == []
+    assert cw.c.syncs == 0
+    x, ids, w = torch.randn(1, D), torch.tensor([[1, 4]]), torch.rand(1, 2)
+    for layer in range(4):
+        split.forward(layer, x, ids, w)
+    assert split.end_token() is None  # layer 0's cold experts were prefetched by the hash hook: no redo
+    assert _hits_misses(a) == (2, 0)
+    for be in (a, b):
+        be.close()
