@@ -31,10 +31,10 @@ miss are counted (touch, release, prefetch scoring) exactly as step (4) would ha
 recomputes that layer and every later one on the exact path above (which counts their hits and serves their misses),
 so nothing is counted twice and the logits are the exact path's bit for bit (the same kernels on the same inputs).
 While speculating the backend issues no guessed prefetches (the experts are expected resident; a guess reaches the
-host only behind a wait per layer); a hash layer's prefetch is issued (its ids are on the host, no wait), so its
-misses land before the layer instead of forcing a redo. Behind a LayerSplitBackend every part speculates a token or
-none does, and all parts read their masks (`first_miss`) before any counts hits, so a redo starts at the earliest
-miss of all and the parts count only the layers before it (`end_token(redo_from)`).
+host only behind a wait per layer); a hash layer's prefetch is issued when its ids are read on the host (no wait),
+so its misses land before the layer instead of forcing a redo. Behind a LayerSplitBackend every part speculates a
+token or none does, and all parts read their masks (`first_miss`) before any counts hits, so a redo starts at the
+earliest miss of all and the parts count only the layers before it (`end_token(redo_from)`).
 """
 
 from __future__ import annotations

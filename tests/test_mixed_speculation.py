@@ -201,12 +201,12 @@ def test_parts_that_disagree_speculate_nothing():
 
 # --- a mixed plan whose cache is too small: speculated tokens miss and are redone ------------------------------------
 
-def _missing_run(path, speculate: str) -> tuple[list[torch.Tensor], dict, dict]:
+def _missing_run(path, speculate: str, graphs: str = "off") -> tuple[list[torch.Tensor], dict, dict]:
     """Layers 0 and 2 share 6 slots for their 16 experts (CPU misses), layer 1 resident; guesses prefetch nothing, so
     the exact and the speculating run keep the same cache contents and may be compared bit for bit."""
     pl = _placement(True)
     pl = dataclasses.replace(pl, devices=(dataclasses.replace(pl.devices[0], expert_cache_slots=6),))
-    model = load(path, dtype="bfloat16", experts="reference", placement=pl)
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs=graphs)
     cached = model.net.experts.backends_by_layer[0]
     cached.miss_policy.mode = "cpu"
     cached.fused.policy.mode = speculate
@@ -219,10 +219,36 @@ def _missing_run(path, speculate: str) -> tuple[list[torch.Tensor], dict, dict]:
     return logits, {k: c[k] for k in ("hits", "misses", "n_copies")}, cached.fused.stats()
 
 
-def test_redone_mixed_tokens_equal_the_exact_path(short_window_checkpoint):
-    want, traffic, _ = _missing_run(short_window_checkpoint, "never")
-    got, traffic_spec, d = _missing_run(short_window_checkpoint, "always")
+@pytest.fixture(scope="module")
+def exact_missing(short_window_checkpoint):
+    return _missing_run(short_window_checkpoint, "never")
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_redone_mixed_tokens_equal_the_exact_path(short_window_checkpoint, exact_missing, graphs):
+    want, traffic, _ = exact_missing
+    got, traffic_spec, d = _missing_run(short_window_checkpoint, "always", graphs)
     assert d["speculative_tokens"] == len(TOKENS) + 1 and d["redos"] >= 1  # the 4-token prompt is decode-sized too
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), i
     assert traffic_spec == traffic and traffic["misses"] > 0  # each (call, expert) counted once
+
+
+def test_a_speculated_token_prefetches_hash_layers_only_from_host_ids():
+    """While speculating, a hash layer's experts are prefetched when its ids are read on the host (no sync), so they
+    land before the layer instead of forcing a redo; ids that only the device could read are left alone."""
+    split, a, b, _ = _split()
+    tid2eid = torch.tensor([[1, 4], [2, 3]])
+    assert split.begin_token(1) is True
+    with count_device_work() as cw:
+        assert split.prefetch_hash_layer(0, tid2eid, torch.tensor([0])) == [1, 4]
+        a.prefetcher.tid2eid.host_reads = False  # the device path: unique + tolist
+        assert split.prefetch_hash_layer(0, tid2eid, torch.tensor([1])) == []
+    assert cw.c.syncs == 0
+    x, ids, w = torch.randn(1, D), torch.tensor([[1, 4]]), torch.rand(1, 2)
+    for layer in range(4):
+        split.forward(layer, x, ids, w)
+    assert split.end_token() is None  # layer 0's cold experts were prefetched by the hash hook: no redo
+    assert _hits_misses(a) == (2, 0)
+    for be in (a, b):
+        be.close()
