@@ -4,7 +4,8 @@
  *   gcc -O3 -std=gnu11 -pthread -I homerun/kernels/csrc benchmarks/int8_moe_stages.c -o /tmp/int8_moe_stages -lm
  *   /tmp/int8_moe_stages [path=3] [reps=5]      # path 3 = AVX-512 (the VNNI kernels where the CPU has them)
  * Each stage is run alone on the buffers of one set-up forward (so without first-touch page faults), CPU-ms, median
- * of `reps`; "swiglu" and "scatter" time stage 2's and stage 4's elementwise parts alone over the same amount of work;
+ * of `reps`; "swiglu", "h-quant" (stage 3, which runs inside stage 2's tasks) and "scatter" time stage 2's and 4's
+ * other parts alone over the same amount of work;
  * "forward" is hr_moe_forward whole (its own allocations and page faults included), and "other" what it spends
  * outside the stages. GOP/s counts 2 x 3 x D x I per entry, as int8_moe_bench.py. */
 #include "hr_kernels.c"
@@ -12,7 +13,7 @@
 static double cpu_ms(void){struct timespec t;clock_gettime(CLOCK_PROCESS_CPUTIME_ID,&t);return t.tv_sec*1e3+t.tv_nsec*1e-6;}
 static int cmpd(const void*a,const void*b){double x=*(double*)a,y=*(double*)b;return x<y?-1:x>y;}
 #define NST 8
-static const char *names[NST]={"x-quant","up+swiglu","(swiglu)","h-quant","down+scatter","(scatter)","forward","other"};
+static const char *names[NST]={"x-quant","up+swiglu+h-quant","(swiglu)","(h-quant)","down+scatter","(scatter)","forward","other"};
 int main(int argc,char**argv){
   int path=(argc>1?atoi(argv[1]):3)|HR_ACT_INT8, reps=argc>2?atoi(argv[2]):5;
   hr_init(); hr_set_threads(1);
@@ -24,7 +25,7 @@ int main(int argc,char**argv){
     for(int64_t i=0;i<n*k/32;i++){r=r*1103515245+12345;s[i]=118+(r>>16)%6;}
     table[e*6+2*m]=(int64_t)(intptr_t)w; table[e*6+2*m+1]=(int64_t)(intptr_t)s;}
   int pers[]={8,16,32,64,100};
-  printf("per-expert  %s\n","CPU-ms per stage: x-quant / up+swiglu (swiglu) / h-quant / down+scatter (scatter) / forward / other; GOP/s");
+  printf("per-expert  %s\n","CPU-ms per stage: x-quant / up+swiglu+h-quant (swiglu) (h-quant) / down+scatter (scatter) / forward / other; GOP/s");
   for(int pi=0;pi<5;pi++){int64_t T=pers[pi]*E/K,n=T*K;
     float *x=malloc(T*D*4),*out=malloc(T*D*4),*wts=malloc(n*4); int64_t *ids=malloc(n*8);
     for(int64_t i=0;i<T*D;i++){r=r*1103515245+12345;x[i]=((int)(r>>16)%2001-1000)/250.0f;}
@@ -42,15 +43,15 @@ int main(int argc,char**argv){
       static float gb[HR_Q8P_TT*HR_RC],ub[HR_Q8P_TT*HR_RC];
       for(int i=0;i<HR_Q8P_TT*HR_RC;i++){gb[i]=(i%97-48)/8.0f;ub[i]=(i%89-44)/8.0f;}
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT){int nt=n-j0<HR_Q8P_TT?(int)(n-j0):HR_Q8P_TT;
-        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_swiglu(&c,gb,ub,nt,j0,r0,HR_RC);} st[2][rep]=cpu_ms()-t0;
-      hr_parallel(moe_up_task,&c,c.ngroups*c.nch1); /* h again: stage 3 overwrites it with the residual */
-      t0=cpu_ms(); hr_parallel(moe_quant_task,&c,c.n); st[3][rep]=cpu_ms()-t0;
+        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_swiglu(&c,gb,ub,nt,j0,r0,HR_RC,ub);} st[2][rep]=cpu_ms()-t0;
+      t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT){int nt=n-j0<HR_Q8P_TT?(int)(n-j0):HR_Q8P_TT;
+        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_quant_blocks(&c,gb,nt,j0,r0,HR_RC,1);} st[3][rep]=cpu_ms()-t0;
       memset(out,0,T*D*4);
       t0=cpu_ms(); hr_parallel(moe_down_task,&c,(D+c.rc2-1)/c.rc2); st[4][rep]=cpu_ms()-t0;
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT/2){int nt=n-j0<HR_Q8P_TT/2?(int)(n-j0):HR_Q8P_TT/2;
         for(int64_t r0=0;r0<D;r0+=HR_RC) moe_scatter(&c,gb,2,nt,j0,r0,HR_RC);} st[5][rep]=cpu_ms()-t0;
       moe_free(&c);
-      st[7][rep]=st[6][rep]-st[0][rep]-st[1][rep]-st[3][rep]-st[4][rep];}
+      st[7][rep]=st[6][rep]-st[0][rep]-st[1][rep]-st[4][rep];}
     printf("%4d       ",pers[pi]);
     double med[NST]; for(int s=0;s<NST;s++){qsort(st[s],reps,8,cmpd);med[s]=st[s][reps/2];printf("%s%.1f",s?" / ":"",med[s]);}
     printf("; %.1f GOP/s\n",2.0*3*D*I*n/med[6]/1e6);
