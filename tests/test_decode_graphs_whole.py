@@ -82,10 +82,11 @@ def test_whole_step_graphs_equal_the_eager_forward_across_buckets(checkpoints, k
 
 
 def test_two_sessions_take_turns(checkpoints):
-    """Each step from the other session's state reloads the static state; both stay equal to the eager forward."""
+    """Each step from the other session's state (at the same position: only the states tell them apart) reloads the
+    static state; both stay equal to the eager forward."""
     model = _graphed(checkpoints["mixed"], "bfloat16")
     a, b = model.session(), model.session()
-    la, lb = a.feed([5, 6, 7, 8, 9]), b.feed([2, 7])
+    la, lb = a.feed([5, 6, 7, 8, 9]), b.feed([2, 7, 1, 8, 2])
     for _ in range(6):
         for s, last in ((a, la), (b, lb)):
             tok = int(last.argmax())
@@ -96,3 +97,20 @@ def test_two_sessions_take_turns(checkpoints):
                 la = got
             else:
                 lb = got
+
+
+def test_an_hca_close_and_a_bucket_crossing_in_the_graph(checkpoints):
+    """The hca preset's rate-128 layers close their first window at position 127, the last of bucket 128: the step
+    that writes the entry at a device-side slot is replayed, and the next one reads it from the new bucket's
+    buffers (captured at 128)."""
+    model = _graphed(checkpoints["hca"], "bfloat16")
+    dg = model.decode_graphs
+    s = model.session()
+    logits = s.feed(torch.randint(0, 512, (122,), generator=torch.Generator().manual_seed(9)).tolist())
+    for pos in range(122, 132):
+        tok = int(logits.argmax())
+        eager = _eager(model, tok, pos, s._states)
+        logits = s.feed([tok])
+        assert torch.equal(eager, logits), (pos, (eager - logits).abs().max().item())
+    assert dg.step_captures == 2 and dg.static.ctx_tokens == 256
+    assert all(st.comp.n_entries == 1 for st, lay in zip(s._states, model.net.layers) if lay.kind == "hca")
