@@ -114,3 +114,24 @@ def test_an_hca_close_and_a_bucket_crossing_in_the_graph(checkpoints):
         assert torch.equal(eager, logits), (pos, (eager - logits).abs().max().item())
     assert dg.step_captures == 2 and dg.static.ctx_tokens == 256
     assert all(st.comp.n_entries == 1 for st, lay in zip(s._states, model.net.layers) if lay.kind == "hca")
+
+
+def test_the_static_entries_are_charged_to_the_device_budget(checkpoints):
+    """A placed model's KV pages are charged to its device; the whole-step graphs' entry buffers replace them for
+    the session and are charged likewise, then given back with the last state that holds them."""
+    import gc
+
+    model = _graphed(checkpoints["mixed"], "bfloat16")
+    dev = next(iter(model.devices.values()))
+    s = model.session()
+    s.feed([3, 1, 4, 1, 5])
+    s.feed([9])  # the first whole step: the static buffers, loaded from the prefill's pages
+    gc.collect()  # the prefill's states (and their pages) are gone: only the static buffers hold entries
+    kv = model.decode_graphs.static
+    static_bytes = sum(c.rows.numel() * c.rows.element_size() for lay in kv.layers for c in (lay.comp, lay.index)
+                       if c is not None)
+    assert static_bytes > 0 and dev.bytes_by_class()["kv"] == static_bytes
+    del s, kv
+    model.decode_graphs.static = model.decode_graphs._mine = None
+    gc.collect()
+    assert dev.bytes_by_class().get("kv", 0) == 0

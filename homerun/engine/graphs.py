@@ -303,7 +303,7 @@ class DecodeGraphs:
             self.segments.pop(key, None)
             self._outs.pop(key, None)
             self.static = None  # the old buffers live on only in the states that view them
-            kv = self.static = StaticDecodeKV(self.net, cap)
+            kv = self.static = StaticDecodeKV(self.net, cap, _accounts(states))
             kv.load(states, start_pos)
         elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
             kv.load(states, start_pos)
@@ -409,6 +409,15 @@ class DecodeGraphs:
         if i + 1 < len(net.layers):
             return y, net._pre_attention(net.layers[i + 1], y, self.pos_buf, self.kl)
         return net._final(y, self.k)
+
+
+def _accounts(states: Sequence[Any]) -> list:
+    """Per layer, the budgeted device its KV pages are charged to (None: not a placed model's)."""
+    out = []
+    for st in states:
+        c = st.comp if st.comp is not None else st.index_comp
+        out.append(c.store.account if c is not None else None)
+    return out
 
 
 def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor) -> torch.Tensor:
