@@ -135,3 +135,24 @@ def test_the_static_entries_are_charged_to_the_device_budget(checkpoints):
     model.decode_graphs.static = model.decode_graphs._mine = None
     gc.collect()
     assert dev.bytes_by_class().get("kv", 0) == 0
+
+
+def test_a_prefill_between_decodes_reads_the_graphs_states(checkpoints):
+    """A chat turn: decode, then an eager prefill of the next message over the states the graphed steps handed back
+    (views of the static buffers, the static entry stores), then decode again: every logit equal to a model that
+    never captured."""
+    from homerun.formats.loader import open_checkpoint
+
+    path = checkpoints["csa"]
+    graphed = _graphed(path, "bfloat16")
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    eager = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs="off")
+    sg, se = graphed.session(), eager.session()
+    turns = [[3, 1, 4, 1, 5], [7] * 6, [2, 6, 5], [8] * 6, [9, 7, 9, 3, 2, 3, 8], [4] * 4]
+    for turn in turns:  # prompts fed at once (prefill), replies one token at a time (decode)
+        chunks = [turn] if len(set(turn)) > 1 else [[t] for t in turn]
+        for chunk in chunks:
+            lg, le = sg.feed(chunk), se.feed(chunk)
+            assert torch.equal(lg, le), (sg.n_tokens, (lg - le).abs().max().item())
+    assert graphed.decode_graphs.replays == 16 and sg.n_tokens == 31 and graphed.decode_graphs.step_captures == 2
