@@ -191,11 +191,13 @@ class StaticDecodeKV:
 
     # ------------------------------------------------------------------------------------- host-side transfer
 
-    def load(self, states, pos: int) -> None:
-        """The sequence's LayerStates before position pos, copied into the static buffers (pos < ctx_tokens)."""
+    def load(self, states, pos: int, layers: Sequence[int] | None = None) -> None:
+        """The sequence's LayerStates before position pos, copied into the static buffers (pos < ctx_tokens);
+        layers: only those (model order)."""
         if pos >= self.ctx_tokens:
             raise ValueError(f"position {pos} is past the capacity {self.ctx_tokens}")
-        for s, st in zip(self.layers, states):
+        for i in range(len(self.layers)) if layers is None else layers:
+            s, st = self.layers[i], states[i]
             n = st.window.shape[0]
             if n != min(pos, self.window - 1):
                 raise ValueError(f"window of {n} rows at position {pos}")
