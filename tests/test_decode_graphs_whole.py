@@ -82,10 +82,11 @@ def test_whole_step_graphs_equal_the_eager_forward_across_buckets(checkpoints, k
 
 
 def test_two_sessions_take_turns(checkpoints):
-    """Each step from the other session's state reloads the static state; both stay equal to the eager forward."""
+    """Each step from the other session's state (at the same position: only the states tell them apart) reloads the
+    static state; both stay equal to the eager forward."""
     model = _graphed(checkpoints["mixed"], "bfloat16")
     a, b = model.session(), model.session()
-    la, lb = a.feed([5, 6, 7, 8, 9]), b.feed([2, 7])
+    la, lb = a.feed([5, 6, 7, 8, 9]), b.feed([2, 7, 1, 8, 2])
     for _ in range(6):
         for s, last in ((a, la), (b, lb)):
             tok = int(last.argmax())
@@ -96,3 +97,62 @@ def test_two_sessions_take_turns(checkpoints):
                 la = got
             else:
                 lb = got
+
+
+def test_an_hca_close_and_a_bucket_crossing_in_the_graph(checkpoints):
+    """The hca preset's rate-128 layers close their first window at position 127, the last of bucket 128: the step
+    that writes the entry at a device-side slot is replayed, and the next one reads it from the new bucket's
+    buffers (captured at 128)."""
+    model = _graphed(checkpoints["hca"], "bfloat16")
+    dg = model.decode_graphs
+    s = model.session()
+    logits = s.feed(torch.randint(0, 512, (122,), generator=torch.Generator().manual_seed(9)).tolist())
+    for pos in range(122, 132):
+        tok = int(logits.argmax())
+        eager = _eager(model, tok, pos, s._states)
+        logits = s.feed([tok])
+        assert torch.equal(eager, logits), (pos, (eager - logits).abs().max().item())
+    assert dg.step_captures == 2 and dg.static.ctx_tokens == 256
+    assert all(st.comp.n_entries == 1 for st, lay in zip(s._states, model.net.layers) if lay.kind == "hca")
+
+
+def test_the_static_entries_are_charged_to_the_device_budget(checkpoints):
+    """A placed model's KV pages are charged to its device; the whole-step graphs' entry buffers replace them for
+    the session and are charged likewise, then given back with the last state that holds them."""
+    import gc
+
+    model = _graphed(checkpoints["mixed"], "bfloat16")
+    dev = next(iter(model.devices.values()))
+    s = model.session()
+    s.feed([3, 1, 4, 1, 5])
+    s.feed([9])  # the first whole step: the static buffers, loaded from the prefill's pages
+    gc.collect()  # the prefill's states (and their pages) are gone: only the static buffers hold entries
+    kv = model.decode_graphs.static
+    static_bytes = sum(c.rows.numel() * c.rows.element_size() for lay in kv.layers for c in (lay.comp, lay.index)
+                       if c is not None)
+    assert static_bytes > 0 and dev.bytes_by_class()["kv"] == static_bytes
+    del s, kv
+    model.decode_graphs.static = model.decode_graphs._mine = None
+    gc.collect()
+    assert dev.bytes_by_class().get("kv", 0) == 0
+
+
+def test_a_prefill_between_decodes_reads_the_graphs_states(checkpoints):
+    """A chat turn: decode, then an eager prefill of the next message over the states the graphed steps handed back
+    (views of the static buffers, the static entry stores), then decode again: every logit equal to a model that
+    never captured."""
+    from homerun.formats.loader import open_checkpoint
+
+    path = checkpoints["csa"]
+    graphed = _graphed(path, "bfloat16")
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    eager = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs="off")
+    sg, se = graphed.session(), eager.session()
+    turns = [[3, 1, 4, 1, 5], [7] * 6, [2, 6, 5], [8] * 6, [9, 7, 9, 3, 2, 3, 8], [4] * 4]
+    for turn in turns:  # prompts fed at once (prefill), replies one token at a time (decode)
+        chunks = [turn] if len(set(turn)) > 1 else [[t] for t in turn]
+        for chunk in chunks:
+            lg, le = sg.feed(chunk), se.feed(chunk)
+            assert torch.equal(lg, le), (sg.n_tokens, (lg - le).abs().max().item())
+    assert graphed.decode_graphs.replays == 16 and sg.n_tokens == 31 and graphed.decode_graphs.step_captures == 2

@@ -14,30 +14,31 @@ from any other state (another session, an earlier state) copies that state in fi
 id's copy, the position's fill and that copy (one launch per dtype).
 
 Piecewise (a layer whose experts are cached, a KV in bf16 or fp8, or `whole_step` off): everything in a layer
-except its attention core depends on the token only through device tensors (the streams, the token id, the RoPE
-tables of the position), so it is captured once and replayed; the eager cores size their work from the context
-(window rows, compressed entries, closing windows), so they run between the replays: n_layers + 1 graph launches
-plus the cores' own launches.
+except its attention core and its routed call depends on the token only through device tensors (the streams, the
+token id, the RoPE tables of the position), so it is captured once and replayed:
 
   segment 0      embed(token) -> layer 0's pre-attention
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
   segment n      layer n-1's post-attention -> final hidden
 
-That layout holds the routed experts' launches too, so it needs a layer whose expert backend declares it graph-safe
-(all its experts resident: offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the
-host store) reads each layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's
-call runs eagerly between two segments, as the attention cores do. The choice is per layer (`eager_routed`): a model
-whose layers are partly resident, partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every
-layer is cached):
+With the KV in the compute dtype the static cores go into the segments too (layer i's at the end of the segment
+that makes its pre-attention; keys carry "static"); otherwise the eager cores, which size their work from the
+context, run between the replays, their outputs copied into static buffers. That layout holds the routed experts'
+launches, so it needs a layer whose expert backend declares it graph-safe (all its experts resident:
+offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store) reads each
+layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs eagerly between
+two segments. The choice is per layer (`eager_routed`): a model whose layers are partly resident, partly cached
+replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
 
   segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
   (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
   segment i.out  the shared expert's down projection + the routed sum -> layer i+1's pre-attention (or the hidden)
 
-The token id and the position live in two static device tensors written before the replays; each core's and each
-routed call's output is copied into a static buffer the next segment reads. The segments are captured once per
-model, at the first decode step that uses them; valid for every later position and session (the cores carry all
-per-sequence state).
+A redo from layer r (the backend's end_token, after a missed speculation) replays from r's routed call; with static
+cores, the layers after r are first reloaded from the step's input states, since their cores run again. The token id
+and the position live in two static device tensors written before the replays. The piecewise segments are captured
+once per model (with static cores, once per bucket), at the first decode step that uses them; valid for every later
+position and session.
 
 `EmulatedGraphs` is the CPU stand-in with a CUDA graph's semantics: capture records every ATen op and Triton launch
 with the tensors it reads and writes, replay re-runs them on those same tensors, so whatever the captured code took
@@ -260,6 +261,7 @@ class DecodeGraphs:
         self.static: StaticDecodeKV | None = None  # the whole-step graph's attention state (its bucket's)
         self._mine: tuple[int, list] | None = None  # (position, states) the static state holds: the last step's
         self.step_captures = 0  # whole-step graphs captured (one per bucket reached)
+        self._sk: tuple = ()  # ("static",) while the segments hold static attention cores
 
     @property
     def captured(self) -> bool:
@@ -279,11 +281,15 @@ class DecodeGraphs:
         else:
             self.ids_buf.copy_(ids.reshape(1), non_blocking=True)
             self.pos_buf.fill_(start_pos)
-        if self.whole_step and not self.split and whole_step_reason(net, states) is None:
-            return self._forward_whole(start_pos, states)
+        static = self.whole_step and whole_step_reason(net, states) is None
+        self._sk = ("static",) if static else ()  # segment keys: those with static cores inside are apart
+        if static:
+            self._static_for(start_pos, states)
+            if not self.split:
+                return self._forward_whole(start_pos)
         if self.split:  # the token hooks, as net.forward calls them (a graph-safe backend's are no-ops)
             net._begin_token(ids.reshape(1))
-        self._segment(("embed",), self._embed)
+        self._segment(("embed",) + self._sk, self._embed)
         first, new_states = 0, []
         while True:
             new_states[first:] = self._layers(first, start_pos, states)
@@ -291,30 +297,45 @@ class DecodeGraphs:
             if redo is None:
                 break
             first = next(i for i, lay in enumerate(net.layers) if lay.index == redo)
+            if static:  # the cores after the redone layer's call run again: from the step's input state
+                self.static.load(states, start_pos, range(first + 1, len(net.layers)))
         self.replays += 1
-        return self._outs[("out", len(net.layers) - 1)], new_states
+        if static:
+            new_states = self.static.states(start_pos + 1)
+            self._mine = (start_pos + 1, new_states)
+        return self._outs[("out", len(net.layers) - 1) + self._sk], new_states
 
-    def _forward_whole(self, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
-        """Every layer resident: the step as one graph over the static attention state of the context's bucket
-        (homerun.models.deepseek_v4.static_decode), captured at the bucket's first step."""
+    def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
+        """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
+        the graphs holding the old ones are dropped)."""
         cap = bucket_tokens(start_pos, self.min_bucket_tokens)
-        kv, key = self.static, ("step",)
-        if kv is None or kv.ctx_tokens != cap:  # a new bucket: its buffers, the state copied in, a new capture
-            self.segments.pop(key, None)
-            self._outs.pop(key, None)
+        kv = self.static
+        if kv is None or kv.ctx_tokens != cap:
+            for key in [k for k in self.segments if k[-1] in ("static", "step")]:
+                del self.segments[key], self._outs[key]
             self.static = None  # the old buffers live on only in the states that view them
-            kv = self.static = StaticDecodeKV(self.net, cap)
-            kv.load(states, start_pos)
+            self.static = StaticDecodeKV(self.net, cap, _accounts(states))
+            self.static.load(states, start_pos)
         elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
             kv.load(states, start_pos)
+
+    def _static_reset(self) -> Callable[[], None]:
+        """Undoes a capture's warm-up run, which advanced the static state in place: back to the state before."""
+        kv = self.static
+        saved = kv.arena.snapshot()
+
+        def reset() -> None:
+            for dt, t in kv.arena.bufs.items():
+                t.copy_(saved[dt])
+
+        return reset
+
+    def _forward_whole(self, start_pos: int) -> tuple[torch.Tensor, list]:
+        """Every layer resident: the step as one graph over the static attention state of the context's bucket
+        (homerun.models.deepseek_v4.static_decode), captured at the bucket's first step."""
+        kv, key = self.static, ("step",)
         if key not in self.segments:
-            saved = kv.arena.snapshot()
-
-            def reset() -> None:  # the warm-up advanced the state in place: back to this step's input state
-                for dt, t in kv.arena.bufs.items():
-                    t.copy_(saved[dt])
-
-            self.segments[key], self._outs[key] = self.graphs.capture(self._step, reset)
+            self.segments[key], self._outs[key] = self.graphs.capture(self._step, self._static_reset())
             self.step_captures += 1
         else:
             self.graphs.replay(self.segments[key])
@@ -347,7 +368,7 @@ class DecodeGraphs:
         """Capture `fn` as segment `key` at its first use (its outputs are this step's), replay it afterwards."""
         seg = self.segments.get(key)
         if seg is None:
-            seg, self._outs[key] = self.graphs.capture(fn)
+            seg, self._outs[key] = self.graphs.capture(fn, self._static_reset() if key[-1] == "static" else None)
             self.segments[key] = seg
         else:
             self.graphs.replay(seg)
@@ -361,29 +382,34 @@ class DecodeGraphs:
         net._rope(net.freqs_main, self.pos_buf, self.kl)
         net._rope(net.freqs_compress, self.pos_buf, self.kl)
         x = net._embed(self.ids_buf)
-        return x, net._pre_attention(net.layers[0], x, self.pos_buf, self.kl)
+        pa = net._pre_attention(net.layers[0], x, self.pos_buf, self.kl)
+        if not self._sk:
+            return x, pa, None
+        self.static.begin_step(self.pos_buf)
+        return x, pa, self.static.core(0, pa, self.kl)
 
     def _layers(self, first: int, start_pos: int, states: Sequence[Any]) -> list:
         """Layers first.. of the step: each core eagerly, then the layer's segments (and routed call)."""
-        net, kl, layers = self.net, self.kl, self.net.layers
+        net, kl, layers, sk = self.net, self.kl, self.net.layers, self._sk
         new_states = []
         for i in range(first, len(layers)):
             layer = layers[i]
-            x, pa = self._outs[("embed",) if i == 0 else ("out", i - 1)]
-            out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
-            new_states.append(st)
-            buf = _into_static(self.core_out, i, out)
+            x, pa, buf = self._outs[("embed",) + sk if i == 0 else ("out", i - 1) + sk]
+            if buf is None:  # the core runs eagerly (with static cores it ran inside the segment before)
+                out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
+                new_states.append(st)
+                buf = _into_static(self.core_out, i, out)
             if not self.eager_routed[i]:
-                self._segment(("out", i), lambda: self._whole(i, x, pa, buf))
+                self._segment(("out", i) + sk, lambda: self._whole(i, x, pa, buf))
                 guess = self._guesses.get(i)
                 if guess is not None and self.backend.wants_speculation:
                     self.backend.prefetch_speculative(layer.index + 1, guess)
                 continue
-            mi, guess = self._segment(("in", i), lambda: self._moe_in(i, x, pa, buf))
+            mi, guess = self._segment(("in", i) + sk, lambda: self._moe_in(i, x, pa, buf))
             if guess is not None and self.backend.wants_speculation:
                 self.backend.prefetch_speculative(layer.index + 1, guess)
             res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
-            self._segment(("out", i), lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
+            self._segment(("out", i) + sk, lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
         return new_states
 
     def _whole(self, i: int, x, pa, core_out):
@@ -407,8 +433,18 @@ class DecodeGraphs:
         """Layer i's output streams y -> the next layer's (streams, pre-attention), or the final hidden."""
         net = self.net
         if i + 1 < len(net.layers):
-            return y, net._pre_attention(net.layers[i + 1], y, self.pos_buf, self.kl)
+            pa = net._pre_attention(net.layers[i + 1], y, self.pos_buf, self.kl)
+            return y, pa, (self.static.core(i + 1, pa, self.kl) if self._sk else None)
         return net._final(y, self.k)
+
+
+def _accounts(states: Sequence[Any]) -> list:
+    """Per layer, the budgeted device its KV pages are charged to (None: not a placed model's)."""
+    out = []
+    for st in states:
+        c = st.comp if st.comp is not None else st.index_comp
+        out.append(c.store.account if c is not None else None)
+    return out
 
 
 def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor) -> torch.Tensor:

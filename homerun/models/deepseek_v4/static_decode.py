@@ -25,7 +25,9 @@ Entries are kept in the compute dtype (kv_dtype "auto"); lossy stores (bf16, fp8
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -39,14 +41,19 @@ def bucket_tokens(pos: int, min_tokens: int) -> int:
     return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
 
 
+_BUFFER_IDS = itertools.count()
+
+
 class StaticRows(PagedRows):
     """The entry store of a static compressor: its first page is the static buffer's first `cap` rows, which the
     captured step writes (a row past a state's committed count, as any store write); an eager forward that writes
-    past the capacity appends ordinary pages."""
+    past the capacity appends ordinary pages (charged to `account` as any store's)."""
 
-    def __init__(self, rows: torch.Tensor, cap: int) -> None:
-        super().__init__(rows.shape[1], rows.dtype, rows.device, cap)
+    def __init__(self, rows: torch.Tensor, cap: int, account: Any = None, tag: Any = None) -> None:
+        super().__init__(rows.shape[1], rows.dtype, rows.device, cap, account=account)
         self.pages.append(rows[:cap])
+        if tag is not None:  # the buffer was charged under tag: it goes back to the budget with this store
+            self._tags.append(tag)
 
 
 class _Arena:
@@ -125,8 +132,12 @@ class StaticDecodeKV:
     session's LayerStates in (host work: outside any capture), `begin_step` and `core` are the capturable step,
     `states` copies the state back out as LayerStates over the given stores."""
 
-    def __init__(self, net, ctx_tokens: int) -> None:
+    def __init__(self, net, ctx_tokens: int, accounts: Sequence[Any] | None = None) -> None:
+        """accounts: per layer, the budgeted device (offload.devices.Device) its entry buffers are charged to, as
+        the KV pages of a placed model are (None: uncharged)."""
         a = net.args
+        self.accounts = list(accounts) if accounts is not None else [None] * len(net.layers)
+        self._uid = next(_BUFFER_IDS)
         self.net, self.args, self.window, self.ctx_tokens = net, a, a.window_size, ctx_tokens
         rates = sorted({a.rate(lay.index) for lay in net.layers if lay.kind != LAYER_SLIDING})
         if a.window_size < 2:
@@ -137,7 +148,7 @@ class StaticDecodeKV:
         self.arena = _Arena()
         specs = [self._specs(lay) for lay in net.layers]
         self.arena.alloc(net.device)
-        self.layers = [self._carve(sp) for sp in specs]
+        self.layers = [self._carve(i, sp) for i, sp in enumerate(specs)]
         self.step: _Step | None = None
 
     def _specs(self, lay):
@@ -155,31 +166,38 @@ class StaticDecodeKV:
         return (ar.add(dt, (a.window_size, a.head_dim)), comp(at.comp) if at.comp is not None else None,
                 comp(at.indexer.comp) if at.indexer is not None else None)
 
-    def _carve(self, specs) -> _Layer:
+    def _carve(self, i: int, specs) -> _Layer:
         win_id, *comps = specs
-        dt, dev, ar = self.net.compute_dtype, self.net.device, self.arena
+        dt, dev, ar, account = self.net.compute_dtype, self.net.device, self.arena, self.accounts[i]
         out = []
-        for spec in comps:
+        for part, spec in enumerate(comps):
             if spec is None:
                 out.append(None)
                 continue
             c, ids = spec
-            rows = torch.zeros(self.caps[c.rate] + 1, c.head_dim, dtype=dt, device=dev)
+            shape, tag = (self.caps[c.rate] + 1, c.head_dim), None
+            if account is None:
+                rows = torch.zeros(shape, dtype=dt, device=dev)
+            else:  # a placed model's KV: charged to the layer's device budget, freed with the store
+                tag = ("kv", "static", self._uid, i, part)
+                rows = account.empty(tag, shape, dt).zero_()
             ok = og = None
             if c.overlap:  # before the first close: no previous window (zero rows, -inf gates: weight 0)
                 ok, og = ar.view(ids[2]), ar.view(ids[3])
                 og.fill_(float("-inf"))
             out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, rows,
-                             StaticRows(rows, self.caps[c.rate]), ids))
+                             StaticRows(rows, self.caps[c.rate], account, tag), ids))
         return _Layer(ar.view(win_id), win_id, *out)
 
     # ------------------------------------------------------------------------------------- host-side transfer
 
-    def load(self, states, pos: int) -> None:
-        """The sequence's LayerStates before position pos, copied into the static buffers (pos < ctx_tokens)."""
+    def load(self, states, pos: int, layers: Sequence[int] | None = None) -> None:
+        """The sequence's LayerStates before position pos, copied into the static buffers (pos < ctx_tokens);
+        layers: only those (model order)."""
         if pos >= self.ctx_tokens:
             raise ValueError(f"position {pos} is past the capacity {self.ctx_tokens}")
-        for s, st in zip(self.layers, states):
+        for i in range(len(self.layers)) if layers is None else layers:
+            s, st = self.layers[i], states[i]
             n = st.window.shape[0]
             if n != min(pos, self.window - 1):
                 raise ValueError(f"window of {n} rows at position {pos}")

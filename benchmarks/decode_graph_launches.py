@@ -1,0 +1,79 @@
+"""Device launches and graph replays per decode token on a CUDA stand-in (issue 13), per tiny preset and runner:
+eager (no graphs), graphs with eager attention cores (`whole_step` off: n_layers + 1 segments, or 2 n_layers + 1
+with --cached) and graphs with static attention cores (one graph a step; with --cached, the same segments with the
+cores inside them).
+
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/decode_graph_launches.py [--tokens 8] [--cached]
+
+--cached: every layer's experts behind a 6-slot device cache, misses computed on the CPU (a hybrid plan).
+Each run prefills 4 tokens, decodes 2 untimed tokens (the capture), then counts `--tokens` decode steps (Session.feed,
+logits included) with homerun.kernels.counting.count_device_work: launches = ATen ops + Triton launches + graph
+replays, what a GPU would launch. Prints one JSON line per (preset, runner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from homerun.engine.placement import single_device  # noqa: E402
+from homerun.engine.runtime import load  # noqa: E402
+from homerun.formats.checkpoint import TINY_PRESETS, tiny_config, write_checkpoint  # noqa: E402
+from homerun.kernels.counting import count_device_work  # noqa: E402
+from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
+
+
+def measure(path, runner: str, tokens: int, cached: bool) -> dict:
+    from homerun.formats.loader import open_checkpoint
+
+    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
+    if cached:
+        pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="host", expert_cache_slots=6)
+    else:
+        pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl,
+                 cuda_graphs="off" if runner == "eager" else "on")
+    if cached:
+        for be in getattr(model.net.experts, "backends_by_layer", [model.net.experts]):
+            if hasattr(be, "miss_policy"):
+                be.miss_policy.mode = "cpu"
+    if runner == "eager cores":
+        model.decode_graphs.whole_step = False
+    s = model.session()
+    logits = s.feed([3, 1, 4, 1])
+    for _ in range(2):
+        logits = s.feed([int(logits.argmax())])
+    launches = graphs = syncs = 0
+    for _ in range(tokens):
+        tok = int(logits.argmax())
+        with torch.inference_mode(), count_device_work() as cw:
+            logits = s.feed([tok])
+        launches, graphs, syncs = launches + cw.c.device_launches, graphs + cw.c.graphs, syncs + cw.c.syncs
+    return {"layers": args.n_layers, "runner": runner, "launches_per_token": launches / tokens,
+            "graph_replays_per_token": graphs / tokens, "host_syncs_per_token": syncs / tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--presets", default=",".join(TINY_PRESETS))
+    ap.add_argument("--cached", action="store_true", help="every layer's experts behind a device cache")
+    opts = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        for kind in opts.presets.split(","):
+            path = write_checkpoint(os.path.join(root, kind), tiny_config(kind))
+            for runner in ("eager", "eager cores", "static cores"):
+                row = {"preset": kind, "cached": opts.cached, **measure(path, runner, opts.tokens, opts.cached)}
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
