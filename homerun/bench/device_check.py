@@ -237,87 +237,27 @@ def step_vram(tiny: bool) -> dict:
 
 
 def step_graphs(tiny: bool) -> dict:
-    """The all-VRAM tiny model's decode replayed from captured graphs (CUDA graphs on the GPU, emulated when tiny)
-    against its eager forward: logits bit-equal over steps that close CSA windows, and the wall time per decode
-    step both ways (median; the graphs take the host's launch cost out)."""
-    import statistics
+    from homerun.bench.graph_check import step_graphs as run
 
-    from homerun.engine.runtime import load
-    from homerun.formats.loader import open_checkpoint
-    from homerun.models.deepseek_v4 import ModelArgs
-
-    path = _tiny_checkpoint()
-    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
-    model = load(path, dtype="bfloat16", placement=_gpu_placement(args.n_layers, tiny), cuda_graphs="on")
-    net = model.net
-    sync = (lambda: None) if tiny else torch.cuda.synchronize
-    s = model.session()
-    logits = s.feed(list(range(1, 17)))
-    equal, eager_s, graphed_s = [], [], []
-    for _ in range(3 if tiny else 24):
-        tok, pos = int(logits.argmax()), s.n_tokens
-        with torch.inference_mode():
-            sync()
-            t = time.perf_counter()
-            hidden, _ = net.forward(torch.tensor([tok]), pos, s._states)
-            eager = net.logits(hidden)[0].float().cpu()
-            eager_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        logits = s.feed([tok])
-        graphed_s.append(time.perf_counter() - t)
-        equal.append(bool(torch.equal(eager, logits)))
-    e, g = statistics.median(eager_s[1:]), statistics.median(graphed_s[1:])  # the first graphed step captures
-    return {"graphs": model.decode_graphs_reason, "steps": len(equal), "bit_equal": all(equal),
-            "eager_step_ms": e * 1e3, "graphed_step_ms": g * 1e3, "speedup": e / g, "n_layers": args.n_layers,
-            "goals": {"graphed decode bit-equal to eager": all(equal), "all-VRAM decode under a CUDA graph":
-                      (not tiny and model.decode_graphs is not None and model.decode_graphs.replays > 1) or None}}
+    return run(tiny)
 
 
 def step_graphs_hybrid(tiny: bool) -> dict:
-    """The tiny model with its routed experts in the host store behind an 8-slot device cache (the hybrid backend:
-    misses on the CPU), decoded from graphs with the routed calls eager between the segments against an eager
-    twin: per step bit-equal logits and the same cache traffic (both runs pin the miss split and never speculate, so
-    timings decide nothing), and the wall time per decode step both ways (median of the replayed steps)."""
-    import statistics
+    from homerun.bench.graph_check import step_graphs_hybrid as run
 
-    from homerun.engine.placement import single_device
-    from homerun.engine.runtime import load
-    from homerun.formats.loader import open_checkpoint
-    from homerun.models.deepseek_v4 import ModelArgs
+    return run(tiny)
 
-    path = _tiny_checkpoint()
-    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
-    sync = (lambda: None) if tiny else torch.cuda.synchronize
-    prompt, toks = list(range(1, 17)), [7, 7, 7, 300, 7, 7, 41] * (1 if tiny else 4)
-    runs = {}
-    for graphs in ("on", "off"):
-        pl = single_device(args.n_layers, "standin:0" if tiny else "cuda:0", gpu_path=tiny, experts="host",
-                           expert_cache_slots=8)
-        model = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs=graphs)
-        be = model.net.experts
-        be.miss_policy.mode, be.fused.policy.mode, be.cache.engine.max_in_flight = "cpu", "never", 1 << 10
-        s = model.session()
-        s.feed(prompt)
-        steps = []
-        for tok in toks:
-            sync()
-            t = time.perf_counter()
-            logits = s.feed([tok]).float().cpu()
-            c = be.stats().to_dict()["cache"]
-            steps.append((logits, (c["hits"], c["misses"], c["n_copies"]), time.perf_counter() - t))
-        runs[graphs] = (model, steps)
-    model, on = runs["on"]
-    off = runs["off"][1]
-    equal = [bool(torch.equal(a[0], b[0])) for a, b in zip(on, off)]
-    same_traffic = all(a[1] == b[1] for a, b in zip(on, off))
-    e, g = statistics.median(x[2] for x in off[1:]), statistics.median(x[2] for x in on[1:])
-    dg = model.decode_graphs
-    return {"graphs": model.decode_graphs_reason, "steps": len(equal), "bit_equal": all(equal),
-            "same_cache_traffic": same_traffic, "misses": on[-1][1][1], "eager_step_ms": e * 1e3,
-            "graphed_step_ms": g * 1e3, "speedup": e / g, "n_layers": args.n_layers,
-            "goals": {"hybrid graphed decode bit-equal to eager, same cache traffic": all(equal) and same_traffic,
-                      "hybrid decode under CUDA graphs, experts eager": (not tiny and dg is not None and dg.split
-                                                                        and dg.replays > 1) or None}}
+
+def step_mixed_spec(tiny: bool) -> dict:
+    from homerun.bench.graph_check import step_mixed_spec as run
+
+    return run(tiny)
+
+
+def step_capped(tiny: bool) -> dict:
+    from homerun.bench.capped_check import step_capped as run
+
+    return run(tiny)
 
 
 def step_offload(tiny: bool) -> dict:
@@ -332,7 +272,9 @@ def step_offload(tiny: bool) -> dict:
 
 STEPS: dict[str, Callable[[bool], dict]] = {"env": step_env, "kernels": step_kernels, "equivalence": step_equivalence,
                                             "counts": step_counts, "vram": step_vram, "graphs": step_graphs,
-                                            "graphs_hybrid": step_graphs_hybrid, "offload": step_offload}
+                                            "graphs_hybrid": step_graphs_hybrid, "mixed_spec": step_mixed_spec,
+                                            "capped": step_capped,
+                                            "offload": step_offload}
 
 
 def run_step(name: str, out: Path, tiny: bool) -> dict:
