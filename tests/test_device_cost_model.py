@@ -87,3 +87,17 @@ def test_capped_plan_recovers_the_32gb_card():
     p, gib = capped_plan(lambda pr: plan(spec, inv, pr, PlanOptions()), big, share)
     assert p.mode == "hybrid" and gib == pytest.approx(32.0, abs=0.05)
     assert cache_share(p.to_dict()) >= share
+
+
+def test_launch_cost_falls_back_to_the_aten_microbenchmark():
+    doc = json.loads(FAKE.read_text())
+    doc["steps"]["kernels"]["aten_launch_us"] = 4.0
+    assert cm.measured_parts(doc)["s_per_launch"] == pytest.approx(0.95e-3 / 88)  # the decode-derived one first
+    del doc["steps"]["graphs"]
+    assert cm.measured_parts(doc)["s_per_launch"] == pytest.approx(4e-6)
+
+
+def test_fake_and_tiny_runs_say_so(target):
+    plan, prof = target
+    r = cm.project({"tiny": True, "steps": {}}, plan, prof)
+    assert r["assumptions"][0].startswith("NOT A DEVICE RUN")

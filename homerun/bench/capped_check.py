@@ -100,14 +100,18 @@ def step_capped(tiny: bool) -> dict:
     from profiles import load_profile
 
     n_layers = int(os.environ.get("HR_CAPPED_LAYERS", "2"))
+    overrides = dict(TINY_SHAPES) if tiny else {}
+    if os.environ.get("HR_CAPPED_EXPERTS"):  # fewer experts per layer, when writing 256 real-shaped ones is too slow
+        overrides["n_routed_experts"] = int(os.environ["HR_CAPPED_EXPERTS"])
     prompts = (64, 128) if tiny else (2048, 8192)
     gen = 4 if tiny else 16
     target_plan = plan(*resolve_model(CARD), load_profile(TARGET), PlanOptions())
     share = cache_share(target_plan.to_dict())
     t0 = time.perf_counter()
     syn = build_synthetic(CARD, n_layers=n_layers, root=tempfile.mkdtemp(prefix="hr-capped-"),
-                          overrides=TINY_SHAPES if tiny else None)
+                          overrides=overrides or None)
     out: dict[str, Any] = {"synthetic": {"n_layers": syn.n_layers, "card_layers": syn.card_layers,
+                                         "overrides": overrides,
                                          "layer_bytes": syn.layer_bytes, "fixed_bytes": syn.fixed_bytes,
                                          "write_s": time.perf_counter() - t0},
                            "cache_share_of_target": share}

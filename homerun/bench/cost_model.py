@@ -59,12 +59,14 @@ def measured_parts(doc: dict) -> dict[str, Any]:
     h2d = off.get("h2d") or {}
     modes = graphs.get("modes") or {}
     eager, whole = modes.get("eager") or {}, modes.get("whole") or {}
-    s_per_launch = None
+    s_per_launch = kern["aten_launch_us"] * 1e-6 if kern.get("aten_launch_us") else None
     if eager.get("step_ms") and whole.get("step_ms") and eager.get("launches_per_token") and \
             whole.get("launches_per_token") is not None:
         dl = eager["launches_per_token"] - whole["launches_per_token"]
-        if dl > 0:  # the tiny model's GPU work is negligible: the step-time difference is the launches' host cost
-            s_per_launch = max(0.0, (eager["step_ms"] - whole["step_ms"]) / 1e3 / dl)
+        if dl > 0 and eager["step_ms"] > whole["step_ms"]:  # the tiny model's GPU work is small: the step-time
+            # difference is the launches' host cost, the model's Python between them included (preferred over the
+            # bare ATen microbenchmark, which has none)
+            s_per_launch = (eager["step_ms"] - whole["step_ms"]) / 1e3 / dl
     lpl = None
     if hybrid.get("launches_per_token") and hybrid.get("n_layers"):
         lpl = hybrid["launches_per_token"] / hybrid["n_layers"]
@@ -104,6 +106,9 @@ def project(doc: dict, plan: dict, profile: dict) -> dict[str, Any]:
     gpu, cpu = profile["gpus"][0], profile["cpu"]
     n_layers = plan.get("model", {}).get("n_layers") or doc.get("n_layers_full") or 43
     assumptions: list[str] = []
+    if doc.get("tiny") or doc.get("fake"):
+        assumptions.append("NOT A DEVICE RUN: " + ("a CPU stand-in (CHECK_TINY); its timings mean nothing"
+                                                   if doc.get("tiny") else "a fake fixture"))
 
     ratio, why = copy_to_spec(m["gpu"], m["hbm_copy_gbps"])
     assumptions.append(f"the target GPU reaches the same copy-to-spec ratio as the measured one ({why})")
