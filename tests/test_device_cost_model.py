@@ -101,3 +101,13 @@ def test_fake_and_tiny_runs_say_so(target):
     plan, prof = target
     r = cm.project({"tiny": True, "steps": {}}, plan, prof)
     assert r["assumptions"][0].startswith("NOT A DEVICE RUN")
+
+
+def test_the_device_column_uses_the_measured_machine(target):
+    plan, prof = target
+    r = cm.project(json.loads(FAKE.read_text()), plan, prof)
+    d, b, inp = r["per_token_s_on_device"], r["inputs"]["bytes_per_token"], r["inputs"]
+    assert d["copy"] == pytest.approx(b["streamed"] / (52e9 * 0.9))
+    assert d["kernel"] == pytest.approx(b["fixed"] / (4300e9 * inp["f_fp8"])
+                                        + (b["hits"] + b["streamed"]) / (4300e9 * inp["f_fp4"]))
+    assert d["kernel"] < r["per_token_s"]["kernel"]  # HBM is faster than the 5090's GDDR7

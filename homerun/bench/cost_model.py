@@ -17,7 +17,8 @@ The formula (seconds per token; B = bytes per token from the plan's estimate, GB
 where the misses (B_cpu + B_streamed, the plan's) are re-split between CPU and PCIe in proportion to their measured
 rates (the split that ends both at once), gpu_bw = the target's spec bandwidth x the copy-to-spec ratio measured on
 the device's GPU, and each f is a measured fraction (of the HBM copy, of the pinned H2D peak) or, where the device
-run lacks it, the plan's default efficiency (then named so).
+run lacks it, the plan's default efficiency (then named so). The same parts on the device itself (its HBM copy,
+its pinned peak) go to `per_token_s_on_device`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def copy_to_spec(gpu: str | None, hbm_copy_gbps: float | None) -> tuple[float, s
         for key, spec in SPEC_HBM_GBPS:
             if key in gpu:
                 return hbm_copy_gbps / spec, f"measured: {hbm_copy_gbps:.0f} GB/s copy / {spec:.0f} spec ({key})"
-    return DEFAULT_COPY_TO_SPEC, f"assumed {DEFAULT_COPY_TO_SPEC} (GPU {gpu!r} not in the spec table or no copy measured)"
+    return DEFAULT_COPY_TO_SPEC, (f"assumed {DEFAULT_COPY_TO_SPEC} (GPU {gpu!r} not in the spec table or no copy "
+                                  "measured)")
 
 
 def _pick(value: float | None, default: float, what: str, assumptions: list[str], source: str = "the plan's default"
@@ -147,6 +149,12 @@ def project(doc: dict, plan: dict, profile: dict) -> dict[str, Any]:
     t_launch = launches * s_launch
     t_token = t_fixed + max(t_hits, t_copy, t_cpu) + t_stream_compute + t_launch
     tok_s = 1.0 / t_token
+    device = None
+    if m["hbm_copy_gbps"] and m["pinned_peak_gbps"]:  # the same token's GPU and link parts on the measured machine
+        hb = m["hbm_copy_gbps"] * 1e9
+        device = {"gpu": m["gpu"], "kernel": b_fixed / (hb * f_fp8) + (b_hits + b_streamed) / (hb * f_fp4),
+                  "copy": b_streamed / (m["pinned_peak_gbps"] * f_stream * 1e9), "launch": t_launch,
+                  "note": "the target's byte split; the device host's CPU is not timed (no cpu part)"}
     planned = p["decode_tok_s"]
     capped = _step(doc, "capped").get("ratios") or {}
     alt = None
@@ -161,6 +169,7 @@ def project(doc: dict, plan: dict, profile: dict) -> dict[str, Any]:
                    "bytes_per_token": {"fixed": b_fixed, "hits": b_hits, "streamed": b_streamed, "cpu": b_cpu}},
         "per_token_s": {"kernel": t_fixed + t_hits + t_stream_compute, "copy": t_copy, "cpu": t_cpu,
                         "launch": t_launch, "total": t_token},
+        "per_token_s_on_device": device,
         "projected_tok_s": tok_s, "projected_by_capped_ratio": alt,
         "upper_bound_tok_s": 1.0 / max(t_fixed + t_hits + t_stream_compute, t_copy, t_cpu, t_launch),
         "plan_tok_s": planned, "ratio_to_plan": tok_s / planned,
