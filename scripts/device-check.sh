@@ -17,6 +17,7 @@
 #   N=2 layers, VRAM cut to the 32 GB card's cache share, decode + prefill 2K/8K + peak VRAM vs plan (180)
 #   8 vram (25)   9 counts (25)   10 equivalence (30)   11 GPU tests by explicit ID, three processes (45+60+60)
 #   12 cost model: per-token kernel/copy/CPU/launch time, projected rtx5090-192gb tok/s (30, always)
+# ONLY="step ..." reruns some steps (names as in the JSON: capped, tests_kernels, ...) into device-<date>-rerun.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,6 +32,7 @@ mkdir -p "$RESULTS_DIR"
 DATE=$(date -u +%Y-%m-%d)
 JSON="$RESULTS_DIR/device-$DATE.json"
 [[ $TINY == 1 ]] && JSON="$RESULTS_DIR/device-tiny.json"  # a CPU run is no device result to commit
+[[ -n "${ONLY:-}" ]] && JSON="${JSON%.json}-rerun.json"  # a partial rerun never overwrites the full run
 COMMIT=${HOMERUN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 # On the device the whole log comes back with $OUT too (output_tail holds only its end).
 [[ -n "${OUT:-}" ]] && exec > >(tee "$RESULTS_DIR/device-check.log") 2>&1
@@ -62,9 +64,13 @@ PY
   publish
 }
 
+# ONLY="capped kernels tests_offload ...": run just those steps (a rerun of what failed in the time left)
+wanted() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
+
 # run_step NAME SECONDS: one homerun.bench.device_check step, its record shown, its goals as PASS/MISSED lines
 run_step() {
   local name=$1 secs rc
+  wanted "$name" || return 0
   secs=$(box "$2")
   if [[ $secs == 0 ]]; then echo "SKIP: step $name (budget spent)"; record "$name" '{"ok": false, "error": "skipped: budget spent"}'; FAILURES+=("$name"); return; fi
   timeout -k 5 "$secs" python -m homerun.bench.device_check "$name" --out "$JSON" $TINY_FLAG
@@ -89,6 +95,7 @@ PY
 # run_tests NAME SECONDS ENV... -- PYTEST_ARGS...: one pytest process (its own log under $RESULTS_DIR), recorded
 run_tests() {
   local name=$1 secs rc envs=() log="$RESULTS_DIR/pytest-$1.txt"
+  wanted "tests_$name" || return 0
   secs=$(box "$2"); shift 2
   while [[ $1 != -- ]]; do envs+=("$1"); shift; done; shift
   if [[ $secs == 0 ]]; then echo "SKIP: tests $name (budget spent)"; record "tests_$name" '{"ok": false, "error": "skipped: budget spent"}'; FAILURES+=("tests $name"); return; fi
