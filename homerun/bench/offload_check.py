@@ -106,6 +106,10 @@ def step_offload(tiny: bool) -> dict:
         out["prefill"] = {"tokens": T, "layers": L, "s_per_layer": secs / L, "tok_s_per_layer": T * L / secs,
                           "stage_capacity": ps["capacity"], "stage_bytes": ps["stage_bytes"],
                           "staged_bytes": ps["staged_bytes"], "copy_s": ps["copy_s"], "stall_s": ps["stall_s"],
+                          # the stage's uploads are the other streaming path: their rate against the pinned peak
+                          "staged_gbps": ps["staged_bytes"] / ps["copy_s"] / 1e9 if ps["copy_s"] else None,
+                          "staged_fraction_of_peak": (ps["staged_bytes"] / ps["copy_s"] / 1e9 / peak
+                                                      if ps["copy_s"] and peak else None),
                           "decode_cache_unchanged": bool(torch.equal(table0, be.cache.slot_table))}
     else:
         out["prefill"] = {"status": "no prefill streamer (device too small or triton missing)"}
