@@ -172,12 +172,16 @@ AVX2_FIT = CpuPrefillFit(
 # experts, oneDNN bf16 dense GEMMs on exact FP8 -> bf16 blocks, the AVX-512 attention tiles, the native indexer.
 AVX512_FIT = CpuPrefillFit(
     name="avx512",
-    experts_int8=0.26,  # per run: 0.24-0.26 at 1K, 0.25-0.26 at 8K and 32K
-    dense=0.92,  # 0.80-0.96 at 1K, 0.90-0.94 at 8K and 32K: against the *measured* bf16 peak (unit_peak), which on
-    #   this Zen 5 reads 1.43x its fp32 peak, not 2x (Zen 4: 1.97x); against 2 x fp32 it is 0.66
+    # The fit ran against the 8-chain peak loops, which read low on Zen 5 (latency-bound: bf16 0.67, int8 0.93, fp32
+    # 0.94 of the 16-chain loops' figures, A/B on one core, benchmarks/prefill_cpu.md "Zen 5's unit peaks"); each
+    # efficiency below is the fitted one x that ratio, so efficiency x measured peak (the prediction) is unchanged.
+    experts_int8=0.24,  # per run: 0.24-0.26 at 1K, 0.25-0.26 at 8K and 32K (against the 8-chain peak)
+    dense=0.62,  # against the 8-chain bf16 peak: 0.80-0.96 at 1K, 0.90-0.94 at 8K and 32K (pooled 0.92); that loop
+    #   read 1.43x fp32 on this Zen 5, the 16-chain loop 2.0x (Zen 4: 1.97x with either)
     dense_small=0.25,  # not measured on AVX-512: the AVX2 figure (the CPU runs 512-row chunks, so it is not reached)
-    attention=0.48,  # 0.26-0.43 at 1K (fixed costs per query block), 0.46-0.51 at 8K and 32K
-    indexer=0.75,  # 0.37-0.46 at 1K (0.6 % of the time there), 0.64 at 8K, 0.75-0.77 at 32K
+    attention=0.45,  # against the 8-chain fp32 peak: 0.26-0.43 at 1K (fixed costs per query block), 0.46-0.51 at 8K/32K
+    indexer=0.70,  # against the 8-chain fp32 peak: 0.37-0.46 at 1K (0.6 % of the time there), 0.64 at 8K, 0.75-0.77
+    #   at 32K
     elementwise_fraction=0.22,  # mHC, norm+RoPE, pooling, router, glue over the linears: 0.21-0.28 per run (Zen 5's
     #   linears are fast; these are not)
     source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5)",
