@@ -121,6 +121,38 @@ def test_pp_records_carry_gflops_against_the_units_peak(records):
     assert combined_peak(1e9, 3e9, {"dense": "bf16", "experts": "int8"}, {"bf16": None, "int8": 300.0}) is None
 
 
+CPU_FIELDS = ("samples_cpu_s", "cpu_s", "tokens_per_cpu_s", "cpu_ts", "cpu_cores_used", "prediction_ratio_cpu")
+
+
+def test_records_carry_cpu_time_beside_wall_time(records):
+    """pp and tg records carry the process CPU time of each repetition and the figures on that basis (the steady
+    ones on a shared host), in the JSON, the CSV and the table; the values' relations, not their sizes."""
+    from homerun.bench.report import CSV_FIELDS, TABLE_COLUMNS, flat, table_row
+
+    for r in records:
+        d = r.to_dict()
+        assert all(k in d for k in CPU_FIELDS) and all(k in CSV_FIELDS for k in CPU_FIELDS)
+        assert len(d["samples_cpu_s"]) == 2 and d["cpu_s"] == pytest.approx(sum(d["samples_cpu_s"]) / 2)
+        n = d["n_prompt"] or d["n_gen"]
+        assert d["tokens_per_cpu_s"] == pytest.approx(2 * n / sum(d["samples_cpu_s"]))
+        assert d["cpu_ts"] == pytest.approx(d["tokens_per_cpu_s"] * d["n_threads"])
+        assert d["cpu_cores_used"] == pytest.approx(sum(d["samples_cpu_s"]) / (sum(d["samples_ns"]) / 1e9), rel=1e-3)
+        if d["predicted_ts"]:
+            assert d["prediction_ratio_cpu"] == pytest.approx(d["cpu_ts"] / d["predicted_ts"])
+        assert len(flat(d)["samples_cpu_s"].split()) == 2
+        row = dict(zip(TABLE_COLUMNS, table_row(d)))
+        assert row["CPU-time t/s (cores used)"].startswith(f"{d['cpu_ts']:.2f} (")
+
+
+def test_cpu_time_fields_from_samples_and_the_prediction():
+    s = [bench_records.Sample(2.0, 0, 0, 0, 0, 1, cpu_seconds=3.0), bench_records.Sample(2.0, 0, 0, 0, 0, 1, 5.0)]
+    got = bench_records.cpu_time_fields(s, n_tokens=16, n_threads=2)
+    assert got == {"samples_cpu_s": [3.0, 5.0], "cpu_s": 4.0, "tokens_per_cpu_s": 4.0, "cpu_ts": 8.0,
+                   "cpu_cores_used": 2.0}
+    none = bench_records.cpu_time_fields([bench_records.Sample(2.0, 0, 0, 0, 0, 1)], 16, 2)
+    assert none["cpu_s"] is None and none["cpu_ts"] is None and none["cpu_cores_used"] is None
+
+
 def test_flops_split_adds_up(tiny_checkpoints):
     import homerun
     from homerun.bench.model_bench import linear_flops_per_token, linear_flops_split
@@ -340,12 +372,15 @@ def test_cli_synthetic_extrapolates_through_the_plan(tmp_path):
     tg_m, tg_e = measured[1], extra[1]
     assert "through the plan" in tg_e["extrapolation"]
     assert tg_e["prediction_ratio"] == pytest.approx(tg_m["prediction_ratio"])
+    assert tg_e["prediction_ratio_cpu"] == pytest.approx(tg_m["prediction_ratio_cpu"])
     from homerun.kernels import cpu_gemm
 
     if cpu_gemm.available():  # the detected profile's prefill estimate comes from the peaks measured here
         pp_m, pp_e = measured[0], extra[0]
         assert pp_m["predicted_ts"] and "through the plan" in pp_e["extrapolation"]
         assert pp_e["prediction_ratio"] == pytest.approx(pp_m["prediction_ratio"])
+        assert pp_e["prediction_ratio_cpu"] == pytest.approx(pp_m["prediction_ratio_cpu"])
+        assert pp_e["cpu_ts"] / pp_m["cpu_ts"] == pytest.approx(pp_e["avg_ts"] / pp_m["avg_ts"])
 
 
 def test_a_pp_test_is_planned_for_its_whole_prompt():

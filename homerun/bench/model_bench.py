@@ -117,12 +117,12 @@ def time_test(model: Any, backend: Any, test: BenchTest, seed: int) -> Sample:
     graphs captured for that backend, as in use). Expert bytes are left 0: `count_expert_loads` fills them."""
     sess, ids = _test_tokens(model, test, seed)
     h0, m0, b0 = cache_counters(backend)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _feed_test(sess, test, ids)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     h1, m1, b1 = cache_counters(backend)
     passes = math.ceil(len(ids) / model.max_chunk_tokens) if test.n_prompt else len(ids)
-    return Sample(seconds, 0, h1 - h0, m1 - m0, b1 - b0, passes)
+    return Sample(seconds, 0, h1 - h0, m1 - m0, b1 - b0, passes, cpu_seconds)
 
 
 def count_expert_loads(model: Any, backend: Any, bytes_per_expert: int, test: BenchTest, seed: int) -> int:

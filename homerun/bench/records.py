@@ -6,7 +6,7 @@ arithmetic that fills it; the timing loop is in `homerun.bench.model_bench`.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -42,6 +42,7 @@ class Sample:
     misses: int
     moved_bytes: int
     forward_passes: int  # chunks of the timed feeds: each reads every resident weight once
+    cpu_seconds: float = 0.0  # process CPU time of the timed part, all threads (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,16 @@ class BenchRecord:
     units: dict[str, str] | None = None
     peak_gflops: float | None = None
     peak_ratio: float | None = None
+    # CPU time (process CPU-seconds over every thread, per repetition): on a shared host the steady figure, where wall
+    # tok/s follows the neighbours' load. cpu_ts = tokens per CPU-second x n_threads: the tok/s with each thread on a
+    # core of its own; cpu_cores_used = CPU-s / wall-s (how many of the cores the run got); prediction_ratio_cpu =
+    # cpu_ts / predicted_ts. None where not measured.
+    samples_cpu_s: list[float] = field(default_factory=list)
+    cpu_s: float | None = None
+    tokens_per_cpu_s: float | None = None
+    cpu_ts: float | None = None
+    cpu_cores_used: float | None = None
+    prediction_ratio_cpu: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -195,8 +206,28 @@ def with_dram_limit(rec: "BenchRecord", dram_gbps: float, predicted_ts: float | 
     links = {k: (replace(v, limit_gbps=dram_gbps, ratio=v.gbps / dram_gbps) if v.limit_gbps == old and old else v)
              for k, v in rec.links.items()}
     limits = replace(rec.limits, dram_read_gbps=dram_gbps, source=source)
-    return replace(rec, links=links, limits=limits, predicted_ts=predicted_ts,
-                   prediction_ratio=(rec.avg_ts / predicted_ts) if predicted_ts else None)
+    return with_prediction(replace(rec, links=links, limits=limits), predicted_ts)
+
+
+def with_prediction(rec: "BenchRecord", predicted_ts: float | None) -> "BenchRecord":
+    """The record against the plan's figure `predicted_ts`: measured / predicted on wall time and on CPU time."""
+    return replace(rec, predicted_ts=predicted_ts, prediction_ratio=_ratio(rec.avg_ts, predicted_ts),
+                   prediction_ratio_cpu=_ratio(rec.cpu_ts, predicted_ts))
+
+
+def _ratio(measured: float | None, predicted: float | None) -> float | None:
+    return measured / predicted if measured and predicted else None
+
+
+def cpu_time_fields(samples: Sequence[Sample], n_tokens: int, n_threads: int) -> dict[str, Any]:
+    """BenchRecord's CPU-time fields from the samples (None where a sample has no CPU time)."""
+    cpu = [s.cpu_seconds for s in samples]
+    if not cpu or min(cpu) <= 0:
+        return {"samples_cpu_s": cpu, "cpu_s": None, "tokens_per_cpu_s": None, "cpu_ts": None, "cpu_cores_used": None}
+    per_cpu_s = n_tokens * len(cpu) / sum(cpu)
+    wall = sum(s.seconds for s in samples)
+    return {"samples_cpu_s": cpu, "cpu_s": statistics.fmean(cpu), "tokens_per_cpu_s": per_cpu_s,
+            "cpu_ts": per_cpu_s * max(n_threads, 1), "cpu_cores_used": sum(cpu) / wall if wall > 0 else None}
 
 
 def make_record(info: RunInfo, test: BenchTest, cache: str, samples: Sequence[Sample], links: dict[str, LinkUse],
@@ -204,6 +235,7 @@ def make_record(info: RunInfo, test: BenchTest, cache: str, samples: Sequence[Sa
     ns = [int(s.seconds * 1e9) for s in samples]
     ts = [test.n_tokens / s.seconds for s in samples]
     avg_ts = statistics.fmean(ts)
+    cpu = cpu_time_fields(samples, test.n_tokens, int(host.get("n_threads") or 1))
     return BenchRecord(
         model=info.model, test=test.name, cache=cache, n_prompt=test.n_prompt, n_gen=test.n_gen, n_depth=test.n_depth,
         samples_ns=ns, samples_ts=ts, avg_ns=int(statistics.fmean(ns)),
@@ -217,4 +249,5 @@ def make_record(info: RunInfo, test: BenchTest, cache: str, samples: Sequence[Sa
         correctness=info.correctness, limits=info.limits, notes=info.notes, **host,
         ms_per_token=statistics.fmean(ns) / 1e6 / test.n_tokens,
         ms_per_layer=statistics.fmean(ns) / 1e6 / test.n_tokens / info.n_layers,
+        **cpu, prediction_ratio_cpu=_ratio(cpu["cpu_ts"], predicted_ts),
     )

@@ -17,9 +17,10 @@ CSV_FIELDS = (
     "build_commit", "homerun_version", "torch_version", "cpu_info", "gpu_info", "backends", "n_threads", "kernel_path",
     "model", "model_type", "model_size", "model_n_params", "n_layers", "backend", "profile", "gpu_experts",
     "expert_cache_slots", "test", "cache", "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns",
-    "avg_ts", "stddev_ts", "samples_ns", "samples_ts", "ms_per_token", "ms_per_layer", "hit_rate", "dram_gbps",
+    "avg_ts", "stddev_ts", "samples_ns", "samples_ts", "ms_per_token", "ms_per_layer", "samples_cpu_s", "cpu_s",
+    "tokens_per_cpu_s", "cpu_ts", "cpu_cores_used", "hit_rate", "dram_gbps",
     "dram_limit_gbps", "vram_gbps",
-    "vram_limit_gbps", "pcie_gbps", "pcie_limit_gbps", "predicted_ts", "prediction_ratio", "extrapolated",
+    "vram_limit_gbps", "pcie_gbps", "pcie_limit_gbps", "predicted_ts", "prediction_ratio", "prediction_ratio_cpu", "extrapolated",
     "extrapolation", "correctness_ok", "correctness_max_rel_err", "correctness_tol", "gflops", "peak_gflops",
     "peak_ratio",
 )
@@ -30,6 +31,7 @@ def flat(d: dict[str, Any]) -> dict[str, Any]:
     row = {k: d.get(k) for k in CSV_FIELDS if k in d}
     row["samples_ns"] = " ".join(str(x) for x in d["samples_ns"])
     row["samples_ts"] = " ".join(f"{x:.6g}" for x in d["samples_ts"])
+    row["samples_cpu_s"] = " ".join(f"{x:.6g}" for x in d.get("samples_cpu_s") or ())
     for link in ("dram", "vram", "pcie"):
         l = d["links"].get(link) or {}
         row[f"{link}_gbps"] = l.get("gbps")
@@ -48,8 +50,9 @@ def render_csv(docs: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-TABLE_COLUMNS = ("model", "size", "params", "backend", "profile", "gpu experts", "test", "cache", "t/s", "hit rate",
-                 "GB/s (of limit)", "GFLOP/s (of peak)", "plan t/s", "ratio", "gate")
+TABLE_COLUMNS = ("model", "size", "params", "backend", "profile", "gpu experts", "test", "cache", "t/s",
+                 "CPU-time t/s (cores used)", "hit rate", "GB/s (of limit)", "GFLOP/s (of peak)", "plan t/s", "ratio",
+                 "CPU-time ratio", "gate")
 
 
 def table_row(d: dict[str, Any]) -> list[str]:
@@ -62,7 +65,17 @@ def table_row(d: dict[str, Any]) -> list[str]:
     gate = "skipped" if g.get("ok") is None else ("ok" if g["ok"] else f"FAIL {g['max_rel_err']:.2g}")
     return [d["model"], human_bytes(d["model_size"]), human_count(d["model_n_params"]), d["backend"],
             d["profile"], str(d["gpu_experts"]), d["test"], d["cache"], f"{d['avg_ts']:.2f} ± {d['stddev_ts']:.2f}",
-            num(d["hit_rate"]), links, _gflops(d), num(d["predicted_ts"]), num(d["prediction_ratio"], ".3f"), gate]
+            _cpu_ts(d), num(d["hit_rate"]), links, _gflops(d), num(d["predicted_ts"]), num(d["prediction_ratio"], ".3f"),
+            num(d.get("prediction_ratio_cpu"), ".3f"), gate]
+
+
+def _cpu_ts(d: dict[str, Any]) -> str:
+    """tokens per process CPU-second x n_threads (the t/s with every thread on a core of its own), and the cores
+    the run got on average (CPU-s / wall-s)."""
+    if d.get("cpu_ts") is None:
+        return "-"
+    cores = d.get("cpu_cores_used")
+    return f"{d['cpu_ts']:.2f}" + (f" ({cores:.2f} of {d.get('n_threads')})" if cores is not None else "")
 
 
 def _gflops(d: dict[str, Any]) -> str:

@@ -160,7 +160,11 @@ def extrapolate(rec: BenchRecord, *, measured_pred: dict[str, Any], full_pred: d
         ms_per_layer=rec.ms_per_token / k / full_pred["n_layers"], model_size=full_pred["model_size"],
         model_n_params=full_pred["model_n_params"], n_layers=full_pred["n_layers"], links={}, hit_rate=None,
         predicted_ts=p_full, prediction_ratio=(rec.avg_ts * k / p_full) if p_full else None, extrapolated=True,
-        extrapolation=how, notes=notes,
+        extrapolation=how, notes=notes, samples_cpu_s=[c / k for c in rec.samples_cpu_s],
+        cpu_s=None if rec.cpu_s is None else rec.cpu_s / k,
+        tokens_per_cpu_s=None if rec.tokens_per_cpu_s is None else rec.tokens_per_cpu_s * k,
+        cpu_ts=None if rec.cpu_ts is None else rec.cpu_ts * k,
+        prediction_ratio_cpu=(rec.cpu_ts * k / p_full) if p_full and rec.cpu_ts else None,
     )
 
 
