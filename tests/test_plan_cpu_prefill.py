@@ -218,6 +218,30 @@ def test_auto_detection_measures_the_unit_peaks():
     assert cpu_peaks_option(Detection(1.0, None, (), (), (), 0.1, cpu_peak_gops=peaks))["int8"] == peaks["int8"]
 
 
+def test_auto_detection_takes_each_units_best_of_a_few_rounds(monkeypatch):
+    """`--hw auto` measures the unit peaks in a few rounds and keeps each unit's best (a neighbour only lowers a
+    peak), as bench does before and after its run; no round starts past the budget. The measurement is mocked."""
+    from homerun.plan import hardware
+
+    rounds = [{"int8": 100.0, "bf16": 40.0, "fp32": 50.0}, {"int8": 210.0, "bf16": 30.0, "fp32": None},
+              {"int8": 150.0, "bf16": 80.0, "fp32": 45.0}, {"int8": 999.0, "bf16": 999.0, "fp32": 999.0}]
+    calls = []
+
+    def once():
+        calls.append(1)
+        return dict(rounds[len(calls) - 1])
+
+    monkeypatch.setattr(hardware, "_measure_cpu_peaks_once", once)
+    got = hardware.measure_cpu_peaks(rounds=3, budget_s=60.0, gap_s=0.0)
+    assert len(calls) == 3 and got == {"int8": 210.0, "bf16": 80.0, "fp32": 50.0}
+    calls.clear()
+    assert hardware.measure_cpu_peaks(rounds=3, budget_s=0.0, gap_s=0.0) == rounds[0] and len(calls) == 1
+    monkeypatch.setattr(hardware, "_measure_cpu_peaks_once", lambda: None)  # no native kernels: nothing to repeat
+    assert hardware.measure_cpu_peaks(rounds=3, budget_s=60.0, gap_s=0.0) is None
+    low = {"int8": 1.0, "bf16": None, "fp32": 1.0}
+    assert hardware.best_peaks(low, {"int8": 0.5, "fp32": 1.0}) is low and hardware.best_peaks(None, None) is None
+
+
 @pytest.mark.parametrize("flags,fit,missing", [
     (ZEN4_FLAGS, "avx512", None),
     (("avx2", "avx512f", "avx512_vnni", "avx512vbmi"), "avx2", "avx512_bf16"),  # Ice Lake: no bf16 units

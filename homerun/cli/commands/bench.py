@@ -258,15 +258,17 @@ def _dram_after(records: list[Any], tests: Sequence[Any], *, out: Output, hw: st
 
 
 def _better_peaks(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Each unit's larger peak of two measurements (a busy neighbour only ever lowers a peak); `before` itself when
-    the second measurement raised none, so that callers can tell nothing changed."""
+    """Each unit's larger peak of two measurements (homerun.plan.hardware.best_peaks, the rule `plan --hw auto`
+    applies to its rounds); `before` itself when the second measurement raised none, so that callers can tell nothing
+    changed."""
+    from homerun.plan.hardware import best_peaks
+
     if not before or not after:
         return before
-    units = ("int8", "bf16", "fp32")
-    best = {u: max((v for v in (before.get(u), after.get(u)) if v), default=None) for u in units}
-    if all(best[u] == before.get(u) for u in units):
+    best = best_peaks(before, after)
+    if best is before:
         return before
-    return {**before, **best, "source": f"{before.get('source', 'measured')}; best of before and after the run"}
+    return {**best, "source": f"{before.get('source', 'measured')}; best of before and after the run"}
 
 
 def _profile_and_limits(hw: str) -> tuple[Any, Any, Any, Any]:
