@@ -177,7 +177,7 @@ AVX512_FIT = CpuPrefillFit(
     # efficiency below is the fitted one x that ratio, so efficiency x measured peak (the prediction) is unchanged.
     experts_int8=0.24,  # per run: 0.24-0.26 at 1K, 0.25-0.26 at 8K and 32K (against the 8-chain peak)
     dense=0.62,  # against the 8-chain bf16 peak: 0.80-0.96 at 1K, 0.90-0.94 at 8K and 32K (pooled 0.92); that loop
-    #   read 1.43x fp32 on this Zen 5, the 16-chain loop 2.0x (Zen 4: 1.97x with either)
+    #   read 1.43x fp32 on this Zen 5, the 16-chain loop 2.0x (Zen 4: 1.97x with 8)
     dense_small=0.25,  # not measured on AVX-512: the AVX2 figure (the CPU runs 512-row chunks, so it is not reached)
     attention=0.45,  # against the 8-chain fp32 peak: 0.26-0.43 at 1K (fixed costs per query block), 0.46-0.51 at 8K/32K
     indexer=0.70,  # against the 8-chain fp32 peak: 0.37-0.46 at 1K (0.6 % of the time there), 0.64 at 8K, 0.75-0.77
