@@ -112,3 +112,18 @@ def test_sample_tensor_draws_what_sample_draws():
     a = [sample(logits, SamplingParams(), None) for _ in range(3)]
     torch.manual_seed(3)
     assert a == [int(sample_tensor(logits, SamplingParams(), None)) for _ in range(3)]
+
+
+def test_a_blocking_device_to_host_copy_counts_as_a_sync():
+    """The old loop's `.cpu()` of the logits: a sync on a GPU, invisible on a stand-in (host tensors). Checked on fake
+    CUDA tensors (no CUDA needed to make them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from homerun.kernels.counting import is_d2h_copy
+
+    with FakeTensorMode():
+        dev, host = torch.empty(3, device="cuda"), torch.empty(3)
+    assert is_d2h_copy("_to_copy", (dev,), {"device": torch.device("cpu")}, host)
+    assert is_d2h_copy("copy_", (host, dev), {}, host)
+    assert not is_d2h_copy("_to_copy", (dev,), {"non_blocking": True}, host)  # into pinned memory: no wait
+    assert not is_d2h_copy("_to_copy", (host,), {}, dev) and not is_d2h_copy("_to_copy", (host,), {}, host)
