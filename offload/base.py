@@ -94,6 +94,11 @@ class ExpertBackend:
         layer runs; returns those prefetched."""
         return []
 
+    def wants_speculation_for(self, layer: int) -> bool:
+        """`wants_speculation` for a guess at `layer`'s routing alone: the model skips the router pass when that layer's
+        calls would throw the guess away (a backend composed per layer answers per layer)."""
+        return bool(self.wants_speculation)
+
     def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
         """expert_ids [T, k]: the model's guess at `layer`'s routing (its router applied to an earlier layer's
         input); returns the experts prefetched."""
@@ -146,6 +151,12 @@ class WrappingBackend(ExpertBackend):
     @property
     def wants_speculation(self) -> bool:  # type: ignore[override]
         return self.inner.wants_speculation
+
+    def wants_speculation_for(self, layer: int) -> bool:
+        # a subclass that sets wants_speculation itself (a test's tracing double) decides for every layer
+        if type(self).wants_speculation is not WrappingBackend.wants_speculation:
+            return bool(self.wants_speculation)
+        return self.inner.wants_speculation_for(layer)
 
     def forward(self, layer, x, expert_ids, expert_weights):
         return self.inner.forward(layer, x, expert_ids, expert_weights)
@@ -208,6 +219,11 @@ class LayerSplitBackend(ExpertBackend):
     def wants_speculation(self) -> bool:  # type: ignore[override]
         # asked per call: a cached part stops wanting guesses while it speculates a token
         return any(b.wants_speculation for b in self._parts)
+
+    def wants_speculation_for(self, layer: int) -> bool:
+        # only the part that runs `layer` reads a guess at it: a resident part's layer costs no router pass
+        b = self.backends_by_layer.get(layer)
+        return b is not None and b.wants_speculation_for(layer)
 
     @property
     def token_stateful(self) -> bool:  # type: ignore[override]

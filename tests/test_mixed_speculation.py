@@ -105,6 +105,25 @@ def test_an_all_hit_mixed_token_waits_once_like_a_cached_plan(runs):
         assert auto[i]["launches"] < never[i]["launches"], i  # no router guesses while speculating
 
 
+def test_an_exact_token_guesses_only_where_a_guess_is_read(short_window_checkpoint):
+    """Without speculation the cached part prefetches from a guess at its layer 2, while the resident layer 1 would throw
+    a guess away: the model asks per layer (wants_speculation_for) and makes no router pass for it."""
+    model, cached = _model(short_window_checkpoint, mixed=True, speculate="never")
+    net, targets, real = model.net, [], model.net._next_layer_guess
+
+    def spy(layer, h, ids):
+        targets.append(layer.index + 1)
+        return real(layer, h, ids)
+
+    net._next_layer_guess = spy
+    s = model.session()
+    s.feed(PROMPT)
+    targets.clear()
+    s.feed([TOKENS[0]])
+    assert targets == [RESIDENT + 1]
+    cached.close()
+
+
 @pytest.mark.parametrize("which", ["mixed_auto", "mixed_graphed"])
 def test_speculated_mixed_tokens_equal_the_exact_path(runs, which):
     for i in range(len(TOKENS)):

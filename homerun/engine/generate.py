@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from homerun.errors import UsageError
-from homerun.engine.sampling import SamplingParams, make_generator, sample
+from homerun.engine.sampling import SamplingParams, make_generator, sample_tensor
 
 if TYPE_CHECKING:
     from homerun.engine.runtime import Model, Session
@@ -82,20 +82,23 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
         return
     sess = session if session is not None else model.session()
     reused = _prefix_len(sess.tokens, prompt) if session is not None else None
-    if reused is None or (reused == len(prompt) and sess.last_logits is None):
+    if reused is None or (reused == len(prompt) and not sess.has_logits):
         sess.reset()
         reused = 0
     generator = make_generator(seed)
     t0 = time.perf_counter()
-    logits = sess.feed(prompt[reused:])
+    # Logits stay on the model's device and the sampled id is fed back as a device tensor: the id read back for
+    # the Step is the one host sync per decode token (a GPU drains its queue at each).
+    logits = sess.feed(prompt[reused:], on_device=True)
     prefill_s = time.perf_counter() - t0
     decode_s = 0.0
-    token = -1
+    token, token_t = -1, None
     for i in range(max_new_tokens):
         ts = time.perf_counter()
         if i > 0:
-            logits = sess.feed([token])
-        token = sample(logits, params, generator)
+            logits = sess.decode(token_t, token)
+        token_t = sample_tensor(logits, params, generator)
+        token = int(token_t)
         step_s = time.perf_counter() - ts + (prefill_s if i == 0 else 0.0)
         if i > 0:
             decode_s += step_s

@@ -402,11 +402,11 @@ class DecodeGraphs:
             if not self.eager_routed[i]:
                 self._segment(("out", i) + sk, lambda: self._whole(i, x, pa, buf))
                 guess = self._guesses.get(i)
-                if guess is not None and self.backend.wants_speculation:
+                if guess is not None and self.backend.wants_speculation_for(layer.index + 1):
                     self.backend.prefetch_speculative(layer.index + 1, guess)
                 continue
             mi, guess = self._segment(("in", i) + sk, lambda: self._moe_in(i, x, pa, buf))
-            if guess is not None and self.backend.wants_speculation:
+            if guess is not None and self.backend.wants_speculation_for(layer.index + 1):
                 self.backend.prefetch_speculative(layer.index + 1, guess)
             res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
             self._segment(("out", i) + sk, lambda: self._after(i, net._moe_out(layer, mi, res, kl)))

@@ -157,14 +157,23 @@ class Model:
         return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
     def _check_ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids)
-        ids = ids.reshape(-1).to(torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size):
+        return self._ids_and_list(token_ids)[0]
+
+    def _ids_and_list(self, token_ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The ids as an int64 tensor [T] and as a list, range-checked. A list is checked as a list: a check on the
+        tensor would read its min and max back from the device (two host syncs per decode token on a GPU path)."""
+        if isinstance(token_ids, torch.Tensor):
+            ids = token_ids.reshape(-1).to(torch.int64)
+            vals = ids.tolist()
+        else:
+            vals = [int(t) for t in token_ids]
+            ids = torch.tensor(vals, dtype=torch.int64)
+        if vals and (min(vals) < 0 or max(vals) >= self.args.vocab_size):
             raise UsageError(
-                f"token id out of range [0, {self.args.vocab_size}): min {int(ids.min())}, max {int(ids.max())}",
+                f"token id out of range [0, {self.args.vocab_size}): min {min(vals)}, max {max(vals)}",
                 hint="token ids must come from this model's tokenizer",
             )
-        return ids
+        return ids, vals
 
     def _account(self, n_tokens: int, seconds: float) -> None:
         self._tokens_fed += n_tokens

@@ -133,3 +133,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_tensor(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """`sample` without the readback: the token id as an int64 tensor [1] on the logits' device, so a decode loop can
+    feed it to the next step and read it back once. Draws what `sample` draws from the same generator state:
+    `torch.multinomial` of one sample is argmax(probs / q) with q ~ Exp(1) drawn by `exponential_` on the
+    generator's device (ATen's one-sample fast path), done here with q moved to the probs instead of the probs to
+    the generator (a host round trip per token). It does not check the distribution (multinomial refuses NaN)."""
+    import torch
+
+    if logits.dim() != 1:
+        raise UsageError(f"sample() takes one logits row [V], got shape {tuple(logits.shape)}")
+    if params.is_greedy:
+        return torch.argmax(logits).reshape(1)
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    on = generator.device if generator is not None else probs.device
+    q = torch.empty(probs.shape, dtype=probs.dtype, device=on).exponential_(1, generator=generator)
+    return torch.argmax(probs / q.to(probs.device, non_blocking=True)).reshape(1)

@@ -59,7 +59,7 @@ class Session:
         self._net: DeepseekV4 = model.net
         self._states: list[LayerState] = model._new_state()
         self._tokens: list[int] = []
-        self.last_logits: torch.Tensor | None = None
+        self._last_logits: torch.Tensor | None = None
         self._cap_index = 0
         # Called with the new capacity (tokens) each time the ramp steps up.
         self.on_capacity: Callable[[int], None] | None = None
@@ -78,6 +78,25 @@ class Session:
     @property
     def n_tokens(self) -> int:
         return len(self._tokens)
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """float32 logits [V] of the last position on the host, None before the first feed. A feed with
+        `on_device=True` (and `decode`) leaves them where the model computed them: they come to the host on the first
+        read, so a decode loop that samples on the device pays no copy per token."""
+        lg = self._last_logits
+        if lg is not None and lg.device.type != "cpu":
+            lg = self._last_logits = lg.cpu()
+        return lg
+
+    @last_logits.setter
+    def last_logits(self, value: torch.Tensor | None) -> None:
+        self._last_logits = value
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether last_logits exist, without bringing them to the host."""
+        return self._last_logits is not None
 
     @property
     def capacity_tokens(self) -> int:
@@ -103,7 +122,7 @@ class Session:
 
     def checkpoint(self) -> Checkpoint:
         """This session's state now, to return to with `rollback` (e.g. a server's prefix reuse)."""
-        return Checkpoint(len(self._tokens), tuple(self._states), tuple(self._tokens), self.last_logits)
+        return Checkpoint(len(self._tokens), tuple(self._states), tuple(self._tokens), self._last_logits)
 
     def rollback(self, cp: Checkpoint) -> None:
         """Return to `cp`, a checkpoint of this session's current lineage (its tokens a prefix of the session's).
@@ -181,13 +200,29 @@ class Session:
                     hint="start a new session (/reset), or plan for a shorter context or a bigger rig",
                 )
 
-    def feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Append tokens (any count) and return float32 logits [V] of the last position."""
-        ids = self.model._check_ids(token_ids)
+    def feed(self, token_ids: Sequence[int] | torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
+        """Append tokens (any count) and return float32 logits [V] of the last position: on the host, or with
+        `on_device` where the model computed them (no device-to-host copy)."""
+        ids, vals = self.model._ids_and_list(token_ids)
         if ids.numel() == 0:
-            if self.last_logits is None:
+            if self._last_logits is None:
                 raise UsageError("feed() needs at least one token on an empty session")
-            return self.last_logits
+            return self._last_logits if on_device else self.last_logits
+        logits = self._feed(ids, vals)
+        return logits if on_device else self.last_logits
+
+    def decode(self, token: torch.Tensor, token_id: int) -> torch.Tensor:
+        """Append one sampled token and return float32 logits [V] on the model's device. `token` is the id as a
+        tensor on that device (what `sampling.sample_tensor` returns) and `token_id` the same id read back: the step
+        takes the tensor, so nothing waits on the host, and the token list takes the int."""
+        token_id = int(token_id)
+        if not 0 <= token_id < self.model.args.vocab_size:
+            raise UsageError(f"token id out of range [0, {self.model.args.vocab_size}): {token_id}",
+                             hint="token ids must come from this model's tokenizer")
+        return self._feed(token.reshape(1), [token_id])
+
+    def _feed(self, ids: torch.Tensor, vals: list[int]) -> torch.Tensor:
+        """The chunked forward of `ids` (whose values are `vals`): the new last logits, on the model's device."""
         self._ensure_capacity(self.n_tokens + ids.numel())
         n = ids.numel()
         long_prompt = n > PREFILL_ETA_MIN_TOKENS
@@ -207,15 +242,15 @@ class Session:
                 self.model.forwards += 1
                 # Commit point: state and token list change together, after the whole chunk succeeded.
                 self._states = states
-                self._tokens.extend(part.tolist())
-                self.last_logits = None  # until the last chunk's logits exist: an interrupt leaves none stale
+                self._tokens.extend(vals[c0 : c0 + chunk])
+                self._last_logits = None  # until the last chunk's logits exist: an interrupt leaves none stale
                 self.model._measure_prefill(part.numel(), time.perf_counter() - tc)
                 if self.on_progress is not None:
                     self.on_progress(min(c0 + chunk, n), n)
                 if long_prompt and not told and self.on_prefill is not None and self.model.prefill_tok_s:
                     self.on_prefill(max(0, n - c0 - chunk) / self.model.prefill_tok_s, n)
                     told = True
-            logits = self._net.logits(hidden[-1:])[0].float().cpu()
-        self.last_logits = logits
-        self.model._account(ids.numel(), time.perf_counter() - t0)
+            logits = self._net.logits(hidden[-1:])[0].float()
+        self._last_logits = logits
+        self.model._account(n, time.perf_counter() - t0)
         return logits

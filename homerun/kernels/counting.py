@@ -5,7 +5,9 @@ launches_per_token / host_syncs_per_token. A `TorchDispatchMode` sees every ATen
 views, metadata and bare allocations excluded); Triton launches are read from
 `homerun.kernels.triton.common.LaunchCounter` (whose `around` hook pauses the mode while an interpreted kernel runs,
 so the interpreter's own torch ops are not counted); host syncs are the ops whose result size or value the host
-must wait for (`_local_scalar_dense`, nonzero, unique, ...) plus every `Tensor.item` / `Tensor.tolist` call.
+must wait for (`_local_scalar_dense`, nonzero, unique, ...), blocking device-to-host copies (`.cpu()` of a CUDA
+tensor; invisible on a stand-in, whose tensors are on the host already) plus every `Tensor.item` / `Tensor.tolist`
+call.
 Works on CPU tensors (a CUDA stand-in) and on CUDA alike; it counts, it does not time.
 """
 
@@ -37,6 +39,20 @@ def _storages(tree) -> set[int]:
     from torch.utils._pytree import tree_leaves
 
     return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+
+def is_d2h_copy(name: str, args, kwargs, out) -> bool:
+    """Whether an ATen op copied a device tensor to the host and made the host wait for it (not non_blocking)."""
+    if name == "_to_copy":
+        src, dst = (args[0] if args else None), out
+    elif name == "copy_":
+        dst, src = (args[0], args[1]) if len(args) > 1 else (None, None)
+    else:
+        return False
+    if (kwargs or {}).get("non_blocking") or (name == "copy_" and len(args) > 2 and args[2]):
+        return False
+    return (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device.type not in ("cpu", "meta")
+            and dst.device.type == "cpu")
 
 
 def launches_kernel(func, args, kwargs, out) -> bool:
@@ -96,6 +112,8 @@ class DeviceWorkCounter(TorchDispatchMode):
         if not self._paused and name in SYNC_OPS:
             self._sync(name)
         out = func(*args, **(kwargs or {}))
+        if not self._paused and is_d2h_copy(name, args, kwargs, out):
+            self._sync("d2h_copy")
         if not self._paused and launches_kernel(func, args, kwargs, out):
             self.c.ops += 1
             self.c.op_names[name] = self.c.op_names.get(name, 0) + 1

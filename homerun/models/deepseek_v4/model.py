@@ -282,7 +282,7 @@ class DeepseekV4:
         The MoE site is three parts (`_moe_in`, the expert backend's routed call, `_moe_out`) so that decode graphs
         can replay the two outer ones around an eager routed call (homerun.engine.graphs)."""
         mi = self._moe_in(layer, self._attn_out(layer, x, pa, out, k), ids, k)
-        if self.experts.wants_speculation:
+        if self.experts.wants_speculation_for(layer.index + 1):
             guess = self._next_layer_guess(layer, mi.h, ids)
             if guess is not None:
                 self.experts.prefetch_speculative(layer.index + 1, guess)
