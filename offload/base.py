@@ -212,9 +212,6 @@ class LayerSplitBackend(ExpertBackend):
         self.backends_by_layer = dict(backends_by_layer)
         self._parts = list({id(b): b for b in self.backends_by_layer.values()}.values())
 
-    def _unique(self) -> list[ExpertBackend]:
-        return list(self._parts)
-
     @property
     def wants_speculation(self) -> bool:  # type: ignore[override]
         # asked per call: a cached part stops wanting guesses while it speculates a token
@@ -230,7 +227,7 @@ class LayerSplitBackend(ExpertBackend):
         return any(b.token_stateful for b in self._parts)
 
     def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
-        votes = [b.begin_token(n_tokens) if speculate else b.begin_token(n_tokens, False) for b in self._parts]
+        votes = [b.begin_token(n_tokens, speculate) for b in self._parts]
         if any(votes) and any(b.token_stateful and not v for b, v in zip(self._parts, votes)):
             # a redo would rerun that part's exact calls and count them twice: no part speculates this forward
             for b, v in zip(self._parts, votes):
@@ -267,8 +264,8 @@ class LayerSplitBackend(ExpertBackend):
         return b.prefetch_speculative(layer, expert_ids) if b is not None else []
 
     def stats(self) -> BackendStats:
-        return BackendStats(type(self).__name__, parts=tuple(b.stats() for b in self._unique()))
+        return BackendStats(type(self).__name__, parts=tuple(b.stats() for b in self._parts))
 
     def close(self) -> None:
-        for b in self._unique():
+        for b in self._parts:
             b.close()

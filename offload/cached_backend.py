@@ -212,7 +212,7 @@ class CachedExpertBackend(ExpertBackend):
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         # Issued while speculating too when the ids are read on the host (no sync): a resident expert costs nothing, and
         # a missing one lands before its layer's mask (commit) instead of forcing a redo whose rerun would miss it.
-        if self._speculating and not (self.prefetcher.tid2eid.host_reads and token_ids.device.type == "cpu"):
+        if self._speculating and not self.prefetcher.tid2eid.on_host(token_ids):
             return []  # device ids: reading them would be a host sync inside the speculated token
         if self.prefill is not None and token_ids.shape[0] > self.prefill.min_rows:
             return self.prefill.hash_layer(layer, tid2eid, token_ids)  # prefill: the decode cache stays as it is

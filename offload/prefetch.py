@@ -61,9 +61,13 @@ class HostTid2Eid:
         self.host_reads = host_reads
         self._held: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # layer -> (its tid2eid, a host copy)
 
+    def on_host(self, token_ids: torch.Tensor) -> bool:
+        """Whether `experts` reads these ids on the host (no device sync)."""
+        return self.host_reads and token_ids.device.type == "cpu"
+
     def experts(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         """The sorted distinct experts of tid2eid[token_ids]."""
-        if not self.host_reads or token_ids.device.type != "cpu":
+        if not self.on_host(token_ids):
             return hash_layer_experts(tid2eid, token_ids)
         return np.unique(self._host(layer, tid2eid)[token_ids.numpy()]).tolist()
 

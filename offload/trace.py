@@ -103,7 +103,7 @@ class TracingBackend(WrappingBackend):
         self.recorder = recorder
         self._next_token: dict[int, int] = {}
 
-    def begin_token(self, n_tokens: int) -> bool:
+    def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
         return False  # no speculation under a trace: a redo would record its layers' routing twice
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor):

@@ -30,9 +30,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from homerun.plan.hardware import KNOWN_GPUS
+
 # Spec HBM bandwidth (GB/s) of the GPUs the device check runs on (docs/hardware.md section 1), to turn the measured
 # copy bandwidth into a copy-to-spec ratio; matched by substring of torch's device name, most specific first.
-SPEC_HBM_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0))
+SPEC_HBM_GBPS = tuple((k, KNOWN_GPUS[k][0]) for k in ("H200", "H100 PCIe", "H100"))  # lent kinds, matched in order
 DEFAULT_COPY_TO_SPEC = 0.9  # assumption where the GPU is unknown: H200 copies reach ~4.3 of 4.8 TB/s (KINDS.md)
 KTRANSFORMERS_TOK_S = 20.0  # KTransformers' reported V4-Flash decode on a 5090 rig: "20+ tok/s" (issue 13)
 MODEL = "deepseek-ai/DeepSeek-V4-Flash"

@@ -245,7 +245,7 @@ def make_record(info: RunInfo, test: BenchTest, cache: str, samples: Sequence[Sa
         model_type=info.model_type, model_size=info.model_size, model_n_params=info.model_n_params,
         n_layers=info.n_layers, backend=info.backend, profile=info.profile, gpu_experts=info.gpu_experts,
         expert_cache_slots=info.expert_cache_slots, hit_rate=hit_rate, links=links, predicted_ts=predicted_ts,
-        prediction_ratio=(avg_ts / predicted_ts) if predicted_ts else None, extrapolated=False, extrapolation="",
+        prediction_ratio=_ratio(avg_ts, predicted_ts), extrapolated=False, extrapolation="",
         correctness=info.correctness, limits=info.limits, notes=info.notes, **host,
         ms_per_token=statistics.fmean(ns) / 1e6 / test.n_tokens,
         ms_per_layer=statistics.fmean(ns) / 1e6 / test.n_tokens / info.n_layers,

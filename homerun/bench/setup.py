@@ -21,7 +21,7 @@ from homerun.kernels.kernel_bench import measure_dram_read_gbps  # noqa: F401 - 
 
 from homerun.bench.model_bench import BenchTarget
 from homerun.engine.graphs import unsupported_reason
-from homerun.bench.records import BenchRecord, BenchTest, Limits
+from homerun.bench.records import BenchRecord, BenchTest, Limits, with_prediction
 
 
 # ------------------------------------------------------------------------------------------ hardware and build
@@ -153,19 +153,17 @@ def extrapolate(rec: BenchRecord, *, measured_pred: dict[str, Any], full_pred: d
         how = (f"by layer count ({rec.n_layers} -> {full_pred['n_layers']} layers; the plan gives no "
                f"{'prefill' if rec.n_prompt else 'decode'} estimate on this profile)")
     notes = rec.notes + ((full_pred["note"],) if full_pred.get("note") else ())
-    return replace(
+    return with_prediction(replace(
         rec, model=full_pred["name"], cache="extrapolated", samples_ts=[t * k for t in rec.samples_ts],
         samples_ns=[int(n / k) for n in rec.samples_ns], avg_ts=rec.avg_ts * k, stddev_ts=rec.stddev_ts * k,
         avg_ns=int(rec.avg_ns / k), stddev_ns=int(rec.stddev_ns / k), ms_per_token=rec.ms_per_token / k,
         ms_per_layer=rec.ms_per_token / k / full_pred["n_layers"], model_size=full_pred["model_size"],
         model_n_params=full_pred["model_n_params"], n_layers=full_pred["n_layers"], links={}, hit_rate=None,
-        predicted_ts=p_full, prediction_ratio=(rec.avg_ts * k / p_full) if p_full else None, extrapolated=True,
-        extrapolation=how, notes=notes, samples_cpu_s=[c / k for c in rec.samples_cpu_s],
+        extrapolated=True, extrapolation=how, notes=notes, samples_cpu_s=[c / k for c in rec.samples_cpu_s],
         cpu_s=None if rec.cpu_s is None else rec.cpu_s / k,
         tokens_per_cpu_s=None if rec.tokens_per_cpu_s is None else rec.tokens_per_cpu_s * k,
         cpu_ts=None if rec.cpu_ts is None else rec.cpu_ts * k,
-        prediction_ratio_cpu=(rec.cpu_ts * k / p_full) if p_full and rec.cpu_ts else None,
-    )
+    ), p_full)
 
 
 def test_of(rec: BenchRecord) -> BenchTest:

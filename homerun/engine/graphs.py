@@ -333,16 +333,13 @@ class DecodeGraphs:
     def _forward_whole(self, start_pos: int) -> tuple[torch.Tensor, list]:
         """Every layer resident: the step as one graph over the static attention state of the context's bucket
         (homerun.models.deepseek_v4.static_decode), captured at the bucket's first step."""
-        kv, key = self.static, ("step",)
-        if key not in self.segments:
-            self.segments[key], self._outs[key] = self.graphs.capture(self._step, self._static_reset())
-            self.step_captures += 1
-        else:
-            self.graphs.replay(self.segments[key])
-        new_states = kv.states(start_pos + 1)
+        key = ("step",)
+        self.step_captures += key not in self.segments
+        out = self._segment(key, self._step)
+        new_states = self.static.states(start_pos + 1)
         self._mine = (start_pos + 1, new_states)
         self.replays += 1
-        return self._outs[key], new_states
+        return out, new_states
 
     def _holds(self, start_pos: int, states: Sequence[Any]) -> bool:
         """Whether the static state is `states` at start_pos: the ones the last whole step returned."""
@@ -368,7 +365,8 @@ class DecodeGraphs:
         """Capture `fn` as segment `key` at its first use (its outputs are this step's), replay it afterwards."""
         seg = self.segments.get(key)
         if seg is None:
-            seg, self._outs[key] = self.graphs.capture(fn, self._static_reset() if key[-1] == "static" else None)
+            reset = self._static_reset() if key[-1] in ("static", "step") else None  # warm-ups advance static state
+            seg, self._outs[key] = self.graphs.capture(fn, reset)
             self.segments[key] = seg
         else:
             self.graphs.replay(seg)
