@@ -3,6 +3,8 @@ quantizers are the ones they claim to be, and its errors order as the arithmetic
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +72,24 @@ def test_bad_sizes_exit_2():
     with pytest.raises(SystemExit) as e:
         study.main(["--k", "100"])
     assert e.value.code == 2
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or not {"avx512bw", "avx512vbmi"} <= _cpu_flags(),
+                    reason="needs gcc and an AVX512-VBMI CPU")
+def test_requant_bench_matches_its_scalar_reference(tmp_path):
+    """benchmarks/fp8_int8_requant.c: the vector re-quantization equals the scalar one (it exits 1 otherwise)."""
+    src = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_int8_requant.c"
+    exe = tmp_path / "requant"
+    subprocess.run(["gcc", "-O3", "-march=native", str(src), "-o", str(exe), "-lm"], check=True)
+    done = subprocess.run([str(exe), "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ns per weight") == 3
+    assert subprocess.run([str(exe), "0"], capture_output=True).returncode == 2
