@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from homerun.errors import UsageError
+from homerun.errors import NumericError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 # The valid range of each sampling setting, as the CLI's help and errors state it.
 SEED_MAX = 2**64 - 1
+# What `sample_tensor` returns for a logits row holding NaN: no token has this id, so the one readback of the id
+# (`read_token`) finds a broken step without a host sync of its own.
+NAN_TOKEN = -1
 SAMPLING_RANGES: dict[str, str] = {
     "temperature": "a finite number >= 0 (0 = greedy)",
     "top_p": "in (0, 1] (1 = off)",
@@ -165,12 +168,19 @@ def _top_p_on_host(x: torch.Tensor, top_p: float) -> torch.Tensor | None:
     return x.masked_fill(torch.from_numpy(~keep), float("-inf"))
 
 
+def nan_logits_error(where: str) -> NumericError:
+    return NumericError(f"NaN logits at {where}: the model, a kernel or the device computed NaN",
+                        hint="a bug, not a setting: report it with the model, placement and prompt")
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V]."""
+    """One token id from logits [V]. Raises NumericError for a row holding NaN (argmax would return some id)."""
     import torch
 
     if logits.dim() != 1:
         raise UsageError(f"sample() takes one logits row [V], got shape {tuple(logits.shape)}")
+    if bool(torch.isnan(logits).any()):
+        raise nan_logits_error("sample()")
     if params.is_greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
@@ -182,17 +192,29 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def sample_tensor(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """`sample` without the readback: the token id as an int64 tensor [1] on the logits' device, so a decode loop can
-    feed it to the next step and read it back once. Draws what `sample` draws from the same generator state:
-    `torch.multinomial` of one sample is argmax(probs / q) with q ~ Exp(1) drawn by `exponential_` on the
+    feed it to the next step and read it back once (`read_token`). Draws what `sample` draws from the same generator
+    state: `torch.multinomial` of one sample is argmax(probs / q) with q ~ Exp(1) drawn by `exponential_` on the
     generator's device (ATen's one-sample fast path), done here with q moved to the probs instead of the probs to
-    the generator (a host round trip per token). It does not check the distribution (multinomial refuses NaN)."""
+    the generator (a host round trip per token). A row holding NaN gives NAN_TOKEN, decided on the device (3 small
+    launches, no sync)."""
     import torch
 
     if logits.dim() != 1:
         raise UsageError(f"sample() takes one logits row [V], got shape {tuple(logits.shape)}")
     if params.is_greedy:
-        return torch.argmax(logits).reshape(1)
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
-    on = generator.device if generator is not None else probs.device
-    q = torch.empty(probs.shape, dtype=probs.dtype, device=on).exponential_(1, generator=generator)
-    return torch.argmax(probs / q.to(probs.device, non_blocking=True)).reshape(1)
+        token = torch.argmax(logits)
+    else:
+        probs = torch.softmax(filter_logits(logits, params), dim=-1)
+        on = generator.device if generator is not None else probs.device
+        q = torch.empty(probs.shape, dtype=probs.dtype, device=on).exponential_(1, generator=generator)
+        token = torch.argmax(probs / q.to(probs.device, non_blocking=True))
+    return token.masked_fill(torch.isnan(logits).any(), NAN_TOKEN).reshape(1)
+
+
+def read_token(token: torch.Tensor, where: str) -> int:
+    """The id `sample_tensor` returned, read back (a decode loop's one host sync per token). Raises NumericError
+    naming `where` (the step) when the logits held NaN."""
+    token_id = int(token)
+    if token_id == NAN_TOKEN:
+        raise nan_logits_error(where)
+    return token_id
