@@ -56,6 +56,11 @@ class DownloadError(HomerunError):
     """A Hub download failed or a file did not match the index."""
 
 
+class NumericError(HomerunError):
+    """A computation produced numbers no valid model gives (NaN logits): a broken model, kernel or device. A bug, so
+    exit 1, not a bad input."""
+
+
 class KernelError(HomerunError):
     """The native CPU kernel failed or is unavailable where it was required."""
 

@@ -29,3 +29,16 @@ def test_a_failing_step_is_recorded_not_raised(tmp_path, monkeypatch):
 
 def test_device_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "device-check.sh")], check=True)
+
+
+def test_every_device_check_step_writes_its_tiny_model_one_way():
+    """device_check's steps and graph_check's (which device_check runs) write their tiny checkpoint through one
+    helper, in the lower module (graph_check): the preset as written is the preset asked for."""
+    from homerun.bench import graph_check
+    from homerun.formats.checkpoint import tiny_config
+    from homerun.formats.loader import open_checkpoint
+
+    assert device_check.tiny_checkpoint is graph_check.tiny_checkpoint
+    path, args = graph_check._checkpoint("csa")
+    assert path.name == "csa" and open_checkpoint(path).config == tiny_config("csa")
+    assert args.n_layers == tiny_config("csa")["num_hidden_layers"]

@@ -46,3 +46,27 @@ def test_an_unwritable_state_path_never_breaks_shutdown(tiny_checkpoints, tmp_pa
     eng._prefix.session.feed(_ids(10, model.args.vocab_size))
     eng.stop()
     assert eng.state_note.startswith("not saved")
+
+
+def test_presence_checks_leave_the_logits_where_they_are(tiny_checkpoints, tmp_path, monkeypatch):
+    """Prefix reuse, marking a point and persisting test whether logits exist with `Session.has_logits`: reading
+    `last_logits` would copy device logits to the host (a sync) just to see that they are there. Only the snapshot
+    itself reads them."""
+    from homerun.engine.session import Session
+    from homerun.serve.prefix import PrefixCache
+
+    model = homerun.load(tiny_checkpoints["mixed"], expert_act="fp32")
+    ids = _ids(30, model.args.vocab_size)
+    eng = Engine(model, state_path=tmp_path / "live.kv.safetensors")
+    sess = eng._prefix.session
+    sess.feed(ids, on_device=True)
+    reads = []
+    real = Session.last_logits
+    monkeypatch.setattr(Session, "last_logits", property(lambda s: reads.append(1) or real.fget(s), real.fset))
+    prefix = PrefixCache(sess)
+    prefix.mark()
+    assert prefix.points == [30] and prefix.reuse(ids) == 30 and prefix.reuse(ids + [1]) == 30
+    assert reads == []
+    monkeypatch.setattr(Session, "save", lambda s, path: None)  # the snapshot's own read is not a presence check
+    eng.persist()
+    assert reads == [] and eng.state_note.startswith("saved 30 tokens")

@@ -21,12 +21,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from homerun.bench.graph_check import tiny_checkpoint
 
 # V4-Flash shapes: hidden 4096, expert width 2048, top-6; a 64-slot cache per layer for the MoE bench.
 FLASH = dict(H=4096, I=2048, E=64, TOPK=6, N=4096, K=4096)
@@ -176,14 +177,6 @@ def step_kernels(tiny: bool) -> dict:
             "goals": {"fp4_moe_decode >= 0.6 of HBM": (moe1["fraction_of_hbm"] or 0) >= 0.6 if hbm else None}}
 
 
-def _tiny_checkpoint(kind: str = "mixed") -> Path:
-    from homerun.formats.checkpoint import tiny_config, write_checkpoint
-
-    out = Path(tempfile.mkdtemp(prefix="hr-devcheck-")) / kind
-    write_checkpoint(out, tiny_config(kind))
-    return out
-
-
 def _gpu_placement(n_layers: int, tiny: bool):
     from homerun.engine.placement import single_device
 
@@ -206,7 +199,7 @@ def step_equivalence(tiny: bool) -> dict:
     """The GPU path (Triton FP8 linears, fused MoE) against the fp32 CPU reference on a tiny model."""
     from homerun.engine.runtime import load
 
-    path = _tiny_checkpoint()
+    path = tiny_checkpoint()
     prompt = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(5)).tolist()
     ref = load(path, experts="reference")
     out: dict[str, Any] = {}
@@ -229,7 +222,7 @@ def step_counts(tiny: bool) -> dict:
     resident (the all-VRAM plan)."""
     from homerun.bench.gpu_path import count_device_work
 
-    model, args = _resident_model(_tiny_checkpoint(), "bfloat16", tiny)
+    model, args = _resident_model(tiny_checkpoint(), "bfloat16", tiny)
     s = model.session()
     prompt = list(range(1, 17))
     s.feed(prompt)
@@ -253,7 +246,7 @@ def step_vram(tiny: bool) -> dict:
     from homerun.plan.planner import PlanOptions, plan
     from profiles import load_profile
 
-    path = _tiny_checkpoint()
+    path = tiny_checkpoint()
     spec, inv = resolve_model(str(path))
     p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(context_tokens=4096, kv_dtype="bf16"))
     pl = placement_from_plan(p, standin="cuda" if tiny else False)

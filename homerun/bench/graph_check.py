@@ -23,13 +23,22 @@ import torch
 PROMPT = list(range(1, 17))
 
 
-def _checkpoint(kind: str = "mixed") -> tuple[Path, Any]:
+def tiny_checkpoint(kind: str = "mixed") -> Path:
+    """A tiny preset (`formats.checkpoint.tiny_config`) written into a fresh temporary folder: the model every
+    device-check step runs on (this module's and `homerun.bench.device_check`'s)."""
     from homerun.formats.checkpoint import tiny_config, write_checkpoint
+
+    out = Path(tempfile.mkdtemp(prefix="hr-devcheck-")) / kind
+    write_checkpoint(out, tiny_config(kind))
+    return out
+
+
+def _checkpoint(kind: str = "mixed") -> tuple[Path, Any]:
+    """`tiny_checkpoint` and its model arguments."""
     from homerun.formats.loader import open_checkpoint
     from homerun.models.deepseek_v4 import ModelArgs
 
-    out = Path(tempfile.mkdtemp(prefix="hr-graphcheck-")) / kind
-    write_checkpoint(out, tiny_config(kind))
+    out = tiny_checkpoint(kind)
     return out, ModelArgs.from_hf_config(open_checkpoint(out).config)
 
 

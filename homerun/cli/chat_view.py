@@ -18,7 +18,7 @@ from rich.text import Text
 
 from homerun.chat.events import turn_events
 from homerun.chat.session import ChatSession, Delta, TurnDone
-from homerun.errors import HomerunError
+from homerun.errors import HomerunError, NumericError
 from homerun.cli.output import Output
 
 HELP_TEXT = """Commands:
@@ -140,6 +140,8 @@ def _stream_turn(console: Console, chat: ChatSession, text: str) -> None:
                     last = time.perf_counter()
             else:
                 console.print(Text(printable(ev.text), style="dim" if ev.kind == "reasoning" else ""), end="")
+    except NumericError:  # a broken model or kernel: every later turn would be garbage too, so exit 1
+        raise
     except HomerunError as exc:
         hint = f" [dim]({escape(exc.hint)})[/dim]" if exc.hint else ""
         console.print(f"[red]Error:[/red] {escape(exc.message)}{hint}")
@@ -267,5 +269,7 @@ def json_lines(chat: ChatSession, out: Output) -> None:
             for ev in chat.turn(text):
                 for record in turn_events(ev, chat):
                     out.event(record)
+        except NumericError:  # NaN logits: a bug, not a turn to report and go on from (exit 1)
+            raise
         except HomerunError as exc:  # e.g. the context is full: report it and keep reading
             out.event({"event": "error", "message": exc.message, "hint": exc.hint})

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from homerun.errors import UsageError
-from homerun.engine.sampling import SamplingParams, make_generator, sample_tensor
+from homerun.engine.sampling import SamplingParams, make_generator, read_token, sample_tensor
 
 if TYPE_CHECKING:
     from homerun.engine.runtime import Model, Session
@@ -98,7 +98,7 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
         if i > 0:
             logits = sess.decode(token_t, token)
         token_t = sample_tensor(logits, params, generator)
-        token = int(token_t)
+        token = read_token(token_t, f"generated token {i} (after {sess.n_tokens} context tokens)")
         step_s = time.perf_counter() - ts + (prefill_s if i == 0 else 0.0)
         if i > 0:
             decode_s += step_s

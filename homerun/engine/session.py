@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from homerun.engine.sampling import NAN_TOKEN, nan_logits_error
 from homerun.errors import ContextFullError, UsageError
 from homerun.kernels.cpu_step import cpu_step
 from homerun.models.deepseek_v4 import DeepseekV4, LayerState
@@ -216,6 +217,8 @@ class Session:
         tensor on that device (what `sampling.sample_tensor` returns) and `token_id` the same id read back: the step
         takes the tensor, so nothing waits on the host, and the token list takes the int."""
         token_id = int(token_id)
+        if token_id == NAN_TOKEN:  # sample_tensor's mark of NaN logits, read back by a caller that did not check it
+            raise nan_logits_error(f"the token fed at context position {self.n_tokens}")
         if not 0 <= token_id < self.model.args.vocab_size:
             raise UsageError(f"token id out of range [0, {self.model.args.vocab_size}): {token_id}",
                              hint="token ids must come from this model's tokenizer")

@@ -95,7 +95,7 @@ class Engine:
         if self.state_path is None or self._prefix is None or self.model is None:
             return
         sess = self._prefix.session
-        if not sess.n_tokens or sess.last_logits is None:
+        if not sess.n_tokens or not sess.has_logits:
             return
         try:
             sess.save(self.state_path)

@@ -57,7 +57,8 @@ class PrefixCache:
         (0: it was reset). The caller then feeds ids[returned:]."""
         have = list(self.session.tokens)
         lcp = common_prefix_len(have, ids)
-        if lcp == len(have) and (lcp < len(ids) or getattr(self.session, "last_logits", True) is not None):
+        # has_logits, not last_logits: reading those would bring device logits to the host just to test presence.
+        if lcp == len(have) and (lcp < len(ids) or getattr(self.session, "has_logits", True)):
             return lcp  # the live state itself is a prefix of the new prompt
         if self.rollback_supported:
             usable = [p for p in self._points if p.n_tokens <= lcp]
