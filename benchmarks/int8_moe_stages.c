@@ -47,7 +47,7 @@ int main(int argc,char**argv){
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT){int nt=n-j0<HR_Q8P_TT?(int)(n-j0):HR_Q8P_TT;
         for(int64_t r0=0;r0<I;r0+=HR_RC) moe_quant_h(&c,gb,nt,j0,r0,HR_RC,1);} st[3][rep]=cpu_ms()-t0;
       memset(out,0,T*D*4);
-      t0=cpu_ms(); hr_parallel(moe_down_task,&c,(D+c.rc2-1)/c.rc2); st[4][rep]=cpu_ms()-t0;
+      t0=cpu_ms(); hr_parallel(moe_down_task,&c,((D+c.rc2-1)/c.rc2+c.cpt2-1)/c.cpt2); st[4][rep]=cpu_ms()-t0;
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT/2){int nt=n-j0<HR_Q8P_TT/2?(int)(n-j0):HR_Q8P_TT/2;
         for(int64_t r0=0;r0<D;r0+=HR_RC) moe_scatter(&c,gb,2,nt,j0,r0,HR_RC);} st[5][rep]=cpu_ms()-t0;
       moe_free(&c);
