@@ -1,7 +1,9 @@
 """A/B of the int8 fused routed-expert op (and the lone expert GEMM) against a saved build, in one process, one
-thread (issue 19; benchmarks/prefill_cpu.md, session 5). The checkout's build (A) and a saved copy of another build's
-library (B) are loaded side by side through ctypes and called alternately on the same inputs; every output of A is
-checked bit for bit against B's first (exit status 1 on any difference: the kernels' changes are meant to be exact).
+thread unless --threads (issue 19; benchmarks/prefill_cpu.md, session 5). The checkout's build (A) and a saved copy
+of another build's library (B) are loaded side by side through ctypes and called alternately on the same inputs;
+every output of A is checked bit for bit against B's first (exit status 1 on any difference: the kernels' changes
+are meant to be exact).
+`--threads 2`: both builds on 2 kernel threads; GOP per CPU-second and the peak per CPU-second as with one.
 
     cp homerun/kernels/_hr_kernels*.so /tmp/base.so       # in the base checkout, after its build
     python benchmarks/int8_moe_ab.py --base /tmp/base.so [--reps 5] [--batches 8,16,32,64,100] [--gemm]
@@ -34,12 +36,12 @@ DIM, INTER, N_EXPERTS, TOP_K = 4096, 2048, 48, 6
 P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def load(path: str) -> ctypes.CDLL:
+def load(path: str, threads: int) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     lib.hr_moe_forward.argtypes = [I32, I32, P, I64, I64, I64, P, I64, P, P, I64, ctypes.c_float, P]
     lib.hr_fp4_gemm.argtypes = [I32, P, P, I64, I64, P, I64, P]
     lib.hr_set_threads.argtypes = [I32]
-    lib.hr_set_threads(1)
+    lib.hr_set_threads(threads)
     return lib
 
 
@@ -49,9 +51,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batches", default="8,16,32,64,100")
     ap.add_argument("--gemm", action="store_true", help="the lone expert GEMM instead of the fused op")
+    ap.add_argument("--threads", type=int, default=1, help="kernel threads of both builds (the peak loop's too)")
     a = ap.parse_args()
-    ce.set_threads(1)
-    libs = {"A": ce._native(), "B": load(a.base)}
+    ce.set_threads(a.threads)
+    libs = {"A": ce._native(), "B": load(a.base, a.threads)}
     code = ce._path_code("avx512", "int8")
     gen = torch.Generator().manual_seed(0)
 
@@ -64,7 +67,8 @@ def main() -> None:
     else:
         mats = [fp4(INTER, DIM) + fp4(INTER, DIM) + fp4(DIM, INTER) for _ in range(N_EXPERTS)]
         table = torch.tensor([[t.data_ptr() for t in m] for m in mats], dtype=torch.int64)
-    out: dict = {"what": "gemm [2048, 4096]" if a.gemm else "fused op", "load": os.getloadavg()[0]}
+    out: dict = {"what": "gemm [2048, 4096]" if a.gemm else "fused op", "threads": a.threads,
+                 "load": os.getloadavg()[0]}
     bad = 0
     for per in map(int, a.batches.split(",")):
         t = per if a.gemm else per * N_EXPERTS // TOP_K

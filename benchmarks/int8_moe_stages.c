@@ -1,8 +1,8 @@
-/* Per-stage CPU time of the fused routed-expert op, int8 activations, one thread (benchmarks/prefill_cpu.md,
- * session 5): 48 FP4 experts [4096 <-> 2048] (random codes, scale bytes 118..123), top-6, random routing, at
- * per-expert batches of 8-100 tokens. Build from the repository root (it includes the kernels' translation unit):
+/* Per-stage CPU time of the fused routed-expert op, int8 activations, one thread unless told
+ * (benchmarks/prefill_cpu.md, session 5): 48 FP4 experts [4096 <-> 2048] (random codes, scale bytes 118..123),
+ * top-6, random routing, at per-expert batches of 8-100 tokens. Build from the repository root (it includes the kernels' translation unit):
  *   gcc -O3 -std=gnu11 -pthread -I homerun/kernels/csrc benchmarks/int8_moe_stages.c -o /tmp/int8_moe_stages -lm
- *   /tmp/int8_moe_stages [path=3] [reps=5]      # path 3 = AVX-512 (the VNNI kernels where the CPU has them)
+ *   /tmp/int8_moe_stages [path=3] [reps=5] [threads=1]   # path 3 = AVX-512 (the VNNI kernels where the CPU has them)
  * Each stage is run alone on the buffers of one set-up forward (so without first-touch page faults), CPU-ms, median
  * of `reps`; "swiglu", "h-quant" (stage 3, which runs inside stage 2's tasks) and "scatter" time stage 2's and 4's
  * other parts alone over the same amount of work;
@@ -16,7 +16,7 @@ static int cmpd(const void*a,const void*b){double x=*(double*)a,y=*(double*)b;re
 static const char *names[NST]={"x-quant","up+swiglu+h-quant","(swiglu)","(h-quant)","down+scatter","(scatter)","forward","other"};
 int main(int argc,char**argv){
   int path=(argc>1?atoi(argv[1]):3)|HR_ACT_INT8, reps=argc>2?atoi(argv[2]):5;
-  hr_init(); hr_set_threads(1);
+  hr_init(); hr_set_threads(argc>3?atoi(argv[3]):1);
   const int64_t D=4096,I=2048,E=48,K=6; unsigned r=12345;
   int64_t *table=malloc(E*6*8);
   for(int64_t e=0;e<E;e++) for(int m=0;m<3;m++){int64_t n=m<2?I:D,k=m<2?D:I;
@@ -43,11 +43,11 @@ int main(int argc,char**argv){
       static float gb[HR_Q8P_TT*HR_RC],ub[HR_Q8P_TT*HR_RC];
       for(int i=0;i<HR_Q8P_TT*HR_RC;i++){gb[i]=(i%97-48)/8.0f;ub[i]=(i%89-44)/8.0f;}
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT){int nt=n-j0<HR_Q8P_TT?(int)(n-j0):HR_Q8P_TT;
-        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_swiglu(&c,gb,ub,nt,j0,r0,HR_RC,ub);} st[2][rep]=cpu_ms()-t0;
+        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_hidden(&c,gb,ub,nt,j0,r0,HR_RC,ub);} st[2][rep]=cpu_ms()-t0;
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT){int nt=n-j0<HR_Q8P_TT?(int)(n-j0):HR_Q8P_TT;
-        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_quant_blocks(&c,gb,nt,j0,r0,HR_RC,1);} st[3][rep]=cpu_ms()-t0;
+        for(int64_t r0=0;r0<I;r0+=HR_RC) moe_quant_h(&c,gb,nt,j0,r0,HR_RC,1);} st[3][rep]=cpu_ms()-t0;
       memset(out,0,T*D*4);
-      t0=cpu_ms(); hr_parallel(moe_down_task,&c,(D+c.rc2-1)/c.rc2); st[4][rep]=cpu_ms()-t0;
+      t0=cpu_ms(); hr_parallel(moe_down_task,&c,((D+c.rc2-1)/c.rc2+c.cpt2-1)/c.cpt2); st[4][rep]=cpu_ms()-t0;
       t0=cpu_ms(); for(int64_t j0=0;j0<n;j0+=HR_Q8P_TT/2){int nt=n-j0<HR_Q8P_TT/2?(int)(n-j0):HR_Q8P_TT/2;
         for(int64_t r0=0;r0<D;r0+=HR_RC) moe_scatter(&c,gb,2,nt,j0,r0,HR_RC);} st[5][rep]=cpu_ms()-t0;
       moe_free(&c);

@@ -146,6 +146,23 @@ def test_fused_experts_int8(path, t, k):
     assert rel_err(y, emu) <= 1e-4
 
 
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("t", [2, 64])  # 64: the batch layout on AVX512-VNNI (its own quantizer of h); 2: not
+def test_fused_experts_int8_far_negative_gates(path, t):
+    # gate values <= -88 send the AVX-512 SwiGLU's expf lanes to libm's expf; past ~ -710 (exp overflows the
+    # exponent field) its fast formula would give garbage, so the case has some
+    x, ids, wts, _, _ = routed_case("fp4", t, 6)
+    x = x * 400
+    ew = EXPERTS["fp4"][int(ids[0, 0])]
+    gate = x @ dequant_fp4(ew.w1, ew.w1_scale).T
+    assert (gate < -800).any() and (gate > 10).any()
+    src = EXPERTS["fp4"].__getitem__
+    emu, y = (CpuExpertBackend(lambda layer, e: src(e), swiglu_limit=LIMIT, path=p, act="int8").forward(0, x, ids, wts)
+              for p in ("torch", path))
+    assert torch.isfinite(y).all()
+    assert rel_err(y, emu) <= 1e-4
+
+
 def test_fused_experts_int8_torch_emulation_accuracy():
     x, ids, wts, ref, emu = routed_case("fp4", 7, 4)
     assert 1e-4 < rel_err(emu, ref) <= INT8_RTOL

@@ -90,6 +90,7 @@
 #include "hr_int8_batch.inc" /* the int8 batch kernels (prefill experts): predecoded rows, 4-row x 3-token tiles */
 #include "hr_dispatch.inc"
 #include "hr_gemm.inc"
+#include "hr_moe_avx512.inc" /* the fused op's AVX-512 SwiGLU and batch-layout quantizer of h */
 #include "hr_moe.inc"
 #include "hr_read.inc"
 
