@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.getcwd())
 
+import homerun  # noqa: E402,F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 
+import homerun  # noqa: F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch
 import torch.nn.functional as F
 

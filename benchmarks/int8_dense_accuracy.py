@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
+import homerun  # noqa: E402,F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch  # noqa: E402
 
 from homerun.formats.quant import dequant_fp8, quant_fp8  # noqa: E402

@@ -18,6 +18,7 @@ import time
 
 sys.path.insert(0, os.getcwd())  # the checkout it is run from, not an installed homerun
 
+import homerun  # noqa: E402,F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch  # noqa: E402
 
 from homerun.formats.experts import ExpertWeights  # noqa: E402

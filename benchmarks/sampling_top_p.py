@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 
+import homerun  # noqa: F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch
 
 from homerun.engine import sampling

@@ -17,6 +17,7 @@ from homerun.models.layers import QLinear
 from homerun.engine.placement import Placement, placement_from_plan, require_devices, single_device, split_layers
 from homerun.plan.planner import PlanOptions, activation_bytes, plan
 from homerun.plan.placement import _split_layers
+from homerun.plan.records import GPU_PREFILL_CHUNK_TOKENS
 from homerun.engine.runtime import load
 from profiles import load_profile
 
@@ -390,7 +391,7 @@ def _tiny_hybrid_plan(spec, inv):
     pol = replace(prof.policy, reserve_vram_gib=0.0, runtime_overhead_gib=0.0)
     opts = PlanOptions(context_tokens=4096)
     for step in range(200):
-        vram = (activation_bytes(spec, opts.prefill_chunk_tokens) + inv.non_expert_bytes // 2 + step * 65536) / 2**30
+        vram = (activation_bytes(spec, GPU_PREFILL_CHUNK_TOKENS) + inv.non_expert_bytes // 2 + step * 65536) / 2**30
         p = plan(spec, inv, replace(prof, gpus=(replace(prof.gpus[0], vram_gib=vram),), policy=pol), opts)
         if p.mode == "hybrid" and all(s.expert_cache_slots for s in p.layout.stages):
             return p

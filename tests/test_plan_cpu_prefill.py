@@ -312,3 +312,39 @@ def test_the_plan_line_names_the_fit(capsys):
         app(args=["plan", "deepseek-ai/DeepSeek-V4-Flash", "--hw", "epyc-genoa-768gb"], prog_name="homerun")
     out = " ".join(capsys.readouterr().out.split())
     assert "efficiencies: the avx512 fit, the CPU has avx512f + avx512_vnni + avx512vbmi + avx512_bf16" in out
+
+
+@pytest.mark.parametrize("profile, gpu", [("epyc-genoa-768gb", False), ("rtx5090-192gb", True)])
+def test_the_plan_charges_the_chunk_the_runtime_runs(tiny_checkpoint, profile, gpu):
+    """One source for the prefill chunk (homerun.plan.records.prefill_chunk_tokens): a plan's chunk (its activations
+    margin, its prefill figures, its decision) is the one `homerun.load` runs with the plan's placement: 512 where the
+    CPU runs prefill (a 2048 chunk cost 1 GB more RSS for the same CPU-s, benchmarks/prefill_cpu.md), 2048 on a GPU
+    (here a CUDA stand-in). The CPU estimate beside a GPU plan is what the CPU would run: its own chunk."""
+    import homerun
+    from homerun.engine.placement import placement_from_plan
+    from homerun.plan.speed import activation_bytes
+
+    spec, inv = resolve_model(str(tiny_checkpoint))
+    p = plan(spec, inv, load_profile(profile), PlanOptions())
+    model = homerun.load(tiny_checkpoint, placement=placement_from_plan(p, standin="cuda"))
+    chunk = model.max_chunk_tokens
+    assert chunk == (2048 if gpu else 512)
+    assert p.predicted["prefill_chunk_tokens"] == chunk
+    assert p.devices[0].margins["activations"] == activation_bytes(spec, chunk)
+    assert {"what": "prefill chunk", "choice": f"{chunk} tokens"}.items() <= next(
+        d for d in p.decisions if d["what"] == "prefill chunk").items()
+    cpu_only = homerun.load(tiny_checkpoint)  # the CPU's own chunk, which the CPU estimate charges on either plan
+    assert p.predicted["cpu_prefill_chunk_tokens"] == cpu_only.max_chunk_tokens == 512
+    assert "512-row chunks" in p.predicted["cpu_prefill_reason"]
+
+
+def test_an_explicit_chunk_reaches_the_plan_and_the_runtime(tiny_checkpoint):
+    import homerun
+
+    spec, inv = resolve_model(str(tiny_checkpoint))
+    p = plan(spec, inv, load_profile("epyc-genoa-768gb"), PlanOptions(prefill_chunk_tokens=300))
+    assert p.predicted["prefill_chunk_tokens"] == p.predicted["cpu_prefill_chunk_tokens"] == 300
+    assert "requested" in next(d for d in p.decisions if d["what"] == "prefill chunk")["reason"]
+    assert homerun.load(tiny_checkpoint, max_chunk_tokens=300).max_chunk_tokens == 300
+    g = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(prefill_chunk_tokens=300)).predicted
+    assert g["prefill_chunk_tokens"] == g["cpu_prefill_chunk_tokens"] == 300

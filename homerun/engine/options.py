@@ -26,9 +26,7 @@ WEIGHTS_DTYPES = ("fp8", "bf16", "fp32")
 KV_DTYPES = ("auto", "bf16", "fp8")  # auto: compressed entries in the compute dtype (exact)
 EXPERT_BACKENDS = ("auto", "native", "reference")
 EXPERT_ACTS = ("auto", "fp32", "int8", "bf16")
-DEFAULT_MAX_CHUNK_TOKENS = 512
 GRAPH_MODES = ("auto", "on", "off")  # homerun.engine.graphs, which imports torch
-GPU_MAX_CHUNK_TOKENS = 2048  # on a GPU (or its stand-in) prefill streams each layer's experts once per chunk
 
 
 def _refuse(fld: str, value: Any, hint: str) -> UsageError:
@@ -83,7 +81,8 @@ class ComputeOptions:
     """dtype: compute dtype ("float32", "bfloat16", "float16"; aliases fp32/bf16/fp16). weights_dtype: "fp8" keeps
     FP8 weights packed (dequantized per matmul); "bf16"/"fp32" dequantize non-expert weights once at load.
     upcast_bf16: with fp32 compute, hold BF16-stored matrices in fp32 where no native bf16 kernel runs them.
-    max_chunk_tokens: prefill chunk (default 2048 where a GPU or CUDA stand-in runs the layers, else 512).
+    max_chunk_tokens: prefill chunk (default homerun.plan.records.prefill_chunk_tokens: 2048 where a GPU or CUDA
+        stand-in runs the layers, else 512; the planner charges the same chunk).
     cuda_graphs: one-token decode replayed from captured graphs (homerun.engine.graphs): "auto" (on a CUDA device
     when the model runs there whole; an expert backend that is not graph-safe, the hybrid cache, runs eagerly between
     the segments), "on" (also emulated on CUDA stand-ins), "off"."""

@@ -21,9 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from homerun.engine.options import (  # noqa: F401 - the chunk defaults are public here
-    COMPUTE_DTYPES, DEFAULT_MAX_CHUNK_TOKENS, GPU_MAX_CHUNK_TOKENS, LoadOptions,
-)
+from homerun.engine.options import COMPUTE_DTYPES, LoadOptions
 from homerun.engine.graphs import decode_graphs_for
 from homerun.engine.placement import Placement, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
@@ -32,6 +30,7 @@ from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerSt
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
 from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS
 from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
+from homerun.plan.records import prefill_chunk_tokens
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # progress(stage, done, total): stage is "layers" while the model is assembled.
@@ -72,7 +71,7 @@ class Model:
         self.args: ModelArgs = net.args
         self.tokenizer = tokenizer
         ctx = options.context
-        self.max_chunk_tokens = int(options.compute.max_chunk_tokens or DEFAULT_MAX_CHUNK_TOKENS)
+        self.max_chunk_tokens = prefill_chunk_tokens(False, options.compute.max_chunk_tokens)
         self.weights_dtype = options.compute.weights_dtype
         self.ramp_tokens = tuple(ctx.ramp_tokens or DEFAULT_RAMP_TOKENS)
         self.kv_budget_bytes = ctx.kv_budget_bytes
@@ -414,9 +413,9 @@ def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend
         tokenizer = Tokenizer.from_dir(root)
     max_pos = int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
     ramp = opts.context.ramp_tokens or tuple(r for r in DEFAULT_RAMP_TOKENS if r <= max_pos) or (max_pos,)
-    # prefill chunk: 2048 where a GPU (or a CUDA stand-in) runs the layers, else 512
+    # prefill chunk: the planner's (2048 where a GPU or a CUDA stand-in runs the layers, else 512), or the user's
     gpu = any(d.kind in ("cuda", "cuda-standin") for d in placement.devices)
-    chunk = opts.compute.max_chunk_tokens or (GPU_MAX_CHUNK_TOKENS if gpu else DEFAULT_MAX_CHUNK_TOKENS)
+    chunk = prefill_chunk_tokens(gpu, opts.compute.max_chunk_tokens)
     resolved = opts.replace(placement=placement, device=None, ramp_tokens=ramp, max_chunk_tokens=chunk)
     return Model(net, resolved, placement=placement, devices=devs, path=root, checkpoint=ckpt, tokenizer=tokenizer,
                  load_s=time.perf_counter() - t0)

@@ -13,8 +13,8 @@ from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
                                   PlacementRow, Plan, Stage, _Ctx, gib)
 from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
-from homerun.plan.speed import (activation_bytes, add_cpu_prefill, context_section, decode_speed, finish,
-                                prefill_speed)
+from homerun.plan.speed import (activation_bytes, add_cpu_prefill, chunk_decision, context_section, decode_speed,
+                                finish, prefill_speed)
 from profiles.schema import GIB
 
 
@@ -55,7 +55,7 @@ def plan_discrete(c: _Ctx) -> Plan:
     if not gpus:
         return plan_unified(c, cpu_only=True)
     pol = prof.policy
-    act = activation_bytes(spec, opts.prefill_chunk_tokens)
+    act = activation_bytes(spec, chunk_decision(c, gpu=True))  # the GPUs run every layer, so prefill
     margins = {"gpu_reserve": int(pol.reserve_vram_gib * GIB), "runtime_overhead": int(pol.runtime_overhead_gib * GIB),
                "activations": act}
     usable = [g.vram_gib * GIB - sum(margins.values()) for g in gpus]
@@ -409,7 +409,8 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
     pol = prof.policy
     ram = prof.cpu.ram_gib * GIB
-    act = activation_bytes(spec, opts.prefill_chunk_tokens)
+    # prefill runs on the GPU where the plan has a figure for its compute (prefill_speed), else on the CPU
+    act = activation_bytes(spec, chunk_decision(c, gpu=not cpu_only and bool(prof.gpus and prof.gpus[0].tflops_bf16)))
     limit = ram - pol.host_reserve_gib * GIB
     if not cpu_only and prof.memory.gpu_limit_gib is not None:
         limit = min(limit, prof.memory.gpu_limit_gib * GIB)

@@ -15,6 +15,20 @@ RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
 THINK_MAX_MIN_TOKENS = 393216  # V4 model card: use >= 384K context for Think Max (deepseek-v4.md §6)
 MIN_CONTEXT_TOKENS = 4096  # below this a plan is not useful
 ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at least 128K of context
+# The prefill chunk, one source for the planner and the runtime (homerun.engine.runtime.load): where a GPU (or a CUDA
+# stand-in) runs the layers, 2048 (each layer's experts stream once per chunk; KTransformers' V4-Flash recipe,
+# peers.md §1.1); where the CPU runs them, 512: a 2048 chunk spent the same CPU-s and 1 GB more RSS there
+# (benchmarks/prefill_cpu.md, "A larger CPU prefill chunk was also measured").
+GPU_PREFILL_CHUNK_TOKENS = 2048
+CPU_PREFILL_CHUNK_TOKENS = 512
+
+
+def prefill_chunk_tokens(gpu: bool, requested: int | None = None) -> int:
+    """The prefill chunk the runtime uses: a user's explicit `requested` chunk, else 2048 where a GPU runs the layers
+    (`gpu`), else 512."""
+    if requested:
+        return int(requested)
+    return GPU_PREFILL_CHUNK_TOKENS if gpu else CPU_PREFILL_CHUNK_TOKENS
 # The expert-cache hit-rate prior (homerun.plan.priors) comes from the routing model of offload/trace.py's
 # `reuse_trace`, whose defaults reproduce llama.cpp #27861 (512 experts, top-10: per-layer LRU-64 hits ~67 %,
 # LRU-128 ~81 %): a routed expert is, with probability REUSE_PROB, one of its layer's recently used experts at LRU
@@ -91,7 +105,8 @@ class ExpertPlacement:
 class PlanOptions:
     context_tokens: int | None = None  # requested context; None = the model's max_position_embeddings
     kv_dtype: str = "bf16"
-    prefill_chunk_tokens: int = 2048  # KTransformers' V4-Flash recipe uses chunked prefill 2048 (peers.md §1.1)
+    prefill_chunk_tokens: int | None = None  # a user's explicit chunk; None = the runtime's for where prefill runs
+    #   (prefill_chunk_tokens(): 2048 on a GPU, 512 on the CPU)
     decode_depth_tokens: int = 4096  # context depth at which decode speed is predicted
     prefill_prompt_tokens: int | None = None  # prompt a prefill estimate is for; None = decode_depth_tokens
     include_mtp: bool = False  # keep the MTP block resident (speculative decoding)

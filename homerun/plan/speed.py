@@ -11,7 +11,8 @@ from homerun.plan.compute import cpu_prefill_fit, cpu_unit_peaks, depth_flops_pe
 from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
 from profiles.schema import GIB, HardwareProfile
 
-from homerun.plan.records import (RAMP_TOKENS, THINK_MAX_MIN_TOKENS, Layout, Link, Plan, _Ctx)
+from homerun.plan.records import (CPU_PREFILL_CHUNK_TOKENS, GPU_PREFILL_CHUNK_TOKENS, RAMP_TOKENS,
+                                  THINK_MAX_MIN_TOKENS, Layout, Link, Plan, _Ctx, prefill_chunk_tokens)
 
 # ---- pieces ------------------------------------------------------------------------------------------------------
 
@@ -25,6 +26,23 @@ def activation_bytes(spec: ModelSpec, chunk_tokens: int) -> int:
     if spec.arch == "deepseek_v4":  # gathered top-k + window keys per query per head, fp32
         scores = chunk_tokens * spec.num_heads * (spec.index_topk + (spec.sliding_window or 0)) * 4
     return chunk_tokens * per_token + scores + spec.vocab_size * 4
+
+
+def plan_chunk_tokens(c: _Ctx, *, gpu: bool) -> int:
+    """The prefill chunk the runtime would use where a GPU (`gpu`) or the CPU runs prefill: the user's explicit
+    `prefill_chunk_tokens`, else the runtime's default for that device (homerun.plan.records.prefill_chunk_tokens)."""
+    return prefill_chunk_tokens(gpu, c.opts.prefill_chunk_tokens)
+
+
+def chunk_decision(c: _Ctx, *, gpu: bool) -> int:
+    """Record the prefill chunk the plan charges (activations, per-chunk costs) and why; return it."""
+    chunk = plan_chunk_tokens(c, gpu=gpu)
+    where = "a GPU runs prefill" if gpu else "the CPU runs prefill"
+    why = (f"the requested chunk ({where})" if c.opts.prefill_chunk_tokens else
+           f"{where}: the runtime's chunk there ({GPU_PREFILL_CHUNK_TOKENS} on a GPU, {CPU_PREFILL_CHUNK_TOKENS} "
+           "on the CPU, homerun.plan.records)")
+    c.decide("prefill chunk", f"{chunk} tokens", why)
+    return chunk
 
 
 def best_miss_split(fixed_vram_s: float, miss_bytes: float, vram_gbps: float, pcie_gbps: float,
@@ -235,7 +253,7 @@ def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: floa
     (`prefill_prompt_tokens`, default the decode depth), not once per compute chunk; the activations it keeps between
     layers are the prompt's hidden states (a few MB per thousand tokens)."""
     eff = c.opts.efficiency
-    chunk = c.opts.prefill_chunk_tokens
+    chunk = plan_chunk_tokens(c, gpu=True)
     if not tflops:
         return {"prefill_tok_s": None, "prefill_chunk_tokens": chunk,
                 "prefill_reason": "the profile gives no tflops_bf16 figure, so prefill compute cannot be estimated"}
@@ -261,8 +279,9 @@ def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: floa
 
 
 def prefill_prompt_tokens(c: _Ctx) -> int:
-    """The prompt a prefill estimate is for: `prefill_prompt_tokens`, default the decode depth, at least one chunk."""
-    return max(c.opts.prefill_chunk_tokens, c.opts.prefill_prompt_tokens or c.opts.decode_depth_tokens)
+    """The prompt a GPU prefill estimate is for: `prefill_prompt_tokens`, default the decode depth, at least one
+    chunk."""
+    return max(plan_chunk_tokens(c, gpu=True), c.opts.prefill_prompt_tokens or c.opts.decode_depth_tokens)
 
 
 def cpu_peaks(c: _Ctx) -> dict[str, Any]:
@@ -297,7 +316,9 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
     prompt = cpu_prompt_tokens(c)
     peaks = cpu_peaks(c)
     fit, fit_reason = cpu_prefill_fit(c.prof.cpu.flags)
+    chunk = plan_chunk_tokens(c, gpu=False)  # the chunk the runtime runs on the CPU (512 unless asked otherwise)
     out: dict[str, Any] = {"cpu_prefill_tok_s": None, "cpu_prefill_prompt_tokens": prompt,
+                           "cpu_prefill_chunk_tokens": chunk,
                            "cpu_peak_gops": {k: peaks.get(k) for k in ("int8", "fp32", "bf16")},
                            "cpu_peak_source": peaks["source"], "cpu_prefill_fit": fit.name,
                            "cpu_prefill_fit_reason": fit_reason}
@@ -310,7 +331,7 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         d = depth_flops_per_token(spec, t, prompt)
         att, idx = att + d["attention"], idx + d["indexer"]
     dense_unit = "bf16" if peaks.get("bf16") else "fp32"
-    e_dense = fit.dense_at(c.opts.prefill_chunk_tokens)
+    e_dense = fit.dense_at(chunk)
     g = 1e9
     flops = {"routed_experts": lin["routed_experts"], "dense": lin["dense"], "lm_head": lin["lm_head"] / prompt,
              "attention": att, "indexer": idx}
@@ -334,7 +355,7 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         "cpu_prefill_reason": (
             f"per token of a {prompt}-token prompt: experts {flops['routed_experts'] / g:.2f} GOP at int8 "
             f"{peaks['int8']:,.0f} GOP/s x {fit.experts_int8}, dense {flops['dense'] / g:.2f} GFLOP at "
-            f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({c.opts.prefill_chunk_tokens}-row chunks), attention "
+            f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({chunk}-row chunks, the runtime's on the CPU), attention "
             f"{att / g:.2f} and indexer {idx / g:.2f} GFLOP at the prompt's mean depth on fp32 "
             f"{peaks['fp32']:,.0f} x {fit.attention} / {fit.indexer}, elementwise +{fit.elementwise_fraction:.0%} of "
             f"the linears (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; peaks: {peaks['source']})"),
@@ -353,5 +374,6 @@ def add_cpu_prefill(c: _Ctx, pred: dict[str, Any], *, cpu_runs_prefill: bool) ->
     if cpu_runs_prefill:
         pred["prefill_tok_s"] = tok_s
         pred["prefill_prompt_tokens"] = cpu["cpu_prefill_prompt_tokens"]
+        pred["prefill_chunk_tokens"] = cpu["cpu_prefill_chunk_tokens"]
         pred["prefill_bottleneck"] = "cpu compute" if tok_s is not None else None
         pred["prefill_reason"] = "the CPU runs prefill: " + cpu["cpu_prefill_reason"]

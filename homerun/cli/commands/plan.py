@@ -6,7 +6,7 @@ pure planner and renders the Plan. Exit code 3 (after rendering) when the model 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         context: Annotated[int | None, typer.Option("--context", min=1, help="Context to reserve KV for "
                                                     "(default: the model's maximum).")] = None,
         kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16 or fp8.")] = "bf16",
-        prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prefill chunk in tokens.")] = 2048,
+        prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, help="Prefill chunk in tokens "
+                                 "(default: the runtime's, 2048 where a GPU runs prefill, 512 on the CPU).")] = None,
         depth: Annotated[int, typer.Option("--depth", min=0, help="Context depth for the decode prediction.")] = 4096,
         mtp: Annotated[bool, typer.Option("--mtp", help="Keep the MTP block resident (speculative decoding).")] = False,
         allow_disk: Annotated[bool, typer.Option("--allow-disk", help="Page experts from disk when RAM is short "
@@ -69,7 +70,8 @@ def register(app: typer.Typer) -> None:
             raise DoesNotFitError(p.remedy or "does not fit", hint=_no_fit_hint(doc))
 
 
-def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str = "bf16", prefill_chunk: int = 2048,
+def build_plan(model: str, *, hw: str, context: int | None = None, kv_dtype: str = "bf16",
+               prefill_chunk: int | None = None,
                depth: int = 4096, mtp: bool = False, allow_disk: bool = False, hit_rate: float | None = None,
                hub: bool = False, revision: str | None = None, measure: bool = True, n_cpu_moe: int | None = None,
                gpu_experts: int | None = None) -> tuple[dict[str, Any], Any]:
