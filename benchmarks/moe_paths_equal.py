@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.getcwd())  # the checkout it is run from, not an installed homerun
 
+import homerun  # noqa: E402,F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch  # noqa: E402
 
 from homerun.errors import KernelError  # noqa: E402
