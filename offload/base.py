@@ -131,6 +131,11 @@ class ExpertBackend:
         every part first, so that each part counts only the layers before the earliest miss of all."""
         return None
 
+    def host_synced(self) -> None:
+        """After the forward's layers, before `end_token`: the host has since waited for everything those layers
+        queued (their output's id read back, homerun.models.speculation), so the token's check of its speculative
+        calls reads what is already on the host and makes no wait of its own."""
+
     def stats(self) -> BackendStats:
         return BackendStats(type(self).__name__)
 
@@ -179,6 +184,9 @@ class WrappingBackend(ExpertBackend):
 
     def first_miss(self):
         return self.inner.first_miss()
+
+    def host_synced(self):
+        self.inner.host_synced()
 
     def stats(self) -> BackendStats:
         return self.inner.stats()
@@ -238,6 +246,11 @@ class LayerSplitBackend(ExpertBackend):
 
     def first_miss(self) -> int | None:
         return min((m for m in [b.first_miss() for b in self._parts] if m is not None), default=None)
+
+    def host_synced(self) -> None:
+        # every part: the final hidden depends on each part's last call, and each part queued its masks before it
+        for b in self._parts:
+            b.host_synced()
 
     def end_token(self, redo_from: int | None = None) -> int | None:
         first = self.first_miss()  # every part's wait and masks before any part counts its hits

@@ -209,6 +209,10 @@ class CachedExpertBackend(ExpertBackend):
     def first_miss(self) -> int | None:
         return self.fused.first_miss() if self.fused is not None else None
 
+    def host_synced(self) -> None:
+        if self.fused is not None:
+            self.fused.host_synced()
+
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         # Issued while speculating too when the ids are read on the host (no sync): a resident expert costs nothing, and
         # a missing one lands before its layer's mask (commit) instead of forcing a redo whose rerun would miss it.

@@ -179,7 +179,7 @@ class EmulatedGraphs:
         return rec.steps, out
 
     def replay(self, steps: list[Callable[[], None]]) -> None:
-        note_graph_replay()
+        note_graph_replay(len(steps))
         with _disable_current_modes():  # a counting mode sees one graph launch, not the ops inside
             for step in steps:
                 step()
@@ -262,6 +262,7 @@ class DecodeGraphs:
         self._mine: tuple[int, list] | None = None  # (position, states) the static state holds: the last step's
         self.step_captures = 0  # whole-step graphs captured (one per bucket reached)
         self._sk: tuple = ()  # ("static",) while the segments hold static attention cores
+        self.deferred = None  # the last step's unsettled end (forward's defer_end)
 
     @property
     def captured(self) -> bool:
@@ -272,8 +273,11 @@ class DecodeGraphs:
         """Whether any layer's routed call runs eagerly (and the backend's token hooks run around the step)."""
         return any(self.eager_routed)
 
-    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
+    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any], *,
+                defer_end: bool = False) -> tuple[torch.Tensor, list]:
+        """`defer_end`: net.forward's (a speculated step returns before its end_token, leaving `self.deferred`)."""
         net = self.net
+        self.deferred = None
         if not self.segments:
             dev = net.device
             self.ids_buf = ids.reshape(1).to(dev, torch.int64).clone()
@@ -287,23 +291,33 @@ class DecodeGraphs:
             self._static_for(start_pos, states)
             if not self.split:
                 return self._forward_whole(start_pos)
-        if self.split:  # the token hooks, as net.forward calls them (a graph-safe backend's are no-ops)
-            net._begin_token(ids.reshape(1))
+        spec = net._begin_token(ids.reshape(1)) if self.split else False  # the token hooks, as net.forward's
         self._segment(("embed",) + self._sk, self._embed)
-        first, new_states = 0, []
-        while True:
-            new_states[first:] = self._layers(first, start_pos, states)
-            redo = self.backend.end_token() if self.split else None
-            if redo is None:
-                break
-            first = next(i for i, lay in enumerate(net.layers) if lay.index == redo)
+        new_states = self._layers(0, start_pos, states)
+
+        def redo(layer_index: int) -> tuple[torch.Tensor, list]:
+            first = next(i for i, lay in enumerate(net.layers) if lay.index == layer_index)
             if static:  # the cores after the redone layer's call run again: from the step's input state
                 self.static.load(states, start_pos, range(first + 1, len(net.layers)))
+            tail = self._layers(first, start_pos, states)
+            self.backend.end_token()  # the exact rerun's end: it stands
+            return self._stand(start_pos, static, new_states[:first] + tail)
+
         self.replays += 1
+        if spec and defer_end:
+            from homerun.models.speculation import DeferredEnd
+
+            self.deferred = DeferredEnd(self.backend, redo)
+            return self._stand(start_pos, static, new_states)
+        r = self.backend.end_token() if self.split else None
+        return self._stand(start_pos, static, new_states) if r is None else redo(r)
+
+    def _stand(self, start_pos: int, static: bool, new_states: list) -> tuple[torch.Tensor, list]:
+        """The step's final hidden (a static buffer) and its states (with static cores: views of the static state)."""
         if static:
             new_states = self.static.states(start_pos + 1)
             self._mine = (start_pos + 1, new_states)
-        return self._outs[("out", len(net.layers) - 1) + self._sk], new_states
+        return self._outs[("out", len(self.net.layers) - 1) + self._sk], new_states
 
     def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
