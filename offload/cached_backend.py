@@ -106,6 +106,9 @@ class CachedExpertBackend(ExpertBackend):
         # a speculated token prefetches nothing: the guess would only be read on the host, a wait per layer
         return not self._speculating
 
+    def guesses_layer(self, layer: int) -> bool:
+        return True  # any exact token prefetches from a guess (wants_speculation is False only while speculating)
+
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         if self.prefill is not None and x.shape[0] > self.prefill.min_rows:

@@ -232,12 +232,12 @@ class DecodeGraphs:
     buffer, valid until the next decode step.
 
     Two layouts per layer, chosen by the expert backend (`eager_routed`): a graph-safe layer's routed call is
-    captured with the rest of its MoE site (one segment "out"; when the next layer's call runs eagerly, the segment
-    also holds the router's guess at it, issued after the replay); any other runs eagerly between two segments:
-    segment "in" ends at the router's (ids, weights) and the experts' input, plus the next layer's router guess when
-    the backend prefetches speculatively; the routed call reads those static buffers and its output is copied into
-    one the segment "out" reads (the shared expert's down projection, the routed sum, the next layer's
-    pre-attention). With any eager layer (`split`) the backend's token hooks (begin_token, the hash layers'
+    captured with the rest of its MoE site (one segment "out"); any other runs eagerly between two segments:
+    segment "in" ends at the router's (ids, weights) and the experts' input; the routed call reads those static
+    buffers and its output is copied into one the segment "out" reads (the shared expert's down projection, the
+    routed sum, the next layer's pre-attention). The router's guess at the next layer, where the backend may read
+    one (`guesses_layer`), is a segment "guess" of its own after the layer's, replayed only on tokens whose backend
+    reads it (`wants_speculation_for`: not a speculated one) and handed to the prefetch hook before the next call. With any eager layer (`split`) the backend's token hooks (begin_token, the hash layers'
     prefetches, end_token and its redo from a missed layer) run as in net.forward: a redo replays the segments from
     that layer, whose inputs are still in their static buffers."""
 
@@ -254,7 +254,13 @@ class DecodeGraphs:
         self._outs: dict[tuple, Any] = {}  # each segment's outputs: static buffers the later segments read
         self.core_out: dict[int, torch.Tensor] = {}  # layer position -> its core's output
         self.routed: dict[int, torch.Tensor] = {}  # eager routed calls (by layer position): sums copied in after each
-        self._guesses: dict[int, torch.Tensor | None] = {}  # graph-safe layer -> its captured guess at the next one
+        # Per layer position: whether a router guess at the next layer may be read (the backend's static answer,
+        # guesses_layer; none before a hash layer or after the last). The guess is its own segment, replayed only
+        # on the tokens whose backend wants it (wants_speculation_for), reading the layer's MoE input (_guess_h).
+        lays = net.layers
+        self.guess_at = [i + 1 < len(lays) and lays[i + 1].moe.tid2eid is None
+                          and self.backend.guesses_layer(lays[i + 1].index) for i in range(len(lays))]
+        self._guess_h: dict[int, torch.Tensor] = {}
         self.replays = 0  # decode steps served from the graphs (the capture step included)
         self.min_bucket_tokens = MIN_BUCKET_TOKENS
         self.whole_step = True  # False: the piecewise layout even where the whole step could be one graph
@@ -413,33 +419,38 @@ class DecodeGraphs:
                 buf = _into_static(self.core_out, i, out)
             if not self.eager_routed[i]:
                 self._segment(("out", i) + sk, lambda: self._whole(i, x, pa, buf))
-                guess = self._guesses.get(i)
-                if guess is not None and self.backend.wants_speculation_for(layer.index + 1):
-                    self.backend.prefetch_speculative(layer.index + 1, guess)
+                self._guess(i)
                 continue
-            mi, guess = self._segment(("in", i) + sk, lambda: self._moe_in(i, x, pa, buf))
-            if guess is not None and self.backend.wants_speculation_for(layer.index + 1):
-                self.backend.prefetch_speculative(layer.index + 1, guess)
+            mi = self._segment(("in", i) + sk, lambda: self._moe_in(i, x, pa, buf))
+            self._guess_h[i] = mi.h
+            self._guess(i)
             res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
             self._segment(("out", i) + sk, lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
         return new_states
 
     def _whole(self, i: int, x, pa, core_out):
-        """A graph-safe layer's post-attention, its routed call inside (net._post_attention's math). When the next
-        layer's call runs eagerly, the router's guess at it is made here too and kept for after the replay: inside a
-        capture the backend's prefetch hook would run only once."""
+        """A graph-safe layer's post-attention, its routed call inside (net._post_attention's math). Its MoE input is
+        kept for the guess segment when the next layer's guess may be read."""
         net, layer, kl = self.net, self.net.layers[i], self.kl
         mi = net._moe_in(layer, net._attn_out(layer, x, pa, core_out, kl), self.ids_buf, kl)
-        nxt = i + 1 < len(self.eager_routed) and self.eager_routed[i + 1]
-        self._guesses[i] = net._next_layer_guess(layer, mi.h, self.ids_buf) if nxt else None
+        if self.guess_at[i]:
+            self._guess_h[i] = mi.h
         return self._after(i, net._moe_out(layer, mi, self.backend.forward(layer.index, mi.h, mi.idx, mi.w), kl))
 
     def _moe_in(self, i: int, x, pa, core_out):
         net, layer = self.net, self.net.layers[i]
-        mi = net._moe_in(layer, net._attn_out(layer, x, pa, core_out, self.kl), self.ids_buf, self.kl)
-        # The guess costs a router pass per layer; it is made whether or not this step prefetches, since a backend's
-        # wish to (wants_speculation) changes from token to token.
-        return mi, net._next_layer_guess(layer, mi.h, self.ids_buf)
+        return net._moe_in(layer, net._attn_out(layer, x, pa, core_out, self.kl), self.ids_buf, self.kl)
+
+    def _guess(self, i: int) -> None:
+        """The router's guess at layer i+1 from layer i's MoE input, handed to the backend's prefetch hook: replayed
+        only on a token whose backend reads it (a speculated token reads none), in a segment of its own, since the
+        layout is captured once and the wish changes from token to token."""
+        layer = self.net.layers[i]
+        if not self.guess_at[i] or not self.backend.wants_speculation_for(layer.index + 1):
+            return
+        guess = self._segment(("guess", i) + self._sk,
+                              lambda: self.net._next_layer_guess(layer, self._guess_h[i], self.ids_buf))
+        self.backend.prefetch_speculative(layer.index + 1, guess)
 
     def _after(self, i: int, y: torch.Tensor):
         """Layer i's output streams y -> the next layer's (streams, pre-attention), or the final hidden."""
