@@ -27,12 +27,18 @@ context, run between the replays, their outputs copied into static buffers. That
 launches, so it needs a layer whose expert backend declares it graph-safe (all its experts resident:
 offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store) reads each
 layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs eagerly between
-two segments. The choice is per layer (`eager_routed`): a model whose layers are partly resident, partly cached
-replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
+two segments. The choice is per layer (`eager_routed`): with eager cores a model whose layers are partly resident,
+partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
 
   segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
   (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
   segment i.out  the shared expert's down projection + the routed sum -> layer i+1's pre-attention (or the hidden)
+
+With static cores nothing runs on the host between a segment "out" and the next "in" (the core between them is
+captured), so the step is one segment per stretch between two eager routed calls: n_cached + 1 replays, every
+graph-safe layer in between captured whole (keys ("run", j): the stretch after layer j's call, -1 from the
+embedding). A router guess at the next layer, where the backend may read one, is a segment of its own, replayed only
+on the tokens that read it (not a speculated one).
 
 A redo from layer r (the backend's end_token, after a missed speculation) replays from r's routed call; with static
 cores, the layers after r are first reloaded from the step's input states, since their cores run again. The token id
@@ -40,22 +46,17 @@ and the position live in two static device tensors written before the replays. T
 once per model (with static cores, once per bucket), at the first decode step that uses them; valid for every later
 position and session.
 
-`EmulatedGraphs` is the CPU stand-in with a CUDA graph's semantics: capture records every ATen op and Triton launch
-with the tensors it reads and writes, replay re-runs them on those same tensors, so whatever the captured code took
-from the host at capture time (a Python int, a tensor made from one) replays as it was, as on CUDA. A host sync
-during capture raises, as CUDA's capture does. Tests run the graphed decode against the eager one on stand-ins.
+The graphs are CUDA graphs, or on a CUDA stand-in `EmulatedGraphs` (homerun.engine.graph_api), which replay with a
+CUDA graph's semantics; tests run the graphed decode against the eager one on stand-ins.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_leaves
 
-from homerun.kernels.counting import SYNC_OPS, launches_kernel, note_graph_replay
+from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, StaticRows, bucket_tokens
@@ -64,125 +65,6 @@ from homerun.models.kv import PagedRows
 # The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
 # tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
 MIN_BUCKET_TOKENS = 256
-
-
-class GraphCaptureError(RuntimeError):
-    """The captured code did something a graph cannot replay (a host sync)."""
-
-
-# ----------------------------------------------------------------------------------------------- the graph APIs
-
-
-class CudaGraphs:
-    """torch.cuda.CUDAGraph per segment, every segment in one memory pool (their outputs stay alive between replays,
-    so the pool holds one step's activations once)."""
-
-    name = "cuda"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device)
-
-    def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
-        # One warm-up run on a side stream first (libraries create their handles and workspaces lazily, which a
-        # capture must not do); the capture itself only records, so one replay computes this step's values.
-        # reset: undoes the warm-up's writes to state the step advances in place (the whole-step graph's).
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)
-        with torch.cuda.stream(self.stream):
-            fn()
-        cur.wait_stream(self.stream)
-        if reset is not None:
-            reset()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = fn()
-        g.replay()
-        return g, out
-
-    def replay(self, g: Any) -> None:
-        note_graph_replay()
-        g.replay()
-
-
-class _Recorder(TorchDispatchMode):
-    """Records ATen ops (not views, metadata or bare allocations) as replayable steps; Triton launches come through
-    `LaunchCounter.recorder`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[Callable[[], None]] = []
-        self._paused = 0
-
-    @contextlib.contextmanager
-    def kernel(self, run, args, kwargs) -> Iterator[None]:
-        self.steps.append(lambda: run(*args, **kwargs))
-        self._paused += 1  # the interpreter's own tensor work inside the launch is not part of the graph
-        try:
-            yield
-        finally:
-            self._paused -= 1
-
-    def on_host_wait(self) -> None:  # homerun.kernels.counting.note_host_wait: an event wait, as CUDA refuses it
-        raise GraphCaptureError("host sync (event wait) during graph capture")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self._paused:
-            return out
-        name = func.overloadpacket.__name__
-        if name in SYNC_OPS:
-            raise GraphCaptureError(f"host sync ({name}) during graph capture")
-        if not launches_kernel(func, args, kwargs, out):  # views and aliases: the recorded tensor already is it
-            return out
-        self.steps.append(_aten_step(func, args, kwargs, out))
-        return out
-
-
-def _aten_step(func, args, kwargs, out) -> Callable[[], None]:
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-    def step() -> None:
-        res = [t for t in tree_leaves(func(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-        for o, r in zip(outs, res):
-            if o is not r and not (o.data_ptr() == r.data_ptr() and o.stride() == r.stride()):
-                o.copy_(r)  # the op's result lands where the captured one did, as a graph's kernel writes
-
-    return step
-
-
-class EmulatedGraphs:
-    """The CPU stand-in for CudaGraphs (see the module docstring). Capture runs the code twice, as CudaGraphs does: a
-    warm-up, then once while recording it (its values are this step's)."""
-
-    name = "emulated"
-
-    def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
-        from homerun.kernels.triton import load
-
-        common = load().common if load() is not None else None
-        fn()  # the warm-up run CudaGraphs makes: a memo it fills must not leak into the recording unseen
-        if reset is not None:
-            reset()
-        rec = _Recorder()
-        old = common.LaunchCounter.recorder if common is not None else None
-        if common is not None:
-            common.LaunchCounter.recorder = rec.kernel
-        try:
-            with rec:
-                out = fn()
-        finally:
-            if common is not None:
-                common.LaunchCounter.recorder = old
-        return rec.steps, out
-
-    def replay(self, steps: list[Callable[[], None]]) -> None:
-        note_graph_replay(len(steps))
-        with _disable_current_modes():  # a counting mode sees one graph launch, not the ops inside
-            for step in steps:
-                step()
 
 
 # ----------------------------------------------------------------------------------------------- the decode runner
@@ -237,9 +119,11 @@ class DecodeGraphs:
     buffers and its output is copied into one the segment "out" reads (the shared expert's down projection, the
     routed sum, the next layer's pre-attention). The router's guess at the next layer, where the backend may read
     one (`guesses_layer`), is a segment "guess" of its own after the layer's, replayed only on tokens whose backend
-    reads it (`wants_speculation_for`: not a speculated one) and handed to the prefetch hook before the next call. With any eager layer (`split`) the backend's token hooks (begin_token, the hash layers'
-    prefetches, end_token and its redo from a missed layer) run as in net.forward: a redo replays the segments from
-    that layer, whose inputs are still in their static buffers."""
+    reads it (`wants_speculation_for`: not a speculated one) and handed to the prefetch hook before the next call.
+    With static cores the segments between two eager calls are one ("run", module docstring). With any eager layer
+    (`split`) the backend's token hooks (begin_token, the hash layers' prefetches, end_token and its redo from a
+    missed layer) run as in net.forward: a redo replays the segments from that layer, whose inputs are still in
+    their static buffers."""
 
     def __init__(self, net, graphs: CudaGraphs | EmulatedGraphs) -> None:
         reason = unsupported_reason(net)
@@ -298,14 +182,21 @@ class DecodeGraphs:
             if not self.split:
                 return self._forward_whole(start_pos)
         spec = net._begin_token(ids.reshape(1)) if self.split else False  # the token hooks, as net.forward's
-        self._segment(("embed",) + self._sk, self._embed)
-        new_states = self._layers(0, start_pos, states)
+        if static:
+            self._stretches(None)
+            new_states = []
+        else:
+            self._segment(("embed",), self._embed)
+            new_states = self._layers(0, start_pos, states)
 
         def redo(layer_index: int) -> tuple[torch.Tensor, list]:
             first = next(i for i, lay in enumerate(net.layers) if lay.index == layer_index)
             if static:  # the cores after the redone layer's call run again: from the step's input state
                 self.static.load(states, start_pos, range(first + 1, len(net.layers)))
-            tail = self._layers(first, start_pos, states)
+                self._stretches(first)
+                tail = []
+            else:
+                tail = self._layers(first, start_pos, states)
             self.backend.end_token()  # the exact rerun's end: it stands
             return self._stand(start_pos, static, new_states[:first] + tail)
 
@@ -320,10 +211,11 @@ class DecodeGraphs:
 
     def _stand(self, start_pos: int, static: bool, new_states: list) -> tuple[torch.Tensor, list]:
         """The step's final hidden (a static buffer) and its states (with static cores: views of the static state)."""
-        if static:
-            new_states = self.static.states(start_pos + 1)
-            self._mine = (start_pos + 1, new_states)
-        return self._outs[("out", len(self.net.layers) - 1) + self._sk], new_states
+        if not static:
+            return self._outs[("out", len(self.net.layers) - 1)], new_states
+        new_states = self.static.states(start_pos + 1)
+        self._mine = (start_pos + 1, new_states)
+        return self._hidden, new_states
 
     def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
@@ -406,26 +298,60 @@ class DecodeGraphs:
         self.static.begin_step(self.pos_buf)
         return x, pa, self.static.core(0, pa, self.kl)
 
+    def _stretches(self, redo: int | None) -> None:
+        """With static cores: the step (or its redo from the eager layer at position `redo`, whose MoE input is still
+        in its segment's buffers) as one segment per stretch between two eager routed calls, n_eager + 1 replays:
+        nothing runs on the host between one call's output and the next call's input. Each stretch's guesses are
+        issued after its replay, before the next routed call."""
+        n, sk = len(self.net.layers), self._sk
+        if redo is None:
+            lo, out = 0, self._segment(("run", -1) + sk, lambda: self._stretch(-1))
+        else:  # the stretch that ended at the redone layer's MoE input, not replayed again
+            lo, out = redo, self._outs[("run", max((j for j in range(redo) if self.eager_routed[j]), default=-1)) + sk]
+        while True:
+            end, mi = out
+            for p in range(lo, min(end, n - 1) + 1):
+                self._guess(p)
+            if end == n:
+                self._hidden = mi
+                return
+            layer = self.net.layers[end]
+            res = _into_static(self.routed, end, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
+            out = self._segment(("run", end) + sk, lambda: self._stretch(end, mi, res))
+            lo = end + 1
+
+    def _stretch(self, start: int, mi=None, routed=None) -> tuple[int, Any]:
+        """A stretch (captured): layer `start`'s MoE output from its routed sum (start -1: the embedding), then every
+        layer up to the next eager one, whose MoE input ends it -> (its position, its _MoEIn), or (n, final hidden)."""
+        net, kl, n = self.net, self.kl, len(self.net.layers)
+        cur = self._embed() if start < 0 else self._after(start, net._moe_out(net.layers[start], mi, routed, kl))
+        for i in range(start + 1, n):  # cur: layer i's (streams, pre-attention, core output)
+            if self.eager_routed[i]:
+                mi = self._moe_in(i, *cur)
+                self._guess_h[i] = mi.h
+                return i, mi
+            cur = self._whole(i, *cur)
+        return n, cur
+
     def _layers(self, first: int, start_pos: int, states: Sequence[Any]) -> list:
-        """Layers first.. of the step: each core eagerly, then the layer's segments (and routed call)."""
-        net, kl, layers, sk = self.net, self.kl, self.net.layers, self._sk
+        """Eager cores: layers first.. of the step, each core eagerly, then the layer's segments (and routed call)."""
+        net, kl, layers = self.net, self.kl, self.net.layers
         new_states = []
         for i in range(first, len(layers)):
             layer = layers[i]
-            x, pa, buf = self._outs[("embed",) + sk if i == 0 else ("out", i - 1) + sk]
-            if buf is None:  # the core runs eagerly (with static cores it ran inside the segment before)
-                out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
-                new_states.append(st)
-                buf = _into_static(self.core_out, i, out)
+            x, pa, _ = self._outs[("embed",) if i == 0 else ("out", i - 1)]
+            out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
+            new_states.append(st)
+            buf = _into_static(self.core_out, i, out)
             if not self.eager_routed[i]:
-                self._segment(("out", i) + sk, lambda: self._whole(i, x, pa, buf))
+                self._segment(("out", i), lambda: self._whole(i, x, pa, buf))
                 self._guess(i)
                 continue
-            mi = self._segment(("in", i) + sk, lambda: self._moe_in(i, x, pa, buf))
+            mi = self._segment(("in", i), lambda: self._moe_in(i, x, pa, buf))
             self._guess_h[i] = mi.h
             self._guess(i)
             res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
-            self._segment(("out", i) + sk, lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
+            self._segment(("out", i), lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
         return new_states
 
     def _whole(self, i: int, x, pa, core_out):
