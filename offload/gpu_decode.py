@@ -231,7 +231,7 @@ class FusedDecode:
         rewrite its buffer), issued after that call's wait. Returns [] (the ids are not on the host yet)."""
         if not self.defer_guesses:
             return self.b.prefetcher.speculate(layer, expert_ids)
-        if self._guess is not None:  # one no call read (behind a LayerSplitBackend): issued now, a wait of its own
+        if self._guess is not None:  # one no call read (made at another backend's layer): issued now, its own wait
             self._wait()
             self._issue(self._guess)
         self._guess = (layer, self._to_host("guess", expert_ids.to(self.b.device)))
@@ -239,7 +239,7 @@ class FusedDecode:
 
     def _take_guess(self, layer: int) -> tuple[int, torch.Tensor] | None:
         """The pending guess, for after `layer`'s wait. One that names `layer` itself (the layer before ran on another
-        backend, LayerSplitBackend) is issued now, behind a wait of its own, as it was before the layer ran."""
+        backend; a LayerSplitBackend asks for none such, offload.base) is issued now, behind a wait of its own."""
         g, self._guess = self._guess, None
         if g is not None and g[0] == layer:
             self._wait()
