@@ -1,7 +1,7 @@
 """Device launches and graph replays per decode token on a CUDA stand-in (issue 13), per tiny preset and runner:
 eager (no graphs), graphs with eager attention cores (`whole_step` off: n_layers + 1 segments, or 2 n_layers + 1
-with --cached) and graphs with static attention cores (one graph a step; with --cached, the same segments with the
-cores inside them).
+with --cached) and graphs with static attention cores (one graph a step; with --cached, one segment per stretch
+between two routed calls, n_layers + 1, plus the router guesses that exact tokens replay).
 
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/decode_graph_launches.py [--tokens 8] [--cached]
 

@@ -99,6 +99,11 @@ class ExpertBackend:
         calls would throw the guess away (a backend composed per layer answers per layer)."""
         return bool(self.wants_speculation)
 
+    def guesses_layer(self, layer: int) -> bool:
+        """Whether `wants_speculation_for(layer)` can ever be True: decode graphs capture a router guess at `layer`
+        only then (a capture is fixed per layout; the wish may change from token to token)."""
+        return bool(self.wants_speculation)
+
     def prefetch_speculative(self, layer: int, expert_ids: torch.Tensor) -> list[int]:
         """expert_ids [T, k]: the model's guess at `layer`'s routing (its router applied to an earlier layer's
         input); returns the experts prefetched."""
@@ -131,6 +136,11 @@ class ExpertBackend:
         every part first, so that each part counts only the layers before the earliest miss of all."""
         return None
 
+    def host_synced(self) -> None:
+        """After the forward's layers, before `end_token`: the host has since waited for everything those layers
+        queued (their output's id read back, homerun.models.speculation), so the token's check of its speculative
+        calls reads what is already on the host and makes no wait of its own."""
+
     def stats(self) -> BackendStats:
         return BackendStats(type(self).__name__)
 
@@ -158,6 +168,11 @@ class WrappingBackend(ExpertBackend):
             return bool(self.wants_speculation)
         return self.inner.wants_speculation_for(layer)
 
+    def guesses_layer(self, layer: int) -> bool:
+        if type(self).wants_speculation is not WrappingBackend.wants_speculation:
+            return bool(self.wants_speculation)
+        return self.inner.guesses_layer(layer)
+
     def forward(self, layer, x, expert_ids, expert_weights):
         return self.inner.forward(layer, x, expert_ids, expert_weights)
 
@@ -179,6 +194,9 @@ class WrappingBackend(ExpertBackend):
 
     def first_miss(self):
         return self.inner.first_miss()
+
+    def host_synced(self):
+        self.inner.host_synced()
 
     def stats(self) -> BackendStats:
         return self.inner.stats()
@@ -218,9 +236,18 @@ class LayerSplitBackend(ExpertBackend):
         return any(b.wants_speculation for b in self._parts)
 
     def wants_speculation_for(self, layer: int) -> bool:
-        # only the part that runs `layer` reads a guess at it: a resident part's layer costs no router pass
+        return self._guesser(layer) is not None and self.backends_by_layer[layer].wants_speculation_for(layer)
+
+    def guesses_layer(self, layer: int) -> bool:
+        return self._guesser(layer) is not None and self.backends_by_layer[layer].guesses_layer(layer)
+
+    def _guesser(self, layer: int) -> ExpertBackend | None:
+        """The part that may read a guess at `layer`: the one that runs it (a resident part's layer costs no router
+        pass), and only when it ran the layer before too. A guess made at another part's layer would reach the host
+        behind a wait of its own (offload.gpu_decode: a guess rides the wait of the call it was made before), a wait
+        that a 1-resident + 2-cached token paid on every exact token; that layer's misses are served at its call."""
         b = self.backends_by_layer.get(layer)
-        return b is not None and b.wants_speculation_for(layer)
+        return b if b is not None and self.backends_by_layer.get(layer - 1) is b else None
 
     @property
     def token_stateful(self) -> bool:  # type: ignore[override]
@@ -238,6 +265,11 @@ class LayerSplitBackend(ExpertBackend):
 
     def first_miss(self) -> int | None:
         return min((m for m in [b.first_miss() for b in self._parts] if m is not None), default=None)
+
+    def host_synced(self) -> None:
+        # every part: the final hidden depends on each part's last call, and each part queued its masks before it
+        for b in self._parts:
+            b.host_synced()
 
     def end_token(self, redo_from: int | None = None) -> int | None:
         first = self.first_miss()  # every part's wait and masks before any part counts its hits

@@ -106,6 +106,9 @@ class CachedExpertBackend(ExpertBackend):
         # a speculated token prefetches nothing: the guess would only be read on the host, a wait per layer
         return not self._speculating
 
+    def guesses_layer(self, layer: int) -> bool:
+        return True  # any exact token prefetches from a guess (wants_speculation is False only while speculating)
+
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         if self.prefill is not None and x.shape[0] > self.prefill.min_rows:
@@ -208,6 +211,10 @@ class CachedExpertBackend(ExpertBackend):
 
     def first_miss(self) -> int | None:
         return self.fused.first_miss() if self.fused is not None else None
+
+    def host_synced(self) -> None:
+        if self.fused is not None:
+            self.fused.host_synced()
 
     def prefetch_hash_layer(self, layer: int, tid2eid: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         # Issued while speculating too when the ids are read on the host (no sync): a resident expert costs nothing, and

@@ -26,10 +26,12 @@ an expert that layer l is about to use (with per-layer pools the two orders make
 Speculative decode tokens (`begin_token` / `end_token`, the backend contract's token hooks): step (4) costs one host
 wait per layer. While recent tokens were all-hit often enough (`SpeculationPolicy`), a decode token is speculated:
 each layer runs (1)-(3) only, its ids and miss mask going to its own pinned slot, and the host never waits inside the
-token. At the token's end one wait covers every layer; the masks are read, the hits of the layers before the first
-miss are counted (touch, release, prefetch scoring) exactly as step (4) would have, and if a layer missed, the model
-recomputes that layer and every later one on the exact path above (which counts their hits and serves their misses),
-so nothing is counted twice and the logits are the exact path's bit for bit (the same kernels on the same inputs).
+token. At the token's end one wait covers every layer, or none when the caller's own readback of the token's
+output came first (`host_synced`: a decode loop's sampled id, homerun.models.speculation); the masks are read, the
+hits of the layers before the first miss are counted (touch, release, prefetch scoring) exactly as step (4) would
+have, and if a layer missed, the model recomputes that layer and every later one on the exact path above (which
+counts their hits and serves their misses), so nothing is counted twice and the logits are the exact path's bit
+for bit (the same kernels on the same inputs).
 While speculating the backend issues no guessed prefetches (the experts are expected resident; a guess reaches the
 host only behind a wait per layer); a hash layer's prefetch is issued when its ids are read on the host (no wait),
 so its misses land before the layer instead of forcing a redo. Behind a LayerSplitBackend every part speculates a
@@ -160,6 +162,7 @@ class FusedDecode:
         self._token: dict | None = None  # the decode token in progress: start time, calls, whether one missed
         self._spec: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # per speculated call: layer, ids, miss mask
         self._first: tuple[int | None] | None = None  # (first missed layer,) once a speculated token's wait was made
+        self._synced = False  # the caller waited for the speculated token's work already (host_synced)
         self.defer_guesses = True  # False: read each guess at once (a host sync each), the reference for tests
         self._guess: tuple[int, torch.Tensor] | None = None  # (layer it guesses, its pinned copy), read after a wait
         self.early_cpu_rows = True  # False: the rows of CPU misses cross after the mask, a second wait (tests, A/B)
@@ -172,6 +175,7 @@ class FusedDecode:
         self.speculating = False
         self._spec = []
         self._first = None
+        self._synced = False
         self._token = None
         self._guess = None  # a guess whose layer never ran here (an aborted forward): dropped
         if not decode:
@@ -185,9 +189,15 @@ class FusedDecode:
         if not self.speculating:
             return None
         if self._first is None:
-            self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
+            if not self._synced:
+                self._wait()  # the token's one host sync: every layer's kernel and mask copy is behind it
             self._first = (next((layer for layer, _, miss_h in self._spec if miss_h.numpy().any()), None),)
         return self._first[0]
+
+    def host_synced(self) -> None:
+        """The caller's own host wait (the sampled id read back) came after every mask copy of this speculated
+        token: `first_miss` reads them without a wait of its own."""
+        self._synced = self.speculating
 
     def end_token(self, redo_from: int | None = None) -> int | None:
         """The forward's layers are queued. Speculated: one wait, then the masks decide (module docstring); the
@@ -199,6 +209,7 @@ class FusedDecode:
             stop = min((m for m in (redo, redo_from) if m is not None), default=None)
             self.speculating = False
             self._first = None
+            self._synced = False
             self.n_spec_tokens += 1
             for layer, ids_h, miss_h in self._spec:
                 if stop is not None and layer >= stop:
@@ -220,7 +231,7 @@ class FusedDecode:
         rewrite its buffer), issued after that call's wait. Returns [] (the ids are not on the host yet)."""
         if not self.defer_guesses:
             return self.b.prefetcher.speculate(layer, expert_ids)
-        if self._guess is not None:  # one no call read (behind a LayerSplitBackend): issued now, a wait of its own
+        if self._guess is not None:  # one no call read (made at another backend's layer): issued now, its own wait
             self._wait()
             self._issue(self._guess)
         self._guess = (layer, self._to_host("guess", expert_ids.to(self.b.device)))
@@ -228,7 +239,7 @@ class FusedDecode:
 
     def _take_guess(self, layer: int) -> tuple[int, torch.Tensor] | None:
         """The pending guess, for after `layer`'s wait. One that names `layer` itself (the layer before ran on another
-        backend, LayerSplitBackend) is issued now, behind a wait of its own, as it was before the layer ran."""
+        backend; a LayerSplitBackend asks for none such, offload.base) is issued now, behind a wait of its own."""
         g, self._guess = self._guess, None
         if g is not None and g[0] == layer:
             self._wait()

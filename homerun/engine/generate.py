@@ -88,7 +88,8 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
     generator = make_generator(seed)
     t0 = time.perf_counter()
     # Logits stay on the model's device and the sampled id is fed back as a device tensor: the id read back for
-    # the Step is the one host sync per decode token (a GPU drains its queue at each).
+    # the Step is the one host sync per decode token (a GPU drains its queue at each), and a speculated step's
+    # end-of-token check reads what that sync brought back.
     logits = sess.feed(prompt[reused:], on_device=True)
     prefill_s = time.perf_counter() - t0
     decode_s = 0.0
@@ -97,8 +98,16 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
         ts = time.perf_counter()
         if i > 0:
             logits = sess.decode(token_t, token)
+        state = generator.get_state() if sess.unsettled and not params.is_greedy else None
         token_t = sample_tensor(logits, params, generator)
-        token = read_token(token_t, f"generated token {i} (after {sess.n_tokens} context tokens)")
+        token = int(token_t)  # the one host wait; a speculated step's end check rides it (Session.settle)
+        redone = sess.settle()
+        if redone is not None:  # the step missed a layer's experts: its exact logits, sampled from the same draw
+            if state is not None:
+                generator.set_state(state)
+            token_t = sample_tensor(redone, params, generator)
+            token = int(token_t)
+        token = read_token(token, f"generated token {i} (after {sess.n_tokens} context tokens)")
         step_s = time.perf_counter() - ts + (prefill_s if i == 0 else 0.0)
         if i > 0:
             decode_s += step_s

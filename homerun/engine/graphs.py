@@ -27,12 +27,18 @@ context, run between the replays, their outputs copied into static buffers. That
 launches, so it needs a layer whose expert backend declares it graph-safe (all its experts resident:
 offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store) reads each
 layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs eagerly between
-two segments. The choice is per layer (`eager_routed`): a model whose layers are partly resident, partly cached
-replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
+two segments. The choice is per layer (`eager_routed`): with eager cores a model whose layers are partly resident,
+partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
 
   segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
   (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
   segment i.out  the shared expert's down projection + the routed sum -> layer i+1's pre-attention (or the hidden)
+
+With static cores nothing runs on the host between a segment "out" and the next "in" (the core between them is
+captured), so the step is one segment per stretch between two eager routed calls: n_cached + 1 replays, every
+graph-safe layer in between captured whole (keys ("run", j): the stretch after layer j's call, -1 from the
+embedding). A router guess at the next layer, where the backend may read one, is a segment of its own, replayed only
+on the tokens that read it (not a speculated one).
 
 A redo from layer r (the backend's end_token, after a missed speculation) replays from r's routed call; with static
 cores, the layers after r are first reloaded from the step's input states, since their cores run again. The token id
@@ -40,22 +46,17 @@ and the position live in two static device tensors written before the replays. T
 once per model (with static cores, once per bucket), at the first decode step that uses them; valid for every later
 position and session.
 
-`EmulatedGraphs` is the CPU stand-in with a CUDA graph's semantics: capture records every ATen op and Triton launch
-with the tensors it reads and writes, replay re-runs them on those same tensors, so whatever the captured code took
-from the host at capture time (a Python int, a tensor made from one) replays as it was, as on CUDA. A host sync
-during capture raises, as CUDA's capture does. Tests run the graphed decode against the eager one on stand-ins.
+The graphs are CUDA graphs, or on a CUDA stand-in `EmulatedGraphs` (homerun.engine.graph_api), which replay with a
+CUDA graph's semantics; tests run the graphed decode against the eager one on stand-ins.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_leaves
 
-from homerun.kernels.counting import SYNC_OPS, launches_kernel, note_graph_replay
+from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, StaticRows, bucket_tokens
@@ -64,125 +65,6 @@ from homerun.models.kv import PagedRows
 # The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
 # tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
 MIN_BUCKET_TOKENS = 256
-
-
-class GraphCaptureError(RuntimeError):
-    """The captured code did something a graph cannot replay (a host sync)."""
-
-
-# ----------------------------------------------------------------------------------------------- the graph APIs
-
-
-class CudaGraphs:
-    """torch.cuda.CUDAGraph per segment, every segment in one memory pool (their outputs stay alive between replays,
-    so the pool holds one step's activations once)."""
-
-    name = "cuda"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device)
-
-    def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
-        # One warm-up run on a side stream first (libraries create their handles and workspaces lazily, which a
-        # capture must not do); the capture itself only records, so one replay computes this step's values.
-        # reset: undoes the warm-up's writes to state the step advances in place (the whole-step graph's).
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)
-        with torch.cuda.stream(self.stream):
-            fn()
-        cur.wait_stream(self.stream)
-        if reset is not None:
-            reset()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = fn()
-        g.replay()
-        return g, out
-
-    def replay(self, g: Any) -> None:
-        note_graph_replay()
-        g.replay()
-
-
-class _Recorder(TorchDispatchMode):
-    """Records ATen ops (not views, metadata or bare allocations) as replayable steps; Triton launches come through
-    `LaunchCounter.recorder`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[Callable[[], None]] = []
-        self._paused = 0
-
-    @contextlib.contextmanager
-    def kernel(self, run, args, kwargs) -> Iterator[None]:
-        self.steps.append(lambda: run(*args, **kwargs))
-        self._paused += 1  # the interpreter's own tensor work inside the launch is not part of the graph
-        try:
-            yield
-        finally:
-            self._paused -= 1
-
-    def on_host_wait(self) -> None:  # homerun.kernels.counting.note_host_wait: an event wait, as CUDA refuses it
-        raise GraphCaptureError("host sync (event wait) during graph capture")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self._paused:
-            return out
-        name = func.overloadpacket.__name__
-        if name in SYNC_OPS:
-            raise GraphCaptureError(f"host sync ({name}) during graph capture")
-        if not launches_kernel(func, args, kwargs, out):  # views and aliases: the recorded tensor already is it
-            return out
-        self.steps.append(_aten_step(func, args, kwargs, out))
-        return out
-
-
-def _aten_step(func, args, kwargs, out) -> Callable[[], None]:
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-    def step() -> None:
-        res = [t for t in tree_leaves(func(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-        for o, r in zip(outs, res):
-            if o is not r and not (o.data_ptr() == r.data_ptr() and o.stride() == r.stride()):
-                o.copy_(r)  # the op's result lands where the captured one did, as a graph's kernel writes
-
-    return step
-
-
-class EmulatedGraphs:
-    """The CPU stand-in for CudaGraphs (see the module docstring). Capture runs the code twice, as CudaGraphs does: a
-    warm-up, then once while recording it (its values are this step's)."""
-
-    name = "emulated"
-
-    def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
-        from homerun.kernels.triton import load
-
-        common = load().common if load() is not None else None
-        fn()  # the warm-up run CudaGraphs makes: a memo it fills must not leak into the recording unseen
-        if reset is not None:
-            reset()
-        rec = _Recorder()
-        old = common.LaunchCounter.recorder if common is not None else None
-        if common is not None:
-            common.LaunchCounter.recorder = rec.kernel
-        try:
-            with rec:
-                out = fn()
-        finally:
-            if common is not None:
-                common.LaunchCounter.recorder = old
-        return rec.steps, out
-
-    def replay(self, steps: list[Callable[[], None]]) -> None:
-        note_graph_replay()
-        with _disable_current_modes():  # a counting mode sees one graph launch, not the ops inside
-            for step in steps:
-                step()
 
 
 # ----------------------------------------------------------------------------------------------- the decode runner
@@ -232,14 +114,16 @@ class DecodeGraphs:
     buffer, valid until the next decode step.
 
     Two layouts per layer, chosen by the expert backend (`eager_routed`): a graph-safe layer's routed call is
-    captured with the rest of its MoE site (one segment "out"; when the next layer's call runs eagerly, the segment
-    also holds the router's guess at it, issued after the replay); any other runs eagerly between two segments:
-    segment "in" ends at the router's (ids, weights) and the experts' input, plus the next layer's router guess when
-    the backend prefetches speculatively; the routed call reads those static buffers and its output is copied into
-    one the segment "out" reads (the shared expert's down projection, the routed sum, the next layer's
-    pre-attention). With any eager layer (`split`) the backend's token hooks (begin_token, the hash layers'
-    prefetches, end_token and its redo from a missed layer) run as in net.forward: a redo replays the segments from
-    that layer, whose inputs are still in their static buffers."""
+    captured with the rest of its MoE site (one segment "out"); any other runs eagerly between two segments:
+    segment "in" ends at the router's (ids, weights) and the experts' input; the routed call reads those static
+    buffers and its output is copied into one the segment "out" reads (the shared expert's down projection, the
+    routed sum, the next layer's pre-attention). The router's guess at the next layer, where the backend may read
+    one (`guesses_layer`), is a segment "guess" of its own after the layer's, replayed only on tokens whose backend
+    reads it (`wants_speculation_for`: not a speculated one) and handed to the prefetch hook before the next call.
+    With static cores the segments between two eager calls are one ("run", module docstring). With any eager layer
+    (`split`) the backend's token hooks (begin_token, the hash layers' prefetches, end_token and its redo from a
+    missed layer) run as in net.forward: a redo replays the segments from that layer, whose inputs are still in
+    their static buffers."""
 
     def __init__(self, net, graphs: CudaGraphs | EmulatedGraphs) -> None:
         reason = unsupported_reason(net)
@@ -254,7 +138,13 @@ class DecodeGraphs:
         self._outs: dict[tuple, Any] = {}  # each segment's outputs: static buffers the later segments read
         self.core_out: dict[int, torch.Tensor] = {}  # layer position -> its core's output
         self.routed: dict[int, torch.Tensor] = {}  # eager routed calls (by layer position): sums copied in after each
-        self._guesses: dict[int, torch.Tensor | None] = {}  # graph-safe layer -> its captured guess at the next one
+        # Per layer position: whether a router guess at the next layer may be read (the backend's static answer,
+        # guesses_layer; none before a hash layer or after the last). The guess is its own segment, replayed only
+        # on the tokens whose backend wants it (wants_speculation_for), reading the layer's MoE input (_guess_h).
+        lays = net.layers
+        self.guess_at = [i + 1 < len(lays) and lays[i + 1].moe.tid2eid is None
+                          and self.backend.guesses_layer(lays[i + 1].index) for i in range(len(lays))]
+        self._guess_h: dict[int, torch.Tensor] = {}
         self.replays = 0  # decode steps served from the graphs (the capture step included)
         self.min_bucket_tokens = MIN_BUCKET_TOKENS
         self.whole_step = True  # False: the piecewise layout even where the whole step could be one graph
@@ -262,6 +152,7 @@ class DecodeGraphs:
         self._mine: tuple[int, list] | None = None  # (position, states) the static state holds: the last step's
         self.step_captures = 0  # whole-step graphs captured (one per bucket reached)
         self._sk: tuple = ()  # ("static",) while the segments hold static attention cores
+        self.deferred = None  # the last step's unsettled end (forward's defer_end)
 
     @property
     def captured(self) -> bool:
@@ -272,8 +163,11 @@ class DecodeGraphs:
         """Whether any layer's routed call runs eagerly (and the backend's token hooks run around the step)."""
         return any(self.eager_routed)
 
-    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any]) -> tuple[torch.Tensor, list]:
+    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any], *,
+                defer_end: bool = False) -> tuple[torch.Tensor, list]:
+        """`defer_end`: net.forward's (a speculated step returns before its end_token, leaving `self.deferred`)."""
         net = self.net
+        self.deferred = None
         if not self.segments:
             dev = net.device
             self.ids_buf = ids.reshape(1).to(dev, torch.int64).clone()
@@ -287,23 +181,41 @@ class DecodeGraphs:
             self._static_for(start_pos, states)
             if not self.split:
                 return self._forward_whole(start_pos)
-        if self.split:  # the token hooks, as net.forward calls them (a graph-safe backend's are no-ops)
-            net._begin_token(ids.reshape(1))
-        self._segment(("embed",) + self._sk, self._embed)
-        first, new_states = 0, []
-        while True:
-            new_states[first:] = self._layers(first, start_pos, states)
-            redo = self.backend.end_token() if self.split else None
-            if redo is None:
-                break
-            first = next(i for i, lay in enumerate(net.layers) if lay.index == redo)
+        spec = net._begin_token(ids.reshape(1)) if self.split else False  # the token hooks, as net.forward's
+        if static:
+            self._stretches(None)
+            new_states = []
+        else:
+            self._segment(("embed",), self._embed)
+            new_states = self._layers(0, start_pos, states)
+
+        def redo(layer_index: int) -> tuple[torch.Tensor, list]:
+            first = next(i for i, lay in enumerate(net.layers) if lay.index == layer_index)
             if static:  # the cores after the redone layer's call run again: from the step's input state
                 self.static.load(states, start_pos, range(first + 1, len(net.layers)))
+                self._stretches(first)
+                tail = []
+            else:
+                tail = self._layers(first, start_pos, states)
+            self.backend.end_token()  # the exact rerun's end: it stands
+            return self._stand(start_pos, static, new_states[:first] + tail)
+
         self.replays += 1
-        if static:
-            new_states = self.static.states(start_pos + 1)
-            self._mine = (start_pos + 1, new_states)
-        return self._outs[("out", len(net.layers) - 1) + self._sk], new_states
+        if spec and defer_end:
+            from homerun.models.speculation import DeferredEnd
+
+            self.deferred = DeferredEnd(self.backend, redo)
+            return self._stand(start_pos, static, new_states)
+        r = self.backend.end_token() if self.split else None
+        return self._stand(start_pos, static, new_states) if r is None else redo(r)
+
+    def _stand(self, start_pos: int, static: bool, new_states: list) -> tuple[torch.Tensor, list]:
+        """The step's final hidden (a static buffer) and its states (with static cores: views of the static state)."""
+        if not static:
+            return self._outs[("out", len(self.net.layers) - 1)], new_states
+        new_states = self.static.states(start_pos + 1)
+        self._mine = (start_pos + 1, new_states)
+        return self._hidden, new_states
 
     def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
@@ -386,46 +298,85 @@ class DecodeGraphs:
         self.static.begin_step(self.pos_buf)
         return x, pa, self.static.core(0, pa, self.kl)
 
+    def _stretches(self, redo: int | None) -> None:
+        """With static cores: the step (or its redo from the eager layer at position `redo`, whose MoE input is still
+        in its segment's buffers) as one segment per stretch between two eager routed calls, n_eager + 1 replays:
+        nothing runs on the host between one call's output and the next call's input. Each stretch's guesses are
+        issued after its replay, before the next routed call."""
+        n, sk = len(self.net.layers), self._sk
+        if redo is None:
+            lo, out = 0, self._segment(("run", -1) + sk, lambda: self._stretch(-1))
+        else:  # the stretch that ended at the redone layer's MoE input, not replayed again
+            lo, out = redo, self._outs[("run", max((j for j in range(redo) if self.eager_routed[j]), default=-1)) + sk]
+        while True:
+            end, mi = out
+            for p in range(lo, min(end, n - 1) + 1):
+                self._guess(p)
+            if end == n:
+                self._hidden = mi
+                return
+            layer = self.net.layers[end]
+            res = _into_static(self.routed, end, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
+            out = self._segment(("run", end) + sk, lambda: self._stretch(end, mi, res))
+            lo = end + 1
+
+    def _stretch(self, start: int, mi=None, routed=None) -> tuple[int, Any]:
+        """A stretch (captured): layer `start`'s MoE output from its routed sum (start -1: the embedding), then every
+        layer up to the next eager one, whose MoE input ends it -> (its position, its _MoEIn), or (n, final hidden)."""
+        net, kl, n = self.net, self.kl, len(self.net.layers)
+        cur = self._embed() if start < 0 else self._after(start, net._moe_out(net.layers[start], mi, routed, kl))
+        for i in range(start + 1, n):  # cur: layer i's (streams, pre-attention, core output)
+            if self.eager_routed[i]:
+                mi = self._moe_in(i, *cur)
+                self._guess_h[i] = mi.h
+                return i, mi
+            cur = self._whole(i, *cur)
+        return n, cur
+
     def _layers(self, first: int, start_pos: int, states: Sequence[Any]) -> list:
-        """Layers first.. of the step: each core eagerly, then the layer's segments (and routed call)."""
-        net, kl, layers, sk = self.net, self.kl, self.net.layers, self._sk
+        """Eager cores: layers first.. of the step, each core eagerly, then the layer's segments (and routed call)."""
+        net, kl, layers = self.net, self.kl, self.net.layers
         new_states = []
         for i in range(first, len(layers)):
             layer = layers[i]
-            x, pa, buf = self._outs[("embed",) + sk if i == 0 else ("out", i - 1) + sk]
-            if buf is None:  # the core runs eagerly (with static cores it ran inside the segment before)
-                out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
-                new_states.append(st)
-                buf = _into_static(self.core_out, i, out)
+            x, pa, _ = self._outs[("embed",) if i == 0 else ("out", i - 1)]
+            out, st = net._attention_core(layer, pa, start_pos, states[i], kl)
+            new_states.append(st)
+            buf = _into_static(self.core_out, i, out)
             if not self.eager_routed[i]:
-                self._segment(("out", i) + sk, lambda: self._whole(i, x, pa, buf))
-                guess = self._guesses.get(i)
-                if guess is not None and self.backend.wants_speculation_for(layer.index + 1):
-                    self.backend.prefetch_speculative(layer.index + 1, guess)
+                self._segment(("out", i), lambda: self._whole(i, x, pa, buf))
+                self._guess(i)
                 continue
-            mi, guess = self._segment(("in", i) + sk, lambda: self._moe_in(i, x, pa, buf))
-            if guess is not None and self.backend.wants_speculation_for(layer.index + 1):
-                self.backend.prefetch_speculative(layer.index + 1, guess)
+            mi = self._segment(("in", i), lambda: self._moe_in(i, x, pa, buf))
+            self._guess_h[i] = mi.h
+            self._guess(i)
             res = _into_static(self.routed, i, self.backend.forward(layer.index, mi.h, mi.idx, mi.w))
-            self._segment(("out", i) + sk, lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
+            self._segment(("out", i), lambda: self._after(i, net._moe_out(layer, mi, res, kl)))
         return new_states
 
     def _whole(self, i: int, x, pa, core_out):
-        """A graph-safe layer's post-attention, its routed call inside (net._post_attention's math). When the next
-        layer's call runs eagerly, the router's guess at it is made here too and kept for after the replay: inside a
-        capture the backend's prefetch hook would run only once."""
+        """A graph-safe layer's post-attention, its routed call inside (net._post_attention's math). Its MoE input is
+        kept for the guess segment when the next layer's guess may be read."""
         net, layer, kl = self.net, self.net.layers[i], self.kl
         mi = net._moe_in(layer, net._attn_out(layer, x, pa, core_out, kl), self.ids_buf, kl)
-        nxt = i + 1 < len(self.eager_routed) and self.eager_routed[i + 1]
-        self._guesses[i] = net._next_layer_guess(layer, mi.h, self.ids_buf) if nxt else None
+        if self.guess_at[i]:
+            self._guess_h[i] = mi.h
         return self._after(i, net._moe_out(layer, mi, self.backend.forward(layer.index, mi.h, mi.idx, mi.w), kl))
 
     def _moe_in(self, i: int, x, pa, core_out):
         net, layer = self.net, self.net.layers[i]
-        mi = net._moe_in(layer, net._attn_out(layer, x, pa, core_out, self.kl), self.ids_buf, self.kl)
-        # The guess costs a router pass per layer; it is made whether or not this step prefetches, since a backend's
-        # wish to (wants_speculation) changes from token to token.
-        return mi, net._next_layer_guess(layer, mi.h, self.ids_buf)
+        return net._moe_in(layer, net._attn_out(layer, x, pa, core_out, self.kl), self.ids_buf, self.kl)
+
+    def _guess(self, i: int) -> None:
+        """The router's guess at layer i+1 from layer i's MoE input, handed to the backend's prefetch hook: replayed
+        only on a token whose backend reads it (a speculated token reads none), in a segment of its own, since the
+        layout is captured once and the wish changes from token to token."""
+        layer = self.net.layers[i]
+        if not self.guess_at[i] or not self.backend.wants_speculation_for(layer.index + 1):
+            return
+        guess = self._segment(("guess", i) + self._sk,
+                              lambda: self.net._next_layer_guess(layer, self._guess_h[i], self.ids_buf))
+        self.backend.prefetch_speculative(layer.index + 1, guess)
 
     def _after(self, i: int, y: torch.Tensor):
         """Layer i's output streams y -> the next layer's (streams, pre-attention), or the final hidden."""

@@ -93,12 +93,15 @@ class Model:
         self._forward_s = 0.0
         self._feeds = 0
         self.forwards = 0  # net.forward calls (chunks and decode steps), for activation hops
+        self.deferred = None  # the last forward's unsettled end (_forward's defer_end), until a session takes it
+        self._unsettled = None  # the session whose last step is not settled yet (Session.decode)
         self.graph_mode = options.compute.cuda_graphs
         self.set_graph_mode(self.graph_mode)
 
     def set_graph_mode(self, mode: str) -> None:
         """Choose the decode runner again (auto | on | off; homerun.engine.graphs.decode_graphs_for): graphs captured
         before are dropped and recaptured at the next decode step. "on" where capture is impossible is a UsageError."""
+        self.settle()
         dg, reason = decode_graphs_for(self.net, mode)
         if mode == "on" and dg is None:
             raise UsageError(f"cuda_graphs=on is not possible here: {reason}", hint="use cuda_graphs auto or off")
@@ -107,6 +110,7 @@ class Model:
     def set_expert_backend(self, backend: Any) -> None:
         """Serve the routed experts from `backend` from now on; the decode runner is chosen again for a new backend
         (graphs captured around the old one would replay its launches)."""
+        self.settle()
         self.net.experts = backend
         if self.decode_graphs is None or self.decode_graphs.backend is not backend:
             self.set_graph_mode(self.graph_mode)
@@ -115,6 +119,7 @@ class Model:
     def experts_wrapped(self, wrapper: Any) -> Iterator[Any]:
         """Serve the routed experts through `wrapper` (around net.experts: a counter, a tracer) for the block, with
         eager decode; the decode graphs stay captured for the backend itself and serve again afterwards."""
+        self.settle()
         inner = self.net.experts
         self.net.experts = wrapper
         try:
@@ -122,21 +127,40 @@ class Model:
         finally:
             self.net.experts = inner
 
-    def _forward(self, ids: torch.Tensor, start_pos: int, states):
+    def _forward(self, ids: torch.Tensor, start_pos: int, states, *, defer_end: bool = False):
         """net.forward, with one-token steps replayed from the decode graphs when there are some. The graphs serve
         only the expert backend they were made for: with another one in net.experts (a wrapper planted for a
-        counting pass, say) the step runs eagerly through it."""
+        counting pass, say) the step runs eagerly through it. `defer_end` (net.forward's): a speculated step's
+        unsettled end is left in `self.deferred` (homerun.models.speculation.DeferredEnd); any session's step that
+        was left unsettled is settled first."""
+        self.settle()
         dg = self.decode_graphs
+        runner = self.net
         if dg is not None and ids.numel() == 1 and self.net.experts is dg.backend:
+            runner = dg
             if dg.captured or self.graph_mode == "on":
-                return dg.forward(ids, start_pos, states)
-            try:  # auto: a capture that fails leaves eager decode, with one warning (the states are untouched)
-                return dg.forward(ids, start_pos, states)
-            except Exception as exc:  # noqa: BLE001 - any capture failure: the eager forward serves
-                self.decode_graphs, self.decode_graphs_reason = None, f"capture failed: {type(exc).__name__}: {exc}"
-                warnings.warn(f"homerun: decode graphs off ({self.decode_graphs_reason})", RuntimeWarning,
-                              stacklevel=2)
-        return self.net.forward(ids, start_pos, states)
+                out = dg.forward(ids, start_pos, states, defer_end=defer_end)
+            else:
+                try:  # auto: a capture that fails leaves eager decode, with one warning (the states are untouched)
+                    out = dg.forward(ids, start_pos, states, defer_end=defer_end)
+                except Exception as exc:  # noqa: BLE001 - any capture failure: the eager forward serves
+                    self.decode_graphs, self.decode_graphs_reason = None, \
+                        f"capture failed: {type(exc).__name__}: {exc}"
+                    warnings.warn(f"homerun: decode graphs off ({self.decode_graphs_reason})", RuntimeWarning,
+                                  stacklevel=2)
+                    runner = self.net
+        if runner is self.net:
+            out = self.net.forward(ids, start_pos, states, defer_end=defer_end)
+        self.deferred, runner.deferred = runner.deferred, None
+        return out
+
+    def settle(self) -> None:
+        """Settle the session step left unsettled (Session.decode's deferred end), if any: with a wait of its own,
+        since nothing says the host has waited since. Called before any other forward and before the expert
+        backend or the decode runner changes."""
+        sess, self._unsettled = self._unsettled, None
+        if sess is not None:
+            sess.settle(synced=False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -62,6 +62,7 @@ class Session:
         self._tokens: list[int] = []
         self._last_logits: torch.Tensor | None = None
         self._cap_index = 0
+        self._deferred = None  # the last decode step's unsettled end (homerun.models.speculation.DeferredEnd)
         # Called with the new capacity (tokens) each time the ramp steps up.
         self.on_capacity: Callable[[int], None] | None = None
         # Called as on_prefill(eta_s, n_tokens) for a feed of more than PREFILL_ETA_MIN_TOKENS tokens: before it
@@ -85,6 +86,7 @@ class Session:
         """float32 logits [V] of the last position on the host, None before the first feed. A feed with
         `on_device=True` (and `decode`) leaves them where the model computed them: they come to the host on the first
         read, so a decode loop that samples on the device pays no copy per token."""
+        self.settle(synced=False)
         lg = self._last_logits
         if lg is not None and lg.device.type != "cpu":
             lg = self._last_logits = lg.cpu()
@@ -116,6 +118,7 @@ class Session:
     # ---------------------------------------------------------------------------------------------- verbs
 
     def reset(self) -> None:
+        self.settle(synced=False)  # the backend's token ends, even though the step is dropped
         self._states = self.model._new_state()
         self._tokens = []
         self.last_logits = None
@@ -123,6 +126,7 @@ class Session:
 
     def checkpoint(self) -> Checkpoint:
         """This session's state now, to return to with `rollback` (e.g. a server's prefix reuse)."""
+        self.settle(synced=False)
         return Checkpoint(len(self._tokens), tuple(self._states), tuple(self._tokens), self._last_logits)
 
     def rollback(self, cp: Checkpoint) -> None:
@@ -131,6 +135,7 @@ class Session:
         if cp.n_tokens > len(self._tokens) or tuple(self._tokens[: cp.n_tokens]) != cp.tokens:
             raise UsageError("rollback: the checkpoint is not on this session's current lineage",
                              hint="roll back only to a point taken since the last reset, at or before now")
+        self.settle(synced=False)
         self._states = list(cp.states)
         self._tokens = list(cp.tokens)
         self.last_logits = cp.last_logits
@@ -139,6 +144,7 @@ class Session:
         """Write this session's whole state to a KV snapshot file (`homerun.engine.snapshot.save_session`)."""
         from homerun.engine.snapshot import save_session
 
+        self.settle(synced=False)
         return save_session(self, path, **kwargs)
 
     def _ensure_capacity(self, n_total: int) -> None:
@@ -215,17 +221,45 @@ class Session:
     def decode(self, token: torch.Tensor, token_id: int) -> torch.Tensor:
         """Append one sampled token and return float32 logits [V] on the model's device. `token` is the id as a
         tensor on that device (what `sampling.sample_tensor` returns) and `token_id` the same id read back: the step
-        takes the tensor, so nothing waits on the host, and the token list takes the int."""
+        takes the tensor, so nothing waits on the host, and the token list takes the int. A speculated step's end is
+        deferred (`unsettled`): the caller reads back what it derives from the logits (the next id), then calls
+        `settle`, whose check rides that one wait; anything else that uses the session settles it first."""
         token_id = int(token_id)
         if token_id == NAN_TOKEN:  # sample_tensor's mark of NaN logits, read back by a caller that did not check it
             raise nan_logits_error(f"the token fed at context position {self.n_tokens}")
         if not 0 <= token_id < self.model.args.vocab_size:
             raise UsageError(f"token id out of range [0, {self.model.args.vocab_size}): {token_id}",
                              hint="token ids must come from this model's tokenizer")
-        return self._feed(token.reshape(1), [token_id])
+        return self._feed(token.reshape(1), [token_id], defer_end=True)
 
-    def _feed(self, ids: torch.Tensor, vals: list[int]) -> torch.Tensor:
-        """The chunked forward of `ids` (whose values are `vals`): the new last logits, on the model's device."""
+    @property
+    def unsettled(self) -> bool:
+        """Whether the last decode step's end is deferred (see `decode`)."""
+        return self._deferred is not None
+
+    def settle(self, synced: bool = True) -> torch.Tensor | None:
+        """The deferred end of the last decode step (homerun.models.speculation). None: the step stands (or nothing
+        was deferred). Else a speculated layer had missed: the step was redone from there, exactly, and these are
+        its logits (on the device), which replace the old ones; what was sampled from those is void. `synced`: the
+        caller has read back a value computed from the step's logits since (the sampled id), so the check makes no
+        host wait of its own."""
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return None
+        if self.model._unsettled is self:
+            self.model._unsettled = None
+        with torch.inference_mode():
+            got = d.settle(synced)
+            if got is None:
+                return None
+            hidden, self._states = got
+            logits = self._net.logits(hidden[-1:])[0].float()
+        self._last_logits = logits
+        return logits
+
+    def _feed(self, ids: torch.Tensor, vals: list[int], defer_end: bool = False) -> torch.Tensor:
+        """The chunked forward of `ids` (whose values are `vals`): the new last logits, on the model's device.
+        `defer_end`: a one-chunk step may leave its end unsettled (`decode`)."""
         self._ensure_capacity(self.n_tokens + ids.numel())
         n = ids.numel()
         long_prompt = n > PREFILL_ETA_MIN_TOKENS
@@ -241,7 +275,7 @@ class Session:
             for c0 in range(0, n, chunk):
                 part = ids[c0 : c0 + chunk]
                 tc = time.perf_counter()
-                hidden, states = self.model._forward(part, self.n_tokens, self._states)
+                hidden, states = self.model._forward(part, self.n_tokens, self._states, defer_end=defer_end)
                 self.model.forwards += 1
                 # Commit point: state and token list change together, after the whole chunk succeeded.
                 self._states = states
@@ -255,5 +289,8 @@ class Session:
                     told = True
             logits = self._net.logits(hidden[-1:])[0].float()
         self._last_logits = logits
+        if self.model.deferred is not None:  # the step's end waits for the caller's readback (settle)
+            self._deferred, self.model.deferred = self.model.deferred, None
+            self.model._unsettled = self
         self.model._account(n, time.perf_counter() - t0)
         return logits

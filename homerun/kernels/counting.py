@@ -74,6 +74,8 @@ class Counts:
     launches: int = 0  # Triton launches
     syncs: int = 0  # host syncs
     graphs: int = 0  # captured graphs replayed (one launch each; their kernels are not counted again)
+    graph_kernels: int = 0  # the kernels inside the replayed graphs (device work a replay still does)
+    waits: int = 0  # event waits with no ATen op to show them (note_host_wait: a CUDA event's synchronize)
     op_names: dict[str, int] = field(default_factory=dict)
     sync_names: dict[str, int] = field(default_factory=dict)
 
@@ -82,8 +84,14 @@ class Counts:
         """ATen ops + Triton launches + graph replays: what a GPU would launch."""
         return self.ops + self.launches + self.graphs
 
+    @property
+    def host_waits(self) -> int:
+        """Every time the host waited for the device: counted syncs plus event waits."""
+        return self.syncs + self.waits
+
     def to_dict(self) -> dict:
         return {"ops": self.ops, "launches": self.launches, "syncs": self.syncs, "graphs": self.graphs,
+                "graph_kernels": self.graph_kernels, "waits": self.waits, "host_waits": self.host_waits,
                 "device_launches": self.device_launches, "sync_names": dict(self.sync_names)}
 
 
@@ -102,6 +110,10 @@ class DeviceWorkCounter(TorchDispatchMode):
             yield
         finally:
             self._paused -= 1
+
+    def on_host_wait(self) -> None:  # note_host_wait: an event wait (no ATen op shows it)
+        if not self._paused:
+            self.c.waits += 1
 
     def _sync(self, name: str) -> None:
         self.c.syncs += 1
@@ -133,10 +145,12 @@ def _triton_common():
 _active: list["DeviceWorkCounter"] = []
 
 
-def note_graph_replay() -> None:
-    """A captured graph was replayed: one launch for every active counter (homerun.engine.graphs calls this)."""
+def note_graph_replay(kernels: int = 0) -> None:
+    """A captured graph was replayed: one launch for every active counter (homerun.engine.graphs calls this), holding
+    `kernels` kernels where the caller knows them (EmulatedGraphs)."""
     for mode in _active:
         mode.c.graphs += 1
+        mode.c.graph_kernels += kernels
 
 
 def note_host_wait() -> None:

@@ -47,6 +47,7 @@ class DeepseekV4:
     head_device: torch.device | None = None  # final norm, HC head, lm head (None: the model's device)
     embed_flavor: str = "auto"  # kernel flavors of the embedding's and the head's devices (see _Layer.flavor)
     head_flavor: str = "auto"
+    deferred: Any = field(default=None, repr=False)  # the last forward's unsettled end (forward's defer_end)
 
     def __post_init__(self) -> None:
         a = self.args
@@ -102,26 +103,29 @@ class DeepseekV4:
         return spec
 
     def forward(
-        self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
+        self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState], *, defer_end: bool = False
     ) -> tuple[torch.Tensor, list[LayerState]]:
-        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
+        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states).
+        `defer_end`: a speculated forward returns before its end_token, leaving `self.deferred`
+        (homerun.models.speculation.DeferredEnd) for the caller to settle after its own host wait."""
+        self.deferred = None
         host_ids, ids = ids, ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
         spec = self._begin_token(host_ids)  # True: the backend may ask for a redo (see end_token)
         x = self._embed(ids)
-        new_states = []
         dev, flavor = self.device, self.embed_flavor
         # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch); the layers' dense
         # prefill GEMMs follow the expert activation mode (`for_act`), the head's stay exact.
         act = self.experts.act
         k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
-        kl = for_act(k, act)
         # A speculated forward keeps every layer's inputs (references, no copies): a redo from layer i restarts from
         # saved[i] and states[i:], which the forward never mutates (KV rows past a store's committed count are
         # invisible until the new state commits them, and a redo overwrites the same rows).
         saved: list[tuple] = []
-        first = 0
-        while True:
+
+        def run(first: int, inp: tuple, keep: bool):  # -> (a thunk making the final hidden, the layers' states)
+            x, ids, positions, dev, flavor, k, kl = inp
+            new_states = []
             for layer, st in zip(self.layers[first:], states[first:]):
                 # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
                 # once per boundary (a no-op between stand-ins, which share the host's memory).
@@ -130,22 +134,31 @@ class DeepseekV4:
                     x, ids, positions, dev, flavor = x.to(ldev), ids.to(ldev), positions.to(ldev), ldev, layer.flavor
                     k = kernels_for(dev, self.compute_dtype, ids.shape[0], flavor)
                     kl = for_act(k, act)
-                if spec:
+                if keep:
                     saved.append((x, ids, positions, dev, flavor, k, kl))
                 x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
                 new_states.append(st)
-            redo = self.experts.end_token()
-            if redo is None:
-                break
-            first = next(i for i, lay in enumerate(self.layers) if lay.index == redo)
-            x, ids, positions, dev, flavor, k, kl = saved[first]
-            del new_states[first:]
-            spec = False
-        hdev = self.head_device or self.device
-        if hdev != dev or self.head_flavor != flavor:
-            x = x.to(hdev)
-            k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
-        return self._final(x, k), new_states
+            hdev = self.head_device or self.device
+            if hdev != dev or self.head_flavor != flavor:
+                x = x.to(hdev)
+                k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
+            return (lambda: self._final(x, k)), new_states  # the head only once the layers stand
+
+        head, new_states = run(0, (x, ids, positions, dev, flavor, k, for_act(k, act)), spec)
+
+        def redo(layer_index: int) -> tuple[torch.Tensor, list[LayerState]]:
+            first = next(i for i, lay in enumerate(self.layers) if lay.index == layer_index)
+            head, tail = run(first, saved[first], False)
+            self.experts.end_token()  # the exact rerun's end: it stands
+            return head(), new_states[:first] + tail
+
+        if spec and defer_end:
+            from homerun.models.speculation import DeferredEnd
+
+            self.deferred = DeferredEnd(self.experts, redo)
+            return head(), new_states
+        r = self.experts.end_token()
+        return (head(), new_states) if r is None else redo(r)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> the residual streams [T, n, D]: the embedding copied into each of the n streams."""

@@ -1,0 +1,100 @@
+"""The end of a speculated decode token rides the generation loop's one readback (homerun.models.speculation,
+Session.decode / settle, generate): an all-hit hybrid token makes one host wait in total (the sampled id read back;
+the end-of-token check reads the masks that wait brought back), eager and graphed, for an all-cached and a
+1-resident + 2-cached tiny model; and where speculated tokens miss, the redo after the readback gives the tokens and
+logits of the non-speculating run bit for bit (the sampler's draw repeated from the same generator state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import standin_triton  # noqa: E402,F401  first: the interpreter on, or the module skipped
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from homerun.engine.placement import single_device  # noqa: E402
+from homerun.engine.runtime import load  # noqa: E402
+from homerun.kernels.counting import count_device_work  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+
+PROMPT = [1, 2, 3, 4]
+N_LAYERS, N_EXPERTS, RESIDENT = 3, 8, 1
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, seed=7)
+
+
+def _placement(mixed: bool, slots: int | None = None):
+    n_cached = N_LAYERS - 1 if mixed else N_LAYERS
+    pl = single_device(N_LAYERS, "standin:0", gpu_path=True, experts="host",
+                       expert_cache_slots=slots or n_cached * N_EXPERTS)
+    if not mixed:
+        return pl
+    layers = tuple(dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == RESIDENT else lp
+                   for lp in pl.layers)
+    return dataclasses.replace(pl, layers=layers)
+
+
+def _model(path, *, mixed: bool, graphs: str, speculate: str, slots: int | None = None):
+    model = load(path, dtype="bfloat16", experts="reference", placement=_placement(mixed, slots), cuda_graphs=graphs)
+    cached = model.net.experts.backends_by_layer[0] if mixed else model.net.experts
+    cached.miss_policy.mode = "cpu"  # no timing decides a split
+    cached.fused.policy.mode = speculate
+    return model, cached
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["all-cached", "mixed"])
+def test_an_all_hit_hybrid_token_waits_once_in_total(short_window_checkpoint, mixed, graphs):
+    model, cached = _model(short_window_checkpoint, mixed=mixed, graphs=graphs, speculate="auto")
+    for layer in [l for l in range(N_LAYERS) if not (mixed and l == RESIDENT)]:
+        for e in range(N_EXPERTS):
+            cached.cache.prefetch((layer, e), block=True)
+    cached.cache.commit()
+    gen = model.generate(PROMPT, max_new_tokens=6, stop_ids=[], greedy=True)
+    d0 = None
+    for i in range(6):
+        if i == 3:
+            d0 = cached.fused.stats()
+        with count_device_work() as cw:
+            next(gen)
+        if i >= 3:  # past the prefill and the captures
+            assert (cw.c.syncs, cw.c.waits) == (1, 0), (i, cw.c.sync_names)  # the id read back, and no event wait
+    d1 = cached.fused.stats()
+    assert d1["speculative_tokens"] - d0["speculative_tokens"] == 3 and d1["redos"] == d0["redos"]
+    assert d1["event_waits"] == d0["event_waits"]
+    if graphs == "on":
+        assert model.decode_graphs.replays > 0
+    cached.close()
+
+
+def _generate(path, how: dict, speculate: str, graphs: str) -> tuple[list[int], list[torch.Tensor], dict]:
+    """The mixed plan with 6 slots for the cached layers' 16 experts (CPU misses); guesses prefetch nothing, so the
+    speculating and the exact run keep the same cache contents."""
+    model, cached = _model(path, mixed=True, graphs=graphs, speculate=speculate, slots=6)
+    cached.cache.engine.max_in_flight = 1 << 10  # the link never turns a prefetch away: no landing time decides
+    cached.prefetcher.speculated = lambda layer, ids: []
+    s = model.session()
+    toks, logits = [], []
+    for step in model.generate(PROMPT, max_new_tokens=6, stop_ids=[], session=s, **how):
+        toks.append(step.token_id)
+        logits.append(s.last_logits.clone())  # settled by the loop already: the logits the token was drawn from
+    stats = cached.fused.stats()
+    cached.close()
+    return toks, logits, stats
+
+
+@pytest.fixture(scope="module")
+def exact(short_window_checkpoint):
+    return {name: _generate(short_window_checkpoint, how, "never", "off")
+            for name, how in (("greedy", dict(greedy=True)), ("sampled", SAMPLED))}
+
+
+@pytest.mark.parametrize("name,graphs", [("sampled", "off"), ("sampled", "on"), ("greedy", "off")])
+def test_a_redo_after_the_readback_gives_the_exact_tokens_and_logits(short_window_checkpoint, exact, name, graphs):
+    how = dict(greedy=True) if name == "greedy" else SAMPLED
+    want_toks, want_logits, _ = exact[name]
+    toks, logits, d = _generate(short_window_checkpoint, how, "always", graphs)
+    assert d["speculative_tokens"] >= 5 and d["redos"] >= 1  # speculated tokens missed and were redone
+    assert toks == want_toks
+    for i, (g, w) in enumerate(zip(logits, want_logits)):
+        assert torch.equal(g, w), i
