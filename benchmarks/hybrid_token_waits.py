@@ -13,7 +13,6 @@ Steps 0-2 (prefill, the captures) are not counted. Prints one JSON line per (pla
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tempfile
@@ -23,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from homerun.engine.placement import single_device  # noqa: E402
+from homerun.bench.graph_check import hybrid_placement, warm_every_expert  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.formats.checkpoint import tiny_config, write_checkpoint  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
@@ -32,13 +31,7 @@ N_LAYERS, N_EXPERTS, RESIDENT = 3, 8, 1
 
 
 def _placement(mixed: bool):
-    n_cached = N_LAYERS - 1 if mixed else N_LAYERS
-    pl = single_device(N_LAYERS, "standin:0", gpu_path=True, experts="host", expert_cache_slots=n_cached * N_EXPERTS)
-    if not mixed:
-        return pl
-    layers = tuple(dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == RESIDENT else lp
-                   for lp in pl.layers)
-    return dataclasses.replace(pl, layers=layers)
+    return hybrid_placement(N_LAYERS, N_EXPERTS, resident=RESIDENT if mixed else None)
 
 
 def measure(path, plan: str, runner: str, tokens: int, speculate: str = "auto") -> dict:
@@ -49,10 +42,7 @@ def measure(path, plan: str, runner: str, tokens: int, speculate: str = "auto") 
     cached = be.backends_by_layer[0] if mixed else be
     cached.miss_policy.mode = "cpu"
     cached.fused.policy.mode = speculate
-    for layer in [l for l in range(N_LAYERS) if not (mixed and l == RESIDENT)]:
-        for e in range(N_EXPERTS):
-            cached.cache.prefetch((layer, e), block=True)
-    cached.cache.commit()
+    warm_every_expert(cached, N_LAYERS, N_EXPERTS, RESIDENT if mixed else None)
     guesses = [0]
     real = model.net._next_layer_guess
 

@@ -10,13 +10,12 @@ bf16 tolerance."""
 
 from __future__ import annotations
 
-import dataclasses
 import standin_triton  # noqa: E402,F401  first: the interpreter on, or the module skipped
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from homerun.engine.placement import single_device  # noqa: E402
+from homerun.bench.graph_check import hybrid_placement, warm_every_expert  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
 
@@ -35,10 +34,7 @@ def ckpt(short_window_checkpoint):
 
 
 def _mixed_placement():
-    pl = single_device(N_LAYERS, "standin:0", gpu_path=True, experts="host", expert_cache_slots=SLOTS)
-    layers = tuple(dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == RESIDENT else lp
-                   for lp in pl.layers)
-    return dataclasses.replace(pl, layers=layers)
+    return hybrid_placement(N_LAYERS, 8, resident=RESIDENT, slots=SLOTS)  # 8 experts a layer in the tiny model
 
 
 def _model(path, graphs: str):

@@ -6,13 +6,12 @@ logits of the non-speculating run bit for bit (the sampler's draw repeated from 
 
 from __future__ import annotations
 
-import dataclasses
 import standin_triton  # noqa: E402,F401  first: the interpreter on, or the module skipped
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from homerun.engine.placement import single_device  # noqa: E402
+from homerun.bench.graph_check import hybrid_placement, warm_every_expert  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
 
@@ -24,14 +23,7 @@ SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, seed=7)
 
 
 def _placement(mixed: bool, slots: int | None = None):
-    n_cached = N_LAYERS - 1 if mixed else N_LAYERS
-    pl = single_device(N_LAYERS, "standin:0", gpu_path=True, experts="host",
-                       expert_cache_slots=slots or n_cached * N_EXPERTS)
-    if not mixed:
-        return pl
-    layers = tuple(dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == RESIDENT else lp
-                   for lp in pl.layers)
-    return dataclasses.replace(pl, layers=layers)
+    return hybrid_placement(N_LAYERS, N_EXPERTS, resident=RESIDENT if mixed else None, slots=slots)
 
 
 def _model(path, *, mixed: bool, graphs: str, speculate: str, slots: int | None = None):
@@ -46,10 +38,7 @@ def _model(path, *, mixed: bool, graphs: str, speculate: str, slots: int | None 
 @pytest.mark.parametrize("mixed", [False, True], ids=["all-cached", "mixed"])
 def test_an_all_hit_hybrid_token_waits_once_in_total(short_window_checkpoint, mixed, graphs):
     model, cached = _model(short_window_checkpoint, mixed=mixed, graphs=graphs, speculate="auto")
-    for layer in [l for l in range(N_LAYERS) if not (mixed and l == RESIDENT)]:
-        for e in range(N_EXPERTS):
-            cached.cache.prefetch((layer, e), block=True)
-    cached.cache.commit()
+    warm_every_expert(cached, N_LAYERS, N_EXPERTS, RESIDENT if mixed else None)
     gen = model.generate(PROMPT, max_new_tokens=6, stop_ids=[], greedy=True)
     d0 = None
     for i in range(6):

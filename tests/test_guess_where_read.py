@@ -7,13 +7,12 @@ would reach the host behind a wait of its own: an exact token waits once per cac
 
 from __future__ import annotations
 
-import dataclasses
 import standin_triton  # noqa: E402,F401  first: the interpreter on, or the module skipped
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from homerun.engine.placement import single_device  # noqa: E402
+from homerun.bench.graph_check import hybrid_placement, warm_every_expert  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
 
@@ -25,21 +24,13 @@ N_LAYERS, N_EXPERTS, RESIDENT = 3, 8, 1
 
 
 def _run(path, *, mixed: bool, graphs: str, speculate: str) -> list[dict]:
-    n_cached = N_LAYERS - 1 if mixed else N_LAYERS
-    pl = single_device(N_LAYERS, "standin:0", gpu_path=True, experts="host", expert_cache_slots=n_cached * N_EXPERTS)
-    if mixed:
-        pl = dataclasses.replace(pl, layers=tuple(
-            dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == RESIDENT else lp
-            for lp in pl.layers))
+    pl = hybrid_placement(N_LAYERS, N_EXPERTS, resident=RESIDENT if mixed else None)
     model = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs=graphs)
     be = model.net.experts
     cached = be.backends_by_layer[0] if mixed else be
     cached.miss_policy.mode = "cpu"
     cached.fused.policy.mode = speculate
-    for layer in [l for l in range(N_LAYERS) if not (mixed and l == RESIDENT)]:
-        for e in range(N_EXPERTS):
-            cached.cache.prefetch((layer, e), block=True)
-    cached.cache.commit()
+    warm_every_expert(cached, N_LAYERS, N_EXPERTS, RESIDENT if mixed else None)
     guesses: list[tuple[int, list]] = []  # what reached the prefetch hook: (layer, guessed ids)
     real = cached.prefetch_speculative
 

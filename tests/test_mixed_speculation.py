@@ -15,7 +15,7 @@ import standin_triton  # noqa: E402,F401  first: the interpreter on, or the modu
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from homerun.engine.placement import single_device  # noqa: E402
+from homerun.bench.graph_check import hybrid_placement, warm_every_expert  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
 
@@ -35,13 +35,7 @@ RESIDENT = 1
 
 def _placement(mixed: bool):
     """Every layer's experts behind a cache big enough for all of them, layer RESIDENT resident when `mixed`."""
-    n_cached = N_LAYERS - 1 if mixed else N_LAYERS
-    pl = single_device(N_LAYERS, "standin:0", gpu_path=True, experts="host", expert_cache_slots=n_cached * N_EXPERTS)
-    if not mixed:
-        return pl
-    layers = tuple(dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == RESIDENT else lp
-                   for lp in pl.layers)
-    return dataclasses.replace(pl, layers=layers)
+    return hybrid_placement(N_LAYERS, N_EXPERTS, resident=RESIDENT if mixed else None)
 
 
 def _model(path, *, mixed: bool, speculate: str, graphs: str = "off"):
@@ -52,10 +46,7 @@ def _model(path, *, mixed: bool, speculate: str, graphs: str = "off"):
     assert type(be).__name__ == ("LayerSplitBackend" if mixed else "CachedExpertBackend")
     cached.miss_policy.mode = "cpu"  # no timing decides a split
     cached.fused.policy.mode = speculate
-    for layer in [l for l in range(N_LAYERS) if not (mixed and l == RESIDENT)]:
-        for e in range(N_EXPERTS):
-            cached.cache.prefetch((layer, e), block=True)
-    cached.cache.commit()
+    warm_every_expert(cached, N_LAYERS, N_EXPERTS, RESIDENT if mixed else None)
     return model, cached
 
 

@@ -42,6 +42,30 @@ def _checkpoint(kind: str = "mixed") -> tuple[Path, Any]:
     return out, ModelArgs.from_hf_config(open_checkpoint(out).config)
 
 
+def hybrid_placement(n_layers: int, n_experts: int, *, resident: int | None = None, device: str = "standin:0",
+                     gpu_path: bool = True, slots: int | None = None):
+    """Every layer's experts behind one cache big enough for all of them (or `slots`), layer `resident`'s experts
+    resident instead when given: the hybrid and mixed plans the counting checks and tests run."""
+    from homerun.engine.placement import single_device
+
+    n_cached = n_layers - (resident is not None)
+    pl = single_device(n_layers, device, gpu_path=gpu_path, experts="host",
+                       expert_cache_slots=slots or n_cached * n_experts)
+    if resident is None:
+        return pl
+    return dataclasses.replace(pl, layers=tuple(
+        dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == resident else lp
+        for lp in pl.layers))
+
+
+def warm_every_expert(cached, n_layers: int, n_experts: int, resident: int | None = None) -> None:
+    """Load every cached layer's experts into `cached`'s cache, so every decode call hits."""
+    for layer in (l for l in range(n_layers) if l != resident):
+        for e in range(n_experts):
+            cached.cache.prefetch((layer, e), block=True)
+    cached.cache.commit()
+
+
 def _sync(tiny: bool) -> Callable[[], None]:
     return (lambda: None) if tiny else torch.cuda.synchronize
 
@@ -170,7 +194,6 @@ def step_mixed_spec(tiny: bool) -> dict:
     """A mixed plan (layer 1's experts resident, layers 0 and 2 behind a cache holding all of theirs, every expert
     warm, so every call hits), graphed: event waits, syncs, launches and ms per token with speculation ("auto") and
     without ("never"); README: an all-hit token waits once with speculation, n_layers times without."""
-    from homerun.engine.placement import single_device
     from homerun.engine.runtime import load
 
     path, args = _checkpoint()
@@ -178,19 +201,12 @@ def step_mixed_spec(tiny: bool) -> dict:
     toks = [7, 7, 300, 7, 41] * (1 if tiny else 4)
     out: dict[str, Any] = {"n_layers": L, "resident_layers": [resident]}
     for speculate in ("auto", "never"):
-        pl = single_device(L, "standin:0" if tiny else "cuda:0", gpu_path=tiny, experts="host",
-                           expert_cache_slots=(L - 1) * E)
-        pl = dataclasses.replace(pl, layers=tuple(
-            dataclasses.replace(lp, experts="device", reason="resident by hand") if lp.layer == resident else lp
-            for lp in pl.layers))
+        pl = hybrid_placement(L, E, resident=resident, device="standin:0" if tiny else "cuda:0", gpu_path=tiny)
         model = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs="on")
         be = model.net.experts
         cached = be.backends_by_layer[0]
         cached.miss_policy.mode, cached.fused.policy.mode = "cpu", speculate
-        for layer in (l for l in range(L) if l != resident):
-            for e in range(E):
-                cached.cache.prefetch((layer, e), block=True)
-        cached.cache.commit()
+        warm_every_expert(cached, L, E, resident)
         run = _decode(model, toks, tiny, count_at=len(toks) - 1,
                       probe=lambda: (cached.fused.stats(), cached.cache.stats().to_dict()["misses"]))
         (d0, m0), (d1, m1) = run["before"], run["after"]
