@@ -10,7 +10,8 @@ cores inside them).
 --kv-dtype: how the compressed entries are stored (the model computes in bf16; fp8 quantizes them).
 Each run prefills 4 tokens, decodes 2 untimed tokens (the capture), then counts `--tokens` decode steps (Session.feed,
 logits included) with homerun.kernels.counting.count_device_work: launches = ATen ops + Triton launches + graph
-replays, what a GPU would launch. Prints one JSON line per (preset, runner).
+replays, what the host would launch; a whole-step row also gives the kernels inside its one graph. Prints one JSON
+line per (preset, runner).
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ def measure(path, runner: str, tokens: int, cached: bool, kv_dtype: str = "auto"
         with torch.inference_mode(), count_device_work() as cw:
             logits = s.feed([tok])
         launches, graphs, syncs = launches + cw.c.device_launches, graphs + cw.c.graphs, syncs + cw.c.syncs
-    return {"layers": args.n_layers, "runner": runner, "launches_per_token": launches / tokens,
-            "graph_replays_per_token": graphs / tokens, "host_syncs_per_token": syncs / tokens}
+    out = {"layers": args.n_layers, "runner": runner, "launches_per_token": launches / tokens,
+           "graph_replays_per_token": graphs / tokens, "host_syncs_per_token": syncs / tokens}
+    step = model.decode_graphs.segments.get(("step",)) if model.decode_graphs is not None else None
+    if isinstance(step, list):  # EmulatedGraphs: the kernels the one whole-step graph holds (what the GPU runs)
+        out["kernels_in_step_graph"] = len(step)
+    return out
 
 
 def main() -> None:

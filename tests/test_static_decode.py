@@ -57,8 +57,10 @@ def checkpoints(tmp_path_factory):
     return {kind: make_checkpoint(root, kind, sliding_window=8, index_topk=4) for kind in TINY_KINDS}
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "bf16", "fp8"])
-@pytest.mark.parametrize("kind", ["mixed", "csa", "hca"])
+# The lossy stores on the csa and hca presets: CI's second pass (mixed has a layer of each kind in the default run).
+@pytest.mark.parametrize("kind,kv_dtype", [
+    pytest.param(kind, kv, marks=[] if kind == "mixed" or kv == "auto" else pytest.mark.extended)
+    for kind in ("mixed", "csa", "hca") for kv in ("auto", "bf16", "fp8")])
 def test_the_static_core_equals_the_eager_core_bit_for_bit(checkpoints, kind, kv_dtype):
     """A 3-token prefill, then decode to position 40 (mixed, csa) or across the HCA close at 127 (hca: prefill 120):
     every layer's core output equal at every position, the static state reloaded only where the bucket grows (4 ->

@@ -3,17 +3,17 @@
 A decode step launches ~30 kernels per layer, and on a GPU each launch costs the host several microseconds of Python
 and driver work: at 43 layers that is the token's whole budget at 30 tok/s. Two layouts:
 
-Whole step (every layer's experts resident, any kv_dtype): the step is one graph. The attention
-cores run over static capacities with their lengths read on the device (homerun.models.deepseek_v4.static_decode:
-the window in a fixed buffer, compressor closes computed always and kept by a device-side slot, the CSA top-k over
-the capacity, masked), so the graph depends on the context only through its capacity bucket (a power of two of the
-tokens, from MIN_BUCKET_TOKENS): it is captured at a bucket's first step and again when the context crosses into
-the next one. The static state is the sequence's state while the graphs hold it; each step hands back LayerStates
-that view one copy of its small tensors (windows, open windows, overlaps) and share its entry stores, and a step
-from any other state (another session, an earlier state) copies that state in first. Around the replay: the token
-id's copy, the position's fill and that copy (one launch per dtype).
+Whole step (every layer's experts resident; any kv_dtype, fp8 with its pages on the device): the step is one graph.
+The attention cores run over static capacities with their lengths read on the device
+(homerun.models.deepseek_v4.static_decode: the window in a fixed buffer, compressor closes computed always and kept
+by a device-side slot, the CSA top-k over the capacity, masked), so the graph depends on the context only through
+its capacity bucket (a power of two of the tokens, from MIN_BUCKET_TOKENS): it is captured at a bucket's first step
+and again when the context crosses into the next one. The static state is the sequence's state while the graphs hold
+it; each step hands back LayerStates that view one copy of its small tensors (windows, open windows, overlaps) and
+share its entry stores, and a step from any other state (another session, an earlier state) copies that state in
+first. Around the replay: the token id's copy, the position's fill and that copy (one launch per dtype).
 
-Piecewise (a layer whose experts are cached, or `whole_step` off): everything in a layer
+Piecewise (a layer whose experts are cached, fp8 KV pages off the device, or `whole_step` off): everything in a layer
 except its attention core and its routed call depends on the token only through device tensors (the streams, the
 token id, the RoPE tables of the position), so it is captured once and replayed:
 
@@ -21,14 +21,14 @@ token id, the RoPE tables of the position), so it is captured once and replayed:
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
   segment n      layer n-1's post-attention -> final hidden
 
-Where the static core mirrors the KV store (whole_step_reason) the static cores go into the segments too (layer i's at the end of the segment
-that makes its pre-attention; keys carry "static"); otherwise the eager cores, which size their work from the
-context, run between the replays, their outputs copied into static buffers. That layout holds the routed experts'
-launches, so it needs a layer whose expert backend declares it graph-safe (all its experts resident:
-offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store) reads each
-layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs eagerly between
-two segments. The choice is per layer (`eager_routed`): a model whose layers are partly resident, partly cached
-replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
+Where the static core mirrors the KV stores (`whole_step_reason`) the static cores go into the segments too (layer
+i's at the end of the segment that makes its pre-attention; keys carry "static"); otherwise the eager cores, which
+size their work from the context, run between the replays, their outputs copied into static buffers. That layout
+holds the routed experts' launches, so it needs a layer whose expert backend declares it graph-safe (all its experts
+resident: offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store)
+reads each layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs
+eagerly between two segments. The choice is per layer (`eager_routed`): a model whose layers are partly resident,
+partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
 
   segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
   (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer

@@ -30,7 +30,9 @@ class PagedRows:
 
     The committed row count lives in the owner's (immutable) state, not here: writes past it are invisible until the
     owner commits, which is what makes a chunk's update all-or-nothing. Subclasses change how a page stores rows
-    (`_alloc`, `_put`, `_get`, `_take`, `row_bytes`); reads always return rows in `dtype` on the compute device.
+    (`_alloc`, `_parts`, `_slice`, `_encode`, `_get`, `_take`, `row_bytes`, `format`, `empty_like`); reads always
+    return rows in `dtype` on the compute device. The decode step's static core (models.deepseek_v4.static_decode)
+    keeps its entries in a store of the same format, written and read through these same hooks.
     """
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, page_rows: int = 256,
