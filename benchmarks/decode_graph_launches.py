@@ -3,12 +3,15 @@ eager (no graphs), graphs with eager attention cores (`whole_step` off: n_layers
 with --cached) and graphs with static attention cores (one graph a step; with --cached, one segment per stretch
 between two routed calls, n_layers + 1, plus the router guesses that exact tokens replay).
 
-    TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/decode_graph_launches.py [--tokens 8] [--cached]
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/decode_graph_launches.py [--tokens 8] [--cached] \
+        [--kv-dtype auto|bf16|fp8]
 
 --cached: every layer's experts behind a 6-slot device cache, misses computed on the CPU (a hybrid plan).
+--kv-dtype: how the compressed entries are stored (the model computes in bf16; fp8 quantizes them).
 Each run prefills 4 tokens, decodes 2 untimed tokens (the capture), then counts `--tokens` decode steps (Session.feed,
 logits included) with homerun.kernels.counting.count_device_work: launches = ATen ops + Triton launches + graph
-replays, what a GPU would launch. Prints one JSON line per (preset, runner).
+replays, what the host would launch; a whole-step row also gives the kernels inside its one graph. Prints one JSON
+line per (preset, runner).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from homerun.kernels.counting import count_device_work  # noqa: E402
 from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
 
 
-def measure(path, runner: str, tokens: int, cached: bool) -> dict:
+def measure(path, runner: str, tokens: int, cached: bool, kv_dtype: str = "auto") -> dict:
     from homerun.formats.loader import open_checkpoint
 
     args = ModelArgs.from_hf_config(open_checkpoint(path).config)
@@ -39,7 +42,7 @@ def measure(path, runner: str, tokens: int, cached: bool) -> dict:
         pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="host", expert_cache_slots=6)
     else:
         pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
-    model = load(path, dtype="bfloat16", experts="reference", placement=pl,
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype,
                  cuda_graphs="off" if runner == "eager" else "on")
     if cached:
         for be in getattr(model.net.experts, "backends_by_layer", [model.net.experts]):
@@ -57,8 +60,12 @@ def measure(path, runner: str, tokens: int, cached: bool) -> dict:
         with torch.inference_mode(), count_device_work() as cw:
             logits = s.feed([tok])
         launches, graphs, syncs = launches + cw.c.device_launches, graphs + cw.c.graphs, syncs + cw.c.syncs
-    return {"layers": args.n_layers, "runner": runner, "launches_per_token": launches / tokens,
-            "graph_replays_per_token": graphs / tokens, "host_syncs_per_token": syncs / tokens}
+    out = {"layers": args.n_layers, "runner": runner, "launches_per_token": launches / tokens,
+           "graph_replays_per_token": graphs / tokens, "host_syncs_per_token": syncs / tokens}
+    step = model.decode_graphs.segments.get(("step",)) if model.decode_graphs is not None else None
+    if isinstance(step, list):  # EmulatedGraphs: the kernels the one whole-step graph holds (what the GPU runs)
+        out["kernels_in_step_graph"] = len(step)
+    return out
 
 
 def main() -> None:
@@ -66,13 +73,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--presets", default=",".join(TINY_PRESETS))
     ap.add_argument("--cached", action="store_true", help="every layer's experts behind a device cache")
+    ap.add_argument("--kv-dtype", default="auto", choices=("auto", "bf16", "fp8"), help="the entry stores' dtype")
     opts = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         for kind in opts.presets.split(","):
             path = write_checkpoint(os.path.join(root, kind), tiny_config(kind))
             for runner in ("eager", "eager cores", "static cores"):
-                row = {"preset": kind, "cached": opts.cached, **measure(path, runner, opts.tokens, opts.cached)}
+                row = {"preset": kind, "cached": opts.cached, "kv_dtype": opts.kv_dtype,
+                       **measure(path, runner, opts.tokens, opts.cached, opts.kv_dtype)}
                 print(json.dumps(row), flush=True)
 
 

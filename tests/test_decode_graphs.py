@@ -108,7 +108,7 @@ def test_a_resident_step_is_one_graph_launch(steps):
 
 
 def test_the_piecewise_layout_is_one_launch_per_segment_plus_the_cores(steps):
-    """whole_step off (as for a KV kept in bf16 or fp8): n_layers + 1 graph launches, the attention cores eagerly
+    """whole_step off (as for fp8 KV pages off the device): n_layers + 1 graph launches, the attention cores eagerly
     between them (measured 10.3 launches per layer on the tiny preset, against ~31 without graphs)."""
     model, _ = steps
     model.decode_graphs.whole_step = False

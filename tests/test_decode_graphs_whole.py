@@ -1,8 +1,9 @@
-"""Whole-step decode graphs (homerun.engine.graphs, every layer resident, KV in the compute dtype) on CUDA stand-ins:
-one graph per step over the static attention state of the context's bucket, captured again when the context
-crosses a bucket. The graphed steps must equal the eager forward bit for bit across window fills, CSA closes and
-bucket crossings for the three tiny presets, and when a step starts from a state the graphs do not hold (another
-session, an earlier state of the same one)."""
+"""Whole-step decode graphs (homerun.engine.graphs, every layer resident) on CUDA stand-ins: one graph per step over
+the static attention state of the context's bucket, captured again when the context crosses a bucket. The graphed
+steps must equal the eager forward bit for bit across window fills, CSA closes and bucket crossings for the three
+tiny presets, and when a step starts from a state the graphs do not hold (another session, an earlier state of the
+same one), for every kv_dtype: the compute dtype, bf16 entries under fp32 compute, fp8 entries (quantized on store,
+dequantized on read, as the eager path does)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def checkpoints(tmp_path_factory):
     return {kind: make_checkpoint(root, kind, sliding_window=8, index_topk=4) for kind in TINY_KINDS}
 
 
-def _graphed(path, dtype):
+def _graphed(path, dtype, kv_dtype="auto", graphs="on"):
     from homerun.formats.loader import open_checkpoint
 
     args = ModelArgs.from_hf_config(open_checkpoint(path).config)
     pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
-    model = load(path, dtype=dtype, experts="reference", placement=pl, cuda_graphs="on")
-    model.decode_graphs.min_bucket_tokens = 16  # buckets 16, 32, 64 within a short decode
+    model = load(path, dtype=dtype, experts="reference", placement=pl, cuda_graphs=graphs, kv_dtype=kv_dtype)
+    if graphs == "on":
+        model.decode_graphs.min_bucket_tokens = 16  # buckets 16, 32, 64 within a short decode
     return model
 
 
@@ -44,9 +46,15 @@ def _eager(model, tok: int, pos: int, states) -> torch.Tensor:
         return model.net.logits(hidden)[0].float()
 
 
-@pytest.mark.parametrize("kind,dtype", [("mixed", "bfloat16"), ("csa", "float32"), ("hca", "bfloat16")])
-def test_whole_step_graphs_equal_the_eager_forward_across_buckets(checkpoints, kind, dtype):
-    model = _graphed(checkpoints[kind], dtype)
+_EXT = pytest.mark.extended  # CI's second pass: the lossy stores on the csa and hca presets
+
+
+@pytest.mark.parametrize("kind,dtype,kv_dtype", [
+    ("mixed", "bfloat16", "auto"), ("csa", "float32", "auto"), ("hca", "bfloat16", "auto"),
+    ("mixed", "bfloat16", "fp8"), pytest.param("csa", "float32", "fp8", marks=_EXT),
+    pytest.param("csa", "float32", "bf16", marks=_EXT), pytest.param("hca", "float32", "fp8", marks=_EXT)])
+def test_whole_step_graphs_equal_the_eager_forward_across_buckets(checkpoints, kind, dtype, kv_dtype):
+    model = _graphed(checkpoints[kind], dtype, kv_dtype)
     dg = model.decode_graphs
     s = model.session()
     logits = s.feed([3, 1, 4])
@@ -73,29 +81,30 @@ def test_whole_step_graphs_equal_the_eager_forward_across_buckets(checkpoints, k
     assert dg.step_captures == 3 + 3  # back in buckets 16, 32 and then 64: each captured again
 
 
-def test_two_sessions_take_turns(checkpoints):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_two_sessions_take_turns(checkpoints, kv_dtype):
     """Each step from the other session's state (at the same position: only the states tell them apart) reloads the
-    static state; both stay equal to the eager forward."""
-    model = _graphed(checkpoints["mixed"], "bfloat16")
-    a, b = model.session(), model.session()
-    la, lb = a.feed([5, 6, 7, 8, 9]), b.feed([2, 7, 1, 8, 2])
+    static state; each session stays equal to the same session on a model that never captured (the entries the
+    graphs handed one session survive the other's turn: they are not the shared buffers')."""
+    model = _graphed(checkpoints["mixed"], "bfloat16", kv_dtype)
+    ref = _graphed(checkpoints["mixed"], "bfloat16", kv_dtype, graphs="off")
+    pairs = [(model.session(), ref.session(), p) for p in ([5, 6, 7, 8, 9], [2, 7, 1, 8, 2])]
+    last = [s.feed(p) for s, _, p in pairs]
+    assert all(torch.equal(lg, r.feed(p)) for lg, (_, r, p) in zip(last, pairs))
     for _ in range(6):
-        for s, last in ((a, la), (b, lb)):
-            tok = int(last.argmax())
-            eager = _eager(model, tok, s.n_tokens, s._states)
-            got = s.feed([tok])
-            assert torch.equal(eager, got), s.n_tokens
-            if s is a:
-                la = got
-            else:
-                lb = got
+        for j, (s, r, _) in enumerate(pairs):
+            tok = int(last[j].argmax())
+            last[j] = s.feed([tok])
+            assert torch.equal(last[j], r.feed([tok])), (j, s.n_tokens)
+    assert model.decode_graphs.replays == 12
 
 
-def test_an_hca_close_and_a_bucket_crossing_in_the_graph(checkpoints):
+@pytest.mark.parametrize("kv_dtype", ["auto", pytest.param("fp8", marks=_EXT)])
+def test_an_hca_close_and_a_bucket_crossing_in_the_graph(checkpoints, kv_dtype):
     """The hca preset's rate-128 layers close their first window at position 127, the last of bucket 128: the step
     that writes the entry at a device-side slot is replayed, and the next one reads it from the new bucket's
     buffers (captured at 128)."""
-    model = _graphed(checkpoints["hca"], "bfloat16")
+    model = _graphed(checkpoints["hca"], "bfloat16", kv_dtype)
     dg = model.decode_graphs
     s = model.session()
     logits = s.feed(torch.randint(0, 512, (122,), generator=torch.Generator().manual_seed(9)).tolist())
@@ -108,20 +117,22 @@ def test_an_hca_close_and_a_bucket_crossing_in_the_graph(checkpoints):
     assert all(st.comp.n_entries == 1 for st, lay in zip(s._states, model.net.layers) if lay.kind == "hca")
 
 
-def test_the_static_entries_are_charged_to_the_device_budget(checkpoints):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_the_static_entries_are_charged_to_the_device_budget(checkpoints, kv_dtype):
     """A placed model's KV pages are charged to its device; the whole-step graphs' entry buffers replace them for
-    the session and are charged likewise, then given back with the last state that holds them."""
+    the session and are charged likewise (fp8: codes, scales and rope parts), then given back with the last state
+    that holds them."""
     import gc
 
-    model = _graphed(checkpoints["mixed"], "bfloat16")
+    model = _graphed(checkpoints["mixed"], "bfloat16", kv_dtype)
     dev = next(iter(model.devices.values()))
     s = model.session()
     s.feed([3, 1, 4, 1, 5])
     s.feed([9])  # the first whole step: the static buffers, loaded from the prefill's pages
     gc.collect()  # the prefill's states (and their pages) are gone: only the static buffers hold entries
     kv = model.decode_graphs.static
-    static_bytes = sum(c.rows.numel() * c.rows.element_size() for lay in kv.layers for c in (lay.comp, lay.index)
-                       if c is not None)
+    static_bytes = sum(t.numel() * t.element_size() for lay in kv.layers for c in (lay.comp, lay.index)
+                       if c is not None for t in c.store._parts(c.page))
     assert static_bytes > 0 and dev.bytes_by_class()["kv"] == static_bytes
     del s, kv
     model.decode_graphs.static = model.decode_graphs._mine = None
@@ -129,17 +140,14 @@ def test_the_static_entries_are_charged_to_the_device_budget(checkpoints):
     assert dev.bytes_by_class().get("kv", 0) == 0
 
 
-def test_a_prefill_between_decodes_reads_the_graphs_states(checkpoints):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_a_prefill_between_decodes_reads_the_graphs_states(checkpoints, kv_dtype):
     """A chat turn: decode, then an eager prefill of the next message over the states the graphed steps handed back
     (views of the static buffers, the static entry stores), then decode again: every logit equal to a model that
     never captured."""
-    from homerun.formats.loader import open_checkpoint
-
     path = checkpoints["csa"]
-    graphed = _graphed(path, "bfloat16")
-    args = ModelArgs.from_hf_config(open_checkpoint(path).config)
-    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
-    eager = load(path, dtype="bfloat16", experts="reference", placement=pl, cuda_graphs="off")
+    graphed = _graphed(path, "bfloat16", kv_dtype)
+    eager = _graphed(path, "bfloat16", kv_dtype, graphs="off")
     sg, se = graphed.session(), eager.session()
     turns = [[3, 1, 4, 1, 5], [7] * 6, [2, 6, 5], [8] * 6, [9, 7, 9, 3, 2, 3, 8], [4] * 4]
     for turn in turns:  # prompts fed at once (prefill), replies one token at a time (decode)

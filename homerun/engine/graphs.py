@@ -3,17 +3,17 @@
 A decode step launches ~30 kernels per layer, and on a GPU each launch costs the host several microseconds of Python
 and driver work: at 43 layers that is the token's whole budget at 30 tok/s. Two layouts:
 
-Whole step (every layer's experts resident, the KV kept in the compute dtype): the step is one graph. The attention
-cores run over static capacities with their lengths read on the device (homerun.models.deepseek_v4.static_decode:
-the window in a fixed buffer, compressor closes computed always and kept by a device-side slot, the CSA top-k over
-the capacity, masked), so the graph depends on the context only through its capacity bucket (a power of two of the
-tokens, from MIN_BUCKET_TOKENS): it is captured at a bucket's first step and again when the context crosses into
-the next one. The static state is the sequence's state while the graphs hold it; each step hands back LayerStates
-that view one copy of its small tensors (windows, open windows, overlaps) and share its entry stores, and a step
-from any other state (another session, an earlier state) copies that state in first. Around the replay: the token
-id's copy, the position's fill and that copy (one launch per dtype).
+Whole step (every layer's experts resident; any kv_dtype, fp8 with its pages on the device): the step is one graph.
+The attention cores run over static capacities with their lengths read on the device
+(homerun.models.deepseek_v4.static_decode: the window in a fixed buffer, compressor closes computed always and kept
+by a device-side slot, the CSA top-k over the capacity, masked), so the graph depends on the context only through
+its capacity bucket (a power of two of the tokens, from MIN_BUCKET_TOKENS): it is captured at a bucket's first step
+and again when the context crosses into the next one. The static state is the sequence's state while the graphs hold
+it; each step hands back LayerStates that view one copy of its small tensors (windows, open windows, overlaps) and
+share its entry stores, and a step from any other state (another session, an earlier state) copies that state in
+first. Around the replay: the token id's copy, the position's fill and that copy (one launch per dtype).
 
-Piecewise (a layer whose experts are cached, a KV in bf16 or fp8, or `whole_step` off): everything in a layer
+Piecewise (a layer whose experts are cached, fp8 KV pages off the device, or `whole_step` off): everything in a layer
 except its attention core and its routed call depends on the token only through device tensors (the streams, the
 token id, the RoPE tables of the position), so it is captured once and replayed:
 
@@ -21,14 +21,14 @@ token id, the RoPE tables of the position), so it is captured once and replayed:
   segment i      layer i-1's post-attention (output projections, MoE) -> layer i's pre-attention
   segment n      layer n-1's post-attention -> final hidden
 
-With the KV in the compute dtype the static cores go into the segments too (layer i's at the end of the segment
-that makes its pre-attention; keys carry "static"); otherwise the eager cores, which size their work from the
-context, run between the replays, their outputs copied into static buffers. That layout holds the routed experts'
-launches, so it needs a layer whose expert backend declares it graph-safe (all its experts resident:
-offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store) reads each
-layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs eagerly between
-two segments. The choice is per layer (`eager_routed`): with eager cores a model whose layers are partly resident,
-partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
+Where the static core mirrors the KV stores (`whole_step_reason`) the static cores go into the segments too (layer
+i's at the end of the segment that makes its pre-attention; keys carry "static"); otherwise the eager cores, which
+size their work from the context, run between the replays, their outputs copied into static buffers. That layout
+holds the routed experts' launches, so it needs a layer whose expert backend declares it graph-safe (all its experts
+resident: offload.base.ExpertBackend.graph_safe_layer). The hybrid backend (a device cache over the host store)
+reads each layer's routing on the host, serves misses on the CPU or streams them, so a cached layer's call runs
+eagerly between two segments. The choice is per layer (`eager_routed`): with eager cores a model whose layers are
+partly resident, partly cached replays n_layers + 1 + n_cached segments (2 n_layers + 1 when every layer is cached):
 
   segment i.in   layer i's attention output -> the MoE's router (ids, weights), input, shared-expert projections
   (eager)        backend.forward(layer, input, ids, weights), copied into a static buffer
@@ -59,8 +59,8 @@ import torch
 from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
-from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, StaticRows, bucket_tokens
-from homerun.models.kv import PagedRows
+from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
+from homerun.models.kv import Fp8PagedRows, PagedRows
 
 # The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
 # tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
@@ -89,12 +89,17 @@ def eager_routed_layers(backend, layers: Sequence[int]) -> list[bool]:
 
 
 def whole_step_reason(net, states: Sequence[Any]) -> str | None:
-    """Why decode from `states` can't run as one whole-step graph (None when it can): every entry store must keep
-    rows exactly in the compute dtype (kv_dtype "auto"), which the static core mirrors."""
+    """Why decode from `states` can't run as one whole-step graph (None when it can): every entry store must be of a
+    format the static core mirrors (homerun.models.kv's PagedRows in any dtype, or Fp8PagedRows with its pages on
+    the compute device: it quantizes where its pages lie, and the static core's lie on the device)."""
     for st in states:
         for c in (st.comp, st.index_comp):
-            if c is not None and (type(c.store) not in (PagedRows, StaticRows) or c.store.dtype != net.compute_dtype):
-                return f"entries kept as {type(c.store).__name__} in {c.store.dtype}"
+            if c is None:
+                continue
+            if type(c.store) not in (PagedRows, Fp8PagedRows):
+                return f"entries kept as {type(c.store).__name__}"
+            if type(c.store) is Fp8PagedRows and c.store.device != net.device:
+                return f"fp8 entries quantized on {c.store.device}, the static core's on {net.device}"
     return None
 
 
@@ -102,7 +107,7 @@ def layout_reason(backend, layers: Sequence[int]) -> str:
     """How decode graphs run with `backend`, for the runner's reason string (`homerun bench`'s decode_runner)."""
     eager = eager_routed_layers(backend, layers)
     if not any(eager):
-        return "one graph per step (compute-dtype KV), else experts in the segments"
+        return "one graph per step, else experts in the segments"
     if all(eager):
         return "experts eager between segments"
     return f"experts in the segments, eager between segments in {sum(eager)} of {len(eager)} layers"
@@ -226,7 +231,7 @@ class DecodeGraphs:
             for key in [k for k in self.segments if k[-1] in ("static", "step")]:
                 del self.segments[key], self._outs[key]
             self.static = None  # the old buffers live on only in the states that view them
-            self.static = StaticDecodeKV(self.net, cap, _accounts(states))
+            self.static = StaticDecodeKV(self.net, cap, _accounts(states), like=states)
             self.static.load(states, start_pos)
         elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
             kv.load(states, start_pos)

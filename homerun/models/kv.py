@@ -5,7 +5,7 @@ the rows already stored, so the allocated bytes are the live bytes plus at most 
 live on another device than the compute (host RAM for a GPU model when the GPU budget is short); reads bring the
 rows to the compute device. This module does not know the attention math, the ramp or the token counts; the
 runtime (`homerun.engine.runtime`) decides the page size and where pages live. With an `account` device
-(`offload.devices.Device`), every page is allocated through it under a ("kv", store, page, part) tag, so a placed
+(`offload.devices.Device`), every page is allocated through it under a ("kv", store, allocation, part) tag, so a placed
 model's KV growth is charged to that device's budget (DoesNotFitError names the device) and freed when the store
 is garbage-collected.
 """
@@ -22,6 +22,7 @@ import torch
 # HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer pages to walk at 1M).
 DEFAULT_PAGE_TOKENS = 1024
 _STORE_IDS = itertools.count()
+_ALLOC_IDS = itertools.count()
 
 
 class PagedRows:
@@ -29,7 +30,9 @@ class PagedRows:
 
     The committed row count lives in the owner's (immutable) state, not here: writes past it are invisible until the
     owner commits, which is what makes a chunk's update all-or-nothing. Subclasses change how a page stores rows
-    (`_alloc`, `_put`, `_get`, `_take`, `row_bytes`); reads always return rows in `dtype` on the compute device.
+    (`_alloc`, `_parts`, `_slice`, `_encode`, `_get`, `_take`, `row_bytes`, `format`, `empty_like`); reads always
+    return rows in `dtype` on the compute device. The decode step's static core (models.deepseek_v4.static_decode)
+    keeps its entries in a store of the same format, written and read through these same hooks.
     """
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, page_rows: int = 256,
@@ -53,7 +56,7 @@ class PagedRows:
         if self.account is None:
             make = torch.zeros if zero else torch.empty
             return make(shape, dtype=dtype, device=self.device)
-        tag = ("kv", self._uid, len(self.pages), part)
+        tag = ("kv", self._uid, next(_ALLOC_IDS), part)
         t = self.account.empty(tag, shape, dtype)
         self._tags.append(tag)
         return t.zero_() if zero else t
@@ -73,13 +76,54 @@ class PagedRows:
         """Bytes allocated (whole pages)."""
         return self.capacity_rows * self.row_bytes
 
+    @property
+    def format(self) -> tuple:
+        """What a row's stored bits mean: two stores of one format hold interchangeable rows (`copy_rows`)."""
+        return type(self).__name__, self.width, self.dtype
+
+    def empty_like(self, page_rows: int, device: torch.device, account: Any = None) -> "PagedRows":
+        """An empty store of this format, its pages on `device` (also its compute device)."""
+        return PagedRows(self.width, self.dtype, device, page_rows, compute_device=device, account=account)
+
     # ------------------------------------------------------------------------------------- page format hooks
 
-    def _alloc(self):
-        return self._empty("rows", (self.page_rows, self.width), self.dtype)
+    def _alloc(self, rows: int | None = None):
+        return self._empty("rows", (rows or self.page_rows, self.width), self.dtype)
+
+    def _parts(self, page) -> tuple[torch.Tensor, ...]:
+        """A page's tensors, rows along dim 0 (what `_encode` writes)."""
+        return (page,)
+
+    def _slice(self, page, n: int):
+        """The page of the first n rows of `page` (views)."""
+        return page[:n]
+
+    def _encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rows [n, width] as stored: one tensor per page part, on the store's device (a part's first columns:
+        those past them, padding, stay as allocated; a part of no columns is not written)."""
+        return (rows.to(device=self.device, dtype=self.dtype),)
 
     def _put(self, page, r0: int, rows: torch.Tensor) -> None:
-        page[r0 : r0 + rows.shape[0]] = rows.to(device=self.device, dtype=self.dtype)
+        for part, enc in zip(self._parts(page), self._encode(rows)):
+            if enc.shape[1]:
+                part[r0 : r0 + enc.shape[0], : enc.shape[1]] = enc
+
+    def put_at(self, page, at: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows stored at the device-side row indices `at` of `page` (no host read: a captured step's write)."""
+        for part, enc in zip(self._parts(page), self._encode(rows)):
+            if part.dtype.is_floating_point and part.element_size() == 1:  # no index_copy_ for fp8: as bytes
+                part, enc = part.view(torch.uint8), enc.view(torch.uint8)
+            if enc.shape[1]:
+                part[:, : enc.shape[1]].index_copy_(0, at.to(part.device), enc)
+
+    def copy_rows(self, n: int, page) -> None:
+        """This store's first n rows, as stored (no re-encoding), into `page` of a store of the same `format`."""
+        for p in range(-(-n // self.page_rows)):
+            r0 = p * self.page_rows
+            m = min(self.page_rows, n - r0)
+            for dst, src in zip(self._parts(page), self._parts(self.pages[p])):
+                if src.shape[1]:
+                    dst[r0 : r0 + m] = src[:m]
 
     def _get(self, page, n: int) -> torch.Tensor:
         return page[:n].to(self.compute_device)
@@ -166,28 +210,38 @@ class Fp8PagedRows(PagedRows):
     def row_bytes(self) -> int:
         return fp8_row_bytes(self.width, self.rope_dim, self.scale_fp32)
 
-    def _alloc(self):
-        q = self._empty("codes", (self.page_rows, self.nope), torch.float8_e4m3fn)
+    @property
+    def format(self) -> tuple:
+        return super().format + (self.rope_dim, self.scale_fp32)
+
+    def empty_like(self, page_rows: int, device: torch.device, account: Any = None) -> "PagedRows":
+        return Fp8PagedRows(self.width, self.dtype, device, page_rows, device, rope_dim=self.rope_dim,
+                            scale_fp32=self.scale_fp32, account=account)
+
+    def _alloc(self, rows: int | None = None):
+        n = rows or self.page_rows
+        q = self._empty("codes", (n, self.nope), torch.float8_e4m3fn)
         sdt = torch.float32 if self.scale_fp32 else torch.uint8
-        s = self._empty("scales", (self.page_rows, self.scale_cols), sdt, zero=True)
-        r = self._empty("rope", (self.page_rows, self.rope_dim), torch.bfloat16)
+        s = self._empty("scales", (n, self.scale_cols), sdt, zero=True)
+        r = self._empty("rope", (n, self.rope_dim), torch.bfloat16)
         return q, s, r
 
-    def _put(self, page, r0: int, rows: torch.Tensor) -> None:
-        q, s, r = page
+    def _parts(self, page) -> tuple[torch.Tensor, ...]:
+        return page
+
+    def _slice(self, page, n: int):
+        return tuple(t[:n] for t in page)
+
+    def _encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = rows.shape[0]
         x = rows.to(self.device, torch.float32)
         blocks = x[:, : self.nope].reshape(n, self.n_blocks, self.block)
         amax = blocks.abs().amax(dim=-1).clamp_min(1e-30)
         exp = torch.ceil(torch.log2(amax / self.FP8_MAX)).clamp(-126, 126)  # power-of-two scale: amax/s <= 448
-        q[r0 : r0 + n] = (blocks / torch.exp2(exp).unsqueeze(-1)).clamp(-self.FP8_MAX, self.FP8_MAX).reshape(
+        q = (blocks / torch.exp2(exp).unsqueeze(-1)).clamp(-self.FP8_MAX, self.FP8_MAX).reshape(
             n, self.nope).to(torch.float8_e4m3fn)
-        if self.scale_fp32:
-            s[r0 : r0 + n] = torch.exp2(exp)
-        else:
-            s[r0 : r0 + n, : self.n_blocks] = (exp + 127).to(torch.uint8)
-        if self.rope_dim:
-            r[r0 : r0 + n] = x[:, self.nope :].to(torch.bfloat16)
+        s = torch.exp2(exp) if self.scale_fp32 else (exp + 127).to(torch.uint8)  # the padding columns stay zero
+        return q, s, x[:, self.nope :].to(torch.bfloat16) if self.rope_dim else x[:, self.nope :]
 
     def _decode(self, q, s, r) -> torch.Tensor:
         n = q.shape[0]

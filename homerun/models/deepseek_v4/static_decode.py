@@ -20,12 +20,17 @@ captured once per bucket and replayed at every position below it:
 Every kernel walks its rows in blocks that do not depend on the lengths, so the outputs equal the eager core's bit
 for bit (tests/test_static_decode.py); the cost is the padded work of the bucket: the indexer scores up to twice the
 closed keys and the top-k runs over the capacity, while the window and entry reads stop at the true lengths.
-Entries are kept in the compute dtype (kv_dtype "auto"); lossy stores (bf16, fp8) are not mirrored here.
+
+The entries are kept as the sequence's own stores keep them (any kv_dtype): each static store is a store of the same
+format (homerun.models.kv: PagedRows in the compute dtype or in bf16, Fp8PagedRows) whose first page is the static
+buffer, written through the format's encoder at a device-side row (`put_at`: fp8 quantizes on store) and read
+through its decoder (fp8 dequantizes the capacity's rows each step, HCA entries and indexer keys, or the top-k's
+gathered CSA rows), the eager path's functions on the same rows. A state from another sequence is copied in as
+stored bits (`copy_rows`, no re-encoding); the states handed out before keep their entries in a copy of the page.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,19 +46,17 @@ def bucket_tokens(pos: int, min_tokens: int) -> int:
     return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
 
 
-_BUFFER_IDS = itertools.count()
-
-
-class StaticRows(PagedRows):
-    """The entry store of a static compressor: its first page is the static buffer's first `cap` rows, which the
-    captured step writes (a row past a state's committed count, as any store write); an eager forward that writes
-    past the capacity appends ordinary pages (charged to `account` as any store's)."""
-
-    def __init__(self, rows: torch.Tensor, cap: int, account: Any = None, tag: Any = None) -> None:
-        super().__init__(rows.shape[1], rows.dtype, rows.device, cap, account=account)
-        self.pages.append(rows[:cap])
-        if tag is not None:  # the buffer was charged under tag: it goes back to the budget with this store
-            self._tags.append(tag)
+def static_store(like: PagedRows, cap: int, device: torch.device, account: Any = None) -> tuple[PagedRows, Any, list]:
+    """The entry store of a static compressor, of like's format: its first page is the first `cap` rows of a static
+    buffer of cap + 1 rows (row cap: the dump row of non-closing steps), which the captured step writes (a row past a
+    state's committed count, as any store write); an eager forward that writes past the capacity appends ordinary
+    pages. -> (store, the whole buffer as a page, the tags it is charged under to `account`: freed with the store)."""
+    store = like.empty_like(cap, device, account)
+    page = store._alloc(cap + 1)
+    for t in store._parts(page):
+        t.zero_()
+    store.pages.append(store._slice(page, cap))
+    return store, page, list(store._tags)
 
 
 class _Arena:
@@ -91,8 +94,9 @@ class _Comp:
     pend_gate: torch.Tensor  # [rate, width]
     overlap_kv: torch.Tensor | None  # [rate, hd] (CSA); zeros and -inf gates before the first close
     overlap_gate: torch.Tensor | None
-    rows: torch.Tensor  # [cap + 1, hd]: entries 0..cap-1, row cap the dump slot of non-closing steps
-    store: StaticRows  # over rows[:cap]
+    page: Any  # the store's page of cap + 1 rows: entries 0..cap-1, row cap the dump slot of non-closing steps
+    store: PagedRows  # its first page: page's first cap rows
+    tags: list  # page's budget tags (in store's: they move with the page when the store is detached)
     ids: tuple[int, ...]  # the arena views of pend_kv, pend_gate[, overlap_kv, overlap_gate]
 
 
@@ -132,12 +136,14 @@ class StaticDecodeKV:
     session's LayerStates in (host work: outside any capture), `begin_step` and `core` are the capturable step,
     `states` copies the state back out as LayerStates over the given stores."""
 
-    def __init__(self, net, ctx_tokens: int, accounts: Sequence[Any] | None = None) -> None:
+    def __init__(self, net, ctx_tokens: int, accounts: Sequence[Any] | None = None,
+                 like: Sequence[LayerState] | None = None) -> None:
         """accounts: per layer, the budgeted device (offload.devices.Device) its entry buffers are charged to, as
-        the KV pages of a placed model are (None: uncharged)."""
+        the KV pages of a placed model are (None: uncharged). like: per layer, a state whose entry stores give the
+        static stores' formats (None: the compute dtype, kv_dtype "auto")."""
         a = net.args
         self.accounts = list(accounts) if accounts is not None else [None] * len(net.layers)
-        self._uid = next(_BUFFER_IDS)
+        self._handed_out = False  # states() returned LayerStates over the static stores since the last detach
         self.net, self.args, self.window, self.ctx_tokens = net, a, a.window_size, ctx_tokens
         rates = sorted({a.rate(lay.index) for lay in net.layers if lay.kind != LAYER_SLIDING})
         if a.window_size < 2:
@@ -148,7 +154,7 @@ class StaticDecodeKV:
         self.arena = _Arena()
         specs = [self._specs(lay) for lay in net.layers]
         self.arena.alloc(net.device)
-        self.layers = [self._carve(i, sp) for i, sp in enumerate(specs)]
+        self.layers = [self._carve(i, sp, like[i] if like is not None else None) for i, sp in enumerate(specs)]
         self.step: _Step | None = None
 
     def _specs(self, lay):
@@ -166,7 +172,7 @@ class StaticDecodeKV:
         return (ar.add(dt, (a.window_size, a.head_dim)), comp(at.comp) if at.comp is not None else None,
                 comp(at.indexer.comp) if at.indexer is not None else None)
 
-    def _carve(self, i: int, specs) -> _Layer:
+    def _carve(self, i: int, specs, like: LayerState | None) -> _Layer:
         win_id, *comps = specs
         dt, dev, ar, account = self.net.compute_dtype, self.net.device, self.arena, self.accounts[i]
         out = []
@@ -175,18 +181,15 @@ class StaticDecodeKV:
                 out.append(None)
                 continue
             c, ids = spec
-            shape, tag = (self.caps[c.rate] + 1, c.head_dim), None
-            if account is None:
-                rows = torch.zeros(shape, dtype=dt, device=dev)
-            else:  # a placed model's KV: charged to the layer's device budget, freed with the store
-                tag = ("kv", "static", self._uid, i, part)
-                rows = account.empty(tag, shape, dt).zero_()
+            cst = (like.comp if part == 0 else like.index_comp) if like is not None else None
+            fmt = cst.store if cst is not None else PagedRows(c.head_dim, dt, dev)  # a store of the format to keep
+            # a placed model's KV: charged to the layer's device budget, freed with the store
+            store, page, tags = static_store(fmt, self.caps[c.rate], dev, account)
             ok = og = None
             if c.overlap:  # before the first close: no previous window (zero rows, -inf gates: weight 0)
                 ok, og = ar.view(ids[2]), ar.view(ids[3])
                 og.fill_(float("-inf"))
-            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, rows,
-                             StaticRows(rows, self.caps[c.rate], account, tag), ids))
+            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, page, store, tags, ids))
         return _Layer(ar.view(win_id), win_id, *out)
 
     # ------------------------------------------------------------------------------------- host-side transfer
@@ -196,25 +199,51 @@ class StaticDecodeKV:
         layers: only those (model order)."""
         if pos >= self.ctx_tokens:
             raise ValueError(f"position {pos} is past the capacity {self.ctx_tokens}")
-        for i in range(len(self.layers)) if layers is None else layers:
+        layers = range(len(self.layers)) if layers is None else layers
+        if self._handed_out and any(sc is not None and cst.store is not sc.store for i in layers
+                                    for sc, cst in self._pairs(i, states)):
+            self._detach()  # another sequence's entries are about to overwrite the buffers
+        for i in layers:
             s, st = self.layers[i], states[i]
             n = st.window.shape[0]
             if n != min(pos, self.window - 1):
                 raise ValueError(f"window of {n} rows at position {pos}")
             s.window[:n] = st.window
-            for sc, cst in ((s.comp, st.comp), (s.index, st.index_comp)):
+            for sc, cst in self._pairs(i, states):
                 if sc is not None:
                     self._load_comp(sc, cst, pos)
 
+    def _pairs(self, i: int, states) -> tuple:
+        s, st = self.layers[i], states[i]
+        return (s.comp, st.comp), (s.index, st.index_comp)
+
+    def _detach(self) -> None:
+        """The states handed out so far keep their entries: each static store gets a copy of its first page (charged
+        as its pages are) and lets the buffer go to a new store of the same format, which the next states share."""
+        for s in self.layers:
+            for sc in (s.comp, s.index):
+                if sc is None:
+                    continue
+                old, cap = sc.store, self.caps[sc.rate]
+                own = old._alloc()  # page_rows == cap
+                for dst, src in zip(old._parts(own), old._parts(old.pages[0])):
+                    dst.copy_(src)
+                old.pages[0] = own
+                sc.store = old.empty_like(cap, self.net.device, old.account)
+                for tag in sc.tags:  # the buffer's budget goes with it
+                    old._tags.remove(tag)
+                    sc.store._tags.append(tag)
+                sc.store.pages.append(sc.store._slice(sc.page, cap))
+        self._handed_out = False
+
     def _load_comp(self, sc: _Comp, cst: CompressorState, pos: int) -> None:
-        if cst.store.dtype != sc.rows.dtype:
-            raise ValueError(f"entries stored in {cst.store.dtype}, the static core keeps {sc.rows.dtype}")
+        if cst.store.format != sc.store.format:
+            raise ValueError(f"entries stored as {cst.store.format}, the static core keeps {sc.store.format}")
         n_pend = cst.pending_kv.shape[0] if cst.pending_kv is not None else 0
         if cst.n_entries != pos // sc.rate or n_pend != pos % sc.rate:
             raise ValueError(f"compressor state ({cst.n_entries} entries, {n_pend} open rows) at position {pos}")
-        src = cst.store.view(cst.n_entries)
-        if cst.n_entries and src.data_ptr() != sc.rows.data_ptr():  # not our own store's rows
-            sc.rows[: cst.n_entries] = src
+        if cst.n_entries and cst.store is not sc.store:  # not our own store's rows: copied as stored
+            cst.store.copy_rows(cst.n_entries, sc.page)
         if n_pend:
             sc.pend_kv[:n_pend] = cst.pending_kv
             sc.pend_gate[:n_pend] = cst.pending_gate
@@ -231,6 +260,7 @@ class StaticDecodeKV:
         views of one copy of the arena (one launch per dtype: a later step does not change them), the entries those
         of the static stores (rows past a state's count are invisible to it, as in any store)."""
         snap = self.arena.snapshot()
+        self._handed_out = True
         out = []
         for s in self.layers:
             window = self.arena.view(s.window_id, snap)[: min(pos, self.window - 1)]
@@ -267,16 +297,16 @@ class StaticDecodeKV:
         if s.index is not None:
             self._close(s.index, at.indexer.comp, proj[4], proj[5], k)
         if lay.kind == LAYER_HCA:
-            rows2, key = s.comp.rows, (LAYER_HCA, s.comp.rate)
+            rows2, key = _read(s.comp), (LAYER_HCA, s.comp.rate)
         elif lay.kind == LAYER_CSA:
             rate = s.comp.rate
             cap = self.caps[rate]
             iq = k.linear(at.indexer.wq_b, pa.qr).view(1, a.index_n_heads, a.index_head_dim)
             iq = k.norm_rope(iq, None, 0.0, pa.cos, pa.sin, norm=False)
-            score = k.index_scores(iq, proj[6], s.index.rows[:cap], a.index_n_heads**-0.5, a.index_head_dim**-0.5)
+            score = k.index_scores(iq, proj[6], _read(s.index), a.index_n_heads**-0.5, a.index_head_dim**-0.5)
             score = score.masked_fill(self.ar[rate] >= st.n_closed[rate], float("-inf"))
             sel = score.topk(min(a.index_topk, cap), dim=-1).indices[0]  # the picks past the length are never read
-            rows2, key = s.comp.rows.index_select(0, sel), (LAYER_CSA, rate)
+            rows2, key = _read(s.comp, sel), (LAYER_CSA, rate)
         o = k.attend_rows(pa.q[0], s.window, rows2, at.sink.reshape(-1), Dh**-0.5, pa.q.dtype,
                           lengths=st.lengths[key])
         # the oldest row leaves once the window is full (after the read above)
@@ -292,7 +322,16 @@ class StaticDecodeKV:
                                            sc.pend_gate[r - 1 :], c.ape, sc.overlap_kv, sc.overlap_gate, c.overlap,
                                            c.norm, self.args.norm_eps, self.net.freqs_compress, st.entry_pos[r],
                                            c.head_dim)
-        sc.rows.index_copy_(0, st.entry_slot[r], entry)
+        sc.store.put_at(sc.page, st.entry_slot[r], entry)
         if c.overlap:
             sc.overlap_kv.copy_(torch.where(st.closing[r], okn, sc.overlap_kv))
             sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))
+
+
+def _read(sc: _Comp, sel: torch.Tensor | None = None) -> torch.Tensor:
+    """The static entries as the eager path reads its store's (decoded by the same format hooks): every row of the
+    capacity, or the rows at the device indices sel."""
+    store = sc.store
+    if sel is None:
+        return store._get(store.pages[0], store.page_rows)
+    return store._take(store.pages[0], sel)
