@@ -30,7 +30,7 @@ from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerSt
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
 from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS
 from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
-from homerun.plan.records import prefill_chunk_tokens
+from homerun.plan.records import gpu_runs_prefill, prefill_chunk_tokens
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # progress(stage, done, total): stage is "layers" while the model is assembled.
@@ -437,8 +437,8 @@ def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend
         tokenizer = Tokenizer.from_dir(root)
     max_pos = int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
     ramp = opts.context.ramp_tokens or tuple(r for r in DEFAULT_RAMP_TOKENS if r <= max_pos) or (max_pos,)
-    # prefill chunk: the planner's (2048 where a GPU or a CUDA stand-in runs the layers, else 512), or the user's
-    gpu = any(d.kind in ("cuda", "cuda-standin") for d in placement.devices)
+    # prefill chunk: the planner's rule (2048 where a GPU or a CUDA stand-in runs layers, else 512), or the user's
+    gpu = gpu_runs_prefill(placement.device(lp.device).kind for lp in placement.layers)
     chunk = prefill_chunk_tokens(gpu, opts.compute.max_chunk_tokens)
     resolved = opts.replace(placement=placement, device=None, ramp_tokens=ramp, max_chunk_tokens=chunk)
     return Model(net, resolved, placement=placement, devices=devs, path=root, checkpoint=ckpt, tokenizer=tokenizer,

@@ -11,7 +11,7 @@ from dataclasses import replace
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
-                                  PlacementRow, Plan, Stage, _Ctx, gib)
+                                  PlacementRow, Plan, Stage, _Ctx, gib, gpu_runs_prefill)
 from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
 from homerun.plan.speed import (activation_bytes, add_cpu_prefill, chunk_decision, context_section, decode_speed,
                                 finish, prefill_speed)
@@ -55,7 +55,7 @@ def plan_discrete(c: _Ctx) -> Plan:
     if not gpus:
         return plan_unified(c, cpu_only=True)
     pol = prof.policy
-    act = activation_bytes(spec, chunk_decision(c, gpu=True))  # the GPUs run every layer, so prefill
+    act = activation_bytes(spec, chunk_decision(c, gpu=gpu_runs_prefill(["gpu"])))  # the GPU stages run every layer
     margins = {"gpu_reserve": int(pol.reserve_vram_gib * GIB), "runtime_overhead": int(pol.runtime_overhead_gib * GIB),
                "activations": act}
     usable = [g.vram_gib * GIB - sum(margins.values()) for g in gpus]
@@ -409,8 +409,10 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
     pol = prof.policy
     ram = prof.cpu.ram_gib * GIB
-    # prefill runs on the GPU where the plan has a figure for its compute (prefill_speed), else on the CPU
-    act = activation_bytes(spec, chunk_decision(c, gpu=not cpu_only and bool(prof.gpus and prof.gpus[0].tflops_bf16)))
+    dev = "host" if cpu_only else "unified"
+    # the stage's layers go on the host (placement_from_plan), so the CPU runs prefill (its chunk, its estimate)
+    gpu_prefill = gpu_runs_prefill([dev])
+    act = activation_bytes(spec, chunk_decision(c, gpu=gpu_prefill))
     limit = ram - pol.host_reserve_gib * GIB
     if not cpu_only and prof.memory.gpu_limit_gib is not None:
         limit = min(limit, prof.memory.gpu_limit_gib * GIB)
@@ -423,7 +425,6 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     kv_cap = usable - weights
     max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings) if kv_cap > 0 else 0
     reserved = max(0, min(ctx_target, max_tokens))
-    dev = "host" if cpu_only else "unified"
     what = "host RAM (CPU only)" if cpu_only else "unified memory"
     if opts.expert_placement is not None:
         c.decide("expert placement", "not applied", f"{opts.expert_placement.describe()}: {what} is one memory pool, "
@@ -466,7 +467,7 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
     pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=bw,
                         local_name="dram" if cpu_only else "unified", pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps,
                         hit_rate_source="all experts in the same memory pool")
-    tflops = None if cpu_only or not prof.gpus else prof.gpus[0].tflops_bf16
+    tflops = prof.gpus[0].tflops_bf16 if gpu_prefill and prof.gpus else None
     pred.update(prefill_speed(c, tflops=tflops, weight_bytes_per_chunk=weights, weight_gbps=bw,
                               stream_bytes_per_pass=0, stream_gbps=0, stream_link="none"))
     add_cpu_prefill(c, pred, cpu_runs_prefill=pred.get("prefill_tok_s") is None)

@@ -5,7 +5,7 @@ the layout and the frozen Plan; and the working state of one planning run. Data 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from homerun.plan.inventory import Inventory
 from homerun.plan.specs import KvLayout, ModelSpec
@@ -21,6 +21,17 @@ ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at l
 # (benchmarks/prefill_cpu.md, "A larger CPU prefill chunk was also measured").
 GPU_PREFILL_CHUNK_TOKENS = 2048
 CPU_PREFILL_CHUNK_TOKENS = 512
+
+
+GPU_DEVICE_KINDS = ("gpu", "cuda", "cuda-standin")  # a plan stage's kind, a runtime placement device's kinds
+
+
+def gpu_runs_prefill(layer_device_kinds: Iterable[str]) -> bool:
+    """Whether a GPU runs prefill, one rule for the planner and the runtime: the placement puts layers on a GPU
+    device (a plan's "gpu" stages, which homerun.engine.placement.placement_from_plan makes "cuda" devices; a runtime
+    placement's "cuda" or "cuda-standin" devices). One-pool plans ("unified", "host" stages) place every layer on the
+    host, so the CPU runs their prefill whatever GPU the profile names."""
+    return any(k in GPU_DEVICE_KINDS for k in layer_device_kinds)
 
 
 def prefill_chunk_tokens(gpu: bool, requested: int | None = None) -> int:
