@@ -141,6 +141,45 @@ def test_the_static_entries_are_charged_to_the_device_budget(checkpoints, kv_dty
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_only_live_states_keep_a_copy_of_the_static_entries(checkpoints, kv_dtype):
+    """Before another session's entries go into the static buffers, the states handed out keep a copy of the page,
+    charged to the device: with room for only part of it, the step fails as a whole (the sessions
+    then decode on, equal to a model that never captured); a dropped session (chat /reset, a cleared prefix cache)
+    is owed no copy, so the next session's step fits in the same budget."""
+    import gc
+
+    from homerun.errors import DoesNotFitError
+
+    model = _graphed(checkpoints["mixed"], "bfloat16", kv_dtype)
+    ref = _graphed(checkpoints["mixed"], "bfloat16", kv_dtype, graphs="off")
+    dev = next(iter(model.devices.values()))
+    budget = dev.budget_bytes
+    pairs = [(model.session(), ref.session()) for _ in range(2)]
+    for (s, r), p in zip(pairs, ([5, 6, 7, 8, 9], [2, 7, 1, 8, 2])):
+        assert torch.equal(s.feed(p), r.feed(p))
+    (a, ra), (b, rb) = pairs
+    assert torch.equal(a.feed([9]), ra.feed([9]))  # a holds states over the static stores
+    gc.collect()
+    first = next(c for lay in model.decode_graphs.static.layers for c in (lay.comp, lay.index) if c is not None)
+    used = dev.used_bytes  # room for a copy of the first of a's pages, not of the next
+    dev.budget_bytes = used + sum(t.numel() * t.element_size() for t in first.store._parts(first.store.pages[0]))
+    with pytest.raises(DoesNotFitError):
+        b.feed([4])
+    assert dev.used_bytes == used  # the first copy given back
+    dev.budget_bytes = budget
+    for s, r in ((b, rb), (a, ra), (b, rb)):  # nothing half-swapped: both read their own entries
+        assert torch.equal(s.feed([3]), r.feed([3]))
+    del pairs, a, ra  # b's states hold the static stores now; a's own copies go with it
+    c, rc = model.session(), ref.session()
+    assert torch.equal(c.feed([1, 2, 3, 4, 5, 6]), rc.feed([1, 2, 3, 4, 5, 6]))
+    del b, rb, s, r  # dropped: its states are unreachable
+    gc.collect()
+    dev.budget_bytes = dev.used_bytes
+    assert torch.equal(c.feed([8]), rc.feed([8]))  # same bucket, no copy for the dropped session's states
+    dev.budget_bytes = budget
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 def test_a_prefill_between_decodes_reads_the_graphs_states(checkpoints, kv_dtype):
     """A chat turn: decode, then an eager prefill of the next message over the states the graphed steps handed back
     (views of the static buffers, the static entry stores), then decode again: every logit equal to a model that

@@ -52,6 +52,7 @@ CUDA graph's semantics; tests run the graphed decode against the eager one on st
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -154,7 +155,9 @@ class DecodeGraphs:
         self.min_bucket_tokens = MIN_BUCKET_TOKENS
         self.whole_step = True  # False: the piecewise layout even where the whole step could be one graph
         self.static: StaticDecodeKV | None = None  # the whole-step graph's attention state (its bucket's)
-        self._mine: tuple[int, list] | None = None  # (position, states) the static state holds: the last step's
+        # (position, weak references to the states) the static state holds: the last step's (weak: a dropped
+        # session's states die, so the static state copies nothing for them, StaticDecodeKV._detach)
+        self._mine: tuple[int, list] | None = None
         self.step_captures = 0  # whole-step graphs captured (one per bucket reached)
         self._sk: tuple = ()  # ("static",) while the segments hold static attention cores
         self.deferred = None  # the last step's unsettled end (forward's defer_end)
@@ -219,7 +222,7 @@ class DecodeGraphs:
         if not static:
             return self._outs[("out", len(self.net.layers) - 1)], new_states
         new_states = self.static.states(start_pos + 1)
-        self._mine = (start_pos + 1, new_states)
+        self._mine = (start_pos + 1, [weakref.ref(st) for st in new_states])
         return self._hidden, new_states
 
     def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
@@ -254,7 +257,7 @@ class DecodeGraphs:
         self.step_captures += key not in self.segments
         out = self._segment(key, self._step)
         new_states = self.static.states(start_pos + 1)
-        self._mine = (start_pos + 1, new_states)
+        self._mine = (start_pos + 1, [weakref.ref(st) for st in new_states])
         self.replays += 1
         return out, new_states
 
@@ -262,7 +265,7 @@ class DecodeGraphs:
         """Whether the static state is `states` at start_pos: the ones the last whole step returned."""
         if self._mine is None or self._mine[0] != start_pos or len(states) != len(self._mine[1]):
             return False
-        return all(a is b for a, b in zip(states, self._mine[1]))
+        return all(a is b() for a, b in zip(states, self._mine[1]))
 
     def _step(self) -> torch.Tensor:
         """The whole decode step (captured): embedding, every layer with its static attention core and its routed

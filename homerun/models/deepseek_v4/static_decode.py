@@ -26,12 +26,15 @@ format (homerun.models.kv: PagedRows in the compute dtype or in bf16, Fp8PagedRo
 buffer, written through the format's encoder at a device-side row (`put_at`: fp8 quantizes on store) and read
 through its decoder (fp8 dequantizes the capacity's rows each step, HCA entries and indexer keys, or the top-k's
 gathered CSA rows), the eager path's functions on the same rows. A state from another sequence is copied in as
-stored bits (`copy_rows`, no re-encoding); the states handed out before keep their entries in a copy of the page.
+stored bits (`copy_rows`, no re-encoding); the states handed out before that are still alive keep their entries in
+a copy of the page (the static state holds its stores only weakly once it lets them go: a dropped session's are not
+copied), all the copies charged or none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -218,22 +221,33 @@ class StaticDecodeKV:
         return (s.comp, st.comp), (s.index, st.index_comp)
 
     def _detach(self) -> None:
-        """The states handed out so far keep their entries: each static store gets a copy of its first page (charged
-        as its pages are) and lets the buffer go to a new store of the same format, which the next states share."""
-        for s in self.layers:
-            for sc in (s.comp, s.index):
-                if sc is None:
-                    continue
-                old, cap = sc.store, self.caps[sc.rate]
-                own = old._alloc()  # page_rows == cap
-                for dst, src in zip(old._parts(own), old._parts(old.pages[0])):
-                    dst.copy_(src)
-                old.pages[0] = own
-                sc.store = old.empty_like(cap, self.net.device, old.account)
-                for tag in sc.tags:  # the buffer's budget goes with it
-                    old._tags.remove(tag)
-                    sc.store._tags.append(tag)
-                sc.store.pages.append(sc.store._slice(sc.page, cap))
+        """The states handed out so far keep their entries: the buffers (and their budget tags) go to new stores of
+        the same formats, which the next states share, and a store that a live state still reads gets a copy of its
+        first page (charged as its pages are). A store nothing reaches any more (a dropped session, a reset prefix
+        cache) is only known through a weak reference and is not copied. All or nothing: when a copy does not fit,
+        the live stores keep the buffers and the error propagates."""
+        comps = [sc for s in self.layers for sc in (s.comp, s.index) if sc is not None]
+        refs = [weakref.ref(sc.store) for sc in comps]
+        for sc in comps:  # our strong references to the old stores go
+            _move_buffer(sc, sc.store, sc.store.empty_like(self.caps[sc.rate], self.net.device, sc.store.account))
+        live = [(sc, old) for sc, r in zip(comps, refs) if (old := r()) is not None]
+        marks, owns = [], []
+        try:
+            for _, old in live:
+                marks.append((old, len(old._tags)))
+                owns.append(old._alloc())  # page_rows == cap
+        except BaseException:
+            for old, n in marks:
+                if old.account is not None:
+                    old.account.free_all(old._tags[n:])
+                del old._tags[n:]
+            for sc, old in live:  # back to before: the buffers in the stores the live states read
+                _move_buffer(sc, sc.store, old)
+            raise
+        for (sc, old), own in zip(live, owns):
+            for dst, src in zip(old._parts(own), old._parts(old.pages[0])):
+                dst.copy_(src)
+            old.pages[0] = own
         self._handed_out = False
 
     def _load_comp(self, sc: _Comp, cst: CompressorState, pos: int) -> None:
@@ -326,6 +340,17 @@ class StaticDecodeKV:
         if c.overlap:
             sc.overlap_kv.copy_(torch.where(st.closing[r], okn, sc.overlap_kv))
             sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))
+
+
+def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
+    """sc's static buffer (its first cap rows) becomes dst's first page and dst becomes sc.store; the buffer's budget
+    tags move from src to dst, so that src's finalizer no longer frees them."""
+    for tag in sc.tags:
+        if tag in src._tags:
+            src._tags.remove(tag)
+            dst._tags.append(tag)
+    dst.pages[:1] = [dst._slice(sc.page, dst.page_rows)]
+    sc.store = dst
 
 
 def _read(sc: _Comp, sel: torch.Tensor | None = None) -> torch.Tensor:
