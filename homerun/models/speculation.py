@@ -29,3 +29,16 @@ class DeferredEnd:
             self.experts.host_synced()
         redo = self.experts.end_token()
         return None if redo is None else self._redo(redo)
+
+
+def end_or_defer(experts: Any, spec: bool, defer: bool, stand: Callable[[], tuple[Any, list]],
+                 redo: Callable[[int], tuple[Any, list]], end: bool = True) -> tuple[Any, list, DeferredEnd | None]:
+    """A forward's tail -> (hidden, states, DeferredEnd or None). A speculated (`spec`) forward with `defer` stands
+    as it is and returns its end unmade; any other makes its end_token now (when `end`: the backend's token hooks
+    ran) and reruns from a missed layer. `stand()`: the forward's (hidden, states) as computed."""
+    if spec and defer:
+        hidden, states = stand()
+        return hidden, states, DeferredEnd(experts, redo)
+    r = experts.end_token() if end else None
+    hidden, states = stand() if r is None else redo(r)
+    return hidden, states, None
