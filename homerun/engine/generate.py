@@ -97,11 +97,11 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
     for i in range(max_new_tokens):
         ts = time.perf_counter()
         if i > 0:
-            logits = sess.decode(token_t, token)
+            logits = sess.decode(token_t, token, defer=True)
         state = generator.get_state() if sess.unsettled and not params.is_greedy else None
         token_t = sample_tensor(logits, params, generator)
         token = int(token_t)  # the one host wait; a speculated step's end check rides it (Session.settle)
-        redone = sess.settle()
+        redone = sess.settle(synced=True)
         if redone is not None:  # the step missed a layer's experts: its exact logits, sampled from the same draw
             if state is not None:
                 generator.set_state(state)

@@ -62,6 +62,7 @@ from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
 from homerun.models.kv import Fp8PagedRows, PagedRows
+from homerun.models.speculation import DeferredEnd, end_or_defer
 
 # The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
 # tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
@@ -160,7 +161,6 @@ class DecodeGraphs:
         self._mine: tuple[int, list] | None = None
         self.step_captures = 0  # whole-step graphs captured (one per bucket reached)
         self._sk: tuple = ()  # ("static",) while the segments hold static attention cores
-        self.deferred = None  # the last step's unsettled end (forward's defer_end)
 
     @property
     def captured(self) -> bool:
@@ -172,10 +172,9 @@ class DecodeGraphs:
         return any(self.eager_routed)
 
     def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any], *,
-                defer_end: bool = False) -> tuple[torch.Tensor, list]:
-        """`defer_end`: net.forward's (a speculated step returns before its end_token, leaving `self.deferred`)."""
+                defer_end: bool = False) -> tuple[torch.Tensor, list, DeferredEnd | None]:
+        """net.forward_step's: (hidden, states, the DeferredEnd of a speculated step with `defer_end`, else None)."""
         net = self.net
-        self.deferred = None
         if not self.segments:
             dev = net.device
             self.ids_buf = ids.reshape(1).to(dev, torch.int64).clone()
@@ -188,7 +187,7 @@ class DecodeGraphs:
         if static:
             self._static_for(start_pos, states)
             if not self.split:
-                return self._forward_whole(start_pos)
+                return (*self._forward_whole(start_pos), None)
         spec = net._begin_token(ids.reshape(1)) if self.split else False  # the token hooks, as net.forward's
         if static:
             self._stretches(None)
@@ -209,13 +208,8 @@ class DecodeGraphs:
             return self._stand(start_pos, static, new_states[:first] + tail)
 
         self.replays += 1
-        if spec and defer_end:
-            from homerun.models.speculation import DeferredEnd
-
-            self.deferred = DeferredEnd(self.backend, redo)
-            return self._stand(start_pos, static, new_states)
-        r = self.backend.end_token() if self.split else None
-        return self._stand(start_pos, static, new_states) if r is None else redo(r)
+        return end_or_defer(self.backend, spec, defer_end, lambda: self._stand(start_pos, static, new_states), redo,
+                            end=self.split)
 
     def _stand(self, start_pos: int, static: bool, new_states: list) -> tuple[torch.Tensor, list]:
         """The step's final hidden (a static buffer) and its states (with static cores: views of the static state)."""

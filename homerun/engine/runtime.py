@@ -93,7 +93,6 @@ class Model:
         self._forward_s = 0.0
         self._feeds = 0
         self.forwards = 0  # net.forward calls (chunks and decode steps), for activation hops
-        self.deferred = None  # the last forward's unsettled end (_forward's defer_end), until a session takes it
         self._unsettled = None  # the session whose last step is not settled yet (Session.decode)
         self.graph_mode = options.compute.cuda_graphs
         self.set_graph_mode(self.graph_mode)
@@ -125,14 +124,17 @@ class Model:
         try:
             yield wrapper
         finally:
-            self.net.experts = inner
+            try:  # a step deferred in the block ends (and any redo runs) through the wrapper it began with
+                self.settle()
+            finally:
+                self.net.experts = inner
 
     def _forward(self, ids: torch.Tensor, start_pos: int, states, *, defer_end: bool = False):
         """net.forward, with one-token steps replayed from the decode graphs when there are some. The graphs serve
         only the expert backend they were made for: with another one in net.experts (a wrapper planted for a
-        counting pass, say) the step runs eagerly through it. `defer_end` (net.forward's): a speculated step's
-        unsettled end is left in `self.deferred` (homerun.models.speculation.DeferredEnd); any session's step that
-        was left unsettled is settled first."""
+        counting pass, say) the step runs eagerly through it. -> (hidden, states, DeferredEnd | None): with
+        `defer_end`, a speculated step's unsettled end (net.forward_step's); any session's step that was left
+        unsettled is settled first."""
         self.settle()
         dg = self.decode_graphs
         runner = self.net
@@ -150,8 +152,7 @@ class Model:
                                   stacklevel=2)
                     runner = self.net
         if runner is self.net:
-            out = self.net.forward(ids, start_pos, states, defer_end=defer_end)
-        self.deferred, runner.deferred = runner.deferred, None
+            out = self.net.forward_step(ids, start_pos, states, defer_end=defer_end)
         return out
 
     def settle(self) -> None:

@@ -62,7 +62,9 @@ class Session:
         self._tokens: list[int] = []
         self._last_logits: torch.Tensor | None = None
         self._cap_index = 0
-        self._deferred = None  # the last decode step's unsettled end (homerun.models.speculation.DeferredEnd)
+        # The last decode step's unsettled end (homerun.models.speculation.DeferredEnd) with what the session was
+        # before that step (states, token count, logits), to return to if settling it fails.
+        self._deferred: tuple | None = None
         # Called with the new capacity (tokens) each time the ramp steps up.
         self.on_capacity: Callable[[int], None] | None = None
         # Called as on_prefill(eta_s, n_tokens) for a feed of more than PREFILL_ETA_MIN_TOKENS tokens: before it
@@ -210,6 +212,7 @@ class Session:
     def feed(self, token_ids: Sequence[int] | torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
         """Append tokens (any count) and return float32 logits [V] of the last position: on the host, or with
         `on_device` where the model computed them (no device-to-host copy)."""
+        self.settle(synced=False)  # a deferred step's redo may replace the logits and states this feed starts from
         ids, vals = self.model._ids_and_list(token_ids)
         if ids.numel() == 0:
             if self._last_logits is None:
@@ -218,48 +221,58 @@ class Session:
         logits = self._feed(ids, vals)
         return logits if on_device else self.last_logits
 
-    def decode(self, token: torch.Tensor, token_id: int) -> torch.Tensor:
+    def decode(self, token: torch.Tensor, token_id: int, *, defer: bool = False) -> torch.Tensor:
         """Append one sampled token and return float32 logits [V] on the model's device. `token` is the id as a
         tensor on that device (what `sampling.sample_tensor` returns) and `token_id` the same id read back: the step
-        takes the tensor, so nothing waits on the host, and the token list takes the int. A speculated step's end is
-        deferred (`unsettled`): the caller reads back what it derives from the logits (the next id), then calls
-        `settle`, whose check rides that one wait; anything else that uses the session settles it first."""
+        takes the tensor, so nothing waits on the host, and the token list takes the int. With `defer`, a speculated
+        step's end is deferred (`unsettled`) and the logits are speculated: the caller reads back what it derives
+        from them (the next id), then calls `settle(synced=True)`, whose check rides that one wait; anything else
+        that uses the session settles it first. Without, the step is settled before it returns."""
+        self.settle(synced=False)
         token_id = int(token_id)
         if token_id == NAN_TOKEN:  # sample_tensor's mark of NaN logits, read back by a caller that did not check it
             raise nan_logits_error(f"the token fed at context position {self.n_tokens}")
         if not 0 <= token_id < self.model.args.vocab_size:
             raise UsageError(f"token id out of range [0, {self.model.args.vocab_size}): {token_id}",
                              hint="token ids must come from this model's tokenizer")
-        return self._feed(token.reshape(1), [token_id], defer_end=True)
+        return self._feed(token.reshape(1), [token_id], defer_end=defer)
 
     @property
     def unsettled(self) -> bool:
         """Whether the last decode step's end is deferred (see `decode`)."""
         return self._deferred is not None
 
-    def settle(self, synced: bool = True) -> torch.Tensor | None:
+    def settle(self, synced: bool = False) -> torch.Tensor | None:
         """The deferred end of the last decode step (homerun.models.speculation). None: the step stands (or nothing
         was deferred). Else a speculated layer had missed: the step was redone from there, exactly, and these are
         its logits (on the device), which replace the old ones; what was sampled from those is void. `synced`: the
         caller has read back a value computed from the step's logits since (the sampled id), so the check makes no
-        host wait of its own."""
-        d, self._deferred = self._deferred, None
-        if d is None:
+        host wait of its own; False (the default) makes it wait for the step itself. If settling raises, the step
+        is dropped: the session is what it was before it (states, tokens, logits)."""
+        pending, self._deferred = self._deferred, None
+        if pending is None:
             return None
         if self.model._unsettled is self:
             self.model._unsettled = None
-        with torch.inference_mode():
-            got = d.settle(synced)
-            if got is None:
-                return None
-            hidden, self._states = got
-            logits = self._net.logits(hidden[-1:])[0].float()
-        self._last_logits = logits
+        d, before = pending
+        try:
+            with torch.inference_mode():
+                got = d.settle(synced)
+                if got is None:
+                    return None
+                hidden, states = got
+                logits = self._net.logits(hidden[-1:])[0].float()
+        except BaseException:
+            self._states, n_tokens, self._last_logits = before
+            del self._tokens[n_tokens:]
+            raise
+        self._states, self._last_logits = states, logits
         return logits
 
     def _feed(self, ids: torch.Tensor, vals: list[int], defer_end: bool = False) -> torch.Tensor:
         """The chunked forward of `ids` (whose values are `vals`): the new last logits, on the model's device.
         `defer_end`: a one-chunk step may leave its end unsettled (`decode`)."""
+        self.settle(synced=False)  # before reading self._states: a pending redo replaces them
         self._ensure_capacity(self.n_tokens + ids.numel())
         n = ids.numel()
         long_prompt = n > PREFILL_ETA_MIN_TOKENS
@@ -275,11 +288,16 @@ class Session:
             for c0 in range(0, n, chunk):
                 part = ids[c0 : c0 + chunk]
                 tc = time.perf_counter()
-                hidden, states = self.model._forward(part, self.n_tokens, self._states, defer_end=defer_end)
-                self.model.forwards += 1
-                # Commit point: state and token list change together, after the whole chunk succeeded.
-                self._states = states
+                before = (self._states, self.n_tokens, self._last_logits)
+                hidden, states, deferred = self.model._forward(part, self.n_tokens, self._states,
+                                                               defer_end=defer_end)
+                # Commit point: state, a speculated step's pending end and token list change together, after the
+                # whole chunk succeeded; a pending end is the model's to settle before any other forward.
+                self._states, self._deferred = states, (None if deferred is None else (deferred, before))
+                if deferred is not None:
+                    self.model._unsettled = self
                 self._tokens.extend(vals[c0 : c0 + chunk])
+                self.model.forwards += 1
                 self._last_logits = None  # until the last chunk's logits exist: an interrupt leaves none stale
                 self.model._measure_prefill(part.numel(), time.perf_counter() - tc)
                 if self.on_progress is not None:
@@ -289,8 +307,5 @@ class Session:
                     told = True
             logits = self._net.logits(hidden[-1:])[0].float()
         self._last_logits = logits
-        if self.model.deferred is not None:  # the step's end waits for the caller's readback (settle)
-            self._deferred, self.model.deferred = self.model.deferred, None
-            self.model._unsettled = self
         self.model._account(n, time.perf_counter() - t0)
         return logits

@@ -3,10 +3,11 @@ layer's speculative call missed, a host wait of its own. A decode loop already m
 sampled id read back; made after it, the end-of-token check reads the masks that wait already brought to the host
 (every mask copy was queued before the kernels the id depends on), so an all-hit token costs one wait in total.
 
-The forward (net.forward / DecodeGraphs.forward with `defer_end`) returns its hidden and states as if it stood and
-leaves a `DeferredEnd`; `settle` makes the end_token then, and on a miss reruns from the first missed layer exactly
-as the non-deferred forward would have (same inputs, same states before the forward): it returns the new
-(hidden, states), and the caller recomputes what it derived from the old ones (logits, the sampled id).
+The forward (net.forward_step / DecodeGraphs.forward with `defer_end`, through `end_or_defer`) returns its hidden
+and states as if they stood, and a `DeferredEnd`; `settle` makes the end_token then, and on a miss reruns from the
+first missed layer exactly as the non-deferred forward would have (same inputs, same states before the forward): it
+returns the new (hidden, states), and the caller recomputes what it derived from the old ones (logits, the sampled
+id).
 """
 
 from __future__ import annotations
@@ -29,3 +30,16 @@ class DeferredEnd:
             self.experts.host_synced()
         redo = self.experts.end_token()
         return None if redo is None else self._redo(redo)
+
+
+def end_or_defer(experts: Any, spec: bool, defer: bool, stand: Callable[[], tuple[Any, list]],
+                 redo: Callable[[int], tuple[Any, list]], end: bool = True) -> tuple[Any, list, DeferredEnd | None]:
+    """A forward's tail -> (hidden, states, DeferredEnd or None). A speculated (`spec`) forward with `defer` stands
+    as it is and returns its end unmade; any other makes its end_token now (when `end`: the backend's token hooks
+    ran) and reruns from a missed layer. `stand()`: the forward's (hidden, states) as computed."""
+    if spec and defer:
+        hidden, states = stand()
+        return hidden, states, DeferredEnd(experts, redo)
+    r = experts.end_token() if end else None
+    hidden, states = stand() if r is None else redo(r)
+    return hidden, states, None

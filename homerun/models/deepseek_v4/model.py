@@ -23,6 +23,7 @@ from homerun.models.deepseek_v4.state import CompressorState, LayerState
 from homerun.models.deepseek_v4.parts import _HC, _Attention, _Compressor, _Indexer, _Layer, _MoE, _MoEIn, _PreAttn
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
 from homerun.models.layers import QLinear
+from homerun.models.speculation import DeferredEnd, end_or_defer
 
 # ----------------------------------------------------------------------------------------------------- model
 
@@ -47,7 +48,6 @@ class DeepseekV4:
     head_device: torch.device | None = None  # final norm, HC head, lm head (None: the model's device)
     embed_flavor: str = "auto"  # kernel flavors of the embedding's and the head's devices (see _Layer.flavor)
     head_flavor: str = "auto"
-    deferred: Any = field(default=None, repr=False)  # the last forward's unsettled end (forward's defer_end)
 
     def __post_init__(self) -> None:
         a = self.args
@@ -102,13 +102,15 @@ class DeepseekV4:
                 self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, host_ids)
         return spec
 
-    def forward(
-        self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState], *, defer_end: bool = False
-    ) -> tuple[torch.Tensor, list[LayerState]]:
-        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states).
-        `defer_end`: a speculated forward returns before its end_token, leaving `self.deferred`
-        (homerun.models.speculation.DeferredEnd) for the caller to settle after its own host wait."""
-        self.deferred = None
+    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
+                ) -> tuple[torch.Tensor, list[LayerState]]:
+        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
+        return self.forward_step(ids, start_pos, states)[:2]
+
+    def forward_step(self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState], *,
+                     defer_end: bool = False) -> tuple[torch.Tensor, list[LayerState], DeferredEnd | None]:
+        """`forward`, and with `defer_end` a speculated forward returns before its end_token: its DeferredEnd
+        (homerun.models.speculation), for the caller to settle after its own host wait; else None."""
         host_ids, ids = ids, ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
         spec = self._begin_token(host_ids)  # True: the backend may ask for a redo (see end_token)
@@ -152,13 +154,7 @@ class DeepseekV4:
             self.experts.end_token()  # the exact rerun's end: it stands
             return head(), new_states[:first] + tail
 
-        if spec and defer_end:
-            from homerun.models.speculation import DeferredEnd
-
-            self.deferred = DeferredEnd(self.experts, redo)
-            return head(), new_states
-        r = self.experts.end_token()
-        return (head(), new_states) if r is None else redo(r)
+        return end_or_defer(self.experts, spec, defer_end, lambda: (head(), new_states), redo)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> the residual streams [T, n, D]: the embedding copied into each of the n streams."""
