@@ -3,7 +3,7 @@ keyed by (layer, expert). Pure computation over the access sequence: no devices,
 
 Each record (one token at one layer) is served as the runtime serves it (offload/cached_backend.py): its resident
 experts are hits, looked up before any of its misses is loaded (`replay_groups`), and Belady's MIN is taken over
-the same grouped sequence (`belady_group_hits`; the optimum whenever the cache has more slots than top_k)."""
+the same grouped sequence (`belady_group_hits`: MIN's rule for groups, a reference near the optimum, not a proven bound)."""
 
 from __future__ import annotations
 
