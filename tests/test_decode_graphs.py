@@ -91,7 +91,7 @@ def _count_step(model):
     s.feed([5])
     ids = torch.tensor([6])
     with torch.inference_mode(), count_device_work() as cw:
-        hidden, _ = model._forward(ids, s.n_tokens, s._states)
+        hidden = model._forward(ids, s.n_tokens, s._states)[0]
         model.net.logits(hidden)
     return cw.c
 

@@ -98,7 +98,7 @@ def _decode(model, toks: list[int], tiny: bool, count_at: int, probe: Callable[[
     after = probe()
     ids = torch.tensor([int(logits[-1].argmax())])  # read before counting: a host read of the CPU copy
     with torch.inference_mode(), count_device_work() as cw:
-        hidden, _ = model._forward(ids, s.n_tokens, s._states)
+        hidden = model._forward(ids, s.n_tokens, s._states)[0]
         model.net.logits(hidden)
     return {"logits": logits, "secs": secs, "counted": counted, "forward": cw.c.to_dict(), "before": before,
             "after": after}
