@@ -215,9 +215,13 @@ class DecodeGraphs:
         """The step's final hidden (a static buffer) and its states (with static cores: views of the static state)."""
         if not static:
             return self._outs[("out", len(self.net.layers) - 1)], new_states
+        return self._hidden, self._static_states(start_pos)
+
+    def _static_states(self, start_pos: int) -> list:
+        """The static state after the step at start_pos as LayerStates, remembered (weakly) as the ones it holds."""
         new_states = self.static.states(start_pos + 1)
         self._mine = (start_pos + 1, [weakref.ref(st) for st in new_states])
-        return self._hidden, new_states
+        return new_states
 
     def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
@@ -250,10 +254,8 @@ class DecodeGraphs:
         key = ("step",)
         self.step_captures += key not in self.segments
         out = self._segment(key, self._step)
-        new_states = self.static.states(start_pos + 1)
-        self._mine = (start_pos + 1, [weakref.ref(st) for st in new_states])
         self.replays += 1
-        return out, new_states
+        return out, self._static_states(start_pos)
 
     def _holds(self, start_pos: int, states: Sequence[Any]) -> bool:
         """Whether the static state is `states` at start_pos: the ones the last whole step returned."""

@@ -228,7 +228,6 @@ class Session:
         step's end is deferred (`unsettled`) and the logits are speculated: the caller reads back what it derives
         from them (the next id), then calls `settle(synced=True)`, whose check rides that one wait; anything else
         that uses the session settles it first. Without, the step is settled before it returns."""
-        self.settle(synced=False)
         token_id = int(token_id)
         if token_id == NAN_TOKEN:  # sample_tensor's mark of NaN logits, read back by a caller that did not check it
             raise nan_logits_error(f"the token fed at context position {self.n_tokens}")
