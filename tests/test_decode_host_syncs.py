@@ -90,6 +90,34 @@ def test_device_logits_equal_the_host_loops(model, how):
     assert torch.equal(s.last_logits, ref_logits[-1]) and s.has_logits
 
 
+@pytest.mark.parametrize("how", ["greedy", "sampled", "top-p only"])
+def test_nan_logits_of_a_graphed_step_stop_generation_at_its_one_sync(model, monkeypatch, how):
+    """NaN in a replayed whole-step graph's logits (step 4, past the captures) ends generation with NumericError
+    naming the step, and that step still makes one host sync: the check rides the sampled id's readback."""
+    from homerun.errors import NumericError
+
+    kw = {**PARAMS, "top-p only": dict(top_p=0.95, seed=3)}[how]
+    real, calls = model.net.logits, []
+
+    def logits(hidden):
+        out = real(hidden)
+        calls.append(1)
+        if len(calls) > 4:
+            out = out.clone()
+            out[..., 11] = float("nan")
+        return out
+
+    monkeypatch.setattr(model.net, "logits", logits)
+    r0 = model.decode_graphs.replays
+    gen = model.generate(PROMPT, max_new_tokens=8, stop_ids=[], session=model.session(), **kw)
+    for i in range(4):
+        next(gen)
+    with count_device_work() as cw, pytest.raises(NumericError, match="NaN logits at generated token 4 "):
+        next(gen)
+    assert cw.c.syncs == 1, cw.c.sync_names
+    assert model.decode_graphs.replays > r0
+
+
 def test_sample_tensor_draws_what_sample_draws():
     """Same generator state in, same ids out, generator left in the same state (the next draws agree too)."""
     logits = torch.randn(300, generator=torch.Generator().manual_seed(1)) * 3

@@ -2,7 +2,7 @@
 Session.decode / settle, generate): an all-hit hybrid token makes one host wait in total (the sampled id read back;
 the end-of-token check reads the masks that wait brought back), eager and graphed, for an all-cached and a
 1-resident + 2-cached tiny model; and where speculated tokens miss, the redo after the readback gives the tokens and
-logits of the non-speculating run bit for bit (the sampler's draw repeated from the same generator state)."""
+logits of the non-speculating run bit for bit (the redo chooses from the step's own draw)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,41 @@ def test_a_redo_after_the_readback_gives_the_exact_tokens_and_logits(short_windo
     assert toks == want_toks
     for i, (g, w) in enumerate(zip(logits, want_logits)):
         assert torch.equal(g, w), i
+
+
+def test_a_redo_draws_nothing_new_and_no_state_is_saved(short_window_checkpoint, monkeypatch):
+    """The redo of a missed speculated token chooses from the step's own draw: one `exponential_` draw per generated
+    token, redone or not, and the generator's state is never saved or restored (that was a host copy of its state
+    every speculated sampled token, and a second vocabulary-sized draw on every redo)."""
+    import homerun.engine.generate as generate_mod
+
+    calls = {"get_state": 0, "set_state": 0}
+
+    class Spy(torch.Generator):
+        def get_state(self):
+            calls["get_state"] += 1
+            return super().get_state()
+
+        def set_state(self, state):
+            calls["set_state"] += 1
+            return super().set_state(state)
+
+    def make_generator(seed, device="cpu"):
+        g = Spy(device=device)
+        g.manual_seed(int(seed))
+        return g
+
+    monkeypatch.setattr(generate_mod, "make_generator", make_generator)
+    model, cached = _model(short_window_checkpoint, mixed=True, graphs="off", speculate="always", slots=6)
+    cached.cache.engine.max_in_flight = 1 << 10
+    cached.prefetcher.speculated = lambda layer, ids: []
+    draws, toks = [], []
+    gen = model.generate(PROMPT, max_new_tokens=6, stop_ids=[], **SAMPLED)
+    for _ in range(6):
+        with count_device_work() as cw:
+            toks.append(next(gen).token_id)
+        draws.append(cw.c.op_names.get("exponential_", 0))
+    d = cached.fused.stats()
+    cached.close()
+    assert d["speculative_tokens"] >= 5 and d["redos"] >= 1  # speculated tokens missed and were redone
+    assert draws == [1] * 6 and calls == {"get_state": 0, "set_state": 0}

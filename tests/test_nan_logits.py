@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import homerun
-from homerun.engine.sampling import NAN_TOKEN, SamplingParams, make_generator, read_token, sample, sample_tensor
+from homerun.engine.sampling import (NAN_TOKEN, SamplingParams, filter_logits, make_generator, read_token, sample,
+                                     sample_tensor, sampling_draw)
 from homerun.errors import ExitCode, NumericError
 
 MODES = {"greedy": dict(greedy=True), "sampled": dict(temperature=0.8, top_k=40, top_p=0.9, seed=3),
@@ -40,6 +41,75 @@ def test_sample_tensor_marks_a_nan_row_and_the_readback_raises(how, nan_at):
 def test_a_finite_row_reads_back_its_id(how):
     g1, g2 = make_generator(4), make_generator(4)
     assert read_token(sample_tensor(_row(None), PARAMS[how], g1), "x") == sample(_row(None), PARAMS[how], g2)
+
+
+class _Ops:
+    """The ATen ops that would launch a kernel (homerun.kernels.counting's rule), each with whether it touches a
+    tensor of `n` elements (a pass over the logits row)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.ops = n, []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        from homerun.kernels.counting import launches_kernel
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if launches_kernel(func, args, kwargs, out):
+                    row = any(isinstance(t, torch.Tensor) and t.numel() == outer.n
+                              for t in tree_leaves((args, kwargs, out)))
+                    outer.ops.append((func.overloadpacket.__name__, row))
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    @property
+    def row_passes(self) -> int:
+        return sum(row for _, row in self.ops)
+
+
+@pytest.mark.parametrize("how", sorted(PARAMS))
+def test_the_nan_check_makes_no_pass_over_the_row(how):
+    """The NaN check rides the choice (`torch.max`'s value is NaN exactly when its input holds one): against the
+    same choice without a check, no op more touches the row and at most 2 more launch (isnan and where, on one
+    element). The check it replaced (isnan of the row, any, masked_fill) made 2 passes and 3 launches a token."""
+    params, x = PARAMS[how], _row(None)
+    with _Ops(x.numel()) as checked:
+        token = sample_tensor(x, params, make_generator(1))
+    g = make_generator(1)
+    with _Ops(x.numel()) as bare:
+        if params.is_greedy:
+            want = torch.argmax(x)
+        else:
+            want = torch.argmax(torch.softmax(filter_logits(x, params), dim=-1) / sampling_draw(x, params, g))
+    assert int(token) == int(want)
+    assert checked.row_passes == bare.row_passes, (checked.ops, bare.ops)
+    assert len(checked.ops) - len(bare.ops) <= 2, (checked.ops, bare.ops)
+
+
+@pytest.mark.parametrize("nan_at", [0, 7, 499])
+def test_a_nan_survives_every_filter_to_the_choice(nan_at):
+    """What the check relies on, sampled: the NaN logit stays NaN through temperature, top-k, top-p (both paths)
+    and the softmax, so the drawn quotient's max is NaN; a +inf logit (softmax inf - inf) is caught too."""
+    from homerun.engine.sampling import _top_p_sorted
+
+    x = _row(nan_at)
+    for params in (PARAMS["sampled"], PARAMS["top-p only"], SamplingParams(temperature=0.3, top_k=5)):
+        assert torch.isnan(filter_logits(x, params)[nan_at])
+    assert torch.isnan(_top_p_sorted(x, 0.5)[nan_at])
+    x[nan_at] = float("inf")
+    assert int(sample_tensor(x, PARAMS["sampled"], make_generator(2))) == NAN_TOKEN
 
 
 @pytest.fixture(scope="module")

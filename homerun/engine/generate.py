@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from homerun.errors import UsageError
-from homerun.engine.sampling import SamplingParams, make_generator, read_token, sample_tensor
+from homerun.engine.sampling import SamplingParams, make_generator, read_token, sample_tensor, sampling_draw
 
 if TYPE_CHECKING:
     from homerun.engine.runtime import Model, Session
@@ -98,14 +98,14 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
         ts = time.perf_counter()
         if i > 0:
             logits = sess.decode(token_t, token, defer=True)
-        state = generator.get_state() if sess.unsettled and not params.is_greedy else None
-        token_t = sample_tensor(logits, params, generator)
+        # The step's random draw is kept (a tensor, nothing copied): a redo chooses from it again, which is what
+        # the non-speculating run draws, without saving the generator's state for every speculated token.
+        draw = sampling_draw(logits, params, generator)
+        token_t = sample_tensor(logits, params, draw=draw)
         token = int(token_t)  # the one host wait; a speculated step's end check rides it (Session.settle)
         redone = sess.settle(synced=True)
         if redone is not None:  # the step missed a layer's experts: its exact logits, sampled from the same draw
-            if state is not None:
-                generator.set_state(state)
-            token_t = sample_tensor(redone, params, generator)
+            token_t = sample_tensor(redone, params, draw=draw)
             token = int(token_t)
         token = read_token(token, f"generated token {i} (after {sess.n_tokens} context tokens)")
         step_s = time.perf_counter() - ts + (prefill_s if i == 0 else 0.0)

@@ -189,26 +189,46 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_tensor(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def sampling_draw(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The random draw one sampled token takes from `generator`: q ~ Exp(1), one per vocabulary entry, drawn by
+    `exponential_` on the generator's device (ATen's one-sample `torch.multinomial` fast path draws the same) and
+    moved to the logits' device (on a CUDA generator, no copy). None for greedy, which draws nothing. A caller that
+    must choose again from other logits of the same step (a speculated step's redo) passes this draw back to
+    `sample_tensor` instead of saving and restoring the generator's state around a second draw."""
+    import torch
+
+    if params.is_greedy:
+        return None
+    on = generator.device if generator is not None else logits.device
+    q = torch.empty(logits.shape, dtype=torch.float32, device=on).exponential_(1, generator=generator)
+    return q.to(logits.device, non_blocking=True)
+
+
+def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,
+                  draw: torch.Tensor | None = None) -> torch.Tensor:
     """`sample` without the readback: the token id as an int64 tensor [1] on the logits' device, so a decode loop can
     feed it to the next step and read it back once (`read_token`). Draws what `sample` draws from the same generator
-    state: `torch.multinomial` of one sample is argmax(probs / q) with q ~ Exp(1) drawn by `exponential_` on the
-    generator's device (ATen's one-sample fast path), done here with q moved to the probs instead of the probs to
-    the generator (a host round trip per token). A row holding NaN gives NAN_TOKEN, decided on the device (3 small
-    launches, no sync)."""
+    state: `torch.multinomial` of one sample is argmax(probs / q) with q ~ Exp(1) (`sampling_draw`, or `draw` when
+    given: then the generator is not touched).
+
+    A row holding NaN gives NAN_TOKEN, decided on the device without a pass of its own over the row: the choice is
+    `torch.max`, whose value is NaN exactly when its input holds one (ATen's max reduction prefers NaN, on the CPU and
+    in CUDA's MaxOps), and a NaN logit stays NaN through the temperature, both filters (every comparison with it is
+    false, so nothing drops it) and the softmax, where a draw q > 0 divides it (`exponential_` excludes 0). So the
+    check is two launches on one element (isnan, masked_fill). Sampled, a +inf logit is caught too: its softmax is NaN
+    (inf - inf), which `sample` refuses as well."""
     import torch
 
     if logits.dim() != 1:
         raise UsageError(f"sample() takes one logits row [V], got shape {tuple(logits.shape)}")
     if params.is_greedy:
-        token = torch.argmax(logits)
+        best, token = torch.max(logits, 0)
     else:
         probs = torch.softmax(filter_logits(logits, params), dim=-1)
-        on = generator.device if generator is not None else probs.device
-        q = torch.empty(probs.shape, dtype=probs.dtype, device=on).exponential_(1, generator=generator)
-        token = torch.argmax(probs / q.to(probs.device, non_blocking=True))
-    return token.masked_fill(torch.isnan(logits).any(), NAN_TOKEN).reshape(1)
+        q = draw if draw is not None else sampling_draw(logits, params, generator)
+        best, token = torch.max(probs / q, 0)
+    return token.masked_fill(torch.isnan(best), NAN_TOKEN).reshape(1)
 
 
 def read_token(token: torch.Tensor, where: str) -> int:
