@@ -70,3 +70,35 @@ def test_presence_checks_leave_the_logits_where_they_are(tiny_checkpoints, tmp_p
     monkeypatch.setattr(Session, "save", lambda s, path: None)  # the snapshot's own read is not a presence check
     eng.persist()
     assert reads == [] and eng.state_note.startswith("saved 30 tokens")
+
+
+def test_a_request_leaves_the_prompt_logits_where_they_are(tiny_checkpoints, monkeypatch):
+    """A request reads `Session.last_logits` nowhere (each read of device logits is a copy to the host and a wait):
+    the engine keeps the logits its first token was sampled from by reference, and `last_prompt_logits` copies them
+    only when asked; they are the prompt's logits (bit for bit, fed with the engine's boundaries)."""
+    import threading
+
+    from homerun.engine.session import Session
+    from homerun.serve.engine import Done, Job
+
+    model = homerun.load(tiny_checkpoints["mixed"], expert_act="fp32")
+    ids = _ids(30, model.args.vocab_size, seed=3)
+    reads = []
+    real = Session.last_logits
+    monkeypatch.setattr(Session, "last_logits", property(lambda s: reads.append(1) or real.fget(s), real.fset))
+    eng = Engine(model).start()
+    events, done = [], threading.Event()
+    try:
+        for n in (30, 24):  # a fresh prompt, then one the live state has to be rolled back for
+            done.clear()
+            eng.submit(Job(ids=ids[:n], max_tokens=3, chat=False,
+                           sink=lambda e: (events.append(e), isinstance(e, Done) and done.set())))
+            assert done.wait(120), events[-3:]
+            assert reads == [], n
+    finally:
+        eng.stop()
+    assert isinstance(events[-1], Done)
+    got = eng.last_prompt_logits
+    fresh = model.session()
+    fresh.feed(ids[:23])
+    assert torch.equal(got, fresh.feed(ids[23:24])) and got.device.type == "cpu"

@@ -61,13 +61,20 @@ class Engine:
         self._prefix: PrefixCache | None = None
         self.counters = Counters()
         self._settled = threading.Event()  # set once loading succeeded or failed
-        self.last_prompt_logits: Any = None  # logits the first token was sampled from (tests check reuse with it)
+        self._prompt_logits: Any = None  # what the first token was sampled from, where the model left it
         # The live state persists across restarts here (a KV snapshot, homerun.engine.snapshot): restored at load
         # when it matches the model, written at stop. `state_note` says what happened, for /metrics and the CLI.
         self.state_path = Path(state_path) if state_path is not None else None
         self.state_note: str | None = None
         if model is not None:
             self._set_model(model)
+
+    @property
+    def last_prompt_logits(self) -> Any:
+        """The float32 logits the last request's first token was sampled from, on the host (tests check prefix reuse
+        with them); None before a request or where the session keeps no points. Copied on this read only."""
+        lg = self._prompt_logits
+        return None if lg is None else lg.cpu()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -312,7 +319,7 @@ class Engine:
             if prefix.rollback_supported and len(ids) - 1 > sess.n_tokens:
                 # Everything but the last prompt token first: the state there is where a thinking conversation's
                 # next turn diverges (</think> replaces <think>), so it is kept as a point.
-                sess.feed(ids[sess.n_tokens: len(ids) - 1])
+                sess.feed(ids[sess.n_tokens: len(ids) - 1], on_device=True)  # logits unused: left on the device
                 prefix.mark()
             gen = model.generate(ids, max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
                                  top_k=job.top_k, seed=job.seed, session=sess, stop_ids=self._stop_ids())
@@ -350,8 +357,10 @@ class Engine:
                 if t_first is None:
                     t_first = time.perf_counter()
                     ttft = t_first - t0
-                    self.last_prompt_logits = getattr(prefix.session, "last_logits", None)
-                    prefix.mark()  # the state after the whole prompt
+                    # The state after the whole prompt; its logits are kept by reference (a read of the session's
+                    # last_logits would copy them to the host, a wait and V floats, per request, for tests only).
+                    point = prefix.mark()
+                    self._prompt_logits = point.last_logits if point is not None else None
                     c.prompt_tokens += len(job.ids)
                     c.cached_tokens += cached
                     c.ttft_sum_s += ttft

@@ -37,16 +37,18 @@ class PrefixCache:
     def points(self) -> list[int]:
         return [p.n_tokens for p in self._points]
 
-    def mark(self) -> None:
-        """Remember the session's current state as a point."""
+    def mark(self) -> Checkpoint | None:
+        """Remember the session's current state as a point, and return it (None where rollback is unsupported). Its
+        logits stay where the model computed them (no copy to the host)."""
         if not self.rollback_supported:
-            return
+            return None
         cp = self.session.checkpoint()
         if cp.n_tokens == 0 or cp.last_logits is None:
-            return
+            return cp
         self._points = [p for p in self._points if p.n_tokens != cp.n_tokens] + [cp]
         self._points.sort(key=lambda p: p.n_tokens)
         del self._points[: max(0, len(self._points) - self.max_points)]
+        return cp
 
     def reset(self) -> None:
         self.session.reset()
