@@ -65,6 +65,19 @@ def test_missing_parts_fall_back_and_say_so(target):
     assert len(missing) >= 4 and r["projected_tok_s"] > 0
 
 
+def test_unmeasured_hybrid_launches_default_to_the_standin_count(target):
+    """Without the device's graphs_hybrid step, launches per layer are the stand-in's count of that same step
+    (STANDIN_HYBRID_LAUNCHES, recounted by tests/test_cost_model_standin.py), named as such."""
+    plan, prof = target
+    doc = json.loads(FAKE.read_text())
+    del doc["steps"]["graphs_hybrid"]
+    r = cm.project(doc, plan, prof)
+    per_token, layers = cm.STANDIN_HYBRID_LAUNCHES
+    assert r["inputs"]["launches_per_token"] == pytest.approx(per_token / layers * 43 + 1)
+    assert r["measured"]["hybrid_launches_per_layer"] is None
+    assert any("not measured on the device" in a and "stand-in" in a for a in r["assumptions"])
+
+
 def test_main_writes_the_cost_model_into_the_json(tmp_path):
     doc = tmp_path / "device-check.json"
     shutil.copy(FAKE, doc)

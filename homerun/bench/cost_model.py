@@ -39,6 +39,13 @@ DEFAULT_COPY_TO_SPEC = 0.9  # assumption where the GPU is unknown: H200 copies r
 KTRANSFORMERS_TOK_S = 20.0  # KTransformers' reported V4-Flash decode on a 5090 rig: "20+ tok/s" (issue 13)
 MODEL = "deepseek-ai/DeepSeek-V4-Flash"
 DEFAULT_S_PER_LAUNCH = 5e-6  # assumption where unmeasured: a PyTorch eager launch costs the host ~5 us
+# Hybrid launches per token where the device run lacks them: the device check's own graphs_hybrid step counted on a
+# CUDA stand-in (a count of the code's launches, which no device changes), as (launches per token, layers), from
+#   TRITON_INTERPRET=1 python -m homerun.bench.device_check graphs_hybrid --tiny --out F
+# on 2026-12-07 (branch h13b, benchmarks/hybrid_decode.md). tests/test_cost_model_standin.py recounts it.
+STANDIN_HYBRID_LAUNCHES = (58, 3)
+STANDIN_HYBRID_SOURCE = ("the stand-in count of the device check's graphs_hybrid step (device_check graphs_hybrid "
+                         "--tiny, 2026-12-07)")
 
 
 def _step(doc: dict, name: str) -> dict:
@@ -145,8 +152,11 @@ def project(doc: dict, plan: dict, profile: dict) -> dict[str, Any]:
     t_copy, t_cpu = b_streamed / rate_pcie, b_cpu / rate_cpu
     lpl = m["hybrid_launches_per_layer"]
     if lpl is None:
-        lpl = 2 * 40  # two segments' worth of the per-layer budget (issue 13: <= 40 launches per layer)
-        assumptions.append("hybrid launches per layer not measured: 80 (2 x the issue's 40-per-layer budget)")
+        per_token, layers = STANDIN_HYBRID_LAUNCHES
+        lpl = per_token / layers
+        assumptions.append(f"hybrid launches per layer not measured on the device: {lpl:.1f} = {per_token} / {layers}"
+                           f", {STANDIN_HYBRID_SOURCE}; the tiny model's launches outside its layers are spread "
+                           f"over {layers} layers, so at {n_layers} it overcounts")
     launches = lpl * n_layers + 1
     t_launch = launches * s_launch
     t_token = t_fixed + max(t_hits, t_copy, t_cpu) + t_stream_compute + t_launch
