@@ -215,8 +215,9 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch
     A row holding NaN gives NAN_TOKEN, decided on the device without a pass of its own over the row: the choice is
     `torch.max`, whose value is NaN exactly when its input holds one (ATen's max reduction prefers NaN, on the CPU and
     in CUDA's MaxOps), and a NaN logit stays NaN through the temperature, both filters (every comparison with it is
-    false, so nothing drops it) and the softmax, where a draw q > 0 divides it (`exponential_` excludes 0). So the
-    check is two launches on one element (isnan, masked_fill). Sampled, a +inf logit is caught too: its softmax is NaN
+    false, so nothing drops it) and the softmax, then divided by a draw q > 0 (ATen's `exponential_` avoids 0; a 0
+    over a dropped token would read as NaN: a false alarm, where argmax had chosen the dropped token). So the check
+    is two launches on one element (isnan, masked_fill). Sampled, a +inf logit is caught too: its softmax is NaN
     (inf - inf), which `sample` refuses as well."""
     import torch
 
