@@ -85,13 +85,15 @@ def _run(model, prompt, max_new_tokens, params, seed, session, stops) -> Iterato
     if reused is None or (reused == len(prompt) and not sess.has_logits):
         sess.reset()
         reused = 0
-    generator = make_generator(seed)
     t0 = time.perf_counter()
     # Logits stay on the model's device and the sampled id is fed back as a device tensor: the id read back for
     # the Step is the one host sync per decode token (a GPU drains its queue at each), and a speculated step's
     # end-of-token check reads what that sync brought back.
     logits = sess.feed(prompt[reused:], on_device=True)
     prefill_s = time.perf_counter() - t0
+    # Where the logits are, so a GPU draws each token's V random values itself (no host draw, no copy up); a seed
+    # thus picks other tokens on a GPU than on the CPU (make_generator).
+    generator = make_generator(seed, logits.device)
     decode_s = 0.0
     token, token_t = -1, None
     for i in range(max_new_tokens):

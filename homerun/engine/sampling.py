@@ -93,7 +93,10 @@ class SamplingParams:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded with `seed`, or from OS entropy when seed is None."""
+    """A generator on `device` seeded with `seed`, or from OS entropy when seed is None. Make it where the logits are
+    (`generate` does): `sample_tensor` draws on the logits' device and refuses a generator elsewhere. Each device
+    type has its own generator (the CPU's Mersenne Twister, CUDA's Philox), so one seed reproduces a run on one
+    device but gives other tokens on the CPU than on a GPU (whose bf16 logits differ from the CPU's anyway)."""
     import torch  # lazily: the CLI checks sampling flags (check_sampling) before anything imports torch
 
     g = torch.Generator(device=device)
@@ -192,17 +195,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def sampling_draw(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None = None) -> torch.Tensor | None:
     """The random draw one sampled token takes from `generator`: q ~ Exp(1), one per vocabulary entry, drawn by
-    `exponential_` on the generator's device (ATen's one-sample `torch.multinomial` fast path draws the same) and
-    moved to the logits' device (on a CUDA generator, no copy). None for greedy, which draws nothing. A caller that
-    must choose again from other logits of the same step (a speculated step's redo) passes this draw back to
-    `sample_tensor` instead of saving and restoring the generator's state around a second draw."""
+    `exponential_` on the logits' device (ATen's one-sample `torch.multinomial` fast path draws the same). None for
+    greedy, which draws nothing. The generator must be on the logits' device (`make_generator(seed,
+    logits.device)`): a host generator beside GPU logits would draw V values on the CPU and copy them up every token
+    (about 2 ms and 517 KB at V4's vocabulary), so it is refused. A caller that must choose again from other logits
+    of the same step (a speculated step's redo) passes this draw back to `sample_tensor` instead of saving and
+    restoring the generator's state around a second draw."""
     import torch
 
     if params.is_greedy:
         return None
-    on = generator.device if generator is not None else logits.device
-    q = torch.empty(logits.shape, dtype=torch.float32, device=on).exponential_(1, generator=generator)
-    return q.to(logits.device, non_blocking=True)
+    if generator is not None and generator.device != logits.device:
+        raise UsageError(f"the sampling generator is on {generator.device} but the logits are on {logits.device}",
+                         hint="make it with make_generator(seed, logits.device)")
+    return torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=generator)
 
 
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,

@@ -140,7 +140,8 @@ TopPOpt = Annotated[Optional[float], typer.Option(help="Nucleus sampling, in (0,
                     "generation_config.json (V4: 1.0).")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="Keep the K likeliest tokens, K >= 0; 0 = off. Default: "
                     "generation_config.json (off).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed, 0 to 2**64-1 (default: random).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed, 0 to 2**64-1 (default: random). Reproducible "
+                   "on one device; a GPU draws with its own generator, so it picks other tokens than the CPU.")]
 HwOpt = Annotated[Optional[str], typer.Option("--hw", help="Plan the model on this hardware profile (a name, a .toml "
                   "path, or 'auto' for this machine) and load it with the plan's placement: layers, KV and expert "
                   "caches on the devices the plan names. Default: a plain load; this machine's plan only sets the "
