@@ -6,7 +6,10 @@ the CPU, old and new alternated in one process (medians of wall and CPU ms):
 - redo: the redo of a missed speculated sampled token: `set_state` + a second `sample_tensor` with its own
   vocabulary-sized draw (old) against `sample_tensor(draw=the step's draw)` (new); both choose the same id;
 - nan_check: the greedy choice with its NaN check: argmax + isnan over the row + any + masked_fill (old) against
-  max + isnan + masked_fill on its one value (new).
+  max + isnan + masked_fill on its one value (new);
+- parts (h13c): where a sampled token's host time goes on the CPU path (`sample_tensor` whole, and each of its
+  parts: the Exp(1) draw, the same draw into a kept buffer, an allocation alone, filter_logits, softmax, the choice),
+  all in one rotation per round.
 
     flock /tmp/hr-bench.lock env PYTHONPATH=$PWD python benchmarks/sampled_token_host_cost.py [--rounds 15]
 
@@ -26,7 +29,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import homerun  # noqa: E402,F401  before torch: its OMP_WAIT_POLICY=PASSIVE applies only then
 import torch  # noqa: E402
 
-from homerun.engine.sampling import NAN_TOKEN, SamplingParams, make_generator, sample_tensor, sampling_draw  # noqa
+from homerun.engine.sampling import (  # noqa: E402
+    NAN_TOKEN, SamplingParams, filter_logits, make_generator, sample_tensor, sampling_draw)
 
 V4_VOCAB = 129280
 PARAMS = SamplingParams(temperature=0.6, top_p=0.95)  # V4's generation_config defaults
@@ -90,6 +94,36 @@ def main() -> None:
             out[f"{name}_cpu_ms"] = round(statistics.median(c for _, c in ts), 4)
         out["saved_cpu_ms"] = round(out["old_cpu_ms"] - out["new_cpu_ms"], 4)
         print(json.dumps(out), flush=True)
+    print(json.dumps(_parts(logits, gen, a.rounds, a.per_round)), flush=True)
+
+
+def _parts(logits: torch.Tensor, gen: torch.Generator, rounds: int, per_round: int) -> dict:
+    """Median CPU ms of a sampled token (`sample_tensor` with its own draw) and of each of its parts."""
+    probs = torch.softmax(filter_logits(logits, PARAMS), dim=-1)
+    q, kept = sampling_draw(logits, PARAMS, gen), torch.empty(logits.shape)
+
+    def choose():
+        best, token = torch.max(probs / q, 0)
+        return token.masked_fill(torch.isnan(best), NAN_TOKEN)
+
+    parts = {
+        "whole": lambda: sample_tensor(logits, PARAMS, gen),
+        "draw": lambda: sampling_draw(logits, PARAMS, gen),
+        "draw_kept_buffer": lambda: kept.exponential_(1, generator=gen),
+        "alloc": lambda: torch.empty(logits.shape),
+        "filter": lambda: filter_logits(logits, PARAMS),
+        "softmax": lambda: torch.softmax(logits, dim=-1),
+        "choose": choose,
+    }
+    times: dict[str, list[float]] = {}
+    for r in range(rounds + 1):
+        for name, fn in (parts.items() if r % 2 else reversed(parts.items())):
+            t = _timed(fn, per_round)[1]
+            if r:
+                times.setdefault(name, []).append(t)
+    out = {"measure": "parts", "vocab": V4_VOCAB, "threads": 1, "params": PARAMS.to_dict()}
+    out.update({f"{name}_cpu_ms": round(statistics.median(ts), 4) for name, ts in times.items()})
+    return out
 
 
 if __name__ == "__main__":
