@@ -20,8 +20,9 @@ ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at l
 # peers.md §1.1). Where the CPU runs them: the smallest power of two from 512 at which a routed expert's mean batch
 # (chunk x top-k / experts) reaches 24 tokens, at most 2048. The fused int8 expert op runs at 0.26 of the VNNI peak
 # at 8-12 tokens per expert and 0.38 at 32; on the one-layer V4-Flash (256 experts, top-6) 1024-token chunks spent
-# 0.8x the routed experts' CPU-s of 512 (12 -> 24 tokens per expert) for +0.3 GiB RSS, while 2048 saved no more CPU-s
-# and cost +0.9 GiB (benchmarks/prefill_cpu.md, "The CPU chunk by tokens per expert").
+# 0.84x the routed experts' CPU-s of 512 (12 -> 24 tokens per expert) and 0.93-0.94x the prefill's, for +0.34 GiB RSS;
+# 2048 (0.80x the experts', mHC and glue growing) saved no more overall and cost +0.93 GiB
+# (benchmarks/prefill_cpu.md, "The CPU chunk by tokens per expert").
 GPU_PREFILL_CHUNK_TOKENS = 2048
 CPU_PREFILL_CHUNK_TOKENS = 512  # the CPU's smallest chunk (a dense model's, or few experts')
 CPU_PREFILL_CHUNK_MAX_TOKENS = 2048
