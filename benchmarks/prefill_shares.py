@@ -6,6 +6,9 @@ linears, routed experts). Inner calls are not double counted: a family's time ex
 
 The checkpoint: an official-format V4 directory (e.g. the synthetic one `compare_transformers.py` writes). Each
 repeat is a fresh session over the same prompt; the figures printed are the last repeat's (the first warms up).
+`--chunk N` prefills in N-token chunks instead of the model's. The JSON also gives the last repeat's peak RSS
+(`peak_rss_bytes`: VmHWM, reset before the prefill; the mmap'd weights it touches count) and the tokens each routed
+expert got per (chunk, layer) call (`tokens_per_expert`: the fused expert op's per-expert batch).
 
     python benchmarks/prefill_shares.py --attention-layer csa --prompt 4096
 
@@ -101,11 +104,23 @@ def main() -> int:
     for name, fam in MODEL_STEPS.items():
         setattr(v4model.DeepseekV4, name, clock.wrap(getattr(v4model.DeepseekV4, name), fam))
     experts = net.experts
-    experts.forward = clock.wrap(experts.forward, "routed experts")
+    per_expert: list[torch.Tensor] = []  # tokens each routed expert got, per (chunk, layer) call
+
+    def counted(fwd):
+        def forward(layer, h, idx, w):
+            per_expert.append(torch.bincount(idx.reshape(-1).long().cpu(), minlength=net.args.n_routed_experts))
+            return fwd(layer, h, idx, w)
+
+        return forward
+
+    experts.forward = clock.wrap(counted(experts.forward), "routed experts")
     total_wall = total_cpu = 0.0
+    rss_load = _rss_bytes("VmRSS")
     for _ in range(max(1, a.repeat)):
         clock.wall.clear()
         clock.cpu.clear()
+        per_expert.clear()
+        _reset_peak_rss()
         w0, c0 = time.perf_counter(), time.process_time()
         model.session().feed(ids)
         total_wall, total_cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -113,18 +128,59 @@ def main() -> int:
     other_w = total_wall - sum(clock.wall.values())
     other_c = total_cpu - sum(clock.cpu.values())
     doc = {"checkpoint": a.checkpoint, "prompt": a.prompt, "prefill_s": total_wall, "prefill_cpu_s": total_cpu,
-           "tok_s": a.prompt / total_wall, "kernel_sets": sorted(c.__name__ for c in sets),
+           "tok_s": a.prompt / total_wall, "cpu_ms_per_token": 1e3 * total_cpu / a.prompt,
+           "chunk_tokens": model.max_chunk_tokens, "rss_after_load_bytes": rss_load,
+           "peak_rss_bytes": _rss_bytes("VmHWM"), "tokens_per_expert": _per_expert_stats(per_expert), "kernel_sets": sorted(c.__name__ for c in sets),
            "families": {f: {"wall_s": clock.wall[f], "cpu_s": clock.cpu[f], "wall_share": clock.wall[f] / total_wall}
                         for f in fams},
            "other": {"wall_s": other_w, "cpu_s": other_c, "wall_share": other_w / total_wall}}
     if not a.json:
-        print(f"prefill {a.prompt} tokens: {total_wall:.2f} s wall ({a.prompt / total_wall:.1f} tok/s), "
-              f"{total_cpu:.2f} CPU-s")
+        tpe = doc["tokens_per_expert"]
+        print(f"prefill {a.prompt} tokens in {model.max_chunk_tokens}-token chunks: {total_wall:.2f} s wall "
+              f"({a.prompt / total_wall:.1f} tok/s), {total_cpu:.2f} CPU-s, peak RSS {doc['peak_rss_bytes'] / 2**30:.2f} "
+              f"GiB (after load {rss_load / 2**30:.2f}); tokens per routed expert: mean {tpe['mean_active']:.1f} over "
+              f"{tpe['active_share']:.0%} of experts active, median {tpe['median_active']:.0f}")
         for f in fams + ["other"]:
             r = doc["families"].get(f, doc["other"])
             print(f"  {f:24} {r['wall_s']:7.3f} s  {100 * r['wall_share']:5.1f}%  cpu {r['cpu_s']:7.3f} s")
     print(json.dumps(doc, indent=None if not a.json else 2))
     return 0
+
+
+def _rss_bytes(field: str) -> int:
+    """This process's VmRSS or VmHWM (peak) from /proc/self/status, in bytes (0 where there is no procfs)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: "5" to clear_refs), so the peak is this prefill's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _per_expert_stats(counts: list) -> dict:
+    """Tokens per routed expert over every (chunk, layer) expert call: the mean and median over the experts that got
+    any token (the fused op's per-expert batch), the share of experts active, and the quartiles of active batches."""
+    import torch
+
+    if not counts:
+        return {"calls": 0, "mean_active": 0.0, "median_active": 0.0, "active_share": 0.0, "p25_active": 0.0,
+                "p75_active": 0.0, "mean_all": 0.0}
+    c = torch.stack(counts).float()
+    act = c[c > 0]
+    q = torch.quantile(act, torch.tensor([0.25, 0.5, 0.75])).tolist()
+    return {"calls": len(counts), "mean_active": act.mean().item(), "median_active": q[1], "p25_active": q[0],
+            "p75_active": q[2], "active_share": act.numel() / c.numel(), "mean_all": c.mean().item()}
 
 
 def attention_layer(a: argparse.Namespace) -> int:

@@ -314,32 +314,63 @@ def test_the_plan_line_names_the_fit(capsys):
     assert "efficiencies: the avx512 fit, the CPU has avx512f + avx512_vnni + avx512vbmi + avx512_bf16" in out
 
 
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """The tiny "mixed" preset with 64 routed experts, top-2: a routed expert's mean batch is 16 tokens in a 512-token
+    chunk, so the CPU's chunk doubles to 1024 (32 tokens), as V4-Flash's (256 experts, top-6) does."""
+    from homerun.formats.checkpoint import tiny_config, write_checkpoint
+
+    path = tmp_path_factory.mktemp("wide-experts") / "wide"
+    return write_checkpoint(path, {**tiny_config("mixed"), "n_routed_experts": 64, "num_experts_per_tok": 2})
+
+
+@pytest.mark.parametrize("routed, top_k, chunk", [
+    (256, 6, 1024),  # V4-Flash: 12 tokens per expert at 512, 24 at 1024
+    (384, 6, 2048),  # V4-Pro: 16 at 1024, 32 at 2048
+    (48, 6, 512),  # the 48-expert benchmark checkpoint: 64 per expert at 512 already
+    (8, 2, 512), (0, 0, 512),  # the tiny preset; a dense model
+    (4096, 4, 2048),  # capped at 2048
+    (64, 3, 512),  # exactly 24 at 512: no doubling
+])
+def test_the_cpu_chunk_grows_until_an_expert_batch_reaches_24_tokens(routed, top_k, chunk):
+    from homerun.plan.records import cpu_prefill_chunk_tokens, prefill_chunk_tokens
+
+    assert cpu_prefill_chunk_tokens(routed, top_k) == chunk
+    assert prefill_chunk_tokens(False, routed_experts=routed, experts_per_token=top_k) == chunk
+    assert prefill_chunk_tokens(True, routed_experts=routed, experts_per_token=top_k) == 2048
+    assert prefill_chunk_tokens(False, 300, routed_experts=routed, experts_per_token=top_k) == 300
+
+
+@pytest.mark.parametrize("which, cpu_chunk", [("tiny", 512), ("wide", 1024)])
 @pytest.mark.parametrize("profile, gpu", [("epyc-genoa-768gb", False), ("rtx5090-192gb", True),
                                           ("dgx-spark", False), ("strix-halo-128gb", False)])
-def test_the_plan_charges_the_chunk_the_runtime_runs(tiny_checkpoint, profile, gpu):
+def test_the_plan_charges_the_chunk_the_runtime_runs(tiny_checkpoint, wide_checkpoint, which, cpu_chunk, profile,
+                                                     gpu):
     """One source for the prefill chunk (homerun.plan.records.prefill_chunk_tokens): a plan's chunk (its activations
-    margin, its prefill figures, its decision) is the one `homerun.load` runs with the plan's placement: 512 where the
-    CPU runs prefill (a 2048 chunk cost 1 GB more RSS for the same CPU-s, benchmarks/prefill_cpu.md), 2048 on a GPU
-    (here a CUDA stand-in). The CPU estimate beside a GPU plan is what the CPU would run: its own chunk. A one-pool
-    (unified memory) plan places every layer on the host, so its CPU runs prefill, whether or not the profile gives
-    its GPU a compute figure (strix-halo does, dgx-spark does not): one rule (records.gpu_runs_prefill)."""
+    margin, its prefill figures, its decision) is the one `homerun.load` runs with the plan's placement: on the CPU,
+    512 grown while a routed expert's mean batch is under 24 tokens (the tiny preset's 8 experts, top-2: 512; 64
+    experts, top-2: 1024, as V4-Flash; benchmarks/prefill_cpu.md), 2048 on a GPU (here a CUDA stand-in). The CPU
+    estimate beside a GPU plan is what the CPU would run: its own chunk. A one-pool (unified memory) plan places every
+    layer on the host, so its CPU runs prefill, whether or not the profile gives its GPU a compute figure (strix-halo
+    does, dgx-spark does not): one rule (records.gpu_runs_prefill)."""
     import homerun
     from homerun.engine.placement import placement_from_plan
     from homerun.plan.speed import activation_bytes
 
-    spec, inv = resolve_model(str(tiny_checkpoint))
+    ckpt = tiny_checkpoint if which == "tiny" else wide_checkpoint
+    spec, inv = resolve_model(str(ckpt))
     p = plan(spec, inv, load_profile(profile), PlanOptions())
-    model = homerun.load(tiny_checkpoint, placement=placement_from_plan(p, standin="cuda"))
+    model = homerun.load(ckpt, placement=placement_from_plan(p, standin="cuda"))
     chunk = model.max_chunk_tokens
-    assert chunk == (2048 if gpu else 512)
+    assert chunk == (2048 if gpu else cpu_chunk)
     assert p.predicted["prefill_chunk_tokens"] == chunk
     assert p.devices[0].margins["activations"] == activation_bytes(spec, chunk)
     assert {"what": "prefill chunk", "choice": f"{chunk} tokens"}.items() <= next(
         d for d in p.decisions if d["what"] == "prefill chunk").items()
-    cpu_only = homerun.load(tiny_checkpoint)  # the CPU's own chunk, which the CPU estimate charges on either plan
-    assert p.predicted["cpu_prefill_chunk_tokens"] == cpu_only.max_chunk_tokens == 512
+    cpu_only = homerun.load(ckpt)  # the CPU's own chunk, which the CPU estimate charges on either plan
+    assert p.predicted["cpu_prefill_chunk_tokens"] == cpu_only.max_chunk_tokens == cpu_chunk
     if p.predicted["cpu_prefill_tok_s"] is not None:  # dgx-spark's profile gives no CPU clock: no CPU estimate
-        assert "512-row chunks" in p.predicted["cpu_prefill_reason"]
+        assert f"{cpu_chunk}-row chunks" in p.predicted["cpu_prefill_reason"]
 
 
 def test_an_explicit_chunk_reaches_the_plan_and_the_runtime(tiny_checkpoint):

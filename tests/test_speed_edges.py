@@ -24,7 +24,8 @@ def ctx(*, cpu_experts: bool = True, bytes_per_expert: float = 1e8, kv_bytes_per
     """A toy model: 4 layers, 3 of them MoE, 10 active experts per token (over all layers) of bytes_per_expert
     each, 5e9 active parameters, a KV cache of kv_bytes_per_token; decode depth 4000 tokens, prefill chunks of
     1000 tokens."""
-    spec = SimpleNamespace(arch="toy", name="toy", active_experts_per_token=10, num_layers=4, moe_layers=3)
+    spec = SimpleNamespace(arch="toy", name="toy", active_experts_per_token=10, num_layers=4, moe_layers=3,
+                           n_routed_experts=0, experts_per_tok=0)  # per-layer routing: unused, the chunk is explicit
     inv = SimpleNamespace(bytes_per_expert=bytes_per_expert, active_params_per_token=5e9)
     kv = SimpleNamespace(bytes_for=lambda tokens: kv_bytes_per_token * tokens)
     opts = PlanOptions(decode_depth_tokens=4000, prefill_chunk_tokens=1000, prefill_prompt_tokens=prompt_tokens,

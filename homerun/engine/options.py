@@ -82,7 +82,8 @@ class ComputeOptions:
     FP8 weights packed (dequantized per matmul); "bf16"/"fp32" dequantize non-expert weights once at load.
     upcast_bf16: with fp32 compute, hold BF16-stored matrices in fp32 where no native bf16 kernel runs them.
     max_chunk_tokens: prefill chunk (default homerun.plan.records.prefill_chunk_tokens: 2048 where a GPU or CUDA
-        stand-in runs the layers, else 512; the planner charges the same chunk).
+        stand-in runs the layers, else 512-2048 by the routed experts' batch, 1024 for V4-Flash; the planner charges
+        the same chunk).
     cuda_graphs: one-token decode replayed from captured graphs (homerun.engine.graphs): "auto" (on a CUDA device
     when the model runs there whole; an expert backend that is not graph-safe, the hybrid cache, runs eagerly between
     the segments), "on" (also emulated on CUDA stand-ins), "off"."""

@@ -71,7 +71,9 @@ class Model:
         self.args: ModelArgs = net.args
         self.tokenizer = tokenizer
         ctx = options.context
-        self.max_chunk_tokens = prefill_chunk_tokens(False, options.compute.max_chunk_tokens)
+        self.max_chunk_tokens = prefill_chunk_tokens(False, options.compute.max_chunk_tokens,
+                                                     routed_experts=net.args.n_routed_experts,
+                                                     experts_per_token=net.args.n_activated_experts)
         self.weights_dtype = options.compute.weights_dtype
         self.ramp_tokens = tuple(ctx.ramp_tokens or DEFAULT_RAMP_TOKENS)
         self.kv_budget_bytes = ctx.kv_budget_bytes
@@ -438,9 +440,11 @@ def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend
         tokenizer = Tokenizer.from_dir(root)
     max_pos = int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
     ramp = opts.context.ramp_tokens or tuple(r for r in DEFAULT_RAMP_TOKENS if r <= max_pos) or (max_pos,)
-    # prefill chunk: the planner's rule (2048 where a GPU or a CUDA stand-in runs layers, else 512), or the user's
+    # prefill chunk: the planner's rule (2048 where a GPU or a CUDA stand-in runs layers, else the CPU's by the routed
+    # experts' batch), or the user's
     gpu = gpu_runs_prefill(placement.device(lp.device).kind for lp in placement.layers)
-    chunk = prefill_chunk_tokens(gpu, opts.compute.max_chunk_tokens)
+    chunk = prefill_chunk_tokens(gpu, opts.compute.max_chunk_tokens, routed_experts=args.n_routed_experts,
+                                 experts_per_token=args.n_activated_experts)
     resolved = opts.replace(placement=placement, device=None, ramp_tokens=ramp, max_chunk_tokens=chunk)
     return Model(net, resolved, placement=placement, devices=devs, path=root, checkpoint=ckpt, tokenizer=tokenizer,
                  load_s=time.perf_counter() - t0)

@@ -17,10 +17,16 @@ MIN_CONTEXT_TOKENS = 4096  # below this a plan is not useful
 ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at least 128K of context
 # The prefill chunk, one source for the planner and the runtime (homerun.engine.runtime.load): where a GPU (or a CUDA
 # stand-in) runs the layers, 2048 (each layer's experts stream once per chunk; KTransformers' V4-Flash recipe,
-# peers.md §1.1); where the CPU runs them, 512: a 2048 chunk spent the same CPU-s and 1 GB more RSS there
-# (benchmarks/prefill_cpu.md, "A larger CPU prefill chunk was also measured").
+# peers.md §1.1). Where the CPU runs them: the smallest power of two from 512 at which a routed expert's mean batch
+# (chunk x top-k / experts) reaches 24 tokens, at most 2048. The fused int8 expert op runs at 0.26 of the VNNI peak
+# at 8-12 tokens per expert and 0.38 at 32; on the one-layer V4-Flash (256 experts, top-6) 1024-token chunks spent
+# 0.84x the routed experts' CPU-s of 512 (12 -> 24 tokens per expert) and 0.93-0.94x the prefill's, for +0.34 GiB RSS;
+# 2048 (0.80x the experts', mHC and glue growing) saved no more overall and cost +0.93 GiB
+# (benchmarks/prefill_cpu.md, "The CPU chunk by tokens per expert").
 GPU_PREFILL_CHUNK_TOKENS = 2048
-CPU_PREFILL_CHUNK_TOKENS = 512
+CPU_PREFILL_CHUNK_TOKENS = 512  # the CPU's smallest chunk (a dense model's, or few experts')
+CPU_PREFILL_CHUNK_MAX_TOKENS = 2048
+CPU_EXPERT_BATCH_TOKENS = 24  # the mean tokens per routed expert per chunk the CPU chunk grows to reach
 
 
 GPU_DEVICE_KINDS = ("gpu", "cuda", "cuda-standin")  # a plan stage's kind, a runtime placement device's kinds
@@ -34,12 +40,30 @@ def gpu_runs_prefill(layer_device_kinds: Iterable[str]) -> bool:
     return any(k in GPU_DEVICE_KINDS for k in layer_device_kinds)
 
 
-def prefill_chunk_tokens(gpu: bool, requested: int | None = None) -> int:
+def cpu_prefill_chunk_tokens(routed_experts: int, experts_per_token: int) -> int:
+    """The CPU's prefill chunk for a model with `routed_experts` experts per layer, `experts_per_token` of them per
+    token (0 for a dense model): 512, doubled while an expert's mean batch per chunk is under 24 tokens, at most
+    2048."""
+    chunk = CPU_PREFILL_CHUNK_TOKENS
+    if routed_experts > 0 and experts_per_token > 0:
+        while (chunk < CPU_PREFILL_CHUNK_MAX_TOKENS
+               and chunk * experts_per_token < CPU_EXPERT_BATCH_TOKENS * routed_experts):
+            chunk *= 2
+    return chunk
+
+
+def prefill_chunk_tokens(gpu: bool, requested: int | None = None, *, routed_experts: int,
+                         experts_per_token: int) -> int:
     """The prefill chunk the runtime uses: a user's explicit `requested` chunk, else 2048 where a GPU runs the layers
-    (`gpu`), else 512."""
+    (`gpu`), else the CPU's chunk for the model's routing (`cpu_prefill_chunk_tokens`). The routing arguments are
+    required so that the planner (the model spec's) and the runtime (the loaded model's) cannot leave them out."""
     if requested:
         return int(requested)
-    return GPU_PREFILL_CHUNK_TOKENS if gpu else CPU_PREFILL_CHUNK_TOKENS
+    if gpu:
+        return GPU_PREFILL_CHUNK_TOKENS
+    return cpu_prefill_chunk_tokens(routed_experts, experts_per_token)
+
+
 # The expert-cache hit-rate prior (homerun.plan.priors) comes from the routing model of offload/trace.py's
 # `reuse_trace`, whose defaults reproduce llama.cpp #27861 (512 experts, top-10: per-layer LRU-64 hits ~67 %,
 # LRU-128 ~81 %): a routed expert is, with probability REUSE_PROB, one of its layer's recently used experts at LRU
@@ -117,7 +141,7 @@ class PlanOptions:
     context_tokens: int | None = None  # requested context; None = the model's max_position_embeddings
     kv_dtype: str = "bf16"
     prefill_chunk_tokens: int | None = None  # a user's explicit chunk; None = the runtime's for where prefill runs
-    #   (prefill_chunk_tokens(): 2048 on a GPU, 512 on the CPU)
+    #   (prefill_chunk_tokens(): 2048 on a GPU; on the CPU 512-2048 by the routed experts' batch)
     decode_depth_tokens: int = 4096  # context depth at which decode speed is predicted
     prefill_prompt_tokens: int | None = None  # prompt a prefill estimate is for; None = decode_depth_tokens
     include_mtp: bool = False  # keep the MTP block resident (speculative decoding)

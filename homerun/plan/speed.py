@@ -11,7 +11,8 @@ from homerun.plan.compute import cpu_prefill_fit, cpu_unit_peaks, depth_flops_pe
 from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
 from profiles.schema import GIB, HardwareProfile
 
-from homerun.plan.records import (CPU_PREFILL_CHUNK_TOKENS, GPU_PREFILL_CHUNK_TOKENS, RAMP_TOKENS,
+from homerun.plan.records import (CPU_EXPERT_BATCH_TOKENS, CPU_PREFILL_CHUNK_MAX_TOKENS, CPU_PREFILL_CHUNK_TOKENS,
+                                  GPU_PREFILL_CHUNK_TOKENS, RAMP_TOKENS,
                                   THINK_MAX_MIN_TOKENS, Layout, Link, Plan, _Ctx, prefill_chunk_tokens)
 
 # ---- pieces ------------------------------------------------------------------------------------------------------
@@ -31,7 +32,8 @@ def activation_bytes(spec: ModelSpec, chunk_tokens: int) -> int:
 def plan_chunk_tokens(c: _Ctx, *, gpu: bool) -> int:
     """The prefill chunk the runtime would use where a GPU (`gpu`) or the CPU runs prefill: the user's explicit
     `prefill_chunk_tokens`, else the runtime's default for that device (homerun.plan.records.prefill_chunk_tokens)."""
-    return prefill_chunk_tokens(gpu, c.opts.prefill_chunk_tokens)
+    return prefill_chunk_tokens(gpu, c.opts.prefill_chunk_tokens, routed_experts=c.spec.n_routed_experts,
+                                experts_per_token=c.spec.experts_per_tok)
 
 
 def chunk_decision(c: _Ctx, *, gpu: bool) -> int:
@@ -39,8 +41,9 @@ def chunk_decision(c: _Ctx, *, gpu: bool) -> int:
     chunk = plan_chunk_tokens(c, gpu=gpu)
     where = "a GPU runs prefill" if gpu else "the CPU runs prefill"
     why = (f"the requested chunk ({where})" if c.opts.prefill_chunk_tokens else
-           f"{where}: the runtime's chunk there ({GPU_PREFILL_CHUNK_TOKENS} on a GPU, {CPU_PREFILL_CHUNK_TOKENS} "
-           "on the CPU, homerun.plan.records)")
+           f"{where}: the runtime's chunk there ({GPU_PREFILL_CHUNK_TOKENS} on a GPU; on the CPU "
+           f"{CPU_PREFILL_CHUNK_TOKENS}, doubled up to {CPU_PREFILL_CHUNK_MAX_TOKENS} while a routed expert's mean "
+           f"batch is under {CPU_EXPERT_BATCH_TOKENS} tokens, homerun.plan.records)")
     c.decide("prefill chunk", f"{chunk} tokens", why)
     return chunk
 
@@ -316,7 +319,7 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
     prompt = cpu_prompt_tokens(c)
     peaks = cpu_peaks(c)
     fit, fit_reason = cpu_prefill_fit(c.prof.cpu.flags)
-    chunk = plan_chunk_tokens(c, gpu=False)  # the chunk the runtime runs on the CPU (512 unless asked otherwise)
+    chunk = plan_chunk_tokens(c, gpu=False)  # the chunk the runtime runs on the CPU (records.cpu_prefill_chunk_tokens)
     out: dict[str, Any] = {"cpu_prefill_tok_s": None, "cpu_prefill_prompt_tokens": prompt,
                            "cpu_prefill_chunk_tokens": chunk,
                            "cpu_peak_gops": {k: peaks.get(k) for k in ("int8", "fp32", "bf16")},

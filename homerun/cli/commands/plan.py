@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
                                                     "(default: the model's maximum).")] = None,
         kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="KV cache dtype: bf16 or fp8.")] = "bf16",
         prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, help="Prefill chunk in tokens "
-                                 "(default: the runtime's, 2048 where a GPU runs prefill, 512 on the CPU).")] = None,
+                                 "(default: the runtime's, 2048 where a GPU runs prefill; on the CPU 512-2048 by the "
+                                 "routed experts per token, 1024 for V4-Flash).")] = None,
         depth: Annotated[int, typer.Option("--depth", min=0, help="Context depth for the decode prediction.")] = 4096,
         mtp: Annotated[bool, typer.Option("--mtp", help="Keep the MTP block resident (speculative decoding).")] = False,
         allow_disk: Annotated[bool, typer.Option("--allow-disk", help="Page experts from disk when RAM is short "
