@@ -60,13 +60,10 @@ import torch
 from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
+from homerun.models.decode_bytes import MIN_BUCKET_TOKENS  # noqa: F401 - the smallest bucket, re-exported
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
 from homerun.models.kv import Fp8PagedRows, PagedRows
 from homerun.models.speculation import DeferredEnd, end_or_defer
-
-# The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
-# tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
-MIN_BUCKET_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------------------------- the decode runner
