@@ -237,6 +237,30 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed):
     assert abs(peak - planned) <= VRAM_REL_TOL * planned + page_overhead, (peak, planned, page_overhead)
 
 
+def test_the_ramp_leaves_room_for_the_decode_graphs_static_state(mixed):
+    """With decode graphs, a ramp step's check on the device counts the static attention state of the new context
+    (the first graphed step after a prefill holds it beside the paged KV): a budget with room for the KV alone is
+    refused, naming the state; with room for both it grows. Without graphs the state is not counted."""
+    from homerun.engine.graphs import static_state_bytes
+    from homerun.errors import ContextFullError
+
+    path, args, _ = mixed
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", ramp_tokens=(64, 256),
+                 cuda_graphs="on")
+    graph = static_state_bytes(model.decode_graphs, 256, "fp8")
+    assert graph > 0 and static_state_bytes(None, 256, "fp8") == 0
+    dev = model.devices["standin:0"]
+    kv = model.kv_bytes_at(256)
+    s = model.session()
+    dev.budget_bytes = dev.used_bytes + kv + graph - 1
+    with pytest.raises(ContextFullError, match="decode graphs' static state"):
+        s._ensure_capacity(70)
+    dev.budget_bytes += 1
+    s._ensure_capacity(70)
+    assert s.capacity_tokens == 256
+
+
 # --- prefill over more rows than the decode-sized paths take --------------------------------------------------------
 # 20 tokens (seed 5): past 16 rows, and the prompt of a reported 0.14 bf16 error on hca (a routing near-tie, see
 # test_gpu_path_bf16_prefill_past_16_rows_is_bounded; fp32 on the same path measured ~4e-7 at 17..32 tokens).
