@@ -104,6 +104,11 @@ class Device:
             self.free(tag)
             raise
 
+    def reserve(self, tag: Hashable, nbytes: int) -> None:
+        """Charge nbytes under `tag` that are not allocated here: memory the caller's work takes on this device
+        outside `empty` (a decode graph's transients in its private pool, copies made by a step); `free` returns it."""
+        self._reserve(tag, int(nbytes))
+
     def place(self, tag: Hashable, tensor: torch.Tensor) -> torch.Tensor:
         """Copy a tensor onto this device, charged under `tag` (the placement executor's one verb)."""
         out = self.empty(tag, tuple(tensor.shape), tensor.dtype)

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from homerun.plan.inventory import resolve_model
+from homerun.plan.graph_memory import with_decode_graphs
 from homerun.plan.planner import ExpertPlacement, PlanOptions, plan
 from homerun.plan.specs import kv_layout, kv_read_bytes_per_token
 from homerun.plan.speed import activation_bytes
@@ -73,15 +74,17 @@ def test_gpu_experts_10_v4_flash_on_rtx5090_by_hand():
     assert rows["routed experts in VRAM, imposed (430 experts)"].bytes == 430 * FLASH_BPE == 5_748_817_920
     assert not [r for r in p.placement if r.what.startswith("GPU expert cache")]
     # VRAM: usable = 32 GiB - 3 - 1 - activations; the non-expert set, slot table (43 x 256 int32) and the 430
-    # experts first; KV gets the rest (the model's 1M context if it fits), then the 2 x 40 stages
+    # experts first; KV gets the rest (the model's 1M context if it fits), then the stages: KV and the decode
+    # graphs' static state (of the 1M bucket) take all of it, so none
     usable = 32 * GIB - 4 * GIB - activation_bytes(spec, 2048)
     left = usable - inv.non_expert_bytes - 44_032 - 430 * FLASH_BPE
-    kv = kv_layout(spec, "bf16")
+    kv = with_decode_graphs(kv_layout(spec, "bf16"), spec)  # one GPU: the decode graphs' static state on top
     assert p.context["reserved_tokens"] == min(kv.tokens_for(left), spec.max_position_embeddings)
     gpu = p.devices[0]
     kv_bytes = kv.bytes_for(p.context["reserved_tokens"])
-    assert gpu.used_bytes == int(inv.non_expert_bytes + 44_032 + 430 * FLASH_BPE + kv_bytes
-                                 + rows["prefill staging (2 x 40 experts)"].bytes + 2_048 + sum(gpu.margins.values()))
+    assert p.context["reserved_tokens"] < spec.max_position_embeddings
+    assert not [r for r in p.placement if r.what.startswith("prefill staging")]
+    assert gpu.used_bytes == int(inv.non_expert_bytes + 44_032 + 430 * FLASH_BPE + kv_bytes + sum(gpu.margins.values()))
     pred = p.predicted
     assert pred["expert_cache_hit_rate"] == pytest.approx(10 / 256)
     miss = (1 - 10 / 256) * 43 * 6 * FLASH_BPE

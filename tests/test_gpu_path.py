@@ -192,11 +192,73 @@ def test_peak_device_bytes_match_the_plan(mixed):
     planned = sum(r["bytes"] for r in doc["placement"] if r["device"] != "host")
     usage = model.device_usage()[0]
     peak = usage["peak_bytes"]
-    kv_planned = p.layout.stages[0].kv_bytes
+    # the plan also charges decode graphs' static state, which a stand-in's "auto" graph mode does not capture
+    kv_planned = p.layout.stages[0].kv_bytes + p.layout.stages[0].graph_bytes
     non_kv = peak - usage["bytes_by_class"].get("kv", 0)
     assert abs(non_kv - (planned - kv_planned)) <= VRAM_REL_TOL * (planned - kv_planned), (non_kv, planned)
     page_overhead = sum(st.allocated_bytes for st in s._states)  # one page per store at this context
     assert peak <= (1 + VRAM_REL_TOL) * planned + page_overhead, (peak, planned)
+
+
+def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed):
+    """fp8 KV under whole-step decode graphs (emulated on the stand-in), a prompt that fills the planned context, then
+    graphed steps. The first graphed step holds the prefill's paged KV and the static state of its bucket at once (it
+    copies the one into the other), with the state's small tensors, their copies and the step's transients (the
+    dequantized keys): peak accounted bytes within 5% of the plan's bytes for the device, plus one KV page per
+    compressed store (the pages' rounding) as the stated fixed overhead."""
+    from homerun.models.kv import fp8_row_bytes
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.planner import PlanOptions, plan
+    from profiles import load_profile
+
+    path, args, _ = mixed
+    ctx, page_tokens = 48, 64
+    spec, inv = resolve_model(str(path))
+    p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(context_tokens=ctx, kv_dtype="fp8"))
+    pl = placement_from_plan(p, standin="cuda")
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", page_tokens=page_tokens,
+                 cuda_graphs="on")
+    s = model.session()
+    s.feed(torch.randint(0, 512, (ctx - 2,), generator=torch.Generator().manual_seed(7)).tolist())
+    s.feed([3])
+    s.feed([4])
+    dg = model.decode_graphs
+    assert dg.step_captures == 1 and dg.static.ctx_tokens == 256  # one whole-step graph, the smallest bucket
+    usage = model.device_usage()[0]
+    g = dg.static.planned  # the runtime charges the formula's bytes: the arena and row numbers as allocated
+    assert dg.static.arena.nbytes == g.arena
+    assert usage["bytes_by_class"]["graph"] == g.arena + g.positions + g.reserved
+    planned = sum(r.bytes for r in p.placement if r.device != "host")
+    entry, key = fp8_row_bytes(args.head_dim, args.rope_dim, False), fp8_row_bytes(args.index_head_dim, 0, True)
+    kinds = args.layer_kinds
+    page_overhead = (kinds.count("csa") * page_tokens // args.csa_rate * (entry + key)
+                     + kinds.count("hca") * max(1, page_tokens // args.hca_rate) * entry)
+    peak = usage["peak_bytes"]
+    assert abs(peak - planned) <= VRAM_REL_TOL * planned + page_overhead, (peak, planned, page_overhead)
+
+
+def test_the_ramp_leaves_room_for_the_decode_graphs_static_state(mixed):
+    """With decode graphs, a ramp step's check on the device counts the static attention state of the new context
+    (the first graphed step after a prefill holds it beside the paged KV): a budget with room for the KV alone is
+    refused, naming the state; with room for both it grows. Without graphs the state is not counted."""
+    from homerun.engine.graphs import static_state_bytes
+    from homerun.errors import ContextFullError
+
+    path, args, _ = mixed
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", ramp_tokens=(64, 256),
+                 cuda_graphs="on")
+    graph = static_state_bytes(model.decode_graphs, 256, "fp8")
+    assert graph > 0 and static_state_bytes(None, 256, "fp8") == 0
+    dev = model.devices["standin:0"]
+    kv = model.kv_bytes_at(256)
+    s = model.session()
+    dev.budget_bytes = dev.used_bytes + kv + graph - 1
+    with pytest.raises(ContextFullError, match="decode graphs' static state"):
+        s._ensure_capacity(70)
+    dev.budget_bytes += 1
+    s._ensure_capacity(70)
+    assert s.capacity_tokens == 256
 
 
 # --- prefill over more rows than the decode-sized paths take --------------------------------------------------------

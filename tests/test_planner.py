@@ -30,7 +30,7 @@ def test_flash_on_rtx5090_fits_with_experts_in_host_ram():
     assert p.fits and p.mode == "hybrid"
     host = [r for r in p.placement if r.device == "host"]
     assert sum(r.bytes for r in host) == inv.routed_expert_bytes  # the primary copy, all of it, at stored precision
-    gpu_weights = [r for r in p.placement if r.device == "gpu0" and not r.what.startswith(("KV", "GPU expert cache", "prefill staging", "expert slot table"))]
+    gpu_weights = [r for r in p.placement if r.device == "gpu0" and not r.what.startswith(("KV", "decode graphs", "GPU expert cache", "prefill staging", "expert slot table"))]
     assert sum(r.bytes for r in gpu_weights) == inv.non_expert_bytes
     cache = [r for r in p.placement if r.what.startswith("GPU expert cache")]
     assert cache and cache[0].bytes % inv.bytes_per_expert == 0

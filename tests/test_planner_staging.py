@@ -43,26 +43,27 @@ def test_flash_on_rtx5090_charges_two_40_expert_stages_and_shrinks_the_cache():
     stage = rows["prefill staging (2 x 40 experts)"]
     assert stage.device == "gpu0" and stage.bytes == 1_069_547_520 and "512 MiB" in stage.reason
     # by hand: usable = 32 GiB - 3 GiB reserve - 1 GiB runtime - activations; the cache gets what the non-expert
-    # set, 1M tokens of KV, the two stages and the int32 tables (slot table 43 x 256, two stage tables of 256) leave,
-    # in whole experts
+    # set, 1M tokens of KV and the decode graphs' static state (one GPU), the two stages and the int32 tables (slot
+    # table 43 x 256, two stage tables of 256) leave, in whole experts
     usable = 32 * GIB - 3 * GIB - 1 * GIB - activation_bytes(spec, 2048)
     kv = next(r.bytes for r in p.placement if r.what.startswith("KV cache"))
+    kv += next(r.bytes for r in p.placement if r.what.startswith("decode graphs'"))
     tables = 4 * 43 * 256 + 2 * 4 * 256
     assert tables == 46_080
     assert rows["expert slot table (43 x 256 int32)"].bytes == 44_032
     assert rows["prefill staging tables (2 x 256 int32)"].bytes == 2_048
     cache_experts = int((usable - inv.non_expert_bytes - kv - 1_069_547_520 - tables) // FLASH_BPE)
-    assert cache_experts == 870  # 950 before the reserve: 80 experts (2 x 40) went to the stages
-    assert int((usable - inv.non_expert_bytes - kv) // FLASH_BPE) == 950
-    assert rows["GPU expert cache (870 experts)"].bytes == 870 * FLASH_BPE
-    assert p.layout.stages[0].expert_cache_slots == 870
+    assert cache_experts == 327  # 407 before the reserve: 80 experts (2 x 40) went to the stages
+    assert int((usable - inv.non_expert_bytes - kv) // FLASH_BPE) == 407
+    assert rows["GPU expert cache (327 experts)"].bytes == 327 * FLASH_BPE
+    assert p.layout.stages[0].expert_cache_slots == 327
     gpu = p.devices[0]
-    assert gpu.used_bytes == int(inv.non_expert_bytes + kv + 1_069_547_520 + tables + 870 * FLASH_BPE
+    assert gpu.used_bytes == int(inv.non_expert_bytes + kv + 1_069_547_520 + tables + 327 * FLASH_BPE
                                  + sum(gpu.margins.values()))
     assert gpu.used_bytes <= gpu.capacity_bytes
     assert any(d["what"] == "prefill staging" for d in p.decisions)
-    # the decode estimate sees the smaller cache: a lower hit rate than a 950-expert cache would give
-    assert "cache 870/11008" in p.predicted["hit_rate_source"]
+    # the decode estimate sees the smaller cache: a lower hit rate than a 407-expert cache would give
+    assert "cache 327/11008" in p.predicted["hit_rate_source"]
 
 
 def test_runtime_arithmetic_on_the_plan_rebuilds_the_planned_stage():
@@ -76,7 +77,7 @@ def _runtime_stage_experts(st, non_expert_bytes: int) -> int:
     """offload/cached_backend.py on a device of the stage's budget: non-expert weights and KV, then the cache's slots
     and its int32 slot table [stop_layer, 256]; the stages get (free - 2 stage tables) // (2 x expert), up to the rule
     (-1: the slot table itself would not fit)."""
-    free = (st.budget_bytes - non_expert_bytes - st.kv_bytes - st.expert_cache_slots * FLASH_BPE
+    free = (st.budget_bytes - non_expert_bytes - st.kv_bytes - st.graph_bytes - st.expert_cache_slots * FLASH_BPE
             - 4 * st.stop_layer * 256)
     if free < 0:
         return -1
@@ -91,16 +92,18 @@ def test_a_gpu_the_plan_fills_exactly_still_holds_the_runtime_s_tables_and_40_ex
     slot. Without the tables charged, that byte-short GPU would keep 100 slots and the runtime could stage only 39."""
     from dataclasses import replace
 
+    from homerun.plan.graph_memory import with_decode_graphs
     from homerun.plan.specs import kv_layout
     spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
     base = load_profile("rtx5090-192gb")
     margins = 3 * GIB + 1 * GIB + activation_bytes(spec, 2048)
     kv = kv_layout(spec, "bf16").bytes_for(4096)
-    budget = inv.non_expert_bytes + kv + 46_080 + 80 * FLASH_BPE + 100 * FLASH_BPE + slack
+    graph = with_decode_graphs(kv_layout(spec, "bf16"), spec).graph_bytes(4096)  # one GPU: decode graphs' state
+    budget = inv.non_expert_bytes + kv + graph + 46_080 + 80 * FLASH_BPE + 100 * FLASH_BPE + slack
     prof = replace(base, gpus=(replace(base.gpus[0], vram_gib=(budget + margins) / GIB),))
     p = plan(spec, inv, prof, PlanOptions(context_tokens=4096))
     st = p.layout.stages[0]
-    assert st.budget_bytes == budget and st.kv_bytes == kv and st.stop_layer == 43
+    assert st.budget_bytes == budget and (st.kv_bytes, st.graph_bytes) == (kv, graph) and st.stop_layer == 43
     rows = {r.what: r.bytes for r in p.placement}
     assert rows["prefill staging (2 x 40 experts)"] == 80 * FLASH_BPE
     assert rows["expert slot table (43 x 256 int32)"] == 44_032
@@ -112,7 +115,7 @@ def test_a_gpu_the_plan_fills_exactly_still_holds_the_runtime_s_tables_and_40_ex
     if slack == 0:
         assert gpu.used_bytes == gpu.capacity_bytes  # filled to the byte
     else:  # the old charge (no tables) would have kept 100 slots, and the tables would eat into the stages
-        assert (budget - inv.non_expert_bytes - kv - 80 * FLASH_BPE) // FLASH_BPE == 100
+        assert (budget - inv.non_expert_bytes - kv - graph - 80 * FLASH_BPE) // FLASH_BPE == 100
         assert _runtime_stage_experts(replace(st, expert_cache_slots=100), inv.non_expert_bytes) == 39
 
 
@@ -129,17 +132,18 @@ def test_staging_capped_by_the_vram_left_after_kv():
     the cache the half expert left (none); never a negative cache."""
     from dataclasses import replace
 
+    from homerun.plan.graph_memory import with_decode_graphs
     from homerun.plan.specs import kv_layout
     spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
     base = load_profile("rtx5090-192gb")
     act = activation_bytes(spec, 2048)
-    kv = kv_layout(spec, "bf16").bytes_for(4096)
+    kv = with_decode_graphs(kv_layout(spec, "bf16"), spec).bytes_for(4096)  # with the decode graphs' state
     room = 30 * FLASH_BPE + FLASH_BPE // 2
     vram = (3 * GIB + 1 * GIB + act + inv.non_expert_bytes + kv + room) / GIB
     prof = replace(base, gpus=(replace(base.gpus[0], vram_gib=vram),))
     p = plan(spec, inv, prof, PlanOptions(context_tokens=4096))
     assert p.mode == "hybrid"
-    assert next(r.bytes for r in p.placement if r.what.startswith("KV cache")) == kv
+    assert sum(r.bytes for r in p.placement if r.what.startswith(("KV cache", "decode graphs'"))) == kv
     stage = [r for r in p.placement if r.what.startswith("prefill staging")]
     assert [r.what for r in stage] == ["prefill staging (2 x 15 experts)", "prefill staging tables (2 x 256 int32)"]
     assert stage[0].bytes == 30 * FLASH_BPE

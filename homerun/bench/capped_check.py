@@ -6,7 +6,7 @@ plan's GPU cache), and measured against that plan: decode tok/s, prefill tok/s a
 Library code: no printing.
 
 The cap (`capped_plan`): V4-Flash planned on the 32 GB card caches a share of its routed experts' bytes in VRAM
-(`cache_share`: 870 of 11,008 experts, 7.9%); this machine's VRAM is cut (bisection over the planner, pure) to the
+(`cache_share`: 327 of 11,008 experts, 3.0%); this machine's VRAM is cut (bisection over the planner, pure) to the
 least at which the N-layer model's plan caches at least that share, with this machine's own margins, non-expert
 bytes, KV and prefill staging charged as the planner charges them.
 """

@@ -60,13 +60,10 @@ import torch
 from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
-from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
+from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, static_bytes
+from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens, static_shape
 from homerun.models.kv import Fp8PagedRows, PagedRows
 from homerun.models.speculation import DeferredEnd, end_or_defer
-
-# The smallest context capacity of a whole-step graph (tokens): the buckets double from here, so a sequence of L
-# tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
-MIN_BUCKET_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------------------------- the decode runner
@@ -407,6 +404,16 @@ def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor) -> torc
     else:
         bufs[i].copy_(t)
     return bufs[i]
+
+
+def static_state_bytes(dg: DecodeGraphs | None, n_tokens: int, kv_dtype: str) -> int:
+    """The device bytes of the static attention state that decode at a context of n_tokens takes beside the paged KV
+    (homerun.models.decode_bytes: the formula the plan charges), 0 where the decode graphs run no static cores. For
+    a ramp check: the first graphed step after a prefill holds both."""
+    if dg is None or not dg.whole_step:
+        return 0
+    act_bytes = torch.empty(0, dtype=dg.net.compute_dtype).element_size()
+    return static_bytes(static_shape(dg.net.args), n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens).total
 
 
 def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from homerun.engine.graphs import static_state_bytes
 from homerun.engine.sampling import NAN_TOKEN, nan_logits_error
 from homerun.errors import ContextFullError, UsageError
 from homerun.kernels.cpu_step import cpu_step
@@ -190,21 +191,25 @@ class Session:
 
     def _check_device_kv(self, n_tokens: int) -> None:
         """KV on the layers' devices: the KV of each device's layers at the new step must fit what its budget has left (and,
-        on CUDA, the device's live free memory)."""
+        on CUDA, the device's live free memory), with decode graphs their static attention state of that context too
+        (one device: homerun.engine.graphs.static_state_bytes, as the plan charges it)."""
         pl = self.model.placement
+        graph = static_state_bytes(self.model.decode_graphs, n_tokens, self.model.kv_dtype)
         for name, dev in self.model.devices.items():
             layers = pl.layers_on(name)
             if not layers:
                 continue
             have = sum(self._states[i].allocated_bytes for i in layers)
-            more = self.model.kv_bytes_at(n_tokens, layers=layers) - have
+            # the held static state's small parts go when its bucket's does (its entries are in `have`)
+            more = self.model.kv_bytes_at(n_tokens, layers=layers) - have + graph - dev.bytes_by_class().get("graph", 0)
             room = dev.free_bytes
             real = free_memory_bytes(dev.torch_device) if dev.is_cuda else None
             if real is not None:
                 room = min(room, int(FREE_MEMORY_SHARE * real))
             if more > room:
                 raise ContextFullError(
-                    f"context full: growing to {n_tokens} tokens needs {more / 1e9:.3f} GB more KV on {name}, "
+                    f"context full: growing to {n_tokens} tokens needs {more / 1e9:.3f} GB more KV on {name}"
+                    + (f" ({graph / 1e9:.3f} GB of it the decode graphs' static state), " if graph else ", ") +
                     f"{room / 1e9:.3f} GB of its budget is left ({self.n_tokens} tokens kept)",
                     hint="start a new session (/reset), or plan for a shorter context or a bigger rig",
                 )

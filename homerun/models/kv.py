@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
+from homerun.models.decode_bytes import FP8_BLOCK, fp8_row_bytes  # noqa: F401 - the row formula, re-exported
+
 # Default page size in tokens of context: a CSA store (one entry per 4 tokens) gets page_tokens/4 rows a page, an
 # HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer pages to walk at 1M).
 DEFAULT_PAGE_TOKENS = 1024
@@ -191,7 +193,7 @@ class Fp8PagedRows(PagedRows):
     scale per row (128 + 4 = 132 B). Reads dequantize to `dtype`; quantization is lossy (e4m3 keeps 3 mantissa bits).
     """
 
-    BLOCK = 64
+    BLOCK = FP8_BLOCK
     FP8_MAX = 448.0
 
     def __init__(self, width: int, dtype: torch.dtype, device, page_rows: int = 256, compute_device=None, *,
@@ -258,15 +260,6 @@ class Fp8PagedRows(PagedRows):
         q, s, r = page
         rows = rows.to(self.device)
         return self._decode(q[rows], s[rows], r[rows])
-
-
-def fp8_row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
-    """Bytes per stored row of an FP8 KV store (see Fp8PagedRows): 584 for V4's 512-dim entries, 132 for its
-    128-dim indexer keys."""
-    nope = width - rope_dim
-    if scale_fp32:
-        return nope + 4 + rope_dim * 2
-    return nope + -(-(nope // Fp8PagedRows.BLOCK) // 8) * 8 + rope_dim * 2
 
 
 def free_memory_bytes(device: torch.device | str) -> int | None:

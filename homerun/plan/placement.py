@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from homerun.plan.graph_memory import graph_reason, graph_state, graph_state_bytes, with_decode_graphs
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
@@ -55,6 +56,11 @@ def plan_discrete(c: _Ctx) -> Plan:
     if not gpus:
         return plan_unified(c, cpu_only=True)
     pol = prof.policy
+    if len(gpus) == 1 and spec.arch == "deepseek_v4":  # the runtime captures decode graphs: charge their state
+        c = replace(c, kv=with_decode_graphs(c.kv, spec))
+    elif spec.arch == "deepseek_v4":
+        c.decide("decode graphs", "none", f"the layers span {len(gpus)} GPUs: the runtime captures no decode graphs "
+                 "(homerun.engine.graphs.unsupported_reason), so no static attention state is charged")
     act = activation_bytes(spec, chunk_decision(c, gpu=gpu_runs_prefill(["gpu"])))  # the GPU stages run every layer
     margins = {"gpu_reserve": int(pol.reserve_vram_gib * GIB), "runtime_overhead": int(pol.runtime_overhead_gib * GIB),
                "activations": act}
@@ -141,8 +147,10 @@ def _gpu_rows(c: _Ctx, gpus: tuple, counts: list[int], resident: list[float], ex
 
 def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int], *, experts: str,
                 cache_slots: list[int], kv_per: list[int], kv_tokens: int, imposed: bool = False) -> None:
-    """The structured twin of _gpu_rows/_kv_rows and the cache rows: one Stage per GPU, layers in pipeline order."""
+    """The structured twin of _gpu_rows/_kv_rows and the cache rows: one Stage per GPU, layers in pipeline order.
+    kv_per: each GPU's KV and static decode state (_kv_rows), apart in the Stage."""
     start = 0
+    graph = graph_state_bytes(c.kv, kv_tokens)
     for i, g in enumerate(gpus):
         where = ("routed experts resident in VRAM" if experts == "device" else
                  f"imposed placement: {cache_slots[i]} experts static in VRAM, the rest computed on the CPU"
@@ -151,9 +159,10 @@ def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int]
                  "routed experts in host RAM, no VRAM left for an expert cache")
         c.stages.append(Stage(
             device=f"gpu{i}", kind="gpu", index=i, first_layer=start, stop_layer=start + counts[i], experts=experts,
-            expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i],
+            expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i] - graph,
             budget_bytes=int(g.vram_gib * GIB - sum(margins.values())), embedding=i == 0, head=i == len(gpus) - 1,
-            reason=f"pipeline stage {i + 1} of {len(gpus)} ({g.name}): layers in proportion to usable VRAM; {where}"))
+            reason=f"pipeline stage {i + 1} of {len(gpus)} ({g.name}): layers in proportion to usable VRAM; {where}",
+            graph_bytes=graph))
         start += counts[i]
 
 
@@ -188,10 +197,21 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
 
 
 def _kv_rows(c: _Ctx, fracs: list[float], kv_reserved: int, tokens: int) -> list[int]:
+    """Each GPU's KV rows, and with decode graphs (a GraphKvLayout: one GPU) their static attention state's row;
+    returns each GPU's bytes of both."""
     per = [int(kv_reserved * f) for f in fracs]
+    graph = graph_state(c.kv, tokens)
     for i, b in enumerate(per):
-        c.placement.append(PlacementRow(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", b,
+        kv_b = b - (graph.total if graph is not None else 0)
+        c.placement.append(PlacementRow(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", kv_b,
                                      "attention state lives next to its layer"))
+        if graph is not None:
+            c.placement.append(PlacementRow(f"decode graphs' static attention state ({graph.bucket_tokens} tokens)",
+                                            f"gpu{i}", graph.total, "static buffers of the context's capacity "
+                                            "bucket, their copies and the step's transients (decode graphs)"))
+    if graph is not None:
+        c.decide("decode graphs", f"static attention state: {gib(graph.total):.2f} GiB at {tokens:,} tokens",
+                 graph_reason(graph, tokens))
     return per
 
 

@@ -216,6 +216,7 @@ class Stage:
     embedding: bool  # the embedding lives here (first stage)
     head: bool  # final norm + lm head (and MTP with --mtp) live here (last stage)
     reason: str
+    graph_bytes: int = 0  # the decode graphs' static attention state at kv_tokens (homerun.plan.graph_memory)
 
     @property
     def n_layers(self) -> int:

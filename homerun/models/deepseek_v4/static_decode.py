@@ -34,19 +34,26 @@ copied), all the copies charged or none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import itertools
 import weakref
 from typing import Any, Sequence
 
 import torch
 
 from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA, LAYER_SLIDING
+from homerun.models.decode_bytes import StaticShape, bucket_tokens, capacity_bytes  # noqa: F401 - re-exported
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
 from homerun.models.kv import PagedRows
 
 
-def bucket_tokens(pos: int, min_tokens: int) -> int:
-    """The context capacity (tokens) whose captured core serves position pos: a power of two, >= min_tokens."""
-    return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
+_STATIC_IDS = itertools.count()  # budget tags of the static states' arena, row numbers and reservation
+
+
+def static_shape(args) -> StaticShape:
+    """The attention shapes of a model's ModelArgs that its static state's bytes depend on (decode_bytes)."""
+    kinds = args.layer_kinds
+    return StaticShape(args.n_layers, kinds.count(LAYER_CSA), kinds.count(LAYER_HCA), args.head_dim, args.rope_dim,
+                       args.index_head_dim, args.window_size, args.csa_rate, args.hca_rate)
 
 
 def static_store(like: PagedRows, cap: int, device: torch.device, account: Any = None) -> tuple[PagedRows, Any, list]:
@@ -77,8 +84,13 @@ class _Arena:
         self.specs.append((dtype, off, shape))
         return len(self.specs) - 1
 
-    def alloc(self, device: torch.device) -> None:
-        self.bufs = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in self.sizes.items()}
+    def alloc(self, empty) -> None:
+        """The buffers, zeroed; empty(dtype, n) makes each (the owner charges it where it has a budget)."""
+        self.bufs = {dt: empty(dt, n).zero_() for dt, n in self.sizes.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n * torch.empty(0, dtype=dt).element_size() for dt, n in self.sizes.items())
 
     def view(self, i: int, bufs: dict[torch.dtype, torch.Tensor] | None = None) -> torch.Tensor:
         dt, off, shape = self.specs[i]
@@ -153,12 +165,35 @@ class StaticDecodeKV:
             raise ValueError(f"a static window needs window_size >= 2, got {a.window_size}")
         # entry capacity per compression rate: (pos + 1) // rate <= ctx_tokens // rate closed below the capacity
         self.caps = {r: max(1, ctx_tokens // r) for r in rates}
-        self.ar = {r: torch.arange(c, device=net.device) for r, c in self.caps.items()}
+        # The state's bytes besides the entry buffers (charged as the stores allocate them) go to the budgeted
+        # device too, as the plan charges them (homerun.models.decode_bytes, one formula): the arena and the row
+        # numbers are allocated through it, the snapshots and the step's transients reserved.
+        self.account = next((acc for acc in self.accounts if acc is not None), None)
+        kv_dtype = _kv_dtype(net, like)
+        act_bytes = torch.empty(0, dtype=net.compute_dtype).element_size()
+        self.planned = capacity_bytes(static_shape(a), ctx_tokens, kv_dtype, act_bytes) if kv_dtype else None
+        self._tags: list = []
+        if self.account is not None:
+            weakref.finalize(self, self.account.free_all, self._tags)
+        uid = next(_STATIC_IDS)
+        self.ar = {r: torch.arange(c, out=self._empty(("graph", uid, "positions", r), c, torch.int64))
+                   for r, c in self.caps.items()}
         self.arena = _Arena()
         specs = [self._specs(lay) for lay in net.layers]
-        self.arena.alloc(net.device)
+        self.arena.alloc(lambda dt, n: self._empty(("graph", uid, "arena", str(dt)), n, dt))
+        if self.account is not None and self.planned is not None:  # the snapshots and the step's transients
+            self.account.reserve(("graph", uid, "reserved"), self.planned.reserved)
+            self._tags.append(("graph", uid, "reserved"))
         self.layers = [self._carve(i, sp, like[i] if like is not None else None) for i, sp in enumerate(specs)]
         self.step: _Step | None = None
+
+    def _empty(self, tag: tuple, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-d buffer of n elements on the model's device, charged to the account under tag when there is one."""
+        if self.account is None:
+            return torch.empty(n, dtype=dtype, device=self.net.device)
+        out = self.account.empty(tag, (n,), dtype)
+        self._tags.append(tag)
+        return out
 
     def _specs(self, lay):
         """Layer lay's small tensors as arena entries: the window, then per compressor its open rows and overlap."""
@@ -360,3 +395,19 @@ def _read(sc: _Comp, sel: torch.Tensor | None = None) -> torch.Tensor:
     if sel is None:
         return store._get(store.pages[0], store.page_rows)
     return store._take(store.pages[0], sel)
+
+
+def _kv_dtype(net, like) -> str | None:
+    """The kv_dtype of decode_bytes' formula that the stores of `like` (None: the compute dtype) keep their entries
+    in; None for a store of another format (the formula does not know its bytes)."""
+    from homerun.models.kv import Fp8PagedRows
+
+    stores = [c.store for st in (like or ()) for c in (st.comp, st.index_comp) if c is not None]
+    if not stores:
+        return "auto"
+    st = stores[0]
+    if type(st) is Fp8PagedRows:
+        return "fp8"
+    if type(st) is PagedRows:
+        return "auto" if st.dtype == net.compute_dtype else "bf16" if st.dtype == torch.bfloat16 else None
+    return None

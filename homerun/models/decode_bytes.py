@@ -1,0 +1,140 @@
+"""Device bytes of the decode step's static attention state (issue 13, "VRAM as planned"), one formula for the
+planner (homerun.plan.graph_memory, which charges it where the runtime captures decode graphs) and the runtime
+(homerun.models.deepseek_v4.static_decode, which charges the same bytes to the layer's budgeted device). Torch-free,
+so the planner imports it without torch.
+
+What a static state of capacity bucket B holds on the device (static_decode's module docstring), per part:
+
+  entries      every compressor's static entry buffer: B // rate + 1 rows (the last: the dump row of non-closing
+               steps) in the store's row format, CSA entries and indexer keys, HCA entries.
+  arena        the small per-layer tensors (static_decode._Arena): the window [W, Dh], each compressor's open window
+               (kv and gate, [rate, width]: CSA and the indexer keep two series, width 2 x dim) and the CSA overlap
+               slices (kv in the compute dtype, gate in fp32).
+  positions    the indexer's row numbers over the capacity (int64, one per CSA entry row): the top-k's mask.
+  snapshots    two copies of the arena: the states a session holds view one (StaticDecodeKV.states), and the next
+               step makes the next one while those are still held.
+  workspace    the step's largest transient (in a CUDA graph's private pool, held while the graph lives): reading a
+               store over the whole capacity. An fp8 store dequantizes it (Fp8PagedRows._decode: codes to fp32,
+               times the scales, the rope columns joined, then the compute dtype), the indexer scores it ([1, cap]
+               fp32, masked into a second one, and a bool mask); a store of another format is read as a view.
+
+The step's other activations (one token's) are small and are the stated fixed overhead, as are the allocator's
+rounding and the top-k's scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The smallest context capacity of a static decode state (tokens): the buckets double from here, so a sequence of L
+# tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
+MIN_BUCKET_TOKENS = 256
+FP8_BLOCK = 64  # dims per ue8m0 scale of an FP8 compressed entry (homerun.models.kv.Fp8PagedRows)
+_F32 = 4
+
+
+def bucket_tokens(pos: int, min_tokens: int = MIN_BUCKET_TOKENS) -> int:
+    """The context capacity (tokens) whose captured core serves position pos: a power of two, >= min_tokens."""
+    return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
+
+
+def fp8_row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
+    """Bytes per stored row of an FP8 KV store (homerun.models.kv.Fp8PagedRows): 584 for V4's 512-dim entries, 132
+    for its 128-dim indexer keys."""
+    nope = width - rope_dim
+    if scale_fp32:
+        return nope + 4 + rope_dim * 2
+    return nope + -(-(nope // FP8_BLOCK) // 8) * 8 + rope_dim * 2
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """The attention shapes a V4 static decode state depends on (from a ModelArgs or a plan's ModelSpec)."""
+
+    n_layers: int
+    n_csa: int
+    n_hca: int
+    head_dim: int
+    rope_dim: int
+    index_head_dim: int
+    window: int
+    csa_rate: int = 4
+    hca_rate: int = 128
+
+
+@dataclass(frozen=True)
+class StaticBytes:
+    """The parts of a static state of capacity `bucket_tokens` (module docstring), in bytes."""
+
+    bucket_tokens: int
+    entries: int
+    arena: int
+    positions: int
+    snapshots: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.entries + self.arena + self.positions + self.snapshots + self.workspace
+
+    @property
+    def reserved(self) -> int:
+        """The bytes the runtime charges without allocating them through the budget: copies and transients."""
+        return self.snapshots + self.workspace
+
+
+def row_bytes(width: int, rope_dim: int, scale_fp32: bool, kv_dtype: str, act_bytes: int) -> int:
+    """Bytes per stored row of a store of kv_dtype ("auto": the compute dtype of act_bytes per element)."""
+    if kv_dtype == "fp8":
+        return fp8_row_bytes(width, rope_dim, scale_fp32)
+    return width * (2 if kv_dtype == "bf16" else act_bytes)
+
+
+def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv_dtype: str, act_bytes: int) -> int:
+    """Peak bytes live while n rows of a store are read whole (its `_get`): fp8 decodes them (Fp8PagedRows._decode,
+    step by step below; a tensor is freed when its last reference goes), other formats return a view."""
+    if kv_dtype != "fp8":
+        return 0
+    nope = width - rope_dim
+    nb = 1 if scale_fp32 else nope // FP8_BLOCK
+    scale = 0 if scale_fp32 else n * nb * _F32  # ue8m0 -> fp32 scales (fp32 scales are read as they are)
+    cast = n * width * act_bytes if act_bytes != _F32 else 0  # the last .to(dtype); none in fp32
+    products = scale + 2 * n * nope * _F32  # codes.float() and its product with the scales
+    if not rope_dim:
+        return max(products, scale + n * nope * _F32 + cast)
+    joined = scale + n * nope * _F32 + n * rope_dim * _F32 + n * width * _F32  # the product, rope.float(), the cat
+    return max(products, joined, scale + n * nope * _F32 + n * width * _F32 + cast)
+
+
+def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: int = 2,
+                 min_bucket_tokens: int = MIN_BUCKET_TOKENS) -> StaticBytes:
+    """The device bytes of the static state whose bucket holds a context of ctx_tokens (its last position,
+    ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element."""
+    return capacity_bytes(shape, bucket_tokens(max(ctx_tokens - 1, 0), min_bucket_tokens), kv_dtype, act_bytes)
+
+
+def capacity_bytes(shape: StaticShape, cap: int, kv_dtype: str, act_bytes: int = 2) -> StaticBytes:
+    """static_bytes for a static state of capacity cap tokens (static_decode.StaticDecodeKV's ctx_tokens)."""
+    s = shape
+    n_csa, n_hca = max(1, cap // s.csa_rate), max(1, cap // s.hca_rate)  # entry rows per store (static_decode.caps)
+    entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
+    key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
+    entries = s.n_csa * (n_csa + 1) * (entry_b + key_b) + s.n_hca * (n_hca + 1) * entry_b
+
+    def opened(rate: int, dim: int, overlap: bool) -> int:  # a compressor's open window (+ its overlap slices)
+        width = 2 * dim if overlap else dim
+        return 2 * rate * width * act_bytes + (rate * dim * (act_bytes + _F32) if overlap else 0)
+
+    arena = (s.n_layers * s.window * s.head_dim * act_bytes
+             + s.n_csa * (opened(s.csa_rate, s.head_dim, True) + opened(s.csa_rate, s.index_head_dim, True))
+             + s.n_hca * opened(s.hca_rate, s.head_dim, False))
+    positions = (n_csa * 8 if s.n_csa else 0) + (n_hca * 8 if s.n_hca else 0)  # one arange per rate in use
+    work = 0
+    if s.n_hca:
+        work = read_transient_bytes(n_hca, s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
+    if s.n_csa:
+        keys = read_transient_bytes(n_csa, s.index_head_dim, 0, True, kv_dtype, act_bytes)
+        read_out = n_csa * s.index_head_dim * act_bytes if kv_dtype == "fp8" else 0  # the decoded keys, scored
+        # the scores beside the decoded keys; then the scores, their masked copy and the mask (bool)
+        work = max(work, keys, read_out + n_csa * _F32, n_csa * (2 * _F32 + 1))
+    return StaticBytes(cap, entries, arena, positions, 2 * arena, work)

@@ -1,0 +1,113 @@
+"""The static decode state's device bytes (homerun.models.decode_bytes; issue 13, "VRAM as planned"): the formula
+against V4-Flash's shapes worked out by hand, its read transient against the bytes a read really keeps alive, and
+the plan's charge where the runtime captures decode graphs. CPU only, no Triton."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from homerun.models.decode_bytes import StaticShape, read_transient_bytes, static_bytes
+from homerun.models.deepseek_v4.static_decode import static_store
+from homerun.models.kv import Fp8PagedRows, PagedRows
+from live_bytes import LiveBytes
+
+# V4-Flash: 43 layers (21 CSA, 20 HCA, 2 sliding), head_dim 512 (rope 64), indexer keys of 128, window 128
+FLASH = StaticShape(n_layers=43, n_csa=21, n_hca=20, head_dim=512, rope_dim=64, index_head_dim=128, window=128)
+# Small per-layer state in bf16, the same at every context:
+#   windows 43 x 128 x 512 x 2                                                   = 5,636,096
+#   CSA  21 x (open kv+gate 2 x 4 x 1024 x 2 + overlap 4 x 512 x (2 + 4)          = 28,672
+#              + indexer 2 x 4 x 256 x 2 + 4 x 128 x (2 + 4)                      =  7,168)  = 752,640
+#   HCA  20 x open kv+gate 2 x 128 x 512 x 2                                      = 5,242,880
+FLASH_ARENA = 5_636_096 + 752_640 + 5_242_880
+
+
+@pytest.mark.parametrize("ctx, kv_dtype, bucket, entries, positions, workspace", [
+    # fp8 rows: entry 448 + 8 scale bytes + 64 x 2 rope = 584, key 128 + 4 = 132.
+    # 1M: 21 x (262,144 + 1) x (584 + 132) + 20 x (8,192 + 1) x 584; the largest transient: the indexer keys read,
+    # codes.float() and the scaled product, 2 x 262,144 x 128 x 4 (the HCA read, 8,192 x (7 x 4 + 4,864), is less)
+    (1_048_576, "fp8", 1_048_576, 3_941_612_220 + 95_694_240, (262_144 + 8_192) * 8, 268_435_456),
+    # 128K: 21 x 32,769 x 716 + 20 x 1,025 x 584; 2 x 32,768 x 128 x 4
+    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 33_554_432),
+    # bucket padding: 131,073 tokens need the 262,144 bucket: 21 x 65,537 x 716 + 20 x 2,049 x 584
+    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 67_108_864),
+    # bf16 rows (1,024 and 256 B) are read as views: the transient is the indexer's scores, 262,144 x (4 + 4 + 1)
+    (1_048_576, "bf16", 1_048_576, 21 * 262_145 * 1_280 + 20 * 8_193 * 1_024, (262_144 + 8_192) * 8, 2_359_296),
+])
+def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positions, workspace):
+    b = static_bytes(FLASH, ctx, kv_dtype, act_bytes=2)
+    assert b.bucket_tokens == bucket
+    assert b.entries == entries
+    assert b.arena == FLASH_ARENA
+    assert b.positions == positions
+    assert b.snapshots == 2 * FLASH_ARENA  # the states a session holds, and the next step's copy
+    assert b.workspace == workspace
+    assert b.total == entries + 3 * FLASH_ARENA + positions + workspace
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width, rope, scale_fp32, rows", [(512, 64, False, 8192), (128, 0, True, 32768)])
+def test_fp8_read_transient_is_what_a_read_keeps_alive(dtype, width, rope, scale_fp32, rows):
+    """A static fp8 store read whole, as the graphed step reads it (V4-Flash widths: the HCA entries of a 1M bucket,
+    the indexer keys of a 128K one): the peak of the bytes the read allocates and keeps alive equals the formula."""
+    like = Fp8PagedRows(width, dtype, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32)
+    store, page, _ = static_store(like, rows, torch.device("cpu"))
+    store._put(page, 0, torch.randn(rows, width, generator=torch.Generator().manual_seed(0)))
+    with LiveBytes() as live:
+        out = store._get(store.pages[0], store.page_rows)
+    assert out.shape == (rows, width)
+    assert live.peak_bytes == read_transient_bytes(rows, width, rope, scale_fp32, "fp8", dtype.itemsize)
+
+
+def test_a_store_in_the_compute_dtype_is_read_without_a_copy():
+    store, page, _ = static_store(PagedRows(512, torch.bfloat16, "cpu", 16), 4096, torch.device("cpu"))
+    with LiveBytes() as live:
+        store._get(store.pages[0], store.page_rows)
+    assert live.peak_bytes == read_transient_bytes(4096, 512, 64, False, "bf16", 2) == 0
+
+
+# ---- the plan --------------------------------------------------------------------------------------------------
+
+
+def _flash_plan(profile: str, **opts):
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.planner import PlanOptions, plan
+    from profiles import load_profile
+
+    spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    return plan(spec, inv, load_profile(profile), PlanOptions(**opts))
+
+
+def _graph_rows(p):
+    return [r for r in p.placement if r.what.startswith("decode graphs'")]
+
+
+def test_one_gpu_plan_charges_the_static_state_on_top_of_the_kv():
+    p = _flash_plan("rtx5090-192gb", kv_dtype="fp8", context_tokens=131_072)
+    g = static_bytes(FLASH, 131_072, "fp8")
+    (row,) = _graph_rows(p)
+    assert row.bytes == g.total and row.device == "gpu0"
+    (kv_row,) = [r for r in p.placement if r.what.startswith("KV cache")]
+    assert (p.layout.stages[0].kv_bytes, p.layout.stages[0].graph_bytes) == (kv_row.bytes, g.total)
+    decision = next(d for d in p.decisions if d["what"] == "decode graphs")
+    assert "131,072" in decision["reason"] and "transient" in decision["reason"]
+
+
+def test_the_planned_context_fits_kv_and_static_state():
+    """The plan's longest context is the largest whose KV and static state (of its bucket) fit the KV budget."""
+    from homerun.plan.graph_memory import GraphKvLayout
+
+    p = _flash_plan("rtx4090-128gb", kv_dtype="bf16")
+    ctx = p.context
+    kv = GraphKvLayout(ctx["kv_dtype"], ctx["kv_bytes_per_token"], ctx["kv_constant_bytes"], "", FLASH)
+    t, budget = ctx["max_tokens"], ctx["kv_capacity_bytes"]
+    assert t < 1_048_576  # the static state of the 1M bucket does not fit beside the KV there
+    assert kv.bytes_for(t) <= budget < kv.bytes_for(t + 1)
+    assert kv.bytes_for(t) == kv.kv_bytes_for(t) + static_bytes(FLASH, t, "bf16").total
+
+
+def test_several_gpus_capture_no_graphs_and_charge_none():
+    p = _flash_plan("2xh100", kv_dtype="fp8", context_tokens=131_072)
+    assert not _graph_rows(p)
+    decision = next(d for d in p.decisions if d["what"] == "decode graphs")
+    assert decision["choice"] == "none"
