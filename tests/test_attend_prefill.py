@@ -145,6 +145,19 @@ def test_native_stream_mixes_equal_torch(t, n, d):
         cp.hc_post(pre, y[:, :-1], comb, x)
 
 
+@pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8), (17, 4, 4096)])
+def test_native_stream_mixes_pool_are_the_decode_kernels_bit_for_bit(t, n, d):
+    """The pooled mixes (AVX-512 rows where present: each product rounded, then added) give the decode kernels'
+    scalar bits, widths off the 16-lane registers included."""
+    cp = _native()
+    dense = dispatch.native_dense()
+    g = torch.Generator().manual_seed(t + 3 * n + d)
+    x, pre, y = torch.randn(t, n, d, generator=g), torch.rand(t, n, generator=g), torch.randn(t, d, generator=g)
+    comb = torch.rand(t, n, n, generator=g)
+    assert torch.equal(cp.hc_pre(pre, x), dense.hc_pre(pre, x))
+    assert torch.equal(cp.hc_post(pre, y, comb, x), dense.hc_post(pre, y, comb, x))
+
+
 @pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8), (20, 4, 1000)])
 @pytest.mark.parametrize("head", [False, True])
 def test_native_hc_weights_pool_is_the_decode_kernel_bit_for_bit(t, n, d, head):
