@@ -158,7 +158,7 @@ def test_native_stream_mixes_pool_are_the_decode_kernels_bit_for_bit(t, n, d):
     assert torch.equal(cp.hc_post(pre, y, comb, x), dense.hc_post(pre, y, comb, x))
 
 
-@pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8), (20, 4, 1000)])
+@pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8), (20, 4, 1000), (11, 4, 4096)])
 @pytest.mark.parametrize("head", [False, True])
 def test_native_hc_weights_pool_is_the_decode_kernel_bit_for_bit(t, n, d, head):
     """The pooled mHC weights (tokens on the pool) give the decode kernel's bits for every token, and stay within
