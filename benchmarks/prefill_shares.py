@@ -2,7 +2,10 @@
 kernel set's methods and the model's steps (attention core, indexer top-k, compressors, mHC, norm+RoPE, dense
 linears, routed experts). Inner calls are not double counted: a family's time excludes the wrapped calls it makes.
 
-    python benchmarks/prefill_shares.py --checkpoint CKPT --prompt 512 [--repeat 2] [--json]
+    python benchmarks/prefill_shares.py --checkpoint CKPT --prompt 512 [--repeat 2] [--json] [--per-method]
+
+`--per-method` charges each kernel-set method to itself (hc_weights, hc_post, norm_rope, linear, grouped, ...)
+instead of its family. The document also carries the process's peak RSS and its anonymous RSS after the prefill.
 
 The checkpoint: an official-format V4 directory (e.g. the synthetic one `compare_transformers.py` writes). Each
 repeat is a fresh session over the same prompt; the figures printed are the last repeat's (the first warms up).
@@ -69,6 +72,7 @@ def main() -> int:
     ap.add_argument("--expert-act", default="auto", help="expert activations: auto, int8, bf16, fp32")
     ap.add_argument("--chunk", type=int, help="prefill chunk tokens (default: the model's, 512 on a CPU)")
     ap.add_argument("--json", action="store_true", help="print the JSON document only")
+    ap.add_argument("--per-method", action="store_true", help="one row per kernel-set method, not per family")
     ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding", "indexer"),
                     help="time one real-shaped attention core instead (no checkpoint)")
     a = ap.parse_args()
@@ -97,8 +101,11 @@ def main() -> int:
     clock = _Clock()
     ks = dispatch.kernels_for("cpu", torch.float32, a.prompt)
     sets = {type(ks), type(dispatch.for_act(ks, net.experts.act))}
+    families = dict(FAMILIES)
+    if a.per_method:
+        families = {name: name for name in (*FAMILIES, "swiglu_down", "rope_cos_sin", "route")}
     for cls in sets:
-        for name, fam in FAMILIES.items():
+        for name, fam in families.items():
             if name in vars(cls) or any(name in vars(b) for b in cls.__mro__[1:]):
                 setattr(cls, name, clock.wrap(getattr(cls, name), fam))
     for name, fam in MODEL_STEPS.items():
@@ -133,7 +140,8 @@ def main() -> int:
            "peak_rss_bytes": _rss_bytes("VmHWM"), "tokens_per_expert": _per_expert_stats(per_expert), "kernel_sets": sorted(c.__name__ for c in sets),
            "families": {f: {"wall_s": clock.wall[f], "cpu_s": clock.cpu[f], "wall_share": clock.wall[f] / total_wall}
                         for f in fams},
-           "other": {"wall_s": other_w, "cpu_s": other_c, "wall_share": other_w / total_wall}}
+           "other": {"wall_s": other_w, "cpu_s": other_c, "wall_share": other_w / total_wall},
+           "rss_anon_bytes": _rss_bytes("RssAnon")}
     if not a.json:
         tpe = doc["tokens_per_expert"]
         print(f"prefill {a.prompt} tokens in {model.max_chunk_tokens}-token chunks: {total_wall:.2f} s wall "

@@ -145,6 +145,45 @@ def test_native_stream_mixes_equal_torch(t, n, d):
         cp.hc_post(pre, y[:, :-1], comb, x)
 
 
+@pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8), (17, 4, 4096)])
+def test_native_stream_mixes_pool_are_the_decode_kernels_bit_for_bit(t, n, d):
+    """The pooled mixes (AVX-512 rows where present: each product rounded, then added) give the decode kernels'
+    scalar bits, widths off the 16-lane registers included."""
+    cp = _native()
+    dense = dispatch.native_dense()
+    g = torch.Generator().manual_seed(t + 3 * n + d)
+    x, pre, y = torch.randn(t, n, d, generator=g), torch.rand(t, n, generator=g), torch.randn(t, d, generator=g)
+    comb = torch.rand(t, n, n, generator=g)
+    assert torch.equal(cp.hc_pre(pre, x), dense.hc_pre(pre, x))
+    assert torch.equal(cp.hc_post(pre, y, comb, x), dense.hc_post(pre, y, comb, x))
+
+
+@pytest.mark.parametrize("t,n,d", [(37, 4, 64), (1, 4, 32), (100, 3, 40), (9, 1, 8), (20, 4, 1000), (11, 4, 4096)])
+@pytest.mark.parametrize("head", [False, True])
+def test_native_hc_weights_pool_is_the_decode_kernel_bit_for_bit(t, n, d, head):
+    """The pooled mHC weights (tokens on the pool) give the decode kernel's bits for every token, and stay within
+    the decode kernel's bound of the torch set (rms_norm, then the GEMM)."""
+    cp = _native()
+    if not cp.has_hc_weights():
+        pytest.skip("an older build without hr_hc_weights_pool")
+    dense = dispatch.native_dense()
+    g = torch.Generator().manual_seed(t * 7 + n + d)
+    m = n if head else (2 + n) * n
+    x = torch.randn(t, n, d, generator=g) * 2
+    fn = torch.randn(m, n * d, generator=g) / (n * d) ** 0.5
+    base, scale = torch.randn(m, generator=g), torch.rand(1 if head else 3, generator=g) + 0.5
+    args = (x, fn, scale, base, 1e-6, 1e-6, 20)
+    got, dec, ref = cp.hc_weights(*args), dense.hc_weights(*args), TORCH.hc_weights(*args)
+    for a, b, r in zip(got, dec, ref):
+        if r is None:
+            assert a is None and b is None
+            continue
+        assert a.shape == r.shape and torch.equal(a, b)
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KernelError, match="do not match"):
+        cp.hc_weights(x, fn[:, 1:], scale, base, 1e-6, 1e-6, 20)
+
+
 @pytest.mark.parametrize("shape", [(37, 64), (37, 5, 64), (9, 3, 20), (1, 2, 16)])
 @pytest.mark.parametrize("opts", ["norm_w", "norm_rope", "norm_w_rope_inverse", "rope_only"])
 def test_native_norm_rope_pool_equals_torch(shape, opts):

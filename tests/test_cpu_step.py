@@ -42,3 +42,50 @@ def test_native_spin_setting_round_trips():
     if prev is None:
         pytest.skip("native kernels not built")
     assert ce.set_spin_us(prev) == 1234
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+        return 1
+
+
+def test_cpu_prefill_steps_run_under_the_heap_policy(monkeypatch):
+    """A CPU prefill step raises glibc's mmap/trim thresholds once and trims the heap after every step, failed ones
+    included; decode and GPU steps leave the heap alone."""
+    from homerun.kernels import cpu_heap
+
+    fake = _FakeLibc()
+    monkeypatch.setattr(cpu_heap, "_state", {"libc": fake})
+    for _ in range(2):
+        with cpu_step.cpu_step(512, 0, on_cpu=True):
+            pass
+    raised = [("mallopt", cpu_heap.M_MMAP_THRESHOLD, cpu_heap.PREFILL_MMAP_THRESHOLD_BYTES),
+              ("mallopt", cpu_heap.M_TRIM_THRESHOLD, cpu_heap.PREFILL_TRIM_THRESHOLD_BYTES)]
+    assert fake.calls == raised + [("trim", 0), ("trim", 0)]
+    with pytest.raises(RuntimeError):
+        with cpu_step.cpu_step(512, 0, on_cpu=True):
+            raise RuntimeError("a failed step still trims")
+    assert fake.calls[-1] == ("trim", 0) and len(fake.calls) == 5
+    with cpu_step.cpu_step(1, 10, on_cpu=True), cpu_step.cpu_step(512, 0, on_cpu=False):
+        pass
+    assert len(fake.calls) == 5
+
+
+def test_heap_policy_leaves_a_users_malloc_settings(monkeypatch):
+    from homerun.kernels import cpu_heap
+
+    monkeypatch.setattr(cpu_heap, "_state", {})
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not cpu_heap.applies()
+    monkeypatch.setattr(cpu_heap, "_state", {})
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert not cpu_heap.applies()

@@ -7,6 +7,8 @@
 - `index_topk` (`hr_index_topk`, csrc/hr_index.inc): the torch set's `index_topk`, the lightning
   indexer's scores and top-k per query, page by page into running candidate lists per query: no [q, Hi, page] or
   [q, k + page] temporaries, queries (and, for a few queries, key ranges) on the pool.
+- `hc_weights` (`hr_hc_weights_pool`): mHC's per-token weights as the decode kernel computes them (the same bits),
+  tokens on the pool, each token's [n, D] streams read once.
 - `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool.
 - `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
   F.linear), with each block dequantized natively (`hr_fp8_to_f32`, a table per 128 x 128 block, on the pool)
@@ -46,6 +48,11 @@ def _kernel():
                                               i64, ctypes.c_int]
             for g in (lib.hr_hc_pre_pool, lib.hr_hc_post_pool, lib.hr_norm_rope_pool):
                 g.restype = ctypes.c_int
+            if hasattr(lib, "hr_hc_weights_pool"):
+                f32 = ctypes.c_float
+                lib.hr_hc_weights_pool.argtypes = [ctypes.c_int, p, i64, i64, i64, p, i64, p, p, f32, f32, i64, p, p, p]
+                lib.hr_hc_weights_pool.restype = ctypes.c_int
+                _mix.update(weights=lib.hr_hc_weights_pool)
             _fn = f
             lib.hr_fp8_to_f32.argtypes = [p, p, i64, i64, i64, i64, p]
             lib.hr_fp8_to_f32.restype = ctypes.c_int
@@ -61,6 +68,11 @@ def _kernel():
 
 def available() -> bool:
     return _kernel() is not None
+
+
+def has_hc_weights() -> bool:
+    """Whether this build has the pooled mHC weights (`hr_hc_weights_pool`)."""
+    return _kernel() is not None and "weights" in _mix
 
 
 def _f32c(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -215,6 +227,29 @@ def hc_pre(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, d, dtype=torch.float32)
     _ok(_mix["pre"](pre.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d), "hc_pre")
     return out
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+               hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """homerun.kernels.cpu_dense.hc_weights (bit for bit) with tokens split over the pool: x [T, n, D] fp32 CPU,
+    fn [(2+n)n or n, n*D] -> pre [T, n], post [T, n], comb [T, n, n] (post, comb None for the head's fn)."""
+    if _kernel() is None or "weights" not in _mix:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    t, n, d = x.shape
+    m = fn.shape[0]
+    if fn.dim() != 2 or fn.shape[1] != n * d or m not in (n, (2 + n) * n) or base.numel() != m:
+        raise KernelError(f"hc_weights: fn {tuple(fn.shape)} / base {tuple(base.shape)} do not match streams "
+                          f"{tuple(x.shape)}", hint="fn is [(2+n)n or n, n*D]")
+    x, fn, scale, base = (_f32c(a, nm) for a, nm in ((x, "x"), (fn, "fn"), (scale, "scale"), (base, "base")))
+    pre = torch.empty(t, n, dtype=torch.float32)
+    post = comb = None
+    if m != n:
+        post, comb = torch.empty(t, n, dtype=torch.float32), torch.empty(t, n, n, dtype=torch.float32)
+    if t:
+        _ok(_mix["weights"](0, x.data_ptr(), t, n, d, fn.data_ptr(), m, scale.data_ptr(), base.data_ptr(), norm_eps,
+                            hc_eps, iters, pre.data_ptr(), post.data_ptr() if post is not None else None,
+                            comb.data_ptr() if comb is not None else None), "hc_weights")
+    return pre, post, comb
 
 
 def hc_post(post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

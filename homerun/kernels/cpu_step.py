@@ -36,9 +36,16 @@ def decode_settings(n_new: int, n_ctx: int, on_cpu: bool) -> tuple[int, int] | N
 
 @contextmanager
 def cpu_step(n_new: int, n_ctx: int, on_cpu: bool) -> Iterator[None]:
-    """Apply decode_settings for the duration of one step, then restore what was there."""
+    """Apply decode_settings for the duration of one step, then restore what was there; a CPU prefill step runs
+    under the prefill heap policy (homerun.kernels.cpu_heap)."""
     settings = decode_settings(n_new, n_ctx, on_cpu)
     if settings is None:
+        if on_cpu and n_new > DECODE_MAX_TOKENS:
+            from homerun.kernels.cpu_heap import prefill_heap
+
+            with prefill_heap():
+                yield
+            return
         yield
         return
     from homerun.kernels.cpu_experts import set_spin_us

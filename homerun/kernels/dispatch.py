@@ -91,6 +91,14 @@ class CpuPrefillKernels(TorchKernels):
 
     # fp32 stream mixes and norm+RoPE: the native per-token kernels over tokens split on the pool (torch's broadcast
     # temporaries over [T, n, D] cost 3-10x the CPU time at 512 tokens)
+    def hc_weights(self, x, fn, scale, base, norm_eps, hc_eps, iters):
+        """The decode kernel's mHC weights (same bits), tokens on the pool: torch's rms_norm wrote the [T, n, D]
+        streams out normalized and its GEMM read them again."""
+        pf = native_prefill()
+        if pf is None or not pf.has_hc_weights() or x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().hc_weights(x, fn, scale, base, norm_eps, hc_eps, iters)
+        return pf.hc_weights(x, fn, scale, base, norm_eps, hc_eps, iters)
+
     def hc_pre(self, pre, x):
         pf = native_prefill()
         return super().hc_pre(pre, x) if pf is None or x.dtype != torch.float32 else pf.hc_pre(pre, x)

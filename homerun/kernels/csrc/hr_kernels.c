@@ -99,6 +99,8 @@
 #include "hr_dense.inc"
 /* Attention: one query (decode), and prefill queries over the sliding window and the compressed rows, on the pool. */
 #include "hr_attend.inc"
+/* Prefill-sized mHC and norm+RoPE: the per-token kernels of hr_dense.inc over tokens on the pool. */
+#include "hr_mix.inc"
 /* The lightning indexer's prefill top-k: scores per page of compressed keys, running top-k per query. */
 #include "hr_index.inc"
 

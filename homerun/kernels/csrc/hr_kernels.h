@@ -133,6 +133,9 @@ int hr_hc_post(const float *post, const float *y, const float *comb, const float
 int hr_hc_pre_pool(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
 int hr_hc_post_pool(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t,
                     int64_t n, int64_t d);
+int hr_hc_weights_pool(int path, const float *x, int64_t t, int64_t n, int64_t d, const float *fn, int64_t m,
+                       const float *scale, const float *base, float norm_eps, float hc_eps, int64_t iters, float *pre,
+                       float *post, float *comb);
 int hr_norm_rope_pool(int path, const float *x, float *y, int64_t t, int64_t per_token, int64_t d, const float *w,
                       float eps, int norm, const float *cosv, const float *sinv, int64_t rope_dim, int inverse);
 
