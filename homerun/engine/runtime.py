@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from homerun.engine.options import COMPUTE_DTYPES, LoadOptions
+from homerun.engine.graph_sites import placement_sites
 from homerun.engine.graphs import decode_graphs_for
 from homerun.engine.placement import Placement, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
@@ -103,7 +104,8 @@ class Model:
         """Choose the decode runner again (auto | on | off; homerun.engine.graphs.decode_graphs_for): graphs captured
         before are dropped and recaptured at the next decode step. "on" where capture is impossible is a UsageError."""
         self.settle()
-        dg, reason = decode_graphs_for(self.net, mode)
+        # the placement's device names cut the step where the device changes (stand-ins included)
+        dg, reason = decode_graphs_for(self.net, mode, placement_sites(self.placement))
         if mode == "on" and dg is None:
             raise UsageError(f"cuda_graphs=on is not possible here: {reason}", hint="use cuda_graphs auto or off")
         self.graph_mode, self.decode_graphs, self.decode_graphs_reason = mode, dg, reason
