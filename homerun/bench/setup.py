@@ -20,6 +20,7 @@ from homerun.kernels.kernel_bench import cpu_info  # noqa: F401 - one CPU descri
 from homerun.kernels.kernel_bench import measure_dram_read_gbps  # noqa: F401 - bench limits (tests patch it here)
 
 from homerun.bench.model_bench import BenchTarget
+from homerun.engine.graph_sites import placement_sites
 from homerun.engine.graphs import unsupported_reason
 from homerun.bench.records import BenchRecord, BenchTest, Limits, with_prediction
 
@@ -316,7 +317,7 @@ def open_target(path: str | Path, *, kind: str = "native", cache_slots: int | No
         first_layer = args.n_hash_layers if args.n_hash_layers < args.n_layers else 0
         bpe = ckpt.expert(first_layer, 0).nbytes
         target = BenchTarget(model, lambda: placed, bpe, has_cache=False, backend=placed)
-        if graphs == "auto" and unsupported_reason(model.net) is None:
+        if graphs == "auto" and unsupported_reason(model.net, placement_sites(model.placement)) is None:
             model.set_graph_mode("on")  # stand-ins: graphs (emulated) wherever CUDA would capture them
         elif graphs != "auto":
             model.set_graph_mode(graphs)

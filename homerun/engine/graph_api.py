@@ -25,36 +25,40 @@ class GraphCaptureError(RuntimeError):
 
 
 class CudaGraphs:
-    """torch.cuda.CUDAGraph per segment, every segment in one memory pool (their outputs stay alive between replays,
-    so the pool holds one step's activations once)."""
+    """torch.cuda.CUDAGraph per segment of one device, every segment in one memory pool (their outputs stay alive
+    between replays, so the pool holds one step's activations once). Capture and replay run with the device
+    current: Triton launches, torch.cuda.graph's capture stream and a replay all take the current device's."""
 
     name = "cuda"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device)
+        with torch.cuda.device(device):
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(device)
 
     def capture(self, fn: Callable[[], Any], reset: Callable[[], None] | None = None) -> tuple[Any, Any]:
         # One warm-up run on a side stream first (libraries create their handles and workspaces lazily, which a
         # capture must not do); the capture itself only records, so one replay computes this step's values.
         # reset: undoes the warm-up's writes to state the step advances in place (the whole-step graph's).
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)
-        with torch.cuda.stream(self.stream):
-            fn()
-        cur.wait_stream(self.stream)
-        if reset is not None:
-            reset()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = fn()
-        g.replay()
+        with torch.cuda.device(self.device):
+            cur = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(cur)
+            with torch.cuda.stream(self.stream):
+                fn()
+            cur.wait_stream(self.stream)
+            if reset is not None:
+                reset()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                out = fn()
+            g.replay()
         return g, out
 
     def replay(self, g: Any) -> None:
         note_graph_replay()
-        g.replay()
+        with torch.cuda.device(self.device):
+            g.replay()
 
 
 class _Recorder(TorchDispatchMode):

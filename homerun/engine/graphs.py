@@ -13,6 +13,14 @@ it; each step hands back LayerStates that view one copy of its small tensors (wi
 share its entry stores, and a step from any other state (another session, an earlier state) copies that state in
 first. Around the replay: the token id's copy, the position's fill and that copy (one launch per dtype).
 
+Across devices (a pipeline split: the placement's device names, stand-ins included, homerun.engine.graph_sites): the
+step is cut into runs of consecutive parts on one device (embedding, layers, head), each run one whole-step graph
+captured on its device (its own graph API: a CUDA graph on that device's stream and pool), over its device's shard
+of the static attention state; between the replays the residual streams are copied into the next run's static
+input (one launch per hop), and the token id and position are written on every device. Layouts that run anything
+eagerly between segments (cached experts, fp8 pages off the device, `whole_step` off) are one-device only: across
+devices those steps run the eager forward.
+
 Piecewise (a layer whose experts are cached, fp8 KV pages off the device, or `whole_step` off): everything in a layer
 except its attention core and its routed call depends on the token only through device tensors (the streams, the
 token id, the RoPE tables of the position), so it is captured once and replayed:
@@ -58,6 +66,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
+from homerun.engine.graph_sites import ShardedStaticKV, step_runs
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
 from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, static_bytes
@@ -69,14 +78,19 @@ from homerun.models.speculation import DeferredEnd, end_or_defer
 # ----------------------------------------------------------------------------------------------- the decode runner
 
 
-def unsupported_reason(net) -> str | None:
-    """Why `net`'s decode step can't be captured (None when it can): one device running every layer and the head
-    on the GPU kernel set. Any expert backend qualifies: one that is not graph-safe runs between the segments."""
-    dev = net.device
-    if any((lay.device or dev) != dev for lay in net.layers) or (net.head_device or dev) != dev:
-        return "the layers span several devices"
+def unsupported_reason(net, sites: Sequence[str] | None = None) -> str | None:
+    """Why `net`'s decode step can't be captured (None when it can): every layer and the head on the GPU kernel set.
+    On one device any expert backend qualifies (one that is not graph-safe runs between the segments); across
+    devices (`sites`: the placement's device names, homerun.engine.graph_sites) the step is one graph per device,
+    which holds every routed call."""
     if net.embed_flavor != "gpu" or net.head_flavor != "gpu" or any(lay.flavor != "gpu" for lay in net.layers):
         return "not every layer runs the GPU kernel set"
+    runs = step_runs(net, sites)
+    if len(runs) > 1:
+        eager = sum(eager_routed_layers(net.experts, [lay.index for lay in net.layers]))
+        if eager:
+            return (f"the layers span {len({r.site for r in runs})} devices and {eager} layers' experts are not "
+                    "resident (graphs across devices capture whole steps only)")
     return None
 
 
@@ -91,19 +105,23 @@ def whole_step_reason(net, states: Sequence[Any]) -> str | None:
     """Why decode from `states` can't run as one whole-step graph (None when it can): every entry store must be of a
     format the static core mirrors (homerun.models.kv's PagedRows in any dtype, or Fp8PagedRows with its pages on
     the compute device: it quantizes where its pages lie, and the static core's lie on the device)."""
-    for st in states:
+    for i, st in enumerate(states):
         for c in (st.comp, st.index_comp):
             if c is None:
                 continue
             if type(c.store) not in (PagedRows, Fp8PagedRows):
                 return f"entries kept as {type(c.store).__name__}"
-            if type(c.store) is Fp8PagedRows and c.store.device != net.device:
-                return f"fp8 entries quantized on {c.store.device}, the static core's on {net.device}"
+            dev = net.layers[i].device or net.device
+            if type(c.store) is Fp8PagedRows and c.store.device != dev:
+                return f"fp8 entries quantized on {c.store.device}, the static core's on {dev}"
     return None
 
 
-def layout_reason(backend, layers: Sequence[int]) -> str:
+def layout_reason(backend, layers: Sequence[int], runs: Sequence[Any] = ()) -> str:
     """How decode graphs run with `backend`, for the runner's reason string (`homerun bench`'s decode_runner)."""
+    if len(runs) > 1:
+        return (f"one graph per device and step ({len(runs)} graphs on {len({r.site for r in runs})} devices, "
+                f"streams copied between them), else eager")
     eager = eager_routed_layers(backend, layers)
     if not any(eager):
         return "one graph per step, else experts in the segments"
@@ -129,11 +147,16 @@ class DecodeGraphs:
     missed layer) run as in net.forward: a redo replays the segments from that layer, whose inputs are still in
     their static buffers."""
 
-    def __init__(self, net, graphs: CudaGraphs | EmulatedGraphs) -> None:
-        reason = unsupported_reason(net)
+    def __init__(self, net, graphs: CudaGraphs | EmulatedGraphs | dict, sites: Sequence[str] | None = None) -> None:
+        """graphs: the graph API, or one per site (a dict by site name: a CUDA graph is captured on its device's
+        stream). sites: the placement's device names for [embedding, layers.., head] (homerun.engine.graph_sites)."""
+        reason = unsupported_reason(net, sites)
         if reason is not None:
             raise ValueError(f"decode graphs unsupported: {reason}")
-        self.net, self.graphs = net, graphs
+        self.runs = step_runs(net, sites)
+        self.multi = len(self.runs) > 1  # across devices: whole steps, one graph per run, else the eager forward
+        self.graphs_by_site = graphs if isinstance(graphs, dict) else {r.site: graphs for r in self.runs}
+        self.net, self.graphs = net, self.graphs_by_site[self.runs[0].site]
         self.backend = net.experts  # the expert backend the graphs serve (whose launches they hold when graph-safe)
         self.eager_routed = eager_routed_layers(self.backend, [lay.index for lay in net.layers])
         self.k = kernels_for(net.device, net.compute_dtype, 1, net.embed_flavor)
@@ -142,6 +165,7 @@ class DecodeGraphs:
         self._outs: dict[tuple, Any] = {}  # each segment's outputs: static buffers the later segments read
         self.core_out: dict[int, torch.Tensor] = {}  # layer position -> its core's output
         self.routed: dict[int, torch.Tensor] = {}  # eager routed calls (by layer position): sums copied in after each
+        self._hops: dict[int, torch.Tensor] = {}  # across devices: run j's input streams, copied from run j-1's
         # Per layer position: whether a router guess at the next layer may be read (the backend's static answer,
         # guesses_layer; none before a hash layer or after the last). The guess is its own segment, replayed only
         # on the tokens whose backend wants it (wants_speculation_for), reading the layer's MoE input (_guess_h).
@@ -172,14 +196,18 @@ class DecodeGraphs:
                 defer_end: bool = False) -> tuple[torch.Tensor, list, DeferredEnd | None]:
         """net.forward_step's: (hidden, states, the DeferredEnd of a speculated step with `defer_end`, else None)."""
         net = self.net
-        if not self.segments:
-            dev = net.device
-            self.ids_buf = ids.reshape(1).to(dev, torch.int64).clone()
-            self.pos_buf = torch.full((1,), start_pos, dtype=torch.int64, device=dev)
-        else:
-            self.ids_buf.copy_(ids.reshape(1), non_blocking=True)
-            self.pos_buf.fill_(start_pos)
         static = self.whole_step and whole_step_reason(net, states) is None
+        if self.multi and not static:  # across devices only whole steps are captured
+            return net.forward_step(ids, start_pos, states, defer_end=defer_end)
+        if not self.segments:  # the token id and the position in static tensors, one pair per device
+            self._bufs = {r.site: (ids.reshape(1).to(r.device, torch.int64).clone(),
+                                   torch.full((1,), start_pos, dtype=torch.int64, device=r.device))
+                          for r in self.runs}
+            self.ids_buf, self.pos_buf = self._bufs[self.runs[0].site]
+        else:
+            for ids_buf, pos_buf in self._bufs.values():
+                ids_buf.copy_(ids.reshape(1), non_blocking=True)
+                pos_buf.fill_(start_pos)
         self._sk = ("static",) if static else ()  # segment keys: those with static cores inside are apart
         if static:
             self._static_for(start_pos, states)
@@ -229,7 +257,8 @@ class DecodeGraphs:
             for key in [k for k in self.segments if k[-1] in ("static", "step")]:
                 del self.segments[key], self._outs[key]
             self.static = None  # the old buffers live on only in the states that view them
-            self.static = StaticDecodeKV(self.net, cap, _accounts(states), like=states)
+            self.static = (ShardedStaticKV(self.net, self.runs, cap, _accounts(states), like=states) if self.multi
+                           else StaticDecodeKV(self.net, cap, _accounts(states), like=states))
             self.static.load(states, start_pos)
         elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
             kv.load(states, start_pos)
@@ -247,10 +276,19 @@ class DecodeGraphs:
 
     def _forward_whole(self, start_pos: int) -> tuple[torch.Tensor, list]:
         """Every layer resident: the step as one graph over the static attention state of the context's bucket
-        (homerun.models.deepseek_v4.static_decode), captured at the bucket's first step."""
-        key = ("step",)
-        self.step_captures += key not in self.segments
-        out = self._segment(key, self._step)
+        (homerun.models.deepseek_v4.static_decode), captured at the bucket's first step. Across devices, one graph
+        per run of the step on one device (keys (j, "step")), the streams copied eagerly into the next run's
+        static input between the replays."""
+        if not self.multi:
+            self.step_captures += ("step",) not in self.segments
+            out = self._segment(("step",), lambda: self._step(self.runs[0], None))
+        else:
+            self.step_captures += (0, "step") not in self.segments
+            out = None
+            for j, run in enumerate(self.runs):
+                if j:
+                    out = _into_static(self._hops, j, out, run.device)
+                out = self._segment((j, "step"), lambda run=run, x=out: self._step(run, x), run.site)
         self.replays += 1
         return out, self._static_states(start_pos)
 
@@ -260,29 +298,36 @@ class DecodeGraphs:
             return False
         return all(a is b() for a, b in zip(states, self._mine[1]))
 
-    def _step(self) -> torch.Tensor:
-        """The whole decode step (captured): embedding, every layer with its static attention core and its routed
-        call, the final hidden."""
+    def _step(self, run, x: torch.Tensor | None) -> torch.Tensor:
+        """The whole decode step's part on one device (captured; on one device, the whole step): the embedding (the
+        first run), its layers with their static attention cores and routed calls from the streams x, the final
+        hidden (the last run; else the streams)."""
         net, kl, kv = self.net, self.kl, self.static
+        ids, pos = self._bufs[run.site]
         net.__dict__.pop("_rope_memo", None)  # see _embed: each run computes the position's RoPE tables
-        kv.begin_step(self.pos_buf)
-        x = net._embed(self.ids_buf)
-        for i, layer in enumerate(net.layers):
-            pa = net._pre_attention(layer, x, self.pos_buf, kl)
+        if len(run.layers):
+            (kv.shard_of_run(run) if self.multi else kv).begin_step(pos)
+        if run.embed:
+            x = net._embed(ids)
+        for i in run.layers:
+            layer = net.layers[i]
+            pa = net._pre_attention(layer, x, pos, kl)
             out = kv.core(i, pa, kl)
-            mi = net._moe_in(layer, net._attn_out(layer, x, pa, out, kl), self.ids_buf, kl)
+            mi = net._moe_in(layer, net._attn_out(layer, x, pa, out, kl), ids, kl)
             x = net._moe_out(layer, mi, self.backend.forward(layer.index, mi.h, mi.idx, mi.w), kl)
-        return net._final(x, self.k)
+        return net._final(x, self.k) if run.head else x
 
-    def _segment(self, key: tuple, fn: Callable[[], Any]) -> Any:
-        """Capture `fn` as segment `key` at its first use (its outputs are this step's), replay it afterwards."""
+    def _segment(self, key: tuple, fn: Callable[[], Any], site: str | None = None) -> Any:
+        """Capture `fn` as segment `key` at its first use (its outputs are this step's), replay it afterwards; on
+        `site`'s graphs (default: the first device's)."""
+        graphs = self.graphs if site is None else self.graphs_by_site[site]
         seg = self.segments.get(key)
         if seg is None:
             reset = self._static_reset() if key[-1] in ("static", "step") else None  # warm-ups advance static state
-            seg, self._outs[key] = self.graphs.capture(fn, reset)
+            seg, self._outs[key] = graphs.capture(fn, reset)
             self.segments[key] = seg
         else:
-            self.graphs.replay(seg)
+            graphs.replay(seg)
         return self._outs[key]
 
     def _embed(self):
@@ -397,10 +442,12 @@ def _accounts(states: Sequence[Any]) -> list:
     return out
 
 
-def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor) -> torch.Tensor:
-    """t copied into the i-th static buffer of `bufs` (made from t at the capture step), which later segments read."""
+def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """t copied into the i-th static buffer of `bufs` (made from t at the capture step, on `device`: default t's),
+    which later segments read."""
     if i not in bufs:
-        bufs[i] = t.clone()
+        bufs[i] = t.to(device or t.device, copy=True)
     else:
         bufs[i].copy_(t)
     return bufs[i]
@@ -416,19 +463,27 @@ def static_state_bytes(dg: DecodeGraphs | None, n_tokens: int, kv_dtype: str) ->
     return static_bytes(static_shape(dg.net.args), n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens).total
 
 
-def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:
-    """The decode runner `mode` asks for ("auto": on a CUDA device when supported; "on": also on CUDA stand-ins,
-    through EmulatedGraphs; "off"), and the reason for the choice."""
+def decode_graphs_for(net, mode: str, sites: Sequence[str] | None = None) -> tuple[DecodeGraphs | None, str]:
+    """The decode runner `mode` asks for ("auto": on CUDA devices when supported; "on": also on CUDA stand-ins,
+    through EmulatedGraphs; "off"), and the reason for the choice. sites: the placement's device names for
+    [embedding, layers.., head] (homerun.engine.graph_sites), one graph API per device."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"unknown graph mode {mode!r}")
     if mode == "off":
         return None, "off by request"
-    reason = unsupported_reason(net)
+    reason = unsupported_reason(net, sites)
     if reason is not None:
         return None, reason
-    layout = layout_reason(net.experts, [lay.index for lay in net.layers])
-    if net.device.type == "cuda":
-        return DecodeGraphs(net, CudaGraphs(net.device)), f"captured: CUDA graphs, {layout}"
+    runs = step_runs(net, sites)
+    layout = layout_reason(net.experts, [lay.index for lay in net.layers], runs)
+    devices = {r.site: r.device for r in runs}
+    kinds = {d.type for d in devices.values()}
+    if kinds == {"cuda"}:
+        graphs = {site: CudaGraphs(d) for site, d in devices.items()}
+        return DecodeGraphs(net, graphs, sites), f"captured: CUDA graphs, {layout}"
+    if "cuda" in kinds:
+        return None, "the step spans CUDA devices and CUDA stand-ins"
     if mode == "on":
-        return DecodeGraphs(net, EmulatedGraphs()), f"captured: emulated graphs (a CUDA stand-in), {layout}"
+        graphs = {site: EmulatedGraphs() for site in devices}
+        return DecodeGraphs(net, graphs, sites), f"captured: emulated graphs (a CUDA stand-in), {layout}"
     return None, "a CUDA stand-in (graphs emulated only when asked for)"

@@ -22,14 +22,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from homerun.engine.options import COMPUTE_DTYPES, LoadOptions
+from homerun.engine.graph_sites import placement_sites
 from homerun.engine.graphs import decode_graphs_for
 from homerun.engine.placement import Placement, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
-from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS
-from homerun.plan.records import THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
+from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS, THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
 from homerun.plan.records import gpu_runs_prefill, prefill_chunk_tokens
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,7 +103,7 @@ class Model:
         """Choose the decode runner again (auto | on | off; homerun.engine.graphs.decode_graphs_for): graphs captured
         before are dropped and recaptured at the next decode step. "on" where capture is impossible is a UsageError."""
         self.settle()
-        dg, reason = decode_graphs_for(self.net, mode)
+        dg, reason = decode_graphs_for(self.net, mode, placement_sites(self.placement))  # cut where devices change
         if mode == "on" and dg is None:
             raise UsageError(f"cuda_graphs=on is not possible here: {reason}", hint="use cuda_graphs auto or off")
         self.graph_mode, self.decode_graphs, self.decode_graphs_reason = mode, dg, reason

@@ -383,7 +383,13 @@ class DeepseekV4:
         memo = self.__dict__.setdefault("_rope_memo", {})
         hit = memo.get(id(freqs))
         if hit is None or hit[0] is not positions:
-            hit = memo[id(freqs)] = (positions, *k.rope_cos_sin(freqs, positions))
+            f = freqs
+            if f.device != positions.device:  # a layer on another device: a copy kept there (kernels read it)
+                copies = self.__dict__.setdefault("_freqs_on", {})
+                f = copies.get((id(freqs), positions.device))
+                if f is None:
+                    f = copies[(id(freqs), positions.device)] = freqs.to(positions.device)
+            hit = memo[id(freqs)] = (positions, *k.rope_cos_sin(f, positions))
         return hit[1], hit[2]
 
     def _attend_decode(self, layer, q, qr, iw, keys, start, n_past, comp, idx_st, rope, k: TorchKernels):
