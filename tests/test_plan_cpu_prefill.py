@@ -20,7 +20,7 @@ from profiles import CpuSpec, HardwareProfile, load_profile
 # The efficiencies, written out (homerun.plan.compute's fits, from benchmarks/prefill_cpu.md): experts int8, dense,
 # attention, indexer, elementwise share. AVX2: the 2-core Zen 3 host; AVX-512 (+ VNNI, VBMI, BF16): the 2-core Zen 5.
 AVX2 = (0.26, 0.57, 0.5, 0.37, 0.07)
-AVX512 = (0.24, 0.62, 0.45, 0.70, 0.22)
+AVX512 = (0.37, 0.66, 0.47, 0.68, 0.09)
 E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE = AVX2
 ZEN4_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")
 
@@ -112,7 +112,7 @@ def test_hand_computed_cpu_prefill_on_the_cpu_only_epyc_genoa(flash):
     dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
     want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0, fit=AVX512)  # Zen 4 has every flag of the AVX-512 fit
     assert p.mode == "cpu-only" and pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
-    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 95 < want < 110  # 100.6 (the AVX2 fit: 114.0)
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 130 < want < 145  # 138.7 (the AVX2 fit: 114.0)
     assert pred["cpu_prefill_fit"] == "avx512" and pred["cpu_prefill_efficiency"]["fit"] == "avx512"
 
 

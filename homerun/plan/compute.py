@@ -165,26 +165,23 @@ AVX2_FIT = CpuPrefillFit(
     #   over experts + dense)
     source="benchmarks/prefill_cpu.md (2-core AVX2 Zen 3)",
 )
-# Fitted on this project's 2-core AVX-512 host, measured 2026-12-06 as an EPYC family 26 (Zen 5: two 512-bit FMA
-# pipes; AVX-512 + VNNI + VBMI + BF16): one real-shaped V4-Flash CSA layer at 1K / 8K / 32K prompts, each part's
-# FLOPs over its exclusive CPU-s x one core's measured unit peak per CPU-second, pooled over the runs
-# (benchmarks/prefill_fit.py; benchmarks/prefill_cpu.md, "The CPU prefill fit for AVX-512 hosts"). The kernels: VNNI
-# experts, oneDNN bf16 dense GEMMs on exact FP8 -> bf16 blocks, the AVX-512 attention tiles, the native indexer.
+# Fitted on this project's 2-core AVX-512 host, an EPYC family 26 (Zen 5: two 512-bit FMA pipes; AVX-512 + VNNI +
+# VBMI + BF16), refitted 2026-12-07 after the 1024-token CPU chunk for V4-Flash, the prefill heap policy and the
+# pooled mHC kernels: one real-shaped V4-Flash CSA layer at 1K (x2) / 8K (x2) / 32K prompts, each part's FLOPs over
+# its exclusive CPU-s x one core's measured unit peak per CPU-second (the 16-chain loops: int8 1070, bf16 535, fp32
+# 266.7 GOP/s), pooled over the runs (benchmarks/prefill_fit.py; benchmarks/prefill_cpu.md, "The AVX-512 fit
+# refitted"). The kernels: VNNI experts, oneDNN bf16 dense GEMMs on exact FP8 -> bf16 blocks, the AVX-512 attention
+# tiles, the native indexer.
 AVX512_FIT = CpuPrefillFit(
     name="avx512",
-    # The fit ran against the 8-chain peak loops, which read low on Zen 5 (latency-bound: bf16 0.67, int8 0.93, fp32
-    # 0.94 of the 16-chain loops' figures, A/B on one core, benchmarks/prefill_cpu.md "Zen 5's unit peaks"); each
-    # efficiency below is the fitted one x that ratio, so efficiency x measured peak (the prediction) is unchanged.
-    experts_int8=0.24,  # per run: 0.24-0.26 at 1K, 0.25-0.26 at 8K and 32K (against the 8-chain peak)
-    dense=0.62,  # against the 8-chain bf16 peak: 0.80-0.96 at 1K, 0.90-0.94 at 8K and 32K (pooled 0.92); that loop
-    #   read 1.43x fp32 on this Zen 5, the 16-chain loop 2.0x (Zen 4: 1.97x with 8)
-    dense_small=0.25,  # not measured on AVX-512: the AVX2 figure (the CPU runs 512-row chunks, so it is not reached)
-    attention=0.45,  # against the 8-chain fp32 peak: 0.26-0.43 at 1K (fixed costs per query block), 0.46-0.51 at 8K/32K
-    indexer=0.70,  # against the 8-chain fp32 peak: 0.37-0.46 at 1K (0.6 % of the time there), 0.64 at 8K, 0.75-0.77
-    #   at 32K
-    elementwise_fraction=0.22,  # mHC, norm+RoPE, pooling, router, glue over the linears: 0.21-0.28 per run (Zen 5's
-    #   linears are fast; these are not)
-    source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5)",
+    experts_int8=0.37,  # per run: 0.36-0.38 at 1K, 0.37 at 8K and 32K (1024-token chunks: ~24 tokens per expert)
+    dense=0.66,  # 0.60-0.63 at 1K, 0.64-0.67 at 8K, 0.67 at 32K
+    dense_small=0.25,  # not measured on AVX-512: the AVX2 figure (the CPU runs >= 512-row chunks, so it is not reached)
+    attention=0.47,  # 0.43 at 1K (fixed costs per query block), 0.45-0.49 at 8K, 0.47 at 32K
+    indexer=0.68,  # 0.34-0.35 at 1K (1 % of the time there), 0.54 at 8K, 0.70 at 32K
+    elementwise_fraction=0.09,  # mHC, norm+RoPE, pooling, router, glue over the linears: 0.18-0.21 at 1K, 0.09 at 8K,
+    #   0.08 at 32K (0.22 before the heap policy and the pooled mHC kernels)
+    source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5, refitted 2026-12-07)",
 )
 AVX512_FIT_FLAGS = ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")  # the kernels the fit was measured on
 
