@@ -224,15 +224,17 @@ class DecodeGraphs:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
         the graphs holding the old ones are dropped)."""
         cap = bucket_tokens(start_pos, self.min_bucket_tokens)
-        kv = self.static
-        if kv is None or kv.ctx_tokens != cap:
+        if self.static is None or self.static.ctx_tokens != cap:
             for key in [k for k in self.segments if k[-1] in ("static", "step")]:
                 del self.segments[key], self._outs[key]
-            self.static = None  # the old buffers live on only in the states that view them
+            # No reference to the old state may outlive this line: its arena, row numbers and reservation go back to
+            # the budget before the new one's are charged (the plan charges one state), its stores live on only in
+            # the states that view them, which the new state copies from.
+            self.static = None
             self.static = StaticDecodeKV(self.net, cap, _accounts(states), like=states)
             self.static.load(states, start_pos)
         elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
-            kv.load(states, start_pos)
+            self.static.load(states, start_pos)
 
     def _static_reset(self) -> Callable[[], None]:
         """Undoes a capture's warm-up run, which advanced the static state in place: back to the state before."""
