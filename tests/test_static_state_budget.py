@@ -1,0 +1,73 @@
+"""The decode graphs' static attention state against the device budget (issue 13, "VRAM as planned"): a bucket change
+holds one static state (the plan's charge), not the old and the new at once, and the ramp checks (a session's growth,
+the runtime's Think Max check) credit the held state whole, so growth the plan promises is not refused after a reset
+or in a new session. CUDA stand-ins, Triton under the interpreter, emulated graphs."""
+
+from __future__ import annotations
+
+import standin_triton  # noqa: E402,F401  first: the interpreter on, or the module skipped
+
+import weakref  # noqa: E402
+
+import pytest  # noqa: E402
+
+from homerun.engine import graphs as G  # noqa: E402
+from homerun.engine.placement import single_device  # noqa: E402
+from homerun.engine.runtime import load  # noqa: E402
+from homerun.formats.loader import open_checkpoint  # noqa: E402
+from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
+
+MIN_BUCKET = 16  # small buckets: a 13-token prompt crosses from 16 to 32 within a few graphed steps
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from tiny import make_checkpoint
+
+    path = make_checkpoint(tmp_path_factory.mktemp("static-budget"), "mixed", sliding_window=8, index_topk=4)
+    return path, ModelArgs.from_hf_config(open_checkpoint(path).config)
+
+
+def _model(small, ramp_tokens=None):
+    path, args = small
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    kw = {"ramp_tokens": ramp_tokens} if ramp_tokens else {}
+    # pages of 64 tokens: a prompt below 64 tokens takes no more KV than kv_bytes_at(64) counts (no page rounding)
+    m = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", cuda_graphs="on",
+             page_tokens=64, **kw)
+    m.decode_graphs.min_bucket_tokens = MIN_BUCKET
+    return m, m.devices["standin:0"]
+
+
+def test_a_bucket_change_holds_one_static_state(small, monkeypatch):
+    """Graphed steps across the 16 -> 32 bucket: no earlier static state is alive when the next is built, and the
+    crossing step's accounted peak is the bytes before it, less the old state's own charge (its arena, row numbers
+    and reservation: its stores live on in the session's states until the step ends), plus the new state as the
+    plan's formula charges it."""
+    m, dev = _model(small)
+    dg = m.decode_graphs
+    built = []
+    init = G.StaticDecodeKV.__init__
+
+    def tracked(self, *a, **k):
+        assert [r().ctx_tokens for r in built if r() is not None] == []  # the older states are gone
+        built.append(weakref.ref(self))
+        init(self, *a, **k)
+
+    monkeypatch.setattr(G.StaticDecodeKV, "__init__", tracked)
+    s = m.session()
+    s.feed(list(range(1, 14)))
+    crossed = 0
+    for t in range(6):
+        old = dg.static
+        old_own = dev.bytes_of(old._tags) if old is not None else 0
+        del old
+        base = dev.used_bytes
+        dev._peak_bytes = base
+        s.feed([t + 3])
+        if len(built) > 1 + crossed:  # this step built the next bucket's state
+            crossed += 1
+            assert dg.static.ctx_tokens == 32 and old_own > 0
+            assert dev._peak_bytes - base <= dg.static.planned.total - old_own, (dev._peak_bytes - base, old_own)
+    assert crossed == 1 and [r().ctx_tokens for r in built if r() is not None] == [32]
+
