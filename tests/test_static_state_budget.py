@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import standin_triton  # noqa: E402,F401  first: the interpreter on, or the module skipped
 
+import gc  # noqa: E402
 import weakref  # noqa: E402
 
 import pytest  # noqa: E402
 
 from homerun.engine import graphs as G  # noqa: E402
+from homerun.engine.graphs import held_bytes, static_state_bytes  # noqa: E402
 from homerun.engine.placement import single_device  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.formats.loader import open_checkpoint  # noqa: E402
@@ -70,4 +72,55 @@ def test_a_bucket_change_holds_one_static_state(small, monkeypatch):
             assert dg.static.ctx_tokens == 32 and old_own > 0
             assert dev._peak_bytes - base <= dg.static.planned.total - old_own, (dev._peak_bytes - base, old_own)
     assert crossed == 1 and [r().ctx_tokens for r in built if r() is not None] == [32]
+
+
+def _decode_a_little(m):
+    s = m.session()
+    s.feed(list(range(1, 14)))
+    s.feed([5])
+    s.feed([6])
+    assert m.decode_graphs.static is not None and m.decode_graphs.static.ctx_tokens == MIN_BUCKET
+    return s
+
+
+@pytest.mark.parametrize("how", ["reset", "new session"])
+def test_growth_after_a_graphed_decode_counts_the_held_state_once(small, how):
+    """A budget of exactly what a fresh model's growth to 64 tokens asks for (the KV and the static state of that
+    context). After a session decoded with graphs (a static state of bucket 16 held, its stores charged), a reset
+    session and a new one grow the same: the held state is credited whole, as the new bucket's state replaces it;
+    and the grown session then decodes at 64 within that budget."""
+    m, dev = _model(small, ramp_tokens=(32, 64))
+    need = m.kv_bytes_at(64) + static_state_bytes(m.decode_graphs, 64, "fp8")
+    dev.budget_bytes = dev.used_bytes + need
+    a = _decode_a_little(m)
+    if how == "reset":
+        a.reset()
+        s = a
+    else:
+        del a
+        gc.collect()
+        s = m.session()
+    assert held_bytes(m.decode_graphs, dev) == m.decode_graphs.static.charged_bytes(dev) > dev.bytes_of(
+        m.decode_graphs.static._tags) > 0  # nothing else views it: its stores count too
+    s._ensure_capacity(40)
+    assert s.capacity_tokens == 64
+    s.feed(list(range(1, 38)))
+    for t in range(3):  # bucket 64: the bucket-16 state goes before this one is charged
+        s.feed([t + 3])
+    assert m.decode_graphs.static.ctx_tokens == 64 and dev.used_bytes <= dev.budget_bytes
+
+
+def test_a_state_other_live_states_view_is_credited_without_its_stores(small):
+    """While another session's states view the held state's stores, a new session's growth counts only the held
+    state's own charge: loading the new sequence would leave the other session copies of those pages."""
+    m, dev = _model(small)
+    a = _decode_a_little(m)
+    kv = m.decode_graphs.static
+    own = dev.bytes_of(kv._tags)
+    assert 0 < own < kv.charged_bytes(dev)
+    assert held_bytes(m.decode_graphs, dev, m.session()._states) == own
+    assert held_bytes(m.decode_graphs, dev, a._states) == kv.charged_bytes(dev) + sum(
+        st.window.numel() * st.window.element_size() + sum(c.allocated_bytes - c.store.nbytes
+                                                           for c in (st.comp, st.index_comp) if c is not None)
+        for st in a._states)
 

@@ -418,6 +418,32 @@ def static_state_bytes(dg: DecodeGraphs | None, n_tokens: int, kv_dtype: str) ->
     return static_bytes(static_shape(dg.net.args), n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens).total
 
 
+def held_bytes(dg: DecodeGraphs | None, account: Any, states: Sequence[Any] = ()) -> int:
+    """The bytes on `account` that a ramp step may count as its sequence's already: the held static state's whole
+    charge, which the next bucket's state replaces, unless live states other than `states` view its stores (those
+    keep them: only its own tags count), and the bytes of `states` outside the static state's stores, each store
+    once. The one credit of the ramp checks (homerun.engine.session, and the runtime's Think Max check)."""
+    kv = dg.static if dg is not None else None
+    own = {id(st) for st in kv.stores()} if kv is not None else set()
+    seen: set[int] = set()
+    n = 0
+    for ls in states:  # LayerState.allocated_bytes, each store once and the static state's not at all
+        n += ls.window.numel() * ls.window.element_size()
+        for c in (ls.comp, ls.index_comp):
+            if c is not None:
+                n += c.allocated_bytes - c.store.nbytes
+                if id(c.store) not in own | seen:
+                    seen.add(id(c.store))
+                    n += c.store.nbytes
+    if kv is None or account is None:
+        return n
+    mine = {id(ls) for ls in states}
+    viewed = dg._mine is not None and any((ls := r()) is not None and id(ls) not in mine for r in dg._mine[1])
+    if viewed and kv._handed_out:
+        return n + account.bytes_of(kv._tags if kv.account is account else [])
+    return n + kv.charged_bytes(account)
+
+
 def decode_graphs_for(net, mode: str) -> tuple[DecodeGraphs | None, str]:
     """The decode runner `mode` asks for ("auto": on a CUDA device when supported; "on": also on CUDA stand-ins,
     through EmulatedGraphs; "off"), and the reason for the choice."""
