@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 from homerun.engine import graphs as G  # noqa: E402
 from homerun.engine.graphs import held_bytes, static_state_bytes  # noqa: E402
 from homerun.engine.placement import single_device  # noqa: E402
-from homerun.engine.runtime import load  # noqa: E402
+from homerun.engine.runtime import THINK_MAX_MIN_CONTEXT_TOKENS, load  # noqa: E402
+from homerun.errors import ContextFullError  # noqa: E402
 from homerun.formats.loader import open_checkpoint  # noqa: E402
 from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
 
@@ -124,3 +125,28 @@ def test_a_state_other_live_states_view_is_credited_without_its_stores(small):
                                                            for c in (st.comp, st.index_comp) if c is not None)
         for st in a._states)
 
+
+@pytest.mark.parametrize("decoded", [False, True])
+def test_think_max_agrees_with_the_ramp_check(small, decoded):
+    """Think Max's device check asks what a new session's growth to its context asks (the KV, the static state of
+    that context, the held state credited): at one byte short both refuse, at the boundary both accept."""
+    need = THINK_MAX_MIN_CONTEXT_TOKENS
+    m, dev = _model(small, ramp_tokens=(64, need))
+    if decoded:
+        a = _decode_a_little(m)
+        a.reset()
+    graph = static_state_bytes(m.decode_graphs, need, "fp8")
+    assert graph > 0
+    short = dev.used_bytes - held_bytes(m.decode_graphs, dev) + m.kv_bytes_at(need) + graph - 1
+    for budget, ok in ((short, False), (short + 1, True)):
+        dev.budget_bytes = budget
+        avail, reason = m.think_max_available()
+        s = m.session()
+        try:
+            s._ensure_capacity(need)
+            grew = True
+        except ContextFullError:
+            grew = False
+        assert avail is grew is ok, (reason, budget)
+        if not ok:
+            assert "static state" in reason
