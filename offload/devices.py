@@ -139,6 +139,11 @@ class Device:
                 out[cls] = out.get(cls, 0) + n
         return out
 
+    def bytes_of(self, tags) -> int:
+        """The bytes charged under those of `tags` still allocated (each tag once)."""
+        with self._lock:
+            return sum(self._sizes.get(tag, 0) for tag in set(tags))
+
     def free(self, tag: Hashable) -> None:
         with self._lock:
             self._used_bytes -= self._sizes.pop(tag)

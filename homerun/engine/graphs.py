@@ -69,8 +69,8 @@ from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureErr
 from homerun.engine.graph_sites import ShardedStaticKV, step_runs
 from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.dispatch import for_act, kernels_for
-from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, static_bytes
-from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens, static_shape
+from homerun.models.decode_bytes import MIN_BUCKET_TOKENS
+from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
 from homerun.models.kv import Fp8PagedRows, PagedRows
 from homerun.models.speculation import DeferredEnd, end_or_defer
 
@@ -252,16 +252,18 @@ class DecodeGraphs:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
         the graphs holding the old ones are dropped)."""
         cap = bucket_tokens(start_pos, self.min_bucket_tokens)
-        kv = self.static
-        if kv is None or kv.ctx_tokens != cap:
+        if self.static is None or self.static.ctx_tokens != cap:
             for key in [k for k in self.segments if k[-1] in ("static", "step")]:
                 del self.segments[key], self._outs[key]
-            self.static = None  # the old buffers live on only in the states that view them
+            # No reference to the old state may outlive this line: its arena, row numbers and reservation go back to
+            # the budget before the new one's are charged (the plan charges one state), its stores live on only in
+            # the states that view them, which the new state copies from.
+            self.static = None
             self.static = (ShardedStaticKV(self.net, self.runs, cap, _accounts(states), like=states) if self.multi
                            else StaticDecodeKV(self.net, cap, _accounts(states), like=states))
             self.static.load(states, start_pos)
         elif not self._holds(start_pos, states):  # another sequence, or this one from an earlier state
-            kv.load(states, start_pos)
+            self.static.load(states, start_pos)
 
     def _static_reset(self) -> Callable[[], None]:
         """Undoes a capture's warm-up run, which advanced the static state in place: back to the state before."""
@@ -451,16 +453,6 @@ def _into_static(bufs: dict[int, torch.Tensor], i: int, t: torch.Tensor,
     else:
         bufs[i].copy_(t)
     return bufs[i]
-
-
-def static_state_bytes(dg: DecodeGraphs | None, n_tokens: int, kv_dtype: str) -> int:
-    """The device bytes of the static attention state that decode at a context of n_tokens takes beside the paged KV
-    (homerun.models.decode_bytes: the formula the plan charges), 0 where the decode graphs run no static cores. For
-    a ramp check: the first graphed step after a prefill holds both."""
-    if dg is None or not dg.whole_step:
-        return 0
-    act_bytes = torch.empty(0, dtype=dg.net.compute_dtype).element_size()
-    return static_bytes(static_shape(dg.net.args), n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens).total
 
 
 def decode_graphs_for(net, mode: str, sites: Sequence[str] | None = None) -> tuple[DecodeGraphs | None, str]:

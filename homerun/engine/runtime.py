@@ -26,6 +26,7 @@ from homerun.engine.graph_sites import placement_sites
 from homerun.engine.graphs import decode_graphs_for
 from homerun.engine.placement import Placement, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
+from homerun.engine.session import device_kv_more_bytes
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
@@ -263,7 +264,7 @@ class Model:
 
     def think_max_available(self) -> tuple[bool, str]:
         """(available, reason): Think Max needs the ramp to reach 393216 tokens within kv_budget_bytes, and the KV at
-        that size to fit in the free memory where it lives."""
+        that size to fit in the free memory where it lives (on devices: what a new session's growth there asks)."""
         need_tokens = THINK_MAX_MIN_CONTEXT_TOKENS
         if self.ramp_tokens[-1] < need_tokens:
             return False, f"the context ramp ends at {self.ramp_tokens[-1]:,} tokens; Think Max needs {need_tokens:,}"
@@ -271,11 +272,10 @@ class Model:
         if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
             return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, over the budget of "
                            f"{self.kv_budget_bytes / 1e9:.2f} GB")
-        for name, dev in (self.devices.items() if self.kv_on_devices else ()):  # each device: its layers' KV
-            need_d = self.kv_bytes_at(need_tokens, layers=self.placement.layers_on(name))
-            if need_d > dev.free_bytes:
-                return False, (f"{need_tokens:,} tokens need {need_d / 1e9:.2f} GB of KV on {name}, its budget has "
-                               f"{dev.free_bytes / 1e9:.2f} GB left")
+        for name, dev in (self.devices.items() if self.kv_on_devices else ()):  # as a new session's ramp check asks
+            if (more := device_kv_more_bytes(self, name, need_tokens)[0]) > dev.free_bytes:
+                return False, (f"{need_tokens:,} tokens need {more / 1e9:.2f} GB more of KV and decode graphs' static "
+                               f"state on {name}, its budget has {dev.free_bytes / 1e9:.2f} GB left")
         free = self.free_kv_memory_bytes()
         if free is not None and need > FREE_MEMORY_SHARE * free:
             return False, (f"{need_tokens:,} tokens need {need / 1e9:.2f} GB of KV, only {free / 1e9:.2f} GB "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from homerun.engine.graphs import static_state_bytes
+from homerun.engine.graph_bytes import held_bytes, static_state_bytes
 from homerun.engine.sampling import NAN_TOKEN, nan_logits_error
 from homerun.errors import ContextFullError, UsageError
 from homerun.kernels.cpu_step import cpu_step
@@ -24,6 +24,20 @@ if TYPE_CHECKING:
 FREE_MEMORY_SHARE = 0.9
 # Feeds longer than this many tokens are "long prompts": the session reports an ETA before (or after the first chunk).
 PREFILL_ETA_MIN_TOKENS = 1024
+
+
+def device_kv_more_bytes(model: "Model", name: str, n_tokens: int, states: Sequence = ()) -> tuple[int, int]:
+    """(more, graph): the bytes a context of n_tokens needs on device `name` beyond what its sequence holds there
+    (`states`: that sequence's states of the device's layers, () for a new one): its layers' KV and, with decode
+    graphs, the static state of that context (graph: graph_bytes.static_state_bytes of its layers, as the plan
+    charges it), less the sequence's KV and the held static state, each byte once (graph_bytes.held_bytes). (0, 0)
+    where no layers live."""
+    layers = model.placement.layers_on(name)
+    if not layers:
+        return 0, 0
+    graph = static_state_bytes(model.decode_graphs, n_tokens, model.kv_dtype, layers)
+    have = held_bytes(model.decode_graphs, model.devices[name], states)
+    return model.kv_bytes_at(n_tokens, layers=layers) + graph - have, graph
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -192,16 +206,12 @@ class Session:
     def _check_device_kv(self, n_tokens: int) -> None:
         """KV on the layers' devices: the KV of each device's layers at the new step must fit what its budget has left (and,
         on CUDA, the device's live free memory), with decode graphs their static attention state of that context too
-        (one device: homerun.engine.graphs.static_state_bytes, as the plan charges it)."""
-        pl = self.model.placement
-        graph = static_state_bytes(self.model.decode_graphs, n_tokens, self.model.kv_dtype)
+        (homerun.engine.graph_bytes.static_state_bytes, as the plan charges it)."""
         for name, dev in self.model.devices.items():
-            layers = pl.layers_on(name)
+            layers = self.model.placement.layers_on(name)
             if not layers:
                 continue
-            have = sum(self._states[i].allocated_bytes for i in layers)
-            # the held static state's small parts go when its bucket's does (its entries are in `have`)
-            more = self.model.kv_bytes_at(n_tokens, layers=layers) - have + graph - dev.bytes_by_class().get("graph", 0)
+            more, graph = device_kv_more_bytes(self.model, name, n_tokens, [self._states[i] for i in layers])
             room = dev.free_bytes
             real = free_memory_bytes(dev.torch_device) if dev.is_cuda else None
             if real is not None:

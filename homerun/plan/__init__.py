@@ -3,5 +3,6 @@ and hardware detection (`--hw auto`). The planner is a pure function: specs, inv
 a Plan with a reason per decision out.
 
 May import: homerun.errors, homerun.formats, homerun.kernels (hardware detection only: which CPU kernel path is
-built, the measured read bandwidth), profiles.
+built, the measured read bandwidth), homerun.models (torch-free formulas only: homerun.models.decode_bytes, the
+decode graphs' static state that graph_memory charges), profiles.
 """

@@ -230,6 +230,15 @@ class StaticDecodeKV:
             out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, page, store, tags, ids))
         return _Layer(ar.view(win_id), win_id, *out)
 
+    def stores(self) -> list[PagedRows]:
+        """The entry stores the state holds now (those its next states share)."""
+        return [sc.store for s in self.layers for sc in (s.comp, s.index) if sc is not None]
+
+    def charged_bytes(self, account: Any) -> int:
+        """The bytes the state charges to `account`: its arena, row numbers and reservation, and its stores' pages."""
+        tags = list(self._tags) if self.account is account else []
+        return account.bytes_of(tags + [t for st in self.stores() if st.account is account for t in st._tags])
+
     # ------------------------------------------------------------------------------------- host-side transfer
 
     def load(self, states, pos: int, layers: Sequence[int] | None = None) -> None:

@@ -1,0 +1,65 @@
+"""What the decode graphs' static attention state holds on a device, for the ramp checks (issue 13, "VRAM as
+planned"): the bytes a context needs (the plan's formula, homerun.models.decode_bytes) and the bytes a held state
+already charges, per device, so a sequence's growth is checked against one device's free bytes with each byte once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from homerun.engine.graph_sites import ShardedStaticKV
+from homerun.models.decode_bytes import StaticShape, static_bytes
+from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA
+
+
+def _shards(kv) -> list:
+    if kv is None:
+        return []
+    return list(kv.shards) if isinstance(kv, ShardedStaticKV) else [kv]
+
+
+def static_state_bytes(dg, n_tokens: int, kv_dtype: str, layers: Sequence[int] | None = None) -> int:
+    """The device bytes of the static attention state that decode at a context of n_tokens takes beside the paged KV
+    for `layers` (model positions; None: every layer), 0 where the decode graphs run no static cores. For a ramp
+    check: the first graphed step after a prefill holds both. Across devices each device holds its layers' share."""
+    if dg is None or not dg.whole_step:
+        return 0
+    a = dg.net.args
+    kinds = [a.layer_kinds[i] for i in (range(a.n_layers) if layers is None else layers)]
+    if not kinds:
+        return 0
+    shape = StaticShape(len(kinds), kinds.count(LAYER_CSA), kinds.count(LAYER_HCA), a.head_dim, a.rope_dim,
+                        a.index_head_dim, a.window_size, a.csa_rate, a.hca_rate)
+    act_bytes = torch.empty(0, dtype=dg.net.compute_dtype).element_size()
+    return static_bytes(shape, n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens).total
+
+
+def held_bytes(dg, account: Any, states: Sequence[Any] = ()) -> int:
+    """The bytes on `account` that a ramp step may count as its sequence's already: the held static state's whole
+    charge there, which the next bucket's state replaces, unless live states other than `states` view its stores
+    (those keep them: only its own tags count), and the bytes of `states` outside the static state's stores, each
+    store once. The one credit of the ramp checks (homerun.engine.session, and the runtime's Think Max check)."""
+    shards = _shards(dg.static if dg is not None else None)
+    own = {id(st) for kv in shards for st in kv.stores()}
+    seen: set[int] = set()
+    n = 0
+    for ls in states:  # LayerState.allocated_bytes, each store once and the static state's not at all
+        n += ls.window.numel() * ls.window.element_size()
+        for c in (ls.comp, ls.index_comp):
+            if c is not None:
+                n += c.allocated_bytes - c.store.nbytes
+                if id(c.store) not in own | seen:
+                    seen.add(id(c.store))
+                    n += c.store.nbytes
+    if not shards or account is None:
+        return n
+    mine = {id(ls) for ls in states}
+    viewed = dg._mine is not None and any((ls := r()) is not None and id(ls) not in mine for r in dg._mine[1])
+    for kv in shards:
+        if viewed and kv._handed_out:
+            n += account.bytes_of(kv._tags if kv.account is account else [])
+        else:
+            n += kv.charged_bytes(account)
+    return n
