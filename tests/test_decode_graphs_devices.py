@@ -130,3 +130,33 @@ def test_reasons_across_devices(checkpoints):
     assert not dg.multi and reason == ("captured: emulated graphs (a CUDA stand-in), one graph per step, else "
                                        "experts in the segments")
     assert isinstance(dg.graphs, EmulatedGraphs)
+
+
+def test_ramp_checks_count_each_devices_share_of_the_static_state(checkpoints):
+    """Across devices each device holds a static state of its own layers (ShardedStaticKV): a ramp check on a device
+    needs that device's share of the plan's formula (not the whole model's) and credits only the shard charged to
+    that device's account."""
+    from homerun.engine.graph_bytes import held_bytes, static_state_bytes
+    from homerun.engine.session import device_kv_more_bytes
+
+    model = _load(checkpoints["mixed"], _placement(2), kv_dtype="fp8")
+    dg = model.decode_graphs
+    s = model.session()
+    logits = s.feed([3, 1, 4])
+    for _ in range(20):  # past bucket 16: a sharded static state is held
+        logits = s.feed([int(logits.argmax())])
+    whole = static_state_bytes(dg, 64, "fp8")
+    shares = {}
+    for name, dev in model.devices.items():
+        layers = model.placement.layers_on(name)
+        shares[name] = static_state_bytes(dg, 64, "fp8", layers)
+        assert 0 < shares[name] < whole
+        shard = next(kv for kv in dg.static.shards if kv.account is dev)
+        states = [s._states[i] for i in layers]
+        outside = held_bytes(None, dev, states)  # the states' own bytes, no static state
+        assert held_bytes(dg, dev, states) == outside + shard.charged_bytes(dev) - sum(
+            st.nbytes for st in shard.stores() if any(c is not None and c.store is st for ls in states
+                                                      for c in (ls.comp, ls.index_comp)))
+        more, graph = device_kv_more_bytes(model, name, 64, states)
+        assert graph == shares[name]
+    assert sum(shares.values()) >= whole - max(shares.values())  # the shares add up to about the whole

@@ -56,8 +56,13 @@ def held_bytes(dg, account: Any, states: Sequence[Any] = ()) -> int:
     if not shards or account is None:
         return n
     mine = {id(ls) for ls in states}
-    viewed = dg._mine is not None and any((ls := r()) is not None and id(ls) not in mine for r in dg._mine[1])
+    held = dg._mine[1] if dg._mine is not None else ()
+    others = [ls for r in held if (ls := r()) is not None and id(ls) not in mine]
     for kv in shards:
+        stores = {id(st) for st in kv.stores()}
+        # another sequence's live states viewing this shard's stores keep them (across devices, this sequence's
+        # states of the other devices' layers view other shards and do not count)
+        viewed = any(c is not None and id(c.store) in stores for ls in others for c in (ls.comp, ls.index_comp))
         if viewed and kv._handed_out:
             n += account.bytes_of(kv._tags if kv.account is account else [])
         else:
