@@ -106,8 +106,60 @@ def test_the_planned_context_fits_kv_and_static_state():
     assert kv.bytes_for(t) == kv.kv_bytes_for(t) + static_bytes(FLASH, t, "bf16").total
 
 
-def test_several_gpus_capture_no_graphs_and_charge_none():
+# V4-Flash over 2 H100s, layers split [22, 21]: gpu0 holds layers 0-21 (2 sliding, 10 CSA, 10 HCA), gpu1 layers 22-42
+# (11 CSA, 10 HCA). bf16 KV at a context of 65,536 (bucket 65,536: 16,384 CSA rows, 512 HCA rows; entry 1,024 B, key
+# 256 B), each stage's share of the static state by hand:
+#   gpu0 entries 10 x 16,385 x 1,280 + 10 x 513 x 1,024                          = 214,981,120
+#        arena   22 x 128 x 512 x 2 + 10 x (28,672 + 7,168) + 10 x 262,144         =   5,863,424 (x 3 with its copies)
+#   gpu1 entries 11 x 16,385 x 1,280 + 10 x 513 x 1,024                          = 235,953,920
+#        arena   21 x 128 x 512 x 2 + 11 x 35,840 + 10 x 262,144                   =   5,768,192 (x 3)
+#   both: row numbers (16,384 + 512) x 8 = 135,168; the transient (bf16: the indexer's scores) 16,384 x 9 = 147,456
+FLASH_2XH100_GRAPH_BYTES = [214_981_120 + 3 * 5_863_424 + 135_168 + 147_456,
+                            235_953_920 + 3 * 5_768_192 + 135_168 + 147_456]
+
+
+def test_two_gpus_all_in_vram_charge_each_stage_its_layers_state():
+    """An all-VRAM split captures one whole-step graph per device (homerun.engine.graph_sites): each GPU is charged
+    the static state of its own layers, in its row, its Stage and its decision."""
+    p = _flash_plan("2xh100", kv_dtype="bf16", context_tokens=65_536)
+    assert p.mode == "all-vram"
+    assert [(s.first_layer, s.stop_layer) for s in p.layout.stages] == [(0, 22), (22, 43)]
+    rows = _graph_rows(p)
+    assert [(r.device, r.bytes) for r in rows] == [("gpu0", FLASH_2XH100_GRAPH_BYTES[0]),
+                                                   ("gpu1", FLASH_2XH100_GRAPH_BYTES[1])]
+    assert [s.graph_bytes for s in p.layout.stages] == FLASH_2XH100_GRAPH_BYTES
+    kv_rows = [r.bytes for r in p.placement if r.what.startswith("KV cache")]
+    assert [s.kv_bytes for s in p.layout.stages] == kv_rows
+    decisions = [d for d in p.decisions if d["what"] == "decode graphs"]
+    assert [d["choice"].split(":")[0] for d in decisions] == ["gpu0", "gpu1"]
+    assert "layers 22-42 (11 CSA, 10 HCA)" in decisions[1]["reason"]
+
+
+def test_two_gpus_promise_a_context_that_fits_the_tightest_stage():
+    """The longest context is the largest whose KV share and static state fit on every GPU: at max_tokens each stage
+    fits its free bytes, one more token does not fit some stage (here the bucket doubles)."""
+    from homerun.plan.graph_memory import stage_bytes, stage_shapes
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.specs import kv_layout
+
+    p = _flash_plan("2xh100", kv_dtype="fp8", context_tokens=65_536)
+    assert p.mode == "all-vram"
+    spec, _ = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    kv, t = kv_layout(spec, "fp8"), p.context["max_tokens"]
+    counts = [s.stop_layer - s.first_layer for s in p.layout.stages]
+    shapes, fracs = stage_shapes(spec, counts), [k / spec.num_layers for k in counts]
+    gpus = [d for d in p.devices if d.kind == "gpu"]
+    free = [d.capacity_bytes - d.used_bytes + s.kv_bytes + s.graph_bytes for d, s in zip(gpus, p.layout.stages)]
+    assert 65_536 < t < spec.max_position_embeddings
+    assert all(stage_bytes(kv, f, sh, t) <= b for f, sh, b in zip(fracs, shapes, free))
+    assert any(stage_bytes(kv, f, sh, t + 1) > b for f, sh, b in zip(fracs, shapes, free))
+
+
+def test_several_gpus_with_host_experts_capture_no_graphs_and_charge_none():
+    """A hybrid split (an expert cache on each GPU) runs decode eagerly across devices (the rule the runtime shares,
+    homerun.plan.records.graphs_across_devices_reason): no static state charged."""
     p = _flash_plan("2xh100", kv_dtype="fp8", context_tokens=131_072)
-    assert not _graph_rows(p)
+    assert p.mode == "hybrid"
+    assert not _graph_rows(p) and all(s.graph_bytes == 0 for s in p.layout.stages)
     decision = next(d for d in p.decisions if d["what"] == "decode graphs")
-    assert decision["choice"] == "none"
+    assert decision["choice"] == "none" and "43 layers' experts are not resident" in decision["reason"]

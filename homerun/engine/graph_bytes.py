@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import torch
 
 from homerun.engine.graph_sites import ShardedStaticKV
-from homerun.models.decode_bytes import StaticShape, static_bytes
-from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA
+from homerun.models.decode_bytes import static_bytes
+from homerun.models.deepseek_v4.static_decode import static_shape
 
 
 def _shards(kv) -> list:
@@ -26,12 +26,9 @@ def static_state_bytes(dg, n_tokens: int, kv_dtype: str, layers: Sequence[int] |
     check: the first graphed step after a prefill holds both. Across devices each device holds its layers' share."""
     if dg is None or not dg.whole_step:
         return 0
-    a = dg.net.args
-    kinds = [a.layer_kinds[i] for i in (range(a.n_layers) if layers is None else layers)]
-    if not kinds:
+    shape = static_shape(dg.net.args, layers)  # the shape each shard charges (static_decode.StaticDecodeKV.planned)
+    if not shape.n_layers:
         return 0
-    shape = StaticShape(len(kinds), kinds.count(LAYER_CSA), kinds.count(LAYER_HCA), a.head_dim, a.rope_dim,
-                        a.index_head_dim, a.window_size, a.csa_rate, a.hca_rate)
     act_bytes = torch.empty(0, dtype=dg.net.compute_dtype).element_size()
     return static_bytes(shape, n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens).total
 

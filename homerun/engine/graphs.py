@@ -73,6 +73,7 @@ from homerun.models.decode_bytes import MIN_BUCKET_TOKENS
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
 from homerun.models.kv import Fp8PagedRows, PagedRows
 from homerun.models.speculation import DeferredEnd, end_or_defer
+from homerun.plan.records import graphs_across_devices_reason
 
 
 # ----------------------------------------------------------------------------------------------- the decode runner
@@ -88,9 +89,7 @@ def unsupported_reason(net, sites: Sequence[str] | None = None) -> str | None:
     runs = step_runs(net, sites)
     if len(runs) > 1:
         eager = sum(eager_routed_layers(net.experts, [lay.index for lay in net.layers]))
-        if eager:
-            return (f"the layers span {len({r.site for r in runs})} devices and {eager} layers' experts are not "
-                    "resident (graphs across devices capture whole steps only)")
+        return graphs_across_devices_reason(len({r.site for r in runs}), eager)
     return None
 
 

@@ -8,27 +8,73 @@ the session's paged KV and the static state of its bucket are both on the device
 other), as at a bucket change both buckets' states are; so the plan charges the static state on top of the KV.
 `GraphKvLayout` is the KV layout with that charge: `bytes_for(tokens)` is the KV's plus the static state's at that
 context, and `tokens_for` inverts the sum, so the context the plan promises is one that still fits both.
+
+Across GPUs the runtime captures one whole-step graph per device where every layer's experts are resident there
+(all-in-VRAM plans; homerun.plan.records.graphs_across_devices_reason, the rule it shares with the runtime), and each
+device holds the static state of its own layers (homerun.engine.graph_sites.ShardedStaticKV). So each GPU stage is
+charged its layers' share (`stage_shapes`) beside its share of the KV, and the context is the longest one that fits
+on every stage (`stages_tokens_for`: the tightest device decides).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, StaticBytes, StaticShape, static_bytes
+from homerun.plan.records import PlacementRow, _Ctx, gib
 from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
 
 GRAPH_ACT_BYTES = 2  # the compute dtype's bytes per element: bf16, the runtime's default on CUDA
 
 
-def static_shape_of(spec: ModelSpec) -> StaticShape | None:
-    """The static decode state's shapes of a V4 spec (None for other architectures: no static state)."""
+def static_shape_of(spec: ModelSpec, first: int = 0, stop: int | None = None) -> StaticShape | None:
+    """The static decode state's shapes of a V4 spec's layers first..stop-1 (default: all; None for other
+    architectures: no static state)."""
     if spec.arch != "deepseek_v4":
         return None
-    kinds = spec.layer_types
-    return StaticShape(spec.num_layers, kinds.count("csa"), kinds.count("hca"), spec.head_dim,
+    kinds = spec.layer_types[first:spec.num_layers if stop is None else stop]
+    return StaticShape(len(kinds), kinds.count("csa"), kinds.count("hca"), spec.head_dim,
                        spec.qk_rope_head_dim, spec.index_head_dim, spec.sliding_window or 0,
                        COMPRESS_RATE["csa"], COMPRESS_RATE["hca"])
+
+
+def stage_shapes(spec: ModelSpec, counts: Sequence[int]) -> list[StaticShape] | None:
+    """Each GPU stage's share of the static state (its layers' StaticShape, pipeline order) where a multi-GPU plan
+    runs decode graphs (every expert resident: the caller's all-in-VRAM case); None on one GPU (with_decode_graphs
+    charges the whole model there) and for architectures without a static state."""
+    if len(counts) < 2 or spec.arch != "deepseek_v4":
+        return None
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [static_shape_of(spec, s, s + k) for s, k in zip(starts, counts)]
+
+
+def _stage_graph(shape: StaticShape, kv: KvLayout, tokens: int) -> StaticBytes | None:
+    return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS) if tokens > 0 else None
+
+
+def stage_bytes(kv: KvLayout, frac: float, shape: StaticShape, tokens: int) -> int:
+    """One stage's bytes at a context: its share of the KV (as the placement rows split it) and its static state."""
+    g = _stage_graph(shape, kv, tokens)
+    return int(KvLayout.bytes_for(kv, tokens) * frac) + (g.total if g is not None else 0)
+
+
+def stages_tokens_for(kv: KvLayout, fracs: Sequence[float], shapes: Sequence[StaticShape],
+                      free_bytes: Sequence[float]) -> int:
+    """The longest context whose KV share and static state fit in every stage's free bytes (the tightest decides)."""
+    best: int | None = None
+    for f, shape, free in zip(fracs, shapes, free_bytes):
+        if f <= 0:
+            continue
+        lo, hi = 0, max(KvLayout.tokens_for(kv, free / f), 0)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if stage_bytes(kv, f, shape, mid) <= free:
+                lo = mid
+            else:
+                hi = mid - 1
+        best = lo if best is None else min(best, lo)
+    return best or 0
 
 
 @dataclass(frozen=True)
@@ -84,12 +130,47 @@ def graph_state_bytes(kv: KvLayout, tokens: int) -> int:
     return g.total if g is not None else 0
 
 
-def graph_reason(g: StaticBytes, tokens: int) -> str:
+def graph_reason(g: StaticBytes, tokens: int, where: str = "one CUDA device runs every layer, so decode runs from "
+                 "captured graphs") -> str:
     """The decision's reason: what the charge holds, part by part."""
     mib = 2**20
-    return (f"one CUDA device runs every layer, so decode runs from captured graphs over a static attention state of "
+    return (f"{where} over a static attention state of "
             f"{g.bucket_tokens:,} tokens (the power of two >= {tokens:,}; homerun.models.decode_bytes): entry "
             f"buffers {g.entries / mib:.1f} MiB, small per-layer state {g.arena / mib:.1f} MiB and its two copies "
             f"{g.snapshots / mib:.1f} MiB, row numbers {g.positions / mib:.1f} MiB, the step's largest transient "
             f"{g.workspace / mib:.1f} MiB (reading a store over the capacity); charged on top of the KV, which the "
             "first graphed step after a prefill copies in while the paged KV is still held")
+
+
+def kv_rows(c: _Ctx, fracs: Sequence[float], kv_reserved: int, tokens: int,
+            shapes: Sequence[StaticShape] | None = None) -> tuple[list[int], list[int]]:
+    """Each GPU's KV rows and, with decode graphs, its static attention state's row: the whole model's on one GPU (a
+    GraphKvLayout, whose kv_reserved includes it), its layers' share on each stage across GPUs (`shapes`, from
+    stage_shapes). Returns each GPU's bytes of both, and of the static state alone."""
+    one = graph_state(c.kv, tokens)
+    graphs = ([_stage_graph(s, c.kv, tokens) for s in shapes] if shapes is not None else [one] * len(fracs))
+    per, gbytes = [], []
+    for i, (f, g) in enumerate(zip(fracs, graphs)):
+        kv_b = int(kv_reserved * f) - (one.total if one is not None else 0)
+        gb = g.total if g is not None else 0
+        per.append(kv_b + gb)
+        gbytes.append(gb)
+        c.placement.append(PlacementRow(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", kv_b,
+                                        "attention state lives next to its layer"))
+        if g is not None:
+            c.placement.append(PlacementRow(f"decode graphs' static attention state ({g.bucket_tokens} tokens)",
+                                            f"gpu{i}", g.total, "static buffers of the context's capacity "
+                                            "bucket, their copies and the step's transients (decode graphs)"))
+    if one is not None:
+        c.decide("decode graphs", f"static attention state: {gib(one.total):.2f} GiB at {tokens:,} tokens",
+                 graph_reason(one, tokens))
+    elif shapes is not None:
+        first = 0
+        for i, (s, g) in enumerate(zip(shapes, graphs)):
+            if g is not None:
+                c.decide("decode graphs", f"gpu{i}: static attention state {gib(g.total):.2f} GiB at {tokens:,} "
+                         "tokens", graph_reason(g, tokens, f"gpu{i} runs layers {first}-{first + s.n_layers - 1} "
+                                                f"({s.n_csa} CSA, {s.n_hca} HCA) with every expert resident, so "
+                                                "decode runs from one captured graph per device (its layers' share)"))
+            first += s.n_layers
+    return per, gbytes

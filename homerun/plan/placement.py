@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from homerun.plan.graph_memory import graph_reason, graph_state, graph_state_bytes, with_decode_graphs
+from homerun.plan.graph_memory import kv_rows, stage_shapes, stages_tokens_for, with_decode_graphs
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
 from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
-                                  PlacementRow, Plan, Stage, _Ctx, gib, gpu_runs_prefill)
+                                  PlacementRow, Plan, Stage, _Ctx, gib, gpu_runs_prefill,
+                                  graphs_across_devices_reason)
 from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
 from homerun.plan.speed import (activation_bytes, add_cpu_prefill, chunk_decision, context_section, decode_speed,
                                 finish, prefill_speed)
@@ -58,9 +59,6 @@ def plan_discrete(c: _Ctx) -> Plan:
     pol = prof.policy
     if len(gpus) == 1 and spec.arch == "deepseek_v4":  # the runtime captures decode graphs: charge their state
         c = replace(c, kv=with_decode_graphs(c.kv, spec))
-    elif spec.arch == "deepseek_v4":
-        c.decide("decode graphs", "none", f"the layers span {len(gpus)} GPUs: the runtime captures no decode graphs "
-                 "(homerun.engine.graphs.unsupported_reason), so no static attention state is charged")
     act = activation_bytes(spec, chunk_decision(c, gpu=gpu_runs_prefill(["gpu"])))  # the GPU stages run every layer
     margins = {"gpu_reserve": int(pol.reserve_vram_gib * GIB), "runtime_overhead": int(pol.runtime_overhead_gib * GIB),
                "activations": act}
@@ -93,6 +91,8 @@ def plan_discrete(c: _Ctx) -> Plan:
     # All in VRAM when the experts fit too and at least 128K (or the requested context) of KV remains.
     free_all = [usable[i] - resident[i] - experts * fracs[i] for i in range(n)]
     kv_cap_all = min(free_all[i] / fracs[i] for i in range(n) if fracs[i] > 0)
+    if shapes := stage_shapes(spec, counts):  # all in VRAM across GPUs: decode graphs, each stage its layers' state
+        kv_cap_all = float(c.kv.bytes_for(stages_tokens_for(c.kv, fracs, shapes, free_all)))
     # An explicit --context must fit as a whole; otherwise all-in-VRAM only needs to leave 128K of KV.
     kv_min_tokens = ctx_target if opts.context_tokens else min(ctx_target, ALL_VRAM_MIN_CONTEXT_TOKENS)
     kv_min_all = c.kv.bytes_for(kv_min_tokens)
@@ -146,11 +146,11 @@ def _gpu_rows(c: _Ctx, gpus: tuple, counts: list[int], resident: list[float], ex
 
 
 def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int], *, experts: str,
-                cache_slots: list[int], kv_per: list[int], kv_tokens: int, imposed: bool = False) -> None:
+                cache_slots: list[int], kv_per: list[int], graph: list[int], kv_tokens: int,
+                imposed: bool = False) -> None:
     """The structured twin of _gpu_rows/_kv_rows and the cache rows: one Stage per GPU, layers in pipeline order.
-    kv_per: each GPU's KV and static decode state (_kv_rows), apart in the Stage."""
+    kv_per, graph: each GPU's KV and static decode state, and the latter alone (graph_memory.kv_rows)."""
     start = 0
-    graph = graph_state_bytes(c.kv, kv_tokens)
     for i, g in enumerate(gpus):
         where = ("routed experts resident in VRAM" if experts == "device" else
                  f"imposed placement: {cache_slots[i]} experts static in VRAM, the rest computed on the CPU"
@@ -159,10 +159,10 @@ def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int]
                  "routed experts in host RAM, no VRAM left for an expert cache")
         c.stages.append(Stage(
             device=f"gpu{i}", kind="gpu", index=i, first_layer=start, stop_layer=start + counts[i], experts=experts,
-            expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i] - graph,
+            expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i] - graph[i],
             budget_bytes=int(g.vram_gib * GIB - sum(margins.values())), embedding=i == 0, head=i == len(gpus) - 1,
             reason=f"pipeline stage {i + 1} of {len(gpus)} ({g.name}): layers in proportion to usable VRAM; {where}",
-            graph_bytes=graph))
+            graph_bytes=graph[i]))
         start += counts[i]
 
 
@@ -196,25 +196,6 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
     return out
 
 
-def _kv_rows(c: _Ctx, fracs: list[float], kv_reserved: int, tokens: int) -> list[int]:
-    """Each GPU's KV rows, and with decode graphs (a GraphKvLayout: one GPU) their static attention state's row;
-    returns each GPU's bytes of both."""
-    per = [int(kv_reserved * f) for f in fracs]
-    graph = graph_state(c.kv, tokens)
-    for i, b in enumerate(per):
-        kv_b = b - (graph.total if graph is not None else 0)
-        c.placement.append(PlacementRow(f"KV cache ({tokens} tokens, {c.kv.dtype})", f"gpu{i}", kv_b,
-                                     "attention state lives next to its layer"))
-        if graph is not None:
-            c.placement.append(PlacementRow(f"decode graphs' static attention state ({graph.bucket_tokens} tokens)",
-                                            f"gpu{i}", graph.total, "static buffers of the context's capacity "
-                                            "bucket, their copies and the step's transients (decode graphs)"))
-    if graph is not None:
-        c.decide("decode graphs", f"static attention state: {gib(graph.total):.2f} GiB at {tokens:,} tokens",
-                 graph_reason(graph, tokens))
-    return per
-
-
 def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
               margins: dict[str, int], kv_cap: float, ctx_target: int) -> Plan:
     spec, inv, prof = c.spec, c.inv, c.prof
@@ -226,8 +207,8 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     _gpu_rows(c, gpus, counts, resident, experts_on)
     max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
     reserved_tokens = min(ctx_target, max_tokens)
-    kv_per = _kv_rows(c, fracs, c.kv.bytes_for(reserved_tokens), reserved_tokens)
-    _gpu_stages(c, gpus, counts, margins, experts="device", cache_slots=[0] * n, kv_per=kv_per,
+    kv_per, graph = kv_rows(c, fracs, c.kv.bytes_for(reserved_tokens), reserved_tokens, stage_shapes(spec, counts))
+    _gpu_stages(c, gpus, counts, margins, experts="device", cache_slots=[0] * n, kv_per=kv_per, graph=graph,
                 kv_tokens=reserved_tokens)
     for i, g in enumerate(gpus):
         used = resident[i] + experts_on[i] + kv_per[i] + sum(margins.values())
@@ -278,7 +259,12 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     reserved_tokens = max(0, min(ctx_target, max_tokens))
     kv_reserved = c.kv.bytes_for(reserved_tokens) if reserved_tokens else 0
     _gpu_rows(c, gpus, counts, resident, [0.0] * n)
-    kv_per = _kv_rows(c, fracs, kv_reserved, reserved_tokens)
+    kv_per, graph = kv_rows(c, fracs, kv_reserved, reserved_tokens)
+    eager = sum(1 for i in range(spec.num_layers)  # layers whose experts are not all resident on their GPU
+                if not imposed or opts.expert_placement.gpu_experts(spec, i, i + 1) < spec.n_routed_experts)
+    if n > 1 and spec.arch == "deepseek_v4" and (why := graphs_across_devices_reason(n, eager)):
+        c.decide("decode graphs", "none", f"{why}: the runtime runs decode eagerly, so no static attention state is "
+                 "charged")
     for i in range(n):
         c.placement.append(PlacementRow(
             f"expert slot table ({stops[i]} x {spec.n_routed_experts} int32)", f"gpu{i}", tables[i],
@@ -302,7 +288,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
                                                 cache_experts[i] * bpe, "leftover VRAM after KV for the target "
                                                 "context, the prefill staging and the slot table"))
     total_cache = sum(cache_experts)
-    _gpu_stages(c, gpus, counts, margins, experts="host", cache_slots=cache_experts, kv_per=kv_per,
+    _gpu_stages(c, gpus, counts, margins, experts="host", cache_slots=cache_experts, kv_per=kv_per, graph=graph,
                 kv_tokens=reserved_tokens, imposed=bool(imposed))
     if imposed:
         c.decide("expert cache", "none (imposed placement)", f"{total_cache} experts static in VRAM as imposed; "

@@ -40,6 +40,17 @@ def gpu_runs_prefill(layer_device_kinds: Iterable[str]) -> bool:
     return any(k in GPU_DEVICE_KINDS for k in layer_device_kinds)
 
 
+def graphs_across_devices_reason(n_devices: int, eager_layers: int) -> str | None:
+    """Why decode graphs are not captured (None when they are), one rule for the planner and the runtime
+    (homerun.engine.graphs.unsupported_reason): across devices the step is one graph per device, which must hold every
+    routed call, so a placement spanning several devices with `eager_layers` layers whose experts are not resident there
+    (a cache, the CPU) runs eagerly; on one device any expert backend qualifies."""
+    if n_devices > 1 and eager_layers:
+        return (f"the layers span {n_devices} devices and {eager_layers} layers' experts are not resident "
+                "(graphs across devices capture whole steps only)")
+    return None
+
+
 def cpu_prefill_chunk_tokens(routed_experts: int, experts_per_token: int) -> int:
     """The CPU's prefill chunk for a model with `routed_experts` experts per layer, `experts_per_token` of them per
     token (0 for a dense model): 512, doubled while an expert's mean batch per chunk is under 24 tokens, at most

@@ -49,10 +49,11 @@ from homerun.models.kv import PagedRows
 _STATIC_IDS = itertools.count()  # budget tags of the static states' arena, row numbers and reservation
 
 
-def static_shape(args) -> StaticShape:
-    """The attention shapes of a model's ModelArgs that its static state's bytes depend on (decode_bytes)."""
-    kinds = args.layer_kinds
-    return StaticShape(args.n_layers, kinds.count(LAYER_CSA), kinds.count(LAYER_HCA), args.head_dim, args.rope_dim,
+def static_shape(args, layers: Sequence[int] | None = None) -> StaticShape:
+    """The attention shapes of a model's ModelArgs that the static state of `layers` (model positions; None: every
+    layer) depends on (decode_bytes). A device's shard across devices holds its own layers' state only."""
+    kinds = [args.layer_kinds[i] for i in (range(args.n_layers) if layers is None else layers)]
+    return StaticShape(len(kinds), kinds.count(LAYER_CSA), kinds.count(LAYER_HCA), args.head_dim, args.rope_dim,
                        args.index_head_dim, args.window_size, args.csa_rate, args.hca_rate)
 
 
@@ -171,7 +172,8 @@ class StaticDecodeKV:
         self.account = next((acc for acc in self.accounts if acc is not None), None)
         kv_dtype = _kv_dtype(net, like)
         act_bytes = torch.empty(0, dtype=net.compute_dtype).element_size()
-        self.planned = capacity_bytes(static_shape(a), ctx_tokens, kv_dtype, act_bytes) if kv_dtype else None
+        self.planned = (capacity_bytes(static_shape(a, [lay.index for lay in net.layers]), ctx_tokens, kv_dtype,
+                                      act_bytes) if kv_dtype else None)  # a shard: its layers' share
         self._tags: list = []
         if self.account is not None:
             weakref.finalize(self, self.account.free_all, self._tags)
