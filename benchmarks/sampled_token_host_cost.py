@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -31,16 +30,10 @@ import torch  # noqa: E402
 
 from homerun.engine.sampling import (  # noqa: E402
     NAN_TOKEN, SamplingParams, filter_logits, make_generator, sample_tensor, sampling_draw)
+from sampling_top_p import _timed  # noqa: E402  the same timer (benchmarks/ is the script's folder)
 
 V4_VOCAB = 129280
 PARAMS = SamplingParams(temperature=0.6, top_p=0.95)  # V4's generation_config defaults
-
-
-def _timed(fn, n: int) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - w0) / n * 1e3, (time.process_time() - c0) / n * 1e3
 
 
 def main() -> None:

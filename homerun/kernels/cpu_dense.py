@@ -232,21 +232,30 @@ def hc_post(post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Te
     return out
 
 
-def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
-               hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """mHC's per-token weights: x [T, n, D] (the streams), fn [(2+n)n, n*D] -> pre [T, n], post [T, n], comb
-    [T, n, n] (Sinkhorn-normalized), all fp32; with the head's fn [n, n*D], pre alone (post, comb None)."""
-    lib = _need()
+def hc_weights_args(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> tuple:
+    """hc_weights' inputs checked and made contiguous fp32, and its outputs allocated: ((x, fn, scale, base),
+    (pre, post, comb)), post and comb None for the head's fn [n, n*D]. Shared by the decode and the pooled kernel."""
     t, n, d = x.shape
     m = fn.shape[0]
     if fn.dim() != 2 or fn.shape[1] != n * d or m not in (n, (2 + n) * n) or base.numel() != m:
         raise KernelError(f"hc_weights: fn {tuple(fn.shape)} / base {tuple(base.shape)} do not match streams "
                           f"{tuple(x.shape)}", hint="fn is [(2+n)n or n, n*D]")
-    x, fn, scale, base = (_f32c(a, nm) for a, nm in ((x, "x"), (fn, "fn"), (scale, "scale"), (base, "base")))
+    ins = tuple(_f32c(a, nm) for a, nm in ((x, "x"), (fn, "fn"), (scale, "scale"), (base, "base")))
     pre = torch.empty(t, n, dtype=torch.float32)
     post = comb = None
     if m != n:
         post, comb = torch.empty(t, n, dtype=torch.float32), torch.empty(t, n, n, dtype=torch.float32)
+    return ins, (pre, post, comb)
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+               hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """mHC's per-token weights: x [T, n, D] (the streams), fn [(2+n)n, n*D] -> pre [T, n], post [T, n], comb
+    [T, n, n] (Sinkhorn-normalized), all fp32; with the head's fn [n, n*D], pre alone (post, comb None)."""
+    lib = _need()
+    (x, fn, scale, base), (pre, post, comb) = hc_weights_args(x, fn, scale, base)
+    t, n, d = x.shape
+    m = fn.shape[0]
     rc = lib.hr_hc_weights(0, x.data_ptr(), t, n, d, fn.data_ptr(), m, scale.data_ptr(), base.data_ptr(), norm_eps,
                            hc_eps, iters, pre.data_ptr(), post.data_ptr() if post is not None else None,
                            comb.data_ptr() if comb is not None else None)

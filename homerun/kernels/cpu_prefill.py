@@ -235,16 +235,11 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: tor
     fn [(2+n)n or n, n*D] -> pre [T, n], post [T, n], comb [T, n, n] (post, comb None for the head's fn)."""
     if _kernel() is None or "weights" not in _mix:
         raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    from homerun.kernels.cpu_dense import hc_weights_args
+
+    (x, fn, scale, base), (pre, post, comb) = hc_weights_args(x, fn, scale, base)
     t, n, d = x.shape
     m = fn.shape[0]
-    if fn.dim() != 2 or fn.shape[1] != n * d or m not in (n, (2 + n) * n) or base.numel() != m:
-        raise KernelError(f"hc_weights: fn {tuple(fn.shape)} / base {tuple(base.shape)} do not match streams "
-                          f"{tuple(x.shape)}", hint="fn is [(2+n)n or n, n*D]")
-    x, fn, scale, base = (_f32c(a, nm) for a, nm in ((x, "x"), (fn, "fn"), (scale, "scale"), (base, "base")))
-    pre = torch.empty(t, n, dtype=torch.float32)
-    post = comb = None
-    if m != n:
-        post, comb = torch.empty(t, n, dtype=torch.float32), torch.empty(t, n, n, dtype=torch.float32)
     if t:
         _ok(_mix["weights"](0, x.data_ptr(), t, n, d, fn.data_ptr(), m, scale.data_ptr(), base.data_ptr(), norm_eps,
                             hc_eps, iters, pre.data_ptr(), post.data_ptr() if post is not None else None,
