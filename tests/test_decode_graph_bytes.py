@@ -24,13 +24,14 @@ FLASH_ARENA = 5_636_096 + 752_640 + 5_242_880
 
 @pytest.mark.parametrize("ctx, kv_dtype, bucket, entries, positions, workspace", [
     # fp8 rows: entry 448 + 8 scale bytes + 64 x 2 rope = 584, key 128 + 4 = 132.
-    # 1M: 21 x (262,144 + 1) x (584 + 132) + 20 x (8,192 + 1) x 584; the largest transient: the indexer keys read,
-    # codes.float() and the scaled product, 2 x 262,144 x 128 x 4 (the HCA read, 8,192 x (7 x 4 + 4,864), is less)
-    (1_048_576, "fp8", 1_048_576, 3_941_612_220 + 95_694_240, (262_144 + 8_192) * 8, 268_435_456),
-    # 128K: 21 x 32,769 x 716 + 20 x 1,025 x 584; 2 x 32,768 x 128 x 4
-    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 33_554_432),
+    # 1M: 21 x (262,144 + 1) x (584 + 132) + 20 x (8,192 + 1) x 584; the largest transient: the indexer keys
+    # decoded in bf16 beside their scores, 262,144 x (128 x 2 + 4) (the keys' read, 262,144 x (2 + 256), and the
+    # HCA read, 8,192 x (8 x 2 + 1,024), are less; through fp32 the keys' read was 2 x 262,144 x 128 x 4)
+    (1_048_576, "fp8", 1_048_576, 3_941_612_220 + 95_694_240, (262_144 + 8_192) * 8, 68_157_440),
+    # 128K: 21 x 32,769 x 716 + 20 x 1,025 x 584; 32,768 x (128 x 2 + 4)
+    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 8_519_680),
     # bucket padding: 131,073 tokens need the 262,144 bucket: 21 x 65,537 x 716 + 20 x 2,049 x 584
-    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 67_108_864),
+    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360),
     # bf16 rows (1,024 and 256 B) are read as views: the transient is the indexer's scores, 262,144 x (4 + 4 + 1)
     (1_048_576, "bf16", 1_048_576, 21 * 262_145 * 1_280 + 20 * 8_193 * 1_024, (262_144 + 8_192) * 8, 2_359_296),
 ])
@@ -57,6 +58,48 @@ def test_fp8_read_transient_is_what_a_read_keeps_alive(dtype, width, rope, scale
         out = store._get(store.pages[0], store.page_rows)
     assert out.shape == (rows, width)
     assert live.peak_bytes == read_transient_bytes(rows, width, rope, scale_fp32, "fp8", dtype.itemsize)
+
+
+@pytest.mark.parametrize("width, rope, scale_fp32, rows", [(512, 64, False, 8192), (128, 0, True, 32768)])
+def test_a_bf16_read_keeps_no_fp32_copy(width, rope, scale_fp32, rows):
+    """In bf16 compute a whole read holds the output and the bf16 scales only (and, for ue8m0 scales, their fp32
+    powers of two, freed before the output is made): 2 B a dim and 2 B a scale block, under one fp32 copy of the codes."""
+    like = Fp8PagedRows(width, torch.bfloat16, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32)
+    store, page, _ = static_store(like, rows, torch.device("cpu"))
+    with LiveBytes() as live:
+        store._get(store.pages[0], store.page_rows)
+    n_blocks = 1 if scale_fp32 else (width - rope) // 64
+    assert live.peak_bytes == rows * (width * 2 + n_blocks * 2) < rows * (width - rope) * 4
+
+
+def _decode_via_fp32(st, q, s, r):  # Fp8PagedRows._decode before it decoded bf16 without fp32 copies
+    n = q.shape[0]
+    scale = s.float() if st.scale_fp32 else torch.exp2(s[:, : st.n_blocks].float() - 127)
+    nope = (q.float().view(n, st.n_blocks, st.block) * scale.unsqueeze(-1)).view(n, st.nope)
+    return (torch.cat([nope, r.float()], dim=-1) if st.rope_dim else nope).to(st.dtype)
+
+
+@pytest.mark.parametrize("width, rope, scale_fp32", [(512, 64, False), (128, 0, True)])
+def test_the_bf16_decode_has_the_fp32_decodes_bits(width, rope, scale_fp32):
+    """Every e4m3 byte but the two NaNs (0x7f, 0xff), in every block, under every scale _encode writes (2^-126 ..
+    2^126: ue8m0 bytes 1 .. 253), including the products below bf16's normal range and above its largest value."""
+    st = Fp8PagedRows(width, torch.bfloat16, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    exps = torch.arange(-126, 127).repeat_interleave(8)  # 8 rows a scale: >= 1,024 codes, every byte under each
+    n = exps.numel()
+    q = codes[(torch.arange(n * st.nope) % codes.numel()).view(n, st.nope)]
+    if scale_fp32:
+        s = torch.exp2(exps.float()).unsqueeze(1)
+    else:
+        s = torch.zeros(n, st.scale_cols, dtype=torch.uint8)
+        s[:, : st.n_blocks] = (exps + 127).to(torch.uint8).unsqueeze(1)
+    r = torch.randn(n, rope, generator=g).to(torch.bfloat16)
+    q = q.view(torch.float8_e4m3fn)
+    new, old = st._decode(q, s, r), _decode_via_fp32(st, q, s, r)
+    assert new.dtype == old.dtype == torch.bfloat16
+    assert torch.equal(new.view(torch.int16), old.view(torch.int16))
+    assert old.isinf().any() and (old != 0).logical_and(old.abs() < 2.0**-126).any()  # the edges were reached
 
 
 def test_a_store_in_the_compute_dtype_is_read_without_a_copy():

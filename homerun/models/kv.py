@@ -127,6 +127,22 @@ class PagedRows:
                 if src.shape[1]:
                     dst[r0 : r0 + m] = src[:m]
 
+    def _decode_bf16(self, q, s, r) -> torch.Tensor:
+        """_decode's bits without fp32 copies (a whole-capacity read is the graphed step's largest transient): an e4m3
+        code is exact in bf16 and the scales are powers of two (_encode writes 2^e, e in [-126, 126], in either
+        format) that bf16 holds exactly (same exponent range as fp32), so bf16's one rounding of the product is the
+        rounding of the exact fp32 product that _decode's .to(dtype) does. Written into the output in place."""
+        n = q.shape[0]
+        if self.scale_fp32:
+            scale = s.to(torch.bfloat16)
+        else:  # ue8m0 2^(b - 127) as _decode computes it; fp32 only [n, n_blocks]
+            scale = s[:, : self.n_blocks].float().sub_(127).exp2_().to(torch.bfloat16)
+        out = torch.empty(n, self.width, dtype=torch.bfloat16, device=self.device)
+        out[:, : self.nope].copy_(q).view(n, self.n_blocks, self.block).mul_(scale.unsqueeze(-1))
+        if self.rope_dim:
+            out[:, self.nope :].copy_(r)
+        return out.to(device=self.compute_device)
+
     def _get(self, page, n: int) -> torch.Tensor:
         return page[:n].to(self.compute_device)
 
@@ -247,6 +263,8 @@ class Fp8PagedRows(PagedRows):
 
     def _decode(self, q, s, r) -> torch.Tensor:
         n = q.shape[0]
+        if self.dtype == torch.bfloat16:
+            return self._decode_bf16(q, s, r)
         scale = s.float() if self.scale_fp32 else torch.exp2(s[:, : self.n_blocks].float() - 127)
         nope = (q.float().view(n, self.n_blocks, self.block) * scale.unsqueeze(-1)).view(n, self.nope)
         out = torch.cat([nope, r.float()], dim=-1) if self.rope_dim else nope
