@@ -63,7 +63,7 @@ def test_fp8_read_transient_is_what_a_read_keeps_alive(dtype, width, rope, scale
 @pytest.mark.parametrize("width, rope, scale_fp32, rows", [(512, 64, False, 8192), (128, 0, True, 32768)])
 def test_a_bf16_read_keeps_no_fp32_copy(width, rope, scale_fp32, rows):
     """In bf16 compute a whole read holds the output and the bf16 scales only (and, for ue8m0 scales, their fp32
-    powers of two, freed before the output is made): 2 B a dim and 2 B a scale block, under one fp32 copy of the codes."""
+    powers of two, freed before the output is made): 2 B a dim and 2 B a scale block, under fp32 codes."""
     like = Fp8PagedRows(width, torch.bfloat16, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32)
     store, page, _ = static_store(like, rows, torch.device("cpu"))
     with LiveBytes() as live:
