@@ -30,7 +30,8 @@ copy); the session's states, checkpoints and the eager path (which appends pages
 rows. The captured step writes the buffer through the format's encoder at a device-side row (`put_at`: fp8 quantizes
 on store) and reads it through its decoder (fp8 dequantizes the capacity's rows each step, HCA entries and indexer
 keys, or the top-k's gathered CSA rows), the eager path's functions on the same rows. A bucket change adopts the same
-stores into the next bucket's buffers (one store's old buffer alive at a time, not two buckets). A state from another
+stores into the next bucket's buffers (one store's old buffer alive at a time, not two buckets); a state from before
+a bucket its sequence has outgrown is copied in, its store left as it is. A state from another
 sequence is adopted likewise after the stores holding the buffers now get a copy of their page, if a live state still
 reads them (the static state holds them only weakly once it lets them go: a dropped session's are not copied), all
 the copies charged or none. A store on another device than the compute is copied in, not adopted.
@@ -332,18 +333,21 @@ class StaticDecodeKV:
         stored bits; then the buffer is store's only page and store's other pages go back to the budget, so the
         session's entries live once, in the buffer, and every state of the sequence (checkpoints too) reads them
         there. One store at a time: a load holds one store's old pages beside the buffers (decode_bytes' `moving`).
-        Rows past n (a later state's, which a load from an earlier one abandons, as a write past n would) are not
-        kept. A store on another device than the compute is copied, not adopted: it keeps its pages and the states
-        handed out read a holder's buffer."""
+        The rows a later state of the sequence reads (to the store's high-water mark) move too; a store they do not
+        fit (a state from before a bucket the sequence has outgrown) or on another device than the compute is copied,
+        not adopted: it keeps its pages and the states handed out read a holder's buffer (a second copy)."""
         cap, old = self.caps[sc.rate], sc.store
-        adopt = store.device == self.net.device and store.compute_device == self.net.device
+        keep = max(n, store.rows_used)
+        adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
         owner = store if adopt else old
         if sc.page is None:
             sc.page, sc.tags = _new_buffer(owner, cap)
+            if not adopt:  # the holder reads it
+                old.pages[:1] = [old._slice(sc.page, cap)]
         elif adopt:
             _move_tags(sc.tags, old, store)
         if n:
-            store.copy_rows(n, sc.page)
+            store.copy_rows(keep if adopt else n, sc.page)
         if not adopt:
             return
         stale = [t for t in store._tags if t not in sc.tags]
@@ -371,6 +375,7 @@ class StaticDecodeKV:
 
     def _comp_state(self, sc: _Comp, snap, pos: int) -> CompressorState:
         n, n_pend = pos // sc.rate, pos % sc.rate
+        sc.store.rows_used = max(sc.store.rows_used, n)  # the rows the step wrote at device-side slots
         v = [self.arena.view(i, snap) for i in sc.ids]
         ok = og = None
         if sc.overlap_kv is not None and n:
