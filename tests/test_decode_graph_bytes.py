@@ -22,20 +22,31 @@ FLASH = StaticShape(n_layers=43, n_csa=21, n_hca=20, head_dim=512, rope_dim=64, 
 FLASH_ARENA = 5_636_096 + 752_640 + 5_242_880
 
 
-@pytest.mark.parametrize("ctx, kv_dtype, bucket, entries, positions, workspace", [
+# The entries the KV of the context already charges (T // rate rows a store) and the largest store's rows at that
+# context (one store's old pages while a load moves them into its buffer): fp8 584 B a CSA/HCA entry (the largest),
+# bf16 1,024 B.
+KV_32K_FP8 = 21 * 32_768 * 716 + 20 * 1_024 * 584
+KV_1M_FP8 = 21 * 262_144 * 716 + 20 * 8_192 * 584
+
+
+@pytest.mark.parametrize("ctx, kv_dtype, bucket, entries, positions, workspace, kv_entries, moving", [
     # fp8 rows: entry 448 + 8 scale bytes + 64 x 2 rope = 584, key 128 + 4 = 132.
     # 1M: 21 x (262,144 + 1) x (584 + 132) + 20 x (8,192 + 1) x 584; the largest transient: the indexer keys
     # decoded in bf16 beside their scores, 262,144 x (128 x 2 + 4) (the keys' read, 262,144 x (2 + 256), and the
     # HCA read, 8,192 x (8 x 2 + 1,024), are less; through fp32 the keys' read was 2 x 262,144 x 128 x 4)
-    (1_048_576, "fp8", 1_048_576, 3_941_612_220 + 95_694_240, (262_144 + 8_192) * 8, 68_157_440),
+    (1_048_576, "fp8", 1_048_576, 3_941_612_220 + 95_694_240, (262_144 + 8_192) * 8, 68_157_440,
+     KV_1M_FP8, 262_144 * 584),
     # 128K: 21 x 32,769 x 716 + 20 x 1,025 x 584; 32,768 x (128 x 2 + 4)
-    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 8_519_680),
+    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 8_519_680, KV_32K_FP8, 32_768 * 584),
     # bucket padding: 131,073 tokens need the 262,144 bucket: 21 x 65,537 x 716 + 20 x 2,049 x 584
-    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360),
+    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360, KV_32K_FP8, 32_768 * 584),
     # bf16 rows (1,024 and 256 B) are read as views: the transient is the indexer's scores, 262,144 x (4 + 4 + 1)
-    (1_048_576, "bf16", 1_048_576, 21 * 262_145 * 1_280 + 20 * 8_193 * 1_024, (262_144 + 8_192) * 8, 2_359_296),
+    (1_048_576, "bf16", 1_048_576, 21 * 262_145 * 1_280 + 20 * 8_193 * 1_024, (262_144 + 8_192) * 8, 2_359_296,
+     21 * 262_144 * 1_280 + 20 * 8_192 * 1_024, 262_144 * 1_024),
 ])
-def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positions, workspace):
+def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positions, workspace, kv_entries, moving):
+    """The entry buffers are the session's KV (the state adopts its stores): beside the KV only their padding (the
+    bucket's rows past the context's, the dump rows) counts, and one store's old pages while a load moves them."""
     b = static_bytes(FLASH, ctx, kv_dtype, act_bytes=2)
     assert b.bucket_tokens == bucket
     assert b.entries == entries
@@ -43,7 +54,8 @@ def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positi
     assert b.positions == positions
     assert b.snapshots == 2 * FLASH_ARENA  # the states a session holds, and the next step's copy
     assert b.workspace == workspace
-    assert b.total == entries + 3 * FLASH_ARENA + positions + workspace
+    assert (b.kv_entries, b.moving, b.padding) == (kv_entries, moving, entries - kv_entries)
+    assert b.total == entries - kv_entries + moving + 3 * FLASH_ARENA + positions + workspace
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -137,28 +149,33 @@ def test_one_gpu_plan_charges_the_static_state_on_top_of_the_kv():
 
 
 def test_the_planned_context_fits_kv_and_static_state():
-    """The plan's longest context is the largest whose KV and static state (of its bucket) fit the KV budget."""
+    """The plan's longest context is the largest whose KV and static state (of its bucket) fit the KV budget: the
+    plan's own (rtx4090-128gb, where 1M fits now that the state is not a second copy of the KV), and a budget one
+    byte short of 1M's."""
     from homerun.plan.graph_memory import GraphKvLayout
 
     p = _flash_plan("rtx4090-128gb", kv_dtype="bf16")
     ctx = p.context
     kv = GraphKvLayout(ctx["kv_dtype"], ctx["kv_bytes_per_token"], ctx["kv_constant_bytes"], "", FLASH)
     t, budget = ctx["max_tokens"], ctx["kv_capacity_bytes"]
-    assert t < 1_048_576  # the static state of the 1M bucket does not fit beside the KV there
-    assert kv.bytes_for(t) <= budget < kv.bytes_for(t + 1)
+    assert t == 1_048_576 and kv.bytes_for(t) <= budget
+    t = kv.tokens_for(kv.bytes_for(1_048_576) - 1)
+    assert kv.bytes_for(t) <= kv.bytes_for(1_048_576) - 1 < kv.bytes_for(t + 1) and t < 1_048_576
     assert kv.bytes_for(t) == kv.kv_bytes_for(t) + static_bytes(FLASH, t, "bf16").total
 
 
 # V4-Flash over 2 H100s, layers split [22, 21]: gpu0 holds layers 0-21 (2 sliding, 10 CSA, 10 HCA), gpu1 layers 22-42
 # (11 CSA, 10 HCA). bf16 KV at a context of 65,536 (bucket 65,536: 16,384 CSA rows, 512 HCA rows; entry 1,024 B, key
 # 256 B), each stage's share of the static state by hand:
-#   gpu0 entries 10 x 16,385 x 1,280 + 10 x 513 x 1,024                          = 214,981,120
+# The entries are the KV, charged beside: only the dump rows (the bucket equals the context), and the largest store's
+# 16,384 rows x 1,024 B moving while a load adopts it.
+#   gpu0 padding 10 x 1,280 + 10 x 1,024                                          =      23,040
 #        arena   22 x 128 x 512 x 2 + 10 x (28,672 + 7,168) + 10 x 262,144         =   5,863,424 (x 3 with its copies)
-#   gpu1 entries 11 x 16,385 x 1,280 + 10 x 513 x 1,024                          = 235,953,920
+#   gpu1 padding 11 x 1,280 + 10 x 1,024                                          =      24,320
 #        arena   21 x 128 x 512 x 2 + 11 x 35,840 + 10 x 262,144                   =   5,768,192 (x 3)
 #   both: row numbers (16,384 + 512) x 8 = 135,168; the transient (bf16: the indexer's scores) 16,384 x 9 = 147,456
-FLASH_2XH100_GRAPH_BYTES = [214_981_120 + 3 * 5_863_424 + 135_168 + 147_456,
-                            235_953_920 + 3 * 5_768_192 + 135_168 + 147_456]
+FLASH_2XH100_GRAPH_BYTES = [23_040 + 16_777_216 + 3 * 5_863_424 + 135_168 + 147_456,
+                            24_320 + 16_777_216 + 3 * 5_768_192 + 135_168 + 147_456]
 
 
 def test_two_gpus_all_in_vram_charge_each_stage_its_layers_state():
@@ -201,7 +218,7 @@ def test_two_gpus_promise_a_context_that_fits_the_tightest_stage():
 def test_several_gpus_with_host_experts_capture_no_graphs_and_charge_none():
     """A hybrid split (an expert cache on each GPU) runs decode eagerly across devices (the rule the runtime shares,
     homerun.plan.records.graphs_across_devices_reason): no static state charged."""
-    p = _flash_plan("2xh100", kv_dtype="fp8", context_tokens=131_072)
+    p = _flash_plan("2xh100", kv_dtype="bf16", context_tokens=131_072)
     assert p.mode == "hybrid"
     assert not _graph_rows(p) and all(s.graph_bytes == 0 for s in p.layout.stages)
     decision = next(d for d in p.decisions if d["what"] == "decode graphs")

@@ -200,13 +200,15 @@ def test_peak_device_bytes_match_the_plan(mixed):
     assert peak <= (1 + VRAM_REL_TOL) * planned + page_overhead, (peak, planned)
 
 
-def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed):
-    """fp8 KV under whole-step decode graphs (emulated on the stand-in), a prompt that fills the planned context, then
-    graphed steps. The first graphed step holds the prefill's paged KV and the static state of its bucket at once (it
-    copies the one into the other), with the state's small tensors, their copies and the step's transients (the
-    dequantized keys): peak accounted bytes within 5% of the plan's bytes for the device, plus one KV page per
-    compressed store (the pages' rounding) as the stated fixed overhead."""
-    from homerun.models.kv import fp8_row_bytes
+@pytest.mark.parametrize("kv_dtype", ["fp8", "bf16"])
+def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
+    """fp8 (and bf16) KV under whole-step decode graphs (emulated on the stand-in), a prompt that fills the planned
+    context, then graphed steps. The first graphed step moves the prefill's paged KV into the static buffers of its
+    bucket store by store (one store's old pages beside the buffers), with the state's small tensors, their copies
+    and the step's transients (fp8: the dequantized keys): peak accounted bytes within 5% of the plan's bytes for
+    the device, plus one KV page per compressed store (the pages' rounding) as the stated fixed overhead."""
+    from homerun.engine.graph_bytes import static_state_bytes
+    from homerun.models.decode_bytes import row_bytes
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
     from profiles import load_profile
@@ -214,13 +216,20 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed):
     path, args, _ = mixed
     ctx, page_tokens = 48, 64
     spec, inv = resolve_model(str(path))
-    p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(context_tokens=ctx, kv_dtype="fp8"))
+    p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(context_tokens=ctx, kv_dtype=kv_dtype))
     pl = placement_from_plan(p, standin="cuda")
-    model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", page_tokens=page_tokens,
-                 cuda_graphs="on")
+    model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype,
+                 page_tokens=page_tokens, cuda_graphs="on")
     s = model.session()
     s.feed(torch.randint(0, 512, (ctx - 2,), generator=torch.Generator().manual_seed(7)).tolist())
-    s.feed([3])
+    dev = next(iter(model.devices.values()))
+    base = dev.used_bytes
+    dev._peak_bytes = base
+    s.feed([3])  # the first graphed step: the state built, the prefill's pages moved into its buffers
+    # one copy of the KV: what the step adds at its peak is what the formula charges beside the KV (the buffers'
+    # padding, one store's old pages while they move, the small state, its copies and the step's transients)
+    rise, beside = dev._peak_bytes - base, static_state_bytes(model.decode_graphs, ctx - 1, kv_dtype)
+    assert 0 < rise <= beside, (rise, beside)
     s.feed([4])
     dg = model.decode_graphs
     assert dg.step_captures == 1 and dg.static.ctx_tokens == 256  # one whole-step graph, the smallest bucket
@@ -229,7 +238,8 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed):
     assert dg.static.arena.nbytes == g.arena
     assert usage["bytes_by_class"]["graph"] == g.arena + g.positions + g.reserved
     planned = sum(r.bytes for r in p.placement if r.device != "host")
-    entry, key = fp8_row_bytes(args.head_dim, args.rope_dim, False), fp8_row_bytes(args.index_head_dim, 0, True)
+    entry = row_bytes(args.head_dim, args.rope_dim, False, kv_dtype, 2)
+    key = row_bytes(args.index_head_dim, 0, True, kv_dtype, 2)
     kinds = args.layer_kinds
     page_overhead = (kinds.count("csa") * page_tokens // args.csa_rate * (entry + key)
                      + kinds.count("hca") * max(1, page_tokens // args.hca_rate) * entry)

@@ -47,6 +47,24 @@ def _eager_step(net, kl, tok: int, pos: int, states, core):
     return new, eager, static
 
 
+def _fork(states):
+    """The states over copies of their entry stores (same format, the committed rows as stored): the static core
+    adopts what it loads, so the eager run beside it keeps stores of its own."""
+    import dataclasses
+
+    def fork(c):
+        if c is None:
+            return None
+        st = c.store
+        new = st.empty_like(max(c.n_entries, 1), st.device)
+        page = new._alloc()
+        st.copy_rows(c.n_entries, page)
+        new.pages.append(page)
+        return dataclasses.replace(c, store=new)
+
+    return [dataclasses.replace(ls, comp=fork(ls.comp), index_comp=fork(ls.index_comp)) for ls in states]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """The three presets with an 8-token window (it fills and slides within the run) and a top-k of 4 (a strict
@@ -77,9 +95,9 @@ def test_the_static_core_equals_the_eager_core_bit_for_bit(checkpoints, kind, kv
     with torch.inference_mode():
         while pos <= last:
             cap = bucket_tokens(pos, MIN_TOKENS)
-            if kv is None or kv.ctx_tokens != cap:  # a new bucket: fresh buffers, the state copied in
+            if kv is None or kv.ctx_tokens != cap:  # a new bucket: fresh buffers, a copy of the eager state adopted
                 kv = StaticDecodeKV(net, cap, like=states)
-                kv.load(states, pos)
+                kv.load(_fork(states), pos)
                 buckets.append(cap)
             kv.begin_step(torch.tensor([pos], device=net.device))
             tok = int(logits.argmax()) if pos == n_prompt else (pos * 7919) % 512
@@ -109,3 +127,40 @@ def test_the_static_core_equals_the_eager_core_bit_for_bit(checkpoints, kind, kv
             assert (ec.overlap_kv is None) == (gc.overlap_kv is None)
             if ec.overlap_kv is not None:
                 assert torch.equal(ec.overlap_kv, gc.overlap_kv) and torch.equal(ec.overlap_gate, gc.overlap_gate)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_load_adopts_the_sessions_stores(checkpoints, kv_dtype):
+    """One copy of the KV: a load moves each entry store's rows into the bucket's buffer, which becomes the store's
+    only page (the session's and its checkpoints' states read it), the old pages go back to the device's budget, and
+    the device's "kv" bytes are the buffers'. A bucket change moves them into the next bucket's buffers (the old ones
+    freed); another sequence's load leaves the first a copy of its page, its entries unchanged."""
+    model = _model(checkpoints["mixed"], kv_dtype)
+    net, dev = model.net, model.devices["standin:0"]
+    s = model.session()
+    s.feed(torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist())
+    states = s._states
+    before = [c.entries().clone() for ls in states for c in (ls.comp, ls.index_comp) if c is not None]
+
+    def check(kv, states):
+        comps = [(c, sc) for ls, sl in zip(states, kv.layers) for c, sc in ((ls.comp, sl.comp), (ls.index_comp,
+                                                                                                sl.index))
+                 if c is not None]
+        for (c, sc), e in zip(comps, before):
+            assert c.store is sc.store and len(c.store.pages) == 1
+            assert c.store._parts(c.store.pages[0])[0].data_ptr() == c.store._parts(sc.page)[0].data_ptr()
+            assert torch.equal(c.entries().view(torch.uint8), e.view(torch.uint8))
+        held = sum(t.numel() * t.element_size() for _, sc in comps for t in sc.store._parts(sc.page))
+        assert dev.bytes_by_class()["kv"] == held
+
+    for cap in (32, 64):  # 21 tokens: the first bucket, then the next one adopts the same stores again
+        kv = StaticDecodeKV(net, cap, like=states)
+        kv.load(states, 21)
+        check(kv, states)
+    other = model.session()
+    other.feed([7, 7, 7, 7, 7])
+    kv.load(other._states, 5)  # another sequence: the first keeps its entries in a copy of its page
+    mine = [c for ls in states for c in (ls.comp, ls.index_comp) if c is not None]
+    buffers = {sc.store._parts(sc.page)[0].data_ptr() for sl in kv.layers for sc in (sl.comp, sl.index) if sc}
+    assert not {c.store._parts(c.store.pages[0])[0].data_ptr() for c in mine} & buffers
+    assert all(torch.equal(c.entries().view(torch.uint8), e.view(torch.uint8)) for c, e in zip(mine, before))

@@ -21,9 +21,10 @@ def _shards(kv) -> list:
 
 
 def static_state_bytes(dg, n_tokens: int, kv_dtype: str, layers: Sequence[int] | None = None) -> int:
-    """The device bytes of the static attention state that decode at a context of n_tokens takes beside the paged KV
-    for `layers` (model positions; None: every layer), 0 where the decode graphs run no static cores. For a ramp
-    check: the first graphed step after a prefill holds both. Across devices each device holds its layers' share."""
+    """The device bytes of the static attention state that decode at a context of n_tokens takes beside the KV for
+    `layers` (model positions; None: every layer), 0 where the decode graphs run no static cores: its buffers hold
+    the KV (the state adopts the session's stores), so the bucket's padding, one store moving in and the small
+    parts (decode_bytes.StaticBytes.total). Across devices each device holds its layers' share."""
     if dg is None or not dg.whole_step:
         return 0
     shape = static_shape(dg.net.args, layers)  # the shape each shard charges (static_decode.StaticDecodeKV.planned)

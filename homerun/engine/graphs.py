@@ -256,7 +256,7 @@ class DecodeGraphs:
                 del self.segments[key], self._outs[key]
             # No reference to the old state may outlive this line: its arena, row numbers and reservation go back to
             # the budget before the new one's are charged (the plan charges one state), its stores live on only in
-            # the states that view them, which the new state copies from.
+            # the states that view them, which the new state adopts.
             self.static = None
             self.static = (ShardedStaticKV(self.net, self.runs, cap, _accounts(states), like=states) if self.multi
                            else StaticDecodeKV(self.net, cap, _accounts(states), like=states))

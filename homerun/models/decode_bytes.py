@@ -6,7 +6,11 @@ so the planner imports it without torch.
 What a static state of capacity bucket B holds on the device (static_decode's module docstring), per part:
 
   entries      every compressor's static entry buffer: B // rate + 1 rows (the last: the dump row of non-closing
-               steps) in the store's row format, CSA entries and indexer keys, HCA entries.
+               steps) in the store's row format, CSA entries and indexer keys, HCA entries. These ARE the session's
+               KV (the state adopts its stores), so beside the KV that a context of T tokens charges (`kv_entries`:
+               T // rate rows a store) only the bucket's padding counts (`padding`).
+  moving       while a load adopts the stores, one store's old pages beside its new buffer (the largest store's
+               T // rate rows: the prefill's pages at the first graphed step, the last bucket's at a bucket change).
   arena        the small per-layer tensors (static_decode._Arena): the window [W, Dh], each compressor's open window
                (kv and gate, [rate, width]: CSA and the indexer keep two series, width 2 x dim) and the CSA overlap
                slices (kv in the compute dtype, gate in fp32).
@@ -25,7 +29,7 @@ rounding and the top-k's scratch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The smallest context capacity of a static decode state (tokens): the buckets double from here, so a sequence of L
 # tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
@@ -73,10 +77,18 @@ class StaticBytes:
     positions: int
     snapshots: int
     workspace: int
+    kv_entries: int = 0  # the entries' bytes the KV of the context already charges (static_bytes; 0: none)
+    moving: int = 0
+
+    @property
+    def padding(self) -> int:
+        """The entry buffers' bytes past the context's KV: the bucket's rows past T // rate, and the dump rows."""
+        return max(0, self.entries - self.kv_entries)
 
     @property
     def total(self) -> int:
-        return self.entries + self.arena + self.positions + self.snapshots + self.workspace
+        """The bytes beside the context's KV (all of the entries where no KV is charged with them: capacity_bytes)."""
+        return self.padding + self.moving + self.arena + self.positions + self.snapshots + self.workspace
 
     @property
     def reserved(self) -> int:
@@ -115,8 +127,16 @@ def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv
 def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: int = 2,
                  min_bucket_tokens: int = MIN_BUCKET_TOKENS) -> StaticBytes:
     """The device bytes of the static state whose bucket holds a context of ctx_tokens (its last position,
-    ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element."""
-    return capacity_bytes(shape, bucket_tokens(max(ctx_tokens - 1, 0), min_bucket_tokens), kv_dtype, act_bytes)
+    ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element;
+    its `total` is what the state takes beside the KV of ctx_tokens (module docstring)."""
+    b = capacity_bytes(shape, bucket_tokens(max(ctx_tokens - 1, 0), min_bucket_tokens), kv_dtype, act_bytes)
+    s = shape
+    entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
+    key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
+    n_csa, n_hca = ctx_tokens // s.csa_rate, ctx_tokens // s.hca_rate  # the rows the KV formula charges a store
+    kv_entries = s.n_csa * n_csa * (entry_b + key_b) + s.n_hca * n_hca * entry_b
+    moving = max([n_csa * max(entry_b, key_b)] * bool(s.n_csa) + [n_hca * entry_b] * bool(s.n_hca), default=0)
+    return replace(b, kv_entries=kv_entries, moving=moving)
 
 
 def capacity_bytes(shape: StaticShape, cap: int, kv_dtype: str, act_bytes: int = 2) -> StaticBytes:

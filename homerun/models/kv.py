@@ -47,6 +47,9 @@ class PagedRows:
         self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
         self.page_rows = page_rows
         self.pages: list = []
+        # high-water mark: no state reads rows past it (written here, or handed out by the static decode core,
+        # models.deepseek_v4.static_decode, which adopts a store only where all of them fit its buffer)
+        self.rows_used = 0
         self.account = account
         self._uid = next(_STORE_IDS)
         self._tags: list = []
@@ -159,6 +162,7 @@ class PagedRows:
         """Write rows at row index `at` (past the owner's committed end); returns the new end."""
         end = at + rows.shape[0]
         self.reserve(end)
+        self.rows_used = max(self.rows_used, end)
         done = 0
         while at + done < end:
             p, r = divmod(at + done, self.page_rows)

@@ -3,11 +3,11 @@
 Where the runtime captures decode graphs (one CUDA device running every layer: homerun.engine.graphs), a V4 model's
 decode step runs over a static attention state per capacity bucket (a power of two >= the context): the entries in
 static buffers of the bucket, the small per-layer tensors and their copies, and the step's transients in the graph's
-pool (homerun.models.decode_bytes, the formula the runtime charges too). At the first graphed step after a prefill,
-the session's paged KV and the static state of its bucket are both on the device (the step copies the one into the
-other), as at a bucket change both buckets' states are; so the plan charges the static state on top of the KV.
-`GraphKvLayout` is the KV layout with that charge: `bytes_for(tokens)` is the KV's plus the static state's at that
-context, and `tokens_for` inverts the sum, so the context the plan promises is one that still fits both.
+pool (homerun.models.decode_bytes, the formula the runtime charges too). The static buffers are the session's KV (the
+state adopts its entry stores, moving their rows in store by store), so beside the KV the plan charges only the
+bucket's padding past the context, one store's old pages while they move, the small state, its copies and the
+transients: `StaticBytes.total`. `GraphKvLayout` is the KV layout with that charge: `bytes_for(tokens)` is the KV's
+plus that at the context, and `tokens_for` inverts the sum, so the context the plan promises is one that fits both.
 
 Across GPUs the runtime captures one whole-step graph per device where every layer's experts are resident there
 (all-in-VRAM plans; homerun.plan.records.graphs_across_devices_reason, the rule it shares with the runtime), and each
@@ -136,10 +136,11 @@ def graph_reason(g: StaticBytes, tokens: int, where: str = "one CUDA device runs
     mib = 2**20
     return (f"{where} over a static attention state of "
             f"{g.bucket_tokens:,} tokens (the power of two >= {tokens:,}; homerun.models.decode_bytes): entry "
-            f"buffers {g.entries / mib:.1f} MiB, small per-layer state {g.arena / mib:.1f} MiB and its two copies "
+            f"buffers {g.entries / mib:.1f} MiB, which hold the KV (the state adopts the session's stores), so "
+            f"beside the KV only their padding {g.padding / mib:.1f} MiB and one store moving into its buffer "
+            f"{g.moving / mib:.1f} MiB, small per-layer state {g.arena / mib:.1f} MiB and its two copies "
             f"{g.snapshots / mib:.1f} MiB, row numbers {g.positions / mib:.1f} MiB, the step's largest transient "
-            f"{g.workspace / mib:.1f} MiB (reading a store over the capacity); charged on top of the KV, which the "
-            "first graphed step after a prefill copies in while the paged KV is still held")
+            f"{g.workspace / mib:.1f} MiB (reading a store over the capacity)")
 
 
 def kv_rows(c: _Ctx, fracs: Sequence[float], kv_reserved: int, tokens: int,
@@ -159,8 +160,9 @@ def kv_rows(c: _Ctx, fracs: Sequence[float], kv_reserved: int, tokens: int,
                                         "attention state lives next to its layer"))
         if g is not None:
             c.placement.append(PlacementRow(f"decode graphs' static attention state ({g.bucket_tokens} tokens)",
-                                            f"gpu{i}", g.total, "static buffers of the context's capacity "
-                                            "bucket, their copies and the step's transients (decode graphs)"))
+                                            f"gpu{i}", g.total, "beside the KV its buffers hold: the capacity "
+                                            "bucket's padding, the small state, its copies and the step's transients "
+                                            "(decode graphs)"))
     if one is not None:
         c.decide("decode graphs", f"static attention state: {gib(one.total):.2f} GiB at {tokens:,} tokens",
                  graph_reason(one, tokens))

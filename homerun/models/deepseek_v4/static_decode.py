@@ -21,14 +21,20 @@ Every kernel walks its rows in blocks that do not depend on the lengths, so the 
 for bit (tests/test_static_decode.py); the cost is the padded work of the bucket: the indexer scores up to twice the
 closed keys and the top-k runs over the capacity, while the window and entry reads stop at the true lengths.
 
-The entries are kept as the sequence's own stores keep them (any kv_dtype): each static store is a store of the same
-format (homerun.models.kv: PagedRows in the compute dtype or in bf16, Fp8PagedRows) whose first page is the static
-buffer, written through the format's encoder at a device-side row (`put_at`: fp8 quantizes on store) and read
-through its decoder (fp8 dequantizes the capacity's rows each step, HCA entries and indexer keys, or the top-k's
-gathered CSA rows), the eager path's functions on the same rows. A state from another sequence is copied in as
-stored bits (`copy_rows`, no re-encoding); the states handed out before that are still alive keep their entries in
-a copy of the page (the static state holds its stores only weakly once it lets them go: a dropped session's are not
-copied), all the copies charged or none.
+The entries are kept as the sequence's own stores keep them (any kv_dtype), and in them: `load` adopts each of the
+session's entry stores (homerun.models.kv: PagedRows in the compute dtype or in bf16, Fp8PagedRows), store by store:
+its rows are copied once into a static buffer of the bucket (cap + 1 rows, allocated as one of that store's pages and
+charged as its KV), which then becomes the store's only page, and its old pages go back to the budget. So the KV lives
+once on the device (issue 13, "VRAM as planned": the plan charges the KV plus the bucket's padding, not a second
+copy); the session's states, checkpoints and the eager path (which appends pages past the capacity) all read the same
+rows. The captured step writes the buffer through the format's encoder at a device-side row (`put_at`: fp8 quantizes
+on store) and reads it through its decoder (fp8 dequantizes the capacity's rows each step, HCA entries and indexer
+keys, or the top-k's gathered CSA rows), the eager path's functions on the same rows. A bucket change adopts the same
+stores into the next bucket's buffers (one store's old buffer alive at a time, not two buckets); a state from before
+a bucket its sequence has outgrown is copied in, its store left as it is. A state from another
+sequence is adopted likewise after the stores holding the buffers now get a copy of their page, if a live state still
+reads them (the static state holds them only weakly once it lets them go: a dropped session's are not copied), all
+the copies charged or none. A store on another device than the compute is copied in, not adopted.
 """
 
 from __future__ import annotations
@@ -57,17 +63,23 @@ def static_shape(args, layers: Sequence[int] | None = None) -> StaticShape:
                        args.index_head_dim, args.window_size, args.csa_rate, args.hca_rate)
 
 
-def static_store(like: PagedRows, cap: int, device: torch.device, account: Any = None) -> tuple[PagedRows, Any, list]:
-    """The entry store of a static compressor, of like's format: its first page is the first `cap` rows of a static
-    buffer of cap + 1 rows (row cap: the dump row of non-closing steps), which the captured step writes (a row past a
-    state's committed count, as any store write); an eager forward that writes past the capacity appends ordinary
-    pages. -> (store, the whole buffer as a page, the tags it is charged under to `account`: freed with the store)."""
-    store = like.empty_like(cap, device, account)
-    page = store._alloc(cap + 1)
-    for t in store._parts(page):
+def _new_buffer(owner: PagedRows, cap: int) -> tuple[Any, list]:
+    """A zeroed static buffer of cap + 1 rows in owner's format, allocated (and charged) as one of owner's pages (row
+    cap: the dump row of non-closing steps). -> (the buffer as a page, the budget tags it added to owner's)."""
+    mark = len(owner._tags)
+    page = owner._alloc(cap + 1)
+    for t in owner._parts(page):
         t.zero_()
+    return page, owner._tags[mark:]
+
+
+def static_store(like: PagedRows, cap: int, device: torch.device, account: Any = None) -> tuple[PagedRows, Any, list]:
+    """An empty store of like's format whose first page is a static buffer of cap + 1 rows (its first cap rows).
+    -> (store, the whole buffer as a page, the budget tags it is charged under to `account`: freed with the store)."""
+    store = like.empty_like(cap, device, account)
+    page, tags = _new_buffer(store, cap)
     store.pages.append(store._slice(page, cap))
-    return store, page, list(store._tags)
+    return store, page, tags
 
 
 class _Arena:
@@ -110,9 +122,9 @@ class _Comp:
     pend_gate: torch.Tensor  # [rate, width]
     overlap_kv: torch.Tensor | None  # [rate, hd] (CSA); zeros and -inf gates before the first close
     overlap_gate: torch.Tensor | None
-    page: Any  # the store's page of cap + 1 rows: entries 0..cap-1, row cap the dump slot of non-closing steps
-    store: PagedRows  # its first page: page's first cap rows
-    tags: list  # page's budget tags (in store's: they move with the page when the store is detached)
+    page: Any  # the buffer of cap + 1 rows: entries 0..cap-1, row cap the dump slot (None until the first load)
+    store: PagedRows  # the store whose first page is page's first cap rows: the adopted session store, or a holder
+    tags: list  # page's budget tags (in store's: they move with the page when the store changes)
     ids: tuple[int, ...]  # the arena views of pend_kv, pend_gate[, overlap_kv, overlap_gate]
 
 
@@ -148,7 +160,7 @@ class _Step:
 
 
 class StaticDecodeKV:
-    """Static-capacity attention state and core for one decode sequence of `net` (module docstring). `load` copies a
+    """Static-capacity attention state and core for one decode sequence of `net` (module docstring). `load` takes a
     session's LayerStates in (host work: outside any capture), `begin_step` and `core` are the capturable step,
     `states` copies the state back out as LayerStates over the given stores."""
 
@@ -223,13 +235,13 @@ class StaticDecodeKV:
             c, ids = spec
             cst = (like.comp if part == 0 else like.index_comp) if like is not None else None
             fmt = cst.store if cst is not None else PagedRows(c.head_dim, dt, dev)  # a store of the format to keep
-            # a placed model's KV: charged to the layer's device budget, freed with the store
-            store, page, tags = static_store(fmt, self.caps[c.rate], dev, account)
+            # the buffer's holder until a load adopts a session's store (the buffer is allocated then, store by store)
+            holder = fmt.empty_like(self.caps[c.rate], dev, account)
             ok = og = None
             if c.overlap:  # before the first close: no previous window (zero rows, -inf gates: weight 0)
                 ok, og = ar.view(ids[2]), ar.view(ids[3])
                 og.fill_(float("-inf"))
-            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, page, store, tags, ids))
+            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, None, holder, [], ids))
         return _Layer(ar.view(win_id), win_id, *out)
 
     def stores(self) -> list[PagedRows]:
@@ -244,7 +256,8 @@ class StaticDecodeKV:
     # ------------------------------------------------------------------------------------- host-side transfer
 
     def load(self, states, pos: int, layers: Sequence[int] | None = None) -> None:
-        """The sequence's LayerStates before position pos, copied into the static buffers (pos < ctx_tokens);
+        """The sequence's LayerStates before position pos into the static state (pos < ctx_tokens): the small tensors
+        copied, each entry store adopted (its rows moved into the buffer, which becomes its only page; `_adopt`);
         layers: only those (model order)."""
         if pos >= self.ctx_tokens:
             raise ValueError(f"position {pos} is past the capacity {self.ctx_tokens}")
@@ -272,7 +285,7 @@ class StaticDecodeKV:
         first page (charged as its pages are). A store nothing reaches any more (a dropped session, a reset prefix
         cache) is only known through a weak reference and is not copied. All or nothing: when a copy does not fit,
         the live stores keep the buffers and the error propagates."""
-        comps = [sc for s in self.layers for sc in (s.comp, s.index) if sc is not None]
+        comps = [sc for s in self.layers for sc in (s.comp, s.index) if sc is not None and sc.page is not None]
         refs = [weakref.ref(sc.store) for sc in comps]
         for sc in comps:  # our strong references to the old stores go
             _move_buffer(sc, sc.store, sc.store.empty_like(self.caps[sc.rate], self.net.device, sc.store.account))
@@ -302,8 +315,8 @@ class StaticDecodeKV:
         n_pend = cst.pending_kv.shape[0] if cst.pending_kv is not None else 0
         if cst.n_entries != pos // sc.rate or n_pend != pos % sc.rate:
             raise ValueError(f"compressor state ({cst.n_entries} entries, {n_pend} open rows) at position {pos}")
-        if cst.n_entries and cst.store is not sc.store:  # not our own store's rows: copied as stored
-            cst.store.copy_rows(cst.n_entries, sc.page)
+        if cst.store is not sc.store:
+            self._adopt(sc, cst.store, cst.n_entries)
         if n_pend:
             sc.pend_kv[:n_pend] = cst.pending_kv
             sc.pend_gate[:n_pend] = cst.pending_gate
@@ -314,6 +327,37 @@ class StaticDecodeKV:
             else:
                 sc.overlap_kv.copy_(cst.overlap_kv)
                 sc.overlap_gate.copy_(cst.overlap_gate)
+
+    def _adopt(self, sc: _Comp, store: PagedRows, n: int) -> None:
+        """store's first n rows into the buffer (allocated now, as one of store's pages, if there is none yet), as
+        stored bits; then the buffer is store's only page and store's other pages go back to the budget, so the
+        session's entries live once, in the buffer, and every state of the sequence (checkpoints too) reads them
+        there. One store at a time: a load holds one store's old pages beside the buffers (decode_bytes' `moving`).
+        The rows a later state of the sequence reads (to the store's high-water mark) move too; a store they do not
+        fit (a state from before a bucket the sequence has outgrown) or on another device than the compute is copied,
+        not adopted: it keeps its pages and the states handed out read a holder's buffer (a second copy)."""
+        cap, old = self.caps[sc.rate], sc.store
+        keep = max(n, store.rows_used)
+        adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
+        owner = store if adopt else old
+        if sc.page is None:
+            sc.page, sc.tags = _new_buffer(owner, cap)
+            if not adopt:  # the holder reads it
+                old.pages[:1] = [old._slice(sc.page, cap)]
+        elif adopt:
+            _move_tags(sc.tags, old, store)
+        if n:
+            store.copy_rows(keep if adopt else n, sc.page)
+        if not adopt:
+            return
+        stale = [t for t in store._tags if t not in sc.tags]
+        if store.account is not None:
+            store.account.free_all(stale)
+        store._tags[:] = [t for t in store._tags if t in sc.tags]  # in place: the store's finalizer holds the list
+        store.pages[:] = [store._slice(sc.page, cap)]
+        store.page_rows = cap
+        sc.store = store
+        self._handed_out = True  # the session's store reads the buffer: another sequence's load detaches it
 
     def states(self, pos: int) -> list[LayerState]:
         """The state after the step at position pos - 1 (pos tokens seen) as new LayerStates: the small tensors are
@@ -331,6 +375,7 @@ class StaticDecodeKV:
 
     def _comp_state(self, sc: _Comp, snap, pos: int) -> CompressorState:
         n, n_pend = pos // sc.rate, pos % sc.rate
+        sc.store.rows_used = max(sc.store.rows_used, n)  # the rows the step wrote at device-side slots
         v = [self.arena.view(i, snap) for i in sc.ids]
         ok = og = None
         if sc.overlap_kv is not None and n:
@@ -388,13 +433,18 @@ class StaticDecodeKV:
             sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))
 
 
-def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
-    """sc's static buffer (its first cap rows) becomes dst's first page and dst becomes sc.store; the buffer's budget
-    tags move from src to dst, so that src's finalizer no longer frees them."""
-    for tag in sc.tags:
+def _move_tags(tags: list, src: PagedRows, dst: PagedRows) -> None:
+    """The budget tags move from src to dst, so that src's finalizer no longer frees them and dst's does."""
+    for tag in tags:
         if tag in src._tags:
             src._tags.remove(tag)
             dst._tags.append(tag)
+
+
+def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
+    """sc's static buffer (its first cap rows) becomes dst's first page and dst becomes sc.store; the buffer's budget
+    tags move from src to dst."""
+    _move_tags(sc.tags, src, dst)
     dst.pages[:1] = [dst._slice(sc.page, dst.page_rows)]
     sc.store = dst
 
