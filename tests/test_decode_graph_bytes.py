@@ -58,7 +58,7 @@ def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positi
     assert b.total == entries - kv_entries + moving + 3 * FLASH_ARENA + positions + workspace
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("width, rope, scale_fp32, rows", [(512, 64, False, 8192), (128, 0, True, 32768)])
 def test_fp8_read_transient_is_what_a_read_keeps_alive(dtype, width, rope, scale_fp32, rows):
     """A static fp8 store read whole, as the graphed step reads it (V4-Flash widths: the HCA entries of a 1M bucket,
@@ -91,11 +91,13 @@ def _decode_via_fp32(st, q, s, r):  # Fp8PagedRows._decode before it decoded bf1
     return (torch.cat([nope, r.float()], dim=-1) if st.rope_dim else nope).to(st.dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("width, rope, scale_fp32", [(512, 64, False), (128, 0, True)])
-def test_the_bf16_decode_has_the_fp32_decodes_bits(width, rope, scale_fp32):
+def test_the_half_decodes_have_the_fp32_decodes_bits(width, rope, scale_fp32, dtype):
     """Every e4m3 byte but the two NaNs (0x7f, 0xff), in every block, under every scale _encode writes (2^-126 ..
-    2^126: ue8m0 bytes 1 .. 253), including the products below bf16's normal range and above its largest value."""
-    st = Fp8PagedRows(width, torch.bfloat16, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32)
+    2^126: ue8m0 bytes 1 .. 253), including the products below the dtype's normal range (fp16: subnormals, signed
+    zeros) and above its largest value (inf), and the scales fp16 cannot hold (below 2^-24, above 2^15)."""
+    st = Fp8PagedRows(width, dtype, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32)
     g = torch.Generator().manual_seed(0)
     codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
     exps = torch.arange(-126, 127).repeat_interleave(8)  # 8 rows a scale: >= 1,024 codes, every byte under each
@@ -109,9 +111,10 @@ def test_the_bf16_decode_has_the_fp32_decodes_bits(width, rope, scale_fp32):
     r = torch.randn(n, rope, generator=g).to(torch.bfloat16)
     q = q.view(torch.float8_e4m3fn)
     new, old = st._decode(q, s, r), _decode_via_fp32(st, q, s, r)
-    assert new.dtype == old.dtype == torch.bfloat16
+    assert new.dtype == old.dtype == dtype
     assert torch.equal(new.view(torch.int16), old.view(torch.int16))
-    assert old.isinf().any() and (old != 0).logical_and(old.abs() < 2.0**-126).any()  # the edges were reached
+    tiny = torch.finfo(dtype).tiny  # the smallest normal: the edges were reached (subnormals, zeros, inf)
+    assert old.isinf().any() and (old != 0).logical_and(old.abs() < tiny).any() and (old[:, : st.nope] == 0).any()
 
 
 def test_a_store_in_the_compute_dtype_is_read_without_a_copy():

@@ -113,7 +113,7 @@ def test_decode_bound_is_recomputed_from_the_plans_own_bytes_and_bandwidths(mode
     h, f = pred["expert_cache_hit_rate"], pred["miss_pcie_fraction"]
     miss = (1 - h) * b["experts"]
     links = {x["name"]: x for x in pred["links"]}
-    local = links.get("vram") or links.get("unified")
+    local = links.get("vram") or links.get("dram")  # a unified plan runs on the CPU: its one link is the DRAM
     tp = pred["tensor_parallel"]  # each of tp GPUs reads its 1/tp share at once
     assert local["bytes_per_token"] == pytest.approx((b["resident"] + b["kv_read"] + h * b["experts"]) / tp + f * miss)
     if miss:
@@ -271,15 +271,17 @@ VRAM_EFF, DRAM_EFF, PCIE_EFF, COMPUTE_EFF, PER_LAYER_S = 0.75, 0.65, 0.85, 0.4, 
 
 
 def test_hand_computed_unified_decode_gpt_oss_on_m3_ultra():
+    """The runtime runs a unified plan on the CPU (tests/test_plan_unified_executor.py): the CPU's bandwidth and the
+    DRAM efficiency."""
     spec, inv, p = _plan("openai/gpt-oss-120b", "m3-ultra-512gb")
     prof = load_profile("m3-ultra-512gb")
     assert p.mode == "unified"
     # KV read at depth 4096: 36 layers alternate full / 128-token sliding window; 8 KV heads x 64 dims x K,V x BF16
     kv = 18 * 4096 * (8 * 64 * 2 * 2) + 18 * 128 * (8 * 64 * 2 * 2)
     weights = inv.non_expert_bytes - inv.bytes_by_class["embed"] + 36 * 4 * inv.bytes_per_expert
-    t = (weights + kv) / (prof.gpus[0].mem_bw_gbps * 1e9 * VRAM_EFF) + 36 * PER_LAYER_S
+    t = (weights + kv) / (prof.cpu.mem_bw_gbps * 1e9 * DRAM_EFF) + 36 * PER_LAYER_S
     assert p.predicted["decode_tok_s"] == pytest.approx(1 / t, rel=0.01)
-    assert p.predicted["decode_tok_s_upper_bound"] == pytest.approx(prof.gpus[0].mem_bw_gbps * 1e9 / (weights + kv),
+    assert p.predicted["decode_tok_s_upper_bound"] == pytest.approx(prof.cpu.mem_bw_gbps * 1e9 / (weights + kv),
                                                                    rel=0.01)
 
 

@@ -18,9 +18,9 @@ What a static state of capacity bucket B holds on the device (static_decode's mo
   snapshots    two copies of the arena: the states a session holds view one (StaticDecodeKV.states), and the next
                step makes the next one while those are still held.
   workspace    the step's largest transient (in a CUDA graph's private pool, held while the graph lives): reading a
-               store over the whole capacity. An fp8 store dequantizes it (Fp8PagedRows._decode: in bf16 compute
-               straight into the output with bf16 scales, exact; else codes to fp32, times the scales, the rope
-               columns joined, then the compute dtype), the indexer scores it ([1, cap]
+               store over the whole capacity. An fp8 store dequantizes it (Fp8PagedRows._decode: in bf16 or fp16
+               compute straight into the output with 2-byte scales, exact; in fp32 codes to fp32, times the scales,
+               the rope columns joined), the indexer scores it ([1, cap]
                fp32, masked into a second one, and a bool mask); a store of another format is read as a view.
 
 The step's other activations (one token's) are small and are the stated fixed overhead, as are the allocator's
@@ -106,13 +106,13 @@ def row_bytes(width: int, rope_dim: int, scale_fp32: bool, kv_dtype: str, act_by
 def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv_dtype: str, act_bytes: int) -> int:
     """Peak bytes live while n rows of a store are read whole (its `_get`): fp8 decodes them (Fp8PagedRows._decode,
     step by step below; a tensor is freed when its last reference goes), other formats return a view. A compute dtype
-    of 2 bytes is bf16, decoded without fp32 copies; fp16 compute reads through fp32 (the fp32 branch's bytes, more
-    than this formula charges: the planner's GRAPH_ACT_BYTES is bf16)."""
+    of 2 bytes, bf16 or fp16, is decoded without fp32 copies, into the output with one 2-byte scale per block
+    (Fp8PagedRows._decode_bf16 / _decode_fp16: the same bytes)."""
     if kv_dtype != "fp8":
         return 0
     nope = width - rope_dim
     nb = 1 if scale_fp32 else nope // FP8_BLOCK
-    if act_bytes == 2:  # bf16 (Fp8PagedRows._decode_bf16): the output, written in place, and the scales in bf16
+    if act_bytes == 2:  # bf16 and fp16: the output, written in place, and the scales (fp16: exponents) in 2 bytes
         scale_b = n * nb * 2
         return max(scale_b + (0 if scale_fp32 else n * nb * _F32), scale_b + n * width * 2)  # ue8m0: fp32 first
     scale = 0 if scale_fp32 else n * nb * _F32  # ue8m0 -> fp32 scales (fp32 scales are read as they are)

@@ -146,6 +146,30 @@ class PagedRows:
             out[:, self.nope :].copy_(r)
         return out.to(device=self.compute_device)
 
+    # fp16 holds 2^a exactly for a in [-24, 15] only: a scale 2^e goes in as three factors, each an exact power
+    _FP16_FACTORS = ((0, -14, 15), (15, 0, 15), (-14, -24, 0))  # (shift, lo, hi): 2^clamp(e - shift, lo, hi)
+
+    def _decode_fp16(self, q, s, r) -> torch.Tensor:
+        """_decode's bits in fp16 with _decode_bf16's bytes (one fp16 exponent per block, refilled from the page's
+        scales for each factor). The codes are exact in fp16; times 2^clamp(e, -14, 15) is exact short of an
+        overflow the whole product shares, and at most one of the other two factors (2^(e - 15) above, 2^(e + 14)
+        below) is not 1: one rounding of the exact product, as _decode's .to(float16) of it; past 2^(15+15) it is
+        inf, below 2^(-14-24) a signed zero, either way."""
+        n = q.shape[0]
+        out = torch.empty(n, self.width, dtype=torch.float16, device=self.device)
+        exp = torch.empty(n, self.n_blocks, 1, dtype=torch.float16, device=self.device)
+        out[:, : self.nope].copy_(q)
+        nope = out[:, : self.nope].view(n, self.n_blocks, self.block)
+        for shift, lo, hi in self._FP16_FACTORS:
+            if self.scale_fp32:  # 2^e -> e (exact in fp16: |e| <= 126)
+                torch.log2(s.view(n, 1, 1), out=exp)
+            else:  # ue8m0 byte b -> e = b - 127
+                exp.copy_(s[:, : self.n_blocks].unsqueeze(-1)).sub_(127)
+            nope.mul_(exp.sub_(shift).clamp_(lo, hi).exp2_())
+        if self.rope_dim:
+            out[:, self.nope :].copy_(r)
+        return out.to(device=self.compute_device)
+
     def _get(self, page, n: int) -> torch.Tensor:
         return page[:n].to(self.compute_device)
 
@@ -267,8 +291,8 @@ class Fp8PagedRows(PagedRows):
 
     def _decode(self, q, s, r) -> torch.Tensor:
         n = q.shape[0]
-        if self.dtype == torch.bfloat16:
-            return self._decode_bf16(q, s, r)
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return (self._decode_bf16 if self.dtype == torch.bfloat16 else self._decode_fp16)(q, s, r)
         scale = s.float() if self.scale_fp32 else torch.exp2(s[:, : self.n_blocks].float() - 127)
         nope = (q.float().view(n, self.n_blocks, self.block) * scale.unsqueeze(-1)).view(n, self.nope)
         out = torch.cat([nope, r.float()], dim=-1) if self.rope_dim else nope

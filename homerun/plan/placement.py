@@ -465,18 +465,22 @@ def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
                 "expert_cache_hit_rate": None, "reason": "does not fit"}
         return finish(c, fits=False, mode="none", verdict=f"does not fit: {remedy}", remedy=remedy,
                       context=context, predicted=pred)
-    bw = prof.cpu.mem_bw_gbps if cpu_only else (prof.gpus[0].mem_bw_gbps if prof.gpus else prof.cpu.mem_bw_gbps)
+    # The runtime runs a one-pool plan on the host (engine.placement.placement_from_plan: every layer on "cpu"; no
+    # MPS/Metal or ROCm backend, and a unified CUDA GPU is not used): the CPU kernels' bandwidth and efficiency decode
+    # and the CPU prefill fit prefills, whatever GPU the profile names.
+    gpus = f"; the profile's GPU ({prof.gpus[0].name}, {prof.gpus[0].mem_bw_gbps:g} GB/s) runs nothing" if (
+        prof.gpus and not cpu_only) else ""
+    c.decide("executor", "the CPU kernels", f"homerun runs {what} plans on the host CPU (every layer on the host "
+             f"device){gpus}: decode reads at the CPU's {prof.cpu.mem_bw_gbps:g} GB/s x the DRAM efficiency, "
+             "prefill at the CPU prefill fit")
+    c = replace(c, opts=replace(c.opts, efficiency=replace(c.opts.efficiency, vram=c.opts.efficiency.dram)))
     resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
-    if cpu_only:  # the CPU kernels reach the DRAM efficiency, not the GPU one
-        c2 = replace(c.opts, efficiency=replace(c.opts.efficiency, vram=c.opts.efficiency.dram))
-        c = replace(c, opts=c2)
-    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=bw,
-                        local_name="dram" if cpu_only else "unified", pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps,
+    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=prof.cpu.mem_bw_gbps,
+                        local_name="dram", pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps,
                         hit_rate_source="all experts in the same memory pool")
-    tflops = prof.gpus[0].tflops_bf16 if gpu_prefill and prof.gpus else None
-    pred.update(prefill_speed(c, tflops=tflops, weight_bytes_per_chunk=weights, weight_gbps=bw,
+    pred.update(prefill_speed(c, tflops=None, weight_bytes_per_chunk=weights, weight_gbps=prof.cpu.mem_bw_gbps,
                               stream_bytes_per_pass=0, stream_gbps=0, stream_link="none"))
-    add_cpu_prefill(c, pred, cpu_runs_prefill=pred.get("prefill_tok_s") is None)
+    add_cpu_prefill(c, pred, cpu_runs_prefill=True)
     verdict = f"fits in {what}; context up to {max_tokens:,} tokens"
     return finish(c, fits=True, mode="unified" if not cpu_only else "cpu-only", verdict=verdict, remedy=None,
                   context=context, predicted=pred)
