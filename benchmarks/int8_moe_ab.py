@@ -6,7 +6,7 @@ are meant to be exact).
 `--threads 2`: both builds on 2 kernel threads; GOP per CPU-second and the peak per CPU-second as with one.
 
     cp homerun/kernels/_hr_kernels*.so /tmp/base.so       # in the base checkout, after its build
-    python benchmarks/int8_moe_ab.py --base /tmp/base.so [--reps 5] [--batches 8,16,32,64,100] [--gemm]
+    python benchmarks/int8_moe_ab.py --base /tmp/base.so [--reps 5] [--batches 8,16,24,32,48,64,100] [--gemm]
 
 Fused op: 48 FP4 experts [4096 <-> 2048], top-6, per-expert batches of 8-100 tokens (as int8_moe_bench.py). GEMM
 (--gemm): hr_fp4_gemm on [2048, 4096] x the batch. Per round: the VNNI peak loop (cpu_gemm.unit_peak("int8")), then
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="a saved copy of the other build's _hr_kernels library")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batches", default="8,16,32,64,100")
+    ap.add_argument("--batches", default="8,16,24,32,48,64,100")
     ap.add_argument("--gemm", action="store_true", help="the lone expert GEMM instead of the fused op")
     ap.add_argument("--threads", type=int, default=1, help="kernel threads of both builds (the peak loop's too)")
     a = ap.parse_args()

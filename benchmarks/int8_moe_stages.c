@@ -1,6 +1,6 @@
 /* Per-stage CPU time of the fused routed-expert op, int8 activations, one thread unless told
  * (benchmarks/prefill_cpu.md, session 5): 48 FP4 experts [4096 <-> 2048] (random codes, scale bytes 118..123),
- * top-6, random routing, at per-expert batches of 8-100 tokens. Build from the repository root (it includes the kernels' translation unit):
+ * top-6, random routing, at per-expert batches of 8-100 tokens (8, 16, 24, 32, 48, 64, 100). Build from the repository root (it includes the kernels' translation unit):
  *   gcc -O3 -std=gnu11 -pthread -I homerun/kernels/csrc benchmarks/int8_moe_stages.c -o /tmp/int8_moe_stages -lm
  *   /tmp/int8_moe_stages [path=3] [reps=5] [threads=1]   # path 3 = AVX-512 (the VNNI kernels where the CPU has them)
  * Each stage is run alone on the buffers of one set-up forward (so without first-touch page faults), CPU-ms, median
@@ -24,9 +24,9 @@ int main(int argc,char**argv){
     for(int64_t i=0;i<n*k/2;i++){r=r*1103515245+12345;w[i]=r>>16;}
     for(int64_t i=0;i<n*k/32;i++){r=r*1103515245+12345;s[i]=118+(r>>16)%6;}
     table[e*6+2*m]=(int64_t)(intptr_t)w; table[e*6+2*m+1]=(int64_t)(intptr_t)s;}
-  int pers[]={8,16,32,64,100};
+  int pers[]={8,16,24,32,48,64,100}; const int npers=sizeof pers/sizeof pers[0];
   printf("per-expert  %s\n","CPU-ms per stage: x-quant / up+swiglu+h-quant (swiglu) (h-quant) / down+scatter (scatter) / forward / other; GOP/s");
-  for(int pi=0;pi<5;pi++){int64_t T=pers[pi]*E/K,n=T*K;
+  for(int pi=0;pi<npers;pi++){int64_t T=pers[pi]*E/K,n=T*K;
     float *x=malloc(T*D*4),*out=malloc(T*D*4),*wts=malloc(n*4); int64_t *ids=malloc(n*8);
     for(int64_t i=0;i<T*D;i++){r=r*1103515245+12345;x[i]=((int)(r>>16)%2001-1000)/250.0f;}
     for(int64_t q=0;q<T;q++){int64_t perm[48];for(int e=0;e<E;e++)perm[e]=e;
