@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves
 
 from homerun.kernels.counting import SYNC_OPS, launches_kernel, note_graph_replay
+from homerun.kernels.device_guard import on_device
 
 
 class GraphCaptureError(RuntimeError):
@@ -33,7 +34,7 @@ class CudaGraphs:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        with torch.cuda.device(device):
+        with on_device(device):
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(device)
 
@@ -41,7 +42,7 @@ class CudaGraphs:
         # One warm-up run on a side stream first (libraries create their handles and workspaces lazily, which a
         # capture must not do); the capture itself only records, so one replay computes this step's values.
         # reset: undoes the warm-up's writes to state the step advances in place (the whole-step graph's).
-        with torch.cuda.device(self.device):
+        with on_device(self.device):
             cur = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(cur)
             with torch.cuda.stream(self.stream):
@@ -57,7 +58,7 @@ class CudaGraphs:
 
     def replay(self, g: Any) -> None:
         note_graph_replay()
-        with torch.cuda.device(self.device):
+        with on_device(self.device):
             g.replay()
 
 

@@ -11,13 +11,13 @@ on the run's device, behind StaticDecodeKV's interface with global layer positio
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 
+from homerun.kernels.device_guard import on_device  # noqa: F401 - re-exported: a run's section guard
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV
 
 
@@ -56,12 +56,6 @@ def placement_sites(placement) -> list[str]:
     return [placement.embed_device, *(lp.device for lp in placement.layers), placement.head_device]
 
 
-def on_device(device: torch.device):
-    """The CUDA device current while a run's kernels launch (Triton launches on the current device's stream, and a
-    graph captures and replays on it); nothing elsewhere."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class _Arenas:
     """The shards' arenas as one (the runner's capture reset snapshots and restores every buffer)."""
 
@@ -87,7 +81,7 @@ class ShardedStaticKV:
             f = freqs.setdefault(r.device, net.freqs_compress.to(r.device))
             part = SimpleNamespace(args=net.args, layers=[net.layers[i] for i in r.layers],
                                    compute_dtype=net.compute_dtype, device=r.device, freqs_compress=f)
-            with on_device(r.device):
+            with on_device(r.device, r.site):
                 self.shards.append(StaticDecodeKV(part, ctx_tokens, [accounts[i] for i in r.layers],
                                                   [like[i] for i in r.layers] if like is not None else None))
             for local, i in enumerate(r.layers):

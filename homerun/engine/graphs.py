@@ -68,6 +68,7 @@ import torch
 from homerun.engine.graph_api import CudaGraphs, EmulatedGraphs, GraphCaptureError  # noqa: F401 - re-exported
 from homerun.engine.graph_sites import ShardedStaticKV, step_runs
 from homerun.engine.options import GRAPH_MODES
+from homerun.kernels.device_guard import on_device
 from homerun.kernels.dispatch import for_act, kernels_for
 from homerun.models.decode_bytes import MIN_BUCKET_TOKENS
 from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
@@ -193,7 +194,17 @@ class DecodeGraphs:
 
     def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any], *,
                 defer_end: bool = False) -> tuple[torch.Tensor, list, DeferredEnd | None]:
-        """net.forward_step's: (hidden, states, the DeferredEnd of a speculated step with `defer_end`, else None)."""
+        """net.forward_step's: (hidden, states, the DeferredEnd of a speculated step with `defer_end`, else None).
+        With the first run's device current (on one device, every eager part between the segments needs it; across
+        devices each run's part enters its own)."""
+        with self._on(self.runs[0]):
+            return self._forward(ids, start_pos, states, defer_end)
+
+    @staticmethod
+    def _on(run) -> on_device:
+        return on_device(run.device, run.site)
+
+    def _forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[Any], defer_end: bool):
         net = self.net
         static = self.whole_step and whole_step_reason(net, states) is None
         if self.multi and not static:  # across devices only whole steps are captured
@@ -220,14 +231,15 @@ class DecodeGraphs:
             self._segment(("embed",), self._embed)
             new_states = self._layers(0, start_pos, states)
 
-        def redo(layer_index: int) -> tuple[torch.Tensor, list]:
+        def redo(layer_index: int) -> tuple[torch.Tensor, list]:  # may run after forward returned (a deferred end)
             first = next(i for i, lay in enumerate(net.layers) if lay.index == layer_index)
-            if static:  # the cores after the redone layer's call run again: from the step's input state
-                self.static.load(states, start_pos, range(first + 1, len(net.layers)))
-                self._stretches(first)
-                tail = []
-            else:
-                tail = self._layers(first, start_pos, states)
+            with self._on(self.runs[0]):
+                if static:  # the cores after the redone layer's call run again: from the step's input state
+                    self.static.load(states, start_pos, range(first + 1, len(net.layers)))
+                    self._stretches(first)
+                    tail = []
+                else:
+                    tail = self._layers(first, start_pos, states)
             self.backend.end_token()  # the exact rerun's end: it stands
             return self._stand(start_pos, static, new_states[:first] + tail)
 
@@ -289,7 +301,8 @@ class DecodeGraphs:
             for j, run in enumerate(self.runs):
                 if j:
                     out = _into_static(self._hops, j, out, run.device)
-                out = self._segment((j, "step"), lambda run=run, x=out: self._step(run, x), run.site)
+                with self._on(run):
+                    out = self._segment((j, "step"), lambda run=run, x=out: self._step(run, x), run.site)
         self.replays += 1
         return out, self._static_states(start_pos)
 

@@ -273,3 +273,33 @@ def require_devices(placement: Placement, cuda_count: int, *, profile: str | Non
             raise UsageError(f"{plan} puts {what} on {d.name}, and this machine has {have}",
                              hint="add --standin to run the plan's GPUs as CPU stand-ins with the same budgets "
                                   "(slow), or plan for this machine with --hw auto")
+
+
+def placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]:
+    """build_model's device arguments for a placement, with a `put` that charges each tensor (by its official
+    name) to its device as ("weights", name): copied onto CUDA devices and stand-ins, adopted in place on the
+    host (mmap'd checkpoint views stay zero-copy)."""
+    layer_dev = [lp.device for lp in placement.layers]
+
+    def site(name: str) -> str:
+        if name.startswith("embed."):
+            return placement.embed_device
+        if name.startswith("layers."):
+            return layer_dev[int(name.split(".", 2)[1])]
+        return placement.head_device  # head, final norm, hc_head_*
+
+    def put(name: str, t: Any, _dev: Any) -> Any:  # torch tensors and devices (this module imports no torch)
+        d = devs[site(name)]
+        if d.kind == "host" and t.device.type == "cpu":
+            return d.adopt(("weights", name), t)
+        return d.place(("weights", name), t)
+
+    return {
+        "device": devs[placement.embed_device].torch_device,
+        "layer_devices": [devs[n].torch_device for n in layer_dev],
+        "head_device": devs[placement.head_device].torch_device,
+        "put": put,
+        # each device's kernels ("gpu" on CUDA and CUDA stand-ins: the GPU set, bf16 matrices kept as stored)
+        "flavors": [devs[n].kernel_flavor for n in [placement.embed_device, *layer_dev, placement.head_device]],
+        "sites": [placement.embed_device, *layer_dev, placement.head_device],  # each part's device guard's
+    }

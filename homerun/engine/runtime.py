@@ -24,7 +24,7 @@ import torch
 from homerun.engine.options import COMPUTE_DTYPES, LoadOptions
 from homerun.engine.graph_sites import placement_sites
 from homerun.engine.graphs import decode_graphs_for
-from homerun.engine.placement import Placement, single_device
+from homerun.engine.placement import Placement, placed_build_kwargs, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
 from homerun.engine.session import device_kv_more_bytes
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
@@ -409,7 +409,7 @@ def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend
         if opts.experts.cache_slots is not None:
             placement = placement.with_cache_slots(opts.experts.cache_slots)
     devs = build_devices(placement.devices)
-    placed = _placed_build_kwargs(placement, devs)
+    placed = placed_build_kwargs(placement, devs)
     if opts.compute.weights_dtype != "fp8":
         _check_room(ckpt, names, 4 if opts.compute.weights_dtype == "fp32" else 2, placed["device"])
     if expert_backend is None:
@@ -448,35 +448,6 @@ def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend
     resolved = opts.replace(placement=placement, device=None, ramp_tokens=ramp, max_chunk_tokens=chunk)
     return Model(net, resolved, placement=placement, devices=devs, path=root, checkpoint=ckpt, tokenizer=tokenizer,
                  load_s=time.perf_counter() - t0)
-
-
-def _placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]:
-    """build_model's device arguments for a placement, with a `put` that charges each tensor (by its official
-    name) to its device as ("weights", name): copied onto CUDA devices and stand-ins, adopted in place on the
-    host (mmap'd checkpoint views stay zero-copy)."""
-    layer_dev = [lp.device for lp in placement.layers]
-
-    def site(name: str) -> str:
-        if name.startswith("embed."):
-            return placement.embed_device
-        if name.startswith("layers."):
-            return layer_dev[int(name.split(".", 2)[1])]
-        return placement.head_device  # head, final norm, hc_head_*
-
-    def put(name: str, t: torch.Tensor, _dev: torch.device) -> torch.Tensor:
-        d = devs[site(name)]
-        if d.kind == "host" and t.device.type == "cpu":
-            return d.adopt(("weights", name), t)
-        return d.place(("weights", name), t)
-
-    return {
-        "device": devs[placement.embed_device].torch_device,
-        "layer_devices": [devs[n].torch_device for n in layer_dev],
-        "head_device": devs[placement.head_device].torch_device,
-        "put": put,
-        # each device's kernels ("gpu" on CUDA and CUDA stand-ins: the GPU set, bf16 matrices kept as stored)
-        "flavors": [devs[n].kernel_flavor for n in [placement.embed_device, *layer_dev, placement.head_device]],
-    }
 
 
 def _check_room(ckpt: Any, names: Iterable[str], bytes_per_elem: int, device: str | torch.device) -> None:

@@ -34,6 +34,7 @@ def build_model(
     head_device: torch.device | str | None = None,
     put: Callable[[str, torch.Tensor, torch.device], torch.Tensor] | None = None,
     flavors: Sequence[str] | None = None,
+    sites: Sequence[str] | None = None,
 ) -> DeepseekV4:
     """Assemble the model from stored tensors. `get(name)` returns the tensor as stored (FP8 weight, e8m0 scale,
     bf16, fp32, int64); `has(name)` tells whether it exists. weights_dtype "fp8" keeps FP8 weights packed;
@@ -46,7 +47,8 @@ def build_model(
     lives (default `tensor.to(device)`); the placement executor passes one that charges a budgeted device.
     `flavors` gives each placement device's kernel flavor as (embed, layer 0..n-1, head) (homerun.kernels.dispatch
     FLAVORS; "gpu" for a CUDA stand-in). BF16 matrices are upcast only for the CPU kernels: on CUDA and on the GPU
-    flavor they stay bf16 (VRAM as planned)."""
+    flavor they stay bf16 (VRAM as planned). `sites`: the placement's device names, in the same order (each part's
+    current site while it runs, homerun.kernels.device_guard)."""
     device = torch.device(device)
     dense = {"fp8": None, "bf16": torch.bfloat16, "fp32": torch.float32}[weights_dtype]
     layer_devs = [torch.device(d) for d in layer_devices] if layer_devices is not None else [device] * args.n_layers
@@ -142,4 +144,5 @@ def build_model(
         head_device=head_dev,
         embed_flavor=flavor_of[0],
         head_flavor=flavor_of[-1],
+        sites=tuple(sites) if sites is not None else None,
     )

@@ -17,6 +17,7 @@ from homerun.models.deepseek_v4.config import (
     LAYER_SLIDING,
     ModelArgs,
 )
+from homerun.kernels.device_guard import on_device
 from homerun.kernels.dispatch import TORCH, TorchKernels, for_act, kernels_for
 from homerun.models.deepseek_v4.ops import inv_freq
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
@@ -48,6 +49,9 @@ class DeepseekV4:
     head_device: torch.device | None = None  # final norm, HC head, lm head (None: the model's device)
     embed_flavor: str = "auto"  # kernel flavors of the embedding's and the head's devices (see _Layer.flavor)
     head_flavor: str = "auto"
+    # the placement's device names of [embedding, layer 0.., head] (None: the torch devices'), each part's site while
+    # it runs (homerun.kernels.device_guard: CUDA stand-ins all compute on the CPU, only their names differ)
+    sites: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         a = self.args
@@ -114,7 +118,7 @@ class DeepseekV4:
         host_ids, ids = ids, ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
         spec = self._begin_token(host_ids)  # True: the backend may ask for a redo (see end_token)
-        x = self._embed(ids)
+        x = self._on(self.device, 0, self._embed, ids)
         dev, flavor = self.device, self.embed_flavor
         # The kernel set is chosen once per device the forward runs on (homerun.kernels.dispatch); the layers' dense
         # prefill GEMMs follow the expert activation mode (`for_act`), the head's stay exact.
@@ -128,7 +132,7 @@ class DeepseekV4:
         def run(first: int, inp: tuple, keep: bool):  # -> (a thunk making the final hidden, the layers' states)
             x, ids, positions, dev, flavor, k, kl = inp
             new_states = []
-            for layer, st in zip(self.layers[first:], states[first:]):
+            for i, (layer, st) in enumerate(zip(self.layers[first:], states[first:]), first + 1):
                 # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
                 # once per boundary (a no-op between stand-ins, which share the host's memory).
                 ldev = layer.device or self.device
@@ -138,13 +142,14 @@ class DeepseekV4:
                     kl = for_act(k, act)
                 if keep:
                     saved.append((x, ids, positions, dev, flavor, k, kl))
-                x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
+                with self._on(ldev, i):  # each layer's kernels with its device current
+                    x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
                 new_states.append(st)
             hdev = self.head_device or self.device
             if hdev != dev or self.head_flavor != flavor:
                 x = x.to(hdev)
                 k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
-            return (lambda: self._final(x, k)), new_states  # the head only once the layers stand
+            return (lambda: self._on(hdev, -1, self._final, x, k)), new_states  # the head once the layers stand
 
         head, new_states = run(0, (x, ids, positions, dev, flavor, k, for_act(k, act)), spec)
 
@@ -155,6 +160,11 @@ class DeepseekV4:
             return head(), new_states[:first] + tail
 
         return end_or_defer(self.experts, spec, defer_end, lambda: (head(), new_states), redo)
+
+    def _on(self, device: torch.device, part: int, fn=None, *args):
+        """Part `part`'s section guard (0 the embedding, 1 + i layer i, -1 the head) on device, or fn(*args) in it."""
+        guard = on_device(device, self.sites[part] if self.sites is not None else None)
+        return guard if fn is None else guard.run(fn, *args)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] -> the residual streams [T, n, D]: the embedding copied into each of the n streams."""
@@ -168,7 +178,7 @@ class DeepseekV4:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, V]."""
         k = kernels_for(hidden.device, hidden.dtype, hidden.shape[0], self.head_flavor)
-        return k.linear(self.head, hidden).float()
+        return self._on(hidden.device, -1, k.linear, self.head, hidden).float()
 
     # ------------------------------------------------------------------------------------------------ mHC
 
