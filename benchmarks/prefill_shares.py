@@ -31,7 +31,7 @@ from collections import defaultdict
 FAMILIES = {  # kernel set method -> family
     "attend_prefill": "attention core", "attend_one": "attention core",
     "hc_weights": "mHC", "hc_pre": "mHC", "hc_post": "mHC", "hc_pre_norm": "mHC", "sinkhorn": "mHC",
-    "norm_rope": "norm+RoPE",
+    "norm_rope": "norm+RoPE", "rope_out": "norm+RoPE",
     "linear": "dense linears", "grouped": "dense linears", "project": "dense linears",
 }
 MODEL_STEPS = {"_index_topk": "indexer top-k", "_compress": "compressors (pooling)", "route": "router",

@@ -247,3 +247,38 @@ def test_prefill_linear_reuses_one_scratch_block_and_stays_exact():
     want_a = torch.nn.functional.linear(x.bfloat16(), a.dequant(torch.float32).bfloat16()).float()
     want_b = torch.nn.functional.linear(x.bfloat16(), b.dequant(torch.float32).bfloat16()).float()
     assert torch.equal(ya, want_a) and torch.equal(yb, want_b)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp8_to_bf16_avx512_rows_equal_the_table_for_every_code_and_scale(threads):
+    """The AVX-512 arithmetic (whole rows, no table) against the portable table: every e4m3 code under every ue8m0
+    scale byte (0: a subnormal scale, 255: infinity, so NaN, infinite and subnormal products), with 40-column tail
+    blocks, row ranges off the 8-row task and 128-row block grid, on one or two threads, and with flush-to-zero and
+    denormals-are-zero set on the calling thread (a subnormal fp32 operand in the arithmetic would read as zero)."""
+    from homerun.kernels import cpu_experts as ce
+
+    if "avx512" not in ce.available_paths():
+        pytest.skip("avx512 is not supported here")
+    g = torch.Generator().manual_seed(11)
+    w = torch.randint(0, 256, (128 * 16, 128 * 16 + 40), generator=g, dtype=torch.uint8)
+    w[:, :256] = torch.arange(256, dtype=torch.uint8)  # every code in every row, under each row block's scales
+    s = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    s = torch.cat([s, s.flip(0)[:, :1]], 1).contiguous()  # every scale byte on a full block, more on the tails
+    wf = w.view(torch.float8_e4m3fn)
+    ce.set_threads(threads)
+    try:
+        for rows in (None, (3, 1001), (130, 131), (1999, 2048)):
+            want = cpu_gemm.fp8_to_bf16(wf, s, rows, path="portable")
+            got = cpu_gemm.fp8_to_bf16(wf, s, rows, path="avx512")
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), rows
+        if threads == 1:  # one thread: every task runs on the caller, whose MXCSR this sets
+            torch.set_flush_denormal(True)
+            try:  # both under it: the table's multiply flushes subnormal products as the arithmetic's does
+                got = cpu_gemm.fp8_to_bf16(wf, s, path="avx512")
+                want = cpu_gemm.fp8_to_bf16(wf, s, path="portable")
+            finally:
+                torch.set_flush_denormal(False)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    finally:
+        ce.set_threads(None)  # the default: every CPU

@@ -271,19 +271,37 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
         raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise KernelError(f"norm_rope needs fp32 CPU activations, got {x.dtype} on {x.device}", hint="use the torch ops")
-    d, t = x.shape[-1], x.shape[0]
-    xc = x.contiguous()
+    return _norm_rope(x.contiguous(), None, weight, eps, cos, sin, norm, inverse)
+
+
+def rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """norm_rope(x, norm=False) written into x itself (contiguous fp32 CPU [T, ..., d]): only the trailing
+    2 * cos.shape[-1] channels of each row are read and rotated, the rest stay untouched. The same bits as norm_rope
+    (the same kernel, y aliasing x). -> x"""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise KernelError(f"rope_inplace needs contiguous fp32 CPU activations, got {x.dtype} on {x.device}",
+                          hint="use norm_rope")
+    return _norm_rope(x, x, None, 0.0, cos, sin, False, inverse)
+
+
+def _norm_rope(xc: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+               cos: torch.Tensor | None, sin: torch.Tensor | None, norm: bool, inverse: bool) -> torch.Tensor:
+    """The pool call of norm_rope from contiguous xc into y (a new tensor when None; xc itself rotates in place)."""
+    d, t = xc.shape[-1], xc.shape[0]
     per_token = xc.numel() // (d * t) if d and t else 1
     half = 0 if cos is None else cos.shape[-1]
     if half and (tuple(cos.shape) != (t, half) or sin is None or tuple(sin.shape) != (t, half) or 2 * half > d):
-        raise KernelError(f"norm_rope: cos/sin {tuple(cos.shape)} do not match x {tuple(x.shape)}",
+        raise KernelError(f"norm_rope: cos/sin {tuple(cos.shape)} do not match x {tuple(xc.shape)}",
                           hint="cos and sin are [T, rope_dim/2]")
     w = _f32c(weight, "norm weight") if weight is not None else None
     if w is not None and w.numel() != d:
         raise KernelError(f"norm_rope: weight of {w.numel()} values for rows of {d}", hint="one weight per channel")
     c = _f32c(cos, "cos") if half else None
     s = _f32c(sin, "sin") if half else None
-    y = torch.empty_like(xc)
+    if y is None:
+        y = torch.empty_like(xc)
     if t:
         _ok(_mix["norm_rope"](0, xc.data_ptr(), y.data_ptr(), t, max(per_token, 1), d,
                               w.data_ptr() if w is not None else None, eps, int(norm),

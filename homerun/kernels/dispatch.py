@@ -115,6 +115,13 @@ class CpuPrefillKernels(TorchKernels):
             return super().norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
         return pf.norm_rope(x, weight, eps, cos, sin, norm=norm, inverse=inverse)
 
+    def rope_out(self, x, cos, sin, *, inverse=False):
+        # in place: only the rope channels are read and written (1/8 of the attention output's bytes at V4's 64 of 512)
+        pf = native_prefill()
+        if pf is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            return super().rope_out(x, cos, sin, inverse=inverse)
+        return pf.rope_inplace(x, cos, sin, inverse=inverse)
+
 
 class NativeCpuKernels(CpuPrefillKernels):
     """Decode-sized fp32 rows on the CPU through the native library: linears bound once per weight, one call for a

@@ -147,6 +147,13 @@ class TorchKernels:
             x = rms_norm(x, weight, eps)
         return x if cos is None else apply_rope(x, cos, sin, inverse=inverse)
 
+    def rope_out(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+        """norm_rope(x, norm=False) of a tensor the caller hands over and reads no more (the attention output, a
+        fresh projection): a set may rotate x's trailing channels in place and return x. Here a new tensor, as in
+        every set whose callers replay captured graphs (a graph input rotated in place would rotate again on the
+        replay after the warm-up run)."""
+        return self.norm_rope(x, None, 0.0, cos, sin, norm=False, inverse=inverse)
+
     def rope_cos_sin(self, freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, rope_dim/2] in fp32."""
         return rope_cos_sin(freqs, positions)

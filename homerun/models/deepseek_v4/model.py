@@ -312,7 +312,7 @@ class DeepseekV4:
         """The attention output's inverse RoPE and output projections, written back into the streams x."""
         a, at = self.args, layer.attn
         T = out.shape[0]
-        out = k.norm_rope(out, None, 0.0, pa.cos, pa.sin, norm=False, inverse=True)
+        out = k.rope_out(out, pa.cos, pa.sin, inverse=True)  # the core's output is read no more
         z = k.grouped(at.wo_a, out.reshape(T, a.o_groups, -1), a.o_groups).flatten(1)  # (T, G*Lo)
         return k.hc_post(pa.post, k.linear(at.wo_b, z), pa.comb, x)
 
@@ -331,7 +331,7 @@ class DeepseekV4:
         if layer.kind == LAYER_CSA:
             k_sel = min(a.index_topk, n_comp_max)
             iq = k.linear(at.indexer.wq_b, qr).view(T, a.index_n_heads, a.index_head_dim)
-            iq = k.norm_rope(iq, None, 0.0, *rope, norm=False).float()  # (T, Hi, Di)
+            iq = k.rope_out(iq, *rope).float()  # (T, Hi, Di); iq is this projection's own output
             iw = iw.float() * a.index_n_heads**-0.5  # (T, Hi)
         # Elements per query row of the block temporaries: window scores, HCA scores or gathered CSA entries,
         # and the indexer's per-head scores over one page of keys (the top-k is merged page by page).
