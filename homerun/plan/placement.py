@@ -1,17 +1,18 @@
 """Placement for the planner: discrete GPUs + host RAM (all-in-VRAM, hybrid with a GPU expert cache, disk-mmap
-tier) and one-pool machines (unified memory, CPU only). Internal to `homerun.plan.planner`, which owns the public `plan()`;
-the records and the speed model are in `records` and `speed`; nothing here reads files or touches hardware.
+tier); one-pool machines (unified memory, CPU only) are in `one_pool`. Internal to `homerun.plan.planner`, which owns
+the public `plan()`; the records and the speed model are in `records` and `speed`; nothing here reads files or touches
+hardware.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from homerun.plan.graph_memory import kv_rows, stage_shapes, stages_tokens_for, with_decode_graphs
+from homerun.plan.one_pool import plan_unified
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
-from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, DeviceMap,
+from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, MIN_CONTEXT_TOKENS, DeviceMap,
                                   PlacementRow, Plan, Stage, _Ctx, gib, gpu_runs_prefill,
                                   graphs_across_devices_reason)
 from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
@@ -406,81 +407,3 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
                f"fits: non-expert set, KV and a {total_cache}-expert cache on GPU, routed experts in {where}; "
                f"context up to {max_tokens:,} tokens")
     return finish(c, fits=True, mode=mode, verdict=verdict, remedy=None, context=context, predicted=pred)
-
-
-# ---- unified memory (and CPU-only) ---------------------------------------------------------------------------------
-
-
-def plan_unified(c: _Ctx, cpu_only: bool = False) -> Plan:
-    spec, inv, prof, opts = c.spec, c.inv, c.prof, c.opts
-    pol = prof.policy
-    ram = prof.cpu.ram_gib * GIB
-    dev = "host" if cpu_only else "unified"
-    # the stage's layers go on the host (placement_from_plan), so the CPU runs prefill (its chunk, its estimate)
-    gpu_prefill = gpu_runs_prefill([dev])
-    act = activation_bytes(spec, chunk_decision(c, gpu=gpu_prefill))
-    limit = ram - pol.host_reserve_gib * GIB
-    if not cpu_only and prof.memory.gpu_limit_gib is not None:
-        limit = min(limit, prof.memory.gpu_limit_gib * GIB)
-    margins = {("host_reserve" if cpu_only else "outside_gpu_limit"): int(ram - limit),
-               "runtime_overhead": int(pol.runtime_overhead_gib * GIB), "activations": act}
-    usable = limit - margins["runtime_overhead"] - act
-    mtp = inv.mtp_bytes if opts.include_mtp else 0
-    weights = inv.non_expert_bytes + inv.routed_expert_bytes + mtp
-    ctx_target = min(opts.context_tokens or spec.max_position_embeddings, spec.max_position_embeddings)
-    kv_cap = usable - weights
-    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings) if kv_cap > 0 else 0
-    reserved = max(0, min(ctx_target, max_tokens))
-    what = "host RAM (CPU only)" if cpu_only else "unified memory"
-    if opts.expert_placement is not None:
-        c.decide("expert placement", "not applied", f"{opts.expert_placement.describe()}: {what} is one memory pool, "
-                 "there is no VRAM/CPU split to impose")
-    c.decide("placement", what, "no discrete GPU: every tensor in one memory pool" if cpu_only else
-             f"CPU and GPU share {prof.cpu.ram_gib:.0f} GiB; the GPU may use {gib(limit):.0f} GiB of it")
-    for cls, b in sorted(inv.bytes_by_class.items(), key=lambda kv: -kv[1]):
-        if cls == "mtp" and not opts.include_mtp:
-            continue
-        label = CLASS_LABELS.get(cls, cls) + (f" ({spec.expert_format})" if cls == "routed" else "")
-        c.placement.append(PlacementRow(label, dev, b, "one pool: no copies between CPU and GPU memory"))
-    kv_b = c.kv.bytes_for(reserved) if reserved else 0
-    c.placement.append(PlacementRow(f"KV cache ({reserved} tokens, {c.kv.dtype})", dev, kv_b, "same pool"))
-    used = weights + kv_b + sum(margins.values())
-    # One pool: every layer, its KV and the experts (read in place, no copies) on the one device.
-    c.stages.append(Stage(device=dev, kind=dev, index=0, first_layer=0, stop_layer=spec.num_layers, experts="host",
-                          expert_cache_slots=0, kv_tokens=reserved, kv_bytes=kv_b, budget_bytes=int(usable),
-                          embedding=True, head=True, reason=f"{what}: one memory pool, experts read in place"))
-    c.devices.append(DeviceMap(what, dev, int(ram), int(used), margins))
-    remedy = None
-    if kv_cap < c.kv.bytes_for(MIN_CONTEXT_TOKENS):
-        need = weights + c.kv.bytes_for(MIN_CONTEXT_TOKENS) + margins["runtime_overhead"] + act
-        if not cpu_only and need <= ram - pol.host_reserve_gib * GIB:
-            remedy = (f"needs {gib(need):.0f} GiB of GPU-usable memory, the limit is {gib(limit):.0f} GiB: raise it "
-                      f"(macOS: sudo sysctl iogpu.wired_limit_mb={math.ceil(need / 2**20)})")
-        else:
-            remedy = f"needs {gib(need):.0f} GiB of memory for weights and KV, the profile has {prof.cpu.ram_gib:.0f} GiB"
-    context = context_section(c, max(kv_cap, 0), reserved)
-    if remedy:
-        c.decide("verdict", "does not fit", remedy)
-        pred = {"decode_tok_s": None, "decode_tok_s_upper_bound": None, "prefill_tok_s": None,
-                "expert_cache_hit_rate": None, "reason": "does not fit"}
-        return finish(c, fits=False, mode="none", verdict=f"does not fit: {remedy}", remedy=remedy,
-                      context=context, predicted=pred)
-    # The runtime runs a one-pool plan on the host (engine.placement.placement_from_plan: every layer on "cpu"; no
-    # MPS/Metal or ROCm backend, and a unified CUDA GPU is not used): the CPU kernels' bandwidth and efficiency decode
-    # and the CPU prefill fit prefills, whatever GPU the profile names.
-    gpus = f"; the profile's GPU ({prof.gpus[0].name}, {prof.gpus[0].mem_bw_gbps:g} GB/s) runs nothing" if (
-        prof.gpus and not cpu_only) else ""
-    c.decide("executor", "the CPU kernels", f"homerun runs {what} plans on the host CPU (every layer on the host "
-             f"device){gpus}: decode reads at the CPU's {prof.cpu.mem_bw_gbps:g} GB/s x the DRAM efficiency, "
-             "prefill at the CPU prefill fit")
-    c = replace(c, opts=replace(c.opts, efficiency=replace(c.opts.efficiency, vram=c.opts.efficiency.dram)))
-    resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
-    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=1.0, local_gbps=prof.cpu.mem_bw_gbps,
-                        local_name="dram", pcie_gbps=0.0, dram_gbps=prof.cpu.mem_bw_gbps,
-                        hit_rate_source="all experts in the same memory pool")
-    pred.update(prefill_speed(c, tflops=None, weight_bytes_per_chunk=weights, weight_gbps=prof.cpu.mem_bw_gbps,
-                              stream_bytes_per_pass=0, stream_gbps=0, stream_link="none"))
-    add_cpu_prefill(c, pred, cpu_runs_prefill=True)
-    verdict = f"fits in {what}; context up to {max_tokens:,} tokens"
-    return finish(c, fits=True, mode="unified" if not cpu_only else "cpu-only", verdict=verdict, remedy=None,
-                  context=context, predicted=pred)

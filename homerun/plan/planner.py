@@ -13,7 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 from homerun.plan.inventory import Inventory
-from homerun.plan.placement import plan_discrete, plan_unified
+from homerun.plan.one_pool import plan_unified
+from homerun.plan.placement import plan_discrete
 from homerun.plan.records import (  # noqa: F401 - the planner's public records, imported from here by callers
     ALL_VRAM_MIN_CONTEXT_TOKENS, CLASS_LABELS, MIN_CONTEXT_TOKENS, RAMP_TOKENS, THINK_MAX_MIN_TOKENS,
     DeviceMap, Efficiency, ExpertPlacement, Layout, Link, PlacementRow, Plan, PlanOptions, Stage, _Ctx, gib)
