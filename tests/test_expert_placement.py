@@ -74,17 +74,19 @@ def test_gpu_experts_10_v4_flash_on_rtx5090_by_hand():
     assert rows["routed experts in VRAM, imposed (430 experts)"].bytes == 430 * FLASH_BPE == 5_748_817_920
     assert not [r for r in p.placement if r.what.startswith("GPU expert cache")]
     # VRAM: usable = 32 GiB - 3 - 1 - activations; the non-expert set, slot table (43 x 256 int32) and the 430
-    # experts first; KV gets the rest (the model's 1M context if it fits), then the stages: KV and the decode
-    # graphs' static state (of the 1M bucket) take all of it, so none
+    # experts first; KV gets the rest (the model's 1M context if it fits: it does, with the decode graphs' state
+    # beside it, which holds no second copy of the KV), then the two 40-expert prefill stages and their tables
     usable = 32 * GIB - 4 * GIB - activation_bytes(spec, 2048)
     left = usable - inv.non_expert_bytes - 44_032 - 430 * FLASH_BPE
     kv = with_decode_graphs(kv_layout(spec, "bf16"), spec)  # one GPU: the decode graphs' static state on top
     assert p.context["reserved_tokens"] == min(kv.tokens_for(left), spec.max_position_embeddings)
     gpu = p.devices[0]
     kv_bytes = kv.bytes_for(p.context["reserved_tokens"])
-    assert p.context["reserved_tokens"] < spec.max_position_embeddings
-    assert not [r for r in p.placement if r.what.startswith("prefill staging")]
-    assert gpu.used_bytes == int(inv.non_expert_bytes + 44_032 + 430 * FLASH_BPE + kv_bytes + sum(gpu.margins.values()))
+    assert p.context["reserved_tokens"] == spec.max_position_embeddings
+    stages = sum(r.bytes for r in p.placement if r.what.startswith("prefill staging"))
+    assert stages == 1_069_547_520 + 2_048
+    assert gpu.used_bytes == int(inv.non_expert_bytes + 44_032 + 430 * FLASH_BPE + kv_bytes + stages
+                                 + sum(gpu.margins.values()))
     pred = p.predicted
     assert pred["expert_cache_hit_rate"] == pytest.approx(10 / 256)
     miss = (1 - 10 / 256) * 43 * 6 * FLASH_BPE
