@@ -249,8 +249,8 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
 
 def test_the_ramp_leaves_room_for_the_decode_graphs_static_state(mixed):
     """With decode graphs, a ramp step's check on the device counts the static attention state of the new context
-    (the first graphed step after a prefill holds it beside the paged KV): a budget with room for the KV alone is
-    refused, naming the state; with room for both it grows. Without graphs the state is not counted."""
+    (what it takes beside the KV its buffers hold: padding, a moving store, small parts): a budget with room for the
+    KV alone is refused, naming the state; with room for both it grows. Without graphs the state is not counted."""
     from homerun.engine.graph_bytes import static_state_bytes
     from homerun.errors import ContextFullError
 

@@ -53,17 +53,17 @@ def test_flash_on_rtx5090_charges_two_40_expert_stages_and_shrinks_the_cache():
     assert rows["expert slot table (43 x 256 int32)"].bytes == 44_032
     assert rows["prefill staging tables (2 x 256 int32)"].bytes == 2_048
     cache_experts = int((usable - inv.non_expert_bytes - kv - 1_069_547_520 - tables) // FLASH_BPE)
-    assert cache_experts == 327  # 407 before the reserve: 80 experts (2 x 40) went to the stages
-    assert int((usable - inv.non_expert_bytes - kv) // FLASH_BPE) == 407
-    assert rows["GPU expert cache (327 experts)"].bytes == 327 * FLASH_BPE
-    assert p.layout.stages[0].expert_cache_slots == 327
+    assert cache_experts == 847  # 927 before the reserve: 80 experts (2 x 40) went to the stages
+    assert int((usable - inv.non_expert_bytes - kv) // FLASH_BPE) == 927
+    assert rows["GPU expert cache (847 experts)"].bytes == 847 * FLASH_BPE
+    assert p.layout.stages[0].expert_cache_slots == 847
     gpu = p.devices[0]
-    assert gpu.used_bytes == int(inv.non_expert_bytes + kv + 1_069_547_520 + tables + 327 * FLASH_BPE
+    assert gpu.used_bytes == int(inv.non_expert_bytes + kv + 1_069_547_520 + tables + 847 * FLASH_BPE
                                  + sum(gpu.margins.values()))
     assert gpu.used_bytes <= gpu.capacity_bytes
     assert any(d["what"] == "prefill staging" for d in p.decisions)
-    # the decode estimate sees the smaller cache: a lower hit rate than a 407-expert cache would give
-    assert "cache 327/11008" in p.predicted["hit_rate_source"]
+    # the decode estimate sees the smaller cache: a lower hit rate than a 927-expert cache would give
+    assert "cache 847/11008" in p.predicted["hit_rate_source"]
 
 
 def test_runtime_arithmetic_on_the_plan_rebuilds_the_planned_stage():

@@ -138,7 +138,10 @@ def test_load_adopts_the_sessions_stores(checkpoints, kv_dtype):
     model = _model(checkpoints["mixed"], kv_dtype)
     net, dev = model.net, model.devices["standin:0"]
     s = model.session()
-    s.feed(torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist())
+    prompt = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    s.feed(prompt[:2])
+    early = s._states  # no closed entries yet: its stores are the later states' too
+    s.feed(prompt[2:])
     states = s._states
     before = [c.entries().clone() for ls in states for c in (ls.comp, ls.index_comp) if c is not None]
 
@@ -153,6 +156,9 @@ def test_load_adopts_the_sessions_stores(checkpoints, kv_dtype):
         held = sum(t.numel() * t.element_size() for _, sc in comps for t in sc.store._parts(sc.page))
         assert dev.bytes_by_class()["kv"] == held
 
+    kv = StaticDecodeKV(net, 32, like=states)
+    kv.load(early, 2)  # an earlier state of the sequence: the later one's rows move with it
+    check(kv, states)
     for cap in (32, 64):  # 21 tokens: the first bucket, then the next one adopts the same stores again
         kv = StaticDecodeKV(net, cap, like=states)
         kv.load(states, 21)

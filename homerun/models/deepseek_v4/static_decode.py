@@ -329,13 +329,13 @@ class StaticDecodeKV:
                 sc.overlap_gate.copy_(cst.overlap_gate)
 
     def _adopt(self, sc: _Comp, store: PagedRows, n: int) -> None:
-        """store's first n rows into the buffer (allocated now, as one of store's pages, if there is none yet), as
-        stored bits; then the buffer is store's only page and store's other pages go back to the budget, so the
-        session's entries live once, in the buffer, and every state of the sequence (checkpoints too) reads them
-        there. One store at a time: a load holds one store's old pages beside the buffers (decode_bytes' `moving`).
-        The rows a later state of the sequence reads (to the store's high-water mark) move too; a store they do not
-        fit (a state from before a bucket the sequence has outgrown) or on another device than the compute is copied,
-        not adopted: it keeps its pages and the states handed out read a holder's buffer (a second copy)."""
+        """store's rows (its state's n and those of later states) into the buffer (allocated now, as one of store's
+        pages, if there is none yet), as stored bits; then the buffer is store's only page and store's other pages go
+        back to the budget, so the session's entries live once, in the buffer, and every state of the sequence
+        (checkpoints too) reads them there. One store at a time: a load holds one store's old pages beside the
+        buffers (decode_bytes' `moving`). The rows of later states (to the store's high-water mark) move too; a store
+        they do not fit (a state from before a bucket the sequence has outgrown) or on another device than the
+        compute is copied, not adopted: it keeps its pages and the states handed out read a holder's buffer."""
         cap, old = self.caps[sc.rate], sc.store
         keep = max(n, store.rows_used)
         adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
@@ -346,8 +346,9 @@ class StaticDecodeKV:
                 old.pages[:1] = [old._slice(sc.page, cap)]
         elif adopt:
             _move_tags(sc.tags, old, store)
-        if n:
-            store.copy_rows(keep if adopt else n, sc.page)
+        rows = keep if adopt else n
+        if rows:
+            store.copy_rows(rows, sc.page)
         if not adopt:
             return
         stale = [t for t in store._tags if t not in sc.tags]
