@@ -1,6 +1,7 @@
 /* Per-stage CPU time of the fused routed-expert op, int8 activations, one thread unless told
  * (benchmarks/prefill_cpu.md, session 5): 48 FP4 experts [4096 <-> 2048] (random codes, scale bytes 118..123),
- * top-6, random routing, at per-expert batches of 8-100 tokens (8, 16, 24, 32, 48, 64, 100). Build from the repository root (it includes the kernels' translation unit):
+ * top-6, random routing, at per-expert batches of 8-100 tokens (8, 16, 24, 32, 48, 64, 100).
+ * Build from the repository root (it includes the kernels' translation unit):
  *   gcc -O3 -std=gnu11 -pthread -I homerun/kernels/csrc benchmarks/int8_moe_stages.c -o /tmp/int8_moe_stages -lm
  *   /tmp/int8_moe_stages [path=3] [reps=5] [threads=1]   # path 3 = AVX-512 (the VNNI kernels where the CPU has them)
  * Each stage is run alone on the buffers of one set-up forward (so without first-touch page faults), CPU-ms, median
