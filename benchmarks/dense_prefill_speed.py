@@ -9,9 +9,10 @@ linear that the fast set runs as a bf16 GEMM), at `--rows` tokens and `--threads
   out_f32   the bf16 output widened to fp32 (`.float()`)
   rest      path - (x_bf16 + convert + gemm + out_f32): Python, the row-block stores, allocations
 
-under the model's prefill heap policy (`cpu_heap.prefill_heap`), and GOP per CPU-second against the same process's bf16 unit peak (`cpu_gemm.unit_peak`, best of 5, per CPU-s).
+under the model's prefill heap policy (`cpu_heap.prefill_heap`), and GOP per CPU-second against the same process's
+bf16 unit peak (`cpu_gemm.unit_peak`, best of 5, per CPU-s).
 `--blocks 256,1024` also times the GEMM alone over N-blocks of that many weight rows (one call each, the weights
-already converted): what a conversion fused block by block would pay in GEMM calls.
+already converted), and `fused_N`: each block converted into a small (cache-resident) scratch and multiplied at once.
 
     python benchmarks/dense_prefill_speed.py --rows 512 --threads 1 [--reps 3] [--only wq_b,wo_a] [--blocks 1024]
 """

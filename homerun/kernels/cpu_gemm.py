@@ -7,9 +7,9 @@ bf16 GEMM keeps the weights exact and rounds only the activations (and the outpu
 linear, bound 1e-2); int8 would also round the weights (e4m3 has a 4-bit significand over a 2^8 range per block).
 The FP8 -> bf16 conversion runs natively (`hr_fp8_to_bf16`, on every thread: on AVX-512 bit arithmetic over whole
 rows read front to back, 0.08-0.11 ns per weight on one Zen 5 core; elsewhere a 256-entry table per 128x128 block)
-in row blocks of at most `BLOCK_ELEMS` elements into one reused per-thread scratch block, so no resident bf16 copy exists, the transient stays bounded, and no call pays fresh page
-faults (a new 32 MiB block cost about as much as the conversion itself). At 512 rows the scalar lookup and the page
-faults had taken about as long as the GEMM; now the conversion is a small fraction of it.
+in row blocks of at most `BLOCK_ELEMS` elements into one reused per-thread scratch block, so no resident bf16 copy
+exists, the transient stays bounded, and no call pays fresh page faults (a new 32 MiB block cost about as much as
+the conversion itself). At 512 rows the conversion is 2-4% of the path (benchmarks/dense_prefill_speed.py).
 
 `prefill_linear(w, scale, x)`: y = x W^T in fp32 out; `prefill_grouped(w, scale, x, groups)`: the block-diagonal
 projection (V4's wo_a). Without the native library the conversion falls back to torch (same bytes, slower).

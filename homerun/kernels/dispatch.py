@@ -3,7 +3,8 @@
 A model asks `kernels_for(device, dtype, rows)` at the top of a forward and calls the returned set's methods:
 `linear` / `grouped` / `project` (FP8 or dense weights kept as stored), `swiglu_down` (the shared expert's down
 projection with its activation and the routed sum), the mHC family (`hc_weights`, `hc_pre`, `hc_post`),
-`norm_rope` and `rope_cos_sin`, `attend_one` / `attend_rows` (one query over rows every head shares),
+`norm_rope`, `rope_out` (in place where the set may) and `rope_cos_sin`, `attend_one` / `attend_rows` (one query
+over rows every head shares),
 `attend_prefill` (consecutive queries over the window and the compressed rows), `index_scores` and `index_topk`
 (the lightning indexer's scores of one page; its top-k over every page), `compress_close` (a decode step's closing
 compressor window) and `route` (MoE routing). Sets:
