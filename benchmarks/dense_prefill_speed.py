@@ -13,8 +13,11 @@ under the model's prefill heap policy (`cpu_heap.prefill_heap`), and GOP per CPU
 bf16 unit peak (`cpu_gemm.unit_peak`, best of 5, per CPU-s).
 `--blocks 256,1024` also times the GEMM alone over N-blocks of that many weight rows (one call each, the weights
 already converted), and `fused_N`: each block converted into a small (cache-resident) scratch and multiplied at once.
+`--f32` also times the exact mode's FP8 -> fp32 conversion of each FP8 matrix (`cpu_prefill.fp8_to_f32`) on the
+128 x 128 block table (`f32_table`, the portable/AVX2 path) and on the AVX-512 rows (`f32_rows`), with ns per weight.
 
     python benchmarks/dense_prefill_speed.py --rows 512 --threads 1 [--reps 3] [--only wq_b,wo_a] [--blocks 1024]
+        [--f32]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from homerun.kernels import cpu_experts as ce  # noqa: E402
-from homerun.kernels import cpu_gemm, cpu_heap  # noqa: E402
+from homerun.kernels import cpu_gemm, cpu_heap, cpu_prefill  # noqa: E402
 
 # V4-Flash's dense matrices per layer: name -> (N, K, FP8?, groups). The indexer's compressor (256 outputs), its
 # weights_proj (64) and the router (256) stay fp32 in the fast set (dispatch.EXACT_MAX_OUT), so are not here.
@@ -74,7 +77,7 @@ def fused(w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, rb: int) -> torch.T
     return y
 
 
-def parts(name: str, rows: int, blocks: list[int], gen: torch.Generator) -> dict:
+def parts(name: str, rows: int, blocks: list[int], gen: torch.Generator, f32: bool = False) -> dict:
     n, k, fp8, groups = SHAPES[name]
     if fp8:
         w = (torch.randn(n, k, generator=gen) * 0.5).to(torch.float8_e4m3fn)
@@ -99,12 +102,15 @@ def parts(name: str, rows: int, blocks: list[int], gen: torch.Generator) -> dict
     }
     if fp8:
         fns["convert"] = lambda: cpu_gemm.fp8_to_bf16(w, s, out=conv)
+        if f32:
+            fns["f32_table"] = lambda: cpu_prefill.fp8_to_f32(w, s, (0, n), path="avx2")
+            fns["f32_rows"] = lambda: cpu_prefill.fp8_to_f32(w, s, (0, n), path="avx512")
     for nb in blocks:
         if groups == 1 and nb < n:
             fns[f"gemm_blocks_{nb}"] = lambda nb=nb: [F.linear(xb, wb[r:r + nb]) for r in range(0, n, nb)]
         if fp8 and groups == 1 and nb < n:
             fns[f"fused_{nb}"] = lambda nb=nb: fused(w, s, x, nb)
-    return {"fns": fns, "gop": 2.0 * rows * n * k / 1e9}
+    return {"fns": fns, "gop": 2.0 * rows * n * k / 1e9, "weights": n * k}
 
 
 def main() -> None:
@@ -114,6 +120,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated names of SHAPES (default: all)")
     ap.add_argument("--blocks", default="", help="comma-separated N-block sizes for the blocked GEMM calls")
+    ap.add_argument("--f32", action="store_true", help="also time the exact mode's FP8 -> fp32 conversion")
     a = ap.parse_args()
     names = [s for s in a.only.split(",") if s] or list(SHAPES)
     bad = [s for s in names if s not in SHAPES]
@@ -134,7 +141,7 @@ def run(a: argparse.Namespace, names: list[str], peak: float, rec: dict) -> None
     gen = torch.Generator().manual_seed(0)
     tot: dict[str, float] = {}
     for name in names:
-        p = parts(name, a.rows, [int(b) for b in a.blocks.split(",") if b], gen)
+        p = parts(name, a.rows, [int(b) for b in a.blocks.split(",") if b], gen, a.f32)
         for fn in p["fns"].values():
             fn()  # warm: scratch pages, oneDNN primitives
         times: dict[str, list[float]] = {nm: [] for nm in p["fns"]}
@@ -146,6 +153,9 @@ def run(a: argparse.Namespace, names: list[str], peak: float, rec: dict) -> None
         r = {nm: round(v * 1e3, 2) for nm, v in med.items()}
         r["path_peak_ratio"] = round(p["gop"] / med["path"] / peak, 3)
         r["gemm_peak_ratio"] = round(p["gop"] / med["gemm"] / peak, 3)
+        for nm in ("convert", "f32_table", "f32_rows"):
+            if nm in med:
+                r[f"{nm}_ns_per_weight"] = round(med[nm] * 1e9 / p["weights"], 3)
         rec["shapes"][name] = r
         for nm, v in med.items():
             tot[nm] = tot.get(nm, 0.0) + v

@@ -249,13 +249,22 @@ def test_prefill_linear_reuses_one_scratch_block_and_stays_exact():
     assert torch.equal(ya, want_a) and torch.equal(yb, want_b)
 
 
+def _convert(to: str, wf: torch.Tensor, s: torch.Tensor, rows, path: str) -> torch.Tensor:
+    """The bf16 or the fp32 conversion of rows (None: all) on `path`, as integers (bit patterns compare exactly)."""
+    if to == "bf16":
+        return cpu_gemm.fp8_to_bf16(wf, s, rows, path=path).view(torch.int16)
+    return _prefill_ops().fp8_to_f32(wf, s, rows or (0, wf.shape[0]), path=path).view(torch.int32)
+
+
 @needs_native
+@pytest.mark.parametrize("to", ["bf16", "f32"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fp8_to_bf16_avx512_rows_equal_the_table_for_every_code_and_scale(threads):
-    """The AVX-512 arithmetic (whole rows, no table) against the portable table: every e4m3 code under every ue8m0
-    scale byte (0: a subnormal scale, 255: infinity, so NaN, infinite and subnormal products), with 40-column tail
-    blocks, row ranges off the 8-row task and 128-row block grid, on one or two threads, and with flush-to-zero and
-    denormals-are-zero set on the calling thread (a subnormal fp32 operand in the arithmetic would read as zero)."""
+def test_fp8_to_bf16_avx512_rows_equal_the_table_for_every_code_and_scale(threads, to):
+    """The AVX-512 arithmetic (whole rows, no table) against the portable table, for the bf16 and the fp32 (exact
+    mode) conversions: every e4m3 code under every ue8m0 scale byte (0: a subnormal scale, 255: infinity, so NaN,
+    infinite and subnormal products), with 40-column tail blocks, row ranges off the 8-row task and 128-row block
+    grid, on one or two threads, and with flush-to-zero and denormals-are-zero set on the calling thread (a subnormal
+    fp32 operand in the arithmetic would read as zero)."""
     from homerun.kernels import cpu_experts as ce
 
     if "avx512" not in ce.available_paths():
@@ -269,16 +278,16 @@ def test_fp8_to_bf16_avx512_rows_equal_the_table_for_every_code_and_scale(thread
     ce.set_threads(threads)
     try:
         for rows in (None, (3, 1001), (130, 131), (1999, 2048)):
-            want = cpu_gemm.fp8_to_bf16(wf, s, rows, path="portable")
-            got = cpu_gemm.fp8_to_bf16(wf, s, rows, path="avx512")
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), rows
+            want = _convert(to, wf, s, rows, "portable")
+            got = _convert(to, wf, s, rows, "avx512")
+            assert torch.equal(got, want), rows
         if threads == 1:  # one thread: every task runs on the caller, whose MXCSR this sets
             torch.set_flush_denormal(True)
             try:  # both under it: the table's multiply flushes subnormal products as the arithmetic's does
-                got = cpu_gemm.fp8_to_bf16(wf, s, path="avx512")
-                want = cpu_gemm.fp8_to_bf16(wf, s, path="portable")
+                got = _convert(to, wf, s, None, "avx512")
+                want = _convert(to, wf, s, None, "portable")
             finally:
                 torch.set_flush_denormal(False)
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+            assert torch.equal(got, want)
     finally:
         ce.set_threads(None)  # the default: every CPU

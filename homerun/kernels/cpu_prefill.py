@@ -11,8 +11,9 @@
   tokens on the pool, each token's [n, D] streams read once.
 - `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool.
 - `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
-  F.linear), with each block dequantized natively (`hr_fp8_to_f32`, a table per 128 x 128 block, on the pool)
-  instead of torch's three full-size passes (cast, expanded scale, multiply).
+  F.linear), with each block dequantized natively (`hr_fp8_to_f32`, on the pool: on AVX-512 bit arithmetic over
+  whole rows read front to back, as `hr_fp8_to_bf16`; elsewhere a table per 128 x 128 block) instead of torch's
+  three full-size passes (cast, expanded scale, multiply).
 
 fp32 products and sums: equal to the torch set up to summation order."""
 
@@ -54,7 +55,7 @@ def _kernel():
                 lib.hr_hc_weights_pool.restype = ctypes.c_int
                 _mix.update(weights=lib.hr_hc_weights_pool)
             _fn = f
-            lib.hr_fp8_to_f32.argtypes = [p, p, i64, i64, i64, i64, p]
+            lib.hr_fp8_to_f32.argtypes = [ctypes.c_int, p, p, i64, i64, i64, i64, p]
             lib.hr_fp8_to_f32.restype = ctypes.c_int
             _mix.update(pre=lib.hr_hc_pre_pool, post=lib.hr_hc_post_pool, norm_rope=lib.hr_norm_rope_pool,
                         fp8_f32=lib.hr_fp8_to_f32)
@@ -310,16 +311,20 @@ def _norm_rope(xc: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | 
     return y
 
 
-def fp8_to_f32(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+_FP8_PATHS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}  # HR_PATH_*
+
+
+def fp8_to_f32(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int], *, path: str = "auto") -> torch.Tensor:
     """Rows [r0, r1) of an FP8 weight [N, K] (e4m3 + ue8m0 128x128 scales) -> fp32 [r1 - r0, K], bit for bit the
-    fp32 dequantization."""
+    fp32 dequantization. path: "auto" (the best here), or "portable" / "avx2" (the table) / "avx512" (the rows)."""
     if _kernel() is None:
         raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
     n, k = w.shape
     r0, r1 = rows
     wb, sb = w.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)
     out = torch.empty(r1 - r0, k, dtype=torch.float32)
-    _ok(_mix["fp8_f32"](wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr()), "FP8 -> fp32 conversion")
+    _ok(_mix["fp8_f32"](_FP8_PATHS[path], wb.data_ptr(), sb.data_ptr(), n, k, r0, r1, out.data_ptr()),
+        "FP8 -> fp32 conversion")
     return out
 
 

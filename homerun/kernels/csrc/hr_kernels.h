@@ -143,8 +143,10 @@ int hr_norm_rope_pool(int path, const float *x, float *y, int64_t t, int64_t per
  * [r1 - r0, K], exactly (e4m3 x 2^e fits bf16); path: HR_PATH_* (AUTO: the best here; AVX512: vector lookups). */
 int hr_fp8_to_bf16(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1,
                    uint16_t *out);
-/* The same rows -> fp32 out [r1 - r0, K]: the fp32 dequantization, bit for bit (the exact prefill GEMM's weights). */
-int hr_fp8_to_f32(const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1, float *out);
+/* The same rows -> fp32 out [r1 - r0, K]: the fp32 dequantization, bit for bit (the exact prefill GEMM's weights);
+ * path as above. */
+int hr_fp8_to_f32(int path, const uint8_t *w, const uint8_t *s, int64_t n, int64_t k, int64_t r0, int64_t r1,
+                  float *out);
 /* Measured peak of one unit over every pool thread, in operations per second (a multiply-add counts 2): kind
  * HR_PEAK_INT8 (AVX512-VNNI vpdpbusd, else the AVX2 vpmaddubsw/vpmaddwd tile), HR_PEAK_BF16_KIND (AVX512-BF16
  * vdpbf16ps), HR_PEAK_FP32 (AVX-512 FMA, else AVX2 FMA); 0 when this CPU or build lacks it. */
