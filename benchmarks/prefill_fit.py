@@ -41,6 +41,10 @@ def one_layer():
 
 
 def plan_tok_s(model, flags, prompt: int, peaks: dict) -> float:
+    return plan_prediction(model, flags, prompt, peaks)["cpu_prefill_tok_s"]
+
+
+def plan_prediction(model, flags, prompt: int, peaks: dict) -> dict:
     from homerun.plan.planner import PlanOptions, plan
     from profiles import CpuSpec, HardwareProfile
 
@@ -49,7 +53,7 @@ def plan_tok_s(model, flags, prompt: int, peaks: dict) -> float:
                                        clock_ghz=3.0))
     opts = PlanOptions(context_tokens=max(65536, prompt + 1), prefill_prompt_tokens=prompt,
                        cpu_peaks={**peaks, "source": "prefill_fit: 2 x one core's peaks per CPU-s"})
-    return plan(*model, prof, opts).predicted["cpu_prefill_tok_s"]
+    return plan(*model, prof, opts).predicted
 
 
 def fit(peaks_path: str, shares: list[str]) -> dict:
@@ -104,8 +108,42 @@ def fit(peaks_path: str, shares: list[str]) -> dict:
     for k in [*PARTS.values(), "elementwise_fraction"]:
         meds = [statistics.median(e[k] for e in effs if e[k] is not None) for effs in by_prompt.values()]
         per_depth[k] = round(statistics.fmean(meds), 3)
-    return {"core_peaks_per_cpu_s": core, "pooled_efficiency": pooled, "per_depth_mean_efficiency": per_depth, "fits": {"avx2": AVX2_FIT.__dict__, "avx512": AVX512_FIT.__dict__},
-            "rows": rows}
+    return {"core_peaks_per_cpu_s": core, "pooled_efficiency": pooled, "per_depth_mean_efficiency": per_depth,
+            "fits": {"avx2": AVX2_FIT.__dict__, "avx512": AVX512_FIT.__dict__}, "rows": rows,
+            "elementwise_with_a_fixed_term": fixed_term_fit(model, shares, two)}
+
+
+def fixed_term_fit(model, shares: list[str], two: dict) -> dict:
+    """The plan's elementwise term refitted as a share of the linears plus a fixed cost per prompt worth `fixed_tokens`
+    tokens of the linears: CPU-s = plan's other parts + (f + n / prompt) x plan's linears, least squares on relative
+    error (so 1K counts as much as 32K), the other parts at the AVX-512 fit as it stands. With n = 0, f alone."""
+    from homerun.plan.compute import AVX512_FIT_FLAGS
+
+    runs = []
+    for path in shares:
+        text = open(path).read().strip()
+        doc = json.loads(text if text.startswith("{") else text.splitlines()[-1])
+        p, cpu_s = doc["prompt"], doc["prefill_cpu_s"]
+        secs = plan_prediction(model, AVX512_FIT_FLAGS, p, two)["cpu_prefill_seconds_per_token"]
+        lin = 2 * p * (secs["routed_experts"] + secs["dense"])  # the plan's CPU-s (2 cores' peaks) for the linears
+        base = 2 * p * sum(v for k, v in secs.items() if k not in ("elementwise", "per_prompt"))
+        runs.append((p, cpu_s, base, lin))
+    # weighted least squares, weight 1 / cpu_s: minimise sum(((base + f lin + n lin / p) - cpu_s) / cpu_s)^2
+    a11 = sum((lin / c) ** 2 for p, c, b, lin in runs)
+    a12 = sum(lin * lin / p / c ** 2 for p, c, b, lin in runs)
+    a22 = sum((lin / p / c) ** 2 for p, c, b, lin in runs)
+    r1 = sum(lin * (c - b) / c ** 2 for p, c, b, lin in runs)
+    r2 = sum(lin / p * (c - b) / c ** 2 for p, c, b, lin in runs)
+    det = a11 * a22 - a12 * a12
+    f, n = (r1 * a22 - r2 * a12) / det, (a11 * r2 - a12 * r1) / det
+    f0 = r1 / a11
+    rows = [{"prompt": p, "measured_cpu_s": round(c, 2), "plan_cpu_s_share_only": round(b + f0 * lin, 2),
+             "plan_cpu_s_with_fixed": round(b + f * lin + n * lin / p, 2),
+             "residual_cpu_s_share_only": round(c - b - f0 * lin, 3),
+             "ratio_share_only": round(c / (b + f0 * lin), 3), "ratio_with_fixed": round(c / (b + f * lin + n * lin / p), 3)}
+            for p, c, b, lin in runs]
+    return {"share_only": {"elementwise_fraction": round(f0, 3)},
+            "with_fixed": {"elementwise_fraction": round(f, 3), "fixed_tokens": round(n, 1)}, "rows": rows}
 
 
 def main() -> int:

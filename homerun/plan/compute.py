@@ -141,6 +141,7 @@ class CpuPrefillFit:
     indexer: float  # the indexer's scoring + top-k, of the fp32 peak
     elementwise_fraction: float  # mHC, norms + RoPE, compressors' pooling, router and glue: a fraction of the linears' time
     source: str
+    per_prompt_linear_tokens: float = 0.0  # a fixed cost per prompt worth this many tokens of the linears' time
 
     def dense_at(self, chunk_rows: int) -> float:
         return self.dense if chunk_rows >= CPU_DENSE_MIN_ROWS else self.dense_small
