@@ -140,7 +140,8 @@ def fixed_term_fit(model, shares: list[str], two: dict) -> dict:
     rows = [{"prompt": p, "measured_cpu_s": round(c, 2), "plan_cpu_s_share_only": round(b + f0 * lin, 2),
              "plan_cpu_s_with_fixed": round(b + f * lin + n * lin / p, 2),
              "residual_cpu_s_share_only": round(c - b - f0 * lin, 3),
-             "ratio_share_only": round(c / (b + f0 * lin), 3), "ratio_with_fixed": round(c / (b + f * lin + n * lin / p), 3)}
+             "ratio_share_only": round(c / (b + f0 * lin), 3),
+             "ratio_with_fixed": round(c / (b + f * lin + n * lin / p), 3)}
             for p, c, b, lin in runs]
     return {"share_only": {"elementwise_fraction": round(f0, 3)},
             "with_fixed": {"elementwise_fraction": round(f, 3), "fixed_tokens": round(n, 1)}, "rows": rows}

@@ -21,7 +21,7 @@ from profiles import CpuSpec, HardwareProfile, load_profile
 # attention, indexer, elementwise share, the fixed cost per prompt in tokens of the linears. AVX2: the 2-core Zen 3
 # host; AVX-512 (+ VNNI, VBMI, BF16): the 2-core Zen 5.
 AVX2 = (0.26, 0.57, 0.5, 0.37, 0.07, 0.0)
-AVX512 = (0.37, 0.66, 0.47, 0.68, 0.09, 0.0)
+AVX512 = (0.38, 0.69, 0.46, 0.65, 0.08, 265.0)
 E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE, PER_PROMPT = AVX2
 ZEN4_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")
 
@@ -114,7 +114,7 @@ def test_hand_computed_cpu_prefill_on_the_cpu_only_epyc_genoa(flash):
     dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
     want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0, fit=AVX512)  # Zen 4 has every flag of the AVX-512 fit
     assert p.mode == "cpu-only" and pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
-    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 130 < want < 145  # 138.7 (the AVX2 fit: 114.0)
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 130 < want < 145  # 136.7 (the AVX2 fit: 114.0)
     assert pred["cpu_prefill_fit"] == "avx512" and pred["cpu_prefill_efficiency"]["fit"] == "avx512"
 
 

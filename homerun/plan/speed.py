@@ -366,7 +366,8 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
             f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({chunk}-row chunks, the runtime's on the CPU), attention "
             f"{att / g:.2f} and indexer {idx / g:.2f} GFLOP at the prompt's mean depth on fp32 "
             f"{peaks['fp32']:,.0f} x {fit.attention} / {fit.indexer}, elementwise +{fit.elementwise_fraction:.0%} of "
-            f"the linears{per_prompt} (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; peaks: {peaks['source']})"),
+            f"the linears{per_prompt} (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; "
+            f"peaks: {peaks['source']})"),
     })
     return out
 
