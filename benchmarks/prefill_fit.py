@@ -8,7 +8,8 @@ layer, and the plan against those measurements, on a CPU-seconds basis (a shared
 `fit` prints, per prompt: each part's efficiency (its FLOPs over its exclusive CPU-s x one core's peak per CPU-s:
 experts on int8, dense linears on bf16 (fp32 without bf16 units), the attention core and the indexer on fp32), the
 elementwise share (every other CPU-s over the linears'), and the plan's one-layer tok/s under each fit (with 2 x one
-core's peaks) against the measured tokens / (CPU-s / 2); then the full model extrapolated through the plan.
+core's peaks) against the measured tokens / (CPU-s / 2); then the full model extrapolated through the plan; and the
+fixed cost per prompt (`fixed_cost_per_prompt`: CPU-s = fixed + slope x tokens for the parts linear in tokens).
 The checkpoint: `homerun.bench.synthetic.build_synthetic("deepseek-ai/DeepSeek-V4-Flash", n_layers=1)`.
 """
 
@@ -110,41 +111,36 @@ def fit(peaks_path: str, shares: list[str]) -> dict:
         per_depth[k] = round(statistics.fmean(meds), 3)
     return {"core_peaks_per_cpu_s": core, "pooled_efficiency": pooled, "per_depth_mean_efficiency": per_depth,
             "fits": {"avx2": AVX2_FIT.__dict__, "avx512": AVX512_FIT.__dict__}, "rows": rows,
-            "elementwise_with_a_fixed_term": fixed_term_fit(model, shares, two)}
+            "fixed_cost_per_prompt": fixed_term_fit(shares)}
 
 
-def fixed_term_fit(model, shares: list[str], two: dict) -> dict:
-    """The plan's elementwise term refitted as a share of the linears plus a fixed cost per prompt worth `fixed_tokens`
-    tokens of the linears: CPU-s = plan's other parts + (f + n / prompt) x plan's linears, least squares on relative
-    error (so 1K counts as much as 32K), the other parts at the AVX-512 fit as it stands. With n = 0, f alone."""
-    from homerun.plan.compute import AVX512_FIT_FLAGS
-
+def fixed_term_fit(shares: list[str]) -> dict:
+    """The fixed cost per prompt: each linear-in-tokens part's CPU-s (experts, dense linears, and the elementwise rest:
+    all but attention and indexer) fitted as fixed + slope x tokens, least squares on relative error (1K counts as much
+    as 32K). `per_prompt_linear_tokens` is the fixed CPU-s over the linears' slope per token (the plan's unit), and
+    `elementwise_fraction` the rest's slope over the linears'."""
     runs = []
     for path in shares:
         text = open(path).read().strip()
         doc = json.loads(text if text.startswith("{") else text.splitlines()[-1])
-        p, cpu_s = doc["prompt"], doc["prefill_cpu_s"]
-        secs = plan_prediction(model, AVX512_FIT_FLAGS, p, two)["cpu_prefill_seconds_per_token"]
-        lin = 2 * p * (secs["routed_experts"] + secs["dense"])  # the plan's CPU-s (2 cores' peaks) for the linears
-        base = 2 * p * sum(v for k, v in secs.items() if k not in ("elementwise", "per_prompt"))
-        runs.append((p, cpu_s, base, lin))
-    # weighted least squares, weight 1 / cpu_s: minimise sum(((base + f lin + n lin / p) - cpu_s) / cpu_s)^2
-    a11 = sum((lin / c) ** 2 for p, c, b, lin in runs)
-    a12 = sum(lin * lin / p / c ** 2 for p, c, b, lin in runs)
-    a22 = sum((lin / p / c) ** 2 for p, c, b, lin in runs)
-    r1 = sum(lin * (c - b) / c ** 2 for p, c, b, lin in runs)
-    r2 = sum(lin / p * (c - b) / c ** 2 for p, c, b, lin in runs)
-    det = a11 * a22 - a12 * a12
-    f, n = (r1 * a22 - r2 * a12) / det, (a11 * r2 - a12 * r1) / det
-    f0 = r1 / a11
-    rows = [{"prompt": p, "measured_cpu_s": round(c, 2), "plan_cpu_s_share_only": round(b + f0 * lin, 2),
-             "plan_cpu_s_with_fixed": round(b + f * lin + n * lin / p, 2),
-             "residual_cpu_s_share_only": round(c - b - f0 * lin, 3),
-             "ratio_share_only": round(c / (b + f0 * lin), 3),
-             "ratio_with_fixed": round(c / (b + f * lin + n * lin / p), 3)}
-            for p, c, b, lin in runs]
-    return {"share_only": {"elementwise_fraction": round(f0, 3)},
-            "with_fixed": {"elementwise_fraction": round(f, 3), "fixed_tokens": round(n, 1)}, "rows": rows}
+        fam = {f: r["cpu_s"] for f, r in doc["families"].items()}
+        rest = doc["prefill_cpu_s"] - sum(fam.get(f, 0.0) for f in PARTS)
+        runs.append((doc["prompt"], {"experts": fam.get("routed experts", 0.0), "dense": fam.get("dense linears", 0.0),
+                                     "elementwise": rest}))
+    out = {}
+    for part in ("experts", "dense", "elementwise"):
+        w = [1.0 / r[part] ** 2 for _, r in runs]
+        xs, ys = [p for p, _ in runs], [r[part] for _, r in runs]
+        sw, sx, sy = sum(w), sum(a * x for a, x in zip(w, xs)), sum(a * y for a, y in zip(w, ys))
+        sxx, sxy = sum(a * x * x for a, x in zip(w, xs)), sum(a * x * y for a, x, y in zip(w, xs, ys))
+        slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+        fixed = (sy - slope * sx) / sw
+        out[part] = {"fixed_cpu_s": round(fixed, 3), "cpu_ms_per_token": round(slope * 1e3, 4),
+                     "residual_cpu_s": [[p, round(y - fixed - slope * p, 3)] for p, y in zip(xs, ys)]}
+    lin_ms = out["experts"]["cpu_ms_per_token"] + out["dense"]["cpu_ms_per_token"]
+    fixed = sum(v["fixed_cpu_s"] for v in out.values())
+    return {"by_part": out, "fixed_cpu_s": round(fixed, 3), "per_prompt_linear_tokens": round(fixed / lin_ms * 1e3, 1),
+            "elementwise_fraction": round(out["elementwise"]["cpu_ms_per_token"] / lin_ms, 3)}
 
 
 def main() -> int:
