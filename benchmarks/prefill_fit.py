@@ -8,7 +8,8 @@ layer, and the plan against those measurements, on a CPU-seconds basis (a shared
 `fit` prints, per prompt: each part's efficiency (its FLOPs over its exclusive CPU-s x one core's peak per CPU-s:
 experts on int8, dense linears on bf16 (fp32 without bf16 units), the attention core and the indexer on fp32), the
 elementwise share (every other CPU-s over the linears'), and the plan's one-layer tok/s under each fit (with 2 x one
-core's peaks) against the measured tokens / (CPU-s / 2); then the full model extrapolated through the plan.
+core's peaks) against the measured tokens / (CPU-s / 2); then the full model extrapolated through the plan; and the
+fixed cost per prompt (`fixed_cost_per_prompt`: CPU-s = fixed + slope x tokens for the parts linear in tokens).
 The checkpoint: `homerun.bench.synthetic.build_synthetic("deepseek-ai/DeepSeek-V4-Flash", n_layers=1)`.
 """
 
@@ -41,6 +42,10 @@ def one_layer():
 
 
 def plan_tok_s(model, flags, prompt: int, peaks: dict) -> float:
+    return plan_prediction(model, flags, prompt, peaks)["cpu_prefill_tok_s"]
+
+
+def plan_prediction(model, flags, prompt: int, peaks: dict) -> dict:
     from homerun.plan.planner import PlanOptions, plan
     from profiles import CpuSpec, HardwareProfile
 
@@ -49,7 +54,7 @@ def plan_tok_s(model, flags, prompt: int, peaks: dict) -> float:
                                        clock_ghz=3.0))
     opts = PlanOptions(context_tokens=max(65536, prompt + 1), prefill_prompt_tokens=prompt,
                        cpu_peaks={**peaks, "source": "prefill_fit: 2 x one core's peaks per CPU-s"})
-    return plan(*model, prof, opts).predicted["cpu_prefill_tok_s"]
+    return plan(*model, prof, opts).predicted
 
 
 def fit(peaks_path: str, shares: list[str]) -> dict:
@@ -104,8 +109,38 @@ def fit(peaks_path: str, shares: list[str]) -> dict:
     for k in [*PARTS.values(), "elementwise_fraction"]:
         meds = [statistics.median(e[k] for e in effs if e[k] is not None) for effs in by_prompt.values()]
         per_depth[k] = round(statistics.fmean(meds), 3)
-    return {"core_peaks_per_cpu_s": core, "pooled_efficiency": pooled, "per_depth_mean_efficiency": per_depth, "fits": {"avx2": AVX2_FIT.__dict__, "avx512": AVX512_FIT.__dict__},
-            "rows": rows}
+    return {"core_peaks_per_cpu_s": core, "pooled_efficiency": pooled, "per_depth_mean_efficiency": per_depth,
+            "fits": {"avx2": AVX2_FIT.__dict__, "avx512": AVX512_FIT.__dict__}, "rows": rows,
+            "fixed_cost_per_prompt": fixed_term_fit(shares)}
+
+
+def fixed_term_fit(shares: list[str]) -> dict:
+    """The fixed cost per prompt: each linear-in-tokens part's CPU-s (experts, dense linears, and the elementwise rest:
+    all but attention and indexer) fitted as fixed + slope x tokens, least squares on relative error (1K counts as much
+    as 32K). `per_prompt_linear_tokens` is the fixed CPU-s over the linears' slope per token (the plan's unit), and
+    `elementwise_fraction` the rest's slope over the linears'."""
+    runs = []
+    for path in shares:
+        text = open(path).read().strip()
+        doc = json.loads(text if text.startswith("{") else text.splitlines()[-1])
+        fam = {f: r["cpu_s"] for f, r in doc["families"].items()}
+        rest = doc["prefill_cpu_s"] - sum(fam.get(f, 0.0) for f in PARTS)
+        runs.append((doc["prompt"], {"experts": fam.get("routed experts", 0.0), "dense": fam.get("dense linears", 0.0),
+                                     "elementwise": rest}))
+    out = {}
+    for part in ("experts", "dense", "elementwise"):
+        w = [1.0 / r[part] ** 2 for _, r in runs]
+        xs, ys = [p for p, _ in runs], [r[part] for _, r in runs]
+        sw, sx, sy = sum(w), sum(a * x for a, x in zip(w, xs)), sum(a * y for a, y in zip(w, ys))
+        sxx, sxy = sum(a * x * x for a, x in zip(w, xs)), sum(a * x * y for a, x, y in zip(w, xs, ys))
+        slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+        fixed = (sy - slope * sx) / sw
+        out[part] = {"fixed_cpu_s": round(fixed, 3), "cpu_ms_per_token": round(slope * 1e3, 4),
+                     "residual_cpu_s": [[p, round(y - fixed - slope * p, 3)] for p, y in zip(xs, ys)]}
+    lin_ms = out["experts"]["cpu_ms_per_token"] + out["dense"]["cpu_ms_per_token"]
+    fixed = sum(v["fixed_cpu_s"] for v in out.values())
+    return {"by_part": out, "fixed_cpu_s": round(fixed, 3), "per_prompt_linear_tokens": round(fixed / lin_ms * 1e3, 1),
+            "elementwise_fraction": round(out["elementwise"]["cpu_ms_per_token"] / lin_ms, 3)}
 
 
 def main() -> int:

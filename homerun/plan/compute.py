@@ -141,6 +141,7 @@ class CpuPrefillFit:
     indexer: float  # the indexer's scoring + top-k, of the fp32 peak
     elementwise_fraction: float  # mHC, norms + RoPE, compressors' pooling, router and glue: a fraction of the linears' time
     source: str
+    per_prompt_linear_tokens: float = 0.0  # a fixed cost per prompt worth this many tokens of the linears' time
 
     def dense_at(self, chunk_rows: int) -> float:
         return self.dense if chunk_rows >= CPU_DENSE_MIN_ROWS else self.dense_small
@@ -166,22 +167,26 @@ AVX2_FIT = CpuPrefillFit(
     source="benchmarks/prefill_cpu.md (2-core AVX2 Zen 3)",
 )
 # Fitted on this project's 2-core AVX-512 host, an EPYC family 26 (Zen 5: two 512-bit FMA pipes; AVX-512 + VNNI +
-# VBMI + BF16), refitted 2026-12-07 after the 1024-token CPU chunk for V4-Flash, the prefill heap policy and the
-# pooled mHC kernels: one real-shaped V4-Flash CSA layer at 1K (x2) / 8K (x2) / 32K prompts, each part's FLOPs over
-# its exclusive CPU-s x one core's measured unit peak per CPU-second (the 16-chain loops: int8 1070, bf16 535, fp32
-# 266.7 GOP/s), pooled over the runs (benchmarks/prefill_fit.py; benchmarks/prefill_cpu.md, "The AVX-512 fit
-# refitted"). The kernels: VNNI experts, oneDNN bf16 dense GEMMs on exact FP8 -> bf16 blocks, the AVX-512 attention
+# VBMI + BF16), refitted 2026-12-07 after the expert down projection (h19c) and the FP8 -> bf16 rewrite (h19d): one
+# real-shaped V4-Flash CSA layer at 1K (x2) / 8K (x2) / 32K prompts, each part's FLOPs over its exclusive CPU-s x one
+# core's measured unit peak per CPU-second (the 16-chain loops: int8 1081, bf16 541, fp32 273 GOP/s), pooled over the
+# runs (benchmarks/prefill_fit.py; benchmarks/prefill_cpu.md, "The AVX-512 fit with a fixed cost per prompt"). The
+# kernels: VNNI experts, oneDNN bf16 dense GEMMs on exact FP8 -> bf16 blocks, the AVX-512 attention
 # tiles, the native indexer.
 AVX512_FIT = CpuPrefillFit(
     name="avx512",
-    experts_int8=0.37,  # per run: 0.36-0.38 at 1K, 0.37 at 8K and 32K (1024-token chunks: ~24 tokens per expert)
-    dense=0.66,  # 0.60-0.63 at 1K, 0.64-0.67 at 8K, 0.67 at 32K
+    experts_int8=0.38,  # per run: 0.37-0.38 at 1K, 0.39-0.40 at 8K, 0.38 at 32K (1024-token chunks: ~24 tokens per
+    #   expert)
+    dense=0.69,  # 0.58-0.61 at 1K (a fixed cost per prompt: below), 0.69-0.71 at 8K, 0.70 at 32K
     dense_small=0.25,  # not measured on AVX-512: the AVX2 figure (the CPU runs >= 512-row chunks, so it is not reached)
-    attention=0.47,  # 0.43 at 1K (fixed costs per query block), 0.45-0.49 at 8K, 0.47 at 32K
-    indexer=0.68,  # 0.34-0.35 at 1K (1 % of the time there), 0.54 at 8K, 0.70 at 32K
-    elementwise_fraction=0.09,  # mHC, norm+RoPE, pooling, router, glue over the linears: 0.18-0.21 at 1K, 0.09 at 8K,
-    #   0.08 at 32K (0.22 before the heap policy and the pooled mHC kernels)
-    source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5, refitted 2026-12-07)",
+    attention=0.46,  # 0.47-0.49 at 1K, 0.50 at 8K, 0.44 at 32K
+    indexer=0.65,  # 0.31 at 1K (1 % of the time there), 0.56 at 8K, 0.67 at 32K
+    elementwise_fraction=0.08,  # mHC, norm+RoPE, pooling, router and glue over the linears: 0.18-0.19 at 1K, 0.09 at
+    #   8K, 0.08 at 32K; the slope over prompts is 0.076, the rest is the fixed cost per prompt below
+    source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5, refitted 2026-12-07 after h19c and h19d)",
+    per_prompt_linear_tokens=265.0,  # CPU-s = fixed + slope x tokens over 1K/8K/32K: 0.40 CPU-s per prompt (dense 0.16,
+    #   glue + norm+RoPE 0.21, experts 0.03) over the linears' 1.51 CPU-ms per token; counted per layer (one layer
+    #   measured cannot tell per layer from per prompt, so this errs slow)
 )
 AVX512_FIT_FLAGS = ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")  # the kernels the fit was measured on
 

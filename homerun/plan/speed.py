@@ -312,7 +312,8 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
     Per token, each part's FLOPs (homerun.plan.compute) over its unit's peak x our kernels' measured efficiency (the
     fit for the CPU's ISA, `compute.cpu_prefill_fit`): routed experts on the int8 unit, the dense linears on bf16
     where the CPU has bf16 units (else fp32), the attention core and the V4 indexer on fp32 at the prompt's mean
-    depth, plus the elementwise ops (mHC, norms, RoPE) as a measured fraction of the linears' time; the lm head runs
+    depth, plus the elementwise ops (mHC, norms, RoPE) as a measured fraction of the linears' time and the fit's fixed
+    cost per prompt (in tokens of the linears' time, spread over the prompt's tokens); the lm head runs
     for the prompt's last token only. Weight reads are not a bound here: a prompt chunk of >= 512 rows reuses each
     weight it reads hundreds of times."""
     spec, inv = c.spec, c.inv
@@ -346,7 +347,10 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         "indexer": idx / (peaks["fp32"] * g * fit.indexer),
     }
     secs["elementwise"] = fit.elementwise_fraction * (secs["routed_experts"] + secs["dense"])
+    secs["per_prompt"] = fit.per_prompt_linear_tokens / prompt * (secs["routed_experts"] + secs["dense"])
     total = sum(secs.values())
+    per_prompt = (f" and {fit.per_prompt_linear_tokens:g} tokens' linears per prompt"
+                  if fit.per_prompt_linear_tokens else "")
     out.update({
         "cpu_prefill_tok_s": 1.0 / total,
         "cpu_prefill_units": {"routed_experts": "int8", "dense": dense_unit, "attention": "fp32", "indexer": "fp32"},
@@ -354,6 +358,7 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         "cpu_prefill_seconds_per_token": secs,
         "cpu_prefill_efficiency": {"int8_experts": fit.experts_int8, "dense": e_dense, "attention": fit.attention,
                                    "indexer": fit.indexer, "elementwise_fraction": fit.elementwise_fraction,
+                                   "per_prompt_linear_tokens": fit.per_prompt_linear_tokens,
                                    "fit": fit.name, "source": fit.source},
         "cpu_prefill_reason": (
             f"per token of a {prompt}-token prompt: experts {flops['routed_experts'] / g:.2f} GOP at int8 "
@@ -361,7 +366,8 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
             f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({chunk}-row chunks, the runtime's on the CPU), attention "
             f"{att / g:.2f} and indexer {idx / g:.2f} GFLOP at the prompt's mean depth on fp32 "
             f"{peaks['fp32']:,.0f} x {fit.attention} / {fit.indexer}, elementwise +{fit.elementwise_fraction:.0%} of "
-            f"the linears (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; peaks: {peaks['source']})"),
+            f"the linears{per_prompt} (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; "
+            f"peaks: {peaks['source']})"),
     })
     return out
 
