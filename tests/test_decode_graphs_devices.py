@@ -146,11 +146,11 @@ def test_ramp_checks_count_each_devices_share_of_the_static_state(checkpoints):
     logits = s.feed([3, 1, 4])
     for _ in range(20):  # past bucket 16: a sharded static state is held
         logits = s.feed([int(logits.argmax())])
-    whole = static_state_bytes(dg, 64, "fp8")
+    whole = static_state_bytes(dg, 64, "fp8", page_tokens=model.page_tokens)
     shares = {}
     for name, dev in model.devices.items():
         layers = model.placement.layers_on(name)
-        shares[name] = static_state_bytes(dg, 64, "fp8", layers)
+        shares[name] = static_state_bytes(dg, 64, "fp8", layers, model.page_tokens)
         assert 0 < shares[name] < whole
         shard = next(kv for kv in dg.static.shards if kv.account is dev)
         states = [s._states[i] for i in layers]
