@@ -240,6 +240,8 @@ def main() -> int:
                     "this many tokens through its cache (0: one pass; 512 fits 4096-token prompts in 24 GB)")
     ap.add_argument("--worker", choices=("homerun", "transformers"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.hf_chunk < 0:
+        ap.error(f"--hf-chunk must be >= 0, got {a.hf_chunk} (0: one pass)")
     if a.worker:
         if a.worker == "homerun":
             print(json.dumps(worker_homerun(a.checkpoint, a.prompt, a.gen, a.warmup, a.expert_act, a.pre_warm)))

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from homerun.models.decode_bytes import StaticShape, read_transient_bytes, static_bytes
-from homerun.models.deepseek_v4.static_decode import static_store
+from homerun.errors import DoesNotFitError
+from homerun.models.deepseek_v4.static_decode import _new_buffer, static_store
 from homerun.models.kv import Fp8PagedRows, PagedRows
 from live_bytes import LiveBytes
+from offload.devices import StandInDevice
 
 # V4-Flash: 43 layers (21 CSA, 20 HCA, 2 sliding), head_dim 512 (rope 64), indexer keys of 128, window 128
 FLASH = StaticShape(n_layers=43, n_csa=21, n_hca=20, head_dim=512, rope_dim=64, index_head_dim=128, window=128)
@@ -22,9 +26,10 @@ FLASH = StaticShape(n_layers=43, n_csa=21, n_hca=20, head_dim=512, rope_dim=64, 
 FLASH_ARENA = 5_636_096 + 752_640 + 5_242_880
 
 
-# The entries the KV of the context already charges (T // rate rows a store) and the largest store's rows at that
-# context (one store's old pages while a load moves them into its buffer): fp8 584 B a CSA/HCA entry (the largest),
-# bf16 1,024 B.
+# The entries the KV of the context already charges (T / rate rows a store, the bytes rounded up as the plan's KV
+# layout rounds them) and the largest store's rows at that context in whole pages (1,024-token pages: 256 CSA rows),
+# plus the last buffer's dump row (one store's old pages while a load moves them into its buffer): fp8 584 B a
+# CSA/HCA entry (the largest), bf16 1,024 B.
 KV_32K_FP8 = 21 * 32_768 * 716 + 20 * 1_024 * 584
 KV_1M_FP8 = 21 * 262_144 * 716 + 20 * 8_192 * 584
 
@@ -35,14 +40,17 @@ KV_1M_FP8 = 21 * 262_144 * 716 + 20 * 8_192 * 584
     # decoded in bf16 beside their scores, 262,144 x (128 x 2 + 4) (the keys' read, 262,144 x (2 + 256), and the
     # HCA read, 8,192 x (8 x 2 + 1,024), are less; through fp32 the keys' read was 2 x 262,144 x 128 x 4)
     (1_048_576, "fp8", 1_048_576, 3_941_612_220 + 95_694_240, (262_144 + 8_192) * 8, 68_157_440,
-     KV_1M_FP8, 262_144 * 584),
+     KV_1M_FP8, (262_144 + 1) * 584),
     # 128K: 21 x 32,769 x 716 + 20 x 1,025 x 584; 32,768 x (128 x 2 + 4)
-    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 8_519_680, KV_32K_FP8, 32_768 * 584),
-    # bucket padding: 131,073 tokens need the 262,144 bucket: 21 x 65,537 x 716 + 20 x 2,049 x 584
-    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360, KV_32K_FP8, 32_768 * 584),
+    (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 8_519_680, KV_32K_FP8,
+     (32_768 + 1) * 584),
+    # bucket padding: 131,073 tokens need the 262,144 bucket: 21 x 65,537 x 716 + 20 x 2,049 x 584; the KV one token
+    # more: 21 x 716 / 4 + 20 x 584 / 128 = 3,850.25 B, 3,851 rounded up
+    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360, KV_32K_FP8 + 3_851,
+     (32_768 + 1) * 584),
     # bf16 rows (1,024 and 256 B) are read as views: the transient is the indexer's scores, 262,144 x (4 + 4 + 1)
     (1_048_576, "bf16", 1_048_576, 21 * 262_145 * 1_280 + 20 * 8_193 * 1_024, (262_144 + 8_192) * 8, 2_359_296,
-     21 * 262_144 * 1_280 + 20 * 8_192 * 1_024, 262_144 * 1_024),
+     21 * 262_144 * 1_280 + 20 * 8_192 * 1_024, (262_144 + 1) * 1_024),
 ])
 def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positions, workspace, kv_entries, moving):
     """The entry buffers are the session's KV (the state adopts its stores): beside the KV only their padding (the
@@ -56,6 +64,27 @@ def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positi
     assert b.workspace == workspace
     assert (b.kv_entries, b.moving, b.padding) == (kv_entries, moving, entries - kv_entries)
     assert b.total == entries - kv_entries + moving + 3 * FLASH_ARENA + positions + workspace
+
+
+def test_the_moving_store_is_charged_in_whole_pages():
+    """At 131,473 tokens in 4,096-token pages (1,024 CSA rows): the largest store's 32,868 rows in 33 pages = 33,792
+    rows, and the dump row of the last bucket's buffer (a prompt that crossed the bucket left it, pages after it)."""
+    assert static_bytes(FLASH, 131_473, "fp8", page_tokens=4_096).moving == (33 * 1_024 + 1) * 584
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 1 << 21), st.sampled_from(["fp8", "bf16"]))
+def test_the_graph_layout_never_charges_less_for_more_tokens(t, kv_dtype):
+    """The plan's KV + static state: non-decreasing in the context (the entries the KV charges rounded as the KV
+    layout rounds them), so its bisection finds every context that fits (V4-Flash fp8 at 131,072 came back 131,008)."""
+    from homerun.plan.graph_memory import with_decode_graphs
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.specs import kv_layout
+
+    spec, _ = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    g = with_decode_graphs(kv_layout(spec, kv_dtype), spec)
+    assert g.bytes_for(t) <= g.bytes_for(t + 1)
+    assert g.tokens_for(g.bytes_for(t)) >= t
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -171,14 +200,15 @@ def test_the_planned_context_fits_kv_and_static_state():
 # (11 CSA, 10 HCA). bf16 KV at a context of 65,536 (bucket 65,536: 16,384 CSA rows, 512 HCA rows; entry 1,024 B, key
 # 256 B), each stage's share of the static state by hand:
 # The entries are the KV, charged beside: only the dump rows (the bucket equals the context), and the largest store's
-# 16,384 rows x 1,024 B moving while a load adopts it.
+# 16,384 rows (16 whole pages of the plan's 4,096 tokens: 1,024 CSA rows) and a dump row x 1,024 B moving while a
+# load adopts it: 16,385 x 1,024 = 16,778,240.
 #   gpu0 padding 10 x 1,280 + 10 x 1,024                                          =      23,040
 #        arena   22 x 128 x 512 x 2 + 10 x (28,672 + 7,168) + 10 x 262,144         =   5,863,424 (x 3 with its copies)
 #   gpu1 padding 11 x 1,280 + 10 x 1,024                                          =      24,320
 #        arena   21 x 128 x 512 x 2 + 11 x 35,840 + 10 x 262,144                   =   5,768,192 (x 3)
 #   both: row numbers (16,384 + 512) x 8 = 135,168; the transient (bf16: the indexer's scores) 16,384 x 9 = 147,456
-FLASH_2XH100_GRAPH_BYTES = [23_040 + 16_777_216 + 3 * 5_863_424 + 135_168 + 147_456,
-                            24_320 + 16_777_216 + 3 * 5_768_192 + 135_168 + 147_456]
+FLASH_2XH100_GRAPH_BYTES = [23_040 + 16_778_240 + 3 * 5_863_424 + 135_168 + 147_456,
+                            24_320 + 16_778_240 + 3 * 5_768_192 + 135_168 + 147_456]
 
 
 def test_two_gpus_all_in_vram_charge_each_stage_its_layers_state():
@@ -226,3 +256,16 @@ def test_several_gpus_with_host_experts_capture_no_graphs_and_charge_none():
     assert not _graph_rows(p) and all(s.graph_bytes == 0 for s in p.layout.stages)
     decision = next(d for d in p.decisions if d["what"] == "decode graphs")
     assert decision["choice"] == "none" and "43 layers' experts are not resident" in decision["reason"]
+
+
+def test_a_buffer_that_does_not_fit_leaves_the_store_charged_as_before():
+    """A static buffer allocated as one of a session store's pages: when a part does not fit (fp8: the codes, 1,000
+    rows x 448 B = 448,000 B, fit the 448,100-byte budget, the scales do not), the parts charged before it go back
+    and the store keeps no tag of them; a buffer that fits is then charged whole."""
+    dev = StandInDevice("gpu0", 448_100)
+    st = Fp8PagedRows(512, torch.bfloat16, "cpu", 16, rope_dim=64, account=dev)
+    with pytest.raises(DoesNotFitError):
+        _new_buffer(st, 999)
+    assert dev.used_bytes == 0 and st._tags == []
+    page, tags = _new_buffer(st, 15)
+    assert tags == st._tags and dev.used_bytes == sum(t.numel() * t.element_size() for t in page) == 16 * 584

@@ -146,11 +146,11 @@ def test_ramp_checks_count_each_devices_share_of_the_static_state(checkpoints):
     logits = s.feed([3, 1, 4])
     for _ in range(20):  # past bucket 16: a sharded static state is held
         logits = s.feed([int(logits.argmax())])
-    whole = static_state_bytes(dg, 64, "fp8")
+    whole = static_state_bytes(dg, 64, "fp8", page_tokens=model.page_tokens)
     shares = {}
     for name, dev in model.devices.items():
         layers = model.placement.layers_on(name)
-        shares[name] = static_state_bytes(dg, 64, "fp8", layers)
+        shares[name] = static_state_bytes(dg, 64, "fp8", layers, model.page_tokens)
         assert 0 < shares[name] < whole
         shard = next(kv for kv in dg.static.shards if kv.account is dev)
         states = [s._states[i] for i in layers]
@@ -171,7 +171,10 @@ def test_peak_device_bytes_match_a_two_gpu_plan_under_graphs(checkpoints):
     stated fixed overhead. The weights are left out: the plan splits the non-expert bytes by layer count, which on
     3 tiny layers of 3 kinds is 4% over on one device and 8% under on the other (V4's 43 layers average it out)."""
     from homerun.engine.placement import placement_from_plan
+    from homerun.models.decode_bytes import static_bytes
+    from homerun.models.deepseek_v4.static_decode import static_shape
     from homerun.models.kv import fp8_row_bytes
+    from homerun.plan.graph_memory import PLAN_PAGE_TOKENS
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
     from profiles import load_profile
@@ -198,6 +201,10 @@ def test_peak_device_bytes_match_a_two_gpu_plan_under_graphs(checkpoints):
                          + kinds.count("hca") * max(1, page_tokens // args.hca_rate) * entry)
         stage = p.layout.stages[i]
         planned = stage.kv_bytes + stage.graph_bytes
+        # the plan's moving store is in the runtime's default pages (PLAN_PAGE_TOKENS), this model's in its own
+        shape = static_shape(args, usage["layers"])
+        planned -= (static_bytes(shape, ctx, "fp8", 2, page_tokens=PLAN_PAGE_TOKENS).moving
+                    - static_bytes(shape, ctx, "fp8", 2, page_tokens=model.page_tokens).moving)
         assert [r.bytes for r in p.placement if r.device == f"gpu{i}" and "attention state" in r.what
                 or r.device == f"gpu{i}" and r.what.startswith("KV cache")] == [stage.kv_bytes, stage.graph_bytes]
         state = usage["peak_bytes"] - usage["bytes_by_class"]["weights"]

@@ -208,13 +208,15 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
     and the step's transients (fp8: the dequantized keys): peak accounted bytes within 5% of the plan's bytes for
     the device, plus one KV page per compressed store (the pages' rounding) as the stated fixed overhead."""
     from homerun.engine.graph_bytes import static_state_bytes
-    from homerun.models.decode_bytes import row_bytes
+    from homerun.models.decode_bytes import row_bytes, static_bytes
+    from homerun.models.deepseek_v4.static_decode import static_shape
+    from homerun.plan.graph_memory import PLAN_PAGE_TOKENS
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
     from profiles import load_profile
 
     path, args, _ = mixed
-    ctx, page_tokens = 48, 64
+    ctx, page_tokens = 160, 64  # past the HCA rate: every compressed store holds entries when the step adopts it
     spec, inv = resolve_model(str(path))
     p = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(context_tokens=ctx, kv_dtype=kv_dtype))
     pl = placement_from_plan(p, standin="cuda")
@@ -225,11 +227,22 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
     dev = next(iter(model.devices.values()))
     base = dev.used_bytes
     dev._peak_bytes = base
+    kv_before = dev.bytes_by_class()["kv"]
+    assert kv_before == sum(t.numel() * t.element_size() for ls in s._states for c in (ls.comp, ls.index_comp)
+                            if c is not None for p in c.store.pages for t in c.store._parts(p))
+    pre = s._states  # held across the step (a checkpoint): a store copied, not adopted, would keep its old pages
     s.feed([3])  # the first graphed step: the state built, the prefill's pages moved into its buffers
     # one copy of the KV: what the step adds at its peak is what the formula charges beside the KV (the buffers'
     # padding, one store's old pages while they move, the small state, its copies and the step's transients)
-    rise, beside = dev._peak_bytes - base, static_state_bytes(model.decode_graphs, ctx - 1, kv_dtype)
+    rise, beside = dev._peak_bytes - base, static_state_bytes(model.decode_graphs, ctx - 1, kv_dtype,
+                                                              page_tokens=model.page_tokens)
     assert 0 < rise <= beside, (rise, beside)
+    comps = [sc for sl in model.decode_graphs.static.layers for sc in (sl.comp, sl.index) if sc is not None]
+    # ... and after it the "kv" class is the buffers alone, the earlier states' too: every store (CSA entries,
+    # indexer keys, HCA entries) adopted, none of their old pages left beside them (a copy would add their bytes)
+    held = sum(t.numel() * t.element_size() for sc in comps for t in sc.store._parts(sc.page))
+    assert dev.bytes_by_class()["kv"] == held, (held, kv_before)
+    assert all(c.store in [sc.store for sc in comps] for ls in pre for c in (ls.comp, ls.index_comp) if c)
     s.feed([4])
     dg = model.decode_graphs
     assert dg.step_captures == 1 and dg.static.ctx_tokens == 256  # one whole-step graph, the smallest bucket
@@ -238,6 +251,9 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
     assert dg.static.arena.nbytes == g.arena
     assert usage["bytes_by_class"]["graph"] == g.arena + g.positions + g.reserved
     planned = sum(r.bytes for r in p.placement if r.device != "host")
+    # the plan's moving store is in the runtime's default pages (PLAN_PAGE_TOKENS), this model's in its own
+    planned -= (static_bytes(static_shape(args), ctx, kv_dtype, 2, page_tokens=PLAN_PAGE_TOKENS).moving
+                - static_bytes(static_shape(args), ctx, kv_dtype, 2, page_tokens=model.page_tokens).moving)
     entry = row_bytes(args.head_dim, args.rope_dim, False, kv_dtype, 2)
     key = row_bytes(args.index_head_dim, 0, True, kv_dtype, 2)
     kinds = args.layer_kinds
@@ -258,7 +274,7 @@ def test_the_ramp_leaves_room_for_the_decode_graphs_static_state(mixed):
     pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
     model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", ramp_tokens=(64, 256),
                  cuda_graphs="on")
-    graph = static_state_bytes(model.decode_graphs, 256, "fp8")
+    graph = static_state_bytes(model.decode_graphs, 256, "fp8", page_tokens=model.page_tokens)
     assert graph > 0 and static_state_bytes(None, 256, "fp8") == 0
     dev = model.devices["standin:0"]
     kv = model.kv_bytes_at(256)

@@ -46,12 +46,23 @@ def test_flash_on_rtx5090_charges_two_40_expert_stages_and_shrinks_the_cache():
     # set, 1M tokens of KV and the decode graphs' static state (one GPU), the two stages and the int32 tables (slot
     # table 43 x 256, two stage tables of 256) leave, in whole experts
     usable = 32 * GIB - 3 * GIB - 1 * GIB - activation_bytes(spec, 2048)
-    kv = next(r.bytes for r in p.placement if r.what.startswith("KV cache"))
-    kv += next(r.bytes for r in p.placement if r.what.startswith("decode graphs'"))
+    assert usable == 28_772_408_320 and inv.non_expert_bytes == 8_845_959_388
+    # bf16 KV: 21 CSA x (entry 1,024 + key 256) / 4 + 20 HCA x 1,024 / 128 = 6,880 B a token, and 43 windows of 128
+    kv = 6_880 * 1_048_576 + 43 * 128 * 1_024
+    assert kv == 7_219_838_976 == next(r.bytes for r in p.placement if r.what.startswith("KV cache"))
+    # the static state beside the KV its buffers hold (homerun/models/decode_bytes.py; the 1M bucket equals the
+    # context): the dump rows 21 x 1,280 + 20 x 1,024; one CSA store moving into its buffer, 262,144 rows in whole
+    # 1,024-row pages (the runtime's 4,096-token pages) and the last buffer's dump row, x 1,024 B; the small state
+    # (11,631,616 B: tests/test_decode_graph_bytes.py FLASH_ARENA) and its two copies; row numbers
+    # (262,144 + 8,192) x 8; the step's largest transient, the indexer's scores, 262,144 x 9
+    graph = 21 * 1_280 + 20 * 1_024 + 262_145 * 1_024 + 3 * 11_631_616 + (262_144 + 8_192) * 8 + 262_144 * 9
+    assert graph == 307_900_672 == next(r.bytes for r in p.placement if r.what.startswith("decode graphs'"))
+    kv += graph
     tables = 4 * 43 * 256 + 2 * 4 * 256
     assert tables == 46_080
     assert rows["expert slot table (43 x 256 int32)"].bytes == 44_032
     assert rows["prefill staging tables (2 x 256 int32)"].bytes == 2_048
+    # (28,772,408,320 - 8,845,959,388 - 7,527,739,648 - 1,069,547,520 - 46,080) / 13,369,344 = 847.4
     cache_experts = int((usable - inv.non_expert_bytes - kv - 1_069_547_520 - tables) // FLASH_BPE)
     assert cache_experts == 847  # 927 before the reserve: 80 experts (2 x 40) went to the stages
     assert int((usable - inv.non_expert_bytes - kv) // FLASH_BPE) == 927

@@ -22,12 +22,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 MIN_TOKENS = 16  # the smallest bucket: small enough that a short decode crosses two or three
 
 
-def _model(path, kv_dtype="auto"):
+def _model(path, kv_dtype="auto", **kw):
     from homerun.formats.loader import open_checkpoint
 
     args = ModelArgs.from_hf_config(open_checkpoint(path).config)
     pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
-    return load(path, dtype="float32", experts="reference", placement=pl, cuda_graphs="off", kv_dtype=kv_dtype)
+    return load(path, dtype="float32", experts="reference", placement=pl, cuda_graphs="off", kv_dtype=kv_dtype, **kw)
 
 
 def _eager_step(net, kl, tok: int, pos: int, states, core):
@@ -170,3 +170,44 @@ def test_load_adopts_the_sessions_stores(checkpoints, kv_dtype):
     buffers = {sc.store._parts(sc.page)[0].data_ptr() for sl in kv.layers for sc in (sl.comp, sl.index) if sc}
     assert not {c.store._parts(c.store.pages[0])[0].data_ptr() for c in mine} & buffers
     assert all(torch.equal(c.entries().view(torch.uint8), e.view(torch.uint8)) for c, e in zip(mine, before))
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_a_bucket_of_many_pages_keeps_the_stores_page_size(checkpoints, kv_dtype, monkeypatch):
+    """Adopted into a bucket of many pages (16-token pages: 4 CSA rows, 1 HCA row; a 4096-token bucket: 1024 and 32
+    rows), each store keeps its page size, its pages views of the buffer: the eager prefill after it walks the
+    same pages as a session never graphed (the indexer's per-page temporaries, one walk per query block and layer),
+    with bit-equal logits."""
+    from homerun.models.kv import PagedRows
+
+    model = _model(checkpoints["mixed"], kv_dtype)
+    model.page_tokens = 16  # the sessions' pages (the runtime's own floor is a page of the HCA rate)
+    walks, real = [], PagedRows.iter_pages
+
+    def spy(self, n):
+        walks.append([rows.shape[0] for _, rows in real(self, n)])
+        return real(self, n)
+
+    monkeypatch.setattr(PagedRows, "iter_pages", spy)
+    gen = torch.Generator().manual_seed(11)
+    prompt, more = torch.randint(0, 512, (21,), generator=gen).tolist(), torch.randint(0, 512, (40,), generator=gen)
+    runs = []
+    for graphed in (False, True):
+        s = model.session()
+        s.feed(prompt)
+        comps = [c for ls in s._states for c in (ls.comp, ls.index_comp) if c is not None]
+        if graphed:
+            kv = StaticDecodeKV(model.net, 4096, like=s._states)
+            kv.load(s._states, 21)
+            bufs = [sc.page for sl in kv.layers for sc in (sl.comp, sl.index) if sc is not None]
+            for c, page in zip(comps, bufs):  # adopted: the pages view the buffer, more than one of them
+                assert len(c.store.pages) > 1
+                assert c.store._parts(c.store.pages[1])[0].data_ptr() == c.store._parts(page)[0][
+                    c.store.page_rows :].data_ptr()
+        walks.clear()
+        logits = s.feed(more.tolist())
+        runs.append((logits, list(walks), [c.store.page_rows for c in comps]))
+    (plain, plain_walks, plain_rows), (graphed, graphed_walks, graphed_rows) = runs
+    assert graphed_rows == plain_rows == [c.store.page_rows_base for c in comps]
+    assert graphed_walks == plain_walks and max(max(w) for w in plain_walks) == 4
+    assert torch.equal(plain, graphed)

@@ -11,6 +11,7 @@ import gc  # noqa: E402
 import weakref  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from homerun.engine import graphs as G  # noqa: E402
 from homerun.engine.graph_bytes import held_bytes, static_state_bytes  # noqa: E402
@@ -91,7 +92,7 @@ def test_growth_after_a_graphed_decode_counts_the_held_state_once(small, how):
     session and a new one grow the same: the held state is credited whole, as the new bucket's state replaces it;
     and the grown session then decodes at 64 within that budget."""
     m, dev = _model(small, ramp_tokens=(32, 64))
-    need = m.kv_bytes_at(64) + static_state_bytes(m.decode_graphs, 64, "fp8")
+    need = m.kv_bytes_at(64) + static_state_bytes(m.decode_graphs, 64, "fp8", page_tokens=m.page_tokens)
     dev.budget_bytes = dev.used_bytes + need
     a = _decode_a_little(m)
     if how == "reset":
@@ -135,7 +136,7 @@ def test_think_max_agrees_with_the_ramp_check(small, decoded):
     if decoded:
         a = _decode_a_little(m)
         a.reset()
-    graph = static_state_bytes(m.decode_graphs, need, "fp8")
+    graph = static_state_bytes(m.decode_graphs, need, "fp8", page_tokens=m.page_tokens)
     assert graph > 0
     short = dev.used_bytes - held_bytes(m.decode_graphs, dev) + m.kv_bytes_at(need) + graph - 1
     for budget, ok in ((short, False), (short + 1, True)):
@@ -150,3 +151,31 @@ def test_think_max_agrees_with_the_ramp_check(small, decoded):
         assert avail is grew is ok, (reason, budget)
         if not ok:
             assert "static state" in reason
+
+
+def test_decoding_from_a_checkpoint_of_an_outgrown_bucket_leaves_the_later_one_whole(small):
+    """Graphed decode past the 16 -> 32 bucket change (the stores adopted by both buckets' buffers), then a rollback
+    to a checkpoint from the first bucket and graphed steps from it: the bucket-16 state cannot adopt the stores
+    (the later checkpoint reads rows past its 4-row capacity: PagedRows.rows_used), so it copies the earlier state
+    in and the later checkpoint keeps its store, pages and entries as they were."""
+    m, dev = _model(small)
+    s = m.session()
+    s.feed(list(range(1, 14)))
+    s.feed([5])
+    early = s.checkpoint()  # 14 tokens: bucket 16
+    for t in range(7):  # to 21 tokens: bucket 32
+        s.feed([t + 3])
+    assert m.decode_graphs.static.ctx_tokens == 32
+    late = s.checkpoint()
+    comps = [c for ls in late.states for c in (ls.comp, ls.index_comp) if c is not None]
+    entries = [c.entries().view(torch.uint8).clone() for c in comps]
+    pages = [list(c.store.pages) for c in comps]
+    assert any(c.n_entries > 4 for c in comps)
+    s.rollback(early)
+    for t in range(2):
+        s.feed([t + 9])
+    assert m.decode_graphs.static.ctx_tokens == 16
+    for c, e, p in zip(comps, entries, pages):
+        if c.n_entries > 16 // 4:  # past the early bucket's 4 CSA rows: the store is not adopted (HCA: none yet)
+            assert len(c.store.pages) == len(p) and all(a is b for a, b in zip(c.store.pages, p))
+        assert torch.equal(c.entries().view(torch.uint8), e)

@@ -29,7 +29,8 @@ from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Se
 from homerun.engine.session import device_kv_more_bytes
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
-from homerun.models.kv import DEFAULT_PAGE_TOKENS, fp8_row_bytes, free_memory_bytes
+from homerun.models.decode_bytes import kv_page_tokens
+from homerun.models.kv import fp8_row_bytes, free_memory_bytes
 from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS, THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
 from homerun.plan.records import gpu_runs_prefill, prefill_chunk_tokens
 
@@ -79,11 +80,10 @@ class Model:
         self.ramp_tokens = tuple(ctx.ramp_tokens or DEFAULT_RAMP_TOKENS)
         self.kv_budget_bytes = ctx.kv_budget_bytes
         self.load_s = load_s
-        # Page size: at least DEFAULT_PAGE_TOKENS, and 1/32 of the first ramp step, so past that step the spare room
-        # of the last pages is under ~3% of the KV; a multiple of the HCA rate so every store gets whole rows.
+        # Page size (decode_bytes.kv_page_tokens, the plan's too): at least DEFAULT_PAGE_TOKENS and 1/32 of the
+        # first ramp step, a multiple of the HCA rate
         rate = max(self.args.hca_rate, self.args.csa_rate, 1)
-        pt = ctx.page_tokens or max(DEFAULT_PAGE_TOKENS, self.ramp_tokens[0] // 32)
-        self.page_tokens = max(rate, -(-pt // rate) * rate)
+        self.page_tokens = kv_page_tokens(rate, self.ramp_tokens[0], ctx.page_tokens)
         self.kv_dtype = ctx.kv_dtype
         self.placement = placement
         self.devices: dict[str, Any] = dict(devices)

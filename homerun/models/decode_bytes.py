@@ -8,9 +8,12 @@ What a static state of capacity bucket B holds on the device (static_decode's mo
   entries      every compressor's static entry buffer: B // rate + 1 rows (the last: the dump row of non-closing
                steps) in the store's row format, CSA entries and indexer keys, HCA entries. These ARE the session's
                KV (the state adopts its stores), so beside the KV that a context of T tokens charges (`kv_entries`:
-               T // rate rows a store) only the bucket's padding counts (`padding`).
-  moving       while a load adopts the stores, one store's old pages beside its new buffer (the largest store's
-               T // rate rows: the prefill's pages at the first graphed step, the last bucket's at a bucket change).
+               T / rate rows a store, rounded up as the plan's KV layout rounds them, so the sum of the two never
+               falls as T grows) only the bucket's padding counts (`padding`).
+  moving       while a load adopts the stores, one store's old pages beside its new buffer: the largest store's
+               T // rate rows rounded up to its page, plus the dump row of the last bucket's buffer (the prefill's
+               pages at the first graphed step; at a bucket change the last buffer and the pages an eager chunk
+               appended past it, pages of the store's own size: static_decode._page_rows).
   arena        the small per-layer tensors (static_decode._Arena): the window [W, Dh], each compressor's open window
                (kv and gate, [rate, width]: CSA and the indexer keep two series, width 2 x dim) and the CSA overlap
                slices (kv in the compute dtype, gate in fp32).
@@ -29,11 +32,15 @@ rounding and the top-k's scratch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 # The smallest context capacity of a static decode state (tokens): the buckets double from here, so a sequence of L
 # tokens is captured about log2(L / 256) + 1 times and pads its compressed rows at most twofold.
 MIN_BUCKET_TOKENS = 256
+# The runtime's smallest KV page (tokens of context; homerun.models.kv re-exports it): a page is at least this and
+# 1/32 of the first ramp step, a multiple of the largest compression rate (`kv_page_tokens`).
+DEFAULT_PAGE_TOKENS = 1024
 FP8_BLOCK = 64  # dims per ue8m0 scale of an FP8 compressed entry (homerun.models.kv.Fp8PagedRows)
 _F32 = 4
 
@@ -41,6 +48,14 @@ _F32 = 4
 def bucket_tokens(pos: int, min_tokens: int = MIN_BUCKET_TOKENS) -> int:
     """The context capacity (tokens) whose captured core serves position pos: a power of two, >= min_tokens."""
     return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
+
+
+def kv_page_tokens(rate: int, first_ramp_tokens: int, asked: int | None = None) -> int:
+    """The runtime's KV page in tokens of context: `asked`, else at least DEFAULT_PAGE_TOKENS and 1/32 of the first
+    ramp step (past that step the last pages' spare room is under ~3% of the KV); a multiple of the largest
+    compression rate `rate`, so every store gets whole rows."""
+    pt = asked or max(DEFAULT_PAGE_TOKENS, first_ramp_tokens // 32)
+    return max(rate, -(-pt // rate) * rate)
 
 
 def fp8_row_bytes(width: int, rope_dim: int, scale_fp32: bool) -> int:
@@ -125,17 +140,25 @@ def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv
 
 
 def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: int = 2,
-                 min_bucket_tokens: int = MIN_BUCKET_TOKENS) -> StaticBytes:
+                 min_bucket_tokens: int = MIN_BUCKET_TOKENS, page_tokens: int = DEFAULT_PAGE_TOKENS) -> StaticBytes:
     """The device bytes of the static state whose bucket holds a context of ctx_tokens (its last position,
-    ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element;
-    its `total` is what the state takes beside the KV of ctx_tokens (module docstring)."""
+    ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element,
+    the session's KV in pages of page_tokens; its `total` is what the state takes beside the KV of ctx_tokens
+    (module docstring)."""
     b = capacity_bytes(shape, bucket_tokens(max(ctx_tokens - 1, 0), min_bucket_tokens), kv_dtype, act_bytes)
     s = shape
     entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
     key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
-    n_csa, n_hca = ctx_tokens // s.csa_rate, ctx_tokens // s.hca_rate  # the rows the KV formula charges a store
-    kv_entries = s.n_csa * n_csa * (entry_b + key_b) + s.n_hca * n_hca * entry_b
-    moving = max([n_csa * max(entry_b, key_b)] * bool(s.n_csa) + [n_hca * entry_b] * bool(s.n_hca), default=0)
+    # the entries' share of the KV as homerun.plan.specs.kv_layout charges it: the same float bytes per token, ceil
+    per_token = s.n_csa * (entry_b + key_b) / s.csa_rate + s.n_hca * entry_b / s.hca_rate
+    kv_entries = int(math.ceil(per_token * ctx_tokens))
+
+    def held(rate: int) -> int:  # a store's rows at the context, in whole pages, and the last buffer's dump row
+        page = max(1, page_tokens // rate)
+        return -(-(ctx_tokens // rate) // page) * page + 1
+
+    moving = max([held(s.csa_rate) * max(entry_b, key_b)] * bool(s.n_csa)
+                 + [held(s.hca_rate) * entry_b] * bool(s.n_hca), default=0)
     return replace(b, kv_entries=kv_entries, moving=moving)
 
 

@@ -18,11 +18,11 @@ from typing import Any, Iterator
 
 import torch
 
-from homerun.models.decode_bytes import FP8_BLOCK, fp8_row_bytes  # noqa: F401 - the row formula, re-exported
-
-# Default page size in tokens of context: a CSA store (one entry per 4 tokens) gets page_tokens/4 rows a page, an
-# HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer pages to walk at 1M).
-DEFAULT_PAGE_TOKENS = 1024
+# Default page size in tokens of context (DEFAULT_PAGE_TOKENS): a CSA store (one entry per 4 tokens) gets
+# page_tokens/4 rows a page, an HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer
+# pages to walk at 1M).
+from homerun.models.decode_bytes import (  # noqa: F401 - the row formula and the page, re-exported
+    DEFAULT_PAGE_TOKENS, FP8_BLOCK, fp8_row_bytes)
 _STORE_IDS = itertools.count()
 _ALLOC_IDS = itertools.count()
 
@@ -46,6 +46,9 @@ class PagedRows:
         self.device = torch.device(device) if account is None else account.torch_device
         self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
         self.page_rows = page_rows
+        # the page size the store was made with: the static decode core, which views its buffer as this store's
+        # pages, keeps it (or the largest power of two under it that divides its capacity)
+        self.page_rows_base = page_rows
         self.pages: list = []
         # high-water mark: no state reads rows past it (written here, or handed out by the static decode core,
         # models.deepseek_v4.static_decode, which adopts a store only where all of them fit its buffer)
@@ -99,9 +102,9 @@ class PagedRows:
         """A page's tensors, rows along dim 0 (what `_encode` writes)."""
         return (page,)
 
-    def _slice(self, page, n: int):
-        """The page of the first n rows of `page` (views)."""
-        return page[:n]
+    def _slice(self, page, n: int, start: int = 0):
+        """The page of the n rows of `page` from row `start` (views)."""
+        return page[start : start + n]
 
     def _encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows [n, width] as stored: one tensor per page part, on the store's device (a part's first columns:
@@ -275,8 +278,8 @@ class Fp8PagedRows(PagedRows):
     def _parts(self, page) -> tuple[torch.Tensor, ...]:
         return page
 
-    def _slice(self, page, n: int):
-        return tuple(t[:n] for t in page)
+    def _slice(self, page, n: int, start: int = 0):
+        return tuple(t[start : start + n] for t in page)
 
     def _encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = rows.shape[0]

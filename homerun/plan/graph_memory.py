@@ -21,11 +21,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, StaticBytes, StaticShape, static_bytes
-from homerun.plan.records import PlacementRow, _Ctx, gib
+from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, StaticBytes, StaticShape, kv_page_tokens, static_bytes
+from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
 from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
 
 GRAPH_ACT_BYTES = 2  # the compute dtype's bytes per element: bf16, the runtime's default on CUDA
+# the runtime's KV page where none is asked for (a store moving into its buffer holds whole pages)
+PLAN_PAGE_TOKENS = kv_page_tokens(COMPRESS_RATE["hca"], RAMP_TOKENS[0])
 
 
 def static_shape_of(spec: ModelSpec, first: int = 0, stop: int | None = None) -> StaticShape | None:
@@ -50,7 +52,8 @@ def stage_shapes(spec: ModelSpec, counts: Sequence[int]) -> list[StaticShape] | 
 
 
 def _stage_graph(shape: StaticShape, kv: KvLayout, tokens: int) -> StaticBytes | None:
-    return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS) if tokens > 0 else None
+    return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS, PLAN_PAGE_TOKENS) if tokens > 0 \
+        else None
 
 
 def stage_bytes(kv: KvLayout, frac: float, shape: StaticShape, tokens: int) -> int:
@@ -85,7 +88,7 @@ class GraphKvLayout(KvLayout):
     act_bytes: int = GRAPH_ACT_BYTES
 
     def graph(self, tokens: int) -> StaticBytes:
-        return static_bytes(self.shape, tokens, self.dtype, self.act_bytes, MIN_BUCKET_TOKENS)
+        return static_bytes(self.shape, tokens, self.dtype, self.act_bytes, MIN_BUCKET_TOKENS, PLAN_PAGE_TOKENS)
 
     def graph_bytes(self, tokens: int) -> int:
         return self.graph(tokens).total if tokens > 0 else 0

@@ -24,17 +24,17 @@ closed keys and the top-k runs over the capacity, while the window and entry rea
 The entries are kept as the sequence's own stores keep them (any kv_dtype), and in them: `load` adopts each of the
 session's entry stores (homerun.models.kv: PagedRows in the compute dtype or in bf16, Fp8PagedRows), store by store:
 its rows are copied once into a static buffer of the bucket (cap + 1 rows, allocated as one of that store's pages and
-charged as its KV), which then becomes the store's only page, and its old pages go back to the budget. So the KV lives
-once on the device (issue 13, "VRAM as planned": the plan charges the KV plus the bucket's padding, not a second
-copy); the session's states, checkpoints and the eager path (which appends pages past the capacity) all read the same
-rows. The captured step writes the buffer through the format's encoder at a device-side row (`put_at`: fp8 quantizes
-on store) and reads it through its decoder (fp8 dequantizes the capacity's rows each step, HCA entries and indexer
-keys, or the top-k's gathered CSA rows), the eager path's functions on the same rows. A bucket change adopts the same
-stores into the next bucket's buffers (one store's old buffer alive at a time, not two buckets); a state from before
-a bucket its sequence has outgrown is copied in, its store left as it is. A state from another
-sequence is adopted likewise after the stores holding the buffers now get a copy of their page, if a live state still
-reads them (the static state holds them only weakly once it lets them go: a dropped session's are not copied), all
-the copies charged or none. A store on another device than the compute is copied in, not adopted.
+charged as its KV), whose rows then are the store's pages (views of its page size, `_page_rows`), and its old pages
+go back to the budget. So the KV lives once on the device (issue 13, "VRAM as planned": the plan charges the KV plus
+the bucket's padding, not a second copy); the session's states, checkpoints and the eager path (which appends pages
+past the capacity) all read the same rows. The captured step writes the buffer through the format's encoder at a
+device-side row (`put_at`: fp8 quantizes on store) and reads it through its decoder (fp8 dequantizes the capacity's
+rows each step, HCA entries and indexer keys, or the top-k's gathered CSA rows), the eager path's functions on the
+same rows. A bucket change adopts the same stores into the next bucket's buffers (one store's old buffer alive at a
+time, not two buckets); a state from before a bucket its sequence has outgrown is copied in, its store left as it is.
+A state from another sequence is adopted likewise after the stores holding the buffers now get a copy of their
+pages, if a live state still reads them (the static state holds them only weakly once it lets them go: a dropped
+session's are not copied), all the copies charged or none. A store on another device is copied in, not adopted.
 """
 
 from __future__ import annotations
@@ -67,10 +67,31 @@ def _new_buffer(owner: PagedRows, cap: int) -> tuple[Any, list]:
     """A zeroed static buffer of cap + 1 rows in owner's format, allocated (and charged) as one of owner's pages (row
     cap: the dump row of non-closing steps). -> (the buffer as a page, the budget tags it added to owner's)."""
     mark = len(owner._tags)
-    page = owner._alloc(cap + 1)
+    try:
+        page = owner._alloc(cap + 1)
+    except BaseException:  # a part that did not fit: the parts charged before it go back (the store lives on)
+        if owner.account is not None:
+            owner.account.free_all(owner._tags[mark:])
+        del owner._tags[mark:]
+        raise
     for t in owner._parts(page):
         t.zero_()
     return page, owner._tags[mark:]
+
+
+def _page_rows(store: PagedRows, cap: int) -> int:
+    """The page size of a store viewing a static buffer of cap rows: its own where that divides cap, so every eager
+    reader (prefill's query blocks, the indexer's page temporaries, snapshots, growth past the bucket) walks the pages
+    it would have without the graphs; else the largest power of two under it that divides cap (cap if smaller)."""
+    pr = store.page_rows_base
+    if cap % pr:
+        pr = min(cap, 1 << (pr.bit_length() - 1))
+    return pr if cap % pr == 0 else cap
+
+
+def _views(store: PagedRows, page, cap: int) -> list:
+    """The first cap rows of the buffer `page` as store's pages (views of store.page_rows rows each)."""
+    return [store._slice(page, store.page_rows, r0) for r0 in range(0, cap, store.page_rows)]
 
 
 def static_store(like: PagedRows, cap: int, device: torch.device, account: Any = None) -> tuple[PagedRows, Any, list]:
@@ -257,7 +278,7 @@ class StaticDecodeKV:
 
     def load(self, states, pos: int, layers: Sequence[int] | None = None) -> None:
         """The sequence's LayerStates before position pos into the static state (pos < ctx_tokens): the small tensors
-        copied, each entry store adopted (its rows moved into the buffer, which becomes its only page; `_adopt`);
+        copied, each entry store adopted (its rows moved into the buffer, which holds all its pages; `_adopt`);
         layers: only those (model order)."""
         if pos >= self.ctx_tokens:
             raise ValueError(f"position {pos} is past the capacity {self.ctx_tokens}")
@@ -292,9 +313,9 @@ class StaticDecodeKV:
         live = [(sc, old) for sc, r in zip(comps, refs) if (old := r()) is not None]
         marks, owns = [], []
         try:
-            for _, old in live:
+            for sc, old in live:
                 marks.append((old, len(old._tags)))
-                owns.append(old._alloc())  # page_rows == cap
+                owns.append(old._alloc(self.caps[sc.rate]))
         except BaseException:
             for old, n in marks:
                 if old.account is not None:
@@ -304,9 +325,10 @@ class StaticDecodeKV:
                 _move_buffer(sc, sc.store, old)
             raise
         for (sc, old), own in zip(live, owns):
-            for dst, src in zip(old._parts(own), old._parts(old.pages[0])):
-                dst.copy_(src)
-            old.pages[0] = own
+            cap = self.caps[sc.rate]
+            for dst, src in zip(old._parts(own), old._parts(sc.page)):
+                dst.copy_(src[:cap])
+            old.pages[: cap // old.page_rows] = _views(old, own, cap)  # the pages that viewed the buffer
         self._handed_out = False
 
     def _load_comp(self, sc: _Comp, cst: CompressorState, pos: int) -> None:
@@ -329,6 +351,7 @@ class StaticDecodeKV:
                 sc.overlap_gate.copy_(cst.overlap_gate)
 
     def _adopt(self, sc: _Comp, store: PagedRows, n: int) -> None:
+<<<<<<< HEAD
         """store's rows (its state's n and those of later states) into the buffer (allocated now, as one of store's
         pages, if there is none yet), as stored bits; then the buffer is store's only page and store's other pages go
         back to the budget, so the session's entries live once, in the buffer, and every state of the sequence
@@ -336,6 +359,15 @@ class StaticDecodeKV:
         buffers (decode_bytes' `moving`). The rows of later states (to the store's high-water mark) move too; a store
         they do not fit (a state from before a bucket the sequence has outgrown) or on another device than the
         compute is copied, not adopted: it keeps its pages and the states handed out read a holder's buffer."""
+=======
+        """store's first n rows into the buffer (allocated now, as one of store's pages, if there is none yet), as
+        stored bits; then the buffer holds all of store's pages and its other pages go back to the budget, so the
+        session's entries live once, in the buffer, and every state of the sequence (checkpoints too) reads them
+        there. One store at a time: a load holds one store's old pages beside the buffers (decode_bytes' `moving`).
+        The rows a later state of the sequence reads (to the store's high-water mark) move too; a store they do not
+        fit (a state from before a bucket the sequence has outgrown) or on another device than the compute is copied,
+        not adopted: it keeps its pages and the states handed out read a holder's buffer (a second copy)."""
+>>>>>>> h13k
         cap, old = self.caps[sc.rate], sc.store
         keep = max(n, store.rows_used)
         adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
@@ -355,8 +387,8 @@ class StaticDecodeKV:
         if store.account is not None:
             store.account.free_all(stale)
         store._tags[:] = [t for t in store._tags if t in sc.tags]  # in place: the store's finalizer holds the list
-        store.pages[:] = [store._slice(sc.page, cap)]
-        store.page_rows = cap
+        store.page_rows = _page_rows(store, cap)
+        store.pages[:] = _views(store, sc.page, cap)
         sc.store = store
         self._handed_out = True  # the session's store reads the buffer: another sequence's load detaches it
 
@@ -446,17 +478,21 @@ def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
     """sc's static buffer (its first cap rows) becomes dst's first page and dst becomes sc.store; the buffer's budget
     tags move from src to dst."""
     _move_tags(sc.tags, src, dst)
-    dst.pages[:1] = [dst._slice(sc.page, dst.page_rows)]
+    cap = _cap(sc)
+    dst.pages[: cap // dst.page_rows] = _views(dst, sc.page, cap)
     sc.store = dst
+
+
+def _cap(sc: _Comp) -> int:  # the entry rows of sc's buffer (its last row is the dump row)
+    return sc.store._parts(sc.page)[0].shape[0] - 1
 
 
 def _read(sc: _Comp, sel: torch.Tensor | None = None) -> torch.Tensor:
     """The static entries as the eager path reads its store's (decoded by the same format hooks): every row of the
     capacity, or the rows at the device indices sel."""
-    store = sc.store
     if sel is None:
-        return store._get(store.pages[0], store.page_rows)
-    return store._take(store.pages[0], sel)
+        return sc.store._get(sc.page, _cap(sc))
+    return sc.store._take(sc.page, sel)
 
 
 def _kv_dtype(net, like) -> str | None:
