@@ -351,23 +351,11 @@ class StaticDecodeKV:
                 sc.overlap_gate.copy_(cst.overlap_gate)
 
     def _adopt(self, sc: _Comp, store: PagedRows, n: int) -> None:
-<<<<<<< HEAD
-        """store's rows (its state's n and those of later states) into the buffer (allocated now, as one of store's
-        pages, if there is none yet), as stored bits; then the buffer is store's only page and store's other pages go
-        back to the budget, so the session's entries live once, in the buffer, and every state of the sequence
-        (checkpoints too) reads them there. One store at a time: a load holds one store's old pages beside the
-        buffers (decode_bytes' `moving`). The rows of later states (to the store's high-water mark) move too; a store
-        they do not fit (a state from before a bucket the sequence has outgrown) or on another device than the
-        compute is copied, not adopted: it keeps its pages and the states handed out read a holder's buffer."""
-=======
-        """store's first n rows into the buffer (allocated now, as one of store's pages, if there is none yet), as
-        stored bits; then the buffer holds all of store's pages and its other pages go back to the budget, so the
-        session's entries live once, in the buffer, and every state of the sequence (checkpoints too) reads them
-        there. One store at a time: a load holds one store's old pages beside the buffers (decode_bytes' `moving`).
-        The rows a later state of the sequence reads (to the store's high-water mark) move too; a store they do not
-        fit (a state from before a bucket the sequence has outgrown) or on another device than the compute is copied,
-        not adopted: it keeps its pages and the states handed out read a holder's buffer (a second copy)."""
->>>>>>> h13k
+        """store's rows up to its high-water mark (what any state of the sequence reads) into the buffer (allocated
+        now as one of store's pages if there is none), as stored bits; the buffer then holds all of store's pages and
+        the others go back to the budget: the entries live once, and every state (checkpoints too) reads them there.
+        One store at a time (decode_bytes' `moving`). A store whose rows do not fit (a state from before a bucket the
+        sequence outgrew) or on another device is copied, not adopted: a holder's buffer (a second copy) is read."""
         cap, old = self.caps[sc.rate], sc.store
         keep = max(n, store.rows_used)
         adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
