@@ -355,7 +355,7 @@ class StaticDecodeKV:
         now as one of store's pages if there is none), as stored bits; the buffer then holds all of store's pages and
         the others go back to the budget: the entries live once, and every state (checkpoints too) reads them there.
         One store at a time (decode_bytes' `moving`). A store whose rows do not fit (a state from before a bucket the
-        sequence outgrew) or on another device is copied, not adopted: a holder's buffer (a second copy) is read."""
+        sequence outgrew) or on another device is not adopted: its first n rows go to a holder's buffer (a copy)."""
         cap, old = self.caps[sc.rate], sc.store
         keep = max(n, store.rows_used)
         adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
