@@ -41,7 +41,6 @@ class on_device:  # noqa: N801 - used as a context manager, like torch.cuda.devi
         if self.guard is not None:
             self.guard.__exit__(*exc)
 
-
     def run(self, fn, *args):
         """fn(*args) inside the section."""
         with self:
