@@ -18,11 +18,11 @@ from homerun.plan.specs import parse_config
 from profiles import CpuSpec, HardwareProfile, load_profile
 
 # The efficiencies, written out (homerun.plan.compute's fits, from benchmarks/prefill_cpu.md): experts int8, dense,
-# attention, indexer, elementwise share, the fixed cost per prompt in tokens of the linears. AVX2: the 2-core Zen 3
-# host; AVX-512 (+ VNNI, VBMI, BF16): the 2-core Zen 5.
-AVX2 = (0.26, 0.57, 0.5, 0.37, 0.07, 0.0)
-AVX512 = (0.38, 0.69, 0.46, 0.65, 0.08, 265.0)
-E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE, PER_PROMPT = AVX2
+# attention, indexer, elementwise share, the fixed cost once per prompt in tokens of one layer's linears, and per layer
+# in tokens of that layer's. AVX2: the 2-core Zen 3 host; AVX-512 (+ VNNI, VBMI, BF16): the 2-core Zen 5.
+AVX2 = (0.26, 0.57, 0.5, 0.37, 0.07, 0.0, 0.0)
+AVX512 = (0.38, 0.69, 0.46, 0.65, 0.08, 265.0, 0.0)
+E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE, PER_PROMPT, PER_LAYER = AVX2
 ZEN4_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")
 
 # V4-Flash per prompt token, by hand: 43 MoE layers x top-6 x (gate, up, down) x 4096 x 2048, 2 FLOPs per MAC
@@ -73,14 +73,15 @@ def test_mean_keys_match_a_discrete_count():
 
 def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float, fit=AVX2) -> float:
     """V4-Flash at a 4096-token prompt (the default decode depth) by hand: 21 CSA, 20 HCA, 2 sliding-only layers."""
-    E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE, PER_PROMPT = fit
+    E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE, PER_PROMPT, PER_LAYER = fit
     attention = 4 * 64 * 512 * (21 * 510 + 20 * 142 + 2 * 126)  # keys per layer kind, as above
     indexer = 21 * 2 * 64 * 128 * 512  # every earlier 1/4-rate entry: mean 4096 / 8
     head = 2 * 4096 * 129280 / 4096  # the lm head, once per prompt
     t = (FLASH_EXPERT_FLOPS / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
          + head / (dense_peak * 1e9 * E_DENSE) + attention / (fp32 * 1e9 * E_ATTN) + indexer / (fp32 * 1e9 * E_INDEX))
     linears = FLASH_EXPERT_FLOPS / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
-    t += ELEMENTWISE * linears + PER_PROMPT / 4096 * linears  # the fixed cost per prompt, spread over its tokens
+    # the fixed cost, spread over the prompt's tokens: once per prompt (a 43rd of the 43 layers' linears) + per layer
+    t += ELEMENTWISE * linears + (PER_PROMPT / 43 + PER_LAYER) / 4096 * linears
     return 1 / t
 
 
@@ -114,7 +115,7 @@ def test_hand_computed_cpu_prefill_on_the_cpu_only_epyc_genoa(flash):
     dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
     want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0, fit=AVX512)  # Zen 4 has every flag of the AVX-512 fit
     assert p.mode == "cpu-only" and pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
-    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 130 < want < 145  # 136.7 (the AVX2 fit: 114.0)
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 140 < want < 146  # 143.2 (265 per layer: 136.7)
     assert pred["cpu_prefill_fit"] == "avx512" and pred["cpu_prefill_efficiency"]["fit"] == "avx512"
 
 
@@ -263,9 +264,10 @@ def test_the_fit_follows_the_isa_and_the_reason_says_why(flags, fit, missing):
     else:
         assert f"lacks {missing}" in why
     assert (AVX2_FIT.experts_int8, AVX2_FIT.dense, AVX2_FIT.attention, AVX2_FIT.indexer,
-            AVX2_FIT.elementwise_fraction, AVX2_FIT.per_prompt_linear_tokens) == AVX2
+            AVX2_FIT.elementwise_fraction, AVX2_FIT.per_prompt_linear_tokens, AVX2_FIT.per_layer_linear_tokens) == AVX2
     assert (AVX512_FIT.experts_int8, AVX512_FIT.dense, AVX512_FIT.attention, AVX512_FIT.indexer,
-            AVX512_FIT.elementwise_fraction, AVX512_FIT.per_prompt_linear_tokens) == AVX512
+            AVX512_FIT.elementwise_fraction, AVX512_FIT.per_prompt_linear_tokens,
+            AVX512_FIT.per_layer_linear_tokens) == AVX512
 
 
 @pytest.mark.parametrize("name,fit", [("epyc-genoa-768gb", "avx512"), ("epyc-4090", "avx512"),

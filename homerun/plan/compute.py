@@ -141,7 +141,8 @@ class CpuPrefillFit:
     indexer: float  # the indexer's scoring + top-k, of the fp32 peak
     elementwise_fraction: float  # mHC, norms + RoPE, compressors' pooling, router and glue: a fraction of the linears' time
     source: str
-    per_prompt_linear_tokens: float = 0.0  # a fixed cost per prompt worth this many tokens of the linears' time
+    per_prompt_linear_tokens: float = 0.0  # a fixed cost per prompt worth this many tokens of one layer's linears
+    per_layer_linear_tokens: float = 0.0  # a fixed cost per prompt and layer, in tokens of that layer's linears
 
     def dense_at(self, chunk_rows: int) -> float:
         return self.dense if chunk_rows >= CPU_DENSE_MIN_ROWS else self.dense_small
@@ -185,8 +186,10 @@ AVX512_FIT = CpuPrefillFit(
     #   8K, 0.08 at 32K; the slope over prompts is 0.076, the rest is the fixed cost per prompt below
     source="benchmarks/prefill_cpu.md (2-core AVX-512 Zen 5, refitted 2026-12-07 after h19c and h19d)",
     per_prompt_linear_tokens=265.0,  # CPU-s = fixed + slope x tokens over 1K/8K/32K: 0.40 CPU-s per prompt (dense 0.16,
-    #   glue + norm+RoPE 0.21, experts 0.03) over the linears' 1.51 CPU-ms per token; counted per layer (one layer
-    #   measured cannot tell per layer from per prompt, so this errs slow)
+    #   glue + norm+RoPE 0.21, experts 0.03) over one layer's linears' 1.51 CPU-ms per token; once per prompt, not per
+    #   layer: per_layer_linear_tokens below
+    per_layer_linear_tokens=0.0,  # fixed(L) = a + b x L over 1- and 3-layer 48-expert checkpoints: b = -0.11 CPU-s
+    #   (+-0.15 run to run), not the +0.40 a per-layer charge needs (prefill_cpu.md, "per prompt or per layer")
 )
 AVX512_FIT_FLAGS = ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")  # the kernels the fit was measured on
 

@@ -313,9 +313,9 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
     fit for the CPU's ISA, `compute.cpu_prefill_fit`): routed experts on the int8 unit, the dense linears on bf16
     where the CPU has bf16 units (else fp32), the attention core and the V4 indexer on fp32 at the prompt's mean
     depth, plus the elementwise ops (mHC, norms, RoPE) as a measured fraction of the linears' time and the fit's fixed
-    cost per prompt (in tokens of the linears' time, spread over the prompt's tokens); the lm head runs
-    for the prompt's last token only. Weight reads are not a bound here: a prompt chunk of >= 512 rows reuses each
-    weight it reads hundreds of times."""
+    cost (once per prompt and per layer, in tokens of one layer's linears, spread over the prompt's tokens); the lm
+    head runs for the prompt's last token only. Weight reads are not a bound here: a prompt chunk of >= 512 rows reuses
+    each weight it reads hundreds of times."""
     spec, inv = c.spec, c.inv
     prompt = cpu_prompt_tokens(c)
     peaks = cpu_peaks(c)
@@ -347,10 +347,13 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         "indexer": idx / (peaks["fp32"] * g * fit.indexer),
     }
     secs["elementwise"] = fit.elementwise_fraction * (secs["routed_experts"] + secs["dense"])
-    secs["per_prompt"] = fit.per_prompt_linear_tokens / prompt * (secs["routed_experts"] + secs["dense"])
+    # the fixed cost: once per prompt in tokens of a mean layer's linears (lin is all layers'), plus any per layer
+    fixed_tokens = fit.per_prompt_linear_tokens / len(spec.layer_types) + fit.per_layer_linear_tokens
+    secs["per_prompt"] = fixed_tokens / prompt * (secs["routed_experts"] + secs["dense"])
     total = sum(secs.values())
-    per_prompt = (f" and {fit.per_prompt_linear_tokens:g} tokens' linears per prompt"
+    per_prompt = (f" and {fit.per_prompt_linear_tokens:g} tokens of one layer's linears per prompt"
                   if fit.per_prompt_linear_tokens else "")
+    per_prompt += (f" and {fit.per_layer_linear_tokens:g} per layer" if fit.per_layer_linear_tokens else "")
     out.update({
         "cpu_prefill_tok_s": 1.0 / total,
         "cpu_prefill_units": {"routed_experts": "int8", "dense": dense_unit, "attention": "fp32", "indexer": "fp32"},
@@ -359,6 +362,7 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         "cpu_prefill_efficiency": {"int8_experts": fit.experts_int8, "dense": e_dense, "attention": fit.attention,
                                    "indexer": fit.indexer, "elementwise_fraction": fit.elementwise_fraction,
                                    "per_prompt_linear_tokens": fit.per_prompt_linear_tokens,
+                                   "per_layer_linear_tokens": fit.per_layer_linear_tokens,
                                    "fit": fit.name, "source": fit.source},
         "cpu_prefill_reason": (
             f"per token of a {prompt}-token prompt: experts {flops['routed_experts'] / g:.2f} GOP at int8 "
