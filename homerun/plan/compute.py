@@ -188,8 +188,8 @@ AVX512_FIT = CpuPrefillFit(
     per_prompt_linear_tokens=265.0,  # CPU-s = fixed + slope x tokens over 1K/8K/32K: 0.40 CPU-s per prompt (dense 0.16,
     #   glue + norm+RoPE 0.21, experts 0.03) over one layer's linears' 1.51 CPU-ms per token; once per prompt, not per
     #   layer: per_layer_linear_tokens below
-    per_layer_linear_tokens=0.0,  # fixed(L) = a + b x L over 1- and 3-layer 48-expert checkpoints: b = -0.11 CPU-s
-    #   (+-0.15 run to run), not the +0.40 a per-layer charge needs (prefill_cpu.md, "per prompt or per layer")
+    per_layer_linear_tokens=0.0,  # fixed(L) = a + b x L over 1- and 3-layer 48-expert checkpoints: b = -0.11 / +0.02
+    #   CPU-s at 512 / 1024-token chunks (+-0.15 run to run), not a per-layer 0.40 (prefill_cpu.md, "per layer")
 )
 AVX512_FIT_FLAGS = ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16")  # the kernels the fit was measured on
 
