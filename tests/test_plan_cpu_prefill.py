@@ -387,3 +387,15 @@ def test_an_explicit_chunk_reaches_the_plan_and_the_runtime(tiny_checkpoint):
     assert homerun.load(tiny_checkpoint, max_chunk_tokens=300).max_chunk_tokens == 300
     g = plan(spec, inv, load_profile("rtx5090-192gb"), PlanOptions(prefill_chunk_tokens=300)).predicted
     assert g["prefill_chunk_tokens"] == g["cpu_prefill_chunk_tokens"] == 300
+
+
+@pytest.mark.parametrize("prompt", [1024, 4096, 16384])
+def test_the_fixed_cost_is_spread_over_the_prompt(flash, prompt):
+    """The fixed cost is paid once per prompt (265 tokens of one mean layer's linears: 265 / 43 of all 43 layers'), so
+    per token it is that over the prompt: 4x smaller at 4K than at 1K, relative to the linears' own seconds."""
+    spec, inv = flash
+    pred = plan(spec, inv, load_profile("epyc-genoa-768gb"), PlanOptions(prefill_prompt_tokens=prompt)).predicted
+    secs = pred["cpu_prefill_seconds_per_token"]
+    assert pred["cpu_prefill_prompt_tokens"] == prompt
+    assert AVX512[5:] == (265.0, 0.0)  # the fit's per-prompt and per-layer terms
+    assert secs["per_prompt"] == pytest.approx(265 / 43 / prompt * (secs["routed_experts"] + secs["dense"]), rel=1e-12)
