@@ -150,7 +150,7 @@ def test_ramp_checks_count_each_devices_share_of_the_static_state(checkpoints):
     shares = {}
     for name, dev in model.devices.items():
         layers = model.placement.layers_on(name)
-        shares[name] = static_state_bytes(dg, 64, "fp8", layers, model.page_tokens)
+        shares[name] = static_state_bytes(dg, 64, "fp8", layers, page_tokens=model.page_tokens)
         assert 0 < shares[name] < whole
         shard = next(kv for kv in dg.static.shards if kv.account is dev)
         states = [s._states[i] for i in layers]

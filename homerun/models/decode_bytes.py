@@ -140,7 +140,7 @@ def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv
 
 
 def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: int = 2,
-                 min_bucket_tokens: int = MIN_BUCKET_TOKENS, page_tokens: int = DEFAULT_PAGE_TOKENS) -> StaticBytes:
+                 min_bucket_tokens: int = MIN_BUCKET_TOKENS, *, page_tokens: int) -> StaticBytes:
     """The device bytes of the static state whose bucket holds a context of ctx_tokens (its last position,
     ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element,
     the session's KV in pages of page_tokens; its `total` is what the state takes beside the KV of ctx_tokens

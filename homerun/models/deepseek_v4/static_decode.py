@@ -463,8 +463,8 @@ def _move_tags(tags: list, src: PagedRows, dst: PagedRows) -> None:
 
 
 def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
-    """sc's static buffer (its first cap rows) becomes dst's first page and dst becomes sc.store; the buffer's budget
-    tags move from src to dst."""
+    """sc's static buffer (its first cap rows) becomes dst's pages that view it (views of dst's page size) and dst
+    becomes sc.store; the buffer's budget tags move from src to dst."""
     _move_tags(sc.tags, src, dst)
     cap = _cap(sc)
     dst.pages[: cap // dst.page_rows] = _views(dst, sc.page, cap)
