@@ -67,6 +67,15 @@ def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positi
     assert b.total == entries - kv_entries + moving + 3 * FLASH_ARENA + positions + workspace
 
 
+@pytest.mark.parametrize("page_tokens, csa_rows, hca_rows", [(4_096, 1_024, 32), (3_072, 768, 24), (256, 65, 3)])
+def test_a_bucket_under_a_page_is_charged_a_whole_page(page_tokens, csa_rows, hca_rows):
+    """A 256-token bucket (64 CSA entry rows, 2 HCA) adopted by stores of bigger pages: each buffer is one whole page
+    of the store's (static_pages: the store's page size never shrinks), in fp8 584 B an entry row, 132 B a key row;
+    a page that the bucket fills gets the dump row past it."""
+    b = static_bytes(FLASH, 200, "fp8", page_tokens=page_tokens)
+    assert b.entries == 21 * csa_rows * (584 + 132) + 20 * hca_rows * 584
+
+
 def test_the_moving_store_is_charged_in_whole_pages():
     """At 131,473 tokens in 4,096-token pages (1,024 CSA rows): the largest store's 32,868 rows in 33 pages = 33,792
     rows, and the dump row of the last bucket's buffer (a prompt that crossed the bucket left it, pages after it)."""
