@@ -28,7 +28,8 @@ static_pages, allocated as one of that store's pages and charged as its KV), who
 (views of its own page size, never changed), and its old pages go back to the budget. So the KV lives once on the
 device (issue 13, "VRAM as planned": the plan charges the KV plus the bucket's padding, not a second copy); the
 session's states, checkpoints and the eager path (which appends pages past the capacity) all read the same rows. The
-captured step writes the buffer through the format's encoder at a device-side row (`put_at`: fp8 quantizes on store) and reads it through its decoder (fp8 dequantizes the capacity's
+captured step writes the buffer through the format's encoder at a device-side row (`put_at`: fp8 quantizes on
+store) and reads it through its decoder (fp8 dequantizes the capacity's
 rows each step, HCA entries and indexer keys, or the top-k's gathered CSA rows), the eager path's functions on the
 same rows. A bucket change adopts the same stores into the next bucket's buffers (one store's old buffer alive at a
 time, not two buckets); a state from before a bucket its sequence has outgrown is copied in, its store left as it is.
