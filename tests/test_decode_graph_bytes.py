@@ -13,6 +13,7 @@ from homerun.models.decode_bytes import StaticShape, read_transient_bytes, stati
 from homerun.errors import DoesNotFitError
 from homerun.models.deepseek_v4.static_decode import _new_buffer, static_store
 from homerun.models.kv import Fp8PagedRows, PagedRows
+from homerun.plan.graph_memory import PLAN_PAGE_TOKENS
 from live_bytes import LiveBytes
 from offload.devices import StandInDevice
 
@@ -55,7 +56,7 @@ KV_1M_FP8 = 21 * 262_144 * 716 + 20 * 8_192 * 584
 def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positions, workspace, kv_entries, moving):
     """The entry buffers are the session's KV (the state adopts its stores): beside the KV only their padding (the
     bucket's rows past the context's, the dump rows) counts, and one store's old pages while a load moves them."""
-    b = static_bytes(FLASH, ctx, kv_dtype, act_bytes=2)
+    b = static_bytes(FLASH, ctx, kv_dtype, act_bytes=2, page_tokens=1_024)
     assert b.bucket_tokens == bucket
     assert b.entries == entries
     assert b.arena == FLASH_ARENA
@@ -64,6 +65,15 @@ def test_static_bytes_of_v4_flash_by_hand(ctx, kv_dtype, bucket, entries, positi
     assert b.workspace == workspace
     assert (b.kv_entries, b.moving, b.padding) == (kv_entries, moving, entries - kv_entries)
     assert b.total == entries - kv_entries + moving + 3 * FLASH_ARENA + positions + workspace
+
+
+@pytest.mark.parametrize("page_tokens, csa_rows, hca_rows", [(4_096, 1_024, 32), (3_072, 768, 24), (256, 65, 3)])
+def test_a_bucket_under_a_page_is_charged_a_whole_page(page_tokens, csa_rows, hca_rows):
+    """A 256-token bucket (64 CSA entry rows, 2 HCA) adopted by stores of bigger pages: each buffer is one whole page
+    of the store's (static_pages: the store's page size never shrinks), in fp8 584 B an entry row, 132 B a key row;
+    a page that the bucket fills gets the dump row past it."""
+    b = static_bytes(FLASH, 200, "fp8", page_tokens=page_tokens)
+    assert b.entries == 21 * csa_rows * (584 + 132) + 20 * hca_rows * 584
 
 
 def test_the_moving_store_is_charged_in_whole_pages():
@@ -171,7 +181,7 @@ def _graph_rows(p):
 
 def test_one_gpu_plan_charges_the_static_state_on_top_of_the_kv():
     p = _flash_plan("rtx5090-192gb", kv_dtype="fp8", context_tokens=131_072)
-    g = static_bytes(FLASH, 131_072, "fp8")
+    g = static_bytes(FLASH, 131_072, "fp8", page_tokens=PLAN_PAGE_TOKENS)
     (row,) = _graph_rows(p)
     assert row.bytes == g.total and row.device == "gpu0"
     (kv_row,) = [r for r in p.placement if r.what.startswith("KV cache")]
@@ -193,7 +203,7 @@ def test_the_planned_context_fits_kv_and_static_state():
     assert t == 1_048_576 and kv.bytes_for(t) <= budget
     t = kv.tokens_for(kv.bytes_for(1_048_576) - 1)
     assert kv.bytes_for(t) <= kv.bytes_for(1_048_576) - 1 < kv.bytes_for(t + 1) and t < 1_048_576
-    assert kv.bytes_for(t) == kv.kv_bytes_for(t) + static_bytes(FLASH, t, "bf16").total
+    assert kv.bytes_for(t) == kv.kv_bytes_for(t) + static_bytes(FLASH, t, "bf16", page_tokens=PLAN_PAGE_TOKENS).total
 
 
 # V4-Flash over 2 H100s, layers split [22, 21]: gpu0 holds layers 0-21 (2 sliding, 10 CSA, 10 HCA), gpu1 layers 22-42

@@ -150,7 +150,7 @@ def test_ramp_checks_count_each_devices_share_of_the_static_state(checkpoints):
     shares = {}
     for name, dev in model.devices.items():
         layers = model.placement.layers_on(name)
-        shares[name] = static_state_bytes(dg, 64, "fp8", layers, model.page_tokens)
+        shares[name] = static_state_bytes(dg, 64, "fp8", layers, page_tokens=model.page_tokens)
         assert 0 < shares[name] < whole
         shard = next(kv for kv in dg.static.shards if kv.account is dev)
         states = [s._states[i] for i in layers]
@@ -201,10 +201,10 @@ def test_peak_device_bytes_match_a_two_gpu_plan_under_graphs(checkpoints):
                          + kinds.count("hca") * max(1, page_tokens // args.hca_rate) * entry)
         stage = p.layout.stages[i]
         planned = stage.kv_bytes + stage.graph_bytes
-        # the plan's moving store is in the runtime's default pages (PLAN_PAGE_TOKENS), this model's in its own
+        # the plan's buffers and moving store in the default pages (PLAN_PAGE_TOKENS), this model's in its own
         shape = static_shape(args, usage["layers"])
-        planned -= (static_bytes(shape, ctx, "fp8", 2, page_tokens=PLAN_PAGE_TOKENS).moving
-                    - static_bytes(shape, ctx, "fp8", 2, page_tokens=model.page_tokens).moving)
+        planned -= (static_bytes(shape, ctx, "fp8", 2, page_tokens=PLAN_PAGE_TOKENS).total
+                    - static_bytes(shape, ctx, "fp8", 2, page_tokens=model.page_tokens).total)
         assert [r.bytes for r in p.placement if r.device == f"gpu{i}" and "attention state" in r.what
                 or r.device == f"gpu{i}" and r.what.startswith("KV cache")] == [stage.kv_bytes, stage.graph_bytes]
         state = usage["peak_bytes"] - usage["bytes_by_class"]["weights"]

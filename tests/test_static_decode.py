@@ -211,3 +211,55 @@ def test_a_bucket_of_many_pages_keeps_the_stores_page_size(checkpoints, kv_dtype
     assert graphed_rows == plain_rows == [c.store.page_rows_base for c in comps]
     assert graphed_walks == plain_walks and max(max(w) for w in plain_walks) == 4
     assert torch.equal(plain, graphed)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_another_sequences_load_detaches_every_page_of_the_first(checkpoints, kv_dtype):
+    """Adopted into a bucket of many pages (16-token pages, a 4096-token bucket), a sequence's store has every page a
+    view of the buffer: another sequence's load gives it copies of all of them (not only the first), so B's rows,
+    written into the buffer, never show through A's later pages."""
+    model = _model(checkpoints["mixed"], kv_dtype)
+    model.page_tokens = 16
+    gen = torch.Generator().manual_seed(5)
+    a, b = model.session(), model.session()
+    a.feed(torch.randint(0, 512, (40,), generator=gen).tolist())
+    mine = [c for ls in a._states for c in (ls.comp, ls.index_comp) if c is not None]
+    before = [c.entries().clone() for c in mine]
+    kv = StaticDecodeKV(model.net, 4096, like=a._states)
+    kv.load(a._states, 40)
+    assert all(len(c.store.pages) > 1 for c in mine)
+    b.feed(torch.randint(0, 512, (40,), generator=gen).tolist())
+    kv.load(b._states, 40)
+    bufs = [t for sl in kv.layers for sc in (sl.comp, sl.index) if sc is not None for t in sc.store._parts(sc.page)]
+    for c in mine:
+        for page in c.store.pages:
+            for part in c.store._parts(page):
+                if part.numel():  # the fp8 indexer's rope part is zero-wide: no storage to share
+                    assert not any(part.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                                   for t in bufs)
+    assert all(torch.equal(c.entries().view(torch.uint8), e.view(torch.uint8)) for c, e in zip(mine, before))
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_a_bucket_smaller_than_a_page_keeps_the_stores_page_size(checkpoints, kv_dtype):
+    """A bucket under one page (64-token pages: 16 CSA rows, 1 HCA row; a 32-token bucket: 8 CSA rows) adopts the
+    stores into a buffer of one whole page: their page size stays, so the eager prefill after it makes as many pages
+    as a session never graphed, with bit-equal logits."""
+    model = _model(checkpoints["mixed"], kv_dtype)
+    model.page_tokens = 64
+    gen = torch.Generator().manual_seed(13)
+    prompt, more = torch.randint(0, 512, (21,), generator=gen).tolist(), torch.randint(0, 512, (200,), generator=gen)
+    runs = []
+    for graphed in (False, True):
+        s = model.session()
+        s.feed(prompt)
+        comps = [c for ls in s._states for c in (ls.comp, ls.index_comp) if c is not None]
+        if graphed:
+            StaticDecodeKV(model.net, 32, like=s._states).load(s._states, 21)
+            assert [c.store.page_rows for c in comps] == [c.store.page_rows_base for c in comps]
+        logits = s.feed(more.tolist())
+        runs.append((logits, [c.store.page_rows for c in comps], [len(c.store.pages) for c in comps]))
+    (plain, plain_rows, plain_pages), (graphed, graphed_rows, graphed_pages) = runs
+    assert graphed_rows == plain_rows == [c.store.page_rows_base for c in comps] and max(plain_rows) == 16
+    assert graphed_pages == plain_pages
+    assert torch.equal(plain, graphed)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from homerun.engine.graph_sites import ShardedStaticKV
-from homerun.models.decode_bytes import DEFAULT_PAGE_TOKENS, static_bytes
+from homerun.models.decode_bytes import static_bytes
 from homerun.models.deepseek_v4.static_decode import static_shape
 
 
@@ -20,20 +20,20 @@ def _shards(kv) -> list:
     return list(kv.shards) if isinstance(kv, ShardedStaticKV) else [kv]
 
 
-def static_state_bytes(dg, n_tokens: int, kv_dtype: str, layers: Sequence[int] | None = None,
-                       page_tokens: int = DEFAULT_PAGE_TOKENS) -> int:
+def static_state_bytes(dg, n_tokens: int, kv_dtype: str, layers: Sequence[int] | None = None, *,
+                       page_tokens: int) -> int:
     """The device bytes of the static attention state that decode at a context of n_tokens takes beside the KV for
     `layers` (model positions; None: every layer), 0 where the decode graphs run no static cores: its buffers hold
     the KV (the state adopts the session's stores), so the bucket's padding, one store moving in and the small
-    parts (decode_bytes.StaticBytes.total; the KV in pages of page_tokens). Across devices each device holds its
-    layers' share."""
+    parts (decode_bytes.StaticBytes.total; the KV in pages of page_tokens, the runtime's: no default). Across
+    devices each device holds its layers' share."""
     if dg is None or not dg.whole_step:
         return 0
     shape = static_shape(dg.net.args, layers)  # the shape each shard charges (static_decode.StaticDecodeKV.planned)
     if not shape.n_layers:
         return 0
     act_bytes = torch.empty(0, dtype=dg.net.compute_dtype).element_size()
-    return static_bytes(shape, n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens, page_tokens).total
+    return static_bytes(shape, n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens, page_tokens=page_tokens).total
 
 
 def held_bytes(dg, account: Any, states: Sequence[Any] = ()) -> int:

@@ -35,7 +35,8 @@ def device_kv_more_bytes(model: "Model", name: str, n_tokens: int, states: Seque
     layers = model.placement.layers_on(name)
     if not layers:
         return 0, 0
-    graph = static_state_bytes(model.decode_graphs, n_tokens, model.kv_dtype, layers, model.page_tokens)
+    graph = static_state_bytes(model.decode_graphs, n_tokens, model.kv_dtype, layers,
+                               page_tokens=model.page_tokens)
     have = held_bytes(model.decode_graphs, model.devices[name], states)
     return model.kv_bytes_at(n_tokens, layers=layers) + graph - have, graph
 

@@ -50,6 +50,12 @@ def bucket_tokens(pos: int, min_tokens: int = MIN_BUCKET_TOKENS) -> int:
     return max(min_tokens, 1 << pos.bit_length())  # > pos: positions 0 .. cap-1
 
 
+def buffer_rows(cap: int, page_rows: int) -> int:
+    """The rows of a static entry buffer of cap entry rows adopted by a store of page_rows rows a page: whole pages
+    (its page size never shrinks), at least one past cap (row cap: the dump row of non-closing steps)."""
+    return cap + 1 if cap % page_rows == 0 else -(-cap // page_rows) * page_rows
+
+
 def kv_page_tokens(rate: int, first_ramp_tokens: int, asked: int | None = None) -> int:
     """The runtime's KV page in tokens of context: `asked`, else at least DEFAULT_PAGE_TOKENS and 1/32 of the first
     ramp step (past that step the last pages' spare room is under ~3% of the KV); a multiple of the largest
@@ -140,12 +146,13 @@ def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv
 
 
 def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: int = 2,
-                 min_bucket_tokens: int = MIN_BUCKET_TOKENS, page_tokens: int = DEFAULT_PAGE_TOKENS) -> StaticBytes:
+                 min_bucket_tokens: int = MIN_BUCKET_TOKENS, *, page_tokens: int) -> StaticBytes:
     """The device bytes of the static state whose bucket holds a context of ctx_tokens (its last position,
     ctx_tokens - 1), entries kept as kv_dtype ("auto" | "bf16" | "fp8"), compute dtype of act_bytes per element,
     the session's KV in pages of page_tokens; its `total` is what the state takes beside the KV of ctx_tokens
     (module docstring)."""
-    b = capacity_bytes(shape, bucket_tokens(max(ctx_tokens - 1, 0), min_bucket_tokens), kv_dtype, act_bytes)
+    b = capacity_bytes(shape, bucket_tokens(max(ctx_tokens - 1, 0), min_bucket_tokens), kv_dtype, act_bytes,
+                       page_tokens=page_tokens)
     s = shape
     entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
     key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
@@ -162,13 +169,19 @@ def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: 
     return replace(b, kv_entries=kv_entries, moving=moving)
 
 
-def capacity_bytes(shape: StaticShape, cap: int, kv_dtype: str, act_bytes: int = 2) -> StaticBytes:
-    """static_bytes for a static state of capacity cap tokens (static_decode.StaticDecodeKV's ctx_tokens)."""
+def capacity_bytes(shape: StaticShape, cap: int, kv_dtype: str, act_bytes: int = 2, *,
+                   page_tokens: int | None) -> StaticBytes:
+    """static_bytes for a static state of capacity cap tokens (static_decode.StaticDecodeKV's ctx_tokens), its
+    buffers adopted by stores in pages of page_tokens (None: held by stores of the bucket's own pages)."""
     s = shape
     n_csa, n_hca = max(1, cap // s.csa_rate), max(1, cap // s.hca_rate)  # entry rows per store (static_decode.caps)
     entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
     key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
-    entries = s.n_csa * (n_csa + 1) * (entry_b + key_b) + s.n_hca * (n_hca + 1) * entry_b
+
+    def rows(n: int, rate: int) -> int:  # static_decode's buffer of n entry rows
+        return buffer_rows(n, n if page_tokens is None else max(1, page_tokens // rate))
+
+    entries = s.n_csa * rows(n_csa, s.csa_rate) * (entry_b + key_b) + s.n_hca * rows(n_hca, s.hca_rate) * entry_b
 
     def opened(rate: int, dim: int, overlap: bool) -> int:  # a compressor's open window (+ its overlap slices)
         width = 2 * dim if overlap else dim

@@ -52,7 +52,8 @@ def stage_shapes(spec: ModelSpec, counts: Sequence[int]) -> list[StaticShape] | 
 
 
 def _stage_graph(shape: StaticShape, kv: KvLayout, tokens: int) -> StaticBytes | None:
-    return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS, PLAN_PAGE_TOKENS) if tokens > 0 \
+    return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS,
+                        page_tokens=PLAN_PAGE_TOKENS) if tokens > 0 \
         else None
 
 
@@ -88,7 +89,8 @@ class GraphKvLayout(KvLayout):
     act_bytes: int = GRAPH_ACT_BYTES
 
     def graph(self, tokens: int) -> StaticBytes:
-        return static_bytes(self.shape, tokens, self.dtype, self.act_bytes, MIN_BUCKET_TOKENS, PLAN_PAGE_TOKENS)
+        return static_bytes(self.shape, tokens, self.dtype, self.act_bytes, MIN_BUCKET_TOKENS,
+                            page_tokens=PLAN_PAGE_TOKENS)
 
     def graph_bytes(self, tokens: int) -> int:
         return self.graph(tokens).total if tokens > 0 else 0

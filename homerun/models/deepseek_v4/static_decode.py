@@ -23,12 +23,13 @@ closed keys and the top-k runs over the capacity, while the window and entry rea
 
 The entries are kept as the sequence's own stores keep them (any kv_dtype), and in them: `load` adopts each of the
 session's entry stores (homerun.models.kv: PagedRows in the compute dtype or in bf16, Fp8PagedRows), store by store:
-its rows are copied once into a static buffer of the bucket (cap + 1 rows, allocated as one of that store's pages and
-charged as its KV), whose rows then are the store's pages (views of its page size, `_page_rows`), and its old pages
-go back to the budget. So the KV lives once on the device (issue 13, "VRAM as planned": the plan charges the KV plus
-the bucket's padding, not a second copy); the session's states, checkpoints and the eager path (which appends pages
-past the capacity) all read the same rows. The captured step writes the buffer through the format's encoder at a
-device-side row (`put_at`: fp8 quantizes on store) and reads it through its decoder (fp8 dequantizes the capacity's
+its rows are copied once into a static buffer of the bucket (whole pages of the store's size, at least cap + 1 rows:
+static_pages, allocated as one of that store's pages and charged as its KV), whose rows then are the store's pages
+(views of its own page size, never changed), and its old pages go back to the budget. So the KV lives once on the
+device (issue 13, "VRAM as planned": the plan charges the KV plus the bucket's padding, not a second copy); the
+session's states, checkpoints and the eager path (which appends pages past the capacity) all read the same rows. The
+captured step writes the buffer through the format's encoder at a device-side row (`put_at`: fp8 quantizes on
+store) and reads it through its decoder (fp8 dequantizes the capacity's
 rows each step, HCA entries and indexer keys, or the top-k's gathered CSA rows), the eager path's functions on the
 same rows. A bucket change adopts the same stores into the next bucket's buffers (one store's old buffer alive at a
 time, not two buckets); a state from before a bucket its sequence has outgrown is copied in, its store left as it is.
@@ -49,6 +50,8 @@ import torch
 from homerun.models.deepseek_v4.config import LAYER_CSA, LAYER_HCA, LAYER_SLIDING
 from homerun.models.decode_bytes import StaticShape, bucket_tokens, capacity_bytes  # noqa: F401 - re-exported
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
+from homerun.models.deepseek_v4.static_pages import (  # noqa: F401 - re-exported (tests)
+    _move_tags, _new_buffer, _page_rows, _views, static_store)
 from homerun.models.kv import PagedRows
 
 
@@ -61,46 +64,6 @@ def static_shape(args, layers: Sequence[int] | None = None) -> StaticShape:
     kinds = [args.layer_kinds[i] for i in (range(args.n_layers) if layers is None else layers)]
     return StaticShape(len(kinds), kinds.count(LAYER_CSA), kinds.count(LAYER_HCA), args.head_dim, args.rope_dim,
                        args.index_head_dim, args.window_size, args.csa_rate, args.hca_rate)
-
-
-def _new_buffer(owner: PagedRows, cap: int) -> tuple[Any, list]:
-    """A zeroed static buffer of cap + 1 rows in owner's format, allocated (and charged) as one of owner's pages (row
-    cap: the dump row of non-closing steps). -> (the buffer as a page, the budget tags it added to owner's)."""
-    mark = len(owner._tags)
-    try:
-        page = owner._alloc(cap + 1)
-    except BaseException:  # a part that did not fit: the parts charged before it go back (the store lives on)
-        if owner.account is not None:
-            owner.account.free_all(owner._tags[mark:])
-        del owner._tags[mark:]
-        raise
-    for t in owner._parts(page):
-        t.zero_()
-    return page, owner._tags[mark:]
-
-
-def _page_rows(store: PagedRows, cap: int) -> int:
-    """The page size of a store viewing a static buffer of cap rows: its own where that divides cap, so every eager
-    reader (prefill's query blocks, the indexer's page temporaries, snapshots, growth past the bucket) walks the pages
-    it would have without the graphs; else the largest power of two under it that divides cap (cap if smaller)."""
-    pr = store.page_rows_base
-    if cap % pr:
-        pr = min(cap, 1 << (pr.bit_length() - 1))
-    return pr if cap % pr == 0 else cap
-
-
-def _views(store: PagedRows, page, cap: int) -> list:
-    """The first cap rows of the buffer `page` as store's pages (views of store.page_rows rows each)."""
-    return [store._slice(page, store.page_rows, r0) for r0 in range(0, cap, store.page_rows)]
-
-
-def static_store(like: PagedRows, cap: int, device: torch.device, account: Any = None) -> tuple[PagedRows, Any, list]:
-    """An empty store of like's format whose first page is a static buffer of cap + 1 rows (its first cap rows).
-    -> (store, the whole buffer as a page, the budget tags it is charged under to `account`: freed with the store)."""
-    store = like.empty_like(cap, device, account)
-    page, tags = _new_buffer(store, cap)
-    store.pages.append(store._slice(page, cap))
-    return store, page, tags
 
 
 class _Arena:
@@ -143,7 +106,8 @@ class _Comp:
     pend_gate: torch.Tensor  # [rate, width]
     overlap_kv: torch.Tensor | None  # [rate, hd] (CSA); zeros and -inf gates before the first close
     overlap_gate: torch.Tensor | None
-    page: Any  # the buffer of cap + 1 rows: entries 0..cap-1, row cap the dump slot (None until the first load)
+    cap: int  # the entry rows the step reads (its shapes): the buffer's first cap rows
+    page: Any  # the buffer (decode_bytes.buffer_rows): entries 0..cap-1, row cap the dump slot (None before a load)
     store: PagedRows  # the store whose first page is page's first cap rows: the adopted session store, or a holder
     tags: list  # page's budget tags (in store's: they move with the page when the store changes)
     ids: tuple[int, ...]  # the arena views of pend_kv, pend_gate[, overlap_kv, overlap_gate]
@@ -206,7 +170,7 @@ class StaticDecodeKV:
         kv_dtype = _kv_dtype(net, like)
         act_bytes = torch.empty(0, dtype=net.compute_dtype).element_size()
         self.planned = (capacity_bytes(static_shape(a, [lay.index for lay in net.layers]), ctx_tokens, kv_dtype,
-                                      act_bytes) if kv_dtype else None)  # a shard: its layers' share
+                                      act_bytes, page_tokens=_page_tokens(net, like)) if kv_dtype else None)
         self._tags: list = []
         if self.account is not None:
             weakref.finalize(self, self.account.free_all, self._tags)
@@ -262,7 +226,8 @@ class StaticDecodeKV:
             if c.overlap:  # before the first close: no previous window (zero rows, -inf gates: weight 0)
                 ok, og = ar.view(ids[2]), ar.view(ids[3])
                 og.fill_(float("-inf"))
-            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, None, holder, [], ids))
+            out.append(_Comp(c.rate, ar.view(ids[0]), ar.view(ids[1]), ok, og, self.caps[c.rate], None, holder, [],
+                             ids))
         return _Layer(ar.view(win_id), win_id, *out)
 
     def stores(self) -> list[PagedRows]:
@@ -315,7 +280,7 @@ class StaticDecodeKV:
         try:
             for sc, old in live:
                 marks.append((old, len(old._tags)))
-                owns.append(old._alloc(self.caps[sc.rate]))
+                owns.append(old._alloc(-(-self.caps[sc.rate] // old.page_rows) * old.page_rows))
         except BaseException:
             for old, n in marks:
                 if old.account is not None:
@@ -327,8 +292,8 @@ class StaticDecodeKV:
         for (sc, old), own in zip(live, owns):
             cap = self.caps[sc.rate]
             for dst, src in zip(old._parts(own), old._parts(sc.page)):
-                dst.copy_(src[:cap])
-            old.pages[: cap // old.page_rows] = _views(old, own, cap)  # the pages that viewed the buffer
+                dst[:cap].copy_(src[:cap])
+            old.pages[: -(-cap // old.page_rows)] = _views(old, own, cap)  # the pages that viewed the buffer
         self._handed_out = False
 
     def _load_comp(self, sc: _Comp, cst: CompressorState, pos: int) -> None:
@@ -375,7 +340,7 @@ class StaticDecodeKV:
         if store.account is not None:
             store.account.free_all(stale)
         store._tags[:] = [t for t in store._tags if t in sc.tags]  # in place: the store's finalizer holds the list
-        store.page_rows = _page_rows(store, cap)
+        store.page_rows = _page_rows(store, cap, _rows(sc))
         store.pages[:] = _views(store, sc.page, cap)
         sc.store = store
         self._handed_out = True  # the session's store reads the buffer: another sequence's load detaches it
@@ -454,33 +419,33 @@ class StaticDecodeKV:
             sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))
 
 
-def _move_tags(tags: list, src: PagedRows, dst: PagedRows) -> None:
-    """The budget tags move from src to dst, so that src's finalizer no longer frees them and dst's does."""
-    for tag in tags:
-        if tag in src._tags:
-            src._tags.remove(tag)
-            dst._tags.append(tag)
-
-
 def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
-    """sc's static buffer (its first cap rows) becomes dst's first page and dst becomes sc.store; the buffer's budget
-    tags move from src to dst."""
+    """sc's static buffer (its first cap rows) becomes dst's pages that view it (views of dst's page size) and dst
+    becomes sc.store; the buffer's budget tags move from src to dst."""
     _move_tags(sc.tags, src, dst)
-    cap = _cap(sc)
-    dst.pages[: cap // dst.page_rows] = _views(dst, sc.page, cap)
+    dst.pages[: -(-sc.cap // dst.page_rows)] = _views(dst, sc.page, sc.cap)
     sc.store = dst
 
 
-def _cap(sc: _Comp) -> int:  # the entry rows of sc's buffer (its last row is the dump row)
-    return sc.store._parts(sc.page)[0].shape[0] - 1
+def _rows(sc: _Comp) -> int:  # the rows of sc's buffer (its first cap the entries, row cap the dump row)
+    return sc.store._parts(sc.page)[0].shape[0]
 
 
 def _read(sc: _Comp, sel: torch.Tensor | None = None) -> torch.Tensor:
     """The static entries as the eager path reads its store's (decoded by the same format hooks): every row of the
     capacity, or the rows at the device indices sel."""
     if sel is None:
-        return sc.store._get(sc.page, _cap(sc))
+        return sc.store._get(sc.page, sc.cap)
     return sc.store._take(sc.page, sel)
+
+
+def _page_tokens(net, like) -> int | None:
+    """The page (tokens of context) of the stores of `like` that the buffers are allocated in (None: no stores; the
+    buffers then go to holders of the bucket's own pages)."""
+    for lay, st in zip(net.layers, like or ()):
+        if st.comp is not None:
+            return st.comp.store.page_rows_base * net.args.rate(lay.index)
+    return None
 
 
 def _kv_dtype(net, like) -> str | None:
