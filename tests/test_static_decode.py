@@ -47,6 +47,16 @@ def _eager_step(net, kl, tok: int, pos: int, states, core):
     return new, eager, static
 
 
+def _comps(states):
+    """The compressor states (entries and indexer keys) of a sequence's LayerStates, layer by layer."""
+    return [c for ls in states for c in (ls.comp, ls.index_comp) if c is not None]
+
+
+def _static_comps(kv):
+    """The static core's compressors (entries and indexer keys), in _comps' order."""
+    return [sc for sl in kv.layers for sc in (sl.comp, sl.index) if sc is not None]
+
+
 def _fork(states):
     """The states over copies of their entry stores (same format, the committed rows as stored): the static core
     adopts what it loads, so the eager run beside it keeps stores of its own."""
@@ -143,7 +153,7 @@ def test_load_adopts_the_sessions_stores(checkpoints, kv_dtype):
     early = s._states  # no closed entries yet: its stores are the later states' too
     s.feed(prompt[2:])
     states = s._states
-    before = [c.entries().clone() for ls in states for c in (ls.comp, ls.index_comp) if c is not None]
+    before = [c.entries().clone() for c in _comps(states)]
 
     def check(kv, states):
         comps = [(c, sc) for ls, sl in zip(states, kv.layers) for c, sc in ((ls.comp, sl.comp), (ls.index_comp,
@@ -166,8 +176,8 @@ def test_load_adopts_the_sessions_stores(checkpoints, kv_dtype):
     other = model.session()
     other.feed([7, 7, 7, 7, 7])
     kv.load(other._states, 5)  # another sequence: the first keeps its entries in a copy of its page
-    mine = [c for ls in states for c in (ls.comp, ls.index_comp) if c is not None]
-    buffers = {sc.store._parts(sc.page)[0].data_ptr() for sl in kv.layers for sc in (sl.comp, sl.index) if sc}
+    mine = _comps(states)
+    buffers = {sc.store._parts(sc.page)[0].data_ptr() for sc in _static_comps(kv)}
     assert not {c.store._parts(c.store.pages[0])[0].data_ptr() for c in mine} & buffers
     assert all(torch.equal(c.entries().view(torch.uint8), e.view(torch.uint8)) for c, e in zip(mine, before))
 
@@ -195,11 +205,11 @@ def test_a_bucket_of_many_pages_keeps_the_stores_page_size(checkpoints, kv_dtype
     for graphed in (False, True):
         s = model.session()
         s.feed(prompt)
-        comps = [c for ls in s._states for c in (ls.comp, ls.index_comp) if c is not None]
+        comps = _comps(s._states)
         if graphed:
             kv = StaticDecodeKV(model.net, 4096, like=s._states)
             kv.load(s._states, 21)
-            bufs = [sc.page for sl in kv.layers for sc in (sl.comp, sl.index) if sc is not None]
+            bufs = [sc.page for sc in _static_comps(kv)]
             for c, page in zip(comps, bufs):  # adopted: the pages view the buffer, more than one of them
                 assert len(c.store.pages) > 1
                 assert c.store._parts(c.store.pages[1])[0].data_ptr() == c.store._parts(page)[0][
@@ -223,14 +233,14 @@ def test_another_sequences_load_detaches_every_page_of_the_first(checkpoints, kv
     gen = torch.Generator().manual_seed(5)
     a, b = model.session(), model.session()
     a.feed(torch.randint(0, 512, (40,), generator=gen).tolist())
-    mine = [c for ls in a._states for c in (ls.comp, ls.index_comp) if c is not None]
+    mine = _comps(a._states)
     before = [c.entries().clone() for c in mine]
     kv = StaticDecodeKV(model.net, 4096, like=a._states)
     kv.load(a._states, 40)
     assert all(len(c.store.pages) > 1 for c in mine)
     b.feed(torch.randint(0, 512, (40,), generator=gen).tolist())
     kv.load(b._states, 40)
-    bufs = [t for sl in kv.layers for sc in (sl.comp, sl.index) if sc is not None for t in sc.store._parts(sc.page)]
+    bufs = [t for sc in _static_comps(kv) for t in sc.store._parts(sc.page)]
     for c in mine:
         for page in c.store.pages:
             for part in c.store._parts(page):
@@ -253,7 +263,7 @@ def test_a_bucket_smaller_than_a_page_keeps_the_stores_page_size(checkpoints, kv
     for graphed in (False, True):
         s = model.session()
         s.feed(prompt)
-        comps = [c for ls in s._states for c in (ls.comp, ls.index_comp) if c is not None]
+        comps = _comps(s._states)
         if graphed:
             StaticDecodeKV(model.net, 32, like=s._states).load(s._states, 21)
             assert [c.store.page_rows for c in comps] == [c.store.page_rows_base for c in comps]
