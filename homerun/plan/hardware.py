@@ -236,9 +236,12 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
         gpus = tuple(replace(g, mem_bw_gbps=bw["vram"]) for g in gpus)
     mac = platform.system() == "Darwin" and platform.machine() == "arm64"
     ram_gib = psutil.virtual_memory().total / GIB
-    memory = MemorySpec(unified=True, gpu_limit_gib=0.75 * ram_gib) if mac else MemorySpec()
+    # No GPU limit on a Mac: homerun runs one-pool plans on the host CPU (homerun.plan.one_pool.pool_limit), which
+    # fill RAM less the host reserve; the Metal wired limit (iogpu.wired_limit_mb) bounds only what the GPU maps.
+    memory = MemorySpec(unified=True) if mac else MemorySpec()
     if mac:
-        assumed.append("Apple GPU wired limit assumed 75 % of RAM (MLX/Metal default, vmlx-swift #417/#418)")
+        assumed.append("Apple GPU not used: homerun runs unified-memory plans on the CPU, so they may fill RAM less "
+                       "the host reserve and the GPU's wired limit (iogpu.wired_limit_mb) is neither read nor applied")
         gpus = (GpuSpec(name="Apple GPU", vram_gib=0, mem_bw_gbps=dram, h2d_gbps=0),)
     cpu = CpuSpec(name=platform.processor() or platform.machine(), cores=psutil.cpu_count(logical=False) or 1,
                   ram_gib=ram_gib, mem_bw_gbps=dram, flags=flags)
