@@ -17,6 +17,7 @@ from homerun.plan.planner import PlanOptions, plan
 from profiles.schema import GIB
 
 RAM_GIB = 128.0
+REAL_GPU_SPECS = hardware._gpu_specs  # the fixture below replaces it
 
 
 @pytest.fixture
@@ -51,3 +52,22 @@ def test_plan_on_detected_mac_fills_ram_less_the_reserve(mac):
     assert "GPU's" not in limit["reason"]  # no GPU limit recorded, none mentioned
     pool = next(d for d in p.devices if d.kind == "unified")
     assert pool.margins["host_reserve"] == int(prof.policy.host_reserve_gib * GIB)
+
+
+def test_detected_mac_cpu_flags(mac):
+    assert mac[0].cpu.flags == ("neon",)  # ARMv8 always has Advanced SIMD; no /proc/cpuinfo on macOS
+
+
+def test_unmeasured_cuda_link_is_named_as_assumed(monkeypatch):
+    import torch
+
+    props = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    assumed: list[str] = []
+    (gpu,) = REAL_GPU_SPECS(None, assumed)
+    assert gpu.h2d_gbps == hardware.H2D_ASSUMED_GBPS and any("host-to-device" in a for a in assumed)
+    assumed = []
+    (gpu,) = REAL_GPU_SPECS(25.0, assumed)
+    assert gpu.h2d_gbps == 25.0 and not any("host-to-device" in a for a in assumed)

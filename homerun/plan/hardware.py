@@ -42,6 +42,7 @@ KNOWN_GPUS = {
     "H200": (4800.0, None, True, False),
     "GB10": (273.0, None, True, True),
 }
+H2D_ASSUMED_GBPS = 20.0  # unmeasured pinned H2D: under PCIe 4.0 x16's nvbandwidth 23.9-26.4 GB/s (NVIDIA/nvbandwidth #15)
 MEASURED_KEYS = {"schema_version", "written_by", "written_at", "host", "profile", "bandwidth_gbps", "efficiency",
                  "expert_cache_hit_rate"}
 BANDWIDTH_KEYS = {"dram_read", "h2d_pinned", "vram"}
@@ -202,7 +203,10 @@ def _gpu_specs(h2d: float | None, assumed: list[str]) -> tuple[GpuSpec, ...]:
             known = (500.0, None, False, False)
         bw, tflops, fp8, fp4 = known
         out.append(GpuSpec(name=props.name, vram_gib=props.total_memory / GIB, mem_bw_gbps=bw,
-                           h2d_gbps=h2d or 20.0, tflops_bf16=tflops, fp8=fp8, fp4=fp4))
+                           h2d_gbps=h2d or H2D_ASSUMED_GBPS, tflops_bf16=tflops, fp8=fp8, fp4=fp4))
+    if out and not h2d:
+        assumed.append(f"host-to-device bandwidth not measured: assumed {H2D_ASSUMED_GBPS:g} GB/s (below PCIe 4.0 "
+                       "x16's measured 23.9-26.4, hardware.md §3)")
     return tuple(out)
 
 
