@@ -71,3 +71,39 @@ def test_unmeasured_cuda_link_is_named_as_assumed(monkeypatch):
     assumed = []
     (gpu,) = REAL_GPU_SPECS(25.0, assumed)
     assert gpu.h2d_gbps == 25.0 and not any("host-to-device" in a for a in assumed)
+
+
+def _fake_cuda(monkeypatch, *props):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+
+
+def test_integrated_cuda_gpu_is_one_pool(monkeypatch):
+    """A DGX Spark (GB10: CUDA reports the host RAM as the device's memory, is_integrated set) is one pool counted
+    once, planned like the shipped dgx-spark profile; the old detection made it a 119 GiB GPU beside 119 GiB of RAM."""
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=int(119 * GIB)))
+    _fake_cuda(monkeypatch, SimpleNamespace(name="NVIDIA GB10", total_memory=119 * GIB, is_integrated=True))
+    prof, det = hardware.detect(measure=False)
+    assert prof.memory.unified and prof.memory.gpu_limit_gib is None
+    assert [(g.vram_gib, g.h2d_gbps, g.mem_bw_gbps) for g in prof.gpu_list] == [(0, 0, 273.0)]
+    assert prof.policy.reserve_vram_gib == 0 and prof.policy.pinned_staging_gib == 0
+    assert any("integrated" in a for a in det.assumed) and not any("host-to-device" in a for a in det.assumed)
+    spec, inv = resolve_model("openai/gpt-oss-120b")
+    p = plan(spec, inv, prof, PlanOptions())
+    assert p.fits and p.mode == "unified"
+    assert sum(d.capacity_bytes for d in p.devices) == int(119 * GIB)  # the RAM once, not RAM + "VRAM"
+
+
+def test_integrated_gpu_beside_a_discrete_one_is_left_out(monkeypatch):
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    _fake_cuda(monkeypatch, SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB),
+               SimpleNamespace(name="AMD Radeon Graphics", total_memory=64 * GIB, is_integrated=True))
+    prof, det = hardware.detect(measure=False)
+    assert not prof.memory.unified and [g.name for g in prof.gpu_list] == ["NVIDIA GeForce RTX 4090"]
+    assert any("integrated GPU left out" in a for a in det.assumed)
