@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,16 +36,16 @@ def _law_cdf(depth: float, n: int, k: int) -> float:
 
 
 def _hand_hit(spec, cache: int, a: float) -> float:
-    """Fixed point of h = [hashed x frac + routed x (R q cdf(S/q) + (1 - R) frac)] / layers, q = h + (1 - h) a."""
+    """Fixed point of r = R q cdf(S/q) + (1 - R) frac over the routed layers, q = r + (1 - r) a (only their recency
+    stacks hold what was admitted), then h = [hashed x frac + routed layers x r] / layers."""
     layers, n, k = spec.moe_layers, spec.n_routed_experts, spec.experts_per_tok
     frac = cache / (layers * n)
     hashed = int(spec.config.get("num_hash_layers", 0) or 0)
-    h = 0.5
-    for _ in range(500):  # plain iteration: a contraction here (the slope in h is well under 1)
-        q = h + (1 - h) * a
-        routed = REUSE_PROB * q * _law_cdf(frac * n / q, n, k) + (1 - REUSE_PROB) * frac
-        h = (hashed * frac + (layers - hashed) * routed) / layers
-    return h
+    r = 0.5
+    for _ in range(500):  # plain iteration: a contraction here (the slope in r is well under 1)
+        q = r + (1 - r) * a
+        r = REUSE_PROB * q * _law_cdf(frac * n / q, n, k) + (1 - REUSE_PROB) * frac
+    return (hashed * frac + (layers - hashed) * r) / layers
 
 
 def _cache_experts(p) -> int:
@@ -138,3 +139,40 @@ def test_admission_model_matches_a_simulated_cache():
             prior = hit_rate_prior(spec, slots * spec.moe_layers, admit=lambda h, a=a: a)[0]
             assert prior == pytest.approx(sim, abs=0.03), (slots, a)
             assert prior_full - prior == pytest.approx(sim_full - sim, abs=0.02), (slots, a)
+
+
+def _hashed_trace(n_tokens: int, n_experts: int, top_k: int, seed: int):
+    """A hash-routed layer's picks: top_k distinct experts fixed by the token id, ids drawn uniformly (no recency)."""
+    rng = random.Random(seed)
+    rec = SimpleNamespace
+    return SimpleNamespace(records=[rec(token=t, layer=0, experts=tuple(rng.sample(range(n_experts), top_k)))
+                                    for t in range(n_tokens)])
+
+
+def test_admission_with_hash_layers_matches_simulated_caches():
+    """With hash-routed layers the admission acts on the routed layers' own recency stacks: expected = the simulated
+    LRU over routed layers (reuse_trace) and over hashed layers (uniform picks by token id), each admitting a miss with
+    probability a, mixed by layer count. Half of V4-Flash's 43 MoE layers made hash-routed so the mix matters: the
+    fall from a = 1 matches within 0.02 (the old q from the all-layer rate fell 0.03-0.06 too far here)."""
+    flash, _ = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    hashed = 21
+    spec = replace(flash, config={**flash.config, "num_hash_layers": hashed})
+    layers, n, k = spec.moe_layers, spec.n_routed_experts, spec.experts_per_tok
+    routed = reuse_trace(4000, 2, n, k, seed=1)
+    hashed_trace = _hashed_trace(4000, n, k, seed=2)
+
+    def sim(slots: int, a: float) -> float:
+        r = _lru_with_admission(routed, slots, a, 500)
+        hs = _lru_with_admission(hashed_trace, slots, a, 500)
+        return (hashed * hs + (layers - hashed) * r) / layers
+
+    for slots in (20, 40):
+        sim_full = sim(slots, 1.0)
+        prior_full = hit_rate_prior(spec, slots * layers)[0]
+        assert prior_full == pytest.approx(sim_full, abs=0.03), slots
+        for a in (0.35, 0.2):
+            s = sim(slots, a)
+            prior = hit_rate_prior(spec, slots * layers, admit=lambda h, a=a: a)[0]
+            assert prior == pytest.approx(s, abs=0.03), (slots, a)
+            assert prior_full - prior == pytest.approx(sim_full - s, abs=0.02), (slots, a)
+            assert prior == pytest.approx(_hand_hit(spec, slots * layers, a), abs=1e-6)
