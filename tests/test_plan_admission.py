@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import pytest
 
 from homerun.plan.inventory import resolve_model
-from homerun.plan.planner import plan
+from homerun.plan.planner import PlanOptions, plan
 from homerun.plan.priors import hit_rate_prior
 from homerun.plan.records import REUSE_PROB, STACK_ALPHA, STACK_OFFSET_TOKENS
 from homerun.plan.validate import load_table, row_inventory, row_options, row_profile
 from offload.trace import reuse_trace
+from profiles import load_profile
 
 ROWS = {r["id"]: r for r in load_table()}
 ROME = "freetoken444-v4flash-5090-epyc-rome"
@@ -88,6 +89,25 @@ def test_rome_plan_hit_rate_is_what_its_link_can_admit():
     assert h == pytest.approx(_hand_hit(spec, cache, a), abs=2e-3)
     assert h < hit_rate_prior(spec, cache)[0] - 0.1  # 0.36 against 0.50 with every miss admitted
     assert "admits only" in pred["hit_rate_source"]
+
+
+def test_two_gpu_plan_admits_over_one_link():
+    """Qwen3-235B on 2xh100 (two H100 PCIe, 35.2 GB/s each, layers split in two pipeline stages): each GPU refills its
+    own layers' cache over its own link and promotes only while its own layers run (offload/cache.py prefetch), so
+    per token a GPU carries its share of the misses in its share of the token time: the admitted share is one link's
+    worth at the plan's own speed, as decode_speed streams over one link, not the two links summed."""
+    spec, inv = resolve_model("Qwen/Qwen3-235B-A22B")
+    prof = load_profile("2xh100")
+    assert len(prof.gpu_list) == 2
+    p = plan(spec, inv, prof, PlanOptions())
+    pred = p.predicted
+    h, cache = pred["expert_cache_hit_rate"], _cache_experts(p)
+    miss = (1 - h) * spec.active_experts_per_token * inv.bytes_per_expert
+    per_token = prof.gpu_list[0].h2d_gbps * 1e9 * pred["efficiency"]["pcie"] / pred["decode_tok_s"]
+    a = per_token / miss
+    assert 0.1 < a < 0.5 and "admits only" in pred["hit_rate_source"]
+    assert h == pytest.approx(_hand_hit(spec, cache, a), abs=2e-3)
+    assert _hand_hit(spec, cache, 2 * a) > h + 0.05  # both links summed would admit twice as much
 
 
 def test_streaming_runtime_admits_every_miss():
