@@ -107,3 +107,58 @@ def test_integrated_gpu_beside_a_discrete_one_is_left_out(monkeypatch):
     prof, det = hardware.detect(measure=False)
     assert not prof.memory.unified and [g.name for g in prof.gpu_list] == ["NVIDIA GeForce RTX 4090"]
     assert any("integrated GPU left out" in a for a in det.assumed)
+
+
+def _fake_copies(monkeypatch) -> list:
+    """torch.empty / synchronize that record the device asked for and copy on the CPU (no CUDA here)."""
+    import torch
+
+    real = torch.empty
+    where: list = []
+
+    def empty(*size, dtype=None, device=None, pin_memory=False):
+        where.append(device)
+        return real(*size, dtype=dtype)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: where.append(("sync", device)))
+    return where
+
+
+IGPU_FIRST = (SimpleNamespace(name="AMD Radeon Graphics", total_memory=64 * GIB, is_integrated=True),
+              SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB))
+
+
+def test_h2d_is_measured_on_the_discrete_gpu(monkeypatch):
+    """An integrated GPU at CUDA ordinal 0 beside a discrete one at 1: the link measured is the discrete GPU's (the
+    old measurement copied to "cuda", device 0, and recorded the integrated GPU's copy speed as the link)."""
+    import torch
+
+    _fake_cuda(monkeypatch, *IGPU_FIRST)
+    where = _fake_copies(monkeypatch)
+    assert hardware.measure_h2d_gbps(seconds=0.01, size_bytes=4096) > 0
+    assert where[1] == torch.device("cuda", 1) and ("sync", torch.device("cuda", 1)) in where
+    _fake_cuda(monkeypatch, IGPU_FIRST[0])  # an integrated GPU alone has no host link to measure
+    where.clear()
+    assert hardware.measure_h2d_gbps(seconds=0.01, size_bytes=4096) is None and not where
+
+
+def test_detection_names_the_cuda_ordinal_the_plan_gpu_is(monkeypatch):
+    """Detected with measuring (DRAM and CPU peaks faked): the discrete GPU gets the link measured on it, and since a
+    placed run puts the plan's GPU 0 on cuda:0 (the integrated one here) the detection says how to make them agree."""
+    import torch
+    from homerun.kernels import kernel_bench
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel_bench, "measure_dram_read_gbps", lambda reps=3: 60.0)
+    monkeypatch.setattr(hardware, "measure_cpu_peaks", lambda: None)
+    _fake_cuda(monkeypatch, *IGPU_FIRST)
+    where = _fake_copies(monkeypatch)
+    prof, det = hardware.detect(measure=True)
+    assert [g.name for g in prof.gpu_list] == ["NVIDIA GeForce RTX 4090"]
+    assert prof.gpu_list[0].h2d_gbps == det.h2d_gbps > 0 and torch.device("cuda", 1) in where
+    assert any("CUDA_VISIBLE_DEVICES=1" in a for a in det.assumed)
+    _fake_cuda(monkeypatch, *IGPU_FIRST[::-1])  # discrete at 0: GPU 0 is cuda:0 already, nothing to say
+    _, det = hardware.detect(measure=False)
+    assert not any("CUDA_VISIBLE_DEVICES" in a for a in det.assumed)
