@@ -25,7 +25,7 @@ def mac(monkeypatch):
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(platform, "machine", lambda: "arm64")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=int(RAM_GIB * GIB)))
-    monkeypatch.setattr(hardware, "_gpu_specs", lambda h2d, assumed: ())  # no CUDA on a Mac
+    monkeypatch.setattr(hardware, "_gpu_specs", lambda h2d, assumed, dram: ())  # no CUDA on a Mac
     prof, det = hardware.detect(measure=False)
     return prof, det
 
@@ -66,10 +66,10 @@ def test_unmeasured_cuda_link_is_named_as_assumed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
     assumed: list[str] = []
-    (gpu,) = REAL_GPU_SPECS(None, assumed)
+    (gpu,) = REAL_GPU_SPECS(None, assumed, 50.0)
     assert gpu.h2d_gbps == hardware.H2D_ASSUMED_GBPS and any("host-to-device" in a for a in assumed)
     assumed = []
-    (gpu,) = REAL_GPU_SPECS(25.0, assumed)
+    (gpu,) = REAL_GPU_SPECS(25.0, assumed, 50.0)
     assert gpu.h2d_gbps == 25.0 and not any("host-to-device" in a for a in assumed)
 
 
@@ -97,6 +97,22 @@ def test_integrated_cuda_gpu_is_one_pool(monkeypatch):
     p = plan(spec, inv, prof, PlanOptions())
     assert p.fits and p.mode == "unified"
     assert sum(d.capacity_bytes for d in p.devices) == int(119 * GIB)  # the RAM once, not RAM + "VRAM"
+
+
+def test_unknown_integrated_gpu_reads_at_the_dram_figure(monkeypatch):
+    """An integrated GPU not in KNOWN_GPUS (a Strix Halo APU) reads the host RAM: its bandwidth is the DRAM figure, as
+    a Mac's GPU gets, with no "assumed 500 GB/s" note (the old detection kept 500 and said so)."""
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    _fake_cuda(monkeypatch, SimpleNamespace(name="AMD Radeon 8060S", total_memory=96 * GIB, is_integrated=True))
+    measured = hardware.Measured(path="measured.json", bandwidth_gbps={"dram_read": 212.0})
+    prof, det = hardware.detect(measure=False, measured=measured)
+    assert prof.memory.unified and [(g.vram_gib, g.mem_bw_gbps) for g in prof.gpu_list] == [(0, 212.0)]
+    assert not any("bandwidth unknown" in a for a in det.assumed)
+    assumed: list[str] = []  # a discrete GPU not in the table still gets the guess, said as such
+    _fake_cuda(monkeypatch, SimpleNamespace(name="NVIDIA Future GPU", total_memory=48 * GIB))
+    (gpu,) = REAL_GPU_SPECS(25.0, assumed, 212.0)
+    assert gpu.mem_bw_gbps == 500.0 and any("bandwidth unknown, assumed 500 GB/s" in a for a in assumed)
 
 
 def test_integrated_gpu_beside_a_discrete_one_is_left_out(monkeypatch):

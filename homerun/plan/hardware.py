@@ -210,7 +210,7 @@ def measure_h2d_gbps(seconds: float = 1.0, size_bytes: int = 256 * 2**20, index:
     return best
 
 
-def _gpu_specs(h2d: float | None, assumed: list[str]) -> tuple[GpuSpec, ...]:
+def _gpu_specs(h2d: float | None, assumed: list[str], dram_gbps: float) -> tuple[GpuSpec, ...]:
     import torch
 
     if not torch.cuda.is_available():
@@ -219,7 +219,9 @@ def _gpu_specs(h2d: float | None, assumed: list[str]) -> tuple[GpuSpec, ...]:
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         known = next((v for k, v in KNOWN_GPUS.items() if k.lower() in props.name.lower()), None)
-        if known is None:
+        if known is None and _is_integrated(props):  # it reads the host RAM: the DRAM figure, as a Mac's GPU
+            known = (dram_gbps, None, False, False)
+        elif known is None:
             assumed.append(f"gpu{i} {props.name}: bandwidth unknown, assumed 500 GB/s")
             known = (500.0, None, False, False)
         bw, tflops, fp8, fp4 = known
@@ -260,7 +262,7 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
     if dram is None:
         dram = 50.0
         assumed.append("DRAM bandwidth not measured: assumed 50 GB/s")
-    gpus = _gpu_specs(h2d, assumed)
+    gpus = _gpu_specs(h2d, assumed, dram)
     if gpus and "vram" in bw:
         gpus = tuple(replace(g, mem_bw_gbps=bw["vram"]) for g in gpus)
     mac = platform.system() == "Darwin" and platform.machine() == "arm64"
