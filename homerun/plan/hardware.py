@@ -43,7 +43,8 @@ KNOWN_GPUS = {
     "H200": (4800.0, None, True, False),
     "GB10": (273.0, None, True, True),
 }
-H2D_ASSUMED_GBPS = 20.0  # unmeasured pinned H2D: under PCIe 4.0 x16's nvbandwidth 23.9-26.4 GB/s (NVIDIA/nvbandwidth #15)
+# Unmeasured pinned H2D: under PCIe 4.0 x16's nvbandwidth 23.9-26.4 GB/s (NVIDIA/nvbandwidth #15).
+H2D_ASSUMED_GBPS = 20.0
 MEASURED_KEYS = {"schema_version", "written_by", "written_at", "host", "profile", "bandwidth_gbps", "efficiency",
                  "expert_cache_hit_rate"}
 BANDWIDTH_KEYS = {"dram_read", "h2d_pinned", "vram"}
