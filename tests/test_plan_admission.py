@@ -91,6 +91,26 @@ def test_rome_plan_hit_rate_is_what_its_link_can_admit():
     assert "admits only" in pred["hit_rate_source"]
 
 
+def test_admission_reads_the_expert_bytes_decode_speed_charges(monkeypatch):
+    """link_admission divides by the miss bytes of the same decode_speed estimate that gives its token time (one
+    source for both): with decode_speed reporting twice the expert bytes, the Rome plan's admitted share halves."""
+    from homerun.plan import speed
+
+    real = speed.decode_speed
+
+    def doubled(c, **kw):
+        out = real(c, **kw)
+        return {**out, "bytes_per_token": {**out["bytes_per_token"], "experts": 2 * out["bytes_per_token"]["experts"]}}
+
+    monkeypatch.setattr(speed, "decode_speed", doubled)  # what link_admission calls; the plan's own report is real
+    spec, inv, p = _rome_plan()
+    pred = p.predicted
+    h = pred["expert_cache_hit_rate"]
+    link_bytes = ROWS[ROME]["profile"]["gpus"][0]["h2d_gbps"] * 1e9 * pred["efficiency"]["pcie"] / pred["decode_tok_s"]
+    a = link_bytes / ((1 - h) * 2 * pred["bytes_per_token"]["experts"])
+    assert h == pytest.approx(_hand_hit(spec, _cache_experts(p), a), abs=2e-3)
+
+
 def test_two_gpu_plan_admits_over_one_link():
     """Qwen3-235B on 2xh100 (two H100 PCIe, 35.2 GB/s each, layers split in two pipeline stages): each GPU refills its
     own layers' cache over its own link and promotes only while its own layers run (offload/cache.py prefetch), so
