@@ -123,6 +123,37 @@ def test_session_prefill_runs_the_last_layer_for_the_last_row(tiny_checkpoints):
     assert_states_equal(states, sess._states)
 
 
+def decode_after_both_prefills(model, ids: torch.Tensor, n_decode: int) -> None:
+    """Prefill `ids` in two sessions, as sessions do (the last layer runs the prompt's last row) and with every row
+    (the forwards' out_rows dropped, as `prefill_shares.py --all-rows`), then decode n_decode greedy tokens in both:
+    the prompt's last logits within fp32 rounding, every decode step's logits bit-equal (the states are)."""
+    kept = model.session()
+    first = kept.feed(ids.tolist())
+    fwd = model._forward
+    model._forward = lambda *args, out_rows=None, **kw: fwd(*args, **kw)
+    try:
+        full = model.session()
+        ref = full.feed(ids.tolist())
+    finally:
+        del model._forward
+    assert (first - ref).abs().max().item() <= HIDDEN_REL_TOL * ref.abs().max().item()
+    assert_states_equal(full._states, kept._states)
+    tok = int(ref.argmax())
+    for _ in range(n_decode):
+        a, b = kept.feed([tok]), full.feed([tok])
+        assert torch.equal(a, b)
+        tok = int(b.argmax())
+    assert kept.n_tokens == full.n_tokens == ids.numel() + n_decode
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_after_a_kept_row_prefill_equals_decode_after_a_full_prefill(tiny_checkpoints, kind, kernel_set):
+    """A 130-token prompt in 48-token chunks (the non-final chunks keep no row), then 12 decode tokens."""
+    model = homerun.load(tiny_checkpoints[kind], expert_act="fp32")
+    model.max_chunk_tokens = 48
+    decode_after_both_prefills(model, _ids(130, model.args.vocab_size, seed=7), 12)
+
+
 def test_a_backend_that_routes_every_row_sees_every_row(tiny_checkpoints):
     """A routing trace numbers tokens by the rows each layer saw: with routes_every_row the last layer runs every
     row, and the forward still returns the kept rows (equal to the full forward's, bit for bit)."""

@@ -1,6 +1,7 @@
 """`out_rows` (issue 19) on the GPU path: CUDA stand-ins running the Triton kernel set under the interpreter, one
 device and a pipeline split over two (the last layer on the second). The kept rows' hidden within fp32 rounding of
-the full forward's, every layer's state bit-equal to it, chunk after chunk."""
+the full forward's, every layer's state bit-equal to it, chunk after chunk; a session's decode after its prefill equal
+to the decode after an every-row prefill."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch  # noqa: E402
 
 from homerun.engine.placement import single_device, split_layers  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
-from test_out_rows import check  # noqa: E402
+from test_out_rows import check, decode_after_both_prefills  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 
@@ -36,3 +37,6 @@ def test_kept_rows_on_cuda_standins(checkpoints, kind, n_devices):
     assert len(set(model.net.sites[1:-1])) == n_devices  # the layers' sites: one per device of the split
     ids = torch.randint(0, model.args.vocab_size, (60,), generator=torch.Generator().manual_seed(6))
     check(model.net, ids, CHUNKS)
+    # a session's prefill (20-token chunks: the first two keep no row) then decode, against an every-row prefill
+    model.max_chunk_tokens = 20
+    decode_after_both_prefills(model, ids[:50], 6)
