@@ -82,6 +82,9 @@ def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float,
     indexer = 21 * 2 * 64 * 128 * 512  # every earlier 1/4-rate entry: mean 4096 / 8
     head = 2 * 4096 * 129280 / 4096  # the lm head, once per prompt
     experts = FLASH_EXPERT_FLOPS
+    # the fixed cost is sized in every row's linears: the rows left out below do not shrink it
+    fixed = (PER_PROMPT / 43 + PER_LAYER) / 4096 * (experts / (int8 * 1e9 * E_INT8)
+                                                   + dense_flops / (dense_peak * 1e9 * E_DENSE))
     if not all_rows:
         share = 4095 / 4096
         state = 4096 * 512 + 2 * 4096 * 2 * 512 + 2 * 4096 * 2 * 128
@@ -93,7 +96,7 @@ def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float,
          + head / (dense_peak * 1e9 * E_DENSE) + attention / (fp32 * 1e9 * E_ATTN) + indexer / (fp32 * 1e9 * E_INDEX))
     linears = experts / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
     # the fixed cost, spread over the prompt's tokens: once per prompt (a 43rd of the 43 layers' linears) + per layer
-    t += ELEMENTWISE * linears + (PER_PROMPT / 43 + PER_LAYER) / 4096 * linears
+    t += ELEMENTWISE * linears + fixed
     return 1 / t
 
 
@@ -410,13 +413,19 @@ def test_an_explicit_chunk_reaches_the_plan_and_the_runtime(tiny_checkpoint):
 @pytest.mark.parametrize("prompt", [1024, 4096, 16384])
 def test_the_fixed_cost_is_spread_over_the_prompt(flash, prompt):
     """The fixed cost is paid once per prompt (265 tokens of one mean layer's linears: 265 / 43 of all 43 layers'), so
-    per token it is that over the prompt: 4x smaller at 4K than at 1K, relative to the linears' own seconds."""
+    per token it is that over the prompt: 4x smaller at 4K than at 1K, relative to the linears' own seconds (every
+    row's: the last layer's rows a session leaves out do not shrink a cost measured per prompt)."""
     spec, inv = flash
     pred = plan(spec, inv, load_profile("epyc-genoa-768gb"), PlanOptions(prefill_prompt_tokens=prompt)).predicted
-    secs = pred["cpu_prefill_seconds_per_token"]
+    every = plan(spec, inv, load_profile("epyc-genoa-768gb"),
+                 PlanOptions(prefill_prompt_tokens=prompt, prefill_all_rows=True)).predicted
+    secs, every_secs = pred["cpu_prefill_seconds_per_token"], every["cpu_prefill_seconds_per_token"]
     assert pred["cpu_prefill_prompt_tokens"] == prompt
     assert AVX512[5:] == (265.0, 0.0)  # the fit's per-prompt and per-layer terms
-    assert secs["per_prompt"] == pytest.approx(265 / 43 / prompt * (secs["routed_experts"] + secs["dense"]), rel=1e-12)
+    linears = every_secs["routed_experts"] + every_secs["dense"]
+    assert secs["routed_experts"] + secs["dense"] < linears
+    assert secs["per_prompt"] == pytest.approx(265 / 43 / prompt * linears, rel=1e-12)
+    assert secs["per_prompt"] == pytest.approx(every_secs["per_prompt"], rel=1e-12)
 
 
 def test_the_last_layers_unread_rows_are_left_out_in_proportion_to_the_layers(flash, flash_one_layer):
@@ -436,3 +445,30 @@ def test_the_last_layers_unread_rows_are_left_out_in_proportion_to_the_layers(fl
     assert skip["routed_experts"] == pytest.approx(4095 / 4096 * FLASH_EXPERT_FLOPS / 43, rel=1e-12)
     assert skip["attention"] == pytest.approx(4095 / 4096 * 4 * 64 * 512 * 510, rel=1e-12)
     assert last_layer_skip_per_token(spec, inv, 1) == dict.fromkeys(skip, 0.0)  # a one-token prompt: nothing unread
+
+
+def test_a_gpu_prefill_leaves_out_the_same_rows(flash):
+    """The GPU prefill estimate's compute (2 x active params per token) less the same linears of the last layer's
+    unread rows as the CPU estimate's: ~1/43 of the layers' linears on V4-Flash at 4096 tokens, said in its reason."""
+    from homerun.plan.compute import last_layer_skip_per_token
+
+    spec, inv = flash
+    rows = [plan(spec, inv, load_profile("epyc-4090"), PlanOptions(prefill_prompt_tokens=4096, prefill_all_rows=a))
+            for a in (False, True)]
+    assert [p.mode for p in rows] == ["hybrid", "hybrid"]
+    kept, every = (p.predicted for p in rows)
+    assert kept["prefill_prompt_tokens"] == every["prefill_prompt_tokens"] == 4096
+    skip = last_layer_skip_per_token(spec, inv, 4096)
+    full = 2.0 * inv.active_params_per_token
+    ratio = kept["prefill_seconds_per_chunk"]["compute"] / every["prefill_seconds_per_chunk"]["compute"]
+    assert ratio == pytest.approx((full - skip["routed_experts"] - skip["dense"]) / full, rel=1e-12)
+    assert 0.97 < ratio < 0.985  # the lm head and the state projections still run for every row
+    gflop = (skip["routed_experts"] + skip["dense"]) / 1e9
+    assert f"less the last layer's {gflop:.2f} GFLOP per token of rows no one reads" in kept["prefill_reason"]
+    assert "no one reads" not in every["prefill_reason"]
+    # the weights and streaming bounds are per chunk and per pass whatever rows run: unchanged; this plan is bound by
+    # streaming experts, so its tok/s is the same
+    others = {k: v for k, v in kept["prefill_seconds_per_chunk"].items() if k != "compute"}
+    assert set(others) == {"weights", "expert_streaming"}
+    assert others == {k: every["prefill_seconds_per_chunk"][k] for k in others}
+    assert kept["prefill_bottleneck"] == "expert_streaming" and kept["prefill_tok_s"] == every["prefill_tok_s"]

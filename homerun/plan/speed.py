@@ -290,15 +290,19 @@ def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: floa
     t_stream = t_stream_pass * chunk / prompt  # the pass's streaming, charged per chunk of the prompt
     parts = {"compute": t_compute, "weights": t_weights, stream_link: t_stream}
     limit = max(parts, key=parts.get)
+    skipped = sum(skip[k] for k in ("routed_experts", "dense"))
+    skipped_note = (f", less the last layer's {skipped / 1e9:.2f} GFLOP per token of rows no one reads" if skipped
+                    else "")
     return {
         "prefill_tok_s": chunk / max(parts.values()),
         "prefill_chunk_tokens": chunk,
         "prefill_prompt_tokens": prompt,
         "prefill_seconds_per_chunk": parts,
         "prefill_bottleneck": limit,
-        "prefill_reason": "per chunk: 2 x active params x tokens FLOPs at tflops_bf16 x gpu_compute efficiency, "
-                          "against reading resident weights once per chunk and streaming non-cached experts once per "
-                          f"layer-wise pass over the {prompt}-token prompt; attention cost at long depth is not modeled",
+        "prefill_reason": (f"per chunk: 2 x active params x tokens FLOPs{skipped_note} at tflops_bf16 x gpu_compute "
+                           "efficiency, against reading resident weights once per chunk and streaming non-cached "
+                           f"experts once per layer-wise pass over the {prompt}-token prompt; attention cost at long "
+                           "depth is not modeled"),
     }
 
 
@@ -378,9 +382,12 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
         "indexer": flops["indexer"] / (peaks["fp32"] * g * fit.indexer),
     }
     secs["elementwise"] = fit.elementwise_fraction * (secs["routed_experts"] + secs["dense"])
-    # the fixed cost: once per prompt in tokens of a mean layer's linears (lin is all layers'), plus any per layer
+    # the fixed cost: once per prompt in tokens of a mean layer's linears (lin is all layers'), plus any per layer;
+    # measured in CPU-s and sized in every row's linears, it does not shrink with the last layer's skipped rows
     fixed_tokens = fit.per_prompt_linear_tokens / len(spec.layer_types) + fit.per_layer_linear_tokens
-    secs["per_prompt"] = fixed_tokens / prompt * (secs["routed_experts"] + secs["dense"])
+    every_row_linears = (lin["routed_experts"] / (peaks["int8"] * g * fit.experts_int8)
+                         + lin["dense"] / (peaks[dense_unit] * g * e_dense))
+    secs["per_prompt"] = fixed_tokens / prompt * every_row_linears
     total = sum(secs.values())
     skipped = ("" if not sum(skip.values()) else
                f", the last layer's {sum(skip.values()) / g:.2f} GFLOP per token of rows no one reads left out")
