@@ -11,15 +11,17 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from homerun.plan.inventory import resolve_model
-from homerun.plan.planner import plan
+from homerun.plan.planner import PlanOptions, plan
 from homerun.plan.priors import hit_rate_prior
 from homerun.plan.records import REUSE_PROB, STACK_ALPHA, STACK_OFFSET_TOKENS
 from homerun.plan.validate import load_table, row_inventory, row_options, row_profile
 from offload.trace import reuse_trace
+from profiles import load_profile
 
 ROWS = {r["id"]: r for r in load_table()}
 ROME = "freetoken444-v4flash-5090-epyc-rome"
@@ -35,16 +37,16 @@ def _law_cdf(depth: float, n: int, k: int) -> float:
 
 
 def _hand_hit(spec, cache: int, a: float) -> float:
-    """Fixed point of h = [hashed x frac + routed x (R q cdf(S/q) + (1 - R) frac)] / layers, q = h + (1 - h) a."""
+    """Fixed point of r = R q cdf(S/q) + (1 - R) frac over the routed layers, q = r + (1 - r) a (only their recency
+    stacks hold what was admitted), then h = [hashed x frac + routed layers x r] / layers."""
     layers, n, k = spec.moe_layers, spec.n_routed_experts, spec.experts_per_tok
     frac = cache / (layers * n)
     hashed = int(spec.config.get("num_hash_layers", 0) or 0)
-    h = 0.5
-    for _ in range(500):  # plain iteration: a contraction here (the slope in h is well under 1)
-        q = h + (1 - h) * a
-        routed = REUSE_PROB * q * _law_cdf(frac * n / q, n, k) + (1 - REUSE_PROB) * frac
-        h = (hashed * frac + (layers - hashed) * routed) / layers
-    return h
+    r = 0.5
+    for _ in range(500):  # plain iteration: a contraction here (the slope in r is well under 1)
+        q = r + (1 - r) * a
+        r = REUSE_PROB * q * _law_cdf(frac * n / q, n, k) + (1 - REUSE_PROB) * frac
+    return (hashed * frac + (layers - hashed) * r) / layers
 
 
 def _cache_experts(p) -> int:
@@ -87,6 +89,45 @@ def test_rome_plan_hit_rate_is_what_its_link_can_admit():
     assert h == pytest.approx(_hand_hit(spec, cache, a), abs=2e-3)
     assert h < hit_rate_prior(spec, cache)[0] - 0.1  # 0.36 against 0.50 with every miss admitted
     assert "admits only" in pred["hit_rate_source"]
+
+
+def test_admission_reads_the_expert_bytes_decode_speed_charges(monkeypatch):
+    """link_admission divides by the miss bytes of the same decode_speed estimate that gives its token time (one
+    source for both): with decode_speed reporting twice the expert bytes, the Rome plan's admitted share halves."""
+    from homerun.plan import speed
+
+    real = speed.decode_speed
+
+    def doubled(c, **kw):
+        out = real(c, **kw)
+        return {**out, "bytes_per_token": {**out["bytes_per_token"], "experts": 2 * out["bytes_per_token"]["experts"]}}
+
+    monkeypatch.setattr(speed, "decode_speed", doubled)  # what link_admission calls; the plan's own report is real
+    spec, inv, p = _rome_plan()
+    pred = p.predicted
+    h = pred["expert_cache_hit_rate"]
+    link_bytes = ROWS[ROME]["profile"]["gpus"][0]["h2d_gbps"] * 1e9 * pred["efficiency"]["pcie"] / pred["decode_tok_s"]
+    a = link_bytes / ((1 - h) * 2 * pred["bytes_per_token"]["experts"])
+    assert h == pytest.approx(_hand_hit(spec, _cache_experts(p), a), abs=2e-3)
+
+
+def test_two_gpu_plan_admits_over_one_link():
+    """Qwen3-235B on 2xh100 (two H100 PCIe, 35.2 GB/s each, layers split in two pipeline stages): each GPU refills its
+    own layers' cache over its own link and promotes only while its own layers run (offload/cache.py prefetch), so
+    per token a GPU carries its share of the misses in its share of the token time: the admitted share is one link's
+    worth at the plan's own speed, as decode_speed streams over one link, not the two links summed."""
+    spec, inv = resolve_model("Qwen/Qwen3-235B-A22B")
+    prof = load_profile("2xh100")
+    assert len(prof.gpu_list) == 2
+    p = plan(spec, inv, prof, PlanOptions())
+    pred = p.predicted
+    h, cache = pred["expert_cache_hit_rate"], _cache_experts(p)
+    miss = (1 - h) * spec.active_experts_per_token * inv.bytes_per_expert
+    per_token = prof.gpu_list[0].h2d_gbps * 1e9 * pred["efficiency"]["pcie"] / pred["decode_tok_s"]
+    a = per_token / miss
+    assert 0.1 < a < 0.5 and "admits only" in pred["hit_rate_source"]
+    assert h == pytest.approx(_hand_hit(spec, cache, a), abs=2e-3)
+    assert _hand_hit(spec, cache, 2 * a) > h + 0.05  # both links summed would admit twice as much
 
 
 def test_streaming_runtime_admits_every_miss():
@@ -138,3 +179,40 @@ def test_admission_model_matches_a_simulated_cache():
             prior = hit_rate_prior(spec, slots * spec.moe_layers, admit=lambda h, a=a: a)[0]
             assert prior == pytest.approx(sim, abs=0.03), (slots, a)
             assert prior_full - prior == pytest.approx(sim_full - sim, abs=0.02), (slots, a)
+
+
+def _hashed_trace(n_tokens: int, n_experts: int, top_k: int, seed: int):
+    """A hash-routed layer's picks: top_k distinct experts fixed by the token id, ids drawn uniformly (no recency)."""
+    rng = random.Random(seed)
+    rec = SimpleNamespace
+    return SimpleNamespace(records=[rec(token=t, layer=0, experts=tuple(rng.sample(range(n_experts), top_k)))
+                                    for t in range(n_tokens)])
+
+
+def test_admission_with_hash_layers_matches_simulated_caches():
+    """With hash-routed layers the admission acts on the routed layers' own recency stacks: expected = the simulated
+    LRU over routed layers (reuse_trace) and over hashed layers (uniform picks by token id), each admitting a miss with
+    probability a, mixed by layer count. Half of V4-Flash's 43 MoE layers made hash-routed so the mix matters: the
+    fall from a = 1 matches within 0.02 (the old q from the all-layer rate fell 0.03-0.06 too far here)."""
+    flash, _ = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
+    hashed = 21
+    spec = replace(flash, config={**flash.config, "num_hash_layers": hashed})
+    layers, n, k = spec.moe_layers, spec.n_routed_experts, spec.experts_per_tok
+    routed = reuse_trace(4000, 2, n, k, seed=1)
+    hashed_trace = _hashed_trace(4000, n, k, seed=2)
+
+    def sim(slots: int, a: float) -> float:
+        r = _lru_with_admission(routed, slots, a, 500)
+        hs = _lru_with_admission(hashed_trace, slots, a, 500)
+        return (hashed * hs + (layers - hashed) * r) / layers
+
+    for slots in (20, 40):
+        sim_full = sim(slots, 1.0)
+        prior_full = hit_rate_prior(spec, slots * layers)[0]
+        assert prior_full == pytest.approx(sim_full, abs=0.03), slots
+        for a in (0.35, 0.2):
+            s = sim(slots, a)
+            prior = hit_rate_prior(spec, slots * layers, admit=lambda h, a=a: a)[0]
+            assert prior == pytest.approx(s, abs=0.03), (slots, a)
+            assert prior_full - prior == pytest.approx(sim_full - s, abs=0.02), (slots, a)
+            assert prior == pytest.approx(_hand_hit(spec, slots * layers, a), abs=1e-6)

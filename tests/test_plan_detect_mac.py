@@ -25,7 +25,7 @@ def mac(monkeypatch):
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(platform, "machine", lambda: "arm64")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=int(RAM_GIB * GIB)))
-    monkeypatch.setattr(hardware, "_gpu_specs", lambda h2d, assumed: ())  # no CUDA on a Mac
+    monkeypatch.setattr(hardware, "_gpu_specs", lambda h2d, assumed, dram: ())  # no CUDA on a Mac
     prof, det = hardware.detect(measure=False)
     return prof, det
 
@@ -66,10 +66,10 @@ def test_unmeasured_cuda_link_is_named_as_assumed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
     assumed: list[str] = []
-    (gpu,) = REAL_GPU_SPECS(None, assumed)
+    (gpu,) = REAL_GPU_SPECS(None, assumed, 50.0)
     assert gpu.h2d_gbps == hardware.H2D_ASSUMED_GBPS and any("host-to-device" in a for a in assumed)
     assumed = []
-    (gpu,) = REAL_GPU_SPECS(25.0, assumed)
+    (gpu,) = REAL_GPU_SPECS(25.0, assumed, 50.0)
     assert gpu.h2d_gbps == 25.0 and not any("host-to-device" in a for a in assumed)
 
 
@@ -99,6 +99,22 @@ def test_integrated_cuda_gpu_is_one_pool(monkeypatch):
     assert sum(d.capacity_bytes for d in p.devices) == int(119 * GIB)  # the RAM once, not RAM + "VRAM"
 
 
+def test_unknown_integrated_gpu_reads_at_the_dram_figure(monkeypatch):
+    """An integrated GPU not in KNOWN_GPUS (a Strix Halo APU) reads the host RAM: its bandwidth is the DRAM figure, as
+    a Mac's GPU gets, with no "assumed 500 GB/s" note (the old detection kept 500 and said so)."""
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    _fake_cuda(monkeypatch, SimpleNamespace(name="AMD Radeon 8060S", total_memory=96 * GIB, is_integrated=True))
+    measured = hardware.Measured(path="measured.json", bandwidth_gbps={"dram_read": 212.0})
+    prof, det = hardware.detect(measure=False, measured=measured)
+    assert prof.memory.unified and [(g.vram_gib, g.mem_bw_gbps) for g in prof.gpu_list] == [(0, 212.0)]
+    assert not any("bandwidth unknown" in a for a in det.assumed)
+    assumed: list[str] = []  # a discrete GPU not in the table still gets the guess, said as such
+    _fake_cuda(monkeypatch, SimpleNamespace(name="NVIDIA Future GPU", total_memory=48 * GIB))
+    (gpu,) = REAL_GPU_SPECS(25.0, assumed, 212.0)
+    assert gpu.mem_bw_gbps == 500.0 and any("bandwidth unknown, assumed 500 GB/s" in a for a in assumed)
+
+
 def test_integrated_gpu_beside_a_discrete_one_is_left_out(monkeypatch):
     monkeypatch.setattr(platform, "system", lambda: "Linux")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
@@ -107,3 +123,58 @@ def test_integrated_gpu_beside_a_discrete_one_is_left_out(monkeypatch):
     prof, det = hardware.detect(measure=False)
     assert not prof.memory.unified and [g.name for g in prof.gpu_list] == ["NVIDIA GeForce RTX 4090"]
     assert any("integrated GPU left out" in a for a in det.assumed)
+
+
+def _fake_copies(monkeypatch) -> list:
+    """torch.empty / synchronize that record the device asked for and copy on the CPU (no CUDA here)."""
+    import torch
+
+    real = torch.empty
+    where: list = []
+
+    def empty(*size, dtype=None, device=None, pin_memory=False):
+        where.append(device)
+        return real(*size, dtype=dtype)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: where.append(("sync", device)))
+    return where
+
+
+IGPU_FIRST = (SimpleNamespace(name="AMD Radeon Graphics", total_memory=64 * GIB, is_integrated=True),
+              SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * GIB))
+
+
+def test_h2d_is_measured_on_the_discrete_gpu(monkeypatch):
+    """An integrated GPU at CUDA ordinal 0 beside a discrete one at 1: the link measured is the discrete GPU's (the
+    old measurement copied to "cuda", device 0, and recorded the integrated GPU's copy speed as the link)."""
+    import torch
+
+    _fake_cuda(monkeypatch, *IGPU_FIRST)
+    where = _fake_copies(monkeypatch)
+    assert hardware.measure_h2d_gbps(seconds=0.01, size_bytes=4096) > 0
+    assert where[1] == torch.device("cuda", 1) and ("sync", torch.device("cuda", 1)) in where
+    _fake_cuda(monkeypatch, IGPU_FIRST[0])  # an integrated GPU alone has no host link to measure
+    where.clear()
+    assert hardware.measure_h2d_gbps(seconds=0.01, size_bytes=4096) is None and not where
+
+
+def test_detection_names_the_cuda_ordinal_the_plan_gpu_is(monkeypatch):
+    """Detected with measuring (DRAM and CPU peaks faked): the discrete GPU gets the link measured on it, and since a
+    placed run puts the plan's GPU 0 on cuda:0 (the integrated one here) the detection says how to make them agree."""
+    import torch
+    from homerun.kernels import kernel_bench
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel_bench, "measure_dram_read_gbps", lambda reps=3: 60.0)
+    monkeypatch.setattr(hardware, "measure_cpu_peaks", lambda: None)
+    _fake_cuda(monkeypatch, *IGPU_FIRST)
+    where = _fake_copies(monkeypatch)
+    prof, det = hardware.detect(measure=True)
+    assert [g.name for g in prof.gpu_list] == ["NVIDIA GeForce RTX 4090"]
+    assert prof.gpu_list[0].h2d_gbps == det.h2d_gbps > 0 and torch.device("cuda", 1) in where
+    assert any("CUDA_VISIBLE_DEVICES=1" in a for a in det.assumed)
+    _fake_cuda(monkeypatch, *IGPU_FIRST[::-1])  # discrete at 0: GPU 0 is cuda:0 already, nothing to say
+    _, det = hardware.detect(measure=False)
+    assert not any("CUDA_VISIBLE_DEVICES" in a for a in det.assumed)

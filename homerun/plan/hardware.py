@@ -2,8 +2,9 @@
 `$HOMERUN_HOME/measured.json`.
 
 Detection returns a `HardwareProfile` like the shipped ones (source "auto") plus a `Detection` record saying what
-was measured and what was assumed. It measures DRAM read bandwidth (~1 s) and, when a CUDA GPU exists, pinned
-host-to-device bandwidth (~1 s). torch is imported only here, only when asked. It never changes system settings.
+was measured and what was assumed. It measures DRAM read bandwidth (~1 s) and, when a discrete CUDA GPU exists,
+pinned host-to-device bandwidth onto it (~1 s). torch is imported only here, only when asked. It never changes system
+settings.
 
 measured.json (written by `homerun bench`, read here; every key but schema_version is optional):
     {"schema_version": 1, "written_by": "homerun bench 0.1.0", "written_at": "2026-11-30T18:00:00Z",
@@ -42,7 +43,8 @@ KNOWN_GPUS = {
     "H200": (4800.0, None, True, False),
     "GB10": (273.0, None, True, True),
 }
-H2D_ASSUMED_GBPS = 20.0  # unmeasured pinned H2D: under PCIe 4.0 x16's nvbandwidth 23.9-26.4 GB/s (NVIDIA/nvbandwidth #15)
+# Unmeasured pinned H2D: under PCIe 4.0 x16's nvbandwidth 23.9-26.4 GB/s (NVIDIA/nvbandwidth #15).
+H2D_ASSUMED_GBPS = 20.0
 MEASURED_KEYS = {"schema_version", "written_by", "written_at", "host", "profile", "bandwidth_gbps", "efficiency",
                  "expert_cache_hit_rate"}
 BANDWIDTH_KEYS = {"dram_read", "h2d_pinned", "vram"}
@@ -170,26 +172,46 @@ def cpu_kernel_info() -> dict[str, Any]:
     return info
 
 
-def measure_h2d_gbps(seconds: float = 1.0, size_bytes: int = 256 * 2**20) -> float | None:
+def _is_integrated(props: Any) -> bool:
+    """GB10, APUs: CUDA/HIP reports the host RAM as the device's memory and sets is_integrated."""
+    return bool(getattr(props, "is_integrated", False))
+
+
+def discrete_cuda_indices() -> list[int]:
+    """CUDA ordinals of the discrete GPUs (those with their own memory behind a host link), in order."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
+        return []
+    return [i for i in range(torch.cuda.device_count()) if not _is_integrated(torch.cuda.get_device_properties(i))]
+
+
+def measure_h2d_gbps(seconds: float = 1.0, size_bytes: int = 256 * 2**20, index: int | None = None) -> float | None:
+    """Pinned host-to-device copy bandwidth onto CUDA device `index` (None: the first discrete GPU, so that an
+    integrated GPU at ordinal 0 is not measured as the discrete GPU's link); None without a discrete CUDA GPU."""
+    import torch
+
+    if index is None:
+        links = discrete_cuda_indices()
+        if not links:
+            return None
+        index = links[0]
+    dev = torch.device("cuda", index)
     src = torch.empty(size_bytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty(size_bytes, dtype=torch.uint8, device=dev)
     dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(dev)
     best = 0.0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
         best = max(best, size_bytes / (time.perf_counter() - t) / 1e9)
     return best
 
 
-def _gpu_specs(h2d: float | None, assumed: list[str]) -> tuple[GpuSpec, ...]:
+def _gpu_specs(h2d: float | None, assumed: list[str], dram_gbps: float) -> tuple[GpuSpec, ...]:
     import torch
 
     if not torch.cuda.is_available():
@@ -198,11 +220,13 @@ def _gpu_specs(h2d: float | None, assumed: list[str]) -> tuple[GpuSpec, ...]:
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         known = next((v for k, v in KNOWN_GPUS.items() if k.lower() in props.name.lower()), None)
-        if known is None:
+        if known is None and _is_integrated(props):  # it reads the host RAM: the DRAM figure, as a Mac's GPU
+            known = (dram_gbps, None, False, False)
+        elif known is None:
             assumed.append(f"gpu{i} {props.name}: bandwidth unknown, assumed 500 GB/s")
             known = (500.0, None, False, False)
         bw, tflops, fp8, fp4 = known
-        if getattr(props, "is_integrated", False):  # GB10, APUs: its "total memory" is the host RAM, not VRAM
+        if _is_integrated(props):  # its "total memory" is the host RAM, not VRAM
             out.append(GpuSpec(name=props.name, vram_gib=0, mem_bw_gbps=bw, h2d_gbps=0, tflops_bf16=tflops,
                                fp8=fp8, fp4=fp4))
             continue
@@ -239,7 +263,7 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
     if dram is None:
         dram = 50.0
         assumed.append("DRAM bandwidth not measured: assumed 50 GB/s")
-    gpus = _gpu_specs(h2d, assumed)
+    gpus = _gpu_specs(h2d, assumed, dram)
     if gpus and "vram" in bw:
         gpus = tuple(replace(g, mem_bw_gbps=bw["vram"]) for g in gpus)
     mac = platform.system() == "Darwin" and platform.machine() == "arm64"
@@ -251,6 +275,10 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
         assumed.append("integrated GPU left out beside the discrete one(s): "
                        + ", ".join(g.name for g in gpus if g.vram_gib == 0))
         gpus = tuple(g for g in gpus if g.vram_gib > 0)
+        links = discrete_cuda_indices()
+        if links != list(range(len(links))):  # a placed run puts the plan's GPU i on cuda:i (offload/devices.py)
+            assumed.append(f"the plan's GPUs are CUDA devices {links}, but a run places its GPU i on cuda:i: run with "
+                           f"CUDA_VISIBLE_DEVICES={','.join(map(str, links))} so that they agree")
     # No GPU limit on a one-pool machine: homerun runs its plans on the host CPU (homerun.plan.one_pool.pool_limit),
     # which fill RAM less the host reserve; a wired/GTT limit (iogpu.wired_limit_mb) bounds only what a GPU maps.
     memory = MemorySpec(unified=True) if mac or integrated else MemorySpec()

@@ -385,9 +385,11 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         hit = min(1.0, vram_expert_bytes / experts) if experts else 0.0
         src = (f"static VRAM-only experts: {total_cache}/{spec.routed_experts_total} chosen without a popularity "
                "profile are hit at their share of the experts")
-    else:  # each GPU refills its own slice of the cache over its own link
-        hit, src = hit_rate_prior(spec, total_cache,
-                                  admit=link_admission(c, sum(g.h2d_gbps for g in gpus), **speed_kw))
+    else:  # one link's worth: each GPU refills its own layers' cache over its own link, and promotes a CPU-computed
+        # miss only while its own layers run (offload/cache.py prefetch: a free in-flight slot on its own engine);
+        # the stages run one after another, so GPU i carries its layers' share of the misses in the same share of
+        # the token time, as decode_speed streams them over one link
+        hit, src = hit_rate_prior(spec, total_cache, admit=link_admission(c, g0.h2d_gbps, **speed_kw))
     if numa > 1 and c.opts.cpu_experts:
         c.decide("NUMA", f"{numa} nodes: estimate at {dram_est:.0f} GB/s",
                  f"experts spread over {numa} nodes are read mostly across the socket link; the bound keeps "

@@ -43,9 +43,10 @@ def hit_rate_prior(spec: ModelSpec, cache_experts: int,
     `admit(h)`: the fraction of misses the cache can take in at hit rate h (None: all of them, as the law assumes).
     A miss enters the GPU cache only by crossing the host link (streamed, or promoted after the CPU computed it), so
     where the link cannot carry every miss, only the hits and the admitted misses stay cached: each recency-stack
-    entry is cached with probability q = h + (1 - h) x admit(h), the cache's S entries reach S/q deep, and a reuse at
-    depth d hits with probability q while d < S/q. Solved for the h that reproduces itself (admit = 1: the law as
-    calibrated; admit = 0: nothing ever enters, a static cache hit at its fraction)."""
+    entry of a routed layer is cached with probability q = r + (1 - r) x admit(h), r the routed layers' own hit rate
+    and h the rate over all MoE layers (the hashed ones' at the fraction), the cache's S entries reach S/q deep, and a
+    reuse at depth d hits with probability q while d < S/q. Solved for the r that reproduces itself (admit = 1: the
+    law as calibrated; admit = 0: nothing ever enters, a static cache hit at its fraction)."""
     layers = spec.moe_layers
     n, k = spec.n_routed_experts, spec.experts_per_tok
     total = layers * n
@@ -55,26 +56,30 @@ def hit_rate_prior(spec: ModelSpec, cache_experts: int,
     slots = frac * n
     hashed = min(int(spec.config.get("num_hash_layers", 0) or 0), layers) if spec.arch == "deepseek_v4" else 0
 
-    def hit_at(q: float) -> float:
-        routed = REUSE_PROB * q * _stack_cdf(slots / q, n, k) + (1 - REUSE_PROB) * frac
-        return min(1.0, (hashed * frac + (layers - hashed) * routed) / layers)
+    def routed_at(q: float) -> float:  # a routed layer's hit rate when each stack entry is cached with probability q
+        return REUSE_PROB * q * _stack_cdf(slots / q, n, k) + (1 - REUSE_PROB) * frac
 
-    full = hit_at(1.0)
+    def mixed(r: float) -> float:  # all MoE layers: the routed layers at r, the hash-routed ones at the fraction
+        return min(1.0, (hashed * frac + (layers - hashed) * r) / layers)
+
+    full = mixed(routed_at(1.0))
     src = (f"prior from the routing model (offload/trace.py reuse_trace; llama.cpp #27861): cache {cache_experts}/"
            f"{total} experts = {slots:.1f} of {n} per layer, top-{k}: {REUSE_PROB:.0%} of picks reuse a recent expert "
-           f"(LRU stack depth law (d + {STACK_OFFSET_TOKENS:g}*{k})^-{STACK_ALPHA:g}), the rest hit at the cache fraction"
-           + (f"; {hashed} hash-routed layers hit at the cache fraction" if hashed else ""))
-    if admit is None or full >= 1.0 or admit(full) >= 1.0:
+           f"(LRU stack depth law (d + {STACK_OFFSET_TOKENS:g}*{k})^-{STACK_ALPHA:g}), the rest hit at the cache "
+           "fraction" + (f"; {hashed} hash-routed layers hit at the cache fraction" if hashed else ""))
+    if admit is None or full >= 1.0 or hashed == layers or admit(full) >= 1.0:
         return full, src
-    lo, hi = 0.0, full  # g(h) = hit_at(q(h)) - h is >= 0 at 0 and <= 0 at `full`: bisect for its root
+    # q follows the routed layers' own hit rate r (only their recency stacks keep what was admitted); the link's
+    # admitted share a follows the whole token's misses, hashed layers' included.
+    lo, hi = 0.0, routed_at(1.0)  # g(r) = routed_at(q(r)) - r is >= 0 at 0 and <= 0 at the full rate: bisect
     for _ in range(ADMIT_BISECT_STEPS):
-        h = (lo + hi) / 2
-        a = min(1.0, max(0.0, admit(h)))
-        if hit_at(max(h + (1 - h) * a, 1e-9)) > h:
-            lo = h
+        r = (lo + hi) / 2
+        a = min(1.0, max(0.0, admit(mixed(r))))
+        if routed_at(max(r + (1 - r) * a, 1e-9)) > r:
+            lo = r
         else:
-            hi = h
-    h = (lo + hi) / 2
+            hi = r
+    h = mixed((lo + hi) / 2)
     a = min(1.0, max(0.0, admit(h)))
     return h, (src + f"; the host link admits only {a:.0%} of the misses into the cache (streamed or promoted), so "
                f"{h:.0%} where every miss admitted would give {full:.0%}")

@@ -251,17 +251,18 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
 
 
 def link_admission(c: _Ctx, link_gbps: float, **speed_kw: Any) -> Callable[[float], float]:
-    """admit(h): the fraction of a token's expert misses the host link(s) can carry into the GPU cache at hit rate h,
+    """admit(h): the fraction of a token's expert misses the host link can carry into the GPU cache at hit rate h,
     for homerun.plan.priors.hit_rate_prior. A miss enters the cache only over the link (streamed, or promoted after
     the CPU computed it: offload/cached_backend.py, when the link has a free slot), so per token the link carries at
-    most link_gbps x the pcie efficiency x the estimated token time (`decode_speed` with `speed_kw` at h)."""
-    expert_bytes = c.spec.active_experts_per_token * c.inv.bytes_per_expert
+    most link_gbps x the pcie efficiency x the estimated token time (`decode_speed` with `speed_kw` at h), over the
+    miss bytes that same estimate charges."""
     link_bps = link_gbps * 1e9 * c.opts.efficiency.pcie
 
     def admit(h: float) -> float:
-        miss = (1.0 - h) * expert_bytes
-        tok_s = decode_speed(c, hit_rate=h, **speed_kw)["decode_tok_s"] if miss > 0 else None
-        return link_bps / tok_s / miss if tok_s else 1.0
+        pred = decode_speed(c, hit_rate=h, **speed_kw)
+        miss = (1.0 - h) * pred["bytes_per_token"]["experts"]
+        tok_s = pred["decode_tok_s"]
+        return link_bps / tok_s / miss if miss > 0 and tok_s else 1.0
 
     return admit
 
