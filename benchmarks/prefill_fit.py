@@ -2,7 +2,8 @@
 layer, and the plan against those measurements, on a CPU-seconds basis (a shared host's wall time is noise).
 
     python benchmarks/prefill_fit.py peaks --reps 8 > peaks.json     # one core's unit peaks per CPU-second
-    python benchmarks/prefill_shares.py --checkpoint CKPT --prompt 1024 --repeat 2 --json > s1k.json   # 8192, 32768
+    python benchmarks/prefill_shares.py --checkpoint CKPT --prompt 1024 --repeat 2 --all-rows --json > s1k.json
+    # and 8192, 32768; --all-rows: the one layer is the last, whose unused rows a session's prefill skips
     python benchmarks/prefill_fit.py fit --peaks peaks.json s1k.json s8k.json s32k.json
 
 `fit` prints, per prompt: each part's efficiency (its FLOPs over its exclusive CPU-s x one core's peak per CPU-s:
@@ -41,18 +42,20 @@ def one_layer():
     return (spec, inventory_from_config(spec)), card
 
 
-def plan_tok_s(model, flags, prompt: int, peaks: dict) -> float:
-    return plan_prediction(model, flags, prompt, peaks)["cpu_prefill_tok_s"]
+def plan_tok_s(model, flags, prompt: int, peaks: dict, all_rows: bool = True) -> float:
+    return plan_prediction(model, flags, prompt, peaks, all_rows)["cpu_prefill_tok_s"]
 
 
-def plan_prediction(model, flags, prompt: int, peaks: dict) -> dict:
+def plan_prediction(model, flags, prompt: int, peaks: dict, all_rows: bool = True) -> dict:
+    """The plan's CPU prefill for `model`; all_rows: its last layer runs every row (as the --all-rows measurements
+    of one layer did); False: the prompt's last row only, as a session's prefill runs the full model."""
     from homerun.plan.planner import PlanOptions, plan
     from profiles import CpuSpec, HardwareProfile
 
     prof = HardwareProfile(name="host", description="this host", source="prefill_fit",
                            cpu=CpuSpec(name="host", cores=2, ram_gib=4096, mem_bw_gbps=50, flags=tuple(flags),
                                        clock_ghz=3.0))
-    opts = PlanOptions(context_tokens=max(65536, prompt + 1), prefill_prompt_tokens=prompt,
+    opts = PlanOptions(context_tokens=max(65536, prompt + 1), prefill_prompt_tokens=prompt, prefill_all_rows=all_rows,
                        cpu_peaks={**peaks, "source": "prefill_fit: 2 x one core's peaks per CPU-s"})
     return plan(*model, prof, opts).predicted
 
@@ -91,7 +94,7 @@ def fit(peaks_path: str, shares: list[str]) -> dict:
         measured = p / (cpu_s / 2)
         plans = {"avx2": plan_tok_s(model, ("avx2", "fma"), p, two),
                  "avx512": plan_tok_s(model, AVX512_FIT_FLAGS, p, two)}
-        full = {"avx512": plan_tok_s(card, AVX512_FIT_FLAGS, p, two) / plans["avx512"]}
+        full = {"avx512": plan_tok_s(card, AVX512_FIT_FLAGS, p, two, all_rows=False) / plans["avx512"]}
         rows.append({"prompt": p, "cpu_s": round(cpu_s, 2), "measured_tok_s_per_2_cpu_s": round(measured, 1),
                      "efficiency": {k: (None if v is None else round(v, 3)) for k, v in eff.items()},
                      "cpu_s_by_part": {part: round(fam.get(f, 0.0), 2) for f, part in PARTS.items()},

@@ -6,6 +6,9 @@ linears, routed experts). Inner calls are not double counted: a family's time ex
 
 `--per-method` charges each kernel-set method to itself (hc_weights, hc_post, norm_rope, linear, grouped, ...)
 instead of its family. The document also carries the process's peak RSS and its anonymous RSS after the prefill.
+A session's prefill runs its last layer for the rows it reads alone (the prompt's last row: DeepseekV4.forward's
+out_rows); `--all-rows` runs every row there, as a per-layer measurement needs (on a 1-layer checkpoint the last
+layer is the only one: prefill_fit.py's documents are taken with it).
 
 The checkpoint: an official-format V4 directory (e.g. the synthetic one `compare_transformers.py` writes). Each
 repeat is a fresh session over the same prompt; the figures printed are the last repeat's (the first warms up).
@@ -73,6 +76,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, help="prefill chunk tokens (default: the model's, 512 on a CPU)")
     ap.add_argument("--json", action="store_true", help="print the JSON document only")
     ap.add_argument("--per-method", action="store_true", help="one row per kernel-set method, not per family")
+    ap.add_argument("--all-rows", action="store_true",
+                    help="the last layer computes every row (default: the rows the session reads, as in use)")
     ap.add_argument("--attention-layer", choices=("csa", "hca", "sliding", "indexer"),
                     help="time one real-shaped attention core instead (no checkpoint)")
     a = ap.parse_args()
@@ -95,6 +100,9 @@ def main() -> int:
     model = target.model
     if a.chunk:
         model.max_chunk_tokens = a.chunk
+    if a.all_rows:  # the session's forwards without their out_rows: every row of the last layer runs
+        fwd = model._forward
+        model._forward = lambda *args, out_rows=None, **kw: fwd(*args, **kw)
     net = model.net
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(256, net.args.vocab_size, (a.prompt,), generator=g).tolist()
@@ -136,7 +144,7 @@ def main() -> int:
     other_c = total_cpu - sum(clock.cpu.values())
     doc = {"checkpoint": a.checkpoint, "prompt": a.prompt, "prefill_s": total_wall, "prefill_cpu_s": total_cpu,
            "tok_s": a.prompt / total_wall, "cpu_ms_per_token": 1e3 * total_cpu / a.prompt,
-           "chunk_tokens": model.max_chunk_tokens, "rss_after_load_bytes": rss_load,
+           "chunk_tokens": model.max_chunk_tokens, "all_rows": a.all_rows, "rss_after_load_bytes": rss_load,
            "peak_rss_bytes": _rss_bytes("VmHWM"), "tokens_per_expert": _per_expert_stats(per_expert), "kernel_sets": sorted(c.__name__ for c in sets),
            "families": {f: {"wall_s": clock.wall[f], "cpu_s": clock.cpu[f], "wall_share": clock.wall[f] / total_wall}
                         for f in fams},

@@ -112,6 +112,9 @@ class ExpertBackend:
     # True: the calls keep per-token state (cache counts, prefetches, a trace), so rerunning an exact call (another
     # part's redo, LayerSplitBackend) would count it twice; False: a rerun only recomputes (resident experts).
     token_stateful: bool = False
+    # True: each layer's calls must see every row of a forward (a routing trace numbers tokens by the rows a layer
+    # saw), so the model runs its last layer's unused rows too (DeepseekV4.forward's out_rows).
+    routes_every_row: bool = False
 
     def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
         """The model calls this once per forward, before any layer (and before the hash-layer prefetches). True: the
@@ -186,6 +189,10 @@ class WrappingBackend(ExpertBackend):
     def token_stateful(self) -> bool:  # type: ignore[override]
         return self.inner.token_stateful
 
+    @property
+    def routes_every_row(self) -> bool:  # type: ignore[override]
+        return self.inner.routes_every_row
+
     def begin_token(self, n_tokens, speculate=True):
         return self.inner.begin_token(n_tokens, speculate)
 
@@ -252,6 +259,10 @@ class LayerSplitBackend(ExpertBackend):
     @property
     def token_stateful(self) -> bool:  # type: ignore[override]
         return any(b.token_stateful for b in self._parts)
+
+    @property
+    def routes_every_row(self) -> bool:  # type: ignore[override]
+        return any(b.routes_every_row for b in self._parts)
 
     def begin_token(self, n_tokens: int, speculate: bool = True) -> bool:
         votes = [b.begin_token(n_tokens, speculate) for b in self._parts]

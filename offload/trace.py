@@ -96,7 +96,9 @@ class TraceRecorder:
 
 class TracingBackend(WrappingBackend):
     """An ExpertBackend that records every routing decision, then delegates. Token t is the t-th row a layer has
-    seen, so prefill rows and decode steps number consistently across layers."""
+    seen, so prefill rows and decode steps number consistently across layers (every row, routes_every_row)."""
+
+    routes_every_row = True
 
     def __init__(self, inner, recorder: TraceRecorder) -> None:
         super().__init__(inner)

@@ -71,17 +71,32 @@ def test_mean_keys_match_a_discrete_count():
     assert d == {"attention": 4 * 64 * 512 * 510, "indexer": 2 * 64 * 128 * 512}
 
 
-def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float, fit=AVX2) -> float:
-    """V4-Flash at a 4096-token prompt (the default decode depth) by hand: 21 CSA, 20 HCA, 2 sliding-only layers."""
+def _hand_tok_s(dense_flops: float, int8: float, dense_peak: float, fp32: float, fit=AVX2,
+                all_rows: bool = False) -> float:
+    """V4-Flash at a 4096-token prompt (the default decode depth) by hand: 21 CSA, 20 HCA, 2 sliding-only layers.
+    Unless all_rows, the last layer (CSA) runs 1 of the 4096 rows past its state projections (wkv 4096 x 512; the
+    compressor's and the indexer's key compressor's wkv + wgate, 2 x 512 and 2 x 128 wide): a mean layer's linears
+    less those, its attention core and indexer, x 4095 / 4096 per token."""
     E_INT8, E_DENSE, E_ATTN, E_INDEX, ELEMENTWISE, PER_PROMPT, PER_LAYER = fit
     attention = 4 * 64 * 512 * (21 * 510 + 20 * 142 + 2 * 126)  # keys per layer kind, as above
     indexer = 21 * 2 * 64 * 128 * 512  # every earlier 1/4-rate entry: mean 4096 / 8
     head = 2 * 4096 * 129280 / 4096  # the lm head, once per prompt
-    t = (FLASH_EXPERT_FLOPS / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
+    experts = FLASH_EXPERT_FLOPS
+    # the fixed cost is sized in every row's linears: the rows left out below do not shrink it
+    fixed = (PER_PROMPT / 43 + PER_LAYER) / 4096 * (experts / (int8 * 1e9 * E_INT8)
+                                                   + dense_flops / (dense_peak * 1e9 * E_DENSE))
+    if not all_rows:
+        share = 4095 / 4096
+        state = 4096 * 512 + 2 * 4096 * 2 * 512 + 2 * 4096 * 2 * 128
+        experts -= share * FLASH_EXPERT_FLOPS / 43
+        dense_flops -= share * (dense_flops / 43 - 2 * state)
+        attention -= share * 4 * 64 * 512 * 510
+        indexer -= share * 2 * 64 * 128 * 512
+    t = (experts / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
          + head / (dense_peak * 1e9 * E_DENSE) + attention / (fp32 * 1e9 * E_ATTN) + indexer / (fp32 * 1e9 * E_INDEX))
-    linears = FLASH_EXPERT_FLOPS / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
+    linears = experts / (int8 * 1e9 * E_INT8) + dense_flops / (dense_peak * 1e9 * E_DENSE)
     # the fixed cost, spread over the prompt's tokens: once per prompt (a 43rd of the 43 layers' linears) + per layer
-    t += ELEMENTWISE * linears + (PER_PROMPT / 43 + PER_LAYER) / 4096 * linears
+    t += ELEMENTWISE * linears + fixed
     return 1 / t
 
 
@@ -96,6 +111,10 @@ def test_hand_computed_cpu_prefill_on_the_measured_avx2_host(flash):
     want = _hand_tok_s(dense, 464.896, 204.8, 204.8)
     assert pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
     assert 3.5 < want < 4.5  # ~4.0 tok/s
+    # every row of the last layer (a per-layer measurement's runs): 1/43 of the layers' work more, ~2.5 %
+    every = plan(spec, inv, host_profile(), PlanOptions(prefill_all_rows=True)).predicted["cpu_prefill_tok_s"]
+    assert every == pytest.approx(_hand_tok_s(dense, 464.896, 204.8, 204.8, all_rows=True), rel=1e-9)
+    assert 1.02 < want / every < 1.03
     # CPU only: the CPU figure is the plan's prefill figure, with its reason
     assert p.mode == "cpu-only" and pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"]
     assert pred["prefill_reason"].startswith("the CPU runs prefill") and "int8" in pred["prefill_reason"]
@@ -115,7 +134,7 @@ def test_hand_computed_cpu_prefill_on_the_cpu_only_epyc_genoa(flash):
     dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
     want = _hand_tok_s(dense, 13312.0, 6656.0, 3328.0, fit=AVX512)  # Zen 4 has every flag of the AVX-512 fit
     assert p.mode == "cpu-only" and pred["cpu_prefill_tok_s"] == pytest.approx(want, rel=1e-9)
-    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 140 < want < 146  # 143.2 (265 per layer: 136.7)
+    assert pred["prefill_tok_s"] == pred["cpu_prefill_tok_s"] and 143 < want < 150  # 146.9 (every row: 143.2)
     assert pred["cpu_prefill_fit"] == "avx512" and pred["cpu_prefill_efficiency"]["fit"] == "avx512"
 
 
@@ -126,8 +145,10 @@ def test_prediction_against_the_by_depth_measurement(flash, flash_one_layer, pro
     (CPU-seconds / 2): 170 / 161 / 139 tok/s at 1K / 8K / 32K; the full model extrapolated as 43 such layers: 3.95 /
     3.74 / 3.22. The plan, with the quiet 2-thread measured peaks (466 int8, 204 fp32 GOP/s), is within 5 %."""
     spec1, inv1 = flash_one_layer
+    # the measurement ran every row of its one layer (before out_rows): so does this plan
     opts = PlanOptions(context_tokens=65536, prefill_prompt_tokens=prompt, prefill_chunk_tokens=min(prompt, 2048),
-                       cpu_peaks={"int8": 466.0, "fp32": 204.0, "bf16": None, "source": "measured (test)"})
+                       cpu_peaks={"int8": 466.0, "fp32": 204.0, "bf16": None, "source": "measured (test)"},
+                       prefill_all_rows=True)
     one = plan(spec1, inv1, host_profile(), opts).predicted
     assert one["cpu_peak_source"] == "measured (test)" and one["cpu_prefill_prompt_tokens"] == prompt
     assert one["cpu_prefill_tok_s"] == pytest.approx(measured_one_layer, rel=0.05)
@@ -142,7 +163,7 @@ def test_chunks_under_512_rows_run_the_dense_linears_at_the_small_row_efficiency
     spec, inv = flash
     dense = 2 * (inv.active_params_per_token - 43 * 6 * 3 * 4096 * 2048 - 4096 * 129280)
     for chunk, eff in ((256, 0.25), (511, 0.25), (512, 0.57)):
-        pred = plan(spec, inv, host_profile(), PlanOptions(prefill_chunk_tokens=chunk)).predicted
+        pred = plan(spec, inv, host_profile(), PlanOptions(prefill_chunk_tokens=chunk, prefill_all_rows=True)).predicted
         assert pred["cpu_prefill_seconds_per_token"]["dense"] == pytest.approx(dense / (204.8e9 * eff), rel=1e-12)
         assert pred["cpu_prefill_efficiency"]["dense"] == eff and f"{chunk}-row chunks" in pred["cpu_prefill_reason"]
 
@@ -392,10 +413,62 @@ def test_an_explicit_chunk_reaches_the_plan_and_the_runtime(tiny_checkpoint):
 @pytest.mark.parametrize("prompt", [1024, 4096, 16384])
 def test_the_fixed_cost_is_spread_over_the_prompt(flash, prompt):
     """The fixed cost is paid once per prompt (265 tokens of one mean layer's linears: 265 / 43 of all 43 layers'), so
-    per token it is that over the prompt: 4x smaller at 4K than at 1K, relative to the linears' own seconds."""
+    per token it is that over the prompt: 4x smaller at 4K than at 1K, relative to the linears' own seconds (every
+    row's: the last layer's rows a session leaves out do not shrink a cost measured per prompt)."""
     spec, inv = flash
     pred = plan(spec, inv, load_profile("epyc-genoa-768gb"), PlanOptions(prefill_prompt_tokens=prompt)).predicted
-    secs = pred["cpu_prefill_seconds_per_token"]
+    every = plan(spec, inv, load_profile("epyc-genoa-768gb"),
+                 PlanOptions(prefill_prompt_tokens=prompt, prefill_all_rows=True)).predicted
+    secs, every_secs = pred["cpu_prefill_seconds_per_token"], every["cpu_prefill_seconds_per_token"]
     assert pred["cpu_prefill_prompt_tokens"] == prompt
     assert AVX512[5:] == (265.0, 0.0)  # the fit's per-prompt and per-layer terms
-    assert secs["per_prompt"] == pytest.approx(265 / 43 / prompt * (secs["routed_experts"] + secs["dense"]), rel=1e-12)
+    linears = every_secs["routed_experts"] + every_secs["dense"]
+    assert secs["routed_experts"] + secs["dense"] < linears
+    assert secs["per_prompt"] == pytest.approx(265 / 43 / prompt * linears, rel=1e-12)
+    assert secs["per_prompt"] == pytest.approx(every_secs["per_prompt"], rel=1e-12)
+
+
+def test_the_last_layers_unread_rows_are_left_out_in_proportion_to_the_layers(flash, flash_one_layer):
+    """A session's prefill runs V4's last layer for the prompt's last row alone (issue 19, out_rows): the plan's
+    saving is ~1/43 of the layers' work on V4-Flash and most of a one-layer model's, which is what lets a bench on a
+    few-layer synthetic model extrapolate through the plan; with prefill_all_rows nothing is left out."""
+    from homerun.plan.compute import last_layer_skip_per_token
+
+    opts = dict(context_tokens=65536, prefill_prompt_tokens=4096)
+    ratio = {}
+    for name, model in (("full", flash), ("one", flash_one_layer)):
+        rows = [plan(*model, host_profile(), PlanOptions(**opts, prefill_all_rows=a)).predicted for a in (False, True)]
+        ratio[name] = rows[0]["cpu_prefill_tok_s"] / rows[1]["cpu_prefill_tok_s"]
+    assert 1.02 < ratio["full"] < 1.03 and ratio["one"] > 10
+    spec, inv = flash
+    skip = last_layer_skip_per_token(spec, inv, 4096)
+    assert skip["routed_experts"] == pytest.approx(4095 / 4096 * FLASH_EXPERT_FLOPS / 43, rel=1e-12)
+    assert skip["attention"] == pytest.approx(4095 / 4096 * 4 * 64 * 512 * 510, rel=1e-12)
+    assert last_layer_skip_per_token(spec, inv, 1) == dict.fromkeys(skip, 0.0)  # a one-token prompt: nothing unread
+
+
+def test_a_gpu_prefill_leaves_out_the_same_rows(flash):
+    """The GPU prefill estimate's compute (2 x active params per token) less the same linears of the last layer's
+    unread rows as the CPU estimate's: ~1/43 of the layers' linears on V4-Flash at 4096 tokens, said in its reason."""
+    from homerun.plan.compute import last_layer_skip_per_token
+
+    spec, inv = flash
+    rows = [plan(spec, inv, load_profile("epyc-4090"), PlanOptions(prefill_prompt_tokens=4096, prefill_all_rows=a))
+            for a in (False, True)]
+    assert [p.mode for p in rows] == ["hybrid", "hybrid"]
+    kept, every = (p.predicted for p in rows)
+    assert kept["prefill_prompt_tokens"] == every["prefill_prompt_tokens"] == 4096
+    skip = last_layer_skip_per_token(spec, inv, 4096)
+    full = 2.0 * inv.active_params_per_token
+    ratio = kept["prefill_seconds_per_chunk"]["compute"] / every["prefill_seconds_per_chunk"]["compute"]
+    assert ratio == pytest.approx((full - skip["routed_experts"] - skip["dense"]) / full, rel=1e-12)
+    assert 0.97 < ratio < 0.985  # the lm head and the state projections still run for every row
+    gflop = (skip["routed_experts"] + skip["dense"]) / 1e9
+    assert f"less the last layer's {gflop:.2f} GFLOP per token of rows no one reads" in kept["prefill_reason"]
+    assert "no one reads" not in every["prefill_reason"]
+    # the weights and streaming bounds are per chunk and per pass whatever rows run: unchanged; this plan is bound by
+    # streaming experts, so its tok/s is the same
+    others = {k: v for k, v in kept["prefill_seconds_per_chunk"].items() if k != "compute"}
+    assert set(others) == {"weights", "expert_streaming"}
+    assert others == {k: every["prefill_seconds_per_chunk"][k] for k in others}
+    assert kept["prefill_bottleneck"] == "expert_streaming" and kept["prefill_tok_s"] == every["prefill_tok_s"]

@@ -132,12 +132,13 @@ class Model:
             finally:
                 self.net.experts = inner
 
-    def _forward(self, ids: torch.Tensor, start_pos: int, states, *, defer_end: bool = False):
+    def _forward(self, ids: torch.Tensor, start_pos: int, states, *, defer_end: bool = False,
+                 out_rows: slice | None = None):
         """net.forward, with one-token steps replayed from the decode graphs when there are some. The graphs serve
         only the expert backend they were made for: with another one in net.experts (a wrapper planted for a
         counting pass, say) the step runs eagerly through it. -> (hidden, states, DeferredEnd | None): with
         `defer_end`, a speculated step's unsettled end (net.forward_step's); any session's step that was left
-        unsettled is settled first."""
+        unsettled is settled first. out_rows: the hidden's rows wanted (net.forward's; a one-token step has one)."""
         self.settle()
         dg = self.decode_graphs
         runner = self.net
@@ -155,7 +156,7 @@ class Model:
                                   stacklevel=2)
                     runner = self.net
         if runner is self.net:
-            out = self.net.forward_step(ids, start_pos, states, defer_end=defer_end)
+            out = self.net.forward_step(ids, start_pos, states, defer_end=defer_end, out_rows=out_rows)
         return out
 
     def settle(self) -> None:

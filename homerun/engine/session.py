@@ -304,8 +304,10 @@ class Session:
                 part = ids[c0 : c0 + chunk]
                 tc = time.perf_counter()
                 before = (self._states, self.n_tokens, self._last_logits)
-                hidden, states, deferred = self.model._forward(part, self.n_tokens, self._states,
-                                                               defer_end=defer_end)
+                # only the last chunk's last row is read (its logits): the net's last layer runs that row alone
+                hidden, states, deferred = self.model._forward(part, self.n_tokens, self._states, defer_end=defer_end,
+                                                               out_rows=slice(-1, None) if c0 + chunk >= n else
+                                                               slice(0, 0))
                 # Commit point: state, a speculated step's pending end and token list change together, after the
                 # whole chunk succeeded; a pending end is the model's to settle before any other forward.
                 self._states, self._deferred = states, (None if deferred is None else (deferred, before))

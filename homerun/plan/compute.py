@@ -65,6 +65,23 @@ def depth_flops_per_token(spec: ModelSpec, layer_type: str, prompt_tokens: int) 
     return {"attention": attn, "indexer": index}
 
 
+def last_layer_skip_per_token(spec: ModelSpec, inv: Inventory, prompt_tokens: int) -> dict[str, float]:
+    """Per prompt token, the FLOPs a homerun prefill leaves out (issue 19): V4's last layer runs its queries, attention
+    output and FFN for the prompt's last row alone (DeepseekV4.forward's out_rows); every row still feeds its KV
+    window, compressors and indexer keys. By part as `linear_flops_per_token` and `depth_flops_per_token`: a mean
+    layer's linears less the last layer's state projections (wkv, the compressors' wkv + wgate: 2 x head_dim wide
+    in a CSA layer's overlapping ones), its attention core and indexer, x (P - 1) / P. Zero for other architectures."""
+    if spec.arch != "deepseek_v4" or prompt_tokens <= 1 or not spec.layer_types:
+        return {"routed_experts": 0.0, "dense": 0.0, "attention": 0.0, "indexer": 0.0}
+    kind, d, hd = spec.layer_types[-1], spec.hidden_size, spec.head_dim
+    state = d * hd + (2 * d * 2 * (hd + spec.index_head_dim) if kind == "csa" else 2 * d * hd if kind == "hca" else 0)
+    lin, depth = linear_flops_per_token(spec, inv), depth_flops_per_token(spec, kind, prompt_tokens)
+    share, n = (prompt_tokens - 1) / prompt_tokens, len(spec.layer_types)
+    return {"routed_experts": share * lin["routed_experts"] / n,
+            "dense": share * max(0.0, lin["dense"] / n - 2.0 * state),
+            "attention": share * depth["attention"], "indexer": share * depth["indexer"]}
+
+
 # ---- a CPU's unit peaks --------------------------------------------------------------------------------------------
 
 # fp32 FLOPs per cycle per core by SIMD path: FMA pipes x lanes x 2. A profile's `fp32_flops_per_cycle` overrides it

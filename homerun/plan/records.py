@@ -155,6 +155,9 @@ class PlanOptions:
     #   (prefill_chunk_tokens(): 2048 on a GPU; on the CPU 512-2048 by the routed experts' batch)
     decode_depth_tokens: int = 4096  # context depth at which decode speed is predicted
     prefill_prompt_tokens: int | None = None  # prompt a prefill estimate is for; None = decode_depth_tokens
+    prefill_all_rows: bool = False  # the last layer runs every prompt row (a per-layer measurement's runs:
+    #   prefill_shares --all-rows); False: the prompt's last row only, as a session's prefill
+    #   (compute.last_layer_skip_per_token)
     include_mtp: bool = False  # keep the MTP block resident (speculative decoding)
     allow_disk: bool = False  # allow a disk-backed mmap tier for experts when RAM is short
     hit_rate: float | None = None  # override the assumed expert-cache hit rate

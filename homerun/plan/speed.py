@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from homerun.plan.compute import cpu_prefill_fit, cpu_unit_peaks, depth_flops_per_token, linear_flops_per_token
+from homerun.plan.compute import (cpu_prefill_fit, cpu_unit_peaks, depth_flops_per_token, last_layer_skip_per_token,
+                                   linear_flops_per_token)
 from homerun.plan.specs import KvLayout, ModelSpec, kv_read_bytes_per_token
 from profiles.schema import GIB, HardwareProfile
 
@@ -279,24 +280,39 @@ def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: floa
         return {"prefill_tok_s": None, "prefill_chunk_tokens": chunk,
                 "prefill_reason": "the profile gives no tflops_bf16 figure, so prefill compute cannot be estimated"}
     prompt = prefill_prompt_tokens(c)
-    # 2 x active params: linear_flops_per_token splits the same figure by unit for the CPU estimate
-    t_compute = 2.0 * c.inv.active_params_per_token * chunk / (parallel * tflops * 1e12 * eff.gpu_compute)
+    # 2 x active params: linear_flops_per_token splits the same figure by unit for the CPU estimate; less the last
+    # layer's rows that no one reads (as the CPU estimate)
+    skip = prefill_skip(c, prompt)
+    flops = 2.0 * c.inv.active_params_per_token - skip["routed_experts"] - skip["dense"]
+    t_compute = flops * chunk / (parallel * tflops * 1e12 * eff.gpu_compute)
     t_weights = weight_bytes_per_chunk / (parallel * weight_gbps * 1e9 * eff.vram)
     t_stream_pass = (stream_bytes_per_pass / (stream_gbps * 1e9 * eff.pcie)
                      if stream_bytes_per_pass and stream_gbps else 0.0)
     t_stream = t_stream_pass * chunk / prompt  # the pass's streaming, charged per chunk of the prompt
     parts = {"compute": t_compute, "weights": t_weights, stream_link: t_stream}
     limit = max(parts, key=parts.get)
+    skipped = sum(skip[k] for k in ("routed_experts", "dense"))
+    skipped_note = (f", less the last layer's {skipped / 1e9:.2f} GFLOP per token of rows no one reads" if skipped
+                    else "")
     return {
         "prefill_tok_s": chunk / max(parts.values()),
         "prefill_chunk_tokens": chunk,
         "prefill_prompt_tokens": prompt,
         "prefill_seconds_per_chunk": parts,
         "prefill_bottleneck": limit,
-        "prefill_reason": "per chunk: 2 x active params x tokens FLOPs at tflops_bf16 x gpu_compute efficiency, "
-                          "against reading resident weights once per chunk and streaming non-cached experts once per "
-                          f"layer-wise pass over the {prompt}-token prompt; attention cost at long depth is not modeled",
+        "prefill_reason": (f"per chunk: 2 x active params x tokens FLOPs{skipped_note} at tflops_bf16 x gpu_compute "
+                           "efficiency, against reading resident weights once per chunk and streaming non-cached "
+                           f"experts once per layer-wise pass over the {prompt}-token prompt; attention cost at long "
+                           "depth is not modeled"),
     }
+
+
+def prefill_skip(c: _Ctx, prompt: int) -> dict[str, float]:
+    """Per prompt token, the last layer's FLOPs a session's prefill leaves out (compute.last_layer_skip_per_token);
+    none with `prefill_all_rows`."""
+    if c.opts.prefill_all_rows:
+        return {"routed_experts": 0.0, "dense": 0.0, "attention": 0.0, "indexer": 0.0}
+    return last_layer_skip_per_token(c.spec, c.inv, prompt)
 
 
 def prefill_prompt_tokens(c: _Ctx) -> int:
@@ -332,8 +348,9 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
     where the CPU has bf16 units (else fp32), the attention core and the V4 indexer on fp32 at the prompt's mean
     depth, plus the elementwise ops (mHC, norms, RoPE) as a measured fraction of the linears' time and the fit's fixed
     cost (once per prompt and per layer, in tokens of one layer's linears, spread over the prompt's tokens); the lm
-    head runs for the prompt's last token only. Weight reads are not a bound here: a prompt chunk of >= 512 rows reuses
-    each weight it reads hundreds of times."""
+    head, and the last layer's queries, attention output and FFN, run for the prompt's last token only
+    (`prefill_skip`; every token with `prefill_all_rows`). Weight reads are not a bound here: a prompt chunk of >= 512
+    rows reuses each weight it reads hundreds of times."""
     spec, inv = c.spec, c.inv
     prompt = cpu_prompt_tokens(c)
     peaks = cpu_peaks(c)
@@ -355,20 +372,26 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
     dense_unit = "bf16" if peaks.get("bf16") else "fp32"
     e_dense = fit.dense_at(chunk)
     g = 1e9
-    flops = {"routed_experts": lin["routed_experts"], "dense": lin["dense"], "lm_head": lin["lm_head"] / prompt,
-             "attention": att, "indexer": idx}
+    skip = prefill_skip(c, prompt)  # the last layer's rows other than the prompt's last
+    flops = {"routed_experts": lin["routed_experts"] - skip["routed_experts"], "dense": lin["dense"] - skip["dense"],
+             "lm_head": lin["lm_head"] / prompt, "attention": att - skip["attention"], "indexer": idx - skip["indexer"]}
     secs = {
         "routed_experts": flops["routed_experts"] / (peaks["int8"] * g * fit.experts_int8),
         "dense": flops["dense"] / (peaks[dense_unit] * g * e_dense),
         "lm_head": flops["lm_head"] / (peaks[dense_unit] * g * e_dense),
-        "attention": att / (peaks["fp32"] * g * fit.attention),
-        "indexer": idx / (peaks["fp32"] * g * fit.indexer),
+        "attention": flops["attention"] / (peaks["fp32"] * g * fit.attention),
+        "indexer": flops["indexer"] / (peaks["fp32"] * g * fit.indexer),
     }
     secs["elementwise"] = fit.elementwise_fraction * (secs["routed_experts"] + secs["dense"])
-    # the fixed cost: once per prompt in tokens of a mean layer's linears (lin is all layers'), plus any per layer
+    # the fixed cost: once per prompt in tokens of a mean layer's linears (lin is all layers'), plus any per layer;
+    # measured in CPU-s and sized in every row's linears, it does not shrink with the last layer's skipped rows
     fixed_tokens = fit.per_prompt_linear_tokens / len(spec.layer_types) + fit.per_layer_linear_tokens
-    secs["per_prompt"] = fixed_tokens / prompt * (secs["routed_experts"] + secs["dense"])
+    every_row_linears = (lin["routed_experts"] / (peaks["int8"] * g * fit.experts_int8)
+                         + lin["dense"] / (peaks[dense_unit] * g * e_dense))
+    secs["per_prompt"] = fixed_tokens / prompt * every_row_linears
     total = sum(secs.values())
+    skipped = ("" if not sum(skip.values()) else
+               f", the last layer's {sum(skip.values()) / g:.2f} GFLOP per token of rows no one reads left out")
     per_prompt = (f" and {fit.per_prompt_linear_tokens:g} tokens of one layer's linears per prompt"
                   if fit.per_prompt_linear_tokens else "")
     per_prompt += (f" and {fit.per_layer_linear_tokens:g} per layer" if fit.per_layer_linear_tokens else "")
@@ -386,9 +409,9 @@ def cpu_prefill_speed(c: _Ctx) -> dict[str, Any]:
             f"per token of a {prompt}-token prompt: experts {flops['routed_experts'] / g:.2f} GOP at int8 "
             f"{peaks['int8']:,.0f} GOP/s x {fit.experts_int8}, dense {flops['dense'] / g:.2f} GFLOP at "
             f"{dense_unit} {peaks[dense_unit]:,.0f} x {e_dense} ({chunk}-row chunks, the runtime's on the CPU), attention "
-            f"{att / g:.2f} and indexer {idx / g:.2f} GFLOP at the prompt's mean depth on fp32 "
-            f"{peaks['fp32']:,.0f} x {fit.attention} / {fit.indexer}, elementwise +{fit.elementwise_fraction:.0%} of "
-            f"the linears{per_prompt} (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; "
+            f"{flops['attention'] / g:.2f} and indexer {flops['indexer'] / g:.2f} GFLOP at the prompt's mean depth on "
+            f"fp32 {peaks['fp32']:,.0f} x {fit.attention} / {fit.indexer}, elementwise +{fit.elementwise_fraction:.0%} "
+            f"of the linears{per_prompt}{skipped} (efficiencies: the {fit.name} fit, {fit.source}; {fit_reason}; "
             f"peaks: {peaks['source']})"),
     })
     return out

@@ -3,7 +3,7 @@ the HC head and logits. See the package docstring for the deviations from the of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -19,9 +19,11 @@ from homerun.models.deepseek_v4.config import (
 )
 from homerun.kernels.device_guard import on_device
 from homerun.kernels.dispatch import TORCH, TorchKernels, for_act, kernels_for
+from homerun.models.deepseek_v4.compress import compress
 from homerun.models.deepseek_v4.ops import inv_freq
 from homerun.models.deepseek_v4.state import CompressorState, LayerState
-from homerun.models.deepseek_v4.parts import _HC, _Attention, _Compressor, _Indexer, _Layer, _MoE, _MoEIn, _PreAttn
+from homerun.models.deepseek_v4.parts import (_HC, _Attention, _Compressor, _Indexer, _Layer, _MoE, _MoEIn, _PreAttn,
+                                              out_slice, query_rows)
 from homerun.models.kv import DEFAULT_PAGE_TOKENS, Fp8PagedRows, PagedRows
 from homerun.models.layers import QLinear
 from homerun.models.speculation import DeferredEnd, end_or_defer
@@ -106,15 +108,23 @@ class DeepseekV4:
                 self.experts.prefetch_hash_layer(layer.index, layer.moe.tid2eid, host_ids)
         return spec
 
-    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState]
-                ) -> tuple[torch.Tensor, list[LayerState]]:
-        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states)."""
-        return self.forward_step(ids, start_pos, states)[:2]
+    def forward(self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState], *,
+                out_rows: slice | None = None) -> tuple[torch.Tensor, list[LayerState]]:
+        """ids [T] at absolute positions start_pos.. -> (final hidden [T, D] after HC head + norm, new states).
+        out_rows: the rows of the hidden the caller reads (a step-1 slice of the T; default all): only those come
+        back, [R, D], and the last layer computes its queries, attention output and FFN for those rows alone (every
+        row still feeds the KV window, compressors and indexer: the states are the same)."""
+        return self.forward_step(ids, start_pos, states, out_rows=out_rows)[:2]
 
     def forward_step(self, ids: torch.Tensor, start_pos: int, states: Sequence[LayerState], *,
-                     defer_end: bool = False) -> tuple[torch.Tensor, list[LayerState], DeferredEnd | None]:
+                     defer_end: bool = False, out_rows: slice | None = None
+                     ) -> tuple[torch.Tensor, list[LayerState], DeferredEnd | None]:
         """`forward`, and with `defer_end` a speculated forward returns before its end_token: its DeferredEnd
         (homerun.models.speculation), for the caller to settle after its own host wait; else None."""
+        rows = out_slice(out_rows, ids.shape[0])
+        cut = None
+        if rows is not None and self.experts.routes_every_row:
+            cut, rows = rows, None  # a routing trace numbers tokens by the rows it sees: every row runs, then the cut
         host_ids, ids = ids, ids.to(self.device)
         positions = torch.arange(start_pos, start_pos + ids.shape[0], device=self.device)
         spec = self._begin_token(host_ids)  # True: the backend may ask for a redo (see end_token)
@@ -131,7 +141,7 @@ class DeepseekV4:
 
         def run(first: int, inp: tuple, keep: bool):  # -> (a thunk making the final hidden, the layers' states)
             x, ids, positions, dev, flavor, k, kl = inp
-            new_states = []
+            new_states, n = [], len(self.layers)
             for i, (layer, st) in enumerate(zip(self.layers[first:], states[first:]), first + 1):
                 # Pipeline split: the residual streams, token ids and positions follow the layers to their device,
                 # once per boundary (a no-op between stand-ins, which share the host's memory).
@@ -143,13 +153,19 @@ class DeepseekV4:
                 if keep:
                     saved.append((x, ids, positions, dev, flavor, k, kl))
                 with self._on(ldev, i):  # each layer's kernels with its device current
-                    x, st = self._block(layer, x, ids, positions, start_pos, st, kl)
+                    # the last layer runs the kept rows only; the one before guesses its experts from those rows
+                    x, st = self._block(layer, x, ids, positions, start_pos, st, kl, rows if i == n else None,
+                                        rows if i == n - 1 else None)
                 new_states.append(st)
+            if rows is not None:
+                ids = ids[rows]
             hdev = self.head_device or self.device
             if hdev != dev or self.head_flavor != flavor:
                 x = x.to(hdev)
                 k = kernels_for(hdev, self.compute_dtype, ids.shape[0], self.head_flavor)
-            return (lambda: self._on(hdev, -1, self._final, x, k)), new_states  # the head once the layers stand
+            if cut is None:  # the head once the layers stand
+                return (lambda: self._on(hdev, -1, self._final, x, k)), new_states
+            return (lambda: self._on(hdev, -1, self._final, x, k)[cut]), new_states
 
         head, new_states = run(0, (x, ids, positions, dev, flavor, k, for_act(k, act)), spec)
 
@@ -173,6 +189,8 @@ class DeepseekV4:
 
     def _final(self, x: torch.Tensor, k: TorchKernels) -> torch.Tensor:
         """The streams after the last layer -> the final hidden [T, D] (HC head, then the final norm)."""
+        if not x.shape[0]:  # no row kept (a prompt's chunk before its last)
+            return x.new_empty(0, x.shape[-1])
         return k.norm_rope(self._hc_head(x, k), self.norm, self.args.norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -193,88 +211,62 @@ class DeepseekV4:
                                  a.hc_sinkhorn_iters)
         return k.hc_pre(pre, x)
 
-    def _block(self, layer: _Layer, x, ids, positions, start: int, st: LayerState, k: TorchKernels):
-        pa = self._pre_attention(layer, x, positions, k)
-        out, new_st = self._attention_core(layer, pa, start, st, k)
-        return self._post_attention(layer, x, pa, out, ids, k), new_st
+    def _block(self, layer: _Layer, x, ids, positions, start: int, st: LayerState, k: TorchKernels,
+               rows: slice | None = None, guess_rows: slice | None = None):
+        """One layer -> (its output streams, its new state). rows: only those rows' output (the state still takes
+        every row); guess_rows: the rows the next layer runs, from which its experts are guessed."""
+        pa = self._pre_attention(layer, x, positions, k, rows)
+        out, new_st = self._attention_core(layer, pa, start, st, k, q0=rows.start if rows is not None else 0)
+        if rows is not None:
+            x, ids = x[rows], ids[rows]
+            if out is None:
+                return x, new_st
+        return self._post_attention(layer, x, pa, out, ids, k, guess_rows), new_st
 
     # ------------------------------------------------------------------------------------------ attention
 
     def _compress(self, c: _Compressor, kv: torch.Tensor, gate: torch.Tensor, start_pos: int, st: CompressorState,
                   freqs, k: TorchKernels) -> CompressorState:
         """From this step's projections kv, gate [T, width] (c.wkv(x), c.wgate(x)): close every full window, append
-        the new entries past st.n_entries."""
-        if kv.shape[0] == 1 and c.rate > 1 and st.pending_kv is not None and st.pending_kv.shape[0] == c.rate - 1:
-            # decode closes one window: the kernel set's one-window step (one launch on the GPU)
-            entry, okv, ogate = k.compress_close(st.pending_kv, kv, st.pending_gate, gate, c.ape, st.overlap_kv,
-                                                 st.overlap_gate, c.overlap, c.norm, self.args.norm_eps, freqs,
-                                                 st.n_entries * c.rate, c.head_dim)
-            n = st.store.write(st.n_entries, entry)
-            return CompressorState(st.store, n, kv.new_empty(0, kv.shape[1]), gate.new_empty(0, gate.shape[1]), okv,
-                                   ogate)
-        fresh = st.pending_kv is not None and st.pending_kv.shape[0]
-        if fresh:
-            kv = torch.cat([st.pending_kv, kv])
-            gate = torch.cat([st.pending_gate, gate])
-        n_win = kv.shape[0] // c.rate
-        usable = n_win * c.rate
-        if fresh and not usable:  # the open window is the new concatenation itself: no copy
-            pending_kv, pending_gate = kv, gate
-        else:
-            pending_kv, pending_gate = kv[usable:].clone(), gate[usable:].clone()
-        if n_win == 0:
-            return replace(st, pending_kv=pending_kv, pending_gate=pending_gate)
-        first_pos = st.n_entries * c.rate
-        hd, r = c.head_dim, c.rate
-        ckv = kv[:usable].view(n_win, r, -1)
-        cgate = gate[:usable].view(n_win, r, -1) + c.ape  # (W, r, width); fp32 ape promotes
-        overlap_kv, overlap_gate = st.overlap_kv, st.overlap_gate
-        if c.overlap:
-            slots_kv = ckv.new_zeros(n_win, 2 * r, hd)
-            slots_gate = cgate.new_full((n_win, 2 * r, hd), float("-inf"))
-            slots_kv[:, r:] = ckv[..., hd:]
-            slots_gate[:, r:] = cgate[..., hd:]
-            if n_win > 1:
-                slots_kv[1:, :r] = ckv[:-1, :, :hd]
-                slots_gate[1:, :r] = cgate[:-1, :, :hd]
-            if st.overlap_kv is not None:
-                slots_kv[0, :r] = st.overlap_kv.to(slots_kv.dtype)
-                slots_gate[0, :r] = st.overlap_gate.to(slots_gate.dtype)
-            overlap_kv, overlap_gate = ckv[-1, :, :hd].clone(), cgate[-1, :, :hd].clone()
-        else:
-            slots_kv, slots_gate = ckv, cgate
-        wts = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
-        pos = torch.arange(n_win, device=kv.device) * r + first_pos
-        cos, sin = k.rope_cos_sin(freqs, pos)
-        entries = k.norm_rope((slots_kv * wts).sum(dim=1), c.norm, self.args.norm_eps, cos, sin)  # (W, hd)
-        n = st.store.write(st.n_entries, entries)
-        return CompressorState(st.store, n, pending_kv, pending_gate, overlap_kv, overlap_gate)
+        the new entries past st.n_entries (homerun.models.deepseek_v4.compress)."""
+        return compress(c, kv, gate, st, freqs, self.args.norm_eps, k)
 
     # A layer runs in three parts. Before and after the attention core the work depends on the token only through
     # tensors (the streams, the token ids, the positions' RoPE tables), never on a host-side position or length, so
     # a one-token decode can replay both parts from captured launches (homerun.engine.graphs); the core reads and
     # grows the layer's KV state, whose sizes are host-side ints.
 
-    def _pre_attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, k: TorchKernels) -> _PreAttn:
+    def _pre_attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor, k: TorchKernels,
+                       rows: slice | None = None) -> _PreAttn:
         """The attention site's mHC weights and normalized mix, then every projection of it: q (normed, RoPE'd), the
-        new window row kv (normed, RoPE'd), the compressors' and the indexer's inputs."""
+        new window row kv (normed, RoPE'd), the compressors' and the indexer's inputs. rows: the queries' (q, qr,
+        the indexer's weights, post, comb, cos, sin) for those rows only (q None for none); the rest for all."""
         a, at = self.args, layer.attn
         pre, post, comb = self._hc_weights(layer.hc_attn, x, k)
         h = k.hc_pre_norm(pre, x, layer.attn_norm, a.norm_eps)
-        T, H, Dh = h.shape[0], a.n_heads, a.head_dim
+        H, Dh = a.n_heads, a.head_dim
         freqs = self.freqs_main if layer.kind == LAYER_SLIDING else self.freqs_compress
         cos, sin = self._rope(freqs, positions, k)
-        proj = k.project(at.inputs.lins, h, at.inputs)  # wq_a, wkv, the compressors' and the indexer's
+        kv_proj = None
+        if rows is None:
+            proj = k.project(at.inputs.lins, h, at.inputs)  # wq_a, wkv, the compressors' and the indexer's
+        else:
+            proj, post, comb, cq, sq = query_rows(k, at, h, rows, post, comb, cos, sin)
+            kv_proj = k.norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin)
+            cos, sin = cq, sq
+            if proj[0] is None:
+                return _PreAttn(post, comb, proj, None, None, kv_proj, cos, sin)
         qr = k.norm_rope(proj[0], at.q_norm, a.norm_eps)  # (T, Lq)
-        q = k.norm_rope(k.linear(at.wq_b, qr).view(T, H, Dh), None, a.norm_eps, cos, sin)  # (T, H, Dh), per head
-        kv = k.norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin)  # (T, Dh)
+        q = k.norm_rope(k.linear(at.wq_b, qr).view(qr.shape[0], H, Dh), None, a.norm_eps, cos, sin)  # per head
+        kv = k.norm_rope(proj[1], at.kv_norm, a.norm_eps, cos, sin) if kv_proj is None else kv_proj  # (T, Dh)
         return _PreAttn(post, comb, proj, qr, q, kv, cos, sin)
 
     def _attention_core(self, layer: _Layer, pa: _PreAttn, start: int, st: LayerState,
-                        k: TorchKernels) -> tuple[torch.Tensor, LayerState]:
-        """The queries at positions start.. (a Python int: no device read) over the window and the compressed
-        entries; closes compressor windows. -> (attention output [T, H, Dh] before the inverse RoPE, new
-        LayerState). The new state keeps no reference to pa's tensors (a replayed decode step rewrites them)."""
+                        k: TorchKernels, q0: int = 0) -> tuple[torch.Tensor | None, LayerState]:
+        """The queries at positions start + q0.. (Python ints: no device read) over the window and the compressed
+        entries; closes compressor windows. -> (attention output [Tq, H, Dh] before the inverse RoPE, None without
+        queries; new LayerState). The new state keeps no reference to pa's tensors (a replayed decode step rewrites
+        them). q0: the first query's row in this step (pa's queries may be a slice of its rows, see _block)."""
         a, at = self.args, layer.attn
         proj, kv = pa.proj, pa.kv
         past = st.window
@@ -292,17 +284,21 @@ class DeepseekV4:
             idx_st = self._compress(at.indexer.comp, proj[4], proj[5], start, st.index_comp, self.freqs_compress, k)
             iw = proj[6]
 
-        out = self._attend(layer, pa.q, pa.qr, iw, keys, start, past.shape[0], comp, idx_st, (pa.cos, pa.sin), k)
+        out = None
+        if pa.q is not None:  # queries from row q0: as if the step began there with the rows before it as past keys
+            out = self._attend(layer, pa.q, pa.qr, iw, keys, start + q0, past.shape[0] + q0, comp, idx_st,
+                               (pa.cos, pa.sin), k)
         return out, LayerState(window, comp, idx_st)
 
     def _post_attention(self, layer: _Layer, x: torch.Tensor, pa: _PreAttn, out: torch.Tensor, ids: torch.Tensor,
-                        k: TorchKernels) -> torch.Tensor:
+                        k: TorchKernels, guess_rows: slice | None = None) -> torch.Tensor:
         """The attention output written back into the streams x, then the MoE site. -> the layer's output streams.
         The MoE site is three parts (`_moe_in`, the expert backend's routed call, `_moe_out`) so that decode graphs
         can replay the two outer ones around an eager routed call (homerun.engine.graphs)."""
         mi = self._moe_in(layer, self._attn_out(layer, x, pa, out, k), ids, k)
         if self.experts.wants_speculation_for(layer.index + 1):
-            guess = self._next_layer_guess(layer, mi.h, ids)
+            h, gids = (mi.h, ids) if guess_rows is None else (mi.h[guess_rows], ids[guess_rows])
+            guess = self._next_layer_guess(layer, h, gids) if h.shape[0] else None
             if guess is not None:
                 self.experts.prefetch_speculative(layer.index + 1, guess)
         return self._moe_out(layer, mi, self.experts.forward(layer.index, mi.h, mi.idx, mi.w), k)

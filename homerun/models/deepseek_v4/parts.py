@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from homerun.errors import UsageError
 from homerun.models.layers import Projections, QLinear
 
 
@@ -42,14 +44,20 @@ class _Attention:
     # Every projection of the attention input, in this order: wq_a, wkv, [comp wkv, wgate], [indexer's comp wkv,
     # wgate, weights_proj]; one native call per decode step.
     inputs: Projections = field(init=False, repr=False)
+    # The same split by what reads them: the state's (wkv, the compressors': every row) and the queries' (wq_a, the
+    # indexer's weights_proj: only the rows whose output is used, see query_rows)
+    state_inputs: Projections = field(init=False, repr=False)
+    query_inputs: Projections = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        lins = [self.wq_a, self.wkv]
+        state, query = [self.wkv], [self.wq_a]
         if self.comp is not None:
-            lins += [self.comp.wkv, self.comp.wgate]
+            state += [self.comp.wkv, self.comp.wgate]
         if self.indexer is not None:
-            lins += [self.indexer.comp.wkv, self.indexer.comp.wgate, self.indexer.weights_proj]
-        self.inputs = Projections(lins)
+            state += [self.indexer.comp.wkv, self.indexer.comp.wgate]
+            query.append(self.indexer.weights_proj)
+        self.inputs = Projections([query[0], *state, *query[1:]])
+        self.state_inputs, self.query_inputs = Projections(state), Projections(query)
 
 
 @dataclass
@@ -113,3 +121,24 @@ class _MoEIn:
     w: torch.Tensor  # and weights [T, k] fp32
     g: torch.Tensor  # the shared expert's w1(h), w3(h)
     u: torch.Tensor
+
+
+def out_slice(out_rows: slice | None, n_rows: int) -> slice | None:
+    """A forward's `out_rows` over its n_rows -> the step-1 slice [r0, r1) it keeps, or None when it keeps every row."""
+    if out_rows is None:
+        return None
+    if not isinstance(out_rows, slice) or out_rows.step not in (None, 1):
+        raise UsageError(f"out_rows: {out_rows!r} is not a slice of step 1",
+                         hint="pass slice(r0, r1), e.g. slice(-1, None) for the last row")
+    r0, r1, _ = out_rows.indices(n_rows)
+    r1 = max(r0, r1)
+    return None if (r0, r1) == (0, n_rows) else slice(r0, r1)
+
+
+def query_rows(k: Any, at: _Attention, h: torch.Tensor, rows: slice, post, comb, cos, sin) -> tuple:
+    """The attention input's projections when only `rows` need queries: the state's for every row of h, wq_a and the
+    indexer's weights_proj for those rows (None for none), in `inputs` order; and post, comb, cos, sin of the rows."""
+    state = k.project(at.state_inputs.lins, h, at.state_inputs)
+    hq = h[rows]
+    query = k.project(at.query_inputs.lins, hq, at.query_inputs) if hq.shape[0] else [None] * len(at.query_inputs.lins)
+    return [query[0], *state, *query[1:]], post[rows], comb[rows], cos[rows], sin[rows]
