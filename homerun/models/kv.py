@@ -244,8 +244,11 @@ class Fp8PagedRows(PagedRows):
     FP8_MAX = 448.0
 
     def __init__(self, width: int, dtype: torch.dtype, device, page_rows: int = 256, compute_device=None, *,
-                 rope_dim: int = 0, scale_fp32: bool = False, account: Any = None):
+                 rope_dim: int = 0, scale_fp32: bool = False, account: Any = None, codec: Any = None):
         super().__init__(width, dtype, device, page_rows, compute_device, account)
+        # codec: one-launch encode and decode with these ops' bits (a GPU kernel set's `fp8_rows`, e.g.
+        # homerun.kernels.triton.kv_fp8: `put` and `read`), used where the pages are on the compute device
+        self.codec = codec if self.device == self.compute_device else None
         self.rope_dim = rope_dim
         self.nope = width - rope_dim
         self.scale_fp32 = scale_fp32
@@ -265,7 +268,7 @@ class Fp8PagedRows(PagedRows):
 
     def empty_like(self, page_rows: int, device: torch.device, account: Any = None) -> "PagedRows":
         return Fp8PagedRows(self.width, self.dtype, device, page_rows, device, rope_dim=self.rope_dim,
-                            scale_fp32=self.scale_fp32, account=account)
+                            scale_fp32=self.scale_fp32, account=account, codec=self.codec)
 
     def _alloc(self, rows: int | None = None):
         n = rows or self.page_rows
@@ -292,6 +295,22 @@ class Fp8PagedRows(PagedRows):
         s = torch.exp2(exp) if self.scale_fp32 else (exp + 127).to(torch.uint8)  # the padding columns stay zero
         return q, s, x[:, self.nope :].to(torch.bfloat16) if self.rope_dim else x[:, self.nope :]
 
+    def _fused_put(self, rows: torch.Tensor) -> bool:
+        """Whether the codec encodes these rows (in a dtype it encodes with _encode's bits, on the pages' device)."""
+        return self.codec is not None and rows.dtype in self.codec.ENCODE_DTYPES and rows.device == self.device
+
+    def _put(self, page, r0: int, rows: torch.Tensor) -> None:
+        if self._fused_put(rows):
+            self.codec.put(rows, page, self.block, self.scale_fp32, row0=r0)
+        else:
+            super()._put(page, r0, rows)
+
+    def put_at(self, page, at: torch.Tensor, rows: torch.Tensor) -> None:
+        if self._fused_put(rows):
+            self.codec.put(rows, page, self.block, self.scale_fp32, at=at.to(self.device).reshape(-1))
+        else:
+            super().put_at(page, at, rows)
+
     def _decode(self, q, s, r) -> torch.Tensor:
         n = q.shape[0]
         if self.dtype in (torch.bfloat16, torch.float16):
@@ -303,11 +322,15 @@ class Fp8PagedRows(PagedRows):
 
     def _get(self, page, n: int) -> torch.Tensor:
         q, s, r = page
+        if self.codec is not None and self.dtype in self.codec.READ_DTYPES:
+            return self.codec.read(page, n, self.dtype, self.block, self.scale_fp32)
         return self._decode(q[:n], s[:n], r[:n])
 
     def _take(self, page, rows: torch.Tensor) -> torch.Tensor:
         q, s, r = page
         rows = rows.to(self.device)
+        if self.codec is not None and self.dtype in self.codec.READ_DTYPES and rows.dim() == 1:
+            return self.codec.read(page, 0, self.dtype, self.block, self.scale_fp32, idx=rows)
         return self._decode(q[rows], s[rows], r[rows])
 
 
