@@ -171,3 +171,21 @@ def test_the_model_gives_gpu_layers_stores_the_codec():
     assert host.codec is None
     st = Fp8PagedRows(128, torch.bfloat16, "cpu", 4, scale_fp32=True, codec=KV)
     assert st.empty_like(8, torch.device("cpu")).codec is KV
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("width, rope, scale_fp32, rows", [(512, 64, False, 2048), (128, 0, True, 4096)])
+def test_a_fused_read_keeps_only_its_output(width, rope, scale_fp32, rows, dtype):
+    """The graphed step's largest transient: a fused whole read allocates the decoded rows and nothing else, within
+    what decode_bytes charges (the torch ops' peak, tests/test_decode_graph_bytes.py)."""
+    from live_bytes import LiveBytes
+    from homerun.models.decode_bytes import read_transient_bytes
+    from homerun.models.deepseek_v4.static_decode import static_store
+
+    like = Fp8PagedRows(width, dtype, "cpu", 16, rope_dim=rope, scale_fp32=scale_fp32, codec=KV)
+    store, _, _ = static_store(like, rows, torch.device("cpu"))
+    with LiveBytes() as live:
+        out = store._get(store.pages[0], store.page_rows)
+    assert out.shape == (rows, width) and out.dtype == dtype
+    charged = read_transient_bytes(rows, width, rope, scale_fp32, "fp8", dtype.itemsize)
+    assert live.peak_bytes == rows * width * dtype.itemsize <= charged
