@@ -53,6 +53,7 @@ def _page_of_codes(st: Fp8PagedRows, gen: torch.Generator) -> tuple[torch.Tensor
     return q, s, r
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's numpy: the products past a range
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("width, rope, scale_fp32", LAYOUTS)
 def test_the_fused_read_has_the_torch_decodes_bits(width, rope, scale_fp32, dtype):
@@ -189,3 +190,30 @@ def test_a_fused_read_keeps_only_its_output(width, rope, scale_fp32, rows, dtype
     assert out.shape == (rows, width) and out.dtype == dtype
     charged = read_transient_bytes(rows, width, rope, scale_fp32, "fp8", dtype.itemsize)
     assert live.peak_bytes == rows * width * dtype.itemsize <= charged
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("width, rope, scale_fp32", LAYOUTS)
+def test_pages_partial_and_spanned_in_small_programs(width, rope, scale_fp32, dtype, monkeypatch):
+    """Stores of 5-row pages, the codec's programs cut to 2 rows (a launch of an odd row count ends in a part-filled
+    program): writes that start mid-page and span page boundaries, part-filled first and last pages, whole reads of
+    every row count (the last page partly) and gathers across pages: the same bits as the torch ops' store. fp32
+    compute: the torch ops encode (test_fp32_rows_keep_the_torch_encoder), the codec reads."""
+    monkeypatch.setattr(KV, "_block_rows", lambda n, row_elems: 2)
+    gen = torch.Generator().manual_seed(5)
+    ref = Fp8PagedRows(width, dtype, "cpu", 5, rope_dim=rope, scale_fp32=scale_fp32)
+    fused = Fp8PagedRows(width, dtype, "cpu", 5, rope_dim=rope, scale_fp32=scale_fp32, codec=KV)
+    head, mid, tail = ((torch.randn(n, width, generator=gen) * sc).to(dtype) for n, sc in ((2, 3.0), (13, 1e-3),
+                                                                                          (2, 50.0)))
+    for st in (ref, fused):
+        assert st.write(0, head) == 2  # a part-filled first page
+        assert st.write(2, mid) == 15  # rows 2..14: from row 2 of page 0 through pages 1 and 2
+        assert st.write(15, tail) == 17  # a part-filled fourth page
+    assert len(ref.pages) == len(fused.pages) == 4
+    for p, (a, b) in enumerate(zip(ref.pages, fused.pages)):  # the written rows (the rest: as allocated)
+        assert all(_same(x[: 17 - 5 * p], y[: 17 - 5 * p]) for x, y in zip(a, b)), p
+    for n in range(1, 18):
+        assert _same(fused.view(n), ref.view(n)), n
+    sel = torch.tensor([16, 0, 4, 5, 9, 10, 14, 15, 2, 16])
+    assert _same(fused.gather(sel), ref.gather(sel))
+    assert _same(fused.gather(sel.view(2, 5)), ref.gather(sel.view(2, 5)))

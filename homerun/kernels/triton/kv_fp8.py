@@ -216,9 +216,10 @@ def read(page: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n: int, dtype: t
     if n == 0:
         return y
     q, r = codes.view(torch.uint8), _i16(rope)
+    out = y.view(torch.int16) if dtype == torch.bfloat16 else y
     br = _block_rows(n, nb_p2 * blk_p2)
     launch(_read_kernel, (triton.cdiv(n, br),))(
-        q, scales, r, idx if idx is not None else q, y.view(torch.int16) if dtype == torch.bfloat16 else y, n, idx.stride(0) if idx is not None else 0,
+        q, scales, r, idx if idx is not None else q, out, n, idx.stride(0) if idx is not None else 0,
         q.stride(0), q.stride(1), scales.stride(0), scales.stride(1), r.stride(0), r.stride(1),
         NB=nb, BLK=block, NB_P2=nb_p2, BLK_P2=blk_p2, ROPE=nrope, ROPE_P2=triton.next_power_of_2(max(nrope, 1)),
         SCALE_F32=scale_fp32, HAS_IDX=idx is not None, BLOCK_R=br, OUT=READ_DTYPES.index(dtype),
