@@ -91,7 +91,7 @@ def _rows_to_encode(width: int, rope: int, block: int, dtype: torch.dtype, gen: 
     vals = torch.tensor(NON_NAN.view(torch.float8_e4m3fn).float().unique().tolist())  # sorted, 0 once
     ties = (vals[1:] + vals[:-1]) / 2
     pool = torch.cat([vals, ties, -vals, -ties])  # exact in bf16 and fp16 before the 2^k factor
-    lo, hi = (-108, 119) if dtype == torch.bfloat16 else (-24, 7)  # amax >= 1e-30; 448 x 2^k finite in dtype
+    lo, hi = (-24, 7) if dtype == torch.float16 else (-108, 119)  # amax >= 1e-30; 448 x 2^k finite in dtype
     n_blocks = (width - rope) // block
     ks = torch.arange(lo, hi + 1)
     n = ks.numel() * 3
@@ -113,7 +113,7 @@ def _rows_to_encode(width: int, rope: int, block: int, dtype: torch.dtype, gen: 
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("width, rope, scale_fp32", LAYOUTS)
 def test_the_fused_encoder_writes_the_torch_encoders_bits(width, rope, scale_fp32, dtype):
     """Codes, scales (the padding columns left as allocated) and rope columns, written from a row (`write`) and
@@ -136,16 +136,19 @@ def test_the_fused_encoder_writes_the_torch_encoders_bits(width, rope, scale_fp3
         assert s[:n, ref.n_blocks :].eq(0).all() and s[:n, : ref.n_blocks].ne(0).all()
 
 
-def test_fp32_rows_keep_the_torch_encoder():
-    """fp32 rows' scale could differ (module docstring of kv_fp8): the store encodes them with its torch ops."""
-    ref, fused = _pair(512, 64, False, torch.float32, 4)
-    rows = torch.randn(4, 512, generator=torch.Generator().manual_seed(4))
-    with count_device_work() as cw:
-        fused.write(0, rows)
-    ref.write(0, rows)
-    assert cw.c.launches == 0 and all(_same(a, b) for a, b in zip(ref.pages[0], fused.pages[0]))
-    with pytest.raises(ValueError, match="rows in torch.float32"):
-        KV.put(rows, fused.pages[0], 64, False)
+def test_the_scale_exponent_is_exact():
+    """_encode's ceil(log2(amax / 448)) from the quotient's bits: amax one fp32 ulp past 448 x 2^k takes the scale
+    2^(k + 1) (amax / 2^k would pass 448 and be clamped), where ceil(torch.log2(...)) on this CPU rounds onto k for
+    most k (the exponent the codec's encoder and the torch ops share; kv_fp8's module docstring)."""
+    ks = torch.arange(-108, 120)
+    at = 448.0 * torch.exp2(ks.float())
+    past = torch.nextafter(at, torch.tensor(float("inf")))
+    st = Fp8PagedRows(64, torch.float32, "cpu", 1, scale_fp32=True)
+    rows = torch.zeros(2 * ks.numel(), 64)
+    rows[:, 0] = torch.stack([at, past], dim=1).reshape(-1)
+    _, s, _ = st._encode(rows)
+    assert torch.equal(s.view(-1, 2), torch.exp2(torch.stack([ks, ks + 1], dim=1).float()))
+    assert (torch.ceil(torch.log2(past / 448.0)) == ks).sum() > ks.numel() // 2  # what a log2 would have written
 
 
 @pytest.mark.parametrize("width, rope, scale_fp32", LAYOUTS)
@@ -197,8 +200,7 @@ def test_a_fused_read_keeps_only_its_output(width, rope, scale_fp32, rows, dtype
 def test_pages_partial_and_spanned_in_small_programs(width, rope, scale_fp32, dtype, monkeypatch):
     """Stores of 5-row pages, the codec's programs cut to 2 rows (a launch of an odd row count ends in a part-filled
     program): writes that start mid-page and span page boundaries, part-filled first and last pages, whole reads of
-    every row count (the last page partly) and gathers across pages: the same bits as the torch ops' store. fp32
-    compute: the torch ops encode (test_fp32_rows_keep_the_torch_encoder), the codec reads."""
+    every row count (the last page partly) and gathers across pages: the same bits as the torch ops' store."""
     monkeypatch.setattr(KV, "_block_rows", lambda n, row_elems: 2)
     gen = torch.Generator().manual_seed(5)
     ref = Fp8PagedRows(width, dtype, "cpu", 5, rope_dim=rope, scale_fp32=scale_fp32)

@@ -5,13 +5,13 @@ device-side indices (a gather), into the compute dtype (codes x scales, the rope
 
 Bits: the same as the store's torch ops (`Fp8PagedRows._encode` / `_decode`), which stay the definition and the
 CPU's path (tests/test_kv_fp8_kernels.py runs every non-NaN code under every scale through both):
-- encode: the scale exponent is ceil(log2(amax / 448)), clamped to [-126, 126]. The torch ops take it through an
-  fp32 division and log2; here it comes from amax's bits: amax = M 2^E (M in [1, 2)) gives E - 8 when M <= 1.75
-  (amax / 448 = (M / 1.75) 2^(E - 8), a power of two only at M = 1.75) and E - 7 above. Equal to the torch ops for
-  bf16 and fp16 rows, whose M > 1.75 is at least 1.75 + 2^-10 (log2 at least 8e-4 past the integer, far beyond a
-  log2's rounding). For fp32 rows the torch log2 can round M = 1.75 + a few ulp onto the integer: `put` refuses
-  fp32 rows and the store encodes them with its torch ops. Rows times 2^-exp (exact, as torch's division by 2^exp),
-  clamped to +-448, then fp32 -> e4m3 rounded to nearest even as c10's Float8_e4m3fn conversion does.
+- encode: the scale exponent is ceil(log2(amax / 448)), clamped to [-126, 126]. The torch ops take the ceil exactly
+  from the bits of the fp32 quotient (frexp); here it comes from amax's bits: amax = M 2^E (M in [1, 2)) gives
+  E - 8 when M <= 1.75 (amax / 448 = (M / 1.75) 2^(E - 8), a power of two only at M = 1.75) and E - 7 above. The
+  same for every amax >= 1e-30: the rounded quotient is a power of two only where the exact one is (M one ulp
+  either side of 1.75 gives M / 1.75 = 1 +- 0.57 x 2^-23, rounded to 1 + 2^-23 or 1 - 2^-24). Rows (bf16, fp16 or
+  fp32) times 2^-exp (exact, as torch's division by 2^exp), clamped to +-448, then fp32 -> e4m3 rounded to nearest
+  even as c10's Float8_e4m3fn conversion does.
 - decode: each e4m3 code (the NaN codes 0x7f / 0xff as NaN) times its scale is exact in fp32 (or inf past fp32's
   range, as torch's product), then rounded once to the output dtype, as `_decode` rounds it.
 Inputs without NaN (infinities included): a NaN in a block gives that block whatever the clamp makes of it.
@@ -26,7 +26,7 @@ import triton.language as tl
 from homerun.kernels.triton.common import e8m0_to_f32, interpreting, launch
 
 FP8_MAX = 448.0
-ENCODE_DTYPES = (torch.bfloat16, torch.float16)  # rows `put` encodes with the torch ops' bits (module docstring)
+ENCODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows `put` encodes (module docstring)
 READ_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the read kernel's OUT is the index here
 _P120 = tl.constexpr(2.0**120)
 
@@ -78,7 +78,7 @@ def _put_kernel(
     X_BF16: tl.constexpr,
 ):
     """Program: BLOCK_R input rows as [rows, blocks, dims of a block] tiles; row i goes to page row at[i] (HAS_AT) or
-    row0 + i. X_BF16: x is bf16 rows seen as int16; else fp16. The rope part is seen as int16."""
+    row0 + i. X_BF16: x is bf16 rows seen as int16; else fp16 or fp32. The rope part is seen as int16."""
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rr < N
     if HAS_AT:
@@ -109,7 +109,7 @@ def _put_kernel(
         rp = tl.arange(0, ROPE_P2)
         mp = r_mask[:, None] & (rp < ROPE)[None, :]
         v = tl.load(x_ptr + rr.to(tl.int64)[:, None] * sxn + (NB * BLK + rp)[None, :] * sxd, mask=mp, other=0)
-        if not X_BF16:  # fp16 -> bf16, rounded as torch's .to(bfloat16) of it
+        if not X_BF16:  # fp16 or fp32 -> bf16, rounded as torch's .to(bfloat16) of it
             v = _bf16_bits(v.to(tl.float32))
         tl.store(r_ptr + dst[:, None] * srn + rp[None, :] * srd, v, mask=mp)
 
@@ -176,9 +176,9 @@ def _layout(codes: torch.Tensor, scales: torch.Tensor, block: int) -> tuple[int,
 
 def put(rows: torch.Tensor, page: tuple[torch.Tensor, torch.Tensor, torch.Tensor], block: int, scale_fp32: bool, *,
         at: torch.Tensor | None = None, row0: int = 0) -> None:
-    """rows [n, nope + rope] (bf16 or fp16, any strides) quantized into page = (codes [R, nope] float8_e4m3fn, scales
-    [R, >= nope / block] uint8 (ue8m0) or fp32 (scale_fp32), rope [R, rope] bf16), rows at the device indices `at`
-    ([n] int64) or from row0; the scales' columns past nope / block are left as they are. One launch."""
+    """rows [n, nope + rope] (bf16, fp16 or fp32, any strides) quantized into page = (codes [R, nope] float8_e4m3fn,
+    scales [R, >= nope / block] uint8 (ue8m0) or fp32 (scale_fp32), rope [R, rope] bf16), rows at the device
+    indices `at` ([n] int64) or from row0; the scales' columns past nope / block are left as they are. One launch."""
     codes, scales, rope = page
     if rows.dtype not in ENCODE_DTYPES:
         raise ValueError(f"kv_fp8.put: rows in {rows.dtype}; the fused encoder takes {ENCODE_DTYPES}")
