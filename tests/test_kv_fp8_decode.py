@@ -1,7 +1,8 @@
 """The FP8 KV cache's one-launch codec (homerun.kernels.triton.kv_fp8) on the decode path of a CUDA stand-in (issue
 13): the GPU-flavored layers' stores encode and decode through it, the logits are bit-equal to the same stores on
 their torch ops, and the launches it saves are held by budgets: per layer per decode token (eager) and per whole-step
-graph, fp8 KV costs at most what bf16 KV costs plus one read per compressed layer. Skipped without triton."""
+graph, fp8 KV costs at most what KV in the compute dtype costs plus one read per compressed layer (eager, bf16 and
+fp32 compute) or two kernels (the bf16 step graph). Skipped without triton."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ PROMPT = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(5)
 STEPS = 4  # positions 16..19: the last closes the CSA windows (an entry and a key written per token in four)
 
 
-def _model(path, kv_dtype: str, graphs: str = "off"):
+def _model(path, kv_dtype: str, graphs: str = "off", dtype: str = "bfloat16"):
     pl = single_device(3, "standin:0", gpu_path=True, experts="device")
-    return load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype, cuda_graphs=graphs)
+    return load(path, dtype=dtype, experts="reference", placement=pl, kv_dtype=kv_dtype, cuda_graphs=graphs)
 
 
 def _stores(session):
@@ -65,12 +66,14 @@ def _decode(model, torch_ops: bool = False) -> tuple[list[torch.Tensor], list[fl
     return logits, [n / STEPS for n in per_layer], counts
 
 
-@pytest.fixture(scope="module")
-def eager(tiny_checkpoints):
-    """kv_dtype fp8 (codec), fp8 on the stores' torch ops, and auto (bf16 rows: a read is a view): _decode's."""
-    path = tiny_checkpoints["mixed"]
-    fp8 = _model(path, "fp8")
-    return {"codec": _decode(fp8), "torch": _decode(fp8, torch_ops=True), "auto": _decode(_model(path, "auto")),
+@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+def eager(tiny_checkpoints, request):
+    """In each compute dtype, kv_dtype fp8 (codec), fp8 on the stores' torch ops, and auto (rows in the compute
+    dtype: a read is a view): _decode's."""
+    path, dt = tiny_checkpoints["mixed"], request.param
+    fp8 = _model(path, "fp8", dtype=dt)
+    return {"codec": _decode(fp8), "torch": _decode(fp8, torch_ops=True),
+            "auto": _decode(_model(path, "auto", dtype=dt)),
             "kinds": [lay.kind for lay in fp8.net.layers], "codecs": [st.codec for st in _stores(fp8.session())]}
 
 
@@ -85,12 +88,13 @@ def test_the_codec_decodes_the_torch_ops_logits(eager):
         assert torch.equal(a, b)
 
 
-def test_fp8_layers_cost_one_read_more_than_bf16_kv(eager):
-    """Launches per layer per decode token, eager GPU path ("mixed": sliding, CSA, HCA). Measured (h13n): before
-    the codec 23 / 57.75 / 33; with it 23 / 39 / 27, bf16 KV 23 / 38 / 26 (tiny "mixed", 130-token prompt:
-    benchmarks/decode_layer_launches.py). A sliding layer holds no fp8 store, nor yet the HCA layer here (no entry
-    in 16 tokens): equal; the CSA layer pays one launch per token over bf16 KV (a decoded read where bf16's is a
-    view), and far fewer than the torch ops (18.75 fewer)."""
+def test_fp8_layers_cost_one_read_more_than_plain_kv(eager):
+    """Launches per layer per decode token, eager GPU path ("mixed": sliding, CSA, HCA). Measured (h13n, tiny
+    "mixed", 130-token prompt: benchmarks/decode_layer_launches.py), bf16 compute: before the codec 23 / 57.75 / 33,
+    with it 23 / 39 / 27, KV in the compute dtype 23 / 38 / 26; fp32: 24 / 62.25 / 36, 24 / 45 / 30, 24 / 44 / 29.
+    Here (16 tokens) a sliding layer holds no fp8 store, nor yet the HCA layer (no entry): equal; the CSA layer
+    pays one launch per token over KV in the compute dtype (a decoded read where the other is a view), and far
+    fewer than the torch ops (measured 21.25 fewer in bf16, 19.75 in fp32)."""
     kinds, codec, torch_ops, auto = eager["kinds"], eager["codec"][1], eager["torch"][1], eager["auto"][1]
     assert kinds == ["sliding", "csa", "hca"]
     for kind, c, t, a in zip(kinds, codec, torch_ops, auto):
