@@ -65,6 +65,9 @@ class TorchKernels:
     """The definition of every family in plain torch ops; runs on any device and dtype."""
 
     name = "torch"
+    # The FP8 KV cache's one-launch row codec (homerun.models.kv.Fp8PagedRows' `codec`: `put` / `read` with the
+    # store's bits); None: the store's own torch ops encode and decode
+    fp8_rows: Any = None
 
     # ---- linears over weights kept as stored
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,8 @@ def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv
     """Peak bytes live while n rows of a store are read whole (its `_get`): fp8 decodes them (Fp8PagedRows._decode,
     step by step below; a tensor is freed when its last reference goes), other formats return a view. A compute dtype
     of 2 bytes, bf16 or fp16, is decoded without fp32 copies, into the output with one 2-byte scale per block
-    (Fp8PagedRows._decode_bf16 / _decode_fp16: the same bytes)."""
+    (Fp8PagedRows._decode_bf16 / _decode_fp16: the same bytes). The GPU kernel set's one-launch decoder
+    (homerun.kernels.triton.kv_fp8, a store's codec) keeps only the n x width output, never more than this."""
     if kv_dtype != "fp8":
         return 0
     nope = width - rope_dim

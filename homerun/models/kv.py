@@ -244,8 +244,11 @@ class Fp8PagedRows(PagedRows):
     FP8_MAX = 448.0
 
     def __init__(self, width: int, dtype: torch.dtype, device, page_rows: int = 256, compute_device=None, *,
-                 rope_dim: int = 0, scale_fp32: bool = False, account: Any = None):
+                 rope_dim: int = 0, scale_fp32: bool = False, account: Any = None, codec: Any = None):
         super().__init__(width, dtype, device, page_rows, compute_device, account)
+        # codec: one-launch encode and decode with these ops' bits (a GPU kernel set's `fp8_rows`, e.g.
+        # homerun.kernels.triton.kv_fp8: `put` and `read`), used where the pages are on the compute device
+        self.codec = codec if self.device == self.compute_device else None
         self.rope_dim = rope_dim
         self.nope = width - rope_dim
         self.scale_fp32 = scale_fp32
@@ -265,7 +268,7 @@ class Fp8PagedRows(PagedRows):
 
     def empty_like(self, page_rows: int, device: torch.device, account: Any = None) -> "PagedRows":
         return Fp8PagedRows(self.width, self.dtype, device, page_rows, device, rope_dim=self.rope_dim,
-                            scale_fp32=self.scale_fp32, account=account)
+                            scale_fp32=self.scale_fp32, account=account, codec=self.codec)
 
     def _alloc(self, rows: int | None = None):
         n = rows or self.page_rows
@@ -286,11 +289,31 @@ class Fp8PagedRows(PagedRows):
         x = rows.to(self.device, torch.float32)
         blocks = x[:, : self.nope].reshape(n, self.n_blocks, self.block)
         amax = blocks.abs().amax(dim=-1).clamp_min(1e-30)
-        exp = torch.ceil(torch.log2(amax / self.FP8_MAX)).clamp(-126, 126)  # power-of-two scale: amax/s <= 448
+        # power-of-two scale, amax / s <= 448: s = 2^ceil(log2(amax / 448)), the ceil exact from the quotient's bits
+        # (frexp: m 2^e, m in [0.5, 1)), not through a log2 whose rounding differs by libm (fp32 amax just past
+        # 1.75 x 2^k rounds onto the integer on this CPU); an inf or NaN amax passes through as before
+        m, e = torch.frexp(amax / self.FP8_MAX)
+        exp = torch.where(m.isfinite(), (e - (m == 0.5).to(e.dtype)).to(torch.float32), m).clamp(-126, 126)
         q = (blocks / torch.exp2(exp).unsqueeze(-1)).clamp(-self.FP8_MAX, self.FP8_MAX).reshape(
             n, self.nope).to(torch.float8_e4m3fn)
         s = torch.exp2(exp) if self.scale_fp32 else (exp + 127).to(torch.uint8)  # the padding columns stay zero
         return q, s, x[:, self.nope :].to(torch.bfloat16) if self.rope_dim else x[:, self.nope :]
+
+    def _fused_put(self, rows: torch.Tensor) -> bool:
+        """Whether the codec encodes these rows (in a dtype it encodes with _encode's bits, on the pages' device)."""
+        return self.codec is not None and rows.dtype in self.codec.ENCODE_DTYPES and rows.device == self.device
+
+    def _put(self, page, r0: int, rows: torch.Tensor) -> None:
+        if self._fused_put(rows):
+            self.codec.put(rows, page, self.block, self.scale_fp32, row0=r0)
+        else:
+            super()._put(page, r0, rows)
+
+    def put_at(self, page, at: torch.Tensor, rows: torch.Tensor) -> None:
+        if self._fused_put(rows):
+            self.codec.put(rows, page, self.block, self.scale_fp32, at=at.to(self.device).reshape(-1))
+        else:
+            super().put_at(page, at, rows)
 
     def _decode(self, q, s, r) -> torch.Tensor:
         n = q.shape[0]
@@ -303,11 +326,15 @@ class Fp8PagedRows(PagedRows):
 
     def _get(self, page, n: int) -> torch.Tensor:
         q, s, r = page
+        if self.codec is not None and self.dtype in self.codec.READ_DTYPES:
+            return self.codec.read(page, n, self.dtype, self.block, self.scale_fp32)
         return self._decode(q[:n], s[:n], r[:n])
 
     def _take(self, page, rows: torch.Tensor) -> torch.Tensor:
         q, s, r = page
         rows = rows.to(self.device)
+        if self.codec is not None and self.dtype in self.codec.READ_DTYPES and rows.dim() == 1:
+            return self.codec.read(page, 0, self.dtype, self.block, self.scale_fp32, idx=rows)
         return self._decode(q[rows], s[rows], r[rows])
 
 

@@ -26,16 +26,16 @@ def _interpret_default() -> None:
 
 
 def load() -> SimpleNamespace | None:
-    """The kernel modules (namespace with `fp8`, `moe`, `mhc`, `norm`, `attention`, `decode`, `common`), or None when
-    triton can't be imported; resolved once."""
+    """The kernel modules (namespace with `fp8`, `moe`, `mhc`, `norm`, `attention`, `decode`, `kv_fp8`, `common`), or
+    None when triton can't be imported; resolved once."""
     if "mods" not in _state:
         _state["mods"] = None
         try:
             _interpret_default()
-            from homerun.kernels.triton import attention, common, decode, fp8, mhc, moe, norm
+            from homerun.kernels.triton import attention, common, decode, fp8, kv_fp8, mhc, moe, norm
 
             _state["mods"] = SimpleNamespace(common=common, fp8=fp8, moe=moe, mhc=mhc, norm=norm,
-                                             attention=attention, decode=decode)
+                                             attention=attention, decode=decode, kv_fp8=kv_fp8)
         except Exception as exc:  # noqa: BLE001 - no triton (or a broken one): the torch kernels serve instead
             _state["reason"] = f"{type(exc).__name__}: {exc}"
     return _state["mods"]  # type: ignore[return-value]

@@ -1,7 +1,8 @@
 """The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel and the small decode
 ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, one-query
 attention over two row sources, the indexer's scores, MoE routing, the shared expert's activation + down projection
-+ residual: one launch each; homerun.kernels.triton.mhc / norm / attention / decode / fp8).
++ residual, the FP8 KV cache's row encode and decode: one launch each; homerun.kernels.triton.mhc / norm / attention /
+decode / fp8 / kv_fp8).
 
 `kernels_for` picks it on CUDA devices when triton imports, and on CUDA stand-ins (CPU tensors, the kernels under
 Triton's interpreter), so the stand-in runs the same code path a GPU does. FP8 weights are read as stored (e4m3 bytes
@@ -39,6 +40,7 @@ class TritonKernels(TorchKernels):
         # Under the interpreter (a CUDA stand-in) the fewest programs per launch: the same launches, far less time.
         self._fp8 = functools.partial(mods.fp8.fp8_linear, fewest_programs=mods.common.interpreting())
         self._mhc, self._norm, self._attn, self._dec = mods.mhc, mods.norm, mods.attention, mods.decode
+        self.fp8_rows = mods.kv_fp8
 
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         if lin.scale is None:

@@ -75,11 +75,11 @@ class DeepseekV4:
         if kv_dtype not in ("auto", "bf16", "fp8"):
             raise ConfigError(f"unknown kv_dtype {kv_dtype!r}", hint="use auto, bf16 or fp8")
 
-        def store(width: int, rate: int, rope_dim: int, scale_fp32: bool, dev, kv_dev, account) -> PagedRows:
+        def store(width: int, rate: int, rope_dim: int, scale_fp32: bool, dev, kv_dev, account, flavor) -> PagedRows:
             rows = max(1, page_tokens // rate)
-            if kv_dtype == "fp8":
+            if kv_dtype == "fp8":  # the layer's kernel set may encode and decode rows in one launch each
                 return Fp8PagedRows(width, dt, kv_dev, rows, dev, rope_dim=rope_dim, scale_fp32=scale_fp32,
-                                    account=account)
+                                    account=account, codec=kernels_for(dev, dt, 1, flavor).fp8_rows)
             return PagedRows(width, torch.bfloat16 if kv_dtype == "bf16" else dt, kv_dev, rows, compute_device=dev,
                              account=account)
 
@@ -91,9 +91,11 @@ class DeepseekV4:
             window = torch.empty(0, a.head_dim, dtype=dt, device=dev)
             comp = idx = None
             if layer.kind != LAYER_SLIDING:
-                comp = CompressorState(store(a.head_dim, a.rate(layer.index), a.rope_dim, False, dev, kv_dev, account))
+                comp = CompressorState(store(a.head_dim, a.rate(layer.index), a.rope_dim, False, dev, kv_dev, account,
+                                             layer.flavor))
             if layer.kind == LAYER_CSA:
-                idx = CompressorState(store(a.index_head_dim, a.csa_rate, 0, True, dev, kv_dev, account))
+                idx = CompressorState(store(a.index_head_dim, a.csa_rate, 0, True, dev, kv_dev, account,
+                                            layer.flavor))
             out.append(LayerState(window, comp, idx))
         return out
 
