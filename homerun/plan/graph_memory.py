@@ -26,7 +26,8 @@ from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
 from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
 
 GRAPH_ACT_BYTES = 2  # the compute dtype's bytes per element: bf16, the runtime's default on CUDA
-# the runtime's KV page where none is asked for (a store moving into its buffer holds whole pages)
+# the runtime's KV page where none is asked for, for a model of the standard ramp (a V4 layout carries its model's:
+# plan.specs.kv_layout; a store moving into its buffer holds whole pages)
 PLAN_PAGE_TOKENS = kv_page_tokens(COMPRESS_RATE["hca"], RAMP_TOKENS[0])
 
 
@@ -53,8 +54,7 @@ def stage_shapes(spec: ModelSpec, counts: Sequence[int]) -> list[StaticShape] | 
 
 def _stage_graph(shape: StaticShape, kv: KvLayout, tokens: int) -> StaticBytes | None:
     return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS,
-                        page_tokens=PLAN_PAGE_TOKENS) if tokens > 0 \
-        else None
+                        page_tokens=kv.page_tokens or PLAN_PAGE_TOKENS) if tokens > 0 else None
 
 
 def stage_bytes(kv: KvLayout, frac: float, shape: StaticShape, tokens: int) -> int:
@@ -90,7 +90,7 @@ class GraphKvLayout(KvLayout):
 
     def graph(self, tokens: int) -> StaticBytes:
         return static_bytes(self.shape, tokens, self.dtype, self.act_bytes, MIN_BUCKET_TOKENS,
-                            page_tokens=PLAN_PAGE_TOKENS)
+                            page_tokens=self.page_tokens or PLAN_PAGE_TOKENS)
 
     def graph_bytes(self, tokens: int) -> int:
         return self.graph(tokens).total if tokens > 0 else 0
@@ -122,7 +122,7 @@ def with_decode_graphs(kv: KvLayout, spec: ModelSpec) -> KvLayout:
     shape = static_shape_of(spec)
     if shape is None or isinstance(kv, GraphKvLayout):
         return kv
-    return GraphKvLayout(kv.dtype, kv.bytes_per_token, kv.constant_bytes, kv.note, shape)
+    return GraphKvLayout(kv.dtype, kv.bytes_per_token, kv.constant_bytes, kv.note, kv.stores, kv.page_tokens, shape)
 
 
 def graph_state(kv: KvLayout, tokens: int) -> StaticBytes | None:

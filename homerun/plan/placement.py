@@ -92,8 +92,10 @@ def plan_discrete(c: _Ctx) -> Plan:
     # All in VRAM when the experts fit too and at least 128K (or the requested context) of KV remains.
     free_all = [usable[i] - resident[i] - experts * fracs[i] for i in range(n)]
     kv_cap_all = min(free_all[i] / fracs[i] for i in range(n) if fracs[i] > 0)
+    cap_tokens = None
     if shapes := stage_shapes(spec, counts):  # all in VRAM across GPUs: decode graphs, each stage its layers' state
-        kv_cap_all = float(c.kv.bytes_for(stages_tokens_for(c.kv, fracs, shapes, free_all)))
+        cap_tokens = stages_tokens_for(c.kv, fracs, shapes, free_all)  # (the KV's whole pages may hold more)
+        kv_cap_all = float(c.kv.bytes_for(cap_tokens))
     # An explicit --context must fit as a whole; otherwise all-in-VRAM only needs to leave 128K of KV.
     kv_min_tokens = ctx_target if opts.context_tokens else min(ctx_target, ALL_VRAM_MIN_CONTEXT_TOKENS)
     kv_min_all = c.kv.bytes_for(kv_min_tokens)
@@ -107,13 +109,13 @@ def plan_discrete(c: _Ctx) -> Plan:
             if kv_cap_all >= kv_min:
                 c.decide("expert placement", "imposed: all in VRAM", ep.describe() + "; all experts fit in VRAM "
                          "with the non-expert set and KV")
-                return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
+                return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target, cap_tokens)
         c.decide("expert placement", f"imposed: {sum(on_gpu)}/{total} experts in VRAM",
                  ep.describe() + "; the VRAM experts are a static set, every other expert is computed on the CPU "
                  "(none streamed over PCIe); the planner does not choose")
         return _hybrid(c, gpus, counts, fracs, resident, margins, usable, ctx_target, imposed=on_gpu)
     if kv_cap_all >= kv_min_all:
-        return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
+        return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target, cap_tokens)
     c.decide("experts", "host RAM",
              f"all weights + {kv_min_tokens} tokens of KV need "
              f"{gib(experts + sum(resident) + kv_min_all):.1f} GiB, the GPUs offer {gib(sum(usable)):.1f} GiB usable")
@@ -198,7 +200,7 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
 
 
 def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
-              margins: dict[str, int], kv_cap: float, ctx_target: int) -> Plan:
+              margins: dict[str, int], kv_cap: float, ctx_target: int, cap_tokens: int | None = None) -> Plan:
     spec, inv, prof = c.spec, c.inv, c.prof
     n = len(gpus)
     c.decide("experts", "VRAM", f"all {gib(inv.total_bytes):.1f} GiB of weights plus >= 128K tokens of KV fit "
@@ -206,7 +208,7 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     c.decide("split", f"{n} pipeline stage(s)", f"layers split {counts} in proportion to usable VRAM")
     experts_on = [inv.routed_expert_bytes * f for f in fracs]
     _gpu_rows(c, gpus, counts, resident, experts_on)
-    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
+    max_tokens = min(c.kv.tokens_for(kv_cap) if cap_tokens is None else cap_tokens, spec.max_position_embeddings)
     reserved_tokens = min(ctx_target, max_tokens)
     kv_per, graph = kv_rows(c, fracs, c.kv.bytes_for(reserved_tokens), reserved_tokens, stage_shapes(spec, counts))
     _gpu_stages(c, gpus, counts, margins, experts="device", cache_slots=[0] * n, kv_per=kv_per, graph=graph,
@@ -238,7 +240,7 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     verdict = (f"fits entirely in VRAM on {n} GPU(s): no experts in host RAM; "
                f"context up to {max_tokens:,} tokens")
     return finish(c, fits=True, mode="all-vram", verdict=verdict, remedy=None,
-                  context=context_section(c, kv_cap, reserved_tokens), predicted=pred)
+                  context=context_section(c, kv_cap, reserved_tokens, cap_tokens), predicted=pred)
 
 
 def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
