@@ -53,7 +53,8 @@ def test_projection_adds_up_and_names_its_assumptions(target):
              + b["streamed"] / (bw * inp["f_fp4"]) + t["launch"])
     assert t["total"] == pytest.approx(total) and r["projected_tok_s"] == pytest.approx(1 / total)
     assert r["upper_bound_tok_s"] >= r["projected_tok_s"]
-    assert r["plan_tok_s"] == pytest.approx(30.62, abs=0.05) and r["ktransformers_tok_s"] == 20.0
+    # 30.10: the rtx5090-192gb plan with the cache's admissions bounded by its PCIe 5.0 link (hit 0.485, not 0.500)
+    assert r["plan_tok_s"] == pytest.approx(30.10, abs=0.05) and r["ktransformers_tok_s"] == 20.0
     assert not any("not measured" in a for a in r["assumptions"])
     assert any("CPU experts" in a for a in r["assumptions"]) and "kernel_s" in r["formula"]
 
@@ -87,7 +88,7 @@ def test_main_writes_the_cost_model_into_the_json(tmp_path):
 
 
 def test_capped_plan_recovers_the_32gb_card():
-    """Cutting a 141 GB card down to the rtx5090 plan's expert-cache share lands on 32 GiB and its 30.6 tok/s."""
+    """Cutting a 141 GB card down to the rtx5090 plan's expert-cache share lands on 32 GiB."""
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
     from profiles import load_profile

@@ -42,6 +42,7 @@ KNOWN_GPUS = {
     "H200": (4800.0, None, True, False),
     "GB10": (273.0, None, True, True),
 }
+H2D_ASSUMED_GBPS = 20.0  # unmeasured pinned H2D: under PCIe 4.0 x16's nvbandwidth 23.9-26.4 GB/s (NVIDIA/nvbandwidth #15)
 MEASURED_KEYS = {"schema_version", "written_by", "written_at", "host", "profile", "bandwidth_gbps", "efficiency",
                  "expert_cache_hit_rate"}
 BANDWIDTH_KEYS = {"dram_read", "h2d_pinned", "vram"}
@@ -201,8 +202,15 @@ def _gpu_specs(h2d: float | None, assumed: list[str]) -> tuple[GpuSpec, ...]:
             assumed.append(f"gpu{i} {props.name}: bandwidth unknown, assumed 500 GB/s")
             known = (500.0, None, False, False)
         bw, tflops, fp8, fp4 = known
+        if getattr(props, "is_integrated", False):  # GB10, APUs: its "total memory" is the host RAM, not VRAM
+            out.append(GpuSpec(name=props.name, vram_gib=0, mem_bw_gbps=bw, h2d_gbps=0, tflops_bf16=tflops,
+                               fp8=fp8, fp4=fp4))
+            continue
         out.append(GpuSpec(name=props.name, vram_gib=props.total_memory / GIB, mem_bw_gbps=bw,
-                           h2d_gbps=h2d or 20.0, tflops_bf16=tflops, fp8=fp8, fp4=fp4))
+                           h2d_gbps=h2d or H2D_ASSUMED_GBPS, tflops_bf16=tflops, fp8=fp8, fp4=fp4))
+    if any(g.vram_gib > 0 for g in out) and not h2d:
+        assumed.append(f"host-to-device bandwidth not measured: assumed {H2D_ASSUMED_GBPS:g} GB/s (below PCIe 4.0 "
+                       "x16's measured 23.9-26.4, hardware.md §3)")
     return tuple(out)
 
 
@@ -236,14 +244,28 @@ def detect(measure: bool = True, measured: Measured | None = None) -> tuple[Hard
         gpus = tuple(replace(g, mem_bw_gbps=bw["vram"]) for g in gpus)
     mac = platform.system() == "Darwin" and platform.machine() == "arm64"
     ram_gib = psutil.virtual_memory().total / GIB
-    memory = MemorySpec(unified=True, gpu_limit_gib=0.75 * ram_gib) if mac else MemorySpec()
+    # An integrated CUDA/HIP GPU (DGX Spark's GB10, an APU) shares the host RAM: one pool, counted once. Beside a
+    # discrete GPU it is left out (the plan places layers on discrete GPUs and host RAM).
+    integrated = bool(gpus) and all(g.vram_gib == 0 for g in gpus)
+    if not integrated and any(g.vram_gib == 0 for g in gpus):
+        assumed.append("integrated GPU left out beside the discrete one(s): "
+                       + ", ".join(g.name for g in gpus if g.vram_gib == 0))
+        gpus = tuple(g for g in gpus if g.vram_gib > 0)
+    # No GPU limit on a one-pool machine: homerun runs its plans on the host CPU (homerun.plan.one_pool.pool_limit),
+    # which fill RAM less the host reserve; a wired/GTT limit (iogpu.wired_limit_mb) bounds only what a GPU maps.
+    memory = MemorySpec(unified=True) if mac or integrated else MemorySpec()
     if mac:
-        assumed.append("Apple GPU wired limit assumed 75 % of RAM (MLX/Metal default, vmlx-swift #417/#418)")
+        assumed.append("Apple GPU not used: homerun runs unified-memory plans on the CPU, so they may fill RAM less "
+                       "the host reserve and the GPU's wired limit (iogpu.wired_limit_mb) is neither read nor applied")
         gpus = (GpuSpec(name="Apple GPU", vram_gib=0, mem_bw_gbps=dram, h2d_gbps=0),)
+    elif integrated:
+        assumed.append(f"{gpus[0].name} is integrated: its memory is the host RAM (one pool, counted once); homerun "
+                       "runs one-pool plans on the CPU, within RAM less the host reserve")
+    one_pool = mac or integrated
     cpu = CpuSpec(name=platform.processor() or platform.machine(), cores=psutil.cpu_count(logical=False) or 1,
                   ram_gib=ram_gib, mem_bw_gbps=dram, flags=flags)
-    policy = PolicySpec(reserve_vram_gib=3.0 if gpus and not mac else 0.0,
-                        pinned_staging_gib=2.0 if gpus and not mac else 0.0)
+    policy = PolicySpec(reserve_vram_gib=3.0 if gpus and not one_pool else 0.0,
+                        pinned_staging_gib=2.0 if gpus and not one_pool else 0.0)
     prof = HardwareProfile(name="auto", description=f"detected on {platform.node() or 'this machine'}", cpu=cpu,
                            gpus=gpus, memory=memory, policy=policy, source="auto")
     det = Detection(dram_read_gbps=dram, h2d_gbps=h2d, gpus=tuple(g.name for g in gpus), cpu_flags=flags,

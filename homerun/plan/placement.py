@@ -17,7 +17,7 @@ from homerun.plan.records import (ALL_VRAM_MIN_CONTEXT_TOKENS, MIN_CONTEXT_TOKEN
                                   graphs_across_devices_reason)
 from homerun.plan.staging import STAGE_BUFFERS, device_table_bytes, prefill_stage_experts
 from homerun.plan.speed import (activation_bytes, add_cpu_prefill, chunk_decision, context_section, decode_speed,
-                                finish, prefill_speed)
+                                finish, link_admission, prefill_speed)
 from profiles.schema import GIB
 
 
@@ -368,6 +368,14 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         return finish(c, fits=False, mode="none", verdict=f"does not fit: {remedy}", remedy=remedy,
                       context=context, predicted=pred)
     g0 = gpus[0]
+    numa = prof.cpu.numa_nodes
+    dram_est = numa_estimate_gbps(prof.cpu.mem_bw_gbps, numa)
+    handoff = handoff_seconds_per_layer(spec.hidden_size, g0.h2d_gbps)
+    resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
+    speed_kw = dict(resident_bytes=resident_read, local_gbps=g0.mem_bw_gbps, local_name="vram",
+                    pcie_gbps=g0.h2d_gbps, dram_gbps=prof.cpu.mem_bw_gbps, disk_fraction=1.0 - page_hit,
+                    disk_gbps=prof.disk.read_gbps, handoff_s=handoff, estimate_dram_gbps=dram_est,
+                    cpu_misses_only=bool(imposed) and opts.cpu_experts)
     if opts.hit_rate is not None:
         hit, src = opts.hit_rate, "--hit-rate"
     elif imposed:
@@ -379,23 +387,17 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         hit = min(1.0, vram_expert_bytes / experts) if experts else 0.0
         src = (f"static VRAM-only experts: {total_cache}/{spec.routed_experts_total} chosen without a popularity "
                "profile are hit at their share of the experts")
-    else:
-        hit, src = hit_rate_prior(spec, total_cache)
-    numa = prof.cpu.numa_nodes
-    dram_est = numa_estimate_gbps(prof.cpu.mem_bw_gbps, numa)
+    else:  # each GPU refills its own slice of the cache over its own link
+        hit, src = hit_rate_prior(spec, total_cache,
+                                  admit=link_admission(c, sum(g.h2d_gbps for g in gpus), **speed_kw))
     if numa > 1 and c.opts.cpu_experts:
         c.decide("NUMA", f"{numa} nodes: estimate at {dram_est:.0f} GB/s",
                  f"experts spread over {numa} nodes are read mostly across the socket link; the bound keeps "
                  f"{prof.cpu.mem_bw_gbps:.0f} GB/s, which NUMA-aware placement reaches")
-    handoff = handoff_seconds_per_layer(spec.hidden_size, g0.h2d_gbps)
     c.decide("per-layer handoff", f"{handoff * 1e6:.0f} us per MoE layer",
              "each layer waits for its router on the GPU, sends activations and expert ids to the host, wakes the "
              "CPU pool, returns the expert output and restarts the GPU (homerun.plan.priors)")
-    resident_read = inv.non_expert_bytes - inv.bytes_by_class.get("embed", 0)
-    pred = decode_speed(c, resident_bytes=resident_read, hit_rate=hit, local_gbps=g0.mem_bw_gbps, local_name="vram",
-                        pcie_gbps=g0.h2d_gbps, dram_gbps=prof.cpu.mem_bw_gbps, disk_fraction=1.0 - page_hit,
-                        disk_gbps=prof.disk.read_gbps, hit_rate_source=src, handoff_s=handoff,
-                        estimate_dram_gbps=dram_est, cpu_misses_only=bool(imposed) and opts.cpu_experts)
+    pred = decode_speed(c, hit_rate=hit, hit_rate_source=src, **speed_kw)
     stream = experts - vram_expert_bytes
     # Streamed bytes cross PCIe, and the part the page cache misses also comes off the disk first.
     t_stream = stream / (g0.h2d_gbps * 1e9) + ((1 - page_hit) * tier / (prof.disk.read_gbps * 1e9) if on_disk else 0.0)

@@ -6,6 +6,8 @@ Each function is pure arithmetic on stated constants; each constant says where i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from homerun.plan.records import REUSE_PROB, STACK_ALPHA, STACK_OFFSET_TOKENS
 from homerun.plan.specs import ModelSpec
 
@@ -26,7 +28,8 @@ def _stack_cdf(slots: float, n_experts: int, top_k: int) -> float:
     return part / sum(w)
 
 
-def hit_rate_prior(spec: ModelSpec, cache_experts: int) -> tuple[float, str]:
+def hit_rate_prior(spec: ModelSpec, cache_experts: int,
+                   admit: Callable[[float], float] | None = None) -> tuple[float, str]:
     """Expected expert-cache hit rate of a GPU cache of `cache_experts` experts spread evenly over the MoE layers, and
     where the number comes from (for `hit_rate_source`).
 
@@ -35,7 +38,14 @@ def hit_rate_prior(spec: ModelSpec, cache_experts: int) -> tuple[float, str]:
     fraction (no static skew assumed: llama.cpp #27861 found a learned top-32 of 512 covers ~10 %, near uniform).
     Hash-routed layers (DeepSeek V4's first `num_hash_layers`) pick by token id: no recency to exploit, hit = fraction.
     The law's offset scales with top_k, so a coarse MoE (Mixtral, top-2 of 8) gets far less from a small cache than
-    a fine-grained one: at 15 % it gives ~0.3 where (fraction)^0.5 gave 0.39."""
+    a fine-grained one: at 15 % it gives ~0.3 where (fraction)^0.5 gave 0.39.
+
+    `admit(h)`: the fraction of misses the cache can take in at hit rate h (None: all of them, as the law assumes).
+    A miss enters the GPU cache only by crossing the host link (streamed, or promoted after the CPU computed it), so
+    where the link cannot carry every miss, only the hits and the admitted misses stay cached: each recency-stack
+    entry is cached with probability q = h + (1 - h) x admit(h), the cache's S entries reach S/q deep, and a reuse at
+    depth d hits with probability q while d < S/q. Solved for the h that reproduces itself (admit = 1: the law as
+    calibrated; admit = 0: nothing ever enters, a static cache hit at its fraction)."""
     layers = spec.moe_layers
     n, k = spec.n_routed_experts, spec.experts_per_tok
     total = layers * n
@@ -43,14 +53,34 @@ def hit_rate_prior(spec: ModelSpec, cache_experts: int) -> tuple[float, str]:
         return 0.0, "no expert cache"
     frac = min(1.0, cache_experts / total)
     slots = frac * n
-    routed_hit = REUSE_PROB * _stack_cdf(slots, n, k) + (1 - REUSE_PROB) * frac
     hashed = min(int(spec.config.get("num_hash_layers", 0) or 0), layers) if spec.arch == "deepseek_v4" else 0
-    hit = (hashed * frac + (layers - hashed) * routed_hit) / layers
+
+    def hit_at(q: float) -> float:
+        routed = REUSE_PROB * q * _stack_cdf(slots / q, n, k) + (1 - REUSE_PROB) * frac
+        return min(1.0, (hashed * frac + (layers - hashed) * routed) / layers)
+
+    full = hit_at(1.0)
     src = (f"prior from the routing model (offload/trace.py reuse_trace; llama.cpp #27861): cache {cache_experts}/"
            f"{total} experts = {slots:.1f} of {n} per layer, top-{k}: {REUSE_PROB:.0%} of picks reuse a recent expert "
            f"(LRU stack depth law (d + {STACK_OFFSET_TOKENS:g}*{k})^-{STACK_ALPHA:g}), the rest hit at the cache fraction"
            + (f"; {hashed} hash-routed layers hit at the cache fraction" if hashed else ""))
-    return min(1.0, hit), src
+    if admit is None or full >= 1.0 or admit(full) >= 1.0:
+        return full, src
+    lo, hi = 0.0, full  # g(h) = hit_at(q(h)) - h is >= 0 at 0 and <= 0 at `full`: bisect for its root
+    for _ in range(ADMIT_BISECT_STEPS):
+        h = (lo + hi) / 2
+        a = min(1.0, max(0.0, admit(h)))
+        if hit_at(max(h + (1 - h) * a, 1e-9)) > h:
+            lo = h
+        else:
+            hi = h
+    h = (lo + hi) / 2
+    a = min(1.0, max(0.0, admit(h)))
+    return h, (src + f"; the host link admits only {a:.0%} of the misses into the cache (streamed or promoted), so "
+               f"{h:.0%} where every miss admitted would give {full:.0%}")
+
+
+ADMIT_BISECT_STEPS = 40  # bisection on [0, 1]: 2^-40 resolution, far below any figure the plan prints
 
 
 # ---- page cache of an mmap'd expert tier ---------------------------------------------------------------------------

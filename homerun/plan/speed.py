@@ -5,6 +5,7 @@ efficiencies come from homerun.plan.compute), and the sections of a finished Pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from homerun.plan.compute import cpu_prefill_fit, cpu_unit_peaks, depth_flops_per_token, linear_flops_per_token
@@ -250,6 +251,22 @@ def decode_speed(c: _Ctx, *, resident_bytes: float, hit_rate: float, local_gbps:
                   "with a token's fixed GPU reads and its expert phase in sequence, plus per-layer overhead, the "
                   "hybrid handoff per MoE layer and tensor-parallel all-reduces",
     }
+
+
+def link_admission(c: _Ctx, link_gbps: float, **speed_kw: Any) -> Callable[[float], float]:
+    """admit(h): the fraction of a token's expert misses the host link(s) can carry into the GPU cache at hit rate h,
+    for homerun.plan.priors.hit_rate_prior. A miss enters the cache only over the link (streamed, or promoted after
+    the CPU computed it: offload/cached_backend.py, when the link has a free slot), so per token the link carries at
+    most link_gbps x the pcie efficiency x the estimated token time (`decode_speed` with `speed_kw` at h)."""
+    expert_bytes = c.spec.active_experts_per_token * c.inv.bytes_per_expert
+    link_bps = link_gbps * 1e9 * c.opts.efficiency.pcie
+
+    def admit(h: float) -> float:
+        miss = (1.0 - h) * expert_bytes
+        tok_s = decode_speed(c, hit_rate=h, **speed_kw)["decode_tok_s"] if miss > 0 else None
+        return link_bps / tok_s / miss if tok_s else 1.0
+
+    return admit
 
 
 def prefill_speed(c: _Ctx, *, tflops: float | None, weight_bytes_per_chunk: float, weight_gbps: float,
