@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, StaticBytes, StaticShape, kv_page_tokens, static_bytes
+from homerun.models.eager_bytes import eager_step_bytes
 from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
 from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
 
@@ -123,6 +124,16 @@ def with_decode_graphs(kv: KvLayout, spec: ModelSpec) -> KvLayout:
     if shape is None or isinstance(kv, GraphKvLayout):
         return kv
     return GraphKvLayout(kv.dtype, kv.bytes_per_token, kv.constant_bytes, kv.note, kv.stores, kv.page_tokens, shape)
+
+
+def eager_stage_bytes(spec: ModelSpec, kv: KvLayout, counts: Sequence[int], tokens: int) -> list[int]:
+    """Each GPU stage's bytes of an eager decode step beside its KV share at a context of `tokens` (where decode is
+    not captured: across GPUs with host experts): the step's new small state of its layers and their largest read of
+    the entries (homerun.models.eager_bytes, in the compute dtype). Zeros for architectures without one."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    shapes = [static_shape_of(spec, s, s + k) for s, k in zip(starts, counts)]
+    return [eager_step_bytes(sh, tokens, kv.dtype, GRAPH_ACT_BYTES, kv.page_tokens or PLAN_PAGE_TOKENS,
+                             spec.index_topk) if sh is not None and tokens > 0 else 0 for sh in shapes]
 
 
 def graph_state(kv: KvLayout, tokens: int) -> StaticBytes | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from homerun.plan.graph_memory import kv_rows, stage_shapes, stages_tokens_for, with_decode_graphs
+from homerun.plan.graph_memory import eager_stage_bytes, kv_rows, stage_shapes, stages_tokens_for, with_decode_graphs
 from homerun.plan.one_pool import plan_unified
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
@@ -256,18 +256,27 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     # The cache's slot table is device memory the runtime allocates next to the slots (staging.device_table_bytes).
     tables = [device_table_bytes(stops[i], spec.n_routed_experts, staged=False) for i in range(n)]
     static = [(imposed[i] if imposed else 0) * bpe for i in range(n)]
-    free = [usable[i] - resident[i] - tables[i] - static[i] for i in range(n)]
+    eager_layers = sum(1 for i in range(spec.num_layers)  # layers whose experts are not all resident on their GPU
+                       if not imposed or opts.expert_placement.gpu_experts(spec, i, i + 1) < spec.n_routed_experts)
+    why = graphs_across_devices_reason(n, eager_layers) if spec.arch == "deepseek_v4" else None
+    # no graphs: each step's new small state and its reads of the entries beside the KV, at the target context (the
+    # reads grow with it, so the context reserved below, at most that, fits too)
+    eager = eager_stage_bytes(spec, c.kv, counts, min(ctx_target, spec.max_position_embeddings)) if why else [0] * n
+    free = [usable[i] - resident[i] - tables[i] - static[i] - eager[i] for i in range(n)]
     kv_cap = min(free[i] / fracs[i] for i in range(n) if fracs[i] > 0)
     max_tokens = max(0, min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)) if kv_cap > 0 else 0
     reserved_tokens = max(0, min(ctx_target, max_tokens))
     kv_reserved = c.kv.bytes_for(reserved_tokens) if reserved_tokens else 0
     _gpu_rows(c, gpus, counts, resident, [0.0] * n)
     kv_per, graph = kv_rows(c, fracs, kv_reserved, reserved_tokens)
-    eager = sum(1 for i in range(spec.num_layers)  # layers whose experts are not all resident on their GPU
-                if not imposed or opts.expert_placement.gpu_experts(spec, i, i + 1) < spec.n_routed_experts)
-    if n > 1 and spec.arch == "deepseek_v4" and (why := graphs_across_devices_reason(n, eager)):
+    if why:
         c.decide("decode graphs", "none", f"{why}: the runtime runs decode eagerly, so no static attention state is "
-                 "charged")
+                 f"charged; each GPU its eager step's {gib(max(eager)):.3f} GiB at most (its layers' new small state "
+                 "and their largest read of the entries: homerun.models.eager_bytes)")
+        for i in range(n):
+            c.placement.append(PlacementRow(
+                "eager decode step's attention state", f"gpu{i}", eager[i], "beside the KV: the step's new windows "
+                "and open windows while the session holds the old ones, and its layers' largest read of the entries"))
     for i in range(n):
         c.placement.append(PlacementRow(
             f"expert slot table ({stops[i]} x {spec.n_routed_experts} int32)", f"gpu{i}", tables[i],
@@ -300,7 +309,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
                  f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
     for i, g in enumerate(gpus):
-        used = (resident[i] + tables[i] + kv_per[i] + staging[i] + cache_experts[i] * bpe
+        used = (resident[i] + tables[i] + kv_per[i] + eager[i] + staging[i] + cache_experts[i] * bpe
                 + sum(margins.values()))
         c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
 
