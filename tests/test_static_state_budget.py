@@ -157,8 +157,8 @@ def test_decoding_from_a_checkpoint_of_an_outgrown_bucket_copies_nothing(small):
     """Graphed decode past the 16 -> 32 bucket change, then a rollback to a checkpoint from the first bucket and
     graphed steps from it (one closes a CSA window): the steps run in the bucket that holds every row the stores
     hand out (32, already captured; static_decode.bucket_for), over the same stores, with no copy of the KV (the
-    device's "kv" bytes unchanged; before: a second copy of the early state's rows in a bucket-16 buffer, which the
-    plan did not count). The logits and the rows the later checkpoint is left with equal the eager path's (a model
+    device's peak and "kv" bytes unchanged; before: a second copy of the early state's rows in a bucket-16 buffer,
+    which the plan did not count). The logits and the rows the later checkpoint is left with equal the eager path's (a model
     without graphs fed the same: the rows past the rollback are overwritten as the rollback's contract says)."""
     m, dev = _model(small)
     path, args = small
@@ -176,11 +176,13 @@ def test_decoding_from_a_checkpoint_of_an_outgrown_bucket_copies_nothing(small):
             dg = m.decode_graphs
             assert dg.static.ctx_tokens == 32 and dg.step_captures == 2
             kv_bytes, stores = dev.bytes_by_class()["kv"], dg.static.stores()
+            base = dev._peak_bytes = dev.used_bytes  # the device's peak from here (before: +988 B, the copy)
         s.rollback(early)
         lg += [s.feed([t + 9]) for t in range(2)]  # positions 14 and 15 (a CSA close: row 3)
         comps = [c for ls in late.states for c in (ls.comp, ls.index_comp) if c is not None]
         runs.append((lg, [c.entries().view(torch.uint8) for c in comps]))
     assert dg.static.ctx_tokens == 32 and dg.step_captures == 2  # no bucket-16 state built again
+    assert dev._peak_bytes == base  # nothing allocated on the device past what the later state held
     assert dev.bytes_by_class()["kv"] == kv_bytes and all(a is b for a, b in zip(dg.static.stores(), stores))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
