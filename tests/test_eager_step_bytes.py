@@ -103,7 +103,8 @@ def test_an_eager_step_keeps_what_the_plan_charges_beside_the_kv(mixed, kv_dtype
 
 # V4-Flash over 2 H100s, bf16 KV at 131,072 tokens, experts in host RAM (hybrid: decode runs eagerly across the GPUs),
 # layers split [22, 21]; each GPU's eager step by hand, pages of 4,096 tokens (32 HCA rows, 1,024 CSA rows):
-#   small state   gpu0 22 x 128 x 512 x 2 + 10 x 35,840 + 10 x 262,144 = 5,863,424;  gpu1 21 x ... + 11 x ... = 5,768,192
+#   small state   gpu0 22 x 128 x 512 x 2 + 10 x 35,840 + 10 x 262,144 = 5,863,424; gpu1 21 x ... + 11 x ...
+#                 = 5,768,192
 #   largest read  HCA's 1,024 entries over 32 pages joined: 1,024 x 512 x 2 = 1,048,576; CSA's top-512 ids 512 x 8,
 #                 their gather 2 x 512 x 512 x 2 and its page masks 512 x 17: 1,061,376 (the indexer's pages of bf16
 #                 keys are views: 40 x (1,024 + 512) = 61,440)

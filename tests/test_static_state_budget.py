@@ -158,8 +158,9 @@ def test_decoding_from_a_checkpoint_of_an_outgrown_bucket_copies_nothing(small):
     graphed steps from it (one closes a CSA window): the steps run in the bucket that holds every row the stores
     hand out (32, already captured; static_decode.bucket_for), over the same stores, with no copy of the KV (the
     device's peak and "kv" bytes unchanged; before: a second copy of the early state's rows in a bucket-16 buffer,
-    which the plan did not count). The logits and the rows the later checkpoint is left with equal the eager path's (a model
-    without graphs fed the same: the rows past the rollback are overwritten as the rollback's contract says)."""
+    which the plan did not count). The logits and the rows the later checkpoint is left with equal the eager path's
+    (a model without graphs fed the same: the rows past the rollback are overwritten as the rollback's contract
+    says)."""
     m, dev = _model(small)
     path, args = small
     ref = load(path, dtype="bfloat16", experts="reference", placement=single_device(
