@@ -239,6 +239,9 @@ def test_two_gpus_all_in_vram_charge_each_stage_its_layers_state():
     assert [s.graph_bytes for s in p.layout.stages] == FLASH_2XH100_GRAPH_BYTES
     kv_rows = [r.bytes for r in p.placement if r.what.startswith("KV cache")]
     assert [s.kv_bytes for s in p.layout.stages] == kv_rows
+    # each stage's KV is its own layers' stores (16,384 CSA rows of 1,280 B, 512 HCA rows of 1,024 B, whole pages),
+    # not a share by layer count (gpu0's 2 sliding layers hold no pages); their small state is the arena above
+    assert kv_rows == [10 * 16_384 * 1_280 + 10 * 512 * 1_024, 11 * 16_384 * 1_280 + 10 * 512 * 1_024]
     decisions = [d for d in p.decisions if d["what"] == "decode graphs"]
     assert [d["choice"].split(":")[0] for d in decisions] == ["gpu0", "gpu1"]
     assert "layers 22-42 (11 CSA, 10 HCA)" in decisions[1]["reason"]
@@ -267,7 +270,7 @@ def test_two_gpus_promise_a_context_that_fits_the_tightest_stage():
 def test_several_gpus_with_host_experts_capture_no_graphs_and_charge_none():
     """A hybrid split (an expert cache on each GPU) runs decode eagerly across devices (the rule the runtime shares,
     homerun.plan.records.graphs_across_devices_reason): no static state charged."""
-    p = _flash_plan("2xh100", kv_dtype="bf16", context_tokens=131_072)
+    p = _flash_plan("2xh100", kv_dtype="bf16", context_tokens=262_144)
     assert p.mode == "hybrid"
     assert not _graph_rows(p) and all(s.graph_bytes == 0 for s in p.layout.stages)
     decision = next(d for d in p.decisions if d["what"] == "decode graphs")

@@ -101,14 +101,14 @@ def test_an_eager_step_keeps_what_the_plan_charges_beside_the_kv(mixed, kv_dtype
     assert 0.9 * f <= lb.peak_bytes <= f + ACT_OVERHEAD_BYTES, (lb.peak_bytes, f)
 
 
-# V4-Flash over 2 H100s, bf16 KV at 131,072 tokens, experts in host RAM (hybrid: decode runs eagerly across the GPUs),
+# V4-Flash over 2 H100s, bf16 KV at 262,144 tokens, experts in host RAM (hybrid: decode runs eagerly across the GPUs),
 # layers split [22, 21]; each GPU's eager step by hand, pages of 4,096 tokens (32 HCA rows, 1,024 CSA rows):
 #   small state   gpu0 22 x 128 x 512 x 2 + 10 x 35,840 + 10 x 262,144 = 5,863,424; gpu1 21 x ... + 11 x ...
 #                 = 5,768,192
-#   largest read  HCA's 1,024 entries over 32 pages joined: 1,024 x 512 x 2 = 1,048,576; CSA's top-512 ids 512 x 8,
-#                 their gather 2 x 512 x 512 x 2 and its page masks 512 x 17: 1,061,376 (the indexer's pages of bf16
+#   largest read  HCA's 2,048 entries over 64 pages joined: 2,048 x 512 x 2 = 2,097,152 (CSA's top-512 ids 512 x 8,
+#                 their gather 2 x 512 x 512 x 2 and its page masks 512 x 17: 1,061,376; the indexer's pages of bf16
 #                 keys are views: 40 x (1,024 + 512) = 61,440)
-FLASH_2XH100_EAGER_BYTES = [5_863_424 + 1_061_376, 5_768_192 + 1_061_376]
+FLASH_2XH100_EAGER_BYTES = [5_863_424 + 2_097_152, 5_768_192 + 2_097_152]
 
 
 def test_a_plan_that_decodes_eagerly_across_gpus_charges_each_its_step():
@@ -119,11 +119,11 @@ def test_a_plan_that_decodes_eagerly_across_gpus_charges_each_its_step():
     from profiles import load_profile
 
     spec, inv = resolve_model("deepseek-ai/DeepSeek-V4-Flash")
-    p = plan(spec, inv, load_profile("2xh100"), PlanOptions(kv_dtype="bf16", context_tokens=131_072))
+    p = plan(spec, inv, load_profile("2xh100"), PlanOptions(kv_dtype="bf16", context_tokens=262_144))
     assert p.mode == "hybrid"
     counts = [s.stop_layer - s.first_layer for s in p.layout.stages]
     assert counts == [22, 21]
-    assert eager_stage_bytes(spec, kv_layout(spec, "bf16"), counts, 131_072) == FLASH_2XH100_EAGER_BYTES
+    assert eager_stage_bytes(spec, kv_layout(spec, "bf16"), counts, 262_144) == FLASH_2XH100_EAGER_BYTES
     rows = [r for r in p.placement if r.what.startswith("eager decode step")]
     assert [(r.device, r.bytes) for r in rows] == [("gpu0", FLASH_2XH100_EAGER_BYTES[0]),
                                                    ("gpu1", FLASH_2XH100_EAGER_BYTES[1])]
@@ -142,3 +142,25 @@ def test_the_formula_grows_with_the_context():
     for kv_dtype in ("fp8", "bf16"):
         b = [eager_step_bytes(flash, t, kv_dtype, 2, 4096, 512) for t in (1, 4096, 65_536, 131_072, 1 << 20)]
         assert b == sorted(b), b
+
+
+def test_the_ramp_keeps_room_for_the_eager_step(mixed):
+    """Without static cores (graphs off), a ramp step's check on the device counts the eager step's bytes at the new
+    context beside the KV (graph_bytes.eager_state_bytes, the plan's formula): room for the KV alone is refused,
+    room for both grows."""
+    from homerun.engine.graph_bytes import eager_state_bytes
+    from homerun.errors import ContextFullError
+
+    pl = single_device(3, "standin:0", gpu_path=True, experts="device")
+    m = load(mixed, dtype="bfloat16", experts="reference", placement=pl, kv_dtype="fp8", cuda_graphs="off",
+             ramp_tokens=(64, 256))
+    eager = eager_state_bytes(m.net, 256, "fp8", page_tokens=m.page_tokens)
+    assert eager == eager_step_bytes(static_shape(m.net.args), 256, "fp8", 2, m.page_tokens, m.net.args.index_topk)
+    dev = m.devices["standin:0"]
+    s = m.session()
+    dev.budget_bytes = dev.used_bytes + m.kv_bytes_at(256) + eager - 1
+    with pytest.raises(ContextFullError, match="standin:0"):
+        s._ensure_capacity(70)
+    dev.budget_bytes += 1
+    s._ensure_capacity(70)
+    assert s.capacity_tokens == 256

@@ -1,8 +1,9 @@
 """Device bytes of an eager V4 decode step beside the KV (issue 13, "VRAM as planned"): where decode is not captured
 (across GPUs with host experts, KV pages off the device, graphs off), each step makes what the plan's KV layout
 (homerun.plan.specs.kv_layout: the stores' pages and one small state) does not count. Torch-free; the plan charges
-it per GPU stage (homerun.plan.graph_memory.eager_stage_bytes) where decode runs eagerly across GPUs (the runtime's
-ramp check does not yet); tests/test_eager_step_bytes.py measures each part against live bytes.
+it per GPU stage (homerun.plan.graph_memory.eager_stage_bytes) where decode runs eagerly across GPUs, and the
+runtime's ramp check keeps room for it where no static cores run (homerun.engine.graph_bytes.eager_state_bytes);
+tests/test_eager_step_bytes.py measures each part against live bytes.
 
   small      the step's new small state (model._attention_core: the window is a view of the step's keys, W rows; the
              open windows are new concatenations) while the session still holds the one it started from (the KV

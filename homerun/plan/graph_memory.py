@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, StaticBytes, StaticShape, kv_page_tokens, static_bytes
+from homerun.models.decode_bytes import (MIN_BUCKET_TOKENS, StaticBytes, StaticShape, entry_stores, kv_page_tokens,
+                                         paged_bytes, small_state_bytes, static_bytes)
 from homerun.models.eager_bytes import eager_step_bytes
 from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
 from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
@@ -58,10 +59,21 @@ def _stage_graph(shape: StaticShape, kv: KvLayout, tokens: int) -> StaticBytes |
                         page_tokens=kv.page_tokens or PLAN_PAGE_TOKENS) if tokens > 0 else None
 
 
+def stage_kv_bytes(kv: KvLayout, frac: float, shape: StaticShape | None, tokens: int, graphs: bool = False) -> int:
+    """One stage's KV at a context: its own layers' stores in whole pages and their small state where the layout is
+    paged (V4; the stages' sum is the layout's bytes), else its share by layer count (frac). A stage of a sliding
+    layer holds no pages, which a share by layer count would charge it. With decode graphs (`graphs`) the small
+    state is the static state's arena and snapshots (charged there): the pages alone."""
+    if kv.stores and shape is not None:
+        small = 0 if graphs else small_state_bytes(shape, GRAPH_ACT_BYTES)
+        return paged_bytes(entry_stores(shape, kv.dtype, GRAPH_ACT_BYTES), tokens, kv.page_tokens) + small
+    return int(KvLayout.bytes_for(kv, tokens) * frac)
+
+
 def stage_bytes(kv: KvLayout, frac: float, shape: StaticShape, tokens: int) -> int:
-    """One stage's bytes at a context: its share of the KV (as the placement rows split it) and its static state."""
+    """One stage's bytes at a context: its KV (as the placement rows charge it) and its static state."""
     g = _stage_graph(shape, kv, tokens)
-    return int(KvLayout.bytes_for(kv, tokens) * frac) + (g.total if g is not None else 0)
+    return stage_kv_bytes(kv, frac, shape, tokens, g is not None) + (g.total if g is not None else 0)
 
 
 def stages_tokens_for(kv: KvLayout, fracs: Sequence[float], shapes: Sequence[StaticShape],
@@ -71,7 +83,9 @@ def stages_tokens_for(kv: KvLayout, fracs: Sequence[float], shapes: Sequence[Sta
     for f, shape, free in zip(fracs, shapes, free_bytes):
         if f <= 0:
             continue
-        lo, hi = 0, max(KvLayout.tokens_for(kv, free / f), 0)
+        lo, hi = 0, 1
+        while hi < 1 << 40 and stage_bytes(kv, f, shape, hi) <= free:  # a stage's KV is not its share: bound it
+            hi *= 2
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if stage_bytes(kv, f, shape, mid) <= free:
@@ -97,8 +111,9 @@ class GraphKvLayout(KvLayout):
         return self.graph(tokens).total if tokens > 0 else 0
 
     def kv_bytes_for(self, tokens: int) -> int:
-        """The KV alone (what KvLayout charges)."""
-        return KvLayout.bytes_for(self, tokens)
+        """The KV beside the static state: KvLayout's less its small state, which under decode graphs is the static
+        state's arena and snapshots (the states a session holds are views of a snapshot), charged there."""
+        return KvLayout.bytes_for(self, tokens) - (self.constant_bytes if self.stores else 0)
 
     def bytes_for(self, tokens: int) -> int:
         return self.kv_bytes_for(tokens) + self.graph_bytes(tokens)
@@ -168,7 +183,8 @@ def kv_rows(c: _Ctx, fracs: Sequence[float], kv_reserved: int, tokens: int,
     graphs = ([_stage_graph(s, c.kv, tokens) for s in shapes] if shapes is not None else [one] * len(fracs))
     per, gbytes = [], []
     for i, (f, g) in enumerate(zip(fracs, graphs)):
-        kv_b = int(kv_reserved * f) - (one.total if one is not None else 0)
+        kv_b = (stage_kv_bytes(c.kv, f, shapes[i], tokens, g is not None) if shapes is not None
+                else int(kv_reserved * f) - (one.total if one is not None else 0))
         gb = g.total if g is not None else 0
         per.append(kv_b + gb)
         gbytes.append(gb)
