@@ -46,8 +46,8 @@ KV_1M_FP8 = 21 * 262_144 * 716 + 20 * 8_192 * 584
     (131_072, "fp8", 131_072, 492_714_684 + 11_972_000, (32_768 + 1_024) * 8, 8_519_680, KV_32K_FP8,
      (32_768 + 1) * 584),
     # bucket padding: 131,073 tokens need the 262,144 bucket: 21 x 65,537 x 716 + 20 x 2,049 x 584; the KV one token
-    # more: 21 x 716 / 4 + 20 x 584 / 128 = 3,850.25 B, 3,851 rounded up
-    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360, KV_32K_FP8 + 3_851,
+    # more is the same whole pages (no row closed: 32,768 CSA rows, 1,024 HCA rows)
+    (131_073, "fp8", 262_144, 985_414_332 + 23_932_320, (65_536 + 2_048) * 8, 17_039_360, KV_32K_FP8,
      (32_768 + 1) * 584),
     # bf16 rows (1,024 and 256 B) are read as views: the transient is the indexer's scores, 262,144 x (4 + 4 + 1)
     (1_048_576, "bf16", 1_048_576, 21 * 262_145 * 1_280 + 20 * 8_193 * 1_024, (262_144 + 8_192) * 8, 2_359_296,
@@ -196,9 +196,15 @@ def test_the_planned_context_fits_kv_and_static_state():
     byte short of 1M's."""
     from homerun.plan.graph_memory import GraphKvLayout
 
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.specs import kv_layout
+
     p = _flash_plan("rtx4090-128gb", kv_dtype="bf16")
     ctx = p.context
-    kv = GraphKvLayout(ctx["kv_dtype"], ctx["kv_bytes_per_token"], ctx["kv_constant_bytes"], "", FLASH)
+    flat = kv_layout(resolve_model("deepseek-ai/DeepSeek-V4-Flash")[0], "bf16")
+    assert (flat.bytes_per_token, flat.constant_bytes) == (ctx["kv_bytes_per_token"], ctx["kv_constant_bytes"])
+    kv = GraphKvLayout(ctx["kv_dtype"], flat.bytes_per_token, flat.constant_bytes, "", flat.stores, flat.page_tokens,
+                       FLASH)
     t, budget = ctx["max_tokens"], ctx["kv_capacity_bytes"]
     assert t == 1_048_576 and kv.bytes_for(t) <= budget
     t = kv.tokens_for(kv.bytes_for(1_048_576) - 1)
@@ -233,6 +239,9 @@ def test_two_gpus_all_in_vram_charge_each_stage_its_layers_state():
     assert [s.graph_bytes for s in p.layout.stages] == FLASH_2XH100_GRAPH_BYTES
     kv_rows = [r.bytes for r in p.placement if r.what.startswith("KV cache")]
     assert [s.kv_bytes for s in p.layout.stages] == kv_rows
+    # each stage's KV is its own layers' stores (16,384 CSA rows of 1,280 B, 512 HCA rows of 1,024 B, whole pages),
+    # not a share by layer count (gpu0's 2 sliding layers hold no pages); their small state is the arena above
+    assert kv_rows == [10 * 16_384 * 1_280 + 10 * 512 * 1_024, 11 * 16_384 * 1_280 + 10 * 512 * 1_024]
     decisions = [d for d in p.decisions if d["what"] == "decode graphs"]
     assert [d["choice"].split(":")[0] for d in decisions] == ["gpu0", "gpu1"]
     assert "layers 22-42 (11 CSA, 10 HCA)" in decisions[1]["reason"]
@@ -261,7 +270,7 @@ def test_two_gpus_promise_a_context_that_fits_the_tightest_stage():
 def test_several_gpus_with_host_experts_capture_no_graphs_and_charge_none():
     """A hybrid split (an expert cache on each GPU) runs decode eagerly across devices (the rule the runtime shares,
     homerun.plan.records.graphs_across_devices_reason): no static state charged."""
-    p = _flash_plan("2xh100", kv_dtype="bf16", context_tokens=131_072)
+    p = _flash_plan("2xh100", kv_dtype="bf16", context_tokens=262_144)
     assert p.mode == "hybrid"
     assert not _graph_rows(p) and all(s.graph_bytes == 0 for s in p.layout.stages)
     decision = next(d for d in p.decisions if d["what"] == "decode graphs")

@@ -122,6 +122,26 @@ def test_the_piecewise_layout_is_one_launch_per_segment_plus_the_cores(steps):
     assert c.device_launches / n <= 12, sorted(c.op_names.items(), key=lambda kv: -kv[1])
 
 
+def test_kv_pages_off_the_layers_device_are_not_mirrored(steps):
+    """The static core adopts the stores it mirrors (its buffers become their pages); a store whose pages lie
+    elsewhere (host RAM, where a GPU without room for the KV keeps it) would be copied onto the device whole,
+    uncharged: whole_step_reason names it, so those steps run the eager cores over the pages where they lie."""
+    from dataclasses import replace
+
+    from homerun.engine.graphs import whole_step_reason
+
+    model, _ = steps
+    s = model.session()
+    s.feed([1, 2, 3, 4, 5])
+    assert whole_step_reason(model.net, s._states) is None
+    i = next(i for i, st in enumerate(s._states) if st.comp is not None)
+    st = s._states[i]
+    far = st.comp.store.empty_like(4, torch.device("meta"))  # any other device (a real one is not here)
+    moved = list(s._states)
+    moved[i] = replace(st, comp=replace(st.comp, store=far))
+    assert "entries kept on meta" in whole_step_reason(model.net, moved)
+
+
 def test_a_host_sync_inside_a_capture_raises():
     x = torch.ones(3)
     with pytest.raises(GraphCaptureError, match="host sync"):

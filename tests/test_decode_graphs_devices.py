@@ -170,13 +170,16 @@ def test_peak_device_bytes_match_a_two_gpu_plan_under_graphs(checkpoints):
     homerun.plan.graph_memory), plus one KV page per compressed store of its layers (the pages' rounding) as the
     stated fixed overhead. The weights are left out: the plan splits the non-expert bytes by layer count, which on
     3 tiny layers of 3 kinds is 4% over on one device and 8% under on the other (V4's 43 layers average it out)."""
+    from dataclasses import replace
+
     from homerun.engine.placement import placement_from_plan
     from homerun.models.decode_bytes import static_bytes
     from homerun.models.deepseek_v4.static_decode import static_shape
     from homerun.models.kv import fp8_row_bytes
-    from homerun.plan.graph_memory import PLAN_PAGE_TOKENS
+    from homerun.plan.graph_memory import PLAN_PAGE_TOKENS, stage_kv_bytes
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
+    from homerun.plan.specs import kv_layout
     from profiles import load_profile
 
     path = checkpoints["mixed"]
@@ -205,6 +208,10 @@ def test_peak_device_bytes_match_a_two_gpu_plan_under_graphs(checkpoints):
         shape = static_shape(args, usage["layers"])
         planned -= (static_bytes(shape, ctx, "fp8", 2, page_tokens=PLAN_PAGE_TOKENS).total
                     - static_bytes(shape, ctx, "fp8", 2, page_tokens=model.page_tokens).total)
+        # ... and its layers' KV in whole pages of the plan's page, this model's in its own
+        kv = kv_layout(spec, "fp8")
+        planned -= (stage_kv_bytes(kv, 0, shape, ctx)
+                    - stage_kv_bytes(replace(kv, page_tokens=model.page_tokens), 0, shape, ctx))
         assert [r.bytes for r in p.placement if r.device == f"gpu{i}" and "attention state" in r.what
                 or r.device == f"gpu{i}" and r.what.startswith("KV cache")] == [stage.kv_bytes, stage.graph_bytes]
         state = usage["peak_bytes"] - usage["bytes_by_class"]["weights"]

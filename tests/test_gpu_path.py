@@ -207,12 +207,15 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
     bucket store by store (one store's old pages beside the buffers), with the state's small tensors, their copies
     and the step's transients (fp8: the dequantized keys): peak accounted bytes within 5% of the plan's bytes for
     the device, plus one KV page per compressed store (the pages' rounding) as the stated fixed overhead."""
+    from dataclasses import replace
+
     from homerun.engine.graph_bytes import static_state_bytes
     from homerun.models.decode_bytes import row_bytes, static_bytes
     from homerun.models.deepseek_v4.static_decode import static_shape
     from homerun.plan.graph_memory import PLAN_PAGE_TOKENS
     from homerun.plan.inventory import resolve_model
     from homerun.plan.planner import PlanOptions, plan
+    from homerun.plan.specs import kv_layout
     from profiles import load_profile
 
     path, args, _ = mixed
@@ -254,6 +257,9 @@ def test_peak_device_bytes_match_the_plan_fp8_whole_step(mixed, kv_dtype):
     # the plan's buffers and moving store in the default pages (PLAN_PAGE_TOKENS), this model's in its own
     planned -= (static_bytes(static_shape(args), ctx, kv_dtype, 2, page_tokens=PLAN_PAGE_TOKENS).total
                 - static_bytes(static_shape(args), ctx, kv_dtype, 2, page_tokens=model.page_tokens).total)
+    # ... and its KV in whole pages of the plan's page (the runtime's default for this model), this model's in its own
+    kv = kv_layout(spec, kv_dtype)
+    planned -= kv.bytes_for(ctx) - replace(kv, page_tokens=model.page_tokens).bytes_for(ctx)
     entry = row_bytes(args.head_dim, args.rope_dim, False, kv_dtype, 2)
     key = row_bytes(args.index_head_dim, 0, True, kv_dtype, 2)
     kinds = args.layer_kinds

@@ -89,9 +89,9 @@ def test_flash_fits_exactly_in_ram_less_the_host_reserve(slack_bytes, fits):
     p = plan(spec, inv, _mac(ram / GIB))
     assert p.fits is fits
     if fits:
-        tokens = (ram - RESERVE_GIB * GIB - OVERHEAD_GIB * GIB - act - weights - (kv_min - 6880 * MIN_CONTEXT_TOKENS)
-                  ) // 6880
-        assert p.context["max_tokens"] == int(tokens) and MIN_CONTEXT_TOKENS <= tokens < MIN_CONTEXT_TOKENS + 2
+        # the KV in whole pages (the runtime's): the 4 KiB buys no page, only the tokens up to the next CSA row
+        kv, tokens = kv_layout(spec, "bf16"), p.context["max_tokens"]
+        assert kv.bytes_for(tokens) == kv_min < kv.bytes_for(tokens + 1) and tokens == MIN_CONTEXT_TOKENS + 3
     else:
         r = ram / GIB
         assert p.remedy == (f"needs {need / GIB:.0f} GiB of memory for weights and KV, the profile has {r:.0f} GiB "

@@ -55,9 +55,13 @@ def test_kv_bytes_per_token_v4():
     assert kv_layout(flash, "bf16").bytes_per_token == 6880  # §5.2
     assert kv_layout(flash, "fp8").bytes_per_token == 3850.25
     assert kv_layout(pro, "bf16").bytes_per_token == 9848
-    # §5.2 table: Flash BF16 at 1M = per-token x T + sliding windows = 7.220 GB.
-    assert round(kv_layout(flash).bytes_for(1048576) / 1e9, 3) == 7.220
-    assert kv_layout(flash).constant_bytes == 43 * 128 * 512 * 2
+    # §5.2 table: Flash BF16 at 1M = per-token x T (whole pages: 4,096 tokens divide 1M) + sliding windows = 7.220 GB,
+    # and the runtime's open windows (CSA 4 rows of kv and gate in two series, overlaps with an fp32 gate; HCA 128).
+    windows = 43 * 128 * 512 * 2
+    opened = 21 * (2 * 4 * 1024 * 2 + 4 * 512 * 6 + 2 * 4 * 256 * 2 + 4 * 128 * 6) + 20 * 2 * 128 * 512 * 2
+    assert kv_layout(flash).constant_bytes == windows + opened == 11_631_616
+    assert kv_layout(flash).bytes_for(1048576) == 6880 * 1048576 + windows + opened
+    assert round((6880 * 1048576 + windows) / 1e9, 3) == 7.220
 
 
 def test_kv_bytes_per_token_mla_and_gqa():

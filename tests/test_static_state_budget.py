@@ -153,29 +153,53 @@ def test_think_max_agrees_with_the_ramp_check(small, decoded):
             assert "static state" in reason
 
 
-def test_decoding_from_a_checkpoint_of_an_outgrown_bucket_leaves_the_later_one_whole(small):
-    """Graphed decode past the 16 -> 32 bucket change (the stores adopted by both buckets' buffers), then a rollback
-    to a checkpoint from the first bucket and graphed steps from it: the bucket-16 state cannot adopt the stores
-    (the later checkpoint reads rows past its 4-row capacity: PagedRows.rows_used), so it copies the earlier state
-    in and the later checkpoint keeps its store, pages and entries as they were."""
+def test_decoding_from_a_checkpoint_of_an_outgrown_bucket_copies_nothing(small):
+    """Graphed decode past the 16 -> 32 bucket change, then a rollback to a checkpoint from the first bucket and
+    graphed steps from it (one closes a CSA window): the steps run in the bucket that holds every row the stores
+    hand out (32, already captured; static_decode.bucket_for), over the same stores, with no copy of the KV (the
+    device's peak and "kv" bytes unchanged; before: a second copy of the early state's rows in a bucket-16 buffer,
+    which the plan did not count). The logits and the rows the later checkpoint is left with equal the eager path's
+    (a model without graphs fed the same: the rows past the rollback are overwritten as the rollback's contract
+    says)."""
     m, dev = _model(small)
+    path, args = small
+    ref = load(path, dtype="bfloat16", experts="reference", placement=single_device(
+        args.n_layers, "standin:0", gpu_path=True, experts="device"), kv_dtype="fp8", cuda_graphs="off",
+        page_tokens=64)
+    runs = []
+    for model in (m, ref):
+        s = model.session()
+        lg = [s.feed(list(range(1, 14))), s.feed([5])]
+        early = s.checkpoint()  # 14 tokens: bucket 16
+        lg += [s.feed([t + 3]) for t in range(7)]  # to 21 tokens: bucket 32
+        late = s.checkpoint()
+        if model is m:
+            dg = m.decode_graphs
+            assert dg.static.ctx_tokens == 32 and dg.step_captures == 2
+            kv_bytes, stores = dev.bytes_by_class()["kv"], dg.static.stores()
+            base = dev._peak_bytes = dev.used_bytes  # the device's peak from here (before: +988 B, the copy)
+        s.rollback(early)
+        lg += [s.feed([t + 9]) for t in range(2)]  # positions 14 and 15 (a CSA close: row 3)
+        comps = [c for ls in late.states for c in (ls.comp, ls.index_comp) if c is not None]
+        runs.append((lg, [c.entries().view(torch.uint8) for c in comps]))
+    assert dg.static.ctx_tokens == 32 and dg.step_captures == 2  # no bucket-16 state built again
+    assert dev._peak_bytes == base  # nothing allocated on the device past what the later state held
+    assert dev.bytes_by_class()["kv"] == kv_bytes and all(a is b for a, b in zip(dg.static.stores(), stores))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_a_write_lowers_the_high_water_mark_so_the_bucket_follows_the_live_state(small):
+    """After a rollback, a feed's writes make the rows past them no state's (the rollback's contract), so the
+    graphed steps after it run in the bucket of the new context, not of the dead later rows."""
+    m, _ = _model(small)
     s = m.session()
     s.feed(list(range(1, 14)))
-    s.feed([5])
-    early = s.checkpoint()  # 14 tokens: bucket 16
-    for t in range(7):  # to 21 tokens: bucket 32
+    early = s.checkpoint()  # 13 tokens
+    for t in range(28):  # to 41 tokens: bucket 64, 10 CSA rows
         s.feed([t + 3])
-    assert m.decode_graphs.static.ctx_tokens == 32
-    late = s.checkpoint()
-    comps = [c for ls in late.states for c in (ls.comp, ls.index_comp) if c is not None]
-    entries = [c.entries().view(torch.uint8).clone() for c in comps]
-    pages = [list(c.store.pages) for c in comps]
-    assert any(c.n_entries > 4 for c in comps)
+    assert m.decode_graphs.static.ctx_tokens == 64
     s.rollback(early)
-    for t in range(2):
-        s.feed([t + 9])
-    assert m.decode_graphs.static.ctx_tokens == 16
-    for c, e, p in zip(comps, entries, pages):
-        if c.n_entries > 16 // 4:  # past the early bucket's 4 CSA rows: the store is not adopted (HCA: none yet)
-            assert len(c.store.pages) == len(p) and all(a is b for a, b in zip(c.store.pages, p))
-        assert torch.equal(c.entries().view(torch.uint8), e)
+    s.feed([7, 8, 9])  # a prefill chunk from the early state: CSA row 3 written again, rows 4.. no state's
+    s.feed([4])  # position 16: bucket 32 (the dead rows would ask for 64)
+    assert m.decode_graphs.static.ctx_tokens == 32

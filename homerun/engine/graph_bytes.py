@@ -12,6 +12,7 @@ import torch
 from homerun.engine.graph_sites import ShardedStaticKV
 from homerun.models.decode_bytes import static_bytes
 from homerun.models.deepseek_v4.static_decode import static_shape
+from homerun.models.eager_bytes import eager_step_bytes
 
 
 def _shards(kv) -> list:
@@ -34,6 +35,18 @@ def static_state_bytes(dg, n_tokens: int, kv_dtype: str, layers: Sequence[int] |
         return 0
     act_bytes = torch.empty(0, dtype=dg.net.compute_dtype).element_size()
     return static_bytes(shape, n_tokens, kv_dtype, act_bytes, dg.min_bucket_tokens, page_tokens=page_tokens).total
+
+
+def eager_state_bytes(net, n_tokens: int, kv_dtype: str, layers: Sequence[int] | None = None, *,
+                      page_tokens: int) -> int:
+    """The device bytes an eager decode step at a context of n_tokens takes beside the KV for `layers` (where no
+    static cores run: static_state_bytes is 0): its new small state and its largest read of the entries, as the plan
+    charges it where decode runs eagerly (homerun.models.eager_bytes)."""
+    shape = static_shape(net.args, layers)
+    if not shape.n_layers:
+        return 0
+    act_bytes = torch.empty(0, dtype=net.compute_dtype).element_size()
+    return eager_step_bytes(shape, n_tokens, kv_dtype, act_bytes, page_tokens, net.args.index_topk)
 
 
 def held_bytes(dg, account: Any, states: Sequence[Any] = ()) -> int:

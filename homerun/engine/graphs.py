@@ -3,7 +3,7 @@
 A decode step launches ~30 kernels per layer, and on a GPU each launch costs the host several microseconds of Python
 and driver work: at 43 layers that is the token's whole budget at 30 tok/s. Two layouts:
 
-Whole step (every layer's experts resident; any kv_dtype, fp8 with its pages on the device): the step is one graph.
+Whole step (every layer's experts resident; any kv_dtype, its pages on the device): the step is one graph.
 The attention cores run over static capacities with their lengths read on the device
 (homerun.models.deepseek_v4.static_decode: the window in a fixed buffer, compressor closes computed always and kept
 by a device-side slot, the CSA top-k over the capacity, masked), so the graph depends on the context only through
@@ -18,10 +18,10 @@ step is cut into runs of consecutive parts on one device (embedding, layers, hea
 captured on its device (its own graph API: a CUDA graph on that device's stream and pool), over its device's shard
 of the static attention state; between the replays the residual streams are copied into the next run's static
 input (one launch per hop), and the token id and position are written on every device. Layouts that run anything
-eagerly between segments (cached experts, fp8 pages off the device, `whole_step` off) are one-device only: across
+eagerly between segments (cached experts, KV pages off the device, `whole_step` off) are one-device only: across
 devices those steps run the eager forward.
 
-Piecewise (a layer whose experts are cached, fp8 KV pages off the device, or `whole_step` off): everything in a layer
+Piecewise (a layer whose experts are cached, KV pages off the device, or `whole_step` off): everything in a layer
 except its attention core and its routed call depends on the token only through device tensors (the streams, the
 token id, the RoPE tables of the position), so it is captured once and replayed:
 
@@ -71,7 +71,7 @@ from homerun.engine.options import GRAPH_MODES
 from homerun.kernels.device_guard import on_device
 from homerun.kernels.dispatch import for_act, kernels_for
 from homerun.models.decode_bytes import MIN_BUCKET_TOKENS
-from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_tokens
+from homerun.models.deepseek_v4.static_decode import StaticDecodeKV, bucket_for
 from homerun.models.kv import Fp8PagedRows, PagedRows
 from homerun.models.speculation import DeferredEnd, end_or_defer
 from homerun.plan.records import graphs_across_devices_reason
@@ -103,8 +103,9 @@ def eager_routed_layers(backend, layers: Sequence[int]) -> list[bool]:
 
 def whole_step_reason(net, states: Sequence[Any]) -> str | None:
     """Why decode from `states` can't run as one whole-step graph (None when it can): every entry store must be of a
-    format the static core mirrors (homerun.models.kv's PagedRows in any dtype, or Fp8PagedRows with its pages on
-    the compute device: it quantizes where its pages lie, and the static core's lie on the device)."""
+    format the static core mirrors (homerun.models.kv's PagedRows in any dtype, or Fp8PagedRows) with its pages on
+    the layer's device: the static core adopts the stores (its buffers become their pages), and a copy of KV kept
+    elsewhere (host RAM when the device has no room for it) would put the whole bucket on the device, uncharged."""
     for i, st in enumerate(states):
         for c in (st.comp, st.index_comp):
             if c is None:
@@ -112,8 +113,8 @@ def whole_step_reason(net, states: Sequence[Any]) -> str | None:
             if type(c.store) not in (PagedRows, Fp8PagedRows):
                 return f"entries kept as {type(c.store).__name__}"
             dev = net.layers[i].device or net.device
-            if type(c.store) is Fp8PagedRows and c.store.device != dev:
-                return f"fp8 entries quantized on {c.store.device}, the static core's on {dev}"
+            if c.store.device != dev or c.store.compute_device != dev:
+                return f"entries kept on {c.store.device}, the static core's on {dev}"
     return None
 
 
@@ -262,7 +263,7 @@ class DecodeGraphs:
     def _static_for(self, start_pos: int, states: Sequence[Any]) -> None:
         """The static attention state of start_pos's bucket holding `states` (new buffers when the bucket changes:
         the graphs holding the old ones are dropped)."""
-        cap = bucket_tokens(start_pos, self.min_bucket_tokens)
+        cap = bucket_for(self.net, states, start_pos, self.min_bucket_tokens)  # holds every row the stores hand out
         if self.static is None or self.static.ctx_tokens != cap:
             for key in [k for k in self.segments if k[-1] in ("static", "step")]:
                 del self.segments[key], self._outs[key]

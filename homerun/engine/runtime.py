@@ -29,7 +29,7 @@ from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Se
 from homerun.engine.session import device_kv_more_bytes
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
-from homerun.models.decode_bytes import kv_page_tokens
+from homerun.models.decode_bytes import default_ramp, kv_page_tokens
 from homerun.models.kv import fp8_row_bytes, free_memory_bytes
 from homerun.plan.records import RAMP_TOKENS as DEFAULT_RAMP_TOKENS, THINK_MAX_MIN_TOKENS as THINK_MAX_MIN_CONTEXT_TOKENS
 from homerun.plan.records import gpu_runs_prefill, prefill_chunk_tokens
@@ -440,7 +440,7 @@ def load(path: str | Path, options: LoadOptions | None = None, *, expert_backend
 
         tokenizer = Tokenizer.from_dir(root)
     max_pos = int(ckpt.config.get("max_position_embeddings", DEFAULT_RAMP_TOKENS[-1]))
-    ramp = opts.context.ramp_tokens or tuple(r for r in DEFAULT_RAMP_TOKENS if r <= max_pos) or (max_pos,)
+    ramp = opts.context.ramp_tokens or default_ramp(max_pos)  # the plan's too (its KV pages: plan.specs.kv_layout)
     # prefill chunk: the planner's rule (2048 where a GPU or a CUDA stand-in runs layers, else the CPU's by the routed
     # experts' batch), or the user's
     gpu = gpu_runs_prefill(placement.device(lp.device).kind for lp in placement.layers)

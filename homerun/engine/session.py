@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from homerun.engine.graph_bytes import held_bytes, static_state_bytes
+from homerun.engine.graph_bytes import eager_state_bytes, held_bytes, static_state_bytes
 from homerun.engine.sampling import NAN_TOKEN, nan_logits_error
 from homerun.errors import ContextFullError, UsageError
 from homerun.kernels.cpu_step import cpu_step
@@ -30,15 +30,19 @@ def device_kv_more_bytes(model: "Model", name: str, n_tokens: int, states: Seque
     """(more, graph): the bytes a context of n_tokens needs on device `name` beyond what its sequence holds there
     (`states`: that sequence's states of the device's layers, () for a new one): its layers' KV and, with decode
     graphs, the static state of that context (graph: graph_bytes.static_state_bytes of its layers, as the plan
-    charges it), less the sequence's KV and the held static state, each byte once (graph_bytes.held_bytes). (0, 0)
-    where no layers live."""
+    charges it; without static cores the eager step's bytes, graph_bytes.eager_state_bytes), less the sequence's KV
+    and the held static state, each byte once (graph_bytes.held_bytes). (0, 0) where no layers live."""
     layers = model.placement.layers_on(name)
     if not layers:
         return 0, 0
     graph = static_state_bytes(model.decode_graphs, n_tokens, model.kv_dtype, layers,
                                page_tokens=model.page_tokens)
+    # no static cores: the eager step's new small state and reads beside the KV instead (not charged to the device,
+    # so nothing of it is held: room kept for it)
+    eager = 0 if graph else eager_state_bytes(model.net, n_tokens, model.kv_dtype, layers,
+                                              page_tokens=model.page_tokens)
     have = held_bytes(model.decode_graphs, model.devices[name], states)
-    return model.kv_bytes_at(n_tokens, layers=layers) + graph - have, graph
+    return model.kv_bytes_at(n_tokens, layers=layers) + graph + eager - have, graph
 
 @dataclass(frozen=True)
 class Checkpoint:

@@ -8,8 +8,8 @@ What a static state of capacity bucket B holds on the device (static_decode's mo
   entries      every compressor's static entry buffer: B // rate + 1 rows (the last: the dump row of non-closing
                steps) in the store's row format, CSA entries and indexer keys, HCA entries. These ARE the session's
                KV (the state adopts its stores), so beside the KV that a context of T tokens charges (`kv_entries`:
-               T / rate rows a store, rounded up as the plan's KV layout rounds them, so the sum of the two never
-               falls as T grows) only the bucket's padding counts (`padding`).
+               T // rate rows a store in whole pages, as the plan's KV layout charges them and the runtime allocates
+               them, so the sum of the two never falls as T grows) only the bucket's padding counts (`padding`).
   moving       while a load adopts the stores, one store's old pages beside its new buffer: the largest store's
                T // rate rows rounded up to its page, plus the dump row of the last bucket's buffer (the prefill's
                pages at the first graphed step; at a bucket change the last buffer and the pages an eager chunk
@@ -32,7 +32,6 @@ rounding and the top-k's scratch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 # The smallest context capacity of a static decode state (tokens): the buckets double from here, so a sequence of L
@@ -43,6 +42,27 @@ MIN_BUCKET_TOKENS = 256
 DEFAULT_PAGE_TOKENS = 1024
 FP8_BLOCK = 64  # dims per ue8m0 scale of an FP8 compressed entry (homerun.models.kv.Fp8PagedRows)
 _F32 = 4
+
+
+# The runtime's context ramp where none is asked for (homerun.plan.records re-exports it): these steps up to the
+# model's max_position_embeddings (`default_ramp`); its first step sets the default KV page (`kv_page_tokens`).
+RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
+
+
+def default_ramp(max_position: int) -> tuple[int, ...]:
+    """The runtime's ramp for a model of max_position tokens (homerun.engine.runtime.load): the standard steps up to
+    it, else the model's max alone."""
+    return tuple(r for r in RAMP_TOKENS if r <= max_position) or (max_position,)
+
+
+def paged_bytes(stores: tuple[tuple[int, int, int], ...], tokens: int, page_tokens: int) -> int:
+    """The bytes of entry stores at a context of `tokens` in whole pages of page_tokens tokens (PagedRows.reserve:
+    page_tokens // rate rows a page, at least one); stores: (count, rate, bytes per row) per kind of store."""
+    total = 0
+    for count, rate, row_b in stores:
+        page = max(1, page_tokens // rate)
+        total += count * -(-(tokens // rate) // page) * page * row_b
+    return total
 
 
 def bucket_tokens(pos: int, min_tokens: int = MIN_BUCKET_TOKENS) -> int:
@@ -124,6 +144,29 @@ def row_bytes(width: int, rope_dim: int, scale_fp32: bool, kv_dtype: str, act_by
     return width * (2 if kv_dtype == "bf16" else act_bytes)
 
 
+def entry_stores(shape: StaticShape, kv_dtype: str, act_bytes: int) -> tuple[tuple[int, int, int], ...]:
+    """(count, rate, bytes per row) of a V4 model's entry stores: CSA entries and indexer keys, HCA entries."""
+    s = shape
+    entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
+    key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
+    return (s.n_csa, s.csa_rate, entry_b), (s.n_csa, s.csa_rate, key_b), (s.n_hca, s.hca_rate, entry_b)
+
+
+def small_state_bytes(shape: StaticShape, act_bytes: int) -> int:
+    """A sequence's small state at its largest, in the compute dtype (the static state's arena holds the same): each
+    layer's window [W, Dh], each compressor's open window (kv and gate, [rate, width]: CSA and the indexer keep two
+    series, width 2 x dim) and the CSA overlap slices (kv in the compute dtype, gate in fp32)."""
+    s = shape
+
+    def opened(rate: int, dim: int, overlap: bool) -> int:
+        width = 2 * dim if overlap else dim
+        return 2 * rate * width * act_bytes + (rate * dim * (act_bytes + _F32) if overlap else 0)
+
+    return (s.n_layers * s.window * s.head_dim * act_bytes
+            + s.n_csa * (opened(s.csa_rate, s.head_dim, True) + opened(s.csa_rate, s.index_head_dim, True))
+            + s.n_hca * opened(s.hca_rate, s.head_dim, False))
+
+
 def read_transient_bytes(n: int, width: int, rope_dim: int, scale_fp32: bool, kv_dtype: str, act_bytes: int) -> int:
     """Peak bytes live while n rows of a store are read whole (its `_get`): fp8 decodes them (Fp8PagedRows._decode,
     step by step below; a tensor is freed when its last reference goes), other formats return a view. A compute dtype
@@ -157,9 +200,8 @@ def static_bytes(shape: StaticShape, ctx_tokens: int, kv_dtype: str, act_bytes: 
     s = shape
     entry_b = row_bytes(s.head_dim, s.rope_dim, False, kv_dtype, act_bytes)
     key_b = row_bytes(s.index_head_dim, 0, True, kv_dtype, act_bytes)
-    # the entries' share of the KV as homerun.plan.specs.kv_layout charges it: the same float bytes per token, ceil
-    per_token = s.n_csa * (entry_b + key_b) / s.csa_rate + s.n_hca * entry_b / s.hca_rate
-    kv_entries = int(math.ceil(per_token * ctx_tokens))
+    # the entries' share of the KV as homerun.plan.specs.kv_layout charges it: the stores' whole pages at the context
+    kv_entries = paged_bytes(entry_stores(s, kv_dtype, act_bytes), ctx_tokens, page_tokens)
 
     def held(rate: int) -> int:  # a store's rows at the context, in whole pages, and the last buffer's dump row
         page = max(1, page_tokens // rate)
@@ -184,13 +226,7 @@ def capacity_bytes(shape: StaticShape, cap: int, kv_dtype: str, act_bytes: int =
 
     entries = s.n_csa * rows(n_csa, s.csa_rate) * (entry_b + key_b) + s.n_hca * rows(n_hca, s.hca_rate) * entry_b
 
-    def opened(rate: int, dim: int, overlap: bool) -> int:  # a compressor's open window (+ its overlap slices)
-        width = 2 * dim if overlap else dim
-        return 2 * rate * width * act_bytes + (rate * dim * (act_bytes + _F32) if overlap else 0)
-
-    arena = (s.n_layers * s.window * s.head_dim * act_bytes
-             + s.n_csa * (opened(s.csa_rate, s.head_dim, True) + opened(s.csa_rate, s.index_head_dim, True))
-             + s.n_hca * opened(s.hca_rate, s.head_dim, False))
+    arena = small_state_bytes(s, act_bytes)
     positions = (n_csa * 8 if s.n_csa else 0) + (n_hca * 8 if s.n_hca else 0)  # one arange per rate in use
     work = 0
     if s.n_hca:

@@ -50,8 +50,8 @@ class PagedRows:
         # pages, keeps it (or the largest power of two under it that divides its capacity)
         self.page_rows_base = page_rows
         self.pages: list = []
-        # high-water mark: no state reads rows past it (written here, or handed out by the static decode core,
-        # models.deepseek_v4.static_decode, which adopts a store only where all of them fit its buffer)
+        # high-water mark: no live state reads rows past it (written here, or handed out by the static decode core,
+        # models.deepseek_v4.static_decode, which adopts a store only into a bucket that holds all of them)
         self.rows_used = 0
         self.account = account
         self._uid = next(_STORE_IDS)
@@ -186,10 +186,12 @@ class PagedRows:
             self.pages.append(self._alloc())
 
     def write(self, at: int, rows: torch.Tensor) -> int:
-        """Write rows at row index `at` (past the owner's committed end); returns the new end."""
+        """Write rows at row index `at` (past the owner's committed end); returns the new end. The rows past it are
+        no state's any more (Session.rollback: a later checkpoint is invalid from the next feed): the high-water mark
+        falls to it, so the static decode core sizes its bucket from this state's rows, not a dead one's."""
         end = at + rows.shape[0]
         self.reserve(end)
-        self.rows_used = max(self.rows_used, end)
+        self.rows_used = end
         done = 0
         while at + done < end:
             p, r = divmod(at + done, self.page_rows)

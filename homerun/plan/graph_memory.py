@@ -21,12 +21,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from homerun.models.decode_bytes import MIN_BUCKET_TOKENS, StaticBytes, StaticShape, kv_page_tokens, static_bytes
+from homerun.models.decode_bytes import (MIN_BUCKET_TOKENS, StaticBytes, StaticShape, entry_stores, kv_page_tokens,
+                                         paged_bytes, small_state_bytes, static_bytes)
+from homerun.models.eager_bytes import eager_step_bytes
 from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
 from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
 
 GRAPH_ACT_BYTES = 2  # the compute dtype's bytes per element: bf16, the runtime's default on CUDA
-# the runtime's KV page where none is asked for (a store moving into its buffer holds whole pages)
+# the runtime's KV page where none is asked for, for a model of the standard ramp (a V4 layout carries its model's:
+# plan.specs.kv_layout; a store moving into its buffer holds whole pages)
 PLAN_PAGE_TOKENS = kv_page_tokens(COMPRESS_RATE["hca"], RAMP_TOKENS[0])
 
 
@@ -53,14 +56,24 @@ def stage_shapes(spec: ModelSpec, counts: Sequence[int]) -> list[StaticShape] | 
 
 def _stage_graph(shape: StaticShape, kv: KvLayout, tokens: int) -> StaticBytes | None:
     return static_bytes(shape, tokens, kv.dtype, GRAPH_ACT_BYTES, MIN_BUCKET_TOKENS,
-                        page_tokens=PLAN_PAGE_TOKENS) if tokens > 0 \
-        else None
+                        page_tokens=kv.page_tokens or PLAN_PAGE_TOKENS) if tokens > 0 else None
+
+
+def stage_kv_bytes(kv: KvLayout, frac: float, shape: StaticShape | None, tokens: int, graphs: bool = False) -> int:
+    """One stage's KV at a context: its own layers' stores in whole pages and their small state where the layout is
+    paged (V4; the stages' sum is the layout's bytes), else its share by layer count (frac). A stage of a sliding
+    layer holds no pages, which a share by layer count would charge it. With decode graphs (`graphs`) the small
+    state is the static state's arena and snapshots (charged there): the pages alone."""
+    if kv.stores and shape is not None:
+        small = 0 if graphs else small_state_bytes(shape, GRAPH_ACT_BYTES)
+        return paged_bytes(entry_stores(shape, kv.dtype, GRAPH_ACT_BYTES), tokens, kv.page_tokens) + small
+    return int(KvLayout.bytes_for(kv, tokens) * frac)
 
 
 def stage_bytes(kv: KvLayout, frac: float, shape: StaticShape, tokens: int) -> int:
-    """One stage's bytes at a context: its share of the KV (as the placement rows split it) and its static state."""
+    """One stage's bytes at a context: its KV (as the placement rows charge it) and its static state."""
     g = _stage_graph(shape, kv, tokens)
-    return int(KvLayout.bytes_for(kv, tokens) * frac) + (g.total if g is not None else 0)
+    return stage_kv_bytes(kv, frac, shape, tokens, g is not None) + (g.total if g is not None else 0)
 
 
 def stages_tokens_for(kv: KvLayout, fracs: Sequence[float], shapes: Sequence[StaticShape],
@@ -70,7 +83,9 @@ def stages_tokens_for(kv: KvLayout, fracs: Sequence[float], shapes: Sequence[Sta
     for f, shape, free in zip(fracs, shapes, free_bytes):
         if f <= 0:
             continue
-        lo, hi = 0, max(KvLayout.tokens_for(kv, free / f), 0)
+        lo, hi = 0, 1
+        while hi < 1 << 40 and stage_bytes(kv, f, shape, hi) <= free:  # a stage's KV is not its share: bound it
+            hi *= 2
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if stage_bytes(kv, f, shape, mid) <= free:
@@ -90,14 +105,15 @@ class GraphKvLayout(KvLayout):
 
     def graph(self, tokens: int) -> StaticBytes:
         return static_bytes(self.shape, tokens, self.dtype, self.act_bytes, MIN_BUCKET_TOKENS,
-                            page_tokens=PLAN_PAGE_TOKENS)
+                            page_tokens=self.page_tokens or PLAN_PAGE_TOKENS)
 
     def graph_bytes(self, tokens: int) -> int:
         return self.graph(tokens).total if tokens > 0 else 0
 
     def kv_bytes_for(self, tokens: int) -> int:
-        """The KV alone (what KvLayout charges)."""
-        return KvLayout.bytes_for(self, tokens)
+        """The KV beside the static state: KvLayout's less its small state, which under decode graphs is the static
+        state's arena and snapshots (the states a session holds are views of a snapshot), charged there."""
+        return KvLayout.bytes_for(self, tokens) - (self.constant_bytes if self.stores else 0)
 
     def bytes_for(self, tokens: int) -> int:
         return self.kv_bytes_for(tokens) + self.graph_bytes(tokens)
@@ -122,7 +138,17 @@ def with_decode_graphs(kv: KvLayout, spec: ModelSpec) -> KvLayout:
     shape = static_shape_of(spec)
     if shape is None or isinstance(kv, GraphKvLayout):
         return kv
-    return GraphKvLayout(kv.dtype, kv.bytes_per_token, kv.constant_bytes, kv.note, shape)
+    return GraphKvLayout(kv.dtype, kv.bytes_per_token, kv.constant_bytes, kv.note, kv.stores, kv.page_tokens, shape)
+
+
+def eager_stage_bytes(spec: ModelSpec, kv: KvLayout, counts: Sequence[int], tokens: int) -> list[int]:
+    """Each GPU stage's bytes of an eager decode step beside its KV share at a context of `tokens` (where decode is
+    not captured: across GPUs with host experts): the step's new small state of its layers and their largest read of
+    the entries (homerun.models.eager_bytes, in the compute dtype). Zeros for architectures without one."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    shapes = [static_shape_of(spec, s, s + k) for s, k in zip(starts, counts)]
+    return [eager_step_bytes(sh, tokens, kv.dtype, GRAPH_ACT_BYTES, kv.page_tokens or PLAN_PAGE_TOKENS,
+                             spec.index_topk) if sh is not None and tokens > 0 else 0 for sh in shapes]
 
 
 def graph_state(kv: KvLayout, tokens: int) -> StaticBytes | None:
@@ -157,7 +183,8 @@ def kv_rows(c: _Ctx, fracs: Sequence[float], kv_reserved: int, tokens: int,
     graphs = ([_stage_graph(s, c.kv, tokens) for s in shapes] if shapes is not None else [one] * len(fracs))
     per, gbytes = [], []
     for i, (f, g) in enumerate(zip(fracs, graphs)):
-        kv_b = int(kv_reserved * f) - (one.total if one is not None else 0)
+        kv_b = (stage_kv_bytes(c.kv, f, shapes[i], tokens, g is not None) if shapes is not None
+                else int(kv_reserved * f) - (one.total if one is not None else 0))
         gb = g.total if g is not None else 0
         per.append(kv_b + gb)
         gbytes.append(gb)

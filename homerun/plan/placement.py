@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from homerun.plan.graph_memory import kv_rows, stage_shapes, stages_tokens_for, with_decode_graphs
+from homerun.plan.graph_memory import eager_stage_bytes, kv_rows, stage_shapes, stages_tokens_for, with_decode_graphs
 from homerun.plan.one_pool import plan_unified
 from homerun.plan.priors import (handoff_seconds_per_layer, hit_rate_prior, numa_estimate_gbps,
                                  page_cache_resident_fraction, tp_comm_seconds)
@@ -92,8 +92,10 @@ def plan_discrete(c: _Ctx) -> Plan:
     # All in VRAM when the experts fit too and at least 128K (or the requested context) of KV remains.
     free_all = [usable[i] - resident[i] - experts * fracs[i] for i in range(n)]
     kv_cap_all = min(free_all[i] / fracs[i] for i in range(n) if fracs[i] > 0)
+    cap_tokens = None
     if shapes := stage_shapes(spec, counts):  # all in VRAM across GPUs: decode graphs, each stage its layers' state
-        kv_cap_all = float(c.kv.bytes_for(stages_tokens_for(c.kv, fracs, shapes, free_all)))
+        cap_tokens = stages_tokens_for(c.kv, fracs, shapes, free_all)  # (the KV's whole pages may hold more)
+        kv_cap_all = float(c.kv.bytes_for(cap_tokens))
     # An explicit --context must fit as a whole; otherwise all-in-VRAM only needs to leave 128K of KV.
     kv_min_tokens = ctx_target if opts.context_tokens else min(ctx_target, ALL_VRAM_MIN_CONTEXT_TOKENS)
     kv_min_all = c.kv.bytes_for(kv_min_tokens)
@@ -107,13 +109,13 @@ def plan_discrete(c: _Ctx) -> Plan:
             if kv_cap_all >= kv_min:
                 c.decide("expert placement", "imposed: all in VRAM", ep.describe() + "; all experts fit in VRAM "
                          "with the non-expert set and KV")
-                return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
+                return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target, cap_tokens)
         c.decide("expert placement", f"imposed: {sum(on_gpu)}/{total} experts in VRAM",
                  ep.describe() + "; the VRAM experts are a static set, every other expert is computed on the CPU "
                  "(none streamed over PCIe); the planner does not choose")
         return _hybrid(c, gpus, counts, fracs, resident, margins, usable, ctx_target, imposed=on_gpu)
     if kv_cap_all >= kv_min_all:
-        return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target)
+        return _all_vram(c, gpus, counts, fracs, resident, margins, kv_cap_all, ctx_target, cap_tokens)
     c.decide("experts", "host RAM",
              f"all weights + {kv_min_tokens} tokens of KV need "
              f"{gib(experts + sum(resident) + kv_min_all):.1f} GiB, the GPUs offer {gib(sum(usable)):.1f} GiB usable")
@@ -198,7 +200,7 @@ def _staging_rows(c: _Ctx, gpus: tuple, usable: list[float], room: list[float], 
 
 
 def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
-              margins: dict[str, int], kv_cap: float, ctx_target: int) -> Plan:
+              margins: dict[str, int], kv_cap: float, ctx_target: int, cap_tokens: int | None = None) -> Plan:
     spec, inv, prof = c.spec, c.inv, c.prof
     n = len(gpus)
     c.decide("experts", "VRAM", f"all {gib(inv.total_bytes):.1f} GiB of weights plus >= 128K tokens of KV fit "
@@ -206,7 +208,7 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     c.decide("split", f"{n} pipeline stage(s)", f"layers split {counts} in proportion to usable VRAM")
     experts_on = [inv.routed_expert_bytes * f for f in fracs]
     _gpu_rows(c, gpus, counts, resident, experts_on)
-    max_tokens = min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)
+    max_tokens = min(c.kv.tokens_for(kv_cap) if cap_tokens is None else cap_tokens, spec.max_position_embeddings)
     reserved_tokens = min(ctx_target, max_tokens)
     kv_per, graph = kv_rows(c, fracs, c.kv.bytes_for(reserved_tokens), reserved_tokens, stage_shapes(spec, counts))
     _gpu_stages(c, gpus, counts, margins, experts="device", cache_slots=[0] * n, kv_per=kv_per, graph=graph,
@@ -238,7 +240,7 @@ def _all_vram(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resid
     verdict = (f"fits entirely in VRAM on {n} GPU(s): no experts in host RAM; "
                f"context up to {max_tokens:,} tokens")
     return finish(c, fits=True, mode="all-vram", verdict=verdict, remedy=None,
-                  context=context_section(c, kv_cap, reserved_tokens), predicted=pred)
+                  context=context_section(c, kv_cap, reserved_tokens, cap_tokens), predicted=pred)
 
 
 def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], resident: list[float],
@@ -254,18 +256,27 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
     # The cache's slot table is device memory the runtime allocates next to the slots (staging.device_table_bytes).
     tables = [device_table_bytes(stops[i], spec.n_routed_experts, staged=False) for i in range(n)]
     static = [(imposed[i] if imposed else 0) * bpe for i in range(n)]
-    free = [usable[i] - resident[i] - tables[i] - static[i] for i in range(n)]
+    eager_layers = sum(1 for i in range(spec.num_layers)  # layers whose experts are not all resident on their GPU
+                       if not imposed or opts.expert_placement.gpu_experts(spec, i, i + 1) < spec.n_routed_experts)
+    why = graphs_across_devices_reason(n, eager_layers) if spec.arch == "deepseek_v4" else None
+    # no graphs: each step's new small state and its reads of the entries beside the KV, at the target context (the
+    # reads grow with it, so the context reserved below, at most that, fits too)
+    eager = eager_stage_bytes(spec, c.kv, counts, min(ctx_target, spec.max_position_embeddings)) if why else [0] * n
+    free = [usable[i] - resident[i] - tables[i] - static[i] - eager[i] for i in range(n)]
     kv_cap = min(free[i] / fracs[i] for i in range(n) if fracs[i] > 0)
     max_tokens = max(0, min(c.kv.tokens_for(kv_cap), spec.max_position_embeddings)) if kv_cap > 0 else 0
     reserved_tokens = max(0, min(ctx_target, max_tokens))
     kv_reserved = c.kv.bytes_for(reserved_tokens) if reserved_tokens else 0
     _gpu_rows(c, gpus, counts, resident, [0.0] * n)
     kv_per, graph = kv_rows(c, fracs, kv_reserved, reserved_tokens)
-    eager = sum(1 for i in range(spec.num_layers)  # layers whose experts are not all resident on their GPU
-                if not imposed or opts.expert_placement.gpu_experts(spec, i, i + 1) < spec.n_routed_experts)
-    if n > 1 and spec.arch == "deepseek_v4" and (why := graphs_across_devices_reason(n, eager)):
+    if why:
         c.decide("decode graphs", "none", f"{why}: the runtime runs decode eagerly, so no static attention state is "
-                 "charged")
+                 f"charged; each GPU its eager step's {gib(max(eager)):.3f} GiB at most (its layers' new small state "
+                 "and their largest read of the entries: homerun.models.eager_bytes)")
+        for i in range(n):
+            c.placement.append(PlacementRow(
+                "eager decode step's attention state", f"gpu{i}", eager[i], "beside the KV: the step's new windows "
+                "and open windows while the session holds the old ones, and its layers' largest read of the entries"))
     for i in range(n):
         c.placement.append(PlacementRow(
             f"expert slot table ({stops[i]} x {spec.n_routed_experts} int32)", f"gpu{i}", tables[i],
@@ -298,7 +309,7 @@ def _hybrid(c: _Ctx, gpus: tuple, counts: list[int], fracs: list[float], residen
         c.decide("expert cache", f"{total_cache} experts", f"{gib(sum(cache_bytes)):.1f} GiB of VRAM left after the "
                  f"non-expert set and KV for {reserved_tokens:,} tokens, at {bpe / 2**20:.2f} MiB per expert")
     for i, g in enumerate(gpus):
-        used = (resident[i] + tables[i] + kv_per[i] + staging[i] + cache_experts[i] * bpe
+        used = (resident[i] + tables[i] + kv_per[i] + eager[i] + staging[i] + cache_experts[i] * bpe
                 + sum(margins.values()))
         c.devices.append(DeviceMap(f"gpu{i} ({g.name})", "gpu", int(g.vram_gib * GIB), int(used), dict(margins)))
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from homerun.models.decode_bytes import RAMP_TOKENS  # noqa: F401 - the runtime's ramp, one definition
 from homerun.plan.inventory import Inventory
 from homerun.plan.specs import KvLayout, ModelSpec
 from profiles.schema import GIB, HardwareProfile
 
-RAMP_TOKENS = (131072, 262144, 393216, 524288, 786432, 1048576)
 THINK_MAX_MIN_TOKENS = 393216  # V4 model card: use >= 384K context for Think Max (deepseek-v4.md §6)
 MIN_CONTEXT_TOKENS = 4096  # below this a plan is not useful
 ALL_VRAM_MIN_CONTEXT_TOKENS = 131072  # all-in-VRAM only if it still leaves at least 128K of context

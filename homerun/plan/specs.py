@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from homerun.errors import ConfigError, UnknownModelError
+from homerun.models.decode_bytes import StaticShape, default_ramp, kv_page_tokens, paged_bytes, small_state_bytes
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 
@@ -347,14 +348,32 @@ class KvLayout:
     bytes_per_token: float
     constant_bytes: int
     note: str
+    # Paged stores (V4: the runtime's PagedRows): (count, rate, bytes per row) per kind of store, allocated in whole
+    # pages of page_tokens tokens (the runtime's page policy, decode_bytes.kv_page_tokens); () for a flat per-token
+    # charge.
+    stores: tuple[tuple[int, int, int], ...] = ()
+    page_tokens: int = 0
 
     def bytes_for(self, tokens: int) -> int:
+        if self.stores:
+            return paged_bytes(self.stores, tokens, self.page_tokens) + self.constant_bytes
         return int(math.ceil(self.bytes_per_token * tokens)) + self.constant_bytes
 
     def tokens_for(self, budget_bytes: float) -> int:
         if budget_bytes <= self.constant_bytes:
             return 0
-        return int((budget_bytes - self.constant_bytes) // self.bytes_per_token)
+        flat = int((budget_bytes - self.constant_bytes) // self.bytes_per_token)
+        if not self.stores:
+            return flat
+        # whole pages are never less than the rows, and the rows fall short of the per-token charge by < 1 a store
+        lo, hi = 0, flat + max(rate for _, rate, _ in self.stores)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.bytes_for(mid) <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -373,8 +392,14 @@ def kv_layout(spec: ModelSpec, kv_dtype: str = "bf16") -> KvLayout:
         csa = spec.layer_types.count("csa")
         hca = spec.layer_types.count("hca")
         per_token = csa * (entry + idx_key) / COMPRESS_RATE["csa"] + hca * entry / COMPRESS_RATE["hca"]
-        window = spec.num_layers * (spec.sliding_window or 0) * entry
-        return KvLayout(kv_dtype, per_token, window, f"{csa} CSA (1/4) + {hca} HCA (1/128) layers; sliding windows constant")
+        rc, rh = COMPRESS_RATE["csa"], COMPRESS_RATE["hca"]
+        # the runtime's pages (its default page for this model's ramp) and its small state (windows, open windows,
+        # overlaps) in the compute dtype, bf16 on a GPU: homerun.models.decode_bytes, the runtime's formulas
+        page = kv_page_tokens(max(rc, rh), default_ramp(spec.max_position_embeddings)[0])
+        shape = StaticShape(spec.num_layers, csa, hca, hd, rope, idx, spec.sliding_window or 0, rc, rh)
+        return KvLayout(kv_dtype, per_token, small_state_bytes(shape, 2),
+                        f"{csa} CSA (1/4) + {hca} HCA (1/128) layers in pages of {page:,} tokens; sliding windows "
+                        "and open windows constant", ((csa, rc, entry + idx_key), (hca, rh, entry)), page)
     if spec.arch == "deepseek_v3":
         elems = spec.kv_lora_rank + spec.qk_rope_head_dim
         per_layer = (spec.kv_lora_rank + 2 * spec.qk_rope_head_dim + 16) if fp8 else 2 * elems  # vLLM FP8 MLA: 656 B

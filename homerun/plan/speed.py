@@ -86,9 +86,13 @@ def ramp(kv: KvLayout, kv_capacity_bytes: float, max_position: int) -> list[dict
     return out
 
 
-def context_section(c: _Ctx, kv_capacity_bytes: float, kv_reserved_tokens: int) -> dict[str, Any]:
+def context_section(c: _Ctx, kv_capacity_bytes: float, kv_reserved_tokens: int,
+                    cap_tokens: int | None = None) -> dict[str, Any]:
+    """cap_tokens: the longest context where the capacity is per stage (graph_memory.stages_tokens_for), not
+    kv.tokens_for of the bytes (whole KV pages may hold a few tokens more than the stages' static state allows)."""
     spec = c.spec
-    max_tokens = min(c.kv.tokens_for(kv_capacity_bytes), spec.max_position_embeddings)
+    most = c.kv.tokens_for(kv_capacity_bytes) if cap_tokens is None else cap_tokens
+    max_tokens = min(most, spec.max_position_embeddings)
     think_ok = spec.arch == "deepseek_v4" and max_tokens >= THINK_MAX_MIN_TOKENS
     return {
         "max_tokens": max(max_tokens, 0),

@@ -32,10 +32,12 @@ captured step writes the buffer through the format's encoder at a device-side ro
 store) and reads it through its decoder (fp8 dequantizes the capacity's
 rows each step, HCA entries and indexer keys, or the top-k's gathered CSA rows), the eager path's functions on the
 same rows. A bucket change adopts the same stores into the next bucket's buffers (one store's old buffer alive at a
-time, not two buckets); a state from before a bucket its sequence has outgrown is copied in, its store left as it is.
-A state from another sequence is adopted likewise after the stores holding the buffers now get a copy of their
-pages, if a live state still reads them (the static state holds them only weakly once it lets them go: a dropped
-session's are not copied), all the copies charged or none. A store on another device is copied in, not adopted.
+time, not two buckets). A state from before a bucket its sequence has outgrown decodes in a bucket that holds every
+row its stores hand out (`bucket_for`: the stores adopted as they are, never copied; a step writes where the eager
+step would). A state from another sequence is adopted likewise after the stores holding the buffers now get a copy
+of their pages (of the same page size), if a live state still reads them (the static state holds them only weakly
+once it lets them go: a dropped session's are not copied), all the copies charged or none. Stores off the device are
+not mirrored (homerun.engine.graphs.whole_step_reason: their decode runs the eager cores).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class _Comp:
     overlap_gate: torch.Tensor | None
     cap: int  # the entry rows the step reads (its shapes): the buffer's first cap rows
     page: Any  # the buffer (decode_bytes.buffer_rows): entries 0..cap-1, row cap the dump slot (None before a load)
-    store: PagedRows  # the store whose first page is page's first cap rows: the adopted session store, or a holder
+    store: PagedRows  # the adopted session store, whose first pages view page's first cap rows (a format holder before)
     tags: list  # page's budget tags (in store's: they move with the page when the store changes)
     ids: tuple[int, ...]  # the arena views of pend_kv, pend_gate[, overlap_kv, overlap_gate]
 
@@ -220,7 +222,7 @@ class StaticDecodeKV:
             c, ids = spec
             cst = (like.comp if part == 0 else like.index_comp) if like is not None else None
             fmt = cst.store if cst is not None else PagedRows(c.head_dim, dt, dev)  # a store of the format to keep
-            # the buffer's holder until a load adopts a session's store (the buffer is allocated then, store by store)
+            # the format's holder until a load adopts a session's store (the buffer is allocated then, in that store)
             holder = fmt.empty_like(self.caps[c.rate], dev, account)
             ok = og = None
             if c.overlap:  # before the first close: no previous window (zero rows, -inf gates: weight 0)
@@ -273,8 +275,9 @@ class StaticDecodeKV:
         the live stores keep the buffers and the error propagates."""
         comps = [sc for s in self.layers for sc in (s.comp, s.index) if sc is not None and sc.page is not None]
         refs = [weakref.ref(sc.store) for sc in comps]
-        for sc in comps:  # our strong references to the old stores go
-            _move_buffer(sc, sc.store, sc.store.empty_like(self.caps[sc.rate], self.net.device, sc.store.account))
+        for sc in comps:  # our strong references to the old stores go (no local may keep one); the new stores keep
+            # the old ones' page size, never the bucket's
+            _move_buffer(sc, sc.store, sc.store.empty_like(sc.store.page_rows_base, self.net.device, sc.store.account))
         live = [(sc, old) for sc, r in zip(comps, refs) if (old := r()) is not None]
         marks, owns = [], []
         try:
@@ -319,23 +322,19 @@ class StaticDecodeKV:
         """store's rows up to its high-water mark (what any state of the sequence reads) into the buffer (allocated
         now as one of store's pages if there is none), as stored bits; the buffer then holds all of store's pages and
         the others go back to the budget: the entries live once, and every state (checkpoints too) reads them there.
-        One store at a time (decode_bytes' `moving`). A store whose rows do not fit (a state from before a bucket the
-        sequence outgrew) or on another device is not adopted: its first n rows go to a holder's buffer (a copy)."""
+        One store at a time (decode_bytes' `moving`). The bucket holds every row the store hands out (`bucket_for`)
+        and the store lies on the device (graphs.whole_step_reason), so no store is ever copied instead."""
         cap, old = self.caps[sc.rate], sc.store
         keep = max(n, store.rows_used)
-        adopt = keep <= cap and store.device == self.net.device and store.compute_device == self.net.device
-        owner = store if adopt else old
+        if keep > cap or store.device != self.net.device or store.compute_device != self.net.device:
+            raise ValueError(f"a store of {keep} rows on {store.device} does not fit the static state's {cap} rows "
+                             f"on {self.net.device}: pick the bucket with bucket_for")
         if sc.page is None:
-            sc.page, sc.tags = _new_buffer(owner, cap)
-            if not adopt:  # the holder reads it
-                old.pages[:1] = [old._slice(sc.page, cap)]
-        elif adopt:
+            sc.page, sc.tags = _new_buffer(store, cap)
+        else:
             _move_tags(sc.tags, old, store)
-        rows = keep if adopt else n
-        if rows:
-            store.copy_rows(rows, sc.page)
-        if not adopt:
-            return
+        if keep:
+            store.copy_rows(keep, sc.page)
         stale = [t for t in store._tags if t not in sc.tags]
         if store.account is not None:
             store.account.free_all(stale)
@@ -419,10 +418,23 @@ class StaticDecodeKV:
             sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))
 
 
+def bucket_for(net, states: Sequence[LayerState], pos: int, min_tokens: int) -> int:
+    """The capacity bucket (tokens) whose static state serves position pos from `states`: the power of two past pos,
+    or past every row their stores hand out (PagedRows.rows_used) where one holds more (a state from before a bucket
+    its sequence has outgrown: its stores are adopted as they are, one copy of the KV, as the eager path keeps it)."""
+    last = pos
+    for lay, st in zip(net.layers, states):
+        for c, rate in ((st.comp, net.args.rate(lay.index)), (st.index_comp, net.args.csa_rate)):
+            if c is not None:
+                last = max(last, c.store.rows_used * rate - 1)
+    return bucket_tokens(last, min_tokens)
+
+
 def _move_buffer(sc: _Comp, src: PagedRows, dst: PagedRows) -> None:
     """sc's static buffer (its first cap rows) becomes dst's pages that view it (views of dst's page size) and dst
     becomes sc.store; the buffer's budget tags move from src to dst."""
     _move_tags(sc.tags, src, dst)
+    dst.page_rows = _page_rows(dst, sc.cap, _rows(sc))
     dst.pages[: -(-sc.cap // dst.page_rows)] = _views(dst, sc.page, sc.cap)
     sc.store = dst
 
@@ -440,8 +452,8 @@ def _read(sc: _Comp, sel: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _page_tokens(net, like) -> int | None:
-    """The page (tokens of context) of the stores of `like` that the buffers are allocated in (None: no stores; the
-    buffers then go to holders of the bucket's own pages)."""
+    """The page (tokens of context) of the stores of `like` that the buffers are allocated in (None: no stores given;
+    decode_bytes then counts buffers of the bucket's own pages)."""
     for lay, st in zip(net.layers, like or ()):
         if st.comp is not None:
             return st.comp.store.page_rows_base * net.args.rate(lay.index)
