@@ -23,7 +23,7 @@ FLASH = "deepseek-ai/DeepSeek-V4-Flash"
 
 def _runtime_states(args: ModelArgs, kv_dtype: str, page_tokens: int) -> list:
     """The runtime's empty per-layer states for args' layers (DeepseekV4.new_state), pages on the meta device."""
-    layers = [SimpleNamespace(index=i, kind=k, device=None) for i, k in enumerate(args.layer_kinds)]
+    layers = [SimpleNamespace(index=i, kind=k, device=None, flavor="auto") for i, k in enumerate(args.layer_kinds)]
     net = SimpleNamespace(args=args, layers=layers, device=torch.device("meta"), compute_dtype=torch.bfloat16)
     return DeepseekV4.new_state(net, kv_device="meta", page_tokens=page_tokens, kv_dtype=kv_dtype)
 
