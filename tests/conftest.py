@@ -68,3 +68,17 @@ def cpu_dense():
     if not mod.available():
         pytest.skip("native kernels not built")
     return mod
+
+
+@pytest.fixture(params=("native", "torch"))
+def kernel_set(request, monkeypatch):
+    """Run a test once on the native CPU kernels (skipped where not built) and once on the torch set, which is
+    the path CUDA takes; HOMERUN_KERNELS=torch forces the second everywhere."""
+    from homerun.kernels import dispatch
+
+    if request.param == "native":
+        if not dispatch.USE_NATIVE or dispatch.native_dense() is None:
+            pytest.skip("native kernels not built or switched off")
+    else:
+        monkeypatch.setattr(dispatch, "USE_NATIVE", False)
+    return request.param

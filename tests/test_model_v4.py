@@ -53,19 +53,6 @@ def test_full_pass_matches_transformers(kind, models, hf_models):
     assert (mine - ref).abs().max().item() <= tol
 
 
-KERNEL_SETS = ("native", "torch")
-
-
-@pytest.fixture(params=KERNEL_SETS)
-def kernel_set(request, monkeypatch):
-    """Run a test once on the native CPU kernels (skipped where not built) and once on the torch set, which is
-    the path CUDA takes; HOMERUN_KERNELS=torch forces the second everywhere."""
-    if request.param == "native":
-        if not dispatch.USE_NATIVE or dispatch.native_dense() is None:
-            pytest.skip("native kernels not built or switched off")
-    else:
-        monkeypatch.setattr(dispatch, "USE_NATIVE", False)
-    return request.param
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,7 +10,6 @@ import torch
 
 import homerun
 from homerun.errors import UsageError
-from homerun.kernels import dispatch
 from offload.base import WrappingBackend
 
 KINDS = ("mixed", "csa", "hca")
@@ -61,16 +60,6 @@ def check(net, ids, chunks=CHUNKS) -> None:
 
 def _ids(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(params=("native", "torch"))
-def kernel_set(request, monkeypatch):
-    if request.param == "native":
-        if not dispatch.USE_NATIVE or dispatch.native_dense() is None:
-            pytest.skip("native kernels not built or switched off")
-    else:
-        monkeypatch.setattr(dispatch, "USE_NATIVE", False)
-    return request.param
 
 
 @pytest.mark.parametrize("kind", KINDS)
