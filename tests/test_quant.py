@@ -4,6 +4,7 @@ FP4 codes and the nibble order; plus quantizer round-trip properties and the wri
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from homerun.formats.checkpoint import _quant_fp4_fast
-from homerun.formats.quant import dequant_fp4, dequant_fp8, e8m0_to_float, quant_fp4, quant_fp8, unpack_fp4
+from homerun.formats.quant import (
+    _pow2_exponent, dequant_fp4, dequant_fp8, e8m0_to_float, quant_fp4, quant_fp8, unpack_fp4,
+)
 
 # E2M1 code -> value, typed from deepseek-v4.md section 4.3 (independent of homerun.formats.quant.FP4_VALUES).
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -157,3 +160,42 @@ def test_fast_fp4_matches_reference_on_large_random():
     with pytest.raises(ValueError):
         _quant_fp4_fast(torch.zeros(2, 48))
     assert math.isclose(float(dequant_fp4(*a).abs().max()), float(w.abs().max()), rel_tol=0.25)
+
+
+def exact_pow2_exponent(amax: float, qmax: float) -> int:
+    """ceil(log2(amax / qmax)) in rationals, clamped as the quantizers clamp it."""
+    r = Fraction(max(amax, float(np.float32(1e-30)))) / Fraction(qmax)
+    k = math.ceil(math.log2(r))  # a float estimate, then corrected exactly
+    while Fraction(2) ** k < r:
+        k += 1
+    while Fraction(2) ** (k - 1) >= r:
+        k -= 1
+    return max(-127, min(127, k))
+
+
+@pytest.mark.parametrize("qmax", [448.0, 6.0])
+def test_pow2_exponent_exact_at_every_power_of_two_edge(qmax):
+    # Every fp32 within 64 ulp of qmax x 2^E, for every E whose quotient is normal: a libm's log2 rounded amax up to
+    # 39 ulp past qmax x 2^E onto E here, so the block's scale was one power too small and its amax saturated.
+    base = torch.tensor([qmax * 2.0**e for e in range(-99, 120)], dtype=torch.float32)
+    amax = (base.view(torch.int32)[:, None] + torch.arange(-64, 65, dtype=torch.int32)).view(torch.float32).flatten()
+    g = torch.Generator().manual_seed(7)  # plus random magnitudes over the whole range, and zero
+    rand = torch.exp2(torch.rand(4000, generator=g) * 250 - 125) * (1 + torch.rand(4000, generator=g))
+    amax = torch.cat([amax, rand, torch.zeros(1)])
+    got = _pow2_exponent(amax, qmax)
+    want = torch.tensor([exact_pow2_exponent(a, qmax) for a in amax.tolist()], dtype=torch.float32)
+    assert torch.equal(got, want), amax[got != want][:4].tolist()
+    special = _pow2_exponent(torch.tensor([float("inf"), float("nan")]), qmax)
+    assert special[0] == 127 and special[1].isnan()
+
+
+def test_quant_scale_fits_one_ulp_past_the_edge():
+    # amax one ulp past qmax x 2^k: the scale is 2^(k+1), amax is not clamped (was 2^k here, amax clamped to qmax).
+    w8 = torch.full((128, 128), 2.0**-17)
+    w8[5, 7] = float(np.nextafter(np.float32(448 * 2.0**-17), np.float32(np.inf)))
+    q, s = quant_fp8(w8)
+    assert int(s.view(torch.uint8)) == 127 - 16 and float(q[5, 7].float()) == 224.0
+    w4 = torch.full((1, 32), 2.0**-10)
+    w4[0, 3] = float(np.nextafter(np.float32(6 * 2.0**-10), np.float32(np.inf)))
+    for packed, s4 in (quant_fp4(w4), _quant_fp4_fast(w4)):
+        assert int(s4.view(torch.uint8)) == 127 - 9 and float(dequant_fp4(packed, s4)[0, 3]) == 3 * 2.0**-9

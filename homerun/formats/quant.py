@@ -54,9 +54,15 @@ def dequant_fp4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 def _pow2_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    # Official activation quantizers use scale = 2^ceil(log2(amax / qmax)), so amax/scale <= qmax.
-    amax = amax.clamp_min(1e-30)
-    return torch.ceil(torch.log2(amax / qmax)).clamp(-127, 127)
+    """fp32 amax -> ceil(log2(amax / qmax)) in [-127, 127] (fp32): the smallest power-of-two scale with amax / scale
+    <= qmax, as the official quantizers round scales. Exact for every finite amax (inf -> 127, NaN stays NaN)."""
+    # The ceil comes from the fp32 quotient's bits (frexp: m 2^e, m in [0.5, 1)), not through log2, whose rounding
+    # differs by libm: this CPU's log2 rounds amax up to 39 ulp past qmax x 2^k onto k, so that block saturated.
+    # The rounded quotient is a power of two only where the exact one is: amax's mantissa M and qmax's c (1.75 for
+    # 448, 1.5 for 6) differ by >= 2^-23 unless equal, so M / c is >= 2^-23 / c from 1, over half an ulp.
+    amax = amax.to(torch.float32).clamp_min(1e-30)
+    m, e = torch.frexp(amax / qmax)
+    return torch.where(m.isfinite(), (e - (m == 0.5).to(e.dtype)).to(torch.float32), m).clamp(-127, 127)
 
 
 def quant_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
