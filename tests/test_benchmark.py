@@ -349,6 +349,12 @@ def test_synthetic_write_reuse_and_real_shapes(tmp_path):
     assert ck.config["num_hidden_layers"] == 2 and ck.config["num_hash_layers"] == 0 and not ck.has_mtp
     b = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
     assert b.reused and b.path == a.path
+    # a checkpoint an older writer made (other bytes for the same config: its marker names no writer version) is
+    # written again in place, not reused
+    marker = a.path / "homerun-synthetic.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "writer"}))
+    c = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
+    assert not c.reused and c.path == a.path and json.loads(marker.read_text())["writer"] >= 2
     # without overrides the card's real per-layer shapes are kept (the config only; nothing is written here)
     from homerun.bench.synthetic import card_config, synthetic_config
 

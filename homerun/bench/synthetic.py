@@ -5,7 +5,8 @@ measure what a rig does with V4-Flash or V4-Pro before downloading 160 or 865 GB
 and as many layers as this machine holds (at least one; free RAM and free disk are checked). The layers are routed
 (not hash) MoE layers in the card's mix of attention kinds (CSA/HCA/sliding, CSA first on a tie), since those are
 the layers that dominate the full model. The MTP block is left out (plain decoding never runs it). Checkpoints live
-in `$HOMERUN_HOME/synthetic/` (or a given root) and are reused when the same config and seed were written before.
+in `$HOMERUN_HOME/synthetic/` (or a given root) and are reused when the same config and seed were written before by
+the same writer (`WRITER_VERSION`; an older one's checkpoint is written again in place).
 
 Not here: timing (homerun.bench.model_bench) and extrapolation to the full model (the bench does it through the planner).
 The weights are random: output text is meaningless, only the bytes and the shapes are real.
@@ -141,13 +142,17 @@ def _config_sha(cfg: Mapping[str, Any], seed: int) -> str:
 
 
 def _complete(path: Path, sha: str) -> bool:
+    """A finished write of this config and seed by this writer (an older writer's bytes differ: written again)."""
+    from homerun.formats.checkpoint import WRITER_VERSION
+
     marker = path / MARKER_FILE
     if not marker.is_file() or not (path / "model.safetensors.index.json").is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("config_sha") == sha
+        done = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
+    return done.get("config_sha") == sha and done.get("writer") == WRITER_VERSION
 
 
 def build_synthetic(
@@ -162,7 +167,7 @@ def build_synthetic(
     """Write (or reuse) the synthetic checkpoint of `card`; n_layers None = as many as this machine holds."""
     import psutil
 
-    from homerun.formats.checkpoint import checkpoint_bytes, write_checkpoint
+    from homerun.formats.checkpoint import WRITER_VERSION, checkpoint_bytes, write_checkpoint
 
     repo, card_cfg = card_config(card)
     root = Path(root) if root is not None else default_root()
@@ -193,5 +198,5 @@ def build_synthetic(
     write_checkpoint(path, cfg, seed=seed, include_mtp=False, progress=progress)
     write_s = time.perf_counter() - t0
     (path / MARKER_FILE).write_text(json.dumps({"config_sha": sha, "card": repo, "seed": seed, "n_layers": n_layers,
-                                                "write_s": write_s}, indent=2) + "\n")
+                                                "writer": WRITER_VERSION, "write_s": write_s}, indent=2) + "\n")
     return SyntheticModel(path=path, reused=False, write_s=write_s, **common)

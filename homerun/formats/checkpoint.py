@@ -34,6 +34,9 @@ from homerun.formats.tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
 from homerun.formats.v4_layout import TensorInfo, v4_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+# The bytes a (config, seed) gives: raise it when they change, so that a cache of written checkpoints (bench's
+# synthetic models) writes them again. 2: the scale exponents exact (homerun.formats.quant._pow2_exponent).
+WRITER_VERSION = 2
 _ROW_CHUNK_ELEMS = 1 << 24  # BF16 tables are generated in row chunks of at most 16M elements
 _TORCH_DTYPES = {
     "BF16": torch.bfloat16,
