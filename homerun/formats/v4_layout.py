@@ -9,11 +9,20 @@ exactly (Flash 69,187 tensors / 159,609,485,896 bytes; Pro 145,116 / 864,704,792
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+
+from homerun.errors import ConfigError
 
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "I64": 8, "I32": 4, "U8": 1}
 FP8_BLOCK = 128
 FP4_BLOCK = 32
+# A V4 layer's attention kind by its official compress_ratios code and by transformers' layer_types name; the
+# compressed kinds' default tokens per KV entry (`compress_rates` reads a config's own)
+KIND_OF_RATIO = {0: "sliding", 4: "csa", 128: "hca"}
+KIND_OF_LAYER_TYPE = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
+                      "heavily_compressed_attention": "hca"}
+DEFAULT_RATES = {"csa": 4, "hca": 128}
+DEFAULT_HASH_LAYERS = 3  # where a config names none (transformers' DeepseekV4Config default)
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ def _expert(prefix: str, e: int, d: int, inter: int, fmt: str, cls: str) -> Iter
     yield from lin(f"{prefix}.ffn.experts.{e}.w2", d, inter, cls)
 
 
-def _block(config: dict[str, Any], prefix: str, ratio: int, hash_layer: bool, pre: str) -> Iterator[TensorInfo]:
+def _block(config: dict[str, Any], prefix: str, kind: str, hash_layer: bool, pre: str) -> Iterator[TensorInfo]:
     d = config["hidden_size"]
     n_hc = config.get("hc_mult", 4)
     heads = config["num_attention_heads"]
@@ -88,19 +97,20 @@ def _block(config: dict[str, Any], prefix: str, ratio: int, hash_layer: bool, pr
     yield TensorInfo(f"{a}.kv_norm.weight", (hd,), "BF16", attn)
     yield from _fp8(f"{a}.wo_a", groups * lo, heads * hd // groups, attn)
     yield from _fp8(f"{a}.wo_b", d, groups * lo, attn)
-    if ratio:
-        # CSA (ratio 4) keeps two overlapping series, so its compressor is twice as wide.
-        width = 2 * hd if ratio == 4 else hd
+    if kind != "sliding":
+        # CSA keeps two overlapping series, so its compressor is twice as wide; ape: one row per token of an entry.
+        width = 2 * hd if kind == "csa" else hd
+        rate = compress_rates(config)[0 if kind == "csa" else 1]
         comp = pre + "compressor"
-        yield TensorInfo(f"{a}.compressor.ape", (ratio, width), "F32", comp)
+        yield TensorInfo(f"{a}.compressor.ape", (rate, width), "F32", comp)
         yield TensorInfo(f"{a}.compressor.wkv.weight", (width, d), "BF16", comp)
         yield TensorInfo(f"{a}.compressor.wgate.weight", (width, d), "BF16", comp)
         yield TensorInfo(f"{a}.compressor.norm.weight", (hd,), "BF16", comp)
-    if ratio == 4:
+    if kind == "csa":
         idx = pre + "indexer"
         yield from _fp8(f"{a}.indexer.wq_b", idx_heads * idx_dim, lq, idx)
         yield TensorInfo(f"{a}.indexer.weights_proj.weight", (idx_heads, d), "BF16", idx)
-        yield TensorInfo(f"{a}.indexer.compressor.ape", (ratio, 2 * idx_dim), "F32", idx)
+        yield TensorInfo(f"{a}.indexer.compressor.ape", (rate, 2 * idx_dim), "F32", idx)
         yield TensorInfo(f"{a}.indexer.compressor.wkv.weight", (2 * idx_dim, d), "BF16", idx)
         yield TensorInfo(f"{a}.indexer.compressor.wgate.weight", (2 * idx_dim, d), "BF16", idx)
         yield TensorInfo(f"{a}.indexer.compressor.norm.weight", (idx_dim,), "BF16", idx)
@@ -119,8 +129,60 @@ def _block(config: dict[str, Any], prefix: str, ratio: int, hash_layer: bool, pr
     yield from _fp8(f"{prefix}.ffn.shared_experts.w2", d, inter, shared)
 
 
+def compress_rates(config: Mapping[str, Any], source: str = "config.json") -> tuple[int, int]:
+    """(CSA, HCA) tokens per compressed KV entry: compress_rate_csa / compress_rate_hca, else transformers'
+    compress_rates by layer type, else 4 / 128 (deepseek-v4.md section 5). The one definition: the runtime's
+    ModelArgs, the planner's ModelSpec and this layout (the compressors' ape rows) read them here."""
+    rates = config.get("compress_rates") or {}
+    if not isinstance(rates, Mapping):
+        raise ConfigError(f"{source}: compress_rates must be an object, got {rates!r}",
+                          hint='e.g. {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}')
+    out = []
+    for key, layer_type in (("compress_rate_csa", "compressed_sparse_attention"),
+                            ("compress_rate_hca", "heavily_compressed_attention")):
+        v = config.get(key) or rates.get(layer_type, DEFAULT_RATES[KIND_OF_LAYER_TYPE[layer_type]])
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            field = key if config.get(key) else f"compress_rates[{layer_type!r}]"
+            raise ConfigError(f"{source}: {field} must be a positive integer, got {v!r}", hint="check the config")
+        out.append(v)
+    return out[0], out[1]
+
+
+def attention_kinds(config: Mapping[str, Any], source: str = "config.json") -> tuple[str, ...]:
+    """Each main layer's attention kind, "sliding" | "csa" | "hca": from transformers' layer_types where given, else
+    the official compress_ratios, whose entries are kind codes (0 / 4 / 128, read as transformers reads them; the
+    rates are `compress_rates`)."""
+    n = int(config["num_hidden_layers"])
+    if config.get("layer_types"):
+        types = config["layer_types"]
+        if not isinstance(types, list) or len(types) < n or any(t not in KIND_OF_LAYER_TYPE for t in types[:n]):
+            raise ConfigError(f"{source}: layer_types must name one of {', '.join(KIND_OF_LAYER_TYPE)} for each of "
+                              f"the {n} layers, got {types!r}", hint="check layer_types")
+        return tuple(KIND_OF_LAYER_TYPE[t] for t in types[:n])
+    ratios = config.get("compress_ratios")
+    if not isinstance(ratios, list) or len(ratios) < n:
+        raise ConfigError(f"{source}: compress_ratios must list 0, 4 or 128 for each of the {n} layers, got {ratios!r}",
+                          hint="compress_ratios needs one entry (0, 4 or 128) per layer")
+    bad = [r for r in ratios[:n] if isinstance(r, bool) or not isinstance(r, (int, float)) or r not in KIND_OF_RATIO]
+    if bad:
+        raise ConfigError(f"{source}: compress_ratios values must be 0, 4 or 128, got {bad}",
+                          hint="check compress_ratios")
+    return tuple(KIND_OF_RATIO[int(r)] for r in ratios[:n])
+
+
+def hash_layers(config: Mapping[str, Any]) -> int:
+    """How many leading layers route by token id (hash MoE, gate.tid2eid instead of gate.bias): transformers'
+    mlp_layer_types where given, else num_hash_layers, else 3 (transformers' default); at most the layer count."""
+    n = int(config["num_hidden_layers"])
+    if config.get("mlp_layer_types"):
+        return min(n, sum(1 for t in config["mlp_layer_types"][:n] if t == "hash_moe"))
+    v = config.get("num_hash_layers")
+    return min(n, int(DEFAULT_HASH_LAYERS if v is None else v))
+
+
 def layer_ratio(config: dict[str, Any], layer: int) -> int:
-    """Compression ratio of a layer (0 sliding-only, 4 CSA, 128 HCA); index n_layers.. belong to MTP."""
+    """The official compress_ratios code of a layer (0 sliding-only, 4 CSA, 128 HCA); index n_layers.. belong to MTP
+    (0 when the list stops short). A kind code, not the rate: `compress_rates`."""
     ratios = config.get("compress_ratios") or []
     return int(ratios[layer]) if layer < len(ratios) else 0
 
@@ -131,7 +193,7 @@ def v4_tensors(config: dict[str, Any], *, include_mtp: bool = True) -> list[Tens
     vocab = config["vocab_size"]
     n_hc = config.get("hc_mult", 4)
     n_layers = config["num_hidden_layers"]
-    n_hash = config.get("num_hash_layers", 0)
+    n_hash = hash_layers(config)
     out = [
         TensorInfo("embed.weight", (vocab, d), "BF16", "embed"),
         TensorInfo("head.weight", (vocab, d), "BF16", "head"),
@@ -140,8 +202,8 @@ def v4_tensors(config: dict[str, Any], *, include_mtp: bool = True) -> list[Tens
         TensorInfo("hc_head_base", (n_hc,), "F32", "hc"),
         TensorInfo("hc_head_scale", (1,), "F32", "hc"),
     ]
-    for layer in range(n_layers):
-        out.extend(_block(config, f"layers.{layer}", layer_ratio(config, layer), layer < n_hash, ""))
+    for layer, kind in enumerate(attention_kinds(config)):
+        out.extend(_block(config, f"layers.{layer}", kind, layer < n_hash, ""))
     if include_mtp:
         for m in range(config.get("num_nextn_predict_layers", 0)):
             p = f"mtp.{m}"
@@ -153,5 +215,9 @@ def v4_tensors(config: dict[str, Any], *, include_mtp: bool = True) -> list[Tens
                 TensorInfo(f"{p}.hc_head_base", (n_hc,), "F32", "mtp_"),
                 TensorInfo(f"{p}.hc_head_scale", (1,), "F32", "mtp_"),
             ]
-            out.extend(_block(config, p, layer_ratio(config, n_layers + m), False, "mtp_"))
+            code = layer_ratio(config, n_layers + m)
+            if code not in KIND_OF_RATIO:
+                raise ConfigError(f"config.json: compress_ratios[{n_layers + m}] (MTP block {m}) = {code}, expected 0, "
+                                  "4 or 128", hint="check compress_ratios")
+            out.extend(_block(config, p, KIND_OF_RATIO[code], False, "mtp_"))
     return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from homerun.plan.inventory import Inventory
-from homerun.plan.specs import COMPRESS_RATE, ModelSpec
+from homerun.plan.specs import ModelSpec
 from profiles.schema import CpuSpec
 
 # ---- FLOPs per prompt token ----------------------------------------------------------------------------------------
@@ -46,10 +46,10 @@ def attention_keys_per_token(spec: ModelSpec, layer_type: str, prompt_tokens: in
     if layer_type in ("swa", "sliding"):
         return mean_capped(prompt_tokens, 1.0, window)
     if layer_type == "csa":
-        return mean_capped(prompt_tokens, 1.0, window) + mean_capped(prompt_tokens, COMPRESS_RATE["csa"],
+        return mean_capped(prompt_tokens, 1.0, window) + mean_capped(prompt_tokens, spec.csa_rate,
                                                                       spec.index_topk)
     if layer_type == "hca":
-        return mean_capped(prompt_tokens, 1.0, window) + mean_capped(prompt_tokens, COMPRESS_RATE["hca"])
+        return mean_capped(prompt_tokens, 1.0, window) + mean_capped(prompt_tokens, spec.hca_rate)
     return mean_capped(prompt_tokens)
 
 
@@ -61,7 +61,7 @@ def depth_flops_per_token(spec: ModelSpec, layer_type: str, prompt_tokens: int) 
     index = 0.0
     if layer_type == "csa":
         heads = int(spec.config.get("index_n_heads", spec.num_heads))
-        index = 2.0 * heads * spec.index_head_dim * mean_capped(prompt_tokens, COMPRESS_RATE["csa"])
+        index = 2.0 * heads * spec.index_head_dim * mean_capped(prompt_tokens, spec.csa_rate)
     return {"attention": attn, "indexer": index}
 
 

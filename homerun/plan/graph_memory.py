@@ -21,16 +21,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from homerun.formats.v4_layout import DEFAULT_RATES
 from homerun.models.decode_bytes import (MIN_BUCKET_TOKENS, StaticBytes, StaticShape, entry_stores, kv_page_tokens,
                                          paged_bytes, small_state_bytes, static_bytes)
 from homerun.models.eager_bytes import eager_step_bytes
 from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
-from homerun.plan.specs import COMPRESS_RATE, KvLayout, ModelSpec
+from homerun.plan.specs import KvLayout, ModelSpec
 
 GRAPH_ACT_BYTES = 2  # the compute dtype's bytes per element: bf16, the runtime's default on CUDA
-# the runtime's KV page where none is asked for, for a model of the standard ramp (a V4 layout carries its model's:
-# plan.specs.kv_layout; a store moving into its buffer holds whole pages)
-PLAN_PAGE_TOKENS = kv_page_tokens(COMPRESS_RATE["hca"], RAMP_TOKENS[0])
+# the runtime's KV page where none is asked for, for a model of the standard ramp and the default rates (a V4 layout
+# carries its model's: plan.specs.kv_layout; a store moving into its buffer holds whole pages)
+PLAN_PAGE_TOKENS = kv_page_tokens(DEFAULT_RATES["hca"], RAMP_TOKENS[0])
 
 
 def static_shape_of(spec: ModelSpec, first: int = 0, stop: int | None = None) -> StaticShape | None:
@@ -41,7 +42,7 @@ def static_shape_of(spec: ModelSpec, first: int = 0, stop: int | None = None) ->
     kinds = spec.layer_types[first:spec.num_layers if stop is None else stop]
     return StaticShape(len(kinds), kinds.count("csa"), kinds.count("hca"), spec.head_dim,
                        spec.qk_rope_head_dim, spec.index_head_dim, spec.sliding_window or 0,
-                       COMPRESS_RATE["csa"], COMPRESS_RATE["hca"])
+                       spec.csa_rate, spec.hca_rate)
 
 
 def stage_shapes(spec: ModelSpec, counts: Sequence[int]) -> list[StaticShape] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from homerun.formats.v4_layout import hash_layers
 from homerun.plan.records import REUSE_PROB, STACK_ALPHA, STACK_OFFSET_TOKENS
 from homerun.plan.specs import ModelSpec
 
@@ -54,7 +55,7 @@ def hit_rate_prior(spec: ModelSpec, cache_experts: int,
         return 0.0, "no expert cache"
     frac = min(1.0, cache_experts / total)
     slots = frac * n
-    hashed = min(int(spec.config.get("num_hash_layers", 0) or 0), layers) if spec.arch == "deepseek_v4" else 0
+    hashed = min(hash_layers(spec.config), layers) if spec.arch == "deepseek_v4" else 0  # the runtime's count
 
     def routed_at(q: float) -> float:  # a routed layer's hit rate when each stack entry is cached with probability q
         return REUSE_PROB * q * _stack_cdf(slots / q, n, k) + (1 - REUSE_PROB) * frac

@@ -40,7 +40,6 @@ _ARCHITECTURES = {
 }
 
 KV_DTYPES = ("bf16", "fp8")
-COMPRESS_RATE = {"csa": 4, "hca": 128}  # V4: tokens per compressed KV entry of a CSA / HCA layer (deepseek-v4.md §5)
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,8 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     index_head_dim: int = 0
     index_topk: int = 0
+    csa_rate: int = 4  # V4: tokens per compressed KV entry of a CSA / HCA layer (the config's: compress_rates)
+    hca_rate: int = 128
     has_dspark: bool = False
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -164,21 +165,14 @@ def parse_config(cfg: Mapping[str, Any], name: str = "model", source: str | None
 
 
 def _parse_v4(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
-    from homerun.formats.v4_layout import expert_dtype, layer_ratio
+    from homerun.formats.v4_layout import attention_kinds, compress_rates, expert_dtype
 
     n_layers = _int(cfg, "num_hidden_layers", src, hi=_MAX_LAYERS)
     _quant_method(cfg)  # quantization_config must be an object before expert_dtype reads it
-    kinds = {0: "swa", 4: "csa", 128: "hca"}
-    types = []
-    for layer in range(n_layers):
-        try:
-            r = layer_ratio(cfg, layer)
-        except (TypeError, ValueError, KeyError, OverflowError):
-            raise ConfigError(f"{src}: compress_ratios must be a list of 0, 4 or 128 per layer, got "
-                              f"{cfg.get('compress_ratios')!r}", hint="check compress_ratios") from None
-        if r not in kinds:
-            raise ConfigError(f"{src}: compress_ratios[{layer}] = {r}, expected 0, 4 or 128", hint="check compress_ratios")
-        types.append(kinds[r])
+    # the runtime's definitions (ModelArgs reads the same functions): kinds from layer_types or compress_ratios codes,
+    # the rates from the config's compress rates
+    types = [{"sliding": "swa"}.get(k, k) for k in attention_kinds(cfg, src)]
+    csa_rate, hca_rate = compress_rates(cfg, src)
     inter = _int(cfg, "moe_intermediate_size", src)
     return ModelSpec(
         name=name,
@@ -206,6 +200,8 @@ def _parse_v4(cfg: Mapping[str, Any], name: str, src: str) -> ModelSpec:
         qk_rope_head_dim=_opt_int(cfg, "qk_rope_head_dim", 64, src),
         index_head_dim=_opt_int(cfg, "index_head_dim", 128, src),
         index_topk=_opt_int(cfg, "index_topk", 512, src),
+        csa_rate=csa_rate,
+        hca_rate=hca_rate,
         has_dspark=any(k.startswith("dspark_") for k in cfg),
         config=dict(cfg),
     )
@@ -391,14 +387,14 @@ def kv_layout(spec: ModelSpec, kv_dtype: str = "bf16") -> KvLayout:
         idx_key = idx + 4 if fp8 else 2 * idx
         csa = spec.layer_types.count("csa")
         hca = spec.layer_types.count("hca")
-        per_token = csa * (entry + idx_key) / COMPRESS_RATE["csa"] + hca * entry / COMPRESS_RATE["hca"]
-        rc, rh = COMPRESS_RATE["csa"], COMPRESS_RATE["hca"]
+        rc, rh = spec.csa_rate, spec.hca_rate
+        per_token = csa * (entry + idx_key) / rc + hca * entry / rh
         # the runtime's pages (its default page for this model's ramp) and its small state (windows, open windows,
         # overlaps) in the compute dtype, bf16 on a GPU: homerun.models.decode_bytes, the runtime's formulas
         page = kv_page_tokens(max(rc, rh), default_ramp(spec.max_position_embeddings)[0])
         shape = StaticShape(spec.num_layers, csa, hca, hd, rope, idx, spec.sliding_window or 0, rc, rh)
         return KvLayout(kv_dtype, per_token, small_state_bytes(shape, 2),
-                        f"{csa} CSA (1/4) + {hca} HCA (1/128) layers in pages of {page:,} tokens; sliding windows "
+                        f"{csa} CSA (1/{rc}) + {hca} HCA (1/{rh}) layers in pages of {page:,} tokens; sliding windows "
                         "and open windows constant", ((csa, rc, entry + idx_key), (hca, rh, entry)), page)
     if spec.arch == "deepseek_v3":
         elems = spec.kv_lora_rank + spec.qk_rope_head_dim
@@ -425,9 +421,9 @@ def kv_read_bytes_per_token(spec: ModelSpec, kv: KvLayout, depth_tokens: int) ->
         window = spec.sliding_window or 0
         csa = spec.layer_types.count("csa")
         hca = spec.layer_types.count("hca")
-        entries = depth_tokens / COMPRESS_RATE["csa"]
+        entries = depth_tokens / spec.csa_rate
         csa_bytes = entries * idx_key + min(spec.index_topk, entries) * entry
-        return spec.num_layers * window * entry + csa * csa_bytes + hca * depth_tokens / COMPRESS_RATE["hca"] * entry
+        return spec.num_layers * window * entry + csa * csa_bytes + hca * depth_tokens / spec.hca_rate * entry
     return float(kv.bytes_for(depth_tokens))
 
 

@@ -22,7 +22,7 @@ MTP (`mtp.*`) is not part of the forward: the loader may hold its tensors, this 
 """
 
 from homerun.models.deepseek_v4.config import (  # noqa: F401 - the architecture's names, as before the split
-    LAYER_CSA, LAYER_HCA, LAYER_SLIDING, ModelArgs, YarnParams, _BLOCK_ELEMS, _HF_TYPE_TO_KIND, _RATIO_TO_KIND)
+    LAYER_CSA, LAYER_HCA, LAYER_SLIDING, ModelArgs, YarnParams, _BLOCK_ELEMS)
 from homerun.models.deepseek_v4.ops import (  # noqa: F401 - the architecture's names, as before the split
     apply_rope, inv_freq, norm_rope, rms_norm, rope_cos_sin)
 from homerun.models.deepseek_v4.state import (  # noqa: F401 - the architecture's names, as before the split

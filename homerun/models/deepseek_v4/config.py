@@ -6,14 +6,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from homerun.errors import ConfigError
+from homerun.formats.v4_layout import attention_kinds, compress_rates, expert_dtype, hash_layers
 
+# a layer's attention kind (homerun.formats.v4_layout.attention_kinds reads them from a config)
 LAYER_SLIDING, LAYER_CSA, LAYER_HCA = "sliding", "csa", "hca"
-_RATIO_TO_KIND = {0: LAYER_SLIDING, 4: LAYER_CSA, 128: LAYER_HCA}
-_HF_TYPE_TO_KIND = {
-    "sliding_attention": LAYER_SLIDING,
-    "compressed_sparse_attention": LAYER_CSA,
-    "heavily_compressed_attention": LAYER_HCA,
-}
 # Attention temporaries (score blocks) are kept under this many elements.
 _BLOCK_ELEMS = 1 << 24
 
@@ -86,32 +82,14 @@ class ModelArgs:
 
         n_layers = int(need("num_hidden_layers"))
         head_dim = int(need("head_dim"))
-        if cfg.get("layer_types"):
-            kinds = tuple(_HF_TYPE_TO_KIND[t] for t in cfg["layer_types"][:n_layers])
-        else:
-            ratios = list(cfg.get("compress_ratios") or [])
-            if len(ratios) < n_layers:
-                raise ConfigError(
-                    f"config.json: compress_ratios has {len(ratios)} entries for {n_layers} layers",
-                    hint="compress_ratios needs one entry (0, 4 or 128) per layer",
-                )
-            bad = [r for r in ratios[:n_layers] if int(r) not in _RATIO_TO_KIND]
-            if bad:
-                raise ConfigError(f"config.json: compress_ratios values must be 0, 4 or 128, got {bad}")
-            kinds = tuple(_RATIO_TO_KIND[int(r)] for r in ratios[:n_layers])
-        if cfg.get("mlp_layer_types"):
-            n_hash = sum(1 for t in cfg["mlp_layer_types"][:n_layers] if t == "hash_moe")
-        else:
-            n_hash = int(cfg.get("num_hash_layers", 3))
+        kinds = attention_kinds(cfg)  # the planner's and the checkpoint layout's definition too
         if cfg.get("qk_rope_head_dim") is not None:
             rope_dim = int(cfg["qk_rope_head_dim"])
         elif cfg.get("partial_rotary_factor") is not None:
             rope_dim = int(head_dim * float(cfg["partial_rotary_factor"]))
         else:
             rope_dim = 64
-        rates = dict(cfg.get("compress_rates") or {})
-        csa_rate = int(cfg.get("compress_rate_csa") or rates.get("compressed_sparse_attention", 4))
-        hca_rate = int(cfg.get("compress_rate_hca") or rates.get("heavily_compressed_attention", 128))
+        csa_rate, hca_rate = compress_rates(cfg)
         rope_theta = float(cfg.get("rope_theta", 10000.0))
         compress_theta = float(cfg.get("compress_rope_theta", 160000.0))
         scaling = cfg.get("rope_scaling")
@@ -135,7 +113,6 @@ class ModelArgs:
                 beta_fast=float(scaling.get("beta_fast") or 32),
                 beta_slow=float(scaling.get("beta_slow") or 1),
             )
-        qc = cfg.get("quantization_config") or {}
         eos = cfg.get("eos_token_id", 1)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -154,7 +131,7 @@ class ModelArgs:
             moe_inter_dim=int(need("moe_intermediate_size")),
             route_scale=float(cfg.get("routed_scaling_factor", 1.5)),  # transformers default
             score_func=str(cfg.get("scoring_func", "sqrtsoftplus")),
-            n_hash_layers=min(n_hash, n_layers),
+            n_hash_layers=hash_layers(cfg),  # the checkpoint layout's too
             swiglu_limit=float(cfg.get("swiglu_limit", 10.0)),
             window_size=int(cfg.get("sliding_window", 128)),
             index_n_heads=int(cfg.get("index_n_heads", 64)),
@@ -173,5 +150,5 @@ class ModelArgs:
             n_mtp_layers=int(cfg.get("num_nextn_predict_layers", 0)),
             bos_token_id=cfg.get("bos_token_id", 0),
             eos_token_id=eos,
-            expert_dtype=str(cfg.get("expert_dtype") or qc.get("expert_dtype") or "fp8"),
+            expert_dtype=expert_dtype(dict(cfg)),
         )
