@@ -456,3 +456,22 @@ def test_cuda_and_standin_hops(mixed):
         assert int(la.argmax()) == int(lb.argmax())
         la, lb = a.feed([int(la.argmax())]), b.feed([int(lb.argmax())])
     _check_accounting(model, b._states)
+
+
+def test_require_devices_checks_each_gpus_memory():
+    """The plan's GPU i runs on cuda:i: a device with less memory than its budget is refused (one line naming it,
+    with a hint); one whose memory differs from the profile's GPU by more than 5 % gets a note."""
+    spec, inv = resolve_model(FLASH)
+    pl = placement_from_plan(plan(spec, inv, load_profile("3xh100")))
+    h100 = pl.devices[0].capacity_bytes
+    assert h100 == 80 * 2**30 and all(d.capacity_bytes == h100 for d in pl.devices)
+    assert require_devices(pl, 3, total_bytes=[h100] * 3) == []
+    small = [h100, 24 * 2**30, h100]  # a 24 GiB card at ordinal 1
+    with pytest.raises(UsageError, match=r"gives cuda:1 a budget of .* GiB \(its GPU 1 of 80.0 GiB\), and cuda:1 "
+                                         r"has 24.0 GiB in all") as err:
+        require_devices(pl, 3, profile="3xh100", total_bytes=small)
+    assert "CUDA_VISIBLE_DEVICES" in err.value.hint and err.value.exit_code == ExitCode.USAGE
+    notes = require_devices(pl, 3, total_bytes=[h100, 141 * 2**30, int(h100 * 1.04)])
+    assert len(notes) == 1 and notes[0].startswith("cuda:1 has 141.0 GiB") and "--hw auto" in notes[0]
+    assert require_devices(placement_from_plan(plan(spec, inv, load_profile("3xh100")), standin=True), 0,
+                           total_bytes=[1]) == []

@@ -7,7 +7,8 @@ the head (final norm, HC head, lm head) on one of them, and says where each laye
   "host":   the host expert store (the checkpoint's packed experts in RAM), with an optional cache of
             `expert_cache_slots` slots on the layer's device (one pool per device, shared by its host layers).
 `placement_from_plan` turns the planner's structured layout (`homerun.plan.planner.Plan.layout`, no label parsing) into
-one; `require_devices` refuses CUDA devices the machine lacks; `single_device` is the plain one-device layout.
+one (the plan's GPU i on cuda:i); `require_devices` checks that mapping against the machine's CUDA devices (count
+and memory); `single_device` is the plain one-device layout.
 This module only describes; `homerun.engine.runtime.load(..., placement=...)` executes it (through
 `offload.devices.Device` byte accounting). It imports no torch and touches no hardware.
 """
@@ -37,6 +38,7 @@ class DeviceSpec:
     budget_bytes: int
     expert_cache_slots: int = 0
     reason: str = ""
+    capacity_bytes: int = 0  # the plan's memory of this GPU (its profile's; 0: unstated), checked by require_devices
 
     @property
     def index(self) -> int:
@@ -45,7 +47,8 @@ class DeviceSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "budget_bytes": self.budget_bytes,
-                "expert_cache_slots": self.expert_cache_slots, "reason": self.reason}
+                "expert_cache_slots": self.expert_cache_slots, "reason": self.reason,
+                "capacity_bytes": self.capacity_bytes}
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class Placement:
         devs = tuple(
             DeviceSpec(d.name, d.kind, d.budget_bytes, slots if self.host_expert_layers(d.name) else 0,
                        d.reason + (f"; expert cache forced to {slots} slots" if self.host_expert_layers(d.name)
-                                   else ""))
+                                   else ""), d.capacity_bytes)
             for d in self.devices)
         return Placement(devs, self.embed_device, self.layers, self.head_device, self.embed_reason,
                          self.head_reason, self.source)
@@ -244,7 +247,8 @@ def placement_from_plan(plan: Any, *, standin: bool | str = False, n_layers: int
         name = f"{kind}:{st['index']}"
         slots = int(st["expert_cache_slots"]) if st["experts"] == "host" else 0
         specs.append(DeviceSpec(name, kind, int(st["budget_bytes"]), slots,
-                                f"{st['device']}: {st['reason']}; budget = capacity less margins"))
+                                f"{st['device']}: {st['reason']}; budget = capacity less margins",
+                                int(st.get("capacity_bytes", 0))))
         for i in range(st["first_layer"], st["stop_layer"]):
             why = (f"{st['device']} layers {st['first_layer']}-{st['stop_layer'] - 1}, KV with them; " +
                    (f"routed experts resident on {name}" if st["experts"] == "device" else
@@ -258,21 +262,42 @@ def placement_from_plan(plan: Any, *, standin: bool | str = False, n_layers: int
                      "first pipeline stage", "last pipeline stage", source)
 
 
-def require_devices(placement: Placement, cuda_count: int, *, profile: str | None = None) -> None:
-    """Refuse a placement whose CUDA devices this machine does not have (`cuda_count` = torch.cuda.device_count()),
-    naming the first missing device and what it was to hold; stand-ins and the host always exist."""
+def require_devices(placement: Placement, cuda_count: int, *, profile: str | None = None,
+                    total_bytes: Sequence[int] = ()) -> list[str]:
+    """Check the plan's GPU i -> cuda:i mapping (placement_from_plan) against this machine: `cuda_count` =
+    torch.cuda.device_count(), `total_bytes` = each CUDA ordinal's memory (get_device_properties(i).total_memory;
+    empty: not checked). Refuses a missing device, naming it and what it was to hold, and a device with less memory
+    than its budget (the load would run out of memory on it); returns a one-line note with a hint per device whose
+    memory differs from the plan's GPU by more than 5 % (the plan may be for other GPUs, or in another order).
+    Stand-ins and the host always exist."""
+    plan = f"the plan for {profile}" if profile else "the placement"
+    notes = []
     for d in placement.devices:
-        if d.kind == "cuda" and d.index >= cuda_count:
+        if d.kind != "cuda":
+            continue
+        if d.index >= cuda_count:
             layers = placement.layers_on(d.name)
             span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}" if layers else ""
             parts = [x for x, here in ((span, bool(span)), ("the embedding", placement.embed_device == d.name),
                                        ("the head", placement.head_device == d.name)) if here]
             what = " and ".join(parts) or "its share of the plan"
             have = "no CUDA device" if cuda_count == 0 else f"{cuda_count} CUDA device(s)"
-            plan = f"the plan for {profile}" if profile else "the placement"
             raise UsageError(f"{plan} puts {what} on {d.name}, and this machine has {have}",
                              hint="add --standin to run the plan's GPUs as CPU stand-ins with the same budgets "
                                   "(slow), or plan for this machine with --hw auto")
+        if d.index >= len(total_bytes):
+            continue
+        have, gib = int(total_bytes[d.index]), 2**30
+        gpu = f"its GPU {d.index}" + (f" of {d.capacity_bytes / gib:.1f} GiB" if d.capacity_bytes else "")
+        if have < d.budget_bytes:
+            raise UsageError(f"{plan} gives {d.name} a budget of {d.budget_bytes / gib:.1f} GiB ({gpu}), and "
+                             f"{d.name} has {have / gib:.1f} GiB in all",
+                             hint="plan for this machine with --hw auto, or order the GPUs with CUDA_VISIBLE_DEVICES "
+                                  "so that the plan's GPU i is cuda:i")
+        if d.capacity_bytes and abs(have - d.capacity_bytes) > 0.05 * d.capacity_bytes:
+            notes.append(f"{d.name} has {have / gib:.1f} GiB, {plan} assumed {d.capacity_bytes / gib:.1f} GiB for "
+                         f"{gpu.split(' of ')[0]}: plan for this machine with --hw auto to use what it has")
+    return notes
 
 
 def placed_build_kwargs(placement: Any, devs: dict[str, Any]) -> dict[str, Any]:

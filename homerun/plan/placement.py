@@ -165,7 +165,7 @@ def _gpu_stages(c: _Ctx, gpus: tuple, counts: list[int], margins: dict[str, int]
             expert_cache_slots=cache_slots[i], kv_tokens=kv_tokens, kv_bytes=kv_per[i] - graph[i],
             budget_bytes=int(g.vram_gib * GIB - sum(margins.values())), embedding=i == 0, head=i == len(gpus) - 1,
             reason=f"pipeline stage {i + 1} of {len(gpus)} ({g.name}): layers in proportion to usable VRAM; {where}",
-            graph_bytes=graph[i]))
+            graph_bytes=graph[i], capacity_bytes=int(g.vram_gib * GIB)))
         start += counts[i]
 
 

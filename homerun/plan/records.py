@@ -231,6 +231,7 @@ class Stage:
     head: bool  # final norm + lm head (and MTP with --mtp) live here (last stage)
     reason: str
     graph_bytes: int = 0  # the decode graphs' static attention state at kv_tokens (homerun.plan.graph_memory)
+    capacity_bytes: int = 0  # the profile's memory of this GPU, which the run's cuda:<index> should have (0: unstated)
 
     @property
     def n_layers(self) -> int:

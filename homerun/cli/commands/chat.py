@@ -162,22 +162,25 @@ def load_options_from(experts: str, expert_cache_slots: Optional[int], trace: Op
                                              trace_path=str(trace) if trace else None))
 
 
-def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, Any]:
-    """(Plan, Placement) of checkpoint `path` on profile `hw` (the planner reads its config.json and safetensors
-    headers, so the layer count is the checkpoint's own). Unlike the advisory plan, every failure is an error: an
-    unknown profile (exit 2), a plan that does not fit (exit 3), or CUDA devices this machine lacks without
-    `standin` (exit 2, naming the device)."""
+def plan_placement(path: str, hw: str, *, standin: bool = False) -> tuple[Any, Any, list[str]]:
+    """(Plan, Placement, notes) of checkpoint `path` on profile `hw` (the planner reads its config.json and
+    safetensors headers, so the layer count is the checkpoint's own). Unlike the advisory plan, every failure is an
+    error: an unknown profile (exit 2), a plan that does not fit (exit 3), or without `standin` a CUDA device this
+    machine lacks or whose memory is under its budget (exit 2, naming the device). The notes name devices whose
+    memory differs from the plan's GPUs (require_devices)."""
     from homerun.cli.commands.plan import build_plan
     from homerun.engine.placement import placement_from_plan, require_devices
 
     _, plan = build_plan(path, hw=hw, measure=False)
     placement = placement_from_plan(plan, standin=standin)
+    notes: list[str] = []
     if not standin and any(d.kind == "cuda" for d in placement.devices):
         import torch
 
-        require_devices(placement, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                        profile=plan.hardware.get("profile"))
-    return plan, placement
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        totals = [torch.cuda.get_device_properties(i).total_memory for i in range(count)]
+        notes = require_devices(placement, count, profile=plan.hardware.get("profile"), total_bytes=totals)
+    return plan, placement, notes
 
 
 def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[str], sampling: dict[str, Any],
@@ -200,7 +203,9 @@ def start_session(path: str, *, hw: Optional[str], think: str, system: Optional[
                              hint="add --hw PROFILE, e.g. --hw 3xh100 --standin")
         plan = make_plan(path, "auto", out)
     else:
-        plan, placement = plan_placement(path, hw, standin=standin)
+        plan, placement, notes = plan_placement(path, hw, standin=standin)
+        for note in notes:
+            out.warn(escape(note))
         options = options.replace(placement=placement)
         if any(d.kind != "host" for d in placement.devices) and options.context.kv_dtype == "auto" and \
                 plan.context.get("kv_dtype"):
