@@ -155,7 +155,8 @@ def attention_kinds(config: Mapping[str, Any], source: str = "config.json") -> t
     n = int(config["num_hidden_layers"])
     if config.get("layer_types"):
         types = config["layer_types"]
-        if not isinstance(types, list) or len(types) < n or any(t not in KIND_OF_LAYER_TYPE for t in types[:n]):
+        if not isinstance(types, list) or len(types) < n or any(not isinstance(t, str) or t not in KIND_OF_LAYER_TYPE
+                                                                for t in types[:n]):
             raise ConfigError(f"{source}: layer_types must name one of {', '.join(KIND_OF_LAYER_TYPE)} for each of "
                               f"the {n} layers, got {types!r}", hint="check layer_types")
         return tuple(KIND_OF_LAYER_TYPE[t] for t in types[:n])
