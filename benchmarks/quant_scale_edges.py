@@ -1,5 +1,5 @@
 """Where the weight quantizer's scale exponent changed (h13s, benchmarks/decode_graphs.md): ceil(log2(amax / qmax))
-through torch's fp32 log2 (the old `_pow2_exponent`) against the exact one (homerun.formats.quant._pow2_exponent).
+through torch's fp32 log2 (the old `pow2_exponent`) against the exact one (homerun.formats.quant.pow2_exponent).
 
     PYTHONPATH=$PWD python benchmarks/quant_scale_edges.py                 # the sweep over every binade's edge
     PYTHONPATH=$PWD python benchmarks/quant_scale_edges.py CHECKPOINT_DIR  # a written synthetic checkpoint
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from homerun.formats.checkpoint import _generator, _init_spec, _sample
-from homerun.formats.quant import FP4_BLOCK, FP4_MAX, FP8_BLOCK, FP8_MAX, _pow2_exponent
+from homerun.formats.quant import FP4_BLOCK, FP4_MAX, FP8_BLOCK, FP8_MAX, pow2_exponent
 from homerun.formats.v4_layout import v4_tensors
 
 
@@ -39,7 +39,7 @@ def sweep() -> dict:
                 continue
             ulps = torch.arange(-64, 65, dtype=torch.int32)
             amax = (base.view(torch.int32) + ulps).view(torch.float32)
-            diff = old_exponent(amax, qmax) != _pow2_exponent(amax, qmax)
+            diff = old_exponent(amax, qmax) != pow2_exponent(amax, qmax)
             if diff.any():
                 per[e] = [int(ulps[diff].min()), int(ulps[diff].max())]
             total += int(diff.sum())
@@ -61,12 +61,12 @@ def edge_block_errors(n_fp8: int = 50, n_fp4: int = 1000) -> dict:
         for _ in range(n):
             w = torch.randn(shape, generator=g)
             w = w / w.abs().max() * amax
-            for name, fn in (("old", old_exponent), ("exact", _pow2_exponent)):
-                quant._pow2_exponent = fn  # quant_fp8 / quant_fp4 look it up at call time
+            for name, fn in (("old", old_exponent), ("exact", pow2_exponent)):
+                quant.pow2_exponent = fn  # quant_fp8 / quant_fp4 look it up at call time
                 try:
                     q, s = quant.quant_fp8(w) if fmt == "fp8" else quant.quant_fp4(w)
                 finally:
-                    quant._pow2_exponent = _pow2_exponent
+                    quant.pow2_exponent = pow2_exponent
                 d = quant.dequant_fp8(q, s) if fmt == "fp8" else quant.dequant_fp4(q, s)
                 errs[name].append(float((d - w).norm() / w.norm()))
         out[fmt] = {k: round(float(torch.tensor(v).median()), 5) for k, v in errs.items()} | {"blocks": n}
@@ -107,7 +107,7 @@ def checkpoint(path: Path) -> dict:
         have = stored(info.name.removesuffix(".weight") + ".scale").view(torch.uint8).to(torch.int32) - 127
         if not torch.equal(have, old_exponent(amax, qmax).to(torch.int32)):
             raise SystemExit(f"{info.name}: the stored scales are not the old quantizer's (another writer?)")
-        diff = _pow2_exponent(amax, qmax).to(torch.int32) != have
+        diff = pow2_exponent(amax, qmax).to(torch.int32) != have
         blocks[fmt] += amax.numel()
         changed[fmt] += int(diff.sum())
         examples += [[info.name, idx, float(amax[tuple(idx)])] for idx in diff.nonzero()[:1].tolist()]

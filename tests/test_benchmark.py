@@ -349,12 +349,18 @@ def test_synthetic_write_reuse_and_real_shapes(tmp_path):
     assert ck.config["num_hidden_layers"] == 2 and ck.config["num_hash_layers"] == 0 and not ck.has_mtp
     b = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
     assert b.reused and b.path == a.path
-    # a checkpoint an older writer made (other bytes for the same config: its marker names no writer version) is
-    # written again in place, not reused
+    # a same-named directory whose marker names another writer is written again: into a temporary directory renamed
+    # into place, so a reader's mapped files (unlinked, not truncated) keep their bytes
     marker = a.path / "homerun-synthetic.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "writer"}))
-    c = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
+    shard = next(a.path.glob("*.safetensors"))
+    with open(shard, "rb") as fh:
+        head = fh.read(64)
+        c = build_synthetic("v4-flash", n_layers=2, root=tmp_path, overrides=TINY_SHAPES)
+        fh.seek(0)
+        assert fh.read(64) == head
     assert not c.reused and c.path == a.path and json.loads(marker.read_text())["writer"] >= 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [a.path.name]  # no tmp/old left behind
     # without overrides the card's real per-layer shapes are kept (the config only; nothing is written here)
     from homerun.bench.synthetic import card_config, synthetic_config
 
@@ -432,3 +438,32 @@ def test_cli_plans_prefill_with_the_better_unit_peaks(tiny_checkpoint, monkeypat
     assert slow_first == pytest.approx(slow_after, rel=1e-9)
     assert bc._better_peaks(low, low) is low and bc._better_peaks(low, None) is low
     assert bc._better_peaks(low, {"int8": 300.0, "fp32": 10.0})["fp32"] == 50.0
+
+
+def test_synthetic_writer_version_is_a_new_directory(tmp_path, monkeypatch):
+    """A newer writer writes its own directory and never rewrites an older one's, which another process (an older
+    homerun, a running bench) may have mapped."""
+    import homerun.formats.checkpoint as ckpt
+    from homerun.bench.synthetic import build_synthetic
+
+    a = build_synthetic("v4-flash", n_layers=1, root=tmp_path, overrides=TINY_SHAPES)
+    before = {p.name: p.stat().st_mtime_ns for p in a.path.iterdir()}
+    monkeypatch.setattr(ckpt, "WRITER_VERSION", ckpt.WRITER_VERSION + 1)
+    b = build_synthetic("v4-flash", n_layers=1, root=tmp_path, overrides=TINY_SHAPES)
+    assert not b.reused and b.path != a.path
+    assert {p.name: p.stat().st_mtime_ns for p in a.path.iterdir()} == before
+
+
+def test_synthetic_concurrent_builders_write_once(tmp_path):
+    """Two processes building one checkpoint at once: one writes it, the other waits on the lock and reuses it."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from homerun.bench.synthetic import build_synthetic; "
+            f"m = build_synthetic('v4-flash', n_layers=1, root=sys.argv[1], overrides={TINY_SHAPES!r}); "
+            "print(json.dumps([str(m.path), m.reused]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0][0] == outs[1][0] and sorted(o[1] for o in outs) == [False, True]

@@ -13,7 +13,7 @@ import torch
 
 from homerun.engine.runtime import load
 from homerun.errors import ConfigError
-from homerun.formats.v4_layout import compress_rates, hash_layers, v4_tensors
+from homerun.formats.v4_layout import compress_rates, hash_layers, layer_ratio, v4_tensors
 from homerun.models.decode_bytes import default_ramp, kv_page_tokens
 from homerun.models.deepseek_v4 import ModelArgs
 from homerun.models.deepseek_v4.model import DeepseekV4
@@ -110,3 +110,24 @@ def test_hash_layers_have_one_default():
     assert hit_rate_prior(parse_config(cfg, "x"), 4000) == hit_rate_prior(parse_config(three, "x"), 4000)
     hf = {**three, "mlp_layer_types": ["hash_moe"] * 2 + ["moe"] * 41}
     assert ModelArgs.from_hf_config(hf).n_hash_layers == hash_layers(hf) == 2
+
+
+@pytest.mark.parametrize("bad", [{"num_hash_layers": "x"}, {"num_hash_layers": -2}, {"num_hash_layers": 1.5},
+                                 {"mlp_layer_types": ["moe", "hash_moe", "moe", "moe"]},
+                                 {"mlp_layer_types": ["hash_moe", 3, "moe", "moe"]},
+                                 {"compress_rate_csa": 0}, {"compress_ratios": [4, "x", 128, 4, 0]}])
+def test_bad_layout_fields_are_config_errors(bad):
+    """A malformed rate, hash-layer or ratio field is a one-line ConfigError naming it (exit 2), not a traceback or a
+    negative layer count; hash-routed layers must lead, as the runtime builds them."""
+    cfg = {"num_hidden_layers": 4, "compress_ratios": [4, 128, 4, 128, 0], **bad}
+    with pytest.raises(ConfigError) as err:
+        compress_rates(cfg)
+        hash_layers(cfg)
+        layer_ratio(cfg, 1)
+    assert next(iter(bad)) in str(err.value)
+
+
+def test_leading_hash_layers_counted():
+    assert hash_layers({"num_hidden_layers": 4, "mlp_layer_types": ["hash_moe", "hash_moe", "moe", "moe"]}) == 2
+    assert hash_layers({"num_hidden_layers": 4, "num_hash_layers": 0}) == 0
+    assert hash_layers({"num_hidden_layers": 2}) == 2  # the default 3, at most the layer count

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from homerun.formats.checkpoint import _quant_fp4_fast
 from homerun.formats.quant import (
-    _pow2_exponent, dequant_fp4, dequant_fp8, e8m0_to_float, quant_fp4, quant_fp8, unpack_fp4,
+    pow2_exponent, dequant_fp4, dequant_fp8, e8m0_to_float, quant_fp4, quant_fp8, unpack_fp4,
 )
 
 # E2M1 code -> value, typed from deepseek-v4.md section 4.3 (independent of homerun.formats.quant.FP4_VALUES).
@@ -182,10 +182,10 @@ def test_pow2_exponent_exact_at_every_power_of_two_edge(qmax):
     g = torch.Generator().manual_seed(7)  # plus random magnitudes over the whole range, and zero
     rand = torch.exp2(torch.rand(4000, generator=g) * 250 - 125) * (1 + torch.rand(4000, generator=g))
     amax = torch.cat([amax, rand, torch.zeros(1)])
-    got = _pow2_exponent(amax, qmax)
+    got = pow2_exponent(amax, qmax)
     want = torch.tensor([exact_pow2_exponent(a, qmax) for a in amax.tolist()], dtype=torch.float32)
     assert torch.equal(got, want), amax[got != want][:4].tolist()
-    special = _pow2_exponent(torch.tensor([float("inf"), float("nan")]), qmax)
+    special = pow2_exponent(torch.tensor([float("inf"), float("nan")]), qmax)
     assert special[0] == 127 and special[1].isnan()
 
 

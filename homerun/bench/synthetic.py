@@ -6,7 +6,9 @@ and as many layers as this machine holds (at least one; free RAM and free disk a
 (not hash) MoE layers in the card's mix of attention kinds (CSA/HCA/sliding, CSA first on a tie), since those are
 the layers that dominate the full model. The MTP block is left out (plain decoding never runs it). Checkpoints live
 in `$HOMERUN_HOME/synthetic/` (or a given root) and are reused when the same config and seed were written before by
-the same writer (`WRITER_VERSION`; an older one's checkpoint is written again in place).
+the same writer (`WRITER_VERSION` is part of the directory's hash, so a newer writer never touches an older one's
+directory, which a running process may have mapped). A write goes to a temporary directory renamed into place, under
+a lock file, so concurrent builders of one checkpoint write it once and readers never see it half-written.
 
 Not here: timing (homerun.bench.model_bench) and extrapolation to the full model (the bench does it through the planner).
 The weights are random: output text is meaningless, only the bytes and the shapes are real.
@@ -14,14 +16,21 @@ The weights are random: output text is meaningless, only the bytes and the shape
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock; the rename still keeps readers off a half-written one
+    fcntl = None
 
 from homerun.errors import DoesNotFitError, UnknownModelError, UsageError
 
@@ -138,7 +147,10 @@ def default_root() -> Path:
 
 
 def _config_sha(cfg: Mapping[str, Any], seed: int) -> str:
-    return hashlib.sha256(json.dumps({"config": cfg, "seed": seed}, sort_keys=True).encode()).hexdigest()
+    from homerun.formats.checkpoint import WRITER_VERSION
+
+    key = {"config": cfg, "seed": seed, "writer": WRITER_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _complete(path: Path, sha: str) -> bool:
@@ -153,6 +165,32 @@ def _complete(path: Path, sha: str) -> bool:
     except (OSError, ValueError):
         return False
     return done.get("config_sha") == sha and done.get("writer") == WRITER_VERSION
+
+
+@contextlib.contextmanager
+def _write_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (held until the block ends; the kernel drops it if the process dies)."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished write into place. What was there (an interrupted or stale write) is renamed aside first and
+    then removed: its files are unlinked, never truncated, so a process that mapped them keeps reading its bytes."""
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_synthetic(
@@ -192,11 +230,17 @@ def build_synthetic(
     if total > DISK_FRACTION * free:
         raise DoesNotFitError(f"the synthetic {repo} with {n_layers} layers needs {total / 1e9:.1f} GB, "
                               f"{free / 1e9:.1f} GB free under {root}", hint="use fewer --synthetic-layers")
-    t0 = time.perf_counter()
-    if path.exists():
-        shutil.rmtree(path)  # an interrupted earlier write
-    write_checkpoint(path, cfg, seed=seed, include_mtp=False, progress=progress)
-    write_s = time.perf_counter() - t0
-    (path / MARKER_FILE).write_text(json.dumps({"config_sha": sha, "card": repo, "seed": seed, "n_layers": n_layers,
-                                                "writer": WRITER_VERSION, "write_s": write_s}, indent=2) + "\n")
+    with _write_lock(root / f"{path.name}.lock"):
+        if _complete(path, sha):  # another process wrote it while this one waited for the lock
+            return SyntheticModel(path=path, reused=True, write_s=0.0, **common)
+        t0 = time.perf_counter()
+        tmp = root / f"{path.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # this pid's interrupted earlier write
+        write_checkpoint(tmp, cfg, seed=seed, include_mtp=False, progress=progress)
+        write_s = time.perf_counter() - t0
+        (tmp / MARKER_FILE).write_text(json.dumps({"config_sha": sha, "card": repo, "seed": seed,
+                                                   "n_layers": n_layers, "writer": WRITER_VERSION,
+                                                   "write_s": write_s}, indent=2) + "\n")
+        _swap_in(tmp, path)
     return SyntheticModel(path=path, reused=False, write_s=write_s, **common)

@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from homerun.errors import ConfigError
-from homerun.formats.quant import FP4_BLOCK, FP4_MAX, _pow2_exponent, float_to_e8m0, quant_fp8
+from homerun.formats.quant import FP4_BLOCK, FP4_MAX, pow2_exponent, float_to_e8m0, quant_fp8
 from homerun.formats.tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
 from homerun.formats.v4_layout import TensorInfo, v4_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 # The bytes a (config, seed) gives: raise it when they change, so that a cache of written checkpoints (bench's
-# synthetic models) writes them again. 2: the scale exponents exact (homerun.formats.quant._pow2_exponent).
+# synthetic models) writes them again. 2: the scale exponents exact (homerun.formats.quant.pow2_exponent).
 WRITER_VERSION = 2
 _ROW_CHUNK_ELEMS = 1 << 24  # BF16 tables are generated in row chunks of at most 16M elements
 _TORCH_DTYPES = {
@@ -246,7 +246,7 @@ def _quant_fp4_fast(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if in_f % FP4_BLOCK:
         raise ValueError(f"FP4 input width {in_f} is not a multiple of {FP4_BLOCK}")
     blocks = w.to(torch.float32).view(out_f, in_f // FP4_BLOCK, FP4_BLOCK)
-    exp = _pow2_exponent(blocks.abs().amax(dim=-1), FP4_MAX)
+    exp = pow2_exponent(blocks.abs().amax(dim=-1), FP4_MAX)
     x = (blocks / torch.exp2(exp).unsqueeze(-1)).reshape(out_f, in_f)
     code = torch.bucketize(x.abs(), _FP4_THRESHOLDS).to(torch.uint8)
     code = code | ((x < 0) & (code > 0)).to(torch.uint8) << 3

@@ -53,16 +53,17 @@ def dequant_fp4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (vals * s).to(dtype)
 
 
-def _pow2_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """fp32 amax -> ceil(log2(amax / qmax)) in [-127, 127] (fp32): the smallest power-of-two scale with amax / scale
-    <= qmax, as the official quantizers round scales. Exact for every finite amax (inf -> 127, NaN stays NaN)."""
-    # The ceil comes from the fp32 quotient's bits (frexp: m 2^e, m in [0.5, 1)), not through log2, whose rounding
-    # differs by libm: this CPU's log2 rounds amax up to 39 ulp past qmax x 2^k onto k, so that block saturated.
+def pow2_exponent(amax: torch.Tensor, qmax: float, limit: int = 127) -> torch.Tensor:
+    """fp32 amax -> ceil(log2(amax / qmax)) in [-limit, limit] (fp32): the smallest power-of-two scale with
+    amax / scale <= qmax, as the official quantizers round scales. Exact for every amax >= 1e-30 (smaller ones are
+    taken as 1e-30; inf -> limit, NaN stays NaN). The weight quantizers and the FP8 KV encoder share it."""
+    # The ceil comes from the fp32 quotient's bits (frexp: m 2^e, m in [0.5, 1)), not through an fp32 log2, which
+    # can't resolve offsets under ~|k| 2^-24 near an integer k: here it put amax up to 39 ulp past qmax x 2^k onto k.
     # The rounded quotient is a power of two only where the exact one is: amax's mantissa M and qmax's c (1.75 for
     # 448, 1.5 for 6) differ by >= 2^-23 unless equal, so M / c is >= 2^-23 / c from 1, over half an ulp.
     amax = amax.to(torch.float32).clamp_min(1e-30)
     m, e = torch.frexp(amax / qmax)
-    return torch.where(m.isfinite(), (e - (m == 0.5).to(e.dtype)).to(torch.float32), m).clamp(-127, 127)
+    return torch.where(m.isfinite(), (e - (m == 0.5).to(e.dtype)).to(torch.float32), m).clamp(-limit, limit)
 
 
 def quant_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +74,7 @@ def quant_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded = torch.zeros(ro * FP8_BLOCK, ri * FP8_BLOCK)
     padded[:out_f, :in_f] = w
     amax = padded.view(ro, FP8_BLOCK, ri, FP8_BLOCK).abs().amax(dim=(1, 3))
-    exp = _pow2_exponent(amax, FP8_MAX)
+    exp = pow2_exponent(amax, FP8_MAX)
     s = _expand_blocks(torch.exp2(exp), out_f, in_f, FP8_BLOCK, FP8_BLOCK)
     q = (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, float_to_e8m0(exp)
@@ -86,7 +87,7 @@ def quant_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if in_f % FP4_BLOCK:
         raise ValueError(f"FP4 input width {in_f} is not a multiple of {FP4_BLOCK}")
     blocks = w.view(out_f, in_f // FP4_BLOCK, FP4_BLOCK)
-    exp = _pow2_exponent(blocks.abs().amax(dim=-1), FP4_MAX)
+    exp = pow2_exponent(blocks.abs().amax(dim=-1), FP4_MAX)
     x = (blocks / torch.exp2(exp).unsqueeze(-1)).reshape(out_f, in_f)
     # Nearest E2M1 magnitude (ties to the lower code), sign in bit 3; -0 is written as +0.
     mags = FP4_LUT[:8]

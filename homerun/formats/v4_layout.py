@@ -140,9 +140,10 @@ def compress_rates(config: Mapping[str, Any], source: str = "config.json") -> tu
     out = []
     for key, layer_type in (("compress_rate_csa", "compressed_sparse_attention"),
                             ("compress_rate_hca", "heavily_compressed_attention")):
-        v = config.get(key) or rates.get(layer_type, DEFAULT_RATES[KIND_OF_LAYER_TYPE[layer_type]])
+        given = config.get(key) is not None
+        v = config[key] if given else rates.get(layer_type, DEFAULT_RATES[KIND_OF_LAYER_TYPE[layer_type]])
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            field = key if config.get(key) else f"compress_rates[{layer_type!r}]"
+            field = key if given else f"compress_rates[{layer_type!r}]"
             raise ConfigError(f"{source}: {field} must be a positive integer, got {v!r}", hint="check the config")
         out.append(v)
     return out[0], out[1]
@@ -171,21 +172,39 @@ def attention_kinds(config: Mapping[str, Any], source: str = "config.json") -> t
     return tuple(KIND_OF_RATIO[int(r)] for r in ratios[:n])
 
 
-def hash_layers(config: Mapping[str, Any]) -> int:
+def hash_layers(config: Mapping[str, Any], source: str = "config.json") -> int:
     """How many leading layers route by token id (hash MoE, gate.tid2eid instead of gate.bias): transformers'
-    mlp_layer_types where given, else num_hash_layers, else 3 (transformers' default); at most the layer count."""
+    mlp_layer_types where given (the hash_moe entries must lead), else num_hash_layers, else 3 (transformers'
+    default); at most the layer count."""
     n = int(config["num_hidden_layers"])
-    if config.get("mlp_layer_types"):
-        return min(n, sum(1 for t in config["mlp_layer_types"][:n] if t == "hash_moe"))
+    types = config.get("mlp_layer_types")
+    if types:
+        if not isinstance(types, list) or any(not isinstance(t, str) for t in types):
+            raise ConfigError(f"{source}: mlp_layer_types must be a list of strings, got {types!r}",
+                              hint='e.g. ["hash_moe", "hash_moe", "hash_moe", "moe", ...]')
+        k = next((i for i, t in enumerate(types) if t != "hash_moe"), len(types))
+        if "hash_moe" in types[k:]:
+            raise ConfigError(f"{source}: mlp_layer_types has a hash_moe layer after a routed one (layer "
+                              f"{types.index('hash_moe', k)})", hint="hash-routed layers are the leading layers")
+        return min(n, k)
     v = config.get("num_hash_layers")
-    return min(n, int(DEFAULT_HASH_LAYERS if v is None else v))
+    v = DEFAULT_HASH_LAYERS if v is None else v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{source}: num_hash_layers must be a non-negative integer, got {v!r}", hint="check the config")
+    return min(n, v)
 
 
 def layer_ratio(config: dict[str, Any], layer: int) -> int:
     """The official compress_ratios code of a layer (0 sliding-only, 4 CSA, 128 HCA); index n_layers.. belong to MTP
     (0 when the list stops short). A kind code, not the rate: `compress_rates`."""
     ratios = config.get("compress_ratios") or []
-    return int(ratios[layer]) if layer < len(ratios) else 0
+    if layer >= len(ratios):
+        return 0
+    r = ratios[layer]
+    if isinstance(r, bool) or not isinstance(r, (int, float)):
+        raise ConfigError(f"config.json: compress_ratios[{layer}] must be 0, 4 or 128, got {r!r}",
+                          hint="check compress_ratios")
+    return int(r)
 
 
 def v4_tensors(config: dict[str, Any], *, include_mtp: bool = True) -> list[TensorInfo]:

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
+from homerun.formats.quant import pow2_exponent
+
 # Default page size in tokens of context (DEFAULT_PAGE_TOKENS): a CSA store (one entry per 4 tokens) gets
 # page_tokens/4 rows a page, an HCA store page_tokens/128. The runtime may pick a larger page for large ramps (fewer
 # pages to walk at 1M).
@@ -290,12 +292,8 @@ class Fp8PagedRows(PagedRows):
         n = rows.shape[0]
         x = rows.to(self.device, torch.float32)
         blocks = x[:, : self.nope].reshape(n, self.n_blocks, self.block)
-        amax = blocks.abs().amax(dim=-1).clamp_min(1e-30)
-        # power-of-two scale, amax / s <= 448: s = 2^ceil(log2(amax / 448)), the ceil exact from the quotient's bits
-        # (frexp: m 2^e, m in [0.5, 1)), not through a log2 whose rounding differs by libm (fp32 amax just past
-        # 1.75 x 2^k rounds onto the integer on this CPU); an inf or NaN amax passes through as before
-        m, e = torch.frexp(amax / self.FP8_MAX)
-        exp = torch.where(m.isfinite(), (e - (m == 0.5).to(e.dtype)).to(torch.float32), m).clamp(-126, 126)
+        # power-of-two scale, amax / s <= 448, the exponent exact (formats.quant.pow2_exponent; +-126 keeps s normal)
+        exp = pow2_exponent(blocks.abs().amax(dim=-1), self.FP8_MAX, limit=126)
         q = (blocks / torch.exp2(exp).unsqueeze(-1)).clamp(-self.FP8_MAX, self.FP8_MAX).reshape(
             n, self.nope).to(torch.float8_e4m3fn)
         s = torch.exp2(exp) if self.scale_fp32 else (exp + 127).to(torch.uint8)  # the padding columns stay zero
