@@ -9,8 +9,7 @@ kernels are meant to keep their bits.
     cp homerun/kernels/_hr_kernels*.so /tmp/new.so                        # each build, after `build_ext --inplace`
     python benchmarks/mhc_abn.py /tmp/base.so /tmp/new.so /tmp/base_copy.so [--tokens 512] [--reps 7]
 
-A kernel a build lacks (`hr_hc_pre_norm_pool`, `hr_rope_pool` on older builds) is timed as that build's composition
-of the calls it has (hc_pre then norm; norm_rope out of place).
+A build without `hr_hc_pre_norm_pool` (main before h19k) is timed on its two calls, hc_pre then the norm.
 """
 
 from __future__ import annotations
