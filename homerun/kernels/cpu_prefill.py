@@ -9,7 +9,8 @@
   [q, k + page] temporaries, queries (and, for a few queries, key ranges) on the pool.
 - `hc_weights` (`hr_hc_weights_pool`): mHC's per-token weights as the decode kernel computes them (the same bits),
   tokens on the pool, each token's [n, D] streams read once.
-- `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool.
+- `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool
+  (the RoPE in AVX-512 with the scalar loop's bits); `hc_pre_norm`: hc_pre and the norm in one call.
 - `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
   F.linear), with each block dequantized natively (`hr_fp8_to_f32`, on the pool: on AVX-512 bit arithmetic over
   whole rows read front to back, as `hr_fp8_to_bf16`; elsewhere a table per 128 x 128 block) instead of torch's
@@ -44,6 +45,10 @@ def _kernel():
                           ctypes.c_float, p]
             f.restype = ctypes.c_int
             lib.hr_hc_pre_pool.argtypes = [p, p, p, i64, i64, i64]
+            if hasattr(lib, "hr_hc_pre_norm_pool"):
+                lib.hr_hc_pre_norm_pool.argtypes = [p, p, p, ctypes.c_float, p, i64, i64, i64]
+                lib.hr_hc_pre_norm_pool.restype = ctypes.c_int
+                _mix.update(pre_norm=lib.hr_hc_pre_norm_pool)
             lib.hr_hc_post_pool.argtypes = [p, p, p, p, p, i64, i64, i64]
             lib.hr_norm_rope_pool.argtypes = [ctypes.c_int, p, p, i64, i64, i64, p, ctypes.c_float, ctypes.c_int, p, p,
                                               i64, ctypes.c_int]
@@ -227,6 +232,27 @@ def hc_pre(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     pre, x = _f32c(pre, "pre"), _f32c(x, "x")
     out = torch.empty(t, d, dtype=torch.float32)
     _ok(_mix["pre"](pre.data_ptr(), x.data_ptr(), out.data_ptr(), t, n, d), "hc_pre")
+    return out
+
+
+def hc_pre_norm(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """norm_rope(hc_pre(pre, x), weight, eps) bit for bit in one pool call (`hr_hc_pre_norm_pool`): each token's
+    mixed row is normalized while it is in L1, with no [T, D] round trip. Builds without it run the two calls."""
+    if _kernel() is None:
+        raise KernelError("the native prefill kernels are not available", hint="rebuild with `pip install -e .`")
+    if "pre_norm" not in _mix:
+        return norm_rope(hc_pre(pre, x), weight, eps)
+    t, n, d = x.shape
+    if tuple(pre.shape) != (t, n):
+        raise KernelError(f"hc_pre_norm: pre {tuple(pre.shape)} does not match x {tuple(x.shape)}",
+                          hint="pre is [T, n]")
+    pre, x = _f32c(pre, "pre"), _f32c(x, "x")
+    w = _f32c(weight, "norm weight") if weight is not None else None
+    if w is not None and w.numel() != d:
+        raise KernelError(f"hc_pre_norm: weight of {w.numel()} values for rows of {d}", hint="one weight per channel")
+    out = torch.empty(t, d, dtype=torch.float32)
+    _ok(_mix["pre_norm"](pre.data_ptr(), x.data_ptr(), w.data_ptr() if w is not None else None, eps, out.data_ptr(),
+                         t, n, d), "hc_pre_norm")
     return out
 
 

@@ -104,6 +104,12 @@ class CpuPrefillKernels(TorchKernels):
         pf = native_prefill()
         return super().hc_pre(pre, x) if pf is None or x.dtype != torch.float32 else pf.hc_pre(pre, x)
 
+    def hc_pre_norm(self, pre, x, weight, eps):
+        pf = native_prefill()
+        if pf is None or x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().hc_pre_norm(pre, x, weight, eps)
+        return pf.hc_pre_norm(pre, x, weight, eps)
+
     def hc_post(self, post, y, comb, x):
         pf = native_prefill()
         if pf is None or x.dtype != torch.float32:
@@ -153,6 +159,9 @@ class NativeCpuKernels(CpuPrefillKernels):
 
     def hc_pre(self, pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self._dense.hc_pre(pre, x)
+
+    def hc_pre_norm(self, pre, x, weight, eps):  # the two decode kernels on the calling thread, not the pool's call
+        return TorchKernels.hc_pre_norm(self, pre, x, weight, eps)
 
     def hc_post(self, post: torch.Tensor, y: torch.Tensor, comb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self._dense.hc_post(post, y, comb, x)

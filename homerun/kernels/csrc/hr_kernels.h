@@ -131,6 +131,10 @@ int hr_hc_post(const float *post, const float *y, const float *comb, const float
 /* The same mixes and norm+RoPE with tokens split over the pool (prefill sizes; hr_attend.inc): x [t, per_token, d]
  * for norm+RoPE, cos/sin [t, rope_dim/2]. */
 int hr_hc_pre_pool(const float *pre, const float *x, float *out, int64_t t, int64_t n, int64_t d);
+/* hc_pre, then RMSNorm (times w when not NULL) of each mixed row: hr_norm_rope_pool(hr_hc_pre_pool(...)) bit for bit,
+ * without the [t, d] round trip between them. */
+int hr_hc_pre_norm_pool(const float *pre, const float *x, const float *w, float eps, float *out, int64_t t,
+                        int64_t n, int64_t d);
 int hr_hc_post_pool(const float *post, const float *y, const float *comb, const float *x, float *out, int64_t t,
                     int64_t n, int64_t d);
 int hr_hc_weights_pool(int path, const float *x, int64_t t, int64_t n, int64_t d, const float *fn, int64_t m,
