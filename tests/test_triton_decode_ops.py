@@ -209,6 +209,56 @@ def test_compress_close(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["csa", "hca"])
+@pytest.mark.parametrize("closing", [True, False])
+def test_compress_step(dtype, case, closing):
+    """A captured step's whole compressor update in one launch: this step's row into the open window at its slot
+    (the pooling reads it back), the entry as compress_close pools it, the overlap written in place only when the
+    step closes the window. Bit for bit the unfused ops (the torch set's compress_step over this set's
+    compress_close: the path the static step took before), and the torch set's within TOL."""
+    g = _gen(13)
+    hd, r2 = 64, 8
+    overlap = case == "csa"
+    rate = 4 if overlap else 20  # HCA: 20 rows cross the 16-slot block
+    width = 2 * hd if overlap else hd
+    pend_kv = torch.randn(rate, width, generator=g).to(dtype)
+    pend_gate = (torch.randn(rate, width, generator=g) * 2).to(dtype)
+    kv = torch.randn(1, width, generator=g).to(dtype)
+    gate = (torch.randn(1, width, generator=g) * 2).to(dtype)
+    ape = torch.randn(rate, width, generator=g)
+    okv = torch.randn(rate, hd, generator=g).to(dtype) if overlap else None
+    ogate = torch.randn(rate, hd, generator=g) if overlap else None
+    norm_w = torch.randn(hd, generator=g)
+    freqs = 1.0 / (10000 ** (torch.arange(0, 2 * r2, 2, dtype=torch.float32) / (2 * r2)))
+    slot, pos = torch.tensor([rate - 1 if closing else 1]), torch.tensor([4 * 37])
+
+    def args():  # fresh copies of the state the step updates in place, on DEVICE
+        pk, pg, ok, og = (t.clone() if t is not None else None for t in (pend_kv, pend_gate, okv, ogate))
+        return _d(pk, pg, kv, gate, slot, torch.tensor([closing]), ape, ok, og, overlap, norm_w, 1e-6, freqs, pos,
+                  hd)
+
+    fused, unfused, ref = args(), args(), tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in args())
+    with _Launches() as n:
+        got = GPU.compress_step(*fused).cpu()
+    assert n.n == 1 and got.dtype == dtype and got.shape == (1, hd)
+    with _Launches() as n_unfused:
+        want = TorchKernels.compress_step(GPU, *unfused).cpu()
+    assert n_unfused.n == 1  # (and the torch ops around the pooling launch)
+    assert torch.equal(got, want)
+    for k in (0, 1, 7, 8):  # the window, and the overlap (None for HCA): as the unfused ops leave them
+        if fused[k] is not None:
+            assert torch.equal(fused[k].cpu(), unfused[k].cpu()), k
+    assert torch.equal(fused[0][slot[0]].cpu(), kv[0]) and torch.equal(fused[1][slot[0]].cpu(), gate[0])
+    assert torch.equal(fused[0].cpu()[torch.arange(rate) != slot[0]], pend_kv[torch.arange(rate) != slot[0]])
+    if overlap:  # replaced by this window's first halves on a close, else untouched
+        assert torch.equal(fused[7].cpu(), okv) != closing and torch.equal(fused[8].cpu(), ogate) != closing
+    assert _rel(got, REF.compress_step(*ref)) <= TOL[dtype]
+    for k in (0, 1, 7, 8):
+        if ref[k] is not None:
+            assert torch.equal(fused[k].cpu(), ref[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m, split_k", [(1, 1), (1, 3), (20, 1)])
 def test_project_pairs_fp8_linears(dtype, m, split_k):
     """Consecutive FP8 linears of one input run two per launch (the second weight read through its own

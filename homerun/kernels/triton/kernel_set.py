@@ -1,5 +1,6 @@
 """The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel and the small decode
-ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, one-query
+ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, a
+compressor's window close (with a captured step's writes into the open window and the overlap), one-query
 attention over two row sources, the indexer's scores, MoE routing, the shared expert's activation + down projection
 + residual, the FP8 KV cache's row encode and decode: one launch each; homerun.kernels.triton.mhc / norm / attention /
 decode / fp8 / kv_fp8).
@@ -124,6 +125,15 @@ class TritonKernels(TorchKernels):
                                           norm_w, eps, freqs, pos, head_dim)
         return self._dec.compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w,
                                         eps, freqs, pos, head_dim)
+
+    def compress_step(self, pend_kv, pend_gate, kv, gate, slot, closing, ape, overlap_kv, overlap_gate, overlap,
+                      norm_w, eps, freqs, pos, head_dim):
+        args = (pend_kv, pend_gate, kv, gate, slot, closing, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs,
+                pos, head_dim)
+        if (any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape)) or kv.dtype != pend_kv.dtype
+                or gate.dtype != pend_gate.dtype or (overlap and overlap_kv is None)):
+            return super().compress_step(*args)
+        return self._dec.compress_step(*args)
 
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
