@@ -192,6 +192,13 @@ class TorchKernels:
         entry = self.norm_rope((slots_kv * wts).sum(dim=1), norm_w, eps, cos, sin)
         return entry, overlap_kv, overlap_gate
 
+    def compress_append(self, pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor,
+                        gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An eager decode step that does not close its compressor's window: the open rows pend_kv [P, W] (P >= 0)
+        with this step's kv [1, W] after them, and the gates likewise, as new tensors (the old ones stay as they are:
+        an earlier state of the sequence may read them; kv and gate may be rewritten by a replayed step)."""
+        return torch.cat([pend_kv, kv]), torch.cat([pend_gate, gate])
+
     def compress_step(self, pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor,
                       slot: torch.Tensor, closing: torch.Tensor, ape: torch.Tensor, overlap_kv: torch.Tensor | None,
                       overlap_gate: torch.Tensor | None, overlap: bool, norm_w: torch.Tensor, eps: float,

@@ -7,6 +7,7 @@
 - `compress_close`: a compressor window closes (gated pooling, RMSNorm, RoPE; CSA's next overlap slots);
   `compress_step`: the same over a captured step's static window, after writing this step's row into it at a device
   slot, with the overlap replaced in place only where the step closes the window.
+- `compress_append`: an eager step's open window grows by this step's row, kv and gate in one launch.
 
 All math in fp32. Top-k ties go to the lower expert id; the picks come out in descending score order (torch's
 unsorted top-k may list them in another order: the set is the same, the sum over them is reordered).
@@ -345,3 +346,37 @@ def _close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap,
     if step is not None:
         return y, overlap_kv, overlap_gate
     return y, (okn if overlap else None), (ogn if overlap else None)
+
+
+@triton.jit
+def _append_kernel(pk_ptr, pg_ptr, k_ptr, g_ptr, ok_ptr, og_ptr, P, W, spk, spg, sok, sog,
+                   BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Program r-block: out rows [r0, r0 + BLOCK_R) of both outputs, row i < P from the open rows, row P the new."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for w0 in range(0, W, BLOCK_W):
+        cw = w0 + tl.arange(0, BLOCK_W)
+        wm = (cw < W)[None, :]
+        old = (rr < P)[:, None] & wm
+        new = (rr == P)[:, None] & wm
+        r2 = rr.to(tl.int64)[:, None]
+        c2 = cw[None, :]
+        kv = tl.where(old, tl.load(pk_ptr + r2 * spk + c2, mask=old, other=0.0), tl.load(k_ptr + c2 + r2 * 0, mask=new,
+                                                                                        other=0.0))
+        g = tl.where(old, tl.load(pg_ptr + r2 * spg + c2, mask=old, other=0.0), tl.load(g_ptr + c2 + r2 * 0, mask=new,
+                                                                                       other=0.0))
+        tl.store(ok_ptr + r2 * sok + c2, kv, mask=old | new)
+        tl.store(og_ptr + r2 * sog + c2, g, mask=old | new)
+
+
+def compress_append(pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor,
+                    gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TorchKernels.compress_append in one launch: (cat(pend_kv, kv), cat(pend_gate, gate)), new tensors, the same
+    bits (a copy: no arithmetic). pend_* [P, W] and kv / gate [1, W] with unit column strides, each pair one dtype."""
+    p, w = pend_kv.shape
+    out_kv = torch.empty((p + 1, w), device=kv.device, dtype=kv.dtype)
+    out_g = torch.empty((p + 1, w), device=gate.device, dtype=gate.dtype)
+    br = min(16, triton.next_power_of_2(p + 1))
+    launch(_append_kernel, (triton.cdiv(p + 1, br),))(
+        pend_kv, pend_gate, kv, gate, out_kv, out_g, p, w, pend_kv.stride(0), pend_gate.stride(0),
+        out_kv.stride(0), out_g.stride(0), BLOCK_R=br, BLOCK_W=min(1024, triton.next_power_of_2(w)))
+    return out_kv, out_g
