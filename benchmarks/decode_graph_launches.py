@@ -4,13 +4,13 @@ with --cached) and graphs with static attention cores (one graph a step; with --
 between two routed calls, n_layers + 1, plus the router guesses that exact tokens replay).
 
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/decode_graph_launches.py [--tokens 8] [--cached] \
-        [--kv-dtype auto|bf16|fp8] [--devices N]
+        [--kv-dtype auto|bf16|fp8] [--devices N] [--dtype bfloat16|float32]
 
 --cached: every layer's experts behind a 6-slot device cache, misses computed on the CPU (a hybrid plan).
 --devices: the layers split over N CUDA stand-ins (a pipeline split: embedding on the first, head on the last);
 graphs across devices capture whole steps (one graph per device), a runner they can't serve runs eagerly and its
 row says so ("runner_reason").
---kv-dtype: how the compressed entries are stored (the model computes in bf16; fp8 quantizes them).
+--kv-dtype: how the compressed entries are stored (fp8 quantizes them). --dtype: the compute dtype (bf16).
 Each run prefills 4 tokens, decodes 2 untimed tokens (the capture), then counts `--tokens` decode steps (Session.feed,
 logits included) with homerun.kernels.counting.count_device_work: launches = ATen ops + Triton launches + graph
 replays, what the host would launch; a whole-step row also gives the kernels inside its one graph. Prints one JSON
@@ -38,7 +38,8 @@ from homerun.kernels.counting import count_device_work  # noqa: E402
 from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
 
 
-def measure(path, runner: str, tokens: int, cached: bool, kv_dtype: str = "auto", devices: int = 1) -> dict:
+def measure(path, runner: str, tokens: int, cached: bool, kv_dtype: str = "auto", devices: int = 1,
+            dtype: str = "bfloat16") -> dict:
     from homerun.formats.loader import open_checkpoint
 
     args = ModelArgs.from_hf_config(open_checkpoint(path).config)
@@ -50,10 +51,10 @@ def measure(path, runner: str, tokens: int, cached: bool, kv_dtype: str = "auto"
         pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts=experts,
                            expert_cache_slots=6 if cached else None)
     try:
-        model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype,
+        model = load(path, dtype=dtype, experts="reference", placement=pl, kv_dtype=kv_dtype,
                      cuda_graphs="off" if runner == "eager" else "on")
     except UsageError:  # graphs impossible here: the eager forward serves (the row's runner_reason says why)
-        model = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype,
+        model = load(path, dtype=dtype, experts="reference", placement=pl, kv_dtype=kv_dtype,
                      cuda_graphs="auto")
     if cached:
         for be in getattr(model.net.experts, "backends_by_layer", [model.net.experts]):
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--cached", action="store_true", help="every layer's experts behind a device cache")
     ap.add_argument("--kv-dtype", default="auto", choices=("auto", "bf16", "fp8"), help="the entry stores' dtype")
     ap.add_argument("--devices", type=int, default=1, help="the layers split over this many CUDA stand-ins")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the compute dtype")
     opts = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
@@ -96,7 +98,8 @@ def main() -> None:
             path = write_checkpoint(os.path.join(root, kind), tiny_config(kind))
             for runner in ("eager", "eager cores", "static cores"):
                 row = {"preset": kind, "cached": opts.cached, "kv_dtype": opts.kv_dtype, "devices": opts.devices,
-                       **measure(path, runner, opts.tokens, opts.cached, opts.kv_dtype, opts.devices)}
+                       "dtype": opts.dtype,
+                       **measure(path, runner, opts.tokens, opts.cached, opts.kv_dtype, opts.devices, opts.dtype)}
                 print(json.dumps(row), flush=True)
 
 

@@ -209,19 +209,114 @@ def test_compress_close(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["csa", "hca"])
+@pytest.mark.parametrize("closing", [True, False])
+def test_compress_step(dtype, case, closing):
+    """A captured step's whole compressor update in one launch: this step's row into the open window at its slot
+    (the pooling reads it back), the entry as compress_close pools it, the overlap written in place only when the
+    step closes the window. Bit for bit the unfused ops (the torch set's compress_step over this set's
+    compress_close: the path the static step took before), and the torch set's within TOL."""
+    g = _gen(13)
+    hd, r2 = 64, 8
+    overlap = case == "csa"
+    rate = 4 if overlap else 20  # HCA: 20 rows cross the 16-slot block
+    width = 2 * hd if overlap else hd
+    pend_kv = torch.randn(rate, width, generator=g).to(dtype)
+    pend_gate = (torch.randn(rate, width, generator=g) * 2).to(dtype)
+    kv = torch.randn(1, width, generator=g).to(dtype)
+    gate = (torch.randn(1, width, generator=g) * 2).to(dtype)
+    ape = torch.randn(rate, width, generator=g)
+    okv = torch.randn(rate, hd, generator=g).to(dtype) if overlap else None
+    ogate = torch.randn(rate, hd, generator=g) if overlap else None
+    norm_w = torch.randn(hd, generator=g)
+    freqs = 1.0 / (10000 ** (torch.arange(0, 2 * r2, 2, dtype=torch.float32) / (2 * r2)))
+    slot, pos = torch.tensor([rate - 1 if closing else 1]), torch.tensor([4 * 37])
+
+    def args():  # fresh copies of the state the step updates in place, on DEVICE
+        pk, pg, ok, og = (t.clone() if t is not None else None for t in (pend_kv, pend_gate, okv, ogate))
+        return _d(pk, pg, kv, gate, slot, torch.tensor([closing]), ape, ok, og, overlap, norm_w, 1e-6, freqs, pos,
+                  hd)
+
+    fused, unfused, ref = args(), args(), tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in args())
+    with _Launches() as n:
+        got = GPU.compress_step(*fused).cpu()
+    assert n.n == 1 and got.dtype == dtype and got.shape == (1, hd)
+    with _Launches() as n_unfused:
+        want = TorchKernels.compress_step(GPU, *unfused).cpu()
+    assert n_unfused.n == 1  # (and the torch ops around the pooling launch)
+    assert torch.equal(got, want)
+    for k in (0, 1, 7, 8):  # the window, and the overlap (None for HCA): as the unfused ops leave them
+        if fused[k] is not None:
+            assert torch.equal(fused[k].cpu(), unfused[k].cpu()), k
+    assert torch.equal(fused[0][slot[0]].cpu(), kv[0]) and torch.equal(fused[1][slot[0]].cpu(), gate[0])
+    assert torch.equal(fused[0].cpu()[torch.arange(rate) != slot[0]], pend_kv[torch.arange(rate) != slot[0]])
+    if overlap:  # replaced by this window's first halves on a close, else untouched
+        assert torch.equal(fused[7].cpu(), okv) != closing and torch.equal(fused[8].cpu(), ogate) != closing
+    assert _rel(got, REF.compress_step(*ref)) <= TOL[dtype]
+    for k in (0, 1, 7, 8):
+        if ref[k] is not None:
+            assert torch.equal(fused[k].cpu(), ref[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m, split_k", [(1, 1), (1, 3), (20, 1)])
 def test_project_pairs_fp8_linears(dtype, m, split_k):
     """Consecutive FP8 linears of one input run two per launch (the second weight read through its own
-    pointer offset, outputs side by side); a dense one between them runs alone; every output as the torch set's."""
+    pointer offset, outputs side by side); a dense one between them runs alone (torch's matmul where x has its
+    dtype, dense_linear's launch where not); every output as the torch set's."""
     lins = [_fp8_lin(200, 256, 9), _fp8_lin(72, 256, 10), QLinear(torch.randn(40, 256).bfloat16()),
             _fp8_lin(128, 256, 11)]
     x = torch.randn(m, 256, generator=_gen(12)).to(dtype)
     with _Launches() as n:
         got = GPU.project([_dlin(lin) for lin in lins], _d(x))
-    assert n.n == 2  # the pair, then the last FP8 linear (the dense one is torch's)
+    assert n.n == (3 if dtype == torch.float32 and m <= 16 else 2)  # the pair, [the dense one,] the last FP8 one
     for a, b in zip(got, REF.project(lins, x)):
         assert a.shape == b.shape and _rel(a, b) <= TOL[dtype]
     w0, w1 = lins[0], lins[1]
     y = GPU._fp8(*_d(x, w0.weight, w0.scale), dtype, second=_d(w1.weight, w1.scale), split_k=split_k).cpu()
     assert y.shape == (m, 272)
     assert _rel(y[:, 200:], REF.linear(w1, x)) <= TOL[dtype] and _rel(y[:, :200], REF.linear(w0, x)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_dense_linears_read_as_stored(dtype, m):
+    """Dense (bf16-stored) linears of a decode-sized x: two consecutive ones of one input in one launch (side by
+    side, the second weight through its pointer offset), a lone one of another dtype than x's in one launch (widened
+    in-kernel: no converted copy, no other op), of x's own dtype torch's one matmul; each as the torch set's within
+    TOL. m 1 and 3: the register GEMV and the tl.dot path; 16 the most rows dense_linear takes."""
+    from homerun.kernels.counting import count_device_work
+
+    lins = [QLinear((torch.randn(n, 256, generator=_gen(20 + n)) * 0.1).bfloat16()) for n in (200, 72, 40)]
+    x = torch.randn(m, 256, generator=_gen(22)).to(dtype)
+    with count_device_work() as cw, _Launches() as n:
+        got = GPU.project([_dlin(lin) for lin in lins], _d(x))
+    assert (n.n, cw.c.ops) == ((2, 0) if dtype == torch.float32 else (1, 1)), (n.n, cw.c.op_names)
+    for a, b in zip(got, REF.project(lins, x)):
+        assert a.shape == b.shape and a.dtype == dtype and _rel(a, b) <= TOL[dtype]
+    with count_device_work() as cw, _Launches() as n:
+        one = GPU.linear(_dlin(lins[2]), _d(x))
+    assert (n.n, cw.c.ops) == ((1, 0) if dtype == torch.float32 else (0, 1)), (n.n, cw.c.op_names)
+    assert torch.equal(one.cpu(), got[2].cpu())
+    if dtype == torch.float32:  # past 16 rows (prefill): torch's matmul over converted row blocks
+        with _Launches() as n:
+            GPU.linear(_dlin(lins[2]), _d(torch.randn(17, 256, generator=_gen(23))))
+        assert n.n == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p, width", [(0, 256), (1, 256), (2, 256), (17, 64), (127, 128)])
+def test_compress_append(dtype, p, width):
+    """An eager step that leaves its compressor's window open: the open rows and this step's row, kv and gate (fp32
+    gates under bf16 kv too) in one launch, the torch set's two cats bit for bit (0 open rows: copies of this step's
+    rows; 17 and 127 cross the 16-row programs); the inputs untouched (an earlier state may read them)."""
+    g = _gen(30)
+    pend_kv, kv = torch.randn(p, width, generator=g).to(dtype), torch.randn(1, width, generator=g).to(dtype)
+    pend_gate, gate = torch.randn(p, width, generator=g), torch.randn(1, width, generator=g)
+    ins = _d(pend_kv, pend_gate, kv, gate)
+    with _Launches() as n:
+        got = GPU.compress_append(*ins)
+    assert n.n == 1
+    for a, b in zip(got, REF.compress_append(pend_kv, pend_gate, kv, gate)):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ins, (pend_kv, pend_gate, kv, gate)))

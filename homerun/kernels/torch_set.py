@@ -192,6 +192,33 @@ class TorchKernels:
         entry = self.norm_rope((slots_kv * wts).sum(dim=1), norm_w, eps, cos, sin)
         return entry, overlap_kv, overlap_gate
 
+    def compress_append(self, pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor,
+                        gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An eager decode step that does not close its compressor's window: the open rows pend_kv [P, W] (P >= 0)
+        with this step's kv [1, W] after them, and the gates likewise, as new tensors (the old ones stay as they are:
+        an earlier state of the sequence may read them; kv and gate may be rewritten by a replayed step)."""
+        return torch.cat([pend_kv, kv]), torch.cat([pend_gate, gate])
+
+    def compress_step(self, pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor,
+                      slot: torch.Tensor, closing: torch.Tensor, ape: torch.Tensor, overlap_kv: torch.Tensor | None,
+                      overlap_gate: torch.Tensor | None, overlap: bool, norm_w: torch.Tensor, eps: float,
+                      freqs: torch.Tensor, pos: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """A captured decode step's compressor update, in place (homerun.models.deepseek_v4.static_decode): this
+        step's kv [1, W] and gate into the open window pend_kv / pend_gate [rate, W] at row `slot` (a one-element
+        device index), the window's entry as compress_close pools it (-> [1, hd]; the caller keeps it only when the
+        step closes the window), and with overlap the next overlap slots into overlap_kv / overlap_gate where
+        `closing` (a one-element bool device tensor) is true."""
+        r = pend_kv.shape[0]
+        pend_kv.index_copy_(0, slot, kv)
+        pend_gate.index_copy_(0, slot, gate)
+        entry, okn, ogn = self.compress_close(pend_kv[: r - 1], pend_kv[r - 1 :], pend_gate[: r - 1],
+                                              pend_gate[r - 1 :], ape, overlap_kv, overlap_gate, overlap, norm_w, eps,
+                                              freqs, pos, head_dim)
+        if overlap:
+            overlap_kv.copy_(torch.where(closing, okn, overlap_kv))
+            overlap_gate.copy_(torch.where(closing, ogn, overlap_gate))
+        return entry
+
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
         """One query over rows every head sees: q [H, D], kv [N, D], sink [H] -> [H, D] (fp32), softmax over

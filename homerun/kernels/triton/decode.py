@@ -4,6 +4,10 @@
   scores, or the hash table's row for the token) and the normalized, scaled weights; one program per token.
 - `index_scores`: the lightning indexer's scores of one page of keys, sum_h relu(q_h . k_n * scale) * w_h.
 - `rope_cos_sin`: the cos / sin tables of a forward's positions (one launch for both).
+- `compress_close`: a compressor window closes (gated pooling, RMSNorm, RoPE; CSA's next overlap slots);
+  `compress_step`: the same over a captured step's static window, after writing this step's row into it at a device
+  slot, with the overlap replaced in place only where the step closes the window.
+- `compress_append`: an eager step's open window grows by this step's row, kv and gate in one launch.
 
 All math in fp32. Top-k ties go to the lower expert id; the picks come out in descending score order (torch's
 unsorted top-k may list them in another order: the set is the same, the sum over them is reordered).
@@ -209,13 +213,24 @@ def _pool(ch, pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, S, R, P, 
 @triton.jit
 def _compress_close_kernel(
     pk_ptr, nk_ptr, pg_ptr, ng_ptr, ape_ptr, ok_ptr, og_ptr, nw_ptr, f_ptr, y_ptr, okn_ptr, ogn_ptr, pos_ptr,
-    S, R, P, HD, R2, eps, pos,
+    skv_ptr, sg_ptr, slot_ptr, cl_ptr,
+    S, R, P, HD, R2, eps, pos, W,
     spk, spg, sape, sok, sog,
     OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, KV_BF16: tl.constexpr, POS_DEV: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, STEP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program: the closing window's entry (softmax-gated pooling, RMSNorm, RoPE at pos) and, OVERLAP, this
-    window's first halves (kv, gate + ape) as the next window's overlap slots. POS_DEV: pos is read from pos_ptr."""
+    window's first halves (kv, gate + ape) as the next window's overlap slots. POS_DEV: pos is read from pos_ptr.
+    STEP (a captured step, compress_step): first this step's row (skv, sg [W]) into the open window at row
+    slot_ptr[0] (pk_ptr: the window's row 0), read back by the pooling; the overlap slots go into ok / og where
+    cl_ptr[0] is true. One program: a barrier orders each write after the reads of every thread."""
+    if STEP:
+        slot = tl.load(slot_ptr).to(tl.int64)
+        cw = tl.arange(0, BLOCK_W)
+        wm = cw < W
+        tl.store(pk_ptr + slot * spk + cw, tl.load(skv_ptr + cw, mask=wm), mask=wm)
+        tl.store(pg_ptr + slot * spg + cw, tl.load(sg_ptr + cw, mask=wm), mask=wm)
+        tl.debug_barrier()
     if POS_DEV:
         pos = tl.load(pos_ptr).to(tl.float32)
     ch = tl.arange(0, BLOCK_C)
@@ -251,6 +266,10 @@ def _compress_close_kernel(
     tl.store(y_ptr + de, re, mask=p_mask)
     tl.store(y_ptr + de + 1, ro, mask=p_mask)
     if OVERLAP:  # rows 0..R-1 of this window, channels 0..HD-1
+        keep = 1
+        if STEP:
+            tl.debug_barrier()  # every thread has read the previous overlap (the pooling)
+            keep = tl.load(cl_ptr)
         for s0 in range(0, R, BLOCK_S):
             rs = s0 + tl.arange(0, BLOCK_S)
             rm = rs < R
@@ -263,8 +282,12 @@ def _compress_close_kernel(
             g = tl.load(pg_ptr + r2 * spg + c2, mask=in_p, other=0.0).to(tl.float32) + \
                 tl.load(ng_ptr + c2 + r2 * 0, mask=in_n, other=0.0).to(tl.float32) + \
                 tl.load(ape_ptr + r2 * sape + c2, mask=in_p | in_n, other=0.0).to(tl.float32)
-            tl.store(okn_ptr + r2 * HD + c2, kv, mask=in_p | in_n)
-            tl.store(ogn_ptr + r2 * HD + c2, g, mask=in_p | in_n)
+            if STEP:
+                tl.store(ok_ptr + r2 * sok + c2, kv, mask=(in_p | in_n) & keep)
+                tl.store(og_ptr + r2 * sog + c2, g, mask=(in_p | in_n) & keep)
+            else:
+                tl.store(okn_ptr + r2 * HD + c2, kv, mask=in_p | in_n)
+                tl.store(ogn_ptr + r2 * HD + c2, g, mask=in_p | in_n)
 
 
 def compress_close(pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Tensor, gate: torch.Tensor,
@@ -275,6 +298,26 @@ def compress_close(pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Ten
     kv's dtype, next overlap kv [rate, hd] or None, next overlap gate [rate, hd] fp32 or None). W = 2 hd with
     overlap (CSA: the previous window's overlap_* fill the first rate slots, -inf gates when None), else hd.
     pos: the entry's RoPE position, an int or a one-element integer device tensor (a captured step's)."""
+    return _close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs, pos,
+                  head_dim)
+
+
+def compress_step(pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor,
+                  slot: torch.Tensor, closing: torch.Tensor, ape: torch.Tensor, overlap_kv: torch.Tensor | None,
+                  overlap_gate: torch.Tensor | None, overlap: bool, norm_w: torch.Tensor, eps: float,
+                  freqs: torch.Tensor, pos: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """TorchKernels.compress_step in one launch: this step's row into the open window pend_kv / pend_gate [rate, W]
+    at row slot, the entry [1, hd], the next overlap into overlap_kv / overlap_gate where closing (in place)."""
+    r = pend_kv.shape[0]
+    assert kv.shape == (1, pend_kv.shape[1]) and gate.shape == (1, pend_gate.shape[1]) and kv.stride(1) == 1
+    assert not overlap or (overlap_kv is not None and overlap_gate is not None)
+    y, _, _ = _close(pend_kv[: r - 1], pend_kv[r - 1 :], pend_gate[: r - 1], pend_gate[r - 1 :], ape, overlap_kv,
+                     overlap_gate, overlap, norm_w, eps, freqs, pos, head_dim, step=(kv, gate, slot, closing))
+    return y
+
+
+def _close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs, pos, head_dim,
+           step=None):
     rate = pend_kv.shape[0] + 1
     assert kv.shape[0] == 1 and pend_kv.stride(1) == 1 and kv.stride(1) == 1 and ape.stride(1) == 1
     assert pend_gate.stride(1) == 1 and gate.stride(1) == 1
@@ -282,18 +325,58 @@ def compress_close(pend_kv: torch.Tensor, kv: torch.Tensor, pend_gate: torch.Ten
     dev = kv.device
     y = torch.empty((1, hd), device=dev, dtype=kv.dtype)
     has_prev = overlap and overlap_kv is not None
-    okn = torch.empty((rate, hd), device=dev, dtype=kv.dtype) if overlap else y
-    ogn = torch.empty((rate, hd), device=dev, dtype=torch.float32) if overlap else y
+    okn = torch.empty((rate, hd), device=dev, dtype=kv.dtype) if overlap and step is None else y
+    ogn = torch.empty((rate, hd), device=dev, dtype=torch.float32) if overlap and step is None else y
     ok = overlap_kv if has_prev else y
     og = overlap_gate if has_prev else y
     r2 = freqs.shape[0]
     bc = triton.next_power_of_2(hd)
     pos_dev = isinstance(pos, torch.Tensor)
+    skv, sg, slot, closing = step if step is not None else (y, y, y, y)
+    width = skv.shape[1]
     launch(_compress_close_kernel, (1,))(
         pend_kv, kv, pend_gate, gate, ape, ok, og, norm_w, freqs, y, okn, ogn, pos if pos_dev else y,
-        2 * rate if overlap else rate, rate, rate - 1, hd, r2, float(eps), 0.0 if pos_dev else float(pos),
+        skv, sg, slot, closing,
+        2 * rate if overlap else rate, rate, rate - 1, hd, r2, float(eps), 0.0 if pos_dev else float(pos), width,
         pend_kv.stride(0), pend_gate.stride(0), ape.stride(0), ok.stride(0), og.stride(0),
         OVERLAP=overlap, HAS_PREV=has_prev, KV_BF16=kv.dtype == torch.bfloat16, POS_DEV=pos_dev,
         BLOCK_S=min(16, triton.next_power_of_2(2 * rate)), BLOCK_C=bc, BLOCK_P=max(2, triton.next_power_of_2(r2)),
+        STEP=step is not None, BLOCK_W=triton.next_power_of_2(width),
     )
+    if step is not None:
+        return y, overlap_kv, overlap_gate
     return y, (okn if overlap else None), (ogn if overlap else None)
+
+
+@triton.jit
+def _append_kernel(pk_ptr, pg_ptr, k_ptr, g_ptr, ok_ptr, og_ptr, P, W, spk, spg, sok, sog,
+                   BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Program r-block: out rows [r0, r0 + BLOCK_R) of both outputs, row i < P from the open rows, row P the new."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for w0 in range(0, W, BLOCK_W):
+        cw = w0 + tl.arange(0, BLOCK_W)
+        wm = (cw < W)[None, :]
+        old = (rr < P)[:, None] & wm
+        new = (rr == P)[:, None] & wm
+        r2 = rr.to(tl.int64)[:, None]
+        c2 = cw[None, :]
+        kv = tl.where(old, tl.load(pk_ptr + r2 * spk + c2, mask=old, other=0.0), tl.load(k_ptr + c2 + r2 * 0, mask=new,
+                                                                                        other=0.0))
+        g = tl.where(old, tl.load(pg_ptr + r2 * spg + c2, mask=old, other=0.0), tl.load(g_ptr + c2 + r2 * 0, mask=new,
+                                                                                       other=0.0))
+        tl.store(ok_ptr + r2 * sok + c2, kv, mask=old | new)
+        tl.store(og_ptr + r2 * sog + c2, g, mask=old | new)
+
+
+def compress_append(pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Tensor,
+                    gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TorchKernels.compress_append in one launch: (cat(pend_kv, kv), cat(pend_gate, gate)), new tensors, the same
+    bits (a copy: no arithmetic). pend_* [P, W] and kv / gate [1, W] with unit column strides, each pair one dtype."""
+    p, w = pend_kv.shape
+    out_kv = torch.empty((p + 1, w), device=kv.device, dtype=kv.dtype)
+    out_g = torch.empty((p + 1, w), device=gate.device, dtype=gate.dtype)
+    br = min(16, triton.next_power_of_2(p + 1))
+    launch(_append_kernel, (triton.cdiv(p + 1, br),))(
+        pend_kv, pend_gate, kv, gate, out_kv, out_g, p, w, pend_kv.stride(0), pend_gate.stride(0),
+        out_kv.stride(0), out_g.stride(0), BLOCK_R=br, BLOCK_W=min(1024, triton.next_power_of_2(w)))
+    return out_kv, out_g

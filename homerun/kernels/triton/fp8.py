@@ -9,6 +9,9 @@ Fused variants, still one launch (plus one reduction launch when split-K is used
 - `x2` + `swiglu_limit`: the input is silu(min(x, L)) * clamp(x2, -L, L) (the shared expert's down projection, its
   activation computed on load, rounded as the torch set's ops round in x's dtype);
 - `residual`: y + residual, rounded once more to the output dtype (the routed experts' sum added in the epilogue).
+
+`dense_linear`: the same kernel over a dense (bf16 / fp16 / fp32) weight, read as stored and widened in-kernel (no
+scale): a bf16 matrix in an fp32 model is multiplied without an fp32 copy, and two of one input share a launch.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ def _fp8_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_F32: tl.constexpr, UPCAST: tl.constexpr,
     ROUND_BF16: tl.constexpr, GROUPED: tl.constexpr, SWIGLU: tl.constexpr, X_BF16: tl.constexpr,
-    HAS_RES: tl.constexpr, OUT_BF16: tl.constexpr, TWO: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT_BF16: tl.constexpr, TWO: tl.constexpr, DENSE: tl.constexpr,
 ):
     """Program (pid_n, pid_m, pid_s): y[s, m-tile, n-tile] = x[m-tile, K-slice s] @ dequant(w)[n-tile, K-slice s]^T.
-    BLOCK_K divides 128, so one K tile lies in one scale column; scale rows are (w_row0 + n) // 128."""
+    BLOCK_K divides 128, so one K tile lies in one scale column; scale rows are (w_row0 + n) // 128. DENSE: w is
+    read in its own dtype (offsets in elements), no scale."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -60,8 +64,11 @@ def _fp8_linear_kernel(
         k_mask = rk < K
         wb = tl.load(w_ptr + rn64[:, None] * swn + rk[None, :] * swk,
                      mask=n_mask[:, None] & k_mask[None, :], other=0)
-        sb = tl.load(s_ptr + srow * ssn + (k0 // 128) * ssk, mask=n_mask, other=127)
-        w = e4m3_to_f32(wb, NATIVE_FP8) * e8m0_to_f32(sb)[:, None]  # [BN, BK] fp32, exactly dequant_fp8
+        if DENSE:
+            w = wb.to(tl.float32)
+        else:
+            sb = tl.load(s_ptr + srow * ssn + (k0 // 128) * ssk, mask=n_mask, other=127)
+            w = e4m3_to_f32(wb, NATIVE_FP8) * e8m0_to_f32(sb)[:, None]  # [BN, BK] fp32, exactly dequant_fp8
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if SWIGLU:  # x is the gate, x2 the up projection (same strides)
             u = tl.load(x2_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
@@ -195,7 +202,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, NATIVE_FP8=native_fp8,
         DOT_F32=x.dtype == torch.float32, UPCAST=interpreting(), ROUND_BF16=round_bf16(y),
         GROUPED=grouped, SWIGLU=x2 is not None, X_BF16=x.dtype == torch.bfloat16, HAS_RES=res_in_kernel,
-        OUT_BF16=y.dtype == torch.bfloat16, TWO=two,
+        OUT_BF16=y.dtype == torch.bfloat16, TWO=two, DENSE=False,
         num_warps=num_warps or (4 if M <= 16 else 8), num_stages=num_stages or (4 if M <= 16 else 3),
     )
     if split_k > 1:  # deterministic split-K reduction (tiny: split_k * M * N fp32), cast and residual in one launch
@@ -206,4 +213,39 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
             HAS_RES=residual is not None, OUT_BF16=out_dtype == torch.bfloat16, BLOCK=block,
         )
         y = out
+    return y
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None, *,
+                 second: torch.Tensor | None = None, fewest_programs: bool = False) -> torch.Tensor:
+    """y = x @ w^T for a dense weight w [N, K] (bf16 / fp16 / fp32, any strides) read as stored, in fp32, for
+    decode-sized x [M <= 16, K] (fp32 / bf16, any strides), rounded once to out_dtype (default x.dtype): one launch
+    (the register GEMV for M <= 2, fp32 tl.dot otherwise; no split-K). second [N2, K] (w's dtype and strides): both
+    projections of x in the one launch, side by side as y [M, N + N2]."""
+    M, K = x.shape
+    N, K2 = w.shape
+    assert K == K2 and M <= 16, (x.shape, w.shape)
+    n2 = w_off = 0
+    if second is not None:
+        assert second.shape[1] == K and second.stride() == w.stride() and second.dtype == w.dtype, "second weight"
+        n2 = second.shape[0]
+        w_off, rem = divmod(second.data_ptr() - w.data_ptr(), w.element_size())  # elements: w is read as typed
+        assert rem == 0
+    out_dtype = out_dtype or x.dtype
+    use_dot = M > 2
+    bm = 16 if use_dot else triton.next_power_of_2(M)
+    bn = min(256, max(16, triton.next_power_of_2(N))) if fewest_programs else (64 if use_dot or bm == 1 else 32)
+    bk = 128 if fewest_programs or not use_dot else 64
+    n_tiles1 = triton.cdiv(N, bn)
+    y = torch.empty((M, N + n2), device=x.device, dtype=out_dtype)
+    launch(_fp8_linear_kernel, (n_tiles1 + triton.cdiv(n2, bn), 1, 1))(
+        x, w, w, y, x, y,
+        M, N, K, 0, triton.cdiv(K, bk) * bk, 1, 0.0, n2, n_tiles1, w_off, 0,
+        x.stride(0), x.stride(1), 0, w.stride(0), w.stride(1), 0, 0,
+        0, y.stride(0), y.stride(1), y.stride(0), y.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, NATIVE_FP8=False,
+        DOT_F32=(x.dtype, w.dtype) != (torch.bfloat16, torch.bfloat16), UPCAST=interpreting(),
+        ROUND_BF16=round_bf16(y), GROUPED=False, SWIGLU=False, X_BF16=x.dtype == torch.bfloat16, HAS_RES=False,
+        OUT_BF16=out_dtype == torch.bfloat16, TWO=second is not None, DENSE=True, num_warps=4, num_stages=4,
+    )
     return y

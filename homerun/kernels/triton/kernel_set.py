@@ -1,13 +1,17 @@
 """The GPU kernel set: the torch set with its FP8 linears on the Triton `fp8_linear` kernel and the small decode
-ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, one-query
+ops fused (mHC weights + Sinkhorn, stream collapse + norm, stream update, RMSNorm + RoPE, the RoPE tables, a
+compressor's window close (with a captured step's writes into the open window and the overlap), an eager step's
+appends to the open window (rows and gates together), one-query
 attention over two row sources, the indexer's scores, MoE routing, the shared expert's activation + down projection
 + residual, the FP8 KV cache's row encode and decode: one launch each; homerun.kernels.triton.mhc / norm / attention /
 decode / fp8 / kv_fp8).
 
 `kernels_for` picks it on CUDA devices when triton imports, and on CUDA stand-ins (CPU tensors, the kernels under
 Triton's interpreter), so the stand-in runs the same code path a GPU does. FP8 weights are read as stored (e4m3 bytes
-+ ue8m0 scales, decoded in-kernel); dense (bf16-stored) weights stay as stored and go through torch's matmul in the
-compute dtype (a bf16 model multiplies them as they are; an fp32 one converts bounded row blocks per call).
++ ue8m0 scales, decoded in-kernel); dense (bf16-stored) weights stay as stored too: decode-sized inputs go through
+`dense_linear` where it saves a launch (a weight of another dtype than the input's, widened in-kernel instead of
+converted per call; two dense projections of one input in one launch), the rest through torch's matmul in the compute
+dtype (a bf16 model multiplies them as they are; an fp32 one converts bounded row blocks per call).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from homerun.kernels.torch_set import Linear, TorchKernels
 # Decode-sized batches: a grouped projection runs as one launch over all groups (rows T*G against the whole weight,
 # the diagonal blocks kept), which reads the weight once; past this many rows the per-group launches waste less.
 GROUPED_ONE_LAUNCH_MAX_ROWS = 16
+DENSE_KERNEL_MAX_ROWS = 16  # dense linears of at most this many rows (decode) may go through dense_linear
+_DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _pairable(a: Linear, b: Linear) -> bool:
@@ -29,6 +35,17 @@ def _pairable(a: Linear, b: Linear) -> bool:
     return (a.scale is not None and b.scale is not None and a.weight.shape[1] == b.weight.shape[1]
             and a.weight.stride() == b.weight.stride() and a.scale.stride() == b.scale.stride()
             and a.weight.dtype == b.weight.dtype)
+
+
+def _dense(lin: Linear, x: torch.Tensor) -> bool:
+    """A dense linear dense_linear can run on x (2-d, decode-sized, float dtypes)."""
+    return (lin.scale is None and lin.weight.dim() == 2 and lin.weight.dtype in _DENSE_DTYPES and x.dim() == 2
+            and x.shape[0] <= DENSE_KERNEL_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32))
+
+
+def _dense_pairable(a: Linear, b: Linear, x: torch.Tensor) -> bool:
+    return (_dense(a, x) and _dense(b, x) and a.weight.dtype == b.weight.dtype
+            and a.weight.shape[1] == b.weight.shape[1] and a.weight.stride() == b.weight.stride())
 
 
 class TritonKernels(TorchKernels):
@@ -39,11 +56,15 @@ class TritonKernels(TorchKernels):
     def __init__(self, mods: Any):
         # Under the interpreter (a CUDA stand-in) the fewest programs per launch: the same launches, far less time.
         self._fp8 = functools.partial(mods.fp8.fp8_linear, fewest_programs=mods.common.interpreting())
+        self._dense = functools.partial(mods.fp8.dense_linear, fewest_programs=mods.common.interpreting())
         self._mhc, self._norm, self._attn, self._dec = mods.mhc, mods.norm, mods.attention, mods.decode
         self.fp8_rows = mods.kv_fp8
 
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
         if lin.scale is None:
+            if lin.weight.dtype != x.dtype and _dense(lin, x.reshape(-1, x.shape[-1])):  # no converted copy
+                n, k = lin.weight.shape
+                return self._dense(x.reshape(-1, k), lin.weight, x.dtype).view(*x.shape[:-1], n)
             return lin.torch_forward(x)
         n, k = lin.weight.shape
         y = self._fp8(x.reshape(-1, k), lin.weight, lin.scale, x.dtype)
@@ -66,7 +87,8 @@ class TritonKernels(TorchKernels):
         return out
 
     def project(self, lins: Sequence[Linear], x: torch.Tensor, multi: Any = None) -> list[torch.Tensor]:
-        """Consecutive FP8 linears of the same layout go two per launch (outputs side by side, returned as views)."""
+        """Consecutive FP8 linears of the same layout go two per launch, and so do consecutive dense ones of
+        decode-sized x (outputs side by side, returned as views)."""
         out: list[torch.Tensor] = []
         i = 0
         while i < len(lins):
@@ -75,6 +97,11 @@ class TritonKernels(TorchKernels):
             if b is not None and x.dim() == 2 and _pairable(a, b):
                 n = a.weight.shape[0]
                 y = self._fp8(x, a.weight, a.scale, x.dtype, second=(b.weight, b.scale))
+                out += [y[:, :n], y[:, n:]]
+                i += 2
+            elif b is not None and x.dim() == 2 and _dense_pairable(a, b, x):
+                n = a.weight.shape[0]
+                y = self._dense(x, a.weight, x.dtype, second=b.weight)
                 out += [y[:, :n], y[:, n:]]
                 i += 2
             else:
@@ -124,6 +151,21 @@ class TritonKernels(TorchKernels):
                                           norm_w, eps, freqs, pos, head_dim)
         return self._dec.compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w,
                                         eps, freqs, pos, head_dim)
+
+    def compress_append(self, pend_kv, pend_gate, kv, gate):
+        if (any(t.dim() != 2 or t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate))
+                or kv.dtype != pend_kv.dtype or gate.dtype != pend_gate.dtype or kv.shape[0] != 1):
+            return super().compress_append(pend_kv, pend_gate, kv, gate)
+        return self._dec.compress_append(pend_kv, pend_gate, kv, gate)
+
+    def compress_step(self, pend_kv, pend_gate, kv, gate, slot, closing, ape, overlap_kv, overlap_gate, overlap,
+                      norm_w, eps, freqs, pos, head_dim):
+        args = (pend_kv, pend_gate, kv, gate, slot, closing, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs,
+                pos, head_dim)
+        if (any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape)) or kv.dtype != pend_kv.dtype
+                or gate.dtype != pend_gate.dtype or (overlap and overlap_kv is None)):
+            return super().compress_step(*args)
+        return self._dec.compress_step(*args)
 
     # ---- attention
     def attend_one(self, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:

@@ -25,6 +25,12 @@ def compress(c: _Compressor, kv: torch.Tensor, gate: torch.Tensor, st: Compresso
         return CompressorState(st.store, n, kv.new_empty(0, kv.shape[1]), gate.new_empty(0, gate.shape[1]), okv,
                                ogate)
     fresh = st.pending_kv is not None and st.pending_kv.shape[0]
+    if kv.shape[0] == 1 and c.rate > 1:
+        # decode, the window stays open: its rows and this step's as new tensors (one launch on the GPU; the state
+        # keeps no reference to kv, gate: a replayed step rewrites them)
+        pending_kv, pending_gate = k.compress_append(st.pending_kv if fresh else kv[:0],
+                                                     st.pending_gate if fresh else gate[:0], kv, gate)
+        return replace(st, pending_kv=pending_kv, pending_gate=pending_gate)
     if fresh:
         kv = torch.cat([st.pending_kv, kv])
         gate = torch.cat([st.pending_gate, gate])

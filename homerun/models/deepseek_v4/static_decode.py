@@ -12,7 +12,9 @@ captured once per bucket and replayed at every position below it:
   compressor    the open window's rows [rate, width] (this step's row written at slot pos % rate); the closing
                 pooling runs at every step and its entry is written at row n_closed - 1 when pos closes a window,
                 else at a dump row past the capacity (computing it always is one small launch; a branch would need
-                a host read). The overlap slices (CSA) are replaced only on a close (a device-side select).
+                a host read). The overlap slices (CSA) are replaced only on a close (a device-side select). The row
+                write, the pooling and the overlap's select are one kernel-set call (`compress_step`: one launch on
+                the GPU set), the entry's write one more.
   HCA           attends over the first n_closed of its [cap, Dh] entries (the length read on the device).
   CSA           the indexer scores every key of its capacity, masks those past n_closed, takes a top-k of
                 min(index_topk, cap) and attends over the first min(index_topk, n_closed) of the picks.
@@ -406,16 +408,10 @@ class StaticDecodeKV:
     def _close(self, sc: _Comp, c, kv: torch.Tensor, gate: torch.Tensor, k) -> None:
         """This step's row into the open window; the window's pooled entry (kept only when pos closes it)."""
         st, r = self.step, sc.rate
-        sc.pend_kv.index_copy_(0, st.slot[r], kv)
-        sc.pend_gate.index_copy_(0, st.slot[r], gate)
-        entry, okn, ogn = k.compress_close(sc.pend_kv[: r - 1], sc.pend_kv[r - 1 :], sc.pend_gate[: r - 1],
-                                           sc.pend_gate[r - 1 :], c.ape, sc.overlap_kv, sc.overlap_gate, c.overlap,
-                                           c.norm, self.args.norm_eps, self.net.freqs_compress, st.entry_pos[r],
-                                           c.head_dim)
+        entry = k.compress_step(sc.pend_kv, sc.pend_gate, kv, gate, st.slot[r], st.closing[r], c.ape, sc.overlap_kv,
+                                sc.overlap_gate, c.overlap, c.norm, self.args.norm_eps, self.net.freqs_compress,
+                                st.entry_pos[r], c.head_dim)
         sc.store.put_at(sc.page, st.entry_slot[r], entry)
-        if c.overlap:
-            sc.overlap_kv.copy_(torch.where(st.closing[r], okn, sc.overlap_kv))
-            sc.overlap_gate.copy_(torch.where(st.closing[r], ogn, sc.overlap_gate))
 
 
 def bucket_for(net, states: Sequence[LayerState], pos: int, min_tokens: int) -> int:
