@@ -18,6 +18,14 @@ import torch
 from homerun.errors import DoesNotFitError, UsageError
 
 GIB = 1 << 30
+# Depth of Device.empty calls on this thread: what they allocate is charged under a tag, so a watcher of the
+# tensors a step makes (homerun.engine.standin_bytes) must not count it again (`allocating`).
+_local = threading.local()
+
+
+def allocating() -> bool:
+    """Whether this thread is inside a device's own allocation (Device.empty)."""
+    return getattr(_local, "depth", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -98,11 +106,14 @@ class Device:
         """Allocate an uninitialized tensor on this device, charged to its budget under `tag`."""
         nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         self._reserve(tag, nbytes)
+        _local.depth = getattr(_local, "depth", 0) + 1
         try:
             return torch.empty(shape, dtype=dtype, device=self.torch_device)
         except RuntimeError:
             self.free(tag)
             raise
+        finally:
+            _local.depth -= 1
 
     def reserve(self, tag: Hashable, nbytes: int) -> None:
         """Charge nbytes under `tag` that are not allocated here: memory the caller's work takes on this device
@@ -122,6 +133,13 @@ class Device:
             raise UsageError(f"device {self.name}: cannot adopt a tensor on {tensor.device}", hint="use place()")
         self._reserve(tag, tensor.numel() * tensor.element_size())
         return tensor
+
+    def note_live(self, nbytes: int) -> None:
+        """Raise the peak to the accounted bytes plus nbytes held now outside the accounting: on a CUDA stand-in, the
+        tensors an eager step makes and the small state it holds (homerun.engine.standin_bytes), which CUDA's
+        allocator would count."""
+        with self._lock:
+            self._peak_bytes = max(self._peak_bytes, self._used_bytes + int(nbytes))
 
     def free_all(self, tags) -> None:
         """Free every tag of `tags` that is still allocated (a finalizer's verb: never raises for a missing one)."""
