@@ -4,7 +4,8 @@ A `Device` hands out named allocations and refuses any that would push its accou
 multi-device plan (several GPUs, a capped VRAM) can be exercised on one CPU: each `StandInDevice` is "a GPU" whose
 memory is ordinary host RAM. `CudaDevice` has the same interface and only adds the torch device string; every
 other piece of offload logic is device-agnostic. This module does not decide what goes where (the plan does) and
-does not track memory it did not allocate (the CUDA caching allocator, activations).
+does not track memory it did not allocate (the CUDA caching allocator, activations), except that a CUDA
+stand-in's peak can be raised by what an eager step holds (`note_live`, homerun.engine.standin_bytes).
 """
 
 from __future__ import annotations
