@@ -69,6 +69,7 @@ class Device:
         self._sizes: dict[Hashable, int] = {}
         self._used_bytes = 0
         self._peak_bytes = 0
+        self._live_bytes = 0  # held outside the accounting now (note_live), counted into the peak
         self._lock = threading.Lock()
 
     @property
@@ -101,7 +102,7 @@ class Device:
                 )
             self._sizes[tag] = nbytes
             self._used_bytes += nbytes
-            self._peak_bytes = max(self._peak_bytes, self._used_bytes)
+            self._peak_bytes = max(self._peak_bytes, self._used_bytes + self._live_bytes)
 
     def empty(self, tag: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Allocate an uninitialized tensor on this device, charged to its budget under `tag`."""
@@ -136,11 +137,13 @@ class Device:
         return tensor
 
     def note_live(self, nbytes: int) -> None:
-        """Raise the peak to the accounted bytes plus nbytes held now outside the accounting: on a CUDA stand-in, the
-        tensors an eager step makes and the small state it holds (homerun.engine.standin_bytes), which CUDA's
-        allocator would count."""
+        """nbytes are held now outside the accounting (until the next note; 0 when the holder stops watching): on a
+        CUDA stand-in, the tensors an eager step makes and the small state it holds (homerun.engine.standin_bytes),
+        which CUDA's allocator would count. The peak counts them with the accounted bytes, now and at each
+        allocation until then."""
         with self._lock:
-            self._peak_bytes = max(self._peak_bytes, self._used_bytes + int(nbytes))
+            self._live_bytes = int(nbytes)
+            self._peak_bytes = max(self._peak_bytes, self._used_bytes + self._live_bytes)
 
     def free_all(self, tags) -> None:
         """Free every tag of `tags` that is still allocated (a finalizer's verb: never raises for a missing one)."""

@@ -199,3 +199,29 @@ def test_a_standins_peak_holds_the_eager_step_the_plan_charges(mixed, kv_dtype):
         planned = stage_kv_bytes(kv, 0, shape, ctx + 1) + step
         held = u["peak_bytes"] - u["bytes_by_class"]["weights"] - u["bytes_by_class"].get("expert_cache", 0)
         assert 0.9 * planned <= held <= planned + ACT_OVERHEAD_BYTES, (u["name"], held, planned)
+
+
+def test_the_watch_charges_what_a_section_makes_once():
+    """StepBytes: a tensor made in a stand-in's section raises that device's peak by its bytes while it lives (not
+    its used bytes), one the device allocates itself counts once (its tag), and outside every section nothing."""
+    from homerun.engine.standin_bytes import StepBytes
+    from homerun.kernels.device_guard import on_device
+    from offload.devices import CudaStandInDevice
+
+    dev = CudaStandInDevice("standin:0", 1 << 20)
+    watch = StepBytes({"standin:0": dev})
+    with watch:
+        outside = torch.ones(1000)
+        with on_device(torch.device("cpu"), "standin:0"):
+            x = torch.ones(1000)  # 4,000 B
+            live = dev.usage().peak_bytes
+            assert 4000 <= live <= 4000 + 64 and dev.used_bytes == 0  # (a scalar or two of the op's)
+            page = dev.empty(("kv", 0), (500,), torch.float32)  # 2,000 B charged under its tag, counted once
+            peak = dev.usage().peak_bytes
+            assert live + 2000 <= peak <= live + 2000 + 64 and dev.used_bytes == 2000
+            del x
+            y = torch.ones(250)  # 1,000 B in x's place: the peak stays
+            assert dev.usage().peak_bytes == peak
+    assert outside.numel() and page.numel() and y.numel()
+    dev.empty(("kv", 1), (1000,), torch.float32)  # after the watch: the accounted bytes alone
+    assert dev.usage().peak_bytes == peak and dev.used_bytes == 6000

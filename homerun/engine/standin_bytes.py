@@ -22,6 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from homerun.kernels.device_guard import current_site
 from offload.devices import allocating
 
 
@@ -61,12 +62,15 @@ class StepBytes(TorchDispatchMode):
         for dev, n in per.values():
             dev.note_live(n)
 
+    def __exit__(self, *exc):
+        for dev in self.devices.values():  # between steps nothing is noted: the live bytes go stale
+            dev.note_live(0)
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if allocating():  # a device's own allocation: charged there
             return out
-        from homerun.kernels.device_guard import current_site
-
         dev = self.devices.get(current_site())
         if dev is not None:
             seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
