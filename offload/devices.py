@@ -4,7 +4,8 @@ A `Device` hands out named allocations and refuses any that would push its accou
 multi-device plan (several GPUs, a capped VRAM) can be exercised on one CPU: each `StandInDevice` is "a GPU" whose
 memory is ordinary host RAM. `CudaDevice` has the same interface and only adds the torch device string; every
 other piece of offload logic is device-agnostic. This module does not decide what goes where (the plan does) and
-does not track memory it did not allocate (the CUDA caching allocator, activations).
+does not track memory it did not allocate (the CUDA caching allocator, activations), except that a CUDA
+stand-in's peak can be raised by what an eager step holds (`note_live`, homerun.engine.standin_bytes).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import torch
 from homerun.errors import DoesNotFitError, UsageError
 
 GIB = 1 << 30
+# Depth of Device.empty calls on this thread: what they allocate is charged under a tag, so a watcher of the
+# tensors a step makes (homerun.engine.standin_bytes) must not count it again (`allocating`).
+_local = threading.local()
+
+
+def allocating() -> bool:
+    """Whether this thread is inside a device's own allocation (Device.empty)."""
+    return getattr(_local, "depth", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Device:
         self._sizes: dict[Hashable, int] = {}
         self._used_bytes = 0
         self._peak_bytes = 0
+        self._live_bytes = 0  # held outside the accounting now (note_live), counted into the peak
         self._lock = threading.Lock()
 
     @property
@@ -92,17 +102,20 @@ class Device:
                 )
             self._sizes[tag] = nbytes
             self._used_bytes += nbytes
-            self._peak_bytes = max(self._peak_bytes, self._used_bytes)
+            self._peak_bytes = max(self._peak_bytes, self._used_bytes + self._live_bytes)
 
     def empty(self, tag: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Allocate an uninitialized tensor on this device, charged to its budget under `tag`."""
         nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         self._reserve(tag, nbytes)
+        _local.depth = getattr(_local, "depth", 0) + 1
         try:
             return torch.empty(shape, dtype=dtype, device=self.torch_device)
         except RuntimeError:
             self.free(tag)
             raise
+        finally:
+            _local.depth -= 1
 
     def reserve(self, tag: Hashable, nbytes: int) -> None:
         """Charge nbytes under `tag` that are not allocated here: memory the caller's work takes on this device
@@ -122,6 +135,15 @@ class Device:
             raise UsageError(f"device {self.name}: cannot adopt a tensor on {tensor.device}", hint="use place()")
         self._reserve(tag, tensor.numel() * tensor.element_size())
         return tensor
+
+    def note_live(self, nbytes: int) -> None:
+        """nbytes are held now outside the accounting (until the next note; 0 when the holder stops watching): on a
+        CUDA stand-in, the tensors an eager step makes and the small state it holds (homerun.engine.standin_bytes),
+        which CUDA's allocator would count. The peak counts them with the accounted bytes, now and at each
+        allocation until then."""
+        with self._lock:
+            self._live_bytes = int(nbytes)
+            self._peak_bytes = max(self._peak_bytes, self._used_bytes + self._live_bytes)
 
     def free_all(self, tags) -> None:
         """Free every tag of `tags` that is still allocated (a finalizer's verb: never raises for a missing one)."""

@@ -164,3 +164,64 @@ def test_the_ramp_keeps_room_for_the_eager_step(mixed):
     dev.budget_bytes += 1
     s._ensure_capacity(70)
     assert s.capacity_tokens == 256
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "bf16"])
+def test_a_standins_peak_holds_the_eager_step_the_plan_charges(mixed, kv_dtype):
+    """Two CUDA stand-ins, experts in host RAM (decode runs eagerly across the GPUs, where the plan charges each its
+    eager step: graph_memory.eager_stage_bytes), the step at position 126 (every open window one row short of
+    closing: the new small state at its largest): each device's accounted peak past its weights and expert cache is
+    its planned KV (pages and small state) plus its eager step, within 10% below and one token's activations above.
+    The stand-ins charge what CUDA's allocator would hold (homerun.engine.standin_bytes): the step's tensors and
+    the small state the session holds; before, only the pages (under 0.1 of the plan)."""
+    from dataclasses import replace
+
+    from homerun.engine.placement import split_layers
+    from homerun.plan.graph_memory import eager_stage_bytes, stage_kv_bytes
+    from homerun.plan.inventory import resolve_model
+    from homerun.plan.specs import kv_layout
+
+    pl = split_layers(3, ["standin:0", "standin:1"], kind="cuda-standin", experts="host", expert_cache_slots=[4, 4])
+    m = load(mixed, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype, page_tokens=64)
+    assert m.decode_graphs is None  # host experts across devices: eager decode
+    ctx = 126
+    s = m.session()
+    s.feed(torch.randint(0, 512, (ctx,), generator=torch.Generator().manual_seed(7)).tolist())
+    for dev in m.devices.values():
+        dev._peak_bytes = dev.used_bytes
+    s.feed([3])
+    spec, _ = resolve_model(str(mixed))
+    kv = replace(kv_layout(spec, kv_dtype), page_tokens=m.page_tokens)
+    usage = m.device_usage()
+    eager = eager_stage_bytes(spec, kv, [len(u["layers"]) for u in usage], ctx + 1)
+    for u, step in zip(usage, eager):
+        shape = static_shape(m.net.args, u["layers"])
+        planned = stage_kv_bytes(kv, 0, shape, ctx + 1) + step
+        held = u["peak_bytes"] - u["bytes_by_class"]["weights"] - u["bytes_by_class"].get("expert_cache", 0)
+        assert 0.9 * planned <= held <= planned + ACT_OVERHEAD_BYTES, (u["name"], held, planned)
+
+
+def test_the_watch_charges_what_a_section_makes_once():
+    """StepBytes: a tensor made in a stand-in's section raises that device's peak by its bytes while it lives (not
+    its used bytes), one the device allocates itself counts once (its tag), and outside every section nothing."""
+    from homerun.engine.standin_bytes import StepBytes
+    from homerun.kernels.device_guard import on_device
+    from offload.devices import CudaStandInDevice
+
+    dev = CudaStandInDevice("standin:0", 1 << 20)
+    watch = StepBytes({"standin:0": dev})
+    with watch:
+        outside = torch.ones(1000)
+        with on_device(torch.device("cpu"), "standin:0"):
+            x = torch.ones(1000)  # 4,000 B
+            live = dev.usage().peak_bytes
+            assert 4000 <= live <= 4000 + 64 and dev.used_bytes == 0  # (a scalar or two of the op's)
+            page = dev.empty(("kv", 0), (500,), torch.float32)  # 2,000 B charged under its tag, counted once
+            peak = dev.usage().peak_bytes
+            assert live + 2000 <= peak <= live + 2000 + 64 and dev.used_bytes == 2000
+            del x
+            y = torch.ones(250)  # 1,000 B in x's place: the peak stays
+            assert dev.usage().peak_bytes == peak
+    assert outside.numel() and page.numel() and y.numel()
+    dev.empty(("kv", 1), (1000,), torch.float32)  # after the watch: the accounted bytes alone
+    assert dev.usage().peak_bytes == peak and dev.used_bytes == 6000

@@ -19,6 +19,7 @@ from homerun.engine.placement import single_device  # noqa: E402
 from homerun.engine.runtime import THINK_MAX_MIN_CONTEXT_TOKENS, load  # noqa: E402
 from homerun.errors import ContextFullError  # noqa: E402
 from homerun.formats.loader import open_checkpoint  # noqa: E402
+from homerun.models.decode_bytes import static_bytes  # noqa: E402
 from homerun.models.deepseek_v4 import ModelArgs  # noqa: E402
 
 MIN_BUCKET = 16  # small buckets: a 13-token prompt crosses from 16 to 32 within a few graphed steps
@@ -74,6 +75,44 @@ def test_a_bucket_change_holds_one_static_state(small, monkeypatch):
             assert dg.static.ctx_tokens == 32 and old_own > 0
             assert dev._peak_bytes - base <= dg.static.planned.total - old_own, (dev._peak_bytes - base, old_own)
     assert crossed == 1 and [r().ctx_tokens for r in built if r() is not None] == [32]
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "bf16"])
+def test_the_peak_across_a_bucket_change_is_the_plans(small, kv_dtype):
+    """Graphed steps across the 16 -> 32 bucket change: at every step the device's peak of KV pages and static
+    state is within the plan's charge at that context (the KV in whole pages, decode_bytes.static_bytes beside it:
+    graph_bytes.static_state_bytes), and at the change it is over that charge less `moving`. The new bucket's buffers
+    must be new allocations (the captured step reads each store's capacity as one tensor at one address, and no
+    allocation grows in place), so each store's rows are copied once: one store's old buffer lives beside the new
+    ones (StaticDecodeKV._adopt, store by store), and the plan charges exactly that transient."""
+    from homerun.models.decode_bytes import entry_stores, paged_bytes
+    from homerun.models.deepseek_v4.static_decode import static_shape
+
+    path, args = small
+    pl = single_device(args.n_layers, "standin:0", gpu_path=True, experts="device")
+    m = load(path, dtype="bfloat16", experts="reference", placement=pl, kv_dtype=kv_dtype, cuda_graphs="on",
+             page_tokens=64)
+    dg, dev = m.decode_graphs, m.devices["standin:0"]
+    dg.min_bucket_tokens = MIN_BUCKET
+    s = m.session()
+    s.feed(list(range(1, 14)))
+    stores = entry_stores(static_shape(args), kv_dtype, 2)
+    crossed = False
+    for t in range(6):  # positions 13..18: the change at 16
+        dev._peak_bytes = dev.used_bytes
+        weights = dev.used_bytes - sum(dev.bytes_by_class().get(c, 0) for c in ("kv", "graph"))
+        bucket = dg.static.ctx_tokens if dg.static is not None else 0
+        s.feed([t + 3])
+        n = s.n_tokens
+        peak = dev.usage().peak_bytes - weights
+        planned = paged_bytes(stores, n, m.page_tokens) + static_state_bytes(dg, n, kv_dtype,
+                                                                             page_tokens=m.page_tokens)
+        assert peak <= planned, (n, peak, planned)
+        if bucket and dg.static.ctx_tokens != bucket:  # the step that moved the stores into the next bucket
+            crossed = True
+            moving = static_bytes(static_shape(args), n, kv_dtype, 2, MIN_BUCKET, page_tokens=m.page_tokens).moving
+            assert peak > planned - moving, (peak, planned, moving)
+    assert crossed and dg.static.ctx_tokens == 2 * MIN_BUCKET
 
 
 def _decode_a_little(m):

@@ -27,6 +27,7 @@ from homerun.engine.graphs import decode_graphs_for
 from homerun.engine.placement import Placement, placed_build_kwargs, single_device
 from homerun.engine.session import FREE_MEMORY_SHARE, PREFILL_ETA_MIN_TOKENS, Session  # noqa: F401 - public here
 from homerun.engine.session import device_kv_more_bytes
+from homerun.engine.standin_bytes import StepBytes
 from homerun.errors import CheckpointError, DoesNotFitError, UnknownModelError, UsageError
 from homerun.models.deepseek_v4 import LAYER_CSA, LAYER_HCA, DeepseekV4, LayerState, ModelArgs, build_model
 from homerun.models.decode_bytes import default_ramp, kv_page_tokens
@@ -99,6 +100,7 @@ class Model:
         self._unsettled = None  # the session whose last step is not settled yet (Session.decode)
         self.graph_mode = options.compute.cuda_graphs
         self.set_graph_mode(self.graph_mode)
+        self._step_bytes = StepBytes(self.devices)  # what an eager step holds on CUDA stand-ins (standin_bytes)
 
     def set_graph_mode(self, mode: str) -> None:
         """Choose the decode runner again (auto | on | off; homerun.engine.graphs.decode_graphs_for): graphs captured
@@ -156,7 +158,11 @@ class Model:
                                   stacklevel=2)
                     runner = self.net
         if runner is self.net:
-            out = self.net.forward_step(ids, start_pos, states, defer_end=defer_end, out_rows=out_rows)
+            watch = self._step_bytes if ids.numel() == 1 and self._step_bytes.devices else None
+            if watch is not None:  # CUDA stand-ins: the step's tensors and the held small state on their peaks
+                watch.hold(states, [lp.device for lp in self.placement.layers])
+            with watch or contextlib.nullcontext():
+                out = self.net.forward_step(ids, start_pos, states, defer_end=defer_end, out_rows=out_rows)
         return out
 
     def settle(self) -> None:

@@ -173,9 +173,12 @@ class DeepseekV4:
 
         def redo(layer_index: int) -> tuple[torch.Tensor, list[LayerState]]:
             first = next(i for i, lay in enumerate(self.layers) if lay.index == layer_index)
+            # the missed run's states from `first` go before the rerun makes its own: one new small state at a time,
+            # as the plan charges the step (homerun.models.eager_bytes); the caller keeps the states it started from
+            del new_states[first:]
             head, tail = run(first, saved[first], False)
             self.experts.end_token()  # the exact rerun's end: it stands
-            return head(), new_states[:first] + tail
+            return head(), new_states + tail
 
         return end_or_defer(self.experts, spec, defer_end, lambda: (head(), new_states), redo)
 
