@@ -338,3 +338,41 @@ def test_fp8_to_bf16_avx512_rows_equal_the_table_for_every_code_and_scale(thread
             assert torch.equal(got, want)
     finally:
         ce.set_threads(None)  # the default: every CPU
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fast_set_few_rows_are_the_bf16_gemms_numbers(rows, monkeypatch):
+    """A few rows (the last layer's kept rows) in the fast set run the FP8 weight's decode kernel on bf16-rounded
+    activations with the output rounded to bf16: the bf16 GEMM's numbers up to summation order. Against the float64
+    product of the bf16-rounded rows, rounded to bf16, at most 1 bf16 ulp apart and almost all equal (skipping the
+    activations' rounding moves most outputs); within that of prefill_linear; the grouped projection too."""
+    if dispatch.native_dense() is None or not dispatch.USE_NATIVE:
+        pytest.skip("native dense kernels not built")
+    _with_bf16_units(monkeypatch, True)
+    fast = dispatch.for_act(dispatch.kernels_for("cpu", torch.float32, 512), "int8")
+    lin = _fp8(1024, 512, seed=8)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, 512, generator=g)
+    w64 = lin.dequant(torch.float32).double()
+
+    def check(got: torch.Tensor, xr: torch.Tensor, w: torch.Tensor) -> None:
+        want = (xr.bfloat16().double() @ w.T).to(torch.bfloat16).float()
+        ulp = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+        assert ((got - want).abs() <= ulp).all()
+        assert (got != want).float().mean().item() < 0.02
+
+    real = cpu_gemm.prefill_linear
+    monkeypatch.setattr(cpu_gemm, "prefill_linear", lambda *a: pytest.fail("few rows took the GEMM path"))
+    got = fast.linear(lin, x)
+    check(got, x, w64)
+    gemm = real(lin.weight, lin.scale, x)
+    assert ((got - gemm).abs() <= 2.0 ** -7 * gemm.abs()).all()
+    xg = torch.randn(rows, 4, 512, generator=g)
+    got_g = fast.grouped(lin, xg, 4)
+    assert got_g.shape == (rows, 4, 256)
+    for gi in range(4):
+        check(got_g[:, gi], xg[:, gi], w64[gi * 256 : (gi + 1) * 256])
+    many = torch.randn(dispatch.NATIVE_MAX_ROWS + 1, 512, generator=g)
+    monkeypatch.setattr(cpu_gemm, "prefill_linear", real)
+    assert torch.equal(fast.linear(lin, many), real(lin.weight, lin.scale, many))  # more rows: the GEMM

@@ -293,12 +293,35 @@ class CpuBf16PrefillKernels(CpuPrefillKernels):
         # fp32-kept weights and narrow outputs (the router: a flipped top-k pick costs more than its GEMM) stay exact
         if (lin.scale is None and w.dtype != torch.bfloat16) or w.shape[0] <= EXACT_MAX_OUT:
             return super().linear(lin, x)
+        b = self._few_rows(lin, x)
+        if b is not None:
+            return _bf16_math(b, x)
         return self._gemm.prefill_linear(lin.weight, lin.scale, x).to(x.dtype)
 
     def grouped(self, lin: Linear, x: torch.Tensor, groups: int) -> torch.Tensor:
         if lin.scale is None and lin.weight.dtype != torch.bfloat16:
             return lin.torch_grouped(x, groups)
+        b = self._few_rows(lin, x)
+        if b is not None and (lin.weight.shape[0] // groups) % 128 == 0:
+            return _bf16_math(b, x, grouped=True)
         return self._gemm.prefill_grouped(lin.weight, lin.scale, x, groups).to(x.dtype)
+
+    @staticmethod
+    def _few_rows(lin: Linear, x: torch.Tensor) -> Any:
+        """The weight's native binding for a few fp32 CPU rows of an FP8 weight (the last layer's kept rows): its
+        decode kernel reads the FP8 bytes once, where the GEMM path converts the whole weight to bf16 first."""
+        if lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] > NATIVE_MAX_ROWS:
+            return None
+        return lin.bound()
+
+
+def _bf16_math(b: Any, x: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+    """The bf16 GEMM's numbers on the native FP8 kernel: x rounded to bf16; its products with the e4m3 x 2^e weights
+    are exact in fp32 and summed in fp32, as in the GEMM; the output rounded to bf16 as the GEMM's is. Equal to
+    prefill_linear up to summation order."""
+    xb = x.to(torch.bfloat16).float()
+    y = b.grouped(xb) if grouped else b(xb)
+    return y.to(torch.bfloat16).float()
 
 
 EXACT_MAX_OUT = 256  # linears with at most this many outputs stay fp32 in the fast set
