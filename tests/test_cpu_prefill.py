@@ -376,3 +376,28 @@ def test_fast_set_few_rows_are_the_bf16_gemms_numbers(rows, monkeypatch):
     many = torch.randn(dispatch.NATIVE_MAX_ROWS + 1, 512, generator=g)
     monkeypatch.setattr(cpu_gemm, "prefill_linear", real)
     assert torch.equal(fast.linear(lin, many), real(lin.weight, lin.scale, many))  # more rows: the GEMM
+
+
+@needs_native
+def test_exact_set_few_rows_take_the_decode_kernel(monkeypatch):
+    """A few rows in the exact prefill set (the last layer's kept rows) run the weight's native decode kernel (exact
+    products, fp32 sums) instead of dequantizing the whole weight for them; more rows take the GEMM blocks."""
+    if dispatch.native_dense() is None or not dispatch.USE_NATIVE:
+        pytest.skip("native dense kernels not built")
+    from homerun.kernels import cpu_prefill as cp
+
+    k = dispatch.kernels_for("cpu", torch.float32, 512)
+    assert type(k) is dispatch.CpuPrefillKernels
+    lin, dense = _fp8(512, 256, seed=12), QLinear(torch.randn(64, 256).bfloat16())
+    x = torch.randn(3, 256)
+    real = cp.fp8_linear
+    monkeypatch.setattr(cp, "fp8_linear", lambda *a: pytest.fail("a few rows took the GEMM path"))
+    monkeypatch.setattr(cpu_gemm, "f32_linear", lambda *a: pytest.fail("a few rows took the GEMM path"))
+    _assert_fp32_exact(k.linear(lin, x), x, lin.dequant(torch.float32))
+    _assert_fp32_exact(k.linear(dense, x), x, dense.weight.float())
+    calls = []
+    monkeypatch.setattr(cp, "fp8_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_gemm, "f32_linear", torch.nn.functional.linear)
+    many = torch.randn(dispatch.NATIVE_MAX_ROWS + 1, 256)
+    _assert_fp32_exact(k.linear(lin, many), many, lin.dequant(torch.float32))
+    assert calls == [1]
