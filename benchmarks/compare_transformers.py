@@ -60,7 +60,8 @@ def _rss_now() -> dict:
     return out
 
 
-def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "auto", pre_warm: int = 0) -> dict:
+def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "auto", pre_warm: int = 0,
+                   all_rows: bool = False) -> dict:
     import homerun  # noqa: F401 - before torch, so homerun's OpenMP wait policy applies as it does in the CLI
     import torch
 
@@ -70,6 +71,9 @@ def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "au
     target, backend, _ = open_target(ckpt, kind="native", dtype="float32", device="cpu", act=act)
     model = target.model
     load_s = time.perf_counter() - t0
+    if all_rows:  # the session's forwards without their out_rows: the last layer runs every row (a per-layer figure)
+        fwd = model._forward
+        model._forward = lambda *args, out_rows=None, **kw: fwd(*args, **kw)
     if pre_warm:  # an untimed short prefill first: weights paged in, threads and allocator warm
         model.session().feed(_ids(pre_warm, model.args.vocab_size, seed=3))
     sess = model.session()
@@ -85,6 +89,7 @@ def worker_homerun(ckpt: str, prompt: int, gen: int, warmup: int, act: str = "au
         logits = sess.feed([tok])
     decode_s = max(time.perf_counter() - t0, 1e-9)
     return {"side": "homerun", "backend": backend, "expert_act": target.act, "compute_dtype": "float32",
+            "all_rows": all_rows,
             "load_s": load_s,
             "prefill_tok_s": prompt / prefill_s, "prefill_cpu_s": prefill_cpu_s, "decode_tok_s": gen / decode_s,
             "tokens": out, "peak_rss_bytes": _peak_rss_bytes(), **_rss_now()}
@@ -130,9 +135,11 @@ def worker_transformers(ckpt: str, prompt: int, gen: int, warmup: int, pre_warm:
 
 
 def run_side(side: str, ckpt: str, prompt: int, gen: int, warmup: int, timeout_s: int, act: str = "auto",
-             pre_warm: int = 0, hf_chunk: int = 0) -> dict:
+             pre_warm: int = 0, hf_chunk: int = 0, all_rows: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", ckpt, "--prompt", str(prompt), "--gen", str(gen),
            "--warmup", str(warmup), "--expert-act", act, "--pre-warm", str(pre_warm), "--hf-chunk", str(hf_chunk)]
+    if all_rows:
+        cmd.append("--all-rows")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
@@ -176,7 +183,7 @@ def prefill_mode(a: argparse.Namespace, ckpt: str, write_s: float) -> int:
         for _ in range(max(1, a.repeat)):
             for side in ("homerun", "transformers"):
                 dram = _dram_gbps()
-                r = run_side(side, ckpt, n, 0, 0, a.timeout, a.expert_act, a.pre_warm, a.hf_chunk)
+                r = run_side(side, ckpt, n, 0, 0, a.timeout, a.expert_act, a.pre_warm, a.hf_chunk, a.all_rows)
                 r["dram_read_gbps_before"] = dram
                 r.pop("tokens", None)
                 runs[side].append(r)
@@ -238,13 +245,16 @@ def main() -> int:
     ap.add_argument("--pre-warm", type=int, default=64, help="prefill mode: untimed warm-up prompt tokens first")
     ap.add_argument("--hf-chunk", type=int, default=0, help="prefill mode: feed transformers' prompt in chunks of "
                     "this many tokens through its cache (0: one pass; 512 fits 4096-token prompts in 24 GB)")
+    ap.add_argument("--all-rows", action="store_true", help="homerun's last layer computes every row, not only the "
+                    "rows a session reads (its default; on a 3-layer checkpoint a third of the work)")
     ap.add_argument("--worker", choices=("homerun", "transformers"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.hf_chunk < 0:
         ap.error(f"--hf-chunk must be >= 0, got {a.hf_chunk} (0: one pass)")
     if a.worker:
         if a.worker == "homerun":
-            print(json.dumps(worker_homerun(a.checkpoint, a.prompt, a.gen, a.warmup, a.expert_act, a.pre_warm)))
+            print(json.dumps(worker_homerun(a.checkpoint, a.prompt, a.gen, a.warmup, a.expert_act, a.pre_warm,
+                                            a.all_rows)))
         else:
             print(json.dumps(worker_transformers(a.checkpoint, a.prompt, a.gen, a.warmup, a.pre_warm, a.hf_chunk)))
         return 0

@@ -91,10 +91,15 @@ def test_kernel_set_follows_the_act_mode(monkeypatch):
     assert fast.name == "cpu-bf16" and dispatch.for_act(k, "bf16") is fast
     dec = dispatch.kernels_for("cpu", torch.float32, 1)
     assert dispatch.for_act(dec, "int8") is dec  # decode keeps the exact native set
-    # narrow outputs (the router) and fp32-kept weights stay exact in the fast set
+    # narrow outputs (the router) and fp32-kept weights stay exact in the fast set: fp32 products and sums, the
+    # torch path's bits when oneDNN is off
     router = QLinear(torch.randn(dispatch.EXACT_MAX_OUT, 256))
     x = torch.randn(80, 256)
-    assert torch.equal(fast.linear(router, x), router.torch_forward(x))
+    _assert_fp32_exact(fast.linear(router, x), x, router.weight)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(fast.linear(router, x), router.torch_forward(x))
+    narrow_bf16 = QLinear(torch.randn(64, 256).bfloat16())
+    _assert_fp32_exact(fast.linear(narrow_bf16, x), x, narrow_bf16.weight.float())
     wide = _fp8(1024, 256, seed=3)
     assert not torch.equal(fast.linear(wide, x), wide.torch_forward(x))
 
@@ -181,26 +186,68 @@ def test_fp8_to_f32_is_the_dequantization(shape, rows):
     assert torch.equal(got, lin.dequant(torch.float32)[rows[0] : rows[1]])
 
 
+def _assert_fp32_exact(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """got is x @ w^T with fp32 products and sums: within fp32 summation noise of the float64 product (1e-5 of
+    sum |x||w| per output; a bf16 rounding anywhere is ~4e-3)."""
+    ref = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert ((got.double() - ref).abs() <= 1e-5 * mag).all()
+
+
+@pytest.mark.parametrize("shape", [(70, 256), (3, 5, 256), (0, 256)])
+def test_f32_linear_is_exact_and_the_blas_bits_without_onednn(shape):
+    """cpu_gemm.f32_linear (oneDNN's fp32 GEMM where torch has it) is F.linear up to summation order, for 2-D, 3-D,
+    strided and empty inputs, and F.linear itself with oneDNN off."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(96, 256, generator=g)
+    x = torch.randn(*shape, generator=g)
+    got = cpu_gemm.f32_linear(x, w)
+    _assert_fp32_exact(got.reshape(-1, 96), x.reshape(-1, 256), w)
+    xs = torch.randn(shape[0], 3, 256, generator=g)[:, 1]  # a strided view (wo_a's per-group input)
+    _assert_fp32_exact(cpu_gemm.f32_linear(xs, w), xs, w)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(cpu_gemm.f32_linear(x, w), F.linear(x, w))
+    assert cpu_gemm.f32_linear(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16  # other dtypes: F.linear
+
+
 @pytest.mark.parametrize("row_block", [None, 128])
-def test_exact_prefill_linear_equals_the_torch_path(row_block, monkeypatch):
-    """The exact set's FP8 linear (native per-block dequantization, then the same F.linear blocks) is bit for bit
-    QLinear's torch path; the grouped one too; and the CPU prefill set uses it."""
+def test_exact_prefill_linear_is_the_torch_path_up_to_summation_order(row_block, monkeypatch):
+    """The exact set's FP8 linear (native per-block dequantization, each block on the fp32 GEMM) is exact (fp32
+    products and sums), and with oneDNN off bit for bit QLinear's torch path (the same blocks through F.linear); the
+    grouped one too; and the CPU prefill set uses it, bf16-stored weights included."""
     cp = _prefill_ops()
     lin = _fp8(512, 256, seed=5)
     if row_block:
         monkeypatch.setattr("homerun.models.layers.BLOCK_ELEMS", row_block * 256)  # several row blocks
         assert lin.row_block() == row_block
     x = torch.randn(70, 256)
-    want = lin.torch_forward(x)
-    assert torch.equal(cp.fp8_linear(lin.weight, lin.scale, x, lin.row_block()), want)
+    w32 = lin.dequant(torch.float32)
+    got = cp.fp8_linear(lin.weight, lin.scale, x, lin.row_block())
+    _assert_fp32_exact(got, x, w32)
     xg = torch.randn(33, 4, 256)
-    assert torch.equal(cp.fp8_grouped(lin.weight, lin.scale, xg, 4), lin.torch_grouped(xg, 4))
+    got_g = cp.fp8_grouped(lin.weight, lin.scale, xg, 4)
+    for gi in range(4):
+        _assert_fp32_exact(got_g[:, gi], xg[:, gi], w32[gi * 128 : (gi + 1) * 128])
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(cp.fp8_linear(lin.weight, lin.scale, x, lin.row_block()), lin.torch_forward(x))
+        assert torch.equal(cp.fp8_grouped(lin.weight, lin.scale, xg, 4), lin.torch_grouped(xg, 4))
     if dispatch.native_dense() is not None and dispatch.USE_NATIVE:
         k = dispatch.kernels_for("cpu", torch.float32, 512)
         calls = []
-        real = cp.fp8_linear
-        monkeypatch.setattr(cp, "fp8_linear", lambda *a: calls.append(1) or real(*a))
-        assert torch.equal(k.linear(lin, x), want) and calls
+        real, real_f32 = cp.fp8_linear, cpu_gemm.f32_linear
+        monkeypatch.setattr(cp, "fp8_linear", lambda *a: calls.append("fp8") or real(*a))
+        monkeypatch.setattr(cpu_gemm, "f32_linear", lambda *a: calls.append("f32") or real_f32(*a))
+        blocks = -(-512 // lin.row_block())
+        assert torch.equal(k.linear(lin, x), got) and calls == ["fp8"] + ["f32"] * blocks
+        dense = QLinear(torch.randn(128, 256).bfloat16())  # a bf16-stored matrix (the compressors')
+        _assert_fp32_exact(k.linear(dense, x), x, dense.weight.float())
+        assert calls == ["fp8"] + ["f32"] * (blocks + 1)
+        big = QLinear(torch.randn(256, 256).bfloat16())
+        if big.row_block() < 256:  # over one row block: the torch path's blocks, its bits
+            assert torch.equal(k.linear(big, x), big.torch_forward(x)) and len(calls) == blocks + 2
 
 
 @needs_native
@@ -291,3 +338,66 @@ def test_fp8_to_bf16_avx512_rows_equal_the_table_for_every_code_and_scale(thread
             assert torch.equal(got, want)
     finally:
         ce.set_threads(None)  # the default: every CPU
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fast_set_few_rows_are_the_bf16_gemms_numbers(rows, monkeypatch):
+    """A few rows (the last layer's kept rows) in the fast set run the FP8 weight's decode kernel on bf16-rounded
+    activations with the output rounded to bf16: the bf16 GEMM's numbers up to summation order. Against the float64
+    product of the bf16-rounded rows, rounded to bf16, at most 1 bf16 ulp apart and almost all equal (skipping the
+    activations' rounding moves most outputs); within that of prefill_linear; the grouped projection too."""
+    if dispatch.native_dense() is None or not dispatch.USE_NATIVE:
+        pytest.skip("native dense kernels not built")
+    _with_bf16_units(monkeypatch, True)
+    fast = dispatch.for_act(dispatch.kernels_for("cpu", torch.float32, 512), "int8")
+    lin = _fp8(1024, 512, seed=8)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, 512, generator=g)
+    w64 = lin.dequant(torch.float32).double()
+
+    def check(got: torch.Tensor, xr: torch.Tensor, w: torch.Tensor) -> None:
+        want = (xr.bfloat16().double() @ w.T).to(torch.bfloat16).float()
+        ulp = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+        assert ((got - want).abs() <= ulp).all()
+        assert (got != want).float().mean().item() < 0.02
+
+    real = cpu_gemm.prefill_linear
+    monkeypatch.setattr(cpu_gemm, "prefill_linear", lambda *a: pytest.fail("few rows took the GEMM path"))
+    got = fast.linear(lin, x)
+    check(got, x, w64)
+    gemm = real(lin.weight, lin.scale, x)
+    assert ((got - gemm).abs() <= 2.0 ** -7 * gemm.abs()).all()
+    xg = torch.randn(rows, 4, 512, generator=g)
+    got_g = fast.grouped(lin, xg, 4)
+    assert got_g.shape == (rows, 4, 256)
+    for gi in range(4):
+        check(got_g[:, gi], xg[:, gi], w64[gi * 256 : (gi + 1) * 256])
+    many = torch.randn(dispatch.NATIVE_MAX_ROWS + 1, 512, generator=g)
+    monkeypatch.setattr(cpu_gemm, "prefill_linear", real)
+    assert torch.equal(fast.linear(lin, many), real(lin.weight, lin.scale, many))  # more rows: the GEMM
+
+
+@needs_native
+def test_exact_set_few_rows_take_the_decode_kernel(monkeypatch):
+    """A few rows in the exact prefill set (the last layer's kept rows) run the weight's native decode kernel (exact
+    products, fp32 sums) instead of dequantizing the whole weight for them; more rows take the GEMM blocks."""
+    if dispatch.native_dense() is None or not dispatch.USE_NATIVE:
+        pytest.skip("native dense kernels not built")
+    from homerun.kernels import cpu_prefill as cp
+
+    k = dispatch.kernels_for("cpu", torch.float32, 512)
+    assert type(k) is dispatch.CpuPrefillKernels
+    lin, dense = _fp8(512, 256, seed=12), QLinear(torch.randn(64, 256).bfloat16())
+    x = torch.randn(3, 256)
+    real = cp.fp8_linear
+    monkeypatch.setattr(cp, "fp8_linear", lambda *a: pytest.fail("a few rows took the GEMM path"))
+    monkeypatch.setattr(cpu_gemm, "f32_linear", lambda *a: pytest.fail("a few rows took the GEMM path"))
+    _assert_fp32_exact(k.linear(lin, x), x, lin.dequant(torch.float32))
+    _assert_fp32_exact(k.linear(dense, x), x, dense.weight.float())
+    calls = []
+    monkeypatch.setattr(cp, "fp8_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_gemm, "f32_linear", torch.nn.functional.linear)
+    many = torch.randn(dispatch.NATIVE_MAX_ROWS + 1, 256)
+    _assert_fp32_exact(k.linear(lin, many), many, lin.dequant(torch.float32))
+    assert calls == [1]

@@ -13,6 +13,9 @@ the conversion itself). At 512 rows the conversion is 2-4% of the path (benchmar
 
 `prefill_linear(w, scale, x)`: y = x W^T in fp32 out; `prefill_grouped(w, scale, x, groups)`: the block-diagonal
 projection (V4's wo_a). Without the native library the conversion falls back to torch (same bytes, slower).
+`f32_linear(x, w)`: the exact (fp32) prefill GEMM on oneDNN's fp32 kernels, which use AVX-512 where the CPU has it;
+torch's F.linear calls MKL's sgemm, which runs its AVX2 code on AMD CPUs (Zen 5: 97 vs ~220 GFLOP per CPU-s at
+[512 x 4096] x [4096 x 1024]).
 Not here: which kernel a forward uses (homerun.kernels.dispatch), decode-sized rows (homerun.kernels.cpu_dense).
 """
 
@@ -136,6 +139,30 @@ def prefill_grouped(w: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor
         wg = w[g * per : (g + 1) * per] if scale is None else _bf16_rows(w, scale, g * per, (g + 1) * per)
         y[:, g] = F.linear(xb[:, g], wg)
     return y
+
+
+def _onednn_f32() -> bool:
+    """Whether torch has oneDNN's fp32 linear (`mkldnn::_linear_pointwise`) and oneDNN is enabled (checked per
+    call: `torch.backends.mkldnn.flags(enabled=False)` turns it off)."""
+    global _ONEDNN_OP
+    if _ONEDNN_OP is None:
+        try:
+            _ONEDNN_OP = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        except (AttributeError, RuntimeError):
+            _ONEDNN_OP = False
+    return _ONEDNN_OP and bool(torch.backends.mkldnn.enabled)
+
+
+_ONEDNN_OP: bool | None = None
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ w [N, K] fp32 ^T -> [..., N] fp32: fp32 products and fp32 sums, F.linear up to summation
+    order, on oneDNN's fp32 GEMM for CPU tensors where torch has it (see the module doc), else F.linear."""
+    if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+            or not _onednn_f32()):
+        return F.linear(x, w)
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def bf16_units() -> bool:

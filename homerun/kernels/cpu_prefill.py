@@ -11,10 +11,10 @@
   tokens on the pool, each token's [n, D] streams read once.
 - `hc_pre`, `hc_post`, `norm_rope`: the decode kernels of homerun.kernels.cpu_dense with tokens split over the pool
   (the RoPE in AVX-512 with the scalar loop's bits); `hc_pre_norm`: hc_pre and the norm in one call.
-- `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight (QLinear.torch_forward's row blocks and
-  F.linear), with each block dequantized natively (`hr_fp8_to_f32`, on the pool: on AVX-512 bit arithmetic over
-  whole rows read front to back, as `hr_fp8_to_bf16`; elsewhere a table per 128 x 128 block) instead of torch's
-  three full-size passes (cast, expanded scale, multiply).
+- `fp8_linear` / `fp8_grouped`: the exact fp32 prefill GEMM of an FP8 weight in QLinear.torch_forward's row blocks,
+  each block dequantized natively (`hr_fp8_to_f32`, on the pool: on AVX-512 bit arithmetic over whole rows read front
+  to back, as `hr_fp8_to_bf16`; elsewhere a table per 128 x 128 block) instead of torch's three full-size passes
+  (cast, expanded scale, multiply), then multiplied on oneDNN's fp32 GEMM (`cpu_gemm.f32_linear`).
 
 fp32 products and sums: equal to the torch set up to summation order."""
 
@@ -357,22 +357,22 @@ def fp8_to_f32(w: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int], *, p
 def fp8_linear(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, row_block: int) -> torch.Tensor:
     """x [..., K] fp32 @ dequant(W)^T -> [..., N] fp32, in row blocks of `row_block` weight rows (QLinear.row_block:
     the same blocks, so the same GEMMs, as QLinear.torch_forward)."""
-    import torch.nn.functional as F
+    from homerun.kernels.cpu_gemm import f32_linear
 
     n = w.shape[0]
     if row_block >= n:
-        return F.linear(x, fp8_to_f32(w, scale, (0, n)))
+        return f32_linear(x, fp8_to_f32(w, scale, (0, n)))
     y = x.new_empty(*x.shape[:-1], n)
     for r0 in range(0, n, row_block):
         r1 = min(r0 + row_block, n)
-        y[..., r0:r1] = F.linear(x, fp8_to_f32(w, scale, (r0, r1)))
+        y[..., r0:r1] = f32_linear(x, fp8_to_f32(w, scale, (r0, r1)))
     return y
 
 
 def fp8_grouped(w: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
     """Block-diagonal x [T, G, in] -> [T, G, out/G] (group g: weight rows g*out/G ...), as QLinear.torch_grouped."""
-    import torch.nn.functional as F
+    from homerun.kernels.cpu_gemm import f32_linear
 
     per = w.shape[0] // groups
-    return torch.stack([F.linear(x[:, g], fp8_to_f32(w, scale, (g * per, (g + 1) * per))) for g in range(groups)],
+    return torch.stack([f32_linear(x[:, g], fp8_to_f32(w, scale, (g * per, (g + 1) * per))) for g in range(groups)],
                        dim=1)

@@ -77,10 +77,19 @@ class CpuPrefillKernels(TorchKernels):
             return super().index_topk_one(iq, iw, pages, n_vis, k_sel, iw_scale, scale)
         return pf.index_topk(iq, iw.float() * iw_scale, pages, n_vis, None, k_sel, scale)[0]
 
-    # FP8 linears in fp32: the same blocked GEMMs as QLinear's torch path, each block dequantized natively
+    # Linears in fp32: QLinear's torch path's row blocks, FP8 blocks dequantized natively, every block multiplied on
+    # oneDNN's fp32 GEMM (homerun.kernels.cpu_gemm.f32_linear: AVX-512, where F.linear's MKL runs AVX2 on AMD CPUs)
     def linear(self, lin: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return lin.torch_forward(x)
+        if x.shape[0] <= NATIVE_MAX_ROWS and x.dim() == 2:  # a few rows (the last layer's kept ones): the decode kernel
+            b = lin.bound()
+            if b is not None:
+                return b(x)
+        if lin.scale is None:
+            return _dense_f32(lin, x)
         pf = native_prefill()
-        if pf is None or lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu":
+        if pf is None:
             return lin.torch_forward(x)
         return pf.fp8_linear(lin.weight, lin.scale, x, lin.row_block())
 
@@ -128,6 +137,18 @@ class CpuPrefillKernels(TorchKernels):
         if pf is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
             return super().rope_out(x, cos, sin, inverse=inverse)
         return pf.rope_inplace(x, cos, sin, inverse=inverse)
+
+
+def _dense_f32(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """A dense (fp32 or bf16-stored) weight times fp32 CPU rows x, exactly: the weight widened to fp32 in one block
+    (as QLinear.torch_forward does below its row block), multiplied on oneDNN's fp32 GEMM; larger bf16 weights keep
+    the torch path's row blocks."""
+    w = lin.weight
+    if w.dtype != torch.float32 and (w.dtype != torch.bfloat16 or lin.row_block() < w.shape[0]):
+        return lin.torch_forward(x)
+    from homerun.kernels.cpu_gemm import f32_linear
+
+    return f32_linear(x, w.float())
 
 
 class NativeCpuKernels(CpuPrefillKernels):
@@ -284,13 +305,36 @@ class CpuBf16PrefillKernels(CpuPrefillKernels):
         w = lin.weight
         # fp32-kept weights and narrow outputs (the router: a flipped top-k pick costs more than its GEMM) stay exact
         if (lin.scale is None and w.dtype != torch.bfloat16) or w.shape[0] <= EXACT_MAX_OUT:
-            return lin.torch_forward(x)
+            return super().linear(lin, x)
+        b = self._few_rows(lin, x)
+        if b is not None:
+            return _bf16_math(b, x)
         return self._gemm.prefill_linear(lin.weight, lin.scale, x).to(x.dtype)
 
     def grouped(self, lin: Linear, x: torch.Tensor, groups: int) -> torch.Tensor:
         if lin.scale is None and lin.weight.dtype != torch.bfloat16:
             return lin.torch_grouped(x, groups)
+        b = self._few_rows(lin, x)
+        if b is not None and (lin.weight.shape[0] // groups) % 128 == 0:
+            return _bf16_math(b, x, grouped=True)
         return self._gemm.prefill_grouped(lin.weight, lin.scale, x, groups).to(x.dtype)
+
+    @staticmethod
+    def _few_rows(lin: Linear, x: torch.Tensor) -> Any:
+        """The weight's native binding for a few fp32 CPU rows of an FP8 weight (the last layer's kept rows): its
+        decode kernel reads the FP8 bytes once, where the GEMM path converts the whole weight to bf16 first."""
+        if lin.scale is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] > NATIVE_MAX_ROWS:
+            return None
+        return lin.bound()
+
+
+def _bf16_math(b: Any, x: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+    """The bf16 GEMM's numbers on the native FP8 kernel: x rounded to bf16; its products with the e4m3 x 2^e weights
+    are exact in fp32 and summed in fp32, as in the GEMM; the output rounded to bf16 as the GEMM's is. Equal to
+    prefill_linear up to summation order."""
+    xb = x.to(torch.bfloat16).float()
+    y = b.grouped(xb) if grouped else b(xb)
+    return y.to(torch.bfloat16).float()
 
 
 EXACT_MAX_OUT = 256  # linears with at most this many outputs stay fp32 in the fast set
