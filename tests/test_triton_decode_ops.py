@@ -27,7 +27,7 @@ if DEVICE != "cpu" and not torch.cuda.is_available():  # pragma: no cover
     pytest.skip("HR_TRITON_DEVICE=cuda without a CUDA device", allow_module_level=True)
 
 from homerun.formats.quant import quant_fp8  # noqa: E402
-from homerun.kernels.triton import attention, common, decode  # noqa: E402
+from homerun.kernels.triton import attention, common, decode, fp8  # noqa: E402
 from homerun.kernels.triton.kernel_set import TritonKernels  # noqa: E402
 from homerun.models.layers import QLinear  # noqa: E402
 
@@ -305,11 +305,12 @@ def test_dense_linears_read_as_stored(dtype, m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("p, width", [(0, 256), (1, 256), (2, 256), (17, 64), (127, 128)])
+@pytest.mark.parametrize("p, width", [(0, 256), (1, 256), (2, 256), (17, 64), (127, 128), (5, 600)])
 def test_compress_append(dtype, p, width):
     """An eager step that leaves its compressor's window open: the open rows and this step's row, kv and gate (fp32
     gates under bf16 kv too) in one launch, the torch set's two cats bit for bit (0 open rows: copies of this step's
-    rows; 17 and 127 cross the 16-row programs); the inputs untouched (an earlier state may read them)."""
+    rows; 17 and 127 cross the 16-row programs, width 600 the 256-column tiles); the inputs untouched (an earlier
+    state may read them)."""
     g = _gen(30)
     pend_kv, kv = torch.randn(p, width, generator=g).to(dtype), torch.randn(1, width, generator=g).to(dtype)
     pend_gate, gate = torch.randn(p, width, generator=g), torch.randn(1, width, generator=g)
@@ -320,3 +321,89 @@ def test_compress_append(dtype, p, width):
     for a, b in zip(got, REF.compress_append(pend_kv, pend_gate, kv, gate)):
         assert a.dtype == b.dtype and torch.equal(a.cpu(), b)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(ins, (pend_kv, pend_gate, kv, gate)))
+
+
+def _exact_dense(wdtype: torch.dtype, n: int, k: int, m: int, seed: int) -> tuple[QLinear, torch.Tensor]:
+    """A weight of wdtype off bf16's grid (integers + multiples of 2^-9, |w| < 4) and an integer bf16 x: every
+    product and sum is exact in fp32 in any order, so results are bit-equal exactly when the weight is rounded the
+    same way."""
+    g = _gen(seed)
+    w = torch.randint(-3, 4, (n, k), generator=g) + torch.randint(1, 8, (n, k), generator=g) * 2.0**-9
+    x = torch.randint(-2, 3, (m, k), generator=g).bfloat16()
+    return QLinear(w.to(wdtype)), x
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_dense_linear_rounds_wider_weight(wdtype, m):
+    """A weight wider than a bf16 x (weights_dtype fp32 / fp16 under bf16 compute): dense_linear rounds it to bf16
+    in-kernel as the torch set's w.to(x.dtype) does, bit for bit (unrounded, the exact sums differ); in one launch."""
+    lin, x = _exact_dense(wdtype, 64, 256, m, 40)
+    want = REF.linear(lin, x)
+    assert torch.equal(want, torch.nn.functional.linear(x, lin.weight.bfloat16()))
+    with _Launches() as n:
+        got = GPU.linear(_dlin(lin), _d(x)).cpu()
+    assert n.n == 1 and got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert not torch.equal(torch.nn.functional.linear(x.float(), lin.weight.float()).bfloat16(), want)
+    rnd = QLinear((torch.randn(64, 256, generator=_gen(41)) * 0.1).to(wdtype))
+    xr = torch.randn(m, 256, generator=_gen(42)).bfloat16()
+    assert _rel(GPU.linear(_dlin(rnd), _d(xr)), REF.linear(rnd, xr)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("wdtype, xdtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                            (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_dense_linear_split_k(wdtype, xdtype, m):
+    """dense_linear's split-K (the GPU default for few output tiles: ~2 waves of programs, sized as fp8_linear's;
+    here the CPU stand-in's 132 SMs against 3 or 5 tiles): the fp32 partials reduced in one more launch, each pair
+    of projections too; as the torch set's within TOL (fp8_linear's split-K bound), bit for bit on exact sums."""
+    lins = [QLinear((torch.randn(n, 512, generator=_gen(43 + n)) * 0.1).to(wdtype)) for n in (200, 72)]
+    x = torch.randn(m, 512, generator=_gen(44)).to(xdtype)
+    want = REF.project(lins, x)
+    w0, w1 = (_d(lin.weight) for lin in lins)
+    for split_k in (None, 3):  # the heuristic (min(k_tiles, 8, 2 waves) = 4 or 8 splits) and a forced one
+        for y, ref in ((fp8.dense_linear(_d(x), w0, split_k=split_k), want[0]),
+                       (fp8.dense_linear(_d(x), w0, second=w1, split_k=split_k), torch.cat(want, dim=1))):
+            assert y.dtype == xdtype and _rel(y, ref) <= TOL[xdtype]
+    with _Launches() as n:
+        fp8.dense_linear(_d(x), w0, second=w1)
+    assert n.n == 2  # the split-K launch and its reduction
+    with _Launches() as n:
+        fp8.dense_linear(_d(x), w0, fewest_programs=True)
+    assert n.n == 1  # the interpreter's mode: no split-K
+    lin, xe = _exact_dense(wdtype, 72, 512, m, 45)
+    if xdtype == torch.bfloat16:
+        assert torch.equal(fp8.dense_linear(_d(xe), _d(lin.weight), split_k=3).cpu(), REF.linear(lin, xe))
+
+
+def test_compress_step_rejects_strided_overlap():
+    """The fused step writes the overlap rows with unit column stride: another layout is a one-line ValueError
+    naming the tensor, not a silent scatter."""
+    g = _gen(46)
+    hd, rate = 64, 4
+    pend = torch.randn(rate, 2 * hd, generator=g)
+    okv = torch.randn(hd, rate, generator=g).t()  # [rate, hd], column stride rate
+    ogate = torch.randn(rate, hd, generator=g)
+    freqs = torch.ones(8)
+    args = (pend, pend.clone(), pend[:1].clone(), pend[:1].clone(), torch.tensor([1]), torch.tensor([True]),
+            torch.randn(rate, 2 * hd, generator=g), okv, ogate, True, torch.ones(hd), 1e-6, freqs, torch.tensor([4]),
+            hd)
+    with pytest.raises(ValueError, match="overlap_kv needs unit column stride"):
+        GPU.compress_step(*_d(*args))
+    with pytest.raises(ValueError, match="overlap_gate needs unit column stride"):
+        GPU.compress_step(*_d(*args[:7], okv.contiguous(), torch.randn(hd, rate).t(), *args[9:]))
+
+
+def test_compress_close_strided_overlap_runs_the_torch_ops():
+    """compress_close only reads the overlap: a strided one goes to the torch set's ops (the kernel's addressing
+    assumes unit column stride), which give the contiguous overlap's result."""
+    g = _gen(47)
+    hd, rate = 64, 4
+    args = [torch.randn(rate - 1, 2 * hd, generator=g), torch.randn(1, 2 * hd, generator=g),
+            torch.randn(rate - 1, 2 * hd, generator=g), torch.randn(1, 2 * hd, generator=g),
+            torch.randn(rate, 2 * hd, generator=g), torch.randn(hd, rate, generator=g).t(),
+            torch.randn(hd, rate, generator=g).t(), True, torch.ones(hd), 1e-6, torch.ones(8), 4, hd]
+    want = REF.compress_close(*args[:5], args[5].contiguous(), args[6].contiguous(), *args[7:])
+    got = GPU.compress_close(*_d(*args))
+    assert _rel(got[0], want[0]) <= TOL[torch.float32]
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])

@@ -378,5 +378,6 @@ def compress_append(pend_kv: torch.Tensor, pend_gate: torch.Tensor, kv: torch.Te
     br = min(16, triton.next_power_of_2(p + 1))
     launch(_append_kernel, (triton.cdiv(p + 1, br),))(
         pend_kv, pend_gate, kv, gate, out_kv, out_g, p, w, pend_kv.stride(0), pend_gate.stride(0),
-        out_kv.stride(0), out_g.stride(0), BLOCK_R=br, BLOCK_W=min(1024, triton.next_power_of_2(w)))
+        out_kv.stride(0), out_g.stride(0), BLOCK_R=br,
+        BLOCK_W=min(256, triton.next_power_of_2(w)))  # at most 16x256 fp32 per tile: no register spills on 4 warps
     return out_kv, out_g

@@ -10,8 +10,9 @@ Fused variants, still one launch (plus one reduction launch when split-K is used
   activation computed on load, rounded as the torch set's ops round in x's dtype);
 - `residual`: y + residual, rounded once more to the output dtype (the routed experts' sum added in the epilogue).
 
-`dense_linear`: the same kernel over a dense (bf16 / fp16 / fp32) weight, read as stored and widened in-kernel (no
-scale): a bf16 matrix in an fp32 model is multiplied without an fp32 copy, and two of one input share a launch.
+`dense_linear`: the same kernel over a dense (bf16 / fp16 / fp32) weight, read as stored and converted in-kernel to
+x's dtype as the torch set does (no scale; split-K as above): a bf16 matrix in an fp32 model is multiplied without an
+fp32 copy, and two of one input share a launch.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def _fp8_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_F32: tl.constexpr, UPCAST: tl.constexpr,
     ROUND_BF16: tl.constexpr, GROUPED: tl.constexpr, SWIGLU: tl.constexpr, X_BF16: tl.constexpr,
-    HAS_RES: tl.constexpr, OUT_BF16: tl.constexpr, TWO: tl.constexpr, DENSE: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT_BF16: tl.constexpr, TWO: tl.constexpr, DENSE: tl.constexpr, W_BF16: tl.constexpr,
 ):
     """Program (pid_n, pid_m, pid_s): y[s, m-tile, n-tile] = x[m-tile, K-slice s] @ dequant(w)[n-tile, K-slice s]^T.
     BLOCK_K divides 128, so one K tile lies in one scale column; scale rows are (w_row0 + n) // 128. DENSE: w is
-    read in its own dtype (offsets in elements), no scale."""
+    read in its own dtype (offsets in elements), no scale; W_BF16: rounded to bf16 first (a wider weight under a bf16
+    x: the torch set's w.to(x.dtype), bit for bit)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -66,6 +68,8 @@ def _fp8_linear_kernel(
                      mask=n_mask[:, None] & k_mask[None, :], other=0)
         if DENSE:
             w = wb.to(tl.float32)
+            if W_BF16:
+                w = rne_bf16(w)
         else:
             sb = tl.load(s_ptr + srow * ssn + (k0 // 128) * ssk, mask=n_mask, other=127)
             w = e4m3_to_f32(wb, NATIVE_FP8) * e8m0_to_f32(sb)[:, None]  # [BN, BK] fp32, exactly dequant_fp8
@@ -202,7 +206,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, NATIVE_FP8=native_fp8,
         DOT_F32=x.dtype == torch.float32, UPCAST=interpreting(), ROUND_BF16=round_bf16(y),
         GROUPED=grouped, SWIGLU=x2 is not None, X_BF16=x.dtype == torch.bfloat16, HAS_RES=res_in_kernel,
-        OUT_BF16=y.dtype == torch.bfloat16, TWO=two, DENSE=False,
+        OUT_BF16=y.dtype == torch.bfloat16, TWO=two, DENSE=False, W_BF16=False,
         num_warps=num_warps or (4 if M <= 16 else 8), num_stages=num_stages or (4 if M <= 16 else 3),
     )
     if split_k > 1:  # deterministic split-K reduction (tiny: split_k * M * N fp32), cast and residual in one launch
@@ -217,11 +221,14 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None, *,
-                 second: torch.Tensor | None = None, fewest_programs: bool = False) -> torch.Tensor:
-    """y = x @ w^T for a dense weight w [N, K] (bf16 / fp16 / fp32, any strides) read as stored, in fp32, for
-    decode-sized x [M <= 16, K] (fp32 / bf16, any strides), rounded once to out_dtype (default x.dtype): one launch
-    (the register GEMV for M <= 2, fp32 tl.dot otherwise; no split-K). second [N2, K] (w's dtype and strides): both
-    projections of x in the one launch, side by side as y [M, N + N2]."""
+                 second: torch.Tensor | None = None, split_k: int | None = None,
+                 fewest_programs: bool = False) -> torch.Tensor:
+    """y = x @ w^T for a dense weight w [N, K] (bf16 / fp16 / fp32, any strides) read as stored, for decode-sized
+    x [M <= 16, K] (fp32 / bf16, any strides), rounded once to out_dtype (default x.dtype): the register GEMV for
+    M <= 2, tl.dot otherwise. As the torch set's F.linear(x, w.to(x.dtype)): a weight wider than a bf16 x is
+    rounded to bf16 in-kernel, a narrower one widened exactly. Split-K as fp8_linear's (~2 waves of programs; the
+    fp32 partials reduced in one more launch); `fewest_programs` (the interpreter): wide tiles, no split-K.
+    second [N2, K] (w's dtype and strides): both projections of x in the one launch, side by side as y [M, N + N2]."""
     M, K = x.shape
     N, K2 = w.shape
     assert K == K2 and M <= 16, (x.shape, w.shape)
@@ -232,20 +239,41 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None
         w_off, rem = divmod(second.data_ptr() - w.data_ptr(), w.element_size())  # elements: w is read as typed
         assert rem == 0
     out_dtype = out_dtype or x.dtype
+    x_bf16 = x.dtype == torch.bfloat16
+    w_bf16 = x_bf16 and w.dtype != torch.bfloat16  # torch's w.to(bf16): products then exact as bf16 x bf16
     use_dot = M > 2
     bm = 16 if use_dot else triton.next_power_of_2(M)
     bn = min(256, max(16, triton.next_power_of_2(N))) if fewest_programs else (64 if use_dot or bm == 1 else 32)
     bk = 128 if fewest_programs or not use_dot else 64
     n_tiles1 = triton.cdiv(N, bn)
-    y = torch.empty((M, N + n2), device=x.device, dtype=out_dtype)
-    launch(_fp8_linear_kernel, (n_tiles1 + triton.cdiv(n2, bn), 1, 1))(
+    n_tiles, k_tiles, n_out = n_tiles1 + triton.cdiv(n2, bn), triton.cdiv(K, bk), N + n2
+    if split_k is None:  # fp8_linear's heuristic: ~2 waves of programs so HBM streams from every SM
+        split_k = 1 if fewest_programs else max(1, min(k_tiles, 8, triton.cdiv(2 * num_sms(x.device), n_tiles)))
+    k_per_split = triton.cdiv(k_tiles, split_k) * bk
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k == 1:
+        y = torch.empty((M, n_out), device=x.device, dtype=out_dtype)
+        sys_ = 0
+    else:
+        y = torch.empty((split_k, M, n_out), device=x.device, dtype=torch.float32)
+        sys_ = y.stride(0)
+    launch(_fp8_linear_kernel, (n_tiles, 1, split_k))(
         x, w, w, y, x, y,
-        M, N, K, 0, triton.cdiv(K, bk) * bk, 1, 0.0, n2, n_tiles1, w_off, 0,
+        M, N, K, 0, k_per_split, 1, 0.0, n2, n_tiles1, w_off, 0,
         x.stride(0), x.stride(1), 0, w.stride(0), w.stride(1), 0, 0,
-        0, y.stride(0), y.stride(1), y.stride(0), y.stride(1),
+        sys_, y.stride(-2), y.stride(-1), y.stride(-2), y.stride(-1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, NATIVE_FP8=False,
-        DOT_F32=(x.dtype, w.dtype) != (torch.bfloat16, torch.bfloat16), UPCAST=interpreting(),
-        ROUND_BF16=round_bf16(y), GROUPED=False, SWIGLU=False, X_BF16=x.dtype == torch.bfloat16, HAS_RES=False,
-        OUT_BF16=out_dtype == torch.bfloat16, TWO=second is not None, DENSE=True, num_warps=4, num_stages=4,
+        DOT_F32=not x_bf16, UPCAST=interpreting(),
+        ROUND_BF16=round_bf16(y), GROUPED=False, SWIGLU=False, X_BF16=x_bf16, HAS_RES=False,
+        OUT_BF16=y.dtype == torch.bfloat16, TWO=second is not None, DENSE=True, W_BF16=w_bf16,
+        num_warps=4, num_stages=4,
     )
+    if split_k > 1:  # deterministic reduction of the fp32 partials and the cast, one launch
+        out = torch.empty((M, n_out), device=x.device, dtype=out_dtype)
+        block = 1024
+        launch(_split_k_reduce_kernel, (triton.cdiv(M * n_out, block),))(
+            y, y, out, split_k, M * n_out, n_out, y.stride(0), 0, 0,
+            HAS_RES=False, OUT_BF16=out_dtype == torch.bfloat16, BLOCK=block,
+        )
+        y = out
     return y

@@ -9,9 +9,10 @@ decode / fp8 / kv_fp8).
 `kernels_for` picks it on CUDA devices when triton imports, and on CUDA stand-ins (CPU tensors, the kernels under
 Triton's interpreter), so the stand-in runs the same code path a GPU does. FP8 weights are read as stored (e4m3 bytes
 + ue8m0 scales, decoded in-kernel); dense (bf16-stored) weights stay as stored too: decode-sized inputs go through
-`dense_linear` where it saves a launch (a weight of another dtype than the input's, widened in-kernel instead of
-converted per call; two dense projections of one input in one launch), the rest through torch's matmul in the compute
-dtype (a bf16 model multiplies them as they are; an fp32 one converts bounded row blocks per call).
+`dense_linear` where it saves a launch (a weight of another dtype than the input's, converted in-kernel as the torch
+set converts it instead of per call; two dense projections of one input in one launch), the rest through torch's
+matmul in the compute dtype (a bf16 model multiplies them as they are; an fp32 one converts bounded row blocks per
+call).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ class TritonKernels(TorchKernels):
 
     def compress_close(self, pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs,
                        pos, head_dim):
-        if any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape)) or kv.dtype != pend_kv.dtype:
+        if (any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape))
+                or any(t is not None and t.stride(-1) != 1 for t in (overlap_kv, overlap_gate))
+                or kv.dtype != pend_kv.dtype):
             return super().compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap,
                                           norm_w, eps, freqs, pos, head_dim)
         return self._dec.compress_close(pend_kv, kv, pend_gate, gate, ape, overlap_kv, overlap_gate, overlap, norm_w,
@@ -162,6 +165,10 @@ class TritonKernels(TorchKernels):
                       norm_w, eps, freqs, pos, head_dim):
         args = (pend_kv, pend_gate, kv, gate, slot, closing, ape, overlap_kv, overlap_gate, overlap, norm_w, eps, freqs,
                 pos, head_dim)
+        for name, t in (("overlap_kv", overlap_kv), ("overlap_gate", overlap_gate)):
+            if overlap and t is not None and t.stride(-1) != 1:  # the kernel writes the overlap rows as contiguous
+                raise ValueError(f"compress_step: {name} needs unit column stride (got strides {t.stride()}); "
+                                 "pass a contiguous state tensor")
         if (any(t.stride(-1) != 1 for t in (pend_kv, kv, pend_gate, gate, ape)) or kv.dtype != pend_kv.dtype
                 or gate.dtype != pend_gate.dtype or (overlap and overlap_kv is None)):
             return super().compress_step(*args)
