@@ -53,7 +53,7 @@ def test_the_step_graph_is_within_its_budget(tiny_checkpoints, dtype, kv_dtype):
         assert cw.c.graphs == 1 and cw.c.syncs == 0, (cw.c.graphs, cw.c.sync_names)
         kernels.append(cw.c.graph_kernels)
     assert len(set(kernels)) == 1, kernels
-    assert kernels[0] <= STEP_GRAPH_KERNELS[(dtype, kv_dtype)], kernels[0]
+    assert 0 < kernels[0] <= STEP_GRAPH_KERNELS[(dtype, kv_dtype)], kernels[0]  # 0: the counter saw no graph
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,26 @@ def test_experts_wrapped_settles_a_step_deferred_inside_it(spec, exact):
     assert not s.unsettled and ends  # settled through the wrapper, before it went
     assert model.net.experts is inner
     assert torch.equal(s.last_logits, want[1])
+
+
+def test_a_deferred_redo_is_charged_to_the_standins(spec, exact, monkeypatch):
+    """A redo that runs from Session.settle is an eager step on the stand-ins too: it runs under the model's step
+    watch (homerun.engine.standin_bytes), so its tensors reach the devices' peaks as an undeferred redo's do."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    (model, cached), (toks, _) = spec, exact
+    assert model._step_bytes.devices  # the hybrid plan's GPU is a CUDA stand-in
+    watched = []
+    real = speculation.DeferredEnd.settle
+
+    def settle(self, synced):
+        watched.append(model._step_bytes in _get_current_dispatch_mode_stack())
+        return real(self, synced)
+
+    monkeypatch.setattr(speculation.DeferredEnd, "settle", settle)
+    s = model.session()
+    s.feed(PROMPT)
+    for t in toks:
+        s.decode(_ids(t), t, defer=True)
+    s.settle()
+    assert _redos(cached) >= 1 and watched and all(watched), watched

@@ -225,3 +225,25 @@ def test_the_watch_charges_what_a_section_makes_once():
     assert outside.numel() and page.numel() and y.numel()
     dev.empty(("kv", 1), (1000,), torch.float32)  # after the watch: the accounted bytes alone
     assert dev.usage().peak_bytes == peak and dev.used_bytes == 6000
+
+
+def test_the_watch_forgets_a_devices_dead_storages():
+    """When every storage watched on one stand-in has died, an op on another stand-in notes 0 for the first: a later
+    allocation there is charged its own bytes, not the dead ones too."""
+    from homerun.engine.standin_bytes import StepBytes
+    from homerun.kernels.device_guard import on_device
+    from offload.devices import CudaStandInDevice
+
+    a, b = CudaStandInDevice("standin:0", 1 << 22), CudaStandInDevice("standin:1", 1 << 22)
+    watch = StepBytes({"standin:0": a, "standin:1": b})
+    with watch:
+        with on_device(torch.device("cpu"), "standin:0"):
+            x = torch.ones(100_000)  # 400,000 B, then dead
+        peak_a = a.usage().peak_bytes
+        del x
+        with on_device(torch.device("cpu"), "standin:1"):
+            y = torch.ones(10)
+        a._peak_bytes = a.used_bytes  # what comes next starts from the accounted bytes alone
+        a.empty(("kv", 0), (10,), torch.float32)
+        assert a.usage().peak_bytes == 40, (a.usage().peak_bytes, peak_a)
+    assert y.numel()

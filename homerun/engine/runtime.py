@@ -158,12 +158,17 @@ class Model:
                                   stacklevel=2)
                     runner = self.net
         if runner is self.net:
-            watch = self._step_bytes if ids.numel() == 1 and self._step_bytes.devices else None
-            if watch is not None:  # CUDA stand-ins: the step's tensors and the held small state on their peaks
-                watch.hold(states, [lp.device for lp in self.placement.layers])
-            with watch or contextlib.nullcontext():
+            with self.step_bytes(states) if ids.numel() == 1 else contextlib.nullcontext():
                 out = self.net.forward_step(ids, start_pos, states, defer_end=defer_end, out_rows=out_rows)
         return out
+
+    def step_bytes(self, states: Sequence[LayerState]) -> contextlib.AbstractContextManager:
+        """Around an eager one-token step (or its deferred redo, Session.settle): on CUDA stand-ins the step's tensors
+        and the small state `states` hold are charged to the devices' peaks (standin_bytes); elsewhere nothing."""
+        if not self._step_bytes.devices:
+            return contextlib.nullcontext()
+        self._step_bytes.hold(states, [lp.device for lp in self.placement.layers])
+        return self._step_bytes
 
     def settle(self) -> None:
         """Settle the session step left unsettled (Session.decode's deferred end), if any: with a wait of its own,

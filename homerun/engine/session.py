@@ -275,7 +275,7 @@ class Session:
             self.model._unsettled = None
         d, before = pending
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.model.step_bytes(before[0]):  # a redo is an eager step too
                 got = d.settle(synced)
                 if got is None:
                     return None

@@ -59,8 +59,8 @@ class StepBytes(TorchDispatchMode):
         per: dict[int, list] = {}
         for _, n, dev in self.live.values():
             per.setdefault(id(dev), [dev, 0])[1] += n
-        for dev, n in per.values():
-            dev.note_live(n)
+        for dev in self.devices.values():  # a device whose watched storages all died notes 0, not its last total
+            dev.note_live(per.get(id(dev), (dev, 0))[1])
 
     def __exit__(self, *exc):
         for dev in self.devices.values():  # between steps nothing is noted: the live bytes go stale
