@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import homerun  # noqa: F401 - before torch (its OpenMP settings: torch's spinning workers take the pool's cores)
 import torch
 
 from homerun.formats.checkpoint import _generator, _init_spec, _sample
