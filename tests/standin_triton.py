@@ -16,3 +16,21 @@ from homerun.kernels import triton as hr_triton  # noqa: E402
 
 if not hr_triton.available() or not hr_triton.interpreting():  # pragma: no cover
     pytest.skip(f"triton kernels unavailable here: {hr_triton.unavailable_reason()}", allow_module_level=True)
+
+
+def count_block_launches(net, active: dict, add) -> None:
+    """Wrap net._block (an instance attribute: `del net._block` undoes it): while active["c"] holds a
+    count_device_work counter, each layer's ATen ops and Triton launches go to add(layer_index, n)."""
+    common = hr_triton.load().common
+    real = net._block
+
+    def block(layer, *args):
+        c = active.get("c")
+        if c is None:
+            return real(layer, *args)
+        n0 = c.ops + common.LaunchCounter.n
+        out = real(layer, *args)
+        add(net.layers.index(layer), c.ops + common.LaunchCounter.n - n0)
+        return out
+
+    net._block = block

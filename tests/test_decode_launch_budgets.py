@@ -14,11 +14,10 @@ import torch  # noqa: E402
 
 from homerun.engine.placement import single_device  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
-from homerun.kernels import triton as hr_triton  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
+from standin_triton import count_block_launches  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")
-COMMON = hr_triton.load().common
 LAUNCHES_PER_LAYER_BUDGET = 40  # issue 13
 
 # The whole-step graph's kernels on tiny "mixed" (sliding, CSA, HCA; each kernel the graph replays: ATen ops and
@@ -63,19 +62,8 @@ def hca_close(tiny_checkpoints):
     launches per layer per step, the HCA layer's entries after each step)."""
     model = _model(tiny_checkpoints["mixed"], "bfloat16", "fp8", "off")
     net, active = model.net, {}
-    real = net._block
     rows: list[list[int]] = []
-
-    def block(layer, *args):  # the layer's ATen ops and Triton launches while a step is counted
-        c = active.get("c")
-        if c is None:
-            return real(layer, *args)
-        n0 = c.ops + COMMON.LaunchCounter.n
-        out = real(layer, *args)
-        rows[-1][net.layers.index(layer)] += c.ops + COMMON.LaunchCounter.n - n0
-        return out
-
-    net._block = block
+    count_block_launches(net, active, lambda i, n: rows[-1].__setitem__(i, rows[-1][i] + n))
     s = model.session()
     hca = [lay.kind for lay in net.layers].index("hca")
     logits = s.feed(torch.randint(0, 512, (127,), generator=torch.Generator().manual_seed(9)).tolist())

@@ -15,8 +15,8 @@ from homerun.engine.placement import single_device  # noqa: E402
 from homerun.engine.runtime import load  # noqa: E402
 from homerun.kernels import triton as hr_triton  # noqa: E402
 from homerun.kernels.counting import count_device_work  # noqa: E402
+from standin_triton import count_block_launches  # noqa: E402
 
-COMMON = hr_triton.load().common
 # 16 tokens: the CSA layer's compressor and indexer hold entries (rate 4); HCA's first entry needs 128, too slow
 # under the interpreter here (its store has the CSA compressor's layout, which this covers)
 PROMPT = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -40,18 +40,7 @@ def _decode(model, torch_ops: bool = False) -> tuple[list[torch.Tensor], list[fl
         for st in _stores(s):
             st.codec = None
     net, active, per_layer = model.net, {}, [0] * len(model.net.layers)
-    real = net._block
-
-    def block(layer, *args):  # the layer's ATen ops and Triton launches while a step is counted
-        c = active.get("c")
-        if c is None:
-            return real(layer, *args)
-        n0 = c.ops + COMMON.LaunchCounter.n
-        out = real(layer, *args)
-        per_layer[net.layers.index(layer)] += c.ops + COMMON.LaunchCounter.n - n0
-        return out
-
-    net._block = block
+    count_block_launches(net, active, lambda i, n: per_layer.__setitem__(i, per_layer[i] + n))
     try:
         logits, counts = [s.feed(PROMPT)], []
         for _ in range(STEPS):

@@ -26,7 +26,7 @@ from homerun.models.decode_bytes import (MIN_BUCKET_TOKENS, StaticBytes, StaticS
                                          paged_bytes, small_state_bytes, static_bytes)
 from homerun.models.eager_bytes import eager_step_bytes
 from homerun.plan.records import RAMP_TOKENS, PlacementRow, _Ctx, gib
-from homerun.plan.specs import KvLayout, ModelSpec
+from homerun.plan.specs import KvLayout, ModelSpec, most_tokens_within
 
 GRAPH_ACT_BYTES = 2  # the compute dtype's bytes per element: bf16, the runtime's default on CUDA
 # the runtime's KV page where none is asked for, for a model of the standard ramp and the default rates (a V4 layout
@@ -121,14 +121,7 @@ class GraphKvLayout(KvLayout):
 
     def tokens_for(self, budget_bytes: float) -> int:
         """The longest context whose KV and static state fit in budget_bytes (both grow with the context)."""
-        lo, hi = 0, KvLayout.tokens_for(self, budget_bytes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.bytes_for(mid) <= budget_bytes:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return most_tokens_within(self.bytes_for, KvLayout.tokens_for(self, budget_bytes), budget_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

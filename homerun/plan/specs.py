@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from homerun.errors import ConfigError, UnknownModelError
 from homerun.models.decode_bytes import StaticShape, default_ramp, kv_page_tokens, paged_bytes, small_state_bytes
@@ -40,6 +40,18 @@ _ARCHITECTURES = {
 }
 
 KV_DTYPES = ("bf16", "fp8")
+
+
+def most_tokens_within(bytes_for: Callable[[int], float], hi: int, budget_bytes: float) -> int:
+    """The largest context in [0, hi] whose bytes_for (non-decreasing in tokens) is within budget_bytes: bisection."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if bytes_for(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass(frozen=True)
@@ -362,14 +374,7 @@ class KvLayout:
         if not self.stores:
             return flat
         # whole pages are never less than the rows, and the rows fall short of the per-token charge by < 1 a store
-        lo, hi = 0, flat + max(rate for _, rate, _ in self.stores)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.bytes_for(mid) <= budget_bytes:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return most_tokens_within(self.bytes_for, flat + max(rate for _, rate, _ in self.stores), budget_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

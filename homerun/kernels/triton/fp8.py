@@ -117,6 +117,18 @@ def _split_k_reduce_kernel(p_ptr, r_ptr, y_ptr, S, MN, N, sps, srm, srn,
 
 
 
+def _split_output(x: torch.Tensor, M: int, K: int, n_out: int, bk: int, k_tiles: int, split_k: int,
+                  out_dtype: torch.dtype) -> tuple[int, int, torch.Tensor, int]:
+    """K split into whole BLOCK_K tiles -> (splits, K per split, output, its split stride): with one split the
+    kernel writes the output dtype, else fp32 partials [split, M, n_out] that the reduce kernel sums."""
+    k_per_split = triton.cdiv(k_tiles, split_k) * bk
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k == 1:
+        return 1, k_per_split, torch.empty((M, n_out), device=x.device, dtype=out_dtype), 0
+    y = torch.empty((split_k, M, n_out), device=x.device, dtype=torch.float32)
+    return split_k, k_per_split, y, y.stride(0)
+
+
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None = None, *,
                w_row0: int = 0, native_fp8: bool = False, use_dot: bool | None = None, block_m: int | None = None,
                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
@@ -187,14 +199,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, out_
     if split_k is None:
         # Decode: enough programs for ~2 waves on the GPU so HBM streams from every SM; prefill has enough tiles.
         split_k = 1 if M > 16 else max(1, min(k_tiles, 8, triton.cdiv(2 * num_sms(x.device), n_tiles * m_tiles)))
-    k_per_split = triton.cdiv(k_tiles, split_k) * bk
-    split_k = triton.cdiv(K, k_per_split)
-    if split_k == 1:
-        y = torch.empty((M, n_out), device=x.device, dtype=out_dtype)
-        sys_ = 0
-    else:
-        y = torch.empty((split_k, M, n_out), device=x.device, dtype=torch.float32)
-        sys_ = y.stride(0)
+    split_k, k_per_split, y, sys_ = _split_output(x, M, K, n_out, bk, k_tiles, split_k, out_dtype)
     res_in_kernel = residual is not None and split_k == 1
     r = residual if residual is not None else y
     grid = (n_tiles, m_tiles, split_k)
@@ -249,14 +254,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None
     n_tiles, k_tiles, n_out = n_tiles1 + triton.cdiv(n2, bn), triton.cdiv(K, bk), N + n2
     if split_k is None:  # fp8_linear's heuristic: ~2 waves of programs so HBM streams from every SM
         split_k = 1 if fewest_programs else max(1, min(k_tiles, 8, triton.cdiv(2 * num_sms(x.device), n_tiles)))
-    k_per_split = triton.cdiv(k_tiles, split_k) * bk
-    split_k = triton.cdiv(K, k_per_split)
-    if split_k == 1:
-        y = torch.empty((M, n_out), device=x.device, dtype=out_dtype)
-        sys_ = 0
-    else:
-        y = torch.empty((split_k, M, n_out), device=x.device, dtype=torch.float32)
-        sys_ = y.stride(0)
+    split_k, k_per_split, y, sys_ = _split_output(x, M, K, n_out, bk, k_tiles, split_k, out_dtype)
     launch(_fp8_linear_kernel, (n_tiles, 1, split_k))(
         x, w, w, y, x, y,
         M, N, K, 0, k_per_split, 1, 0.0, n2, n_tiles1, w_off, 0,
